@@ -1,0 +1,219 @@
+//! Gateway-key authentication for the data plane.
+//!
+//! Keys live in SQLite; the proxy checks them against an in-memory map of
+//! `sha256(secret) -> key` that [`KeyCache::refresh`] rebuilds whenever the
+//! database changes (another process such as the CLI wrote to it). The request
+//! path never touches the database.
+
+use crate::store::{
+    self,
+    keys::{GatewayKey, hash_secret},
+};
+use arc_swap::ArcSwap;
+use http::HeaderMap;
+use parking_lot::Mutex;
+use rusqlite::Connection;
+use std::{collections::HashMap, sync::Arc};
+
+/// Why a request was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("missing gateway key: send it as `Authorization: Bearer`, `x-api-key`, `x-goog-api-key` or `?key=`")]
+    Missing,
+    #[error("invalid gateway key")]
+    Invalid,
+    #[error("this gateway key is revoked, disabled or expired")]
+    Inactive,
+    #[error("this gateway key may not use route {0:?}")]
+    RouteNotAllowed(String),
+    #[error("this gateway key may not use model {0:?}")]
+    ModelNotAllowed(String),
+    #[error("this gateway key lacks a permission this route requires (one of: {0})")]
+    MissingPermission(String),
+}
+
+impl AuthError {
+    pub fn status(&self) -> u16 {
+        match self {
+            Self::Missing | Self::Invalid | Self::Inactive => 401,
+            _ => 403,
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Missing => "missing_api_key",
+            Self::Invalid | Self::Inactive => "invalid_api_key",
+            _ => "permission_denied",
+        }
+    }
+}
+
+/// Where a credential came from, so it can be stripped before forwarding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CredentialSource {
+    Bearer,
+    XApiKey,
+    XGoogApiKey,
+    QueryKey,
+}
+
+/// The credential a client presented, whichever way its SDK sends it.
+pub fn extract_credential<'a>(headers: &'a HeaderMap, query: Option<&'a str>) -> Option<(CredentialSource, std::borrow::Cow<'a, str>)> {
+    if let Some(v) = headers.get(http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+        let v = v.trim();
+        if v.len() > 7 && v[..7].eq_ignore_ascii_case("bearer ") {
+            return Some((CredentialSource::Bearer, v[7..].trim().into()));
+        }
+    }
+    if let Some(v) = headers.get("x-api-key").and_then(|v| v.to_str().ok()) {
+        return Some((CredentialSource::XApiKey, v.trim().into()));
+    }
+    if let Some(v) = headers.get("x-goog-api-key").and_then(|v| v.to_str().ok()) {
+        return Some((CredentialSource::XGoogApiKey, v.trim().into()));
+    }
+    query.and_then(|q| {
+        form_urlencoded::parse(q.as_bytes())
+            .find(|(k, _)| k == "key")
+            .map(|(_, v)| (CredentialSource::QueryKey, std::borrow::Cow::Owned(v.into_owned())))
+    })
+}
+
+type KeyMap = HashMap<[u8; 32], Arc<GatewayKey>>;
+
+/// The data plane's view of the gateway keys.
+pub struct KeyCache {
+    keys: ArcSwap<KeyMap>,
+    /// The connection used for refreshes and the `data_version` it last saw.
+    db: Mutex<(Connection, i64)>,
+}
+
+impl KeyCache {
+    /// Load every key from the database at `conn`.
+    pub fn load(conn: Connection) -> Result<Self, store::StoreError> {
+        let cache = KeyCache {
+            keys: ArcSwap::from_pointee(HashMap::new()),
+            db: Mutex::new((conn, -1)),
+        };
+        cache.refresh()?;
+        Ok(cache)
+    }
+
+    /// Rebuild the map if the database changed since the last call. Blocking:
+    /// call from a blocking thread. Returns whether anything was reloaded.
+    pub fn refresh(&self) -> Result<bool, store::StoreError> {
+        let mut db = self.db.lock();
+        let version: i64 = db.0.query_row("PRAGMA data_version", [], |r| r.get(0))?;
+        if version == db.1 {
+            return Ok(false);
+        }
+        let map: KeyMap = store::keys::all_with_hashes(&db.0)?
+            .into_iter()
+            .map(|(k, h)| (h, Arc::new(k)))
+            .collect();
+        self.keys.store(Arc::new(map));
+        db.1 = version;
+        Ok(true)
+    }
+
+    pub fn len(&self) -> usize {
+        self.keys.load().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Look up a presented secret.
+    pub fn authenticate(&self, secret: &str, now: i64) -> Result<Arc<GatewayKey>, AuthError> {
+        let keys = self.keys.load();
+        let key = keys.get(&hash_secret(secret)).ok_or(AuthError::Invalid)?;
+        if !key.is_active(now) {
+            return Err(AuthError::Inactive);
+        }
+        Ok(key.clone())
+    }
+}
+
+/// Whether `key` may use `route` (tags and allow-lists). The model is checked
+/// separately by [`authorize_model`] once it is known.
+pub fn authorize_route(key: &GatewayKey, route: &str, required: &[String]) -> Result<(), AuthError> {
+    if !key.allowed_routes.is_empty() && !key.allowed_routes.iter().any(|r| r == route) {
+        return Err(AuthError::RouteNotAllowed(route.to_string()));
+    }
+    if !required.is_empty() && !required.iter().any(|p| key.permissions.contains(p)) {
+        return Err(AuthError::MissingPermission(required.join(", ")));
+    }
+    Ok(())
+}
+
+/// Whether `key` may use `model` (its `allowed_models` globs, if any).
+pub fn authorize_model(key: &GatewayKey, model: Option<&str>) -> Result<(), AuthError> {
+    if key.allowed_models.is_empty() {
+        return Ok(());
+    }
+    let model = model.unwrap_or_default();
+    let allowed = key.allowed_models.iter().any(|pattern| {
+        globset::Glob::new(pattern)
+            .map(|g| g.compile_matcher().is_match(model))
+            .unwrap_or(false)
+    });
+    if allowed {
+        Ok(())
+    } else {
+        Err(AuthError::ModelNotAllowed(model.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    #[test]
+    fn credentials_from_every_sdk_style() {
+        let mut h = HeaderMap::new();
+        assert!(extract_credential(&h, Some("a=1")).is_none());
+        let (src, v) = extract_credential(&h, Some("a=1&key=fg_q")).unwrap();
+        assert_eq!((src, v.as_ref()), (CredentialSource::QueryKey, "fg_q"));
+        h.insert("x-goog-api-key", HeaderValue::from_static("fg_g"));
+        assert_eq!(extract_credential(&h, None).unwrap().1, "fg_g");
+        h.insert("x-api-key", HeaderValue::from_static("fg_x"));
+        assert_eq!(extract_credential(&h, None).unwrap().1, "fg_x");
+        h.insert("authorization", HeaderValue::from_static("Bearer fg_b"));
+        let (src, v) = extract_credential(&h, None).unwrap();
+        assert_eq!((src, v.as_ref()), (CredentialSource::Bearer, "fg_b"));
+    }
+
+    #[test]
+    fn cache_sees_changes_from_other_connections() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.db");
+        let cache = KeyCache::load(store::open(&path).unwrap()).unwrap();
+        assert!(cache.is_empty());
+        let writer = store::open(&path).unwrap();
+        let (key, secret) = store::keys::create(&writer, &store::keys::NewKey { name: "a".into(), ..Default::default() }).unwrap();
+        assert!(cache.refresh().unwrap());
+        assert!(!cache.refresh().unwrap());
+        let now = store::now_unix();
+        assert_eq!(cache.authenticate(&secret, now).unwrap().id, key.id);
+        assert_eq!(cache.authenticate("fg_wrong", now).unwrap_err(), AuthError::Invalid);
+        store::keys::revoke(&writer, &key.id).unwrap();
+        cache.refresh().unwrap();
+        assert_eq!(cache.authenticate(&secret, now).unwrap_err(), AuthError::Inactive);
+    }
+
+    #[test]
+    fn permissions_and_allow_lists() {
+        let key = GatewayKey {
+            id: "k".into(), name: "n".into(), owner: String::new(), masked: String::new(),
+            permissions: vec!["chat".into()], allowed_routes: vec![], allowed_models: vec!["gpt-4*".into()],
+            expires_at: None, enabled: true, created_at: 0, revoked_at: None,
+        };
+        assert!(authorize_route(&key, "r", &[]).is_ok());
+        assert!(authorize_route(&key, "r", &["chat".into(), "embed".into()]).is_ok());
+        assert_eq!(authorize_route(&key, "r", &["embed".into()]).unwrap_err().status(), 403);
+        assert!(authorize_model(&key, Some("gpt-4o")).is_ok());
+        assert!(authorize_model(&key, Some("claude")).is_err());
+    }
+}

@@ -1,0 +1,422 @@
+//! Configuration: the serde surface of `conf/fastgate.yaml` and `routes.d/*.yaml`,
+//! loading with environment interpolation, and validation that reports every
+//! problem at once as `file:line: message`.
+//!
+//! The file types here are plain data. `router` and `upstream` compile them
+//! into the runtime forms the proxy uses.
+
+mod env;
+pub mod routes_d;
+pub mod values;
+
+use serde::{Deserialize, Serialize};
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+pub use routes_d::{RouteConfig, load_routes};
+pub use values::{HumanDuration, HumanSize, OneOrMany};
+
+/// One problem found in a configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diagnostic {
+    pub file: PathBuf,
+    pub line: usize,
+    pub message: String,
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}: {}", self.file.display(), self.line, self.message)
+    }
+}
+
+/// Every problem found while loading; never just the first.
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<Diagnostic>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, d) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{d}")?;
+        }
+        Ok(())
+    }
+}
+
+/// `conf/fastgate.yaml`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileConfig {
+    pub server: ServerConfig,
+    pub database: DatabaseConfig,
+    pub logging: LoggingConfig,
+    /// Relative paths are resolved against the working directory.
+    pub routes_dir: PathBuf,
+    pub upstreams: BTreeMap<String, UpstreamConfig>,
+    pub key_pools: BTreeMap<String, KeyPoolConfig>,
+}
+
+impl Default for FileConfig {
+    fn default() -> Self {
+        Self {
+            server: ServerConfig::default(),
+            database: DatabaseConfig::default(),
+            logging: LoggingConfig::default(),
+            routes_dir: PathBuf::from("routes.d"),
+            upstreams: BTreeMap::new(),
+            key_pools: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub listen: String,
+    /// Worker threads of the data plane; 0 = one per CPU core.
+    pub threads: usize,
+    pub max_request_body: HumanSize,
+    /// How long SIGTERM/SIGINT waits for in-flight requests and streams.
+    pub grace_period: HumanDuration,
+    /// Idle upstream connections kept for reuse, per process.
+    pub upstream_keepalive_pool: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:8080".into(),
+            threads: 0,
+            max_request_body: HumanSize(10 * 1024 * 1024),
+            grace_period: Duration::from_secs(30).into(),
+            upstream_keepalive_pool: 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// Relative paths are resolved against the working directory.
+    pub path: PathBuf,
+    /// How often the data plane looks for gateway-key changes made by other
+    /// processes (the CLI). Cheap: one `PRAGMA data_version` per tick.
+    pub key_refresh: HumanDuration,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::from("data/fastgate.db"),
+            key_refresh: Duration::from_secs(1).into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoggingConfig {
+    pub format: LogFormat,
+    /// A tracing filter (`info`, `fastgate=debug,pingora=warn`); `FASTGATE_LOG` overrides it.
+    pub level: String,
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+/// The wire protocol an upstream speaks.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum Provider {
+    Openai,
+    Anthropic,
+    Gemini,
+    OpenaiCompatible,
+    /// Any HTTP service: no API format, no key injection unless a pool is set.
+    Http,
+    /// Answered inside FastGate (offline demo and first try).
+    Mock,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    #[default]
+    RoundRobin,
+    Random,
+    ConsistentHash,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    pub provider: Provider,
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+    #[serde(default)]
+    pub balance: Balance,
+    #[serde(default)]
+    pub key_pool: Option<String>,
+    #[serde(default)]
+    pub timeouts: TimeoutsConfig,
+    /// Settings of the built-in mock provider.
+    #[serde(default)]
+    pub mock: Option<MockConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TimeoutsConfig {
+    pub connect: HumanDuration,
+    /// Until the response headers arrive (a model "thinking" counts here).
+    pub first_byte: HumanDuration,
+    /// Longest silence between two reads of the response body.
+    pub idle: HumanDuration,
+}
+
+impl Default for TimeoutsConfig {
+    fn default() -> Self {
+        Self {
+            connect: Duration::from_secs(5).into(),
+            first_byte: Duration::from_secs(120).into(),
+            idle: Duration::from_secs(300).into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MockConfig {
+    /// Pause between two streamed events.
+    pub chunk_interval: HumanDuration,
+    /// The text every answer contains.
+    pub reply: String,
+}
+
+impl Default for MockConfig {
+    fn default() -> Self {
+        Self {
+            chunk_interval: Duration::from_millis(50).into(),
+            reply: "Hello from the FastGate mock upstream! Configure a real provider in conf/fastgate.yaml to talk to a model.".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyStrategy {
+    #[default]
+    RoundRobin,
+    LeastInFlight,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyPoolConfig {
+    /// Empty strings (an unset `${VAR:-}`) are ignored.
+    #[serde(default, skip_serializing)]
+    pub keys: Vec<String>,
+    #[serde(default)]
+    pub strategy: KeyStrategy,
+}
+
+/// A loaded, validated configuration and where it came from.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub file: FileConfig,
+    pub path: PathBuf,
+    pub routes_dir: PathBuf,
+    pub database_path: PathBuf,
+    pub listen: SocketAddr,
+}
+
+impl Config {
+    /// Worker threads for the data plane.
+    pub fn threads(&self) -> usize {
+        match self.file.server.threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
+}
+
+/// Read the main config file, interpolate, parse and validate it.
+pub fn load_config(path: &Path) -> Result<Config, ConfigErrors> {
+    let raw = std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![Diagnostic {
+            file: path.to_path_buf(),
+            line: 1,
+            message: format!("cannot read: {e}"),
+        }])
+    })?;
+    parse_config(path, &raw)
+}
+
+/// Parse and validate config text as if read from `path`.
+pub fn parse_config(path: &Path, raw: &str) -> Result<Config, ConfigErrors> {
+    let text = interpolate(path, raw)?;
+    let file: FileConfig = parse_yaml(path, &text)?;
+    let mut errors = Vec::new();
+    let at = |needle: &str| line_of(&text, needle);
+    let diag = |line: usize, message: String| Diagnostic {
+        file: path.to_path_buf(),
+        line,
+        message,
+    };
+
+    let listen = match file.server.listen.parse::<SocketAddr>() {
+        Ok(a) => Some(a),
+        Err(_) => {
+            errors.push(diag(
+                at("listen:"),
+                format!(
+                    "server.listen: {:?} is not an address like 0.0.0.0:8080",
+                    file.server.listen
+                ),
+            ));
+            None
+        }
+    };
+    for (name, up) in &file.upstreams {
+        let line = at(&format!("{name}:"));
+        if up.provider == Provider::Mock {
+            if !up.endpoints.is_empty() {
+                errors.push(diag(line, format!("upstreams.{name}: a mock upstream has no endpoints")));
+            }
+        } else {
+            if up.endpoints.is_empty() {
+                errors.push(diag(line, format!("upstreams.{name}.endpoints: at least one endpoint is required")));
+            }
+            if up.mock.is_some() {
+                errors.push(diag(line, format!("upstreams.{name}.mock: only a `provider: mock` upstream takes mock settings")));
+            }
+        }
+        for ep in &up.endpoints {
+            if let Err(e) = crate::upstream::EndpointUrl::parse(ep) {
+                errors.push(diag(at(ep), format!("upstreams.{name}.endpoints: {e}")));
+            }
+        }
+        if let Some(pool) = &up.key_pool
+            && !file.key_pools.contains_key(pool)
+        {
+            errors.push(diag(
+                at(&format!("key_pool: {pool}")),
+                format!("upstreams.{name}.key_pool: no key pool named {pool:?} in key_pools"),
+            ));
+        }
+        if up.timeouts.connect.0.is_zero() || up.timeouts.first_byte.0.is_zero() || up.timeouts.idle.0.is_zero() {
+            errors.push(diag(line, format!("upstreams.{name}.timeouts: timeouts must be greater than zero")));
+        }
+    }
+    if file.server.max_request_body.0 == 0 {
+        errors.push(diag(at("max_request_body"), "server.max_request_body must be greater than zero".into()));
+    }
+    if !errors.is_empty() {
+        return Err(ConfigErrors(errors));
+    }
+    // Relative paths are relative to the working directory, like nginx's
+    // prefix: run from the install directory (systemd: WorkingDirectory=).
+    let routes_dir = file.routes_dir.clone();
+    let database_path = file.database.path.clone();
+    Ok(Config {
+        listen: listen.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8080))),
+        file,
+        path: path.to_path_buf(),
+        routes_dir,
+        database_path,
+    })
+}
+
+/// Interpolate environment variables, reporting unset ones with their line.
+pub(crate) fn interpolate(path: &Path, raw: &str) -> Result<String, ConfigErrors> {
+    env::interpolate(raw, |name| std::env::var(name).ok()).map_err(|missing| {
+        ConfigErrors(
+            missing
+                .into_iter()
+                .map(|m| Diagnostic {
+                    file: path.to_path_buf(),
+                    line: m.line,
+                    message: format!(
+                        "environment variable {} is not set (write ${{{}:-default}} to make it optional)",
+                        m.name, m.name
+                    ),
+                })
+                .collect(),
+        )
+    })
+}
+
+/// Parse YAML into `T`, turning serde errors into a located diagnostic.
+pub(crate) fn parse_yaml<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result<T, ConfigErrors> {
+    serde_norway::from_str(text).map_err(|e| {
+        let line = e.location().map_or(1, |l| l.line());
+        // serde_norway appends " at line X column Y"; the prefix says it already.
+        let msg = e.to_string();
+        let msg = msg.split(" at line ").next().unwrap_or(&msg).to_string();
+        ConfigErrors(vec![Diagnostic {
+            file: path.to_path_buf(),
+            line,
+            message: msg,
+        }])
+    })
+}
+
+/// The first line containing `needle`, for pointing at semantic errors that
+/// serde cannot locate. Falls back to line 1.
+pub(crate) fn line_of(text: &str, needle: &str) -> usize {
+    text.lines()
+        .position(|l| l.contains(needle))
+        .map_or(1, |i| i + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn near_empty_file_gets_defaults() {
+        let c = parse_config(Path::new("/etc/fg/fastgate.yaml"), "{}\n").unwrap();
+        assert_eq!(c.listen.to_string(), "0.0.0.0:8080");
+        assert_eq!(c.file.server.max_request_body.0, 10 * 1024 * 1024);
+        assert_eq!(c.routes_dir, Path::new("routes.d"));
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_with_a_line() {
+        let err = parse_config(Path::new("f.yaml"), "server:\n  listen: 0.0.0.0:1\n  lisen: x\n").unwrap_err();
+        let text = err.to_string();
+        assert!(text.starts_with("f.yaml:3: "), "{text}");
+        assert!(text.contains("unknown field `lisen`"), "{text}");
+    }
+
+    #[test]
+    fn semantic_errors_are_all_reported() {
+        let yaml = "upstreams:\n  a:\n    provider: openai\n    endpoints: [ftp://x]\n    key_pool: nope\n";
+        let err = parse_config(Path::new("f.yaml"), yaml).unwrap_err();
+        assert_eq!(err.0.len(), 2, "{err}");
+        assert_eq!(err.0[0].line, 4);
+        assert_eq!(err.0[1].line, 5);
+    }
+}

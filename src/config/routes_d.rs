@@ -1,0 +1,203 @@
+//! `routes.d/*.yaml`: route files, loaded in name order into one route table.
+//! Any invalid file fails the whole load, so a reload either swaps in a table
+//! built from every file or keeps the previous one.
+
+use super::{ConfigErrors, Diagnostic, FileConfig, OneOrMany, line_of};
+use crate::router::{Route, RouteTable};
+use serde::{Deserialize, Serialize};
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::{Path, PathBuf},
+};
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoutesFile {
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+}
+
+/// The API format clients speak on a route.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum Format {
+    Openai,
+    Anthropic,
+    Gemini,
+    /// Whatever the upstream speaks; FastGate does not look into it.
+    #[default]
+    Passthrough,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthMode {
+    #[default]
+    Required,
+    None,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    pub name: String,
+    #[serde(rename = "match")]
+    pub matcher: MatchConfig,
+    #[serde(default = "default_priority")]
+    pub priority: i32,
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    #[serde(default)]
+    pub format: Format,
+    #[serde(default)]
+    pub auth: AuthMode,
+    #[serde(default)]
+    pub permissions: Vec<String>,
+    /// One upstream, or a list tried in order (the rest act as `fallback`).
+    pub upstream: OneOrMany<String>,
+    #[serde(default)]
+    pub fallback: Vec<String>,
+    #[serde(default)]
+    pub model_map: BTreeMap<String, String>,
+    #[serde(default)]
+    pub transform: TransformConfig,
+    /// Overrides the upstream's `first_byte` timeout on this route.
+    #[serde(default)]
+    pub timeout: Option<super::HumanDuration>,
+    #[serde(default)]
+    pub retries: u32,
+}
+
+fn default_priority() -> i32 {
+    100
+}
+
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct MatchConfig {
+    pub path: String,
+    #[serde(default)]
+    pub methods: Vec<String>,
+    #[serde(default)]
+    pub host: Option<String>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    #[serde(default)]
+    pub model: OneOrMany<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct TransformConfig {
+    #[serde(default)]
+    pub strip_prefix: Option<String>,
+    #[serde(default)]
+    pub rewrite_path: Option<String>,
+    #[serde(default)]
+    pub set_headers: BTreeMap<String, String>,
+    #[serde(default)]
+    pub remove_headers: Vec<String>,
+    #[serde(default)]
+    pub set_body: Option<serde_json::Value>,
+}
+
+/// The `*.yaml` / `*.yml` files of `dir`, in name order.
+pub fn route_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.is_file()
+                && matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"))
+        })
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// Load and compile every route file of `dir` against `config`.
+pub fn load_routes(dir: &Path, config: &FileConfig) -> Result<RouteTable, ConfigErrors> {
+    let files = route_files(dir).map_err(|e| {
+        ConfigErrors(vec![Diagnostic {
+            file: dir.to_path_buf(),
+            line: 1,
+            message: format!("cannot read routes directory: {e}"),
+        }])
+    })?;
+    let mut sources = Vec::with_capacity(files.len());
+    let mut errors = Vec::new();
+    for file in files {
+        match std::fs::read_to_string(&file) {
+            Ok(text) => sources.push((file, text)),
+            Err(e) => errors.push(Diagnostic {
+                file,
+                line: 1,
+                message: format!("cannot read: {e}"),
+            }),
+        }
+    }
+    match compile_sources(&sources, config) {
+        Ok(table) if errors.is_empty() => Ok(table),
+        Ok(_) => Err(ConfigErrors(errors)),
+        Err(mut e) => {
+            errors.append(&mut e.0);
+            Err(ConfigErrors(errors))
+        }
+    }
+}
+
+/// Compile route files given as `(path, text)` pairs, in the given order.
+pub fn compile_sources(sources: &[(PathBuf, String)], config: &FileConfig) -> Result<RouteTable, ConfigErrors> {
+    let mut errors = Vec::new();
+    let mut routes = Vec::new();
+    let mut seen: HashMap<String, PathBuf> = HashMap::new();
+    for (file, raw) in sources {
+        let text = match super::interpolate(file, raw) {
+            Ok(t) => t,
+            Err(mut e) => {
+                errors.append(&mut e.0);
+                continue;
+            }
+        };
+        let parsed: RoutesFile = match super::parse_yaml(file, &text) {
+            Ok(p) => p,
+            Err(mut e) => {
+                errors.append(&mut e.0);
+                continue;
+            }
+        };
+        for rc in parsed.routes {
+            let line = line_of(&text, &format!("name: {}", rc.name));
+            let mut diag = |message: String| {
+                errors.push(Diagnostic {
+                    file: file.clone(),
+                    line,
+                    message: format!("route {:?}: {message}", rc.name),
+                })
+            };
+            if let Some(first) = seen.get(&rc.name) {
+                diag(format!("duplicate route name (first defined in {})", first.display()));
+                continue;
+            }
+            seen.insert(rc.name.clone(), file.clone());
+            match Route::compile(&rc, routes.len(), file, config) {
+                Ok(route) => routes.push(route),
+                Err(problems) => problems.into_iter().for_each(&mut diag),
+            }
+        }
+    }
+    if errors.is_empty() {
+        RouteTable::new(routes).map_err(|(route, message)| {
+            ConfigErrors(vec![Diagnostic {
+                file: route.file.clone(),
+                line: 1,
+                message: format!("route {:?}: {message}", route.name),
+            }])
+        })
+    } else {
+        Err(ConfigErrors(errors))
+    }
+}

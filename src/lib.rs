@@ -1,0 +1,19 @@
+//! FastGate: an LLM API gateway on Cloudflare's Pingora.
+//!
+//! Data flows one way: `config` (files) -> `router` (compiled route table) ->
+//! `proxy` (request filters, upstream exchange, response filters) -> logs.
+//! `main.rs` only wires these together; everything lives here so tests and
+//! benches can reach it.
+
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod pool;
+pub mod proxy;
+pub mod reload;
+pub mod router;
+pub mod secret;
+pub mod server;
+pub mod state;
+pub mod store;
+pub mod upstream;

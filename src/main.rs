@@ -1,0 +1,133 @@
+//! `fastgate`: parse the CLI, set up logging, load config, run.
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use fastgate::{
+    cli::{Cli, Command, KeysAction},
+    config::{self, LogFormat},
+    state::AppState,
+    store,
+};
+use std::process::ExitCode;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn init_tracing(format: LogFormat, default_level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FASTGATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("fastgate: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Serve(c) => {
+            let config = config::load_config(&c.path)?;
+            init_tracing(config.file.logging.format, &config.file.logging.level);
+            let state = AppState::build(config)?;
+            fastgate::server::run(state);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check(c) => check(&c.path),
+        Command::Keys { config: c, action } => {
+            init_tracing(LogFormat::Text, "warn");
+            let config = config::load_config(&c.path)?;
+            let conn = store::open(&config.database_path)?;
+            keys(&conn, action)?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// `fastgate check`: every problem as `file:line: message`, exit 1; or a summary, exit 0.
+fn check(path: &std::path::Path) -> Result<ExitCode> {
+    let result = config::load_config(path).and_then(|c| {
+        let table = config::load_routes(&c.routes_dir, &c.file)?;
+        Ok((c, table))
+    });
+    match result {
+        Ok((c, table)) => {
+            let files = config::routes_d::route_files(&c.routes_dir).map_or(0, |f| f.len());
+            println!(
+                "fastgate: configuration ok: {} ({} upstreams, {} key pools), {} routes in {} files under {}",
+                path.display(),
+                c.file.upstreams.len(),
+                c.file.key_pools.len(),
+                table.len(),
+                files,
+                c.routes_dir.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(errors) => {
+            for d in &errors.0 {
+                eprintln!("{d}");
+            }
+            eprintln!("fastgate: configuration has {} error(s)", errors.0.len());
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+fn keys(conn: &rusqlite::Connection, action: KeysAction) -> Result<()> {
+    use store::keys;
+    match action {
+        KeysAction::Create { name, owner, permissions, routes, models, expires_in, json } => {
+            let expires_at = expires_in.map(|d| store::now_unix() + d.as_secs() as i64);
+            let new = keys::NewKey { name, owner, permissions, allowed_routes: routes, allowed_models: models, expires_at };
+            let (key, secret) = keys::create(conn, &new)?;
+            if json {
+                let mut v = serde_json::to_value(&key)?;
+                v["secret"] = serde_json::Value::String(secret);
+                println!("{v}");
+            } else {
+                println!("id:     {}", key.id);
+                println!("name:   {}", key.name);
+                println!("secret: {secret}");
+                println!("Store the secret now: it is not shown again.");
+            }
+        }
+        KeysAction::List { json } => {
+            let list = keys::list(conn)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                println!("{:<18} {:<20} {:<16} {:<9} {}", "ID", "NAME", "KEY", "STATE", "PERMISSIONS");
+                let now = store::now_unix();
+                for k in list {
+                    let state = if k.revoked_at.is_some() {
+                        "revoked"
+                    } else if !k.is_active(now) {
+                        "expired"
+                    } else {
+                        "active"
+                    };
+                    println!("{:<18} {:<20} {:<16} {:<9} {}", k.id, k.name, k.masked, state, k.permissions.join(","));
+                }
+            }
+        }
+        KeysAction::Revoke { id } => {
+            let key = keys::revoke(conn, &id).with_context(|| format!("revoking {id}"))?;
+            println!("revoked {} ({})", key.id, key.name);
+        }
+    }
+    Ok(())
+}

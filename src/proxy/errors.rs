@@ -1,0 +1,183 @@
+//! Errors FastGate itself answers with, rendered in the client's API error
+//! shape (OpenAI, Anthropic or Gemini) with the right HTTP status.
+
+use crate::{auth::AuthError, config::routes_d::Format};
+use bytes::Bytes;
+use serde_json::json;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum GatewayError {
+    #[error("no route matches {method} {path}")]
+    NoRoute { method: String, path: String },
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error("request body exceeds the {limit}-byte limit")]
+    BodyTooLarge { limit: u64 },
+    #[error("request body is not valid JSON: {0}")]
+    BadJson(String),
+    #[error("could not read the request body: {0}")]
+    BadRequestBody(String),
+    #[error("no usable upstream key in pool {0:?}")]
+    NoUpstreamKey(String),
+    #[error("upstream {0:?} has no resolvable endpoint")]
+    NoEndpoint(String),
+    #[error("upstream {upstream:?} is unreachable: {reason}")]
+    UpstreamUnreachable { upstream: String, reason: String },
+    #[error("upstream {upstream:?} did not respond within {after_ms} ms")]
+    UpstreamTimeout { upstream: String, after_ms: u128 },
+    #[error("upstream {upstream:?} answered {status}")]
+    UpstreamStatus { upstream: String, status: u16 },
+    /// Not sent to anyone: the client is gone. Recorded for logs.
+    #[error("client closed the connection")]
+    ClientClosed,
+}
+
+impl GatewayError {
+    pub fn status(&self) -> u16 {
+        match self {
+            Self::NoRoute { .. } => 404,
+            Self::Auth(a) => a.status(),
+            Self::BodyTooLarge { .. } => 413,
+            Self::BadJson(_) | Self::BadRequestBody(_) => 400,
+            Self::NoUpstreamKey(_) => 503,
+            Self::NoEndpoint(_) | Self::UpstreamUnreachable { .. } => 502,
+            Self::UpstreamTimeout { .. } => 504,
+            Self::UpstreamStatus { status, .. } => *status,
+            Self::ClientClosed => 499,
+        }
+    }
+
+    /// Low-cardinality name for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::NoRoute { .. } => "route_not_found",
+            Self::Auth(a) => a.kind(),
+            Self::BodyTooLarge { .. } => "request_too_large",
+            Self::BadJson(_) => "invalid_json",
+            Self::BadRequestBody(_) => "bad_request_body",
+            Self::NoUpstreamKey(_) => "no_upstream_key",
+            Self::NoEndpoint(_) => "no_upstream_endpoint",
+            Self::UpstreamUnreachable { .. } => "upstream_unreachable",
+            Self::UpstreamTimeout { .. } => "upstream_timeout",
+            Self::UpstreamStatus { .. } => "upstream_error",
+            Self::ClientClosed => "client_closed",
+        }
+    }
+
+    /// The JSON body in `format`'s error shape.
+    pub fn body(&self, format: Format) -> Bytes {
+        let status = self.status();
+        let message = self.to_string();
+        let value = match format {
+            Format::Anthropic => json!({
+                "type": "error",
+                "error": { "type": anthropic_type(status), "message": message }
+            }),
+            Format::Gemini => json!({
+                "error": { "code": status, "message": message, "status": gemini_status(status) }
+            }),
+            Format::Openai | Format::Passthrough => json!({
+                "error": {
+                    "message": message,
+                    "type": openai_type(status),
+                    "param": null,
+                    "code": self.kind()
+                }
+            }),
+        };
+        Bytes::from(value.to_string())
+    }
+
+    /// The body as one SSE event, for failures after a stream has started.
+    pub fn sse_event(&self, format: Format) -> Bytes {
+        let data = self.body(format);
+        let data = String::from_utf8_lossy(&data);
+        Bytes::from(match format {
+            Format::Anthropic => format!("event: error\ndata: {data}\n\n"),
+            _ => format!("data: {data}\n\n"),
+        })
+    }
+}
+
+fn openai_type(status: u16) -> &'static str {
+    match status {
+        401 => "authentication_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        429 => "rate_limit_error",
+        400..=499 => "invalid_request_error",
+        _ => "api_error",
+    }
+}
+
+fn anthropic_type(status: u16) -> &'static str {
+    match status {
+        401 => "authentication_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        413 => "request_too_large",
+        429 => "rate_limit_error",
+        400..=499 => "invalid_request_error",
+        503 | 529 => "overloaded_error",
+        _ => "api_error",
+    }
+}
+
+fn gemini_status(status: u16) -> &'static str {
+    match status {
+        400 | 413 => "INVALID_ARGUMENT",
+        401 => "UNAUTHENTICATED",
+        403 => "PERMISSION_DENIED",
+        404 => "NOT_FOUND",
+        429 => "RESOURCE_EXHAUSTED",
+        502 | 503 => "UNAVAILABLE",
+        504 => "DEADLINE_EXCEEDED",
+        _ => "INTERNAL",
+    }
+}
+
+/// The error format to use before a route is known, from what the client looks like.
+pub fn guess_format(path: &str, headers: &http::HeaderMap) -> Format {
+    if path.starts_with("/v1/messages") || headers.contains_key("anthropic-version") {
+        Format::Anthropic
+    } else if path.contains("/v1beta/")
+        || path.contains(":generateContent")
+        || path.contains(":streamGenerateContent")
+        || headers.contains_key("x-goog-api-key")
+    {
+        Format::Gemini
+    } else {
+        Format::Openai
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(b: Bytes) -> serde_json::Value {
+        serde_json::from_slice(&b).unwrap()
+    }
+
+    #[test]
+    fn shapes_per_format() {
+        let e = GatewayError::Auth(AuthError::Invalid);
+        let o = parse(e.body(Format::Openai));
+        assert_eq!(o["error"]["type"], "authentication_error");
+        assert_eq!(o["error"]["code"], "invalid_api_key");
+        let a = parse(e.body(Format::Anthropic));
+        assert_eq!(a["type"], "error");
+        assert_eq!(a["error"]["type"], "authentication_error");
+        let g = parse(e.body(Format::Gemini));
+        assert_eq!(g["error"]["code"], 401);
+        assert_eq!(g["error"]["status"], "UNAUTHENTICATED");
+    }
+
+    #[test]
+    fn format_guess() {
+        let h = http::HeaderMap::new();
+        assert_eq!(guess_format("/v1/messages", &h), Format::Anthropic);
+        assert_eq!(guess_format("/v1beta/models/g:generateContent", &h), Format::Gemini);
+        assert_eq!(guess_format("/v1/chat/completions", &h), Format::Openai);
+    }
+}

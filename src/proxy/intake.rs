@@ -1,0 +1,202 @@
+//! Admission of a request, in order: request id, route candidates,
+//! authentication, body (only when needed), model, final route, body rewrite.
+//! Everything here runs before any upstream is contacted.
+
+use super::{ctx::RequestCtx, errors::GatewayError, rewrite};
+use crate::{
+    auth::{self, AuthError},
+    config::routes_d::{AuthMode, Format},
+    router::{self, Route},
+    state::AppState,
+    store::now_unix,
+};
+use bytes::{Bytes, BytesMut};
+use pingora::proxy::Session;
+use serde::Deserialize;
+use std::{borrow::Cow, sync::Arc};
+
+/// The client's `x-request-id` if it is sane, else a fresh UUIDv7.
+pub fn request_id(session: &Session) -> String {
+    session
+        .req_header()
+        .headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            !v.is_empty()
+                && v.len() <= 128
+                && v.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+        })
+        .map(str::to_string)
+        .unwrap_or_else(|| uuid::Uuid::now_v7().simple().to_string())
+}
+
+/// The fields FastGate reads from a JSON body; the rest is skipped unparsed.
+#[derive(Deserialize)]
+struct BodyPeek<'a> {
+    #[serde(borrow, default)]
+    model: Option<Cow<'a, str>>,
+}
+
+/// The model a Gemini URL names: `/v1beta/models/{model}:generateContent`.
+pub fn model_from_gemini_path(path: &str) -> Option<&str> {
+    let rest = &path[path.find("/models/")? + "/models/".len()..];
+    let model = rest.split([':', '/']).next()?;
+    (!model.is_empty()).then_some(model)
+}
+
+/// Read the whole request body, refusing more than `limit` bytes.
+pub async fn read_body(session: &mut Session, limit: u64) -> Result<Bytes, GatewayError> {
+    let declared = session
+        .req_header()
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(GatewayError::BodyTooLarge { limit });
+    }
+    let mut buf = BytesMut::with_capacity(declared.unwrap_or(0) as usize);
+    while let Some(chunk) = session
+        .read_request_body()
+        .await
+        .map_err(|e| GatewayError::BadRequestBody(e.to_string()))?
+    {
+        if (buf.len() + chunk.len()) as u64 > limit {
+            return Err(GatewayError::BodyTooLarge { limit });
+        }
+        if buf.is_empty() && session.is_body_done() {
+            return Ok(chunk); // the usual case: one read, no copy
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf.freeze())
+}
+
+/// Decide the route, authenticate, read and rewrite the body if needed.
+/// On success `ctx` holds the route, key, upstream and (maybe) the body.
+pub async fn admit(state: &Arc<AppState>, session: &mut Session, ctx: &mut RequestCtx) -> Result<(), GatewayError> {
+    let table = state.routes.load_full();
+    let req = session.req_header();
+    let path = req.uri.path().to_string();
+    let host = req
+        .headers
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri.host())
+        .map(|h| h.rsplit_once(':').filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit())).map_or(h, |(h, _)| h));
+    let candidates = table.candidates(&req.method, host, &path, &req.headers);
+    let Some(first) = candidates.first() else {
+        return Err(GatewayError::NoRoute {
+            method: req.method.to_string(),
+            path,
+        });
+    };
+    if first.format != Format::Passthrough {
+        ctx.format = first.format;
+    }
+
+    // Authenticate before reading any body, so anonymous clients cannot make
+    // FastGate buffer megabytes.
+    let credential = auth::extract_credential(&req.headers, req.uri.query());
+    ctx.credential = credential.as_ref().map(|(src, _)| *src);
+    let authenticated = credential.map(|(_, secret)| state.keys.authenticate(&secret, now_unix()));
+    let all_need_auth = candidates.iter().all(|r| r.auth == AuthMode::Required);
+    if all_need_auth {
+        match &authenticated {
+            None => return Err(AuthError::Missing.into()),
+            Some(Err(e)) => return Err(e.clone().into()),
+            Some(Ok(_)) => {}
+        }
+    }
+
+    let needs_model = candidates.iter().any(|r| r.model.is_some());
+    let limit = state.config.file.server.max_request_body.0;
+    let mut body = None;
+    let mut model: Option<String> = None;
+    if needs_model || first.buffers_body {
+        let bytes = read_body(session, limit).await?;
+        if needs_model {
+            model = peek_model(&bytes, &path, ctx.format)?;
+        }
+        body = Some(bytes);
+    }
+    let route: Arc<Route> = if needs_model {
+        router::pick(&candidates, model.as_deref())
+            .ok_or_else(|| GatewayError::NoRoute {
+                method: session.req_header().method.to_string(),
+                path: format!("{path} (model {})", model.as_deref().unwrap_or("none")),
+            })?
+            .clone()
+    } else {
+        (*first).clone()
+    };
+    if route.format != Format::Passthrough {
+        ctx.format = route.format;
+    }
+
+    if route.auth == AuthMode::Required {
+        let key = match authenticated {
+            None => return Err(AuthError::Missing.into()),
+            Some(result) => result?,
+        };
+        auth::authorize_route(&key, &route.name, &route.permissions)?;
+        if !key.allowed_models.is_empty() {
+            if body.is_none() {
+                body = Some(read_body(session, limit).await?);
+            }
+            if model.is_none() {
+                model = peek_model(body.as_deref().unwrap_or_default(), &path, ctx.format)?;
+            }
+            auth::authorize_model(&key, model.as_deref())?;
+        }
+        ctx.key = Some(key);
+    }
+
+    if route.buffers_body && body.is_none() {
+        body = Some(read_body(session, limit).await?);
+    }
+    if let Some(b) = &body {
+        if model.is_none() && (!route.model_map.is_empty() || route.transform.set_body.is_some()) {
+            model = peek_model(b, &path, ctx.format)?;
+        }
+        if let Some(new) = rewrite::rewrite_body(&route, b)? {
+            body = Some(new);
+        }
+    }
+    ctx.model = model;
+    ctx.body = body;
+    ctx.upstream.upstream = state.upstreams.get(&route.upstreams[0]).cloned();
+    ctx.route = Some(route);
+    Ok(())
+}
+
+/// The model named by a request: the JSON body's `model`, or the Gemini URL.
+/// An empty body is fine (no model); a body that is not JSON is a 400.
+fn peek_model(body: &[u8], path: &str, format: Format) -> Result<Option<String>, GatewayError> {
+    let from_body = if body.is_empty() {
+        None
+    } else {
+        let peek: BodyPeek = serde_json::from_slice(body).map_err(|e| GatewayError::BadJson(e.to_string()))?;
+        peek.model.map(Cow::into_owned)
+    };
+    Ok(from_body.or_else(|| {
+        (format == Format::Gemini || path.contains("/models/"))
+            .then(|| model_from_gemini_path(path).map(str::to_string))
+            .flatten()
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn models_from_body_and_gemini_path() {
+        assert_eq!(peek_model(br#"{"model":"gpt-4o","messages":[]}"#, "/v1/chat/completions", Format::Openai).unwrap().as_deref(), Some("gpt-4o"));
+        assert_eq!(peek_model(b"", "/v1beta/models/gemini-2.0-flash:streamGenerateContent", Format::Gemini).unwrap().as_deref(), Some("gemini-2.0-flash"));
+        assert_eq!(peek_model(b"{}", "/v1/x", Format::Openai).unwrap(), None);
+        assert!(matches!(peek_model(b"{not json", "/v1/x", Format::Openai), Err(GatewayError::BadJson(_))));
+        assert_eq!(model_from_gemini_path("/v1beta/models/"), None);
+    }
+}

@@ -1,0 +1,213 @@
+//! The data plane: FastGate's Pingora `ProxyHttp` implementation.
+//!
+//! Phase chart (each phase hands off to one module):
+//!
+//! ```text
+//! request_filter ── intake::admit ──┬─ error ──────────────► respond::error (client's error shape)
+//!   (route, auth, body if needed)   ├─ mock upstream ──────► mock::respond
+//!                                   ├─ body was read ──────► forward::exchange (own connector,
+//!                                   │                         retries, fallback, streaming)
+//!                                   └─ body untouched ─┐
+//! upstream_peer ◄──────────────────────────────────────┘ endpoint (pingora-lb) + key lease
+//! upstream_request_filter  rewrite::upstream_request (path, headers, key injection)
+//! request_body_filter      max_request_body on streamed bodies
+//! response_filter          x-request-id
+//! fail_to_connect          retry on another endpoint/key while `retries` allow
+//! fail_to_proxy            respond::error
+//! logging                  one line per request
+//! ```
+
+pub mod ctx;
+pub mod errors;
+pub mod forward;
+pub mod intake;
+pub mod mock;
+pub mod respond;
+pub mod rewrite;
+
+use crate::state::AppState;
+use async_trait::async_trait;
+use bytes::Bytes;
+use ctx::RequestCtx;
+use errors::GatewayError;
+use pingora::{
+    ErrorSource, ErrorType,
+    http::{RequestHeader, ResponseHeader},
+    proxy::{FailToProxy, ProxyHttp, Session},
+    upstreams::peer::HttpPeer,
+};
+use std::sync::Arc;
+
+/// The data-plane service.
+pub struct Gateway {
+    pub state: Arc<AppState>,
+}
+
+impl Gateway {
+    pub fn new(state: Arc<AppState>) -> Self {
+        Gateway { state }
+    }
+
+    /// Turn a FastGate error into a Pingora error that `fail_to_proxy` renders.
+    fn fail(ctx: &mut RequestCtx, err: GatewayError) -> Box<pingora::Error> {
+        let status = err.status();
+        let msg = err.to_string();
+        ctx.error = Some(err);
+        pingora::Error::explain(ErrorType::HTTPStatus(status), msg)
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx::new(&self.state)
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> pingora::Result<bool> {
+        ctx.request_id = intake::request_id(session);
+        ctx.format = errors::guess_format(session.req_header().uri.path(), &session.req_header().headers);
+        if let Err(e) = intake::admit(&self.state, session, ctx).await {
+            respond::error(session, ctx, e).await?;
+            return Ok(true);
+        }
+        let is_mock = ctx.upstream.upstream.as_ref().is_some_and(|u| u.is_mock());
+        if ctx.body.is_some() || is_mock {
+            if let Err(e) = forward::exchange(&self.state, session, ctx).await {
+                respond::error(session, ctx, e).await?;
+            }
+            return Ok(true);
+        }
+        // Streaming path: refuse a declared oversize body before connecting.
+        let limit = self.state.config.file.server.max_request_body.0;
+        let declared = session
+            .req_header()
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit) {
+            respond::error(session, ctx, GatewayError::BodyTooLarge { limit }).await?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut RequestCtx) -> pingora::Result<Box<HttpPeer>> {
+        let (Some(route), Some(upstream)) = (ctx.route.clone(), ctx.upstream.upstream.clone()) else {
+            return Err(pingora::Error::explain(ErrorType::InternalError, "no route in context"));
+        };
+        ctx.upstream.attempts += 1;
+        let hash_key = ctx.key.as_ref().map(|k| k.id.clone()).unwrap_or_default();
+        let Some(target) = upstream.select(hash_key.as_bytes(), &ctx.upstream.tried_addrs) else {
+            return Err(Self::fail(ctx, GatewayError::NoEndpoint(upstream.name.clone())));
+        };
+        if let Some(pool) = &upstream.key_pool {
+            match pool.lease(&ctx.upstream.tried_keys) {
+                Some(lease) => ctx.upstream.lease = Some(lease),
+                None => return Err(Self::fail(ctx, GatewayError::NoUpstreamKey(pool.name.clone()))),
+            }
+        }
+        let first_byte = route.timeout.unwrap_or(upstream.timeouts.first_byte.0);
+        let peer = upstream.peer(&target, first_byte);
+        ctx.upstream.target = Some(target);
+        Ok(Box::new(peer))
+    }
+
+    async fn upstream_request_filter(&self, _session: &mut Session, req: &mut RequestHeader, ctx: &mut RequestCtx) -> pingora::Result<()> {
+        let (Some(route), Some(upstream), Some(target)) = (ctx.route.clone(), ctx.upstream.upstream.clone(), ctx.upstream.target.clone()) else {
+            return Err(pingora::Error::explain(ErrorType::InternalError, "no upstream in context"));
+        };
+        rewrite::upstream_request(req, ctx, &route, upstream.provider, upstream.endpoint(&target), ctx.upstream.lease.as_ref())
+            .map_err(|e| Self::fail(ctx, e))
+    }
+
+    async fn request_body_filter(&self, _session: &mut Session, body: &mut Option<Bytes>, _end: bool, ctx: &mut RequestCtx) -> pingora::Result<()> {
+        if let Some(b) = body {
+            ctx.body_seen += b.len() as u64;
+            let limit = self.state.config.file.server.max_request_body.0;
+            if ctx.body_seen > limit {
+                return Err(Self::fail(ctx, GatewayError::BodyTooLarge { limit }));
+            }
+        }
+        Ok(())
+    }
+
+    async fn response_filter(&self, _session: &mut Session, resp: &mut ResponseHeader, ctx: &mut RequestCtx) -> pingora::Result<()> {
+        ctx.response.status = resp.status.as_u16();
+        ctx.response.ttfb = Some(ctx.started.elapsed());
+        resp.insert_header("x-request-id", ctx.request_id.as_str())
+    }
+
+    fn response_body_filter(&self, _session: &mut Session, body: &mut Option<Bytes>, _end: bool, ctx: &mut RequestCtx) -> pingora::Result<Option<std::time::Duration>> {
+        if let Some(b) = body {
+            ctx.response.bytes += b.len() as u64;
+            ctx.response.chunks += 1;
+        }
+        Ok(None)
+    }
+
+    fn fail_to_connect(&self, _session: &mut Session, _peer: &HttpPeer, ctx: &mut RequestCtx, mut e: Box<pingora::Error>) -> Box<pingora::Error> {
+        let retries = ctx.route.as_ref().map_or(0, |r| r.retries);
+        // Nothing was sent yet, so another endpoint/key is always safe.
+        if ctx.upstream.attempts <= retries {
+            ctx.upstream.mark_failed();
+            e.set_retry(true);
+        }
+        e
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &pingora::Error, ctx: &mut RequestCtx) -> FailToProxy {
+        let err = ctx.error.take().unwrap_or_else(|| match (e.esource(), e.etype()) {
+            (_, ErrorType::HTTPStatus(413)) => GatewayError::BodyTooLarge { limit: self.state.config.file.server.max_request_body.0 },
+            (ErrorSource::Downstream, _) => GatewayError::ClientClosed,
+            (_, ErrorType::ConnectTimedout | ErrorType::ReadTimedout) => GatewayError::UpstreamTimeout {
+                upstream: ctx.upstream_name().to_string(),
+                after_ms: ctx.started.elapsed().as_millis(),
+            },
+            _ => GatewayError::UpstreamUnreachable {
+                upstream: ctx.upstream_name().to_string(),
+                reason: e.etype().as_str().to_string(),
+            },
+        });
+        let code = err.status();
+        // Nothing can be written to a client that is gone or already got headers.
+        if matches!(err, GatewayError::ClientClosed) || session.response_written().is_some() {
+            ctx.error = Some(err);
+            return FailToProxy { error_code: code, can_reuse_downstream: false };
+        }
+        if let Err(write_err) = respond::error(session, ctx, err).await {
+            tracing::debug!(request_id = %ctx.request_id, error = %write_err, "Could not send the error response.");
+        }
+        FailToProxy { error_code: code, can_reuse_downstream: false }
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&pingora::Error>, ctx: &mut RequestCtx) {
+        let status = match ctx.response.status {
+            0 => session.response_written().map_or(0, |r| r.status.as_u16()),
+            s => s,
+        };
+        let ms = ctx.started.elapsed().as_secs_f64() * 1000.0;
+        let ttfb_ms = ctx.response.ttfb.map_or(-1.0, |d| d.as_secs_f64() * 1000.0);
+        let error = ctx.error.as_ref().map(|e| e.kind()).or(e.map(|e| e.etype().as_str())).unwrap_or("");
+        tracing::info!(
+            request_id = %ctx.request_id,
+            method = %session.req_header().method,
+            path = session.req_header().uri.path(),
+            route = ctx.route_name(),
+            upstream = ctx.upstream_name(),
+            key_id = ctx.key.as_ref().map_or("-", |k| k.id.as_str()),
+            upstream_key = ctx.upstream.lease.as_ref().map_or("-", |l| l.key().id.as_str()),
+            model = ctx.model.as_deref().unwrap_or("-"),
+            status,
+            attempts = ctx.upstream.attempts,
+            bytes = ctx.response.bytes,
+            chunks = ctx.response.chunks,
+            ttfb_ms = format_args!("{ttfb_ms:.2}"),
+            ms = format_args!("{ms:.2}"),
+            error,
+            "request"
+        );
+    }
+}

@@ -1,0 +1,165 @@
+//! Request rewriting: path transforms, header transforms, credential
+//! stripping and upstream key injection (the header side), and the body
+//! side (`model_map`, `set_body`).
+
+use super::{ctx::RequestCtx, errors::GatewayError};
+use crate::{
+    auth::CredentialSource,
+    config::{Provider, routes_d::AuthMode},
+    pool::Lease,
+    router::{Route, expand_template},
+    upstream::EndpointUrl,
+};
+use bytes::Bytes;
+use http::{HeaderValue, header};
+use pingora::http::RequestHeader;
+
+/// The default `anthropic-version` sent when the client did not send one.
+pub const ANTHROPIC_VERSION: &str = "2023-06-01";
+
+/// Headers that describe one hop and are never forwarded.
+pub const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "upgrade",
+];
+
+/// The upstream path and query: strip_prefix, rewrite_path, the endpoint's
+/// base path; `?key=` removed when it carried the gateway key.
+pub fn upstream_path(route: &Route, endpoint: &EndpointUrl, path: &str, query: Option<&str>, drop_key_param: bool) -> String {
+    let mut p = path.to_string();
+    if let Some(prefix) = &route.transform.strip_prefix
+        && let Some(rest) = p.strip_prefix(prefix.as_str())
+        && (rest.is_empty() || rest.starts_with('/'))
+    {
+        p = if rest.is_empty() { "/".into() } else { rest.to_string() };
+    }
+    if let Some(template) = &route.transform.rewrite_path {
+        p = expand_template(template, &route.path_params(path));
+    }
+    let mut out = String::with_capacity(endpoint.base_path.len() + p.len() + 16);
+    out.push_str(&endpoint.base_path);
+    out.push_str(&p);
+    if let Some(q) = query {
+        if drop_key_param {
+            let kept: String = form_urlencoded::Serializer::new(String::new())
+                .extend_pairs(form_urlencoded::parse(q.as_bytes()).filter(|(k, _)| k != "key"))
+                .finish();
+            if !kept.is_empty() {
+                out.push('?');
+                out.push_str(&kept);
+            }
+        } else if !q.is_empty() {
+            out.push('?');
+            out.push_str(q);
+        }
+    }
+    out
+}
+
+/// Rewrite a copy of the client's request header into the upstream request.
+pub fn upstream_request(
+    req: &mut RequestHeader,
+    ctx: &RequestCtx,
+    route: &Route,
+    provider: Provider,
+    endpoint: &EndpointUrl,
+    lease: Option<&Lease>,
+) -> Result<(), GatewayError> {
+    // Client credentials never travel upstream when FastGate authenticates or
+    // injects its own key; a gateway key (`fg_…`) never does.
+    let strip = route.auth == AuthMode::Required || lease.is_some() || ctx.credential.is_some_and(|_| ctx.key.is_some());
+    let query_had_key = strip && ctx.credential == Some(CredentialSource::QueryKey);
+    let path = upstream_path(route, endpoint, req.uri.path(), req.uri.query(), query_had_key || strip);
+    let uri = path
+        .parse::<http::Uri>()
+        .map_err(|e| GatewayError::BadRequestBody(format!("rewritten path is invalid: {e}")))?;
+    req.set_uri(uri);
+
+    for name in HOP_BY_HOP {
+        req.remove_header(name);
+    }
+    if strip {
+        req.remove_header(&header::AUTHORIZATION);
+        req.remove_header("x-api-key");
+        req.remove_header("x-goog-api-key");
+    }
+    for name in &route.transform.remove_headers {
+        req.remove_header(name);
+    }
+    for (name, value) in &route.transform.set_headers {
+        let _ = req.insert_header(name.clone(), value.clone());
+    }
+    let _ = req.insert_header(header::HOST, endpoint.authority.as_str());
+    let _ = req.insert_header("x-request-id", ctx.request_id.as_str());
+    if let Some(lease) = lease {
+        inject_key(req, provider, lease.key().secret.expose());
+    }
+    Ok(())
+}
+
+/// Put an upstream key where `provider` expects it.
+fn inject_key(req: &mut RequestHeader, provider: Provider, secret: &str) {
+    let Ok(mut value) = HeaderValue::from_str(secret) else {
+        return;
+    };
+    value.set_sensitive(true);
+    match provider {
+        Provider::Anthropic => {
+            let _ = req.insert_header("x-api-key", value);
+            if !req.headers.contains_key("anthropic-version") {
+                let _ = req.insert_header("anthropic-version", ANTHROPIC_VERSION);
+            }
+        }
+        Provider::Gemini => {
+            let _ = req.insert_header("x-goog-api-key", value);
+        }
+        Provider::Openai | Provider::OpenaiCompatible | Provider::Http | Provider::Mock => {
+            if let Ok(mut bearer) = HeaderValue::from_str(&format!("Bearer {secret}")) {
+                bearer.set_sensitive(true);
+                let _ = req.insert_header(header::AUTHORIZATION, bearer);
+            }
+        }
+    }
+}
+
+/// Fix framing for a body FastGate sends itself: headers go out before the
+/// body, so the length must be right up front.
+pub fn set_body_length(req: &mut RequestHeader, len: usize) {
+    req.remove_header(&header::TRANSFER_ENCODING);
+    let _ = req.insert_header(header::CONTENT_LENGTH, len.to_string());
+}
+
+/// Apply `model_map` and `set_body` to a JSON body. Returns `None` when
+/// nothing changes, so the original bytes are forwarded untouched.
+pub fn rewrite_body(route: &Route, body: &Bytes) -> Result<Option<Bytes>, GatewayError> {
+    if route.model_map.is_empty() && route.transform.set_body.is_none() {
+        return Ok(None);
+    }
+    let mut value: serde_json::Value = serde_json::from_slice(body).map_err(|e| GatewayError::BadJson(e.to_string()))?;
+    let mut changed = false;
+    if let Some(model) = value.get("model").and_then(|m| m.as_str())
+        && let Some(to) = route.model_map.get(model)
+    {
+        value["model"] = serde_json::Value::String(to.clone());
+        changed = true;
+    }
+    if let Some(patch) = &route.transform.set_body {
+        if !value.is_object() {
+            return Err(GatewayError::BadJson("the body must be a JSON object".into()));
+        }
+        json_patch::merge(&mut value, patch);
+        changed = true;
+    }
+    if !changed {
+        return Ok(None);
+    }
+    serde_json::to_vec(&value)
+        .map(|v| Some(Bytes::from(v)))
+        .map_err(|e| GatewayError::BadJson(e.to_string()))
+}

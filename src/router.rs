@@ -1,0 +1,493 @@
+//! The compiled route table: what `routes.d` says, in a form that matches a
+//! request in a few hash and prefix lookups.
+//!
+//! Matching is two-phase because the JSON body is only read when needed:
+//! [`RouteTable::candidates`] filters on path, method, host and headers;
+//! if any candidate matches on `model`, the proxy reads the body and calls
+//! [`pick`] with the model it found.
+
+use crate::config::{
+    FileConfig, Provider,
+    routes_d::{AuthMode, Format, RouteConfig},
+};
+use globset::{Glob, GlobSet, GlobSetBuilder};
+use http::{HeaderMap, HeaderName, HeaderValue, Method};
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+/// One compiled route.
+#[derive(Debug)]
+pub struct Route {
+    pub name: String,
+    pub file: PathBuf,
+    /// The `match.path` pattern, in matchit syntax.
+    pub pattern: String,
+    pub priority: i32,
+    /// Load order; breaks priority ties (earlier file / earlier entry wins).
+    pub order: usize,
+    pub enabled: bool,
+    pub methods: Vec<Method>,
+    pub host: Option<HostMatch>,
+    pub headers: Vec<(HeaderName, String)>,
+    pub model: Option<GlobSet>,
+    /// The API format clients speak here (resolved from the upstream for `passthrough`).
+    pub format: Format,
+    pub auth: AuthMode,
+    pub permissions: Vec<String>,
+    /// Primary upstream first, then fallbacks, in the order they are tried.
+    pub upstreams: Vec<String>,
+    pub model_map: HashMap<String, String>,
+    pub transform: Transform,
+    pub timeout: Option<Duration>,
+    pub retries: u32,
+    /// The request body is read before proxying (model routing, body rewrites,
+    /// replay for retries or fallback, the in-process mock).
+    pub buffers_body: bool,
+    path_router: matchit::Router<()>,
+}
+
+#[derive(Debug, Default)]
+pub struct Transform {
+    pub strip_prefix: Option<String>,
+    pub rewrite_path: Option<String>,
+    pub set_headers: Vec<(HeaderName, HeaderValue)>,
+    pub remove_headers: Vec<HeaderName>,
+    pub set_body: Option<serde_json::Value>,
+}
+
+/// `llm.example.com` or `*.example.com`, compared without port and case.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostMatch {
+    Exact(String),
+    Suffix(String),
+}
+
+impl HostMatch {
+    fn parse(s: &str) -> Self {
+        let s = s.to_ascii_lowercase();
+        match s.strip_prefix("*.") {
+            Some(rest) => Self::Suffix(format!(".{rest}")),
+            None => Self::Exact(s),
+        }
+    }
+
+    fn matches(&self, host: &str) -> bool {
+        match self {
+            Self::Exact(h) => h.eq_ignore_ascii_case(host),
+            Self::Suffix(s) => {
+                host.len() > s.len() && host[host.len() - s.len()..].eq_ignore_ascii_case(s)
+            }
+        }
+    }
+}
+
+/// Whether an upstream speaking `provider` can serve clients speaking `format`
+/// without conversion.
+pub fn speaks(provider: Provider, format: Format) -> bool {
+    matches!(
+        (provider, format),
+        (_, Format::Passthrough)
+            | (Provider::Mock | Provider::Http, _)
+            | (Provider::Openai | Provider::OpenaiCompatible, Format::Openai)
+            | (Provider::Anthropic, Format::Anthropic)
+            | (Provider::Gemini, Format::Gemini)
+    )
+}
+
+/// The API format an upstream provider speaks natively.
+pub fn provider_format(provider: Provider) -> Format {
+    match provider {
+        Provider::Openai | Provider::OpenaiCompatible => Format::Openai,
+        Provider::Anthropic => Format::Anthropic,
+        Provider::Gemini => Format::Gemini,
+        Provider::Http | Provider::Mock => Format::Passthrough,
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+impl Route {
+    /// Validate and compile one route; every problem is returned, not just the first.
+    pub fn compile(
+        rc: &RouteConfig,
+        order: usize,
+        file: &Path,
+        config: &FileConfig,
+    ) -> Result<Route, Vec<String>> {
+        let mut errs = Vec::new();
+        if !valid_name(&rc.name) {
+            errs.push("name must be 1-128 characters of A-Z a-z 0-9 - _ .".to_string());
+        }
+        let m = &rc.matcher;
+        let mut path_router = matchit::Router::new();
+        if !m.path.starts_with('/') {
+            errs.push(format!("match.path {:?} must start with '/'", m.path));
+        } else if let Err(e) = path_router.insert(m.path.as_str(), ()) {
+            errs.push(format!("match.path {:?}: {e}", m.path));
+        }
+        let mut methods = Vec::new();
+        for name in &m.methods {
+            match Method::from_bytes(name.to_ascii_uppercase().as_bytes()) {
+                Ok(method) => methods.push(method),
+                Err(_) => errs.push(format!("match.methods: {name:?} is not an HTTP method")),
+            }
+        }
+        let mut headers = Vec::new();
+        for (name, value) in &m.headers {
+            match HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes()) {
+                Ok(h) => headers.push((h, value.clone())),
+                Err(_) => errs.push(format!("match.headers: {name:?} is not a header name")),
+            }
+        }
+        let globs = m.model.to_vec();
+        let model = if globs.is_empty() {
+            None
+        } else {
+            let mut b = GlobSetBuilder::new();
+            for g in &globs {
+                match Glob::new(g) {
+                    Ok(glob) => {
+                        b.add(glob);
+                    }
+                    Err(e) => errs.push(format!("match.model: {e}")),
+                }
+            }
+            b.build().ok()
+        };
+
+        let mut upstreams = rc.upstream.to_vec();
+        upstreams.extend(rc.fallback.iter().cloned());
+        if upstreams.is_empty() {
+            errs.push("upstream is required".to_string());
+        }
+        let mut format = rc.format;
+        let mut any_mock = false;
+        for (i, name) in upstreams.iter().enumerate() {
+            let Some(up) = config.upstreams.get(name) else {
+                errs.push(format!("no upstream named {name:?} in the config's upstreams"));
+                continue;
+            };
+            any_mock |= up.provider == Provider::Mock;
+            if i == 0 && format == Format::Passthrough {
+                format = provider_format(up.provider);
+            }
+            if !speaks(up.provider, rc.format) {
+                errs.push(format!(
+                    "clients speak {:?} here but upstream {name:?} is a {:?} provider; format conversion is not available yet",
+                    rc.format, up.provider
+                ));
+            }
+        }
+
+        let t = &rc.transform;
+        if let Some(p) = &t.strip_prefix
+            && (!p.starts_with('/') || p.len() < 2 || p.ends_with('/'))
+        {
+            errs.push(format!("transform.strip_prefix {p:?} must start with '/' and not end with '/'"));
+        }
+        if let Some(p) = &t.rewrite_path {
+            if !p.starts_with('/') {
+                errs.push(format!("transform.rewrite_path {p:?} must start with '/'"));
+            }
+            for param in template_params(p) {
+                if !m.path.contains(&format!("{{{param}}}")) && !m.path.contains(&format!("{{*{param}}}")) {
+                    errs.push(format!("transform.rewrite_path uses {{{param}}} but match.path has no such parameter"));
+                }
+            }
+        }
+        let mut set_headers = Vec::new();
+        for (name, value) in &t.set_headers {
+            match (
+                HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes()),
+                HeaderValue::from_str(value),
+            ) {
+                (Ok(n), Ok(v)) => set_headers.push((n, v)),
+                _ => errs.push(format!("transform.set_headers: {name:?} is not a valid header")),
+            }
+        }
+        let mut remove_headers = Vec::new();
+        for name in &t.remove_headers {
+            match HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes()) {
+                Ok(n) => remove_headers.push(n),
+                Err(_) => errs.push(format!("transform.remove_headers: {name:?} is not a header name")),
+            }
+        }
+        if let Some(body) = &t.set_body
+            && !body.is_object()
+        {
+            errs.push("transform.set_body must be a mapping (it is JSON-merged into the body)".to_string());
+        }
+        for (from, to) in &rc.model_map {
+            if from.is_empty() || to.is_empty() {
+                errs.push("model_map entries must not be empty".to_string());
+            }
+        }
+        if !errs.is_empty() {
+            return Err(errs);
+        }
+
+        let buffers_body = model.is_some()
+            || !rc.model_map.is_empty()
+            || t.set_body.is_some()
+            || rc.retries > 0
+            || upstreams.len() > 1
+            || any_mock;
+        Ok(Route {
+            name: rc.name.clone(),
+            file: file.to_path_buf(),
+            pattern: m.path.clone(),
+            priority: rc.priority,
+            order,
+            enabled: rc.enabled,
+            methods,
+            host: m.host.as_deref().map(HostMatch::parse),
+            headers,
+            model,
+            format,
+            auth: rc.auth,
+            permissions: rc.permissions.clone(),
+            upstreams,
+            model_map: rc.model_map.iter().map(|(a, b)| (a.clone(), b.clone())).collect(),
+            transform: Transform {
+                strip_prefix: t.strip_prefix.clone(),
+                rewrite_path: t.rewrite_path.clone(),
+                set_headers,
+                remove_headers,
+                set_body: t.set_body.clone(),
+            },
+            timeout: rc.timeout.map(|d| d.0),
+            retries: rc.retries,
+            buffers_body,
+            path_router,
+        })
+    }
+
+    /// Whether the route's non-body conditions hold for a request.
+    fn matches_head(&self, method: &Method, host: Option<&str>, headers: &HeaderMap) -> bool {
+        (self.methods.is_empty() || self.methods.contains(method))
+            && self
+                .host
+                .as_ref()
+                .is_none_or(|h| host.is_some_and(|host| h.matches(host)))
+            && self.headers.iter().all(|(name, want)| {
+                headers
+                    .get(name)
+                    .is_some_and(|v| v.as_bytes() == want.as_bytes())
+            })
+    }
+
+    /// Whether `model` satisfies the route's `match.model` globs.
+    pub fn matches_model(&self, model: Option<&str>) -> bool {
+        match (&self.model, model) {
+            (None, _) => true,
+            (Some(set), Some(m)) => set.is_match(m),
+            (Some(_), None) => false,
+        }
+    }
+
+    /// Named parameters captured by `match.path` (for `rewrite_path`).
+    pub fn path_params(&self, path: &str) -> Vec<(String, String)> {
+        self.path_router
+            .at(path)
+            .map(|m| {
+                m.params
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// `{name}` and `{*name}` placeholders of a rewrite template.
+pub fn template_params(template: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = template;
+    while let Some(start) = rest.find('{') {
+        let Some(len) = rest[start..].find('}') else { break };
+        out.push(rest[start + 1..start + len].trim_start_matches('*').to_string());
+        rest = &rest[start + len + 1..];
+    }
+    out
+}
+
+/// Expand `{name}` placeholders of `template` with `params`.
+pub fn expand_template(template: &str, params: &[(String, String)]) -> String {
+    let mut out = template.to_string();
+    for (k, v) in params {
+        out = out.replace(&format!("{{{k}}}"), v).replace(&format!("{{*{k}}}"), v);
+    }
+    out
+}
+
+/// All routes of `routes.d`, indexed for matching.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    routes: Vec<Arc<Route>>,
+    /// Static paths: one hash lookup.
+    exact: HashMap<String, Vec<usize>>,
+    /// Patterns with parameters, checked by their static prefix first.
+    dynamic: Vec<(String, usize)>,
+}
+
+impl RouteTable {
+    /// Index `routes`. Fails only on an internal inconsistency (reported with the route).
+    pub fn new(routes: Vec<Route>) -> Result<Self, (Route, String)> {
+        let mut table = RouteTable::default();
+        for route in routes {
+            let idx = table.routes.len();
+            if route.enabled {
+                match route.pattern.find('{') {
+                    None => table.exact.entry(route.pattern.clone()).or_default().push(idx),
+                    Some(i) => table.dynamic.push((route.pattern[..i].to_string(), idx)),
+                }
+            }
+            table.routes.push(Arc::new(route));
+        }
+        Ok(table)
+    }
+
+    pub fn len(&self) -> usize {
+        self.routes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty()
+    }
+
+    pub fn routes(&self) -> &[Arc<Route>] {
+        &self.routes
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<Route>> {
+        self.routes.iter().find(|r| r.name == name)
+    }
+
+    /// Enabled routes whose path, method, host and headers match, best first
+    /// (lowest priority, then load order). The model is checked by [`pick`].
+    pub fn candidates(
+        &self,
+        method: &Method,
+        host: Option<&str>,
+        path: &str,
+        headers: &HeaderMap,
+    ) -> Vec<&Arc<Route>> {
+        let mut out: Vec<&Arc<Route>> = Vec::new();
+        let mut consider = |idx: usize| {
+            let r = &self.routes[idx];
+            if r.matches_head(method, host, headers) {
+                out.push(r);
+            }
+        };
+        if let Some(list) = self.exact.get(path) {
+            list.iter().copied().for_each(&mut consider);
+        }
+        for (prefix, idx) in &self.dynamic {
+            if path.starts_with(prefix.as_str()) && self.routes[*idx].path_router.at(path).is_ok() {
+                consider(*idx);
+            }
+        }
+        if out.len() > 1 {
+            out.sort_by_key(|r| (r.priority, r.order));
+        }
+        out
+    }
+}
+
+/// The first candidate whose model globs accept `model`.
+pub fn pick<'a>(candidates: &[&'a Arc<Route>], model: Option<&str>) -> Option<&'a Arc<Route>> {
+    candidates.iter().copied().find(|r| r.matches_model(model))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::routes_d::compile_sources;
+
+    fn config() -> FileConfig {
+        serde_norway::from_str(
+            "upstreams:\n  a: {provider: openai, endpoints: ['http://127.0.0.1:1']}\n  b: {provider: anthropic, endpoints: ['http://127.0.0.1:2']}\n",
+        )
+        .unwrap()
+    }
+
+    fn table(yaml: &str) -> RouteTable {
+        compile_sources(&[(PathBuf::from("t.yaml"), yaml.to_string())], &config()).unwrap()
+    }
+
+    #[test]
+    fn priority_then_order_and_model_globs() {
+        let t = table(
+            "routes:\n- {name: any, match: {path: '/v1/{*rest}'}, upstream: a, priority: 200}\n- {name: gpt, match: {path: /v1/chat/completions, methods: [post], model: ['gpt-4*']}, upstream: a}\n- {name: other, match: {path: /v1/chat/completions}, upstream: a, priority: 150}\n",
+        );
+        let h = HeaderMap::new();
+        let c = t.candidates(&Method::POST, None, "/v1/chat/completions", &h);
+        let names: Vec<&str> = c.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["gpt", "other", "any"]);
+        assert_eq!(pick(&c, Some("gpt-4o")).unwrap().name, "gpt");
+        assert_eq!(pick(&c, Some("claude")).unwrap().name, "other");
+        let c = t.candidates(&Method::GET, None, "/v1/chat/completions", &h);
+        assert_eq!(c[0].name, "other");
+        assert!(t.candidates(&Method::GET, None, "/v2/x", &h).is_empty());
+    }
+
+    #[test]
+    fn host_and_header_conditions() {
+        let t = table(
+            "routes:\n- {name: h, match: {path: /x, host: '*.example.com', headers: {x-team: ml}}, upstream: a}\n",
+        );
+        let mut h = HeaderMap::new();
+        assert!(t.candidates(&Method::GET, Some("a.example.com"), "/x", &h).is_empty());
+        h.insert("x-team", HeaderValue::from_static("ml"));
+        assert_eq!(t.candidates(&Method::GET, Some("A.Example.com"), "/x", &h).len(), 1);
+        assert!(t.candidates(&Method::GET, Some("example.com"), "/x", &h).is_empty());
+        assert!(t.candidates(&Method::GET, None, "/x", &h).is_empty());
+    }
+
+    #[test]
+    fn rewrite_templates_use_path_params() {
+        let t = table(
+            "routes:\n- {name: p, match: {path: '/openai/{*rest}'}, upstream: a, transform: {rewrite_path: '/v1/{rest}'}}\n",
+        );
+        let r = t.get("p").unwrap();
+        let params = r.path_params("/openai/chat/completions");
+        assert_eq!(expand_template("/v1/{rest}", &params), "/v1/chat/completions");
+    }
+
+    #[test]
+    fn invalid_routes_report_every_problem() {
+        let err = compile_sources(
+            &[(
+                PathBuf::from("bad.yaml"),
+                "routes:\n- name: ok\n  match: {path: /a}\n  upstream: a\n- name: broken\n  match: {path: nope, methods: ['GE T']}\n  upstream: missing\n  format: anthropic\n- name: ok\n  match: {path: /b}\n  upstream: a\n".into(),
+            )],
+            &config(),
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("bad.yaml:5: route \"broken\": match.path \"nope\" must start with '/'"), "{text}");
+        assert!(text.contains("not an HTTP method"), "{text}");
+        assert!(text.contains("no upstream named \"missing\""), "{text}");
+        assert!(text.contains("duplicate route name"), "{text}");
+    }
+
+    #[test]
+    fn format_conversion_is_refused_until_it_exists() {
+        let err = compile_sources(
+            &[(PathBuf::from("c.yaml"), "routes:\n- {name: c, match: {path: /v1/messages}, upstream: a, format: anthropic}\n".into())],
+            &config(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("format conversion is not available yet"));
+    }
+}

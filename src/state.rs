@@ -1,0 +1,111 @@
+//! The one shared handle: configuration, the hot-swappable route table,
+//! upstreams, key pools, the gateway-key cache and the upstream connector.
+
+use crate::{
+    auth::KeyCache,
+    config::{Config, ConfigErrors, load_routes},
+    pool::KeyPool,
+    router::RouteTable,
+    store,
+    upstream::Upstream,
+};
+use arc_swap::ArcSwap;
+use parking_lot::Mutex;
+use pingora::connectors::{ConnectorOptions, http::Connector};
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+};
+
+/// Outcome of the last route reload, for logs and (later) the admin API.
+#[derive(Debug, Clone, Default)]
+pub struct ReloadStatus {
+    pub successes: u64,
+    pub failures: u64,
+    pub last_error: Option<String>,
+}
+
+pub struct AppState {
+    pub config: Config,
+    /// Swapped whole on reload; a request keeps the table it started with.
+    pub routes: ArcSwap<RouteTable>,
+    pub upstreams: HashMap<String, Arc<Upstream>>,
+    pub pools: HashMap<String, Arc<KeyPool>>,
+    pub keys: KeyCache,
+    /// Upstream connections for routes whose body FastGate reads itself.
+    pub connector: Connector,
+    /// Requests currently being served (graceful shutdown waits on it).
+    pub in_flight: AtomicUsize,
+    pub requests_total: AtomicU64,
+    pub reload: Mutex<ReloadStatus>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error("{0}")]
+    Config(#[from] ConfigErrors),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+}
+
+impl AppState {
+    /// Build everything the data plane needs from a validated config.
+    pub fn build(config: Config) -> Result<Arc<Self>, StartupError> {
+        let routes = load_routes(&config.routes_dir, &config.file)?;
+        let pools: HashMap<String, Arc<KeyPool>> = config
+            .file
+            .key_pools
+            .iter()
+            .map(|(name, p)| (name.clone(), Arc::new(KeyPool::new(name, p.strategy, &p.keys))))
+            .collect();
+        let upstreams = config
+            .file
+            .upstreams
+            .iter()
+            .map(|(name, u)| (name.clone(), Arc::new(Upstream::build(name, u, &pools))))
+            .collect();
+        let keys = KeyCache::load(store::open(&config.database_path)?)?;
+        let mut opts = ConnectorOptions::new(config.file.server.upstream_keepalive_pool);
+        opts.keepalive_pool_size = config.file.server.upstream_keepalive_pool;
+        Ok(Arc::new(AppState {
+            routes: ArcSwap::from_pointee(routes),
+            upstreams,
+            pools,
+            keys,
+            connector: Connector::new(Some(opts)),
+            in_flight: AtomicUsize::new(0),
+            requests_total: AtomicU64::new(0),
+            reload: Mutex::new(ReloadStatus::default()),
+            config,
+        }))
+    }
+
+    /// Re-read `routes.d`; swap the table in only if every file is valid.
+    pub fn reload_routes(&self) -> Result<usize, ConfigErrors> {
+        let result = load_routes(&self.config.routes_dir, &self.config.file);
+        let mut status = self.reload.lock();
+        match result {
+            Ok(table) => {
+                let n = table.len();
+                self.routes.store(Arc::new(table));
+                status.successes += 1;
+                status.last_error = None;
+                tracing::info!(routes = n, "Reloaded routes.d.");
+                Ok(n)
+            }
+            Err(e) => {
+                status.failures += 1;
+                status.last_error = Some(e.to_string());
+                tracing::error!(error = %e, "Rejected routes.d change; the previous route table keeps serving.");
+                Err(e)
+            }
+        }
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+}

@@ -1,0 +1,203 @@
+//! Gateway keys: what clients present. Stored as SHA-256 of the secret; the
+//! secret itself is shown once, at creation.
+
+use super::{StoreError, now_unix};
+use rand::{Rng, distr::Alphanumeric};
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+/// The prefix every gateway key secret starts with.
+pub const KEY_PREFIX: &str = "fg_";
+
+/// A gateway key record (never the secret).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct GatewayKey {
+    pub id: String,
+    pub name: String,
+    pub owner: String,
+    pub masked: String,
+    pub permissions: Vec<String>,
+    pub allowed_routes: Vec<String>,
+    pub allowed_models: Vec<String>,
+    pub expires_at: Option<i64>,
+    pub enabled: bool,
+    pub created_at: i64,
+    pub revoked_at: Option<i64>,
+}
+
+impl GatewayKey {
+    /// Usable now: enabled, not revoked, not expired.
+    pub fn is_active(&self, now: i64) -> bool {
+        self.enabled && self.revoked_at.is_none() && self.expires_at.is_none_or(|t| t > now)
+    }
+}
+
+/// What `create` takes.
+#[derive(Debug, Clone, Default)]
+pub struct NewKey {
+    pub name: String,
+    pub owner: String,
+    pub permissions: Vec<String>,
+    pub allowed_routes: Vec<String>,
+    pub allowed_models: Vec<String>,
+    pub expires_at: Option<i64>,
+}
+
+/// SHA-256 of a presented secret, the lookup key of the key cache.
+pub fn hash_secret(secret: &str) -> [u8; 32] {
+    Sha256::digest(secret.as_bytes()).into()
+}
+
+fn random_base62(len: usize) -> String {
+    rand::rng()
+        .sample_iter(&Alphanumeric)
+        .take(len)
+        .map(char::from)
+        .collect()
+}
+
+/// `fg_ab12…wx9z`.
+pub fn mask_secret(secret: &str) -> String {
+    let n = secret.len();
+    if n < 12 {
+        return "…".into();
+    }
+    format!("{}…{}", &secret[..7], &secret[n - 4..])
+}
+
+/// Create a key; returns the record and the secret (the only time it exists in clear).
+pub fn create(conn: &Connection, new: &NewKey) -> Result<(GatewayKey, String), StoreError> {
+    if new.name.trim().is_empty() {
+        return Err(StoreError::Invalid("a key needs a name".into()));
+    }
+    let secret = format!("{KEY_PREFIX}{}", random_base62(32));
+    let id = format!("key_{}", random_base62(12).to_ascii_lowercase());
+    let key = GatewayKey {
+        id,
+        name: new.name.clone(),
+        owner: new.owner.clone(),
+        masked: mask_secret(&secret),
+        permissions: new.permissions.clone(),
+        allowed_routes: new.allowed_routes.clone(),
+        allowed_models: new.allowed_models.clone(),
+        expires_at: new.expires_at,
+        enabled: true,
+        created_at: now_unix(),
+        revoked_at: None,
+    };
+    let json = |v: &Vec<String>| serde_json::to_string(v).unwrap_or_else(|_| "[]".into());
+    conn.execute(
+        "INSERT INTO gateway_keys (id, name, owner, secret_sha256, masked, permissions,
+            allowed_routes, allowed_models, expires_at, enabled, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 1, ?10)",
+        params![
+            key.id,
+            key.name,
+            key.owner,
+            hash_secret(&secret).as_slice(),
+            key.masked,
+            json(&key.permissions),
+            json(&key.allowed_routes),
+            json(&key.allowed_models),
+            key.expires_at,
+            key.created_at,
+        ],
+    )?;
+    Ok((key, secret))
+}
+
+fn parse_list(s: String) -> Vec<String> {
+    serde_json::from_str(&s).unwrap_or_default()
+}
+
+const COLUMNS: &str = "id, name, owner, masked, permissions, allowed_routes, allowed_models,
+    expires_at, enabled, created_at, revoked_at, secret_sha256";
+
+fn from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(GatewayKey, Vec<u8>)> {
+    Ok((
+        GatewayKey {
+            id: row.get(0)?,
+            name: row.get(1)?,
+            owner: row.get(2)?,
+            masked: row.get(3)?,
+            permissions: parse_list(row.get(4)?),
+            allowed_routes: parse_list(row.get(5)?),
+            allowed_models: parse_list(row.get(6)?),
+            expires_at: row.get(7)?,
+            enabled: row.get::<_, i64>(8)? != 0,
+            created_at: row.get(9)?,
+            revoked_at: row.get(10)?,
+        },
+        row.get(11)?,
+    ))
+}
+
+/// Every key with its secret hash, for the data plane's cache.
+pub fn all_with_hashes(conn: &Connection) -> Result<Vec<(GatewayKey, [u8; 32])>, StoreError> {
+    let mut stmt = conn.prepare(&format!("SELECT {COLUMNS} FROM gateway_keys"))?;
+    let rows = stmt.query_map([], from_row)?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (key, hash) = row?;
+        if let Ok(hash) = <[u8; 32]>::try_from(hash.as_slice()) {
+            out.push((key, hash));
+        }
+    }
+    Ok(out)
+}
+
+/// Every key, oldest first.
+pub fn list(conn: &Connection) -> Result<Vec<GatewayKey>, StoreError> {
+    let mut keys: Vec<GatewayKey> = all_with_hashes(conn)?.into_iter().map(|(k, _)| k).collect();
+    keys.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+    Ok(keys)
+}
+
+/// One key by id.
+pub fn get(conn: &Connection, id: &str) -> Result<GatewayKey, StoreError> {
+    conn.query_row(
+        &format!("SELECT {COLUMNS} FROM gateway_keys WHERE id = ?1"),
+        [id],
+        from_row,
+    )
+    .optional()?
+    .map(|(k, _)| k)
+    .ok_or_else(|| StoreError::NotFound(format!("no gateway key with id {id:?}")))
+}
+
+/// Revoke a key: it stops working at the data plane's next refresh.
+pub fn revoke(conn: &Connection, id: &str) -> Result<GatewayKey, StoreError> {
+    let n = conn.execute(
+        "UPDATE gateway_keys SET enabled = 0, revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
+        params![id, now_unix()],
+    )?;
+    if n == 0 {
+        get(conn, id)?; // NotFound if missing
+        return Err(StoreError::Invalid(format!("key {id:?} is already revoked")));
+    }
+    get(conn, id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn create_list_revoke_roundtrip() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = super::super::open(&dir.path().join("t.db")).unwrap();
+        let (key, secret) = create(&conn, &NewKey { name: "ci".into(), permissions: vec!["chat".into()], ..Default::default() }).unwrap();
+        assert!(secret.starts_with("fg_") && secret.len() == 35);
+        assert!(secret[3..].bytes().all(|b| b.is_ascii_alphanumeric()));
+        assert_eq!(key.masked, format!("{}…{}", &secret[..7], &secret[31..]));
+        let all = all_with_hashes(&conn).unwrap();
+        assert_eq!(all.len(), 1);
+        assert_eq!(all[0].1, hash_secret(&secret));
+        assert!(all[0].0.is_active(now_unix()));
+        let revoked = revoke(&conn, &key.id).unwrap();
+        assert!(!revoked.is_active(now_unix()));
+        assert!(revoke(&conn, &key.id).is_err());
+        assert!(matches!(get(&conn, "nope"), Err(StoreError::NotFound(_))));
+    }
+}

@@ -1,0 +1,299 @@
+//! Upstreams: where requests go. Each upstream has one or more endpoints
+//! balanced by pingora-load-balancing, a provider (which decides how keys are
+//! injected), an optional key pool, and timeouts.
+//!
+//! Endpoint hostnames are resolved at start (blocking, once) and then
+//! re-resolved in the background, like nginx's `resolve`; an endpoint that does
+//! not resolve yet (offline machine) is simply absent until it does.
+
+use crate::{
+    config::{Balance, MockConfig, Provider, TimeoutsConfig, UpstreamConfig},
+    pool::KeyPool,
+};
+use async_trait::async_trait;
+use pingora::{
+    lb::{
+        Backend, Extensions, LoadBalancer,
+        discovery::ServiceDiscovery,
+        selection::{Consistent, Random, RoundRobin},
+    },
+    protocols::{ALPN, l4::socket::SocketAddr as PeerAddr},
+    upstreams::peer::HttpPeer,
+};
+use std::{
+    collections::{BTreeSet, HashMap},
+    net::{SocketAddr, ToSocketAddrs},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+/// A parsed `endpoints:` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointUrl {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    /// Prefixed to every forwarded path (`https://host/openai` -> `/openai`).
+    pub base_path: String,
+    /// The `Host` header upstream expects (`host` or `host:port`).
+    pub authority: String,
+}
+
+impl EndpointUrl {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let url = url::Url::parse(s).map_err(|e| format!("{s:?} is not a URL: {e}"))?;
+        let tls = match url.scheme() {
+            "https" => true,
+            "http" => false,
+            other => return Err(format!("{s:?}: scheme {other:?} is not http or https")),
+        };
+        let host = url
+            .host_str()
+            .ok_or_else(|| format!("{s:?} has no host"))?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        if url.query().is_some() || url.fragment().is_some() {
+            return Err(format!("{s:?}: an endpoint takes no query or fragment"));
+        }
+        let port = url.port_or_known_default().unwrap_or(if tls { 443 } else { 80 });
+        let authority = match url.port() {
+            Some(p) => format!("{}:{p}", url.host_str().unwrap_or_default()),
+            None => url.host_str().unwrap_or_default().to_string(),
+        };
+        Ok(EndpointUrl {
+            tls,
+            host,
+            port,
+            base_path: url.path().trim_end_matches('/').to_string(),
+            authority,
+        })
+    }
+}
+
+/// Which endpoint a resolved backend address belongs to.
+#[derive(Debug, Clone, Copy)]
+struct EndpointIndex(usize);
+
+/// Resolves the endpoints' hostnames. The first call answers from the
+/// blocking start-up resolution so the balancer is ready before serving.
+struct DnsDiscovery {
+    endpoints: Vec<EndpointUrl>,
+    initial: parking_lot::Mutex<Option<BTreeSet<Backend>>>,
+}
+
+fn backend(addr: SocketAddr, index: usize) -> Backend {
+    let mut ext = Extensions::new();
+    ext.insert(EndpointIndex(index));
+    Backend {
+        addr: PeerAddr::Inet(addr),
+        weight: 1,
+        ext,
+    }
+}
+
+impl DnsDiscovery {
+    fn resolve_blocking(endpoints: &[EndpointUrl], upstream: &str) -> BTreeSet<Backend> {
+        let mut set = BTreeSet::new();
+        for (i, ep) in endpoints.iter().enumerate() {
+            match (ep.host.as_str(), ep.port).to_socket_addrs() {
+                Ok(addrs) => set.extend(addrs.map(|a| backend(a, i))),
+                Err(e) => tracing::warn!(upstream, host = %ep.host, error = %e, "Endpoint does not resolve yet; will retry in the background."),
+            }
+        }
+        set
+    }
+}
+
+#[async_trait]
+impl ServiceDiscovery for DnsDiscovery {
+    async fn discover(&self) -> pingora::Result<(BTreeSet<Backend>, HashMap<u64, bool>)> {
+        if let Some(initial) = self.initial.lock().take() {
+            return Ok((initial, HashMap::new()));
+        }
+        let mut set = BTreeSet::new();
+        for (i, ep) in self.endpoints.iter().enumerate() {
+            if let Ok(addrs) = tokio::net::lookup_host((ep.host.as_str(), ep.port)).await {
+                set.extend(addrs.map(|a| backend(a, i)));
+            }
+        }
+        if set.is_empty() {
+            // Keep the previous addresses rather than dropping to none.
+            return pingora::Error::e_explain(pingora::ErrorType::ConnectNoRoute, "no endpoint resolved");
+        }
+        Ok((set, HashMap::new()))
+    }
+}
+
+enum Selector {
+    RoundRobin(LoadBalancer<RoundRobin>),
+    Random(LoadBalancer<Random>),
+    Consistent(LoadBalancer<Consistent>),
+}
+
+macro_rules! each_lb {
+    ($sel:expr, $lb:ident => $body:expr) => {
+        match $sel {
+            Selector::RoundRobin($lb) => $body,
+            Selector::Random($lb) => $body,
+            Selector::Consistent($lb) => $body,
+        }
+    };
+}
+
+/// One chosen endpoint address.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub addr: SocketAddr,
+    pub endpoint: usize,
+}
+
+/// A configured upstream, ready to route to.
+pub struct Upstream {
+    pub name: String,
+    pub provider: Provider,
+    pub endpoints: Vec<EndpointUrl>,
+    pub timeouts: TimeoutsConfig,
+    pub key_pool: Option<Arc<KeyPool>>,
+    pub mock: Option<MockConfig>,
+    selector: Option<Selector>,
+    resolved: AtomicBool,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("name", &self.name)
+            .field("provider", &self.provider)
+            .field("endpoints", &self.endpoints)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Upstream {
+    /// Build from config; resolves hostnames once (blocking).
+    pub fn build(name: &str, cfg: &UpstreamConfig, pools: &HashMap<String, Arc<KeyPool>>) -> Self {
+        let endpoints: Vec<EndpointUrl> = cfg
+            .endpoints
+            .iter()
+            .filter_map(|e| EndpointUrl::parse(e).ok())
+            .collect();
+        let selector = (cfg.provider != Provider::Mock).then(|| {
+            let initial = DnsDiscovery::resolve_blocking(&endpoints, name);
+            let discovery = DnsDiscovery {
+                endpoints: endpoints.clone(),
+                initial: parking_lot::Mutex::new(Some(initial)),
+            };
+            let backends = pingora::lb::Backends::new(Box::new(discovery));
+            let selector = match cfg.balance {
+                Balance::RoundRobin => Selector::RoundRobin(LoadBalancer::from_backends(backends)),
+                Balance::Random => Selector::Random(LoadBalancer::from_backends(backends)),
+                Balance::ConsistentHash => Selector::Consistent(LoadBalancer::from_backends(backends)),
+            };
+            // The first discovery answers from memory, so this completes at once.
+            use futures_lite::FutureExt as _;
+            let _ = each_lb!(&selector, lb => futures_lite::future::block_on(lb.update().boxed()));
+            selector
+        });
+        let up = Upstream {
+            name: name.to_string(),
+            provider: cfg.provider,
+            endpoints,
+            timeouts: cfg.timeouts.clone(),
+            key_pool: cfg.key_pool.as_ref().and_then(|p| pools.get(p).cloned()),
+            mock: (cfg.provider == Provider::Mock).then(|| cfg.mock.clone().unwrap_or_default()),
+            selector,
+            resolved: AtomicBool::new(false),
+        };
+        up.resolved.store(up.backend_count() > 0, Ordering::Relaxed);
+        up
+    }
+
+    pub fn is_mock(&self) -> bool {
+        self.provider == Provider::Mock
+    }
+
+    /// Resolved endpoint addresses currently known.
+    pub fn backend_count(&self) -> usize {
+        self.selector
+            .as_ref()
+            .map_or(0, |s| each_lb!(s, lb => lb.backends().get_backend().len()))
+    }
+
+    /// Re-resolve endpoint hostnames (background task).
+    pub async fn refresh(&self) {
+        if let Some(s) = &self.selector {
+            let ok = each_lb!(s, lb => lb.update().await).is_ok();
+            self.resolved.store(ok || self.backend_count() > 0, Ordering::Relaxed);
+        }
+    }
+
+    /// Pick an endpoint address, avoiding `avoid` when another one exists.
+    /// `hash_key` feeds consistent hashing (ignored by the other strategies).
+    pub fn select(&self, hash_key: &[u8], avoid: &[SocketAddr]) -> Option<Target> {
+        let selector = self.selector.as_ref()?;
+        let fresh = |b: &Backend, healthy: bool| {
+            healthy && b.addr.as_inet().is_some_and(|a| !avoid.contains(a))
+        };
+        let backend = each_lb!(selector, lb => lb.select_with(hash_key, 256, fresh).or_else(|| lb.select(hash_key, 256)))?;
+        let addr = *backend.addr.as_inet()?;
+        let endpoint = backend.ext.get::<EndpointIndex>().map_or(0, |i| i.0);
+        Some(Target { addr, endpoint })
+    }
+
+    /// The Pingora peer for `target`: TLS with SNI and certificate
+    /// verification for https endpoints, the upstream's timeouts.
+    pub fn peer(&self, target: &Target, first_byte: Duration) -> HttpPeer {
+        let ep = &self.endpoints[target.endpoint.min(self.endpoints.len().saturating_sub(1))];
+        let mut peer = HttpPeer::new(target.addr, ep.tls, ep.host.clone());
+        let o = &mut peer.options;
+        o.connection_timeout = Some(self.timeouts.connect.0);
+        o.total_connection_timeout = Some(self.timeouts.connect.0 * 2);
+        // One read timeout serves both the wait for headers and body silences.
+        o.read_timeout = Some(first_byte.max(self.timeouts.idle.0));
+        o.idle_timeout = Some(Duration::from_secs(60));
+        o.verify_cert = true;
+        o.verify_hostname = true;
+        o.alpn = if ep.tls { ALPN::H2H1 } else { ALPN::H1 };
+        peer
+    }
+
+    pub fn endpoint(&self, target: &Target) -> &EndpointUrl {
+        &self.endpoints[target.endpoint.min(self.endpoints.len().saturating_sub(1))]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_urls() {
+        let e = EndpointUrl::parse("https://api.openai.com").unwrap();
+        assert_eq!((e.tls, e.port, e.base_path.as_str(), e.authority.as_str()), (true, 443, "", "api.openai.com"));
+        let e = EndpointUrl::parse("http://127.0.0.1:8000/openai/").unwrap();
+        assert_eq!((e.tls, e.port, e.base_path.as_str(), e.authority.as_str()), (false, 8000, "/openai", "127.0.0.1:8000"));
+        assert!(EndpointUrl::parse("ftp://x").is_err());
+        assert!(EndpointUrl::parse("http://x/?a=1").is_err());
+        assert!(EndpointUrl::parse("nope").is_err());
+    }
+
+    #[test]
+    fn round_robin_over_endpoints() {
+        let cfg: UpstreamConfig = serde_norway::from_str(
+            "{provider: openai, endpoints: ['http://127.0.0.1:1001', 'http://127.0.0.1:1002']}",
+        )
+        .unwrap();
+        let up = Upstream::build("u", &cfg, &HashMap::new());
+        assert_eq!(up.backend_count(), 2);
+        let a = up.select(b"", &[]).unwrap();
+        let b = up.select(b"", &[]).unwrap();
+        assert_ne!(a.addr, b.addr);
+        let c = up.select(b"", &[a.addr]).unwrap();
+        assert_ne!(c.addr, a.addr);
+        assert_eq!(up.endpoint(&c).port, c.addr.port());
+    }
+}
