@@ -59,7 +59,10 @@ pub enum CredentialSource {
 }
 
 /// The credential a client presented, whichever way its SDK sends it.
-pub fn extract_credential<'a>(headers: &'a HeaderMap, query: Option<&'a str>) -> Option<(CredentialSource, std::borrow::Cow<'a, str>)> {
+pub fn extract_credential<'a>(
+    headers: &'a HeaderMap,
+    query: Option<&'a str>,
+) -> Option<(CredentialSource, std::borrow::Cow<'a, str>)> {
     if let Some(v) = headers.get(http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
         let v = v.trim();
         if v.len() > 7 && v[..7].eq_ignore_ascii_case("bearer ") {
@@ -192,7 +195,14 @@ mod tests {
         let cache = KeyCache::load(store::open(&path).unwrap()).unwrap();
         assert!(cache.is_empty());
         let writer = store::open(&path).unwrap();
-        let (key, secret) = store::keys::create(&writer, &store::keys::NewKey { name: "a".into(), ..Default::default() }).unwrap();
+        let (key, secret) = store::keys::create(
+            &writer,
+            &store::keys::NewKey {
+                name: "a".into(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
         assert!(cache.refresh().unwrap());
         assert!(!cache.refresh().unwrap());
         let now = store::now_unix();
@@ -206,9 +216,17 @@ mod tests {
     #[test]
     fn permissions_and_allow_lists() {
         let key = GatewayKey {
-            id: "k".into(), name: "n".into(), owner: String::new(), masked: String::new(),
-            permissions: vec!["chat".into()], allowed_routes: vec![], allowed_models: vec!["gpt-4*".into()],
-            expires_at: None, enabled: true, created_at: 0, revoked_at: None,
+            id: "k".into(),
+            name: "n".into(),
+            owner: String::new(),
+            masked: String::new(),
+            permissions: vec!["chat".into()],
+            allowed_routes: vec![],
+            allowed_models: vec!["gpt-4*".into()],
+            expires_at: None,
+            enabled: true,
+            created_at: 0,
+            revoked_at: None,
         };
         assert!(authorize_route(&key, "r", &[]).is_ok());
         assert!(authorize_route(&key, "r", &["chat".into(), "embed".into()]).is_ok());

@@ -14,7 +14,12 @@ pub struct Cli {
 #[derive(Debug, Args, Clone)]
 pub struct ConfigArg {
     /// The main configuration file.
-    #[arg(short = 'c', long = "config", env = "FASTGATE_CONFIG", default_value = "conf/fastgate.yaml")]
+    #[arg(
+        short = 'c',
+        long = "config",
+        env = "FASTGATE_CONFIG",
+        default_value = "conf/fastgate.yaml"
+    )]
     pub path: PathBuf,
 }
 

@@ -90,9 +90,24 @@ fn check(path: &std::path::Path) -> Result<ExitCode> {
 fn keys(conn: &rusqlite::Connection, action: KeysAction) -> Result<()> {
     use store::keys;
     match action {
-        KeysAction::Create { name, owner, permissions, routes, models, expires_in, json } => {
+        KeysAction::Create {
+            name,
+            owner,
+            permissions,
+            routes,
+            models,
+            expires_in,
+            json,
+        } => {
             let expires_at = expires_in.map(|d| store::now_unix() + d.as_secs() as i64);
-            let new = keys::NewKey { name, owner, permissions, allowed_routes: routes, allowed_models: models, expires_at };
+            let new = keys::NewKey {
+                name,
+                owner,
+                permissions,
+                allowed_routes: routes,
+                allowed_models: models,
+                expires_at,
+            };
             let (key, secret) = keys::create(conn, &new)?;
             if json {
                 let mut v = serde_json::to_value(&key)?;
@@ -110,7 +125,7 @@ fn keys(conn: &rusqlite::Connection, action: KeysAction) -> Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
-                println!("{:<18} {:<20} {:<16} {:<9} {}", "ID", "NAME", "KEY", "STATE", "PERMISSIONS");
+                println!("{:<18} {:<20} {:<16} {:<9} PERMISSIONS", "ID", "NAME", "KEY", "STATE");
                 let now = store::now_unix();
                 for k in list {
                     let state = if k.revoked_at.is_some() {
@@ -120,7 +135,14 @@ fn keys(conn: &rusqlite::Connection, action: KeysAction) -> Result<()> {
                     } else {
                         "active"
                     };
-                    println!("{:<18} {:<20} {:<16} {:<9} {}", k.id, k.name, k.masked, state, k.permissions.join(","));
+                    println!(
+                        "{:<18} {:<20} {:<16} {:<9} {}",
+                        k.id,
+                        k.name,
+                        k.masked,
+                        state,
+                        k.permissions.join(",")
+                    );
                 }
             }
         }

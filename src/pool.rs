@@ -141,7 +141,11 @@ mod tests {
     use super::*;
 
     fn pool(strategy: KeyStrategy) -> KeyPool {
-        KeyPool::new("p", strategy, &["a".into(), "".into(), "b".into(), "c".into(), "a".into()])
+        KeyPool::new(
+            "p",
+            strategy,
+            &["a".into(), "".into(), "b".into(), "c".into(), "a".into()],
+        )
     }
 
     #[test]
@@ -175,6 +179,10 @@ mod tests {
         let p = KeyPool::new("one", KeyStrategy::RoundRobin, &["only".into()]);
         let id = p.keys()[0].id.clone();
         assert_eq!(p.lease(std::slice::from_ref(&id)).unwrap().key().id, id);
-        assert!(KeyPool::new("none", KeyStrategy::RoundRobin, &["".into()]).lease(&[]).is_none());
+        assert!(
+            KeyPool::new("none", KeyStrategy::RoundRobin, &["".into()])
+                .lease(&[])
+                .is_none()
+        );
     }
 }

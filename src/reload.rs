@@ -35,9 +35,9 @@ impl BackgroundService for Upkeep {
         let dir = self.state.config.routes_dir.clone();
         let watcher = new_debouncer(DEBOUNCE, move |res: DebounceEventResult| {
             let relevant = res.is_ok_and(|events| {
-                events.iter().any(|e| {
-                    matches!(e.path.extension().and_then(|x| x.to_str()), Some("yaml" | "yml"))
-                })
+                events
+                    .iter()
+                    .any(|e| matches!(e.path.extension().and_then(|x| x.to_str()), Some("yaml" | "yml")))
             });
             if relevant {
                 let _ = tx.try_send(());
@@ -63,7 +63,15 @@ impl BackgroundService for Upkeep {
                 None
             }
         };
-        let mut key_tick = tokio::time::interval(self.state.config.file.database.key_refresh.0.max(Duration::from_millis(50)));
+        let mut key_tick = tokio::time::interval(
+            self.state
+                .config
+                .file
+                .database
+                .key_refresh
+                .0
+                .max(Duration::from_millis(50)),
+        );
         let mut dns_tick = tokio::time::interval(DNS_REFRESH);
         dns_tick.tick().await; // resolved at start already
         loop {

@@ -78,9 +78,7 @@ impl HostMatch {
     fn matches(&self, host: &str) -> bool {
         match self {
             Self::Exact(h) => h.eq_ignore_ascii_case(host),
-            Self::Suffix(s) => {
-                host.len() > s.len() && host[host.len() - s.len()..].eq_ignore_ascii_case(s)
-            }
+            Self::Suffix(s) => host.len() > s.len() && host[host.len() - s.len()..].eq_ignore_ascii_case(s),
         }
     }
 }
@@ -118,12 +116,7 @@ fn valid_name(name: &str) -> bool {
 
 impl Route {
     /// Validate and compile one route; every problem is returned, not just the first.
-    pub fn compile(
-        rc: &RouteConfig,
-        order: usize,
-        file: &Path,
-        config: &FileConfig,
-    ) -> Result<Route, Vec<String>> {
+    pub fn compile(rc: &RouteConfig, order: usize, file: &Path, config: &FileConfig) -> Result<Route, Vec<String>> {
         let mut errs = Vec::new();
         if !valid_name(&rc.name) {
             errs.push("name must be 1-128 characters of A-Z a-z 0-9 - _ .".to_string());
@@ -183,8 +176,9 @@ impl Route {
             }
             if !speaks(up.provider, rc.format) {
                 errs.push(format!(
-                    "clients speak {:?} here but upstream {name:?} is a {:?} provider; format conversion is not available yet",
-                    rc.format, up.provider
+                    "clients speak {} here but upstream {name:?} is an {} provider; format conversion is not available yet",
+                    rc.format.name(),
+                    up.provider.name()
                 ));
             }
         }
@@ -193,7 +187,9 @@ impl Route {
         if let Some(p) = &t.strip_prefix
             && (!p.starts_with('/') || p.len() < 2 || p.ends_with('/'))
         {
-            errs.push(format!("transform.strip_prefix {p:?} must start with '/' and not end with '/'"));
+            errs.push(format!(
+                "transform.strip_prefix {p:?} must start with '/' and not end with '/'"
+            ));
         }
         if let Some(p) = &t.rewrite_path {
             if !p.starts_with('/') {
@@ -201,7 +197,9 @@ impl Route {
             }
             for param in template_params(p) {
                 if !m.path.contains(&format!("{{{param}}}")) && !m.path.contains(&format!("{{*{param}}}")) {
-                    errs.push(format!("transform.rewrite_path uses {{{param}}} but match.path has no such parameter"));
+                    errs.push(format!(
+                        "transform.rewrite_path uses {{{param}}} but match.path has no such parameter"
+                    ));
                 }
             }
         }
@@ -279,11 +277,10 @@ impl Route {
                 .host
                 .as_ref()
                 .is_none_or(|h| host.is_some_and(|host| h.matches(host)))
-            && self.headers.iter().all(|(name, want)| {
-                headers
-                    .get(name)
-                    .is_some_and(|v| v.as_bytes() == want.as_bytes())
-            })
+            && self
+                .headers
+                .iter()
+                .all(|(name, want)| headers.get(name).is_some_and(|v| v.as_bytes() == want.as_bytes()))
     }
 
     /// Whether `model` satisfies the route's `match.model` globs.
@@ -299,12 +296,7 @@ impl Route {
     pub fn path_params(&self, path: &str) -> Vec<(String, String)> {
         self.path_router
             .at(path)
-            .map(|m| {
-                m.params
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect()
-            })
+            .map(|m| m.params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())
             .unwrap_or_default()
     }
 }
@@ -314,7 +306,9 @@ pub fn template_params(template: &str) -> Vec<String> {
     let mut out = Vec::new();
     let mut rest = template;
     while let Some(start) = rest.find('{') {
-        let Some(len) = rest[start..].find('}') else { break };
+        let Some(len) = rest[start..].find('}') else {
+            break;
+        };
         out.push(rest[start + 1..start + len].trim_start_matches('*').to_string());
         rest = &rest[start + len + 1..];
     }
@@ -341,8 +335,8 @@ pub struct RouteTable {
 }
 
 impl RouteTable {
-    /// Index `routes`. Fails only on an internal inconsistency (reported with the route).
-    pub fn new(routes: Vec<Route>) -> Result<Self, (Route, String)> {
+    /// Index `routes` (already validated by [`Route::compile`]).
+    pub fn new(routes: Vec<Route>) -> Self {
         let mut table = RouteTable::default();
         for route in routes {
             let idx = table.routes.len();
@@ -354,7 +348,7 @@ impl RouteTable {
             }
             table.routes.push(Arc::new(route));
         }
-        Ok(table)
+        table
     }
 
     pub fn len(&self) -> usize {
@@ -375,13 +369,7 @@ impl RouteTable {
 
     /// Enabled routes whose path, method, host and headers match, best first
     /// (lowest priority, then load order). The model is checked by [`pick`].
-    pub fn candidates(
-        &self,
-        method: &Method,
-        host: Option<&str>,
-        path: &str,
-        headers: &HeaderMap,
-    ) -> Vec<&Arc<Route>> {
+    pub fn candidates(&self, method: &Method, host: Option<&str>, path: &str, headers: &HeaderMap) -> Vec<&Arc<Route>> {
         let mut out: Vec<&Arc<Route>> = Vec::new();
         let mut consider = |idx: usize| {
             let r = &self.routes[idx];
@@ -475,7 +463,10 @@ mod tests {
         )
         .unwrap_err();
         let text = err.to_string();
-        assert!(text.contains("bad.yaml:5: route \"broken\": match.path \"nope\" must start with '/'"), "{text}");
+        assert!(
+            text.contains("bad.yaml:5: route \"broken\": match.path \"nope\" must start with '/'"),
+            "{text}"
+        );
         assert!(text.contains("not an HTTP method"), "{text}");
         assert!(text.contains("no upstream named \"missing\""), "{text}");
         assert!(text.contains("duplicate route name"), "{text}");
@@ -484,7 +475,10 @@ mod tests {
     #[test]
     fn format_conversion_is_refused_until_it_exists() {
         let err = compile_sources(
-            &[(PathBuf::from("c.yaml"), "routes:\n- {name: c, match: {path: /v1/messages}, upstream: a, format: anthropic}\n".into())],
+            &[(
+                PathBuf::from("c.yaml"),
+                "routes:\n- {name: c, match: {path: /v1/messages}, upstream: a, format: anthropic}\n".into(),
+            )],
             &config(),
         )
         .unwrap_err();

@@ -33,7 +33,12 @@ impl ShutdownSignalWatch for DrainThenStop {
         // The request that counts itself in flight while we wait is the one
         // waiting here: none. Poll; shutdown is rare and the interval is short.
         let deadline = tokio::time::Instant::now() + self.grace;
-        tracing::info!(signal = which, in_flight = self.state.in_flight(), grace_s = self.grace.as_secs(), "Shutting down: draining in-flight requests.");
+        tracing::info!(
+            signal = which,
+            in_flight = self.state.in_flight(),
+            grace_s = self.grace.as_secs(),
+            "Shutting down: draining in-flight requests."
+        );
         while self.state.in_flight() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

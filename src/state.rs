@@ -45,7 +45,7 @@ pub struct AppState {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
-    #[error("{0}")]
+    #[error(transparent)]
     Config(#[from] ConfigErrors),
     #[error(transparent)]
     Store(#[from] store::StoreError),

@@ -101,7 +101,9 @@ impl DnsDiscovery {
         for (i, ep) in endpoints.iter().enumerate() {
             match (ep.host.as_str(), ep.port).to_socket_addrs() {
                 Ok(addrs) => set.extend(addrs.map(|a| backend(a, i))),
-                Err(e) => tracing::warn!(upstream, host = %ep.host, error = %e, "Endpoint does not resolve yet; will retry in the background."),
+                Err(e) => {
+                    tracing::warn!(upstream, host = %ep.host, error = %e, "Endpoint does not resolve yet; will retry in the background.")
+                }
             }
         }
         set
@@ -235,25 +237,24 @@ impl Upstream {
     /// `hash_key` feeds consistent hashing (ignored by the other strategies).
     pub fn select(&self, hash_key: &[u8], avoid: &[SocketAddr]) -> Option<Target> {
         let selector = self.selector.as_ref()?;
-        let fresh = |b: &Backend, healthy: bool| {
-            healthy && b.addr.as_inet().is_some_and(|a| !avoid.contains(a))
-        };
-        let backend = each_lb!(selector, lb => lb.select_with(hash_key, 256, fresh).or_else(|| lb.select(hash_key, 256)))?;
+        let fresh = |b: &Backend, healthy: bool| healthy && b.addr.as_inet().is_some_and(|a| !avoid.contains(a));
+        let backend =
+            each_lb!(selector, lb => lb.select_with(hash_key, 256, fresh).or_else(|| lb.select(hash_key, 256)))?;
         let addr = *backend.addr.as_inet()?;
         let endpoint = backend.ext.get::<EndpointIndex>().map_or(0, |i| i.0);
         Some(Target { addr, endpoint })
     }
 
     /// The Pingora peer for `target`: TLS with SNI and certificate
-    /// verification for https endpoints, the upstream's timeouts.
-    pub fn peer(&self, target: &Target, first_byte: Duration) -> HttpPeer {
+    /// verification for https endpoints, connect timeout, and `read_timeout`
+    /// for every read until the caller changes it.
+    pub fn peer(&self, target: &Target, read_timeout: Duration) -> HttpPeer {
         let ep = &self.endpoints[target.endpoint.min(self.endpoints.len().saturating_sub(1))];
         let mut peer = HttpPeer::new(target.addr, ep.tls, ep.host.clone());
         let o = &mut peer.options;
         o.connection_timeout = Some(self.timeouts.connect.0);
         o.total_connection_timeout = Some(self.timeouts.connect.0 * 2);
-        // One read timeout serves both the wait for headers and body silences.
-        o.read_timeout = Some(first_byte.max(self.timeouts.idle.0));
+        o.read_timeout = Some(read_timeout);
         o.idle_timeout = Some(Duration::from_secs(60));
         o.verify_cert = true;
         o.verify_hostname = true;
@@ -273,9 +274,15 @@ mod tests {
     #[test]
     fn endpoint_urls() {
         let e = EndpointUrl::parse("https://api.openai.com").unwrap();
-        assert_eq!((e.tls, e.port, e.base_path.as_str(), e.authority.as_str()), (true, 443, "", "api.openai.com"));
+        assert_eq!(
+            (e.tls, e.port, e.base_path.as_str(), e.authority.as_str()),
+            (true, 443, "", "api.openai.com")
+        );
         let e = EndpointUrl::parse("http://127.0.0.1:8000/openai/").unwrap();
-        assert_eq!((e.tls, e.port, e.base_path.as_str(), e.authority.as_str()), (false, 8000, "/openai", "127.0.0.1:8000"));
+        assert_eq!(
+            (e.tls, e.port, e.base_path.as_str(), e.authority.as_str()),
+            (false, 8000, "/openai", "127.0.0.1:8000")
+        );
         assert!(EndpointUrl::parse("ftp://x").is_err());
         assert!(EndpointUrl::parse("http://x/?a=1").is_err());
         assert!(EndpointUrl::parse("nope").is_err());
@@ -283,10 +290,9 @@ mod tests {
 
     #[test]
     fn round_robin_over_endpoints() {
-        let cfg: UpstreamConfig = serde_norway::from_str(
-            "{provider: openai, endpoints: ['http://127.0.0.1:1001', 'http://127.0.0.1:1002']}",
-        )
-        .unwrap();
+        let cfg: UpstreamConfig =
+            serde_norway::from_str("{provider: openai, endpoints: ['http://127.0.0.1:1001', 'http://127.0.0.1:1002']}")
+                .unwrap();
         let up = Upstream::build("u", &cfg, &HashMap::new());
         assert_eq!(up.backend_count(), 2);
         let a = up.select(b"", &[]).unwrap();

@@ -19,10 +19,7 @@ pub struct MissingVar {
 
 /// Interpolate `text` with `lookup`. Returns the new text or every variable
 /// that is unset and has no default.
-pub fn interpolate(
-    text: &str,
-    lookup: impl Fn(&str) -> Option<String>,
-) -> Result<String, Vec<MissingVar>> {
+pub fn interpolate(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<String, Vec<MissingVar>> {
     let mut missing = Vec::new();
     let mut out = String::with_capacity(text.len());
     for (i, line) in text.split_inclusive('\n').enumerate() {
@@ -47,11 +44,7 @@ pub fn interpolate(
         out.push_str(&replaced);
         out.push_str(comment);
     }
-    if missing.is_empty() {
-        Ok(out)
-    } else {
-        Err(missing)
-    }
+    if missing.is_empty() { Ok(out) } else { Err(missing) }
 }
 
 /// Where a YAML comment starts on `line` (its length if none): a `#` at the
@@ -94,7 +87,10 @@ mod tests {
     #[test]
     fn comments_are_left_alone() {
         let out = interpolate("# uses ${NOPE}\na: ${SET} # or ${NOPE}\nb: \"x # ${SET}\"\n", env);
-        assert_eq!(out.unwrap(), "# uses ${NOPE}\na: value # or ${NOPE}\nb: \"x # value\"\n");
+        assert_eq!(
+            out.unwrap(),
+            "# uses ${NOPE}\na: value # or ${NOPE}\nb: \"x # value\"\n"
+        );
     }
 
     #[test]
@@ -103,8 +99,14 @@ mod tests {
         assert_eq!(
             err,
             vec![
-                MissingVar { name: "NOPE".into(), line: 2 },
-                MissingVar { name: "ALSO_NOPE".into(), line: 3 }
+                MissingVar {
+                    name: "NOPE".into(),
+                    line: 2
+                },
+                MissingVar {
+                    name: "ALSO_NOPE".into(),
+                    line: 3
+                }
             ]
         );
     }

@@ -160,6 +160,19 @@ pub enum Provider {
     Mock,
 }
 
+impl Provider {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Openai => "openai",
+            Self::Anthropic => "anthropic",
+            Self::Gemini => "gemini",
+            Self::OpenaiCompatible => "openai_compatible",
+            Self::Http => "http",
+            Self::Mock => "mock",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Balance {
@@ -303,14 +316,23 @@ pub fn parse_config(path: &Path, raw: &str) -> Result<Config, ConfigErrors> {
         let line = at(&format!("{name}:"));
         if up.provider == Provider::Mock {
             if !up.endpoints.is_empty() {
-                errors.push(diag(line, format!("upstreams.{name}: a mock upstream has no endpoints")));
+                errors.push(diag(
+                    line,
+                    format!("upstreams.{name}: a mock upstream has no endpoints"),
+                ));
             }
         } else {
             if up.endpoints.is_empty() {
-                errors.push(diag(line, format!("upstreams.{name}.endpoints: at least one endpoint is required")));
+                errors.push(diag(
+                    line,
+                    format!("upstreams.{name}.endpoints: at least one endpoint is required"),
+                ));
             }
             if up.mock.is_some() {
-                errors.push(diag(line, format!("upstreams.{name}.mock: only a `provider: mock` upstream takes mock settings")));
+                errors.push(diag(
+                    line,
+                    format!("upstreams.{name}.mock: only a `provider: mock` upstream takes mock settings"),
+                ));
             }
         }
         for ep in &up.endpoints {
@@ -327,11 +349,17 @@ pub fn parse_config(path: &Path, raw: &str) -> Result<Config, ConfigErrors> {
             ));
         }
         if up.timeouts.connect.0.is_zero() || up.timeouts.first_byte.0.is_zero() || up.timeouts.idle.0.is_zero() {
-            errors.push(diag(line, format!("upstreams.{name}.timeouts: timeouts must be greater than zero")));
+            errors.push(diag(
+                line,
+                format!("upstreams.{name}.timeouts: timeouts must be greater than zero"),
+            ));
         }
     }
     if file.server.max_request_body.0 == 0 {
-        errors.push(diag(at("max_request_body"), "server.max_request_body must be greater than zero".into()));
+        errors.push(diag(
+            at("max_request_body"),
+            "server.max_request_body must be greater than zero".into(),
+        ));
     }
     if !errors.is_empty() {
         return Err(ConfigErrors(errors));
@@ -386,9 +414,7 @@ pub(crate) fn parse_yaml<T: serde::de::DeserializeOwned>(path: &Path, text: &str
 /// The first line containing `needle`, for pointing at semantic errors that
 /// serde cannot locate. Falls back to line 1.
 pub(crate) fn line_of(text: &str, needle: &str) -> usize {
-    text.lines()
-        .position(|l| l.contains(needle))
-        .map_or(1, |i| i + 1)
+    text.lines().position(|l| l.contains(needle)).map_or(1, |i| i + 1)
 }
 
 #[cfg(test)]

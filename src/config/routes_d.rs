@@ -29,6 +29,17 @@ pub enum Format {
     Passthrough,
 }
 
+impl Format {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Openai => "openai",
+            Self::Anthropic => "anthropic",
+            Self::Gemini => "gemini",
+            Self::Passthrough => "passthrough",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum AuthMode {
@@ -109,10 +120,7 @@ pub struct TransformConfig {
 pub fn route_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.is_file()
-                && matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"))
-        })
+        .filter(|p| p.is_file() && matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
         .collect();
     files.sort();
     Ok(files)
@@ -190,13 +198,7 @@ pub fn compile_sources(sources: &[(PathBuf, String)], config: &FileConfig) -> Re
         }
     }
     if errors.is_empty() {
-        RouteTable::new(routes).map_err(|(route, message)| {
-            ConfigErrors(vec![Diagnostic {
-                file: route.file.clone(),
-                line: 1,
-                message: format!("route {:?}: {message}", route.name),
-            }])
-        })
+        Ok(RouteTable::new(routes))
     } else {
         Err(ConfigErrors(errors))
     }

@@ -23,7 +23,7 @@ use std::{sync::Arc, time::Duration};
 /// How one attempt ended before anything reached the client.
 enum Attempt {
     /// Response headers arrived; the session is ready to stream the body.
-    Answered(HttpSession),
+    Answered(Box<HttpSession>),
     Failed(GatewayError),
 }
 
@@ -36,7 +36,10 @@ fn is_retryable_status(status: u16) -> bool {
 /// attempt produced a response.
 pub async fn exchange(state: &Arc<AppState>, session: &mut Session, ctx: &mut RequestCtx) -> Result<(), GatewayError> {
     let Some(route) = ctx.route.clone() else {
-        return Err(GatewayError::NoRoute { method: String::new(), path: String::new() });
+        return Err(GatewayError::NoRoute {
+            method: String::new(),
+            path: String::new(),
+        });
     };
     let body = ctx.body.clone().unwrap_or_default();
     let hash_key = ctx.key.as_ref().map(|k| k.id.clone()).unwrap_or_default();
@@ -50,7 +53,9 @@ pub async fn exchange(state: &Arc<AppState>, session: &mut Session, ctx: &mut Re
         ctx.upstream.upstream = Some(upstream.clone());
         if let Some(mock_cfg) = &upstream.mock {
             ctx.upstream.attempts += 1;
-            mock::respond(session, ctx, mock_cfg).await.map_err(|e| GatewayError::BadRequestBody(e.to_string()))?;
+            mock::respond(session, ctx, mock_cfg)
+                .await
+                .map_err(|e| GatewayError::BadRequestBody(e.to_string()))?;
             return Ok(());
         }
         let first_byte = route.timeout.unwrap_or(upstream.timeouts.first_byte.0);
@@ -72,7 +77,14 @@ pub async fn exchange(state: &Arc<AppState>, session: &mut Session, ctx: &mut Re
                 None => None,
             };
             let mut req = session.req_header().clone();
-            rewrite::upstream_request(&mut req, ctx, &route, upstream.provider, upstream.endpoint(&target), lease.as_ref())?;
+            rewrite::upstream_request(
+                &mut req,
+                ctx,
+                &route,
+                upstream.provider,
+                upstream.endpoint(&target),
+                lease.as_ref(),
+            )?;
             rewrite::set_body_length(&mut req, body.len());
             let peer = upstream.peer(&target, first_byte);
             ctx.upstream.target = Some(target);
@@ -82,11 +94,14 @@ pub async fn exchange(state: &Arc<AppState>, session: &mut Session, ctx: &mut Re
                     let status = up.response_header().map_or(502, |h| h.status.as_u16());
                     if is_retryable_status(status) && !last_try {
                         tracing::info!(request_id = %ctx.request_id, upstream = %upstream.name, status, attempt = ctx.upstream.attempts, "Upstream answered with a retryable status; trying again.");
-                        last_error = Some(GatewayError::UpstreamStatus { upstream: upstream.name.clone(), status });
+                        last_error = Some(GatewayError::UpstreamStatus {
+                            upstream: upstream.name.clone(),
+                            status,
+                        });
                         ctx.upstream.mark_failed();
                         continue;
                     }
-                    stream_response(state, session, ctx, up, &peer).await;
+                    stream_response(state, session, ctx, *up, &peer).await;
                     return Ok(());
                 }
                 Attempt::Failed(e) => {
@@ -103,7 +118,14 @@ pub async fn exchange(state: &Arc<AppState>, session: &mut Session, ctx: &mut Re
 /// One attempt: connect (pooled), write request and body, wait for headers.
 /// A reused pooled connection that turns out dead is retried once on a fresh
 /// one, since the server may have closed it while idle.
-async fn send(state: &AppState, peer: &HttpPeer, req: pingora::http::RequestHeader, body: Bytes, first_byte: Duration, upstream: &str) -> Attempt {
+async fn send(
+    state: &AppState,
+    peer: &HttpPeer,
+    req: pingora::http::RequestHeader,
+    body: Bytes,
+    first_byte: Duration,
+    upstream: &str,
+) -> Attempt {
     let mut fresh_only = false;
     loop {
         let (mut s, reused) = match state.connector.get_http_session(peer).await {
@@ -126,13 +148,16 @@ async fn send(state: &AppState, peer: &HttpPeer, req: pingora::http::RequestHead
             Ok(()) => match tokio::time::timeout(first_byte, s.read_response_header()).await {
                 Ok(r) => r,
                 Err(_) => {
-                    return Attempt::Failed(GatewayError::UpstreamTimeout { upstream: upstream.into(), after_ms: first_byte.as_millis() });
+                    return Attempt::Failed(GatewayError::UpstreamTimeout {
+                        upstream: upstream.into(),
+                        after_ms: first_byte.as_millis(),
+                    });
                 }
             },
             Err(e) => Err(e),
         };
         match result {
-            Ok(()) => return Attempt::Answered(s),
+            Ok(()) => return Attempt::Answered(Box::new(s)),
             Err(_) if reused && !fresh_only => fresh_only = true,
             Err(e) => return Attempt::Failed(connect_error(&e, upstream)),
         }
@@ -141,10 +166,12 @@ async fn send(state: &AppState, peer: &HttpPeer, req: pingora::http::RequestHead
 
 fn connect_error(e: &pingora::Error, upstream: &str) -> GatewayError {
     match e.etype() {
-        ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => GatewayError::UpstreamTimeout {
-            upstream: upstream.into(),
-            after_ms: 0,
-        },
+        ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
+            GatewayError::UpstreamTimeout {
+                upstream: upstream.into(),
+                after_ms: 0,
+            }
+        }
         _ => GatewayError::UpstreamUnreachable {
             upstream: upstream.into(),
             reason: e.etype().as_str().to_string(),
@@ -173,7 +200,13 @@ fn client_header(upstream: &ResponseHeader, ctx: &RequestCtx, h2: bool) -> pingo
 /// drops the upstream connection, cancelling the request) when the client
 /// goes away; a mid-stream upstream failure ends an SSE stream with an error
 /// event.
-async fn stream_response(state: &AppState, session: &mut Session, ctx: &mut RequestCtx, mut up: HttpSession, peer: &HttpPeer) {
+async fn stream_response(
+    state: &AppState,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    mut up: HttpSession,
+    peer: &HttpPeer,
+) {
     let Some(upstream_header) = up.response_header().cloned() else {
         return;
     };
@@ -198,7 +231,11 @@ async fn stream_response(state: &AppState, session: &mut Session, ctx: &mut Requ
     if head_only {
         return;
     }
-    let idle = ctx.upstream.upstream.as_ref().map_or(Duration::from_secs(300), |u| u.timeouts.idle.0);
+    let idle = ctx
+        .upstream
+        .upstream
+        .as_ref()
+        .map_or(Duration::from_secs(300), |u| u.timeouts.idle.0);
     up.set_read_timeout(Some(idle));
     loop {
         tokio::select! {

@@ -25,7 +25,8 @@ pub fn request_id(session: &Session) -> String {
         .filter(|v| {
             !v.is_empty()
                 && v.len() <= 128
-                && v.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
         })
         .map(str::to_string)
         .unwrap_or_else(|| uuid::Uuid::now_v7().simple().to_string())
@@ -84,7 +85,11 @@ pub async fn admit(state: &Arc<AppState>, session: &mut Session, ctx: &mut Reque
         .get(http::header::HOST)
         .and_then(|h| h.to_str().ok())
         .or_else(|| req.uri.host())
-        .map(|h| h.rsplit_once(':').filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit())).map_or(h, |(h, _)| h));
+        .map(|h| {
+            h.rsplit_once(':')
+                .filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit()))
+                .map_or(h, |(h, _)| h)
+        });
     let candidates = table.candidates(&req.method, host, &path, &req.headers);
     let Some(first) = candidates.first() else {
         return Err(GatewayError::NoRoute {
@@ -193,10 +198,31 @@ mod tests {
 
     #[test]
     fn models_from_body_and_gemini_path() {
-        assert_eq!(peek_model(br#"{"model":"gpt-4o","messages":[]}"#, "/v1/chat/completions", Format::Openai).unwrap().as_deref(), Some("gpt-4o"));
-        assert_eq!(peek_model(b"", "/v1beta/models/gemini-2.0-flash:streamGenerateContent", Format::Gemini).unwrap().as_deref(), Some("gemini-2.0-flash"));
+        assert_eq!(
+            peek_model(
+                br#"{"model":"gpt-4o","messages":[]}"#,
+                "/v1/chat/completions",
+                Format::Openai
+            )
+            .unwrap()
+            .as_deref(),
+            Some("gpt-4o")
+        );
+        assert_eq!(
+            peek_model(
+                b"",
+                "/v1beta/models/gemini-2.0-flash:streamGenerateContent",
+                Format::Gemini
+            )
+            .unwrap()
+            .as_deref(),
+            Some("gemini-2.0-flash")
+        );
         assert_eq!(peek_model(b"{}", "/v1/x", Format::Openai).unwrap(), None);
-        assert!(matches!(peek_model(b"{not json", "/v1/x", Format::Openai), Err(GatewayError::BadJson(_))));
+        assert!(matches!(
+            peek_model(b"{not json", "/v1/x", Format::Openai),
+            Err(GatewayError::BadJson(_))
+        ));
         assert_eq!(model_from_gemini_path("/v1beta/models/"), None);
     }
 }

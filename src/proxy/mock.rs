@@ -68,11 +68,7 @@ pub async fn respond(session: &mut Session, ctx: &mut RequestCtx, cfg: &MockConf
         .unwrap_or_else(|| "mock-1".into());
     let stream = body["stream"].as_bool().unwrap_or(false);
     let prompt_tokens = ctx.body.as_ref().map_or(1, |b| (b.len() / 4).max(1));
-    let words: Vec<String> = cfg
-        .reply
-        .split_inclusive(' ')
-        .map(str::to_string)
-        .collect();
+    let words: Vec<String> = cfg.reply.split_inclusive(' ').map(str::to_string).collect();
     let completion_tokens = words.len();
     let id = format!("mock-{}", &ctx.request_id[..ctx.request_id.len().min(24)]);
     let text = cfg.reply.clone();
@@ -112,8 +108,15 @@ pub async fn respond(session: &mut Session, ctx: &mut RequestCtx, cfg: &MockConf
                 json!({"id": format!("chatcmpl-{id}"), "object": "chat.completion.chunk", "created": now(), "model": model,
                        "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]})
             };
-            let mut events = vec![sse(None, &chunk(json!({"role": "assistant", "content": ""}), Value::Null))];
-            events.extend(words.iter().map(|w| sse(None, &chunk(json!({"content": w}), Value::Null))));
+            let mut events = vec![sse(
+                None,
+                &chunk(json!({"role": "assistant", "content": ""}), Value::Null),
+            )];
+            events.extend(
+                words
+                    .iter()
+                    .map(|w| sse(None, &chunk(json!({"content": w}), Value::Null))),
+            );
             events.push(sse(None, &chunk(json!({}), json!("stop"))));
             if include_usage {
                 events.push(sse(None, &json!({"id": format!("chatcmpl-{id}"), "object": "chat.completion.chunk", "created": now(), "model": model, "choices": [],
@@ -132,12 +135,26 @@ pub async fn respond(session: &mut Session, ctx: &mut RequestCtx, cfg: &MockConf
         }
         Api::Anthropic => {
             let mut events = vec![
-                sse(Some("message_start"), &json!({"type": "message_start", "message": {"id": format!("msg_{id}"), "type": "message", "role": "assistant", "model": model, "content": [], "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": prompt_tokens, "output_tokens": 1}}})),
-                sse(Some("content_block_start"), &json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})),
+                sse(
+                    Some("message_start"),
+                    &json!({"type": "message_start", "message": {"id": format!("msg_{id}"), "type": "message", "role": "assistant", "model": model, "content": [], "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": prompt_tokens, "output_tokens": 1}}}),
+                ),
+                sse(
+                    Some("content_block_start"),
+                    &json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+                ),
                 sse(Some("ping"), &json!({"type": "ping"})),
             ];
-            events.extend(words.iter().map(|w| sse(Some("content_block_delta"), &json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": w}}))));
-            events.push(sse(Some("content_block_stop"), &json!({"type": "content_block_stop", "index": 0})));
+            events.extend(words.iter().map(|w| {
+                sse(
+                    Some("content_block_delta"),
+                    &json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": w}}),
+                )
+            }));
+            events.push(sse(
+                Some("content_block_stop"),
+                &json!({"type": "content_block_stop", "index": 0}),
+            ));
             events.push(sse(Some("message_delta"), &json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null}, "usage": {"output_tokens": completion_tokens}})));
             events.push(sse(Some("message_stop"), &json!({"type": "message_stop"})));
             stream_events(session, ctx, "text/event-stream", events, interval).await

@@ -106,24 +106,53 @@ impl ProxyHttp for Gateway {
         if let Some(pool) = &upstream.key_pool {
             match pool.lease(&ctx.upstream.tried_keys) {
                 Some(lease) => ctx.upstream.lease = Some(lease),
-                None => return Err(Self::fail(ctx, GatewayError::NoUpstreamKey(pool.name.clone()))),
+                None => {
+                    return Err(Self::fail(ctx, GatewayError::NoUpstreamKey(pool.name.clone())));
+                }
             }
         }
+        // Pingora applies one read timeout to the header wait and to body
+        // silences alike, so the streaming path honours the stricter of the two.
         let first_byte = route.timeout.unwrap_or(upstream.timeouts.first_byte.0);
-        let peer = upstream.peer(&target, first_byte);
+        let peer = upstream.peer(&target, first_byte.min(upstream.timeouts.idle.0));
         ctx.upstream.target = Some(target);
         Ok(Box::new(peer))
     }
 
-    async fn upstream_request_filter(&self, _session: &mut Session, req: &mut RequestHeader, ctx: &mut RequestCtx) -> pingora::Result<()> {
-        let (Some(route), Some(upstream), Some(target)) = (ctx.route.clone(), ctx.upstream.upstream.clone(), ctx.upstream.target.clone()) else {
-            return Err(pingora::Error::explain(ErrorType::InternalError, "no upstream in context"));
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        req: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<()> {
+        let (Some(route), Some(upstream), Some(target)) = (
+            ctx.route.clone(),
+            ctx.upstream.upstream.clone(),
+            ctx.upstream.target.clone(),
+        ) else {
+            return Err(pingora::Error::explain(
+                ErrorType::InternalError,
+                "no upstream in context",
+            ));
         };
-        rewrite::upstream_request(req, ctx, &route, upstream.provider, upstream.endpoint(&target), ctx.upstream.lease.as_ref())
-            .map_err(|e| Self::fail(ctx, e))
+        rewrite::upstream_request(
+            req,
+            ctx,
+            &route,
+            upstream.provider,
+            upstream.endpoint(&target),
+            ctx.upstream.lease.as_ref(),
+        )
+        .map_err(|e| Self::fail(ctx, e))
     }
 
-    async fn request_body_filter(&self, _session: &mut Session, body: &mut Option<Bytes>, _end: bool, ctx: &mut RequestCtx) -> pingora::Result<()> {
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end: bool,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<()> {
         if let Some(b) = body {
             ctx.body_seen += b.len() as u64;
             let limit = self.state.config.file.server.max_request_body.0;
@@ -134,13 +163,24 @@ impl ProxyHttp for Gateway {
         Ok(())
     }
 
-    async fn response_filter(&self, _session: &mut Session, resp: &mut ResponseHeader, ctx: &mut RequestCtx) -> pingora::Result<()> {
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<()> {
         ctx.response.status = resp.status.as_u16();
         ctx.response.ttfb = Some(ctx.started.elapsed());
         resp.insert_header("x-request-id", ctx.request_id.as_str())
     }
 
-    fn response_body_filter(&self, _session: &mut Session, body: &mut Option<Bytes>, _end: bool, ctx: &mut RequestCtx) -> pingora::Result<Option<std::time::Duration>> {
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end: bool,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<Option<std::time::Duration>> {
         if let Some(b) = body {
             ctx.response.bytes += b.len() as u64;
             ctx.response.chunks += 1;
@@ -148,7 +188,13 @@ impl ProxyHttp for Gateway {
         Ok(None)
     }
 
-    fn fail_to_connect(&self, _session: &mut Session, _peer: &HttpPeer, ctx: &mut RequestCtx, mut e: Box<pingora::Error>) -> Box<pingora::Error> {
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        mut e: Box<pingora::Error>,
+    ) -> Box<pingora::Error> {
         let retries = ctx.route.as_ref().map_or(0, |r| r.retries);
         // Nothing was sent yet, so another endpoint/key is always safe.
         if ctx.upstream.attempts <= retries {
@@ -160,7 +206,9 @@ impl ProxyHttp for Gateway {
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &pingora::Error, ctx: &mut RequestCtx) -> FailToProxy {
         let err = ctx.error.take().unwrap_or_else(|| match (e.esource(), e.etype()) {
-            (_, ErrorType::HTTPStatus(413)) => GatewayError::BodyTooLarge { limit: self.state.config.file.server.max_request_body.0 },
+            (_, ErrorType::HTTPStatus(413)) => GatewayError::BodyTooLarge {
+                limit: self.state.config.file.server.max_request_body.0,
+            },
             (ErrorSource::Downstream, _) => GatewayError::ClientClosed,
             (_, ErrorType::ConnectTimedout | ErrorType::ReadTimedout) => GatewayError::UpstreamTimeout {
                 upstream: ctx.upstream_name().to_string(),
@@ -175,12 +223,18 @@ impl ProxyHttp for Gateway {
         // Nothing can be written to a client that is gone or already got headers.
         if matches!(err, GatewayError::ClientClosed) || session.response_written().is_some() {
             ctx.error = Some(err);
-            return FailToProxy { error_code: code, can_reuse_downstream: false };
+            return FailToProxy {
+                error_code: code,
+                can_reuse_downstream: false,
+            };
         }
         if let Err(write_err) = respond::error(session, ctx, err).await {
             tracing::debug!(request_id = %ctx.request_id, error = %write_err, "Could not send the error response.");
         }
-        FailToProxy { error_code: code, can_reuse_downstream: false }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&pingora::Error>, ctx: &mut RequestCtx) {
@@ -190,7 +244,12 @@ impl ProxyHttp for Gateway {
         };
         let ms = ctx.started.elapsed().as_secs_f64() * 1000.0;
         let ttfb_ms = ctx.response.ttfb.map_or(-1.0, |d| d.as_secs_f64() * 1000.0);
-        let error = ctx.error.as_ref().map(|e| e.kind()).or(e.map(|e| e.etype().as_str())).unwrap_or("");
+        let error = ctx
+            .error
+            .as_ref()
+            .map(|e| e.kind())
+            .or(e.map(|e| e.etype().as_str()))
+            .unwrap_or("");
         tracing::info!(
             request_id = %ctx.request_id,
             method = %session.req_header().method,

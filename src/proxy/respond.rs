@@ -8,7 +8,13 @@ use pingora::{http::ResponseHeader, proxy::Session};
 
 /// A response header with FastGate's standard fields. `len: None` means a
 /// streamed body (chunked on HTTP/1.1, DATA frames on HTTP/2).
-pub fn header(status: u16, ctx: &RequestCtx, content_type: &str, len: Option<usize>, h2: bool) -> pingora::Result<ResponseHeader> {
+pub fn header(
+    status: u16,
+    ctx: &RequestCtx,
+    content_type: &str,
+    len: Option<usize>,
+    h2: bool,
+) -> pingora::Result<ResponseHeader> {
     let mut resp = ResponseHeader::build(status, Some(5))?;
     resp.insert_header(header::CONTENT_TYPE, content_type)?;
     match len {

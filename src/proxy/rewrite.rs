@@ -31,7 +31,13 @@ pub const HOP_BY_HOP: [&str; 8] = [
 
 /// The upstream path and query: strip_prefix, rewrite_path, the endpoint's
 /// base path; `?key=` removed when it carried the gateway key.
-pub fn upstream_path(route: &Route, endpoint: &EndpointUrl, path: &str, query: Option<&str>, drop_key_param: bool) -> String {
+pub fn upstream_path(
+    route: &Route,
+    endpoint: &EndpointUrl,
+    path: &str,
+    query: Option<&str>,
+    drop_key_param: bool,
+) -> String {
     let mut p = path.to_string();
     if let Some(prefix) = &route.transform.strip_prefix
         && let Some(rest) = p.strip_prefix(prefix.as_str())
@@ -73,7 +79,8 @@ pub fn upstream_request(
 ) -> Result<(), GatewayError> {
     // Client credentials never travel upstream when FastGate authenticates or
     // injects its own key; a gateway key (`fg_…`) never does.
-    let strip = route.auth == AuthMode::Required || lease.is_some() || ctx.credential.is_some_and(|_| ctx.key.is_some());
+    let strip =
+        route.auth == AuthMode::Required || lease.is_some() || ctx.credential.is_some_and(|_| ctx.key.is_some());
     let query_had_key = strip && ctx.credential == Some(CredentialSource::QueryKey);
     let path = upstream_path(route, endpoint, req.uri.path(), req.uri.query(), query_had_key || strip);
     let uri = path
@@ -141,7 +148,8 @@ pub fn rewrite_body(route: &Route, body: &Bytes) -> Result<Option<Bytes>, Gatewa
     if route.model_map.is_empty() && route.transform.set_body.is_none() {
         return Ok(None);
     }
-    let mut value: serde_json::Value = serde_json::from_slice(body).map_err(|e| GatewayError::BadJson(e.to_string()))?;
+    let mut value: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| GatewayError::BadJson(e.to_string()))?;
     let mut changed = false;
     if let Some(model) = value.get("model").and_then(|m| m.as_str())
         && let Some(to) = route.model_map.get(model)

@@ -187,7 +187,15 @@ mod tests {
     fn create_list_revoke_roundtrip() {
         let dir = tempfile::tempdir().unwrap();
         let conn = super::super::open(&dir.path().join("t.db")).unwrap();
-        let (key, secret) = create(&conn, &NewKey { name: "ci".into(), permissions: vec!["chat".into()], ..Default::default() }).unwrap();
+        let (key, secret) = create(
+            &conn,
+            &NewKey {
+                name: "ci".into(),
+                permissions: vec!["chat".into()],
+                ..Default::default()
+            },
+        )
+        .unwrap();
         assert!(secret.starts_with("fg_") && secret.len() == 35);
         assert!(secret[3..].bytes().all(|b| b.is_ascii_alphanumeric()));
         assert_eq!(key.masked, format!("{}…{}", &secret[..7], &secret[31..]));

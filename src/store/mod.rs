@@ -11,15 +11,9 @@ use std::{path::Path, sync::LazyLock, time::Duration};
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("database {path}: {source}")]
-    Open {
-        path: String,
-        source: rusqlite::Error,
-    },
+    Open { path: String, source: rusqlite::Error },
     #[error("cannot create the database directory {path}: {source}")]
-    Dir {
-        path: String,
-        source: std::io::Error,
-    },
+    Dir { path: String, source: std::io::Error },
     #[error("database migration failed: {0}")]
     Migrate(#[from] rusqlite_migration::Error),
     #[error("database: {0}")]

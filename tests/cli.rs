@@ -1,0 +1,261 @@
+//! `fastgate check`, the shipped configuration, and shutdown behaviour.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::{Gateway, MockUpstream, bin};
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+use std::{
+    path::Path,
+    process::{Command, Stdio},
+    sync::atomic::Ordering,
+    time::{Duration, Instant},
+};
+
+fn check(config: &Path, cwd: &Path) -> (bool, String, String) {
+    let out = Command::new(bin())
+        .args(["check", "-c"])
+        .arg(config)
+        .current_dir(cwd)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_accepts_the_shipped_config() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let (ok, out, err) = check(Path::new("conf/fastgate.yaml"), root);
+    assert!(ok, "{err}");
+    assert!(out.starts_with("fastgate: configuration ok"), "{out}");
+    assert_eq!(out.lines().count(), 1);
+}
+
+#[test]
+fn check_rejects_broken_files_with_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let routes = dir.path().join("routes.d");
+    std::fs::create_dir(&routes).unwrap();
+    let conf = dir.path().join("fastgate.yaml");
+    std::fs::write(&conf, "server:\n  listen: 127.0.0.1:1\n  listn: typo\n").unwrap();
+    let (ok, _, err) = check(&conf, dir.path());
+    assert!(!ok);
+    assert!(err.contains("fastgate.yaml:3: server: unknown field `listn`"), "{err}");
+
+    std::fs::write(
+        &conf,
+        "upstreams:\n  u: {provider: openai, endpoints: ['http://127.0.0.1:9']}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        routes.join("a.yaml"),
+        "routes:\n  - name: ok\n    match: {path: /a}\n    upstream: u\n",
+    )
+    .unwrap();
+    std::fs::write(routes.join("b.yaml"), "routes:\n  - name: fine\n    match: {path: /b}\n    upstream: u\n  - name: bad\n    match: {path: /c}\n    upstream: missing\n").unwrap();
+    std::fs::write(routes.join("c.yaml"), "routes:\n  - name: x\n    match: {path: /x\n").unwrap();
+    let (ok, _, err) = check(&conf, dir.path());
+    assert!(!ok);
+    assert!(
+        err.contains("b.yaml:5: route \"bad\": no upstream named \"missing\""),
+        "{err}"
+    );
+    assert!(err.contains("c.yaml:"), "YAML syntax errors are reported too: {err}");
+    assert!(err.contains("2 error(s)"), "{err}");
+
+    std::fs::remove_file(routes.join("b.yaml")).unwrap();
+    std::fs::remove_file(routes.join("c.yaml")).unwrap();
+    let (ok, out, err) = check(&conf, dir.path());
+    assert!(ok, "{err}");
+    assert!(out.contains("1 routes in 1 files"), "{out}");
+}
+
+#[test]
+fn missing_environment_variables_are_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("routes.d")).unwrap();
+    let conf = dir.path().join("fastgate.yaml");
+    std::fs::write(&conf, "server:\n  listen: ${FASTGATE_TEST_SURELY_UNSET}\n").unwrap();
+    let (ok, _, err) = check(&conf, dir.path());
+    assert!(!ok);
+    assert!(
+        err.contains("fastgate.yaml:2: environment variable FASTGATE_TEST_SURELY_UNSET is not set"),
+        "{err}"
+    );
+}
+
+/// The shipped config works offline: the mock upstream answers in all three
+/// formats, streaming included, and the mock-* models route with a key.
+#[tokio::test]
+async fn the_shipped_config_serves_the_offline_demo() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = tempfile::tempdir().unwrap();
+    let port = common::free_port();
+    let mut child = Command::new(bin())
+        .args(["serve"])
+        .current_dir(root)
+        .env("FASTGATE_LISTEN", format!("127.0.0.1:{port}"))
+        .env("FASTGATE_DB", dir.path().join("fg.db"))
+        .env_remove("OPENAI_API_KEY")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let c = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while c.get(format!("{base}/demo/v1/models")).send().await.is_err() {
+        assert!(Instant::now() < deadline, "gateway did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r: Value = c
+        .post(format!("{base}/demo/v1/chat/completions"))
+        .json(&json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(r["object"], "chat.completion");
+    assert!(r["choices"][0]["message"]["content"].as_str().unwrap().contains("mock"));
+    assert!(r["usage"]["total_tokens"].as_u64().unwrap() > 0);
+
+    let text = c
+        .post(format!("{base}/demo/v1/messages"))
+        .json(&json!({"model": "claude", "max_tokens": 9, "stream": true, "messages": []}))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let events: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("event: ")).collect();
+    assert_eq!(events.first(), Some(&"message_start"));
+    assert_eq!(events.last(), Some(&"message_stop"));
+    for data in text.lines().filter_map(|l| l.strip_prefix("data: ")) {
+        serde_json::from_str::<Value>(data).unwrap();
+    }
+
+    let text = c
+        .post(format!(
+            "{base}/demo/v1beta/models/mock-1:streamGenerateContent?alt=sse"
+        ))
+        .json(&json!({"contents": []}))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let chunks: Vec<Value> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    assert!(chunks.len() > 3);
+    assert_eq!(chunks.last().unwrap()["candidates"][0]["finishReason"], "STOP");
+
+    let r = c
+        .post(format!("{base}/demo/v1/chat/completions"))
+        .json(&json!({"model": "m", "stream": true, "stream_options": {"include_usage": true}}))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(r.ends_with("data: [DONE]\n\n"));
+    assert!(r.contains("\"usage\""));
+
+    // The real-provider routes need a gateway key; without OPENAI_API_KEY the
+    // mock-* models still answer through model routing.
+    let out = Command::new(bin())
+        .args(["keys", "create", "--name", "demo", "--json"])
+        .current_dir(root)
+        .env("FASTGATE_DB", dir.path().join("fg.db"))
+        .output()
+        .unwrap();
+    let secret = serde_json::from_slice::<Value>(&out.stdout).unwrap()["secret"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut status = 0;
+    for _ in 0..60 {
+        let r = c
+            .post(format!("{base}/v1/chat/completions"))
+            .bearer_auth(&secret)
+            .json(&json!({"model": "mock-1", "messages": []}))
+            .send()
+            .await
+            .unwrap();
+        status = r.status().as_u16();
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(status, 200);
+    let r = c
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth(&secret)
+        .json(&json!({"model": "gpt-4o", "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        matches!(r.status().as_u16(), 502 | 503),
+        "a real model without a provider key: {}",
+        r.status()
+    );
+    let body: Value = r.json().await.unwrap();
+    assert!(body["error"]["message"].is_string());
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// SIGTERM lets an in-flight stream finish, then the process exits.
+#[tokio::test]
+async fn sigterm_drains_in_flight_streams() {
+    let mock = MockUpstream::start().await;
+    mock.behaviour.sse_interval_ms.store(200, Ordering::SeqCst);
+    let config = format!("upstreams:\n  u: {{provider: http, endpoints: ['{}']}}\n", mock.url());
+    let mut gw = Gateway::start(
+        &config,
+        &[(
+            "r.yaml",
+            "routes:\n  - { name: r, match: { path: /sse }, auth: none, upstream: u }\n",
+        )],
+    )
+    .await;
+    let r = reqwest::Client::new().get(gw.url("/sse")).send().await.unwrap();
+    let mut stream = r.bytes_stream();
+    stream.next().await.unwrap().unwrap();
+    let sent_at = Instant::now();
+    gw.signal("TERM");
+    let mut text = String::new();
+    while let Some(chunk) = stream.next().await {
+        text.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
+    }
+    assert!(text.ends_with("data: [DONE]\n\n"), "stream cut short: {text}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = gw.child.try_wait().unwrap() {
+            assert!(status.success() || status.code().is_none(), "{status:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "did not exit after draining:\n{}", gw.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        sent_at.elapsed() < Duration::from_secs(5),
+        "exit waited for the whole grace period"
+    );
+    // New connections are refused once it has stopped.
+    assert!(reqwest::Client::new().get(gw.url("/sse")).send().await.is_err());
+}

@@ -1,0 +1,333 @@
+//! Test harness: a recording mock upstream speaking the providers' wire
+//! formats, and the real `fastgate` binary started on ephemeral ports.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::{Request, Response, body::Frame, server::conn::http1, service::service_fn};
+use hyper_util::rt::TokioIo;
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU32, Ordering},
+    },
+    time::{Duration, Instant},
+};
+use tokio::net::TcpListener;
+
+/// One request as the upstream saw it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub uri: String,
+    pub headers: HashMap<String, String>,
+    pub body: Bytes,
+}
+
+impl Seen {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(String::as_str)
+    }
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap()
+    }
+}
+
+/// Knobs a test can turn on the mock upstream.
+#[derive(Default)]
+pub struct Behaviour {
+    /// Answer this many requests with 429 before answering normally.
+    pub fail_429: AtomicU32,
+    /// Interval between SSE events in milliseconds.
+    pub sse_interval_ms: AtomicU32,
+    /// Set when a streamed response could not be completed (client went away).
+    pub stream_aborted: AtomicBool,
+}
+
+pub struct MockUpstream {
+    pub addr: SocketAddr,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+    pub behaviour: Arc<Behaviour>,
+}
+
+type Body = BoxBody<Bytes, Infallible>;
+
+fn full(status: u16, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .body(Full::new(body.into()).boxed())
+        .unwrap()
+}
+
+fn sse(events: Vec<String>, interval: Duration, aborted: Arc<Behaviour>) -> Response<Body> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
+    tokio::spawn(async move {
+        for (i, e) in events.into_iter().enumerate() {
+            if i > 0 {
+                tokio::time::sleep(interval).await;
+            }
+            if tx.send(Ok(Frame::data(Bytes::from(e)))).await.is_err() {
+                aborted.stream_aborted.store(true, Ordering::SeqCst);
+                return;
+            }
+        }
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|f| (f, rx)) });
+    Response::builder()
+        .status(200)
+        .header("content-type", "text/event-stream")
+        .body(BodyExt::boxed(StreamBody::new(stream)))
+        .unwrap()
+}
+
+async fn handle(
+    req: Request<hyper::body::Incoming>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    b: Arc<Behaviour>,
+) -> Result<Response<Body>, Infallible> {
+    let (parts, body) = req.into_parts();
+    let body = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+    let record = Seen {
+        method: parts.method.to_string(),
+        uri: parts.uri.to_string(),
+        headers: parts
+            .headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
+            .collect(),
+        body: body.clone(),
+    };
+    seen.lock().unwrap().push(record);
+    let path = parts.uri.path().to_string();
+    if b.fail_429.load(Ordering::SeqCst) > 0 {
+        b.fail_429.fetch_sub(1, Ordering::SeqCst);
+        return Ok(full(
+            429,
+            "application/json",
+            r#"{"error":{"message":"rate limited","type":"requests","code":"rate_limit_exceeded"}}"#,
+        ));
+    }
+    if let Some(code) = path.strip_prefix("/status/") {
+        return Ok(full(
+            code.parse().unwrap_or(500),
+            "application/json",
+            r#"{"error":{"message":"as asked"}}"#,
+        ));
+    }
+    if path == "/slow" {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        return Ok(full(200, "application/json", "{}"));
+    }
+    let json: serde_json::Value = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+    let stream =
+        json["stream"].as_bool().unwrap_or(false) || path.contains(":streamGenerateContent") || path.ends_with("/sse");
+    let interval = Duration::from_millis(b.sse_interval_ms.load(Ordering::SeqCst) as u64);
+    let model = json["model"].as_str().unwrap_or("upstream-model").to_string();
+    if path.ends_with("/messages") {
+        if stream {
+            let events = vec![
+                format!("event: message_start\ndata: {{\"type\":\"message_start\",\"message\":{{\"id\":\"msg_1\",\"type\":\"message\",\"role\":\"assistant\",\"model\":\"{model}\",\"content\":[],\"usage\":{{\"input_tokens\":12,\"output_tokens\":1}}}}}}\n\n"),
+                "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hi\"}}\n\n".into(),
+                "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":3}}\n\n".into(),
+                "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n".into(),
+            ];
+            return Ok(sse(events, interval, b));
+        }
+        let out = serde_json::json!({"id":"msg_1","type":"message","role":"assistant","model":model,"content":[{"type":"text","text":"Hi"}],"stop_reason":"end_turn","usage":{"input_tokens":12,"output_tokens":3}});
+        return Ok(full(200, "application/json", out.to_string()));
+    }
+    if path.contains(":generateContent") || path.contains(":streamGenerateContent") {
+        let chunk = serde_json::json!({"candidates":[{"content":{"parts":[{"text":"Hi"}],"role":"model"},"finishReason":"STOP","index":0}],"usageMetadata":{"promptTokenCount":5,"candidatesTokenCount":1,"totalTokenCount":6}});
+        if stream {
+            let events = (0..5).map(|_| format!("data: {chunk}\n\n")).collect();
+            return Ok(sse(events, interval, b));
+        }
+        return Ok(full(200, "application/json", chunk.to_string()));
+    }
+    // OpenAI-style default.
+    if stream {
+        let mut events: Vec<String> = (0..5)
+            .map(|i| format!("data: {{\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"model\":\"{model}\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"t{i}\"}},\"finish_reason\":null}}]}}\n\n"))
+            .collect();
+        events.push("data: [DONE]\n\n".into());
+        return Ok(sse(events, interval, b));
+    }
+    let out = serde_json::json!({"id":"c1","object":"chat.completion","model":model,"choices":[{"index":0,"message":{"role":"assistant","content":"Hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":9,"completion_tokens":1,"total_tokens":10},"upstream_port_echo":true});
+    Ok(full(200, "application/json", out.to_string()))
+}
+
+impl MockUpstream {
+    pub async fn start() -> MockUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let behaviour = Arc::new(Behaviour::default());
+        let (s, b) = (seen.clone(), behaviour.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let (s, b) = (s.clone(), b.clone());
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| handle(req, s.clone(), b.clone()));
+                    let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+                });
+            }
+        });
+        MockUpstream { addr, seen, behaviour }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    pub fn last(&self) -> Seen {
+        self.seen().last().cloned().expect("the upstream saw no request")
+    }
+
+    pub fn clear(&self) {
+        self.seen.lock().unwrap().clear();
+    }
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_fastgate")
+}
+
+/// A running `fastgate serve` with its own config, routes.d and database.
+pub struct Gateway {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Gateway {
+    /// `config` is the YAML after the `server:`/`database:`/`routes_dir:` keys,
+    /// which the harness fills in; `routes` are (file name, YAML) pairs.
+    pub async fn start(config: &str, routes: &[(&str, &str)]) -> Gateway {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        std::fs::create_dir(dir.path().join("routes.d")).unwrap();
+        for (name, yaml) in routes {
+            std::fs::write(dir.path().join("routes.d").join(name), yaml).unwrap();
+        }
+        let full = format!(
+            "server:\n  listen: 127.0.0.1:{port}\n  threads: 2\n  max_request_body: 2MiB\n  grace_period: 5s\ndatabase:\n  path: {db}\n  key_refresh: 100ms\nroutes_dir: {routes}\n{config}",
+            db = dir.path().join("fg.db").display(),
+            routes = dir.path().join("routes.d").display(),
+        );
+        std::fs::write(dir.path().join("fastgate.yaml"), full).unwrap();
+        let log = dir.path().join("fastgate.log");
+        let child = Command::new(bin())
+            .args(["serve", "-c"])
+            .arg(dir.path().join("fastgate.yaml"))
+            .env("FASTGATE_LOG", "info,fastgate=debug")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let gw = Gateway { dir, port, child, log };
+        gw.wait_ready().await;
+        gw
+    }
+
+    async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("gateway did not start:\n{}", self.logs());
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("fastgate.yaml")
+    }
+
+    pub fn routes_dir(&self) -> PathBuf {
+        self.dir.path().join("routes.d")
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Create a gateway key with the CLI; returns (id, secret).
+    pub fn create_key(&self, extra: &[&str]) -> (String, String) {
+        let out = Command::new(bin())
+            .args(["keys", "-c"])
+            .arg(self.config_path())
+            .args(["create", "--name", "test", "--json"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        (
+            v["id"].as_str().unwrap().to_string(),
+            v["secret"].as_str().unwrap().to_string(),
+        )
+    }
+
+    /// Wait until `secret` is accepted (the key cache refreshes in the background).
+    pub async fn wait_key(&self, secret: &str, path: &str) {
+        let client = reqwest::Client::new();
+        for _ in 0..100 {
+            let r = client.get(self.url(path)).bearer_auth(secret).send().await.unwrap();
+            if r.status() != 401 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("key never became valid");
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn write(path: &Path, text: &str) {
+    // Write-then-rename, like editors and the admin API do.
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(tmp, path).unwrap();
+}

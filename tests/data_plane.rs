@@ -1,0 +1,709 @@
+//! The data plane from the outside: the real binary against a recording mock
+//! upstream, asserting on what the client and the upstream saw.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::{Gateway, MockUpstream, write};
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+use std::{
+    collections::HashSet,
+    sync::atomic::Ordering,
+    time::{Duration, Instant},
+};
+
+fn upstreams(mock: &MockUpstream) -> String {
+    format!(
+        "upstreams:\n  oai:\n    provider: openai\n    endpoints: ['{u}']\n    key_pool: oai\n  ant:\n    provider: anthropic\n    endpoints: ['{u}']\n    key_pool: ant\n  gem:\n    provider: gemini\n    endpoints: ['{u}']\n    key_pool: gem\n  plain:\n    provider: http\n    endpoints: ['{u}']\n  dead:\n    provider: openai\n    endpoints: ['http://127.0.0.1:{dead}']\n    key_pool: oai\n    timeouts: {{connect: 1s}}\n  dead-ant:\n    provider: anthropic\n    endpoints: ['http://127.0.0.1:{dead}']\n    key_pool: ant\n  slow:\n    provider: gemini\n    endpoints: ['{u}']\n    key_pool: oai\n    timeouts: {{first_byte: 300ms}}\nkey_pools:\n  oai:\n    keys: [sk-pool-one, sk-pool-two, sk-pool-three]\n  ant:\n    keys: [sk-ant-pool]\n  gem:\n    keys: [gem-pool-key]\n",
+        u = mock.url(),
+        dead = common::free_port()
+    )
+}
+
+const ROUTES: &str = r#"
+routes:
+  - name: chat
+    match: { path: /v1/chat/completions, methods: [POST] }
+    format: openai
+    upstream: oai
+  - name: messages
+    match: { path: /v1/messages }
+    format: anthropic
+    upstream: ant
+  - name: gemini
+    match: { path: "/v1beta/{*rest}" }
+    format: gemini
+    upstream: gem
+  - name: passthrough
+    match: { path: "/plain/{*rest}" }
+    auth: none
+    upstream: plain
+    transform: { strip_prefix: /plain }
+  - name: dead
+    match: { path: /dead/v1/chat/completions }
+    format: openai
+    upstream: dead
+    transform: { strip_prefix: /dead }
+  - name: dead-streaming
+    match: { path: /dead-stream }
+    auth: none
+    format: anthropic
+    upstream: dead-ant
+  - name: slow
+    match: { path: /slow }
+    format: gemini
+    upstream: slow
+  - name: needs-tag
+    match: { path: /tagged }
+    permissions: [admin-only]
+    upstream: oai
+"#;
+
+async fn setup() -> (MockUpstream, Gateway, String) {
+    let mock = MockUpstream::start().await;
+    let gw = Gateway::start(&upstreams(&mock), &[("10-test.yaml", ROUTES)]).await;
+    let (_, secret) = gw.create_key(&["--permission", "chat"]);
+    gw.wait_key(&secret, "/v1/messages").await;
+    mock.clear();
+    (mock, gw, secret)
+}
+
+fn chat(model: &str) -> Value {
+    json!({"model": model, "messages": [{"role": "user", "content": "hello"}]})
+}
+
+#[tokio::test]
+async fn upstream_sees_pool_key_never_the_gateway_key_whichever_way_it_is_sent() {
+    let (mock, gw, secret) = setup().await;
+    let c = reqwest::Client::new();
+    let ways: Vec<reqwest::RequestBuilder> = vec![
+        c.post(gw.url("/v1/chat/completions")).bearer_auth(&secret),
+        c.post(gw.url("/v1/chat/completions")).header("x-api-key", &secret),
+        c.post(gw.url("/v1/chat/completions")).header("x-goog-api-key", &secret),
+        c.post(gw.url(&format!("/v1/chat/completions?key={secret}&keep=1"))),
+    ];
+    for req in ways {
+        let r = req.json(&chat("gpt-4o")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert!(r.headers().contains_key("x-request-id"));
+        let seen = mock.last();
+        let auth = seen.header("authorization").unwrap();
+        assert!(auth.starts_with("Bearer sk-pool-"), "{auth}");
+        let everything = format!("{seen:?}");
+        assert!(
+            !everything.contains(&secret),
+            "gateway key leaked upstream: {everything}"
+        );
+        assert!(seen.header("x-api-key").is_none() && seen.header("x-goog-api-key").is_none());
+    }
+    assert!(mock.last().uri.ends_with("?keep=1"), "{}", mock.last().uri);
+    assert!(!gw.logs().contains(&secret), "gateway key in logs");
+    assert!(!gw.logs().contains("sk-pool-one"), "pool key in logs");
+}
+
+#[tokio::test]
+async fn keys_are_injected_the_providers_way() {
+    let (mock, gw, secret) = setup().await;
+    let c = reqwest::Client::new();
+    let r = c
+        .post(gw.url("/v1/messages"))
+        .header("x-api-key", &secret)
+        .json(&json!({"model": "claude-3", "max_tokens": 5, "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let seen = mock.last();
+    assert_eq!(seen.header("x-api-key"), Some("sk-ant-pool"));
+    assert_eq!(seen.header("anthropic-version"), Some("2023-06-01"));
+    assert!(seen.header("authorization").is_none());
+
+    let r = c
+        .post(gw.url("/v1beta/models/gemini-2.0-flash:generateContent"))
+        .header("x-goog-api-key", &secret)
+        .json(&json!({"contents": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let seen = mock.last();
+    assert_eq!(seen.header("x-goog-api-key"), Some("gem-pool-key"));
+    assert_eq!(seen.uri, "/v1beta/models/gemini-2.0-flash:generateContent");
+    // A client's own anthropic-version wins.
+    c.post(gw.url("/v1/messages"))
+        .header("x-api-key", &secret)
+        .header("anthropic-version", "2024-01-01")
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(mock.last().header("anthropic-version"), Some("2024-01-01"));
+}
+
+#[tokio::test]
+async fn round_robin_spreads_requests_over_the_pool_keys() {
+    let (mock, gw, secret) = setup().await;
+    let c = reqwest::Client::new();
+    for _ in 0..9 {
+        let r = c
+            .post(gw.url("/v1/chat/completions"))
+            .bearer_auth(&secret)
+            .json(&chat("gpt-4o"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let mut counts = std::collections::HashMap::new();
+    for s in mock.seen() {
+        *counts
+            .entry(s.header("authorization").unwrap().to_string())
+            .or_insert(0) += 1;
+    }
+    assert_eq!(counts.len(), 3, "{counts:?}");
+    assert!(counts.values().all(|&n| n == 3), "{counts:?}");
+}
+
+#[tokio::test]
+async fn transforms_do_what_they_say() {
+    let mock = MockUpstream::start().await;
+    let routes = r#"
+routes:
+  - name: rewrite
+    match: { path: "/team/{team}/{*rest}" }
+    auth: none
+    upstream: oai
+    model_map: { gpt-4: gpt-4o-2024 }
+    transform:
+      rewrite_path: /v1/{rest}
+      set_headers: { x-source: fastgate, x-team: overwritten }
+      remove_headers: [x-internal]
+      set_body: { stream_options: { include_usage: true }, temperature: null, user: fastgate }
+  - name: strip
+    match: { path: "/openai/{*rest}" }
+    auth: none
+    upstream: oai
+    transform: { strip_prefix: /openai }
+"#;
+    let gw = Gateway::start(&upstreams(&mock), &[("r.yaml", routes)]).await;
+    let c = reqwest::Client::new();
+    let body = json!({"model": "gpt-4", "temperature": 0.5, "messages": [], "stream_options": {"other": 1}});
+    let r = c
+        .post(gw.url("/team/ml/chat/completions?x=1"))
+        .header("x-internal", "secret-thing")
+        .header("x-team", "ml")
+        .header("x-kept", "yes")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let seen = mock.last();
+    assert_eq!(seen.uri, "/v1/chat/completions?x=1");
+    assert_eq!(seen.header("x-source"), Some("fastgate"));
+    assert_eq!(seen.header("x-team"), Some("overwritten"));
+    assert_eq!(seen.header("x-kept"), Some("yes"));
+    assert!(seen.header("x-internal").is_none());
+    let sent = seen.json();
+    assert_eq!(sent["model"], "gpt-4o-2024");
+    assert_eq!(sent["stream_options"], json!({"other": 1, "include_usage": true}));
+    assert!(sent.get("temperature").is_none(), "null in set_body removes a key");
+    assert_eq!(sent["user"], "fastgate");
+    assert_eq!(seen.header("content-length").unwrap(), seen.body.len().to_string());
+    assert_eq!(seen.header("host").unwrap(), mock.addr.to_string());
+
+    let r = c.get(gw.url("/openai/v1/models")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(mock.last().uri, "/v1/models");
+}
+
+#[tokio::test]
+async fn model_globs_pick_the_upstream() {
+    let a = MockUpstream::start().await;
+    let b = MockUpstream::start().await;
+    let config = format!(
+        "upstreams:\n  a: {{provider: openai, endpoints: ['{}'], key_pool: p}}\n  b: {{provider: openai, endpoints: ['{}'], key_pool: p}}\nkey_pools:\n  p: {{keys: [k1]}}\n",
+        a.url(),
+        b.url()
+    );
+    let routes = r#"
+routes:
+  - { name: gpt, match: { path: /v1/chat/completions, model: ["gpt-4*", "o*"] }, auth: none, upstream: a }
+  - { name: rest, match: { path: /v1/chat/completions }, auth: none, upstream: b, priority: 500 }
+"#;
+    let gw = Gateway::start(&config, &[("m.yaml", routes)]).await;
+    let c = reqwest::Client::new();
+    for (model, expect_a) in [
+        ("gpt-4o", true),
+        ("o3-mini", true),
+        ("claude-3", false),
+        ("gpt-3.5", false),
+    ] {
+        let r = c
+            .post(gw.url("/v1/chat/completions"))
+            .json(&chat(model))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{model}");
+        let (hit, miss) = if expect_a { (&a, &b) } else { (&b, &a) };
+        assert_eq!(hit.last().json()["model"], model);
+        assert!(
+            miss.seen().iter().all(|s| s.json()["model"] != model),
+            "{model} went to the wrong upstream"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_one_mib_body_reaches_the_upstream_intact_on_both_paths() {
+    let (mock, gw, secret) = setup().await;
+    let c = reqwest::Client::new();
+    let filler = "x".repeat(1024 * 1024);
+    let body = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": filler}]}).to_string();
+    assert!(body.len() > 1024 * 1024);
+    // Body-aware path (model routing on, the body is read by FastGate).
+    let routes =
+        format!("{ROUTES}\n  - name: by-model\n    match: {{ path: /big, model: ['gpt-*'] }}\n    upstream: oai\n");
+    write(&gw.routes_dir().join("10-test.yaml"), &routes);
+    let mut status = 0;
+    for _ in 0..100 {
+        status = c
+            .post(gw.url("/big"))
+            .bearer_auth(&secret)
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16();
+        if status != 404 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(status, 200);
+    assert_eq!(mock.last().body.len(), body.len());
+    assert_eq!(mock.last().body, body.as_bytes());
+    // Streaming path (no body features: Pingora streams it through).
+    let r = c.post(gw.url("/plain/upload")).body(body.clone()).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(mock.last().body, body.as_bytes());
+}
+
+#[tokio::test]
+async fn sse_events_arrive_spread_over_time_on_both_paths() {
+    let (mock, gw, secret) = setup().await;
+    mock.behaviour.sse_interval_ms.store(200, Ordering::SeqCst);
+    let c = reqwest::Client::new();
+    let requests = [
+        // Both go through Pingora's streaming path here; the body-aware path
+        // has its own test below.
+        c.post(gw.url("/v1/chat/completions"))
+            .bearer_auth(&secret)
+            .json(&json!({"model": "gpt-4o", "stream": true, "messages": []})),
+        c.get(gw.url("/plain/sse")),
+    ];
+    for req in requests {
+        let started = Instant::now();
+        let r = req.send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert!(
+            r.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("text/event-stream")
+        );
+        let mut arrivals = Vec::new();
+        let mut stream = r.bytes_stream();
+        let mut text = String::new();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.unwrap();
+            text.push_str(std::str::from_utf8(&chunk).unwrap());
+            arrivals.push(started.elapsed());
+        }
+        assert_eq!(text.matches("data: ").count(), 6, "{text}");
+        assert!(text.ends_with("data: [DONE]\n\n"));
+        // Six events 200 ms apart: the first arrives early, the last ~1 s later.
+        assert!(arrivals.len() >= 5, "events were batched: {arrivals:?}");
+        let first = arrivals[0];
+        let last = *arrivals.last().unwrap();
+        assert!(first < Duration::from_millis(600), "first event late: {arrivals:?}");
+        assert!(
+            last - first > Duration::from_millis(700),
+            "events not spread: {arrivals:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn sse_through_the_body_aware_path_is_not_buffered() {
+    let mock = MockUpstream::start().await;
+    mock.behaviour.sse_interval_ms.store(200, Ordering::SeqCst);
+    let routes = "routes:\n  - { name: m, match: { path: /v1/messages, model: ['claude-*'] }, auth: none, format: anthropic, upstream: ant }\n";
+    let gw = Gateway::start(&upstreams(&mock), &[("r.yaml", routes)]).await;
+    let started = Instant::now();
+    let r = reqwest::Client::new()
+        .post(gw.url("/v1/messages"))
+        .json(&json!({"model": "claude-3", "stream": true, "max_tokens": 5, "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let mut stream = r.bytes_stream();
+    let mut arrivals = Vec::new();
+    let mut text = String::new();
+    while let Some(chunk) = stream.next().await {
+        text.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
+        arrivals.push(started.elapsed());
+    }
+    assert!(text.contains("event: message_stop"));
+    assert!(arrivals.len() >= 3, "{arrivals:?}");
+    assert!(
+        *arrivals.last().unwrap() - arrivals[0] > Duration::from_millis(450),
+        "{arrivals:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_client_disconnect_cancels_the_upstream_stream() {
+    let mock = MockUpstream::start().await;
+    mock.behaviour.sse_interval_ms.store(150, Ordering::SeqCst);
+    let routes = "routes:\n  - { name: m, match: { path: /v1/chat/completions, model: ['*'] }, auth: none, upstream: oai }\n  - { name: p, match: { path: '/plain/{*rest}' }, auth: none, upstream: plain, transform: { strip_prefix: /plain } }\n";
+    let gw = Gateway::start(&upstreams(&mock), &[("r.yaml", routes)]).await;
+    for req in [
+        reqwest::Client::new()
+            .post(gw.url("/v1/chat/completions"))
+            .json(&json!({"model": "x", "stream": true})),
+        reqwest::Client::new().get(gw.url("/plain/sse")),
+    ] {
+        mock.behaviour.stream_aborted.store(false, Ordering::SeqCst);
+        let r = req.send().await.unwrap();
+        let mut stream = r.bytes_stream();
+        stream.next().await.unwrap().unwrap();
+        drop(stream);
+        let mut aborted = false;
+        for _ in 0..40 {
+            if mock.behaviour.stream_aborted.load(Ordering::SeqCst) {
+                aborted = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(aborted, "the upstream kept streaming to nobody");
+    }
+}
+
+#[tokio::test]
+async fn hot_reload_applies_good_files_and_keeps_serving_on_bad_ones() {
+    let (mock, gw, secret) = setup().await;
+    let c = reqwest::Client::new();
+    assert_eq!(c.get(gw.url("/new/v1/models")).send().await.unwrap().status(), 404);
+    let new_file = gw.routes_dir().join("20-new.yaml");
+    write(
+        &new_file,
+        "routes:\n  - { name: new, match: { path: '/new/{*rest}' }, auth: none, upstream: plain, transform: { strip_prefix: /new } }\n",
+    );
+    let mut status = 0;
+    for _ in 0..100 {
+        status = c.get(gw.url("/new/v1/models")).send().await.unwrap().status().as_u16();
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(status, 200, "new route never took effect");
+    assert_eq!(mock.last().uri, "/v1/models");
+
+    // A broken file (and a broken edit of a good one) leaves the last good table serving.
+    write(
+        &gw.routes_dir().join("30-broken.yaml"),
+        "routes:\n  - { name: broken, match: { path: no-slash }, upstream: nowhere }\n",
+    );
+    write(
+        &new_file,
+        "routes:\n  - { name: new, match: { path: '/changed/{*rest}' }, auth: none, upstream: plain }\n",
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !gw.logs().contains("Rejected routes.d change") {
+        assert!(
+            Instant::now() < deadline,
+            "the bad file was never noticed:\n{}",
+            gw.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        gw.logs().contains("30-broken.yaml:2"),
+        "error lacks file:line:\n{}",
+        gw.logs()
+    );
+    assert_eq!(c.get(gw.url("/new/v1/models")).send().await.unwrap().status(), 200);
+    assert_eq!(c.get(gw.url("/changed/v1/models")).send().await.unwrap().status(), 404);
+    let r = c
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(&secret)
+        .json(&chat("gpt-4o"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    // SIGHUP reloads too (after the bad file is fixed).
+    std::fs::remove_file(gw.routes_dir().join("30-broken.yaml")).unwrap();
+    gw.signal("HUP");
+    let mut status = 0;
+    for _ in 0..100 {
+        status = c
+            .get(gw.url("/changed/v1/models"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16();
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(status, 200);
+}
+
+async fn error_of(r: reqwest::Response) -> (u16, Value, bool) {
+    let status = r.status().as_u16();
+    let has_id = r.headers().contains_key("x-request-id");
+    let body: Value = r.json().await.unwrap();
+    (status, body, has_id)
+}
+
+fn assert_openai(body: &Value, code: &str) {
+    assert_eq!(body["error"]["code"], code, "{body}");
+    assert!(
+        body["error"]["message"].is_string() && body["error"]["type"].is_string(),
+        "{body}"
+    );
+}
+
+fn assert_anthropic(body: &Value, kind: &str) {
+    assert_eq!(body["type"], "error", "{body}");
+    assert_eq!(body["error"]["type"], kind, "{body}");
+    assert!(body["error"]["message"].is_string());
+}
+
+fn assert_gemini(body: &Value, status: u16, name: &str) {
+    assert_eq!(body["error"]["code"], status, "{body}");
+    assert_eq!(body["error"]["status"], name, "{body}");
+}
+
+#[tokio::test]
+async fn every_gateway_error_has_the_right_status_and_shape() {
+    let (_mock, gw, secret) = setup().await;
+    let c = reqwest::Client::new();
+
+    let (s, b, id) = error_of(c.get(gw.url("/nowhere")).send().await.unwrap()).await;
+    assert!(id);
+    assert_eq!(s, 404);
+    assert_openai(&b, "route_not_found");
+
+    let (s, b, _) = error_of(
+        c.post(gw.url("/v1/chat/completions"))
+            .json(&chat("m"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, 401);
+    assert_openai(&b, "missing_api_key");
+    let (s, b, _) = error_of(
+        c.post(gw.url("/v1/messages"))
+            .header("x-api-key", "fg_wrong")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, 401);
+    assert_anthropic(&b, "authentication_error");
+    let (s, b, _) = error_of(c.post(gw.url("/v1beta/models/g:generateContent")).send().await.unwrap()).await;
+    assert_eq!(s, 401);
+    assert_gemini(&b, 401, "UNAUTHENTICATED");
+
+    let (s, b, _) = error_of(c.get(gw.url("/tagged")).bearer_auth(&secret).send().await.unwrap()).await;
+    assert_eq!(s, 403);
+    assert_openai(&b, "permission_denied");
+
+    let big = "y".repeat(3 * 1024 * 1024);
+    let (s, b, _) = error_of(
+        c.post(gw.url("/v1/messages"))
+            .header("x-api-key", &secret)
+            .body(big.clone())
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, 413);
+    assert_anthropic(&b, "request_too_large");
+    let (s, _, _) = error_of(c.post(gw.url("/plain/upload")).body(big).send().await.unwrap()).await;
+    assert_eq!(s, 413);
+
+    // Bad JSON matters only where the route needs the body (model routing).
+    let routes = format!(
+        "{ROUTES}\n  - name: by-model\n    match: {{ path: /by-model, model: ['gpt-*'] }}\n    upstream: oai\n"
+    );
+    write(&gw.routes_dir().join("10-test.yaml"), &routes);
+    let mut result = (0, Value::Null, false);
+    for _ in 0..100 {
+        result = error_of(
+            c.post(gw.url("/by-model"))
+                .bearer_auth(&secret)
+                .body("{not json")
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        if result.0 != 404 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(result.0, 400);
+    assert_openai(&result.1, "invalid_json");
+
+    let (s, b, _) = error_of(
+        c.post(gw.url("/dead/v1/chat/completions"))
+            .bearer_auth(&secret)
+            .json(&chat("m"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, 502);
+    assert_openai(&b, "upstream_unreachable");
+    let (s, b, _) = error_of(c.post(gw.url("/dead-stream")).body("streamed").send().await.unwrap()).await;
+    assert_eq!(s, 502);
+    assert_anthropic(&b, "api_error");
+
+    let started = Instant::now();
+    let (s, b, _) = error_of(c.post(gw.url("/slow")).bearer_auth(&secret).send().await.unwrap()).await;
+    assert_eq!(s, 504);
+    assert_gemini(&b, 504, "DEADLINE_EXCEEDED");
+    assert!(started.elapsed() < Duration::from_secs(4), "timeout not applied");
+}
+
+#[tokio::test]
+async fn retries_move_to_another_key_before_the_first_byte() {
+    let mock = MockUpstream::start().await;
+    let routes =
+        "routes:\n  - { name: r, match: { path: /v1/chat/completions }, auth: none, upstream: oai, retries: 2 }\n";
+    let gw = Gateway::start(&upstreams(&mock), &[("r.yaml", routes)]).await;
+    mock.behaviour.fail_429.store(2, Ordering::SeqCst);
+    let r = reqwest::Client::new()
+        .post(gw.url("/v1/chat/completions"))
+        .json(&chat("m"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let keys: HashSet<String> = mock
+        .seen()
+        .iter()
+        .map(|s| s.header("authorization").unwrap().to_string())
+        .collect();
+    assert_eq!(mock.seen().len(), 3);
+    assert_eq!(keys.len(), 3, "each retry used another key: {keys:?}");
+    // When every attempt fails the client gets the upstream's own last answer.
+    mock.clear();
+    mock.behaviour.fail_429.store(5, Ordering::SeqCst);
+    let r = reqwest::Client::new()
+        .post(gw.url("/v1/chat/completions"))
+        .json(&chat("m"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    assert_eq!(mock.seen().len(), 3);
+}
+
+#[tokio::test]
+async fn fallback_upstream_takes_over_when_the_first_is_down() {
+    let mock = MockUpstream::start().await;
+    let routes = "routes:\n  - { name: r, match: { path: /v1/chat/completions }, auth: none, upstream: dead, fallback: [oai] }\n";
+    let gw = Gateway::start(&upstreams(&mock), &[("r.yaml", routes)]).await;
+    let r = reqwest::Client::new()
+        .post(gw.url("/v1/chat/completions"))
+        .json(&chat("m"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(mock.seen().len(), 1);
+}
+
+#[tokio::test]
+async fn request_ids_are_generated_or_kept() {
+    let (_mock, gw, secret) = setup().await;
+    let c = reqwest::Client::new();
+    let r = c
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(&secret)
+        .header("x-request-id", "client-id-123")
+        .json(&chat("m"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-request-id"], "client-id-123");
+    let r = c
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(&secret)
+        .header("x-request-id", "bad id with spaces")
+        .json(&chat("m"))
+        .send()
+        .await
+        .unwrap();
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    assert_ne!(id, "bad id with spaces");
+    assert_eq!(id.len(), 32);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !gw.logs().contains(&id) {
+        assert!(Instant::now() < deadline, "request id not in the logs");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn revoked_and_expired_keys_stop_working() {
+    let (_mock, gw, secret) = setup().await;
+    let c = reqwest::Client::new();
+    let (id, _) = gw.create_key(&[]);
+    let out = std::process::Command::new(common::bin())
+        .args(["keys", "-c"])
+        .arg(gw.config_path())
+        .args(["revoke", &id])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let (_, expired) = gw.create_key(&["--expires-in", "1s"]);
+    gw.wait_key(&expired, "/v1/messages").await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let r = c
+        .post(gw.url("/v1/messages"))
+        .header("x-api-key", &expired)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    // The original key still works.
+    let r = c
+        .post(gw.url("/v1/messages"))
+        .header("x-api-key", &secret)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
