@@ -34,6 +34,8 @@ pub struct Route {
     pub host: Option<HostMatch>,
     pub headers: Vec<(HeaderName, String)>,
     pub model: Option<GlobSet>,
+    /// The `match.model` patterns as written.
+    pub model_globs: Vec<String>,
     /// The API format clients speak here (resolved from the upstream for `passthrough`).
     pub format: Format,
     pub auth: AuthMode,
@@ -251,6 +253,7 @@ impl Route {
             host: m.host.as_deref().map(HostMatch::parse),
             headers,
             model,
+            model_globs: globs,
             format,
             auth: rc.auth,
             permissions: rc.permissions.clone(),
@@ -328,26 +331,58 @@ pub fn expand_template(template: &str, params: &[(String, String)]) -> String {
 #[derive(Debug, Default)]
 pub struct RouteTable {
     routes: Vec<Arc<Route>>,
-    /// Static paths: one hash lookup.
+    /// Static paths: one hash lookup; each list already in (priority, order).
     exact: HashMap<String, Vec<usize>>,
-    /// Patterns with parameters, checked by their static prefix first.
-    dynamic: Vec<(String, usize)>,
+    /// Patterns with parameters, by the first path segment of their static
+    /// prefix (`/v1/{*rest}` under `v1`), so only plausible ones are tried.
+    dynamic: HashMap<String, Vec<(String, usize)>>,
+    /// Patterns whose first segment is itself a parameter (`/{*any}`).
+    dynamic_root: Vec<(String, usize)>,
+    /// Every route's model globs in one automaton, and which route owns each.
+    models: GlobSet,
+    model_owner: Vec<usize>,
+}
+
+/// The first path segment of `path` (`/v1/chat` -> `v1`), if complete.
+fn first_segment(path: &str) -> Option<&str> {
+    let rest = path.strip_prefix('/')?;
+    rest.find('/').map(|i| &rest[..i]).or(Some(rest))
 }
 
 impl RouteTable {
-    /// Index `routes` (already validated by [`Route::compile`]).
+    /// Index `routes` (already validated by [`Route::compile`]; `order` is
+    /// each route's position).
     pub fn new(routes: Vec<Route>) -> Self {
         let mut table = RouteTable::default();
+        let mut models = GlobSetBuilder::new();
         for route in routes {
             let idx = table.routes.len();
             if route.enabled {
                 match route.pattern.find('{') {
                     None => table.exact.entry(route.pattern.clone()).or_default().push(idx),
-                    Some(i) => table.dynamic.push((route.pattern[..i].to_string(), idx)),
+                    Some(i) => {
+                        let prefix = route.pattern[..i].to_string();
+                        // Only a segment followed by '/' is complete: `/v1/{x}` yes, `/v{x}` no.
+                        match first_segment(&prefix).filter(|seg| prefix.len() > seg.len() + 1) {
+                            Some(seg) => table.dynamic.entry(seg.to_string()).or_default().push((prefix, idx)),
+                            None => table.dynamic_root.push((prefix, idx)),
+                        }
+                    }
+                }
+                for glob in &route.model_globs {
+                    if let Ok(g) = Glob::new(glob) {
+                        models.add(g);
+                        table.model_owner.push(idx);
+                    }
                 }
             }
             table.routes.push(Arc::new(route));
         }
+        let routes = &table.routes;
+        for list in table.exact.values_mut() {
+            list.sort_by_key(|&i| (routes[i].priority, routes[i].order));
+        }
+        table.models = models.build().unwrap_or_default();
         table
     }
 
@@ -368,33 +403,50 @@ impl RouteTable {
     }
 
     /// Enabled routes whose path, method, host and headers match, best first
-    /// (lowest priority, then load order). The model is checked by [`pick`].
+    /// (lowest priority, then load order). The model is checked by [`Self::pick`].
     pub fn candidates(&self, method: &Method, host: Option<&str>, path: &str, headers: &HeaderMap) -> Vec<&Arc<Route>> {
         let mut out: Vec<&Arc<Route>> = Vec::new();
-        let mut consider = |idx: usize| {
-            let r = &self.routes[idx];
-            if r.matches_head(method, host, headers) {
+        if let Some(list) = self.exact.get(path) {
+            out.extend(
+                list.iter()
+                    .map(|&i| &self.routes[i])
+                    .filter(|r| r.matches_head(method, host, headers)),
+            );
+        }
+        let sorted_so_far = out.len();
+        let dynamic = first_segment(path).and_then(|seg| self.dynamic.get(seg));
+        for (prefix, idx) in dynamic.into_iter().flatten().chain(self.dynamic_root.iter()) {
+            let r = &self.routes[*idx];
+            if path.starts_with(prefix.as_str())
+                && r.path_router.at(path).is_ok()
+                && r.matches_head(method, host, headers)
+            {
                 out.push(r);
             }
-        };
-        if let Some(list) = self.exact.get(path) {
-            list.iter().copied().for_each(&mut consider);
         }
-        for (prefix, idx) in &self.dynamic {
-            if path.starts_with(prefix.as_str()) && self.routes[*idx].path_router.at(path).is_ok() {
-                consider(*idx);
-            }
-        }
-        if out.len() > 1 {
+        if out.len() > sorted_so_far && out.len() > 1 {
             out.sort_by_key(|r| (r.priority, r.order));
         }
         out
     }
-}
 
-/// The first candidate whose model globs accept `model`.
-pub fn pick<'a>(candidates: &[&'a Arc<Route>], model: Option<&str>) -> Option<&'a Arc<Route>> {
-    candidates.iter().copied().find(|r| r.matches_model(model))
+    /// The first candidate whose model globs accept `model`: one pass of the
+    /// shared glob automaton, however many routes match on models.
+    pub fn pick<'a>(&self, candidates: &[&'a Arc<Route>], model: Option<&str>) -> Option<&'a Arc<Route>> {
+        let owners: Vec<usize> = match model {
+            Some(m) if candidates.iter().any(|r| r.model.is_some()) => self
+                .models
+                .matches(m)
+                .into_iter()
+                .map(|g| self.model_owner[g])
+                .collect(),
+            _ => Vec::new(),
+        };
+        candidates
+            .iter()
+            .copied()
+            .find(|r| r.model.is_none() || owners.contains(&r.order))
+    }
 }
 
 #[cfg(test)]
@@ -422,8 +474,8 @@ mod tests {
         let c = t.candidates(&Method::POST, None, "/v1/chat/completions", &h);
         let names: Vec<&str> = c.iter().map(|r| r.name.as_str()).collect();
         assert_eq!(names, ["gpt", "other", "any"]);
-        assert_eq!(pick(&c, Some("gpt-4o")).unwrap().name, "gpt");
-        assert_eq!(pick(&c, Some("claude")).unwrap().name, "other");
+        assert_eq!(t.pick(&c, Some("gpt-4o")).unwrap().name, "gpt");
+        assert_eq!(t.pick(&c, Some("claude")).unwrap().name, "other");
         let c = t.candidates(&Method::GET, None, "/v1/chat/completions", &h);
         assert_eq!(c[0].name, "other");
         assert!(t.candidates(&Method::GET, None, "/v2/x", &h).is_empty());

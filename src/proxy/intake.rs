@@ -6,7 +6,7 @@ use super::{ctx::RequestCtx, errors::GatewayError, rewrite};
 use crate::{
     auth::{self, AuthError},
     config::routes_d::{AuthMode, Format},
-    router::{self, Route},
+    router::Route,
     state::AppState,
     store::now_unix,
 };
@@ -127,7 +127,8 @@ pub async fn admit(state: &Arc<AppState>, session: &mut Session, ctx: &mut Reque
         body = Some(bytes);
     }
     let route: Arc<Route> = if needs_model {
-        router::pick(&candidates, model.as_deref())
+        table
+            .pick(&candidates, model.as_deref())
             .ok_or_else(|| GatewayError::NoRoute {
                 method: session.req_header().method.to_string(),
                 path: format!("{path} (model {})", model.as_deref().unwrap_or("none")),
