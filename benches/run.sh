@@ -1,0 +1,173 @@
+#!/usr/bin/env bash
+# FastGate load benchmark: one session, configurations alternated A B C D A B C D,
+# everything on 127.0.0.1. Needs: wrk, nginx, curl, python3 (apt: wrk nginx-light curl).
+#
+#   bash benches/run.sh                 # defaults: 8 s per run, 2 rounds, c32
+#   DURATION=15 ROUNDS=3 bash benches/run.sh
+#
+# Configurations (all answer the same small JSON POST):
+#   direct   wrk -> nginx `return 200` (the upstream itself)
+#   nginx    wrk -> nginx proxy_pass (keepalive 64) -> upstream
+#   pingora  wrk -> bare Pingora ProxyHttp (benches/bare_pingora.rs) -> upstream
+#   fastgate wrk -> FastGate: gateway-key auth, model-glob routing (body read),
+#                   pool key injection -> upstream
+#   fg-plain wrk -> FastGate route with auth + key injection, body streamed by Pingora
+# Each proxy gets PROXY_THREADS worker threads (default 1: a 2-core machine also
+# runs wrk and the upstream). CPU per request is read from /proc for the proxy.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DURATION=${DURATION:-8}
+ROUNDS=${ROUNDS:-2}
+CONNS=${CONNS:-32}
+PROXY_THREADS=${PROXY_THREADS:-1}
+OUT=${OUT:-benches/results/latest.md}
+BASE=${BASE_PORT:-18100}
+UP=$BASE; PINGORA=$((BASE+1)); NGINX=$((BASE+2)); FG=$((BASE+3)); SSE=$((BASE+4))
+
+for tool in wrk nginx curl python3; do
+  command -v $tool >/dev/null || { echo "missing $tool (apt-get install wrk nginx-light curl)"; exit 1; }
+done
+
+cargo build --release --locked --bin fastgate --example bare_pingora >&2
+FASTGATE=target/release/fastgate
+BARE=target/release/examples/bare_pingora
+
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; sleep 0.3; rm -rf "$WORK"; }
+trap cleanup EXIT
+
+wait_port() { for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
+
+# --- upstream and nginx proxy (one nginx master each, own prefix) ---
+mkdir -p "$WORK/up/logs" "$WORK/px/logs"
+cat > "$WORK/up/nginx.conf" <<NGX
+daemon off; worker_processes 1; pid $WORK/up/nginx.pid; error_log $WORK/up/logs/error.log warn;
+events { worker_connections 4096; }
+http { access_log off; keepalive_requests 1000000;
+  server { listen 127.0.0.1:$UP reuseport;
+    location / { default_type application/json;
+      return 200 '{"id":"c1","object":"chat.completion","model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"Hello"},"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":1,"total_tokens":13}}'; } } }
+NGX
+cat > "$WORK/px/nginx.conf" <<NGX
+daemon off; worker_processes $PROXY_THREADS; pid $WORK/px/nginx.pid; error_log $WORK/px/logs/error.log warn;
+events { worker_connections 4096; }
+http { access_log off; keepalive_requests 1000000;
+  upstream up { server 127.0.0.1:$UP; keepalive 64; }
+  server { listen 127.0.0.1:$NGINX reuseport;
+    location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
+NGX
+nginx -p "$WORK/up" -c "$WORK/up/nginx.conf" & PIDS+=($!)
+nginx -p "$WORK/px" -c "$WORK/px/nginx.conf" & PIDS+=($!)
+NGINX_PX_MASTER=$!
+python3 benches/sse_upstream.py $SSE & PIDS+=($!)
+$BARE 127.0.0.1:$PINGORA 127.0.0.1:$UP $PROXY_THREADS 2>/dev/null & PIDS+=($!)
+BARE_PID=$!
+
+# --- FastGate ---
+mkdir -p "$WORK/fg/routes.d"
+cat > "$WORK/fg/fastgate.yaml" <<YML
+server: { listen: 127.0.0.1:$FG, threads: $PROXY_THREADS }
+database: { path: $WORK/fg/fg.db }
+logging: { level: warn }
+routes_dir: $WORK/fg/routes.d
+upstreams:
+  up: { provider: openai, endpoints: ['http://127.0.0.1:$UP'], key_pool: p }
+  sse: { provider: openai_compatible, endpoints: ['http://127.0.0.1:$SSE'], key_pool: p }
+key_pools:
+  p: { keys: [sk-bench-1, sk-bench-2, sk-bench-3], strategy: round_robin }
+YML
+cat > "$WORK/fg/routes.d/bench.yaml" <<YML
+routes:
+  - { name: chat, match: { path: /v1/chat/completions, methods: [POST], model: ['gpt-4o*'] }, format: openai, upstream: up }
+  - { name: plain, match: { path: /plain/v1/chat/completions }, format: openai, upstream: up, transform: { strip_prefix: /plain } }
+  - { name: sse, match: { path: /sse }, format: openai, upstream: sse }
+YML
+export FG_KEY=$($FASTGATE keys -c "$WORK/fg/fastgate.yaml" create --name bench --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["secret"])')
+$FASTGATE serve -c "$WORK/fg/fastgate.yaml" 2>"$WORK/fg/log" & PIDS+=($!)
+FG_PID=$!
+for p in $UP $NGINX $PINGORA $FG $SSE; do wait_port $p; done
+sleep 0.5
+rss_kb() { awk '/VmRSS/ {print $2}' /proc/$1/status; }
+FG_RSS_IDLE=$(rss_kb $FG_PID)
+
+# CPU ticks (utime+stime) of a process and its children threads / workers.
+cpu_ticks() { local t=0; for p in "$@"; do t=$((t + $(awk '{print $14+$15}' /proc/$p/stat))); done; echo $t; }
+nginx_px_pids() { echo $NGINX_PX_MASTER $(pgrep -P $NGINX_PX_MASTER); }
+HZ=$(getconf CLK_TCK)
+
+declare -A URL PIDSOF
+URL[direct]="http://127.0.0.1:$UP/v1/chat/completions"
+URL[nginx]="http://127.0.0.1:$NGINX/v1/chat/completions"
+URL[pingora]="http://127.0.0.1:$PINGORA/v1/chat/completions"
+URL[fastgate]="http://127.0.0.1:$FG/v1/chat/completions"
+URL[fg-plain]="http://127.0.0.1:$FG/plain/v1/chat/completions"
+CONFIGS=(direct nginx pingora fastgate fg-plain)
+
+# Sanity: every configuration answers 200 with the upstream's body.
+for c in "${CONFIGS[@]}"; do
+  code=$(curl -s -o /dev/null -w '%{http_code}' -X POST -H "Authorization: Bearer $FG_KEY" -H 'content-type: application/json' \
+    -d '{"model":"gpt-4o-mini","messages":[]}' "${URL[$c]}")
+  [ "$code" = 200 ] || { echo "$c answered $code" >&2; cat "$WORK/fg/log" >&2; exit 1; }
+done
+
+declare -A RPS P50 P99 CPU N
+FG_RSS_LOAD=0
+to_ms() { awk -v v="$1" 'BEGIN { if (v ~ /us$/) {sub(/us/,"",v); print v/1000} else if (v ~ /ms$/) {sub(/ms/,"",v); print v+0} else if (v ~ /s$/) {sub(/s/,"",v); print v*1000} else print v }'; }
+run_wrk() { # config conns duration -> sets R_RPS R_P50 R_P99 R_REQ R_CPU
+  local c=$1 conns=$2 dur=$3 pids
+  case $c in nginx) pids=$(nginx_px_pids);; pingora) pids=$BARE_PID;; fastgate|fg-plain) pids=$FG_PID;; *) pids="";; esac
+  local before=0; [ -n "$pids" ] && before=$(cpu_ticks $pids)
+  local out; out=$(wrk -t1 -c"$conns" -d"${dur}s" --latency -s benches/post.lua "${URL[$c]}")
+  if [[ $c == fastgate ]]; then local r; r=$(rss_kb $FG_PID); [ "$r" -gt "$FG_RSS_LOAD" ] && FG_RSS_LOAD=$r; fi
+  local after=0; [ -n "$pids" ] && after=$(cpu_ticks $pids)
+  R_RPS=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
+  R_REQ=$(echo "$out" | awk '/requests in/ {print $1}')
+  R_P50=$(to_ms "$(echo "$out" | awk '$1=="50%" {print $2}')")
+  R_P99=$(to_ms "$(echo "$out" | awk '$1=="99%" {print $2}')")
+  local non2xx; non2xx=$(echo "$out" | awk '/Non-2xx/ {print $4}')
+  [ -z "$non2xx" ] || { echo "$c: $non2xx non-2xx responses" >&2; exit 1; }
+  if [ -n "$pids" ]; then R_CPU=$(awk -v d=$((after-before)) -v hz=$HZ -v n=$R_REQ 'BEGIN {printf "%.1f", d*1e6/hz/n}'); else R_CPU="-"; fi
+}
+
+echo "warming up" >&2
+for c in "${CONFIGS[@]}"; do run_wrk $c 8 2; done
+for r in $(seq "$ROUNDS"); do
+  for c in "${CONFIGS[@]}"; do
+    run_wrk $c "$CONNS" "$DURATION"
+    echo "round $r $c: rps=$R_RPS p50=${R_P50}ms p99=${R_P99}ms cpu=${R_CPU}us/req" >&2
+    RPS[$c]="${RPS[$c]:-} $R_RPS"; P50[$c]="${P50[$c]:-} $R_P50"; P99[$c]="${P99[$c]:-} $R_P99"; CPU[$c]="${CPU[$c]:-} $R_CPU"
+  done
+done
+median() { tr ' ' '\n' | grep -v '^$' | grep -v '^-$' | sort -g | awk '{a[NR]=$1} END { if (NR==0) print "-"; else if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2 }'; }
+
+# Added latency at one connection (alternating).
+declare -A L1
+for r in $(seq "$ROUNDS"); do
+  for c in direct fastgate pingora; do run_wrk $c 1 4; L1[$c]="${L1[$c]:-} $R_P50"; done
+done
+
+# SSE time to first byte, direct vs through FastGate (curl's own timer), alternating.
+ttfb() { curl -s -o /dev/null -w '%{time_starttransfer}\n' -X POST -H "Authorization: Bearer $FG_KEY" -H 'content-type: application/json' -d '{"model":"m","stream":true}' "$1"; }
+D=(); F=()
+for i in $(seq 150); do D+=($(ttfb "http://127.0.0.1:$SSE/v1/chat/completions")); F+=($(ttfb "http://127.0.0.1:$FG/sse")); done
+TTFB_D=$(printf '%s\n' "${D[@]}" | median); TTFB_F=$(printf '%s\n' "${F[@]}" | median)
+
+{
+  echo "### Run $(date -u +%Y-%m-%dT%H:%MZ) — $(nproc) cores, ${DURATION}s x ${ROUNDS} rounds, c$CONNS, proxies with $PROXY_THREADS worker thread(s)"
+  echo
+  echo "| configuration | RPS (median) | p50 ms | p99 ms | proxy CPU µs/req | RPS vs bare Pingora |"
+  echo "|---|---:|---:|---:|---:|---:|"
+  PR=$(echo ${RPS[pingora]} | median)
+  for c in "${CONFIGS[@]}"; do
+    rps=$(echo ${RPS[$c]} | median)
+    ratio=$(awk -v a="$rps" -v b="$PR" 'BEGIN {printf "%.2f", a/b}')
+    echo "| $c | $rps | $(echo ${P50[$c]} | median) | $(echo ${P99[$c]} | median) | $(echo ${CPU[$c]} | median) | $ratio |"
+  done
+  echo
+  d1=$(echo ${L1[direct]} | median); f1=$(echo ${L1[fastgate]} | median); p1=$(echo ${L1[pingora]} | median)
+  echo "- p50 at 1 connection: direct ${d1} ms, bare Pingora ${p1} ms, FastGate ${f1} ms → FastGate adds $(awk -v a=$f1 -v b=$d1 'BEGIN{printf "%.3f", a-b}') ms over direct"
+  echo "- SSE time to first byte (median of 150, curl): direct $(awk -v v=$TTFB_D 'BEGIN{printf "%.3f", v*1000}') ms, through FastGate $(awk -v v=$TTFB_F 'BEGIN{printf "%.3f", v*1000}') ms → adds $(awk -v a=$TTFB_F -v b=$TTFB_D 'BEGIN{printf "%.3f", (a-b)*1000}') ms"
+  echo "- FastGate RSS: idle $((FG_RSS_IDLE/1024)) MiB, under load $((FG_RSS_LOAD/1024)) MiB"
+} | tee "$OUT"
