@@ -237,32 +237,47 @@ async fn stream_response(
         .as_ref()
         .map_or(Duration::from_secs(300), |u| u.timeouts.idle.0);
     up.set_read_timeout(Some(idle));
+    // A streamed answer can stay silent for long: watch the client meanwhile,
+    // so a hang-up cancels generation. A sized body arrives at once and needs
+    // no watcher (saving a syscall per read).
+    let watch_client = !upstream_header.headers.contains_key(header::CONTENT_LENGTH);
     loop {
-        tokio::select! {
-            chunk = up.read_response_body() => match chunk {
-                Ok(Some(data)) => {
-                    ctx.response.bytes += data.len() as u64;
-                    ctx.response.chunks += 1;
-                    if session.write_response_body(Some(data), false).await.is_err() {
-                        tracing::debug!(request_id = %ctx.request_id, "Client went away mid-response; upstream request dropped.");
-                        return;
-                    }
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    tracing::warn!(request_id = %ctx.request_id, error = %e, "Upstream failed mid-response.");
-                    let err = GatewayError::UpstreamUnreachable { upstream: ctx.upstream_name().to_string(), reason: format!("{} after the response started", e.etype().as_str()) };
-                    if is_sse {
-                        let _ = session.write_response_body(Some(err.sse_event(ctx.format)), false).await;
-                        let _ = session.write_response_body(None, true).await;
-                    }
-                    ctx.error = Some(err);
+        let chunk = if watch_client {
+            tokio::select! {
+                chunk = up.read_response_body() => chunk,
+                _ = session.downstream_session.read_body_or_idle(true) => {
+                    tracing::debug!(request_id = %ctx.request_id, "Client disconnected; cancelling the upstream request.");
+                    ctx.error = Some(GatewayError::ClientClosed);
                     return;
                 }
-            },
-            _ = session.downstream_session.read_body_or_idle(true) => {
-                tracing::debug!(request_id = %ctx.request_id, "Client disconnected; cancelling the upstream request.");
-                ctx.error = Some(GatewayError::ClientClosed);
+            }
+        } else {
+            up.read_response_body().await
+        };
+        match chunk {
+            Ok(Some(data)) => {
+                ctx.response.bytes += data.len() as u64;
+                ctx.response.chunks += 1;
+                if session.write_response_body(Some(data), false).await.is_err() {
+                    tracing::debug!(request_id = %ctx.request_id, "Client went away mid-response; upstream request dropped.");
+                    ctx.error = Some(GatewayError::ClientClosed);
+                    return;
+                }
+            }
+            Ok(None) => break,
+            Err(e) => {
+                tracing::warn!(request_id = %ctx.request_id, error = %e, "Upstream failed mid-response.");
+                let err = GatewayError::UpstreamUnreachable {
+                    upstream: ctx.upstream_name().to_string(),
+                    reason: format!("{} after the response started", e.etype().as_str()),
+                };
+                if is_sse {
+                    let _ = session
+                        .write_response_body(Some(err.sse_event(ctx.format)), false)
+                        .await;
+                    let _ = session.write_response_body(None, true).await;
+                }
+                ctx.error = Some(err);
                 return;
             }
         }
