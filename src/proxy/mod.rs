@@ -13,6 +13,7 @@
 //! request_body_filter      max_request_body on streamed bodies
 //! response_filter          x-request-id
 //! fail_to_connect          retry on another endpoint/key while `retries` allow
+//! error_while_proxy        never retry a client hang-up
 //! fail_to_proxy            respond::error
 //! logging                  one line per request
 //! ```
@@ -200,6 +201,28 @@ impl ProxyHttp for Gateway {
         if ctx.upstream.attempts <= retries {
             ctx.upstream.mark_failed();
             e.set_retry(true);
+        }
+        e
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<pingora::Error>,
+        _ctx: &mut RequestCtx,
+        client_reused: bool,
+    ) -> Box<pingora::Error> {
+        let mut e = e.more_context(format!("peer: {peer}"));
+        // Never retry because the client hung up, nor replay a body Pingora
+        // no longer holds; otherwise a stale pooled connection may be retried.
+        if e.esource() == &ErrorSource::Downstream
+            || !session.req_header().method.is_idempotent()
+            || session.as_ref().retry_buffer_truncated()
+        {
+            e.set_retry(false);
+        } else {
+            e.retry.decide_reuse(client_reused);
         }
         e
     }
