@@ -521,7 +521,10 @@ mod tests {
         );
         assert!(text.contains("not an HTTP method"), "{text}");
         assert!(text.contains("no upstream named \"missing\""), "{text}");
-        assert!(text.contains("duplicate route name"), "{text}");
+        assert!(
+            text.contains("bad.yaml:9: route \"ok\": duplicate route name"),
+            "{text}"
+        );
     }
 
     #[test]

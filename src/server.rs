@@ -30,8 +30,7 @@ impl ShutdownSignalWatch for DrainThenStop {
             _ = term.recv() => "SIGTERM",
             _ = int.recv() => "SIGINT",
         };
-        // The request that counts itself in flight while we wait is the one
-        // waiting here: none. Poll; shutdown is rare and the interval is short.
+        // Poll the in-flight counter: shutdown is rare and 50 ms is short.
         let deadline = tokio::time::Instant::now() + self.grace;
         tracing::info!(
             signal = which,

@@ -68,8 +68,7 @@ impl AppState {
             .map(|(name, u)| (name.clone(), Arc::new(Upstream::build(name, u, &pools))))
             .collect();
         let keys = KeyCache::load(store::open(&config.database_path)?)?;
-        let mut opts = ConnectorOptions::new(config.file.server.upstream_keepalive_pool);
-        opts.keepalive_pool_size = config.file.server.upstream_keepalive_pool;
+        let opts = ConnectorOptions::new(config.file.server.upstream_keepalive_pool);
         Ok(Arc::new(AppState {
             routes: ArcSwap::from_pointee(routes),
             upstreams,

@@ -23,10 +23,7 @@ use pingora::{
 use std::{
     collections::{BTreeSet, HashMap},
     net::{SocketAddr, ToSocketAddrs},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::Arc,
     time::Duration,
 };
 
@@ -162,7 +159,6 @@ pub struct Upstream {
     pub key_pool: Option<Arc<KeyPool>>,
     pub mock: Option<MockConfig>,
     selector: Option<Selector>,
-    resolved: AtomicBool,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -200,7 +196,7 @@ impl Upstream {
             let _ = each_lb!(&selector, lb => futures_lite::future::block_on(lb.update().boxed()));
             selector
         });
-        let up = Upstream {
+        Upstream {
             name: name.to_string(),
             provider: cfg.provider,
             endpoints,
@@ -208,10 +204,7 @@ impl Upstream {
             key_pool: cfg.key_pool.as_ref().and_then(|p| pools.get(p).cloned()),
             mock: (cfg.provider == Provider::Mock).then(|| cfg.mock.clone().unwrap_or_default()),
             selector,
-            resolved: AtomicBool::new(false),
-        };
-        up.resolved.store(up.backend_count() > 0, Ordering::Relaxed);
-        up
+        }
     }
 
     pub fn is_mock(&self) -> bool {
@@ -227,9 +220,10 @@ impl Upstream {
 
     /// Re-resolve endpoint hostnames (background task).
     pub async fn refresh(&self) {
-        if let Some(s) = &self.selector {
-            let ok = each_lb!(s, lb => lb.update().await).is_ok();
-            self.resolved.store(ok || self.backend_count() > 0, Ordering::Relaxed);
+        if let Some(s) = &self.selector
+            && let Err(e) = each_lb!(s, lb => lb.update().await)
+        {
+            tracing::debug!(upstream = %self.name, error = %e, "DNS refresh kept the previous addresses.");
         }
     }
 

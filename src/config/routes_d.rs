@@ -2,7 +2,7 @@
 //! Any invalid file fails the whole load, so a reload either swaps in a table
 //! built from every file or keeps the previous one.
 
-use super::{ConfigErrors, Diagnostic, FileConfig, OneOrMany, line_of};
+use super::{ConfigErrors, Diagnostic, FileConfig, OneOrMany};
 use crate::router::{Route, RouteTable};
 use serde::{Deserialize, Serialize};
 use std::{
@@ -162,6 +162,7 @@ pub fn compile_sources(sources: &[(PathBuf, String)], config: &FileConfig) -> Re
     let mut errors = Vec::new();
     let mut routes = Vec::new();
     let mut seen: HashMap<String, PathBuf> = HashMap::new();
+    let mut seen_in_file: HashMap<String, usize> = HashMap::new();
     for (file, raw) in sources {
         let text = match super::interpolate(file, raw) {
             Ok(t) => t,
@@ -177,8 +178,12 @@ pub fn compile_sources(sources: &[(PathBuf, String)], config: &FileConfig) -> Re
                 continue;
             }
         };
+        seen_in_file.clear();
         for rc in parsed.routes {
-            let line = line_of(&text, &format!("name: {}", rc.name));
+            // The n-th route with this name in this file sits at the n-th `name:` line.
+            let nth = seen_in_file.entry(rc.name.clone()).or_insert(0);
+            let line = nth_line_of(&text, &format!("name: {}", rc.name), *nth);
+            *nth += 1;
             let mut diag = |message: String| {
                 errors.push(Diagnostic {
                     file: file.clone(),
@@ -202,4 +207,22 @@ pub fn compile_sources(sources: &[(PathBuf, String)], config: &FileConfig) -> Re
     } else {
         Err(ConfigErrors(errors))
     }
+}
+
+/// The line of the `n`-th (0-based) line containing `needle`; line 1 if absent.
+fn nth_line_of(text: &str, needle: &str, n: usize) -> usize {
+    // `name: ok` must not match `name: okay`: the needle ends at a boundary.
+    let holds = |line: &str| {
+        line.match_indices(needle).any(|(i, _)| {
+            line[i + needle.len()..]
+                .chars()
+                .next()
+                .is_none_or(|c| c.is_whitespace() || matches!(c, ',' | '}' | '#'))
+        })
+    };
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| holds(l))
+        .nth(n)
+        .map_or(1, |(i, _)| i + 1)
 }

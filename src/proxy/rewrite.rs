@@ -81,8 +81,8 @@ pub fn upstream_request(
     // injects its own key; a gateway key (`fg_…`) never does.
     let strip =
         route.auth == AuthMode::Required || lease.is_some() || ctx.credential.is_some_and(|_| ctx.key.is_some());
-    let query_had_key = strip && ctx.credential == Some(CredentialSource::QueryKey);
-    let path = upstream_path(route, endpoint, req.uri.path(), req.uri.query(), query_had_key || strip);
+    let drop_key_param = strip && ctx.credential == Some(CredentialSource::QueryKey);
+    let path = upstream_path(route, endpoint, req.uri.path(), req.uri.query(), drop_key_param);
     let uri = path
         .parse::<http::Uri>()
         .map_err(|e| GatewayError::BadRequestBody(format!("rewritten path is invalid: {e}")))?;
