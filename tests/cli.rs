@@ -185,21 +185,12 @@ async fn the_shipped_config_serves_the_offline_demo() {
         .as_str()
         .unwrap()
         .to_string();
-    let mut status = 0;
-    for _ in 0..60 {
-        let r = c
-            .post(format!("{base}/v1/chat/completions"))
+    let chat = || {
+        c.post(format!("{base}/v1/chat/completions"))
             .bearer_auth(&secret)
             .json(&json!({"model": "mock-1", "messages": []}))
-            .send()
-            .await
-            .unwrap();
-        status = r.status().as_u16();
-        if status == 200 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    };
+    let status = common::until_status(chat, |s| s == 200).await.status().as_u16();
     assert_eq!(status, 200);
     let r = c
         .post(format!("{base}/v1/chat/completions"))

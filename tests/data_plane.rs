@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Gateway, MockUpstream, write};
+use common::{Gateway, MockUpstream, until_status, write};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 use std::{
@@ -267,22 +267,8 @@ async fn a_one_mib_body_reaches_the_upstream_intact_on_both_paths() {
     let routes =
         format!("{ROUTES}\n  - name: by-model\n    match: {{ path: /big, model: ['gpt-*'] }}\n    upstream: oai\n");
     write(&gw.routes_dir().join("10-test.yaml"), &routes);
-    let mut status = 0;
-    for _ in 0..100 {
-        status = c
-            .post(gw.url("/big"))
-            .bearer_auth(&secret)
-            .body(body.clone())
-            .send()
-            .await
-            .unwrap()
-            .status()
-            .as_u16();
-        if status != 404 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let big = || c.post(gw.url("/big")).bearer_auth(&secret).body(body.clone());
+    let status = until_status(big, |s| s != 404).await.status().as_u16();
     assert_eq!(status, 200);
     assert_eq!(mock.last().body.len(), body.len());
     assert_eq!(mock.last().body, body.as_bytes());
@@ -405,14 +391,10 @@ async fn hot_reload_applies_good_files_and_keeps_serving_on_bad_ones() {
         &new_file,
         "routes:\n  - { name: new, match: { path: '/new/{*rest}' }, auth: none, upstream: plain, transform: { strip_prefix: /new } }\n",
     );
-    let mut status = 0;
-    for _ in 0..100 {
-        status = c.get(gw.url("/new/v1/models")).send().await.unwrap().status().as_u16();
-        if status == 200 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let status = until_status(|| c.get(gw.url("/new/v1/models")), |s| s == 200)
+        .await
+        .status()
+        .as_u16();
     assert_eq!(status, 200, "new route never took effect");
     assert_eq!(mock.last().uri, "/v1/models");
 
@@ -453,20 +435,10 @@ async fn hot_reload_applies_good_files_and_keeps_serving_on_bad_ones() {
     // SIGHUP reloads too (after the bad file is fixed).
     std::fs::remove_file(gw.routes_dir().join("30-broken.yaml")).unwrap();
     gw.signal("HUP");
-    let mut status = 0;
-    for _ in 0..100 {
-        status = c
-            .get(gw.url("/changed/v1/models"))
-            .send()
-            .await
-            .unwrap()
-            .status()
-            .as_u16();
-        if status == 200 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let status = until_status(|| c.get(gw.url("/changed/v1/models")), |s| s == 200)
+        .await
+        .status()
+        .as_u16();
     assert_eq!(status, 200);
 }
 
@@ -554,22 +526,8 @@ async fn every_gateway_error_has_the_right_status_and_shape() {
         "{ROUTES}\n  - name: by-model\n    match: {{ path: /by-model, model: ['gpt-*'] }}\n    upstream: oai\n"
     );
     write(&gw.routes_dir().join("10-test.yaml"), &routes);
-    let mut result = (0, Value::Null, false);
-    for _ in 0..100 {
-        result = error_of(
-            c.post(gw.url("/by-model"))
-                .bearer_auth(&secret)
-                .body("{not json")
-                .send()
-                .await
-                .unwrap(),
-        )
-        .await;
-        if result.0 != 404 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let bad_json = || c.post(gw.url("/by-model")).bearer_auth(&secret).body("{not json");
+    let result = error_of(until_status(bad_json, |s| s != 404).await).await;
     assert_eq!(result.0, 400);
     assert_openai(&result.1, "invalid_json");
 
@@ -679,7 +637,8 @@ async fn request_ids_are_generated_or_kept() {
 async fn revoked_and_expired_keys_stop_working() {
     let (_mock, gw, secret) = setup().await;
     let c = reqwest::Client::new();
-    let (id, _) = gw.create_key(&[]);
+    let (id, revoked) = gw.create_key(&[]);
+    gw.wait_key(&revoked, "/v1/messages").await;
     let out = std::process::Command::new(common::bin())
         .args(["keys", "-c"])
         .arg(gw.config_path())
@@ -687,16 +646,28 @@ async fn revoked_and_expired_keys_stop_working() {
         .output()
         .unwrap();
     assert!(out.status.success());
-    let (_, expired) = gw.create_key(&["--expires-in", "1s"]);
-    gw.wait_key(&expired, "/v1/messages").await;
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let r = until_status(
+        || c.post(gw.url("/v1/messages")).header("x-api-key", &revoked),
+        |s| s == 401,
+    )
+    .await;
+    assert_eq!(r.status(), 401, "a revoked key kept working");
+
+    let created = Instant::now();
+    let (_, expiring) = gw.create_key(&["--expires-in", "4s"]);
+    gw.wait_key(&expiring, "/v1/messages").await;
+    assert!(
+        created.elapsed() < Duration::from_secs(4),
+        "machine too slow to observe the key before expiry"
+    );
+    tokio::time::sleep(Duration::from_secs(4).saturating_sub(created.elapsed()) + Duration::from_millis(200)).await;
     let r = c
         .post(gw.url("/v1/messages"))
-        .header("x-api-key", &expired)
+        .header("x-api-key", &expiring)
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 401);
+    assert_eq!(r.status(), 401, "an expired key kept working");
     // The original key still works.
     let r = c
         .post(gw.url("/v1/messages"))

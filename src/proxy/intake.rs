@@ -46,14 +46,19 @@ pub fn model_from_gemini_path(path: &str) -> Option<&str> {
     (!model.is_empty()).then_some(model)
 }
 
-/// Read the whole request body, refusing more than `limit` bytes.
-pub async fn read_body(session: &mut Session, limit: u64) -> Result<Bytes, GatewayError> {
-    let declared = session
+/// The request's `Content-Length`, if it sent a valid one.
+pub fn declared_length(session: &Session) -> Option<u64> {
+    session
         .req_header()
         .headers
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+        .and_then(|v| v.parse::<u64>().ok())
+}
+
+/// Read the whole request body, refusing more than `limit` bytes.
+pub async fn read_body(session: &mut Session, limit: u64) -> Result<Bytes, GatewayError> {
+    let declared = declared_length(session);
     if declared.is_some_and(|n| n > limit) {
         return Err(GatewayError::BodyTooLarge { limit });
     }

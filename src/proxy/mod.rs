@@ -82,12 +82,7 @@ impl ProxyHttp for Gateway {
         }
         // Streaming path: refuse a declared oversize body before connecting.
         let limit = self.state.config.file.server.max_request_body.0;
-        let declared = session
-            .req_header()
-            .headers
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
+        let declared = intake::declared_length(session);
         if declared.is_some_and(|n| n > limit) {
             respond::error(session, ctx, GatewayError::BodyTooLarge { limit }).await?;
             return Ok(true);

@@ -325,6 +325,19 @@ impl Drop for Gateway {
     }
 }
 
+/// Send the request `make` builds until its status satisfies `done` (route
+/// reloads and new keys apply within moments, not instantly); the last answer.
+pub async fn until_status(make: impl Fn() -> reqwest::RequestBuilder, done: impl Fn(u16) -> bool) -> reqwest::Response {
+    for _ in 0..100 {
+        let r = make().send().await.unwrap();
+        if done(r.status().as_u16()) {
+            return r;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    make().send().await.unwrap()
+}
+
 pub fn write(path: &Path, text: &str) {
     // Write-then-rename, like editors and the admin API do.
     let tmp = path.with_extension("tmp");
