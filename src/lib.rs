@@ -5,9 +5,12 @@
 //! `main.rs` only wires these together; everything lives here so tests and
 //! benches can reach it.
 
+pub mod admin;
+pub mod audit;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod metrics;
 pub mod pool;
 pub mod proxy;
 pub mod reload;
@@ -17,3 +20,4 @@ pub mod server;
 pub mod state;
 pub mod store;
 pub mod upstream;
+pub mod usage;

@@ -1,7 +1,7 @@
 //! Assemble the Pingora server: the data-plane proxy service, the upkeep
 //! background service, thread count and graceful shutdown.
 
-use crate::{proxy::Gateway, reload::Upkeep, state::AppState};
+use crate::{admin::AdminService, proxy::Gateway, reload::Upkeep, state::AppState};
 use async_trait::async_trait;
 use pingora::{
     proxy::http_proxy_service,
@@ -63,9 +63,11 @@ pub fn run(state: Arc<AppState>) {
     proxy.add_tcp(&state.config.listen.to_string());
     server.add_service(proxy);
     server.add_service(background_service("upkeep", Upkeep { state: state.clone() }));
+    server.add_service(background_service("admin", AdminService { state: state.clone() }));
 
     tracing::info!(
         listen = %state.config.listen,
+        admin = %state.config.admin_listen,
         threads = state.config.threads(),
         routes = state.routes.load().len(),
         upstreams = state.upstreams.len(),
@@ -74,6 +76,15 @@ pub fn run(state: Arc<AppState>) {
     );
     let grace = state.config.file.server.grace_period.0;
     server.run(RunArgs {
-        shutdown_signal: Box::new(DrainThenStop { state, grace }),
+        shutdown_signal: Box::new(DrainThenStop {
+            state: state.clone(),
+            grace,
+        }),
     });
+    // Every request has finished: write the audit rows still queued.
+    state.audit.close();
+    tracing::info!(
+        written = state.audit.stats().written.load(std::sync::atomic::Ordering::Relaxed),
+        "Audit log flushed; exiting."
+    );
 }

@@ -2,8 +2,10 @@
 //! upstreams, key pools, the gateway-key cache and the upstream connector.
 
 use crate::{
+    audit::AuditSink,
     auth::KeyCache,
     config::{Config, ConfigErrors, load_routes},
+    metrics::Metrics,
     pool::KeyPool,
     router::RouteTable,
     store,
@@ -41,6 +43,10 @@ pub struct AppState {
     pub in_flight: AtomicUsize,
     pub requests_total: AtomicU64,
     pub reload: Mutex<ReloadStatus>,
+    pub metrics: Metrics,
+    pub audit: AuditSink,
+    /// A connection for readiness checks only.
+    health_db: Mutex<rusqlite::Connection>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +55,8 @@ pub enum StartupError {
     Config(#[from] ConfigErrors),
     #[error(transparent)]
     Store(#[from] store::StoreError),
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
 }
 
 impl AppState {
@@ -68,6 +76,12 @@ impl AppState {
             .map(|(name, u)| (name.clone(), Arc::new(Upstream::build(name, u, &pools))))
             .collect();
         let keys = KeyCache::load(store::open(&config.database_path)?)?;
+        let audit = if config.file.audit.enabled {
+            AuditSink::start(&config.database_path, &config.file.audit)?
+        } else {
+            AuditSink::disabled()
+        };
+        let health_db = Mutex::new(store::open(&config.database_path)?);
         let opts = ConnectorOptions::new(config.file.server.upstream_keepalive_pool);
         Ok(Arc::new(AppState {
             routes: ArcSwap::from_pointee(routes),
@@ -78,6 +92,9 @@ impl AppState {
             in_flight: AtomicUsize::new(0),
             requests_total: AtomicU64::new(0),
             reload: Mutex::new(ReloadStatus::default()),
+            metrics: Metrics::new()?,
+            audit,
+            health_db,
             config,
         }))
     }
@@ -91,17 +108,27 @@ impl AppState {
                 let n = table.len();
                 self.routes.store(Arc::new(table));
                 status.successes += 1;
+                self.metrics.config_reloads.with_label_values(&["success"]).inc();
                 status.last_error = None;
                 tracing::info!(routes = n, "Reloaded routes.d.");
                 Ok(n)
             }
             Err(e) => {
                 status.failures += 1;
+                self.metrics.config_reloads.with_label_values(&["failure"]).inc();
                 status.last_error = Some(e.to_string());
                 tracing::error!(error = %e, "Rejected routes.d change; the previous route table keeps serving.");
                 Err(e)
             }
         }
+    }
+
+    /// Whether the database takes a write lock now (readiness).
+    pub fn database_writable(&self) -> bool {
+        self.health_db
+            .lock()
+            .execute_batch("BEGIN IMMEDIATE; ROLLBACK;")
+            .is_ok()
     }
 
     pub fn in_flight(&self) -> usize {

@@ -101,6 +101,7 @@ async fn the_shipped_config_serves_the_offline_demo() {
         .current_dir(root)
         .env("FASTGATE_LISTEN", format!("127.0.0.1:{port}"))
         .env("FASTGATE_DB", dir.path().join("fg.db"))
+        .env("FASTGATE_ADMIN_LISTEN", format!("127.0.0.1:{}", common::free_port()))
         .env_remove("OPENAI_API_KEY")
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -58,6 +58,8 @@ pub struct FileConfig {
     pub server: ServerConfig,
     pub database: DatabaseConfig,
     pub logging: LoggingConfig,
+    pub admin: AdminConfig,
+    pub audit: AuditConfig,
     /// Relative paths are resolved against the working directory.
     pub routes_dir: PathBuf,
     pub upstreams: BTreeMap<String, UpstreamConfig>,
@@ -70,6 +72,8 @@ impl Default for FileConfig {
             server: ServerConfig::default(),
             database: DatabaseConfig::default(),
             logging: LoggingConfig::default(),
+            admin: AdminConfig::default(),
+            audit: AuditConfig::default(),
             routes_dir: PathBuf::from("routes.d"),
             upstreams: BTreeMap::new(),
             key_pools: BTreeMap::new(),
@@ -142,6 +146,53 @@ impl Default for LoggingConfig {
         Self {
             format: LogFormat::Text,
             level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// The admin service: `/health`, `/health/ready`, `/metrics`. Bind it privately.
+    pub listen: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9090".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// Write one row per proxied request to the `audit_log` table.
+    pub enabled: bool,
+    /// Keep request/response headers (credentials and cookies redacted).
+    pub capture_headers: bool,
+    /// Keep request/response bodies, each cut at `body_max_bytes`.
+    pub capture_body: bool,
+    pub body_max_bytes: HumanSize,
+    /// Rows older than this are deleted in the background.
+    pub retention: HumanDuration,
+    /// Records waiting for the writer; when full, records are dropped (and counted), never waited for.
+    pub queue_size: usize,
+    /// Most rows written in one transaction.
+    pub batch_size: usize,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            capture_headers: true,
+            capture_body: false,
+            body_max_bytes: HumanSize(16 * 1024),
+            retention: Duration::from_secs(30 * 24 * 3600).into(),
+            queue_size: 65_536,
+            batch_size: 512,
         }
     }
 }
@@ -263,6 +314,7 @@ pub struct Config {
     pub routes_dir: PathBuf,
     pub database_path: PathBuf,
     pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
 }
 
 impl Config {
@@ -312,6 +364,25 @@ pub fn parse_config(path: &Path, raw: &str) -> Result<Config, ConfigErrors> {
             None
         }
     };
+    let admin_listen = match file.admin.listen.parse::<SocketAddr>() {
+        Ok(a) => Some(a),
+        Err(_) => {
+            errors.push(diag(
+                at("listen:"),
+                format!(
+                    "admin.listen: {:?} is not an address like 127.0.0.1:9090",
+                    file.admin.listen
+                ),
+            ));
+            None
+        }
+    };
+    if file.audit.queue_size == 0 || file.audit.batch_size == 0 {
+        errors.push(diag(
+            at("audit:"),
+            "audit.queue_size and audit.batch_size must be greater than zero".into(),
+        ));
+    }
     for (name, up) in &file.upstreams {
         let line = at(&format!("{name}:"));
         if up.provider == Provider::Mock {
@@ -370,6 +441,7 @@ pub fn parse_config(path: &Path, raw: &str) -> Result<Config, ConfigErrors> {
     let database_path = file.database.path.clone();
     Ok(Config {
         listen: listen.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8080))),
+        admin_listen: admin_listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9090))),
         file,
         path: path.to_path_buf(),
         routes_dir,

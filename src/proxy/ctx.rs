@@ -1,6 +1,7 @@
 //! Per-request state, grouped by concern. Lives from `new_ctx` to `logging`.
 
 use super::errors::GatewayError;
+use crate::{audit, usage::UsageMeter};
 use crate::{
     auth::CredentialSource,
     config::routes_d::Format,
@@ -11,6 +12,7 @@ use crate::{
     upstream::{Target, Upstream},
 };
 use bytes::Bytes;
+use pingora::http::ResponseHeader;
 use std::{
     net::SocketAddr,
     sync::{Arc, atomic::Ordering},
@@ -57,6 +59,15 @@ impl UpstreamCtx {
     }
 }
 
+/// Decrements the streams-in-flight gauge when the stream ends.
+pub struct StreamGuard(prometheus::IntGauge);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// What went back to the client.
 #[derive(Default)]
 pub struct ResponseCtx {
@@ -64,6 +75,14 @@ pub struct ResponseCtx {
     pub ttfb: Option<Duration>,
     pub bytes: u64,
     pub chunks: u64,
+    /// Token usage read from the body as it passes.
+    pub meter: UsageMeter,
+    /// Redacted response headers, when the audit log captures them.
+    pub headers: Option<String>,
+    /// The first `body_max_bytes` of the body, when the audit log captures bodies.
+    pub body: Option<Vec<u8>>,
+    pub stream: bool,
+    _stream: Option<StreamGuard>,
 }
 
 pub struct RequestCtx {
@@ -78,11 +97,16 @@ pub struct RequestCtx {
     pub body: Option<Bytes>,
     /// Request body bytes seen on the streaming path.
     pub body_seen: u64,
+    /// The first `body_max_bytes` of a streamed request body, when captured.
+    pub body_capture: Option<Vec<u8>>,
+    /// Wall-clock start, Unix milliseconds.
+    pub started_ms: i64,
     pub model: Option<String>,
     pub upstream: UpstreamCtx,
     pub response: ResponseCtx,
     /// The error FastGate answered with (or that ended the request).
     pub error: Option<GatewayError>,
+    pub state: Arc<AppState>,
     _in_flight: Option<InFlight>,
 }
 
@@ -97,16 +121,56 @@ impl RequestCtx {
             credential: None,
             body: None,
             body_seen: 0,
+            body_capture: None,
+            started_ms: audit::now_ms(),
             model: None,
             upstream: UpstreamCtx::default(),
             response: ResponseCtx::default(),
             error: None,
+            state: state.clone(),
             _in_flight: Some(InFlight::new(state)),
         }
     }
 
     pub fn route_name(&self) -> &str {
         self.route.as_ref().map_or("-", |r| r.name.as_str())
+    }
+
+    /// The response header is going to the client: start timing, metering
+    /// and (if configured) capture.
+    pub fn begin_response(&mut self, header: &ResponseHeader) {
+        self.response.status = header.status.as_u16();
+        self.response.ttfb.get_or_insert(self.started.elapsed());
+        let content_type = header
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok());
+        self.response.meter = UsageMeter::for_content_type(content_type);
+        let audit = &self.state.config.file.audit;
+        if audit.enabled && audit.capture_headers {
+            self.response.headers = Some(audit::redact_headers(&header.headers));
+        }
+        if audit.enabled && audit.capture_body {
+            self.response.body = Some(Vec::new());
+        }
+        if self.response.meter.is_sse() {
+            self.response.stream = true;
+            let gauge = self.state.metrics.streams_in_flight.clone();
+            gauge.inc();
+            self.response._stream = Some(StreamGuard(gauge));
+        }
+    }
+
+    /// A chunk of the response body is going to the client.
+    pub fn response_chunk(&mut self, data: &[u8]) {
+        self.response.bytes += data.len() as u64;
+        self.response.chunks += 1;
+        self.response.meter.feed(data);
+        if let Some(body) = &mut self.response.body {
+            let max = self.state.config.file.audit.body_max_bytes.0 as usize;
+            let room = max.saturating_sub(body.len());
+            body.extend_from_slice(&data[..data.len().min(room)]);
+        }
     }
 
     pub fn upstream_name(&self) -> &str {

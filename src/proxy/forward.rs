@@ -211,12 +211,6 @@ async fn stream_response(
         return;
     };
     let status = upstream_header.status.as_u16();
-    ctx.response.status = status;
-    ctx.response.ttfb = Some(ctx.started.elapsed());
-    let is_sse = upstream_header
-        .headers
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
     let resp = match client_header(&upstream_header, ctx, session.is_http2()) {
         Ok(r) => r,
         Err(e) => {
@@ -224,6 +218,8 @@ async fn stream_response(
             return;
         }
     };
+    ctx.begin_response(&resp);
+    let is_sse = ctx.response.meter.is_sse();
     let head_only = session.req_header().method == http::Method::HEAD || status == 204 || status == 304;
     if session.write_response_header(Box::new(resp), head_only).await.is_err() {
         return;
@@ -256,8 +252,7 @@ async fn stream_response(
         };
         match chunk {
             Ok(Some(data)) => {
-                ctx.response.bytes += data.len() as u64;
-                ctx.response.chunks += 1;
+                ctx.response_chunk(&data);
                 if session.write_response_body(Some(data), false).await.is_err() {
                     tracing::debug!(request_id = %ctx.request_id, "Client went away mid-response; upstream request dropped.");
                     ctx.error = Some(GatewayError::ClientClosed);

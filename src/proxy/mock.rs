@@ -206,15 +206,13 @@ async fn stream_events(
     interval: std::time::Duration,
 ) -> pingora::Result<()> {
     let resp = respond::header(200, ctx, content_type, None, session.is_http2())?;
-    ctx.response.status = 200;
+    ctx.begin_response(&resp);
     session.write_response_header(Box::new(resp), false).await?;
-    ctx.response.ttfb = Some(ctx.started.elapsed());
     for (i, event) in events.into_iter().enumerate() {
         if i > 0 && !interval.is_zero() {
             tokio::time::sleep(interval).await;
         }
-        ctx.response.bytes += event.len() as u64;
-        ctx.response.chunks += 1;
+        ctx.response_chunk(&event);
         session.write_response_body(Some(event), false).await?;
     }
     session.write_response_body(None, true).await?;

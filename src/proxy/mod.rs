@@ -15,11 +15,12 @@
 //! fail_to_connect          retry on another endpoint/key while `retries` allow
 //! error_while_proxy        never retry a client hang-up
 //! fail_to_proxy            respond::error
-//! logging                  one line per request
+//! logging                  finish: usage, metrics, audit row, one log line
 //! ```
 
 pub mod ctx;
 pub mod errors;
+pub mod finish;
 pub mod forward;
 pub mod intake;
 pub mod mock;
@@ -79,6 +80,10 @@ impl ProxyHttp for Gateway {
                 respond::error(session, ctx, e).await?;
             }
             return Ok(true);
+        }
+        let audit = &self.state.config.file.audit;
+        if audit.enabled && audit.capture_body {
+            ctx.body_capture = Some(Vec::new());
         }
         // Streaming path: refuse a declared oversize body before connecting.
         let limit = self.state.config.file.server.max_request_body.0;
@@ -151,6 +156,10 @@ impl ProxyHttp for Gateway {
     ) -> pingora::Result<()> {
         if let Some(b) = body {
             ctx.body_seen += b.len() as u64;
+            if let Some(capture) = &mut ctx.body_capture {
+                let room = (self.state.config.file.audit.body_max_bytes.0 as usize).saturating_sub(capture.len());
+                capture.extend_from_slice(&b[..b.len().min(room)]);
+            }
             let limit = self.state.config.file.server.max_request_body.0;
             if ctx.body_seen > limit {
                 return Err(Self::fail(ctx, GatewayError::BodyTooLarge { limit }));
@@ -165,9 +174,9 @@ impl ProxyHttp for Gateway {
         resp: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
-        ctx.response.status = resp.status.as_u16();
-        ctx.response.ttfb = Some(ctx.started.elapsed());
-        resp.insert_header("x-request-id", ctx.request_id.as_str())
+        resp.insert_header("x-request-id", ctx.request_id.as_str())?;
+        ctx.begin_response(resp);
+        Ok(())
     }
 
     fn response_body_filter(
@@ -178,8 +187,7 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> pingora::Result<Option<std::time::Duration>> {
         if let Some(b) = body {
-            ctx.response.bytes += b.len() as u64;
-            ctx.response.chunks += 1;
+            ctx.response_chunk(b);
         }
         Ok(None)
     }
@@ -256,35 +264,6 @@ impl ProxyHttp for Gateway {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&pingora::Error>, ctx: &mut RequestCtx) {
-        let status = match ctx.response.status {
-            0 => session.response_written().map_or(0, |r| r.status.as_u16()),
-            s => s,
-        };
-        let ms = ctx.started.elapsed().as_secs_f64() * 1000.0;
-        let ttfb_ms = ctx.response.ttfb.map_or(-1.0, |d| d.as_secs_f64() * 1000.0);
-        let error = ctx
-            .error
-            .as_ref()
-            .map(|e| e.kind())
-            .or(e.map(|e| e.etype().as_str()))
-            .unwrap_or("");
-        tracing::info!(
-            request_id = %ctx.request_id,
-            method = %session.req_header().method,
-            path = session.req_header().uri.path(),
-            route = ctx.route_name(),
-            upstream = ctx.upstream_name(),
-            key_id = ctx.key.as_ref().map_or("-", |k| k.id.as_str()),
-            upstream_key = ctx.upstream.lease.as_ref().map_or("-", |l| l.key().id.as_str()),
-            model = ctx.model.as_deref().unwrap_or("-"),
-            status,
-            attempts = ctx.upstream.attempts,
-            bytes = ctx.response.bytes,
-            chunks = ctx.response.chunks,
-            ttfb_ms = format_args!("{ttfb_ms:.2}"),
-            ms = format_args!("{ms:.2}"),
-            error,
-            "request"
-        );
+        finish::finish(session, ctx, e);
     }
 }

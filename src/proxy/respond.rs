@@ -32,9 +32,8 @@ pub fn header(
 /// Write a complete JSON response.
 pub async fn json(session: &mut Session, ctx: &mut RequestCtx, status: u16, body: Bytes) -> pingora::Result<()> {
     let resp = header(status, ctx, "application/json", Some(body.len()), session.is_http2())?;
-    ctx.response.status = status;
-    ctx.response.ttfb.get_or_insert(ctx.started.elapsed());
-    ctx.response.bytes += body.len() as u64;
+    ctx.begin_response(&resp);
+    ctx.response_chunk(&body);
     session.write_response_header(Box::new(resp), false).await?;
     session.write_response_body(Some(body), true).await
 }
@@ -53,9 +52,8 @@ pub async fn error(session: &mut Session, ctx: &mut RequestCtx, err: GatewayErro
         resp.insert_header(header::RETRY_AFTER, "1")?;
     }
     ctx.error = Some(err);
-    ctx.response.status = status;
-    ctx.response.ttfb.get_or_insert(ctx.started.elapsed());
-    ctx.response.bytes += body.len() as u64;
+    ctx.begin_response(&resp);
+    ctx.response_chunk(&body);
     session.write_response_header(Box::new(resp), false).await?;
     session.write_response_body(Some(body), true).await
 }

@@ -2,6 +2,7 @@
 //! on open. The data plane never queries it on the request path; it reads
 //! in-memory snapshots that background tasks refresh.
 
+pub mod audit;
 pub mod keys;
 
 use rusqlite::Connection;
@@ -26,8 +27,9 @@ pub enum StoreError {
 
 /// Schema history. Append only: never edit a migration that has shipped.
 static MIGRATIONS: LazyLock<Migrations<'static>> = LazyLock::new(|| {
-    Migrations::new(vec![M::up(
-        "CREATE TABLE gateway_keys (
+    Migrations::new(vec![
+        M::up(
+            "CREATE TABLE gateway_keys (
             id            TEXT PRIMARY KEY,
             name          TEXT NOT NULL,
             owner         TEXT NOT NULL DEFAULT '',
@@ -41,7 +43,44 @@ static MIGRATIONS: LazyLock<Migrations<'static>> = LazyLock::new(|| {
             created_at    INTEGER NOT NULL,
             revoked_at    INTEGER
         );",
-    )])
+        ),
+        M::up(
+            "CREATE TABLE audit_log (
+            id                INTEGER PRIMARY KEY,
+            request_id        TEXT NOT NULL,
+            ts_ms             INTEGER NOT NULL,
+            key_id            TEXT,
+            owner             TEXT,
+            route             TEXT,
+            upstream          TEXT,
+            endpoint          TEXT,
+            upstream_key_id   TEXT,
+            method            TEXT NOT NULL,
+            path              TEXT NOT NULL,
+            status            INTEGER NOT NULL,
+            model             TEXT,
+            stream            INTEGER NOT NULL,
+            ttfb_ms           REAL,
+            duration_ms       REAL NOT NULL,
+            request_bytes     INTEGER NOT NULL,
+            response_bytes    INTEGER NOT NULL,
+            chunks            INTEGER NOT NULL,
+            prompt_tokens     INTEGER,
+            completion_tokens INTEGER,
+            retries           INTEGER NOT NULL,
+            error             TEXT,
+            client_ip         TEXT,
+            user_agent        TEXT,
+            request_headers   TEXT,
+            response_headers  TEXT,
+            request_body      TEXT,
+            response_body     TEXT
+        );
+        CREATE INDEX audit_log_ts ON audit_log (ts_ms);
+        CREATE INDEX audit_log_key_ts ON audit_log (key_id, ts_ms);
+        CREATE INDEX audit_log_request_id ON audit_log (request_id);",
+        ),
+    ])
 });
 
 /// Open (creating if needed) the database at `path` and bring its schema up to date.

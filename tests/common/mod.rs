@@ -218,6 +218,7 @@ pub fn bin() -> &'static str {
 pub struct Gateway {
     pub dir: tempfile::TempDir,
     pub port: u16,
+    pub admin_port: u16,
     pub child: Child,
     pub log: PathBuf,
 }
@@ -228,12 +229,13 @@ impl Gateway {
     pub async fn start(config: &str, routes: &[(&str, &str)]) -> Gateway {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
+        let admin_port = free_port();
         std::fs::create_dir(dir.path().join("routes.d")).unwrap();
         for (name, yaml) in routes {
             std::fs::write(dir.path().join("routes.d").join(name), yaml).unwrap();
         }
         let full = format!(
-            "server:\n  listen: 127.0.0.1:{port}\n  threads: 2\n  max_request_body: 2MiB\n  grace_period: 5s\ndatabase:\n  path: {db}\n  key_refresh: 100ms\nroutes_dir: {routes}\n{config}",
+            "server:\n  listen: 127.0.0.1:{port}\n  threads: 2\n  max_request_body: 2MiB\n  grace_period: 5s\nadmin:\n  listen: 127.0.0.1:{admin_port}\ndatabase:\n  path: {db}\n  key_refresh: 100ms\nroutes_dir: {routes}\n{config}",
             db = dir.path().join("fg.db").display(),
             routes = dir.path().join("routes.d").display(),
         );
@@ -247,7 +249,13 @@ impl Gateway {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
-        let gw = Gateway { dir, port, child, log };
+        let gw = Gateway {
+            dir,
+            port,
+            admin_port,
+            child,
+            log,
+        };
         gw.wait_ready().await;
         gw
     }
@@ -255,7 +263,11 @@ impl Gateway {
     async fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            if tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.is_ok() {
+            if tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.is_ok()
+                && tokio::net::TcpStream::connect(("127.0.0.1", self.admin_port))
+                    .await
+                    .is_ok()
+            {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
@@ -265,6 +277,51 @@ impl Gateway {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.admin_port)
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.dir.path().join("fg.db")
+    }
+
+    /// The audit rows written so far.
+    pub fn audit_rows(&self) -> Vec<fastgate::store::audit::AuditRecord> {
+        let conn = fastgate::store::open(&self.db_path()).unwrap();
+        fastgate::store::audit::all(&conn).unwrap()
+    }
+
+    /// Wait until at least `n` audit rows are written; returns them.
+    pub async fn wait_audit_rows(&self, n: usize) -> Vec<fastgate::store::audit::AuditRecord> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let rows = self.audit_rows();
+            if rows.len() >= n || Instant::now() > deadline {
+                return rows;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Wait until every request id in `ids` has a row; returns all rows.
+    pub async fn wait_audit_ids<'a>(
+        &self,
+        ids: impl IntoIterator<Item = &'a String> + Clone,
+    ) -> Vec<fastgate::store::audit::AuditRecord> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let rows = self.audit_rows();
+            let all = ids
+                .clone()
+                .into_iter()
+                .all(|id| rows.iter().any(|r| &r.request_id == id));
+            if all || Instant::now() > deadline {
+                return rows;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     pub fn config_path(&self) -> PathBuf {

@@ -1,0 +1,167 @@
+//! Prometheus metrics (served by the admin service at `/metrics`).
+//! Labels stay low-cardinality: route and upstream names, status codes,
+//! error kinds, pool names, model names — never paths or keys.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+const LATENCY_BUCKETS: [f64; 16] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub duration: HistogramVec,
+    pub ttfb: HistogramVec,
+    pub in_flight: IntGauge,
+    pub streams_in_flight: IntGauge,
+    pub upstream_errors: IntCounterVec,
+    pub retries: IntCounterVec,
+    pub tokens: IntCounterVec,
+    pub pool_keys: IntGaugeVec,
+    pub pool_in_flight: IntGaugeVec,
+    pub audit_queue_depth: IntGauge,
+    pub audit_dropped: IntCounter,
+    audit_dropped_seen: AtomicU64,
+    pub audit_written: IntCounter,
+    audit_written_seen: AtomicU64,
+    pub config_reloads: IntCounterVec,
+    pub rate_limited: IntCounterVec,
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> Result<IntCounterVec, prometheus::Error> {
+    let m = IntCounterVec::new(Opts::new(name, help), labels)?;
+    r.register(Box::new(m.clone()))?;
+    Ok(m)
+}
+
+fn histogram_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> Result<HistogramVec, prometheus::Error> {
+    let m = HistogramVec::new(HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()), labels)?;
+    r.register(Box::new(m.clone()))?;
+    Ok(m)
+}
+
+fn gauge(r: &Registry, name: &str, help: &str) -> Result<IntGauge, prometheus::Error> {
+    let m = IntGauge::new(name, help)?;
+    r.register(Box::new(m.clone()))?;
+    Ok(m)
+}
+
+fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> Result<IntGaugeVec, prometheus::Error> {
+    let m = IntGaugeVec::new(Opts::new(name, help), labels)?;
+    r.register(Box::new(m.clone()))?;
+    Ok(m)
+}
+
+fn counter(r: &Registry, name: &str, help: &str) -> Result<IntCounter, prometheus::Error> {
+    let m = IntCounter::new(name, help)?;
+    r.register(Box::new(m.clone()))?;
+    Ok(m)
+}
+
+impl Metrics {
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let r = Registry::new_custom(Some("fastgate".into()), None)?;
+        Ok(Metrics {
+            requests: counter_vec(
+                &r,
+                "requests_total",
+                "Requests answered, by route, upstream and status.",
+                &["route", "upstream", "status"],
+            )?,
+            duration: histogram_vec(
+                &r,
+                "request_duration_seconds",
+                "Whole request time, by route.",
+                &["route"],
+            )?,
+            ttfb: histogram_vec(
+                &r,
+                "ttfb_seconds",
+                "Time to the first response byte, by route.",
+                &["route"],
+            )?,
+            in_flight: gauge(&r, "requests_in_flight", "Requests being served.")?,
+            streams_in_flight: gauge(&r, "streams_in_flight", "Streamed (SSE) responses being forwarded.")?,
+            upstream_errors: counter_vec(
+                &r,
+                "upstream_errors_total",
+                "Failed upstream attempts, by upstream and kind.",
+                &["upstream", "kind"],
+            )?,
+            retries: counter_vec(&r, "retries_total", "Extra upstream attempts, by route.", &["route"])?,
+            tokens: counter_vec(
+                &r,
+                "tokens_total",
+                "Tokens reported by upstreams, by route, model and kind (prompt|completion).",
+                &["route", "model", "kind"],
+            )?,
+            pool_keys: gauge_vec(&r, "pool_keys", "Upstream keys per pool and state.", &["pool", "state"])?,
+            pool_in_flight: gauge_vec(&r, "pool_in_flight", "Requests holding a key of the pool.", &["pool"])?,
+            audit_queue_depth: gauge(&r, "audit_queue_depth", "Audit records waiting to be written.")?,
+            audit_dropped: counter(
+                &r,
+                "audit_dropped_total",
+                "Audit records dropped (queue full or database failing).",
+            )?,
+            audit_dropped_seen: AtomicU64::new(0),
+            audit_written: counter(&r, "audit_written_total", "Audit records written.")?,
+            audit_written_seen: AtomicU64::new(0),
+            config_reloads: counter_vec(
+                &r,
+                "config_reloads_total",
+                "routes.d reloads, by result (success|failure).",
+                &["result"],
+            )?,
+            rate_limited: counter_vec(
+                &r,
+                "rate_limited_total",
+                "Requests refused by a rate limit, by route.",
+                &["route"],
+            )?,
+            registry: r,
+        })
+    }
+
+    /// Bring a counter up to a value kept elsewhere (the audit writer's stats).
+    fn sync_counter(counter: &IntCounter, seen: &AtomicU64, now: u64) {
+        let before = seen.swap(now, Ordering::Relaxed);
+        if now > before {
+            counter.inc_by(now - before);
+        }
+    }
+
+    /// Prometheus text format, after refreshing the gauges read from live state.
+    pub fn render(&self, state: &crate::state::AppState) -> String {
+        self.in_flight.set(state.in_flight() as i64);
+        for pool in state.pools.values() {
+            let keys = pool.keys();
+            self.pool_keys
+                .with_label_values(&[pool.name.as_str(), "active"])
+                .set(keys.len() as i64);
+            self.pool_in_flight
+                .with_label_values(&[pool.name.as_str()])
+                .set(keys.iter().map(|k| i64::from(k.in_flight())).sum());
+        }
+        let stats = state.audit.stats();
+        self.audit_queue_depth.set(stats.queued.load(Ordering::Relaxed) as i64);
+        Self::sync_counter(
+            &self.audit_dropped,
+            &self.audit_dropped_seen,
+            stats.dropped.load(Ordering::Relaxed),
+        );
+        Self::sync_counter(
+            &self.audit_written,
+            &self.audit_written_seen,
+            stats.written.load(Ordering::Relaxed),
+        );
+        let mut out = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::warn!(error = %e, "Encoding metrics failed.");
+        }
+        String::from_utf8(out).unwrap_or_default()
+    }
+}

@@ -1,0 +1,145 @@
+//! The end of a request: token usage settled, metrics observed, one audit
+//! row queued (never waited for), one log line.
+
+use super::ctx::RequestCtx;
+use crate::{audit, store::audit::AuditRecord};
+use pingora::proxy::Session;
+
+pub fn finish(session: &Session, ctx: &mut RequestCtx, e: Option<&pingora::Error>) {
+    let state = ctx.state.clone();
+    let req = session.req_header();
+    let status = match ctx.response.status {
+        0 => session.response_written().map_or(0, |r| r.status.as_u16()),
+        s => s,
+    };
+    let duration = ctx.started.elapsed();
+    let usage = ctx.response.meter.finish();
+    let error = ctx.error.as_ref().map(|e| e.kind()).or(e.map(|e| e.etype().as_str()));
+    let route = ctx.route_name().to_string();
+    let upstream = ctx.upstream_name().to_string();
+    let model = ctx.model.clone();
+    let retries = ctx.upstream.attempts.saturating_sub(1);
+
+    let m = &state.metrics;
+    let status_label = status.to_string();
+    m.requests
+        .with_label_values(&[route.as_str(), upstream.as_str(), status_label.as_str()])
+        .inc();
+    m.duration
+        .with_label_values(&[route.as_str()])
+        .observe(duration.as_secs_f64());
+    if let Some(ttfb) = ctx.response.ttfb {
+        m.ttfb.with_label_values(&[route.as_str()]).observe(ttfb.as_secs_f64());
+    }
+    if retries > 0 {
+        m.retries
+            .with_label_values(&[route.as_str()])
+            .inc_by(u64::from(retries));
+    }
+    if let Some(kind) = error.filter(|_| status >= 500 || ctx.upstream.attempts > 1) {
+        m.upstream_errors.with_label_values(&[upstream.as_str(), kind]).inc();
+    }
+    let model_label = model.as_deref().unwrap_or("-");
+    if let Some(p) = usage.prompt_tokens {
+        m.tokens
+            .with_label_values(&[route.as_str(), model_label, "prompt"])
+            .inc_by(p);
+    }
+    if let Some(c) = usage.completion_tokens {
+        m.tokens
+            .with_label_values(&[route.as_str(), model_label, "completion"])
+            .inc_by(c);
+    }
+
+    let ttfb_ms = ctx.response.ttfb.map(|d| d.as_secs_f64() * 1000.0);
+    let ms = duration.as_secs_f64() * 1000.0;
+    tracing::info!(
+        request_id = %ctx.request_id,
+        method = %req.method,
+        path = req.uri.path(),
+        route = route.as_str(),
+        upstream = upstream.as_str(),
+        key_id = ctx.key.as_ref().map_or("-", |k| k.id.as_str()),
+        upstream_key = ctx.upstream.lease.as_ref().map_or("-", |l| l.key().id.as_str()),
+        model = model_label,
+        status,
+        attempts = ctx.upstream.attempts,
+        bytes = ctx.response.bytes,
+        chunks = ctx.response.chunks,
+        prompt_tokens = usage.prompt_tokens,
+        completion_tokens = usage.completion_tokens,
+        ttfb_ms = format_args!("{:.2}", ttfb_ms.unwrap_or(-1.0)),
+        ms = format_args!("{ms:.2}"),
+        error = error.unwrap_or(""),
+        "request"
+    );
+
+    if !state.audit.enabled() {
+        return;
+    }
+    let cfg = &state.config.file.audit;
+    let cap = cfg.body_max_bytes.0 as usize;
+    let request_body = cfg
+        .capture_body
+        .then(|| match &ctx.body {
+            Some(b) => Some(audit::capped_text(b, cap)),
+            None => ctx.body_capture.as_deref().map(|b| audit::capped_text(b, cap)),
+        })
+        .flatten();
+    let endpoint = match (&ctx.upstream.upstream, &ctx.upstream.target) {
+        (Some(u), Some(t)) if !u.endpoints.is_empty() => {
+            let ep = u.endpoint(t);
+            Some(format!(
+                "{}://{}{}",
+                if ep.tls { "https" } else { "http" },
+                ep.authority,
+                ep.base_path
+            ))
+        }
+        (Some(u), _) if u.is_mock() => Some("mock".to_string()),
+        _ => None,
+    };
+    let path_is_stream = req.uri.path().ends_with(":streamGenerateContent");
+    let record = AuditRecord {
+        request_id: ctx.request_id.clone(),
+        ts_ms: ctx.started_ms,
+        key_id: ctx.key.as_ref().map(|k| k.id.clone()),
+        owner: ctx.key.as_ref().map(|k| k.owner.clone()).filter(|o| !o.is_empty()),
+        route: ctx.route.as_ref().map(|r| r.name.clone()),
+        upstream: ctx.upstream.upstream.as_ref().map(|u| u.name.clone()),
+        endpoint,
+        upstream_key_id: ctx.upstream.lease.as_ref().map(|l| l.key().id.clone()),
+        method: req.method.to_string(),
+        path: audit::redact_path(&req.uri),
+        status,
+        model,
+        stream: ctx.response.stream || path_is_stream,
+        ttfb_ms,
+        duration_ms: ms,
+        request_bytes: ctx.body.as_ref().map_or(ctx.body_seen, |b| b.len() as u64),
+        response_bytes: ctx.response.bytes,
+        chunks: ctx.response.chunks,
+        prompt_tokens: usage.prompt_tokens,
+        completion_tokens: usage.completion_tokens,
+        retries,
+        error: ctx
+            .error
+            .as_ref()
+            .map(|e| e.to_string())
+            .or(e.map(|e| e.etype().as_str().to_string())),
+        client_ip: session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip().to_string()),
+        user_agent: req
+            .headers
+            .get(http::header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string),
+        request_headers: cfg.capture_headers.then(|| audit::redact_headers(&req.headers)),
+        response_headers: ctx.response.headers.take(),
+        request_body,
+        response_body: ctx.response.body.take().map(|b| audit::capped_text(&b, cap)),
+    };
+    state.audit.record(record);
+}
