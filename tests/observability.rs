@@ -185,7 +185,7 @@ async fn every_request_gets_one_audit_row_with_usage_and_timings() {
         "{metrics}"
     );
     assert!(
-        metrics.contains(r#"fastgate_tokens_total{kind="prompt",model="-",route="messages"} 24"#),
+        metrics.contains(r#"fastgate_tokens_total{kind="prompt",model="-",route="chat"} 9"#),
         "{metrics}"
     );
     assert!(metrics.contains("fastgate_ttfb_seconds_bucket"));
