@@ -82,7 +82,9 @@ pub fn extract_credential<'a>(
     })
 }
 
-type KeyMap = HashMap<[u8; 32], Arc<GatewayKey>>;
+/// A key, and until when this hash of it is accepted (previous secrets during
+/// a rotation grace period).
+type KeyMap = HashMap<[u8; 32], (Arc<GatewayKey>, Option<i64>)>;
 
 /// The data plane's view of the gateway keys.
 pub struct KeyCache {
@@ -110,10 +112,14 @@ impl KeyCache {
         if version == db.1 {
             return Ok(false);
         }
-        let map: KeyMap = store::keys::all_with_hashes(&db.0)?
-            .into_iter()
-            .map(|(k, h)| (h, Arc::new(k)))
-            .collect();
+        let mut map = KeyMap::new();
+        for (key, hashes) in store::keys::all_with_hashes(&db.0)? {
+            let key = Arc::new(key);
+            if let Some((prev, until)) = hashes.previous {
+                map.insert(prev, (key.clone(), Some(until)));
+            }
+            map.insert(hashes.current, (key, None));
+        }
         self.keys.store(Arc::new(map));
         db.1 = version;
         Ok(true)
@@ -130,7 +136,10 @@ impl KeyCache {
     /// Look up a presented secret.
     pub fn authenticate(&self, secret: &str, now: i64) -> Result<Arc<GatewayKey>, AuthError> {
         let keys = self.keys.load();
-        let key = keys.get(&hash_secret(secret)).ok_or(AuthError::Invalid)?;
+        let (key, valid_until) = keys.get(&hash_secret(secret)).ok_or(AuthError::Invalid)?;
+        if valid_until.is_some_and(|t| t <= now) {
+            return Err(AuthError::Invalid); // a rotated-out secret past its grace period
+        }
         if !key.is_active(now) {
             return Err(AuthError::Inactive);
         }
@@ -208,9 +217,23 @@ mod tests {
         let now = store::now_unix();
         assert_eq!(cache.authenticate(&secret, now).unwrap().id, key.id);
         assert_eq!(cache.authenticate("fg_wrong", now).unwrap_err(), AuthError::Invalid);
+        let (_, rotated) = store::keys::rotate(&writer, &key.id, 60).unwrap();
+        cache.refresh().unwrap();
+        assert!(
+            cache.authenticate(&secret, now).is_ok(),
+            "old secret works during the grace period"
+        );
+        assert!(cache.authenticate(&rotated, now).is_ok());
+        assert_eq!(cache.authenticate(&secret, now + 61).unwrap_err(), AuthError::Invalid);
+        let (_, rotated_again) = store::keys::rotate(&writer, &key.id, 0).unwrap();
+        cache.refresh().unwrap();
+        assert_eq!(cache.authenticate(&rotated, now).unwrap_err(), AuthError::Invalid);
         store::keys::revoke(&writer, &key.id).unwrap();
         cache.refresh().unwrap();
-        assert_eq!(cache.authenticate(&secret, now).unwrap_err(), AuthError::Inactive);
+        assert_eq!(
+            cache.authenticate(&rotated_again, now).unwrap_err(),
+            AuthError::Inactive
+        );
     }
 
     #[test]

@@ -43,7 +43,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let config = config::load_config(&c.path)?;
             init_tracing(config.file.logging.format, &config.file.logging.level);
             let state = AppState::build(config)?;
-            fastgate::server::run(state);
+            fastgate::server::run(state)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Check(c) => check(&c.path),

@@ -1,7 +1,13 @@
 //! Assemble the Pingora server: the data-plane proxy service, the upkeep
 //! background service, thread count and graceful shutdown.
 
-use crate::{admin::AdminService, proxy::Gateway, reload::Upkeep, state::AppState};
+use crate::{
+    admin::{AdminService, AdminState},
+    proxy::Gateway,
+    reload::Upkeep,
+    state::AppState,
+    store::StoreError,
+};
 use async_trait::async_trait;
 use pingora::{
     proxy::http_proxy_service,
@@ -47,7 +53,8 @@ impl ShutdownSignalWatch for DrainThenStop {
 }
 
 /// Build and run the server until a shutdown signal. Blocks.
-pub fn run(state: Arc<AppState>) {
+pub fn run(state: Arc<AppState>) -> Result<(), StoreError> {
+    let admin = Arc::new(AdminState::new(state.clone())?);
     let conf = ServerConf {
         threads: state.config.threads(),
         // Draining happens in `DrainThenStop`; then stop promptly.
@@ -63,7 +70,7 @@ pub fn run(state: Arc<AppState>) {
     proxy.add_tcp(&state.config.listen.to_string());
     server.add_service(proxy);
     server.add_service(background_service("upkeep", Upkeep { state: state.clone() }));
-    server.add_service(background_service("admin", AdminService { state: state.clone() }));
+    server.add_service(background_service("admin", AdminService { state: admin }));
 
     tracing::info!(
         listen = %state.config.listen,
@@ -87,4 +94,5 @@ pub fn run(state: Arc<AppState>) {
         written = state.audit.stats().written.load(std::sync::atomic::Ordering::Relaxed),
         "Audit log flushed; exiting."
     );
+    Ok(())
 }

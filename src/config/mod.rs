@@ -153,14 +153,25 @@ impl Default for LoggingConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
-    /// The admin service: `/health`, `/health/ready`, `/metrics`. Bind it privately.
+    /// The admin service: REST API, `/health`, `/metrics`. Bind it privately.
     pub listen: String,
+    /// A static bearer token with admin rights (automation, CLI). Empty: none.
+    #[serde(skip_serializing)]
+    pub token: String,
+    /// HS256 secret for login tokens. Empty: generated once and kept in the database.
+    #[serde(skip_serializing)]
+    pub jwt_secret: String,
+    /// How long a login token is valid.
+    pub token_ttl: HumanDuration,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:9090".into(),
+            token: String::new(),
+            jwt_secret: String::new(),
+            token_ttl: Duration::from_secs(3600).into(),
         }
     }
 }

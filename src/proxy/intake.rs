@@ -105,6 +105,8 @@ pub async fn admit(state: &Arc<AppState>, session: &mut Session, ctx: &mut Reque
     if first.format != Format::Passthrough {
         ctx.format = first.format;
     }
+    // The route the request is headed for, until the model decides (logs, audit).
+    ctx.route = Some((*first).clone());
 
     // Authenticate before reading any body, so anonymous clients cannot make
     // FastGate buffer megabytes.
@@ -132,13 +134,14 @@ pub async fn admit(state: &Arc<AppState>, session: &mut Session, ctx: &mut Reque
         body = Some(bytes);
     }
     let route: Arc<Route> = if needs_model {
-        table
-            .pick(&candidates, model.as_deref())
-            .ok_or_else(|| GatewayError::NoRoute {
+        let Some(picked) = table.pick(&candidates, model.as_deref()) else {
+            ctx.route = None;
+            return Err(GatewayError::NoRoute {
                 method: session.req_header().method.to_string(),
                 path: format!("{path} (model {})", model.as_deref().unwrap_or("none")),
-            })?
-            .clone()
+            });
+        };
+        picked.clone()
     } else {
         (*first).clone()
     };

@@ -94,48 +94,152 @@ pub fn delete_before(conn: &Connection, cutoff_ms: i64) -> Result<usize, StoreEr
     Ok(conn.execute("DELETE FROM audit_log WHERE ts_ms < ?1", [cutoff_ms])?)
 }
 
+const SELECT: &str = "SELECT id, request_id, ts_ms, key_id, owner, route, upstream, endpoint,
+    upstream_key_id, method, path, status, model, stream, ttfb_ms, duration_ms, request_bytes,
+    response_bytes, chunks, prompt_tokens, completion_tokens, retries, error, client_ip, user_agent,
+    request_headers, response_headers, request_body, response_body FROM audit_log";
+
+/// A stored row: its id (the pagination cursor) and the record.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct LogRow {
+    pub id: i64,
+    #[serde(flatten)]
+    pub record: AuditRecord,
+}
+
+fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<LogRow> {
+    Ok(LogRow {
+        id: r.get(0)?,
+        record: AuditRecord {
+            request_id: r.get(1)?,
+            ts_ms: r.get(2)?,
+            key_id: r.get(3)?,
+            owner: r.get(4)?,
+            route: r.get(5)?,
+            upstream: r.get(6)?,
+            endpoint: r.get(7)?,
+            upstream_key_id: r.get(8)?,
+            method: r.get(9)?,
+            path: r.get(10)?,
+            status: r.get(11)?,
+            model: r.get(12)?,
+            stream: r.get(13)?,
+            ttfb_ms: r.get(14)?,
+            duration_ms: r.get(15)?,
+            request_bytes: r.get::<_, i64>(16)? as u64,
+            response_bytes: r.get::<_, i64>(17)? as u64,
+            chunks: r.get::<_, i64>(18)? as u64,
+            prompt_tokens: r.get::<_, Option<i64>>(19)?.map(|t| t as u64),
+            completion_tokens: r.get::<_, Option<i64>>(20)?.map(|t| t as u64),
+            retries: r.get(21)?,
+            error: r.get(22)?,
+            client_ip: r.get(23)?,
+            user_agent: r.get(24)?,
+            request_headers: r.get(25)?,
+            response_headers: r.get(26)?,
+            request_body: r.get(27)?,
+            response_body: r.get(28)?,
+        },
+    })
+}
+
 /// Every row, oldest first (tests and small exports).
 pub fn all(conn: &Connection) -> Result<Vec<AuditRecord>, StoreError> {
-    let mut stmt = conn.prepare(
-        "SELECT request_id, ts_ms, key_id, owner, route, upstream, endpoint, upstream_key_id,
-            method, path, status, model, stream, ttfb_ms, duration_ms, request_bytes,
-            response_bytes, chunks, prompt_tokens, completion_tokens, retries, error, client_ip,
-            user_agent, request_headers, response_headers, request_body, response_body
-         FROM audit_log ORDER BY id",
-    )?;
-    let rows = stmt.query_map([], |r| {
-        Ok(AuditRecord {
-            request_id: r.get(0)?,
-            ts_ms: r.get(1)?,
-            key_id: r.get(2)?,
-            owner: r.get(3)?,
-            route: r.get(4)?,
-            upstream: r.get(5)?,
-            endpoint: r.get(6)?,
-            upstream_key_id: r.get(7)?,
-            method: r.get(8)?,
-            path: r.get(9)?,
-            status: r.get(10)?,
-            model: r.get(11)?,
-            stream: r.get(12)?,
-            ttfb_ms: r.get(13)?,
-            duration_ms: r.get(14)?,
-            request_bytes: r.get::<_, i64>(15)? as u64,
-            response_bytes: r.get::<_, i64>(16)? as u64,
-            chunks: r.get::<_, i64>(17)? as u64,
-            prompt_tokens: r.get::<_, Option<i64>>(18)?.map(|t| t as u64),
-            completion_tokens: r.get::<_, Option<i64>>(19)?.map(|t| t as u64),
-            retries: r.get(20)?,
-            error: r.get(21)?,
-            client_ip: r.get(22)?,
-            user_agent: r.get(23)?,
-            request_headers: r.get(24)?,
-            response_headers: r.get(25)?,
-            request_body: r.get(26)?,
-            response_body: r.get(27)?,
-        })
-    })?;
-    Ok(rows.collect::<Result<_, _>>()?)
+    let mut stmt = conn.prepare(&format!("{SELECT} ORDER BY id"))?;
+    let rows = stmt.query_map([], from_row)?;
+    Ok(rows.map(|r| r.map(|r| r.record)).collect::<Result<_, _>>()?)
+}
+
+/// Filters of `GET /api/logs`; every one optional.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogFilter {
+    /// Unix milliseconds, inclusive.
+    pub from: Option<i64>,
+    /// Unix milliseconds, exclusive.
+    pub to: Option<i64>,
+    pub status: Option<u16>,
+    pub key_id: Option<String>,
+    pub owner: Option<String>,
+    pub route: Option<String>,
+    pub model: Option<String>,
+    pub upstream: Option<String>,
+    /// A path prefix.
+    pub path: Option<String>,
+    pub method: Option<String>,
+    pub stream: Option<bool>,
+    pub request_id: Option<String>,
+    pub min_ms: Option<f64>,
+    /// Rows per page (default 100, at most 1000).
+    pub limit: Option<u32>,
+    /// The `next_cursor` of the previous page.
+    pub cursor: Option<i64>,
+}
+
+/// Newest first, one page. Returns the rows and the cursor of the next page.
+pub fn query(conn: &Connection, f: &LogFilter) -> Result<(Vec<LogRow>, Option<i64>), StoreError> {
+    use rusqlite::types::Value as V;
+    let mut sql = format!("{SELECT} WHERE 1 = 1");
+    let mut args: Vec<V> = Vec::new();
+    let mut push_with = |clause: &str, v: V, tail: &str| {
+        args.push(v);
+        sql.push_str(&format!(" AND {clause} ?{}{tail}", args.len()));
+    };
+    if let Some(v) = f.from {
+        push_with("ts_ms >=", V::Integer(v), "");
+    }
+    if let Some(v) = f.to {
+        push_with("ts_ms <", V::Integer(v), "");
+    }
+    if let Some(v) = f.status {
+        push_with("status =", V::Integer(i64::from(v)), "");
+    }
+    for (col, v) in [
+        ("key_id", &f.key_id),
+        ("owner", &f.owner),
+        ("route", &f.route),
+        ("model", &f.model),
+        ("upstream", &f.upstream),
+        ("method", &f.method),
+        ("request_id", &f.request_id),
+    ] {
+        if let Some(v) = v {
+            push_with(&format!("{col} ="), V::Text(v.clone()), "");
+        }
+    }
+    if let Some(p) = &f.path {
+        // A prefix match that treats % and _ literally.
+        let escaped = p.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_");
+        push_with("path LIKE", V::Text(format!("{escaped}%")), " ESCAPE '\\'");
+    }
+    if let Some(v) = f.stream {
+        push_with("stream =", V::Integer(i64::from(v)), "");
+    }
+    if let Some(v) = f.min_ms {
+        push_with("duration_ms >=", V::Real(v), "");
+    }
+    if let Some(v) = f.cursor {
+        push_with("id <", V::Integer(v), "");
+    }
+    let limit = f.limit.unwrap_or(100).clamp(1, 1000) as usize;
+    sql.push_str(&format!(" ORDER BY id DESC LIMIT {}", limit + 1));
+    let mut stmt = conn.prepare(&sql)?;
+    let mut rows: Vec<LogRow> = stmt
+        .query_map(rusqlite::params_from_iter(args), from_row)?
+        .collect::<Result<_, _>>()?;
+    let next = (rows.len() > limit).then(|| {
+        rows.truncate(limit);
+        rows.last().map(|r| r.id)
+    });
+    Ok((rows, next.flatten()))
+}
+
+/// One row by id.
+pub fn get(conn: &Connection, id: i64) -> Result<LogRow, StoreError> {
+    use rusqlite::OptionalExtension;
+    conn.query_row(&format!("{SELECT} WHERE id = ?1"), [id], from_row)
+        .optional()?
+        .ok_or_else(|| StoreError::NotFound(format!("no log entry with id {id}")))
 }
 
 #[cfg(test)]
@@ -158,6 +262,48 @@ mod tests {
         insert_batch(&mut conn, &[rec("a", 1_000), rec("b", 5_000)]).unwrap();
         let rows = all(&conn).unwrap();
         assert_eq!(rows, vec![rec("a", 1_000), rec("b", 5_000)]);
+        let page = query(
+            &conn,
+            &LogFilter {
+                limit: Some(1),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(page.0[0].record.request_id, "b");
+        let next = query(
+            &conn,
+            &LogFilter {
+                limit: Some(1),
+                cursor: page.1,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!((next.0[0].record.request_id.as_str(), next.1), ("a", None));
+        let by_path = query(
+            &conn,
+            &LogFilter {
+                path: Some("/v1/chat".into()),
+                from: Some(2_000),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(by_path.0.len(), 1);
+        assert!(
+            query(
+                &conn,
+                &LogFilter {
+                    path: Some("/v1%".into()),
+                    ..Default::default()
+                }
+            )
+            .unwrap()
+            .0
+            .is_empty()
+        );
+        assert_eq!(get(&conn, page.0[0].id).unwrap().record.request_id, "b");
         assert_eq!(delete_before(&conn, 2_000).unwrap(), 1);
         assert_eq!(all(&conn).unwrap().len(), 1);
     }

@@ -112,9 +112,17 @@ fn parse_list(s: String) -> Vec<String> {
 }
 
 const COLUMNS: &str = "id, name, owner, masked, permissions, allowed_routes, allowed_models,
-    expires_at, enabled, created_at, revoked_at, secret_sha256";
+    expires_at, enabled, created_at, revoked_at, secret_sha256, prev_secret_sha256, prev_valid_until";
 
-fn from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(GatewayKey, Vec<u8>)> {
+/// A secret hash the key answers to; the previous one only until a time.
+pub struct KeyHashes {
+    pub current: [u8; 32],
+    pub previous: Option<([u8; 32], i64)>,
+}
+
+fn from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(GatewayKey, Vec<u8>, Option<(Vec<u8>, i64)>)> {
+    let prev: Option<Vec<u8>> = row.get(12)?;
+    let until: Option<i64> = row.get(13)?;
     Ok((
         GatewayKey {
             id: row.get(0)?,
@@ -130,18 +138,20 @@ fn from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(GatewayKey, Vec<u8>)> 
             revoked_at: row.get(10)?,
         },
         row.get(11)?,
+        prev.zip(until),
     ))
 }
 
-/// Every key with its secret hash, for the data plane's cache.
-pub fn all_with_hashes(conn: &Connection) -> Result<Vec<(GatewayKey, [u8; 32])>, StoreError> {
+/// Every key with its secret hashes, for the data plane's cache.
+pub fn all_with_hashes(conn: &Connection) -> Result<Vec<(GatewayKey, KeyHashes)>, StoreError> {
     let mut stmt = conn.prepare(&format!("SELECT {COLUMNS} FROM gateway_keys"))?;
     let rows = stmt.query_map([], from_row)?;
     let mut out = Vec::new();
     for row in rows {
-        let (key, hash) = row?;
-        if let Ok(hash) = <[u8; 32]>::try_from(hash.as_slice()) {
-            out.push((key, hash));
+        let (key, hash, prev) = row?;
+        if let Ok(current) = <[u8; 32]>::try_from(hash.as_slice()) {
+            let previous = prev.and_then(|(h, until)| <[u8; 32]>::try_from(h.as_slice()).ok().map(|h| (h, until)));
+            out.push((key, KeyHashes { current, previous }));
         }
     }
     Ok(out)
@@ -162,7 +172,7 @@ pub fn get(conn: &Connection, id: &str) -> Result<GatewayKey, StoreError> {
         from_row,
     )
     .optional()?
-    .map(|(k, _)| k)
+    .map(|(k, _, _)| k)
     .ok_or_else(|| StoreError::NotFound(format!("no gateway key with id {id:?}")))
 }
 
@@ -177,6 +187,90 @@ pub fn revoke(conn: &Connection, id: &str) -> Result<GatewayKey, StoreError> {
         return Err(StoreError::Invalid(format!("key {id:?} is already revoked")));
     }
     get(conn, id)
+}
+
+/// What `update` may change; `None` leaves a field alone.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyPatch {
+    pub name: Option<String>,
+    pub permissions: Option<Vec<String>>,
+    pub allowed_routes: Option<Vec<String>>,
+    pub allowed_models: Option<Vec<String>>,
+    /// `Some(None)` (JSON `null`) removes the expiry.
+    #[serde(default, deserialize_with = "present")]
+    pub expires_at: Option<Option<i64>>,
+    pub enabled: Option<bool>,
+}
+
+/// A field that is present (even as `null`) becomes `Some(value)`.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<i64>>, D::Error> {
+    <Option<i64> as serde::Deserialize>::deserialize(d).map(Some)
+}
+
+/// Apply `patch` to key `id`.
+pub fn update(conn: &Connection, id: &str, patch: &KeyPatch) -> Result<GatewayKey, StoreError> {
+    let mut key = get(conn, id)?;
+    if let Some(n) = &patch.name {
+        if n.trim().is_empty() {
+            return Err(StoreError::Invalid("a key needs a name".into()));
+        }
+        key.name = n.clone();
+    }
+    if let Some(p) = &patch.permissions {
+        key.permissions = p.clone();
+    }
+    if let Some(r) = &patch.allowed_routes {
+        key.allowed_routes = r.clone();
+    }
+    if let Some(m) = &patch.allowed_models {
+        for g in m {
+            globset::Glob::new(g).map_err(|e| StoreError::Invalid(format!("allowed_models: {e}")))?;
+        }
+        key.allowed_models = m.clone();
+    }
+    if let Some(e) = patch.expires_at {
+        key.expires_at = e;
+    }
+    if let Some(e) = patch.enabled {
+        key.enabled = e;
+    }
+    let json = |v: &Vec<String>| serde_json::to_string(v).unwrap_or_else(|_| "[]".into());
+    conn.execute(
+        "UPDATE gateway_keys SET name = ?2, permissions = ?3, allowed_routes = ?4, allowed_models = ?5,
+            expires_at = ?6, enabled = ?7 WHERE id = ?1",
+        params![
+            id,
+            key.name,
+            json(&key.permissions),
+            json(&key.allowed_routes),
+            json(&key.allowed_models),
+            key.expires_at,
+            key.enabled
+        ],
+    )?;
+    Ok(key)
+}
+
+/// Give key `id` a new secret. The old one keeps working for `grace_secs`
+/// (0: stops at once). Returns the record and the new secret.
+pub fn rotate(conn: &Connection, id: &str, grace_secs: i64) -> Result<(GatewayKey, String), StoreError> {
+    get(conn, id)?;
+    let secret = format!("{KEY_PREFIX}{}", random_base62(32));
+    let until = (grace_secs > 0).then(|| now_unix() + grace_secs);
+    conn.execute(
+        "UPDATE gateway_keys SET prev_secret_sha256 = CASE WHEN ?4 IS NULL THEN NULL ELSE secret_sha256 END,
+            prev_valid_until = ?4, secret_sha256 = ?2, masked = ?3 WHERE id = ?1",
+        params![id, hash_secret(&secret).as_slice(), mask_secret(&secret), until],
+    )?;
+    Ok((get(conn, id)?, secret))
+}
+
+/// Delete key `id` for good.
+pub fn delete(conn: &Connection, id: &str) -> Result<GatewayKey, StoreError> {
+    let key = get(conn, id)?;
+    conn.execute("DELETE FROM gateway_keys WHERE id = ?1", [id])?;
+    Ok(key)
 }
 
 #[cfg(test)]
@@ -201,7 +295,7 @@ mod tests {
         assert_eq!(key.masked, format!("{}…{}", &secret[..7], &secret[31..]));
         let all = all_with_hashes(&conn).unwrap();
         assert_eq!(all.len(), 1);
-        assert_eq!(all[0].1, hash_secret(&secret));
+        assert_eq!(all[0].1.current, hash_secret(&secret));
         assert!(all[0].0.is_active(now_unix()));
         let revoked = revoke(&conn, &key.id).unwrap();
         assert!(!revoked.is_active(now_unix()));

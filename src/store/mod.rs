@@ -2,8 +2,11 @@
 //! on open. The data plane never queries it on the request path; it reads
 //! in-memory snapshots that background tasks refresh.
 
+pub mod admin_audit;
 pub mod audit;
 pub mod keys;
+pub mod settings;
+pub mod users;
 
 use rusqlite::Connection;
 use rusqlite_migration::{M, Migrations};
@@ -23,6 +26,8 @@ pub enum StoreError {
     NotFound(String),
     #[error("{0}")]
     Invalid(String),
+    #[error("{0}")]
+    Conflict(String),
 }
 
 /// Schema history. Append only: never edit a migration that has shipped.
@@ -79,6 +84,31 @@ static MIGRATIONS: LazyLock<Migrations<'static>> = LazyLock::new(|| {
         CREATE INDEX audit_log_ts ON audit_log (ts_ms);
         CREATE INDEX audit_log_key_ts ON audit_log (key_id, ts_ms);
         CREATE INDEX audit_log_request_id ON audit_log (request_id);",
+        ),
+        M::up(
+            "CREATE TABLE users (
+            id            TEXT PRIMARY KEY,
+            username      TEXT NOT NULL UNIQUE,
+            password_hash TEXT NOT NULL,
+            role          TEXT NOT NULL CHECK (role IN ('admin', 'user')),
+            created_at    INTEGER NOT NULL
+        );
+        CREATE TABLE settings (
+            name  TEXT PRIMARY KEY,
+            value TEXT NOT NULL
+        );
+        CREATE TABLE admin_audit (
+            id     INTEGER PRIMARY KEY,
+            ts_ms  INTEGER NOT NULL,
+            actor  TEXT NOT NULL,
+            action TEXT NOT NULL,
+            target TEXT,
+            before TEXT,
+            after  TEXT
+        );
+        ALTER TABLE gateway_keys ADD COLUMN prev_secret_sha256 BLOB;
+        ALTER TABLE gateway_keys ADD COLUMN prev_valid_until INTEGER;
+        CREATE INDEX audit_log_owner_id ON audit_log (owner, id);",
         ),
     ])
 });

@@ -201,6 +201,9 @@ impl MockUpstream {
     }
 }
 
+/// The bootstrap admin's password in every test gateway.
+pub const ADMIN_PASSWORD: &str = "test-admin-password";
+
 /// A port that was free a moment ago.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -245,6 +248,7 @@ impl Gateway {
             .args(["serve", "-c"])
             .arg(dir.path().join("fastgate.yaml"))
             .env("FASTGATE_LOG", "info,fastgate=debug")
+            .env("FASTGATE_ADMIN_PASSWORD", ADMIN_PASSWORD)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -364,6 +368,21 @@ impl Gateway {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         panic!("key never became valid");
+    }
+
+    /// Log in to the admin API; returns the bearer token.
+    pub async fn login(&self, username: &str, password: &str) -> String {
+        let r = reqwest::Client::new()
+            .post(self.admin_url("/api/auth/login"))
+            .json(&serde_json::json!({"username": username, "password": password}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "login as {username} failed");
+        r.json::<serde_json::Value>().await.unwrap()["token"]
+            .as_str()
+            .unwrap()
+            .to_string()
     }
 
     pub fn signal(&self, sig: &str) {

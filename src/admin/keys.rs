@@ -1,0 +1,236 @@
+//! `/api/keys`: gateway keys. Users see and manage only keys they own
+//! (`owner` = their username); admins manage every key. Changes reach the
+//! data plane at once.
+
+use super::{AdminState, error::ApiError, session::Caller};
+use crate::store::{
+    self,
+    keys::{GatewayKey, KeyPatch, NewKey},
+};
+use axum::{
+    Json,
+    extract::{Path, Query, State},
+    http::StatusCode,
+};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use std::sync::Arc;
+
+fn may_use(caller: &Caller, key: &GatewayKey) -> Result<(), ApiError> {
+    if caller.is_admin() || key.owner == caller.username {
+        Ok(())
+    } else {
+        // Not 403: do not confirm that someone else's key exists.
+        Err(ApiError::NotFound(format!("no gateway key with id {:?}", key.id)))
+    }
+}
+
+#[derive(Deserialize)]
+pub struct ListQuery {
+    owner: Option<String>,
+}
+
+pub async fn list(
+    caller: Caller,
+    State(s): State<Arc<AdminState>>,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<Vec<GatewayKey>>, ApiError> {
+    let keys = s.db(store::keys::list).await?;
+    let owner = if caller.is_admin() {
+        q.owner
+    } else {
+        Some(caller.username.clone())
+    };
+    Ok(Json(
+        keys.into_iter()
+            .filter(|k| owner.as_ref().is_none_or(|o| &k.owner == o))
+            .collect(),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateKey {
+    name: String,
+    /// Admins may create keys for anyone; users always own what they create.
+    owner: Option<String>,
+    #[serde(default)]
+    permissions: Vec<String>,
+    #[serde(default)]
+    allowed_routes: Vec<String>,
+    #[serde(default)]
+    allowed_models: Vec<String>,
+    expires_at: Option<i64>,
+}
+
+pub async fn create(
+    caller: Caller,
+    State(s): State<Arc<AdminState>>,
+    Json(body): Json<CreateKey>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let owner = match body.owner {
+        Some(o) if caller.is_admin() => o,
+        Some(o) if o != caller.username => return Err(ApiError::Forbidden),
+        _ => caller.username.clone(),
+    };
+    for g in &body.allowed_models {
+        globset::Glob::new(g).map_err(|e| ApiError::Invalid(format!("allowed_models: {e}")))?;
+    }
+    let new = NewKey {
+        name: body.name,
+        owner,
+        permissions: body.permissions,
+        allowed_routes: body.allowed_routes,
+        allowed_models: body.allowed_models,
+        expires_at: body.expires_at,
+    };
+    let actor = caller.username.clone();
+    let (key, secret) = s
+        .db(move |c| {
+            let (key, secret) = store::keys::create(c, &new)?;
+            store::admin_audit::record(c, &actor, "key.create", Some(&key.id), None, Some(&json!(key)))?;
+            Ok((key, secret))
+        })
+        .await?;
+    s.refresh_keys().await;
+    let mut out = json!(key);
+    out["secret"] = Value::String(secret);
+    Ok((StatusCode::CREATED, Json(out)))
+}
+
+async fn load(s: &AdminState, caller: &Caller, id: String) -> Result<GatewayKey, ApiError> {
+    let key = s.db(move |c| store::keys::get(c, &id)).await?;
+    may_use(caller, &key)?;
+    Ok(key)
+}
+
+pub async fn get(
+    caller: Caller,
+    State(s): State<Arc<AdminState>>,
+    Path(id): Path<String>,
+) -> Result<Json<GatewayKey>, ApiError> {
+    Ok(Json(load(&s, &caller, id).await?))
+}
+
+pub async fn update(
+    caller: Caller,
+    State(s): State<Arc<AdminState>>,
+    Path(id): Path<String>,
+    Json(patch): Json<KeyPatch>,
+) -> Result<Json<GatewayKey>, ApiError> {
+    let before = load(&s, &caller, id.clone()).await?;
+    let actor = caller.username.clone();
+    let key = s
+        .db(move |c| {
+            let key = store::keys::update(c, &id, &patch)?;
+            store::admin_audit::record(
+                c,
+                &actor,
+                "key.update",
+                Some(&id),
+                Some(&json!(before)),
+                Some(&json!(key)),
+            )?;
+            Ok(key)
+        })
+        .await?;
+    s.refresh_keys().await;
+    Ok(Json(key))
+}
+
+pub async fn delete(
+    caller: Caller,
+    State(s): State<Arc<AdminState>>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    load(&s, &caller, id.clone()).await?;
+    let actor = caller.username.clone();
+    s.db(move |c| {
+        let key = store::keys::delete(c, &id)?;
+        store::admin_audit::record(c, &actor, "key.delete", Some(&id), Some(&json!(key)), None)
+    })
+    .await?;
+    s.refresh_keys().await;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RotateBody {
+    /// How long the old secret keeps working (`10m`); default: it stops at once.
+    grace_period: Option<String>,
+}
+
+pub async fn rotate(
+    caller: Caller,
+    State(s): State<Arc<AdminState>>,
+    Path(id): Path<String>,
+    body: Option<Json<RotateBody>>,
+) -> Result<Json<Value>, ApiError> {
+    load(&s, &caller, id.clone()).await?;
+    let grace = match body.and_then(|Json(b)| b.grace_period) {
+        Some(g) => humantime::parse_duration(&g)
+            .map_err(|e| ApiError::Invalid(format!("grace_period: {e}")))?
+            .as_secs() as i64,
+        None => 0,
+    };
+    let actor = caller.username.clone();
+    let (key, secret) = s
+        .db(move |c| {
+            let (key, secret) = store::keys::rotate(c, &id, grace)?;
+            let what = json!({"masked": key.masked, "grace_period_s": grace});
+            store::admin_audit::record(c, &actor, "key.rotate", Some(&id), None, Some(&what))?;
+            Ok((key, secret))
+        })
+        .await?;
+    s.refresh_keys().await;
+    let mut out = json!(key);
+    out["secret"] = Value::String(secret);
+    Ok(Json(out))
+}
+
+#[derive(Deserialize)]
+pub struct UsageQuery {
+    /// `24h` by default.
+    window: Option<String>,
+}
+
+/// Requests, errors and tokens of one key, from the audit log.
+pub async fn usage(
+    caller: Caller,
+    State(s): State<Arc<AdminState>>,
+    Path(id): Path<String>,
+    Query(q): Query<UsageQuery>,
+) -> Result<Json<Value>, ApiError> {
+    load(&s, &caller, id.clone()).await?;
+    let window = match q.window.as_deref() {
+        Some(w) => humantime::parse_duration(w).map_err(|e| ApiError::Invalid(format!("window: {e}")))?,
+        None => std::time::Duration::from_secs(24 * 3600),
+    };
+    let since = crate::audit::now_ms() - window.as_millis() as i64;
+    let row = s
+        .db(move |c| {
+            Ok(c.query_row(
+                "SELECT COUNT(*), COALESCE(SUM(status >= 400), 0), COALESCE(SUM(prompt_tokens), 0),
+                    COALESCE(SUM(completion_tokens), 0)
+                 FROM audit_log WHERE key_id = ?1 AND ts_ms >= ?2",
+                rusqlite::params![id, since],
+                |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, i64>(2)?,
+                        r.get::<_, i64>(3)?,
+                    ))
+                },
+            )?)
+        })
+        .await?;
+    Ok(Json(json!({
+        "window_s": window.as_secs(),
+        "requests": row.0,
+        "errors": row.1,
+        "prompt_tokens": row.2,
+        "completion_tokens": row.3,
+    })))
+}

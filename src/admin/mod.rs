@@ -1,0 +1,181 @@
+//! The admin service on its own port (default `127.0.0.1:9090`), run inside
+//! the Pingora server as a background service and stopped with it.
+//!
+//! Open: `/health`, `/health/ready`, `/metrics`, `POST /api/auth/login`.
+//! Everything else under `/api` needs `Authorization: Bearer <jwt | admin token>`.
+//! Errors are `{"error":{"code","message"}}`. See docs/admin-api.md.
+
+pub mod error;
+pub mod keys;
+pub mod logs;
+pub mod session;
+pub mod users;
+
+use crate::{
+    state::AppState,
+    store::{self, users::Role},
+};
+use async_trait::async_trait;
+use axum::{
+    Json, Router,
+    extract::State,
+    http::{StatusCode, header},
+    response::IntoResponse,
+    routing::{get, post},
+};
+use error::ApiError;
+use pingora::{server::ShutdownWatch, services::background::BackgroundService};
+use rand::{Rng, distr::Alphanumeric};
+use rusqlite::Connection;
+use serde_json::json;
+use std::{net::SocketAddr, sync::Arc};
+
+/// What admin handlers share.
+pub struct AdminState {
+    pub app: Arc<AppState>,
+    pub tokens: session::Tokens,
+    pub throttle: session::Throttle,
+    conn: Arc<parking_lot::Mutex<Connection>>,
+}
+
+fn random_secret(len: usize) -> String {
+    rand::rng()
+        .sample_iter(&Alphanumeric)
+        .take(len)
+        .map(char::from)
+        .collect()
+}
+
+impl AdminState {
+    /// Open the admin connection, settle the JWT secret, and create the
+    /// first admin if there are no users (password from
+    /// `FASTGATE_ADMIN_PASSWORD`, else generated and printed once).
+    pub fn new(app: Arc<AppState>) -> Result<Self, store::StoreError> {
+        let conn = store::open(&app.config.database_path)?;
+        let cfg = &app.config.file.admin;
+        let secret = if cfg.jwt_secret.is_empty() {
+            store::settings::get_or_create(&conn, "jwt_secret", || random_secret(48))?
+        } else {
+            cfg.jwt_secret.clone()
+        };
+        if store::users::count(&conn)? == 0 {
+            let (password, generated) = match std::env::var("FASTGATE_ADMIN_PASSWORD") {
+                Ok(p) if !p.is_empty() => (p, false),
+                _ => (random_secret(20), true),
+            };
+            let user = store::users::create(&conn, "admin", &password, Role::Admin)?;
+            store::admin_audit::record(
+                &conn,
+                "fastgate",
+                "user.bootstrap",
+                Some(&user.id),
+                None,
+                Some(&json!(user)),
+            )?;
+            if generated {
+                // Printed once, to the terminal only: never into the logs.
+                println!("FastGate created the admin user 'admin' with password: {password}");
+                println!("Change it with `fastgate users passwd admin`; it is not shown again.");
+            } else {
+                tracing::info!("Created the admin user 'admin' from FASTGATE_ADMIN_PASSWORD.");
+            }
+        }
+        Ok(AdminState {
+            tokens: session::Tokens::new(secret.as_bytes(), cfg.token_ttl.0, &cfg.token),
+            throttle: session::Throttle::default(),
+            conn: Arc::new(parking_lot::Mutex::new(conn)),
+            app,
+        })
+    }
+
+    /// Run blocking database work off the async workers.
+    pub async fn db<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, store::StoreError> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || f(&conn.lock()))
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?
+            .map_err(ApiError::from)
+    }
+
+    /// Make the data plane see gateway-key changes now, not at the next tick.
+    pub async fn refresh_keys(&self) {
+        let app = self.app.clone();
+        let _ = tokio::task::spawn_blocking(move || app.keys.refresh()).await;
+    }
+}
+
+pub fn router(state: Arc<AdminState>) -> Router {
+    Router::new()
+        .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/health/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .route("/api/auth/login", post(session::login))
+        .route("/api/me", get(session::me))
+        .route("/api/users", get(users::list).post(users::create))
+        .route(
+            "/api/users/{id}",
+            axum::routing::patch(users::update).delete(users::delete),
+        )
+        .route("/api/keys", get(keys::list).post(keys::create))
+        .route(
+            "/api/keys/{id}",
+            get(keys::get).patch(keys::update).delete(keys::delete),
+        )
+        .route("/api/keys/{id}/rotate", post(keys::rotate))
+        .route("/api/keys/{id}/usage", get(keys::usage))
+        .route("/api/logs", get(logs::list))
+        .route("/api/logs/{id}", get(logs::get))
+        .route("/api/audit", get(logs::admin_events))
+        .with_state(state)
+}
+
+async fn ready(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
+    let app = state.app.clone();
+    let db_ok = tokio::task::spawn_blocking(move || app.database_writable())
+        .await
+        .unwrap_or(false);
+    let routes = state.app.routes.load().len();
+    let body = json!({"database_writable": db_ok, "routes": routes, "ready": db_ok && routes > 0});
+    let status = if db_ok && routes > 0 {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body))
+}
+
+async fn metrics(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        state.app.metrics.render(&state.app),
+    )
+}
+
+pub struct AdminService {
+    pub state: Arc<AdminState>,
+}
+
+#[async_trait]
+impl BackgroundService for AdminService {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let addr = self.state.app.config.admin_listen;
+        let listener = match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(%addr, error = %e, "Admin service cannot listen; continuing without it.");
+                return;
+            }
+        };
+        tracing::info!(%addr, "Admin service listening.");
+        let app = router(self.state.clone()).into_make_service_with_connect_info::<SocketAddr>();
+        let stop = async move {
+            let _ = shutdown.changed().await;
+        };
+        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop).await {
+            tracing::error!(error = %e, "Admin service failed.");
+        }
+    }
+}
