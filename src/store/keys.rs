@@ -120,7 +120,10 @@ pub struct KeyHashes {
     pub previous: Option<([u8; 32], i64)>,
 }
 
-fn from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(GatewayKey, Vec<u8>, Option<(Vec<u8>, i64)>)> {
+/// A key row: the record, its secret hash, and the previous hash with its deadline.
+type KeyRow = (GatewayKey, Vec<u8>, Option<(Vec<u8>, i64)>);
+
+fn from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<KeyRow> {
     let prev: Option<Vec<u8>> = row.get(12)?;
     let until: Option<i64> = row.get(13)?;
     Ok((
