@@ -230,6 +230,23 @@ impl Gateway {
     /// `config` is the YAML after the `server:`/`database:`/`routes_dir:` keys,
     /// which the harness fills in; `routes` are (file name, YAML) pairs.
     pub async fn start(config: &str, routes: &[(&str, &str)]) -> Gateway {
+        Self::start_inner(config, routes, "").await
+    }
+
+    /// Like `start`, with `admin:` keys from `config` (its first line must be
+    /// `admin:` and the keys below it) merged into the harness's admin block.
+    pub async fn start_with_admin(config: &str, routes: &[(&str, &str)]) -> Gateway {
+        let rest = config.strip_prefix("admin:\n").expect("config starts with admin:");
+        let indented: usize = rest
+            .split_inclusive('\n')
+            .take_while(|l| l.starts_with("  "))
+            .map(str::len)
+            .sum();
+        let (admin_keys, config) = rest.split_at(indented);
+        Self::start_inner(config, routes, admin_keys).await
+    }
+
+    async fn start_inner(config: &str, routes: &[(&str, &str)], admin_keys: &str) -> Gateway {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let admin_port = free_port();
@@ -238,7 +255,7 @@ impl Gateway {
             std::fs::write(dir.path().join("routes.d").join(name), yaml).unwrap();
         }
         let full = format!(
-            "server:\n  listen: 127.0.0.1:{port}\n  threads: 2\n  max_request_body: 2MiB\n  grace_period: 5s\nadmin:\n  listen: 127.0.0.1:{admin_port}\ndatabase:\n  path: {db}\n  key_refresh: 100ms\nroutes_dir: {routes}\n{config}",
+            "server:\n  listen: 127.0.0.1:{port}\n  threads: 2\n  max_request_body: 2MiB\n  grace_period: 5s\nadmin:\n  listen: 127.0.0.1:{admin_port}\n{admin_keys}database:\n  path: {db}\n  key_refresh: 100ms\nroutes_dir: {routes}\n{config}",
             db = dir.path().join("fg.db").display(),
             routes = dir.path().join("routes.d").display(),
         );

@@ -1,0 +1,325 @@
+//! The admin API against the real server: login and throttling, who may see
+//! what, gateway keys taking effect on the data plane at once, the admin
+//! audit trail, and no secret in any answer.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::{ADMIN_PASSWORD, Gateway, MockUpstream};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+async fn gateway() -> (MockUpstream, Gateway) {
+    let mock = MockUpstream::start().await;
+    let config = format!(
+        "admin:\n  token: static-admin-token-for-tests\nupstreams:\n  oai: {{provider: openai, endpoints: ['{}'], key_pool: p}}\nkey_pools:\n  p: {{keys: [sk-upstream-secret]}}\n",
+        mock.url()
+    );
+    let gw = Gateway::start_with_admin(
+        &config,
+        &[(
+            "r.yaml",
+            "routes:\n  - { name: chat, match: { path: /v1/chat/completions }, format: openai, upstream: oai }\n",
+        )],
+    )
+    .await;
+    (mock, gw)
+}
+
+struct Api {
+    base: String,
+    token: String,
+    c: reqwest::Client,
+}
+
+impl Api {
+    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+        let mut req = self
+            .c
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(&self.token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let r = req.send().await.unwrap();
+        let status = r.status();
+        let text = r.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+    async fn get(&self, path: &str) -> (StatusCode, Value) {
+        self.call(reqwest::Method::GET, path, None).await
+    }
+    async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        self.call(reqwest::Method::POST, path, Some(body)).await
+    }
+    async fn patch(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        self.call(reqwest::Method::PATCH, path, Some(body)).await
+    }
+    async fn delete(&self, path: &str) -> (StatusCode, Value) {
+        self.call(reqwest::Method::DELETE, path, None).await
+    }
+}
+
+async fn as_user(gw: &Gateway, username: &str, password: &str) -> Api {
+    Api {
+        base: gw.admin_url(""),
+        token: gw.login(username, password).await,
+        c: reqwest::Client::new(),
+    }
+}
+
+#[tokio::test]
+async fn login_works_fails_and_is_throttled() {
+    let (_mock, gw) = gateway().await;
+    let c = reqwest::Client::new();
+    let login = |u: &str, p: &str| {
+        c.post(gw.admin_url("/api/auth/login"))
+            .json(&json!({"username": u, "password": p}))
+            .send()
+    };
+    let r = login("admin", ADMIN_PASSWORD).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.unwrap();
+    assert!(body["token"].as_str().unwrap().split('.').count() == 3, "a JWT");
+    assert!(body["expires_at"].as_i64().unwrap() > 0);
+    assert!(body["user"].get("password_hash").is_none());
+
+    let r = login("admin", "wrong-password").await.unwrap();
+    assert_eq!(r.status(), 401);
+    let err: Value = r.json().await.unwrap();
+    assert_eq!(err["error"]["code"], "invalid_credentials");
+    for _ in 0..4 {
+        login("admin", "wrong-password").await.unwrap();
+    }
+    let r = login("admin", ADMIN_PASSWORD).await.unwrap();
+    assert_eq!(r.status(), 429, "locked after 5 failures even with the right password");
+    assert!(r.headers().contains_key("retry-after"));
+
+    let r = c.get(gw.admin_url("/api/me")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let r = c
+        .get(gw.admin_url("/api/me"))
+        .bearer_auth("not-a-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = c
+        .get(gw.admin_url("/api/me"))
+        .bearer_auth("static-admin-token-for-tests")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.json::<Value>().await.unwrap()["role"], "admin");
+    assert!(!gw.logs().contains(ADMIN_PASSWORD) && !gw.logs().contains("wrong-password"));
+}
+
+#[tokio::test]
+async fn users_see_only_their_own_keys_and_logs_admins_see_all() {
+    let (_mock, gw) = gateway().await;
+    let admin = as_user(&gw, "admin", ADMIN_PASSWORD).await;
+    for name in ["alice", "bob"] {
+        let (s, u) = admin
+            .post(
+                "/api/users",
+                json!({"username": name, "password": format!("{name}-password")}),
+            )
+            .await;
+        assert_eq!(s, 201, "{u}");
+        assert_eq!(u["role"], "user");
+    }
+    let alice = as_user(&gw, "alice", "alice-password").await;
+    let bob = as_user(&gw, "bob", "bob-password").await;
+    assert_eq!(alice.get("/api/users").await.0, 403);
+    assert_eq!(
+        alice
+            .post("/api/users", json!({"username": "eve", "password": "eve-password"}))
+            .await
+            .0,
+        403
+    );
+
+    let (s, key) = alice.post("/api/keys", json!({"name": "alice-app"})).await;
+    assert_eq!(s, 201);
+    let (id, secret) = (
+        key["id"].as_str().unwrap().to_string(),
+        key["secret"].as_str().unwrap().to_string(),
+    );
+    assert_eq!(key["owner"], "alice");
+    assert_eq!(
+        bob.post("/api/keys", json!({"name": "x", "owner": "alice"})).await.0,
+        403
+    );
+
+    // The key works on the data plane immediately.
+    let c = reqwest::Client::new();
+    let r = c
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(&secret)
+        .json(&json!({"model": "m"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    assert_eq!(bob.get(&format!("/api/keys/{id}")).await.0, 404);
+    assert_eq!(
+        bob.patch(&format!("/api/keys/{id}"), json!({"enabled": false})).await.0,
+        404
+    );
+    assert_eq!(bob.delete(&format!("/api/keys/{id}")).await.0, 404);
+    assert_eq!(bob.get("/api/keys").await.1.as_array().unwrap().len(), 0);
+    assert_eq!(alice.get("/api/keys").await.1.as_array().unwrap().len(), 1);
+    assert!(admin.get("/api/keys").await.1.as_array().unwrap().len() >= 1);
+
+    // Logs: alice sees her request; bob sees none of it; admin sees it.
+    let mut alice_logs = Value::Null;
+    for _ in 0..50 {
+        alice_logs = alice.get("/api/logs").await.1;
+        if !alice_logs["items"].as_array().unwrap().is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let item = &alice_logs["items"][0];
+    assert_eq!(item["key_id"], id.as_str());
+    let log_id = item["id"].as_i64().unwrap();
+    assert!(bob.get("/api/logs").await.1["items"].as_array().unwrap().is_empty());
+    assert_eq!(bob.get(&format!("/api/logs/{log_id}")).await.0, 404);
+    assert_eq!(admin.get(&format!("/api/logs/{log_id}")).await.0, 200);
+    let (s, filtered) = admin.get(&format!("/api/logs?key_id={id}&status=200&limit=5")).await;
+    assert_eq!(s, 200);
+    assert_eq!(filtered["items"].as_array().unwrap().len(), 1);
+    assert_eq!(admin.get("/api/logs?nonsense=1").await.0, 400);
+
+    // Usage from the audit log.
+    let (_, usage) = alice.get(&format!("/api/keys/{id}/usage")).await;
+    assert_eq!(usage["requests"], 1);
+    assert_eq!(usage["prompt_tokens"], 9);
+
+    // Users change their own password but not their role.
+    let alice_id = admin
+        .get("/api/users")
+        .await
+        .1
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["username"] == "alice")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        alice
+            .patch(&format!("/api/users/{alice_id}"), json!({"role": "admin"}))
+            .await
+            .0,
+        403
+    );
+    assert_eq!(
+        alice
+            .patch(
+                &format!("/api/users/{alice_id}"),
+                json!({"password": "alice-new-password"})
+            )
+            .await
+            .0,
+        200
+    );
+    gw.login("alice", "alice-new-password").await;
+}
+
+#[tokio::test]
+async fn key_changes_reach_the_data_plane_at_once() {
+    let (mock, gw) = gateway().await;
+    let admin = as_user(&gw, "admin", ADMIN_PASSWORD).await;
+    let c = reqwest::Client::new();
+    let chat = |secret: &str| {
+        c.post(gw.url("/v1/chat/completions"))
+            .bearer_auth(secret)
+            .json(&json!({"model": "m"}))
+            .send()
+    };
+    let (_, key) = admin
+        .post("/api/keys", json!({"name": "svc", "permissions": ["chat"]}))
+        .await;
+    let id = key["id"].as_str().unwrap().to_string();
+    let first = key["secret"].as_str().unwrap().to_string();
+    assert_eq!(chat(&first).await.unwrap().status(), 200);
+
+    // Disable: refused at once (the admin API refreshes the data plane's cache).
+    assert_eq!(
+        admin
+            .patch(&format!("/api/keys/{id}"), json!({"enabled": false}))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(chat(&first).await.unwrap().status(), 401);
+    assert_eq!(
+        admin
+            .patch(&format!("/api/keys/{id}"), json!({"enabled": true}))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(chat(&first).await.unwrap().status(), 200);
+
+    // Rotate without grace: the old secret stops, the new one works.
+    let (s, rotated) = admin.post(&format!("/api/keys/{id}/rotate"), json!({})).await;
+    assert_eq!(s, 200);
+    let second = rotated["secret"].as_str().unwrap().to_string();
+    assert_ne!(first, second);
+    assert_eq!(chat(&first).await.unwrap().status(), 401);
+    assert_eq!(chat(&second).await.unwrap().status(), 200);
+    // Rotate with grace: both work for now.
+    let (_, rotated) = admin
+        .post(&format!("/api/keys/{id}/rotate"), json!({"grace_period": "10m"}))
+        .await;
+    let third = rotated["secret"].as_str().unwrap().to_string();
+    assert_eq!(chat(&second).await.unwrap().status(), 200);
+    assert_eq!(chat(&third).await.unwrap().status(), 200);
+
+    // Expire in the past: refused at once. Delete: refused at once.
+    assert_eq!(
+        admin
+            .patch(&format!("/api/keys/{id}"), json!({"expires_at": 1}))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(chat(&third).await.unwrap().status(), 401);
+    assert_eq!(
+        admin
+            .patch(&format!("/api/keys/{id}"), json!({"expires_at": null}))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(chat(&third).await.unwrap().status(), 200);
+    assert_eq!(admin.delete(&format!("/api/keys/{id}")).await.0, 204);
+    assert_eq!(chat(&third).await.unwrap().status(), 401);
+    assert_eq!(admin.get(&format!("/api/keys/{id}")).await.0, 404);
+
+    // The admin audit trail has every write, with no secret in it.
+    let (_, events) = admin.get("/api/audit").await;
+    let actions: Vec<&str> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    for a in ["key.create", "key.update", "key.rotate", "key.delete", "user.bootstrap"] {
+        assert!(actions.contains(&a), "{a} missing from {actions:?}");
+    }
+    let everything = format!("{events} {}", admin.get("/api/keys").await.1);
+    for s in [&first, &second, &third] {
+        assert!(
+            !everything.contains(s.as_str()),
+            "a key secret leaked into the admin API"
+        );
+    }
+    assert!(!everything.contains("sk-upstream-secret"));
+    assert_eq!(mock.seen().len(), 6);
+}
