@@ -323,3 +323,111 @@ async fn key_changes_reach_the_data_plane_at_once() {
     assert!(!everything.contains("sk-upstream-secret"));
     assert_eq!(mock.seen().len(), 6);
 }
+
+#[tokio::test]
+async fn routes_written_through_the_api_change_files_and_the_live_table() {
+    let (mock, gw) = gateway().await;
+    let admin = as_user(&gw, "admin", ADMIN_PASSWORD).await;
+    let c = reqwest::Client::new();
+    let files = || {
+        let mut f: Vec<String> = std::fs::read_dir(gw.routes_dir())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        f.sort();
+        f
+    };
+    let before = files();
+
+    // Invalid: refused with the validator's message, nothing written.
+    let (s, err) = admin
+        .post(
+            "/api/routes",
+            json!({"name": "bad", "match": {"path": "no-slash"}, "upstream": "nowhere"}),
+        )
+        .await;
+    assert_eq!(s, 400);
+    let msg = err["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("must start with '/'") && msg.contains("no upstream named \"nowhere\""),
+        "{msg}"
+    );
+    assert_eq!(files(), before);
+
+    // Create: a new file, live at once.
+    let route = json!({"name": "open", "match": {"path": "/open/{*rest}"}, "auth": "none", "upstream": "oai", "transform": {"strip_prefix": "/open"}});
+    let (s, created) = admin.post("/api/routes", route.clone()).await;
+    assert_eq!(s, 201, "{created}");
+    assert_eq!(created["file"], "open.yaml");
+    assert!(files().contains(&"open.yaml".to_string()));
+    assert_eq!(c.get(gw.url("/open/v1/models")).send().await.unwrap().status(), 200);
+    assert_eq!(mock.last().uri, "/v1/models");
+    assert_eq!(admin.post("/api/routes", route).await.0, 409);
+
+    // Update a route that lives in an operator's file.
+    let (s, _) = admin.call(reqwest::Method::PUT, "/api/routes/chat", Some(json!({"name": "chat", "match": {"path": "/v2/chat"}, "format": "openai", "upstream": "oai", "auth": "none"}))).await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        c.post(gw.url("/v2/chat"))
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        c.post(gw.url("/v1/chat/completions"))
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    let text = std::fs::read_to_string(gw.routes_dir().join("r.yaml")).unwrap();
+    assert!(text.contains("/v2/chat"), "{text}");
+
+    // Toggle off and on.
+    let (_, toggled) = admin.post("/api/routes/open/toggle", json!({})).await;
+    assert_eq!(toggled["enabled"], false);
+    assert_eq!(c.get(gw.url("/open/v1/models")).send().await.unwrap().status(), 404);
+    admin.post("/api/routes/open/toggle", json!({})).await;
+    assert_eq!(c.get(gw.url("/open/v1/models")).send().await.unwrap().status(), 200);
+
+    // Dry run.
+    let (s, t) = admin
+        .post(
+            "/api/routes/test",
+            json!({"method": "GET", "path": "/open/v1/models?x=1", "headers": {"authorization": "Bearer fg_whatever"}}),
+        )
+        .await;
+    assert_eq!(s, 200);
+    assert_eq!(t["route"], "open");
+    assert_eq!(t["upstream_request"]["path"], "/v1/models?x=1");
+    assert_eq!(t["upstream_request"]["headers"]["authorization"], "<pool key>");
+    let (_, miss) = admin.post("/api/routes/test", json!({"path": "/nothing"})).await;
+    assert_eq!(miss["matched"], false);
+
+    // Delete: the file goes when its last route goes.
+    assert_eq!(admin.delete("/api/routes/open").await.0, 204);
+    assert!(!files().contains(&"open.yaml".to_string()));
+    assert_eq!(c.get(gw.url("/open/v1/models")).send().await.unwrap().status(), 404);
+    assert_eq!(admin.delete("/api/routes/open").await.0, 404);
+    let (_, events) = admin.get("/api/audit").await;
+    let actions: Vec<&str> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    for a in ["route.create", "route.update", "route.toggle", "route.delete"] {
+        assert!(actions.contains(&a), "{a} missing");
+    }
+    // Users may not touch routes.
+    admin
+        .post("/api/users", json!({"username": "carol", "password": "carol-password"}))
+        .await;
+    let carol = as_user(&gw, "carol", "carol-password").await;
+    assert_eq!(carol.get("/api/routes").await.0, 403);
+}

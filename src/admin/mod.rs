@@ -8,6 +8,7 @@
 pub mod error;
 pub mod keys;
 pub mod logs;
+pub mod routes;
 pub mod session;
 pub mod users;
 
@@ -35,6 +36,8 @@ pub struct AdminState {
     pub app: Arc<AppState>,
     pub tokens: session::Tokens,
     pub throttle: session::Throttle,
+    /// One route edit at a time (read, validate, write, reload).
+    pub route_edits: tokio::sync::Mutex<()>,
     conn: Arc<parking_lot::Mutex<Connection>>,
 }
 
@@ -83,6 +86,7 @@ impl AdminState {
         Ok(AdminState {
             tokens: session::Tokens::new(secret.as_bytes(), cfg.token_ttl.0, &cfg.token),
             throttle: session::Throttle::default(),
+            route_edits: tokio::sync::Mutex::new(()),
             conn: Arc::new(parking_lot::Mutex::new(conn)),
             app,
         })
@@ -129,6 +133,13 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/api/logs", get(logs::list))
         .route("/api/logs/{id}", get(logs::get))
         .route("/api/audit", get(logs::admin_events))
+        .route("/api/routes", get(routes::list).post(routes::create))
+        .route("/api/routes/test", post(routes::test))
+        .route(
+            "/api/routes/{name}",
+            get(routes::get).put(routes::replace).delete(routes::delete),
+        )
+        .route("/api/routes/{name}/toggle", post(routes::toggle))
         .with_state(state)
 }
 

@@ -1,0 +1,300 @@
+//! `/api/routes`: routes as written in `routes.d`. Writes validate the whole
+//! resulting table first, then change one file atomically and reload, so the
+//! files stay the single source of truth. `POST /api/routes/test` explains
+//! which route a request would take and what would be sent upstream.
+
+use super::{AdminState, error::ApiError, session::Caller};
+use crate::{
+    config::routes_d::{self, RouteConfig, RouteEdit, RouteEditError},
+    proxy::{intake, rewrite},
+};
+use axum::{
+    Json,
+    extract::{Path, State},
+    http::StatusCode,
+};
+use http::{HeaderMap, HeaderName, HeaderValue, Method};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use std::{collections::BTreeMap, sync::Arc};
+
+impl From<RouteEditError> for ApiError {
+    fn from(e: RouteEditError) -> Self {
+        match e {
+            RouteEditError::NotFound(n) => ApiError::NotFound(format!("no route named {n:?}")),
+            RouteEditError::Invalid(errors) => ApiError::Invalid(errors.to_string()),
+            RouteEditError::Io(m) => ApiError::Internal(m),
+        }
+    }
+}
+
+fn view(file: &std::path::Path, route: &RouteConfig) -> Value {
+    let mut v = json!(route);
+    v["file"] = Value::String(
+        file.file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    );
+    v
+}
+
+async fn read_all(s: &AdminState) -> Result<Vec<(std::path::PathBuf, RouteConfig)>, ApiError> {
+    let dir = s.app.config.routes_dir.clone();
+    tokio::task::spawn_blocking(move || routes_d::read_route_configs(&dir))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(ApiError::from)
+}
+
+pub async fn list(caller: Caller, State(s): State<Arc<AdminState>>) -> Result<Json<Value>, ApiError> {
+    caller.require_admin()?;
+    let routes: Vec<Value> = read_all(&s).await?.iter().map(|(f, r)| view(f, r)).collect();
+    let reload = s.app.reload.lock().clone();
+    Ok(Json(json!({"routes": routes, "last_reload_error": reload.last_error})))
+}
+
+pub async fn get(
+    caller: Caller,
+    State(s): State<Arc<AdminState>>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require_admin()?;
+    read_all(&s)
+        .await?
+        .iter()
+        .find(|(_, r)| r.name == name)
+        .map(|(f, r)| Json(view(f, r)))
+        .ok_or_else(|| ApiError::NotFound(format!("no route named {name:?}")))
+}
+
+/// Apply an edit, record it, reload the live table.
+async fn apply(s: &Arc<AdminState>, caller: &Caller, edit: RouteEdit, action: &str) -> Result<Value, ApiError> {
+    let _serialized = s.route_edits.lock().await;
+    let name = match &edit {
+        RouteEdit::Upsert(r) => r.name.clone(),
+        RouteEdit::Delete(n) => n.clone(),
+    };
+    let before = read_all(s)
+        .await?
+        .into_iter()
+        .find(|(_, r)| r.name == name)
+        .map(|(f, r)| view(&f, &r));
+    let app = s.app.clone();
+    let e = edit.clone();
+    let file = tokio::task::spawn_blocking(move || {
+        let file = routes_d::edit_routes(&app.config.routes_dir, &app.config.file, &e)?;
+        // Apply now rather than waiting for the file watcher.
+        let _ = app.reload_routes();
+        Ok::<_, RouteEditError>(file)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))??;
+    let after = match &edit {
+        RouteEdit::Upsert(r) => Some(view(&file, r)),
+        RouteEdit::Delete(_) => None,
+    };
+    let (actor, action, target) = (caller.username.clone(), action.to_string(), name.clone());
+    let (b, a) = (before.clone(), after.clone());
+    s.db(move |c| crate::store::admin_audit::record(c, &actor, &action, Some(&target), b.as_ref(), a.as_ref()))
+        .await?;
+    Ok(after.unwrap_or(Value::Null))
+}
+
+pub async fn create(
+    caller: Caller,
+    State(s): State<Arc<AdminState>>,
+    Json(route): Json<RouteConfig>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    caller.require_admin()?;
+    if read_all(&s).await?.iter().any(|(_, r)| r.name == route.name) {
+        return Err(ApiError::Conflict(format!(
+            "route {:?} exists; use PUT to change it",
+            route.name
+        )));
+    }
+    Ok((
+        StatusCode::CREATED,
+        Json(apply(&s, &caller, RouteEdit::Upsert(route), "route.create").await?),
+    ))
+}
+
+pub async fn replace(
+    caller: Caller,
+    State(s): State<Arc<AdminState>>,
+    Path(name): Path<String>,
+    Json(route): Json<RouteConfig>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require_admin()?;
+    if route.name != name {
+        return Err(ApiError::Invalid(
+            "the body's name must match the route in the URL (renames: create + delete)".into(),
+        ));
+    }
+    if !read_all(&s).await?.iter().any(|(_, r)| r.name == name) {
+        return Err(ApiError::NotFound(format!("no route named {name:?}")));
+    }
+    Ok(Json(
+        apply(&s, &caller, RouteEdit::Upsert(route), "route.update").await?,
+    ))
+}
+
+pub async fn delete(
+    caller: Caller,
+    State(s): State<Arc<AdminState>>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    caller.require_admin()?;
+    apply(&s, &caller, RouteEdit::Delete(name), "route.delete").await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn toggle(
+    caller: Caller,
+    State(s): State<Arc<AdminState>>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require_admin()?;
+    let mut route = read_all(&s)
+        .await?
+        .into_iter()
+        .find(|(_, r)| r.name == name)
+        .map(|(_, r)| r)
+        .ok_or_else(|| ApiError::NotFound(format!("no route named {name:?}")))?;
+    route.enabled = !route.enabled;
+    Ok(Json(
+        apply(&s, &caller, RouteEdit::Upsert(route), "route.toggle").await?,
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TestRequest {
+    #[serde(default = "default_method")]
+    method: String,
+    path: String,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+    #[serde(default)]
+    body: Option<Value>,
+}
+
+fn default_method() -> String {
+    "POST".into()
+}
+
+/// `POST /api/routes/test`: a dry run against the live table.
+pub async fn test(
+    caller: Caller,
+    State(s): State<Arc<AdminState>>,
+    Json(t): Json<TestRequest>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require_admin()?;
+    let method =
+        Method::from_bytes(t.method.to_ascii_uppercase().as_bytes()).map_err(|_| ApiError::Invalid("method".into()))?;
+    let uri: http::Uri = t
+        .path
+        .parse()
+        .map_err(|_| ApiError::Invalid("path is not a valid URI path".into()))?;
+    let mut headers = HeaderMap::new();
+    for (k, v) in &t.headers {
+        let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(k.to_ascii_lowercase().as_bytes()),
+            HeaderValue::from_str(v),
+        ) else {
+            return Err(ApiError::Invalid(format!("header {k:?}")));
+        };
+        headers.insert(name, value);
+    }
+    let host = headers
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(|h| h.split(':').next().unwrap_or(h).to_string());
+    let table = s.app.routes.load_full();
+    let candidates = table.candidates(&method, host.as_deref(), uri.path(), &headers);
+    let body_bytes = t.body.as_ref().map(|b| bytes::Bytes::from(b.to_string()));
+    let model = t
+        .body
+        .as_ref()
+        .and_then(|b| b["model"].as_str().map(str::to_string))
+        .or_else(|| {
+            uri.path()
+                .contains("/models/")
+                .then(|| intake::model_from_gemini_path(uri.path()).map(str::to_string))
+                .flatten()
+        });
+    let picked = table.pick(&candidates, model.as_deref());
+    let considered: Vec<Value> = candidates
+        .iter()
+        .map(|r| {
+            let why = if picked.is_some_and(|p| p.name == r.name) {
+                "selected: lowest priority whose conditions all hold"
+            } else if !r.matches_model(model.as_deref()) {
+                "model does not match match.model"
+            } else {
+                "a route with a lower priority (or earlier in load order) was selected"
+            };
+            json!({"name": r.name, "priority": r.priority, "file": r.file.display().to_string(), "result": why})
+        })
+        .collect();
+    let Some(route) = picked else {
+        return Ok(Json(json!({"matched": false, "model": model, "candidates": considered,
+            "reason": if candidates.is_empty() { "no enabled route matches this path, method, host and headers" } else { "no candidate accepts this model" }})));
+    };
+    let upstream = s.app.upstreams.get(&route.upstreams[0]);
+    let rewritten_path = upstream
+        .and_then(|u| u.endpoints.first())
+        .map(|ep| rewrite::upstream_path(route, ep, uri.path(), uri.query(), true));
+    let rewritten_body = match &body_bytes {
+        Some(b) => rewrite::rewrite_body(route, b)
+            .map_err(|e| ApiError::Invalid(e.to_string()))?
+            .map(|nb| serde_json::from_slice::<Value>(&nb).unwrap_or(Value::Null)),
+        None => None,
+    };
+    let mut sent_headers: BTreeMap<String, String> = t
+        .headers
+        .iter()
+        .filter(|(k, _)| {
+            !matches!(
+                k.to_ascii_lowercase().as_str(),
+                "authorization" | "x-api-key" | "x-goog-api-key"
+            )
+        })
+        .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+        .collect();
+    for h in &route.transform.remove_headers {
+        sent_headers.remove(h.as_str());
+    }
+    for (k, v) in &route.transform.set_headers {
+        sent_headers.insert(k.to_string(), v.to_str().unwrap_or_default().to_string());
+    }
+    if let Some(u) = upstream {
+        if let Some(ep) = u.endpoints.first() {
+            sent_headers.insert("host".into(), ep.authority.clone());
+        }
+        if u.key_pool.is_some() {
+            let header = match u.provider {
+                crate::config::Provider::Anthropic => "x-api-key",
+                crate::config::Provider::Gemini => "x-goog-api-key",
+                _ => "authorization",
+            };
+            sent_headers.insert(header.into(), "<pool key>".into());
+        }
+    }
+    Ok(Json(json!({
+        "matched": true,
+        "route": route.name,
+        "file": route.file.display().to_string(),
+        "model": model,
+        "format": route.format.name(),
+        "auth": if route.auth == crate::config::routes_d::AuthMode::Required { "required" } else { "none" },
+        "upstreams": route.upstreams,
+        "reads_body": route.buffers_body || route.model.is_some(),
+        "candidates": considered,
+        "upstream_request": {
+            "method": method.as_str(),
+            "path": rewritten_path,
+            "headers": sent_headers,
+            "body": rewritten_body.or(t.body),
+        }
+    })))
+}
