@@ -114,7 +114,7 @@ pub async fn create(
     }
     Ok((
         StatusCode::CREATED,
-        Json(apply(&s, &caller, RouteEdit::Upsert(route), "route.create").await?),
+        Json(apply(&s, &caller, RouteEdit::Upsert(Box::new(route)), "route.create").await?),
     ))
 }
 
@@ -134,7 +134,7 @@ pub async fn replace(
         return Err(ApiError::NotFound(format!("no route named {name:?}")));
     }
     Ok(Json(
-        apply(&s, &caller, RouteEdit::Upsert(route), "route.update").await?,
+        apply(&s, &caller, RouteEdit::Upsert(Box::new(route)), "route.update").await?,
     ))
 }
 
@@ -162,7 +162,7 @@ pub async fn toggle(
         .ok_or_else(|| ApiError::NotFound(format!("no route named {name:?}")))?;
     route.enabled = !route.enabled;
     Ok(Json(
-        apply(&s, &caller, RouteEdit::Upsert(route), "route.toggle").await?,
+        apply(&s, &caller, RouteEdit::Upsert(Box::new(route)), "route.toggle").await?,
     ))
 }
 

@@ -231,7 +231,7 @@ fn nth_line_of(text: &str, needle: &str, n: usize) -> usize {
 #[derive(Debug, Clone)]
 pub enum RouteEdit {
     /// Create the route, or replace the route with this name where it is defined.
-    Upsert(RouteConfig),
+    Upsert(Box<RouteConfig>),
     Delete(String),
 }
 
@@ -314,7 +314,7 @@ pub fn edit_routes(dir: &Path, config: &FileConfig, edit: &RouteEdit) -> Result<
     }
     let (target, new_text): (PathBuf, Option<String>) = match (edit, holder) {
         (RouteEdit::Upsert(route), Some((i, mut parsed, pos))) => {
-            parsed.routes[pos] = route.clone();
+            parsed.routes[pos] = (**route).clone();
             (sources[i].0.clone(), Some(to_yaml(&parsed)?))
         }
         (RouteEdit::Upsert(route), None) => {
@@ -328,7 +328,7 @@ pub fn edit_routes(dir: &Path, config: &FileConfig, edit: &RouteEdit) -> Result<
             (
                 file,
                 Some(to_yaml(&RoutesFile {
-                    routes: vec![route.clone()],
+                    routes: vec![(**route).clone()],
                 })?),
             )
         }
