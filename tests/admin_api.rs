@@ -431,3 +431,110 @@ async fn routes_written_through_the_api_change_files_and_the_live_table() {
     let carol = as_user(&gw, "carol", "carol-password").await;
     assert_eq!(carol.get("/api/routes").await.0, 403);
 }
+
+#[tokio::test]
+async fn exports_stats_and_live_state() {
+    let (_mock, gw) = gateway().await;
+    let admin = as_user(&gw, "admin", ADMIN_PASSWORD).await;
+    let (_, key) = admin.post("/api/keys", json!({"name": "exp"})).await;
+    let secret = key["secret"].as_str().unwrap().to_string();
+    let c = reqwest::Client::new();
+    let mut ids = Vec::new();
+    for i in 0..25 {
+        let r = c
+            .post(gw.url("/v1/chat/completions"))
+            .bearer_auth(&secret)
+            .json(&json!({"model": "m", "stream": i % 3 == 0}))
+            .send()
+            .await
+            .unwrap();
+        ids.push(r.headers()["x-request-id"].to_str().unwrap().to_string());
+        let _ = r.bytes().await;
+    }
+    gw.wait_audit_ids(&ids).await;
+    let key_id = key["id"].as_str().unwrap();
+
+    // The API view, page by page (keyset cursor).
+    let mut api_rows = Vec::new();
+    let mut cursor: Option<i64> = None;
+    loop {
+        let q = match cursor {
+            Some(c) => format!("/api/logs?key_id={key_id}&limit=10&cursor={c}"),
+            None => format!("/api/logs?key_id={key_id}&limit=10"),
+        };
+        let (_, page) = admin.get(&q).await;
+        api_rows.extend(page["items"].as_array().unwrap().clone());
+        match page["next_cursor"].as_i64() {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    assert_eq!(api_rows.len(), 25);
+
+    let ndjson = c
+        .get(gw.admin_url(&format!("/api/logs/export?format=ndjson&key_id={key_id}")))
+        .bearer_auth(&admin.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ndjson.headers()["content-type"], "application/x-ndjson");
+    let ndjson: Vec<Value> = ndjson
+        .text()
+        .await
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(ndjson, api_rows, "NDJSON parses back to the same rows");
+
+    let csv_text = c
+        .get(gw.admin_url(&format!("/api/logs/export?format=csv&key_id={key_id}")))
+        .bearer_auth(&admin.token)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let mut reader = csv::Reader::from_reader(csv_text.as_bytes());
+    let headers = reader.headers().unwrap().clone();
+    let records: Vec<csv::StringRecord> = reader.records().map(|r| r.unwrap()).collect();
+    assert_eq!(records.len(), 25);
+    for (rec, row) in records.iter().zip(&api_rows) {
+        for (h, v) in headers.iter().zip(rec.iter()) {
+            let want = match &row[h] {
+                Value::Null => String::new(),
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            assert_eq!(v, want, "column {h}");
+        }
+    }
+
+    let (_, summary) = admin.get("/api/stats/summary?window=1h").await;
+    assert!(summary["requests"].as_i64().unwrap() >= 25);
+    assert!(summary["p50_ms"].as_f64().unwrap() <= summary["p95_ms"].as_f64().unwrap());
+    let (_, series) = admin.get("/api/stats/timeseries?bucket=minute&window=1h").await;
+    let total: i64 = series["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["requests"].as_i64().unwrap())
+        .sum();
+    assert_eq!(total, summary["requests"].as_i64().unwrap());
+    let (_, top) = admin.get("/api/stats/top?by=key").await;
+    assert_eq!(top["items"][0]["value"], key_id);
+    assert_eq!(admin.get("/api/stats/top?by=nonsense").await.0, 400);
+
+    let (_, ups) = admin.get("/api/upstreams").await;
+    assert_eq!(ups[0]["name"], "oai");
+    let (_, pool) = admin.get("/api/pools/p/keys").await;
+    assert_eq!(pool[0]["total"], 25);
+    let (_, config) = admin.get("/api/config").await;
+    let everything = format!("{ups} {pool} {config}");
+    assert!(
+        !everything.contains("sk-upstream-secret") && !everything.contains("static-admin-token-for-tests"),
+        "{everything}"
+    );
+    assert_eq!(admin.post("/api/config/reload", json!({})).await.0, 200);
+}

@@ -40,6 +40,135 @@ pub async fn get(
     Ok(Json(row))
 }
 
+/// Columns of a CSV export, in order (every field of a row).
+const CSV_COLUMNS: [&str; 29] = [
+    "id",
+    "request_id",
+    "ts_ms",
+    "key_id",
+    "owner",
+    "route",
+    "upstream",
+    "endpoint",
+    "upstream_key_id",
+    "method",
+    "path",
+    "status",
+    "model",
+    "stream",
+    "ttfb_ms",
+    "duration_ms",
+    "request_bytes",
+    "response_bytes",
+    "chunks",
+    "prompt_tokens",
+    "completion_tokens",
+    "retries",
+    "error",
+    "client_ip",
+    "user_agent",
+    "request_headers",
+    "response_headers",
+    "request_body",
+    "response_body",
+];
+
+fn csv_line(fields: impl IntoIterator<Item = String>) -> Vec<u8> {
+    let mut w = csv::Writer::from_writer(Vec::new());
+    let _ = w.write_record(fields);
+    w.into_inner().unwrap_or_default()
+}
+
+fn encode(rows: &[LogRow], csv: bool) -> Vec<u8> {
+    let mut out = Vec::new();
+    for row in rows {
+        let v = json!(row);
+        if csv {
+            out.extend(csv_line(CSV_COLUMNS.iter().map(|c| match &v[*c] {
+                Value::Null => String::new(),
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            })));
+        } else {
+            out.extend(v.to_string().into_bytes());
+            out.push(b'\n');
+        }
+    }
+    out
+}
+
+/// `GET /api/logs/export?format=csv|ndjson&<filters>`: every matching row,
+/// newest first, streamed page by page (never held in memory whole).
+pub async fn export(
+    caller: Caller,
+    State(s): State<Arc<AdminState>>,
+    Query(mut filter): Query<LogFilter>,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
+    let csv = match filter.format.as_deref().unwrap_or("ndjson") {
+        "csv" => true,
+        "ndjson" => false,
+        other => return Err(ApiError::Invalid(format!("format {other:?}: use csv or ndjson"))),
+    };
+    if !caller.is_admin() {
+        filter.owner = Some(caller.username.clone());
+    }
+    filter.limit = Some(1000);
+    let db = s.app.config.database_path.clone();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(4);
+    tokio::task::spawn_blocking(move || {
+        let conn = match store::open(&db) {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
+                return;
+            }
+        };
+        if csv {
+            let _ = tx.blocking_send(Ok(csv_line(CSV_COLUMNS.iter().map(|c| c.to_string())).into()));
+        }
+        loop {
+            match store::audit::query(&conn, &filter) {
+                Ok((rows, next)) => {
+                    if tx.blocking_send(Ok(encode(&rows, csv).into())).is_err() {
+                        return; // client went away
+                    }
+                    match next {
+                        Some(cursor) => filter.cursor = Some(cursor),
+                        None => return,
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
+                    return;
+                }
+            }
+        }
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
+    let content_type = if csv {
+        "text/csv; charset=utf-8"
+    } else {
+        "application/x-ndjson"
+    };
+    let file = if csv {
+        "fastgate-logs.csv"
+    } else {
+        "fastgate-logs.ndjson"
+    };
+    Ok((
+        [
+            (axum::http::header::CONTENT_TYPE, content_type.to_string()),
+            (
+                axum::http::header::CONTENT_DISPOSITION,
+                format!("attachment; filename=\"{file}\""),
+            ),
+        ],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response())
+}
+
 #[derive(Deserialize)]
 pub struct EventsQuery {
     limit: Option<u32>,

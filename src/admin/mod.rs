@@ -10,6 +10,7 @@ pub mod keys;
 pub mod logs;
 pub mod routes;
 pub mod session;
+pub mod stats;
 pub mod users;
 
 use crate::{
@@ -140,6 +141,15 @@ pub fn router(state: Arc<AdminState>) -> Router {
             get(routes::get).put(routes::replace).delete(routes::delete),
         )
         .route("/api/routes/{name}/toggle", post(routes::toggle))
+        .route("/api/stats/summary", get(stats::summary))
+        .route("/api/stats/timeseries", get(stats::timeseries))
+        .route("/api/stats/top", get(stats::top))
+        .route("/api/upstreams", get(stats::upstreams))
+        .route("/api/pools", get(stats::pools))
+        .route("/api/pools/{pool}/keys", get(stats::pool))
+        .route("/api/config", get(stats::config))
+        .route("/api/config/reload", post(stats::reload))
+        .route("/api/logs/export", get(logs::export))
         .with_state(state)
 }
 

@@ -174,6 +174,8 @@ pub struct LogFilter {
     pub limit: Option<u32>,
     /// The `next_cursor` of the previous page.
     pub cursor: Option<i64>,
+    /// `csv` or `ndjson`; read by the export endpoint only.
+    pub format: Option<String>,
 }
 
 /// Newest first, one page. Returns the rows and the cursor of the next page.
