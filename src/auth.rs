@@ -250,6 +250,8 @@ mod tests {
             enabled: true,
             created_at: 0,
             revoked_at: None,
+            rpm: None,
+            tpm: None,
         };
         assert!(authorize_route(&key, "r", &[]).is_ok());
         assert!(authorize_route(&key, "r", &["chat".into(), "embed".into()]).is_ok());

@@ -60,6 +60,12 @@ pub enum KeysAction {
         /// Expire after this long (`30d`, `12h`).
         #[arg(long)]
         expires_in: Option<humantime::Duration>,
+        /// Requests per minute (all routes together).
+        #[arg(long)]
+        rpm: Option<u64>,
+        /// Tokens per minute (prompt + completion).
+        #[arg(long)]
+        tpm: Option<u64>,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,

@@ -97,6 +97,8 @@ fn keys(conn: &rusqlite::Connection, action: KeysAction) -> Result<()> {
             routes,
             models,
             expires_in,
+            rpm,
+            tpm,
             json,
         } => {
             let expires_at = expires_in.map(|d| store::now_unix() + d.as_secs() as i64);
@@ -107,6 +109,8 @@ fn keys(conn: &rusqlite::Connection, action: KeysAction) -> Result<()> {
                 allowed_routes: routes,
                 allowed_models: models,
                 expires_at,
+                rpm,
+                tpm,
             };
             let (key, secret) = keys::create(conn, &new)?;
             if json {

@@ -46,6 +46,8 @@ pub struct Route {
     pub transform: Transform,
     pub timeout: Option<Duration>,
     pub retries: u32,
+    /// Per gateway key on this route.
+    pub rate_limit: crate::ratelimit::Limits,
     /// The request body is read before proxying (model routing, body rewrites,
     /// replay for retries or fallback, the in-process mock).
     pub buffers_body: bool,
@@ -268,6 +270,10 @@ impl Route {
             },
             timeout: rc.timeout.map(|d| d.0),
             retries: rc.retries,
+            rate_limit: crate::ratelimit::Limits {
+                rpm: rc.rate_limit.and_then(|r| r.rpm),
+                tpm: rc.rate_limit.and_then(|r| r.tpm),
+            },
             buffers_body,
             path_router,
         })

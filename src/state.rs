@@ -44,6 +44,7 @@ pub struct AppState {
     pub requests_total: AtomicU64,
     pub reload: Mutex<ReloadStatus>,
     pub metrics: Metrics,
+    pub limiter: crate::ratelimit::RateLimiter,
     pub audit: AuditSink,
     /// A connection for readiness checks only.
     health_db: Mutex<rusqlite::Connection>,
@@ -93,6 +94,7 @@ impl AppState {
             requests_total: AtomicU64::new(0),
             reload: Mutex::new(ReloadStatus::default()),
             metrics: Metrics::new()?,
+            limiter: crate::ratelimit::RateLimiter::default(),
             audit,
             health_db,
             config,

@@ -538,3 +538,115 @@ async fn exports_stats_and_live_state() {
     );
     assert_eq!(admin.post("/api/config/reload", json!({})).await.0, 200);
 }
+
+#[tokio::test]
+async fn rate_limits_answer_429_in_the_clients_shape() {
+    let mock = MockUpstream::start().await;
+    let config = format!(
+        "admin:\n  token: t0k3n-for-tests\nupstreams:\n  oai: {{provider: openai, endpoints: ['{u}'], key_pool: p}}\n  ant: {{provider: anthropic, endpoints: ['{u}'], key_pool: p}}\nkey_pools:\n  p: {{keys: [sk-upstream-secret]}}\n",
+        u = mock.url()
+    );
+    let routes = "routes:\n  - { name: chat, match: { path: /v1/chat/completions }, format: openai, upstream: oai }\n  - { name: messages, match: { path: /v1/messages }, format: anthropic, upstream: ant, rate_limit: { rpm: 2 } }\n";
+    let gw = Gateway::start_with_admin(&config, &[("r.yaml", routes)]).await;
+    let admin = as_user(&gw, "admin", ADMIN_PASSWORD).await;
+    let c = reqwest::Client::new();
+
+    // A key's own rpm.
+    let (_, key) = admin.post("/api/keys", json!({"name": "limited", "rpm": 3})).await;
+    let secret = key["secret"].as_str().unwrap().to_string();
+    for _ in 0..3 {
+        let r = c
+            .post(gw.url("/v1/chat/completions"))
+            .bearer_auth(&secret)
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let r = c
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(&secret)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    let retry: u64 = r.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry));
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "rate_limit_error");
+    assert_eq!(body["error"]["code"], "rate_limit_exceeded");
+    let seen = mock.seen().len();
+    assert_eq!(seen, 3, "refused requests never reach the upstream");
+
+    // A route's per-key rpm, in the Anthropic shape; another key is not affected.
+    let (_, other) = admin.post("/api/keys", json!({"name": "other"})).await;
+    let other = other["secret"].as_str().unwrap().to_string();
+    for _ in 0..2 {
+        assert_eq!(
+            c.post(gw.url("/v1/messages"))
+                .header("x-api-key", &other)
+                .json(&json!({}))
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            200
+        );
+    }
+    let r = c
+        .post(gw.url("/v1/messages"))
+        .header("x-api-key", &other)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["type"], "error");
+    assert_eq!(body["error"]["type"], "rate_limit_error");
+    assert_eq!(
+        c.post(gw.url("/v1/chat/completions"))
+            .bearer_auth(&other)
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+
+    // Tokens per minute: the upstream reports 10 tokens per answer.
+    let (_, tk) = admin.post("/api/keys", json!({"name": "tokens", "tpm": 10})).await;
+    let tk = tk["secret"].as_str().unwrap().to_string();
+    assert_eq!(
+        c.post(gw.url("/v1/chat/completions"))
+            .bearer_auth(&tk)
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let r = common::until_status(
+        || c.post(gw.url("/v1/chat/completions")).bearer_auth(&tk).json(&json!({})),
+        |s| s == 429,
+    )
+    .await;
+    assert_eq!(r.status(), 429);
+
+    let metrics = c
+        .get(gw.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("fastgate_rate_limited_total{route=\"messages\"} 1"),
+        "{metrics}"
+    );
+}

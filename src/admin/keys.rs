@@ -61,6 +61,8 @@ pub struct CreateKey {
     #[serde(default)]
     allowed_models: Vec<String>,
     expires_at: Option<i64>,
+    rpm: Option<u64>,
+    tpm: Option<u64>,
 }
 
 pub async fn create(
@@ -83,6 +85,8 @@ pub async fn create(
         allowed_routes: body.allowed_routes,
         allowed_models: body.allowed_models,
         expires_at: body.expires_at,
+        rpm: body.rpm,
+        tpm: body.tpm,
     };
     let actor = caller.username.clone();
     let (key, secret) = s

@@ -77,6 +77,16 @@ pub struct RouteConfig {
     pub timeout: Option<super::HumanDuration>,
     #[serde(default)]
     pub retries: u32,
+    /// Per gateway key, on this route.
+    #[serde(default)]
+    pub rate_limit: Option<RateLimitConfig>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, Default, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    pub rpm: Option<u64>,
+    pub tpm: Option<u64>,
 }
 
 fn default_priority() -> i32 {

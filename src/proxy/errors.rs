@@ -27,6 +27,8 @@ pub enum GatewayError {
     UpstreamTimeout { upstream: String, after_ms: u128 },
     #[error("upstream {upstream:?} answered {status}")]
     UpstreamStatus { upstream: String, status: u16 },
+    #[error("rate limit reached for this gateway key ({scope}); retry in {retry_after} s")]
+    RateLimited { scope: String, retry_after: u64 },
     /// Not sent to anyone: the client is gone. Recorded for logs.
     #[error("client closed the connection")]
     ClientClosed,
@@ -44,6 +46,7 @@ impl GatewayError {
             Self::UpstreamTimeout { .. } => 504,
             Self::UpstreamStatus { status, .. } => *status,
             Self::ClientClosed => 499,
+            Self::RateLimited { .. } => 429,
         }
     }
 
@@ -61,6 +64,7 @@ impl GatewayError {
             Self::UpstreamTimeout { .. } => "upstream_timeout",
             Self::UpstreamStatus { .. } => "upstream_error",
             Self::ClientClosed => "client_closed",
+            Self::RateLimited { .. } => "rate_limit_exceeded",
         }
     }
 

@@ -20,6 +20,18 @@ pub fn finish(session: &Session, ctx: &mut RequestCtx, e: Option<&pingora::Error
     let model = ctx.model.clone();
     let retries = ctx.upstream.attempts.saturating_sub(1);
 
+    if let Some(key) = &ctx.key {
+        let tokens = usage.prompt_tokens.unwrap_or(0) + usage.completion_tokens.unwrap_or(0);
+        if tokens > 0 {
+            let now = audit::now_ms() as u64;
+            state.limiter.add_tokens(&key.id, tokens, now);
+            if let Some(route) = &ctx.route {
+                state
+                    .limiter
+                    .add_tokens(&super::intake::route_scope(&key.id, &route.name), tokens, now);
+            }
+        }
+    }
     let m = &state.metrics;
     let status_label = status.to_string();
     m.requests

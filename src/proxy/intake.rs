@@ -164,6 +164,7 @@ pub async fn admit(state: &Arc<AppState>, session: &mut Session, ctx: &mut Reque
             }
             auth::authorize_model(&key, model.as_deref())?;
         }
+        admit_rate(state, &key, &route)?;
         ctx.key = Some(key);
     }
 
@@ -183,6 +184,40 @@ pub async fn admit(state: &Arc<AppState>, session: &mut Session, ctx: &mut Reque
     ctx.upstream.upstream = state.upstreams.get(&route.upstreams[0]).cloned();
     ctx.route = Some(route);
     Ok(())
+}
+
+/// Count the request against the key's own limits and the route's per-key
+/// limits; refuse with 429 when either is exhausted.
+fn admit_rate(state: &AppState, key: &crate::store::keys::GatewayKey, route: &Route) -> Result<(), GatewayError> {
+    let now = crate::audit::now_ms() as u64;
+    let key_limits = crate::ratelimit::Limits {
+        rpm: key.rpm,
+        tpm: key.tpm,
+    };
+    let refuse = |scope: &str, retry_after: u64| {
+        state
+            .metrics
+            .rate_limited
+            .with_label_values(&[route.name.as_str()])
+            .inc();
+        GatewayError::RateLimited {
+            scope: scope.to_string(),
+            retry_after,
+        }
+    };
+    state
+        .limiter
+        .admit(&key.id, key_limits, now)
+        .map_err(|s| refuse("key", s))?;
+    state
+        .limiter
+        .admit(&route_scope(&key.id, &route.name), route.rate_limit, now)
+        .map_err(|s| refuse(&format!("route {}", route.name), s))
+}
+
+/// The limiter scope of one key on one route.
+pub fn route_scope(key_id: &str, route: &str) -> String {
+    format!("{key_id}/{route}")
 }
 
 /// The model named by a request: the JSON body's `model`, or the Gemini URL.

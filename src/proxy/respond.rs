@@ -48,8 +48,12 @@ pub async fn error(session: &mut Session, ctx: &mut RequestCtx, err: GatewayErro
         session.set_keepalive(None);
     }
     let mut resp = header(status, ctx, "application/json", Some(body.len()), session.is_http2())?;
-    if status == 503 {
-        resp.insert_header(header::RETRY_AFTER, "1")?;
+    match &err {
+        GatewayError::RateLimited { retry_after, .. } => {
+            resp.insert_header(header::RETRY_AFTER, retry_after.to_string())?
+        }
+        GatewayError::NoUpstreamKey(_) => resp.insert_header(header::RETRY_AFTER, "1")?,
+        _ => {}
     }
     ctx.error = Some(err);
     ctx.begin_response(&resp);

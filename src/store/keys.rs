@@ -24,6 +24,10 @@ pub struct GatewayKey {
     pub enabled: bool,
     pub created_at: i64,
     pub revoked_at: Option<i64>,
+    /// Requests per minute across all routes; `None` = unlimited.
+    pub rpm: Option<u64>,
+    /// Tokens (prompt + completion) per minute; `None` = unlimited.
+    pub tpm: Option<u64>,
 }
 
 impl GatewayKey {
@@ -42,6 +46,8 @@ pub struct NewKey {
     pub allowed_routes: Vec<String>,
     pub allowed_models: Vec<String>,
     pub expires_at: Option<i64>,
+    pub rpm: Option<u64>,
+    pub tpm: Option<u64>,
 }
 
 /// SHA-256 of a presented secret, the lookup key of the key cache.
@@ -85,12 +91,14 @@ pub fn create(conn: &Connection, new: &NewKey) -> Result<(GatewayKey, String), S
         enabled: true,
         created_at: now_unix(),
         revoked_at: None,
+        rpm: new.rpm,
+        tpm: new.tpm,
     };
     let json = |v: &Vec<String>| serde_json::to_string(v).unwrap_or_else(|_| "[]".into());
     conn.execute(
         "INSERT INTO gateway_keys (id, name, owner, secret_sha256, masked, permissions,
-            allowed_routes, allowed_models, expires_at, enabled, created_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 1, ?10)",
+            allowed_routes, allowed_models, expires_at, enabled, created_at, rpm, tpm)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 1, ?10, ?11, ?12)",
         params![
             key.id,
             key.name,
@@ -102,6 +110,8 @@ pub fn create(conn: &Connection, new: &NewKey) -> Result<(GatewayKey, String), S
             json(&key.allowed_models),
             key.expires_at,
             key.created_at,
+            key.rpm.map(|v| v as i64),
+            key.tpm.map(|v| v as i64),
         ],
     )?;
     Ok((key, secret))
@@ -112,7 +122,7 @@ fn parse_list(s: String) -> Vec<String> {
 }
 
 const COLUMNS: &str = "id, name, owner, masked, permissions, allowed_routes, allowed_models,
-    expires_at, enabled, created_at, revoked_at, secret_sha256, prev_secret_sha256, prev_valid_until";
+    expires_at, enabled, created_at, revoked_at, secret_sha256, prev_secret_sha256, prev_valid_until, rpm, tpm";
 
 /// A secret hash the key answers to; the previous one only until a time.
 pub struct KeyHashes {
@@ -139,6 +149,8 @@ fn from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<KeyRow> {
             enabled: row.get::<_, i64>(8)? != 0,
             created_at: row.get(9)?,
             revoked_at: row.get(10)?,
+            rpm: row.get::<_, Option<i64>>(14)?.map(|v| v as u64),
+            tpm: row.get::<_, Option<i64>>(15)?.map(|v| v as u64),
         },
         row.get(11)?,
         prev.zip(until),
@@ -204,6 +216,15 @@ pub struct KeyPatch {
     #[serde(default, deserialize_with = "present")]
     pub expires_at: Option<Option<i64>>,
     pub enabled: Option<bool>,
+    /// `null` removes the limit.
+    #[serde(default, deserialize_with = "present_u64")]
+    pub rpm: Option<Option<u64>>,
+    #[serde(default, deserialize_with = "present_u64")]
+    pub tpm: Option<Option<u64>>,
+}
+
+fn present_u64<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<u64>>, D::Error> {
+    <Option<u64> as serde::Deserialize>::deserialize(d).map(Some)
 }
 
 /// A field that is present (even as `null`) becomes `Some(value)`.
@@ -238,10 +259,16 @@ pub fn update(conn: &Connection, id: &str, patch: &KeyPatch) -> Result<GatewayKe
     if let Some(e) = patch.enabled {
         key.enabled = e;
     }
+    if let Some(v) = patch.rpm {
+        key.rpm = v;
+    }
+    if let Some(v) = patch.tpm {
+        key.tpm = v;
+    }
     let json = |v: &Vec<String>| serde_json::to_string(v).unwrap_or_else(|_| "[]".into());
     conn.execute(
         "UPDATE gateway_keys SET name = ?2, permissions = ?3, allowed_routes = ?4, allowed_models = ?5,
-            expires_at = ?6, enabled = ?7 WHERE id = ?1",
+            expires_at = ?6, enabled = ?7, rpm = ?8, tpm = ?9 WHERE id = ?1",
         params![
             id,
             key.name,
@@ -249,7 +276,9 @@ pub fn update(conn: &Connection, id: &str, patch: &KeyPatch) -> Result<GatewayKe
             json(&key.allowed_routes),
             json(&key.allowed_models),
             key.expires_at,
-            key.enabled
+            key.enabled,
+            key.rpm.map(|v| v as i64),
+            key.tpm.map(|v| v as i64)
         ],
     )?;
     Ok(key)

@@ -110,6 +110,10 @@ static MIGRATIONS: LazyLock<Migrations<'static>> = LazyLock::new(|| {
         ALTER TABLE gateway_keys ADD COLUMN prev_valid_until INTEGER;
         CREATE INDEX audit_log_owner_id ON audit_log (owner, id);",
         ),
+        M::up(
+            "ALTER TABLE gateway_keys ADD COLUMN rpm INTEGER;
+        ALTER TABLE gateway_keys ADD COLUMN tpm INTEGER;",
+        ),
     ])
 });
 
