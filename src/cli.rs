@@ -29,6 +29,27 @@ pub enum Command {
     Serve(ConfigArg),
     /// Validate the config and every routes.d file without serving (like `nginx -t`).
     Check(ConfigArg),
+    /// Manage admin-service users.
+    Users {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[command(subcommand)]
+        action: UsersAction,
+    },
+    /// Read the audit log.
+    Logs {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[command(subcommand)]
+        action: LogsAction,
+    },
+    /// Work with routes.d.
+    Routes {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[command(subcommand)]
+        action: RoutesAction,
+    },
     /// Manage gateway keys (what clients present).
     Keys {
         #[command(flatten)]
@@ -77,4 +98,98 @@ pub enum KeysAction {
     },
     /// Revoke a key by id; it stops working within a second.
     Revoke { id: String },
+    /// Give a key a new secret (printed once); the old one stops after the grace period.
+    Rotate {
+        id: String,
+        /// How long the old secret keeps working (`10m`); default: it stops at once.
+        #[arg(long)]
+        grace: Option<humantime::Duration>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UsersAction {
+    /// Add a user. The password is read from standard input (or prompted for).
+    Add {
+        username: String,
+        #[arg(long, value_parser = ["admin", "user"], default_value = "user")]
+        role: String,
+    },
+    /// Set a user's password (read from standard input or prompted for).
+    Passwd { username: String },
+    /// List users.
+    List,
+}
+
+/// Filters shared by `logs query|tail|export`.
+#[derive(Debug, Args, Clone, Default)]
+pub struct LogFilterArgs {
+    /// Only rows newer than this (`15m`, `24h`).
+    #[arg(long)]
+    pub since: Option<humantime::Duration>,
+    #[arg(long)]
+    pub status: Option<u16>,
+    #[arg(long)]
+    pub route: Option<String>,
+    #[arg(long)]
+    pub model: Option<String>,
+    #[arg(long)]
+    pub upstream: Option<String>,
+    #[arg(long = "key-id")]
+    pub key_id: Option<String>,
+    /// Path prefix.
+    #[arg(long)]
+    pub path: Option<String>,
+    #[arg(long = "request-id")]
+    pub request_id: Option<String>,
+    /// Only requests that took at least this many milliseconds.
+    #[arg(long = "min-ms")]
+    pub min_ms: Option<f64>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LogsAction {
+    /// The newest matching rows.
+    Query {
+        #[command(flatten)]
+        filter: LogFilterArgs,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Follow new rows as they are written (Ctrl-C to stop).
+    Tail {
+        #[command(flatten)]
+        filter: LogFilterArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every matching row to standard output.
+    Export {
+        #[command(flatten)]
+        filter: LogFilterArgs,
+        #[arg(long, value_parser = ["csv", "ndjson"], default_value = "ndjson")]
+        format: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RoutesAction {
+    /// Which route a request would take, and what the upstream would receive.
+    Test {
+        /// The request path, with query (`/v1/chat/completions`).
+        path: String,
+        #[arg(long, short = 'X', default_value = "POST")]
+        method: String,
+        /// `name: value`, repeatable.
+        #[arg(long = "header", short = 'H')]
+        headers: Vec<String>,
+        /// The JSON body (for model routing and body rewrites).
+        #[arg(long, short = 'd')]
+        body: Option<String>,
+    },
 }

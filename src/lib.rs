@@ -9,6 +9,7 @@ pub mod admin;
 pub mod audit;
 pub mod auth;
 pub mod cli;
+pub mod cli_ops;
 pub mod config;
 pub mod metrics;
 pub mod pool;

@@ -4,6 +4,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use fastgate::{
     cli::{Cli, Command, KeysAction},
+    cli_ops,
     config::{self, LogFormat},
     state::AppState,
     store,
@@ -47,6 +48,21 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Check(c) => check(&c.path),
+        Command::Users { config: c, action } => {
+            init_tracing(LogFormat::Text, "warn");
+            cli_ops::users(&config::load_config(&c.path)?, action)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Logs { config: c, action } => {
+            init_tracing(LogFormat::Text, "warn");
+            cli_ops::logs(&config::load_config(&c.path)?, action)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Routes { config: c, action } => {
+            init_tracing(LogFormat::Text, "error");
+            let code = cli_ops::routes(&config::load_config(&c.path)?, action)?;
+            Ok(ExitCode::from(code as u8))
+        }
         Command::Keys { config: c, action } => {
             init_tracing(LogFormat::Text, "warn");
             let config = config::load_config(&c.path)?;
@@ -113,6 +129,14 @@ fn keys(conn: &rusqlite::Connection, action: KeysAction) -> Result<()> {
                 tpm,
             };
             let (key, secret) = keys::create(conn, &new)?;
+            store::admin_audit::record(
+                conn,
+                "cli",
+                "key.create",
+                Some(&key.id),
+                None,
+                Some(&serde_json::json!(key)),
+            )?;
             if json {
                 let mut v = serde_json::to_value(&key)?;
                 v["secret"] = serde_json::Value::String(secret);
@@ -150,8 +174,37 @@ fn keys(conn: &rusqlite::Connection, action: KeysAction) -> Result<()> {
                 }
             }
         }
+        KeysAction::Rotate { id, grace, json } => {
+            let grace = grace.map_or(0, |g| g.as_secs() as i64);
+            let (key, secret) = keys::rotate(conn, &id, grace)?;
+            store::admin_audit::record(
+                conn,
+                "cli",
+                "key.rotate",
+                Some(&id),
+                None,
+                Some(&serde_json::json!({"masked": key.masked, "grace_period_s": grace})),
+            )?;
+            if json {
+                let mut v = serde_json::to_value(&key)?;
+                v["secret"] = serde_json::Value::String(secret);
+                println!("{v}");
+            } else {
+                println!("id:     {}", key.id);
+                println!("secret: {secret}");
+                println!("Store the secret now: it is not shown again.");
+            }
+        }
         KeysAction::Revoke { id } => {
             let key = keys::revoke(conn, &id).with_context(|| format!("revoking {id}"))?;
+            store::admin_audit::record(
+                conn,
+                "cli",
+                "key.revoke",
+                Some(&id),
+                None,
+                Some(&serde_json::json!(key)),
+            )?;
             println!("revoked {} ({})", key.id, key.name);
         }
     }

@@ -79,7 +79,13 @@ fn csv_line(fields: impl IntoIterator<Item = String>) -> Vec<u8> {
     w.into_inner().unwrap_or_default()
 }
 
-fn encode(rows: &[LogRow], csv: bool) -> Vec<u8> {
+/// The CSV header line.
+pub fn csv_header() -> Vec<u8> {
+    csv_line(CSV_COLUMNS.iter().map(|c| c.to_string()))
+}
+
+/// Rows as CSV lines or NDJSON lines.
+pub fn encode(rows: &[LogRow], csv: bool) -> Vec<u8> {
     let mut out = Vec::new();
     for row in rows {
         let v = json!(row);
@@ -125,7 +131,7 @@ pub async fn export(
             }
         };
         if csv {
-            let _ = tx.blocking_send(Ok(csv_line(CSV_COLUMNS.iter().map(|c| c.to_string())).into()));
+            let _ = tx.blocking_send(Ok(csv_header().into()));
         }
         loop {
             match store::audit::query(&conn, &filter) {

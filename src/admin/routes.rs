@@ -170,12 +170,12 @@ pub async fn toggle(
 #[serde(deny_unknown_fields)]
 pub struct TestRequest {
     #[serde(default = "default_method")]
-    method: String,
-    path: String,
+    pub method: String,
+    pub path: String,
     #[serde(default)]
-    headers: BTreeMap<String, String>,
+    pub headers: BTreeMap<String, String>,
     #[serde(default)]
-    body: Option<Value>,
+    pub body: Option<Value>,
 }
 
 fn default_method() -> String {
@@ -189,6 +189,17 @@ pub async fn test(
     Json(t): Json<TestRequest>,
 ) -> Result<Json<Value>, ApiError> {
     caller.require_admin()?;
+    let table = s.app.routes.load_full();
+    explain(&table, &s.app.upstreams, &t).map(Json)
+}
+
+/// Which route `t` would take, why, and the request the upstream would get.
+/// Shared by the admin API and `fastgate routes test`.
+pub fn explain(
+    table: &crate::router::RouteTable,
+    upstreams: &std::collections::HashMap<String, Arc<crate::upstream::Upstream>>,
+    t: &TestRequest,
+) -> Result<Value, ApiError> {
     let method =
         Method::from_bytes(t.method.to_ascii_uppercase().as_bytes()).map_err(|_| ApiError::Invalid("method".into()))?;
     let uri: http::Uri = t
@@ -209,7 +220,6 @@ pub async fn test(
         .get(http::header::HOST)
         .and_then(|h| h.to_str().ok())
         .map(|h| h.split(':').next().unwrap_or(h).to_string());
-    let table = s.app.routes.load_full();
     let candidates = table.candidates(&method, host.as_deref(), uri.path(), &headers);
     let body_bytes = t.body.as_ref().map(|b| bytes::Bytes::from(b.to_string()));
     let model = t
@@ -237,10 +247,10 @@ pub async fn test(
         })
         .collect();
     let Some(route) = picked else {
-        return Ok(Json(json!({"matched": false, "model": model, "candidates": considered,
-            "reason": if candidates.is_empty() { "no enabled route matches this path, method, host and headers" } else { "no candidate accepts this model" }})));
+        return Ok(json!({"matched": false, "model": model, "candidates": considered,
+            "reason": if candidates.is_empty() { "no enabled route matches this path, method, host and headers" } else { "no candidate accepts this model" }}));
     };
-    let upstream = s.app.upstreams.get(&route.upstreams[0]);
+    let upstream = upstreams.get(&route.upstreams[0]);
     let rewritten_path = upstream
         .and_then(|u| u.endpoints.first())
         .map(|ep| rewrite::upstream_path(route, ep, uri.path(), uri.query(), true));
@@ -280,7 +290,7 @@ pub async fn test(
             sent_headers.insert(header.into(), "<pool key>".into());
         }
     }
-    Ok(Json(json!({
+    Ok(json!({
         "matched": true,
         "route": route.name,
         "file": route.file.display().to_string(),
@@ -294,7 +304,7 @@ pub async fn test(
             "method": method.as_str(),
             "path": rewritten_path,
             "headers": sent_headers,
-            "body": rewritten_body.or(t.body),
+            "body": rewritten_body.or(t.body.clone()),
         }
-    })))
+    }))
 }
