@@ -129,6 +129,17 @@ impl KeyCache {
         self.keys.load().len()
     }
 
+    /// Every key (once, even when a previous secret is still accepted).
+    pub fn all(&self) -> Vec<Arc<GatewayKey>> {
+        let mut out: Vec<Arc<GatewayKey>> = Vec::new();
+        for (key, until) in self.keys.load().values() {
+            if until.is_none() {
+                out.push(key.clone());
+            }
+        }
+        out
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -252,6 +263,8 @@ mod tests {
             revoked_at: None,
             rpm: None,
             tpm: None,
+            token_quota: None,
+            quota_period: Default::default(),
         };
         assert!(authorize_route(&key, "r", &[]).is_ok());
         assert!(authorize_route(&key, "r", &["chat".into(), "embed".into()]).is_ok());

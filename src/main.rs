@@ -127,6 +127,8 @@ fn keys(conn: &rusqlite::Connection, action: KeysAction) -> Result<()> {
                 expires_at,
                 rpm,
                 tpm,
+                token_quota: None,
+                quota_period: Default::default(),
             };
             let (key, secret) = keys::create(conn, &new)?;
             store::admin_audit::record(

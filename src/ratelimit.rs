@@ -146,3 +146,72 @@ mod tests {
         assert!(rl.admit("k", Limits::default(), t0).is_ok());
     }
 }
+
+/// Tokens used per key in its current quota period (day or month, UTC).
+/// Seeded from the audit log (so restarts keep the count) and then counted
+/// in memory as responses finish.
+#[derive(Default)]
+pub struct QuotaTracker {
+    used: Mutex<HashMap<String, (i64, u64)>>,
+}
+
+impl QuotaTracker {
+    /// Whether `key` is still within `quota` in the period starting at
+    /// `period_start`; else the seconds until `period_end`.
+    pub fn check(&self, key: &str, quota: u64, (period_start, period_end): (i64, i64), now_ms: i64) -> Result<(), u64> {
+        let used = self
+            .used
+            .lock()
+            .get(key)
+            .filter(|(start, _)| *start == period_start)
+            .map_or(0, |(_, u)| *u);
+        if used >= quota {
+            return Err(((period_end - now_ms) / 1000).max(1) as u64);
+        }
+        Ok(())
+    }
+
+    pub fn add(&self, key: &str, period_start: i64, tokens: u64) {
+        let mut map = self.used.lock();
+        let entry = map.entry(key.to_string()).or_insert((period_start, 0));
+        if entry.0 != period_start {
+            *entry = (period_start, 0);
+        }
+        entry.1 += tokens;
+    }
+
+    /// Whether `key` already has a count for the period starting at `period_start`.
+    pub fn is_seeded(&self, key: &str, period_start: i64) -> bool {
+        self.used.lock().get(key).is_some_and(|(s, _)| *s == period_start)
+    }
+
+    /// Set the count from the audit log (keeps whatever is larger).
+    pub fn seed(&self, key: &str, period_start: i64, used: u64) {
+        let mut map = self.used.lock();
+        let entry = map.entry(key.to_string()).or_insert((period_start, 0));
+        if entry.0 != period_start {
+            *entry = (period_start, used);
+        } else {
+            entry.1 = entry.1.max(used);
+        }
+    }
+}
+
+#[cfg(test)]
+mod quota_tests {
+    use super::*;
+
+    #[test]
+    fn quota_resets_with_the_period() {
+        let q = QuotaTracker::default();
+        let day = (86_400_000, 2 * 86_400_000);
+        assert!(q.check("k", 100, day, day.0 + 5).is_ok());
+        q.add("k", day.0, 60);
+        q.seed("k", day.0, 40);
+        assert!(q.check("k", 100, day, day.0 + 5).is_ok());
+        q.add("k", day.0, 40);
+        assert_eq!(q.check("k", 100, day, day.1 - 10_000), Err(10));
+        let next = (day.1, day.1 + 86_400_000);
+        assert!(q.check("k", 100, next, next.0 + 1).is_ok());
+    }
+}

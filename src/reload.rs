@@ -83,7 +83,13 @@ impl BackgroundService for Upkeep {
                 }
                 _ = key_tick.tick() => {
                     let state = self.state.clone();
-                    match tokio::task::spawn_blocking(move || state.keys.refresh()).await {
+                    match tokio::task::spawn_blocking(move || {
+                        let changed = state.keys.refresh();
+                        state.seed_quotas();
+                        changed
+                    })
+                    .await
+                    {
                         Ok(Ok(true)) => tracing::info!(keys = self.state.keys.len(), "Gateway keys reloaded."),
                         Ok(Err(e)) => tracing::warn!(error = %e, "Gateway key refresh failed; keeping the previous keys."),
                         _ => {}

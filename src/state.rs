@@ -45,6 +45,7 @@ pub struct AppState {
     pub reload: Mutex<ReloadStatus>,
     pub metrics: Metrics,
     pub limiter: crate::ratelimit::RateLimiter,
+    pub quotas: crate::ratelimit::QuotaTracker,
     pub audit: AuditSink,
     /// A connection for readiness checks only.
     health_db: Mutex<rusqlite::Connection>,
@@ -95,6 +96,7 @@ impl AppState {
             reload: Mutex::new(ReloadStatus::default()),
             metrics: Metrics::new()?,
             limiter: crate::ratelimit::RateLimiter::default(),
+            quotas: crate::ratelimit::QuotaTracker::default(),
             audit,
             health_db,
             config,
@@ -122,6 +124,38 @@ impl AppState {
                 tracing::error!(error = %e, "Rejected routes.d change; the previous route table keeps serving.");
                 Err(e)
             }
+        }
+    }
+
+    /// Count tokens already used this period by keys with a quota, from the
+    /// audit log (start-up, and keys that gained a quota). Blocking.
+    pub fn seed_quotas(&self) {
+        let now = crate::audit::now_ms();
+        let keys: Vec<_> = self
+            .keys
+            .all()
+            .into_iter()
+            .filter(|k| k.token_quota.is_some())
+            .collect();
+        let pending: Vec<_> = keys
+            .iter()
+            .map(|k| (k, k.quota_period.bounds(now).0))
+            .filter(|(k, start)| !self.quotas.is_seeded(&k.id, *start))
+            .collect();
+        if pending.is_empty() {
+            return;
+        }
+        let conn = self.health_db.lock();
+        for (key, start) in pending {
+            let used: i64 = conn
+                .query_row(
+                    "SELECT COALESCE(SUM(COALESCE(prompt_tokens, 0) + COALESCE(completion_tokens, 0)), 0)
+                     FROM audit_log WHERE key_id = ?1 AND ts_ms >= ?2",
+                    rusqlite::params![key.id, start],
+                    |r| r.get(0),
+                )
+                .unwrap_or(0);
+            self.quotas.seed(&key.id, start, used.max(0) as u64);
         }
     }
 

@@ -650,3 +650,83 @@ async fn rate_limits_answer_429_in_the_clients_shape() {
         "{metrics}"
     );
 }
+
+#[tokio::test]
+async fn token_quotas_count_the_audit_log_and_reset_by_period() {
+    let (_mock, gw) = gateway().await;
+    let admin = as_user(&gw, "admin", ADMIN_PASSWORD).await;
+    let c = reqwest::Client::new();
+    let chat = |s: &str| {
+        c.post(gw.url("/v1/chat/completions"))
+            .bearer_auth(s.to_string())
+            .json(&json!({}))
+            .send()
+    };
+
+    // Quota from the start: 10 tokens per answer, 15 per day.
+    let (_, key) = admin
+        .post(
+            "/api/keys",
+            json!({"name": "q", "token_quota": 15, "quota_period": "day"}),
+        )
+        .await;
+    assert_eq!(key["quota_period"], "day");
+    let secret = key["secret"].as_str().unwrap().to_string();
+    assert_eq!(chat(&secret).await.unwrap().status(), 200);
+    let r = common::until_status(
+        || {
+            c.post(gw.url("/v1/chat/completions"))
+                .bearer_auth(&secret)
+                .json(&json!({}))
+        },
+        |s| s == 429,
+    )
+    .await;
+    assert_eq!(r.status(), 429, "20 tokens used of 15");
+    let retry: u64 = r.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!(retry <= 86_400);
+    let body: Value = r.json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("token quota per day"),
+        "{body}"
+    );
+
+    // A quota added later counts what the audit log already holds.
+    let (_, key) = admin.post("/api/keys", json!({"name": "later"})).await;
+    let (id, later) = (
+        key["id"].as_str().unwrap().to_string(),
+        key["secret"].as_str().unwrap().to_string(),
+    );
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let r = chat(&later).await.unwrap();
+        ids.push(r.headers()["x-request-id"].to_str().unwrap().to_string());
+    }
+    gw.wait_audit_ids(&ids).await;
+    assert_eq!(
+        admin
+            .patch(
+                &format!("/api/keys/{id}"),
+                json!({"token_quota": 25, "quota_period": "month"})
+            )
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        chat(&later).await.unwrap().status(),
+        429,
+        "30 tokens in the audit log already exceed 25"
+    );
+    assert_eq!(
+        admin
+            .patch(&format!("/api/keys/{id}"), json!({"token_quota": null}))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(chat(&later).await.unwrap().status(), 200);
+}

@@ -63,6 +63,9 @@ pub struct CreateKey {
     expires_at: Option<i64>,
     rpm: Option<u64>,
     tpm: Option<u64>,
+    token_quota: Option<u64>,
+    #[serde(default)]
+    quota_period: store::keys::QuotaPeriod,
 }
 
 pub async fn create(
@@ -87,6 +90,8 @@ pub async fn create(
         expires_at: body.expires_at,
         rpm: body.rpm,
         tpm: body.tpm,
+        token_quota: body.token_quota,
+        quota_period: body.quota_period,
     };
     let actor = caller.username.clone();
     let (key, secret) = s

@@ -108,7 +108,11 @@ impl AdminState {
     /// Make the data plane see gateway-key changes now, not at the next tick.
     pub async fn refresh_keys(&self) {
         let app = self.app.clone();
-        let _ = tokio::task::spawn_blocking(move || app.keys.refresh()).await;
+        let _ = tokio::task::spawn_blocking(move || {
+            let _ = app.keys.refresh();
+            app.seed_quotas();
+        })
+        .await;
     }
 }
 

@@ -25,6 +25,9 @@ pub fn finish(session: &Session, ctx: &mut RequestCtx, e: Option<&pingora::Error
         if tokens > 0 {
             let now = audit::now_ms() as u64;
             state.limiter.add_tokens(&key.id, tokens, now);
+            if key.token_quota.is_some() {
+                state.quotas.add(&key.id, key.quota_period.bounds(now as i64).0, tokens);
+            }
             if let Some(route) = &ctx.route {
                 state
                     .limiter

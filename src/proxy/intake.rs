@@ -205,6 +205,13 @@ fn admit_rate(state: &AppState, key: &crate::store::keys::GatewayKey, route: &Ro
             retry_after,
         }
     };
+    if let Some(quota) = key.token_quota {
+        let now_ms = now as i64;
+        state
+            .quotas
+            .check(&key.id, quota, key.quota_period.bounds(now_ms), now_ms)
+            .map_err(|s| refuse(&format!("token quota per {}", key.quota_period.as_str()), s))?;
+    }
     state
         .limiter
         .admit(&key.id, key_limits, now)

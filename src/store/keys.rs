@@ -28,6 +28,57 @@ pub struct GatewayKey {
     pub rpm: Option<u64>,
     /// Tokens (prompt + completion) per minute; `None` = unlimited.
     pub tpm: Option<u64>,
+    /// Tokens allowed per `quota_period`; `None` = unlimited.
+    pub token_quota: Option<u64>,
+    pub quota_period: QuotaPeriod,
+}
+
+/// The calendar period (UTC) a token quota covers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QuotaPeriod {
+    #[default]
+    Day,
+    Month,
+}
+
+impl QuotaPeriod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QuotaPeriod::Day => "day",
+            QuotaPeriod::Month => "month",
+        }
+    }
+
+    fn parse(s: Option<String>) -> Self {
+        if s.as_deref() == Some("month") {
+            QuotaPeriod::Month
+        } else {
+            QuotaPeriod::Day
+        }
+    }
+
+    /// (start, end) of the period holding `now_ms`, in Unix milliseconds.
+    pub fn bounds(self, now_ms: i64) -> (i64, i64) {
+        let Ok(now) = time::OffsetDateTime::from_unix_timestamp(now_ms / 1000) else {
+            return (0, i64::MAX);
+        };
+        let day = now.date();
+        let (start, end) = match self {
+            QuotaPeriod::Day => (day, day.next_day()),
+            QuotaPeriod::Month => {
+                let first = day.replace_day(1).unwrap_or(day);
+                let next = if first.month() == time::Month::December {
+                    time::Date::from_calendar_date(first.year() + 1, time::Month::January, 1).ok()
+                } else {
+                    time::Date::from_calendar_date(first.year(), first.month().next(), 1).ok()
+                };
+                (first, next)
+            }
+        };
+        let ms = |d: time::Date| d.midnight().assume_utc().unix_timestamp() * 1000;
+        (ms(start), end.map_or(i64::MAX, ms))
+    }
 }
 
 impl GatewayKey {
@@ -48,6 +99,8 @@ pub struct NewKey {
     pub expires_at: Option<i64>,
     pub rpm: Option<u64>,
     pub tpm: Option<u64>,
+    pub token_quota: Option<u64>,
+    pub quota_period: QuotaPeriod,
 }
 
 /// SHA-256 of a presented secret, the lookup key of the key cache.
@@ -93,12 +146,15 @@ pub fn create(conn: &Connection, new: &NewKey) -> Result<(GatewayKey, String), S
         revoked_at: None,
         rpm: new.rpm,
         tpm: new.tpm,
+        token_quota: new.token_quota,
+        quota_period: new.quota_period,
     };
     let json = |v: &Vec<String>| serde_json::to_string(v).unwrap_or_else(|_| "[]".into());
     conn.execute(
         "INSERT INTO gateway_keys (id, name, owner, secret_sha256, masked, permissions,
-            allowed_routes, allowed_models, expires_at, enabled, created_at, rpm, tpm)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 1, ?10, ?11, ?12)",
+            allowed_routes, allowed_models, expires_at, enabled, created_at, rpm, tpm, token_quota,
+            quota_period)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 1, ?10, ?11, ?12, ?13, ?14)",
         params![
             key.id,
             key.name,
@@ -112,6 +168,8 @@ pub fn create(conn: &Connection, new: &NewKey) -> Result<(GatewayKey, String), S
             key.created_at,
             key.rpm.map(|v| v as i64),
             key.tpm.map(|v| v as i64),
+            key.token_quota.map(|v| v as i64),
+            key.quota_period.as_str(),
         ],
     )?;
     Ok((key, secret))
@@ -122,7 +180,7 @@ fn parse_list(s: String) -> Vec<String> {
 }
 
 const COLUMNS: &str = "id, name, owner, masked, permissions, allowed_routes, allowed_models,
-    expires_at, enabled, created_at, revoked_at, secret_sha256, prev_secret_sha256, prev_valid_until, rpm, tpm";
+    expires_at, enabled, created_at, revoked_at, secret_sha256, prev_secret_sha256, prev_valid_until, rpm, tpm, token_quota, quota_period";
 
 /// A secret hash the key answers to; the previous one only until a time.
 pub struct KeyHashes {
@@ -151,6 +209,8 @@ fn from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<KeyRow> {
             revoked_at: row.get(10)?,
             rpm: row.get::<_, Option<i64>>(14)?.map(|v| v as u64),
             tpm: row.get::<_, Option<i64>>(15)?.map(|v| v as u64),
+            token_quota: row.get::<_, Option<i64>>(16)?.map(|v| v as u64),
+            quota_period: QuotaPeriod::parse(row.get(17)?),
         },
         row.get(11)?,
         prev.zip(until),
@@ -221,6 +281,9 @@ pub struct KeyPatch {
     pub rpm: Option<Option<u64>>,
     #[serde(default, deserialize_with = "present_u64")]
     pub tpm: Option<Option<u64>>,
+    #[serde(default, deserialize_with = "present_u64")]
+    pub token_quota: Option<Option<u64>>,
+    pub quota_period: Option<QuotaPeriod>,
 }
 
 fn present_u64<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<u64>>, D::Error> {
@@ -265,10 +328,17 @@ pub fn update(conn: &Connection, id: &str, patch: &KeyPatch) -> Result<GatewayKe
     if let Some(v) = patch.tpm {
         key.tpm = v;
     }
+    if let Some(v) = patch.token_quota {
+        key.token_quota = v;
+    }
+    if let Some(v) = patch.quota_period {
+        key.quota_period = v;
+    }
     let json = |v: &Vec<String>| serde_json::to_string(v).unwrap_or_else(|_| "[]".into());
     conn.execute(
         "UPDATE gateway_keys SET name = ?2, permissions = ?3, allowed_routes = ?4, allowed_models = ?5,
-            expires_at = ?6, enabled = ?7, rpm = ?8, tpm = ?9 WHERE id = ?1",
+            expires_at = ?6, enabled = ?7, rpm = ?8, tpm = ?9, token_quota = ?10, quota_period = ?11
+         WHERE id = ?1",
         params![
             id,
             key.name,
@@ -278,7 +348,9 @@ pub fn update(conn: &Connection, id: &str, patch: &KeyPatch) -> Result<GatewayKe
             key.expires_at,
             key.enabled,
             key.rpm.map(|v| v as i64),
-            key.tpm.map(|v| v as i64)
+            key.tpm.map(|v| v as i64),
+            key.token_quota.map(|v| v as i64),
+            key.quota_period.as_str()
         ],
     )?;
     Ok(key)

@@ -114,6 +114,10 @@ static MIGRATIONS: LazyLock<Migrations<'static>> = LazyLock::new(|| {
             "ALTER TABLE gateway_keys ADD COLUMN rpm INTEGER;
         ALTER TABLE gateway_keys ADD COLUMN tpm INTEGER;",
         ),
+        M::up(
+            "ALTER TABLE gateway_keys ADD COLUMN token_quota INTEGER;
+        ALTER TABLE gateway_keys ADD COLUMN quota_period TEXT;",
+        ),
     ])
 });
 
