@@ -12,6 +12,7 @@
 #   fastgate wrk -> FastGate: gateway-key auth, model-glob routing (body read),
 #                   pool key injection -> upstream
 #   fg-plain wrk -> FastGate route with auth + key injection, body streamed by Pingora
+#   fg-noaudit  the `fastgate` configuration on a second instance with `audit.enabled: false`
 # Each proxy gets PROXY_THREADS worker threads (default 1: a 2-core machine also
 # runs wrk and the upstream). CPU per request is read from /proc for the proxy.
 set -euo pipefail
@@ -23,7 +24,7 @@ CONNS=${CONNS:-32}
 PROXY_THREADS=${PROXY_THREADS:-1}
 OUT=${OUT:-benches/results/latest.md}
 BASE=${BASE_PORT:-18100}
-UP=$BASE; PINGORA=$((BASE+1)); NGINX=$((BASE+2)); FG=$((BASE+3)); SSE=$((BASE+4))
+UP=$BASE; PINGORA=$((BASE+1)); NGINX=$((BASE+2)); FG=$((BASE+3)); SSE=$((BASE+4)); FGNA=$((BASE+5))
 
 for tool in wrk nginx curl python3; do
   command -v $tool >/dev/null || { echo "missing $tool (apt-get install wrk nginx-light curl)"; exit 1; }
@@ -65,29 +66,40 @@ python3 benches/sse_upstream.py $SSE & PIDS+=($!)
 $BARE 127.0.0.1:$PINGORA 127.0.0.1:$UP $PROXY_THREADS 2>/dev/null & PIDS+=($!)
 BARE_PID=$!
 
-# --- FastGate ---
-mkdir -p "$WORK/fg/routes.d"
-cat > "$WORK/fg/fastgate.yaml" <<YML
-server: { listen: 127.0.0.1:$FG, threads: $PROXY_THREADS }
-database: { path: $WORK/fg/fg.db }
+# --- FastGate: one instance with the audit log (the default), one without ---
+fastgate_instance() { # dir port admin_port audit_enabled
+  local dir=$1
+  mkdir -p "$dir/routes.d"
+  cat > "$dir/fastgate.yaml" <<YML
+server: { listen: 127.0.0.1:$2, threads: $PROXY_THREADS }
+admin: { listen: 127.0.0.1:$3 }
+database: { path: $dir/fg.db }
 logging: { level: warn }
-routes_dir: $WORK/fg/routes.d
+audit: { enabled: $4 }
+routes_dir: $dir/routes.d
 upstreams:
   up: { provider: openai, endpoints: ['http://127.0.0.1:$UP'], key_pool: p }
   sse: { provider: openai_compatible, endpoints: ['http://127.0.0.1:$SSE'], key_pool: p }
 key_pools:
   p: { keys: [sk-bench-1, sk-bench-2, sk-bench-3], strategy: round_robin }
 YML
-cat > "$WORK/fg/routes.d/bench.yaml" <<YML
+  cat > "$dir/routes.d/bench.yaml" <<YML
 routes:
   - { name: chat, match: { path: /v1/chat/completions, methods: [POST], model: ['gpt-4o*'] }, format: openai, upstream: up }
   - { name: plain, match: { path: /plain/v1/chat/completions }, format: openai, upstream: up, transform: { strip_prefix: /plain } }
   - { name: sse, match: { path: /sse }, format: openai, upstream: sse }
 YML
+}
+fastgate_instance "$WORK/fg" $FG $((BASE+10)) true
+fastgate_instance "$WORK/fgna" $FGNA $((BASE+11)) false
 export FG_KEY=$($FASTGATE keys -c "$WORK/fg/fastgate.yaml" create --name bench --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["secret"])')
-$FASTGATE serve -c "$WORK/fg/fastgate.yaml" 2>"$WORK/fg/log" & PIDS+=($!)
+# The same key in the second instance's database.
+cp "$WORK/fg/fg.db" "$WORK/fgna/fg.db"
+FASTGATE_ADMIN_PASSWORD=bench-admin-password $FASTGATE serve -c "$WORK/fg/fastgate.yaml" >/dev/null 2>"$WORK/fg/log" & PIDS+=($!)
 FG_PID=$!
-for p in $UP $NGINX $PINGORA $FG $SSE; do wait_port $p; done
+FASTGATE_ADMIN_PASSWORD=bench-admin-password $FASTGATE serve -c "$WORK/fgna/fastgate.yaml" >/dev/null 2>"$WORK/fgna/log" & PIDS+=($!)
+FGNA_PID=$!
+for p in $UP $NGINX $PINGORA $FG $SSE $FGNA; do wait_port $p; done
 sleep 0.5
 rss_kb() { awk '/VmRSS/ {print $2}' /proc/$1/status; }
 FG_RSS_IDLE=$(rss_kb $FG_PID)
@@ -103,7 +115,8 @@ URL[nginx]="http://127.0.0.1:$NGINX/v1/chat/completions"
 URL[pingora]="http://127.0.0.1:$PINGORA/v1/chat/completions"
 URL[fastgate]="http://127.0.0.1:$FG/v1/chat/completions"
 URL[fg-plain]="http://127.0.0.1:$FG/plain/v1/chat/completions"
-CONFIGS=(direct nginx pingora fastgate fg-plain)
+URL[fg-noaudit]="http://127.0.0.1:$FGNA/v1/chat/completions"
+CONFIGS=(direct nginx pingora fastgate fg-plain fg-noaudit)
 
 # Sanity: every configuration answers 200 with the upstream's body.
 for c in "${CONFIGS[@]}"; do
@@ -117,7 +130,7 @@ FG_RSS_LOAD=0
 to_ms() { awk -v v="$1" 'BEGIN { if (v ~ /us$/) {sub(/us/,"",v); print v/1000} else if (v ~ /ms$/) {sub(/ms/,"",v); print v+0} else if (v ~ /s$/) {sub(/s/,"",v); print v*1000} else print v }'; }
 run_wrk() { # config conns duration -> sets R_RPS R_P50 R_P99 R_REQ R_CPU
   local c=$1 conns=$2 dur=$3 pids
-  case $c in nginx) pids=$(nginx_px_pids);; pingora) pids=$BARE_PID;; fastgate|fg-plain) pids=$FG_PID;; *) pids="";; esac
+  case $c in nginx) pids=$(nginx_px_pids);; pingora) pids=$BARE_PID;; fastgate|fg-plain) pids=$FG_PID;; fg-noaudit) pids=$FGNA_PID;; *) pids="";; esac
   local before=0; [ -n "$pids" ] && before=$(cpu_ticks $pids)
   local out; out=$(wrk -t1 -c"$conns" -d"${dur}s" --latency -s benches/post.lua "${URL[$c]}")
   if [[ $c == fastgate ]]; then local r; r=$(rss_kb $FG_PID); [ "$r" -gt "$FG_RSS_LOAD" ] && FG_RSS_LOAD=$r; fi
@@ -170,4 +183,8 @@ TTFB_D=$(printf '%s\n' "${D[@]}" | median); TTFB_F=$(printf '%s\n' "${F[@]}" | m
   echo "- p50 at 1 connection: direct ${d1} ms, bare Pingora ${p1} ms, FastGate ${f1} ms → FastGate adds $(awk -v a=$f1 -v b=$d1 'BEGIN{printf "%.3f", a-b}') ms over direct"
   echo "- SSE time to first byte (median of 150, curl): direct $(awk -v v=$TTFB_D 'BEGIN{printf "%.3f", v*1000}') ms, through FastGate $(awk -v v=$TTFB_F 'BEGIN{printf "%.3f", v*1000}') ms → adds $(awk -v a=$TTFB_F -v b=$TTFB_D 'BEGIN{printf "%.3f", (a-b)*1000}') ms"
   echo "- FastGate RSS: idle $((FG_RSS_IDLE/1024)) MiB, under load $((FG_RSS_LOAD/1024)) MiB"
+  FA=$(echo ${RPS[fastgate]} | median); FN=$(echo ${RPS[fg-noaudit]} | median)
+  echo "- Audit log on vs off (same route, same run): $(awk -v a=$FA -v b=$FN 'BEGIN{printf "%.2f", a/b}') × RPS"
+  ROWS=$(python3 -c "import sqlite3; print(sqlite3.connect('$WORK/fg/fg.db').execute('select count(*) from audit_log').fetchone()[0])")
+  echo "- Audit rows written during the run: $ROWS (dropped: $(curl -s http://127.0.0.1:$((BASE+10))/metrics | awk '/^fastgate_audit_dropped_total/ {print $2}'))"
 } | tee "$OUT"

@@ -34,18 +34,26 @@ const REDACTED: &str = "[redacted]";
 
 /// Headers as a JSON object, credentials replaced by `[redacted]`.
 pub fn redact_headers(headers: &http::HeaderMap) -> String {
-    let map: serde_json::Map<String, serde_json::Value> = headers
-        .iter()
-        .map(|(k, v)| {
-            let value = if REDACTED_HEADERS.contains(&k.as_str()) {
-                REDACTED.to_string()
-            } else {
-                String::from_utf8_lossy(v.as_bytes()).into_owned()
-            };
-            (k.as_str().to_string(), serde_json::Value::String(value))
-        })
-        .collect();
-    serde_json::Value::Object(map).to_string()
+    // Written straight into one buffer: this runs once per request.
+    let mut out = String::with_capacity(64 * headers.len().max(1));
+    out.push('{');
+    for (i, (k, v)) in headers.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        let value = if REDACTED_HEADERS.contains(&k.as_str()) {
+            std::borrow::Cow::Borrowed(REDACTED)
+        } else {
+            String::from_utf8_lossy(v.as_bytes())
+        };
+        // Keys are valid header names (no escaping needed); values are escaped.
+        out.push('"');
+        out.push_str(k.as_str());
+        out.push_str("\":");
+        out.push_str(&serde_json::Value::String(value.into_owned()).to_string());
+    }
+    out.push('}');
+    out
 }
 
 /// Path and query with a `key=` parameter's value redacted.

@@ -101,12 +101,15 @@ impl UsageMeter {
     pub fn finish(&mut self) -> Usage {
         match &mut self.mode {
             Mode::Json { body, overflow: false } if !body.is_empty() => {
-                if let Ok(v) = serde_json::from_slice::<Value>(body) {
+                // Only the usage-bearing fields are materialised; the rest
+                // (the completion text) is skipped by the parser.
+                if body.first() == Some(&b'[') {
                     // Gemini's non-SSE stream is one JSON array of chunks.
-                    match v {
-                        Value::Array(items) => items.iter().for_each(|i| read_usage(i, &mut self.usage)),
-                        v => read_usage(&v, &mut self.usage),
+                    if let Ok(items) = serde_json::from_slice::<Vec<UsageFields>>(body) {
+                        items.iter().for_each(|i| i.read(&mut self.usage));
                     }
+                } else if let Ok(v) = serde_json::from_slice::<UsageFields>(body) {
+                    v.read(&mut self.usage);
                 }
                 body.clear();
             }
@@ -117,6 +120,39 @@ impl UsageMeter {
             _ => {}
         }
         self.usage
+    }
+}
+
+/// The parts of a provider message that can carry usage.
+#[derive(serde::Deserialize)]
+struct UsageFields {
+    #[serde(default)]
+    usage: Option<Value>,
+    #[serde(default)]
+    message: Option<MessageUsage>,
+    #[serde(default, rename = "usageMetadata")]
+    usage_metadata: Option<Value>,
+}
+
+#[derive(serde::Deserialize)]
+struct MessageUsage {
+    #[serde(default)]
+    usage: Option<Value>,
+}
+
+impl UsageFields {
+    fn read(&self, usage: &mut Usage) {
+        let mut v = serde_json::Map::new();
+        if let Some(u) = &self.usage {
+            v.insert("usage".into(), u.clone());
+        }
+        if let Some(u) = self.message.as_ref().and_then(|m| m.usage.as_ref()) {
+            v.insert("message".into(), serde_json::json!({ "usage": u }));
+        }
+        if let Some(u) = &self.usage_metadata {
+            v.insert("usageMetadata".into(), u.clone());
+        }
+        read_usage(&Value::Object(v), usage);
     }
 }
 

@@ -28,7 +28,7 @@ pub fn finish(session: &Session, ctx: &mut RequestCtx, e: Option<&pingora::Error
             if key.token_quota.is_some() {
                 state.quotas.add(&key.id, key.quota_period.bounds(now as i64).0, tokens);
             }
-            if let Some(route) = &ctx.route {
+            if let Some(route) = ctx.route.as_ref().filter(|r| !r.rate_limit.is_none()) {
                 state
                     .limiter
                     .add_tokens(&super::intake::route_scope(&key.id, &route.name), tokens, now);

@@ -216,6 +216,9 @@ fn admit_rate(state: &AppState, key: &crate::store::keys::GatewayKey, route: &Ro
         .limiter
         .admit(&key.id, key_limits, now)
         .map_err(|s| refuse("key", s))?;
+    if route.rate_limit.is_none() {
+        return Ok(());
+    }
     state
         .limiter
         .admit(&route_scope(&key.id, &route.name), route.rate_limit, now)
