@@ -173,6 +173,8 @@ struct Writer {
     retention: Duration,
 }
 
+/// How long the writer collects rows before committing a batch.
+const BATCH_WINDOW: Duration = Duration::from_millis(100);
 /// How often old rows are purged.
 const RETENTION_EVERY: Duration = Duration::from_secs(600);
 /// A batch that failed to write is kept (and retried) up to this many rows.
@@ -189,12 +191,20 @@ impl Writer {
                 Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => stopping = true,
                 Err(RecvTimeoutError::Timeout) => {}
             }
-            // Drain what is already queued, up to a batch (all of it when stopping).
+            // Gather a batch: a commit costs far more than a row, so wait up
+            // to BATCH_WINDOW for more rows (all of them when stopping).
+            let deadline = Instant::now() + BATCH_WINDOW;
             while stopping || pending.len() < self.batch_size {
-                match self.rx.try_recv() {
+                let next = if stopping {
+                    self.rx.try_recv().map_err(|_| RecvTimeoutError::Timeout)
+                } else {
+                    self.rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                };
+                match next {
                     Ok(Msg::Record(r)) => self.take(&mut pending, *r),
                     Ok(Msg::Stop) => stopping = true,
-                    Err(_) => break,
+                    Err(RecvTimeoutError::Disconnected) => stopping = true,
+                    Err(RecvTimeoutError::Timeout) => break,
                 }
             }
             self.flush(&mut pending, stopping);
