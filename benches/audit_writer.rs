@@ -35,10 +35,17 @@ fn record(i: u64) -> AuditRecord {
 }
 
 fn main() {
-    let n: u64 = std::env::var("ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(200_000);
+    let n: u64 = std::env::var("ROWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200_000);
     for batch in [64usize, 512, 2048] {
         let dir = tempfile::tempdir().unwrap();
-        let cfg = AuditConfig { batch_size: batch, queue_size: n as usize, ..AuditConfig::default() };
+        let cfg = AuditConfig {
+            batch_size: batch,
+            queue_size: n as usize,
+            ..AuditConfig::default()
+        };
         let sink = AuditSink::start(&dir.path().join("bench.db"), &cfg).unwrap();
         let started = Instant::now();
         let mut enqueue_ns = 0u128;

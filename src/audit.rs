@@ -14,7 +14,7 @@ use std::{
     sync::{
         Arc,
         atomic::{AtomicU64, AtomicUsize, Ordering},
-        mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel},
+        mpsc::{Receiver, SyncSender, TryRecvError, TrySendError, sync_channel},
     },
     thread::JoinHandle,
     time::{Duration, Instant},
@@ -173,8 +173,8 @@ struct Writer {
     retention: Duration,
 }
 
-/// How long the writer collects rows before committing a batch.
-const BATCH_WINDOW: Duration = Duration::from_millis(100);
+/// How often the writer wakes to write what has queued up.
+const BATCH_WINDOW: Duration = Duration::from_millis(50);
 /// How often old rows are purged.
 const RETENTION_EVERY: Duration = Duration::from_secs(600);
 /// A batch that failed to write is kept (and retried) up to this many rows.
@@ -186,25 +186,29 @@ impl Writer {
         let mut last_purge = Instant::now() - RETENTION_EVERY;
         let mut stopping = false;
         while !stopping {
-            match self.rx.recv_timeout(Duration::from_millis(500)) {
-                Ok(Msg::Record(r)) => self.take(&mut pending, *r),
-                Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => stopping = true,
-                Err(RecvTimeoutError::Timeout) => {}
-            }
-            // Gather a batch: a commit costs far more than a row, so wait up
-            // to BATCH_WINDOW for more rows (all of them when stopping).
-            let deadline = Instant::now() + BATCH_WINDOW;
-            while stopping || pending.len() < self.batch_size {
-                let next = if stopping {
-                    self.rx.try_recv().map_err(|_| RecvTimeoutError::Timeout)
-                } else {
-                    self.rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                };
-                match next {
-                    Ok(Msg::Record(r)) => self.take(&mut pending, *r),
-                    Ok(Msg::Stop) => stopping = true,
-                    Err(RecvTimeoutError::Disconnected) => stopping = true,
-                    Err(RecvTimeoutError::Timeout) => break,
+            // Sleep rather than block on the channel: a blocked receiver
+            // would make every request's `try_send` a futex wake-up.
+            std::thread::sleep(BATCH_WINDOW);
+            loop {
+                match self.rx.try_recv() {
+                    Ok(Msg::Record(r)) => {
+                        self.take(&mut pending, *r);
+                        if pending.len() >= self.batch_size {
+                            self.flush(&mut pending, false);
+                        }
+                    }
+                    Ok(Msg::Stop) | Err(TryRecvError::Disconnected) => {
+                        stopping = true;
+                        // Records sent before Stop are already queued ahead of it.
+                    }
+                    Err(TryRecvError::Empty) => break,
+                }
+                if stopping {
+                    // Drain whatever else is queued, then stop.
+                    while let Ok(Msg::Record(r)) = self.rx.try_recv() {
+                        self.take(&mut pending, *r);
+                    }
+                    break;
                 }
             }
             self.flush(&mut pending, stopping);

@@ -103,6 +103,21 @@ fn check(path: &std::path::Path) -> Result<ExitCode> {
     }
 }
 
+/// Show a new key secret, the only time it exists in clear.
+fn print_secret(key: &store::keys::GatewayKey, secret: &str, json: bool) -> Result<()> {
+    if json {
+        let mut v = serde_json::to_value(key)?;
+        v["secret"] = serde_json::Value::String(secret.to_string());
+        println!("{v}");
+    } else {
+        println!("id:     {}", key.id);
+        println!("name:   {}", key.name);
+        println!("secret: {secret}");
+        println!("Store the secret now: it is not shown again.");
+    }
+    Ok(())
+}
+
 fn keys(conn: &rusqlite::Connection, action: KeysAction) -> Result<()> {
     use store::keys;
     match action {
@@ -139,16 +154,7 @@ fn keys(conn: &rusqlite::Connection, action: KeysAction) -> Result<()> {
                 None,
                 Some(&serde_json::json!(key)),
             )?;
-            if json {
-                let mut v = serde_json::to_value(&key)?;
-                v["secret"] = serde_json::Value::String(secret);
-                println!("{v}");
-            } else {
-                println!("id:     {}", key.id);
-                println!("name:   {}", key.name);
-                println!("secret: {secret}");
-                println!("Store the secret now: it is not shown again.");
-            }
+            print_secret(&key, &secret, json)?;
         }
         KeysAction::List { json } => {
             let list = keys::list(conn)?;
@@ -187,15 +193,7 @@ fn keys(conn: &rusqlite::Connection, action: KeysAction) -> Result<()> {
                 None,
                 Some(&serde_json::json!({"masked": key.masked, "grace_period_s": grace})),
             )?;
-            if json {
-                let mut v = serde_json::to_value(&key)?;
-                v["secret"] = serde_json::Value::String(secret);
-                println!("{v}");
-            } else {
-                println!("id:     {}", key.id);
-                println!("secret: {secret}");
-                println!("Store the secret now: it is not shown again.");
-            }
+            print_secret(&key, &secret, json)?;
         }
         KeysAction::Revoke { id } => {
             let key = keys::revoke(conn, &id).with_context(|| format!("revoking {id}"))?;

@@ -174,6 +174,20 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
 
+/// Anthropic's usage object; cache reads and writes count as prompt tokens.
+fn read_anthropic(u: &Value, usage: &mut Usage) {
+    let cached = ["cache_creation_input_tokens", "cache_read_input_tokens"]
+        .iter()
+        .filter_map(|k| u.get(*k).and_then(Value::as_u64))
+        .sum::<u64>();
+    if let Some(i) = u.get("input_tokens").and_then(Value::as_u64) {
+        usage.prompt_tokens = Some(i + cached);
+    }
+    if let Some(o) = u.get("output_tokens").and_then(Value::as_u64) {
+        usage.completion_tokens = Some(o);
+    }
+}
+
 /// Pick usage out of one provider message, whatever its format.
 fn read_usage(v: &Value, usage: &mut Usage) {
     let num = |v: &Value| v.as_u64();
@@ -186,29 +200,11 @@ fn read_usage(v: &Value, usage: &mut Usage) {
             usage.completion_tokens = Some(c);
         }
         // Anthropic: message (non-stream) or message_delta: cumulative output.
-        let cached = ["cache_creation_input_tokens", "cache_read_input_tokens"]
-            .iter()
-            .filter_map(|k| u.get(*k).and_then(num))
-            .sum::<u64>();
-        if let Some(i) = u.get("input_tokens").and_then(num) {
-            usage.prompt_tokens = Some(i + cached);
-        }
-        if let Some(o) = u.get("output_tokens").and_then(num) {
-            usage.completion_tokens = Some(o);
-        }
+        read_anthropic(u, usage);
     }
     // Anthropic stream: message_start carries the input side.
     if let Some(u) = v.get("message").and_then(|m| m.get("usage")) {
-        let cached = ["cache_creation_input_tokens", "cache_read_input_tokens"]
-            .iter()
-            .filter_map(|k| u.get(*k).and_then(num))
-            .sum::<u64>();
-        if let Some(i) = u.get("input_tokens").and_then(num) {
-            usage.prompt_tokens = Some(i + cached);
-        }
-        if let Some(o) = u.get("output_tokens").and_then(num) {
-            usage.completion_tokens = Some(o);
-        }
+        read_anthropic(u, usage);
     }
     // Gemini: usageMetadata, cumulative in every chunk.
     if let Some(u) = v.get("usageMetadata") {
