@@ -19,7 +19,7 @@ fn record(i: u64) -> AuditRecord {
         path: "/v1/chat/completions".into(),
         status: 200,
         model: Some("gpt-4o-mini".into()),
-        stream: i % 2 == 0,
+        stream: i.is_multiple_of(2),
         ttfb_ms: Some(312.5),
         duration_ms: 1840.2,
         request_bytes: 1234,
