@@ -11,6 +11,38 @@ const LATENCY_BUCKETS: [f64; 16] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
 ];
 
+/// Series labelled by one route, looked up on first use and kept with the route.
+#[derive(Default)]
+pub struct RouteSeries(std::sync::OnceLock<RouteHandles>);
+
+pub struct RouteHandles {
+    pub duration: prometheus::Histogram,
+    pub ttfb: prometheus::Histogram,
+    pub retries: IntCounter,
+}
+
+impl std::fmt::Debug for RouteSeries {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RouteSeries")
+    }
+}
+
+impl RouteSeries {
+    pub fn get(&self, m: &Metrics, route: &str) -> &RouteHandles {
+        self.0.get_or_init(|| RouteHandles::resolve(m, route))
+    }
+}
+
+impl RouteHandles {
+    pub fn resolve(m: &Metrics, route: &str) -> Self {
+        RouteHandles {
+            duration: m.duration.with_label_values(&[route]),
+            ttfb: m.ttfb.with_label_values(&[route]),
+            retries: m.retries.with_label_values(&[route]),
+        }
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
     pub requests: IntCounterVec,

@@ -51,6 +51,8 @@ pub struct Route {
     /// The request body is read before proxying (model routing, body rewrites,
     /// replay for retries or fallback, the in-process mock).
     pub buffers_body: bool,
+    /// This route's metric series, resolved once (label lookups are not free).
+    pub metrics: crate::metrics::RouteSeries,
     path_router: matchit::Router<()>,
 }
 
@@ -275,6 +277,7 @@ impl Route {
                 tpm: rc.rate_limit.and_then(|r| r.tpm),
             },
             buffers_body,
+            metrics: crate::metrics::RouteSeries::default(),
             path_router,
         })
     }

@@ -36,20 +36,24 @@ pub fn finish(session: &Session, ctx: &mut RequestCtx, e: Option<&pingora::Error
         }
     }
     let m = &state.metrics;
-    let status_label = status.to_string();
+    let mut status_buf = itoa::Buffer::new();
     m.requests
-        .with_label_values(&[route.as_str(), upstream.as_str(), status_label.as_str()])
+        .with_label_values(&[route.as_str(), upstream.as_str(), status_buf.format(status)])
         .inc();
-    m.duration
-        .with_label_values(&[route.as_str()])
-        .observe(duration.as_secs_f64());
+    let unrouted;
+    let series = match &ctx.route {
+        Some(r) => r.metrics.get(m, &r.name),
+        None => {
+            unrouted = crate::metrics::RouteHandles::resolve(m, "-");
+            &unrouted
+        }
+    };
+    series.duration.observe(duration.as_secs_f64());
     if let Some(ttfb) = ctx.response.ttfb {
-        m.ttfb.with_label_values(&[route.as_str()]).observe(ttfb.as_secs_f64());
+        series.ttfb.observe(ttfb.as_secs_f64());
     }
     if retries > 0 {
-        m.retries
-            .with_label_values(&[route.as_str()])
-            .inc_by(u64::from(retries));
+        series.retries.inc_by(u64::from(retries));
     }
     if let Some(kind) = error.filter(|_| status >= 500 || ctx.upstream.attempts > 1) {
         m.upstream_errors.with_label_values(&[upstream.as_str(), kind]).inc();
