@@ -149,7 +149,6 @@ pub fn create(conn: &Connection, new: &NewKey) -> Result<(GatewayKey, String), S
         token_quota: new.token_quota,
         quota_period: new.quota_period,
     };
-    let json = |v: &Vec<String>| serde_json::to_string(v).unwrap_or_else(|_| "[]".into());
     conn.execute(
         "INSERT INTO gateway_keys (id, name, owner, secret_sha256, masked, permissions,
             allowed_routes, allowed_models, expires_at, enabled, created_at, rpm, tpm, token_quota,
@@ -161,9 +160,9 @@ pub fn create(conn: &Connection, new: &NewKey) -> Result<(GatewayKey, String), S
             key.owner,
             hash_secret(&secret).as_slice(),
             key.masked,
-            json(&key.permissions),
-            json(&key.allowed_routes),
-            json(&key.allowed_models),
+            json_list(&key.permissions),
+            json_list(&key.allowed_routes),
+            json_list(&key.allowed_models),
             key.expires_at,
             key.created_at,
             key.rpm.map(|v| v as i64),
@@ -173,6 +172,11 @@ pub fn create(conn: &Connection, new: &NewKey) -> Result<(GatewayKey, String), S
         ],
     )?;
     Ok((key, secret))
+}
+
+/// A string list as stored: a JSON array.
+fn json_list(v: &[String]) -> String {
+    serde_json::to_string(v).unwrap_or_else(|_| "[]".into())
 }
 
 fn parse_list(s: String) -> Vec<String> {
@@ -334,7 +338,6 @@ pub fn update(conn: &Connection, id: &str, patch: &KeyPatch) -> Result<GatewayKe
     if let Some(v) = patch.quota_period {
         key.quota_period = v;
     }
-    let json = |v: &Vec<String>| serde_json::to_string(v).unwrap_or_else(|_| "[]".into());
     conn.execute(
         "UPDATE gateway_keys SET name = ?2, permissions = ?3, allowed_routes = ?4, allowed_models = ?5,
             expires_at = ?6, enabled = ?7, rpm = ?8, tpm = ?9, token_quota = ?10, quota_period = ?11
@@ -342,9 +345,9 @@ pub fn update(conn: &Connection, id: &str, patch: &KeyPatch) -> Result<GatewayKe
         params![
             id,
             key.name,
-            json(&key.permissions),
-            json(&key.allowed_routes),
-            json(&key.allowed_models),
+            json_list(&key.permissions),
+            json_list(&key.allowed_routes),
+            json_list(&key.allowed_models),
             key.expires_at,
             key.enabled,
             key.rpm.map(|v| v as i64),
