@@ -131,6 +131,9 @@ pub fn count(conn: &Connection) -> Result<i64, StoreError> {
     Ok(conn.query_row("SELECT COUNT(*) FROM users", [], |r| r.get(0))?)
 }
 
+/// A well-formed hash verified against when the username does not exist.
+const DUMMY: &str = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$2kVh4R0KbvY6KZ1Oi7bKX7d0Jr4S4f5XQ1c2fX7WcQ0";
+
 /// The user if `password` is right. Runs argon2 either way, so timing does
 /// not tell whether the username exists.
 pub fn verify(conn: &Connection, username: &str, password: &str) -> Result<Option<User>, StoreError> {
