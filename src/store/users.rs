@@ -144,8 +144,6 @@ pub fn verify(conn: &Connection, username: &str, password: &str) -> Result<Optio
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .optional()?;
-    const DUMMY: &str =
-        "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$2kVh4R0KbvY6KZ1Oi7bKX7d0Jr4S4f5XQ1c2fX7WcQ0";
     match row {
         Some((id, hash)) if verify_password(password, &hash) => Ok(Some(get(conn, &id)?)),
         Some(_) => Ok(None),
