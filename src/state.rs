@@ -18,15 +18,13 @@ use std::{
     collections::HashMap,
     sync::{
         Arc,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicUsize, Ordering},
     },
 };
 
 /// Outcome of the last route reload, for logs and (later) the admin API.
 #[derive(Debug, Clone, Default)]
 pub struct ReloadStatus {
-    pub successes: u64,
-    pub failures: u64,
     pub last_error: Option<String>,
 }
 
@@ -41,7 +39,6 @@ pub struct AppState {
     pub connector: Connector,
     /// Requests currently being served (graceful shutdown waits on it).
     pub in_flight: AtomicUsize,
-    pub requests_total: AtomicU64,
     pub reload: Mutex<ReloadStatus>,
     pub metrics: Metrics,
     pub limiter: crate::ratelimit::RateLimiter,
@@ -92,7 +89,6 @@ impl AppState {
             keys,
             connector: Connector::new(Some(opts)),
             in_flight: AtomicUsize::new(0),
-            requests_total: AtomicU64::new(0),
             reload: Mutex::new(ReloadStatus::default()),
             metrics: Metrics::new()?,
             limiter: crate::ratelimit::RateLimiter::default(),
@@ -111,14 +107,12 @@ impl AppState {
             Ok(table) => {
                 let n = table.len();
                 self.routes.store(Arc::new(table));
-                status.successes += 1;
                 self.metrics.config_reloads.with_label_values(&["success"]).inc();
                 status.last_error = None;
                 tracing::info!(routes = n, "Reloaded routes.d.");
                 Ok(n)
             }
             Err(e) => {
-                status.failures += 1;
                 self.metrics.config_reloads.with_label_values(&["failure"]).inc();
                 status.last_error = Some(e.to_string());
                 tracing::error!(error = %e, "Rejected routes.d change; the previous route table keeps serving.");

@@ -25,7 +25,6 @@ pub struct InFlight(Arc<AppState>);
 impl InFlight {
     pub fn new(state: &Arc<AppState>) -> Self {
         state.in_flight.fetch_add(1, Ordering::Relaxed);
-        state.requests_total.fetch_add(1, Ordering::Relaxed);
         InFlight(state.clone())
     }
 }

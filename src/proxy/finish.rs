@@ -15,9 +15,12 @@ pub fn finish(session: &Session, ctx: &mut RequestCtx, e: Option<&pingora::Error
     let duration = ctx.started.elapsed();
     let usage = ctx.response.meter.finish();
     let error = ctx.error.as_ref().map(|e| e.kind()).or(e.map(|e| e.etype().as_str()));
-    let route = ctx.route_name().to_string();
-    let upstream = ctx.upstream_name().to_string();
-    let model = ctx.model.clone();
+    // Reference-counted handles instead of copied names: `ctx` is borrowed
+    // mutably below, and this runs once per request.
+    let (route_arc, upstream_arc) = (ctx.route.clone(), ctx.upstream.upstream.clone());
+    let route = route_arc.as_ref().map_or("-", |r| r.name.as_str());
+    let upstream = upstream_arc.as_ref().map_or("-", |u| u.name.as_str());
+    let model = ctx.model.take();
     let retries = ctx.upstream.attempts.saturating_sub(1);
 
     if let Some(key) = &ctx.key {
@@ -38,7 +41,7 @@ pub fn finish(session: &Session, ctx: &mut RequestCtx, e: Option<&pingora::Error
     let m = &state.metrics;
     let mut status_buf = itoa::Buffer::new();
     m.requests
-        .with_label_values(&[route.as_str(), upstream.as_str(), status_buf.format(status)])
+        .with_label_values(&[route, upstream, status_buf.format(status)])
         .inc();
     let unrouted;
     let series = match &ctx.route {
@@ -56,17 +59,15 @@ pub fn finish(session: &Session, ctx: &mut RequestCtx, e: Option<&pingora::Error
         series.retries.inc_by(u64::from(retries));
     }
     if let Some(kind) = error.filter(|_| status >= 500 || ctx.upstream.attempts > 1) {
-        m.upstream_errors.with_label_values(&[upstream.as_str(), kind]).inc();
+        m.upstream_errors.with_label_values(&[upstream, kind]).inc();
     }
     let model_label = model.as_deref().unwrap_or("-");
     if let Some(p) = usage.prompt_tokens {
-        m.tokens
-            .with_label_values(&[route.as_str(), model_label, "prompt"])
-            .inc_by(p);
+        m.tokens.with_label_values(&[route, model_label, "prompt"]).inc_by(p);
     }
     if let Some(c) = usage.completion_tokens {
         m.tokens
-            .with_label_values(&[route.as_str(), model_label, "completion"])
+            .with_label_values(&[route, model_label, "completion"])
             .inc_by(c);
     }
 
@@ -76,8 +77,8 @@ pub fn finish(session: &Session, ctx: &mut RequestCtx, e: Option<&pingora::Error
         request_id = %ctx.request_id,
         method = %req.method,
         path = req.uri.path(),
-        route = route.as_str(),
-        upstream = upstream.as_str(),
+        route,
+        upstream,
         key_id = ctx.key.as_ref().map_or("-", |k| k.id.as_str()),
         upstream_key = ctx.upstream.lease.as_ref().map_or("-", |l| l.key().id.as_str()),
         model = model_label,

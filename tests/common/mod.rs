@@ -314,18 +314,6 @@ impl Gateway {
         fastgate::store::audit::all(&conn).unwrap()
     }
 
-    /// Wait until at least `n` audit rows are written; returns them.
-    pub async fn wait_audit_rows(&self, n: usize) -> Vec<fastgate::store::audit::AuditRecord> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let rows = self.audit_rows();
-            if rows.len() >= n || Instant::now() > deadline {
-                return rows;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
     /// Wait until every request id in `ids` has a row; returns all rows.
     pub async fn wait_audit_ids<'a>(
         &self,
