@@ -51,6 +51,12 @@ pub struct Route {
     /// The request body is read before proxying (model routing, body rewrites,
     /// replay for retries or fallback, the in-process mock).
     pub buffers_body: bool,
+    /// Clients speak OpenAI's API to an upstream that does too: streamed chat
+    /// completions are asked for usage (`stream_options.include_usage`).
+    pub openai_usage: bool,
+    /// Model names this route can name (literal globs, `model_map`, the
+    /// upstreams' `models`): the bounded label set of `tokens_total`.
+    pub known_models: Vec<String>,
     /// This route's metric series, resolved once (label lookups are not free).
     pub metrics: crate::metrics::RouteSeries,
     path_router: matchit::Router<()>,
@@ -171,12 +177,18 @@ impl Route {
         }
         let mut format = rc.format;
         let mut any_mock = false;
+        let mut known_models: Vec<String> = globs.iter().filter(|g| !is_glob(g)).cloned().collect();
+        known_models.extend(rc.model_map.iter().flat_map(|(a, b)| [a.clone(), b.clone()]));
         for (i, name) in upstreams.iter().enumerate() {
             let Some(up) = config.upstreams.get(name) else {
                 errs.push(format!("no upstream named {name:?} in the config's upstreams"));
                 continue;
             };
             any_mock |= up.provider == Provider::Mock;
+            known_models.extend(up.models.iter().cloned());
+            if up.provider == Provider::Mock {
+                known_models.push(crate::proxy::mock::MODEL.to_string());
+            }
             if i == 0 && format == Format::Passthrough {
                 format = provider_format(up.provider);
             }
@@ -246,6 +258,15 @@ impl Route {
             || rc.retries > 0
             || upstreams.len() > 1
             || any_mock;
+        let openai_usage = format == Format::Openai
+            && upstreams.iter().all(|name| {
+                config.upstreams.get(name).is_some_and(|u| {
+                    matches!(
+                        u.provider,
+                        Provider::Openai | Provider::OpenaiCompatible | Provider::Mock
+                    )
+                })
+            });
         Ok(Route {
             name: rc.name.clone(),
             file: file.to_path_buf(),
@@ -277,6 +298,8 @@ impl Route {
                 tpm: rc.rate_limit.and_then(|r| r.tpm),
             },
             buffers_body,
+            openai_usage,
+            known_models,
             metrics: crate::metrics::RouteSeries::default(),
             path_router,
         })
@@ -350,6 +373,13 @@ pub struct RouteTable {
     /// Every route's model globs in one automaton, and which route owns each.
     models: GlobSet,
     model_owner: Vec<usize>,
+    /// Every route's `known_models`.
+    known_models: std::collections::HashSet<String>,
+}
+
+/// Whether a `match.model` entry is a pattern rather than one name.
+fn is_glob(s: &str) -> bool {
+    s.contains(['*', '?', '[', '{'])
 }
 
 /// The first path segment of `path` (`/v1/chat` -> `v1`), if complete.
@@ -378,6 +408,7 @@ impl RouteTable {
                         }
                     }
                 }
+                table.known_models.extend(route.known_models.iter().cloned());
                 for glob in &route.model_globs {
                     if let Ok(g) = Glob::new(glob) {
                         models.add(g);
@@ -397,6 +428,17 @@ impl RouteTable {
 
     pub fn len(&self) -> usize {
         self.routes.len()
+    }
+
+    /// The `tokens_total{model}` label for a requested model: the name
+    /// itself if a route or upstream names it, else `other`, so clients
+    /// cannot grow the label set.
+    pub fn model_label<'a>(&self, model: Option<&'a str>) -> &'a str {
+        match model {
+            None => "-",
+            Some(m) if self.known_models.contains(m) => m,
+            Some(_) => "other",
+        }
     }
 
     pub fn is_empty(&self) -> bool {

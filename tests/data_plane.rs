@@ -179,7 +179,7 @@ routes:
       rewrite_path: /v1/{rest}
       set_headers: { x-source: fastgate, x-team: overwritten }
       remove_headers: [x-internal]
-      set_body: { stream_options: { include_usage: true }, temperature: null, user: fastgate }
+      set_body: { metadata: { source: fastgate }, temperature: null, user: fastgate }
   - name: strip
     match: { path: "/openai/{*rest}" }
     auth: none
@@ -188,7 +188,7 @@ routes:
 "#;
     let gw = Gateway::start(&upstreams(&mock), &[("r.yaml", routes)]).await;
     let c = reqwest::Client::new();
-    let body = json!({"model": "gpt-4", "temperature": 0.5, "messages": [], "stream_options": {"other": 1}});
+    let body = json!({"model": "gpt-4", "temperature": 0.5, "messages": [], "metadata": {"other": 1}});
     let r = c
         .post(gw.url("/team/ml/chat/completions?x=1"))
         .header("x-internal", "secret-thing")
@@ -207,7 +207,7 @@ routes:
     assert!(seen.header("x-internal").is_none());
     let sent = seen.json();
     assert_eq!(sent["model"], "gpt-4o-2024");
-    assert_eq!(sent["stream_options"], json!({"other": 1, "include_usage": true}));
+    assert_eq!(sent["metadata"], json!({"other": 1, "source": "fastgate"}));
     assert!(sent.get("temperature").is_none(), "null in set_body removes a key");
     assert_eq!(sent["user"], "fastgate");
     assert_eq!(seen.header("content-length").unwrap(), seen.body.len().to_string());

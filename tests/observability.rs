@@ -126,7 +126,11 @@ async fn every_request_gets_one_audit_row_with_usage_and_timings() {
         (Some(9), Some(1)),
         "{openai:?}"
     );
-    assert_eq!(openai.model, None, "model is only read on body-aware routes");
+    assert_eq!(
+        openai.model.as_deref(),
+        Some("gpt-4o"),
+        "chat bodies are read for usage"
+    );
     assert_eq!(openai.key_id.as_deref(), Some(key_id.as_str()));
     assert_eq!(openai.owner.as_deref(), Some("alice"));
     assert_eq!(openai.upstream.as_deref(), Some("oai"));
@@ -181,11 +185,11 @@ async fn every_request_gets_one_audit_row_with_usage_and_timings() {
         "{metrics}"
     );
     assert!(
-        metrics.contains(r#"fastgate_tokens_total{kind="completion",model="-",route="chat"} 1"#),
+        metrics.contains(r#"fastgate_tokens_total{kind="completion",model="other",route="chat"} 1"#),
         "{metrics}"
     );
     assert!(
-        metrics.contains(r#"fastgate_tokens_total{kind="prompt",model="-",route="chat"} 9"#),
+        metrics.contains(r#"fastgate_tokens_total{kind="prompt",model="other",route="chat"} 9"#),
         "{metrics}"
     );
     assert!(metrics.contains("fastgate_ttfb_seconds_bucket"));

@@ -259,6 +259,10 @@ pub struct UpstreamConfig {
     /// Settings of the built-in mock provider.
     #[serde(default)]
     pub mock: Option<MockConfig>,
+    /// The models this upstream serves; they get their own `tokens_total`
+    /// series (other names are counted under `other`).
+    #[serde(default)]
+    pub models: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

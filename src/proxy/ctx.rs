@@ -1,7 +1,10 @@
 //! Per-request state, grouped by concern. Lives from `new_ctx` to `logging`.
 
 use super::errors::GatewayError;
-use crate::{audit, usage::UsageMeter};
+use crate::{
+    audit,
+    usage::{UsageMeter, chunk_filter::UsageChunkFilter},
+};
 use crate::{
     auth::CredentialSource,
     config::routes_d::Format,
@@ -74,13 +77,16 @@ pub struct ResponseCtx {
     pub ttfb: Option<Duration>,
     pub bytes: u64,
     pub chunks: u64,
-    /// Token usage read from the body as it passes.
+    /// Token usage read from the body as it passes; also keeps the decoded
+    /// first `body_max_bytes` when the audit log captures bodies.
     pub meter: UsageMeter,
     /// Redacted response headers, when the audit log captures them.
     pub headers: Option<String>,
-    /// The first `body_max_bytes` of the body, when the audit log captures bodies.
-    pub body: Option<Vec<u8>>,
     pub stream: bool,
+    /// Set when FastGate asked an OpenAI stream for usage on the client's
+    /// behalf: the usage-only chunk is kept from the client.
+    pub strip_usage_chunk: bool,
+    usage_chunks: Option<UsageChunkFilter>,
     _stream: Option<StreamGuard>,
 }
 
@@ -140,17 +146,25 @@ impl RequestCtx {
     pub fn begin_response(&mut self, header: &ResponseHeader) {
         self.response.status = header.status.as_u16();
         self.response.ttfb.get_or_insert(self.started.elapsed());
-        let content_type = header
-            .headers
-            .get(http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok());
-        self.response.meter = UsageMeter::for_content_type(content_type);
+        let text = |name| {
+            header
+                .headers
+                .get(name)
+                .and_then(|v: &http::HeaderValue| v.to_str().ok())
+        };
         let audit = &self.state.config.file.audit;
+        let capture = (audit.enabled && audit.capture_body).then_some(audit.body_max_bytes.0 as usize);
+        self.response.meter = UsageMeter::new(
+            text(http::header::CONTENT_TYPE),
+            text(http::header::CONTENT_ENCODING),
+            capture,
+        );
         if audit.enabled && audit.capture_headers {
             self.response.headers = Some(audit::redact_headers(&header.headers));
         }
-        if audit.enabled && audit.capture_body {
-            self.response.body = Some(Vec::new());
+        let encoded = text(http::header::CONTENT_ENCODING).is_some_and(|e| !e.eq_ignore_ascii_case("identity"));
+        if self.response.strip_usage_chunk && self.response.meter.is_sse() && !encoded {
+            self.response.usage_chunks = Some(UsageChunkFilter::default());
         }
         if self.response.meter.is_sse() {
             self.response.stream = true;
@@ -160,15 +174,36 @@ impl RequestCtx {
         }
     }
 
-    /// A chunk of the response body is going to the client.
+    /// A chunk of a response body FastGate wrote itself is going to the client.
     pub fn response_chunk(&mut self, data: &[u8]) {
         self.response.bytes += data.len() as u64;
         self.response.chunks += 1;
         self.response.meter.feed(data);
-        if let Some(body) = &mut self.response.body {
-            let max = self.state.config.file.audit.body_max_bytes.0 as usize;
-            let room = max.saturating_sub(body.len());
-            body.extend_from_slice(&data[..data.len().min(room)]);
+    }
+
+    /// A chunk of the upstream's body: metered as it came, then what the
+    /// client should get of it (possibly nothing yet).
+    pub fn upstream_chunk(&mut self, data: Bytes) -> Bytes {
+        self.response.meter.feed(&data);
+        let out = match &mut self.response.usage_chunks {
+            Some(filter) => filter.filter(data),
+            None => data,
+        };
+        self.count_sent(&out);
+        out
+    }
+
+    /// The upstream body ended: anything still held for the client.
+    pub fn upstream_end(&mut self) -> Option<Bytes> {
+        let rest = self.response.usage_chunks.as_mut()?.flush();
+        self.count_sent(&rest);
+        (!rest.is_empty()).then_some(rest)
+    }
+
+    fn count_sent(&mut self, data: &[u8]) {
+        if !data.is_empty() {
+            self.response.bytes += data.len() as u64;
+            self.response.chunks += 1;
         }
     }
 

@@ -61,7 +61,8 @@ pub fn finish(session: &Session, ctx: &mut RequestCtx, e: Option<&pingora::Error
     if let Some(kind) = error.filter(|_| status >= 500 || ctx.upstream.attempts > 1) {
         m.upstream_errors.with_label_values(&[upstream, kind]).inc();
     }
-    let model_label = model.as_deref().unwrap_or("-");
+    let table = state.routes.load();
+    let model_label = table.model_label(model.as_deref());
     if let Some(p) = usage.prompt_tokens {
         m.tokens.with_label_values(&[route, model_label, "prompt"]).inc_by(p);
     }
@@ -159,7 +160,7 @@ pub fn finish(session: &Session, ctx: &mut RequestCtx, e: Option<&pingora::Error
         request_headers: cfg.capture_headers.then(|| audit::redact_headers(&req.headers)),
         response_headers: ctx.response.headers.take(),
         request_body,
-        response_body: ctx.response.body.take().map(|b| audit::capped_text(&b, cap)),
+        response_body: ctx.response.meter.take_capture().map(|b| audit::capped_text(&b, cap)),
     };
     state.audit.record(record);
 }

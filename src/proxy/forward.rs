@@ -252,14 +252,25 @@ async fn stream_response(
         };
         match chunk {
             Ok(Some(data)) => {
-                ctx.response_chunk(&data);
+                let data = ctx.upstream_chunk(data);
+                if data.is_empty() {
+                    continue;
+                }
                 if session.write_response_body(Some(data), false).await.is_err() {
                     tracing::debug!(request_id = %ctx.request_id, "Client went away mid-response; upstream request dropped.");
                     ctx.error = Some(GatewayError::ClientClosed);
                     return;
                 }
             }
-            Ok(None) => break,
+            Ok(None) => {
+                if let Some(rest) = ctx.upstream_end()
+                    && session.write_response_body(Some(rest), false).await.is_err()
+                {
+                    ctx.error = Some(GatewayError::ClientClosed);
+                    return;
+                }
+                break;
+            }
             Err(e) => {
                 tracing::warn!(request_id = %ctx.request_id, error = %e, "Upstream failed mid-response.");
                 let err = GatewayError::UpstreamUnreachable {

@@ -168,16 +168,31 @@ pub async fn admit(state: &Arc<AppState>, session: &mut Session, ctx: &mut Reque
         ctx.key = Some(key);
     }
 
-    if route.buffers_body && body.is_none() {
+    let wants_usage = rewrite::wants_openai_usage(&route, &session.req_header().method, &path);
+    if (route.buffers_body || wants_usage) && body.is_none() {
         body = Some(read_body(session, limit).await?);
     }
     if let Some(b) = &body {
-        if model.is_none() && (!route.model_map.is_empty() || route.transform.set_body.is_some()) {
-            model = peek_model(b, &path, ctx.format)?;
+        if model.is_none() {
+            // A body FastGate reads anyway names its model for the audit log
+            // and metrics; only rewrites need it to be JSON.
+            let rewrites = !route.model_map.is_empty() || route.transform.set_body.is_some();
+            model = match peek_model(b, &path, ctx.format) {
+                Ok(m) => m,
+                Err(e) if rewrites => return Err(e),
+                Err(_) => None,
+            };
         }
         if let Some(new) = rewrite::rewrite_body(&route, b)? {
             body = Some(new);
         }
+    }
+    if wants_usage
+        && let Some(b) = &body
+        && let Some(new) = rewrite::ask_for_usage(b)?
+    {
+        body = Some(new);
+        ctx.response.strip_usage_chunk = true;
     }
     ctx.model = model;
     ctx.body = body;

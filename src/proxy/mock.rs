@@ -8,6 +8,9 @@ use bytes::Bytes;
 use pingora::proxy::Session;
 use serde_json::{Value, json};
 
+/// The model name the mock answers as when the request names none.
+pub const MODEL: &str = "mock-1";
+
 enum Api {
     OpenaiChat,
     OpenaiEmbeddings,
@@ -65,7 +68,7 @@ pub async fn respond(session: &mut Session, ctx: &mut RequestCtx, cfg: &MockConf
         .as_str()
         .map(str::to_string)
         .or_else(|| ctx.model.clone())
-        .unwrap_or_else(|| "mock-1".into());
+        .unwrap_or_else(|| MODEL.into());
     let stream = body["stream"].as_bool().unwrap_or(false);
     let prompt_tokens = ctx.body.as_ref().map_or(1, |b| (b.len() / 4).max(1));
     let words: Vec<String> = cfg.reply.split_inclusive(' ').map(str::to_string).collect();
@@ -212,8 +215,13 @@ async fn stream_events(
         if i > 0 && !interval.is_zero() {
             tokio::time::sleep(interval).await;
         }
-        ctx.response_chunk(&event);
-        session.write_response_body(Some(event), false).await?;
+        let event = ctx.upstream_chunk(event);
+        if !event.is_empty() {
+            session.write_response_body(Some(event), false).await?;
+        }
+    }
+    if let Some(rest) = ctx.upstream_end() {
+        session.write_response_body(Some(rest), false).await?;
     }
     session.write_response_body(None, true).await?;
     Ok(())

@@ -183,11 +183,16 @@ impl ProxyHttp for Gateway {
         &self,
         _session: &mut Session,
         body: &mut Option<Bytes>,
-        _end: bool,
+        end: bool,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<Option<std::time::Duration>> {
-        if let Some(b) = body {
-            ctx.response_chunk(b);
+        if let Some(b) = body.take() {
+            *body = Some(ctx.upstream_chunk(b));
+        }
+        if end && let Some(rest) = ctx.upstream_end() {
+            let mut out = body.take().map(bytes::BytesMut::from).unwrap_or_default();
+            out.extend_from_slice(&rest);
+            *body = Some(out.freeze());
         }
         Ok(None)
     }

@@ -38,16 +38,7 @@ pub fn upstream_path(
     query: Option<&str>,
     drop_key_param: bool,
 ) -> String {
-    let mut p = path.to_string();
-    if let Some(prefix) = &route.transform.strip_prefix
-        && let Some(rest) = p.strip_prefix(prefix.as_str())
-        && (rest.is_empty() || rest.starts_with('/'))
-    {
-        p = if rest.is_empty() { "/".into() } else { rest.to_string() };
-    }
-    if let Some(template) = &route.transform.rewrite_path {
-        p = expand_template(template, &route.path_params(path));
-    }
+    let p = route_path(route, path);
     let mut out = String::with_capacity(endpoint.base_path.len() + p.len() + 16);
     out.push_str(&endpoint.base_path);
     out.push_str(&p);
@@ -66,6 +57,70 @@ pub fn upstream_path(
         }
     }
     out
+}
+
+/// The path after the route's `strip_prefix` and `rewrite_path`, before the
+/// endpoint's base path.
+pub fn route_path(route: &Route, path: &str) -> String {
+    let mut p = path.to_string();
+    if let Some(prefix) = &route.transform.strip_prefix
+        && let Some(rest) = p.strip_prefix(prefix.as_str())
+        && (rest.is_empty() || rest.starts_with('/'))
+    {
+        p = if rest.is_empty() { "/".into() } else { rest.to_string() };
+    }
+    if let Some(template) = &route.transform.rewrite_path {
+        p = expand_template(template, &route.path_params(path));
+    }
+    p
+}
+
+/// Whether a request on this route is an OpenAI (chat) completion whose
+/// stream FastGate asks for usage.
+pub fn wants_openai_usage(route: &Route, method: &http::Method, path: &str) -> bool {
+    route.openai_usage && method == http::Method::POST && route_path(route, path).ends_with("/completions")
+}
+
+/// For a streamed OpenAI completion that does not ask for usage, the body
+/// with `stream_options.include_usage: true` (so the stream can be metered).
+/// `None` when the body is not a stream or already asks for usage.
+pub fn ask_for_usage(body: &[u8]) -> Result<Option<Bytes>, GatewayError> {
+    #[derive(serde::Deserialize)]
+    struct Peek {
+        stream: Option<serde_json::Value>,
+        stream_options: Option<serde_json::Value>,
+    }
+    let Ok(peek) = serde_json::from_slice::<Peek>(body) else {
+        return Ok(None); // not for FastGate to judge: the upstream answers it
+    };
+    if peek.stream != Some(serde_json::Value::Bool(true)) {
+        return Ok(None);
+    }
+    match peek.stream_options {
+        None => {
+            // Splice the field in after the opening brace: no re-encoding.
+            let Some(open) = body.iter().position(|&b| b == b'{') else {
+                return Ok(None);
+            };
+            let mut out = Vec::with_capacity(body.len() + 40);
+            out.extend_from_slice(&body[..=open]);
+            out.extend_from_slice(br#""stream_options":{"include_usage":true},"#);
+            out.extend_from_slice(&body[open + 1..]);
+            Ok(Some(Bytes::from(out)))
+        }
+        Some(serde_json::Value::Object(o)) if o.get("include_usage") == Some(&serde_json::Value::Bool(true)) => {
+            Ok(None)
+        }
+        Some(serde_json::Value::Object(_)) => {
+            let mut v: serde_json::Value =
+                serde_json::from_slice(body).map_err(|e| GatewayError::BadJson(e.to_string()))?;
+            v["stream_options"]["include_usage"] = serde_json::Value::Bool(true);
+            serde_json::to_vec(&v)
+                .map(|v| Some(Bytes::from(v)))
+                .map_err(|e| GatewayError::BadJson(e.to_string()))
+        }
+        Some(_) => Ok(None),
+    }
 }
 
 /// Rewrite a copy of the client's request header into the upstream request.
@@ -104,6 +159,10 @@ pub fn upstream_request(
     }
     let _ = req.insert_header(header::HOST, endpoint.authority.as_str());
     let _ = req.insert_header("x-request-id", ctx.request_id.as_str());
+    if ctx.response.strip_usage_chunk {
+        // The usage chunk is removed from a plain stream only.
+        let _ = req.insert_header(header::ACCEPT_ENCODING, "identity");
+    }
     if let Some(lease) = lease {
         inject_key(req, provider, lease.key().secret.expose());
     }

@@ -86,7 +86,68 @@ fn sse(events: Vec<String>, interval: Duration, aborted: Arc<Behaviour>) -> Resp
         .unwrap()
 }
 
+/// The coding a provider's CDN would pick from the client's `Accept-Encoding`.
+fn pick_encoding(accept: Option<&str>) -> Option<&'static str> {
+    let offered: Vec<String> = accept?
+        .split(',')
+        .map(|e| e.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+        .collect();
+    ["br", "gzip", "zstd", "deflate"]
+        .into_iter()
+        .find(|e| offered.iter().any(|o| o == e))
+}
+
+pub fn compress(encoding: &str, data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    match encoding {
+        "gzip" => {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+            e.write_all(data).unwrap();
+            e.finish().unwrap()
+        }
+        "deflate" => {
+            let mut e = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+            e.write_all(data).unwrap();
+            e.finish().unwrap()
+        }
+        "br" => {
+            let mut out = Vec::new();
+            let mut e = brotli::CompressorWriter::new(&mut out, 4096, 5, 22);
+            e.write_all(data).unwrap();
+            drop(e);
+            out
+        }
+        "zstd" => zstd::encode_all(data, 3).unwrap(),
+        other => panic!("no such coding {other}"),
+    }
+}
+
+/// Like real providers, JSON answers are compressed when the client accepts it.
 async fn handle(
+    req: Request<hyper::body::Incoming>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    b: Arc<Behaviour>,
+) -> Result<Response<Body>, Infallible> {
+    let encoding = pick_encoding(req.headers().get("accept-encoding").and_then(|v| v.to_str().ok()));
+    let resp = answer(req, seen, b).await?;
+    let is_json = resp
+        .headers()
+        .get("content-type")
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    let Some(encoding) = encoding.filter(|_| is_json) else {
+        return Ok(resp);
+    };
+    let (mut parts, body) = resp.into_parts();
+    let plain = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+    parts.headers.insert("content-encoding", encoding.parse().unwrap());
+    parts.headers.remove("content-length");
+    Ok(Response::from_parts(
+        parts,
+        Full::new(Bytes::from(compress(encoding, &plain))).boxed(),
+    ))
+}
+
+async fn answer(
     req: Request<hyper::body::Incoming>,
     seen: Arc<Mutex<Vec<Seen>>>,
     b: Arc<Behaviour>,
@@ -150,11 +211,21 @@ async fn handle(
         }
         return Ok(full(200, "application/json", chunk.to_string()));
     }
-    // OpenAI-style default.
+    // OpenAI-style default, with OpenAI's rules.
+    if !json["stream_options"].is_null() && !stream {
+        return Ok(full(
+            400,
+            "application/json",
+            r#"{"error":{"message":"The 'stream_options' parameter is only allowed when 'stream' is enabled.","type":"invalid_request_error","param":"stream_options","code":null}}"#,
+        ));
+    }
     if stream {
         let mut events: Vec<String> = (0..5)
             .map(|i| format!("data: {{\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"model\":\"{model}\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"t{i}\"}},\"finish_reason\":null}}]}}\n\n"))
             .collect();
+        if json["stream_options"]["include_usage"] == serde_json::Value::Bool(true) {
+            events.push(format!("data: {{\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"model\":\"{model}\",\"choices\":[],\"usage\":{{\"prompt_tokens\":9,\"completion_tokens\":5,\"total_tokens\":14}}}}\n\n"));
+        }
         events.push("data: [DONE]\n\n".into());
         return Ok(sse(events, interval, b));
     }
@@ -424,4 +495,17 @@ pub fn write(path: &Path, text: &str) {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text).unwrap();
     std::fs::rename(tmp, path).unwrap();
+}
+
+/// GET the text `make` builds until `done` holds of it (metrics and logs
+/// trail the response by moments); the last text.
+pub async fn eventually_text(make: impl Fn() -> reqwest::RequestBuilder, done: impl Fn(&str) -> bool) -> String {
+    for _ in 0..100 {
+        let text = make().send().await.unwrap().text().await.unwrap();
+        if done(&text) {
+            return text;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    make().send().await.unwrap().text().await.unwrap()
 }

@@ -1,0 +1,349 @@
+//! Token usage read from responses as they stream past, without holding the
+//! stream back or keeping the body: OpenAI `usage` (JSON, the last SSE chunk
+//! with `stream_options.include_usage`, the Responses API's
+//! `response.usage`), Anthropic `message_start` / `message_delta`, Gemini
+//! `usageMetadata`.
+//!
+//! The bytes the client receives are left alone. A copy is decoded here when
+//! the upstream compressed the answer (gzip, deflate, br, zstd: SDKs ask for
+//! compression), then scanned with a fixed amount of memory: SSE line by
+//! line, JSON by [`scan::JsonScan`]. The same decoded copy feeds the audit
+//! log's (capped) body capture.
+
+pub mod chunk_filter;
+mod decode;
+pub mod scan;
+
+use decode::Decoding;
+use memchr::memchr;
+use scan::JsonScan;
+
+/// Prompt and completion tokens as the provider reported them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: Option<u64>,
+    pub completion_tokens: Option<u64>,
+}
+
+/// How the (decoded) body is read for usage.
+#[derive(Debug, Default)]
+enum Scanner {
+    #[default]
+    Off,
+    Sse(SseScan),
+    Json(JsonScan),
+}
+
+/// Where decoded bytes go: the usage scanner and the optional capture.
+#[derive(Debug, Default)]
+struct Sink {
+    scanner: Scanner,
+    usage: Usage,
+    capture: Option<(Vec<u8>, usize)>,
+    decoded: u64,
+}
+
+/// Decoded bytes past which a compressed answer is no longer read (a
+/// decompression bomb costs CPU, never memory, but not without end).
+const DECODED_CAP: u64 = 256 * 1024 * 1024;
+
+impl std::io::Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.decoded += buf.len() as u64;
+        if self.decoded > DECODED_CAP {
+            return Err(std::io::Error::other("decoded body too large to meter"));
+        }
+        match &mut self.scanner {
+            Scanner::Off => {}
+            Scanner::Sse(s) => s.feed(buf, &mut self.usage),
+            Scanner::Json(j) => j.feed(buf, &mut self.usage),
+        }
+        if let Some((body, cap)) = &mut self.capture {
+            let room = cap.saturating_sub(body.len());
+            body.extend_from_slice(&buf[..buf.len().min(room)]);
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Feeds on response chunks as they reach the client; call
+/// [`UsageMeter::finish`] at the end.
+#[derive(Default)]
+pub struct UsageMeter {
+    decoding: Decoding<Sink>,
+    sse: bool,
+}
+
+impl UsageMeter {
+    /// Start metering a response with this `content-type` and
+    /// `content-encoding`; `capture` keeps up to that many decoded bytes.
+    pub fn new(content_type: Option<&str>, content_encoding: Option<&str>, capture: Option<usize>) -> Self {
+        let ct = content_type.unwrap_or_default().trim_start().to_ascii_lowercase();
+        let scanner = if ct.starts_with("text/event-stream") {
+            Scanner::Sse(SseScan::default())
+        } else if ct.starts_with("application/json") || ct.contains("+json") || ct.starts_with("application/x-ndjson") {
+            Scanner::Json(JsonScan::default())
+        } else {
+            Scanner::Off
+        };
+        let sse = matches!(scanner, Scanner::Sse(_));
+        if matches!(scanner, Scanner::Off) && capture.is_none() {
+            return UsageMeter::default();
+        }
+        let sink = Sink {
+            scanner,
+            capture: capture.map(|cap| (Vec::new(), cap)),
+            ..Sink::default()
+        };
+        UsageMeter {
+            decoding: Decoding::new(content_encoding, sink),
+            sse,
+        }
+    }
+
+    pub fn is_sse(&self) -> bool {
+        self.sse
+    }
+
+    pub fn feed(&mut self, chunk: &[u8]) {
+        self.decoding.write(chunk);
+    }
+
+    /// The usage seen, after the decoder's last bytes.
+    pub fn finish(&mut self) -> Usage {
+        self.decoding.finish();
+        self.decoding.sink().map_or_else(Usage::default, |s| s.usage)
+    }
+
+    /// The captured (decoded, capped) body, once.
+    pub fn take_capture(&mut self) -> Option<Vec<u8>> {
+        self.decoding.sink_mut().and_then(|s| s.capture.take()).map(|(b, _)| b)
+    }
+}
+
+/// Where the SSE scanner is within the current line.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Line {
+    /// Reading the first bytes, to tell a `data:` line from the rest.
+    #[default]
+    Start,
+    Data,
+    Skip,
+}
+
+/// SSE framing: `data:` lines go to the JSON scanner, which starts over at
+/// every event (blank line). Holds no line buffer.
+#[derive(Debug, Default)]
+struct SseScan {
+    line: Line,
+    prefix_len: usize,
+    json: JsonScan,
+}
+
+impl SseScan {
+    fn feed(&mut self, mut data: &[u8], usage: &mut Usage) {
+        const DATA: &[u8] = b"data:";
+        while let Some((&b, rest)) = data.split_first() {
+            match self.line {
+                Line::Start => {
+                    data = rest;
+                    match b {
+                        b'\n' => {
+                            if self.prefix_len == 0 {
+                                self.json.reset(); // blank line: the event ends
+                            }
+                            self.prefix_len = 0;
+                        }
+                        b'\r' if self.prefix_len == 0 => {}
+                        _ if DATA[self.prefix_len] == b => {
+                            self.prefix_len += 1;
+                            if self.prefix_len == DATA.len() {
+                                self.line = Line::Data;
+                            }
+                        }
+                        _ => {
+                            self.prefix_len += 1;
+                            self.line = Line::Skip;
+                        }
+                    }
+                }
+                Line::Data | Line::Skip => {
+                    let end = memchr(b'\n', data);
+                    let line = &data[..end.unwrap_or(data.len())];
+                    if self.line == Line::Data {
+                        self.json.feed(line, usage);
+                    }
+                    match end {
+                        Some(i) => {
+                            data = &data[i + 1..];
+                            self.line = Line::Start;
+                            self.prefix_len = 0;
+                        }
+                        None => data = &[],
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meter(ct: &str, chunks: &[&str]) -> Usage {
+        let mut m = UsageMeter::new(Some(ct), None, None);
+        chunks.iter().for_each(|c| m.feed(c.as_bytes()));
+        m.finish()
+    }
+
+    #[test]
+    fn openai_json_and_stream() {
+        let u = meter(
+            "application/json",
+            &[
+                r#"{"id":"x","usage":{"prompt_tokens":9,"#,
+                r#""completion_tokens":3,"total_tokens":12}}"#,
+            ],
+        );
+        assert_eq!(
+            u,
+            Usage {
+                prompt_tokens: Some(9),
+                completion_tokens: Some(3)
+            }
+        );
+        let u = meter(
+            "text/event-stream",
+            &[
+                "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\nda",
+                "ta: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":7}}\n\ndata: [DONE]\n\n",
+            ],
+        );
+        assert_eq!(
+            u,
+            Usage {
+                prompt_tokens: Some(5),
+                completion_tokens: Some(7)
+            }
+        );
+    }
+
+    #[test]
+    fn anthropic_stream_with_split_lines_and_cache_tokens() {
+        let u = meter(
+            "text/event-stream; charset=utf-8",
+            &[
+                "event: message_start\r\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":10,\"cache_read_input_tokens\":90,\"output_tokens\":1}}}\r\n\r\n",
+                "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\"text\":\"usage\"}}\n\n",
+                "event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":",
+                "42}}\n\n",
+            ],
+        );
+        assert_eq!(
+            u,
+            Usage {
+                prompt_tokens: Some(100),
+                completion_tokens: Some(42)
+            }
+        );
+    }
+
+    #[test]
+    fn gemini_sse_and_json_array() {
+        let chunk = |p: u64, c: u64| {
+            format!("{{\"candidates\":[],\"usageMetadata\":{{\"promptTokenCount\":{p},\"candidatesTokenCount\":{c}}}}}")
+        };
+        let sse = format!("data: {}\n\ndata: {}\n\n", chunk(4, 1), chunk(4, 6));
+        assert_eq!(
+            meter("text/event-stream", &[&sse]),
+            Usage {
+                prompt_tokens: Some(4),
+                completion_tokens: Some(6)
+            }
+        );
+        let arr = format!("[{},\r\n{}]", chunk(3, 1), chunk(3, 8));
+        assert_eq!(
+            meter("application/json", &[&arr]),
+            Usage {
+                prompt_tokens: Some(3),
+                completion_tokens: Some(8)
+            }
+        );
+    }
+
+    fn compress(encoding: &str, data: &[u8]) -> Vec<u8> {
+        use std::io::Write;
+        match encoding {
+            "gzip" => {
+                let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+                e.write_all(data).unwrap();
+                e.finish().unwrap()
+            }
+            "deflate" => {
+                let mut e = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+                e.write_all(data).unwrap();
+                e.finish().unwrap()
+            }
+            "br" => {
+                let mut out = Vec::new();
+                let mut e = brotli::CompressorWriter::new(&mut out, 4096, 5, 22);
+                e.write_all(data).unwrap();
+                drop(e);
+                out
+            }
+            "zstd" => zstd::encode_all(data, 3).unwrap(),
+            _ => data.to_vec(),
+        }
+    }
+
+    #[test]
+    fn compressed_answers_are_decoded_for_metering_and_capture() {
+        let body = format!(
+            r#"{{"id":"x","choices":[{{"message":{{"content":"{}"}}}}],"usage":{{"prompt_tokens":11,"completion_tokens":22}}}}"#,
+            "word ".repeat(5000)
+        );
+        for encoding in ["gzip", "deflate", "br", "zstd", "identity"] {
+            let packed = compress(encoding, body.as_bytes());
+            for chunk_size in [1, 7, 1000, packed.len()] {
+                let mut m = UsageMeter::new(Some("application/json"), Some(encoding), Some(64));
+                packed.chunks(chunk_size).for_each(|c| m.feed(c));
+                assert_eq!(
+                    m.finish(),
+                    Usage {
+                        prompt_tokens: Some(11),
+                        completion_tokens: Some(22)
+                    },
+                    "{encoding} in chunks of {chunk_size}"
+                );
+                assert_eq!(m.take_capture().unwrap(), &body.as_bytes()[..64], "{encoding}");
+            }
+        }
+        // Raw deflate (no zlib header), as some servers send it.
+        let mut e = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+        std::io::Write::write_all(&mut e, body.as_bytes()).unwrap();
+        let mut m = UsageMeter::new(Some("application/json"), Some("deflate"), None);
+        m.feed(&e.finish().unwrap());
+        assert_eq!(m.finish().completion_tokens, Some(22));
+    }
+
+    #[test]
+    fn a_corrupt_or_unknown_encoding_meters_nothing_and_does_not_panic() {
+        let mut m = UsageMeter::new(Some("application/json"), Some("gzip"), Some(16));
+        m.feed(b"\x1f\x8bnot really gzip at all");
+        assert_eq!(m.finish(), Usage::default());
+        let mut m = UsageMeter::new(Some("application/json"), Some("compress"), None);
+        m.feed(br#"{"usage":{"prompt_tokens":1}}"#);
+        assert_eq!(m.finish(), Usage::default());
+    }
+
+    #[test]
+    fn other_content_is_ignored() {
+        assert_eq!(meter("text/plain", &["usage: 5"]), Usage::default());
+        assert_eq!(meter("application/json", &["{not json"]), Usage::default());
+    }
+}
