@@ -82,6 +82,16 @@ pub fn extract_credential<'a>(
     })
 }
 
+/// Whether `text` holds something shaped like a gateway key (`fg_` and 32
+/// base62 characters), wherever in the text: such a value never goes upstream.
+pub fn holds_gateway_key(text: &[u8]) -> bool {
+    const BODY: usize = 32;
+    memchr::memmem::find_iter(text, store::keys::KEY_PREFIX.as_bytes()).any(|at| {
+        let rest = &text[at + store::keys::KEY_PREFIX.len()..];
+        rest.len() >= BODY && rest[..BODY].iter().all(u8::is_ascii_alphanumeric)
+    })
+}
+
 /// A key, and until when this hash of it is accepted (previous secrets during
 /// a rotation grace period).
 type KeyMap = HashMap<[u8; 32], (Arc<GatewayKey>, Option<i64>)>;
@@ -191,6 +201,17 @@ pub fn authorize_model(key: &GatewayKey, model: Option<&str>) -> Result<(), Auth
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gateway_key_shapes_are_recognised_anywhere() {
+        let key = format!("fg_{}", "a1B2".repeat(8));
+        assert!(holds_gateway_key(key.as_bytes()));
+        assert!(holds_gateway_key(format!("Bearer {key}").as_bytes()));
+        assert!(holds_gateway_key(format!("x=1&token={key}").as_bytes()));
+        assert!(!holds_gateway_key(b"fg_short"));
+        assert!(!holds_gateway_key(b"sk-proj-fg_notakey"));
+        assert!(!holds_gateway_key(b""));
+    }
     use http::HeaderValue;
 
     #[test]

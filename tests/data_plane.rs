@@ -40,6 +40,12 @@ routes:
     auth: none
     upstream: plain
     transform: { strip_prefix: /plain }
+  - name: passthrough-buffered
+    match: { path: "/plain-buffered/{*rest}" }
+    auth: none
+    upstream: plain
+    retries: 1
+    transform: { strip_prefix: /plain-buffered }
   - name: dead
     match: { path: /dead/v1/chat/completions }
     format: openai
@@ -100,6 +106,79 @@ async fn upstream_sees_pool_key_never_the_gateway_key_whichever_way_it_is_sent()
     assert!(mock.last().uri.ends_with("?keep=1"), "{}", mock.last().uri);
     assert!(!gw.logs().contains(&secret), "gateway key in logs");
     assert!(!gw.logs().contains("sk-pool-one"), "pool key in logs");
+}
+
+/// Both forwarding paths: Pingora's proxy (body untouched) and FastGate's
+/// own (body read: here for retries).
+const OPEN_PATHS: [&str; 2] = ["/plain", "/plain-buffered"];
+
+#[tokio::test]
+async fn a_gateway_key_never_leaves_even_on_open_routes() {
+    let (mock, gw, secret) = setup().await;
+    let c = reqwest::Client::new();
+    for prefix in OPEN_PATHS {
+        let url = |q: &str| gw.url(&format!("{prefix}/v1/things{q}"));
+        let ways: Vec<reqwest::RequestBuilder> = vec![
+            c.post(url("")).bearer_auth(&secret),
+            c.post(url("")).header("x-api-key", &secret),
+            c.post(url("")).header("x-goog-api-key", &secret),
+            c.post(url(&format!("?key={secret}&keep=1"))),
+            c.post(url(&format!("?keep=1&token={secret}"))),
+            c.post(url("")).header("x-custom-auth", format!("Token {secret}")),
+        ];
+        for req in ways {
+            let r = req.body("{}").send().await.unwrap();
+            assert_eq!(r.status(), 200, "{prefix}");
+            let seen = mock.last();
+            assert!(
+                !format!("{seen:?}").contains(&secret),
+                "gateway key leaked upstream via {prefix}: {seen:?}"
+            );
+        }
+        assert!(mock.last().uri.ends_with("/v1/things"), "{}", mock.last().uri);
+        // A client's own provider key passes on a route without a key pool.
+        let r = c
+            .post(url("?key=client-own&x=1"))
+            .bearer_auth("sk-client-own")
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let seen = mock.last();
+        assert_eq!(seen.header("authorization"), Some("Bearer sk-client-own"), "{prefix}");
+        assert!(seen.uri.ends_with("?key=client-own&x=1"), "{}", seen.uri);
+    }
+}
+
+#[tokio::test]
+async fn hop_by_hop_headers_stop_at_each_hop_on_both_paths() {
+    let (mock, gw, _) = setup().await;
+    for prefix in OPEN_PATHS {
+        let answer = common::raw_http(
+            gw.port,
+            &format!(
+                "GET {prefix}/hop HTTP/1.1\r\nHost: x\r\nConnection: x-drop-me, close\r\nX-Drop-Me: client-internal\r\nX-Kept: yes\r\n\r\n"
+            ),
+        )
+        .await;
+        let seen = mock.last();
+        assert!(seen.header("x-drop-me").is_none(), "{prefix}: {seen:?}");
+        assert_eq!(seen.header("x-kept"), Some("yes"));
+        let head = answer.split("\r\n\r\n").next().unwrap().to_ascii_lowercase();
+        assert!(head.starts_with("http/1.1 200"), "{prefix}: {answer}");
+        assert!(!head.contains("x-hop-secret"), "{prefix}: {head}");
+        assert!(head.contains("x-end-to-end: kept"), "{prefix}: {head}");
+
+        let answer = common::raw_http(
+            gw.port,
+            &format!("GET {prefix}/status/204 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+        )
+        .await;
+        let head = answer.to_ascii_lowercase();
+        assert!(head.starts_with("http/1.1 204"), "{prefix}: {answer}");
+        assert!(!head.contains("transfer-encoding"), "{prefix}: {answer}");
+    }
 }
 
 #[tokio::test]

@@ -183,13 +183,16 @@ fn connect_error(e: &pingora::Error, upstream: &str) -> GatewayError {
 /// dropped, framing decided by the client's protocol, request id added.
 fn client_header(upstream: &ResponseHeader, ctx: &RequestCtx, h2: bool) -> pingora::Result<ResponseHeader> {
     let mut resp = ResponseHeader::build(upstream.status, Some(upstream.headers.len() + 2))?;
+    let hop = rewrite::hop_by_hop_names(&upstream.headers);
     for (name, value) in upstream.headers.iter() {
-        if rewrite::HOP_BY_HOP.contains(&name.as_str()) || name == header::TRANSFER_ENCODING {
+        if hop.contains(name) || name == header::TRANSFER_ENCODING {
             continue;
         }
         resp.append_header(name.clone(), value.clone())?;
     }
-    if !h2 && !resp.headers.contains_key(header::CONTENT_LENGTH) {
+    // 1xx, 204 and 304 answers have no body, so no framing either.
+    let bodyless = matches!(upstream.status.as_u16(), 100..=199 | 204 | 304);
+    if !h2 && !bodyless && !resp.headers.contains_key(header::CONTENT_LENGTH) {
         resp.insert_header(header::TRANSFER_ENCODING, "chunked")?;
     }
     resp.insert_header("x-request-id", ctx.request_id.as_str())?;

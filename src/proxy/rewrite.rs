@@ -4,7 +4,7 @@
 
 use super::{ctx::RequestCtx, errors::GatewayError};
 use crate::{
-    auth::CredentialSource,
+    auth::{self, CredentialSource},
     config::{Provider, routes_d::AuthMode},
     pool::Lease,
     router::{Route, expand_template},
@@ -43,20 +43,48 @@ pub fn upstream_path(
     out.push_str(&endpoint.base_path);
     out.push_str(&p);
     if let Some(q) = query {
-        if drop_key_param {
-            let kept: String = form_urlencoded::Serializer::new(String::new())
-                .extend_pairs(form_urlencoded::parse(q.as_bytes()).filter(|(k, _)| k != "key"))
-                .finish();
-            if !kept.is_empty() {
-                out.push('?');
-                out.push_str(&kept);
-            }
-        } else if !q.is_empty() {
+        let q = forwarded_query(q, drop_key_param);
+        if !q.is_empty() {
             out.push('?');
-            out.push_str(q);
+            out.push_str(&q);
         }
     }
     out
+}
+
+/// The query as it goes upstream: `key=` dropped when it was the client's
+/// credential, and any parameter holding a gateway key dropped always. Kept
+/// parameters keep their original encoding.
+fn forwarded_query(q: &str, drop_key_param: bool) -> std::borrow::Cow<'_, str> {
+    if !drop_key_param && !auth::holds_gateway_key(q.as_bytes()) {
+        return q.into();
+    }
+    let kept: Vec<&str> = q
+        .split('&')
+        .filter(|pair| {
+            let Some((name, value)) = form_urlencoded::parse(pair.as_bytes()).next() else {
+                return true;
+            };
+            !(drop_key_param && name == "key")
+                && !auth::holds_gateway_key(name.as_bytes())
+                && !auth::holds_gateway_key(value.as_bytes())
+        })
+        .collect();
+    kept.join("&").into()
+}
+
+/// Names of the headers that describe one hop: the fixed list and whatever
+/// the `Connection` header names.
+pub fn hop_by_hop_names(headers: &http::HeaderMap) -> Vec<http::HeaderName> {
+    let mut names: Vec<http::HeaderName> = HOP_BY_HOP.iter().map(|n| http::HeaderName::from_static(n)).collect();
+    for value in headers.get_all(header::CONNECTION) {
+        let Ok(text) = value.to_str() else { continue };
+        names.extend(
+            text.split(',')
+                .filter_map(|t| http::HeaderName::from_bytes(t.trim().to_ascii_lowercase().as_bytes()).ok()),
+        );
+    }
+    names
 }
 
 /// The path after the route's `strip_prefix` and `rewrite_path`, before the
@@ -133,9 +161,9 @@ pub fn upstream_request(
     lease: Option<&Lease>,
 ) -> Result<(), GatewayError> {
     // Client credentials never travel upstream when FastGate authenticates or
-    // injects its own key; a gateway key (`fg_…`) never does.
-    let strip =
-        route.auth == AuthMode::Required || lease.is_some() || ctx.credential.is_some_and(|_| ctx.key.is_some());
+    // injects its own key. On other routes a client's own credential passes
+    // (bring your own key), but a gateway key (`fg_…`) never does, anywhere.
+    let strip = route.auth == AuthMode::Required || lease.is_some() || ctx.key.is_some();
     let drop_key_param = strip && ctx.credential == Some(CredentialSource::QueryKey);
     let path = upstream_path(route, endpoint, req.uri.path(), req.uri.query(), drop_key_param);
     let uri = path
@@ -143,13 +171,22 @@ pub fn upstream_request(
         .map_err(|e| GatewayError::BadRequestBody(format!("rewritten path is invalid: {e}")))?;
     req.set_uri(uri);
 
-    for name in HOP_BY_HOP {
-        req.remove_header(name);
+    for name in hop_by_hop_names(&req.headers) {
+        req.remove_header(&name);
     }
     if strip {
         req.remove_header(&header::AUTHORIZATION);
         req.remove_header("x-api-key");
         req.remove_header("x-goog-api-key");
+    }
+    let leaking: Vec<http::HeaderName> = req
+        .headers
+        .iter()
+        .filter(|(_, v)| auth::holds_gateway_key(v.as_bytes()))
+        .map(|(n, _)| n.clone())
+        .collect();
+    for name in leaking {
+        req.remove_header(&name);
     }
     for name in &route.transform.remove_headers {
         req.remove_header(name);

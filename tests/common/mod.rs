@@ -181,6 +181,17 @@ async fn answer(
             r#"{"error":{"message":"as asked"}}"#,
         ));
     }
+    if path.ends_with("/hop") {
+        // Headers named in `Connection` belong to this hop only.
+        return Ok(Response::builder()
+            .status(200)
+            .header("content-type", "application/json")
+            .header("connection", "x-hop-secret")
+            .header("x-hop-secret", "upstream-internal")
+            .header("x-end-to-end", "kept")
+            .body(Full::new(Bytes::from_static(b"{}")).boxed())
+            .unwrap());
+    }
     if path == "/slow" {
         tokio::time::sleep(Duration::from_secs(5)).await;
         return Ok(full(200, "application/json", "{}"));
@@ -488,6 +499,17 @@ pub async fn until_status(make: impl Fn() -> reqwest::RequestBuilder, done: impl
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     make().send().await.unwrap()
+}
+
+/// Send `request` as raw bytes and read the answer until the server closes
+/// (the request should say `Connection: close`).
+pub async fn raw_http(port: u16, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 pub fn write(path: &Path, text: &str) {
