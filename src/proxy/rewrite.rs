@@ -65,9 +65,9 @@ fn forwarded_query(q: &str, drop_key_param: bool) -> std::borrow::Cow<'_, str> {
             let Some((name, value)) = form_urlencoded::parse(pair.as_bytes()).next() else {
                 return true;
             };
-            !(drop_key_param && name == "key")
-                && !auth::holds_gateway_key(name.as_bytes())
-                && !auth::holds_gateway_key(value.as_bytes())
+            let credential = drop_key_param && name == "key";
+            let gateway_key = auth::holds_gateway_key(name.as_bytes()) || auth::holds_gateway_key(value.as_bytes());
+            !(credential || gateway_key)
         })
         .collect();
     kept.join("&").into()
