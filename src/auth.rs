@@ -114,16 +114,33 @@ impl KeyCache {
         Ok(cache)
     }
 
-    /// Rebuild the map if the database changed since the last call. Blocking:
-    /// call from a blocking thread. Returns whether anything was reloaded.
+    /// Rebuild the map if keys or users changed since the last call (a
+    /// trigger-maintained counter: audit writes do not count). Blocking: call
+    /// from a blocking thread. Returns whether anything was reloaded.
     pub fn refresh(&self) -> Result<bool, store::StoreError> {
         let mut db = self.db.lock();
-        let version: i64 = db.0.query_row("PRAGMA data_version", [], |r| r.get(0))?;
+        let version = store::keys::change_version(&db.0)?;
         if version == db.1 {
             return Ok(false);
         }
+        let users: HashMap<String, store::users::User> = store::users::list(&db.0)?
+            .into_iter()
+            .map(|u| (u.id.clone(), u))
+            .collect();
         let mut map = KeyMap::new();
-        for (key, hashes) in store::keys::all_with_hashes(&db.0)? {
+        for (mut key, hashes) in store::keys::all_with_hashes(&db.0)? {
+            if let Some(owner) = key.owner_id.as_deref() {
+                match users.get(owner) {
+                    // A deleted or disabled owner's keys stop at once.
+                    None => key.enabled = false,
+                    Some(u) if u.disabled => key.enabled = false,
+                    Some(u) => {
+                        if let Some(c) = &u.ceilings {
+                            c.clamp(&mut key, &u.id);
+                        }
+                    }
+                }
+            }
             let key = Arc::new(key);
             if let Some((prev, until)) = hashes.previous {
                 map.insert(prev, (key.clone(), Some(until)));
@@ -278,14 +295,8 @@ mod tests {
             permissions: vec!["chat".into()],
             allowed_routes: vec![],
             allowed_models: vec!["gpt-4*".into()],
-            expires_at: None,
             enabled: true,
-            created_at: 0,
-            revoked_at: None,
-            rpm: None,
-            tpm: None,
-            token_quota: None,
-            quota_period: Default::default(),
+            ..Default::default()
         };
         assert!(authorize_route(&key, "r", &[]).is_ok());
         assert!(authorize_route(&key, "r", &["chat".into(), "embed".into()]).is_ok());

@@ -133,7 +133,7 @@ fn keys(conn: &rusqlite::Connection, action: KeysAction) -> Result<()> {
             json,
         } => {
             let expires_at = expires_in.map(|d| store::now_unix() + d.as_secs() as i64);
-            let new = keys::NewKey {
+            let mut new = keys::NewKey {
                 name,
                 owner,
                 permissions,
@@ -142,9 +142,9 @@ fn keys(conn: &rusqlite::Connection, action: KeysAction) -> Result<()> {
                 expires_at,
                 rpm,
                 tpm,
-                token_quota: None,
-                quota_period: Default::default(),
+                ..Default::default()
             };
+            new.lock_limits(); // the operator's limits, like an admin's
             let (key, secret) = keys::create(conn, &new)?;
             store::admin_audit::record(
                 conn,

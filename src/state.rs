@@ -136,20 +136,37 @@ impl AppState {
             .map(|k| (k, k.quota_period.bounds(now).0))
             .filter(|(k, start)| !self.quotas.is_seeded(&k.id, *start))
             .collect();
-        if pending.is_empty() {
+        // Users' shared quotas, counted over all their keys by user id.
+        let mut users: Vec<(String, String, i64)> = Vec::new();
+        for key in self.keys.all() {
+            if let (Some(q), Some(user_id)) = (&key.user_quota, &key.owner_id) {
+                let start = q.period.bounds(now).0;
+                if !self.quotas.is_seeded(&q.scope, start) && !users.iter().any(|(s, _, _)| s == &q.scope) {
+                    users.push((q.scope.clone(), user_id.clone(), start));
+                }
+            }
+        }
+        if pending.is_empty() && users.is_empty() {
             return;
         }
         let conn = self.health_db.lock();
-        for (key, start) in pending {
-            let used: i64 = conn
-                .query_row(
+        let used = |column: &str, id: &str, start: i64| -> u64 {
+            conn.query_row(
+                &format!(
                     "SELECT COALESCE(SUM(COALESCE(prompt_tokens, 0) + COALESCE(completion_tokens, 0)), 0)
-                     FROM audit_log WHERE key_id = ?1 AND ts_ms >= ?2",
-                    rusqlite::params![key.id, start],
-                    |r| r.get(0),
-                )
-                .unwrap_or(0);
-            self.quotas.seed(&key.id, start, used.max(0) as u64);
+                     FROM audit_log WHERE {column} = ?1 AND ts_ms >= ?2"
+                ),
+                rusqlite::params![id, start],
+                |r| r.get::<_, i64>(0),
+            )
+            .unwrap_or(0)
+            .max(0) as u64
+        };
+        for (key, start) in pending {
+            self.quotas.seed(&key.id, start, used("key_id", &key.id, start));
+        }
+        for (scope, user_id, start) in users {
+            self.quotas.seed(&scope, start, used("user_id", &user_id, start));
         }
     }
 

@@ -217,17 +217,278 @@ async fn users_see_only_their_own_keys_and_logs_admins_see_all() {
             .0,
         403
     );
+    let own = format!("/api/users/{alice_id}");
+    let (s, e) = alice.patch(&own, json!({"password": "alice-new-password"})).await;
+    assert_eq!(s, 400, "the current password is required: {e}");
+    let (s, _) = alice
+        .patch(
+            &own,
+            json!({"password": "alice-new-password", "current_password": "guess-guess"}),
+        )
+        .await;
+    assert_eq!(s, 403);
+    let (s, _) = alice
+        .patch(
+            &own,
+            json!({"password": "alice-new-password", "current_password": "alice-password"}),
+        )
+        .await;
+    assert_eq!(s, 200);
+    assert_eq!(alice.get("/api/me").await.0, 401, "a password change ends old sessions");
+    gw.login("alice", "alice-new-password").await;
+    // An admin reset ends the user's sessions too.
+    let alice = as_user(&gw, "alice", "alice-new-password").await;
     assert_eq!(
-        alice
-            .patch(
-                &format!("/api/users/{alice_id}"),
-                json!({"password": "alice-new-password"})
-            )
+        admin.patch(&own, json!({"password": "alice-reset-password"})).await.0,
+        200
+    );
+    assert_eq!(alice.get("/api/me").await.0, 401);
+}
+
+async fn user_id(admin: &Api, name: &str) -> String {
+    let (_, users) = admin.get("/api/users").await;
+    users
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["username"] == name)
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+async fn chat_status(gw: &Gateway, secret: &str) -> u16 {
+    let r = reqwest::Client::new()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(secret)
+        .json(&json!({"model": "m", "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let _ = r.bytes().await;
+    status
+}
+
+#[tokio::test]
+async fn user_keys_stay_within_ceilings_and_admin_set_limits() {
+    let (_mock, gw) = gateway().await;
+    let admin = as_user(&gw, "admin", ADMIN_PASSWORD).await;
+    let ceilings = json!({"permissions": ["chat"], "routes": ["chat"], "max_rpm": 100, "token_quota": 25});
+    let (s, u) = admin
+        .post(
+            "/api/users",
+            json!({"username": "carol", "password": "carol-password", "ceilings": ceilings}),
+        )
+        .await;
+    assert_eq!(s, 201, "{u}");
+    assert_eq!(u["ceilings"]["max_rpm"], 100);
+    let carol = as_user(&gw, "carol", "carol-password").await;
+
+    // Creation within the ceilings only; open limits take the ceiling's value.
+    let (s, e) = carol
+        .post("/api/keys", json!({"name": "k", "permissions": ["admin"]}))
+        .await;
+    assert_eq!(s, 403, "{e}");
+    assert!(e["error"]["message"].as_str().unwrap().contains("permissions"), "{e}");
+    assert_eq!(carol.post("/api/keys", json!({"name": "k", "rpm": 1000})).await.0, 403);
+    assert_eq!(
+        carol
+            .post("/api/keys", json!({"name": "k", "allowed_routes": ["other"]}))
+            .await
+            .0,
+        403
+    );
+    let (s, k1) = carol.post("/api/keys", json!({"name": "k1"})).await;
+    assert_eq!(s, 201, "{k1}");
+    assert_eq!(k1["rpm"], 100);
+    assert_eq!(k1["allowed_routes"], json!(["chat"]));
+    let (_, k2) = carol.post("/api/keys", json!({"name": "k2", "rpm": 50})).await;
+    let (k1_id, k1_secret) = (k1["id"].as_str().unwrap(), k1["secret"].as_str().unwrap());
+    let k2_secret = k2["secret"].as_str().unwrap();
+    // Nor can she lift a key's limit above her ceiling later.
+    assert_eq!(
+        carol.patch(&format!("/api/keys/{k1_id}"), json!({"rpm": 1000})).await.0,
+        403
+    );
+
+    // A limit an admin set is not hers to change, even downwards.
+    assert_eq!(
+        admin
+            .patch(&format!("/api/keys/{k1_id}"), json!({"tpm": 100000}))
             .await
             .0,
         200
     );
-    gw.login("alice", "alice-new-password").await;
+    let (s, e) = carol.patch(&format!("/api/keys/{k1_id}"), json!({"tpm": null})).await;
+    assert_eq!(s, 403, "{e}");
+    assert!(e["error"]["message"].as_str().unwrap().contains("admin"), "{e}");
+    assert_eq!(
+        carol
+            .patch(&format!("/api/keys/{k1_id}"), json!({"name": "renamed"}))
+            .await
+            .0,
+        200
+    );
+
+    // The user's token quota is shared by all her keys: 10 tokens a call.
+    assert_eq!(chat_status(&gw, k1_secret).await, 200);
+    assert_eq!(chat_status(&gw, k2_secret).await, 200);
+    assert_eq!(chat_status(&gw, k1_secret).await, 200);
+    assert_eq!(
+        chat_status(&gw, k2_secret).await,
+        429,
+        "30 of 25 tokens used by her two keys"
+    );
+
+    // Ceilings clamp keys at run time, admin-made ones too.
+    let dave_ceilings = json!({"max_rpm": 2});
+    admin
+        .post(
+            "/api/users",
+            json!({"username": "dave", "password": "dave-password", "ceilings": dave_ceilings}),
+        )
+        .await;
+    let (s, k) = admin
+        .post("/api/keys", json!({"name": "d", "owner": "dave", "rpm": 100}))
+        .await;
+    assert_eq!(s, 201, "{k}");
+    let secret = k["secret"].as_str().unwrap();
+    let statuses = [
+        chat_status(&gw, secret).await,
+        chat_status(&gw, secret).await,
+        chat_status(&gw, secret).await,
+    ];
+    assert_eq!(statuses, [200, 200, 429]);
+}
+
+#[tokio::test]
+async fn disabling_or_deleting_a_user_stops_their_keys_and_sessions_at_once() {
+    let (_mock, gw) = gateway().await;
+    let admin = as_user(&gw, "admin", ADMIN_PASSWORD).await;
+    admin
+        .post("/api/users", json!({"username": "erin", "password": "erin-password"}))
+        .await;
+    let erin_id = user_id(&admin, "erin").await;
+    let erin = as_user(&gw, "erin", "erin-password").await;
+    let (_, key) = erin.post("/api/keys", json!({"name": "erin-app"})).await;
+    let secret = key["secret"].as_str().unwrap().to_string();
+    assert_eq!(chat_status(&gw, &secret).await, 200);
+
+    assert_eq!(
+        admin
+            .patch(&format!("/api/users/{erin_id}"), json!({"disabled": true}))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        chat_status(&gw, &secret).await,
+        401,
+        "a disabled user's keys stop at once"
+    );
+    assert_eq!(erin.get("/api/me").await.0, 401);
+    let r = reqwest::Client::new()
+        .post(gw.admin_url("/api/auth/login"))
+        .json(&json!({"username": "erin", "password": "erin-password"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(
+        admin
+            .patch(&format!("/api/users/{erin_id}"), json!({"disabled": false}))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(chat_status(&gw, &secret).await, 200);
+
+    let erin = as_user(&gw, "erin", "erin-password").await;
+    assert_eq!(admin.delete(&format!("/api/users/{erin_id}")).await.0, 204);
+    assert_eq!(
+        chat_status(&gw, &secret).await,
+        401,
+        "a deleted user's keys stop at once"
+    );
+    assert_eq!(erin.get("/api/me").await.0, 401);
+
+    // A new user with the same name inherits nothing.
+    admin
+        .post("/api/users", json!({"username": "erin", "password": "erin-password-2"}))
+        .await;
+    let new_erin = as_user(&gw, "erin", "erin-password-2").await;
+    assert!(new_erin.get("/api/keys").await.1.as_array().unwrap().is_empty());
+    assert!(
+        new_erin.get("/api/logs").await.1["items"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(chat_status(&gw, &secret).await, 401);
+
+    let conn = fastgate::store::open(&gw.db_path()).unwrap();
+    let after: String = conn
+        .query_row(
+            "SELECT after FROM admin_audit WHERE action = 'user.delete' AND target = ?1",
+            [&erin_id],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(after.contains("\"keys_revoked\":1"), "{after}");
+}
+
+#[tokio::test]
+async fn login_throttling_counts_parallel_guesses_and_cannot_lock_admin_out() {
+    let (_mock, gw) = gateway().await;
+    let c = reqwest::Client::new();
+    let guesses = (0..15).map(|i| {
+        c.post(gw.admin_url("/api/auth/login"))
+            .json(&json!({"username": "admin", "password": format!("guess-{i}")}))
+            .send()
+    });
+    let statuses: Vec<u16> = futures_util::future::join_all(guesses)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap().status().as_u16())
+        .collect();
+    let tried = statuses.iter().filter(|s| **s == 401).count();
+    assert!(tried <= 5, "parallel guesses past the limit were checked: {statuses:?}");
+    assert!(statuses.iter().all(|s| *s == 401 || *s == 429), "{statuses:?}");
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    // The attacker's address is locked out; the real admin elsewhere is not.
+    let from = |ip: [u8; 4]| {
+        reqwest::Client::builder()
+            .local_address(std::net::IpAddr::from(ip))
+            .build()
+            .unwrap()
+            .post(gw.admin_url("/api/auth/login"))
+            .json(&json!({"username": "admin", "password": ADMIN_PASSWORD}))
+            .send()
+    };
+    assert_eq!(from([127, 0, 0, 1]).await.unwrap().status(), 429);
+    assert_eq!(from([127, 0, 0, 2]).await.unwrap().status(), 200);
+}
+
+#[tokio::test]
+async fn audit_writes_do_not_make_the_key_cache_reload() {
+    let (_mock, gw) = gateway().await;
+    let (_, secret) = gw.create_key(&[]);
+    gw.wait_key(&secret, "/v1/chat/completions").await;
+    let before = gw.logs().matches("Gateway keys reloaded").count();
+    for _ in 0..15 {
+        assert_eq!(chat_status(&gw, &secret).await, 200);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // Every row is written (the writer commits) before counting.
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    assert_eq!(
+        gw.logs().matches("Gateway keys reloaded").count(),
+        before,
+        "{}",
+        gw.logs()
+    );
 }
 
 #[tokio::test]

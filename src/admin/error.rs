@@ -20,6 +20,9 @@ pub enum ApiError {
     Throttled(u64),
     #[error("admin role required")]
     Forbidden,
+    /// Not allowed, with the reason (a user's ceilings, an admin's lock).
+    #[error("{0}")]
+    Denied(String),
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -35,7 +38,7 @@ impl ApiError {
         match self {
             Self::Unauthenticated | Self::BadToken | Self::BadLogin => StatusCode::UNAUTHORIZED,
             Self::Throttled(_) => StatusCode::TOO_MANY_REQUESTS,
-            Self::Forbidden => StatusCode::FORBIDDEN,
+            Self::Forbidden | Self::Denied(_) => StatusCode::FORBIDDEN,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Invalid(_) => StatusCode::BAD_REQUEST,
             Self::Conflict(_) => StatusCode::CONFLICT,
@@ -49,7 +52,7 @@ impl ApiError {
             Self::BadToken => "invalid_token",
             Self::BadLogin => "invalid_credentials",
             Self::Throttled(_) => "too_many_attempts",
-            Self::Forbidden => "forbidden",
+            Self::Forbidden | Self::Denied(_) => "forbidden",
             Self::NotFound(_) => "not_found",
             Self::Invalid(_) => "invalid_request",
             Self::Conflict(_) => "conflict",
@@ -64,6 +67,7 @@ impl From<StoreError> for ApiError {
             StoreError::NotFound(m) => ApiError::NotFound(m),
             StoreError::Invalid(m) => ApiError::Invalid(m),
             StoreError::Conflict(m) => ApiError::Conflict(m),
+            StoreError::Denied(m) => ApiError::Denied(m),
             other => ApiError::Internal(other.to_string()),
         }
     }

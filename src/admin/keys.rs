@@ -1,6 +1,7 @@
-//! `/api/keys`: gateway keys. Users see and manage only keys they own
-//! (`owner` = their username); admins manage every key. Changes reach the
-//! data plane at once.
+//! `/api/keys`: gateway keys. Users see and manage only keys they own (by
+//! user id), within the ceilings an admin set for them, and cannot change a
+//! limit an admin set on their key; admins manage every key. Changes reach
+//! the data plane at once.
 
 use super::{AdminState, error::ApiError, session::Caller};
 use crate::store::{
@@ -17,7 +18,7 @@ use serde_json::{Value, json};
 use std::sync::Arc;
 
 fn may_use(caller: &Caller, key: &GatewayKey) -> Result<(), ApiError> {
-    if caller.is_admin() || key.owner == caller.username {
+    if caller.is_admin() || key.owner_id.as_deref() == Some(caller.user_id.as_str()) {
         Ok(())
     } else {
         // Not 403: do not confirm that someone else's key exists.
@@ -36,14 +37,15 @@ pub async fn list(
     Query(q): Query<ListQuery>,
 ) -> Result<Json<Vec<GatewayKey>>, ApiError> {
     let keys = s.db(store::keys::list).await?;
-    let owner = if caller.is_admin() {
-        q.owner
-    } else {
-        Some(caller.username.clone())
-    };
     Ok(Json(
         keys.into_iter()
-            .filter(|k| owner.as_ref().is_none_or(|o| &k.owner == o))
+            .filter(|k| {
+                if caller.is_admin() {
+                    q.owner.as_ref().is_none_or(|o| &k.owner == o)
+                } else {
+                    k.owner_id.as_deref() == Some(caller.user_id.as_str())
+                }
+            })
             .collect(),
     ))
 }
@@ -73,17 +75,15 @@ pub async fn create(
     State(s): State<Arc<AdminState>>,
     Json(body): Json<CreateKey>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let owner = match body.owner {
-        Some(o) if caller.is_admin() => o,
-        Some(o) if o != caller.username => return Err(ApiError::Forbidden),
-        _ => caller.username.clone(),
-    };
+    if !caller.is_admin() && body.owner.as_ref().is_some_and(|o| o != &caller.username) {
+        return Err(ApiError::Forbidden);
+    }
     for g in &body.allowed_models {
         globset::Glob::new(g).map_err(|e| ApiError::Invalid(format!("allowed_models: {e}")))?;
     }
-    let new = NewKey {
+    let mut new = NewKey {
         name: body.name,
-        owner,
+        owner: body.owner.unwrap_or_else(|| caller.username.clone()),
         permissions: body.permissions,
         allowed_routes: body.allowed_routes,
         allowed_models: body.allowed_models,
@@ -92,10 +92,34 @@ pub async fn create(
         tpm: body.tpm,
         token_quota: body.token_quota,
         quota_period: body.quota_period,
+        owner_id: None,
+        admin_locked: Vec::new(),
     };
+    if caller.is_admin() {
+        new.lock_limits();
+    }
     let actor = caller.username.clone();
+    let as_user = !caller.is_admin();
     let (key, secret) = s
         .db(move |c| {
+            let owner = store::users::find_by_name(c, &new.owner)?;
+            new.owner_id = owner.as_ref().map(|u| u.id.clone());
+            if as_user && let Some(ceilings) = owner.as_ref().and_then(|u| u.ceilings.as_ref()) {
+                let mut preview = GatewayKey {
+                    permissions: std::mem::take(&mut new.permissions),
+                    allowed_routes: std::mem::take(&mut new.allowed_routes),
+                    allowed_models: std::mem::take(&mut new.allowed_models),
+                    rpm: new.rpm,
+                    tpm: new.tpm,
+                    ..GatewayKey::default()
+                };
+                ceilings.fit(&mut preview).map_err(store::StoreError::Denied)?;
+                new.permissions = preview.permissions;
+                new.allowed_routes = preview.allowed_routes;
+                new.allowed_models = preview.allowed_models;
+                new.rpm = preview.rpm;
+                new.tpm = preview.tpm;
+            }
             let (key, secret) = store::keys::create(c, &new)?;
             store::admin_audit::record(c, &actor, "key.create", Some(&key.id), None, Some(&json!(key)))?;
             Ok((key, secret))
@@ -128,10 +152,33 @@ pub async fn update(
     Json(patch): Json<KeyPatch>,
 ) -> Result<Json<GatewayKey>, ApiError> {
     let before = load(&s, &caller, id.clone()).await?;
+    let changed = store::keys::limit_fields(&patch);
+    if !caller.is_admin()
+        && let Some(f) = changed.iter().find(|f| before.admin_locked.iter().any(|l| l == *f))
+    {
+        return Err(ApiError::Denied(format!(
+            "{f} on this key was set by an admin; ask an admin to change it"
+        )));
+    }
     let actor = caller.username.clone();
+    let as_user = !caller.is_admin();
     let key = s
         .db(move |c| {
-            let key = store::keys::update(c, &id, &patch)?;
+            let mut key = store::keys::get(c, &id)?;
+            store::keys::apply(&mut key, &patch)?;
+            if as_user {
+                let owner = key.owner_id.as_deref().map(|o| store::users::get(c, o)).transpose()?;
+                if let Some(ceilings) = owner.as_ref().and_then(|u| u.ceilings.as_ref()) {
+                    ceilings.fit(&mut key).map_err(store::StoreError::Denied)?;
+                }
+            } else {
+                for f in &changed {
+                    if !key.admin_locked.iter().any(|l| l == f) {
+                        key.admin_locked.push(f.to_string());
+                    }
+                }
+            }
+            store::keys::save(c, &key)?;
             store::admin_audit::record(
                 c,
                 &actor,

@@ -22,7 +22,7 @@ pub async fn list(
     Query(mut filter): Query<LogFilter>,
 ) -> Result<Json<Value>, ApiError> {
     if !caller.is_admin() {
-        filter.owner = Some(caller.username.clone());
+        filter.user_id = Some(caller.user_id.clone());
     }
     let (items, next) = s.db(move |c| store::audit::query(c, &filter)).await?;
     Ok(Json(json!({"items": items, "next_cursor": next})))
@@ -34,7 +34,7 @@ pub async fn get(
     Path(id): Path<i64>,
 ) -> Result<Json<LogRow>, ApiError> {
     let row = s.db(move |c| store::audit::get(c, id)).await?;
-    if !caller.is_admin() && row.record.owner.as_deref() != Some(caller.username.as_str()) {
+    if !caller.is_admin() && row.record.user_id.as_deref() != Some(caller.user_id.as_str()) {
         return Err(ApiError::NotFound(format!("no log entry with id {id}")));
     }
     Ok(Json(row))
@@ -117,7 +117,7 @@ pub async fn export(
         other => return Err(ApiError::Invalid(format!("format {other:?}: use csv or ndjson"))),
     };
     if !caller.is_admin() {
-        filter.owner = Some(caller.username.clone());
+        filter.user_id = Some(caller.user_id.clone());
     }
     filter.limit = Some(1000);
     let db = s.app.config.database_path.clone();

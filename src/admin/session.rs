@@ -1,6 +1,8 @@
-//! Who is calling the admin API: login (argon2id check, throttled per
-//! username and per client IP), HS256 JWTs with a short expiry, the static
-//! admin token, and the [`Caller`] extractor every handler takes.
+//! Who is calling the admin API: login (argon2id check off the database
+//! lock, throttled per username+IP pair and per IP with a global ceiling),
+//! HS256 JWTs with a short expiry that die when the user's password, role or
+//! status changes, the static admin token, and the [`Caller`] extractor
+//! every handler takes.
 
 use super::{AdminState, error::ApiError};
 use crate::store::{
@@ -23,8 +25,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-/// Failed logins allowed per username or IP within [`WINDOW`].
-const MAX_FAILURES: u32 = 5;
+/// Failed logins allowed per username+IP pair within [`WINDOW`].
+const MAX_PER_PAIR: u32 = 5;
+/// Failed logins allowed per client IP (any usernames) within [`WINDOW`].
+const MAX_PER_IP: u32 = 20;
+/// Login attempts per second from everyone together (bounds argon2 work).
+const MAX_PER_SECOND: u32 = 20;
 const WINDOW: Duration = Duration::from_secs(300);
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -32,6 +38,9 @@ struct Claims {
     sub: String,
     name: String,
     role: Role,
+    /// The user's token version when issued; a later one voids the token.
+    #[serde(default)]
+    tv: i64,
     iat: i64,
     exp: i64,
 }
@@ -61,6 +70,7 @@ impl Tokens {
             sub: user.id.clone(),
             name: user.username.clone(),
             role: user.role,
+            tv: user.token_version,
             iat: now,
             exp,
         };
@@ -84,35 +94,71 @@ impl Tokens {
     }
 }
 
-/// Failed-login bookkeeping, in memory.
+/// Login-attempt bookkeeping, in memory. An attempt is counted when it
+/// starts, so parallel guesses cannot all slip in before the first failure
+/// is recorded; a success gives its count back. Limits apply per
+/// username+IP pair and per IP, never per username alone: failing on purpose
+/// from one address cannot lock `admin` out everywhere.
 #[derive(Default)]
 pub struct Throttle {
-    failures: parking_lot::Mutex<HashMap<String, (u32, Instant)>>,
+    state: parking_lot::Mutex<ThrottleState>,
 }
 
-impl Throttle {
-    /// Seconds to wait if `subject` is locked out.
-    fn locked(&self, subject: &str) -> Option<u64> {
-        let map = self.failures.lock();
-        let (n, first) = map.get(subject)?;
+#[derive(Default)]
+struct ThrottleState {
+    counts: HashMap<String, (u32, Instant)>,
+    /// Attempts in the current second, from everyone.
+    second: Option<(Instant, u32)>,
+}
+
+impl ThrottleState {
+    /// Seconds until `subject` may try again, if it reached `max`.
+    fn wait(&self, subject: &str, max: u32) -> Option<u64> {
+        let (n, first) = self.counts.get(subject)?;
         let elapsed = first.elapsed();
-        (*n >= MAX_FAILURES && elapsed < WINDOW).then(|| (WINDOW - elapsed).as_secs().max(1))
+        (*n >= max && elapsed < WINDOW).then(|| (WINDOW - elapsed).as_secs().max(1))
     }
 
-    fn fail(&self, subject: &str) {
-        let mut map = self.failures.lock();
-        let entry = map.entry(subject.to_string()).or_insert((0, Instant::now()));
+    fn add(&mut self, subject: &str, delta: i32) {
+        let entry = self.counts.entry(subject.to_string()).or_insert((0, Instant::now()));
         if entry.1.elapsed() >= WINDOW {
             *entry = (0, Instant::now());
         }
-        entry.0 += 1;
-        if map.len() > 100_000 {
-            map.retain(|_, (_, first)| first.elapsed() < WINDOW);
+        entry.0 = entry.0.saturating_add_signed(delta);
+    }
+}
+
+impl Throttle {
+    /// Start an attempt: refused (with the seconds to wait) if the pair, the
+    /// IP or everyone together is over the limit; else counted.
+    fn begin(&self, pair: &str, ip: &str) -> Result<(), u64> {
+        let mut st = self.state.lock();
+        if let Some(wait) = st.wait(pair, MAX_PER_PAIR).max(st.wait(ip, MAX_PER_IP)) {
+            return Err(wait);
         }
+        let now = Instant::now();
+        match &mut st.second {
+            Some((start, n)) if now.duration_since(*start) < Duration::from_secs(1) => {
+                if *n >= MAX_PER_SECOND {
+                    return Err(1);
+                }
+                *n += 1;
+            }
+            other => *other = Some((now, 1)),
+        }
+        st.add(pair, 1);
+        st.add(ip, 1);
+        if st.counts.len() > 100_000 {
+            st.counts.retain(|_, (_, first)| first.elapsed() < WINDOW);
+        }
+        Ok(())
     }
 
-    fn clear(&self, subject: &str) {
-        self.failures.lock().remove(subject);
+    /// The attempt succeeded: it does not count against anyone.
+    fn succeeded(&self, pair: &str, ip: &str) {
+        let mut st = self.state.lock();
+        st.counts.remove(pair);
+        st.add(ip, -1);
     }
 }
 
@@ -157,11 +203,15 @@ impl FromRequestParts<Arc<AdminState>> for Caller {
             });
         }
         let claims = state.tokens.verify(token).ok_or(ApiError::BadToken)?;
-        // The account may have been deleted or demoted since the token was issued.
+        // The account may have been deleted, disabled, demoted or given a new
+        // password since the token was issued.
         let user = state
-            .db(move |c| store::users::get(c, &claims.sub))
+            .db(move |c| store::users::get(c, &claims.sub).map(|u| (u, claims.tv)))
             .await
-            .map_err(|_| ApiError::BadToken)?;
+            .ok()
+            .filter(|(u, tv)| !u.disabled && u.token_version == *tv)
+            .map(|(u, _)| u)
+            .ok_or(ApiError::BadToken)?;
         Ok(Caller {
             user_id: user.id,
             username: user.username,
@@ -182,19 +232,24 @@ pub async fn login(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Json(body): Json<Login>,
 ) -> Result<Json<Value>, ApiError> {
-    let (user_key, ip_key) = (format!("user:{}", body.username), format!("ip:{}", peer.ip()));
-    if let Some(wait) = state.throttle.locked(&user_key).max(state.throttle.locked(&ip_key)) {
-        return Err(ApiError::Throttled(wait));
-    }
-    let (name, password) = (body.username.clone(), body.password);
-    let user = state.db(move |c| store::users::verify(c, &name, &password)).await?;
-    let Some(user) = user else {
-        state.throttle.fail(&user_key);
-        state.throttle.fail(&ip_key);
+    let (pair, ip) = (format!("{}|{}", body.username, peer.ip()), format!("ip:{}", peer.ip()));
+    state.throttle.begin(&pair, &ip).map_err(ApiError::Throttled)?;
+    // The hash is read under the database lock; argon2 runs without it.
+    let name = body.username.clone();
+    let (id, hash) = state.db(move |c| store::users::login_hash(c, &name)).await?;
+    let password = body.password;
+    let matches = tokio::task::spawn_blocking(move || store::users::check_password(&password, &hash))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let user = match id.filter(|_| matches) {
+        Some(id) => Some(state.db(move |c| store::users::get(c, &id)).await?),
+        None => None,
+    };
+    let Some(user) = user.filter(|u| !u.disabled) else {
         tracing::warn!(username = %body.username, ip = %peer.ip(), "Failed admin login.");
         return Err(ApiError::BadLogin);
     };
-    state.throttle.clear(&user_key);
+    state.throttle.succeeded(&pair, &ip);
     let (token, expires_at) = state.tokens.issue(&user)?;
     Ok(Json(json!({"token": token, "expires_at": expires_at, "user": user})))
 }

@@ -34,8 +34,8 @@ fn scope(caller: &Caller, since: i64) -> (String, Vec<Sql>) {
     let mut args = vec![Sql::Integer(since)];
     let mut clause = "ts_ms >= ?1".to_string();
     if !caller.is_admin() {
-        args.push(Sql::Text(caller.username.clone()));
-        clause.push_str(" AND owner = ?2");
+        args.push(Sql::Text(caller.user_id.clone()));
+        clause.push_str(" AND user_id = ?2");
     }
     (clause, args)
 }

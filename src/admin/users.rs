@@ -3,7 +3,7 @@
 use super::{AdminState, error::ApiError, session::Caller};
 use crate::store::{
     self,
-    users::{Role, User},
+    users::{Ceilings, Role, User},
 };
 use axum::{
     Json,
@@ -26,6 +26,7 @@ pub struct NewUser {
     password: String,
     #[serde(default = "default_role")]
     role: Role,
+    ceilings: Option<Ceilings>,
 }
 
 fn default_role() -> Role {
@@ -41,7 +42,11 @@ pub async fn create(
     let actor = caller.username.clone();
     let user = s
         .db(move |c| {
-            let user = store::users::create(c, &body.username, &body.password, body.role)?;
+            let mut user = store::users::create(c, &body.username, &body.password, body.role)?;
+            if let Some(ceilings) = &body.ceilings {
+                store::users::set_ceilings(c, &user.id, Some(ceilings))?;
+                user.ceilings = Some(ceilings.clone());
+            }
             store::admin_audit::record(c, &actor, "user.create", Some(&user.id), None, Some(&json!(user)))?;
             Ok(user)
         })
@@ -53,7 +58,17 @@ pub async fn create(
 #[serde(deny_unknown_fields)]
 pub struct UserPatch {
     password: Option<String>,
+    /// Required to change your own password.
+    current_password: Option<String>,
     role: Option<Role>,
+    disabled: Option<bool>,
+    /// `null` removes the ceilings.
+    #[serde(default, deserialize_with = "present")]
+    ceilings: Option<Option<Ceilings>>,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<Ceilings>>, D::Error> {
+    <Option<Ceilings> as serde::Deserialize>::deserialize(d).map(Some)
 }
 
 pub async fn update(
@@ -63,8 +78,27 @@ pub async fn update(
     Json(body): Json<UserPatch>,
 ) -> Result<Json<User>, ApiError> {
     let own = caller.user_id == id;
-    if !caller.is_admin() && (!own || body.role.is_some()) {
+    let admin_fields = body.role.is_some() || body.disabled.is_some() || body.ceilings.is_some();
+    if !caller.is_admin() && (!own || admin_fields) {
         return Err(ApiError::Forbidden);
+    }
+    if own && (body.disabled == Some(true) || body.role == Some(Role::User)) && caller.is_admin() {
+        return Err(ApiError::Invalid("you cannot disable or demote yourself".into()));
+    }
+    if own && body.password.is_some() {
+        // Whoever holds a session must still prove they know the password.
+        let current = body
+            .current_password
+            .clone()
+            .ok_or_else(|| ApiError::Invalid("current_password is required to change your password".into()))?;
+        let name = caller.username.clone();
+        let (_, hash) = s.db(move |c| store::users::login_hash(c, &name)).await?;
+        let ok = tokio::task::spawn_blocking(move || store::users::check_password(&current, &hash))
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        if !ok {
+            return Err(ApiError::Denied("current_password is wrong".into()));
+        }
     }
     let actor = caller.username.clone();
     let user = s
@@ -76,15 +110,28 @@ pub async fn update(
             if let Some(r) = body.role {
                 store::users::set_role(c, &id, r)?;
             }
+            if let Some(d) = body.disabled {
+                store::users::set_disabled(c, &id, d)?;
+            }
+            if let Some(ceilings) = &body.ceilings {
+                store::users::set_ceilings(c, &id, ceilings.as_ref())?;
+            }
             let after = store::users::get(c, &id)?;
-            let what = json!({"password_changed": body.password.is_some(), "role": after.role});
+            let what = json!({
+                "password_changed": body.password.is_some(),
+                "role": after.role,
+                "disabled": after.disabled,
+                "ceilings": after.ceilings,
+            });
             store::admin_audit::record(c, &actor, "user.update", Some(&id), Some(&json!(before)), Some(&what))?;
             Ok(after)
         })
         .await?;
+    s.refresh_keys().await;
     Ok(Json(user))
 }
 
+/// Delete a user: their keys are revoked and their sessions end at once.
 pub async fn delete(
     caller: Caller,
     State(s): State<Arc<AdminState>>,
@@ -96,9 +143,11 @@ pub async fn delete(
     }
     let actor = caller.username.clone();
     s.db(move |c| {
-        let user = store::users::delete(c, &id)?;
-        store::admin_audit::record(c, &actor, "user.delete", Some(&id), Some(&json!(user)), None)
+        let (user, revoked) = store::users::delete(c, &id)?;
+        let what = json!({"keys_revoked": revoked});
+        store::admin_audit::record(c, &actor, "user.delete", Some(&id), Some(&json!(user)), Some(&what))
     })
     .await?;
+    s.refresh_keys().await;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -31,6 +31,9 @@ pub fn finish(session: &Session, ctx: &mut RequestCtx, e: Option<&pingora::Error
             if key.token_quota.is_some() {
                 state.quotas.add(&key.id, key.quota_period.bounds(now as i64).0, tokens);
             }
+            if let Some(q) = &key.user_quota {
+                state.quotas.add(&q.scope, q.period.bounds(now as i64).0, tokens);
+            }
             if let Some(route) = ctx.route.as_ref().filter(|r| !r.rate_limit.is_none()) {
                 state
                     .limiter
@@ -126,6 +129,7 @@ pub fn finish(session: &Session, ctx: &mut RequestCtx, e: Option<&pingora::Error
         ts_ms: ctx.started_ms,
         key_id: ctx.key.as_ref().map(|k| k.id.clone()),
         owner: ctx.key.as_ref().map(|k| k.owner.clone()).filter(|o| !o.is_empty()),
+        user_id: ctx.key.as_ref().and_then(|k| k.owner_id.clone()),
         route: ctx.route.as_ref().map(|r| r.name.clone()),
         upstream: ctx.upstream.upstream.as_ref().map(|u| u.name.clone()),
         endpoint,

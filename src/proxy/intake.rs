@@ -220,12 +220,18 @@ fn admit_rate(state: &AppState, key: &crate::store::keys::GatewayKey, route: &Ro
             retry_after,
         }
     };
+    let now_ms = now as i64;
     if let Some(quota) = key.token_quota {
-        let now_ms = now as i64;
         state
             .quotas
             .check(&key.id, quota, key.quota_period.bounds(now_ms), now_ms)
             .map_err(|s| refuse(&format!("token quota per {}", key.quota_period.as_str()), s))?;
+    }
+    if let Some(q) = &key.user_quota {
+        state
+            .quotas
+            .check(&q.scope, q.tokens, q.period.bounds(now_ms), now_ms)
+            .map_err(|s| refuse(&format!("the owner's token quota per {}", q.period.as_str()), s))?;
     }
     state
         .limiter

@@ -13,6 +13,8 @@ pub struct AuditRecord {
     pub ts_ms: i64,
     pub key_id: Option<String>,
     pub owner: Option<String>,
+    /// The id of the user who owns the key (what visibility is decided on).
+    pub user_id: Option<String>,
     pub route: Option<String>,
     pub upstream: Option<String>,
     pub endpoint: Option<String>,
@@ -48,9 +50,9 @@ pub fn insert_batch(conn: &mut Connection, records: &[AuditRecord]) -> Result<()
                 upstream_key_id, method, path, status, model, stream, ttfb_ms, duration_ms,
                 request_bytes, response_bytes, chunks, prompt_tokens, completion_tokens, retries,
                 error, client_ip, user_agent, request_headers, response_headers, request_body,
-                response_body)
+                response_body, user_id)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
-                ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28)",
+                ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29)",
         )?;
         for r in records {
             stmt.execute(params![
@@ -82,6 +84,7 @@ pub fn insert_batch(conn: &mut Connection, records: &[AuditRecord]) -> Result<()
                 r.response_headers,
                 r.request_body,
                 r.response_body,
+                r.user_id,
             ])?;
         }
     }
@@ -97,7 +100,7 @@ pub fn delete_before(conn: &Connection, cutoff_ms: i64) -> Result<usize, StoreEr
 const SELECT: &str = "SELECT id, request_id, ts_ms, key_id, owner, route, upstream, endpoint,
     upstream_key_id, method, path, status, model, stream, ttfb_ms, duration_ms, request_bytes,
     response_bytes, chunks, prompt_tokens, completion_tokens, retries, error, client_ip, user_agent,
-    request_headers, response_headers, request_body, response_body FROM audit_log";
+    request_headers, response_headers, request_body, response_body, user_id FROM audit_log";
 
 /// A stored row: its id (the pagination cursor) and the record.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -139,6 +142,7 @@ fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<LogRow> {
             response_headers: r.get(26)?,
             request_body: r.get(27)?,
             response_body: r.get(28)?,
+            user_id: r.get(29)?,
         },
     })
 }
@@ -161,6 +165,9 @@ pub struct LogFilter {
     pub status: Option<u16>,
     pub key_id: Option<String>,
     pub owner: Option<String>,
+    /// Set by the server for callers who may only see their own rows.
+    #[serde(skip)]
+    pub user_id: Option<String>,
     pub route: Option<String>,
     pub model: Option<String>,
     pub upstream: Option<String>,
@@ -199,6 +206,7 @@ pub fn query(conn: &Connection, f: &LogFilter) -> Result<(Vec<LogRow>, Option<i6
     for (col, v) in [
         ("key_id", &f.key_id),
         ("owner", &f.owner),
+        ("user_id", &f.user_id),
         ("route", &f.route),
         ("model", &f.model),
         ("upstream", &f.upstream),

@@ -11,7 +11,7 @@ use sha2::{Digest, Sha256};
 pub const KEY_PREFIX: &str = "fg_";
 
 /// A gateway key record (never the secret).
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
 pub struct GatewayKey {
     pub id: String,
     pub name: String,
@@ -31,7 +31,35 @@ pub struct GatewayKey {
     /// Tokens allowed per `quota_period`; `None` = unlimited.
     pub token_quota: Option<u64>,
     pub quota_period: QuotaPeriod,
+    /// The user who owns the key, by id; `None` for keys only an admin manages.
+    pub owner_id: Option<String>,
+    /// Fields an admin set on this key; its owner may not change them.
+    pub admin_locked: Vec<String>,
+    /// The owner's token quota, shared by all their keys (data plane only).
+    #[serde(skip)]
+    pub user_quota: Option<UserQuota>,
 }
+
+/// A user's token quota as the data plane counts it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserQuota {
+    /// The quota tracker's scope for this user.
+    pub scope: String,
+    pub tokens: u64,
+    pub period: QuotaPeriod,
+}
+
+/// The fields of a key that limit what it can do (what ceilings and admin
+/// locks are about).
+pub const LIMIT_FIELDS: [&str; 7] = [
+    "permissions",
+    "allowed_routes",
+    "allowed_models",
+    "rpm",
+    "tpm",
+    "token_quota",
+    "quota_period",
+];
 
 /// The calendar period (UTC) a token quota covers.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -101,6 +129,29 @@ pub struct NewKey {
     pub tpm: Option<u64>,
     pub token_quota: Option<u64>,
     pub quota_period: QuotaPeriod,
+    pub owner_id: Option<String>,
+    pub admin_locked: Vec<String>,
+}
+
+impl NewKey {
+    /// Mark every limit this key sets as an admin's: its owner cannot lift it.
+    pub fn lock_limits(&mut self) {
+        let set = [
+            !self.permissions.is_empty(),
+            !self.allowed_routes.is_empty(),
+            !self.allowed_models.is_empty(),
+            self.rpm.is_some(),
+            self.tpm.is_some(),
+            self.token_quota.is_some(),
+            self.token_quota.is_some(), // the period goes with the quota
+        ];
+        self.admin_locked = LIMIT_FIELDS
+            .iter()
+            .zip(set)
+            .filter(|(_, set)| *set)
+            .map(|(f, _)| f.to_string())
+            .collect();
+    }
 }
 
 /// SHA-256 of a presented secret, the lookup key of the key cache.
@@ -132,6 +183,12 @@ pub fn create(conn: &Connection, new: &NewKey) -> Result<(GatewayKey, String), S
     }
     let secret = format!("{KEY_PREFIX}{}", random_base62(32));
     let id = format!("key_{}", random_base62(12).to_ascii_lowercase());
+    // An owner that names a user is that user, by id from now on.
+    let owner_id = match &new.owner_id {
+        Some(id) => Some(id.clone()),
+        None if new.owner.is_empty() => None,
+        None => super::users::find_by_name(conn, &new.owner)?.map(|u| u.id),
+    };
     let key = GatewayKey {
         id,
         name: new.name.clone(),
@@ -148,12 +205,15 @@ pub fn create(conn: &Connection, new: &NewKey) -> Result<(GatewayKey, String), S
         tpm: new.tpm,
         token_quota: new.token_quota,
         quota_period: new.quota_period,
+        owner_id,
+        admin_locked: new.admin_locked.clone(),
+        user_quota: None,
     };
     conn.execute(
         "INSERT INTO gateway_keys (id, name, owner, secret_sha256, masked, permissions,
             allowed_routes, allowed_models, expires_at, enabled, created_at, rpm, tpm, token_quota,
-            quota_period)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 1, ?10, ?11, ?12, ?13, ?14)",
+            quota_period, owner_id, admin_locked)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 1, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
         params![
             key.id,
             key.name,
@@ -169,6 +229,8 @@ pub fn create(conn: &Connection, new: &NewKey) -> Result<(GatewayKey, String), S
             key.tpm.map(|v| v as i64),
             key.token_quota.map(|v| v as i64),
             key.quota_period.as_str(),
+            key.owner_id,
+            json_list(&key.admin_locked),
         ],
     )?;
     Ok((key, secret))
@@ -184,7 +246,8 @@ fn parse_list(s: String) -> Vec<String> {
 }
 
 const COLUMNS: &str = "id, name, owner, masked, permissions, allowed_routes, allowed_models,
-    expires_at, enabled, created_at, revoked_at, secret_sha256, prev_secret_sha256, prev_valid_until, rpm, tpm, token_quota, quota_period";
+    expires_at, enabled, created_at, revoked_at, secret_sha256, prev_secret_sha256, prev_valid_until, rpm, tpm, token_quota, quota_period,
+    owner_id, admin_locked";
 
 /// A secret hash the key answers to; the previous one only until a time.
 pub struct KeyHashes {
@@ -215,6 +278,9 @@ fn from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<KeyRow> {
             tpm: row.get::<_, Option<i64>>(15)?.map(|v| v as u64),
             token_quota: row.get::<_, Option<i64>>(16)?.map(|v| v as u64),
             quota_period: QuotaPeriod::parse(row.get(17)?),
+            owner_id: row.get(18)?,
+            admin_locked: parse_list(row.get(19)?),
+            user_quota: None,
         },
         row.get(11)?,
         prev.zip(until),
@@ -302,6 +368,13 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<i64>>
 /// Apply `patch` to key `id`.
 pub fn update(conn: &Connection, id: &str, patch: &KeyPatch) -> Result<GatewayKey, StoreError> {
     let mut key = get(conn, id)?;
+    apply(&mut key, patch)?;
+    save(conn, &key)?;
+    Ok(key)
+}
+
+/// Apply `patch` to `key` in memory (to check the result before saving).
+pub fn apply(key: &mut GatewayKey, patch: &KeyPatch) -> Result<(), StoreError> {
     if let Some(n) = &patch.name {
         if n.trim().is_empty() {
             return Err(StoreError::Invalid("a key needs a name".into()));
@@ -338,9 +411,35 @@ pub fn update(conn: &Connection, id: &str, patch: &KeyPatch) -> Result<GatewayKe
     if let Some(v) = patch.quota_period {
         key.quota_period = v;
     }
+    Ok(())
+}
+
+/// The fields `patch` changes that limit the key (see [`LIMIT_FIELDS`]).
+pub fn limit_fields(patch: &KeyPatch) -> Vec<&'static str> {
+    let set = [
+        patch.permissions.is_some(),
+        patch.allowed_routes.is_some(),
+        patch.allowed_models.is_some(),
+        patch.rpm.is_some(),
+        patch.tpm.is_some(),
+        patch.token_quota.is_some(),
+        patch.quota_period.is_some(),
+    ];
+    LIMIT_FIELDS
+        .iter()
+        .zip(set)
+        .filter(|(_, s)| *s)
+        .map(|(f, _)| *f)
+        .collect()
+}
+
+/// Write every mutable field of `key` back.
+pub fn save(conn: &Connection, key: &GatewayKey) -> Result<(), StoreError> {
+    let id = &key.id;
     conn.execute(
         "UPDATE gateway_keys SET name = ?2, permissions = ?3, allowed_routes = ?4, allowed_models = ?5,
-            expires_at = ?6, enabled = ?7, rpm = ?8, tpm = ?9, token_quota = ?10, quota_period = ?11
+            expires_at = ?6, enabled = ?7, rpm = ?8, tpm = ?9, token_quota = ?10, quota_period = ?11,
+            admin_locked = ?12
          WHERE id = ?1",
         params![
             id,
@@ -353,10 +452,29 @@ pub fn update(conn: &Connection, id: &str, patch: &KeyPatch) -> Result<GatewayKe
             key.rpm.map(|v| v as i64),
             key.tpm.map(|v| v as i64),
             key.token_quota.map(|v| v as i64),
-            key.quota_period.as_str()
+            key.quota_period.as_str(),
+            json_list(&key.admin_locked),
         ],
     )?;
-    Ok(key)
+    Ok(())
+}
+
+/// Revoke every key a user owns (the user is being deleted); how many.
+pub fn revoke_owned(conn: &Connection, user_id: &str) -> Result<usize, StoreError> {
+    Ok(conn.execute(
+        "UPDATE gateway_keys SET enabled = 0, revoked_at = ?2 WHERE owner_id = ?1 AND revoked_at IS NULL",
+        params![user_id, now_unix()],
+    )?)
+}
+
+/// The data plane's change counter: bumped by triggers on every write to
+/// keys or users, and nothing else (audit rows do not move it).
+pub fn change_version(conn: &Connection) -> Result<i64, StoreError> {
+    Ok(
+        conn.query_row("SELECT version FROM change_counter WHERE name = 'keys'", [], |r| {
+            r.get(0)
+        })?,
+    )
 }
 
 /// Give key `id` a new secret. The old one keeps working for `grace_secs`

@@ -28,6 +28,9 @@ pub enum StoreError {
     Invalid(String),
     #[error("{0}")]
     Conflict(String),
+    /// Refused by a rule about who may do what (a user's ceilings).
+    #[error("{0}")]
+    Denied(String),
 }
 
 /// Schema history. Append only: never edit a migration that has shipped.
@@ -117,6 +120,35 @@ static MIGRATIONS: LazyLock<Migrations<'static>> = LazyLock::new(|| {
         M::up(
             "ALTER TABLE gateway_keys ADD COLUMN token_quota INTEGER;
         ALTER TABLE gateway_keys ADD COLUMN quota_period TEXT;",
+        ),
+        // Ownership by user id (a new user with an old name inherits
+        // nothing), user status and ceilings, admin-set key limits, and a
+        // change counter for the data plane's key cache.
+        M::up(
+            "ALTER TABLE users ADD COLUMN disabled INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE users ADD COLUMN token_version INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE users ADD COLUMN ceilings TEXT;
+        ALTER TABLE gateway_keys ADD COLUMN owner_id TEXT;
+        ALTER TABLE gateway_keys ADD COLUMN admin_locked TEXT NOT NULL DEFAULT '[]';
+        UPDATE gateway_keys SET owner_id = (SELECT id FROM users WHERE users.username = gateway_keys.owner);
+        ALTER TABLE audit_log ADD COLUMN user_id TEXT;
+        UPDATE audit_log SET user_id = (SELECT id FROM users WHERE users.username = audit_log.owner)
+            WHERE owner IS NOT NULL;
+        CREATE INDEX audit_log_user_id ON audit_log (user_id, id);
+        CREATE TABLE change_counter (name TEXT PRIMARY KEY, version INTEGER NOT NULL);
+        INSERT INTO change_counter (name, version) VALUES ('keys', 0);
+        CREATE TRIGGER gateway_keys_insert AFTER INSERT ON gateway_keys
+            BEGIN UPDATE change_counter SET version = version + 1 WHERE name = 'keys'; END;
+        CREATE TRIGGER gateway_keys_update AFTER UPDATE ON gateway_keys
+            BEGIN UPDATE change_counter SET version = version + 1 WHERE name = 'keys'; END;
+        CREATE TRIGGER gateway_keys_delete AFTER DELETE ON gateway_keys
+            BEGIN UPDATE change_counter SET version = version + 1 WHERE name = 'keys'; END;
+        CREATE TRIGGER users_insert AFTER INSERT ON users
+            BEGIN UPDATE change_counter SET version = version + 1 WHERE name = 'keys'; END;
+        CREATE TRIGGER users_update AFTER UPDATE ON users
+            BEGIN UPDATE change_counter SET version = version + 1 WHERE name = 'keys'; END;
+        CREATE TRIGGER users_delete AFTER DELETE ON users
+            BEGIN UPDATE change_counter SET version = version + 1 WHERE name = 'keys'; END;",
         ),
     ])
 });

@@ -1,6 +1,10 @@
 //! Admin-service users: username, argon2id password hash, role.
 
-use super::{StoreError, now_unix};
+use super::{
+    StoreError,
+    keys::{GatewayKey, QuotaPeriod, UserQuota},
+    now_unix,
+};
 use argon2::{
     Argon2,
     password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString, rand_core::OsRng},
@@ -34,6 +38,120 @@ pub struct User {
     pub username: String,
     pub role: Role,
     pub created_at: i64,
+    /// A disabled user cannot log in, and none of their keys work.
+    pub disabled: bool,
+    /// What the user's own keys may at most be and do (set by admins).
+    pub ceilings: Option<Ceilings>,
+    /// Bumped when the password, role or status changes: older tokens die.
+    #[serde(skip)]
+    pub token_version: i64,
+}
+
+/// Per-user limits an admin sets: a user's keys are created and changed
+/// within them, and the data plane clamps every key to them (so lowering a
+/// ceiling applies to existing keys at once). `None` = no ceiling.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Ceilings {
+    /// Permission tags the user's keys may hold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub permissions: Option<Vec<String>>,
+    /// Routes the user's keys may use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routes: Option<Vec<String>>,
+    /// Model globs the user's keys may use (a key's globs must be among them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub models: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_rpm: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tpm: Option<u64>,
+    /// Tokens per period shared by all of the user's keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_quota: Option<u64>,
+    #[serde(default)]
+    pub quota_period: QuotaPeriod,
+}
+
+/// A list limit: `[]` on a key means "no restriction", so a key with no list
+/// gets the ceiling's, and a list outside the ceiling is refused.
+fn fit_list(
+    field: &str,
+    key: &mut Vec<String>,
+    ceiling: Option<&Vec<String>>,
+    empty_is_all: bool,
+) -> Result<(), String> {
+    let Some(allowed) = ceiling else {
+        return Ok(());
+    };
+    if key.is_empty() && empty_is_all {
+        key.clone_from(allowed);
+        return Ok(());
+    }
+    match key.iter().find(|v| !allowed.contains(v)) {
+        Some(v) => Err(format!(
+            "{field}: {v:?} is outside your limits (allowed: {})",
+            allowed.join(", ")
+        )),
+        None => Ok(()),
+    }
+}
+
+fn fit_max(field: &str, key: &mut Option<u64>, max: Option<u64>) -> Result<(), String> {
+    match (max, *key) {
+        (None, _) => Ok(()),
+        (Some(m), None) => {
+            *key = Some(m);
+            Ok(())
+        }
+        (Some(m), Some(v)) if v <= m => Ok(()),
+        (Some(m), Some(v)) => Err(format!("{field}: {v} is above your limit of {m}")),
+    }
+}
+
+impl Ceilings {
+    /// Check a key a user creates or changes against the ceilings, filling
+    /// limits the key leaves open with the ceiling's.
+    pub fn fit(&self, key: &mut GatewayKey) -> Result<(), String> {
+        fit_list("permissions", &mut key.permissions, self.permissions.as_ref(), false)?;
+        fit_list("allowed_routes", &mut key.allowed_routes, self.routes.as_ref(), true)?;
+        fit_list("allowed_models", &mut key.allowed_models, self.models.as_ref(), true)?;
+        fit_max("rpm", &mut key.rpm, self.max_rpm)?;
+        fit_max("tpm", &mut key.tpm, self.max_tpm)
+    }
+
+    /// The key as the data plane applies it: never beyond the ceilings.
+    pub fn clamp(&self, key: &mut GatewayKey, user_id: &str) {
+        if let Some(allowed) = &self.permissions {
+            key.permissions.retain(|p| allowed.contains(p));
+        }
+        for (list, allowed) in [
+            (&mut key.allowed_routes, &self.routes),
+            (&mut key.allowed_models, &self.models),
+        ] {
+            let Some(allowed) = allowed else { continue };
+            if list.is_empty() {
+                list.clone_from(allowed);
+            } else {
+                list.retain(|v| allowed.contains(v));
+            }
+            if list.is_empty() {
+                // Nothing in common: allow nothing (an empty list means "all").
+                list.push(String::new());
+            }
+        }
+        let min = |a: Option<u64>, b: Option<u64>| match (a, b) {
+            (Some(x), Some(y)) => Some(x.min(y)),
+            (x, y) => x.or(y),
+        };
+        key.rpm = min(key.rpm, self.max_rpm);
+        key.tpm = min(key.tpm, self.max_tpm);
+        key.user_quota = self.token_quota.map(|tokens| UserQuota {
+            scope: format!("user:{user_id}"),
+            tokens,
+            period: self.quota_period,
+        });
+    }
 }
 
 /// Hash a password with argon2id and a random salt (PHC string).
@@ -78,6 +196,9 @@ pub fn create(conn: &Connection, username: &str, password: &str, role: Role) -> 
         username: username.to_string(),
         role,
         created_at: now_unix(),
+        disabled: false,
+        ceilings: None,
+        token_version: 0,
     };
     conn.execute(
         "INSERT INTO users (id, username, password_hash, role, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -92,19 +213,26 @@ pub fn create(conn: &Connection, username: &str, password: &str, role: Role) -> 
     Ok(user)
 }
 
+const COLUMNS: &str = "id, username, role, created_at, disabled, ceilings, token_version";
+
 fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<User> {
     Ok(User {
         id: r.get(0)?,
         username: r.get(1)?,
         role: Role::parse(&r.get::<_, String>(2)?),
         created_at: r.get(3)?,
+        disabled: r.get::<_, i64>(4)? != 0,
+        ceilings: r
+            .get::<_, Option<String>>(5)?
+            .and_then(|c| serde_json::from_str(&c).ok()),
+        token_version: r.get(6)?,
     })
 }
 
 pub fn find_by_name(conn: &Connection, username: &str) -> Result<Option<User>, StoreError> {
     Ok(conn
         .query_row(
-            "SELECT id, username, role, created_at FROM users WHERE username = ?1",
+            &format!("SELECT {COLUMNS} FROM users WHERE username = ?1"),
             [username],
             from_row,
         )
@@ -112,17 +240,13 @@ pub fn find_by_name(conn: &Connection, username: &str) -> Result<Option<User>, S
 }
 
 pub fn get(conn: &Connection, id: &str) -> Result<User, StoreError> {
-    conn.query_row(
-        "SELECT id, username, role, created_at FROM users WHERE id = ?1",
-        [id],
-        from_row,
-    )
-    .optional()?
-    .ok_or_else(|| StoreError::NotFound(format!("no user with id {id:?}")))
+    conn.query_row(&format!("SELECT {COLUMNS} FROM users WHERE id = ?1"), [id], from_row)
+        .optional()?
+        .ok_or_else(|| StoreError::NotFound(format!("no user with id {id:?}")))
 }
 
 pub fn list(conn: &Connection) -> Result<Vec<User>, StoreError> {
-    let mut stmt = conn.prepare("SELECT id, username, role, created_at FROM users ORDER BY created_at, username")?;
+    let mut stmt = conn.prepare(&format!("SELECT {COLUMNS} FROM users ORDER BY created_at, username"))?;
     let rows = stmt.query_map([], from_row)?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
@@ -134,9 +258,10 @@ pub fn count(conn: &Connection) -> Result<i64, StoreError> {
 /// A well-formed hash verified against when the username does not exist.
 const DUMMY: &str = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$2kVh4R0KbvY6KZ1Oi7bKX7d0Jr4S4f5XQ1c2fX7WcQ0";
 
-/// The user if `password` is right. Runs argon2 either way, so timing does
-/// not tell whether the username exists.
-pub fn verify(conn: &Connection, username: &str, password: &str) -> Result<Option<User>, StoreError> {
+/// The id and password hash to check a login against: the user's, or (for
+/// an unknown username) a dummy that fails, so timing does not tell whether
+/// the username exists. Cheap: the slow check is [`check_password`].
+pub fn login_hash(conn: &Connection, username: &str) -> Result<(Option<String>, String), StoreError> {
     let row: Option<(String, String)> = conn
         .query_row(
             "SELECT id, password_hash FROM users WHERE username = ?1",
@@ -144,13 +269,24 @@ pub fn verify(conn: &Connection, username: &str, password: &str) -> Result<Optio
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .optional()?;
-    match row {
-        Some((id, hash)) if verify_password(password, &hash) => Ok(Some(get(conn, &id)?)),
-        Some(_) => Ok(None),
-        None => {
-            let _ = verify_password(password, DUMMY);
-            Ok(None)
-        }
+    Ok(match row {
+        Some((id, hash)) => (Some(id), hash),
+        None => (None, DUMMY.to_string()),
+    })
+}
+
+/// Argon2id verification: deliberately slow, run it on a blocking thread
+/// without holding the database.
+pub fn check_password(password: &str, hash: &str) -> bool {
+    verify_password(password, hash)
+}
+
+/// The user if `password` is right (CLI and tests; holds `conn` throughout).
+pub fn verify(conn: &Connection, username: &str, password: &str) -> Result<Option<User>, StoreError> {
+    let (id, hash) = login_hash(conn, username)?;
+    match id {
+        Some(id) if check_password(password, &hash) => Ok(Some(get(conn, &id)?)),
+        _ => Ok(None),
     }
 }
 
@@ -161,7 +297,7 @@ pub fn set_password(conn: &Connection, id: &str, password: &str) -> Result<(), S
         )));
     }
     let n = conn.execute(
-        "UPDATE users SET password_hash = ?2 WHERE id = ?1",
+        "UPDATE users SET password_hash = ?2, token_version = token_version + 1 WHERE id = ?1",
         params![id, hash_password(password)?],
     )?;
     if n == 0 {
@@ -171,17 +307,50 @@ pub fn set_password(conn: &Connection, id: &str, password: &str) -> Result<(), S
 }
 
 pub fn set_role(conn: &Connection, id: &str, role: Role) -> Result<(), StoreError> {
-    let n = conn.execute("UPDATE users SET role = ?2 WHERE id = ?1", params![id, role.as_str()])?;
+    let n = conn.execute(
+        "UPDATE users SET role = ?2, token_version = token_version + 1 WHERE id = ?1 AND role != ?2",
+        params![id, role.as_str()],
+    )?;
+    if n == 0 {
+        get(conn, id)?; // NotFound, or the role was already that
+        return Ok(());
+    }
     if n == 0 {
         return Err(StoreError::NotFound(format!("no user with id {id:?}")));
     }
     Ok(())
 }
 
-pub fn delete(conn: &Connection, id: &str) -> Result<User, StoreError> {
+/// Disable or re-enable a user: their keys and sessions stop (or work
+/// again) at once.
+pub fn set_disabled(conn: &Connection, id: &str, disabled: bool) -> Result<(), StoreError> {
+    let n = conn.execute(
+        "UPDATE users SET disabled = ?2, token_version = token_version + 1 WHERE id = ?1",
+        params![id, disabled],
+    )?;
+    if n == 0 {
+        return Err(StoreError::NotFound(format!("no user with id {id:?}")));
+    }
+    Ok(())
+}
+
+/// Set (or with `None` remove) a user's ceilings.
+pub fn set_ceilings(conn: &Connection, id: &str, ceilings: Option<&Ceilings>) -> Result<(), StoreError> {
+    let text = ceilings.map(|c| serde_json::to_string(c).unwrap_or_default());
+    let n = conn.execute("UPDATE users SET ceilings = ?2 WHERE id = ?1", params![id, text])?;
+    if n == 0 {
+        return Err(StoreError::NotFound(format!("no user with id {id:?}")));
+    }
+    Ok(())
+}
+
+/// Delete a user and revoke every key they own; returns the user and how
+/// many keys were revoked.
+pub fn delete(conn: &Connection, id: &str) -> Result<(User, usize), StoreError> {
     let user = get(conn, id)?;
+    let revoked = super::keys::revoke_owned(conn, id)?;
     conn.execute("DELETE FROM users WHERE id = ?1", [id])?;
-    Ok(user)
+    Ok((user, revoked))
 }
 
 #[cfg(test)]
