@@ -757,3 +757,175 @@ async fn revoked_and_expired_keys_stop_working() {
         .unwrap();
     assert_eq!(r.status(), 200);
 }
+
+/// An upstream that reads a request and then "thinks" without answering,
+/// reporting when the gateway closes the connection on it.
+async fn thinking_upstream() -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::Receiver<(&'static str, Instant)>,
+) {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                let mut seen = Vec::new();
+                loop {
+                    match tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await {
+                        Ok(Ok(0)) | Ok(Err(_)) => {
+                            let _ = tx.send(("closed", Instant::now())).await;
+                            return;
+                        }
+                        Ok(Ok(n)) => {
+                            seen.extend_from_slice(&buf[..n]);
+                            if seen.ends_with(b"}") {
+                                let _ = tx.send(("request", Instant::now())).await;
+                            }
+                        }
+                        Err(_) => return, // never answered, never closed
+                    }
+                }
+            });
+        }
+    });
+    (addr, rx)
+}
+
+#[tokio::test]
+async fn a_client_hanging_up_while_the_upstream_thinks_cancels_it_on_both_paths() {
+    let (addr, mut events) = thinking_upstream().await;
+    let config = format!(
+        "upstreams:\n  thinker:\n    provider: openai\n    endpoints: ['http://{addr}']\n    key_pool: p\nkey_pools:\n  p:\n    keys: [sk-thinker]\n"
+    );
+    let routes = r#"
+routes:
+  - { name: streamed, match: { path: /streamed/v1/embeddings }, auth: none, format: openai, upstream: thinker, transform: { strip_prefix: /streamed } }
+  - { name: buffered, match: { path: /buffered/v1/embeddings }, auth: none, format: openai, upstream: thinker, retries: 1, transform: { strip_prefix: /buffered } }
+"#;
+    let gw = Gateway::start(&config, &[("r.yaml", routes)]).await;
+    let mut ids = Vec::new();
+    for prefix in ["/streamed", "/buffered"] {
+        let id = format!("hangup{}", &prefix[1..]);
+        let body = r#"{"model":"m","input":"x"}"#;
+        let mut client = tokio::net::TcpStream::connect(("127.0.0.1", gw.port)).await.unwrap();
+        let request = format!(
+            "POST {prefix}/v1/embeddings HTTP/1.1\r\nHost: x\r\nx-request-id: {id}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        tokio::io::AsyncWriteExt::write_all(&mut client, request.as_bytes())
+            .await
+            .unwrap();
+        let (what, _) = events.recv().await.unwrap();
+        assert_eq!(what, "request", "{prefix}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let hung_up = Instant::now();
+        drop(client);
+        let (what, at) = tokio::time::timeout(Duration::from_secs(5), events.recv())
+            .await
+            .unwrap_or_else(|_| panic!("{prefix}: the upstream connection stayed open after the client left"))
+            .unwrap();
+        assert_eq!(what, "closed", "{prefix}");
+        let after = at.duration_since(hung_up);
+        assert!(
+            after < Duration::from_secs(1),
+            "{prefix}: upstream closed {after:?} after the client"
+        );
+        ids.push(id);
+    }
+    let rows = gw.wait_audit_ids(ids.iter()).await;
+    for id in &ids {
+        let row = rows
+            .iter()
+            .find(|r| &r.request_id == id)
+            .unwrap_or_else(|| panic!("no row for {id}"));
+        assert_eq!(row.status, 499, "{row:?}");
+        assert_eq!(row.error.as_deref(), Some("client closed the connection"), "{row:?}");
+    }
+    let metrics = common::eventually_text(
+        || reqwest::Client::new().get(gw.admin_url("/metrics")),
+        |m| m.contains("fastgate_requests_in_flight 0") && m.contains("fastgate_pool_in_flight{pool=\"p\"} 0"),
+    )
+    .await;
+    assert!(metrics.contains("fastgate_requests_in_flight 0"), "{metrics}");
+    assert!(metrics.contains("fastgate_pool_in_flight{pool=\"p\"} 0"), "{metrics}");
+}
+
+/// An upstream that starts a chunked answer of `content_type` and drops the
+/// connection halfway.
+async fn breaking_upstream(content_type: &'static str) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                let mut seen = Vec::new();
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: {content_type}\r\ntransfer-encoding: chunked\r\n\r\n9\r\n{{\"partial\r\n"
+                );
+                let _ = s.write_all(head.as_bytes()).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                // Dropped here: no terminating chunk.
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn an_answer_the_upstream_breaks_off_never_looks_complete_on_both_paths() {
+    let json_up = breaking_upstream("application/json").await;
+    let sse_up = breaking_upstream("text/event-stream").await;
+    let config = format!(
+        "upstreams:\n  json:\n    provider: http\n    endpoints: ['http://{json_up}']\n  sse:\n    provider: http\n    endpoints: ['http://{sse_up}']\n"
+    );
+    let routes = r#"
+routes:
+  - { name: json-streamed, match: { path: /streamed/json }, auth: none, upstream: json }
+  - { name: json-buffered, match: { path: /buffered/json }, auth: none, upstream: json, retries: 1 }
+  - { name: sse-buffered, match: { path: /buffered/sse }, auth: none, format: anthropic, upstream: sse, retries: 1 }
+"#;
+    let gw = Gateway::start(&config, &[("r.yaml", routes)]).await;
+    let mut ids = Vec::new();
+    for path in ["/streamed/json", "/buffered/json"] {
+        let id = format!("broken{}", path.replace('/', "-"));
+        let answer = common::raw_http(
+            gw.port,
+            &format!("GET {path} HTTP/1.1\r\nHost: x\r\nx-request-id: {id}\r\n\r\n"),
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{path}: {answer}");
+        assert!(answer.contains("partial"), "{path}: {answer}");
+        assert!(
+            !answer.ends_with("0\r\n\r\n"),
+            "{path}: a broken body must not end with the chunked terminator: {answer:?}"
+        );
+        ids.push(id);
+    }
+    // An SSE stream ends with an error event, well-formed.
+    let answer = common::raw_http(
+        gw.port,
+        "GET /buffered/sse HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.contains("event: error"), "{answer}");
+    assert!(answer.ends_with("0\r\n\r\n"), "{answer:?}");
+
+    let rows = gw.wait_audit_ids(ids.iter()).await;
+    for id in &ids {
+        let row = rows.iter().find(|r| &r.request_id == id).unwrap();
+        assert!(row.error.is_some(), "the break is audited: {row:?}");
+    }
+}

@@ -87,6 +87,10 @@ pub struct ResponseCtx {
     /// behalf: the usage-only chunk is kept from the client.
     pub strip_usage_chunk: bool,
     usage_chunks: Option<UsageChunkFilter>,
+    /// The body was cut short (client gone, or a non-SSE upstream body
+    /// failed): the connection must close without a clean end of body, so
+    /// the client cannot take a partial answer for a whole one.
+    pub cut_short: bool,
     _stream: Option<StreamGuard>,
 }
 

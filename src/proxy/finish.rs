@@ -8,9 +8,12 @@ use pingora::proxy::Session;
 pub fn finish(session: &Session, ctx: &mut RequestCtx, e: Option<&pingora::Error>) {
     let state = ctx.state.clone();
     let req = session.req_header();
-    let status = match ctx.response.status {
-        0 => session.response_written().map_or(0, |r| r.status.as_u16()),
-        s => s,
+    // A client that hung up is recorded as such (nginx's 499), whatever
+    // status line it may already have received.
+    let status = match (&ctx.error, ctx.response.status) {
+        (Some(super::errors::GatewayError::ClientClosed), _) => 499,
+        (_, 0) => session.response_written().map_or(0, |r| r.status.as_u16()),
+        (_, s) => s,
     };
     let duration = ctx.started.elapsed();
     let usage = ctx.response.meter.finish();

@@ -53,9 +53,12 @@ pub async fn exchange(state: &Arc<AppState>, session: &mut Session, ctx: &mut Re
         ctx.upstream.upstream = Some(upstream.clone());
         if let Some(mock_cfg) = &upstream.mock {
             ctx.upstream.attempts += 1;
-            mock::respond(session, ctx, mock_cfg)
-                .await
-                .map_err(|e| GatewayError::BadRequestBody(e.to_string()))?;
+            if let Err(e) = mock::respond(session, ctx, mock_cfg).await {
+                // Writing failed: the client is gone.
+                tracing::debug!(request_id = %ctx.request_id, error = %e, "Client went away during the mock answer.");
+                ctx.response.cut_short = true;
+                return Err(GatewayError::ClientClosed);
+            }
             return Ok(());
         }
         let first_byte = route.timeout.unwrap_or(upstream.timeouts.first_byte.0);
@@ -89,7 +92,19 @@ pub async fn exchange(state: &Arc<AppState>, session: &mut Session, ctx: &mut Re
             let peer = upstream.peer(&target, first_byte);
             ctx.upstream.target = Some(target);
             ctx.upstream.lease = lease;
-            match send(state, &peer, req, body.clone(), first_byte, &upstream.name).await {
+            // The client may give up while the upstream connects or thinks:
+            // then the exchange is dropped (closing the upstream connection,
+            // so generation and billing stop) and the key lease released.
+            let attempt = tokio::select! {
+                a = send(state, &peer, req, body.clone(), first_byte, &upstream.name) => a,
+                _ = session.downstream_session.read_body_or_idle(true) => {
+                    tracing::debug!(request_id = %ctx.request_id, "Client disconnected before the answer; cancelling the upstream request.");
+                    ctx.upstream.lease = None;
+                    ctx.response.cut_short = true;
+                    return Err(GatewayError::ClientClosed);
+                }
+            };
+            match attempt {
                 Attempt::Answered(up) => {
                     let status = up.response_header().map_or(502, |h| h.status.as_u16());
                     if is_retryable_status(status) && !last_try {
@@ -247,6 +262,7 @@ async fn stream_response(
                 _ = session.downstream_session.read_body_or_idle(true) => {
                     tracing::debug!(request_id = %ctx.request_id, "Client disconnected; cancelling the upstream request.");
                     ctx.error = Some(GatewayError::ClientClosed);
+                    ctx.response.cut_short = true;
                     return;
                 }
             }
@@ -262,6 +278,7 @@ async fn stream_response(
                 if session.write_response_body(Some(data), false).await.is_err() {
                     tracing::debug!(request_id = %ctx.request_id, "Client went away mid-response; upstream request dropped.");
                     ctx.error = Some(GatewayError::ClientClosed);
+                    ctx.response.cut_short = true;
                     return;
                 }
             }
@@ -270,6 +287,7 @@ async fn stream_response(
                     && session.write_response_body(Some(rest), false).await.is_err()
                 {
                     ctx.error = Some(GatewayError::ClientClosed);
+                    ctx.response.cut_short = true;
                     return;
                 }
                 break;
@@ -281,10 +299,15 @@ async fn stream_response(
                     reason: format!("{} after the response started", e.etype().as_str()),
                 };
                 if is_sse {
+                    // A well-formed end: the client sees an error event.
                     let _ = session
                         .write_response_body(Some(err.sse_event(ctx.format)), false)
                         .await;
                     let _ = session.write_response_body(None, true).await;
+                } else {
+                    // No clean end of body: the client must not see a
+                    // truncated answer as a complete one.
+                    ctx.response.cut_short = true;
                 }
                 ctx.error = Some(err);
                 return;

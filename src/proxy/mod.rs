@@ -76,8 +76,19 @@ impl ProxyHttp for Gateway {
         }
         let is_mock = ctx.upstream.upstream.as_ref().is_some_and(|u| u.is_mock());
         if ctx.body.is_some() || is_mock {
-            if let Err(e) = forward::exchange(&self.state, session, ctx).await {
-                respond::error(session, ctx, e).await?;
+            match forward::exchange(&self.state, session, ctx).await {
+                Err(e) if !ctx.response.cut_short => respond::error(session, ctx, e).await?,
+                Err(e) => ctx.error = Some(e),
+                Ok(()) => {}
+            }
+            if ctx.response.cut_short {
+                // Pingora would end the body cleanly and reuse the
+                // connection; an error makes it drop the connection instead.
+                let status = ctx.error.as_ref().map_or(502, GatewayError::status);
+                return Err(pingora::Error::explain(
+                    ErrorType::HTTPStatus(status),
+                    "response cut short",
+                ));
             }
             return Ok(true);
         }
@@ -275,6 +286,23 @@ impl ProxyHttp for Gateway {
             error_code: code,
             can_reuse_downstream: false,
         }
+    }
+
+    /// What Pingora's own error lines show of a request: never the query,
+    /// which may hold a credential (`?key=`).
+    fn request_summary(&self, session: &Session, ctx: &RequestCtx) -> String {
+        let req = session.req_header();
+        format!(
+            "{} {} request_id={}",
+            req.method,
+            crate::audit::redact_path(&req.uri),
+            ctx.request_id
+        )
+    }
+
+    /// A client hanging up is routine, not an error worth a log line.
+    fn suppress_error_log(&self, _session: &Session, ctx: &RequestCtx, _e: &pingora::Error) -> bool {
+        matches!(ctx.error, Some(GatewayError::ClientClosed))
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&pingora::Error>, ctx: &mut RequestCtx) {

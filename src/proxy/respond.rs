@@ -58,6 +58,17 @@ pub async fn error(session: &mut Session, ctx: &mut RequestCtx, err: GatewayErro
     ctx.error = Some(err);
     ctx.begin_response(&resp);
     ctx.response_chunk(&body);
+    let unread = !session.is_body_done();
     session.write_response_header(Box::new(resp), false).await?;
-    session.write_response_body(Some(body), true).await
+    session.write_response_body(Some(body), true).await?;
+    if unread {
+        // Like nginx's lingering close: read (and drop) what the client is
+        // still sending for a moment, so it gets to read this answer
+        // instead of a reset while writing its body.
+        let _ = tokio::time::timeout(LINGER, session.downstream_session.drain_request_body()).await;
+    }
+    Ok(())
 }
+
+/// How long an unread request body is drained after an early error answer.
+const LINGER: std::time::Duration = std::time::Duration::from_millis(500);
