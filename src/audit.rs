@@ -175,6 +175,9 @@ struct Writer {
 
 /// How often the writer wakes to write what has queued up.
 const BATCH_WINDOW: Duration = Duration::from_millis(50);
+/// Most expired rows deleted in one transaction.
+const PURGE_BATCH: usize = 5_000;
+
 /// How often old rows are purged.
 const RETENTION_EVERY: Duration = Duration::from_secs(600);
 /// A batch that failed to write is kept (and retried) up to this many rows.
@@ -213,8 +216,14 @@ impl Writer {
             }
             self.flush(&mut pending, stopping);
             if last_purge.elapsed() >= RETENTION_EVERY {
-                self.purge();
-                last_purge = Instant::now();
+                // A backlog is deleted a bounded batch per writer cycle, so
+                // neither the writer nor other connections wait long on it.
+                let backlog = self.purge();
+                last_purge = if backlog {
+                    Instant::now() - RETENTION_EVERY
+                } else {
+                    Instant::now()
+                };
             }
         }
     }
@@ -259,12 +268,19 @@ impl Writer {
         }
     }
 
-    fn purge(&self) {
+    /// Delete one batch of expired rows; whether more may be left.
+    fn purge(&self) -> bool {
         let cutoff = now_ms() - self.retention.as_millis() as i64;
-        match store::audit::delete_before(&self.conn, cutoff) {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(rows = n, "Audit retention: deleted old rows."),
-            Err(e) => tracing::warn!(error = %e, "Audit retention failed."),
+        match store::audit::delete_before(&self.conn, cutoff, PURGE_BATCH) {
+            Ok(0) => false,
+            Ok(n) => {
+                tracing::info!(rows = n, "Audit retention: deleted old rows.");
+                n == PURGE_BATCH
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "Audit retention failed.");
+                false
+            }
         }
     }
 }

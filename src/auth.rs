@@ -141,6 +141,9 @@ impl KeyCache {
                     }
                 }
             }
+            if !key.allowed_models.is_empty() {
+                key.model_matcher = store::keys::ModelMatcher::compile(&key.allowed_models);
+            }
             let key = Arc::new(key);
             if let Some((prev, until)) = hashes.previous {
                 map.insert(prev, (key.clone(), Some(until)));
@@ -203,11 +206,12 @@ pub fn authorize_model(key: &GatewayKey, model: Option<&str>) -> Result<(), Auth
         return Ok(());
     }
     let model = model.unwrap_or_default();
-    let allowed = key.allowed_models.iter().any(|pattern| {
-        globset::Glob::new(pattern)
-            .map(|g| g.compile_matcher().is_match(model))
-            .unwrap_or(false)
-    });
+    // Keys from the cache carry their globs compiled; others (tests, tools)
+    // are compiled here.
+    let allowed = key
+        .model_matcher
+        .matches(model)
+        .unwrap_or_else(|| store::keys::ModelMatcher::compile(&key.allowed_models).matches(model) == Some(true));
     if allowed {
         Ok(())
     } else {
@@ -218,6 +222,23 @@ pub fn authorize_model(key: &GatewayKey, model: Option<&str>) -> Result<(), Auth
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_key_cache_compiles_model_globs_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = store::open(&dir.path().join("k.db")).unwrap();
+        let new = store::keys::NewKey {
+            name: "m".into(),
+            allowed_models: vec!["gpt-4*".into(), "claude-?".into()],
+            ..Default::default()
+        };
+        let (_, secret) = store::keys::create(&conn, &new).unwrap();
+        let cache = KeyCache::load(store::open(&dir.path().join("k.db")).unwrap()).unwrap();
+        let key = cache.authenticate(&secret, 0).unwrap();
+        assert_eq!(key.model_matcher.matches("gpt-4o"), Some(true), "compiled at load");
+        assert!(authorize_model(&key, Some("claude-3")).is_ok());
+        assert!(authorize_model(&key, Some("o1")).is_err());
+    }
 
     #[test]
     fn gateway_key_shapes_are_recognised_anywhere() {

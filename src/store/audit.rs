@@ -92,9 +92,14 @@ pub fn insert_batch(conn: &mut Connection, records: &[AuditRecord]) -> Result<()
     Ok(())
 }
 
-/// Delete rows older than `cutoff_ms`; returns how many.
-pub fn delete_before(conn: &Connection, cutoff_ms: i64) -> Result<usize, StoreError> {
-    Ok(conn.execute("DELETE FROM audit_log WHERE ts_ms < ?1", [cutoff_ms])?)
+/// Delete at most `batch` of the oldest rows before `cutoff_ms` (a short
+/// write lock, however large the backlog); returns how many.
+pub fn delete_before(conn: &Connection, cutoff_ms: i64, batch: usize) -> Result<usize, StoreError> {
+    Ok(conn.execute(
+        "DELETE FROM audit_log WHERE id IN
+            (SELECT id FROM audit_log WHERE ts_ms < ?1 ORDER BY ts_ms LIMIT ?2)",
+        params![cutoff_ms, batch as i64],
+    )?)
 }
 
 const SELECT: &str = "SELECT id, request_id, ts_ms, key_id, owner, route, upstream, endpoint,
@@ -314,7 +319,34 @@ mod tests {
             .is_empty()
         );
         assert_eq!(get(&conn, page.0[0].id).unwrap().record.request_id, "b");
-        assert_eq!(delete_before(&conn, 2_000).unwrap(), 1);
+        assert_eq!(delete_before(&conn, 2_000, 100).unwrap(), 1);
         assert_eq!(all(&conn).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn retention_deletes_a_backlog_in_bounded_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = super::super::open(&dir.path().join("a.db")).unwrap();
+        let rows: Vec<AuditRecord> = (0..35)
+            .map(|i| AuditRecord {
+                request_id: format!("r{i}"),
+                ts_ms: i,
+                method: "GET".into(),
+                path: "/".into(),
+                ..Default::default()
+            })
+            .collect();
+        insert_batch(&mut conn, &rows).unwrap();
+        let mut batches = Vec::new();
+        loop {
+            let n = delete_before(&conn, 30, 10).unwrap();
+            batches.push(n);
+            if n < 10 {
+                break;
+            }
+        }
+        assert_eq!(batches, [10, 10, 10, 0]);
+        let left: Vec<i64> = all(&conn).unwrap().iter().map(|r| r.ts_ms).collect();
+        assert_eq!(left, (30..35).collect::<Vec<_>>(), "the oldest go first");
     }
 }

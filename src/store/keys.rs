@@ -38,6 +38,40 @@ pub struct GatewayKey {
     /// The owner's token quota, shared by all their keys (data plane only).
     #[serde(skip)]
     pub user_quota: Option<UserQuota>,
+    /// `allowed_models` compiled once when the data plane loads the key.
+    #[serde(skip)]
+    pub model_matcher: ModelMatcher,
+}
+
+/// Compiled `allowed_models` globs. Compares equal to any other: it is
+/// derived from `allowed_models`, which is compared.
+#[derive(Debug, Clone, Default)]
+pub struct ModelMatcher(Option<std::sync::Arc<globset::GlobSet>>);
+
+impl PartialEq for ModelMatcher {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for ModelMatcher {}
+
+impl ModelMatcher {
+    /// Compile `globs`; invalid ones match nothing.
+    pub fn compile(globs: &[String]) -> Self {
+        let mut b = globset::GlobSetBuilder::new();
+        for g in globs {
+            if let Ok(glob) = globset::Glob::new(g) {
+                b.add(glob);
+            }
+        }
+        ModelMatcher(b.build().ok().map(std::sync::Arc::new))
+    }
+
+    /// Whether `model` matches; `None` when nothing was compiled.
+    pub fn matches(&self, model: &str) -> Option<bool> {
+        self.0.as_ref().map(|set| set.is_match(model))
+    }
 }
 
 /// A user's token quota as the data plane counts it.
@@ -208,6 +242,7 @@ pub fn create(conn: &Connection, new: &NewKey) -> Result<(GatewayKey, String), S
         owner_id,
         admin_locked: new.admin_locked.clone(),
         user_quota: None,
+        model_matcher: ModelMatcher::default(),
     };
     conn.execute(
         "INSERT INTO gateway_keys (id, name, owner, secret_sha256, masked, permissions,
@@ -281,6 +316,7 @@ fn from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<KeyRow> {
             owner_id: row.get(18)?,
             admin_locked: parse_list(row.get(19)?),
             user_quota: None,
+            model_matcher: ModelMatcher::default(),
         },
         row.get(11)?,
         prev.zip(until),
