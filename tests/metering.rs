@@ -221,3 +221,38 @@ async fn token_metrics_name_known_models_and_count_the_rest_as_other() {
     assert!(metrics.contains(r#"model="mock-1""#), "{metrics}");
     assert!(!metrics.contains("mock-zz"), "{metrics}");
 }
+
+/// The decoder and scanner alone, every coding, however the body is cut.
+#[test]
+fn compressed_answers_are_decoded_for_metering_and_capture() {
+    let body = format!(
+        r#"{{"id":"x","choices":[{{"message":{{"content":"{}"}}}}],"usage":{{"prompt_tokens":11,"completion_tokens":22}}}}"#,
+        "word ".repeat(5000)
+    );
+    for encoding in ["gzip", "deflate", "br", "zstd", "identity"] {
+        let packed = if encoding == "identity" {
+            body.as_bytes().to_vec()
+        } else {
+            common::compress(encoding, body.as_bytes())
+        };
+        for chunk_size in [1, 7, 1000, packed.len()] {
+            let mut m = fastgate::usage::UsageMeter::new(Some("application/json"), Some(encoding), Some(64));
+            packed.chunks(chunk_size).for_each(|c| m.feed(c));
+            assert_eq!(
+                m.finish(),
+                fastgate::usage::Usage {
+                    prompt_tokens: Some(11),
+                    completion_tokens: Some(22)
+                },
+                "{encoding} in chunks of {chunk_size}"
+            );
+            assert_eq!(m.take_capture().unwrap(), &body.as_bytes()[..64], "{encoding}");
+        }
+    }
+    // Raw deflate (no zlib header), as some servers send it.
+    let mut e = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+    std::io::Write::write_all(&mut e, body.as_bytes()).unwrap();
+    let mut m = fastgate::usage::UsageMeter::new(Some("application/json"), Some("deflate"), None);
+    m.feed(&e.finish().unwrap());
+    assert_eq!(m.finish().completion_tokens, Some(22));
+}

@@ -276,61 +276,6 @@ mod tests {
         );
     }
 
-    fn compress(encoding: &str, data: &[u8]) -> Vec<u8> {
-        use std::io::Write;
-        match encoding {
-            "gzip" => {
-                let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-                e.write_all(data).unwrap();
-                e.finish().unwrap()
-            }
-            "deflate" => {
-                let mut e = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
-                e.write_all(data).unwrap();
-                e.finish().unwrap()
-            }
-            "br" => {
-                let mut out = Vec::new();
-                let mut e = brotli::CompressorWriter::new(&mut out, 4096, 5, 22);
-                e.write_all(data).unwrap();
-                drop(e);
-                out
-            }
-            "zstd" => zstd::encode_all(data, 3).unwrap(),
-            _ => data.to_vec(),
-        }
-    }
-
-    #[test]
-    fn compressed_answers_are_decoded_for_metering_and_capture() {
-        let body = format!(
-            r#"{{"id":"x","choices":[{{"message":{{"content":"{}"}}}}],"usage":{{"prompt_tokens":11,"completion_tokens":22}}}}"#,
-            "word ".repeat(5000)
-        );
-        for encoding in ["gzip", "deflate", "br", "zstd", "identity"] {
-            let packed = compress(encoding, body.as_bytes());
-            for chunk_size in [1, 7, 1000, packed.len()] {
-                let mut m = UsageMeter::new(Some("application/json"), Some(encoding), Some(64));
-                packed.chunks(chunk_size).for_each(|c| m.feed(c));
-                assert_eq!(
-                    m.finish(),
-                    Usage {
-                        prompt_tokens: Some(11),
-                        completion_tokens: Some(22)
-                    },
-                    "{encoding} in chunks of {chunk_size}"
-                );
-                assert_eq!(m.take_capture().unwrap(), &body.as_bytes()[..64], "{encoding}");
-            }
-        }
-        // Raw deflate (no zlib header), as some servers send it.
-        let mut e = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
-        std::io::Write::write_all(&mut e, body.as_bytes()).unwrap();
-        let mut m = UsageMeter::new(Some("application/json"), Some("deflate"), None);
-        m.feed(&e.finish().unwrap());
-        assert_eq!(m.finish().completion_tokens, Some(22));
-    }
-
     #[test]
     fn a_corrupt_or_unknown_encoding_meters_nothing_and_does_not_panic() {
         let mut m = UsageMeter::new(Some("application/json"), Some("gzip"), Some(16));
