@@ -125,48 +125,39 @@ impl AppState {
     /// audit log (start-up, and keys that gained a quota). Blocking.
     pub fn seed_quotas(&self) {
         let now = crate::audit::now_ms();
-        let keys: Vec<_> = self
-            .keys
-            .all()
-            .into_iter()
-            .filter(|k| k.token_quota.is_some())
-            .collect();
-        let pending: Vec<_> = keys
-            .iter()
-            .map(|k| (k, k.quota_period.bounds(now).0))
-            .filter(|(k, start)| !self.quotas.is_seeded(&k.id, *start))
-            .collect();
-        // Users' shared quotas, counted over all their keys by user id.
-        let mut users: Vec<(String, String, i64)> = Vec::new();
+        // (quota tracker scope, audit column, id, period start) not yet counted.
+        let mut pending: Vec<(String, &'static str, String, i64)> = Vec::new();
         for key in self.keys.all() {
+            if key.token_quota.is_some() {
+                let start = key.quota_period.bounds(now).0;
+                if !self.quotas.is_seeded(&key.id, start) {
+                    pending.push((key.id.clone(), "key_id", key.id.clone(), start));
+                }
+            }
+            // A user's shared quota, counted over all their keys by user id.
             if let (Some(q), Some(user_id)) = (&key.user_quota, &key.owner_id) {
                 let start = q.period.bounds(now).0;
-                if !self.quotas.is_seeded(&q.scope, start) && !users.iter().any(|(s, _, _)| s == &q.scope) {
-                    users.push((q.scope.clone(), user_id.clone(), start));
+                if !self.quotas.is_seeded(&q.scope, start) && !pending.iter().any(|p| p.0 == q.scope) {
+                    pending.push((q.scope.clone(), "user_id", user_id.clone(), start));
                 }
             }
         }
-        if pending.is_empty() && users.is_empty() {
+        if pending.is_empty() {
             return;
         }
         let conn = self.health_db.lock();
-        let used = |column: &str, id: &str, start: i64| -> u64 {
-            conn.query_row(
-                &format!(
-                    "SELECT COALESCE(SUM(COALESCE(prompt_tokens, 0) + COALESCE(completion_tokens, 0)), 0)
-                     FROM audit_log WHERE {column} = ?1 AND ts_ms >= ?2"
-                ),
-                rusqlite::params![id, start],
-                |r| r.get::<_, i64>(0),
-            )
-            .unwrap_or(0)
-            .max(0) as u64
-        };
-        for (key, start) in pending {
-            self.quotas.seed(&key.id, start, used("key_id", &key.id, start));
-        }
-        for (scope, user_id, start) in users {
-            self.quotas.seed(&scope, start, used("user_id", &user_id, start));
+        for (scope, column, id, start) in pending {
+            let used: i64 = conn
+                .query_row(
+                    &format!(
+                        "SELECT COALESCE(SUM(COALESCE(prompt_tokens, 0) + COALESCE(completion_tokens, 0)), 0)
+                         FROM audit_log WHERE {column} = ?1 AND ts_ms >= ?2"
+                    ),
+                    rusqlite::params![id, start],
+                    |r| r.get(0),
+                )
+                .unwrap_or(0);
+            self.quotas.seed(&scope, start, used.max(0) as u64);
         }
     }
 

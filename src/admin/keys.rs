@@ -105,20 +105,7 @@ pub async fn create(
             let owner = store::users::find_by_name(c, &new.owner)?;
             new.owner_id = owner.as_ref().map(|u| u.id.clone());
             if as_user && let Some(ceilings) = owner.as_ref().and_then(|u| u.ceilings.as_ref()) {
-                let mut preview = GatewayKey {
-                    permissions: std::mem::take(&mut new.permissions),
-                    allowed_routes: std::mem::take(&mut new.allowed_routes),
-                    allowed_models: std::mem::take(&mut new.allowed_models),
-                    rpm: new.rpm,
-                    tpm: new.tpm,
-                    ..GatewayKey::default()
-                };
-                ceilings.fit(&mut preview).map_err(store::StoreError::Denied)?;
-                new.permissions = preview.permissions;
-                new.allowed_routes = preview.allowed_routes;
-                new.allowed_models = preview.allowed_models;
-                new.rpm = preview.rpm;
-                new.tpm = preview.tpm;
+                ceilings.fit(new.limits_mut()).map_err(store::StoreError::Denied)?;
             }
             let (key, secret) = store::keys::create(c, &new)?;
             store::admin_audit::record(c, &actor, "key.create", Some(&key.id), None, Some(&json!(key)))?;
@@ -169,7 +156,7 @@ pub async fn update(
             if as_user {
                 let owner = key.owner_id.as_deref().map(|o| store::users::get(c, o)).transpose()?;
                 if let Some(ceilings) = owner.as_ref().and_then(|u| u.ceilings.as_ref()) {
-                    ceilings.fit(&mut key).map_err(store::StoreError::Denied)?;
+                    ceilings.fit(key.limits_mut()).map_err(store::StoreError::Denied)?;
                 }
             } else {
                 for f in &changed {
@@ -265,7 +252,7 @@ pub async fn usage(
     };
     let since = crate::audit::now_ms() - window.as_millis() as i64;
     let row = s
-        .db(move |c| {
+        .read(move |c| {
             Ok(c.query_row(
                 "SELECT COUNT(*), COALESCE(SUM(status >= 400), 0), COALESCE(SUM(prompt_tokens), 0),
                     COALESCE(SUM(completion_tokens), 0)

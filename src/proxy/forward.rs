@@ -198,9 +198,9 @@ fn connect_error(e: &pingora::Error, upstream: &str) -> GatewayError {
 /// dropped, framing decided by the client's protocol, request id added.
 fn client_header(upstream: &ResponseHeader, ctx: &RequestCtx, h2: bool) -> pingora::Result<ResponseHeader> {
     let mut resp = ResponseHeader::build(upstream.status, Some(upstream.headers.len() + 2))?;
-    let hop = rewrite::hop_by_hop_names(&upstream.headers);
+    let named = rewrite::connection_named(&upstream.headers);
     for (name, value) in upstream.headers.iter() {
-        if hop.contains(name) || name == header::TRANSFER_ENCODING {
+        if rewrite::is_hop_by_hop(name, &named) || name == header::TRANSFER_ENCODING {
             continue;
         }
         resp.append_header(name.clone(), value.clone())?;

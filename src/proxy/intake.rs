@@ -37,6 +37,31 @@ pub fn request_id(session: &Session) -> String {
 struct BodyPeek<'a> {
     #[serde(borrow, default)]
     model: Option<Cow<'a, str>>,
+    #[serde(default)]
+    stream: Option<serde_json::Value>,
+    #[serde(default)]
+    stream_options: Option<serde_json::Value>,
+}
+
+/// What one parse of a request body told: its model (or the Gemini URL's)
+/// and whether it must be changed to ask for usage.
+#[derive(Debug, Clone)]
+struct Peeked {
+    model: Option<String>,
+    usage: rewrite::UsageAsk,
+}
+
+/// A body is parsed at most once: the result (or why it is not JSON) is kept.
+#[derive(Default)]
+struct Peek(Option<Result<Peeked, String>>);
+
+impl Peek {
+    fn get(&mut self, body: &[u8], path: &str, format: Format) -> Result<&Peeked, GatewayError> {
+        self.0
+            .get_or_insert_with(|| peek(body, path, format))
+            .as_ref()
+            .map_err(|e| GatewayError::BadJson(e.clone()))
+    }
 }
 
 /// The model a Gemini URL names: `/v1beta/models/{model}:generateContent`.
@@ -125,11 +150,12 @@ pub async fn admit(state: &Arc<AppState>, session: &mut Session, ctx: &mut Reque
     let needs_model = candidates.iter().any(|r| r.model.is_some());
     let limit = state.config.file.server.max_request_body.0;
     let mut body = None;
+    let mut peeked = Peek::default();
     let mut model: Option<String> = None;
     if needs_model || first.buffers_body {
         let bytes = read_body(session, limit).await?;
         if needs_model {
-            model = peek_model(&bytes, &path, ctx.format)?;
+            model = peeked.get(&bytes, &path, ctx.format)?.model.clone();
         }
         body = Some(bytes);
     }
@@ -159,9 +185,8 @@ pub async fn admit(state: &Arc<AppState>, session: &mut Session, ctx: &mut Reque
             if body.is_none() {
                 body = Some(read_body(session, limit).await?);
             }
-            if model.is_none() {
-                model = peek_model(body.as_deref().unwrap_or_default(), &path, ctx.format)?;
-            }
+            let b = body.as_deref().unwrap_or_default();
+            model = peeked.get(b, &path, ctx.format)?.model.clone();
             auth::authorize_model(&key, model.as_deref())?;
         }
         admit_rate(state, &key, &route)?;
@@ -172,27 +197,33 @@ pub async fn admit(state: &Arc<AppState>, session: &mut Session, ctx: &mut Reque
     if (route.buffers_body || wants_usage) && body.is_none() {
         body = Some(read_body(session, limit).await?);
     }
-    if let Some(b) = &body {
-        if model.is_none() {
-            // A body FastGate reads anyway names its model for the audit log
-            // and metrics; only rewrites need it to be JSON.
-            let rewrites = !route.model_map.is_empty() || route.transform.set_body.is_some();
-            model = match peek_model(b, &path, ctx.format) {
-                Ok(m) => m,
-                Err(e) if rewrites => return Err(e),
-                Err(_) => None,
-            };
-        }
-        if let Some(new) = rewrite::rewrite_body(&route, b)? {
+    if let Some(b) = body.clone() {
+        // A body FastGate reads anyway names its model for the audit log and
+        // metrics; only rewrites need it to be JSON.
+        let rewrites = !route.model_map.is_empty() || route.transform.set_body.is_some();
+        let usage = match peeked.get(&b, &path, ctx.format) {
+            Ok(p) => {
+                model = model.or_else(|| p.model.clone());
+                p.usage
+            }
+            Err(e) if rewrites => return Err(e),
+            Err(_) => rewrite::UsageAsk::No,
+        };
+        let usage = match rewrite::rewrite_body(&route, &b)? {
+            Some(new) => {
+                // The rewrite may have touched `stream`: judge the new body.
+                let usage = Peek::default()
+                    .get(&new, &path, ctx.format)
+                    .map_or(rewrite::UsageAsk::No, |p| p.usage);
+                body = Some(new);
+                usage
+            }
+            None => usage,
+        };
+        if wants_usage && let Some(new) = rewrite::ask_for_usage(body.as_deref().unwrap_or_default(), usage)? {
             body = Some(new);
+            ctx.response.strip_usage_chunk = true;
         }
-    }
-    if wants_usage
-        && let Some(b) = &body
-        && let Some(new) = rewrite::ask_for_usage(b)?
-    {
-        body = Some(new);
-        ctx.response.strip_usage_chunk = true;
     }
     ctx.model = model;
     ctx.body = body;
@@ -251,20 +282,29 @@ pub fn route_scope(key_id: &str, route: &str) -> String {
     format!("{key_id}/{route}")
 }
 
-/// The model named by a request: the JSON body's `model`, or the Gemini URL.
-/// An empty body is fine (no model); a body that is not JSON is a 400.
-fn peek_model(body: &[u8], path: &str, format: Format) -> Result<Option<String>, GatewayError> {
-    let from_body = if body.is_empty() {
-        None
+/// Parse a request body once: the JSON body's `model` (or the Gemini
+/// URL's) and its streaming fields. An empty body is fine (no model); a body
+/// that is not JSON is an error (a 400 where the body must be JSON).
+fn peek(body: &[u8], path: &str, format: Format) -> Result<Peeked, String> {
+    let (model, usage) = if body.is_empty() {
+        (None, rewrite::UsageAsk::No)
     } else {
-        let peek: BodyPeek = serde_json::from_slice(body).map_err(|e| GatewayError::BadJson(e.to_string()))?;
-        peek.model.map(Cow::into_owned)
+        let p: BodyPeek = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+        let usage = rewrite::UsageAsk::of(p.stream.as_ref(), p.stream_options.as_ref());
+        (p.model.map(Cow::into_owned), usage)
     };
-    Ok(from_body.or_else(|| {
+    let model = model.or_else(|| {
         (format == Format::Gemini || path.contains("/models/"))
             .then(|| model_from_gemini_path(path).map(str::to_string))
             .flatten()
-    }))
+    });
+    Ok(Peeked { model, usage })
+}
+
+/// The model named by a request (see [`peek`]).
+#[cfg(test)]
+fn peek_model(body: &[u8], path: &str, format: Format) -> Result<Option<String>, GatewayError> {
+    peek(body, path, format).map(|p| p.model).map_err(GatewayError::BadJson)
 }
 
 #[cfg(test)]

@@ -187,11 +187,7 @@ impl ProxyHttp for Gateway {
     ) -> pingora::Result<()> {
         // Pingora drops the fixed hop-by-hop list; the headers `Connection`
         // names are ours to drop, as `forward::client_header` does.
-        let named: Vec<http::HeaderName> = rewrite::hop_by_hop_names(&resp.headers)
-            .into_iter()
-            .skip(rewrite::HOP_BY_HOP.len())
-            .collect();
-        for name in named {
+        for name in rewrite::connection_named(&resp.headers) {
             resp.remove_header(&name);
         }
         resp.insert_header("x-request-id", ctx.request_id.as_str())?;

@@ -55,7 +55,7 @@ pub fn upstream_path(
 /// The query as it goes upstream: `key=` dropped when it was the client's
 /// credential, and any parameter holding a gateway key dropped always. Kept
 /// parameters keep their original encoding.
-fn forwarded_query(q: &str, drop_key_param: bool) -> std::borrow::Cow<'_, str> {
+pub fn forwarded_query(q: &str, drop_key_param: bool) -> std::borrow::Cow<'_, str> {
     if !drop_key_param && !auth::holds_gateway_key(q.as_bytes()) {
         return q.into();
     }
@@ -73,32 +73,40 @@ fn forwarded_query(q: &str, drop_key_param: bool) -> std::borrow::Cow<'_, str> {
     kept.join("&").into()
 }
 
-/// Names of the headers that describe one hop: the fixed list and whatever
-/// the `Connection` header names.
-pub fn hop_by_hop_names(headers: &http::HeaderMap) -> Vec<http::HeaderName> {
-    let mut names: Vec<http::HeaderName> = HOP_BY_HOP.iter().map(|n| http::HeaderName::from_static(n)).collect();
-    for value in headers.get_all(header::CONNECTION) {
-        let Ok(text) = value.to_str() else { continue };
-        names.extend(
-            text.split(',')
-                .filter_map(|t| http::HeaderName::from_bytes(t.trim().to_ascii_lowercase().as_bytes()).ok()),
-        );
-    }
-    names
+/// The headers a `Connection` header names: like the fixed [`HOP_BY_HOP`]
+/// list, they describe one hop only. Usually none (no allocation).
+pub fn connection_named(headers: &http::HeaderMap) -> Vec<http::HeaderName> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|text| text.split(','))
+        .filter_map(|t| http::HeaderName::from_bytes(t.trim().to_ascii_lowercase().as_bytes()).ok())
+        .collect()
+}
+
+/// Whether `name` describes one hop, given what `Connection` named.
+pub fn is_hop_by_hop(name: &http::HeaderName, named: &[http::HeaderName]) -> bool {
+    HOP_BY_HOP.contains(&name.as_str()) || named.contains(name)
 }
 
 /// The path after the route's `strip_prefix` and `rewrite_path`, before the
 /// endpoint's base path.
-pub fn route_path(route: &Route, path: &str) -> String {
-    let mut p = path.to_string();
+pub fn route_path<'a>(route: &Route, path: &'a str) -> std::borrow::Cow<'a, str> {
+    use std::borrow::Cow;
+    let mut p = Cow::Borrowed(path);
     if let Some(prefix) = &route.transform.strip_prefix
-        && let Some(rest) = p.strip_prefix(prefix.as_str())
+        && let Some(rest) = path.strip_prefix(prefix.as_str())
         && (rest.is_empty() || rest.starts_with('/'))
     {
-        p = if rest.is_empty() { "/".into() } else { rest.to_string() };
+        p = if rest.is_empty() {
+            Cow::Borrowed("/")
+        } else {
+            Cow::Borrowed(rest)
+        };
     }
     if let Some(template) = &route.transform.rewrite_path {
-        p = expand_template(template, &route.path_params(path));
+        p = Cow::Owned(expand_template(template, &route.path_params(path)));
     }
     p
 }
@@ -109,24 +117,40 @@ pub fn wants_openai_usage(route: &Route, method: &http::Method, path: &str) -> b
     route.openai_usage && method == http::Method::POST && route_path(route, path).ends_with("/completions")
 }
 
+/// Whether and how a request body must be changed to ask for usage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UsageAsk {
+    /// Not a stream, already asking, or not for FastGate to judge.
+    No,
+    /// A stream without `stream_options`: splice the field in.
+    Splice,
+    /// `stream_options` without `include_usage: true`: set it.
+    Merge,
+}
+
+impl UsageAsk {
+    /// Decide from a body's `stream` and `stream_options` values.
+    pub fn of(stream: Option<&serde_json::Value>, stream_options: Option<&serde_json::Value>) -> Self {
+        use serde_json::Value;
+        if stream != Some(&Value::Bool(true)) {
+            return UsageAsk::No;
+        }
+        match stream_options {
+            None => UsageAsk::Splice,
+            Some(Value::Object(o)) if o.get("include_usage") == Some(&Value::Bool(true)) => UsageAsk::No,
+            Some(Value::Object(_)) => UsageAsk::Merge,
+            Some(_) => UsageAsk::No, // the upstream answers that
+        }
+    }
+}
+
 /// For a streamed OpenAI completion that does not ask for usage, the body
 /// with `stream_options.include_usage: true` (so the stream can be metered).
-/// `None` when the body is not a stream or already asks for usage.
-pub fn ask_for_usage(body: &[u8]) -> Result<Option<Bytes>, GatewayError> {
-    #[derive(serde::Deserialize)]
-    struct Peek {
-        stream: Option<serde_json::Value>,
-        stream_options: Option<serde_json::Value>,
-    }
-    let Ok(peek) = serde_json::from_slice::<Peek>(body) else {
-        return Ok(None); // not for FastGate to judge: the upstream answers it
-    };
-    if peek.stream != Some(serde_json::Value::Bool(true)) {
-        return Ok(None);
-    }
-    match peek.stream_options {
-        None => {
-            // Splice the field in after the opening brace: no re-encoding.
+pub fn ask_for_usage(body: &[u8], ask: UsageAsk) -> Result<Option<Bytes>, GatewayError> {
+    match ask {
+        UsageAsk::No => Ok(None),
+        UsageAsk::Splice => {
+            // Insert the field after the opening brace: no re-encoding.
             let Some(open) = body.iter().position(|&b| b == b'{') else {
                 return Ok(None);
             };
@@ -136,10 +160,7 @@ pub fn ask_for_usage(body: &[u8]) -> Result<Option<Bytes>, GatewayError> {
             out.extend_from_slice(&body[open + 1..]);
             Ok(Some(Bytes::from(out)))
         }
-        Some(serde_json::Value::Object(o)) if o.get("include_usage") == Some(&serde_json::Value::Bool(true)) => {
-            Ok(None)
-        }
-        Some(serde_json::Value::Object(_)) => {
+        UsageAsk::Merge => {
             let mut v: serde_json::Value =
                 serde_json::from_slice(body).map_err(|e| GatewayError::BadJson(e.to_string()))?;
             v["stream_options"]["include_usage"] = serde_json::Value::Bool(true);
@@ -147,7 +168,6 @@ pub fn ask_for_usage(body: &[u8]) -> Result<Option<Bytes>, GatewayError> {
                 .map(|v| Some(Bytes::from(v)))
                 .map_err(|e| GatewayError::BadJson(e.to_string()))
         }
-        Some(_) => Ok(None),
     }
 }
 
@@ -171,8 +191,11 @@ pub fn upstream_request(
         .map_err(|e| GatewayError::BadRequestBody(format!("rewritten path is invalid: {e}")))?;
     req.set_uri(uri);
 
-    for name in hop_by_hop_names(&req.headers) {
+    for name in connection_named(&req.headers) {
         req.remove_header(&name);
+    }
+    for name in HOP_BY_HOP {
+        req.remove_header(name);
     }
     if strip {
         req.remove_header(&header::AUTHORIZATION);

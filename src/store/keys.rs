@@ -167,10 +167,52 @@ pub struct NewKey {
     pub admin_locked: Vec<String>,
 }
 
+/// The limit fields of a key being created or changed, to check them
+/// against a user's ceilings (and fill in what the key leaves open).
+pub struct LimitsMut<'a> {
+    pub permissions: &'a mut Vec<String>,
+    pub allowed_routes: &'a mut Vec<String>,
+    pub allowed_models: &'a mut Vec<String>,
+    pub rpm: &'a mut Option<u64>,
+    pub tpm: &'a mut Option<u64>,
+}
+
+impl GatewayKey {
+    pub fn limits_mut(&mut self) -> LimitsMut<'_> {
+        LimitsMut {
+            permissions: &mut self.permissions,
+            allowed_routes: &mut self.allowed_routes,
+            allowed_models: &mut self.allowed_models,
+            rpm: &mut self.rpm,
+            tpm: &mut self.tpm,
+        }
+    }
+}
+
+/// The [`LIMIT_FIELDS`] whose flag is set, in order.
+fn fields_where(set: [bool; 7]) -> Vec<&'static str> {
+    LIMIT_FIELDS
+        .iter()
+        .zip(set)
+        .filter(|(_, s)| *s)
+        .map(|(f, _)| *f)
+        .collect()
+}
+
 impl NewKey {
+    pub fn limits_mut(&mut self) -> LimitsMut<'_> {
+        LimitsMut {
+            permissions: &mut self.permissions,
+            allowed_routes: &mut self.allowed_routes,
+            allowed_models: &mut self.allowed_models,
+            rpm: &mut self.rpm,
+            tpm: &mut self.tpm,
+        }
+    }
+
     /// Mark every limit this key sets as an admin's: its owner cannot lift it.
     pub fn lock_limits(&mut self) {
-        let set = [
+        self.admin_locked = fields_where([
             !self.permissions.is_empty(),
             !self.allowed_routes.is_empty(),
             !self.allowed_models.is_empty(),
@@ -178,13 +220,10 @@ impl NewKey {
             self.tpm.is_some(),
             self.token_quota.is_some(),
             self.token_quota.is_some(), // the period goes with the quota
-        ];
-        self.admin_locked = LIMIT_FIELDS
-            .iter()
-            .zip(set)
-            .filter(|(_, set)| *set)
-            .map(|(f, _)| f.to_string())
-            .collect();
+        ])
+        .into_iter()
+        .map(str::to_string)
+        .collect();
     }
 }
 
@@ -452,7 +491,7 @@ pub fn apply(key: &mut GatewayKey, patch: &KeyPatch) -> Result<(), StoreError> {
 
 /// The fields `patch` changes that limit the key (see [`LIMIT_FIELDS`]).
 pub fn limit_fields(patch: &KeyPatch) -> Vec<&'static str> {
-    let set = [
+    fields_where([
         patch.permissions.is_some(),
         patch.allowed_routes.is_some(),
         patch.allowed_models.is_some(),
@@ -460,13 +499,7 @@ pub fn limit_fields(patch: &KeyPatch) -> Vec<&'static str> {
         patch.tpm.is_some(),
         patch.token_quota.is_some(),
         patch.quota_period.is_some(),
-    ];
-    LIMIT_FIELDS
-        .iter()
-        .zip(set)
-        .filter(|(_, s)| *s)
-        .map(|(f, _)| *f)
-        .collect()
+    ])
 }
 
 /// Write every mutable field of `key` back.

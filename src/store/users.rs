@@ -2,7 +2,7 @@
 
 use super::{
     StoreError,
-    keys::{GatewayKey, QuotaPeriod, UserQuota},
+    keys::{GatewayKey, LimitsMut, QuotaPeriod, UserQuota},
     now_unix,
 };
 use argon2::{
@@ -112,12 +112,12 @@ fn fit_max(field: &str, key: &mut Option<u64>, max: Option<u64>) -> Result<(), S
 impl Ceilings {
     /// Check a key a user creates or changes against the ceilings, filling
     /// limits the key leaves open with the ceiling's.
-    pub fn fit(&self, key: &mut GatewayKey) -> Result<(), String> {
-        fit_list("permissions", &mut key.permissions, self.permissions.as_ref(), false)?;
-        fit_list("allowed_routes", &mut key.allowed_routes, self.routes.as_ref(), true)?;
-        fit_list("allowed_models", &mut key.allowed_models, self.models.as_ref(), true)?;
-        fit_max("rpm", &mut key.rpm, self.max_rpm)?;
-        fit_max("tpm", &mut key.tpm, self.max_tpm)
+    pub fn fit(&self, key: LimitsMut<'_>) -> Result<(), String> {
+        fit_list("permissions", key.permissions, self.permissions.as_ref(), false)?;
+        fit_list("allowed_routes", key.allowed_routes, self.routes.as_ref(), true)?;
+        fit_list("allowed_models", key.allowed_models, self.models.as_ref(), true)?;
+        fit_max("rpm", key.rpm, self.max_rpm)?;
+        fit_max("tpm", key.tpm, self.max_tpm)
     }
 
     /// The key as the data plane applies it: never beyond the ceilings.

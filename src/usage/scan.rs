@@ -20,20 +20,9 @@ const OBJECT_CAP: usize = 4096;
 /// Longest key remembered; longer strings can never be one we look for.
 const KEY_CAP: usize = 16;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Key {
-    Usage,
-    UsageMetadata,
-}
-
-impl Key {
-    fn of(s: &[u8]) -> Option<Key> {
-        match s {
-            b"usage" => Some(Key::Usage),
-            b"usageMetadata" => Some(Key::UsageMetadata),
-            _ => None,
-        }
-    }
+/// The keys whose object values are usage objects.
+fn is_usage_key(s: &[u8]) -> bool {
+    matches!(s, b"usage" | b"usageMetadata")
 }
 
 /// Scanner state for one JSON text (or a sequence of them).
@@ -46,10 +35,10 @@ pub struct JsonScan {
     key: [u8; KEY_CAP],
     key_len: usize,
     key_long: bool,
-    /// A string just closed that may turn out to be a key.
-    last_string: Option<Key>,
+    /// A string just closed was `usage`/`usageMetadata` (if it is a key).
+    last_string: bool,
     /// `"usage":` seen; waiting for the value.
-    pending: Option<Key>,
+    pending: bool,
     /// The usage object being copied, with the depth it closes at.
     capture: Option<(Vec<u8>, u32)>,
 }
@@ -60,8 +49,8 @@ impl JsonScan {
         self.depth = 0;
         self.in_string = false;
         self.escape = false;
-        self.last_string = None;
-        self.pending = None;
+        self.last_string = false;
+        self.pending = false;
         self.capture = None;
     }
 
@@ -97,11 +86,7 @@ impl JsonScan {
             self.escape = true;
         } else {
             self.in_string = false;
-            self.last_string = if self.key_long {
-                None
-            } else {
-                Key::of(&self.key[..self.key_len])
-            };
+            self.last_string = !self.key_long && is_usage_key(&self.key[..self.key_len]);
         }
         &data[i + 1..]
     }
@@ -125,15 +110,15 @@ impl JsonScan {
                 self.in_string = true;
                 self.key_len = 0;
                 self.key_long = false;
-                self.last_string = None;
+                self.last_string = false;
             }
             b':' => {
                 self.copy(&[b]);
-                self.pending = self.last_string.take().filter(|_| matches!(self.depth, 1 | 2));
+                self.pending = std::mem::take(&mut self.last_string) && matches!(self.depth, 1 | 2);
             }
             b'{' | b'[' => {
                 // Both keys parse into the same fields; the names differ.
-                if b == b'{' && self.capture.is_none() && self.pending.is_some() {
+                if b == b'{' && self.capture.is_none() && self.pending {
                     let mut buf = Vec::with_capacity(256);
                     buf.push(b);
                     // The object closes when depth drops back to this level.
@@ -141,15 +126,15 @@ impl JsonScan {
                 } else {
                     self.copy(&[b]);
                 }
-                self.pending = None;
-                self.last_string = None;
+                self.pending = false;
+                self.last_string = false;
                 self.depth = self.depth.saturating_add(1);
             }
             b'}' | b']' => {
                 self.copy(&[b]);
                 self.depth = self.depth.saturating_sub(1);
-                self.pending = None;
-                self.last_string = None;
+                self.pending = false;
+                self.last_string = false;
                 if let Some((_, at)) = &self.capture
                     && *at == self.depth
                     && let Some((buf, _)) = self.capture.take()
@@ -161,8 +146,8 @@ impl JsonScan {
             _ => {
                 // Numbers, literals, commas: no key can be pending past them.
                 self.copy(&[b]);
-                self.pending = None;
-                self.last_string = None;
+                self.pending = false;
+                self.last_string = false;
             }
         }
     }
