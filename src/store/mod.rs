@@ -122,8 +122,10 @@ static MIGRATIONS: LazyLock<Migrations<'static>> = LazyLock::new(|| {
         ALTER TABLE gateway_keys ADD COLUMN quota_period TEXT;",
         ),
         // Ownership by user id (a new user with an old name inherits
-        // nothing), user status and ceilings, admin-set key limits, and a
-        // change counter for the data plane's key cache.
+        // nothing; visibility filters move to user_id, so the owner index
+        // goes and the writer keeps one index less), user status and
+        // ceilings, admin-set key limits, and a change counter for the data
+        // plane's key cache.
         M::up(
             "ALTER TABLE users ADD COLUMN disabled INTEGER NOT NULL DEFAULT 0;
         ALTER TABLE users ADD COLUMN token_version INTEGER NOT NULL DEFAULT 0;
@@ -134,6 +136,7 @@ static MIGRATIONS: LazyLock<Migrations<'static>> = LazyLock::new(|| {
         ALTER TABLE audit_log ADD COLUMN user_id TEXT;
         UPDATE audit_log SET user_id = (SELECT id FROM users WHERE users.username = audit_log.owner)
             WHERE owner IS NOT NULL;
+        DROP INDEX audit_log_owner_id;
         CREATE INDEX audit_log_user_id ON audit_log (user_id, id);
         CREATE TABLE change_counter (name TEXT PRIMARY KEY, version INTEGER NOT NULL);
         INSERT INTO change_counter (name, version) VALUES ('keys', 0);
