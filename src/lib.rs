@@ -17,6 +17,7 @@ pub mod proxy;
 pub mod ratelimit;
 pub mod reload;
 pub mod router;
+pub mod seal;
 pub mod secret;
 pub mod server;
 pub mod state;

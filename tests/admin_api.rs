@@ -991,3 +991,61 @@ async fn token_quotas_count_the_audit_log_and_reset_by_period() {
     );
     assert_eq!(chat(&later).await.unwrap().status(), 200);
 }
+
+#[tokio::test]
+async fn a_long_stats_query_does_not_hold_up_the_rest_of_the_admin_api() {
+    let (_mock, gw) = gateway().await;
+    // A million audit rows over the last 30 days, written straight into the database.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let conn = fastgate::store::open(&gw.db_path()).unwrap();
+    conn.execute_batch(&format!(
+        "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < 999999)
+         INSERT INTO audit_log (request_id, ts_ms, method, path, status, stream, duration_ms,
+             request_bytes, response_bytes, chunks, retries, prompt_tokens, completion_tokens)
+         SELECT 'bulk' || i, {now} - i * 2592, 'POST', '/v1/chat/completions',
+             CASE WHEN i % 50 = 0 THEN 500 ELSE 200 END, 0, (i % 1000) / 10.0, 100, 200, 1, 0, 10, 5
+         FROM n"
+    ))
+    .unwrap();
+    drop(conn);
+    let admin = as_user(&gw, "admin", ADMIN_PASSWORD).await;
+    let stats_caller = as_user(&gw, "admin", ADMIN_PASSWORD).await;
+    let stats = tokio::spawn(async move {
+        let started = std::time::Instant::now();
+        let answer = stats_caller.get("/api/stats/summary?window=3650d").await;
+        (started.elapsed(), answer)
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+    let mut keys_ms = Vec::new();
+    let mut overlapped = 0;
+    for _ in 0..10 {
+        let started = std::time::Instant::now();
+        assert_eq!(admin.get("/api/keys").await.0, 200);
+        keys_ms.push(started.elapsed().as_secs_f64() * 1000.0);
+        overlapped += usize::from(!stats.is_finished());
+    }
+    let (stats_took, (status, summary)) = stats.await.unwrap();
+    assert_eq!(status, 200, "{summary}");
+    // 3650d is cut to the retention (30d), not refused; the oldest rows
+    // leave the window as the clock moves on.
+    let requests = summary["requests"].as_i64().unwrap();
+    assert!((999_000..=1_000_000).contains(&requests), "{summary}");
+    assert!(
+        (19_950..=20_000).contains(&summary["errors"].as_i64().unwrap()),
+        "{summary}"
+    );
+    let p50 = summary["p50_ms"].as_f64().unwrap();
+    assert!((48.0..=52.0).contains(&p50), "p50 {p50} (true value ~50)");
+    keys_ms.sort_by(f64::total_cmp);
+    assert!(
+        overlapped > 0,
+        "the stats query ended before the key calls: it proves nothing ({stats_took:?})"
+    );
+    assert!(
+        keys_ms[keys_ms.len() / 2] < 50.0,
+        "/api/keys while a {stats_took:?} stats query runs: {keys_ms:?} ms"
+    );
+}

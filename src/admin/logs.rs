@@ -24,7 +24,7 @@ pub async fn list(
     if !caller.is_admin() {
         filter.user_id = Some(caller.user_id.clone());
     }
-    let (items, next) = s.db(move |c| store::audit::query(c, &filter)).await?;
+    let (items, next) = s.read(move |c| store::audit::query(c, &filter)).await?;
     Ok(Json(json!({"items": items, "next_cursor": next})))
 }
 
@@ -33,7 +33,7 @@ pub async fn get(
     State(s): State<Arc<AdminState>>,
     Path(id): Path<i64>,
 ) -> Result<Json<LogRow>, ApiError> {
-    let row = s.db(move |c| store::audit::get(c, id)).await?;
+    let row = s.read(move |c| store::audit::get(c, id)).await?;
     if !caller.is_admin() && row.record.user_id.as_deref() != Some(caller.user_id.as_str()) {
         return Err(ApiError::NotFound(format!("no log entry with id {id}")));
     }

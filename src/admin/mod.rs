@@ -39,8 +39,16 @@ pub struct AdminState {
     pub throttle: session::Throttle,
     /// One route edit at a time (read, validate, write, reload).
     pub route_edits: tokio::sync::Mutex<()>,
+    /// Writes and small reads (users, keys, sessions).
     conn: Arc<parking_lot::Mutex<Connection>>,
+    /// Reads over the audit log (logs, stats, usage), apart from `conn` so a
+    /// long one never holds up logins or key changes (WAL: readers do not
+    /// block the writer).
+    readers: Vec<Arc<parking_lot::Mutex<Connection>>>,
 }
+
+/// Connections for audit-log reads.
+const READERS: usize = 2;
 
 fn random_secret(len: usize) -> String {
     rand::rng()
@@ -48,6 +56,21 @@ fn random_secret(len: usize) -> String {
         .take(len)
         .map(char::from)
         .collect()
+}
+
+/// The JWT secret FastGate generated and keeps in its database: sealed with
+/// `secrets.master_key` when one is set (a value stored in clear before the
+/// key was set is sealed now).
+fn generated_jwt_secret(conn: &Connection, sealer: &crate::seal::Sealer) -> Result<String, store::StoreError> {
+    const NAME: &str = "jwt_secret";
+    let stored = store::settings::get_or_create(conn, NAME, || sealer.seal(NAME, &random_secret(48)))?;
+    let clear = sealer
+        .open(NAME, &stored)
+        .map_err(|e| store::StoreError::Invalid(e.to_string()))?;
+    if sealer.enabled() && !crate::seal::Sealer::is_sealed(&stored) {
+        store::settings::set(conn, NAME, &sealer.seal(NAME, &clear))?;
+    }
+    Ok(clear)
 }
 
 impl AdminState {
@@ -58,7 +81,7 @@ impl AdminState {
         let conn = store::open(&app.config.database_path)?;
         let cfg = &app.config.file.admin;
         let secret = if cfg.jwt_secret.is_empty() {
-            store::settings::get_or_create(&conn, "jwt_secret", || random_secret(48))?
+            generated_jwt_secret(&conn, &crate::seal::Sealer::new(&app.config.file.secrets.master_key))?
         } else {
             cfg.jwt_secret.clone()
         };
@@ -89,6 +112,9 @@ impl AdminState {
             throttle: session::Throttle::default(),
             route_edits: tokio::sync::Mutex::new(()),
             conn: Arc::new(parking_lot::Mutex::new(conn)),
+            readers: (0..READERS)
+                .map(|_| store::open(&app.config.database_path).map(|c| Arc::new(parking_lot::Mutex::new(c))))
+                .collect::<Result<_, _>>()?,
             app,
         })
     }
@@ -103,6 +129,25 @@ impl AdminState {
             .await
             .map_err(|e| ApiError::Internal(e.to_string()))?
             .map_err(ApiError::from)
+    }
+
+    /// Run a read of the audit log on a reader connection (a free one if
+    /// any), off the async workers.
+    pub async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, store::StoreError> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let readers = self.readers.clone();
+        tokio::task::spawn_blocking(move || {
+            let guard = readers
+                .iter()
+                .find_map(|r| r.try_lock())
+                .unwrap_or_else(|| readers[rand::random_range(0..readers.len())].lock());
+            f(&guard)
+        })
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(ApiError::from)
     }
 
     /// Make the data plane see gateway-key changes now, not at the next tick.
@@ -202,5 +247,31 @@ impl BackgroundService for AdminService {
         if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop).await {
             tracing::error!(error = %e, "Admin service failed.");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::seal::Sealer;
+
+    #[test]
+    fn the_generated_jwt_secret_is_sealed_once_a_master_key_is_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = store::open(&dir.path().join("s.db")).unwrap();
+        let stored = |c: &Connection| store::settings::get(c, "jwt_secret").unwrap().unwrap();
+        let clear = generated_jwt_secret(&conn, &Sealer::new("")).unwrap();
+        assert_eq!(stored(&conn), clear, "no master key: kept as is");
+        let key = Sealer::new("master-key-master-key-master-key-1");
+        assert_eq!(
+            generated_jwt_secret(&conn, &key).unwrap(),
+            clear,
+            "same secret: tokens survive"
+        );
+        assert!(Sealer::is_sealed(&stored(&conn)) && !stored(&conn).contains(&clear));
+        assert_eq!(generated_jwt_secret(&conn, &key).unwrap(), clear);
+        let err = generated_jwt_secret(&conn, &Sealer::new("")).unwrap_err().to_string();
+        assert!(err.contains("master_key"), "{err}");
+        assert!(generated_jwt_secret(&conn, &Sealer::new("some-other-master-key-entirely")).is_err());
     }
 }

@@ -21,12 +21,61 @@ pub struct StatsQuery {
     limit: Option<u32>,
 }
 
-fn window(q: &StatsQuery, default: Duration) -> Result<i64, ApiError> {
+/// The start of the window asked for (Unix ms). Rows older than the audit
+/// retention are gone, so no window reaches further back than it.
+fn window(q: &StatsQuery, default: Duration, retention: Duration) -> Result<i64, ApiError> {
     let w = match &q.window {
         Some(w) => humantime::parse_duration(w).map_err(|e| ApiError::Invalid(format!("window: {e}")))?,
         None => default,
     };
-    Ok(crate::audit::now_ms() - w.as_millis() as i64)
+    Ok(crate::audit::now_ms() - w.min(retention).as_millis() as i64)
+}
+
+/// Durations in logarithmic buckets 2 % wide: percentiles over any number of
+/// rows in one pass and fixed memory (no sort of the whole window).
+struct LatencyHistogram {
+    counts: Vec<u64>,
+    n: u64,
+}
+
+impl LatencyHistogram {
+    const GROWTH: f64 = 1.02;
+    /// 0.01 ms .. about 24 h.
+    const MIN_MS: f64 = 0.01;
+    const BUCKETS: usize = 1200;
+
+    fn new() -> Self {
+        LatencyHistogram {
+            counts: vec![0; Self::BUCKETS],
+            n: 0,
+        }
+    }
+
+    fn add(&mut self, ms: f64) {
+        let i = if ms <= Self::MIN_MS {
+            0
+        } else {
+            ((ms / Self::MIN_MS).ln() / Self::GROWTH.ln()).ceil() as usize
+        };
+        self.counts[i.min(Self::BUCKETS - 1)] += 1;
+        self.n += 1;
+    }
+
+    /// The upper bound of the bucket holding the `p` quantile (within 2 %).
+    fn quantile(&self, p: f64) -> Option<f64> {
+        if self.n == 0 {
+            return None;
+        }
+        let rank = ((self.n as f64 - 1.0) * p).round() as u64 + 1;
+        let mut seen = 0;
+        for (i, c) in self.counts.iter().enumerate() {
+            seen += c;
+            if seen >= rank {
+                return Some(Self::MIN_MS * Self::GROWTH.powi(i as i32));
+            }
+        }
+        None
+    }
 }
 
 /// `WHERE` clause and arguments: the time window, and the owner for users.
@@ -45,43 +94,41 @@ pub async fn summary(
     State(s): State<Arc<AdminState>>,
     Query(q): Query<StatsQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let since = window(&q, Duration::from_secs(3600))?;
+    let since = window(&q, Duration::from_secs(3600), s.app.config.file.audit.retention.0)?;
     let (clause, args) = scope(&caller, since);
     let v = s
-        .db(move |c| {
-            let (n, errors, avg_ms, avg_ttfb, pt, ct): (i64, i64, Option<f64>, Option<f64>, i64, i64) = c.query_row(
-                &format!(
-                    "SELECT COUNT(*), COALESCE(SUM(status >= 400), 0), AVG(duration_ms), AVG(ttfb_ms),
-                        COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0)
-                     FROM audit_log WHERE {clause}"
-                ),
-                rusqlite::params_from_iter(args.iter()),
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
-            )?;
-            // Percentiles by rank over the window.
-            let pct = |p: f64| -> Result<Option<f64>, crate::store::StoreError> {
-                if n == 0 {
-                    return Ok(None);
+        .read(move |c| {
+            // One pass over the window; nothing but the histogram is kept.
+            let mut stmt = c.prepare(&format!(
+                "SELECT status, duration_ms, ttfb_ms, prompt_tokens, completion_tokens
+                 FROM audit_log WHERE {clause}"
+            ))?;
+            let mut rows = stmt.query(rusqlite::params_from_iter(args.iter()))?;
+            let (mut n, mut errors, mut pt, mut ct) = (0i64, 0i64, 0i64, 0i64);
+            let (mut sum_ms, mut sum_ttfb, mut n_ttfb) = (0f64, 0f64, 0i64);
+            let mut latency = LatencyHistogram::new();
+            while let Some(r) = rows.next()? {
+                n += 1;
+                errors += i64::from(r.get::<_, i64>(0)? >= 400);
+                let ms: f64 = r.get(1)?;
+                sum_ms += ms;
+                latency.add(ms);
+                if let Some(t) = r.get::<_, Option<f64>>(2)? {
+                    sum_ttfb += t;
+                    n_ttfb += 1;
                 }
-                let offset = ((n as f64 - 1.0) * p).round() as i64;
-                let mut a = args.clone();
-                a.push(Sql::Integer(offset));
-                let idx = a.len();
-                Ok(c.query_row(
-                    &format!(
-                        "SELECT duration_ms FROM audit_log WHERE {clause} ORDER BY duration_ms LIMIT 1 OFFSET ?{idx}"
-                    ),
-                    rusqlite::params_from_iter(a.iter()),
-                    |r| r.get(0),
-                )?)
-            };
+                pt += r.get::<_, Option<i64>>(3)?.unwrap_or(0);
+                ct += r.get::<_, Option<i64>>(4)?.unwrap_or(0);
+            }
+            let avg_ms = (n > 0).then(|| sum_ms / n as f64);
+            let avg_ttfb = (n_ttfb > 0).then(|| sum_ttfb / n_ttfb as f64);
             Ok(json!({
                 "requests": n,
                 "errors": errors,
                 "error_rate": if n > 0 { errors as f64 / n as f64 } else { 0.0 },
                 "avg_ms": avg_ms,
-                "p50_ms": pct(0.5)?,
-                "p95_ms": pct(0.95)?,
+                "p50_ms": latency.quantile(0.5),
+                "p95_ms": latency.quantile(0.95),
                 "avg_ttfb_ms": avg_ttfb,
                 "prompt_tokens": pt,
                 "completion_tokens": ct,
@@ -102,10 +149,10 @@ pub async fn timeseries(
         "day" => 86_400_000,
         other => return Err(ApiError::Invalid(format!("bucket {other:?}: use minute, hour or day"))),
     };
-    let since = window(&q, Duration::from_secs(24 * 3600))?;
+    let since = window(&q, Duration::from_secs(24 * 3600), s.app.config.file.audit.retention.0)?;
     let (clause, args) = scope(&caller, since);
     let points = s
-        .db(move |c| {
+        .read(move |c| {
             let mut stmt = c.prepare(&format!(
                 "SELECT (ts_ms / {bucket_ms}) * {bucket_ms} AS t, COUNT(*), COALESCE(SUM(status >= 400), 0),
                     AVG(duration_ms), COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0)
@@ -144,10 +191,10 @@ pub async fn top(
         }
     };
     let limit = q.limit.unwrap_or(10).clamp(1, 100);
-    let since = window(&q, Duration::from_secs(3600))?;
+    let since = window(&q, Duration::from_secs(3600), s.app.config.file.audit.retention.0)?;
     let (clause, args) = scope(&caller, since);
     let rows = s
-        .db(move |c| {
+        .read(move |c| {
             let mut stmt = c.prepare(&format!(
                 "SELECT {column}, COUNT(*) AS n, COALESCE(SUM(status >= 400), 0),
                     COALESCE(SUM(prompt_tokens), 0) + COALESCE(SUM(completion_tokens), 0), AVG(duration_ms)
@@ -250,5 +297,25 @@ pub async fn reload(caller: Caller, State(s): State<Arc<AdminState>>) -> Result<
     match result {
         Ok(n) => Ok(Json(json!({"reloaded": true, "routes": n}))),
         Err(e) => Err(ApiError::Invalid(e.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LatencyHistogram;
+
+    #[test]
+    fn histogram_percentiles_are_within_two_percent() {
+        let mut h = LatencyHistogram::new();
+        assert_eq!(h.quantile(0.5), None);
+        for i in 1..=10_000 {
+            h.add(f64::from(i) / 10.0); // 0.1 .. 1000 ms
+        }
+        for (p, want) in [(0.5, 500.0), (0.95, 950.0), (0.0, 0.1), (1.0, 1000.0)] {
+            let got = h.quantile(p).unwrap();
+            assert!((got - want).abs() / want <= 0.021, "p{p}: {got} vs {want}");
+        }
+        h.add(1e12);
+        assert!(h.quantile(1.0).unwrap() > 1e6, "huge values land in the last bucket");
     }
 }

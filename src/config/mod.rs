@@ -59,6 +59,7 @@ pub struct FileConfig {
     pub database: DatabaseConfig,
     pub logging: LoggingConfig,
     pub admin: AdminConfig,
+    pub secrets: SecretsConfig,
     pub audit: AuditConfig,
     /// Relative paths are resolved against the working directory.
     pub routes_dir: PathBuf,
@@ -73,6 +74,7 @@ impl Default for FileConfig {
             database: DatabaseConfig::default(),
             logging: LoggingConfig::default(),
             admin: AdminConfig::default(),
+            secrets: SecretsConfig::default(),
             audit: AuditConfig::default(),
             routes_dir: PathBuf::from("routes.d"),
             upstreams: BTreeMap::new(),
@@ -148,6 +150,15 @@ impl Default for LoggingConfig {
             level: "info".into(),
         }
     }
+}
+
+/// Encryption at rest of the secrets FastGate keeps in its database.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecretsConfig {
+    /// Empty: stored secrets are not encrypted. At least 32 random characters.
+    #[serde(skip_serializing)]
+    pub master_key: String,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -18,3 +18,13 @@ pub fn get_or_create(conn: &Connection, name: &str, make: impl FnOnce() -> Strin
     )?;
     get(conn, name)?.ok_or_else(|| StoreError::NotFound(format!("setting {name:?}")))
 }
+
+/// Set `name` to `value`.
+pub fn set(conn: &Connection, name: &str, value: &str) -> Result<(), StoreError> {
+    conn.execute(
+        "INSERT INTO settings (name, value) VALUES (?1, ?2)
+         ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+        params![name, value],
+    )?;
+    Ok(())
+}
