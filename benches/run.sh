@@ -79,6 +79,9 @@ audit: { enabled: $4 }
 routes_dir: $dir/routes.d
 upstreams:
   up: { provider: openai, endpoints: ['http://127.0.0.1:$UP'], key_pool: p }
+  # provider http: FastGate leaves the body alone, so Pingora streams it
+  # (an openai upstream has its chat bodies read, to ask streams for usage).
+  up-plain: { provider: http, endpoints: ['http://127.0.0.1:$UP'], key_pool: p }
   sse: { provider: openai_compatible, endpoints: ['http://127.0.0.1:$SSE'], key_pool: p }
 key_pools:
   p: { keys: [sk-bench-1, sk-bench-2, sk-bench-3], strategy: round_robin }
@@ -86,7 +89,7 @@ YML
   cat > "$dir/routes.d/bench.yaml" <<YML
 routes:
   - { name: chat, match: { path: /v1/chat/completions, methods: [POST], model: ['gpt-4o*'] }, format: openai, upstream: up }
-  - { name: plain, match: { path: /plain/v1/chat/completions }, format: openai, upstream: up, transform: { strip_prefix: /plain } }
+  - { name: plain, match: { path: /plain/v1/chat/completions }, upstream: up-plain, transform: { strip_prefix: /plain } }
   - { name: sse, match: { path: /sse }, format: openai, upstream: sse }
 YML
 }

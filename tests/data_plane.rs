@@ -390,13 +390,14 @@ async fn sse_events_arrive_spread_over_time_on_both_paths() {
         }
         assert_eq!(text.matches("data: ").count(), 6, "{text}");
         assert!(text.ends_with("data: [DONE]\n\n"));
-        // Six events 200 ms apart: the first arrives early, the last ~1 s later.
+        // Six events 200 ms apart: they arrive one by one, the first well
+        // before the last (ratios, not wall times: the machine may be slow).
         assert!(arrivals.len() >= 5, "events were batched: {arrivals:?}");
         let first = arrivals[0];
         let last = *arrivals.last().unwrap();
-        assert!(first < Duration::from_millis(600), "first event late: {arrivals:?}");
+        assert!(first * 2 < last, "the first event waited for the rest: {arrivals:?}");
         assert!(
-            last - first > Duration::from_millis(700),
+            arrivals.windows(2).filter(|w| w[1] > w[0]).count() >= 4,
             "events not spread: {arrivals:?}"
         );
     }
@@ -732,20 +733,21 @@ async fn revoked_and_expired_keys_stop_working() {
     .await;
     assert_eq!(r.status(), 401, "a revoked key kept working");
 
-    let created = Instant::now();
-    let (_, expiring) = gw.create_key(&["--expires-in", "4s"]);
+    // A key that expires stops working, however slow the machine: it is
+    // seen working first, then its expiry is moved to one second from now.
+    let (expiring_id, expiring) = gw.create_key(&["--expires-in", "1h"]);
     gw.wait_key(&expiring, "/v1/messages").await;
-    assert!(
-        created.elapsed() < Duration::from_secs(4),
-        "machine too slow to observe the key before expiry"
-    );
-    tokio::time::sleep(Duration::from_secs(4).saturating_sub(created.elapsed()) + Duration::from_millis(200)).await;
-    let r = c
-        .post(gw.url("/v1/messages"))
-        .header("x-api-key", &expiring)
-        .send()
-        .await
-        .unwrap();
+    let conn = fastgate::store::open(&gw.db_path()).unwrap();
+    conn.execute(
+        "UPDATE gateway_keys SET expires_at = ?2 WHERE id = ?1",
+        rusqlite::params![expiring_id, fastgate::store::now_unix() + 1],
+    )
+    .unwrap();
+    let r = until_status(
+        || c.post(gw.url("/v1/messages")).header("x-api-key", &expiring),
+        |s| s == 401,
+    )
+    .await;
     assert_eq!(r.status(), 401, "an expired key kept working");
     // The original key still works.
     let r = c

@@ -221,9 +221,20 @@ async fn sigterm_under_load_loses_no_audit_row() {
                 .await
             {
                 Ok(r) => {
+                    // Admitted before the signal: it must complete, whole.
+                    assert_eq!(r.status(), 200);
                     let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+                    let mut body = Vec::new();
                     let mut s = r.bytes_stream();
-                    while s.next().await.is_some() {}
+                    while let Some(chunk) = s.next().await {
+                        body.extend_from_slice(&chunk.expect("a stream cut by the shutdown"));
+                    }
+                    let text = String::from_utf8(body).unwrap();
+                    if i % 2 == 0 {
+                        assert!(text.ends_with("data: [DONE]\n\n"), "stream {id} incomplete: {text}");
+                    } else {
+                        serde_json::from_str::<serde_json::Value>(&text).expect("a whole JSON answer");
+                    }
                     Some(id)
                 }
                 Err(_) => None, // refused after shutdown began: never admitted
@@ -239,10 +250,18 @@ async fn sigterm_under_load_loses_no_audit_row() {
         }
     }
     let deadline = Instant::now() + Duration::from_secs(10);
-    while gw.child.try_wait().unwrap().is_none() {
+    let status = loop {
+        if let Some(status) = gw.child.try_wait().unwrap() {
+            break status;
+        }
         assert!(Instant::now() < deadline, "did not exit");
         tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    };
+    assert!(
+        status.success(),
+        "a drain ends in a clean exit: {status:?}\n{}",
+        gw.logs()
+    );
     assert!(
         answered.len() >= 10,
         "too few requests were in flight: {}",

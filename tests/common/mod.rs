@@ -283,6 +283,26 @@ impl MockUpstream {
     }
 }
 
+/// Whether the server came up on its ports; false if it exited (a port clash).
+async fn wait_ready(child: &mut Child, port: u16, admin_port: u16, log: &Path) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if child.try_wait().unwrap().is_some() {
+            return false;
+        }
+        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
+            && tokio::net::TcpStream::connect(("127.0.0.1", admin_port)).await.is_ok()
+        {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!(
+        "gateway did not start:\n{}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+}
+
 /// The bootstrap admin's password in every test gateway.
 pub const ADMIN_PASSWORD: &str = "test-admin-password";
 
@@ -330,52 +350,46 @@ impl Gateway {
 
     async fn start_inner(config: &str, routes: &[(&str, &str)], admin_keys: &str) -> Gateway {
         let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let admin_port = free_port();
         std::fs::create_dir(dir.path().join("routes.d")).unwrap();
         for (name, yaml) in routes {
             std::fs::write(dir.path().join("routes.d").join(name), yaml).unwrap();
         }
-        let full = format!(
-            "server:\n  listen: 127.0.0.1:{port}\n  threads: 2\n  max_request_body: 2MiB\n  grace_period: 5s\nadmin:\n  listen: 127.0.0.1:{admin_port}\n{admin_keys}database:\n  path: {db}\n  key_refresh: 100ms\nroutes_dir: {routes}\n{config}",
-            db = dir.path().join("fg.db").display(),
-            routes = dir.path().join("routes.d").display(),
-        );
-        std::fs::write(dir.path().join("fastgate.yaml"), full).unwrap();
         let log = dir.path().join("fastgate.log");
-        let child = Command::new(bin())
-            .args(["serve", "-c"])
-            .arg(dir.path().join("fastgate.yaml"))
-            .env("FASTGATE_LOG", "info,fastgate=debug")
-            .env("FASTGATE_ADMIN_PASSWORD", ADMIN_PASSWORD)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let gw = Gateway {
-            dir,
-            port,
-            admin_port,
-            child,
-            log,
-        };
-        gw.wait_ready().await;
-        gw
-    }
-
-    async fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.is_ok()
-                && tokio::net::TcpStream::connect(("127.0.0.1", self.admin_port))
-                    .await
-                    .is_ok()
-            {
-                return;
+        // A port free a moment ago may be taken by the time the server binds
+        // it (tests run in parallel): then start again on other ports.
+        for _ in 0..5 {
+            let port = free_port();
+            let admin_port = free_port();
+            let full = format!(
+                "server:\n  listen: 127.0.0.1:{port}\n  threads: 2\n  max_request_body: 2MiB\n  grace_period: 5s\nadmin:\n  listen: 127.0.0.1:{admin_port}\n{admin_keys}database:\n  path: {db}\n  key_refresh: 100ms\nroutes_dir: {routes}\n{config}",
+                db = dir.path().join("fg.db").display(),
+                routes = dir.path().join("routes.d").display(),
+            );
+            std::fs::write(dir.path().join("fastgate.yaml"), full).unwrap();
+            let child = Command::new(bin())
+                .args(["serve", "-c"])
+                .arg(dir.path().join("fastgate.yaml"))
+                .env("FASTGATE_LOG", "info,fastgate=debug")
+                .env("FASTGATE_ADMIN_PASSWORD", ADMIN_PASSWORD)
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .unwrap();
+            let mut child = child;
+            if wait_ready(&mut child, port, admin_port, &log).await {
+                return Gateway {
+                    dir,
+                    port,
+                    admin_port,
+                    child,
+                    log,
+                };
             }
-            tokio::time::sleep(Duration::from_millis(25)).await;
+            let logs = std::fs::read_to_string(&log).unwrap_or_default();
+            assert!(logs.contains("in use"), "gateway did not start:\n{logs}");
+            let _ = child.wait();
         }
-        panic!("gateway did not start:\n{}", self.logs());
+        panic!("no free ports after five tries");
     }
 
     pub fn url(&self, path: &str) -> String {
