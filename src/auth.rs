@@ -86,7 +86,10 @@ pub fn extract_credential<'a>(
 /// base62 characters), wherever in the text: such a value never goes upstream.
 pub fn holds_gateway_key(text: &[u8]) -> bool {
     const BODY: usize = 32;
-    memchr::memmem::find_iter(text, store::keys::KEY_PREFIX.as_bytes()).any(|at| {
+    // Built once: this runs on every header of every request.
+    static PREFIX: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(store::keys::KEY_PREFIX.as_bytes()));
+    PREFIX.find_iter(text).any(|at| {
         let rest = &text[at + store::keys::KEY_PREFIX.len()..];
         rest.len() >= BODY && rest[..BODY].iter().all(u8::is_ascii_alphanumeric)
     })

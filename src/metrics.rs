@@ -171,9 +171,11 @@ impl Metrics {
         self.in_flight.set(state.in_flight() as i64);
         for pool in state.pools.values() {
             let keys = pool.keys();
-            self.pool_keys
-                .with_label_values(&[pool.name.as_str(), "active"])
-                .set(keys.len() as i64);
+            for st in crate::pool::KeyState::ALL {
+                self.pool_keys
+                    .with_label_values(&[pool.name.as_str(), st.as_str()])
+                    .set(keys.iter().filter(|k| k.state() == st).count() as i64);
+            }
             self.pool_in_flight
                 .with_label_values(&[pool.name.as_str()])
                 .set(keys.iter().map(|k| i64::from(k.in_flight())).sum());

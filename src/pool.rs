@@ -19,6 +19,17 @@ pub enum KeyState {
     Active,
 }
 
+impl KeyState {
+    /// Every state, for gauges that report each (zero included).
+    pub const ALL: [KeyState; 1] = [KeyState::Active];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyState::Active => "active",
+        }
+    }
+}
+
 /// One upstream key and its counters.
 #[derive(Debug)]
 pub struct PoolKey {

@@ -239,7 +239,7 @@ pub async fn upstreams(caller: Caller, State(s): State<Arc<AdminState>>) -> Resu
 fn pool_keys(pool: &crate::pool::KeyPool) -> Vec<Value> {
     pool.keys()
         .iter()
-        .map(|k| json!({"id": k.id, "masked": k.secret.masked(), "state": "active", "in_flight": k.in_flight(), "total": k.total()}))
+        .map(|k| json!({"id": k.id, "masked": k.secret.masked(), "state": k.state().as_str(), "in_flight": k.in_flight(), "total": k.total()}))
         .collect()
 }
 

@@ -27,6 +27,10 @@ enum Attempt {
     Failed(GatewayError),
 }
 
+/// How long an attempt runs before FastGate starts watching for the
+/// client's hang-up (well inside the 100 ms in which it must notice).
+const WATCH_CLIENT_AFTER: Duration = Duration::from_millis(20);
+
 fn is_retryable_status(status: u16) -> bool {
     status == 429 || status >= 500
 }
@@ -95,9 +99,15 @@ pub async fn exchange(state: &Arc<AppState>, session: &mut Session, ctx: &mut Re
             // The client may give up while the upstream connects or thinks:
             // then the exchange is dropped (closing the upstream connection,
             // so generation and billing stop) and the key lease released.
+            // Watching starts after a moment, so quick answers never pay
+            // the extra read on the client's socket.
+            let client_gone = async {
+                tokio::time::sleep(WATCH_CLIENT_AFTER).await;
+                session.downstream_session.read_body_or_idle(true).await
+            };
             let attempt = tokio::select! {
                 a = send(state, &peer, req, body.clone(), first_byte, &upstream.name) => a,
-                _ = session.downstream_session.read_body_or_idle(true) => {
+                _ = client_gone => {
                     tracing::debug!(request_id = %ctx.request_id, "Client disconnected before the answer; cancelling the upstream request.");
                     ctx.upstream.lease = None;
                     ctx.response.cut_short = true;
