@@ -82,10 +82,13 @@ impl UsageMeter {
     /// Start metering a response with this `content-type` and
     /// `content-encoding`; `capture` keeps up to that many decoded bytes.
     pub fn new(content_type: Option<&str>, content_encoding: Option<&str>, capture: Option<usize>) -> Self {
-        let ct = content_type.unwrap_or_default().trim_start().to_ascii_lowercase();
-        let scanner = if ct.starts_with("text/event-stream") {
+        let ct = content_type.unwrap_or_default().trim_start().as_bytes();
+        let is = |prefix: &str| ct.len() >= prefix.len() && ct[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes());
+        let essence = ct.split(|&b| b == b';').next().unwrap_or_default();
+        let json_suffix = essence.len() >= 5 && essence[essence.len() - 5..].eq_ignore_ascii_case(b"+json");
+        let scanner = if is("text/event-stream") {
             Scanner::Sse(SseScan::default())
-        } else if ct.starts_with("application/json") || ct.contains("+json") || ct.starts_with("application/x-ndjson") {
+        } else if is("application/json") || json_suffix || is("application/x-ndjson") {
             Scanner::Json(JsonScan::default())
         } else {
             Scanner::Off
@@ -284,6 +287,19 @@ mod tests {
         let mut m = UsageMeter::new(Some("application/json"), Some("compress"), None);
         m.feed(br#"{"usage":{"prompt_tokens":1}}"#);
         assert_eq!(m.finish(), Usage::default());
+    }
+
+    #[test]
+    fn content_types_are_matched_without_regard_to_case_and_parameters() {
+        let body = r#"{"usage":{"prompt_tokens":2,"completion_tokens":3}}"#;
+        for ct in [
+            "Application/JSON; charset=utf-8",
+            "application/vnd.example+json",
+            "application/x-ndjson",
+        ] {
+            assert_eq!(meter(ct, &[body]).completion_tokens, Some(3), "{ct}");
+        }
+        assert_eq!(meter("text/plain; x=+json", &[body]), Usage::default());
     }
 
     #[test]
