@@ -177,17 +177,23 @@ pub struct LimitsMut<'a> {
     pub tpm: &'a mut Option<u64>,
 }
 
-impl GatewayKey {
-    pub fn limits_mut(&mut self) -> LimitsMut<'_> {
-        LimitsMut {
-            permissions: &mut self.permissions,
-            allowed_routes: &mut self.allowed_routes,
-            allowed_models: &mut self.allowed_models,
-            rpm: &mut self.rpm,
-            tpm: &mut self.tpm,
+/// `limits_mut` for both key shapes, which name the fields alike.
+macro_rules! limits_mut {
+    ($($key:ty),*) => {$(
+        impl $key {
+            pub fn limits_mut(&mut self) -> LimitsMut<'_> {
+                LimitsMut {
+                    permissions: &mut self.permissions,
+                    allowed_routes: &mut self.allowed_routes,
+                    allowed_models: &mut self.allowed_models,
+                    rpm: &mut self.rpm,
+                    tpm: &mut self.tpm,
+                }
+            }
         }
-    }
+    )*};
 }
+limits_mut!(GatewayKey, NewKey);
 
 /// The [`LIMIT_FIELDS`] whose flag is set, in order.
 fn fields_where(set: [bool; 7]) -> Vec<&'static str> {
@@ -200,16 +206,6 @@ fn fields_where(set: [bool; 7]) -> Vec<&'static str> {
 }
 
 impl NewKey {
-    pub fn limits_mut(&mut self) -> LimitsMut<'_> {
-        LimitsMut {
-            permissions: &mut self.permissions,
-            allowed_routes: &mut self.allowed_routes,
-            allowed_models: &mut self.allowed_models,
-            rpm: &mut self.rpm,
-            tpm: &mut self.tpm,
-        }
-    }
-
     /// Mark every limit this key sets as an admin's: its owner cannot lift it.
     pub fn lock_limits(&mut self) {
         self.admin_locked = fields_where([
