@@ -1,9 +1,11 @@
 //! Prometheus metrics (served by the admin service at `/metrics`).
 //! Labels stay low-cardinality: route and upstream names, status codes,
-//! error kinds, pool names, model names — never paths or keys.
+//! error kinds, pool names, model names, upstream key ids (`k_` + 8 hex of
+//! a hash; bounded by the pool sizes) — never paths or secrets.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -55,6 +57,12 @@ pub struct Metrics {
     pub tokens: IntCounterVec,
     pub pool_keys: IntGaugeVec,
     pub pool_in_flight: IntGaugeVec,
+    pub pool_key_in_flight: IntGaugeVec,
+    pub pool_key_cooldown: GaugeVec,
+    pub leases_reclaimed: IntCounterVec,
+    pub failovers: IntCounterVec,
+    pub upstream_in_flight: IntGaugeVec,
+    pub upstream_address_healthy: IntGaugeVec,
     pub audit_queue_depth: IntGauge,
     pub audit_dropped: IntCounter,
     audit_dropped_seen: AtomicU64,
@@ -118,6 +126,47 @@ impl Metrics {
             )?,
             in_flight: gauge(&r, "requests_in_flight", "Requests being served.")?,
             streams_in_flight: gauge(&r, "streams_in_flight", "Streamed (SSE) responses being forwarded.")?,
+            pool_key_in_flight: gauge_vec(
+                &r,
+                "pool_key_in_flight",
+                "Requests in flight on one upstream key (by key id, never the secret).",
+                &["pool", "key"],
+            )?,
+            pool_key_cooldown: {
+                let m = GaugeVec::new(
+                    Opts::new(
+                        "pool_key_cooldown_seconds",
+                        "Seconds until a cooling or resting upstream key is usable again (0 when usable).",
+                    ),
+                    &["pool", "key"],
+                )?;
+                r.register(Box::new(m.clone()))?;
+                m
+            },
+            leases_reclaimed: counter_vec(
+                &r,
+                "pool_leases_reclaimed_total",
+                "Key leases held past stuck_after and reclaimed, by pool.",
+                &["pool"],
+            )?,
+            failovers: counter_vec(
+                &r,
+                "failovers_total",
+                "Requests moved to another key, address or upstream before the first byte, by reason.",
+                &["reason"],
+            )?,
+            upstream_in_flight: gauge_vec(
+                &r,
+                "upstream_in_flight",
+                "Requests in flight toward an upstream.",
+                &["upstream"],
+            )?,
+            upstream_address_healthy: gauge_vec(
+                &r,
+                "upstream_address_healthy",
+                "1 when a resolved upstream address passes its health checks and is not resting after a refused connection.",
+                &["upstream", "address"],
+            )?,
             upstream_errors: counter_vec(
                 &r,
                 "upstream_errors_total",
@@ -169,16 +218,42 @@ impl Metrics {
     /// Prometheus text format, after refreshing the gauges read from live state.
     pub fn render(&self, state: &crate::state::AppState) -> String {
         self.in_flight.set(state.in_flight() as i64);
-        for pool in state.pools.values() {
+        let runtime = state.runtime.load();
+        let now = crate::pool::now_ms();
+        // Keys and addresses come and go: stale series must not linger.
+        self.pool_key_in_flight.reset();
+        self.pool_key_cooldown.reset();
+        self.upstream_address_healthy.reset();
+        self.pool_keys.reset();
+        for pool in runtime.pools.values() {
             let keys = pool.keys();
-            for st in crate::pool::KeyState::ALL {
+            let counts = pool.count_by_state(now);
+            for (st, n) in crate::pool::KeyState::ALL.iter().zip(counts) {
                 self.pool_keys
                     .with_label_values(&[pool.name.as_str(), st.as_str()])
-                    .set(keys.iter().filter(|k| k.state() == st).count() as i64);
+                    .set(n as i64);
             }
             self.pool_in_flight
                 .with_label_values(&[pool.name.as_str()])
                 .set(keys.iter().map(|k| i64::from(k.in_flight())).sum());
+            for k in &keys {
+                let labels = [pool.name.as_str(), k.id.as_str()];
+                self.pool_key_in_flight
+                    .with_label_values(&labels)
+                    .set(i64::from(k.in_flight()));
+                let wait = k.closed_until(now).map_or(0.0, |t| (t - now) as f64 / 1000.0);
+                self.pool_key_cooldown.with_label_values(&labels).set(wait);
+            }
+        }
+        for up in runtime.upstreams.values() {
+            self.upstream_in_flight
+                .with_label_values(&[up.name.as_str()])
+                .set(i64::from(up.in_flight()));
+            for a in up.addresses() {
+                self.upstream_address_healthy
+                    .with_label_values(&[up.name.as_str(), a.address.as_str()])
+                    .set(i64::from(a.healthy && !a.resting));
+            }
         }
         let stats = state.audit.stats();
         self.audit_queue_depth.set(stats.queued.load(Ordering::Relaxed) as i64);

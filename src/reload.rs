@@ -1,6 +1,8 @@
 //! Background upkeep, run as one Pingora background service: route reloads
-//! (file watch, debounced, and SIGHUP), gateway-key cache refresh, and
-//! re-resolution of upstream hostnames.
+//! (file watch, debounced), whole-config reloads (SIGHUP), gateway-key cache
+//! refresh, re-resolution of upstream hostnames, upstream health checks,
+//! saving pool key states (debounced, off the request path) and reclaiming
+//! stuck key leases.
 
 use crate::state::AppState;
 use async_trait::async_trait;
@@ -14,6 +16,10 @@ use tokio::sync::mpsc;
 const DEBOUNCE: Duration = Duration::from_millis(250);
 /// How often upstream hostnames are re-resolved.
 const DNS_REFRESH: Duration = Duration::from_secs(60);
+/// How often changed pool key states are written to the database.
+const SAVE_STATES: Duration = Duration::from_secs(1);
+/// How often leases are checked against `stuck_after`.
+const STUCK_SWEEP: Duration = Duration::from_secs(5);
 
 pub struct Upkeep {
     pub state: Arc<AppState>,
@@ -25,6 +31,50 @@ impl Upkeep {
         tracing::info!(trigger = why, "Reloading routes.d.");
         // Reading files is blocking I/O: keep it off the async workers.
         let _ = tokio::task::spawn_blocking(move || state.reload_routes()).await;
+    }
+
+    async fn reload_config(&self) {
+        let state = self.state.clone();
+        tracing::info!(trigger = "SIGHUP", "Reloading fastgate.yaml and routes.d.");
+        let _ = tokio::task::spawn_blocking(move || state.reload_config()).await;
+    }
+
+    /// Write the states of keys that changed since the last save.
+    async fn save_states(&self) {
+        let state = self.state.clone();
+        match tokio::task::spawn_blocking(move || state.save_pool_states()).await {
+            Ok(Ok(n)) if n > 0 => tracing::debug!(keys = n, "Saved pool key states."),
+            Ok(Err(e)) => tracing::warn!(error = %e, "Saving pool key states failed; will retry with the next change."),
+            _ => {}
+        }
+    }
+
+    /// Start the health checks that are due (each upstream on its interval).
+    fn check_health(&self, last: &mut std::collections::HashMap<String, tokio::time::Instant>) {
+        let runtime = self.state.runtime.load();
+        let now = tokio::time::Instant::now();
+        for up in runtime.upstreams.values() {
+            let Some(every) = up.health_interval else { continue };
+            if last.get(&up.name).is_some_and(|t| now.duration_since(*t) < every) {
+                continue;
+            }
+            last.insert(up.name.clone(), now);
+            let up = up.clone();
+            tokio::spawn(async move { up.check_health().await });
+        }
+    }
+
+    fn reclaim_stuck(&self) {
+        for pool in self.state.runtime.load().pools.values() {
+            let n = pool.reclaim_stuck();
+            if n > 0 {
+                self.state
+                    .metrics
+                    .leases_reclaimed
+                    .with_label_values(&[pool.name.as_str()])
+                    .inc_by(n as u64);
+            }
+        }
     }
 }
 
@@ -72,6 +122,10 @@ impl BackgroundService for Upkeep {
                 .0
                 .max(Duration::from_millis(50)),
         );
+        let mut save_tick = tokio::time::interval(SAVE_STATES);
+        let mut health_tick = tokio::time::interval(Duration::from_millis(500));
+        let mut health_runs = std::collections::HashMap::new();
+        let mut stuck_tick = tokio::time::interval(STUCK_SWEEP);
         let mut dns_tick = tokio::time::interval(DNS_REFRESH);
         dns_tick.tick().await; // resolved at start already
         loop {
@@ -79,8 +133,11 @@ impl BackgroundService for Upkeep {
                 _ = shutdown.changed() => break,
                 Some(()) = rx.recv() => self.reload("file change").await,
                 Some(_) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
-                    self.reload("SIGHUP").await;
+                    self.reload_config().await;
                 }
+                _ = save_tick.tick() => self.save_states().await,
+                _ = health_tick.tick() => self.check_health(&mut health_runs),
+                _ = stuck_tick.tick() => self.reclaim_stuck(),
                 _ = key_tick.tick() => {
                     let state = self.state.clone();
                     match tokio::task::spawn_blocking(move || {
@@ -96,7 +153,8 @@ impl BackgroundService for Upkeep {
                     }
                 }
                 _ = dns_tick.tick() => {
-                    for upstream in self.state.upstreams.values() {
+                    let runtime = self.state.runtime.load_full();
+                    for upstream in runtime.upstreams.values() {
                         upstream.refresh().await;
                     }
                 }

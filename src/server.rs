@@ -77,7 +77,7 @@ pub fn run(state: Arc<AppState>) -> Result<(), StoreError> {
         admin = %state.config.admin_listen,
         threads = state.config.threads(),
         routes = state.routes.load().len(),
-        upstreams = state.upstreams.len(),
+        upstreams = state.runtime.load().upstreams.len(),
         gateway_keys = state.keys.len(),
         "FastGate serving."
     );
@@ -88,8 +88,12 @@ pub fn run(state: Arc<AppState>) -> Result<(), StoreError> {
             grace,
         }),
     });
-    // Every request has finished: write the audit rows still queued.
+    // Every request has finished: write the audit rows still queued and
+    // the key states changed since the last save.
     state.audit.close();
+    if let Err(e) = state.save_pool_states() {
+        tracing::warn!(error = %e, "Could not save the pool key states at shutdown.");
+    }
     tracing::info!(
         written = state.audit.stats().written.load(std::sync::atomic::Ordering::Relaxed),
         "Audit log flushed; exiting."

@@ -4,11 +4,11 @@
 use crate::{
     audit::AuditSink,
     auth::KeyCache,
-    config::{Config, ConfigErrors, load_routes},
+    config::{Config, ConfigErrors, CooldownScope, FileConfig, Provider, load_routes},
     metrics::Metrics,
-    pool::KeyPool,
+    pool::{KeyPool, KeySource, PoolKey},
     router::RouteTable,
-    store,
+    store::{self, pool_keys::StoredKey},
     upstream::Upstream,
 };
 use arc_swap::ArcSwap;
@@ -28,12 +28,122 @@ pub struct ReloadStatus {
     pub last_error: Option<String>,
 }
 
+/// What `fastgate.yaml` reloads live: upstreams and key pools, with the
+/// file they came from. Swapped whole; a request keeps the one it started
+/// with.
+pub struct Runtime {
+    pub file: FileConfig,
+    pub upstreams: HashMap<String, Arc<Upstream>>,
+    pub pools: HashMap<String, Arc<KeyPool>>,
+}
+
+impl Runtime {
+    /// Build from `file` and the admin-added keys, keeping from `previous`
+    /// what did not change: whole pools and upstreams when their settings
+    /// and keys are the same, else the live keys (state, in-flight, totals)
+    /// of keys that still exist.
+    pub fn build(file: FileConfig, stored: &[StoredKey], previous: Option<&Runtime>) -> Runtime {
+        let mut pools = HashMap::new();
+        for (name, cfg) in &file.key_pools {
+            let gemini = file
+                .upstreams
+                .values()
+                .any(|u| u.key_pool.as_deref() == Some(name.as_str()) && u.provider == Provider::Gemini);
+            let scope = if gemini {
+                CooldownScope::Model
+            } else {
+                CooldownScope::Key
+            };
+            let wanted: Vec<(String, u32, KeySource)> = cfg
+                .keys
+                .iter()
+                .map(|k| (k.secret().trim().to_string(), k.weight(), KeySource::Config))
+                .chain(
+                    stored
+                        .iter()
+                        .filter(|k| k.pool == *name)
+                        .map(|k| (k.secret.clone(), k.weight, KeySource::Admin)),
+                )
+                .filter(|(s, _, _)| !s.is_empty())
+                .collect();
+            let old = previous.and_then(|p| p.pools.get(name));
+            let same_keys = |old: &KeyPool| {
+                let keys = old.keys();
+                keys.len() == wanted.len()
+                    && keys
+                        .iter()
+                        .zip(&wanted)
+                        .all(|(k, (s, w, src))| k.id == crate::pool::key_id(s) && k.weight == *w && k.source == *src)
+            };
+            let same_policy = |old: &KeyPool| {
+                previous.is_some_and(|p| {
+                    p.file.key_pools.get(name).map(settings_of) == Some(settings_of(cfg))
+                        && old.policy.scope == cfg.cooldown_scope.unwrap_or(scope)
+                })
+            };
+            if let Some(old) = old
+                && same_keys(old)
+                && same_policy(old)
+            {
+                pools.insert(name.clone(), old.clone());
+                continue;
+            }
+            let keys = wanted
+                .iter()
+                .map(|(secret, weight, source)| {
+                    let id = crate::pool::key_id(secret);
+                    match old.and_then(|o| o.key(&id)) {
+                        Some(k) if k.weight == *weight && k.source == *source => k,
+                        Some(k) => {
+                            let fresh = PoolKey::new(secret, *weight, *source);
+                            fresh.restore(k.status(), k.totals());
+                            Arc::new(fresh)
+                        }
+                        None => Arc::new(PoolKey::new(secret, *weight, *source)),
+                    }
+                })
+                .collect();
+            let mut pool = KeyPool::from_config(name, cfg, scope);
+            pool.replace_keys(keys);
+            pools.insert(name.clone(), Arc::new(pool));
+        }
+        let upstreams = file
+            .upstreams
+            .iter()
+            .map(|(name, u)| {
+                let pool = u.key_pool.as_ref().and_then(|p| pools.get(p));
+                let reuse = previous.and_then(|p| {
+                    let old = p.upstreams.get(name)?;
+                    let same_cfg = p.file.upstreams.get(name).map(settings_of) == Some(settings_of(u));
+                    let same_pool = match (&old.key_pool, pool) {
+                        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                        (None, None) => true,
+                        _ => false,
+                    };
+                    (same_cfg && same_pool).then(|| old.clone())
+                });
+                let up = reuse.unwrap_or_else(|| Arc::new(Upstream::build(name, u, &pools)));
+                (name.clone(), up)
+            })
+            .collect();
+        Runtime { file, upstreams, pools }
+    }
+}
+
+/// Settings compared as their serialized form (secrets are not serialized;
+/// keys are compared apart).
+fn settings_of<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_default()
+}
+
 pub struct AppState {
     pub config: Config,
     /// Swapped whole on reload; a request keeps the table it started with.
     pub routes: ArcSwap<RouteTable>,
-    pub upstreams: HashMap<String, Arc<Upstream>>,
-    pub pools: HashMap<String, Arc<KeyPool>>,
+    /// Upstreams and key pools; swapped whole on a config reload.
+    pub runtime: ArcSwap<Runtime>,
+    /// Seals upstream keys added through the admin API.
+    pub sealer: crate::seal::Sealer,
     pub keys: KeyCache,
     /// Upstream connections for routes whose body FastGate reads itself.
     pub connector: Connector,
@@ -62,18 +172,12 @@ impl AppState {
     /// Build everything the data plane needs from a validated config.
     pub fn build(config: Config) -> Result<Arc<Self>, StartupError> {
         let routes = load_routes(&config.routes_dir, &config.file)?;
-        let pools: HashMap<String, Arc<KeyPool>> = config
-            .file
-            .key_pools
-            .iter()
-            .map(|(name, p)| (name.clone(), Arc::new(KeyPool::new(name, p.strategy, &p.keys))))
-            .collect();
-        let upstreams = config
-            .file
-            .upstreams
-            .iter()
-            .map(|(name, u)| (name.clone(), Arc::new(Upstream::build(name, u, &pools))))
-            .collect();
+        let sealer = crate::seal::Sealer::new(&config.file.secrets.master_key);
+        let conn = store::open(&config.database_path)?;
+        let stored = stored_pool_keys(&conn, &sealer)?;
+        let runtime = Runtime::build(config.file.clone(), &stored, None);
+        restore_pool_states(&conn, &runtime)?;
+        drop(conn);
         let keys = KeyCache::load(store::open(&config.database_path)?)?;
         let audit = if config.file.audit.enabled {
             AuditSink::start(&config.database_path, &config.file.audit)?
@@ -84,8 +188,8 @@ impl AppState {
         let opts = ConnectorOptions::new(config.file.server.upstream_keepalive_pool);
         Ok(Arc::new(AppState {
             routes: ArcSwap::from_pointee(routes),
-            upstreams,
-            pools,
+            runtime: ArcSwap::from_pointee(runtime),
+            sealer,
             keys,
             connector: Connector::new(Some(opts)),
             in_flight: AtomicUsize::new(0),
@@ -101,7 +205,7 @@ impl AppState {
 
     /// Re-read `routes.d`; swap the table in only if every file is valid.
     pub fn reload_routes(&self) -> Result<usize, ConfigErrors> {
-        let result = load_routes(&self.config.routes_dir, &self.config.file);
+        let result = load_routes(&self.config.routes_dir, &self.runtime.load().file);
         let mut status = self.reload.lock();
         match result {
             Ok(table) => {
@@ -119,6 +223,101 @@ impl AppState {
                 Err(e)
             }
         }
+    }
+
+    /// Re-read `fastgate.yaml` and swap in its upstreams and key pools, with
+    /// `routes.d` validated against them; on any error nothing changes.
+    /// Blocking (file reads, DNS). Returns the sections that changed but
+    /// only take effect after a restart.
+    pub fn reload_config(&self) -> Result<Vec<String>, ConfigErrors> {
+        let result = self.try_reload_config();
+        let outcome = if result.is_ok() { "success" } else { "failure" };
+        self.metrics.config_reloads.with_label_values(&[outcome]).inc();
+        match &result {
+            Ok(restart) => {
+                self.reload.lock().last_error = None;
+                tracing::info!(needs_restart = ?restart, "Reloaded fastgate.yaml (upstreams, key pools) and routes.d.");
+            }
+            Err(e) => {
+                self.reload.lock().last_error = Some(e.to_string());
+                tracing::error!(error = %e, "Rejected the fastgate.yaml change; the previous configuration keeps serving.");
+            }
+        }
+        result
+    }
+
+    fn try_reload_config(&self) -> Result<Vec<String>, ConfigErrors> {
+        let fresh = crate::config::load_config(&self.config.path)?;
+        let fail = |e: store::StoreError| {
+            ConfigErrors(vec![crate::config::Diagnostic {
+                file: self.config.database_path.clone(),
+                line: 1,
+                message: e.to_string(),
+            }])
+        };
+        let table = load_routes(&self.config.routes_dir, &fresh.file)?;
+        let stored = store::open(&self.config.database_path)
+            .and_then(|c| stored_pool_keys(&c, &self.sealer))
+            .map_err(fail)?;
+        let previous = self.runtime.load_full();
+        let runtime = Runtime::build(fresh.file.clone(), &stored, Some(&previous));
+        self.runtime.store(Arc::new(runtime));
+        self.routes.store(Arc::new(table));
+        let (old, new) = (&self.config.file, &fresh.file);
+        let mut restart = Vec::new();
+        let sections: [(&str, String, String); 7] = [
+            ("server", settings_of(&old.server), settings_of(&new.server)),
+            ("admin", settings_of(&old.admin), settings_of(&new.admin)),
+            ("database", settings_of(&old.database), settings_of(&new.database)),
+            ("audit", settings_of(&old.audit), settings_of(&new.audit)),
+            ("logging", settings_of(&old.logging), settings_of(&new.logging)),
+            ("routes_dir", settings_of(&old.routes_dir), settings_of(&new.routes_dir)),
+            (
+                "secrets",
+                settings_of(&old.secrets.master_key.len()),
+                settings_of(&new.secrets.master_key.len()),
+            ),
+        ];
+        for (name, a, b) in sections {
+            if a != b || (name == "secrets" && old.secrets.master_key != new.secrets.master_key) {
+                restart.push(name.to_string());
+            }
+        }
+        if !restart.is_empty() {
+            tracing::warn!(sections = ?restart, "These fastgate.yaml sections changed but take effect only after a restart.");
+        }
+        Ok(restart)
+    }
+
+    /// Write the states of pool keys that changed since the last save (the
+    /// upkeep task every second, and once more at shutdown). Blocking.
+    pub fn save_pool_states(&self) -> Result<usize, store::StoreError> {
+        let runtime = self.runtime.load_full();
+        let mut keys = Vec::new();
+        let mut changed = Vec::new();
+        for pool in runtime.pools.values() {
+            for key in pool.keys() {
+                if key.take_dirty() {
+                    changed.push(store::pool_keys::SavedState {
+                        pool: pool.name.clone(),
+                        key_id: key.id.clone(),
+                        status: key.status(),
+                        totals: key.totals(),
+                    });
+                    keys.push(key);
+                }
+            }
+        }
+        if changed.is_empty() {
+            return Ok(0);
+        }
+        let mut conn = self.health_db.lock();
+        if let Err(e) = store::pool_keys::save_states(&mut conn, &changed) {
+            // Try these again with the next save.
+            keys.iter().for_each(|k| k.mark_dirty());
+            return Err(e);
+        }
+        Ok(changed.len())
     }
 
     /// Count tokens already used this period by keys with a quota, from the
@@ -172,4 +371,29 @@ impl AppState {
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)
     }
+}
+
+/// Admin-added pool keys that open with the master key (others are logged).
+pub fn stored_pool_keys(
+    conn: &rusqlite::Connection,
+    sealer: &crate::seal::Sealer,
+) -> Result<Vec<StoredKey>, store::StoreError> {
+    let (keys, problems) = store::pool_keys::load(conn, sealer)?;
+    for p in problems {
+        tracing::error!(problem = %p, "A stored upstream key cannot be used.");
+    }
+    Ok(keys)
+}
+
+/// Put saved key states back on the keys of `runtime`.
+fn restore_pool_states(conn: &rusqlite::Connection, runtime: &Runtime) -> Result<(), store::StoreError> {
+    for saved in store::pool_keys::load_states(conn)? {
+        if let Some(key) = runtime.pools.get(&saved.pool).and_then(|p| p.key(&saved.key_id)) {
+            key.restore(saved.status, saved.totals);
+        }
+    }
+    for pool in runtime.pools.values() {
+        pool.relist();
+    }
+    Ok(())
 }

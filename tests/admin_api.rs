@@ -790,7 +790,7 @@ async fn exports_stats_and_live_state() {
     let (_, ups) = admin.get("/api/upstreams").await;
     assert_eq!(ups[0]["name"], "oai");
     let (_, pool) = admin.get("/api/pools/p/keys").await;
-    assert_eq!(pool[0]["total"], 25);
+    assert_eq!(pool[0]["totals"]["requests"], 25);
     let (_, config) = admin.get("/api/config").await;
     let everything = format!("{ups} {pool} {config}");
     assert!(

@@ -8,6 +8,7 @@
 pub mod error;
 pub mod keys;
 pub mod logs;
+pub mod pools;
 pub mod routes;
 pub mod session;
 pub mod stats;
@@ -193,9 +194,15 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/api/stats/summary", get(stats::summary))
         .route("/api/stats/timeseries", get(stats::timeseries))
         .route("/api/stats/top", get(stats::top))
-        .route("/api/upstreams", get(stats::upstreams))
-        .route("/api/pools", get(stats::pools))
-        .route("/api/pools/{pool}/keys", get(stats::pool))
+        .route("/api/upstreams", get(pools::upstreams))
+        .route("/api/pools", get(pools::list))
+        .route("/api/pools/{pool}/keys", get(pools::keys).post(pools::add))
+        .route(
+            "/api/pools/{pool}/keys/{id}",
+            axum::routing::patch(pools::patch).delete(pools::delete),
+        )
+        .route("/api/pools/{pool}/keys/{id}/reset", post(pools::reset))
+        .route("/api/pools/{pool}/keys/{id}/test", post(pools::test))
         .route("/api/config", get(stats::config))
         .route("/api/config/reload", post(stats::reload))
         .route("/api/logs/export", get(logs::export))

@@ -190,7 +190,7 @@ pub async fn test(
 ) -> Result<Json<Value>, ApiError> {
     caller.require_admin()?;
     let table = s.app.routes.load_full();
-    explain(&table, &s.app.upstreams, &t).map(Json)
+    explain(&table, &s.app.runtime.load().upstreams, &t).map(Json)
 }
 
 /// Which route `t` would take, why, and the request the upstream would get.

@@ -5,7 +5,7 @@
 use super::{AdminState, error::ApiError, session::Caller};
 use axum::{
     Json,
-    extract::{Path, Query, State},
+    extract::{Query, State},
 };
 use rusqlite::types::Value as Sql;
 use serde::Deserialize;
@@ -215,71 +215,15 @@ pub async fn top(
     Ok(Json(json!({"by": q.by.as_deref().unwrap_or("route"), "items": rows})))
 }
 
-pub async fn upstreams(caller: Caller, State(s): State<Arc<AdminState>>) -> Result<Json<Value>, ApiError> {
-    caller.require_admin()?;
-    let mut list: Vec<Value> = s
-        .app
-        .upstreams
-        .values()
-        .map(|u| {
-            json!({
-                "name": u.name,
-                "provider": u.provider.name(),
-                "endpoints": u.endpoints.iter().map(|e| format!("{}://{}{}", if e.tls { "https" } else { "http" }, e.authority, e.base_path)).collect::<Vec<_>>(),
-                "resolved_addresses": u.backend_count(),
-                "key_pool": u.key_pool.as_ref().map(|p| p.name.clone()),
-                "in_flight": u.key_pool.as_ref().map_or(0, |p| p.keys().iter().map(|k| k.in_flight()).sum::<u32>()),
-            })
-        })
-        .collect();
-    list.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
-    Ok(Json(Value::Array(list)))
-}
-
-fn pool_keys(pool: &crate::pool::KeyPool) -> Vec<Value> {
-    pool.keys()
-        .iter()
-        .map(|k| json!({"id": k.id, "masked": k.secret.masked(), "state": k.state().as_str(), "in_flight": k.in_flight(), "total": k.total()}))
-        .collect()
-}
-
-pub async fn pools(caller: Caller, State(s): State<Arc<AdminState>>) -> Result<Json<Value>, ApiError> {
-    caller.require_admin()?;
-    let mut list: Vec<Value> = s
-        .app
-        .pools
-        .values()
-        .map(|p| {
-            json!({
-                "name": p.name,
-                "strategy": format!("{:?}", p.strategy).to_lowercase(),
-                "keys": p.keys().len(),
-                "in_flight": p.keys().iter().map(|k| k.in_flight()).sum::<u32>(),
-            })
-        })
-        .collect();
-    list.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
-    Ok(Json(Value::Array(list)))
-}
-
-pub async fn pool(
-    caller: Caller,
-    State(s): State<Arc<AdminState>>,
-    Path(name): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    caller.require_admin()?;
-    let pool = s
-        .app
-        .pools
-        .get(&name)
-        .ok_or_else(|| ApiError::NotFound(format!("no key pool named {name:?}")))?;
-    Ok(Json(Value::Array(pool_keys(pool))))
-}
-
 pub async fn config(caller: Caller, State(s): State<Arc<AdminState>>) -> Result<Json<Value>, ApiError> {
     caller.require_admin()?;
     // Secrets are `skip_serializing` on the file types: pool keys, admin token, JWT secret.
-    let mut v = json!(s.app.config.file);
+    let mut file = s.app.config.file.clone();
+    // Upstreams and pools reload live; show what is serving.
+    let runtime = s.app.runtime.load();
+    file.upstreams = runtime.file.upstreams.clone();
+    file.key_pools = runtime.file.key_pools.clone();
+    let mut v = json!(file);
     v["path"] = Value::String(s.app.config.path.display().to_string());
     Ok(Json(v))
 }
@@ -287,15 +231,22 @@ pub async fn config(caller: Caller, State(s): State<Arc<AdminState>>) -> Result<
 pub async fn reload(caller: Caller, State(s): State<Arc<AdminState>>) -> Result<Json<Value>, ApiError> {
     caller.require_admin()?;
     let app = s.app.clone();
-    let result = tokio::task::spawn_blocking(move || app.reload_routes())
+    let result = tokio::task::spawn_blocking(move || app.reload_config())
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?;
     let actor = caller.username.clone();
     let ok = result.is_ok();
     s.db(move |c| crate::store::admin_audit::record(c, &actor, "config.reload", None, None, Some(&json!({"ok": ok}))))
         .await?;
+    let runtime = s.app.runtime.load();
     match result {
-        Ok(n) => Ok(Json(json!({"reloaded": true, "routes": n}))),
+        Ok(restart) => Ok(Json(json!({
+            "reloaded": true,
+            "routes": s.app.routes.load().len(),
+            "upstreams": runtime.upstreams.len(),
+            "key_pools": runtime.pools.len(),
+            "needs_restart": restart,
+        }))),
         Err(e) => Err(ApiError::Invalid(e.to_string())),
     }
 }

@@ -274,6 +274,50 @@ pub struct UpstreamConfig {
     /// series (other names are counted under `other`).
     #[serde(default)]
     pub models: Vec<String>,
+    /// Requests in flight toward this upstream at most (0 = unlimited); over
+    /// it, the next upstream in the route's chain is tried, else 503.
+    #[serde(default)]
+    pub max_in_flight: u32,
+    /// Active health checks of the resolved endpoint addresses.
+    #[serde(default)]
+    pub health_check: Option<HealthCheckConfig>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthCheckKind {
+    /// A TCP connect (and TLS handshake for https endpoints).
+    #[default]
+    Tcp,
+    /// `GET path`, healthy on any status below 500.
+    Http,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthCheckConfig {
+    #[serde(rename = "type")]
+    pub kind: HealthCheckKind,
+    /// For `type: http`; setting it alone implies `http`.
+    pub path: Option<String>,
+    pub interval: HumanDuration,
+    pub timeout: HumanDuration,
+    /// Consecutive results that flip an address's health.
+    pub rise: usize,
+    pub fall: usize,
+}
+
+impl Default for HealthCheckConfig {
+    fn default() -> Self {
+        Self {
+            kind: HealthCheckKind::Tcp,
+            path: None,
+            interval: Duration::from_secs(10).into(),
+            timeout: Duration::from_secs(2).into(),
+            rise: 1,
+            fall: 1,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -320,16 +364,119 @@ pub enum KeyStrategy {
     #[default]
     RoundRobin,
     LeastInFlight,
+    Random,
+    /// Random, in proportion to each key's `weight`.
+    Weighted,
+}
+
+impl KeyStrategy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::RoundRobin => "round_robin",
+            Self::LeastInFlight => "least_in_flight",
+            Self::Random => "random",
+            Self::Weighted => "weighted",
+        }
+    }
+}
+
+/// What a 429 or 5xx cools: the whole key, or the key for that model only.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum CooldownScope {
+    Key,
+    Model,
+}
+
+impl CooldownScope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Key => "key",
+            Self::Model => "model",
+        }
+    }
+}
+
+/// Exponential backoff for keys that 429 or fail without saying for how long.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CooldownConfig {
+    pub initial: HumanDuration,
+    pub max: HumanDuration,
+    pub multiplier: f64,
+}
+
+impl Default for CooldownConfig {
+    fn default() -> Self {
+        Self {
+            initial: Duration::from_secs(1).into(),
+            max: Duration::from_secs(300).into(),
+            multiplier: 2.0,
+        }
+    }
+}
+
+/// A pool key in config: the secret alone, or with a weight for `weighted`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum PoolKeyEntry {
+    Secret(String),
+    Weighted {
+        key: String,
+        #[serde(default = "one")]
+        weight: u32,
+    },
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl PoolKeyEntry {
+    pub fn secret(&self) -> &str {
+        match self {
+            Self::Secret(s) | Self::Weighted { key: s, .. } => s,
+        }
+    }
+
+    pub fn weight(&self) -> u32 {
+        match self {
+            Self::Secret(_) => 1,
+            Self::Weighted { weight, .. } => *weight,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct KeyPoolConfig {
     /// Empty strings (an unset `${VAR:-}`) are ignored.
-    #[serde(default, skip_serializing)]
-    pub keys: Vec<String>,
-    #[serde(default)]
+    #[serde(skip_serializing)]
+    pub keys: Vec<PoolKeyEntry>,
     pub strategy: KeyStrategy,
+    /// Default: `model` when a Gemini upstream uses the pool, else `key`.
+    pub cooldown_scope: Option<CooldownScope>,
+    pub cooldown: CooldownConfig,
+    /// Consecutive 401/403 answers that disable a key until re-enabled.
+    pub disable_after: u32,
+    /// 0 = unlimited.
+    pub max_in_flight_per_key: u32,
+    /// A lease held longer than this is reclaimed (a request that never ended).
+    pub stuck_after: HumanDuration,
+}
+
+impl Default for KeyPoolConfig {
+    fn default() -> Self {
+        Self {
+            keys: Vec::new(),
+            strategy: KeyStrategy::default(),
+            cooldown_scope: None,
+            cooldown: CooldownConfig::default(),
+            disable_after: 3,
+            max_in_flight_per_key: 0,
+            stuck_after: Duration::from_secs(600).into(),
+        }
+    }
 }
 
 /// A loaded, validated configuration and where it came from.
@@ -449,6 +596,38 @@ pub fn parse_config(path: &Path, raw: &str) -> Result<Config, ConfigErrors> {
             errors.push(diag(
                 line,
                 format!("upstreams.{name}.timeouts: timeouts must be greater than zero"),
+            ));
+        }
+    }
+    for (name, pool) in &file.key_pools {
+        let line = at(&format!("{name}:"));
+        let c = &pool.cooldown;
+        if c.initial.0.is_zero() || c.max.0 < c.initial.0 || !(c.multiplier >= 1.0 && c.multiplier <= 100.0) {
+            errors.push(diag(
+                line,
+                format!("key_pools.{name}.cooldown: needs initial > 0, max >= initial and 1 <= multiplier <= 100"),
+            ));
+        }
+        if pool.keys.iter().any(|k| k.weight() == 0) {
+            errors.push(diag(
+                line,
+                format!("key_pools.{name}.keys: a weight must be at least 1"),
+            ));
+        }
+        if pool.stuck_after.0.is_zero() {
+            errors.push(diag(
+                line,
+                format!("key_pools.{name}.stuck_after must be greater than zero"),
+            ));
+        }
+    }
+    for (name, up) in &file.upstreams {
+        if let Some(hc) = &up.health_check
+            && (hc.interval.0.is_zero() || hc.timeout.0.is_zero() || hc.rise == 0 || hc.fall == 0)
+        {
+            errors.push(diag(
+                at("health_check"),
+                format!("upstreams.{name}.health_check: interval, timeout, rise and fall must be greater than zero"),
             ));
         }
     }

@@ -12,7 +12,7 @@ use crate::{
     router::Route,
     state::AppState,
     store::keys::GatewayKey,
-    upstream::{Target, Upstream},
+    upstream::{Slot, Target, Upstream},
 };
 use bytes::Bytes;
 use pingora::http::ResponseHeader;
@@ -44,20 +44,51 @@ pub struct UpstreamCtx {
     pub upstream: Option<Arc<Upstream>>,
     pub target: Option<Target>,
     pub lease: Option<Lease>,
+    /// The request's place under the upstream's `max_in_flight`.
+    pub slot: Option<Slot>,
     pub attempts: u32,
     pub tried_addrs: Vec<SocketAddr>,
     pub tried_keys: Vec<String>,
+    /// Failed attempts, `upstream address key outcome` each; empty on the
+    /// happy path (nothing is built then).
+    pub trail: Vec<String>,
 }
 
 impl UpstreamCtx {
-    /// Remember the current target and key as failed, for the next attempt.
-    pub fn mark_failed(&mut self) {
+    /// Remember the current attempt as failed with `outcome` (for the next
+    /// attempt's choice, the audit row and metrics).
+    pub fn mark_failed(&mut self, outcome: &str) {
+        self.trail.push(self.describe(outcome));
         if let Some(t) = self.target.take() {
             self.tried_addrs.push(t.addr);
         }
         if let Some(l) = self.lease.take() {
             self.tried_keys.push(l.key().id.clone());
         }
+    }
+
+    fn describe(&self, outcome: &str) -> String {
+        format!(
+            "{} {} {} {outcome}",
+            self.upstream.as_ref().map_or("-", |u| u.name.as_str()),
+            self.target
+                .as_ref()
+                .map_or_else(|| "-".to_string(), |t| t.addr.to_string()),
+            self.lease.as_ref().map_or("-", |l| l.key().id.as_str()),
+        )
+    }
+
+    /// Every attempt of a request that failed over (for the audit row);
+    /// `None` when the first attempt was the only one.
+    pub fn attempts_summary(&self, final_status: u16) -> Option<String> {
+        if self.trail.is_empty() {
+            return None;
+        }
+        let mut all = self.trail.clone();
+        if self.target.is_some() || self.lease.is_some() {
+            all.push(self.describe(&final_status.to_string()));
+        }
+        Some(all.join("; "))
     }
 }
 

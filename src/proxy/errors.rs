@@ -17,8 +17,15 @@ pub enum GatewayError {
     BadJson(String),
     #[error("could not read the request body: {0}")]
     BadRequestBody(String),
-    #[error("no usable upstream key in pool {0:?}")]
-    NoUpstreamKey(String),
+    #[error("no usable upstream key in pool {pool:?}: {reason}{}", retry_hint(*retry_after))]
+    NoUpstreamKey {
+        pool: String,
+        reason: String,
+        /// Seconds until the soonest key recovers; `None` when none will.
+        retry_after: Option<u64>,
+    },
+    #[error("upstream {upstream:?} is at its max_in_flight of {limit} requests; retry in 1 s")]
+    UpstreamBusy { upstream: String, limit: u32 },
     #[error("upstream {0:?} has no resolvable endpoint")]
     NoEndpoint(String),
     #[error("upstream {upstream:?} is unreachable: {reason}")]
@@ -34,14 +41,31 @@ pub enum GatewayError {
     ClientClosed,
 }
 
+fn retry_hint(after: Option<u64>) -> String {
+    match after {
+        Some(s) => format!("; retry in {s} s"),
+        None => "; an administrator must re-enable or add keys".into(),
+    }
+}
+
 impl GatewayError {
+    /// The `Retry-After` seconds to send with this error, if any.
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            Self::RateLimited { retry_after, .. } => Some(*retry_after),
+            Self::NoUpstreamKey { retry_after, .. } => *retry_after,
+            Self::UpstreamBusy { .. } => Some(1),
+            _ => None,
+        }
+    }
+
     pub fn status(&self) -> u16 {
         match self {
             Self::NoRoute { .. } => 404,
             Self::Auth(a) => a.status(),
             Self::BodyTooLarge { .. } => 413,
             Self::BadJson(_) | Self::BadRequestBody(_) => 400,
-            Self::NoUpstreamKey(_) => 503,
+            Self::NoUpstreamKey { .. } | Self::UpstreamBusy { .. } => 503,
             Self::NoEndpoint(_) | Self::UpstreamUnreachable { .. } => 502,
             Self::UpstreamTimeout { .. } => 504,
             Self::UpstreamStatus { status, .. } => *status,
@@ -58,7 +82,8 @@ impl GatewayError {
             Self::BodyTooLarge { .. } => "request_too_large",
             Self::BadJson(_) => "invalid_json",
             Self::BadRequestBody(_) => "bad_request_body",
-            Self::NoUpstreamKey(_) => "no_upstream_key",
+            Self::NoUpstreamKey { .. } => "no_upstream_key",
+            Self::UpstreamBusy { .. } => "upstream_busy",
             Self::NoEndpoint(_) => "no_upstream_endpoint",
             Self::UpstreamUnreachable { .. } => "upstream_unreachable",
             Self::UpstreamTimeout { .. } => "upstream_timeout",

@@ -26,9 +26,14 @@ pub fn finish(session: &Session, ctx: &mut RequestCtx, e: Option<&pingora::Error
     let model = ctx.model.take();
     let retries = ctx.upstream.attempts.saturating_sub(1);
 
-    if let Some(key) = &ctx.key {
-        let tokens = usage.prompt_tokens.unwrap_or(0) + usage.completion_tokens.unwrap_or(0);
-        if tokens > 0 {
+    let tokens = usage.prompt_tokens.unwrap_or(0) + usage.completion_tokens.unwrap_or(0);
+    if let Some(lease) = &ctx.upstream.lease {
+        lease.key().add_tokens(tokens);
+    }
+    if let Some(key) = &ctx.key
+        && tokens > 0
+    {
+        {
             let now = audit::now_ms() as u64;
             state.limiter.add_tokens(&key.id, tokens, now);
             if key.token_quota.is_some() {
@@ -150,6 +155,7 @@ pub fn finish(session: &Session, ctx: &mut RequestCtx, e: Option<&pingora::Error
         prompt_tokens: usage.prompt_tokens,
         completion_tokens: usage.completion_tokens,
         retries,
+        attempts: ctx.upstream.attempts_summary(status),
         error: ctx
             .error
             .as_ref()

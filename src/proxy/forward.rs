@@ -24,20 +24,34 @@ use std::{sync::Arc, time::Duration};
 enum Attempt {
     /// Response headers arrived; the session is ready to stream the body.
     Answered(Box<HttpSession>),
-    Failed(GatewayError),
+    /// `refused`: no connection was made (nothing was sent), so another
+    /// address is always safe and does not count against `retries`.
+    Failed { error: GatewayError, refused: bool },
 }
 
 /// How long an attempt runs before FastGate starts watching for the
 /// client's hang-up (well inside the 100 ms in which it must notice).
 const WATCH_CLIENT_AFTER: Duration = Duration::from_millis(20);
 
-fn is_retryable_status(status: u16) -> bool {
-    status == 429 || status >= 500
+/// Why an answer moves the request to another key, endpoint or upstream:
+/// the failover reason for metrics, or `None` to hand the answer over.
+/// A 401/403 condemns the injected pool key, not the client.
+pub fn failover_reason(status: u16, pooled_key: bool) -> Option<&'static str> {
+    match status {
+        429 => Some("status_429"),
+        500..=599 => Some("status_5xx"),
+        401 | 403 if pooled_key => Some("key_rejected"),
+        _ => None,
+    }
 }
 
 /// Send the buffered request, retrying and failing over before the first
 /// byte, then stream the answer. Returns the error to answer with if no
 /// attempt produced a response.
+///
+/// Order: other keys and addresses of the upstream (within `retries`; a
+/// refused connection is free while untried addresses remain), then the
+/// route's fallback upstreams, each within the route's `timeout` overall.
 pub async fn exchange(state: &Arc<AppState>, session: &mut Session, ctx: &mut RequestCtx) -> Result<(), GatewayError> {
     let Some(route) = ctx.route.clone() else {
         return Err(GatewayError::NoRoute {
@@ -47,14 +61,18 @@ pub async fn exchange(state: &Arc<AppState>, session: &mut Session, ctx: &mut Re
     };
     let body = ctx.body.clone().unwrap_or_default();
     let hash_key = ctx.key.as_ref().map(|k| k.id.clone()).unwrap_or_default();
+    let deadline = route.timeout.map(|t| ctx.started + t);
     let mut last_error = None;
+    let runtime = state.runtime.load();
     let chain: Vec<Arc<Upstream>> = route
         .upstreams
         .iter()
-        .filter_map(|name| state.upstreams.get(name).cloned())
+        .filter_map(|name| runtime.upstreams.get(name).cloned())
         .collect();
+    drop(runtime);
     for (position, upstream) in chain.iter().enumerate() {
         ctx.upstream.upstream = Some(upstream.clone());
+        ctx.upstream.slot = None;
         if let Some(mock_cfg) = &upstream.mock {
             ctx.upstream.attempts += 1;
             if let Err(e) = mock::respond(session, ctx, mock_cfg).await {
@@ -65,19 +83,44 @@ pub async fn exchange(state: &Arc<AppState>, session: &mut Session, ctx: &mut Re
             }
             return Ok(());
         }
-        let first_byte = route.timeout.unwrap_or(upstream.timeouts.first_byte.0);
-        for attempt in 0..=route.retries {
-            let last_try = position + 1 == chain.len() && attempt == route.retries;
+        let Some(slot) = upstream.try_slot() else {
+            state.metrics.failovers.with_label_values(&["upstream_busy"]).inc();
+            last_error = Some(GatewayError::UpstreamBusy {
+                upstream: upstream.name.clone(),
+                limit: upstream.max_in_flight,
+            });
+            continue;
+        };
+        ctx.upstream.slot = Some(slot);
+        let last_upstream = position + 1 == chain.len();
+        let mut retries_left = route.retries;
+        loop {
+            let first_byte = match deadline {
+                Some(d) => match d.checked_duration_since(std::time::Instant::now()) {
+                    Some(left) if !left.is_zero() => left.min(upstream.timeouts.first_byte.0),
+                    _ => {
+                        return Err(GatewayError::UpstreamTimeout {
+                            upstream: upstream.name.clone(),
+                            after_ms: ctx.started.elapsed().as_millis(),
+                        });
+                    }
+                },
+                None => upstream.timeouts.first_byte.0,
+            };
+            let last_try = last_upstream && retries_left == 0;
             ctx.upstream.attempts += 1;
             let Some(target) = upstream.select(hash_key.as_bytes(), &ctx.upstream.tried_addrs) else {
                 last_error = Some(GatewayError::NoEndpoint(upstream.name.clone()));
                 break;
             };
-            let lease = match &upstream.key_pool {
-                Some(pool) => match pool.lease(&ctx.upstream.tried_keys) {
-                    Some(l) => Some(l),
-                    None => {
-                        last_error = Some(GatewayError::NoUpstreamKey(pool.name.clone()));
+            ctx.upstream.target = Some(target.clone());
+            ctx.upstream.lease = match &upstream.key_pool {
+                Some(pool) => match pool.lease(&ctx.upstream.tried_keys, ctx.model.as_deref()) {
+                    Ok(l) => Some(l),
+                    Err(no) => {
+                        state.metrics.failovers.with_label_values(&["no_usable_key"]).inc();
+                        last_error = Some(no_key_error(&pool.name, no));
+                        ctx.upstream.target = None;
                         break;
                     }
                 },
@@ -90,12 +133,10 @@ pub async fn exchange(state: &Arc<AppState>, session: &mut Session, ctx: &mut Re
                 &route,
                 upstream.provider,
                 upstream.endpoint(&target),
-                lease.as_ref(),
+                ctx.upstream.lease.as_ref(),
             )?;
             rewrite::set_body_length(&mut req, body.len());
             let peer = upstream.peer(&target, first_byte);
-            ctx.upstream.target = Some(target);
-            ctx.upstream.lease = lease;
             // The client may give up while the upstream connects or thinks:
             // then the exchange is dropped (closing the upstream connection,
             // so generation and billing stop) and the key lease released.
@@ -116,28 +157,74 @@ pub async fn exchange(state: &Arc<AppState>, session: &mut Session, ctx: &mut Re
             };
             match attempt {
                 Attempt::Answered(up) => {
-                    let status = up.response_header().map_or(502, |h| h.status.as_u16());
-                    if is_retryable_status(status) && !last_try {
-                        tracing::info!(request_id = %ctx.request_id, upstream = %upstream.name, status, attempt = ctx.upstream.attempts, "Upstream answered with a retryable status; trying again.");
+                    let (status, reason) = match up.response_header() {
+                        Some(h) => {
+                            let status = h.status.as_u16();
+                            if let Some(lease) = &ctx.upstream.lease {
+                                lease.observe(status, &h.headers, ctx.model.as_deref());
+                            }
+                            (status, failover_reason(status, ctx.upstream.lease.is_some()))
+                        }
+                        None => (502, Some("status_5xx")),
+                    };
+                    if let Some(reason) = reason.filter(|_| !last_try) {
+                        tracing::info!(request_id = %ctx.request_id, upstream = %upstream.name, status, attempt = ctx.upstream.attempts, "Upstream answered with a retryable status; failing over.");
+                        state.metrics.failovers.with_label_values(&[reason]).inc();
                         last_error = Some(GatewayError::UpstreamStatus {
                             upstream: upstream.name.clone(),
                             status,
                         });
-                        ctx.upstream.mark_failed();
+                        ctx.upstream.mark_failed(&status.to_string());
+                        if retries_left == 0 {
+                            break;
+                        }
+                        retries_left -= 1;
                         continue;
                     }
                     stream_response(state, session, ctx, *up, &peer).await;
                     return Ok(());
                 }
-                Attempt::Failed(e) => {
-                    tracing::warn!(request_id = %ctx.request_id, upstream = %upstream.name, error = %e, attempt = ctx.upstream.attempts, "Upstream attempt failed.");
-                    last_error = Some(e);
-                    ctx.upstream.mark_failed();
+                Attempt::Failed { error, refused } => {
+                    tracing::warn!(request_id = %ctx.request_id, upstream = %upstream.name, error = %error, attempt = ctx.upstream.attempts, "Upstream attempt failed.");
+                    if let Some(lease) = &ctx.upstream.lease {
+                        lease.note_failure(error.kind());
+                    }
+                    let reason = if refused {
+                        upstream.rest_address(target.addr);
+                        "connect"
+                    } else {
+                        "timeout_or_io"
+                    };
+                    state.metrics.failovers.with_label_values(&[reason]).inc();
+                    ctx.upstream.mark_failed(error.kind());
+                    last_error = Some(error);
+                    // Nothing was sent on a refused connection: another
+                    // address is free while untried ones remain.
+                    if refused && upstream.untried_addresses(&ctx.upstream.tried_addrs) > 0 {
+                        continue;
+                    }
+                    if retries_left == 0 {
+                        break;
+                    }
+                    retries_left -= 1;
                 }
             }
         }
     }
     Err(last_error.unwrap_or_else(|| GatewayError::NoEndpoint(route.upstreams[0].clone())))
+}
+
+/// The 503 for a pool with no usable key, with the soonest recovery.
+pub fn no_key_error(pool: &str, no: crate::pool::NoKey) -> GatewayError {
+    let now = crate::pool::now_ms();
+    GatewayError::NoUpstreamKey {
+        pool: pool.to_string(),
+        reason: no.reason,
+        // Rounded up: a client must not come back a moment too early.
+        retry_after: no
+            .retry_at_ms
+            .map(|at| ((at - now).max(0) as u64).div_ceil(1000).max(1)),
+    }
 }
 
 /// One attempt: connect (pooled), write request and body, wait for headers.
@@ -155,7 +242,12 @@ async fn send(
     loop {
         let (mut s, reused) = match state.connector.get_http_session(peer).await {
             Ok(pair) => pair,
-            Err(e) => return Attempt::Failed(connect_error(&e, upstream)),
+            Err(e) => {
+                return Attempt::Failed {
+                    refused: is_refused(&e),
+                    error: connect_error(&e, upstream),
+                };
+            }
         };
         if fresh_only && reused {
             // Drain stale pooled connections rather than loop on them.
@@ -173,10 +265,13 @@ async fn send(
             Ok(()) => match tokio::time::timeout(first_byte, s.read_response_header()).await {
                 Ok(r) => r,
                 Err(_) => {
-                    return Attempt::Failed(GatewayError::UpstreamTimeout {
-                        upstream: upstream.into(),
-                        after_ms: first_byte.as_millis(),
-                    });
+                    return Attempt::Failed {
+                        error: GatewayError::UpstreamTimeout {
+                            upstream: upstream.into(),
+                            after_ms: first_byte.as_millis(),
+                        },
+                        refused: false,
+                    };
                 }
             },
             Err(e) => Err(e),
@@ -184,9 +279,23 @@ async fn send(
         match result {
             Ok(()) => return Attempt::Answered(Box::new(s)),
             Err(_) if reused && !fresh_only => fresh_only = true,
-            Err(e) => return Attempt::Failed(connect_error(&e, upstream)),
+            Err(e) => {
+                return Attempt::Failed {
+                    error: connect_error(&e, upstream),
+                    refused: false,
+                };
+            }
         }
     }
+}
+
+/// A connection that was never made (refused, no route, unreachable):
+/// nothing reached the upstream.
+pub fn is_refused(e: &pingora::Error) -> bool {
+    matches!(
+        e.etype(),
+        ErrorType::ConnectRefused | ErrorType::ConnectNoRoute | ErrorType::ConnectError | ErrorType::SocketError
+    )
 }
 
 fn connect_error(e: &pingora::Error, upstream: &str) -> GatewayError {
@@ -328,5 +437,58 @@ async fn stream_response(
     if up.response_done() {
         let idle_timeout = peer.idle_timeout();
         state.connector.release_http_session(up, peer, idle_timeout).await;
+    }
+}
+
+/// What a key test (`POST /api/pools/{pool}/keys/{id}/test`) found.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Probe {
+    pub status: Option<u16>,
+    pub latency_ms: f64,
+    pub error: Option<String>,
+    pub upstream: String,
+    pub path: String,
+}
+
+/// A cheap real call with `key`: the provider's model list. The answer's
+/// status feeds the key's state like any request's would (a 401 counts
+/// toward `disable_after`).
+pub async fn probe(state: &AppState, upstream: &Upstream, lease: &crate::pool::Lease) -> Probe {
+    use crate::config::Provider;
+    let path = match upstream.provider {
+        Provider::Gemini => "/v1beta/models",
+        _ => "/v1/models",
+    };
+    let started = std::time::Instant::now();
+    let done = |status: Option<u16>, error: Option<String>| Probe {
+        status,
+        latency_ms: started.elapsed().as_secs_f64() * 1000.0,
+        error,
+        upstream: upstream.name.clone(),
+        path: path.to_string(),
+    };
+    let Some(target) = upstream.select(b"", &[]) else {
+        return done(None, Some(GatewayError::NoEndpoint(upstream.name.clone()).to_string()));
+    };
+    let ep = upstream.endpoint(&target);
+    let full = format!("{}{path}", ep.base_path);
+    let mut req = match pingora::http::RequestHeader::build("GET", full.as_bytes(), None) {
+        Ok(r) => r,
+        Err(e) => return done(None, Some(e.to_string())),
+    };
+    let _ = req.insert_header(header::HOST, ep.authority.as_str());
+    let _ = req.insert_header(header::ACCEPT, "application/json");
+    rewrite::inject_key(&mut req, upstream.provider, lease.key().secret.expose());
+    let timeout = upstream.timeouts.first_byte.0.min(Duration::from_secs(30));
+    let peer = upstream.peer(&target, timeout);
+    match send(state, &peer, req, Bytes::new(), timeout, &upstream.name).await {
+        Attempt::Answered(s) => {
+            let status = s.response_header().map(|h| h.status.as_u16());
+            if let (Some(code), Some(h)) = (status, s.response_header()) {
+                lease.observe(code, &h.headers, None);
+            }
+            done(status, None)
+        }
+        Attempt::Failed { error, .. } => done(None, Some(error.to_string())),
     }
 }

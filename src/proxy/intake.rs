@@ -225,9 +225,11 @@ pub async fn admit(state: &Arc<AppState>, session: &mut Session, ctx: &mut Reque
             ctx.response.strip_usage_chunk = true;
         }
     }
-    ctx.model = model;
+    // A Gemini URL names its model: known without reading the body (key
+    // cooldowns are per model there).
+    ctx.model = model.or_else(|| model_from_gemini_path(&path).map(str::to_string));
     ctx.body = body;
-    ctx.upstream.upstream = state.upstreams.get(&route.upstreams[0]).cloned();
+    ctx.upstream.upstream = state.runtime.load().upstreams.get(&route.upstreams[0]).cloned();
     ctx.route = Some(route);
     Ok(())
 }

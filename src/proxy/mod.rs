@@ -110,16 +110,30 @@ impl ProxyHttp for Gateway {
         let (Some(route), Some(upstream)) = (ctx.route.clone(), ctx.upstream.upstream.clone()) else {
             return Err(pingora::Error::explain(ErrorType::InternalError, "no route in context"));
         };
+        if ctx.upstream.slot.is_none() {
+            match upstream.try_slot() {
+                Some(slot) => ctx.upstream.slot = Some(slot),
+                None => {
+                    self.state.metrics.failovers.with_label_values(&["upstream_busy"]).inc();
+                    let err = GatewayError::UpstreamBusy {
+                        upstream: upstream.name.clone(),
+                        limit: upstream.max_in_flight,
+                    };
+                    return Err(Self::fail(ctx, err));
+                }
+            }
+        }
         ctx.upstream.attempts += 1;
         let hash_key = ctx.key.as_ref().map(|k| k.id.clone()).unwrap_or_default();
         let Some(target) = upstream.select(hash_key.as_bytes(), &ctx.upstream.tried_addrs) else {
             return Err(Self::fail(ctx, GatewayError::NoEndpoint(upstream.name.clone())));
         };
         if let Some(pool) = &upstream.key_pool {
-            match pool.lease(&ctx.upstream.tried_keys) {
-                Some(lease) => ctx.upstream.lease = Some(lease),
-                None => {
-                    return Err(Self::fail(ctx, GatewayError::NoUpstreamKey(pool.name.clone())));
+            match pool.lease(&ctx.upstream.tried_keys, ctx.model.as_deref()) {
+                Ok(lease) => ctx.upstream.lease = Some(lease),
+                Err(no) => {
+                    self.state.metrics.failovers.with_label_values(&["no_usable_key"]).inc();
+                    return Err(Self::fail(ctx, forward::no_key_error(&pool.name, no)));
                 }
             }
         }
@@ -191,6 +205,9 @@ impl ProxyHttp for Gateway {
             resp.remove_header(&name);
         }
         resp.insert_header("x-request-id", ctx.request_id.as_str())?;
+        if let Some(lease) = &ctx.upstream.lease {
+            lease.observe(resp.status.as_u16(), &resp.headers, ctx.model.as_deref());
+        }
         ctx.begin_response(resp);
         Ok(())
     }
@@ -221,9 +238,24 @@ impl ProxyHttp for Gateway {
         mut e: Box<pingora::Error>,
     ) -> Box<pingora::Error> {
         let retries = ctx.route.as_ref().map_or(0, |r| r.retries);
-        // Nothing was sent yet, so another endpoint/key is always safe.
-        if ctx.upstream.attempts <= retries {
-            ctx.upstream.mark_failed();
+        let refused = forward::is_refused(&e);
+        if let (true, Some(upstream), Some(target)) = (refused, &ctx.upstream.upstream, &ctx.upstream.target) {
+            upstream.rest_address(target.addr);
+        }
+        if let Some(lease) = &ctx.upstream.lease {
+            lease.note_failure(e.etype().as_str());
+        }
+        ctx.upstream.mark_failed(e.etype().as_str());
+        // Nothing was sent yet, so another endpoint/key is always safe; a
+        // refused address costs no retry while untried addresses remain.
+        let untried = ctx
+            .upstream
+            .upstream
+            .as_ref()
+            .is_some_and(|u| u.untried_addresses(&ctx.upstream.tried_addrs) > 0);
+        if ctx.upstream.attempts <= retries || (refused && untried) {
+            let reason = if refused { "connect" } else { "timeout_or_io" };
+            self.state.metrics.failovers.with_label_values(&[reason]).inc();
             e.set_retry(true);
         }
         e
@@ -267,6 +299,20 @@ impl ProxyHttp for Gateway {
             },
         });
         let code = err.status();
+        // A stream that already started ends with a well-formed error event.
+        if !matches!(err, GatewayError::ClientClosed)
+            && session.response_written().is_some()
+            && ctx.response.meter.is_sse()
+        {
+            let event = err.sse_event(ctx.format);
+            if session.write_response_body(Some(event), true).await.is_ok() {
+                ctx.error = Some(err);
+                return FailToProxy {
+                    error_code: code,
+                    can_reuse_downstream: false,
+                };
+            }
+        }
         // Nothing can be written to a client that is gone or already got headers.
         if matches!(err, GatewayError::ClientClosed) || session.response_written().is_some() {
             ctx.error = Some(err);

@@ -48,12 +48,8 @@ pub async fn error(session: &mut Session, ctx: &mut RequestCtx, err: GatewayErro
         session.set_keepalive(None);
     }
     let mut resp = header(status, ctx, "application/json", Some(body.len()), session.is_http2())?;
-    match &err {
-        GatewayError::RateLimited { retry_after, .. } => {
-            resp.insert_header(header::RETRY_AFTER, retry_after.to_string())?
-        }
-        GatewayError::NoUpstreamKey(_) => resp.insert_header(header::RETRY_AFTER, "1")?,
-        _ => {}
+    if let Some(secs) = err.retry_after() {
+        resp.insert_header(header::RETRY_AFTER, secs.to_string())?;
     }
     ctx.error = Some(err);
     ctx.begin_response(&resp);

@@ -230,7 +230,7 @@ pub fn upstream_request(
 }
 
 /// Put an upstream key where `provider` expects it.
-fn inject_key(req: &mut RequestHeader, provider: Provider, secret: &str) {
+pub fn inject_key(req: &mut RequestHeader, provider: Provider, secret: &str) {
     let Ok(mut value) = HeaderValue::from_str(secret) else {
         return;
     };

@@ -32,6 +32,10 @@ pub struct AuditRecord {
     pub prompt_tokens: Option<u64>,
     pub completion_tokens: Option<u64>,
     pub retries: u32,
+    /// Every attempt of a request that failed over: `upstream address key
+    /// outcome`, separated by `; ` (keys by id, never the secret).
+    #[serde(default)]
+    pub attempts: Option<String>,
     pub error: Option<String>,
     pub client_ip: Option<String>,
     pub user_agent: Option<String>,
@@ -50,9 +54,9 @@ pub fn insert_batch(conn: &mut Connection, records: &[AuditRecord]) -> Result<()
                 upstream_key_id, method, path, status, model, stream, ttfb_ms, duration_ms,
                 request_bytes, response_bytes, chunks, prompt_tokens, completion_tokens, retries,
                 error, client_ip, user_agent, request_headers, response_headers, request_body,
-                response_body, user_id)
+                response_body, user_id, attempts)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
-                ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29)",
+                ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30)",
         )?;
         for r in records {
             stmt.execute(params![
@@ -85,6 +89,7 @@ pub fn insert_batch(conn: &mut Connection, records: &[AuditRecord]) -> Result<()
                 r.request_body,
                 r.response_body,
                 r.user_id,
+                r.attempts,
             ])?;
         }
     }
@@ -105,7 +110,7 @@ pub fn delete_before(conn: &Connection, cutoff_ms: i64, batch: usize) -> Result<
 const SELECT: &str = "SELECT id, request_id, ts_ms, key_id, owner, route, upstream, endpoint,
     upstream_key_id, method, path, status, model, stream, ttfb_ms, duration_ms, request_bytes,
     response_bytes, chunks, prompt_tokens, completion_tokens, retries, error, client_ip, user_agent,
-    request_headers, response_headers, request_body, response_body, user_id FROM audit_log";
+    request_headers, response_headers, request_body, response_body, user_id, attempts FROM audit_log";
 
 /// A stored row: its id (the pagination cursor) and the record.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -148,6 +153,7 @@ fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<LogRow> {
             request_body: r.get(27)?,
             response_body: r.get(28)?,
             user_id: r.get(29)?,
+            attempts: r.get(30)?,
         },
     })
 }

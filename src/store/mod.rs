@@ -5,6 +5,7 @@
 pub mod admin_audit;
 pub mod audit;
 pub mod keys;
+pub mod pool_keys;
 pub mod settings;
 pub mod users;
 
@@ -152,6 +153,31 @@ static MIGRATIONS: LazyLock<Migrations<'static>> = LazyLock::new(|| {
             BEGIN UPDATE change_counter SET version = version + 1 WHERE name = 'keys'; END;
         CREATE TRIGGER users_delete AFTER DELETE ON users
             BEGIN UPDATE change_counter SET version = version + 1 WHERE name = 'keys'; END;",
+        ),
+        // Upstream keys added through the admin API (sealed with
+        // secrets.master_key), and the live state of every pool key.
+        M::up(
+            "CREATE TABLE pool_keys (
+            pool       TEXT NOT NULL,
+            key_id     TEXT NOT NULL,
+            secret     TEXT NOT NULL,
+            weight     INTEGER NOT NULL DEFAULT 1,
+            added_by   TEXT NOT NULL,
+            created_at INTEGER NOT NULL,
+            PRIMARY KEY (pool, key_id)
+        );
+        CREATE TABLE pool_key_state (
+            pool         TEXT NOT NULL,
+            key_id       TEXT NOT NULL,
+            status       TEXT NOT NULL,
+            requests     INTEGER NOT NULL DEFAULT 0,
+            errors       INTEGER NOT NULL DEFAULT 0,
+            tokens       INTEGER NOT NULL DEFAULT 0,
+            last_used_ms INTEGER NOT NULL DEFAULT 0,
+            updated_ms   INTEGER NOT NULL,
+            PRIMARY KEY (pool, key_id)
+        );
+        ALTER TABLE audit_log ADD COLUMN attempts TEXT;",
         ),
     ])
 });

@@ -38,9 +38,34 @@ impl Seen {
     }
 }
 
+/// How the mock treats requests made with one upstream key, like a real
+/// provider treats a key that is rate-limited, revoked or overloaded.
+#[derive(Debug)]
+pub enum KeyRule {
+    /// 429 with `Retry-After: secs` (and the provider's error body).
+    RateLimited { retry_after: u32 },
+    /// Answer every request with this status (401, 403, 500, 529 ...).
+    Status(u16),
+    /// 429 (no `Retry-After`, as Gemini does) for one model only.
+    ModelLimited { model: String },
+    /// Accept the request and never answer.
+    Hang,
+    /// Start a stream, send two events, then drop the connection.
+    CutMidStream,
+    /// A window of `limit` requests: every answer carries the OpenAI
+    /// `x-ratelimit-*-requests` headers; over the limit, 429.
+    Window {
+        limit: u32,
+        used: AtomicU32,
+        reset: &'static str,
+    },
+}
+
 /// Knobs a test can turn on the mock upstream.
 #[derive(Default)]
 pub struct Behaviour {
+    /// Rules by upstream key (the bearer, `x-api-key` or `x-goog-api-key`).
+    pub keys: Mutex<HashMap<String, KeyRule>>,
     /// Answer this many requests with 429 before answering normally.
     pub fail_429: AtomicU32,
     /// Interval between SSE events in milliseconds.
@@ -55,22 +80,37 @@ pub struct MockUpstream {
     pub behaviour: Arc<Behaviour>,
 }
 
-type Body = BoxBody<Bytes, Infallible>;
+/// A body error makes hyper drop the connection mid-body (a cut stream).
+type Body = BoxBody<Bytes, std::io::Error>;
 
 fn full(status: u16, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
     Response::builder()
         .status(status)
         .header("content-type", content_type)
-        .body(Full::new(body.into()).boxed())
+        .body(Full::new(body.into()).map_err(|e: Infallible| match e {}).boxed())
         .unwrap()
 }
 
 fn sse(events: Vec<String>, interval: Duration, aborted: Arc<Behaviour>) -> Response<Body> {
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
+    sse_cut(events, interval, aborted, None)
+}
+
+/// An SSE answer; with `cut_after`, the connection drops after that many events.
+fn sse_cut(
+    events: Vec<String>,
+    interval: Duration,
+    aborted: Arc<Behaviour>,
+    cut_after: Option<usize>,
+) -> Response<Body> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(1);
     tokio::spawn(async move {
         for (i, e) in events.into_iter().enumerate() {
             if i > 0 {
                 tokio::time::sleep(interval).await;
+            }
+            if cut_after == Some(i) {
+                let _ = tx.send(Err(std::io::Error::other("cut mid-stream"))).await;
+                return;
             }
             if tx.send(Ok(Frame::data(Bytes::from(e)))).await.is_err() {
                 aborted.stream_aborted.store(true, Ordering::SeqCst);
@@ -143,8 +183,119 @@ async fn handle(
     parts.headers.remove("content-length");
     Ok(Response::from_parts(
         parts,
-        Full::new(Bytes::from(compress(encoding, &plain))).boxed(),
+        Full::new(Bytes::from(compress(encoding, &plain)))
+            .map_err(|e: Infallible| match e {})
+            .boxed(),
     ))
+}
+
+/// The upstream key a request carries, however its provider sends it.
+fn upstream_key(headers: &hyper::HeaderMap) -> Option<String> {
+    let h = |n: &str| headers.get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
+    h("authorization")
+        .and_then(|a| a.strip_prefix("Bearer ").map(str::to_string))
+        .or_else(|| h("x-api-key"))
+        .or_else(|| h("x-goog-api-key"))
+}
+
+/// The provider's error body for `status`, in its own shape.
+fn provider_error(path: &str, status: u16, message: &str) -> String {
+    if path.ends_with("/messages") {
+        let kind = match status {
+            401 => "authentication_error",
+            403 => "permission_error",
+            429 => "rate_limit_error",
+            529 => "overloaded_error",
+            _ => "api_error",
+        };
+        serde_json::json!({"type":"error","error":{"type":kind,"message":message}}).to_string()
+    } else if path.contains(":generateContent")
+        || path.contains(":streamGenerateContent")
+        || path.starts_with("/v1beta")
+    {
+        let st = match status {
+            401 => "UNAUTHENTICATED",
+            403 => "PERMISSION_DENIED",
+            429 => "RESOURCE_EXHAUSTED",
+            _ => "INTERNAL",
+        };
+        serde_json::json!({"error":{"code":status,"message":message,"status":st}}).to_string()
+    } else {
+        serde_json::json!({"error":{"message":message,"type":"requests","param":null,"code":status.to_string()}})
+            .to_string()
+    }
+}
+
+/// What a key rule makes of a request, if anything: an early answer, or
+/// (for a window) headers to add to the normal one.
+enum RuleOutcome {
+    Answer(Response<Body>),
+    Headers(Vec<(&'static str, String)>),
+    Cut,
+    Pass,
+}
+
+async fn apply_rule(b: &Behaviour, key: Option<&str>, path: &str, model: &str) -> RuleOutcome {
+    let (limited, hang) = {
+        let rules = b.keys.lock().unwrap();
+        let Some(rule) = key.and_then(|k| rules.get(k)) else {
+            return RuleOutcome::Pass;
+        };
+        match rule {
+            KeyRule::RateLimited { retry_after } => {
+                let mut r = full(
+                    429,
+                    "application/json",
+                    provider_error(path, 429, "Rate limit reached for requests"),
+                );
+                r.headers_mut()
+                    .insert("retry-after", retry_after.to_string().parse().unwrap());
+                return RuleOutcome::Answer(r);
+            }
+            KeyRule::Status(code) => {
+                return RuleOutcome::Answer(full(
+                    *code,
+                    "application/json",
+                    provider_error(path, *code, "as the rule says"),
+                ));
+            }
+            KeyRule::ModelLimited { model: m } if m == model => (true, false),
+            KeyRule::ModelLimited { .. } => return RuleOutcome::Pass,
+            KeyRule::Hang => (false, true),
+            KeyRule::CutMidStream => return RuleOutcome::Cut,
+            KeyRule::Window { limit, used, reset } => {
+                let n = used.fetch_add(1, Ordering::SeqCst) + 1;
+                if n > *limit {
+                    let mut r = full(
+                        429,
+                        "application/json",
+                        provider_error(path, 429, "Rate limit reached for requests"),
+                    );
+                    r.headers_mut()
+                        .insert("x-ratelimit-remaining-requests", "0".parse().unwrap());
+                    r.headers_mut()
+                        .insert("x-ratelimit-reset-requests", reset.parse().unwrap());
+                    return RuleOutcome::Answer(r);
+                }
+                return RuleOutcome::Headers(vec![
+                    ("x-ratelimit-limit-requests", limit.to_string()),
+                    ("x-ratelimit-remaining-requests", (limit - n).to_string()),
+                    ("x-ratelimit-reset-requests", reset.to_string()),
+                ]);
+            }
+        }
+    };
+    if hang {
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+    }
+    if limited {
+        return RuleOutcome::Answer(full(
+            429,
+            "application/json",
+            provider_error(path, 429, "Resource has been exhausted (e.g. check quota)."),
+        ));
+    }
+    RuleOutcome::Pass
 }
 
 async fn answer(
@@ -189,7 +340,11 @@ async fn answer(
             .header("connection", "x-hop-secret")
             .header("x-hop-secret", "upstream-internal")
             .header("x-end-to-end", "kept")
-            .body(Full::new(Bytes::from_static(b"{}")).boxed())
+            .body(
+                Full::new(Bytes::from_static(b"{}"))
+                    .map_err(|e: Infallible| match e {})
+                    .boxed(),
+            )
             .unwrap());
     }
     if path == "/slow" {
@@ -200,7 +355,62 @@ async fn answer(
     let stream =
         json["stream"].as_bool().unwrap_or(false) || path.contains(":streamGenerateContent") || path.ends_with("/sse");
     let interval = Duration::from_millis(b.sse_interval_ms.load(Ordering::SeqCst) as u64);
-    let model = json["model"].as_str().unwrap_or("upstream-model").to_string();
+    let gemini_model = path
+        .split("/models/")
+        .nth(1)
+        .and_then(|r| r.split(':').next())
+        .map(str::to_string);
+    let model = json["model"]
+        .as_str()
+        .map(str::to_string)
+        .or(gemini_model)
+        .unwrap_or_else(|| "upstream-model".to_string());
+    let mut extra_headers = Vec::new();
+    match apply_rule(&b, upstream_key(&parts.headers).as_deref(), &path, &model).await {
+        RuleOutcome::Answer(r) => return Ok(r),
+        RuleOutcome::Headers(h) => extra_headers = h,
+        RuleOutcome::Cut => {
+            let events = (0..5)
+                .map(|i| format!("data: {{\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"t{i}\"}}}}]}}\n\n"))
+                .collect();
+            return Ok(sse_cut(events, interval.max(Duration::from_millis(20)), b, Some(2)));
+        }
+        RuleOutcome::Pass => {}
+    }
+    let mut resp = answer_normally(&path, &json, stream, interval, &model, b);
+    if extra_headers.is_empty() && resp.status() == 200 {
+        // Like the real providers: every answer reports the key's allowance.
+        extra_headers = if path.ends_with("/messages") {
+            vec![
+                ("anthropic-ratelimit-requests-limit", "1000".into()),
+                ("anthropic-ratelimit-requests-remaining", "999".into()),
+                ("anthropic-ratelimit-requests-reset", "2099-01-01T00:00:00Z".into()),
+            ]
+        } else if !path.contains("/models/") {
+            vec![
+                ("x-ratelimit-limit-requests", "10000".into()),
+                ("x-ratelimit-remaining-requests", "9999".into()),
+                ("x-ratelimit-reset-requests", "6ms".into()),
+            ]
+        } else {
+            Vec::new()
+        };
+    }
+    for (k, v) in extra_headers {
+        resp.headers_mut().insert(k, v.parse().unwrap());
+    }
+    Ok(resp)
+}
+
+/// What a healthy provider answers.
+fn answer_normally(
+    path: &str,
+    json: &serde_json::Value,
+    stream: bool,
+    interval: Duration,
+    model: &str,
+    b: Arc<Behaviour>,
+) -> Response<Body> {
     if path.ends_with("/messages") {
         if stream {
             let events = vec![
@@ -209,26 +419,26 @@ async fn answer(
                 "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":3}}\n\n".into(),
                 "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n".into(),
             ];
-            return Ok(sse(events, interval, b));
+            return sse(events, interval, b);
         }
         let out = serde_json::json!({"id":"msg_1","type":"message","role":"assistant","model":model,"content":[{"type":"text","text":"Hi"}],"stop_reason":"end_turn","usage":{"input_tokens":12,"output_tokens":3}});
-        return Ok(full(200, "application/json", out.to_string()));
+        return full(200, "application/json", out.to_string());
     }
     if path.contains(":generateContent") || path.contains(":streamGenerateContent") {
         let chunk = serde_json::json!({"candidates":[{"content":{"parts":[{"text":"Hi"}],"role":"model"},"finishReason":"STOP","index":0}],"usageMetadata":{"promptTokenCount":5,"candidatesTokenCount":1,"totalTokenCount":6}});
         if stream {
             let events = (0..5).map(|_| format!("data: {chunk}\n\n")).collect();
-            return Ok(sse(events, interval, b));
+            return sse(events, interval, b);
         }
-        return Ok(full(200, "application/json", chunk.to_string()));
+        return full(200, "application/json", chunk.to_string());
     }
     // OpenAI-style default, with OpenAI's rules.
     if !json["stream_options"].is_null() && !stream {
-        return Ok(full(
+        return full(
             400,
             "application/json",
             r#"{"error":{"message":"The 'stream_options' parameter is only allowed when 'stream' is enabled.","type":"invalid_request_error","param":"stream_options","code":null}}"#,
-        ));
+        );
     }
     if stream {
         let mut events: Vec<String> = (0..5)
@@ -238,10 +448,10 @@ async fn answer(
             events.push(format!("data: {{\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"model\":\"{model}\",\"choices\":[],\"usage\":{{\"prompt_tokens\":9,\"completion_tokens\":5,\"total_tokens\":14}}}}\n\n"));
         }
         events.push("data: [DONE]\n\n".into());
-        return Ok(sse(events, interval, b));
+        return sse(events, interval, b);
     }
     let out = serde_json::json!({"id":"c1","object":"chat.completion","model":model,"choices":[{"index":0,"message":{"role":"assistant","content":"Hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":9,"completion_tokens":1,"total_tokens":10},"upstream_port_echo":true});
-    Ok(full(200, "application/json", out.to_string()))
+    full(200, "application/json", out.to_string())
 }
 
 impl MockUpstream {
@@ -484,6 +694,35 @@ impl Gateway {
             .as_str()
             .unwrap()
             .to_string()
+    }
+
+    /// Stop the server gracefully (SIGTERM) and start it again on the same
+    /// config, database and ports.
+    pub async fn restart(&mut self) {
+        self.signal("TERM");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while self.child.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "gateway did not stop");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for _ in 0..50 {
+            let mut child = Command::new(bin())
+                .args(["serve", "-c"])
+                .arg(self.config_path())
+                .env("FASTGATE_LOG", "info,fastgate=debug")
+                .env("FASTGATE_ADMIN_PASSWORD", ADMIN_PASSWORD)
+                .stdout(Stdio::null())
+                .stderr(std::fs::OpenOptions::new().append(true).open(&self.log).unwrap())
+                .spawn()
+                .unwrap();
+            if wait_ready(&mut child, self.port, self.admin_port, &self.log).await {
+                self.child = child;
+                return;
+            }
+            let _ = child.wait();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("gateway did not come back on its ports");
     }
 
     pub fn signal(&self, sig: &str) {

@@ -5,6 +5,13 @@
 //! Endpoint hostnames are resolved at start (blocking, once) and then
 //! re-resolved in the background, like nginx's `resolve`; an endpoint that does
 //! not resolve yet (offline machine) is simply absent until it does.
+//!
+//! Every resolved address is a backend. An address that refuses connections
+//! (an IPv6 address on an IPv4-only host, a dead replica) is set aside for
+//! [`ADDRESS_REST`] and the request moves on to another address at once;
+//! optional active health checks (`health_check`) do the same on a timer.
+
+mod health;
 
 use crate::{
     config::{Balance, MockConfig, Provider, TimeoutsConfig, UpstreamConfig},
@@ -23,9 +30,15 @@ use pingora::{
 use std::{
     collections::{BTreeSet, HashMap},
     net::{SocketAddr, ToSocketAddrs},
-    sync::Arc,
-    time::Duration,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU32, Ordering},
+    },
+    time::{Duration, Instant},
 };
+
+/// How long an address that refused a connection is passed over.
+pub const ADDRESS_REST: Duration = Duration::from_secs(30);
 
 /// A parsed `endpoints:` entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -158,7 +171,35 @@ pub struct Upstream {
     pub timeouts: TimeoutsConfig,
     pub key_pool: Option<Arc<KeyPool>>,
     pub mock: Option<MockConfig>,
+    /// 0 = unlimited.
+    pub max_in_flight: u32,
+    in_flight: Arc<AtomicU32>,
+    /// Addresses that refused a connection, until when they are passed over.
+    resting: parking_lot::Mutex<HashMap<SocketAddr, Instant>>,
+    any_resting: AtomicBool,
+    pub health_interval: Option<Duration>,
     selector: Option<Selector>,
+}
+
+/// A request's place under an upstream's `max_in_flight`; freed on drop.
+#[derive(Debug)]
+pub struct Slot(Arc<AtomicU32>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One resolved address and what FastGate knows of it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AddressHealth {
+    pub address: String,
+    pub endpoint: String,
+    /// Passed the last health check (always true without health checks).
+    pub healthy: bool,
+    /// Refused a connection recently; passed over until it rests out.
+    pub resting: bool,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -185,7 +226,10 @@ impl Upstream {
                 endpoints: endpoints.clone(),
                 initial: parking_lot::Mutex::new(Some(initial)),
             };
-            let backends = pingora::lb::Backends::new(Box::new(discovery));
+            let mut backends = pingora::lb::Backends::new(Box::new(discovery));
+            if let Some(hc) = &cfg.health_check {
+                backends.set_health_check(Box::new(health::EndpointCheck::new(name, &endpoints, hc)));
+            }
             let selector = match cfg.balance {
                 Balance::RoundRobin => Selector::RoundRobin(LoadBalancer::from_backends(backends)),
                 Balance::Random => Selector::Random(LoadBalancer::from_backends(backends)),
@@ -203,8 +247,82 @@ impl Upstream {
             timeouts: cfg.timeouts.clone(),
             key_pool: cfg.key_pool.as_ref().and_then(|p| pools.get(p).cloned()),
             mock: (cfg.provider == Provider::Mock).then(|| cfg.mock.clone().unwrap_or_default()),
+            max_in_flight: cfg.max_in_flight,
+            in_flight: Arc::new(AtomicU32::new(0)),
+            resting: parking_lot::Mutex::new(HashMap::new()),
+            any_resting: AtomicBool::new(false),
+            health_interval: cfg.health_check.as_ref().map(|h| h.interval.0),
             selector,
         }
+    }
+
+    /// Take a place under `max_in_flight`; `None` when the upstream is full.
+    pub fn try_slot(&self) -> Option<Slot> {
+        let now = self.in_flight.fetch_add(1, Ordering::Relaxed);
+        let slot = Slot(self.in_flight.clone());
+        (self.max_in_flight == 0 || now < self.max_in_flight).then_some(slot)
+    }
+
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Pass over `addr` for a while: it refused a connection.
+    pub fn rest_address(&self, addr: SocketAddr) {
+        let mut r = self.resting.lock();
+        r.insert(addr, Instant::now() + ADDRESS_REST);
+        self.any_resting.store(true, Ordering::Relaxed);
+        tracing::info!(upstream = %self.name, %addr, "Address refused a connection; passing over it for a while.");
+    }
+
+    fn is_resting(&self, addr: &SocketAddr) -> bool {
+        if !self.any_resting.load(Ordering::Relaxed) {
+            return false;
+        }
+        let mut r = self.resting.lock();
+        let now = Instant::now();
+        r.retain(|_, until| *until > now);
+        self.any_resting.store(!r.is_empty(), Ordering::Relaxed);
+        r.contains_key(addr)
+    }
+
+    /// Addresses not yet tried in this request that could still be tried.
+    pub fn untried_addresses(&self, tried: &[SocketAddr]) -> usize {
+        self.selector.as_ref().map_or(0, |s| {
+            each_lb!(s, lb => lb.backends().get_backend().iter().filter(|b| b.addr.as_inet().is_some_and(|a| !tried.contains(a))).count())
+        })
+    }
+
+    /// Run the active health checks once (the upkeep task calls this every
+    /// `health_check.interval`).
+    pub async fn check_health(&self) {
+        if let Some(s) = &self.selector {
+            each_lb!(s, lb => lb.backends().run_health_check(true).await);
+        }
+    }
+
+    /// Every resolved address with its health.
+    pub fn addresses(&self) -> Vec<AddressHealth> {
+        let Some(s) = &self.selector else {
+            return Vec::new();
+        };
+        each_lb!(s, lb => {
+            let backends = lb.backends();
+            backends
+                .get_backend()
+                .iter()
+                .filter_map(|b| {
+                    let addr = *b.addr.as_inet()?;
+                    let ep = b.ext.get::<EndpointIndex>().and_then(|i| self.endpoints.get(i.0))?;
+                    Some(AddressHealth {
+                        address: addr.to_string(),
+                        endpoint: format!("{}://{}{}", if ep.tls { "https" } else { "http" }, ep.authority, ep.base_path),
+                        healthy: backends.ready(b),
+                        resting: self.is_resting(&addr),
+                    })
+                })
+                .collect()
+        })
     }
 
     pub fn is_mock(&self) -> bool {
@@ -229,11 +347,21 @@ impl Upstream {
 
     /// Pick an endpoint address, avoiding `avoid` when another one exists.
     /// `hash_key` feeds consistent hashing (ignored by the other strategies).
+    /// Healthy, untried, not resting addresses come first; then healthy
+    /// ones (a resting address may have come back); then any.
     pub fn select(&self, hash_key: &[u8], avoid: &[SocketAddr]) -> Option<Target> {
         let selector = self.selector.as_ref()?;
-        let fresh = |b: &Backend, healthy: bool| healthy && b.addr.as_inet().is_some_and(|a| !avoid.contains(a));
-        let backend =
-            each_lb!(selector, lb => lb.select_with(hash_key, 256, fresh).or_else(|| lb.select(hash_key, 256)))?;
+        let fresh = |b: &Backend, healthy: bool| {
+            healthy
+                && b.addr
+                    .as_inet()
+                    .is_some_and(|a| !avoid.contains(a) && !self.is_resting(a))
+        };
+        let untried = |b: &Backend, healthy: bool| healthy && b.addr.as_inet().is_some_and(|a| !avoid.contains(a));
+        let backend = each_lb!(selector, lb => lb
+            .select_with(hash_key, 256, fresh)
+            .or_else(|| lb.select_with(hash_key, 256, untried))
+            .or_else(|| lb.select(hash_key, 256)))?;
         let addr = *backend.addr.as_inet()?;
         let endpoint = backend.ext.get::<EndpointIndex>().map_or(0, |i| i.0);
         Some(Target { addr, endpoint })

@@ -1,0 +1,232 @@
+//! What a provider's response headers say about the key that was used:
+//! how long to stay away (`Retry-After`, reset headers) and how much of the
+//! key's allowance is left (`x-ratelimit-remaining-*`,
+//! `anthropic-ratelimit-*-remaining`).
+//!
+//! Dialects: OpenAI (and most OpenAI-compatible servers) send relative Go
+//! durations (`x-ratelimit-reset-requests: 6m0s`); Anthropic sends RFC 3339
+//! instants (`anthropic-ratelimit-requests-reset: 2025-08-21T12:40:59Z`);
+//! `Retry-After` is seconds or an HTTP date. Gemini sends none of these.
+
+use http::HeaderMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// One rate-limit window as the provider reported it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Window {
+    pub limit: Option<u64>,
+    pub remaining: Option<u64>,
+    /// Unix milliseconds when the window refills.
+    pub reset_ms: Option<i64>,
+}
+
+/// The rate-limit facts of one response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Signals {
+    /// `Retry-After`, as Unix milliseconds.
+    pub retry_at_ms: Option<i64>,
+    pub requests: Window,
+    pub tokens: Window,
+}
+
+/// Longest wait a provider header may impose (a bogus date must not bench a
+/// key for a year).
+const MAX_WAIT: Duration = Duration::from_secs(24 * 3600);
+
+impl Signals {
+    /// Read the headers of a response received at `now_ms`.
+    pub fn read(headers: &HeaderMap, now_ms: i64) -> Self {
+        let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
+        let num = |name: &str| {
+            text(name)
+                .and_then(|v| v.parse::<f64>().ok())
+                .map(|v| v.max(0.0) as u64)
+        };
+        let reset = |name: &str| text(name).and_then(|v| reset_instant(v, now_ms));
+        let openai = |kind: &str| Window {
+            limit: num(&format!("x-ratelimit-limit-{kind}")),
+            remaining: num(&format!("x-ratelimit-remaining-{kind}")),
+            reset_ms: reset(&format!("x-ratelimit-reset-{kind}")),
+        };
+        let anthropic = |kind: &str| Window {
+            limit: num(&format!("anthropic-ratelimit-{kind}-limit")),
+            remaining: num(&format!("anthropic-ratelimit-{kind}-remaining")),
+            reset_ms: reset(&format!("anthropic-ratelimit-{kind}-reset")),
+        };
+        let pick = |a: Window, b: Window| if a.remaining.is_some() { a } else { b };
+        // Anthropic reports input and output tokens apart as well; the
+        // combined `tokens` window is the one that binds first.
+        let anthropic_tokens = [
+            anthropic("tokens"),
+            anthropic("input-tokens"),
+            anthropic("output-tokens"),
+        ]
+        .into_iter()
+        .filter(|w| w.remaining.is_some())
+        .min_by_key(|w| w.remaining)
+        .unwrap_or_default();
+        Signals {
+            retry_at_ms: text("retry-after").and_then(|v| retry_after(v, now_ms)),
+            requests: pick(openai("requests"), anthropic("requests")),
+            tokens: pick(openai("tokens"), anthropic_tokens),
+        }
+    }
+
+    /// When the window that ran out refills: the later reset of the windows
+    /// with nothing left, else the earliest reset reported.
+    pub fn reset_ms(&self) -> Option<i64> {
+        let spent = [self.requests, self.tokens]
+            .into_iter()
+            .filter(|w| w.remaining == Some(0))
+            .filter_map(|w| w.reset_ms)
+            .max();
+        spent.or_else(|| {
+            [self.requests.reset_ms, self.tokens.reset_ms]
+                .into_iter()
+                .flatten()
+                .min()
+        })
+    }
+}
+
+/// `Retry-After`: delay seconds or an HTTP date.
+fn retry_after(v: &str, now_ms: i64) -> Option<i64> {
+    if let Ok(secs) = v.parse::<f64>() {
+        return secs
+            .is_finite()
+            .then(|| now_ms + clamp(Duration::from_secs_f64(secs.max(0.0))));
+    }
+    let at = httpdate::parse_http_date(v).ok()?;
+    Some(unix_ms(at).clamp(now_ms, now_ms + clamp(MAX_WAIT)))
+}
+
+/// A reset header: a relative Go duration (`1s`, `6m0s`, `12ms`), plain
+/// seconds, or an RFC 3339 instant.
+fn reset_instant(v: &str, now_ms: i64) -> Option<i64> {
+    if let Some(d) = go_duration(v) {
+        return Some(now_ms + clamp(d));
+    }
+    if let Ok(secs) = v.parse::<f64>() {
+        return (secs.is_finite() && secs >= 0.0).then(|| now_ms + clamp(Duration::from_secs_f64(secs)));
+    }
+    let at = time::OffsetDateTime::parse(v, &time::format_description::well_known::Rfc3339).ok()?;
+    let ms = (at.unix_timestamp_nanos() / 1_000_000) as i64;
+    Some(ms.clamp(now_ms, now_ms + clamp(MAX_WAIT)))
+}
+
+fn clamp(d: Duration) -> i64 {
+    d.min(MAX_WAIT).as_millis() as i64
+}
+
+fn unix_ms(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Go's `time.Duration` text: one or more `<number><unit>` with units
+/// `h`, `m`, `s`, `ms`, `us`/`µs`, `ns`. A bare number is not one.
+fn go_duration(v: &str) -> Option<Duration> {
+    let mut rest = v;
+    let mut total = 0f64;
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let num_len = rest.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+        if num_len == 0 {
+            return None;
+        }
+        let n: f64 = rest[..num_len].parse().ok()?;
+        rest = &rest[num_len..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let scale = match &rest[..unit_len] {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 1e-3,
+            "us" | "µs" => 1e-6,
+            "ns" => 1e-9,
+            _ => return None,
+        };
+        total += n * scale;
+        rest = &rest[unit_len..];
+    }
+    Some(Duration::from_secs_f64(total))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        pairs
+            .iter()
+            .map(|(k, v)| (http::HeaderName::from_static(k), v.parse().unwrap()))
+            .collect()
+    }
+
+    const NOW: i64 = 1_767_225_600_000; // 2026-01-01T00:00:00Z
+
+    #[test]
+    fn go_durations() {
+        assert_eq!(go_duration("6m0s"), Some(Duration::from_secs(360)));
+        assert_eq!(go_duration("12ms"), Some(Duration::from_millis(12)));
+        assert_eq!(go_duration("1h2m3.5s"), Some(Duration::from_millis(3_723_500)));
+        assert_eq!(go_duration("17"), None);
+        assert_eq!(go_duration("s"), None);
+        assert_eq!(go_duration("3d"), None);
+    }
+
+    #[test]
+    fn retry_after_seconds_and_http_date() {
+        let s = Signals::read(&headers(&[("retry-after", "7")]), NOW);
+        assert_eq!(s.retry_at_ms, Some(NOW + 7000));
+        let s = Signals::read(&headers(&[("retry-after", "Thu, 01 Jan 2026 00:00:30 GMT")]), NOW);
+        assert_eq!(s.retry_at_ms, Some(NOW + 30_000));
+        let s = Signals::read(&headers(&[("retry-after", "Wed, 31 Dec 2025 00:00:00 GMT")]), NOW);
+        assert_eq!(s.retry_at_ms, Some(NOW), "a past date means now");
+        let s = Signals::read(&headers(&[("retry-after", "999999999")]), NOW);
+        assert_eq!(s.retry_at_ms, Some(NOW + 24 * 3600 * 1000), "capped");
+        assert_eq!(
+            Signals::read(&headers(&[("retry-after", "soon")]), NOW).retry_at_ms,
+            None
+        );
+    }
+
+    #[test]
+    fn openai_windows() {
+        let s = Signals::read(
+            &headers(&[
+                ("x-ratelimit-limit-requests", "50"),
+                ("x-ratelimit-remaining-requests", "0"),
+                ("x-ratelimit-reset-requests", "34s"),
+                ("x-ratelimit-remaining-tokens", "18000"),
+                ("x-ratelimit-reset-tokens", "6m0s"),
+            ]),
+            NOW,
+        );
+        assert_eq!(s.requests.limit, Some(50));
+        assert_eq!(s.requests.remaining, Some(0));
+        assert_eq!(s.requests.reset_ms, Some(NOW + 34_000));
+        assert_eq!(s.tokens.reset_ms, Some(NOW + 360_000));
+        assert_eq!(s.reset_ms(), Some(NOW + 34_000), "the spent window's reset");
+    }
+
+    #[test]
+    fn anthropic_windows_take_the_tightest_tokens() {
+        let s = Signals::read(
+            &headers(&[
+                ("anthropic-ratelimit-requests-remaining", "999"),
+                ("anthropic-ratelimit-requests-reset", "2026-01-01T00:00:05Z"),
+                ("anthropic-ratelimit-input-tokens-remaining", "80000"),
+                ("anthropic-ratelimit-output-tokens-remaining", "0"),
+                ("anthropic-ratelimit-output-tokens-reset", "2026-01-01T00:00:20Z"),
+            ]),
+            NOW,
+        );
+        assert_eq!(s.requests.remaining, Some(999));
+        assert_eq!(s.tokens.remaining, Some(0));
+        assert_eq!(s.reset_ms(), Some(NOW + 20_000));
+    }
+}
