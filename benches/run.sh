@@ -13,6 +13,8 @@
 #                   pool key injection -> upstream
 #   fg-plain wrk -> FastGate route with auth + key injection, body streamed by Pingora
 #   fg-noaudit  the `fastgate` configuration on a second instance with `audit.enabled: false`
+#   fg-1key / fg-100keys  the `fastgate` route through a pool of 1 key / of 100 keys
+#                   (key selection must cost nothing measurable)
 # Each proxy gets PROXY_THREADS worker threads (default 1: a 2-core machine also
 # runs wrk and the upstream). CPU per request is read from /proc for the proxy.
 set -euo pipefail
@@ -83,14 +85,20 @@ upstreams:
   # (an openai upstream has its chat bodies read, to ask streams for usage).
   up-plain: { provider: http, endpoints: ['http://127.0.0.1:$UP'], key_pool: p }
   sse: { provider: openai_compatible, endpoints: ['http://127.0.0.1:$SSE'], key_pool: p }
+  up-1: { provider: openai, endpoints: ['http://127.0.0.1:$UP'], key_pool: one }
+  up-100: { provider: openai, endpoints: ['http://127.0.0.1:$UP'], key_pool: hundred }
 key_pools:
   p: { keys: [sk-bench-1, sk-bench-2, sk-bench-3], strategy: round_robin }
+  one: { keys: [sk-only-key] }
+  hundred: { keys: [$(seq -s, -f 'sk-many-%g' 100)], strategy: least_in_flight }
 YML
   cat > "$dir/routes.d/bench.yaml" <<YML
 routes:
   - { name: chat, match: { path: /v1/chat/completions, methods: [POST], model: ['gpt-4o*'] }, format: openai, upstream: up }
   - { name: plain, match: { path: /plain/v1/chat/completions }, upstream: up-plain, transform: { strip_prefix: /plain } }
   - { name: sse, match: { path: /sse }, format: openai, upstream: sse }
+  - { name: k1, match: { path: /k1/v1/chat/completions, methods: [POST], model: ['gpt-4o*'] }, format: openai, upstream: up-1, transform: { strip_prefix: /k1 } }
+  - { name: k100, match: { path: /k100/v1/chat/completions, methods: [POST], model: ['gpt-4o*'] }, format: openai, upstream: up-100, transform: { strip_prefix: /k100 } }
 YML
 }
 fastgate_instance "$WORK/fg" $FG $((BASE+10)) true
@@ -119,7 +127,9 @@ URL[pingora]="http://127.0.0.1:$PINGORA/v1/chat/completions"
 URL[fastgate]="http://127.0.0.1:$FG/v1/chat/completions"
 URL[fg-plain]="http://127.0.0.1:$FG/plain/v1/chat/completions"
 URL[fg-noaudit]="http://127.0.0.1:$FGNA/v1/chat/completions"
-CONFIGS=(direct nginx pingora fastgate fg-plain fg-noaudit)
+URL[fg-1key]="http://127.0.0.1:$FG/k1/v1/chat/completions"
+URL[fg-100keys]="http://127.0.0.1:$FG/k100/v1/chat/completions"
+CONFIGS=(direct nginx pingora fastgate fg-plain fg-noaudit fg-1key fg-100keys)
 
 # Sanity: every configuration answers 200 with the upstream's body.
 for c in "${CONFIGS[@]}"; do
@@ -133,7 +143,7 @@ FG_RSS_LOAD=0
 to_ms() { awk -v v="$1" 'BEGIN { if (v ~ /us$/) {sub(/us/,"",v); print v/1000} else if (v ~ /ms$/) {sub(/ms/,"",v); print v+0} else if (v ~ /s$/) {sub(/s/,"",v); print v*1000} else print v }'; }
 run_wrk() { # config conns duration -> sets R_RPS R_P50 R_P99 R_REQ R_CPU
   local c=$1 conns=$2 dur=$3 pids
-  case $c in nginx) pids=$(nginx_px_pids);; pingora) pids=$BARE_PID;; fastgate|fg-plain) pids=$FG_PID;; fg-noaudit) pids=$FGNA_PID;; *) pids="";; esac
+  case $c in nginx) pids=$(nginx_px_pids);; pingora) pids=$BARE_PID;; fastgate|fg-plain|fg-1key|fg-100keys) pids=$FG_PID;; fg-noaudit) pids=$FGNA_PID;; *) pids="";; esac
   local before=0; [ -n "$pids" ] && before=$(cpu_ticks $pids)
   local out; out=$(wrk -t1 -c"$conns" -d"${dur}s" --latency -s benches/post.lua "${URL[$c]}")
   if [[ $c == fastgate ]]; then local r; r=$(rss_kb $FG_PID); [ "$r" -gt "$FG_RSS_LOAD" ] && FG_RSS_LOAD=$r; fi
@@ -188,6 +198,8 @@ TTFB_D=$(printf '%s\n' "${D[@]}" | median); TTFB_F=$(printf '%s\n' "${F[@]}" | m
   echo "- FastGate RSS: idle $((FG_RSS_IDLE/1024)) MiB, under load $((FG_RSS_LOAD/1024)) MiB"
   FA=$(echo ${RPS[fastgate]} | median); FN=$(echo ${RPS[fg-noaudit]} | median)
   echo "- Audit log on vs off (same route, same run): $(awk -v a=$FA -v b=$FN 'BEGIN{printf "%.2f", a/b}') × RPS"
+  K1=$(echo ${RPS[fg-1key]} | median); K100=$(echo ${RPS[fg-100keys]} | median)
+  echo "- Key pool of 100 keys vs 1 key (same route shape, same run): $(awk -v a=$K100 -v b=$K1 'BEGIN{printf "%.2f", a/b}') × RPS"
   ROWS=$(python3 -c "import sqlite3; print(sqlite3.connect('$WORK/fg/fg.db').execute('select count(*) from audit_log').fetchone()[0])")
   echo "- Audit rows written during the run: $ROWS (dropped: $(curl -s http://127.0.0.1:$((BASE+10))/metrics | awk '/^fastgate_audit_dropped_total/ {print $2}'))"
 } | tee "$OUT"

@@ -573,6 +573,18 @@ async fn a_reload_that_replaces_a_key_keeps_in_flight_requests_alive() {
     assert_eq!(status, 400);
     assert!(body["error"]["message"].as_str().unwrap().contains("nope"), "{body}");
     assert_eq!(post_chat(&gw, &chat(false)).await.status(), 200);
+    // SIGHUP reloads the whole file too.
+    common::write(&gw.config_path(), &config.replace("sk-old", "sk-hup"));
+    gw.signal("HUP");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        assert_eq!(post_chat(&gw, &chat(false)).await.status(), 200);
+        if mock.last().header("authorization") == Some("Bearer sk-hup") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "SIGHUP did not reload the key pools");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test]

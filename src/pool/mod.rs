@@ -21,7 +21,7 @@ pub use signals::Signals;
 pub use status::{Change, KeyState, KeyStatus, Policy};
 use std::{
     cmp::Reverse,
-    collections::{BinaryHeap, HashMap},
+    collections::BinaryHeap,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering},
@@ -72,6 +72,9 @@ pub struct PoolKey {
     last_used_ms: AtomicI64,
     /// Changed since the state was last saved.
     dirty: AtomicBool,
+    /// This key's leases (per key, so requests on different keys never
+    /// share the lock).
+    leases: Mutex<Leases>,
 }
 
 /// Totals kept per key (and persisted).
@@ -106,6 +109,7 @@ impl PoolKey {
             tokens: AtomicU64::new(0),
             last_used_ms: AtomicI64::new(0),
             dirty: AtomicBool::new(false),
+            leases: Mutex::new(Leases::default()),
         }
     }
 
@@ -300,6 +304,45 @@ impl Rotation {
     }
 }
 
+/// A key's leases out, in reusable slots (no hashing on the request path);
+/// a slot's generation tells a reclaimed lease from its slot's next tenant.
+#[derive(Debug, Default)]
+struct Leases {
+    slots: Vec<Option<(Instant, u64)>>,
+    free: Vec<usize>,
+    generation: u64,
+}
+
+impl Leases {
+    fn open(&mut self) -> (usize, u64) {
+        self.generation += 1;
+        let entry = Some((Instant::now(), self.generation));
+        let slot = match self.free.pop() {
+            Some(i) => {
+                self.slots[i] = entry;
+                i
+            }
+            None => {
+                self.slots.push(entry);
+                self.slots.len() - 1
+            }
+        };
+        (slot, self.generation)
+    }
+
+    /// Close a lease; false if it was reclaimed meanwhile.
+    fn close(&mut self, slot: usize, generation: u64) -> bool {
+        match self.slots.get(slot) {
+            Some(Some((_, g))) if *g == generation => {
+                self.slots[slot] = None;
+                self.free.push(slot);
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
 /// A named pool of upstream keys with a selection strategy and a policy.
 #[derive(Debug)]
 pub struct KeyPool {
@@ -307,8 +350,6 @@ pub struct KeyPool {
     pub strategy: KeyStrategy,
     pub policy: Policy,
     rotation: Mutex<Rotation>,
-    leases: Mutex<HashMap<u64, (Arc<PoolKey>, Instant)>>,
-    next_lease: AtomicU64,
     /// Leases reclaimed after `stuck_after`.
     pub reclaimed: AtomicU64,
 }
@@ -318,7 +359,8 @@ pub struct KeyPool {
 pub struct Lease {
     key: Arc<PoolKey>,
     pool: Arc<KeyPool>,
-    id: u64,
+    slot: usize,
+    generation: u64,
 }
 
 impl Lease {
@@ -377,7 +419,7 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         // A reclaimed lease already gave its count back.
-        if self.pool.leases.lock().remove(&self.id).is_some() {
+        if self.key.leases.lock().close(self.slot, self.generation) {
             self.key.in_flight.fetch_sub(1, Ordering::Relaxed);
         }
     }
@@ -421,8 +463,6 @@ impl KeyPool {
             strategy,
             policy,
             rotation: Mutex::new(Rotation::new(unique, now_ms())),
-            leases: Mutex::new(HashMap::new()),
-            next_lease: AtomicU64::new(1),
             reclaimed: AtomicU64::new(0),
         }
     }
@@ -568,30 +608,26 @@ impl KeyPool {
             return Err(self.no_key(model, now, at_cap, keys_len));
         };
         drop(r);
-        key.in_flight.fetch_add(1, Ordering::Relaxed);
         key.requests.fetch_add(1, Ordering::Relaxed);
         key.last_used_ms.store(now, Ordering::Relaxed);
         key.dirty.store(true, Ordering::Relaxed);
-        let id = self.next_lease.fetch_add(1, Ordering::Relaxed);
-        self.leases.lock().insert(id, (key.clone(), Instant::now()));
-        Ok(Lease {
-            key,
-            pool: self.clone(),
-            id,
-        })
+        Ok(self.lease_of(key))
     }
 
     /// A lease on one named key whatever its state (an admin's key test).
     pub fn lease_key(self: &Arc<Self>, id: &str) -> Option<Lease> {
-        let key = self.key(id)?;
+        Some(self.lease_of(self.key(id)?))
+    }
+
+    fn lease_of(self: &Arc<Self>, key: Arc<PoolKey>) -> Lease {
         key.in_flight.fetch_add(1, Ordering::Relaxed);
-        let lease_id = self.next_lease.fetch_add(1, Ordering::Relaxed);
-        self.leases.lock().insert(lease_id, (key.clone(), Instant::now()));
-        Some(Lease {
+        let (slot, generation) = key.leases.lock().open();
+        Lease {
             key,
             pool: self.clone(),
-            id: lease_id,
-        })
+            slot,
+            generation,
+        }
     }
 
     /// Why nothing could be leased, and when to try again.
@@ -629,21 +665,28 @@ impl KeyPool {
     /// `stuck_after` (a request that never ended). Returns how many.
     pub fn reclaim_stuck(&self) -> usize {
         let limit = self.policy.stuck_after;
-        let mut stuck = Vec::new();
-        self.leases.lock().retain(|id, (key, since)| {
-            if since.elapsed() >= limit {
-                stuck.push((*id, key.clone()));
-                false
-            } else {
-                true
+        let mut total = 0;
+        for key in self.keys() {
+            let mut stuck = 0;
+            {
+                let mut leases = key.leases.lock();
+                let Leases { slots, free, .. } = &mut *leases;
+                for (i, slot) in slots.iter_mut().enumerate() {
+                    if slot.is_some_and(|(since, _)| since.elapsed() >= limit) {
+                        *slot = None;
+                        free.push(i);
+                        stuck += 1;
+                    }
+                }
             }
-        });
-        for (id, key) in &stuck {
-            key.in_flight.fetch_sub(1, Ordering::Relaxed);
-            tracing::warn!(pool = %self.name, key = %key.id, lease = id, after = ?limit, "Reclaimed a stuck key lease.");
+            if stuck > 0 {
+                key.in_flight.fetch_sub(stuck, Ordering::Relaxed);
+                tracing::warn!(pool = %self.name, key = %key.id, leases = stuck, after = ?limit, "Reclaimed stuck key leases.");
+                total += stuck as usize;
+            }
         }
-        self.reclaimed.fetch_add(stuck.len() as u64, Ordering::Relaxed);
-        stuck.len()
+        self.reclaimed.fetch_add(total as u64, Ordering::Relaxed);
+        total
     }
 
     /// Keys by state now, for gauges.

@@ -34,42 +34,66 @@ pub struct Signals {
 const MAX_WAIT: Duration = Duration::from_secs(24 * 3600);
 
 impl Signals {
-    /// Read the headers of a response received at `now_ms`.
+    /// Read the headers of a response received at `now_ms`. Runs on every
+    /// answer: one pass over the headers, no allocation, no lookups.
     pub fn read(headers: &HeaderMap, now_ms: i64) -> Self {
-        let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
-        let num = |name: &str| {
-            text(name)
-                .and_then(|v| v.parse::<f64>().ok())
-                .map(|v| v.max(0.0) as u64)
-        };
-        let reset = |name: &str| text(name).and_then(|v| reset_instant(v, now_ms));
-        let openai = |kind: &str| Window {
-            limit: num(&format!("x-ratelimit-limit-{kind}")),
-            remaining: num(&format!("x-ratelimit-remaining-{kind}")),
-            reset_ms: reset(&format!("x-ratelimit-reset-{kind}")),
-        };
-        let anthropic = |kind: &str| Window {
-            limit: num(&format!("anthropic-ratelimit-{kind}-limit")),
-            remaining: num(&format!("anthropic-ratelimit-{kind}-remaining")),
-            reset_ms: reset(&format!("anthropic-ratelimit-{kind}-reset")),
-        };
-        let pick = |a: Window, b: Window| if a.remaining.is_some() { a } else { b };
-        // Anthropic reports input and output tokens apart as well; the
-        // combined `tokens` window is the one that binds first.
-        let anthropic_tokens = [
-            anthropic("tokens"),
-            anthropic("input-tokens"),
-            anthropic("output-tokens"),
-        ]
-        .into_iter()
-        .filter(|w| w.remaining.is_some())
-        .min_by_key(|w| w.remaining)
-        .unwrap_or_default();
-        Signals {
-            retry_at_ms: text("retry-after").and_then(|v| retry_after(v, now_ms)),
-            requests: pick(openai("requests"), anthropic("requests")),
-            tokens: pick(openai("tokens"), anthropic_tokens),
+        let mut s = Signals::default();
+        let mut anthropic = [Window::default(); 3]; // tokens, input, output
+        let mut anthropic_requests = Window::default();
+        for (name, value) in headers {
+            let name = name.as_str();
+            let Some(first) = name.as_bytes().first() else { continue };
+            if !matches!(first, b'x' | b'a' | b'r') {
+                continue;
+            }
+            let Ok(v) = value.to_str() else { continue };
+            let v = v.trim();
+            if name == "retry-after" {
+                s.retry_at_ms = retry_after(v, now_ms);
+            } else if let Some(rest) = name.strip_prefix("x-ratelimit-") {
+                match rest {
+                    "limit-requests" => s.requests.limit = number(v),
+                    "remaining-requests" => s.requests.remaining = number(v),
+                    "reset-requests" => s.requests.reset_ms = reset_instant(v, now_ms),
+                    "limit-tokens" => s.tokens.limit = number(v),
+                    "remaining-tokens" => s.tokens.remaining = number(v),
+                    "reset-tokens" => s.tokens.reset_ms = reset_instant(v, now_ms),
+                    _ => {}
+                }
+            } else if let Some(rest) = name.strip_prefix("anthropic-ratelimit-") {
+                let (window, field) = if let Some(f) = rest.strip_prefix("requests-") {
+                    (&mut anthropic_requests, f)
+                } else if let Some(f) = rest.strip_prefix("tokens-") {
+                    (&mut anthropic[0], f)
+                } else if let Some(f) = rest.strip_prefix("input-tokens-") {
+                    (&mut anthropic[1], f)
+                } else if let Some(f) = rest.strip_prefix("output-tokens-") {
+                    (&mut anthropic[2], f)
+                } else {
+                    continue;
+                };
+                match field {
+                    "limit" => window.limit = number(v),
+                    "remaining" => window.remaining = number(v),
+                    "reset" => window.reset_ms = reset_instant(v, now_ms),
+                    _ => {}
+                }
+            }
         }
+        if s.requests.remaining.is_none() {
+            s.requests = anthropic_requests;
+        }
+        // Anthropic reports input and output tokens apart as well; the
+        // window with the least left binds first.
+        if s.tokens.remaining.is_none()
+            && let Some(w) = anthropic
+                .into_iter()
+                .filter(|w| w.remaining.is_some())
+                .min_by_key(|w| w.remaining)
+        {
+            s.tokens = w;
+        }
+        s
     }
 
     /// When the window that ran out refills: the later reset of the windows
@@ -87,6 +111,13 @@ impl Signals {
                 .min()
         })
     }
+}
+
+fn number(v: &str) -> Option<u64> {
+    v.parse::<f64>()
+        .ok()
+        .filter(|n| n.is_finite())
+        .map(|n| n.max(0.0) as u64)
 }
 
 /// `Retry-After`: delay seconds or an HTTP date.

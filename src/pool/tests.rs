@@ -1,6 +1,6 @@
 use super::*;
 use crate::config::CooldownConfig;
-use std::time::Duration;
+use std::{collections::HashMap, time::Duration};
 
 fn policy() -> Policy {
     Policy {
