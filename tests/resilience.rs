@@ -252,8 +252,9 @@ async fn a_gemini_429_for_one_model_leaves_other_models_usable_on_that_key() {
         "upstreams:\n  g: {{provider: gemini, endpoints: ['{}'], key_pool: gp}}\nkey_pools:\n  gp: {{keys: [AIza-one], cooldown: {{initial: 30s, max: 1m}}}}\n",
         mock.url()
     );
-    let routes =
-        "routes:\n  - { name: gemini, match: { path: '/v1beta/{*rest}' }, format: gemini, auth: none, upstream: g }\n";
+    // `gemini` reads the body (retries): the 429's RetryInfo sets the
+    // cooldown; `gemini-raw` is Pingora's streaming path.
+    let routes = "routes:\n  - { name: gemini, match: { path: '/v1beta/{*rest}' }, format: gemini, auth: none, upstream: g, retries: 1 }\n  - { name: gemini-raw, match: { path: '/raw/v1beta/{*rest}' }, format: gemini, auth: none, upstream: g, transform: { strip_prefix: /raw } }\n";
     let gw = gateway(&body, routes).await;
     let c = reqwest::Client::new();
     let ask = |model: &str| {
@@ -261,17 +262,29 @@ async fn a_gemini_429_for_one_model_leaves_other_models_usable_on_that_key() {
             .json(&json!({"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}))
             .send()
     };
-    assert_eq!(
-        ask("gemini-a").await.unwrap().status(),
-        429,
-        "the provider's own answer, passed on"
-    );
     let r = ask("gemini-a").await.unwrap();
-    assert_eq!(r.status(), 503, "model a is cooling on the only key");
-    assert!(r.headers().contains_key("retry-after"));
+    assert_eq!(
+        r.status(),
+        503,
+        "model a cools on the only key; the retry finds no key for it"
+    );
+    let after: u64 = r.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!(
+        (44..=45).contains(&after),
+        "Gemini's RetryInfo (45 s), not the backoff (30 s): {after}"
+    );
     let err: Value = r.json().await.unwrap();
     assert_eq!(err["error"]["status"], "UNAVAILABLE", "Gemini's error shape: {err}");
+    assert_eq!(seen_with(&mock, "AIza-one"), 1);
     assert_eq!(ask("gemini-b").await.unwrap().status(), 200, "model b is fine");
+    // The streaming path knows model a is cooling, and model b is fine there too.
+    let raw = |model: &str| {
+        c.post(gw.url(&format!("/raw/v1beta/models/{model}:generateContent")))
+            .json(&json!({"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}))
+            .send()
+    };
+    assert_eq!(raw("gemini-a").await.unwrap().status(), 503);
+    assert_eq!(raw("gemini-b").await.unwrap().status(), 200);
     let k = pool_key(&gw, "gp", "AIza-one").await;
     assert_eq!(k["state"], "active", "{k}");
     assert_eq!(k["models"]["gemini-a"]["state"], "cooling", "{k}");

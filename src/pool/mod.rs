@@ -374,8 +374,23 @@ impl Lease {
 
     /// Take in the upstream's answer: cooldown, rest, disable or recovery.
     pub fn observe(&self, status: u16, headers: &http::HeaderMap, model: Option<&str>) -> Change {
+        self.observe_with_delay(status, headers, model, None)
+    }
+
+    /// Like [`Lease::observe`], with a wait the answer's body named (Gemini's
+    /// `RetryInfo`); a `Retry-After` header still wins.
+    pub fn observe_with_delay(
+        &self,
+        status: u16,
+        headers: &http::HeaderMap,
+        model: Option<&str>,
+        body_delay: Option<std::time::Duration>,
+    ) -> Change {
         let now = now_ms();
-        let signals = Signals::read(headers, now);
+        let mut signals = Signals::read(headers, now);
+        if signals.retry_at_ms.is_none() {
+            signals.retry_at_ms = body_delay.map(|d| now + d.as_millis() as i64);
+        }
         if status == 429 || status >= 500 || status == 401 || status == 403 {
             self.key.errors.fetch_add(1, Ordering::Relaxed);
         }

@@ -113,6 +113,29 @@ impl Signals {
     }
 }
 
+/// Gemini says how long to wait in the 429's body, not in a header:
+/// `{"error":{"details":[{"@type":"…RetryInfo","retryDelay":"38s"}]}}`.
+pub fn gemini_retry_delay(body: &[u8]) -> Option<Duration> {
+    #[derive(serde::Deserialize)]
+    struct Body {
+        error: Error,
+    }
+    #[derive(serde::Deserialize)]
+    struct Error {
+        #[serde(default)]
+        details: Vec<Detail>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Detail {
+        #[serde(rename = "retryDelay")]
+        retry_delay: Option<String>,
+    }
+    let body: Body = serde_json::from_slice(body).ok()?;
+    let delay = body.error.details.into_iter().find_map(|d| d.retry_delay)?;
+    let secs: f64 = delay.trim().strip_suffix('s')?.parse().ok()?;
+    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs).min(MAX_WAIT))
+}
+
 fn number(v: &str) -> Option<u64> {
     v.parse::<f64>()
         .ok()
@@ -198,6 +221,18 @@ mod tests {
     }
 
     const NOW: i64 = 1_767_225_600_000; // 2026-01-01T00:00:00Z
+
+    #[test]
+    fn gemini_retry_info() {
+        let body = br#"{"error":{"code":429,"message":"Resource has been exhausted","status":"RESOURCE_EXHAUSTED","details":[{"@type":"type.googleapis.com/google.rpc.QuotaFailure","violations":[]},{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"38s"}]}}"#;
+        assert_eq!(gemini_retry_delay(body), Some(Duration::from_secs(38)));
+        assert_eq!(
+            gemini_retry_delay(br#"{"error":{"details":[{"retryDelay":"1.5s"}]}}"#),
+            Some(Duration::from_millis(1500))
+        );
+        assert_eq!(gemini_retry_delay(br#"{"error":{"code":429}}"#), None);
+        assert_eq!(gemini_retry_delay(b"not json"), None);
+    }
 
     #[test]
     fn go_durations() {

@@ -156,16 +156,24 @@ pub async fn exchange(state: &Arc<AppState>, session: &mut Session, ctx: &mut Re
                 }
             };
             match attempt {
-                Attempt::Answered(up) => {
-                    let (status, reason) = match up.response_header() {
+                Attempt::Answered(mut up) => {
+                    let status = up.response_header().map_or(502, |h| h.status.as_u16());
+                    // Gemini names its wait in the 429's body, not a header.
+                    let (mut prefix, mut body_delay) = (None, None);
+                    if status == 429 && upstream.provider == crate::config::Provider::Gemini {
+                        let (bytes, encoding) = read_error_body(&mut up).await;
+                        let plain = crate::usage::decode_small(encoding.as_deref(), &bytes, ERROR_BODY_CAP * 4);
+                        body_delay = crate::pool::signals::gemini_retry_delay(&plain);
+                        prefix = Some(bytes);
+                    }
+                    let reason = match up.response_header() {
                         Some(h) => {
-                            let status = h.status.as_u16();
                             if let Some(lease) = &ctx.upstream.lease {
-                                lease.observe(status, &h.headers, ctx.model.as_deref());
+                                lease.observe_with_delay(status, &h.headers, ctx.model.as_deref(), body_delay);
                             }
-                            (status, failover_reason(status, ctx.upstream.lease.is_some()))
+                            failover_reason(status, ctx.upstream.lease.is_some())
                         }
-                        None => (502, Some("status_5xx")),
+                        None => Some("status_5xx"),
                     };
                     if let Some(reason) = reason.filter(|_| !last_try) {
                         tracing::info!(request_id = %ctx.request_id, upstream = %upstream.name, status, attempt = ctx.upstream.attempts, "Upstream answered with a retryable status; failing over.");
@@ -181,7 +189,7 @@ pub async fn exchange(state: &Arc<AppState>, session: &mut Session, ctx: &mut Re
                         retries_left -= 1;
                         continue;
                     }
-                    stream_response(state, session, ctx, *up, &peer).await;
+                    stream_response(state, session, ctx, *up, &peer, prefix).await;
                     return Ok(());
                 }
                 Attempt::Failed { error, refused } => {
@@ -212,6 +220,30 @@ pub async fn exchange(state: &Arc<AppState>, session: &mut Session, ctx: &mut Re
         }
     }
     Err(last_error.unwrap_or_else(|| GatewayError::NoEndpoint(route.upstreams[0].clone())))
+}
+
+/// How much of an error answer is read to learn from it (Gemini's
+/// `RetryInfo`), and for how long at most.
+const ERROR_BODY_CAP: usize = 16 * 1024;
+const ERROR_BODY_WAIT: Duration = Duration::from_secs(1);
+
+/// The start of an error answer's body (still encoded) and its encoding;
+/// whatever was not read is streamed after it if the answer is handed on.
+async fn read_error_body(up: &mut HttpSession) -> (Bytes, Option<String>) {
+    let encoding = up
+        .response_header()
+        .and_then(|h| h.headers.get(header::CONTENT_ENCODING))
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let deadline = tokio::time::Instant::now() + ERROR_BODY_WAIT;
+    let mut buf = bytes::BytesMut::new();
+    while buf.len() < ERROR_BODY_CAP {
+        match tokio::time::timeout_at(deadline, up.read_response_body()).await {
+            Ok(Ok(Some(chunk))) => buf.extend_from_slice(&chunk),
+            _ => break,
+        }
+    }
+    (buf.freeze(), encoding)
 }
 
 /// The 503 for a pool with no usable key, with the soonest recovery.
@@ -343,6 +375,7 @@ async fn stream_response(
     ctx: &mut RequestCtx,
     mut up: HttpSession,
     peer: &HttpPeer,
+    read_already: Option<Bytes>,
 ) {
     let Some(upstream_header) = up.response_header().cloned() else {
         return;
@@ -370,6 +403,14 @@ async fn stream_response(
         .as_ref()
         .map_or(Duration::from_secs(300), |u| u.timeouts.idle.0);
     up.set_read_timeout(Some(idle));
+    if let Some(first) = read_already.filter(|b| !b.is_empty()) {
+        let data = ctx.upstream_chunk(first);
+        if !data.is_empty() && session.write_response_body(Some(data), false).await.is_err() {
+            ctx.error = Some(GatewayError::ClientClosed);
+            ctx.response.cut_short = true;
+            return;
+        }
+    }
     // A streamed answer can stay silent for long: watch the client meanwhile,
     // so a hang-up cancels generation. A sized body arrives at once and needs
     // no watcher (saving a syscall per read).

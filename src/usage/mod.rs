@@ -47,6 +47,26 @@ struct Sink {
 /// decompression bomb costs CPU, never memory, but not without end).
 const DECODED_CAP: u64 = 256 * 1024 * 1024;
 
+/// A small whole body (an error answer) decoded per its `Content-Encoding`,
+/// at most `cap` decoded bytes kept.
+pub fn decode_small(encoding: Option<&str>, body: &[u8], cap: usize) -> Vec<u8> {
+    struct Capped(Vec<u8>, usize);
+    impl std::io::Write for Capped {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let room = self.1.saturating_sub(self.0.len());
+            self.0.extend_from_slice(&buf[..buf.len().min(room)]);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut d = Decoding::new(encoding, Capped(Vec::new(), cap));
+    d.write(body);
+    d.finish();
+    d.sink_mut().map(|c| std::mem::take(&mut c.0)).unwrap_or_default()
+}
+
 impl std::io::Write for Sink {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         self.decoded += buf.len() as u64;

@@ -289,11 +289,17 @@ async fn apply_rule(b: &Behaviour, key: Option<&str>, path: &str, model: &str) -
         tokio::time::sleep(Duration::from_secs(3600)).await;
     }
     if limited {
-        return RuleOutcome::Answer(full(
-            429,
-            "application/json",
-            provider_error(path, 429, "Resource has been exhausted (e.g. check quota)."),
-        ));
+        // Gemini's own 429: the wait is in the body's RetryInfo, no header.
+        let body = serde_json::json!({"error": {
+            "code": 429,
+            "message": "Resource has been exhausted (e.g. check quota).",
+            "status": "RESOURCE_EXHAUSTED",
+            "details": [
+                {"@type": "type.googleapis.com/google.rpc.QuotaFailure", "violations": [{"quotaMetric": "generativelanguage.googleapis.com/generate_content_free_tier_requests", "quotaId": "GenerateRequestsPerMinutePerProjectPerModel-FreeTier"}]},
+                {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "45s"}
+            ]
+        }});
+        return RuleOutcome::Answer(full(429, "application/json", body.to_string()));
     }
     RuleOutcome::Pass
 }
