@@ -37,6 +37,7 @@ pub fn key_json(k: &PoolKey) -> Value {
     v["source"] = json!(k.source.as_str());
     v["weight"] = json!(k.weight);
     v["in_flight"] = json!(k.in_flight());
+    v["probing"] = json!(k.probing());
     v["last_error"] = json!(st.last_error);
     v["last_error_ms"] = json!((st.last_error_ms > 0).then_some(st.last_error_ms));
     v["totals"] = json!({

@@ -65,6 +65,10 @@ pub struct PoolKey {
     resting: AtomicBool,
     /// Per-model gates exist (only then is the status locked to check one).
     model_gates: AtomicBool,
+    /// Half-open: back from a cooldown, one request at a time until an
+    /// answer shows the key recovered (no stampede on a key that may still
+    /// be limited).
+    probing: AtomicBool,
     in_flight: AtomicU32,
     requests: AtomicU64,
     errors: AtomicU64,
@@ -103,6 +107,7 @@ impl PoolKey {
             closed_until: AtomicI64::new(0),
             resting: AtomicBool::new(false),
             model_gates: AtomicBool::new(false),
+            probing: AtomicBool::new(false),
             in_flight: AtomicU32::new(0),
             requests: AtomicU64::new(0),
             errors: AtomicU64::new(0),
@@ -129,6 +134,11 @@ impl PoolKey {
 
     pub fn in_flight(&self) -> u32 {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Back from a cooldown and not yet answered well (half-open).
+    pub fn probing(&self) -> bool {
+        self.probing.load(Ordering::Relaxed)
     }
 
     pub fn totals(&self) -> Totals {
@@ -405,6 +415,12 @@ impl Lease {
         let change = self
             .key
             .update(|st| st.observe(policy, &answer, now, rand::random::<f64>()));
+        // A cooled key comes back half-open; a good answer closes the probe.
+        match &change {
+            Change::Cooled { model: None, .. } => self.key.probing.store(true, Ordering::Relaxed),
+            _ if status != 429 && status < 500 => self.key.probing.store(false, Ordering::Relaxed),
+            _ => {}
+        }
         match &change {
             Change::Cooled { until_ms, model } => {
                 tracing::info!(pool = %self.pool.name, key = %self.key.id, status, model = model.as_deref().unwrap_or("*"), cooling_ms = until_ms - now, "Upstream key cooling down.")
@@ -567,6 +583,7 @@ impl KeyPool {
         let mut r = self.rotation.lock();
         r.wake_due(now);
         let mut at_cap = false;
+        let mut probing = false;
         let mut chosen = None;
         let mut fallback = None;
         let mut closed: Vec<usize> = Vec::new();
@@ -582,6 +599,11 @@ impl KeyPool {
                 }
                 if cap > 0 && key.in_flight() >= cap {
                     at_cap = true;
+                    continue;
+                }
+                if key.probing() && key.in_flight() > 0 {
+                    // Half-open: its one probe is under way.
+                    probing = true;
                     continue;
                 }
                 if !key.model_open(model, now) {
@@ -620,7 +642,7 @@ impl KeyPool {
         let keys_len = r.keys.len();
         let Some(key) = pick else {
             drop(r);
-            return Err(self.no_key(model, now, at_cap, keys_len));
+            return Err(self.no_key(model, now, at_cap || probing, keys_len));
         };
         drop(r);
         key.requests.fetch_add(1, Ordering::Relaxed);
@@ -645,21 +667,19 @@ impl KeyPool {
         }
     }
 
-    /// Why nothing could be leased, and when to try again.
-    fn no_key(&self, model: Option<&str>, now: i64, at_cap: bool, keys: usize) -> NoKey {
+    /// Why nothing could be leased, and when to try again. `busy`: usable
+    /// keys were skipped for their in-flight cap or a probe under way.
+    fn no_key(&self, model: Option<&str>, now: i64, busy: bool, keys: usize) -> NoKey {
         if keys == 0 {
             return NoKey {
                 retry_at_ms: None,
                 reason: "the pool has no keys".into(),
             };
         }
-        if at_cap {
+        if busy {
             return NoKey {
                 retry_at_ms: Some(now + 1000),
-                reason: format!(
-                    "every usable key has {} requests in flight (max_in_flight_per_key)",
-                    self.policy.max_in_flight_per_key
-                ),
+                reason: "every usable key is busy: at max_in_flight_per_key, or being probed after a cooldown".into(),
             };
         }
         let soonest = self

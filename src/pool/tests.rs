@@ -189,3 +189,20 @@ fn many_closed_keys_leave_the_list_once() {
     assert_eq!(p.rotation.lock().active.len(), 500);
     assert_eq!(p.count_by_state(now_ms()), [500, 0, 500, 0]);
 }
+
+#[test]
+fn a_key_back_from_cooldown_takes_one_probe_at_a_time() {
+    let p = pool_with(KeyStrategy::RoundRobin, policy(), &["a"]);
+    p.lease(&[], None).unwrap().observe(429, &http::HeaderMap::new(), None);
+    let key = p.keys()[0].clone();
+    // Jump past the deadline.
+    key.update(|s| s.key.until_ms = now_ms() - 1);
+    let probe = p.lease(&[], None).unwrap();
+    assert!(key.probing());
+    assert!(p.lease(&[], None).is_err(), "one probe at a time");
+    probe.observe(200, &http::HeaderMap::new(), None);
+    drop(probe);
+    assert!(!key.probing());
+    let (a, b) = (p.lease(&[], None).unwrap(), p.lease(&[], None).unwrap());
+    assert_eq!(a.key().id, b.key().id, "recovered: many at once again");
+}
