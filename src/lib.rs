@@ -11,6 +11,7 @@ pub mod auth;
 pub mod cli;
 pub mod cli_ops;
 pub mod config;
+pub mod convert;
 pub mod metrics;
 pub mod pool;
 pub mod proxy;

@@ -1,0 +1,460 @@
+//! Anthropic Messages (`/v1/messages`) ⇄ the IR.
+
+use super::{ConvertError, Loss, arguments_object, ir::*, opt_f64, opt_str, opt_u64, plain_text};
+use serde_json::{Map, Value, json};
+
+fn invalid(what: impl Into<String>) -> ConvertError {
+    ConvertError::Invalid(what.into())
+}
+
+/// Anthropic wants a thinking budget of at least this many tokens.
+pub const MIN_THINKING_BUDGET: u64 = 1024;
+
+fn media_from_source(src: &Value) -> Option<Media> {
+    match opt_str(src, "type")? {
+        "base64" => Some(Media::Base64 {
+            media_type: opt_str(src, "media_type")
+                .unwrap_or("application/octet-stream")
+                .to_string(),
+            data: opt_str(src, "data")?.to_string(),
+        }),
+        "url" => Some(Media::Url {
+            url: opt_str(src, "url")?.to_string(),
+            media_type: None,
+        }),
+        _ => None,
+    }
+}
+
+fn source_of(m: &Media) -> Value {
+    match m {
+        Media::Base64 { media_type, data } => json!({"type": "base64", "media_type": media_type, "data": data}),
+        Media::Url { url, .. } => json!({"type": "url", "url": url}),
+    }
+}
+
+fn decode_block(b: &Value, loss: &mut Loss) -> Result<Option<Part>, ConvertError> {
+    Ok(match opt_str(b, "type") {
+        Some("text") => Some(Part::Text(opt_str(b, "text").unwrap_or_default().to_string())),
+        Some("image") => {
+            let src = b
+                .get("source")
+                .ok_or_else(|| invalid("an image block without a source"))?;
+            media_from_source(src).map(Part::Image)
+        }
+        Some("document") => {
+            let src = b
+                .get("source")
+                .ok_or_else(|| invalid("a document block without a source"))?;
+            match opt_str(src, "type") {
+                Some("text") => Some(Part::Text(opt_str(src, "data").unwrap_or_default().to_string())),
+                _ => media_from_source(src).map(|media| Part::Document {
+                    media,
+                    title: opt_str(b, "title").map(str::to_string),
+                }),
+            }
+        }
+        Some("tool_use") => Some(Part::ToolCall(ToolCall {
+            id: opt_str(b, "id").unwrap_or_default().to_string(),
+            name: opt_str(b, "name")
+                .ok_or_else(|| invalid("a tool_use block without a name"))?
+                .to_string(),
+            arguments: b.get("input").map_or_else(|| "{}".to_string(), Value::to_string),
+            signature: None,
+        })),
+        Some("tool_result") => {
+            let content = match b.get("content") {
+                None | Some(Value::Null) => Vec::new(),
+                Some(Value::String(s)) => vec![Part::Text(s.clone())],
+                Some(Value::Array(items)) => {
+                    let mut parts = Vec::new();
+                    for i in items {
+                        if let Some(p) = decode_block(i, loss)? {
+                            parts.push(p);
+                        }
+                    }
+                    parts
+                }
+                Some(_) => return Err(invalid("tool_result content must be a string or blocks")),
+            };
+            Some(Part::ToolResult(ToolResult {
+                call_id: opt_str(b, "tool_use_id")
+                    .ok_or_else(|| invalid("a tool_result without tool_use_id"))?
+                    .to_string(),
+                name: None,
+                content,
+                is_error: b.get("is_error").and_then(Value::as_bool).unwrap_or(false),
+            }))
+        }
+        Some("thinking") => Some(Part::Thinking {
+            text: opt_str(b, "thinking").unwrap_or_default().to_string(),
+            signature: opt_str(b, "signature").map(str::to_string),
+        }),
+        Some("redacted_thinking") => Some(Part::RedactedThinking(
+            opt_str(b, "data").unwrap_or_default().to_string(),
+        )),
+        Some(other) => {
+            loss.dropped(format!("{other} blocks"));
+            None
+        }
+        None => return Err(invalid("a content block without a type")),
+    })
+}
+
+fn decode_content(content: &Value, loss: &mut Loss) -> Result<Vec<Part>, ConvertError> {
+    match content {
+        Value::String(s) => Ok(vec![Part::Text(s.clone())]),
+        Value::Array(blocks) => {
+            let mut parts = Vec::new();
+            for b in blocks {
+                if let Some(p) = decode_block(b, loss)? {
+                    parts.push(p);
+                }
+            }
+            Ok(parts)
+        }
+        _ => Err(invalid("content must be a string or a list of blocks")),
+    }
+}
+
+pub fn decode_request(body: &Value, loss: &mut Loss) -> Result<ChatRequest, ConvertError> {
+    body.as_object()
+        .ok_or_else(|| invalid("the body must be a JSON object"))?;
+    let mut req = ChatRequest {
+        model: opt_str(body, "model").unwrap_or_default().to_string(),
+        ..ChatRequest::default()
+    };
+    if let Some(system) = body.get("system") {
+        req.system
+            .push(plain_text(system).ok_or_else(|| invalid("system must be text or text blocks"))?);
+    }
+    for m in body
+        .get("messages")
+        .and_then(Value::as_array)
+        .ok_or_else(|| invalid("messages must be a list"))?
+    {
+        let role = match opt_str(m, "role") {
+            Some("user") => Role::User,
+            Some("assistant") => Role::Assistant,
+            other => return Err(invalid(format!("unknown role {other:?}"))),
+        };
+        let parts = decode_content(m.get("content").unwrap_or(&Value::Null), loss)?;
+        match req.messages.last_mut() {
+            Some(last) if last.role == role => last.parts.extend(parts),
+            _ => req.messages.push(Message { role, parts }),
+        }
+    }
+    req.max_tokens = opt_u64(body, "max_tokens");
+    req.temperature = opt_f64(body, "temperature");
+    req.top_p = opt_f64(body, "top_p");
+    req.top_k = opt_u64(body, "top_k");
+    req.stop = body
+        .get("stop_sequences")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect())
+        .unwrap_or_default();
+    if let Some(tools) = body.get("tools").and_then(Value::as_array) {
+        for t in tools {
+            match t.get("input_schema") {
+                Some(schema) => req.tools.push(Tool {
+                    name: opt_str(t, "name")
+                        .ok_or_else(|| invalid("a tool without a name"))?
+                        .to_string(),
+                    description: opt_str(t, "description").map(str::to_string),
+                    parameters: schema.clone(),
+                }),
+                // Anthropic's server tools (web search, code execution...).
+                None => loss.dropped(format!("{} tools", opt_str(t, "type").unwrap_or("server"))),
+            }
+        }
+    }
+    if let Some(tc) = body.get("tool_choice") {
+        req.tool_choice = match opt_str(tc, "type") {
+            Some("auto") => Some(ToolChoice::Auto),
+            Some("any") => Some(ToolChoice::Required),
+            Some("none") => Some(ToolChoice::None),
+            Some("tool") => opt_str(tc, "name").map(|n| ToolChoice::Named(n.to_string())),
+            _ => None,
+        };
+        if tc.get("disable_parallel_tool_use").and_then(Value::as_bool) == Some(true) {
+            req.parallel_tool_calls = Some(false);
+        }
+    }
+    if let Some(t) = body.get("thinking") {
+        req.reasoning = match opt_str(t, "type") {
+            Some("enabled") => Some(Reasoning {
+                effort: None,
+                budget_tokens: opt_u64(t, "budget_tokens"),
+                disabled: false,
+            }),
+            Some("disabled") => Some(Reasoning {
+                effort: None,
+                budget_tokens: None,
+                disabled: true,
+            }),
+            _ => None,
+        };
+    }
+    req.stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    req.include_usage = true;
+    req.user = body
+        .get("metadata")
+        .and_then(|m| opt_str(m, "user_id"))
+        .map(str::to_string);
+    Ok(req)
+}
+
+/// Encode for an Anthropic upstream. `default_max_tokens` fills the
+/// required `max_tokens` when the client gave none.
+pub fn encode_request(req: &ChatRequest, default_max_tokens: u64, loss: &mut Loss) -> Result<Value, ConvertError> {
+    if req.only.candidates.is_some_and(|n| n > 1) {
+        return Err(ConvertError::Refused(
+            "n > 1 (several choices) cannot be served by an Anthropic upstream; send n separate requests".into(),
+        ));
+    }
+    if req.only.logprobs {
+        return Err(ConvertError::Refused(
+            "logprobs are not available from an Anthropic upstream".into(),
+        ));
+    }
+    if let Some(ResponseFormat::JsonSchema { .. }) = &req.response_format {
+        return Err(ConvertError::Refused(
+            "response_format json_schema is not converted for Anthropic upstreams yet; route this request to an OpenAI or Gemini upstream".into(),
+        ));
+    }
+    let mut out = Map::new();
+    out.insert("model".into(), req.model.clone().into());
+    let mut system = req.system.clone();
+    if let Some(ResponseFormat::JsonObject) = &req.response_format {
+        loss.dropped("response_format json_object (asked for in the system prompt instead)");
+        system.push("Answer with one JSON object and nothing else.".into());
+    }
+    if !system.is_empty() {
+        out.insert("system".into(), system.join("\n\n").into());
+    }
+    let mut synthesized = 0usize;
+    let mut messages = Vec::new();
+    for m in &req.messages {
+        let mut blocks = Vec::new();
+        // tool_result blocks must open a user turn.
+        let mut ordered: Vec<&Part> = m.parts.iter().filter(|p| matches!(p, Part::ToolResult(_))).collect();
+        ordered.extend(m.parts.iter().filter(|p| !matches!(p, Part::ToolResult(_))));
+        for p in ordered {
+            if let Some(b) = encode_block(p, &mut synthesized, loss) {
+                blocks.push(b);
+            }
+        }
+        if blocks.is_empty() {
+            continue;
+        }
+        let role = if m.role == Role::User { "user" } else { "assistant" };
+        messages.push(json!({"role": role, "content": blocks}));
+    }
+    out.insert("messages".into(), Value::Array(messages));
+    let mut max_tokens = req.max_tokens.unwrap_or(default_max_tokens).max(1);
+    let thinking = req.reasoning.filter(|r| !r.disabled).and_then(|r| {
+        r.budget_tokens
+            .or_else(|| r.effort.map(Effort::budget))
+            .map(|b| b.max(MIN_THINKING_BUDGET))
+    });
+    if let Some(budget) = thinking {
+        if max_tokens <= budget {
+            // The budget counts inside max_tokens: leave room for the answer.
+            max_tokens = budget + req.max_tokens.unwrap_or(default_max_tokens).max(1);
+        }
+        out.insert("thinking".into(), json!({"type": "enabled", "budget_tokens": budget}));
+        if req.temperature.is_some_and(|t| t != 1.0) || req.top_k.is_some() {
+            loss.dropped("temperature/top_k (Anthropic fixes them while thinking)");
+        }
+    } else {
+        if let Some(t) = req.temperature {
+            if t > 1.0 {
+                loss.dropped(format!("temperature {t} clamped to 1 (Anthropic's range is 0-1)"));
+            }
+            out.insert("temperature".into(), t.clamp(0.0, 1.0).into());
+        }
+        if let Some(k) = req.top_k {
+            out.insert("top_k".into(), k.into());
+        }
+    }
+    out.insert("max_tokens".into(), max_tokens.into());
+    if let Some(p) = req.top_p {
+        out.insert("top_p".into(), p.into());
+    }
+    if !req.stop.is_empty() {
+        out.insert("stop_sequences".into(), json!(req.stop));
+    }
+    if req.seed.is_some() || req.presence_penalty.is_some() || req.frequency_penalty.is_some() {
+        loss.dropped("seed/presence_penalty/frequency_penalty (Anthropic has none)");
+    }
+    if !req.tools.is_empty() {
+        let tools: Vec<Value> = req
+            .tools
+            .iter()
+            .map(|t| {
+                let mut v = json!({"name": t.name, "input_schema": t.parameters});
+                if let Some(d) = &t.description {
+                    v["description"] = d.clone().into();
+                }
+                v
+            })
+            .collect();
+        out.insert("tools".into(), Value::Array(tools));
+    }
+    let mut choice = match &req.tool_choice {
+        Some(ToolChoice::Auto) => Some(json!({"type": "auto"})),
+        Some(ToolChoice::None) => Some(json!({"type": "none"})),
+        Some(ToolChoice::Required) => Some(json!({"type": "any"})),
+        Some(ToolChoice::Named(n)) => Some(json!({"type": "tool", "name": n})),
+        None => None,
+    };
+    if req.parallel_tool_calls == Some(false) && !req.tools.is_empty() {
+        let c = choice.get_or_insert_with(|| json!({"type": "auto"}));
+        if c["type"] != "none" {
+            c["disable_parallel_tool_use"] = true.into();
+        }
+    }
+    if let Some(c) = choice.filter(|_| !req.tools.is_empty()) {
+        out.insert("tool_choice".into(), c);
+    }
+    if let Some(u) = &req.user {
+        out.insert("metadata".into(), json!({"user_id": u}));
+    }
+    if req.stream {
+        out.insert("stream".into(), true.into());
+    }
+    Ok(Value::Object(out))
+}
+
+fn encode_block(p: &Part, synthesized: &mut usize, loss: &mut Loss) -> Option<Value> {
+    Some(match p {
+        Part::Text(t) if t.is_empty() => return None,
+        Part::Text(t) => json!({"type": "text", "text": t}),
+        Part::Image(m) => json!({"type": "image", "source": source_of(m)}),
+        Part::Document { media, title } => {
+            let mut v = json!({"type": "document", "source": source_of(media)});
+            if let Some(t) = title {
+                v["title"] = t.clone().into();
+            }
+            v
+        }
+        Part::ToolCall(c) => {
+            let id = if c.id.is_empty() {
+                *synthesized += 1;
+                format!("toolu_fg{synthesized}")
+            } else {
+                c.id.clone()
+            };
+            json!({"type": "tool_use", "id": id, "name": c.name, "input": arguments_object(&c.arguments)})
+        }
+        Part::ToolResult(r) => {
+            let content: Vec<Value> = r
+                .content
+                .iter()
+                .filter_map(|p| match p {
+                    Part::Text(t) if !t.is_empty() => Some(json!({"type": "text", "text": t})),
+                    Part::Image(m) => Some(json!({"type": "image", "source": source_of(m)})),
+                    _ => None,
+                })
+                .collect();
+            let mut v = json!({"type": "tool_result", "tool_use_id": r.call_id, "content": content});
+            if r.is_error {
+                v["is_error"] = true.into();
+            }
+            v
+        }
+        Part::Thinking {
+            text,
+            signature: Some(sig),
+        } if !sig.is_empty() => {
+            json!({"type": "thinking", "thinking": text, "signature": sig})
+        }
+        Part::Thinking { .. } => {
+            // Anthropic rejects thinking it did not sign.
+            loss.dropped("unsigned reasoning from another provider");
+            return None;
+        }
+        Part::RedactedThinking(data) => json!({"type": "redacted_thinking", "data": data}),
+    })
+}
+
+pub fn finish_from_wire(reason: &str, sequence: Option<&str>) -> Finish {
+    match reason {
+        "end_turn" => Finish::Stop,
+        "max_tokens" => Finish::Length,
+        "tool_use" => Finish::ToolCalls,
+        "stop_sequence" => Finish::StopSequence(sequence.map(str::to_string)),
+        "refusal" => Finish::Refusal,
+        "pause_turn" => Finish::PauseTurn,
+        other => Finish::Other(other.to_string()),
+    }
+}
+
+pub fn finish_to_wire(f: &Finish) -> (&'static str, Option<String>) {
+    match f {
+        Finish::Stop | Finish::Other(_) => ("end_turn", None),
+        Finish::Length => ("max_tokens", None),
+        Finish::ToolCalls => ("tool_use", None),
+        Finish::StopSequence(s) => ("stop_sequence", s.clone()),
+        Finish::ContentFilter | Finish::Refusal => ("refusal", None),
+        Finish::PauseTurn => ("pause_turn", None),
+    }
+}
+
+pub fn usage_from_wire(u: &Value) -> Usage {
+    Usage {
+        input: opt_u64(u, "input_tokens").unwrap_or(0),
+        cache_read: opt_u64(u, "cache_read_input_tokens").unwrap_or(0),
+        cache_write: opt_u64(u, "cache_creation_input_tokens").unwrap_or(0),
+        output: opt_u64(u, "output_tokens").unwrap_or(0),
+        reasoning: 0,
+    }
+}
+
+pub fn usage_to_wire(u: &Usage) -> Value {
+    json!({
+        "input_tokens": u.input,
+        "output_tokens": u.output,
+        "cache_creation_input_tokens": u.cache_write,
+        "cache_read_input_tokens": u.cache_read,
+    })
+}
+
+pub fn decode_response(body: &Value, loss: &mut Loss) -> Result<ChatResponse, ConvertError> {
+    let parts = decode_content(body.get("content").unwrap_or(&Value::Array(Vec::new())), loss)?;
+    Ok(ChatResponse {
+        id: opt_str(body, "id").unwrap_or_default().to_string(),
+        model: opt_str(body, "model").unwrap_or_default().to_string(),
+        parts,
+        finish: opt_str(body, "stop_reason").map(|r| finish_from_wire(r, opt_str(body, "stop_sequence"))),
+        usage: body.get("usage").filter(|u| u.is_object()).map(usage_from_wire),
+    })
+}
+
+pub fn encode_response(resp: &ChatResponse) -> Value {
+    let mut synthesized = 0usize;
+    let mut ignored = Loss::default();
+    let content: Vec<Value> = resp
+        .parts
+        .iter()
+        .filter_map(|p| match p {
+            // Reasoning from another provider reaches Anthropic clients as
+            // thinking; it has no signature to keep.
+            Part::Thinking { text, signature } => {
+                Some(json!({"type": "thinking", "thinking": text, "signature": signature.clone().unwrap_or_default()}))
+            }
+            other => encode_block(other, &mut synthesized, &mut ignored),
+        })
+        .collect();
+    let (stop_reason, stop_sequence) = resp.finish.as_ref().map_or(("end_turn", None), finish_to_wire);
+    json!({
+        "id": if resp.id.starts_with("msg_") { resp.id.clone() } else { format!("msg_{}", resp.id) },
+        "type": "message",
+        "role": "assistant",
+        "model": resp.model,
+        "content": content,
+        "stop_reason": stop_reason,
+        "stop_sequence": stop_sequence,
+        "usage": usage_to_wire(&resp.usage.unwrap_or_default()),
+    })
+}

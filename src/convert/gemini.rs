@@ -1,0 +1,657 @@
+//! Gemini `generateContent` / `streamGenerateContent` ⇄ the IR.
+//!
+//! Gemini's REST API takes both camelCase and snake_case field names (the
+//! protobuf JSON mapping); the decoder reads either, the encoder writes
+//! camelCase like the official SDKs.
+
+use super::{ConvertError, Loss, arguments_object, ir::*, opt_str};
+use serde_json::{Map, Value, json};
+use sha2::Digest;
+
+fn invalid(what: impl Into<String>) -> ConvertError {
+    ConvertError::Invalid(what.into())
+}
+
+/// A field under its camelCase or snake_case name.
+fn field<'a>(v: &'a Value, camel: &str, snake: &str) -> Option<&'a Value> {
+    v.get(camel).or_else(|| v.get(snake))
+}
+
+fn media(mime: &str, data: Media) -> Part {
+    if mime.starts_with("image/") {
+        Part::Image(data)
+    } else {
+        Part::Document {
+            media: data,
+            title: None,
+        }
+    }
+}
+
+/// A response object as the text of a tool result: a lone `result`/`output`
+/// string as itself, anything else as JSON.
+fn response_text(response: &Value) -> String {
+    if let Some(obj) = response.as_object()
+        && obj.len() == 1
+        && let Some(s) = obj.get("result").or_else(|| obj.get("output")).and_then(Value::as_str)
+    {
+        return s.to_string();
+    }
+    response.to_string()
+}
+
+/// A stable, unique id for a function call Gemini sent without one.
+pub fn synthesize_call_id(scope: &str, index: usize, name: &str) -> String {
+    let digest = sha2::Sha256::digest(format!("{scope}\0{index}\0{name}").as_bytes());
+    format!("call_{}", hex::encode(&digest[..12]))
+}
+
+fn decode_parts(
+    parts: &[Value],
+    scope: &str,
+    calls_seen: &mut Vec<(String, String)>,
+    loss: &mut Loss,
+) -> Result<Vec<Part>, ConvertError> {
+    let mut out = Vec::new();
+    for (i, p) in parts.iter().enumerate() {
+        let signature = field(p, "thoughtSignature", "thought_signature")
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        if let Some(text) = p.get("text").and_then(Value::as_str) {
+            if p.get("thought").and_then(Value::as_bool) == Some(true) {
+                out.push(Part::Thinking {
+                    text: text.to_string(),
+                    signature,
+                });
+            } else {
+                out.push(Part::Text(text.to_string()));
+            }
+        } else if let Some(d) = field(p, "inlineData", "inline_data") {
+            let mime = field(d, "mimeType", "mime_type")
+                .and_then(Value::as_str)
+                .unwrap_or("application/octet-stream");
+            out.push(media(
+                mime,
+                Media::Base64 {
+                    media_type: mime.to_string(),
+                    data: opt_str(d, "data").unwrap_or_default().to_string(),
+                },
+            ));
+        } else if let Some(d) = field(p, "fileData", "file_data") {
+            let mime = field(d, "mimeType", "mime_type")
+                .and_then(Value::as_str)
+                .unwrap_or("application/octet-stream");
+            out.push(media(
+                mime,
+                Media::Url {
+                    url: field(d, "fileUri", "file_uri")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                        .to_string(),
+                    media_type: Some(mime.to_string()),
+                },
+            ));
+        } else if let Some(c) = field(p, "functionCall", "function_call") {
+            let name = opt_str(c, "name").ok_or_else(|| invalid("a functionCall without a name"))?;
+            let id = opt_str(c, "id")
+                .filter(|id| !id.is_empty())
+                .map_or_else(|| synthesize_call_id(scope, i, name), str::to_string);
+            calls_seen.push((id.clone(), name.to_string()));
+            out.push(Part::ToolCall(ToolCall {
+                id,
+                name: name.to_string(),
+                arguments: c.get("args").map_or_else(|| "{}".to_string(), Value::to_string),
+                signature,
+            }));
+        } else if let Some(r) = field(p, "functionResponse", "function_response") {
+            let name = opt_str(r, "name").unwrap_or_default().to_string();
+            // Without an id, it answers the oldest call of that name not yet answered.
+            let call_id = match opt_str(r, "id").filter(|id| !id.is_empty()) {
+                Some(id) => {
+                    calls_seen.retain(|(c, _)| c != id);
+                    id.to_string()
+                }
+                None => match calls_seen.iter().position(|(_, n)| *n == name) {
+                    Some(pos) => calls_seen.remove(pos).0,
+                    None => synthesize_call_id(scope, i, &name),
+                },
+            };
+            out.push(Part::ToolResult(ToolResult {
+                call_id,
+                name: Some(name),
+                content: vec![Part::Text(response_text(r.get("response").unwrap_or(&Value::Null)))],
+                is_error: false,
+            }));
+        } else {
+            loss.dropped("Gemini parts other than text, media and function calls");
+        }
+    }
+    Ok(out)
+}
+
+/// Decode a Gemini request; the model and streaming come from the URL.
+pub fn decode_request(body: &Value, model: &str, stream: bool, loss: &mut Loss) -> Result<ChatRequest, ConvertError> {
+    body.as_object()
+        .ok_or_else(|| invalid("the body must be a JSON object"))?;
+    let mut req = ChatRequest {
+        model: model.to_string(),
+        stream,
+        include_usage: true,
+        ..ChatRequest::default()
+    };
+    if let Some(si) = field(body, "systemInstruction", "system_instruction") {
+        let text: Vec<&str> = si
+            .get("parts")
+            .and_then(Value::as_array)
+            .map(|ps| {
+                ps.iter()
+                    .filter_map(|p| p.get("text").and_then(Value::as_str))
+                    .collect()
+            })
+            .unwrap_or_default();
+        req.system.push(text.join(""));
+    }
+    let mut calls_seen = Vec::new();
+    for (turn, c) in body
+        .get("contents")
+        .and_then(Value::as_array)
+        .ok_or_else(|| invalid("contents must be a list"))?
+        .iter()
+        .enumerate()
+    {
+        let role = match opt_str(c, "role") {
+            Some("model") => Role::Assistant,
+            Some("user" | "function" | "tool") | None => Role::User,
+            Some(other) => return Err(invalid(format!("unknown role {other:?}"))),
+        };
+        let parts = c.get("parts").and_then(Value::as_array).map_or(&[][..], Vec::as_slice);
+        let parts = decode_parts(parts, &format!("turn{turn}"), &mut calls_seen, loss)?;
+        match req.messages.last_mut() {
+            Some(last) if last.role == role => last.parts.extend(parts),
+            _ => req.messages.push(Message { role, parts }),
+        }
+    }
+    let g = field(body, "generationConfig", "generation_config").unwrap_or(&Value::Null);
+    let num = |camel, snake| field(g, camel, snake).and_then(Value::as_f64);
+    req.temperature = num("temperature", "temperature");
+    req.top_p = num("topP", "top_p");
+    req.top_k = field(g, "topK", "top_k").and_then(Value::as_u64);
+    req.max_tokens = field(g, "maxOutputTokens", "max_output_tokens").and_then(Value::as_u64);
+    req.seed = g.get("seed").and_then(Value::as_i64);
+    req.presence_penalty = num("presencePenalty", "presence_penalty");
+    req.frequency_penalty = num("frequencyPenalty", "frequency_penalty");
+    req.stop = field(g, "stopSequences", "stop_sequences")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect())
+        .unwrap_or_default();
+    req.only.candidates = field(g, "candidateCount", "candidate_count").and_then(Value::as_u64);
+    let schema = field(g, "responseJsonSchema", "response_json_schema")
+        .or_else(|| field(g, "responseSchema", "response_schema"));
+    req.response_format = match (
+        field(g, "responseMimeType", "response_mime_type").and_then(Value::as_str),
+        schema,
+    ) {
+        (_, Some(s)) => Some(ResponseFormat::JsonSchema {
+            name: "response".into(),
+            schema: lower_types(s),
+            strict: false,
+        }),
+        (Some("application/json"), None) => Some(ResponseFormat::JsonObject),
+        _ => None,
+    };
+    if let Some(t) = field(g, "thinkingConfig", "thinking_config") {
+        req.reasoning = match field(t, "thinkingBudget", "thinking_budget").and_then(Value::as_i64) {
+            Some(0) => Some(Reasoning {
+                effort: None,
+                budget_tokens: None,
+                disabled: true,
+            }),
+            Some(b) if b > 0 => Some(Reasoning {
+                effort: None,
+                budget_tokens: Some(b as u64),
+                disabled: false,
+            }),
+            // -1: dynamic. A level, when given, says how much.
+            _ => match field(t, "thinkingLevel", "thinking_level").and_then(Value::as_str) {
+                Some(l) if l.eq_ignore_ascii_case("low") => Some(Reasoning {
+                    effort: Some(Effort::Low),
+                    budget_tokens: None,
+                    disabled: false,
+                }),
+                Some(_) | None => Some(Reasoning {
+                    effort: Some(Effort::Medium),
+                    budget_tokens: None,
+                    disabled: false,
+                }),
+            },
+        };
+    }
+    for t in body.get("tools").and_then(Value::as_array).into_iter().flatten() {
+        match field(t, "functionDeclarations", "function_declarations").and_then(Value::as_array) {
+            Some(decls) => {
+                for d in decls {
+                    let params = field(d, "parametersJsonSchema", "parameters_json_schema")
+                        .or_else(|| d.get("parameters"))
+                        .map_or_else(|| json!({"type": "object", "properties": {}}), lower_types);
+                    req.tools.push(Tool {
+                        name: opt_str(d, "name")
+                            .ok_or_else(|| invalid("a function declaration without a name"))?
+                            .to_string(),
+                        description: opt_str(d, "description").map(str::to_string),
+                        parameters: params,
+                    });
+                }
+            }
+            None => loss.dropped("Gemini built-in tools (search, code execution)"),
+        }
+    }
+    if let Some(fc) = field(body, "toolConfig", "tool_config")
+        .and_then(|tc| field(tc, "functionCallingConfig", "function_calling_config"))
+    {
+        let allowed: Vec<&str> = field(fc, "allowedFunctionNames", "allowed_function_names")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        req.tool_choice = match opt_str(fc, "mode").map(str::to_ascii_uppercase).as_deref() {
+            Some("AUTO") => Some(ToolChoice::Auto),
+            Some("NONE") => Some(ToolChoice::None),
+            Some("ANY" | "VALIDATED") if allowed.len() == 1 => Some(ToolChoice::Named(allowed[0].to_string())),
+            Some("ANY" | "VALIDATED") => Some(ToolChoice::Required),
+            _ => None,
+        };
+    }
+    Ok(req)
+}
+
+/// Gemini's OpenAPI-style schemas use upper-case types (`STRING`); JSON
+/// Schema targets want lower case.
+pub fn lower_types(schema: &Value) -> Value {
+    match schema {
+        Value::Object(m) => Value::Object(
+            m.iter()
+                .map(|(k, v)| {
+                    let v = match (k.as_str(), v) {
+                        ("type", Value::String(t)) => Value::String(t.to_ascii_lowercase()),
+                        _ => lower_types(v),
+                    };
+                    (k.clone(), v)
+                })
+                .collect(),
+        ),
+        Value::Array(a) => Value::Array(a.iter().map(lower_types).collect()),
+        other => other.clone(),
+    }
+}
+
+/// Keys Gemini's function `parameters` schema understands.
+const SCHEMA_KEYS: &[&str] = &[
+    "type",
+    "format",
+    "title",
+    "description",
+    "nullable",
+    "enum",
+    "properties",
+    "required",
+    "items",
+    "minItems",
+    "maxItems",
+    "minimum",
+    "maximum",
+    "minLength",
+    "maxLength",
+    "pattern",
+    "anyOf",
+    "propertyOrdering",
+    "minProperties",
+    "maxProperties",
+];
+
+/// A JSON Schema as Gemini accepts it: unknown keywords (`$schema`,
+/// `additionalProperties`, `examples`…) removed, `const` as a one-value
+/// `enum`, `type: [T, "null"]` as `type: T` + `nullable`.
+pub fn sanitize_schema(schema: &Value) -> Value {
+    let Value::Object(m) = schema else {
+        return schema.clone();
+    };
+    let mut out = Map::new();
+    for (k, v) in m {
+        match k.as_str() {
+            "properties" => {
+                let props = v
+                    .as_object()
+                    .map(|p| p.iter().map(|(name, s)| (name.clone(), sanitize_schema(s))).collect())
+                    .unwrap_or_default();
+                out.insert(k.clone(), Value::Object(props));
+            }
+            "items" => {
+                out.insert(k.clone(), sanitize_schema(v));
+            }
+            "anyOf" | "oneOf" => {
+                let alts = v
+                    .as_array()
+                    .map(|a| a.iter().map(sanitize_schema).collect())
+                    .unwrap_or_default();
+                out.insert("anyOf".into(), Value::Array(alts));
+            }
+            "const" => {
+                out.insert("enum".into(), json!([v]));
+            }
+            "type" => match v {
+                Value::Array(types) => {
+                    let real: Vec<&Value> = types.iter().filter(|t| t.as_str() != Some("null")).collect();
+                    if real.len() < types.len() {
+                        out.insert("nullable".into(), true.into());
+                    }
+                    if let Some(t) = real.first() {
+                        out.insert("type".into(), (*t).clone());
+                    }
+                }
+                other => {
+                    out.insert("type".into(), other.clone());
+                }
+            },
+            key if SCHEMA_KEYS.contains(&key) => {
+                out.insert(k.clone(), v.clone());
+            }
+            _ => {}
+        }
+    }
+    // Gemini only takes string enums.
+    if let Some(Value::Array(values)) = out.get("enum")
+        && values.iter().any(|v| !v.is_string())
+    {
+        let strings = values
+            .iter()
+            .map(|v| Value::String(v.as_str().map_or_else(|| v.to_string(), str::to_string)))
+            .collect();
+        out.insert("enum".into(), Value::Array(strings));
+        out.insert("type".into(), "string".into());
+    }
+    Value::Object(out)
+}
+
+fn inline(m: &Media, loss: &mut Loss) -> Option<Value> {
+    match m {
+        Media::Base64 { media_type, data } => Some(json!({"inlineData": {"mimeType": media_type, "data": data}})),
+        Media::Url { url, media_type } => match media_type {
+            Some(mt) => Some(json!({"fileData": {"mimeType": mt, "fileUri": url}})),
+            None => {
+                let guess = mime_guess(url);
+                if guess.is_none() {
+                    loss.dropped("media by URL of unknown type (send it as a data URL)");
+                }
+                guess.map(|mt| json!({"fileData": {"mimeType": mt, "fileUri": url}}))
+            }
+        },
+    }
+}
+
+fn mime_guess(url: &str) -> Option<&'static str> {
+    let path = url.split(['?', '#']).next().unwrap_or(url).to_ascii_lowercase();
+    let ext = path.rsplit('.').next()?;
+    Some(match ext {
+        "png" => "image/png",
+        "jpg" | "jpeg" => "image/jpeg",
+        "webp" => "image/webp",
+        "gif" => "image/gif",
+        "heic" => "image/heic",
+        "pdf" => "application/pdf",
+        _ => return None,
+    })
+}
+
+pub fn encode_request(req: &ChatRequest, loss: &mut Loss) -> Result<Value, ConvertError> {
+    if req.only.logprobs {
+        return Err(ConvertError::Refused(
+            "logprobs are not converted for Gemini upstreams; route this request to an OpenAI upstream".into(),
+        ));
+    }
+    let mut out = Map::new();
+    let names: std::collections::HashMap<&str, &str> = req
+        .messages
+        .iter()
+        .flat_map(|m| &m.parts)
+        .filter_map(|p| match p {
+            Part::ToolCall(c) => Some((c.id.as_str(), c.name.as_str())),
+            _ => None,
+        })
+        .collect();
+    let mut contents = Vec::new();
+    for m in &req.messages {
+        let mut parts = Vec::new();
+        for p in &m.parts {
+            let v = match p {
+                Part::Text(t) if t.is_empty() => None,
+                Part::Text(t) => Some(json!({"text": t})),
+                Part::Image(m) | Part::Document { media: m, .. } => inline(m, loss),
+                Part::ToolCall(c) => {
+                    let mut v = json!({"functionCall": {"name": c.name, "args": arguments_object(&c.arguments)}});
+                    if let Some(sig) = &c.signature {
+                        v["thoughtSignature"] = sig.clone().into();
+                    }
+                    Some(v)
+                }
+                Part::ToolResult(r) => {
+                    let name = r
+                        .name
+                        .clone()
+                        .or_else(|| names.get(r.call_id.as_str()).map(|n| n.to_string()))
+                        .unwrap_or_default();
+                    let text: String = r
+                        .content
+                        .iter()
+                        .filter_map(|p| if let Part::Text(t) = p { Some(t.as_str()) } else { None })
+                        .collect::<Vec<_>>()
+                        .join("\n");
+                    if r.content.iter().any(|p| !matches!(p, Part::Text(_))) {
+                        loss.dropped("images in tool results (Gemini takes text)");
+                    }
+                    let response = match serde_json::from_str::<Value>(&text) {
+                        Ok(v @ Value::Object(_)) => v,
+                        _ if r.is_error => json!({"error": text}),
+                        _ => json!({"result": text}),
+                    };
+                    Some(json!({"functionResponse": {"name": name, "response": response}}))
+                }
+                Part::Thinking { .. } | Part::RedactedThinking(_) => None,
+            };
+            parts.extend(v);
+        }
+        if parts.is_empty() {
+            continue;
+        }
+        let role = if m.role == Role::User { "user" } else { "model" };
+        contents.push(json!({"role": role, "parts": parts}));
+    }
+    out.insert("contents".into(), Value::Array(contents));
+    if !req.system.is_empty() {
+        out.insert(
+            "systemInstruction".into(),
+            json!({"parts": [{"text": req.system.join("\n\n")}]}),
+        );
+    }
+    let mut g = Map::new();
+    let mut put = |k: &str, v: Option<Value>| {
+        if let Some(v) = v {
+            g.insert(k.into(), v);
+        }
+    };
+    put("maxOutputTokens", req.max_tokens.map(Value::from));
+    put("temperature", req.temperature.map(Value::from));
+    put("topP", req.top_p.map(Value::from));
+    put("topK", req.top_k.map(Value::from));
+    put("seed", req.seed.map(Value::from));
+    put("presencePenalty", req.presence_penalty.map(Value::from));
+    put("frequencyPenalty", req.frequency_penalty.map(Value::from));
+    put("candidateCount", req.only.candidates.map(Value::from));
+    if !req.stop.is_empty() {
+        if req.stop.len() > 5 {
+            loss.dropped("stop sequences beyond the 5 Gemini accepts");
+        }
+        g.insert(
+            "stopSequences".into(),
+            json!(req.stop.iter().take(5).collect::<Vec<_>>()),
+        );
+    }
+    match &req.response_format {
+        Some(ResponseFormat::JsonObject) => {
+            g.insert("responseMimeType".into(), "application/json".into());
+        }
+        Some(ResponseFormat::JsonSchema { schema, .. }) => {
+            g.insert("responseMimeType".into(), "application/json".into());
+            g.insert("responseJsonSchema".into(), schema.clone());
+        }
+        Some(ResponseFormat::Text) | None => {}
+    }
+    if let Some(r) = &req.reasoning {
+        let budget = if r.disabled {
+            Some(0)
+        } else {
+            r.budget_tokens.or_else(|| r.effort.map(Effort::budget))
+        };
+        if let Some(b) = budget {
+            g.insert(
+                "thinkingConfig".into(),
+                json!({"thinkingBudget": b, "includeThoughts": b > 0}),
+            );
+        }
+    }
+    if !g.is_empty() {
+        out.insert("generationConfig".into(), Value::Object(g));
+    }
+    if !req.tools.is_empty() {
+        let decls: Vec<Value> = req
+            .tools
+            .iter()
+            .map(|t| {
+                let mut d = json!({"name": t.name, "parameters": sanitize_schema(&t.parameters)});
+                if let Some(desc) = &t.description {
+                    d["description"] = desc.clone().into();
+                }
+                d
+            })
+            .collect();
+        out.insert("tools".into(), json!([{"functionDeclarations": decls}]));
+        if let Some(tc) = &req.tool_choice {
+            let fc = match tc {
+                ToolChoice::Auto => json!({"mode": "AUTO"}),
+                ToolChoice::None => json!({"mode": "NONE"}),
+                ToolChoice::Required => json!({"mode": "ANY"}),
+                ToolChoice::Named(n) => json!({"mode": "ANY", "allowedFunctionNames": [n]}),
+            };
+            out.insert("toolConfig".into(), json!({"functionCallingConfig": fc}));
+        }
+        if req.parallel_tool_calls == Some(false) {
+            loss.dropped("parallel_tool_calls=false (Gemini has no such switch)");
+        }
+    }
+    if req.user.is_some() {
+        loss.dropped("user (Gemini has no end-user field)");
+    }
+    Ok(Value::Object(out))
+}
+
+pub fn finish_from_wire(reason: &str, has_calls: bool) -> Finish {
+    match reason {
+        "STOP" if has_calls => Finish::ToolCalls,
+        "STOP" => Finish::Stop,
+        "MAX_TOKENS" => Finish::Length,
+        "SAFETY" | "RECITATION" | "BLOCKLIST" | "PROHIBITED_CONTENT" | "SPII" | "IMAGE_SAFETY" => Finish::ContentFilter,
+        other => Finish::Other(other.to_string()),
+    }
+}
+
+pub fn finish_to_wire(f: &Finish) -> &'static str {
+    match f {
+        Finish::Stop | Finish::StopSequence(_) | Finish::ToolCalls | Finish::PauseTurn => "STOP",
+        Finish::Length => "MAX_TOKENS",
+        Finish::ContentFilter | Finish::Refusal => "SAFETY",
+        Finish::Other(_) => "OTHER",
+    }
+}
+
+pub fn usage_from_wire(u: &Value) -> Usage {
+    let n = |k| u.get(k).and_then(Value::as_u64).unwrap_or(0);
+    let cached = n("cachedContentTokenCount");
+    let thoughts = n("thoughtsTokenCount");
+    Usage {
+        input: n("promptTokenCount").saturating_sub(cached),
+        cache_read: cached,
+        cache_write: 0,
+        output: n("candidatesTokenCount") + thoughts,
+        reasoning: thoughts,
+    }
+}
+
+pub fn usage_to_wire(u: &Usage) -> Value {
+    let mut v = json!({
+        "promptTokenCount": u.input_total(),
+        "candidatesTokenCount": u.output - u.reasoning.min(u.output),
+        "totalTokenCount": u.input_total() + u.output,
+    });
+    if u.reasoning > 0 {
+        v["thoughtsTokenCount"] = u.reasoning.into();
+    }
+    if u.cache_read > 0 {
+        v["cachedContentTokenCount"] = u.cache_read.into();
+    }
+    v
+}
+
+pub fn decode_response(body: &Value, loss: &mut Loss) -> Result<ChatResponse, ConvertError> {
+    let cand = body.get("candidates").and_then(|c| c.get(0));
+    let id = opt_str(body, "responseId").unwrap_or_default().to_string();
+    let parts = cand
+        .and_then(|c| c.get("content"))
+        .and_then(|c| c.get("parts"))
+        .and_then(Value::as_array)
+        .map_or(&[][..], Vec::as_slice);
+    let parts = decode_parts(parts, &id, &mut Vec::new(), loss)?;
+    let has_calls = parts.iter().any(|p| matches!(p, Part::ToolCall(_)));
+    Ok(ChatResponse {
+        model: opt_str(body, "modelVersion").unwrap_or_default().to_string(),
+        id,
+        parts,
+        finish: cand
+            .and_then(|c| opt_str(c, "finishReason"))
+            .map(|r| finish_from_wire(r, has_calls)),
+        usage: body.get("usageMetadata").filter(|u| u.is_object()).map(usage_from_wire),
+    })
+}
+
+pub fn encode_response(resp: &ChatResponse) -> Value {
+    let mut ignored = Loss::default();
+    let parts: Vec<Value> = resp
+        .parts
+        .iter()
+        .filter_map(|p| match p {
+            Part::Text(t) if t.is_empty() => None,
+            Part::Text(t) => Some(json!({"text": t})),
+            Part::Thinking { text, .. } => Some(json!({"text": text, "thought": true})),
+            Part::ToolCall(c) => {
+                let mut v =
+                    json!({"functionCall": {"id": c.id, "name": c.name, "args": arguments_object(&c.arguments)}});
+                if let Some(sig) = &c.signature {
+                    v["thoughtSignature"] = sig.clone().into();
+                }
+                Some(v)
+            }
+            Part::Image(m) | Part::Document { media: m, .. } => inline(m, &mut ignored),
+            Part::ToolResult(_) | Part::RedactedThinking(_) => None,
+        })
+        .collect();
+    let mut out = json!({
+        "candidates": [{
+            "content": {"role": "model", "parts": parts},
+            "finishReason": resp.finish.as_ref().map_or("STOP", finish_to_wire),
+            "index": 0,
+        }],
+        "modelVersion": resp.model,
+        "responseId": resp.id,
+    });
+    if let Some(u) = &resp.usage {
+        out["usageMetadata"] = usage_to_wire(u);
+    }
+    out
+}

@@ -1,0 +1,103 @@
+//! Conversion between the OpenAI, Anthropic and Gemini wire formats through
+//! one internal representation ([`ir`]): each format has a decoder and an
+//! encoder (`openai`, `anthropic`, `gemini`), and a request from format A to
+//! provider B is `B::encode(A::decode(body))` — never a converter per pair,
+//! never two hops through a third format. Same format on both sides never
+//! comes here (raw passthrough).
+//!
+//! Whatever a target cannot express is either dropped and reported
+//! ([`Loss`], sent to the client as `x-fastgate-warning`) or, where dropping
+//! would change the meaning, refused with [`ConvertError::Refused`] (a 400 in
+//! the client's shape). `docs/conversion.md` lists every case.
+
+pub mod anthropic;
+pub mod gemini;
+pub mod ir;
+pub mod openai;
+
+use serde_json::Value;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConvertError {
+    /// The client's body is not a valid request of its own format.
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    /// The request asks for something the upstream's format cannot do, and
+    /// dropping it would change the answer.
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// What a conversion left out, in words a client developer understands.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Loss(pub Vec<String>);
+
+impl Loss {
+    pub fn dropped(&mut self, what: impl Into<String>) {
+        let what = what.into();
+        if !self.0.contains(&what) {
+            self.0.push(what);
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The `x-fastgate-warning` header value (ASCII, one line).
+    pub fn header_value(&self) -> Option<String> {
+        (!self.0.is_empty()).then(|| {
+            self.0
+                .join("; ")
+                .chars()
+                .map(|c| if c.is_ascii() && !c.is_ascii_control() { c } else { '?' })
+                .collect()
+        })
+    }
+}
+
+/// A `data:` URL's media type and base64 payload.
+pub(crate) fn split_data_url(url: &str) -> Option<(String, String)> {
+    let rest = url.strip_prefix("data:")?;
+    let (meta, data) = rest.split_once(',')?;
+    let media_type = meta.strip_suffix(";base64")?;
+    Some((media_type.to_string(), data.to_string()))
+}
+
+/// Text of a content value that may be a string or a list of text parts.
+pub(crate) fn plain_text(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Array(parts) => Some(
+            parts
+                .iter()
+                .filter_map(|p| p.get("text").and_then(Value::as_str))
+                .collect::<Vec<_>>()
+                .join(""),
+        ),
+        _ => None,
+    }
+}
+
+/// Arguments text as a JSON object (an empty or broken string becomes `{}`).
+pub(crate) fn arguments_object(arguments: &str) -> Value {
+    match serde_json::from_str::<Value>(arguments) {
+        Ok(v @ Value::Object(_)) => v,
+        _ => Value::Object(Default::default()),
+    }
+}
+
+pub(crate) fn opt_f64(v: &Value, key: &str) -> Option<f64> {
+    v.get(key).and_then(Value::as_f64)
+}
+
+pub(crate) fn opt_u64(v: &Value, key: &str) -> Option<u64> {
+    v.get(key).and_then(Value::as_u64)
+}
+
+pub(crate) fn opt_str<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
+    v.get(key).and_then(Value::as_str)
+}
+
+#[cfg(test)]
+mod tests;
