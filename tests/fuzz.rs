@@ -1,7 +1,8 @@
 //! Property tests over what request and response bytes reach: the usage
 //! reader (any body, any coding, any split), the OpenAI usage-chunk filter,
-//! credential extraction and query scrubbing, and the config and routes.d
-//! loaders. Nothing reachable from those bytes may panic. A failing case is
+//! credential extraction and query scrubbing, the config and routes.d
+//! loaders, and the stream converters. Nothing reachable from those bytes
+//! may panic. A failing case is
 //! kept by proptest under `proptest-regressions/` and replayed on every run.
 //! `.ci/run` runs this file once more with many more cases.
 #![allow(clippy::unwrap_used)]
@@ -11,6 +12,11 @@ mod common;
 use bytes::Bytes;
 use fastgate::{
     auth,
+    convert::{
+        openai::ToolNames,
+        sse::SseParser,
+        stream::{Converter, Decoder, Encoder, anthropic, gemini, openai},
+    },
     proxy::rewrite,
     usage::{Usage, UsageMeter, chunk_filter::UsageChunkFilter},
 };
@@ -50,7 +56,87 @@ fn encodings() -> impl Strategy<Value = Option<&'static str>> {
     ])
 }
 
+/// Stream-event-like text: real event lines mixed with noise.
+fn stream_text() -> impl Strategy<Value = String> {
+    let piece = prop::sample::select(vec![
+        "data: ",
+        "event: ",
+        "\n",
+        "\r\n",
+        "\r",
+        ": c\n",
+        "[DONE]",
+        "{\"type\":\"message_start\",\"message\":{\"id\":\"m\"}}",
+        "{\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"tool_use\",\"id\":\"t\",\"name\":\"f\"}}",
+        "{\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"input_json_delta\",\"partial_json\":\"{\\\"a\"}}",
+        "{\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"tool_use\"},\"usage\":{\"output_tokens\":3}}",
+        "{\"type\":\"message_stop\"}",
+        "{\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":1,\"function\":{\"arguments\":\"x\"}}]}}]}",
+        "{\"choices\":[{\"index\":0,\"delta\":{\"content\":\"é\"},\"finish_reason\":\"stop\"}]}",
+        "{\"candidates\":[{\"content\":{\"parts\":[{\"functionCall\":{\"name\":\"f\",\"args\":{}}}]},\"finishReason\":\"STOP\"}]}",
+        "{\"error\":{\"message\":\"x\"}}",
+        "[",
+        ",",
+        "]",
+        "{",
+        "}",
+        "\"",
+    ]);
+    prop::collection::vec(piece, 0..40).prop_map(|v| v.concat())
+}
+
+fn decoders(i: usize) -> Box<dyn Decoder> {
+    match i % 3 {
+        0 => Box::new(openai::OpenaiDecoder::new(ToolNames::default())),
+        1 => Box::new(anthropic::AnthropicDecoder::default()),
+        _ => Box::new(gemini::GeminiDecoder::default()),
+    }
+}
+
+fn encoders(i: usize) -> Box<dyn Encoder> {
+    match i % 4 {
+        0 => Box::new(openai::OpenaiEncoder::new("m", 1, true)),
+        1 => Box::new(anthropic::AnthropicEncoder::new("m")),
+        2 => Box::new(gemini::GeminiEncoder::new("m", false)),
+        _ => Box::new(gemini::GeminiEncoder::new("m", true)),
+    }
+}
+
 proptest! {
+    /// Any upstream bytes, cut anywhere: no panic, and every event written
+    /// is whole (SSE data is JSON or `[DONE]`; a JSON-array stream is JSON).
+    #[test]
+    fn stream_converters_take_any_bytes_and_write_whole_events(
+        text in stream_text(),
+        noise in prop::collection::vec(any::<u8>(), 0..64),
+        cuts in prop::collection::vec(0.0f64..1.0, 0..6),
+        dec in 0usize..3,
+        enc in 0usize..4,
+        array_in in any::<bool>(),
+    ) {
+        let mut bytes = text.into_bytes();
+        bytes.extend_from_slice(&noise);
+        let mut conv = Converter::new(decoders(dec), encoders(enc), array_in);
+        let mut out = Vec::new();
+        for piece in split(&bytes, &cuts) {
+            out.extend(conv.feed(&piece));
+        }
+        out.extend(conv.finish());
+        let out = String::from_utf8(out).unwrap();
+        if enc == 3 {
+            let parsed: Result<Vec<serde_json::Value>, _> = serde_json::from_str(&out);
+            prop_assert!(parsed.is_ok(), "not a JSON array: {out}");
+        } else {
+            let mut events = Vec::new();
+            let mut p = SseParser::default();
+            p.feed(out.as_bytes(), &mut events);
+            p.finish(&mut events);
+            for e in events {
+                prop_assert!(e.data == "[DONE]" || serde_json::from_str::<serde_json::Value>(&e.data).is_ok(), "bad event {e:?}");
+            }
+        }
+    }
+
     #[test]
     fn the_usage_reader_takes_any_bytes(
         body in prop::collection::vec(any::<u8>(), 0..4096),

@@ -14,6 +14,8 @@ pub mod anthropic;
 pub mod gemini;
 pub mod ir;
 pub mod openai;
+pub mod sse;
+pub mod stream;
 
 use serde_json::Value;
 

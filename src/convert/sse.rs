@@ -1,0 +1,243 @@
+//! An incremental Server-Sent Events parser: bytes in as they arrive, whole
+//! events out as soon as their blank line is seen. Copes with events split
+//! anywhere (mid-line, mid-UTF-8, between `\r` and `\n`), several events per
+//! read, `\n`, `\r\n` and `\r` line endings, comments, multi-line `data:`,
+//! and `id:`/`retry:` fields (ignored).
+
+/// One dispatched event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SseEvent {
+    /// The `event:` field, if any (`message` by default per the spec).
+    pub event: Option<String>,
+    /// The `data:` lines joined with `\n`.
+    pub data: String,
+}
+
+/// Longest line kept; a longer one is cut (an upstream gone wrong must not
+/// make FastGate hold megabytes).
+const MAX_LINE: usize = 4 * 1024 * 1024;
+
+#[derive(Debug, Default)]
+pub struct SseParser {
+    line: Vec<u8>,
+    /// The previous byte was a `\r` ending a line: a `\n` next is its pair.
+    after_cr: bool,
+    event: Option<String>,
+    data: String,
+    has_data: bool,
+}
+
+impl SseParser {
+    /// Feed bytes; complete events are appended to `out`.
+    pub fn feed(&mut self, chunk: &[u8], out: &mut Vec<SseEvent>) {
+        let mut rest = chunk;
+        while !rest.is_empty() {
+            if self.after_cr {
+                self.after_cr = false;
+                if rest[0] == b'\n' {
+                    rest = &rest[1..];
+                    continue;
+                }
+            }
+            match memchr::memchr2(b'\n', b'\r', rest) {
+                Some(i) => {
+                    self.push_line_bytes(&rest[..i]);
+                    self.after_cr = rest[i] == b'\r';
+                    rest = &rest[i + 1..];
+                    self.end_line(out);
+                }
+                None => {
+                    self.push_line_bytes(rest);
+                    rest = &[];
+                }
+            }
+        }
+    }
+
+    /// The stream ended: an event still open (no blank line after it) is
+    /// dispatched.
+    pub fn finish(&mut self, out: &mut Vec<SseEvent>) {
+        if !self.line.is_empty() {
+            self.end_line(out);
+        }
+        self.dispatch(out);
+    }
+
+    fn push_line_bytes(&mut self, bytes: &[u8]) {
+        let room = MAX_LINE.saturating_sub(self.line.len());
+        self.line.extend_from_slice(&bytes[..bytes.len().min(room)]);
+    }
+
+    fn end_line(&mut self, out: &mut Vec<SseEvent>) {
+        let line = std::mem::take(&mut self.line);
+        if line.is_empty() {
+            self.dispatch(out);
+            return;
+        }
+        if line[0] == b':' {
+            return; // a comment
+        }
+        let text = String::from_utf8_lossy(&line);
+        let (field, value) = match text.find(':') {
+            Some(i) => {
+                let v = &text[i + 1..];
+                (&text[..i], v.strip_prefix(' ').unwrap_or(v))
+            }
+            None => (&text[..], ""),
+        };
+        match field {
+            "data" => {
+                if self.has_data {
+                    self.data.push('\n');
+                }
+                self.data.push_str(value);
+                self.has_data = true;
+            }
+            "event" => self.event = Some(value.to_string()),
+            _ => {}
+        }
+    }
+
+    fn dispatch(&mut self, out: &mut Vec<SseEvent>) {
+        let event = self.event.take();
+        if !self.has_data {
+            return;
+        }
+        self.has_data = false;
+        out.push(SseEvent {
+            event,
+            data: std::mem::take(&mut self.data),
+        });
+    }
+}
+
+/// Elements of a JSON array streamed one at a time (Gemini's stream without
+/// `alt=sse`: `[{...}\r\n,{...}]`), each handed out as soon as it closes.
+#[derive(Debug, Default)]
+pub struct JsonArrayParser {
+    buf: Vec<u8>,
+    depth: usize,
+    in_string: bool,
+    escaped: bool,
+}
+
+impl JsonArrayParser {
+    pub fn feed(&mut self, chunk: &[u8], out: &mut Vec<String>) {
+        for &b in chunk {
+            if self.depth == 0 {
+                // Between elements: `[`, `,`, `]` and whitespace.
+                if b == b'{' {
+                    self.depth = 1;
+                    self.buf.push(b);
+                }
+                continue;
+            }
+            if self.buf.len() < MAX_LINE {
+                self.buf.push(b);
+            }
+            if self.in_string {
+                match (self.escaped, b) {
+                    (true, _) => self.escaped = false,
+                    (false, b'\\') => self.escaped = true,
+                    (false, b'"') => self.in_string = false,
+                    _ => {}
+                }
+                continue;
+            }
+            match b {
+                b'"' => self.in_string = true,
+                b'{' | b'[' => self.depth += 1,
+                b'}' | b']' => {
+                    self.depth -= 1;
+                    if self.depth == 0 {
+                        out.push(String::from_utf8_lossy(&self.buf).into_owned());
+                        self.buf.clear();
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_in_pieces(input: &[u8], sizes: &[usize]) -> Vec<SseEvent> {
+        let mut p = SseParser::default();
+        let mut out = Vec::new();
+        let mut rest = input;
+        let mut i = 0;
+        while !rest.is_empty() {
+            let n = sizes[i % sizes.len()].min(rest.len());
+            p.feed(&rest[..n], &mut out);
+            rest = &rest[n..];
+            i += 1;
+        }
+        p.finish(&mut out);
+        out
+    }
+
+    #[test]
+    fn events_however_the_bytes_are_cut() {
+        let input = "event: message_start\r\ndata: {\"a\":\"é\"}\r\n\r\n: ping comment\n\nevent: ping\ndata: {}\n\ndata: line1\ndata: line2\rdata: line3\r\rid: 7\nretry: 100\ndata:no-space\n\n".as_bytes();
+        let want = vec![
+            SseEvent {
+                event: Some("message_start".into()),
+                data: "{\"a\":\"é\"}".into(),
+            },
+            SseEvent {
+                event: Some("ping".into()),
+                data: "{}".into(),
+            },
+            SseEvent {
+                event: None,
+                data: "line1\nline2\nline3".into(),
+            },
+            SseEvent {
+                event: None,
+                data: "no-space".into(),
+            },
+        ];
+        for sizes in [&[input.len()][..], &[1], &[2, 3], &[5, 1, 7], &[13]] {
+            assert_eq!(parse_in_pieces(input, sizes), want, "pieces {sizes:?}");
+        }
+    }
+
+    #[test]
+    fn an_unterminated_last_event_is_dispatched_at_the_end() {
+        assert_eq!(
+            parse_in_pieces(b"data: [DONE]", &[4]),
+            vec![SseEvent {
+                event: None,
+                data: "[DONE]".into()
+            }]
+        );
+        assert!(
+            parse_in_pieces(b"event: only\n\n", &[3]).is_empty(),
+            "no data, no event"
+        );
+    }
+
+    #[test]
+    fn json_array_elements_split_anywhere() {
+        let input = br#"[{"a":"x}]\"y","b":[1,{"c":2}]}
+,{"d":"{"}]"#;
+        for n in [1usize, 2, 7, input.len()] {
+            let mut p = JsonArrayParser::default();
+            let mut out = Vec::new();
+            for piece in input.chunks(n) {
+                p.feed(piece, &mut out);
+            }
+            assert_eq!(
+                out,
+                vec![
+                    r#"{"a":"x}]\"y","b":[1,{"c":2}]}"#.to_string(),
+                    r#"{"d":"{"}"#.to_string()
+                ],
+                "n={n}"
+            );
+        }
+    }
+}

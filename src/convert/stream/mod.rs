@@ -1,0 +1,193 @@
+//! Stream conversion: a per-request pipeline of an incremental parser, the
+//! upstream format's decoder (events → [`Delta`]s) and the client format's
+//! encoder (deltas → framed client events). One input event gives zero or
+//! more output bytes at once; nothing waits for a later event except what a
+//! format cannot express in pieces (Gemini's whole function-call arguments).
+
+pub mod anthropic;
+pub mod gemini;
+pub mod openai;
+
+use super::{
+    ir::{Finish, Usage},
+    sse::{JsonArrayParser, SseParser},
+};
+
+/// One step of an answer, whatever format it streams in.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Delta {
+    /// The answer begins (sent once).
+    Start {
+        id: String,
+        model: String,
+    },
+    Text(String),
+    Thinking(String),
+    /// The signature of the thinking just streamed.
+    ThinkingSignature(String),
+    /// Anthropic's encrypted thinking, whole.
+    RedactedThinking(String),
+    /// A tool call begins; `index` counts tool calls in this answer from 0.
+    ToolStart {
+        index: usize,
+        id: String,
+        name: String,
+        /// Gemini's `thoughtSignature` on the call's part.
+        signature: Option<String>,
+    },
+    ToolArgs {
+        index: usize,
+        fragment: String,
+    },
+    Finish(Finish),
+    /// Usage so far (each report replaces the previous one).
+    Usage(Usage),
+    /// The upstream reported an error mid-stream.
+    Error {
+        kind: ErrorKind,
+        message: String,
+    },
+    /// The upstream's terminal event.
+    Done,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    Overloaded,
+    RateLimited,
+    Other,
+}
+
+/// Turns one upstream event into deltas.
+pub trait Decoder: Send {
+    fn decode(&mut self, event: Option<&str>, data: &str, out: &mut Vec<Delta>);
+}
+
+/// Turns deltas into the client's framed events.
+pub trait Encoder: Send {
+    fn encode(&mut self, delta: &Delta, out: &mut Vec<u8>);
+}
+
+enum Framing {
+    Sse(SseParser),
+    JsonArray(JsonArrayParser),
+}
+
+/// One request's stream conversion.
+pub struct Converter {
+    framing: Framing,
+    decoder: Box<dyn Decoder>,
+    encoder: Box<dyn Encoder>,
+    deltas: Vec<Delta>,
+    done: bool,
+}
+
+impl Converter {
+    /// `json_array`: the upstream streams a JSON array (Gemini without `alt=sse`).
+    pub fn new(decoder: Box<dyn Decoder>, encoder: Box<dyn Encoder>, json_array: bool) -> Self {
+        Converter {
+            framing: if json_array {
+                Framing::JsonArray(JsonArrayParser::default())
+            } else {
+                Framing::Sse(SseParser::default())
+            },
+            decoder,
+            encoder,
+            deltas: Vec::new(),
+            done: false,
+        }
+    }
+
+    /// Upstream bytes in, client bytes out (possibly none yet).
+    pub fn feed(&mut self, chunk: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        match &mut self.framing {
+            Framing::Sse(p) => {
+                let mut events = Vec::new();
+                p.feed(chunk, &mut events);
+                for e in events {
+                    self.decoder.decode(e.event.as_deref(), &e.data, &mut self.deltas);
+                }
+            }
+            Framing::JsonArray(p) => {
+                let mut items = Vec::new();
+                p.feed(chunk, &mut items);
+                for item in items {
+                    self.decoder.decode(None, &item, &mut self.deltas);
+                }
+            }
+        }
+        self.flush(&mut out);
+        out
+    }
+
+    /// The upstream body ended. A stream that ended without its terminal
+    /// event gets an error event, so the client does not take a cut answer
+    /// for a whole one.
+    pub fn finish(&mut self) -> Vec<u8> {
+        let mut out = Vec::new();
+        if let Framing::Sse(p) = &mut self.framing {
+            let mut events = Vec::new();
+            p.finish(&mut events);
+            for e in events {
+                self.decoder.decode(e.event.as_deref(), &e.data, &mut self.deltas);
+            }
+        }
+        self.flush(&mut out);
+        if !self.done {
+            self.deltas.push(Delta::Error {
+                kind: ErrorKind::Other,
+                message: "the upstream ended the stream before its end".into(),
+            });
+            self.flush(&mut out);
+        }
+        out
+    }
+
+    /// The upstream failed mid-stream (connection lost, timeout).
+    pub fn fail(&mut self, message: &str) -> Vec<u8> {
+        let mut out = Vec::new();
+        if !self.done {
+            self.deltas.push(Delta::Error {
+                kind: ErrorKind::Other,
+                message: message.to_string(),
+            });
+            self.flush(&mut out);
+        }
+        out
+    }
+
+    fn flush(&mut self, out: &mut Vec<u8>) {
+        for d in self.deltas.drain(..) {
+            if self.done {
+                break;
+            }
+            if matches!(d, Delta::Done | Delta::Error { .. }) {
+                self.done = true;
+            }
+            self.encoder.encode(&d, out);
+        }
+        self.deltas.clear();
+    }
+
+    /// Whether the stream reached its end (terminal event or error).
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+}
+
+/// `data: <json>\n\n`, with an `event:` line when named.
+pub(crate) fn sse_frame(out: &mut Vec<u8>, event: Option<&str>, data: &serde_json::Value) {
+    if let Some(e) = event {
+        out.extend_from_slice(b"event: ");
+        out.extend_from_slice(e.as_bytes());
+        out.push(b'\n');
+    }
+    out.extend_from_slice(b"data: ");
+    // Serializing a Value into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, data);
+    out.extend_from_slice(b"\n\n");
+}
+
+#[cfg(test)]
+mod tests;

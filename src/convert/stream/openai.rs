@@ -1,0 +1,234 @@
+//! OpenAI `chat.completion.chunk` streams ⇄ deltas.
+
+use super::{Decoder, Delta, Encoder, ErrorKind, sse_frame};
+use crate::convert::{
+    ir::{Finish, Usage},
+    openai::{ToolNames, finish_from_wire, finish_to_wire, usage_from_wire, usage_to_wire},
+    opt_str,
+};
+use serde_json::{Value, json};
+
+/// Reads an OpenAI (or OpenAI-compatible) upstream's stream.
+#[derive(Debug, Default)]
+pub struct OpenaiDecoder {
+    started: bool,
+    /// Per tool call seen: (the upstream's index, its id).
+    calls: Vec<(Option<u64>, Option<String>)>,
+    names: ToolNames,
+}
+
+impl OpenaiDecoder {
+    /// `names`: tool names shortened on the way in, mapped back here.
+    pub fn new(names: ToolNames) -> Self {
+        OpenaiDecoder {
+            names,
+            ..Self::default()
+        }
+    }
+
+    /// Our index for a tool-call delta: by the upstream's index, else by id,
+    /// else the latest call; `None` with a new call to announce.
+    fn slot(&mut self, tc: &Value) -> (usize, bool) {
+        let index = tc.get("index").and_then(Value::as_u64);
+        let id = opt_str(tc, "id").filter(|s| !s.is_empty()).map(str::to_string);
+        let found = match (index, &id) {
+            (Some(i), _) => self.calls.iter().position(|(ci, _)| *ci == Some(i)),
+            (None, Some(id)) => self.calls.iter().position(|(_, cid)| cid.as_deref() == Some(id)),
+            (None, None) => self.calls.len().checked_sub(1),
+        };
+        match found {
+            Some(pos) => (pos, false),
+            None => {
+                self.calls.push((index, id));
+                (self.calls.len() - 1, true)
+            }
+        }
+    }
+}
+
+impl Decoder for OpenaiDecoder {
+    fn decode(&mut self, _event: Option<&str>, data: &str, out: &mut Vec<Delta>) {
+        let data = data.trim();
+        if data == "[DONE]" {
+            out.push(Delta::Done);
+            return;
+        }
+        let Ok(v) = serde_json::from_str::<Value>(data) else {
+            return;
+        };
+        if let Some(e) = v.get("error") {
+            out.push(Delta::Error {
+                kind: ErrorKind::Other,
+                message: opt_str(e, "message").unwrap_or("upstream error").to_string(),
+            });
+            return;
+        }
+        if !self.started {
+            self.started = true;
+            out.push(Delta::Start {
+                id: opt_str(&v, "id").unwrap_or_default().to_string(),
+                model: opt_str(&v, "model").unwrap_or_default().to_string(),
+            });
+        }
+        for choice in v.get("choices").and_then(Value::as_array).into_iter().flatten() {
+            if choice.get("index").and_then(Value::as_u64).unwrap_or(0) != 0 {
+                continue;
+            }
+            let delta = choice.get("delta").unwrap_or(&Value::Null);
+            for key in ["reasoning_content", "reasoning"] {
+                if let Some(t) = opt_str(delta, key).filter(|t| !t.is_empty()) {
+                    out.push(Delta::Thinking(t.to_string()));
+                }
+            }
+            if let Some(t) = opt_str(delta, "content").filter(|t| !t.is_empty()) {
+                out.push(Delta::Text(t.to_string()));
+            }
+            for tc in delta.get("tool_calls").and_then(Value::as_array).into_iter().flatten() {
+                let (index, new) = self.slot(tc);
+                let f = tc.get("function").unwrap_or(&Value::Null);
+                if new {
+                    out.push(Delta::ToolStart {
+                        index,
+                        id: opt_str(tc, "id").unwrap_or_default().to_string(),
+                        name: self.names.inbound(opt_str(f, "name").unwrap_or_default()),
+                        signature: None,
+                    });
+                }
+                if let Some(a) = opt_str(f, "arguments").filter(|a| !a.is_empty()) {
+                    out.push(Delta::ToolArgs {
+                        index,
+                        fragment: a.to_string(),
+                    });
+                }
+            }
+            if let Some(r) = opt_str(choice, "finish_reason") {
+                out.push(Delta::Finish(finish_from_wire(r)));
+            }
+        }
+        if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
+            out.push(Delta::Usage(usage_from_wire(u)));
+        }
+    }
+}
+
+/// Writes the stream an OpenAI client expects.
+#[derive(Debug)]
+pub struct OpenaiEncoder {
+    id: String,
+    model: String,
+    created: i64,
+    include_usage: bool,
+    started: bool,
+    finish: Option<Finish>,
+    usage: Option<Usage>,
+}
+
+impl OpenaiEncoder {
+    /// `include_usage`: the client asked for the final usage chunk.
+    pub fn new(model: &str, created: i64, include_usage: bool) -> Self {
+        OpenaiEncoder {
+            id: String::new(),
+            model: model.to_string(),
+            created,
+            include_usage,
+            started: false,
+            finish: None,
+            usage: None,
+        }
+    }
+
+    fn chunk(&self, out: &mut Vec<u8>, delta: Value, finish: Option<&str>) {
+        let v = json!({
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        });
+        sse_frame(out, None, &v);
+    }
+
+    /// The first chunk carries the role.
+    fn start(&mut self, out: &mut Vec<u8>) {
+        if !self.started {
+            self.started = true;
+            if self.id.is_empty() {
+                self.id = format!("chatcmpl-{}", uuid::Uuid::now_v7().simple());
+            } else if !self.id.starts_with("chatcmpl") {
+                self.id = format!("chatcmpl-{}", self.id);
+            }
+            self.chunk(out, json!({"role": "assistant", "content": ""}), None);
+        }
+    }
+}
+
+impl Encoder for OpenaiEncoder {
+    fn encode(&mut self, delta: &Delta, out: &mut Vec<u8>) {
+        match delta {
+            Delta::Start { id, model } => {
+                if !self.started {
+                    self.id = id.clone();
+                    if self.model.is_empty() {
+                        self.model = model.clone();
+                    }
+                }
+                self.start(out);
+            }
+            Delta::Text(t) => {
+                self.start(out);
+                self.chunk(out, json!({"content": t}), None);
+            }
+            Delta::Thinking(t) => {
+                self.start(out);
+                self.chunk(out, json!({"reasoning_content": t}), None);
+            }
+            Delta::ThinkingSignature(_) | Delta::RedactedThinking(_) => {}
+            Delta::ToolStart { index, id, name, .. } => {
+                self.start(out);
+                self.chunk(
+                    out,
+                    json!({"tool_calls": [{"index": index, "id": id, "type": "function", "function": {"name": name, "arguments": ""}}]}),
+                    None,
+                );
+            }
+            Delta::ToolArgs { index, fragment } => {
+                self.chunk(
+                    out,
+                    json!({"tool_calls": [{"index": index, "function": {"arguments": fragment}}]}),
+                    None,
+                );
+            }
+            Delta::Finish(f) => self.finish = Some(f.clone()),
+            Delta::Usage(u) => self.usage = Some(*u),
+            Delta::Done => {
+                self.start(out);
+                let finish = finish_to_wire(self.finish.as_ref().unwrap_or(&Finish::Stop));
+                self.chunk(out, json!({}), Some(finish));
+                if self.include_usage {
+                    let v = json!({
+                        "id": self.id,
+                        "object": "chat.completion.chunk",
+                        "created": self.created,
+                        "model": self.model,
+                        "choices": [],
+                        "usage": usage_to_wire(&self.usage.unwrap_or_default()),
+                    });
+                    sse_frame(out, None, &v);
+                }
+                out.extend_from_slice(b"data: [DONE]\n\n");
+            }
+            Delta::Error { kind, message } => {
+                let (kind, code) = match kind {
+                    ErrorKind::Overloaded => ("server_error", "overloaded"),
+                    ErrorKind::RateLimited => ("rate_limit_error", "rate_limit_exceeded"),
+                    ErrorKind::Other => ("server_error", "upstream_error"),
+                };
+                sse_frame(
+                    out,
+                    None,
+                    &json!({"error": {"message": message, "type": kind, "param": null, "code": code}}),
+                );
+            }
+        }
+    }
+}

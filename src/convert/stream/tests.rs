@@ -1,0 +1,410 @@
+//! Stream conversion: transcripts in the providers' real shapes, fed whole,
+//! a byte at a time and in uneven pieces; the output must be the same and
+//! follow the client format's grammar.
+
+use super::{Converter, anthropic::*, gemini::*, openai::*};
+use crate::convert::{openai::ToolNames, sse::SseParser};
+use serde_json::Value;
+
+fn sse(events: &[(Option<&str>, &str)]) -> String {
+    events
+        .iter()
+        .map(|(e, d)| match e {
+            Some(e) => format!("event: {e}\r\ndata: {d}\r\n\r\n"),
+            None => format!("data: {d}\n\n"),
+        })
+        .collect()
+}
+
+/// Run `input` through a fresh converter cut into pieces of `sizes` bytes.
+fn run(make: &dyn Fn() -> Converter, input: &[u8], sizes: &[usize]) -> String {
+    let mut c = make();
+    let mut out = Vec::new();
+    let mut rest = input;
+    let mut i = 0;
+    while !rest.is_empty() {
+        let n = sizes[i % sizes.len()].clamp(1, rest.len());
+        out.extend(c.feed(&rest[..n]));
+        rest = &rest[n..];
+        i += 1;
+    }
+    out.extend(c.finish());
+    String::from_utf8(out).unwrap()
+}
+
+/// Same output however the input is cut.
+fn converted(make: &dyn Fn() -> Converter, input: &str) -> String {
+    let whole = run(make, input.as_bytes(), &[input.len()]);
+    for sizes in [&[1usize][..], &[3, 1, 7], &[64, 5]] {
+        assert_eq!(run(make, input.as_bytes(), sizes), whole, "pieces {sizes:?}");
+    }
+    whole
+}
+
+fn events(text: &str) -> Vec<(Option<String>, Value)> {
+    let mut p = SseParser::default();
+    let mut out = Vec::new();
+    p.feed(text.as_bytes(), &mut out);
+    p.finish(&mut out);
+    out.into_iter()
+        .map(|e| (e.event, serde_json::from_str(&e.data).unwrap_or(Value::String(e.data))))
+        .collect()
+}
+
+/// The Anthropic event grammar Claude Code relies on.
+fn assert_anthropic_grammar(text: &str) -> Vec<Value> {
+    let evs = events(text);
+    let types: Vec<&str> = evs.iter().map(|(_, v)| v["type"].as_str().unwrap()).collect();
+    assert_eq!(types.iter().filter(|t| **t == "message_start").count(), 1, "{types:?}");
+    assert_eq!(types.first(), Some(&"message_start"));
+    assert_eq!(
+        &types[types.len() - 2..],
+        &["message_delta", "message_stop"],
+        "{types:?}"
+    );
+    let mut open: Option<u64> = None;
+    let mut last = None;
+    for (e, v) in &evs {
+        assert_eq!(e.as_deref(), v["type"].as_str(), "event line matches type");
+        match v["type"].as_str().unwrap() {
+            "content_block_start" => {
+                assert!(open.is_none(), "blocks never overlap: {text}");
+                let i = v["index"].as_u64().unwrap();
+                assert!(last.is_none_or(|l| i == l + 1), "indices rise by one");
+                open = Some(i);
+                last = Some(i);
+            }
+            "content_block_delta" => assert_eq!(Some(v["index"].as_u64().unwrap()), open),
+            "content_block_stop" => {
+                assert_eq!(Some(v["index"].as_u64().unwrap()), open);
+                open = None;
+            }
+            _ => {}
+        }
+    }
+    assert!(open.is_none());
+    evs.into_iter().map(|(_, v)| v).collect()
+}
+
+fn openai_upstream_transcript(with_done: bool) -> String {
+    let mut ev = vec![
+        r#"{"id":"chatcmpl-1","object":"chat.completion.chunk","model":"gpt-4o","choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}"#.to_string(),
+        r#"{"id":"chatcmpl-1","choices":[{"index":0,"delta":{"reasoning_content":"Let me think"},"finish_reason":null}]}"#.into(),
+        r#"{"id":"chatcmpl-1","choices":[{"index":0,"delta":{"content":"Checking ☀"},"finish_reason":null}]}"#.into(),
+        r#"{"id":"chatcmpl-1","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"call_a","type":"function","function":{"name":"weather","arguments":"{\"ci"}}]},"finish_reason":null}]}"#.into(),
+        r#"{"id":"chatcmpl-1","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"ty\":\"Paris\"}"}}]},"finish_reason":null}]}"#.into(),
+        r#"{"id":"chatcmpl-1","choices":[{"index":0,"delta":{"tool_calls":[{"index":1,"id":"call_b","type":"function","function":{"name":"time","arguments":""}}]},"finish_reason":null}]}"#.into(),
+        r#"{"id":"chatcmpl-1","choices":[{"index":0,"delta":{"tool_calls":[{"index":1,"function":{"arguments":"{}"}}]},"finish_reason":null}]}"#.into(),
+        r#"{"id":"chatcmpl-1","choices":[{"index":0,"delta":{},"finish_reason":"tool_calls"}]}"#.into(),
+        r#"{"id":"chatcmpl-1","choices":[],"usage":{"prompt_tokens":20,"completion_tokens":9,"total_tokens":29,"prompt_tokens_details":{"cached_tokens":4}}}"#.into(),
+    ];
+    if with_done {
+        ev.push("[DONE]".into());
+    }
+    let refs: Vec<(Option<&str>, &str)> = ev.iter().map(|d| (None, d.as_str())).collect();
+    format!(": keep-alive\n\n{}", sse(&refs))
+}
+
+#[test]
+fn openai_upstream_to_anthropic_client() {
+    let make = || {
+        Converter::new(
+            Box::new(OpenaiDecoder::new(ToolNames::default())),
+            Box::new(AnthropicEncoder::new("claude-x")),
+            false,
+        )
+    };
+    let out = converted(&make, &openai_upstream_transcript(true));
+    let evs = assert_anthropic_grammar(&out);
+    let starts: Vec<&Value> = evs.iter().filter(|v| v["type"] == "content_block_start").collect();
+    let kinds: Vec<&str> = starts
+        .iter()
+        .map(|v| v["content_block"]["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        ["thinking", "text", "tool_use", "tool_use"],
+        "reasoning opens as a thinking block"
+    );
+    assert_eq!(starts[2]["content_block"]["id"], "call_a");
+    let args: String = evs
+        .iter()
+        .filter(|v| v["type"] == "content_block_delta" && v["index"] == 2)
+        .map(|v| v["delta"]["partial_json"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        args, r#"{"city":"Paris"}"#,
+        "the first fragment after the switch is kept"
+    );
+    let md = evs.iter().find(|v| v["type"] == "message_delta").unwrap();
+    assert_eq!(md["delta"]["stop_reason"], "tool_use");
+    assert_eq!(md["usage"]["input_tokens"], 16, "Anthropic input excludes cache reads");
+    assert_eq!(md["usage"]["cache_read_input_tokens"], 4);
+    assert_eq!(md["usage"]["output_tokens"], 9);
+    assert!(out.contains("Checking ☀"));
+}
+
+#[test]
+fn a_stream_cut_before_its_end_ends_with_an_error_event() {
+    let make = || {
+        Converter::new(
+            Box::new(OpenaiDecoder::new(ToolNames::default())),
+            Box::new(AnthropicEncoder::new("c")),
+            false,
+        )
+    };
+    let out = run(&make, openai_upstream_transcript(false).as_bytes(), &[17]);
+    let evs = events(&out);
+    let last = &evs.last().unwrap().1;
+    assert_eq!(last["type"], "error", "{out}");
+    assert!(!out.contains("message_stop"));
+    // Without a usage chunk, Anthropic clients still get message_delta + message_stop.
+    let no_usage = sse(&[
+        (None, r#"{"id":"c","choices":[{"index":0,"delta":{"content":"hi"}}]}"#),
+        (
+            None,
+            r#"{"id":"c","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#,
+        ),
+        (None, "[DONE]"),
+    ]);
+    let out = converted(&make, &no_usage);
+    let evs = assert_anthropic_grammar(&out);
+    assert_eq!(evs[evs.len() - 2]["delta"]["stop_reason"], "end_turn");
+}
+
+fn anthropic_upstream_transcript() -> String {
+    sse(&[
+        (
+            Some("message_start"),
+            r#"{"type":"message_start","message":{"id":"msg_1","type":"message","role":"assistant","model":"claude-sonnet-4-5","content":[],"usage":{"input_tokens":30,"cache_read_input_tokens":70,"output_tokens":1}}}"#,
+        ),
+        (Some("ping"), r#"{"type":"ping"}"#),
+        (
+            Some("content_block_start"),
+            r#"{"type":"content_block_start","index":0,"content_block":{"type":"thinking","thinking":"","signature":""}}"#,
+        ),
+        (
+            Some("content_block_delta"),
+            r#"{"type":"content_block_delta","index":0,"delta":{"type":"thinking_delta","thinking":"Plan."}}"#,
+        ),
+        (
+            Some("content_block_delta"),
+            r#"{"type":"content_block_delta","index":0,"delta":{"type":"signature_delta","signature":"EqQBCgIYAh=="}}"#,
+        ),
+        (Some("content_block_stop"), r#"{"type":"content_block_stop","index":0}"#),
+        (
+            Some("content_block_start"),
+            r#"{"type":"content_block_start","index":1,"content_block":{"type":"text","text":""}}"#,
+        ),
+        (
+            Some("content_block_delta"),
+            r#"{"type":"content_block_delta","index":1,"delta":{"type":"text_delta","text":"Sure."}}"#,
+        ),
+        (Some("content_block_stop"), r#"{"type":"content_block_stop","index":1}"#),
+        (
+            Some("content_block_start"),
+            r#"{"type":"content_block_start","index":2,"content_block":{"type":"tool_use","id":"toolu_9","name":"read","input":{}}}"#,
+        ),
+        (
+            Some("content_block_delta"),
+            r#"{"type":"content_block_delta","index":2,"delta":{"type":"input_json_delta","partial_json":""}}"#,
+        ),
+        (
+            Some("content_block_delta"),
+            r#"{"type":"content_block_delta","index":2,"delta":{"type":"input_json_delta","partial_json":"{\"path\":"}}"#,
+        ),
+        (
+            Some("content_block_delta"),
+            r#"{"type":"content_block_delta","index":2,"delta":{"type":"input_json_delta","partial_json":"\"a.rs\"}"}}"#,
+        ),
+        (Some("content_block_stop"), r#"{"type":"content_block_stop","index":2}"#),
+        (
+            Some("message_delta"),
+            r#"{"type":"message_delta","delta":{"stop_reason":"tool_use","stop_sequence":null},"usage":{"output_tokens":42}}"#,
+        ),
+        (Some("message_stop"), r#"{"type":"message_stop"}"#),
+    ])
+}
+
+#[test]
+fn anthropic_upstream_to_openai_client() {
+    for include_usage in [true, false] {
+        let make = move || {
+            Converter::new(
+                Box::new(AnthropicDecoder::default()),
+                Box::new(OpenaiEncoder::new("claude-sonnet-4-5", 1, include_usage)),
+                false,
+            )
+        };
+        let out = converted(&make, &anthropic_upstream_transcript());
+        assert!(out.ends_with("data: [DONE]\n\n"));
+        assert!(!out.contains("ping"));
+        let chunks: Vec<Value> = events(&out)
+            .into_iter()
+            .map(|(_, v)| v)
+            .filter(|v| v.is_object())
+            .collect();
+        assert_eq!(
+            chunks[0]["choices"][0]["delta"]["role"], "assistant",
+            "the first chunk carries the role"
+        );
+        let calls: Vec<&Value> = chunks
+            .iter()
+            .filter_map(|c| c["choices"][0]["delta"]["tool_calls"].get(0))
+            .collect();
+        assert_eq!(calls[0]["id"], "toolu_9");
+        assert_eq!(calls[0]["index"], 0);
+        let args: String = calls
+            .iter()
+            .filter_map(|c| c["function"]["arguments"].as_str())
+            .collect();
+        assert_eq!(args, r#"{"path":"a.rs"}"#);
+        let reasoning: String = chunks
+            .iter()
+            .filter_map(|c| c["choices"][0]["delta"]["reasoning_content"].as_str())
+            .collect();
+        assert_eq!(reasoning, "Plan.");
+        let finish = chunks
+            .iter()
+            .find_map(|c| c["choices"][0]["finish_reason"].as_str())
+            .unwrap();
+        assert_eq!(finish, "tool_calls");
+        let usage = chunks
+            .iter()
+            .find(|c| c["choices"].as_array().is_some_and(Vec::is_empty));
+        assert_eq!(usage.is_some(), include_usage, "the usage chunk only when asked");
+        if let Some(u) = usage {
+            assert_eq!(
+                u["usage"]["prompt_tokens"], 100,
+                "OpenAI prompt_tokens include cache reads"
+            );
+            assert_eq!(u["usage"]["completion_tokens"], 42, "message_delta usage is cumulative");
+        }
+    }
+}
+
+fn gemini_upstream_transcript() -> Vec<String> {
+    vec![
+        r#"{"candidates":[{"content":{"role":"model","parts":[{"text":"thinking...","thought":true}]},"index":0}],"responseId":"resp-7","modelVersion":"gemini-2.5-pro"}"#.into(),
+        r#"{"candidates":[{"content":{"role":"model","parts":[{"text":"Calling."}]},"index":0}],"responseId":"resp-7","modelVersion":"gemini-2.5-pro"}"#.into(),
+        r#"{"candidates":[{"content":{"role":"model","parts":[{"functionCall":{"name":"weather","args":{"city":"Rome"}},"thoughtSignature":"sig1"},{"functionCall":{"name":"weather","args":{"city":"Oslo"}}}]},"finishReason":"STOP","index":0}],"usageMetadata":{"promptTokenCount":12,"candidatesTokenCount":8,"thoughtsTokenCount":5,"totalTokenCount":25},"responseId":"resp-7","modelVersion":"gemini-2.5-pro"}"#.into(),
+    ]
+}
+
+#[test]
+fn gemini_upstream_to_anthropic_and_openai_clients() {
+    let input = sse(&gemini_upstream_transcript()
+        .iter()
+        .map(|d| (None, d.as_str()))
+        .collect::<Vec<_>>());
+    let make = || {
+        Converter::new(
+            Box::new(GeminiDecoder::default()),
+            Box::new(AnthropicEncoder::new("g")),
+            false,
+        )
+    };
+    let out = converted(&make, &input);
+    let evs = assert_anthropic_grammar(&out);
+    let tools: Vec<&Value> = evs
+        .iter()
+        .filter(|v| v["type"] == "content_block_start" && v["content_block"]["type"] == "tool_use")
+        .collect();
+    assert_eq!(tools.len(), 2, "parallel calls: separate blocks");
+    let (a, b) = (
+        tools[0]["content_block"]["id"].as_str().unwrap(),
+        tools[1]["content_block"]["id"].as_str().unwrap(),
+    );
+    assert!(a.starts_with("call_") && a != b, "synthesized, unique ids");
+    assert_eq!(
+        evs[evs.len() - 2]["delta"]["stop_reason"],
+        "tool_use",
+        "STOP with calls is a tool turn"
+    );
+    assert_eq!(
+        evs[evs.len() - 2]["usage"]["output_tokens"],
+        13,
+        "thoughts count as output"
+    );
+    // The same ids for the OpenAI client (stable per response).
+    let make = || {
+        Converter::new(
+            Box::new(GeminiDecoder::default()),
+            Box::new(OpenaiEncoder::new("g", 1, true)),
+            false,
+        )
+    };
+    let out = converted(&make, &input);
+    assert!(out.contains(a) && out.contains(b));
+    assert!(out.contains("\"finish_reason\":\"tool_calls\""));
+    // The JSON-array stream (no alt=sse) decodes the same.
+    let array = format!("[{}]", gemini_upstream_transcript().join(",\r\n"));
+    let make_array = || {
+        Converter::new(
+            Box::new(GeminiDecoder::default()),
+            Box::new(OpenaiEncoder::new("g", 1, true)),
+            true,
+        )
+    };
+    assert_eq!(converted(&make_array, &array), out);
+}
+
+#[test]
+fn anthropic_upstream_to_gemini_client_in_both_framings() {
+    for json_array in [false, true] {
+        let make = move || {
+            Converter::new(
+                Box::new(AnthropicDecoder::default()),
+                Box::new(GeminiEncoder::new("claude", json_array)),
+                false,
+            )
+        };
+        let out = converted(&make, &anthropic_upstream_transcript());
+        let chunks: Vec<Value> = if json_array {
+            serde_json::from_str::<Vec<Value>>(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+        } else {
+            events(&out).into_iter().map(|(_, v)| v).collect()
+        };
+        let calls: Vec<&Value> = chunks
+            .iter()
+            .flat_map(|c| c["candidates"][0]["content"]["parts"].as_array().into_iter().flatten())
+            .filter_map(|p| p.get("functionCall"))
+            .collect();
+        assert_eq!(calls.len(), 1);
+        assert_eq!(calls[0]["args"], serde_json::json!({"path": "a.rs"}), "arguments whole");
+        let last = chunks.last().unwrap();
+        assert_eq!(last["candidates"][0]["finishReason"], "STOP");
+        assert_eq!(last["usageMetadata"]["promptTokenCount"], 100);
+        assert!(
+            chunks
+                .iter()
+                .any(|c| c["candidates"][0]["content"]["parts"][0]["thought"] == true)
+        );
+    }
+}
+
+#[test]
+fn upstream_errors_become_the_clients_error_framing() {
+    let input = sse(&[
+        (
+            Some("message_start"),
+            r#"{"type":"message_start","message":{"id":"msg_1","model":"c","usage":{"input_tokens":1}}}"#,
+        ),
+        (
+            Some("error"),
+            r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#,
+        ),
+        (Some("message_stop"), r#"{"type":"message_stop"}"#),
+    ]);
+    let make = || {
+        Converter::new(
+            Box::new(AnthropicDecoder::default()),
+            Box::new(OpenaiEncoder::new("c", 1, false)),
+            false,
+        )
+    };
+    let out = converted(&make, &input);
+    let last = events(&out).pop().unwrap().1;
+    assert_eq!(last["error"]["code"], "overloaded");
+    assert!(!out.contains("[DONE]"), "nothing after the error");
+}
