@@ -95,17 +95,12 @@ impl HostMatch {
     }
 }
 
-/// Whether an upstream speaking `provider` can serve clients speaking `format`
-/// without conversion.
-pub fn speaks(provider: Provider, format: Format) -> bool {
-    matches!(
-        (provider, format),
-        (_, Format::Passthrough)
-            | (Provider::Mock | Provider::Http, _)
-            | (Provider::Openai | Provider::OpenaiCompatible, Format::Openai)
-            | (Provider::Anthropic, Format::Anthropic)
-            | (Provider::Gemini, Format::Gemini)
-    )
+/// Whether clients speaking `format` reach an upstream speaking `provider`
+/// through format conversion (both sides one of OpenAI, Anthropic, Gemini,
+/// and different). `http` and `mock` upstreams take any format as is.
+pub fn converts(provider: Provider, format: Format) -> bool {
+    let upstream = provider_format(provider);
+    format != Format::Passthrough && upstream != Format::Passthrough && upstream != format
 }
 
 /// The API format an upstream provider speaks natively.
@@ -177,6 +172,7 @@ impl Route {
         }
         let mut format = rc.format;
         let mut any_mock = false;
+        let mut any_conversion = false;
         let mut known_models: Vec<String> = globs.iter().filter(|g| !is_glob(g)).cloned().collect();
         known_models.extend(rc.model_map.iter().flat_map(|(a, b)| [a.clone(), b.clone()]));
         for (i, name) in upstreams.iter().enumerate() {
@@ -192,13 +188,7 @@ impl Route {
             if i == 0 && format == Format::Passthrough {
                 format = provider_format(up.provider);
             }
-            if !speaks(up.provider, rc.format) {
-                errs.push(format!(
-                    "clients speak {} here but upstream {name:?} is an {} provider; format conversion is not available yet",
-                    rc.format.name(),
-                    up.provider.name()
-                ));
-            }
+            any_conversion |= converts(up.provider, format);
         }
 
         let t = &rc.transform;
@@ -257,7 +247,8 @@ impl Route {
             || t.set_body.is_some()
             || rc.retries > 0
             || upstreams.len() > 1
-            || any_mock;
+            || any_mock
+            || any_conversion;
         let openai_usage = format == Format::Openai
             && upstreams.iter().all(|name| {
                 config.upstreams.get(name).is_some_and(|u| {
@@ -579,15 +570,19 @@ mod tests {
     }
 
     #[test]
-    fn format_conversion_is_refused_until_it_exists() {
-        let err = compile_sources(
+    fn routes_that_convert_read_the_body() {
+        let table = compile_sources(
             &[(
                 PathBuf::from("c.yaml"),
                 "routes:\n- {name: c, match: {path: /v1/messages}, upstream: a, format: anthropic}\n".into(),
             )],
             &config(),
         )
-        .unwrap_err();
-        assert!(err.to_string().contains("format conversion is not available yet"));
+        .unwrap();
+        assert!(table.routes()[0].buffers_body);
+        assert!(converts(Provider::Openai, Format::Anthropic));
+        assert!(!converts(Provider::Openai, Format::Openai));
+        assert!(!converts(Provider::Http, Format::Gemini));
+        assert!(!converts(Provider::Gemini, Format::Passthrough));
     }
 }

@@ -146,7 +146,11 @@ async fn every_request_gets_one_audit_row_with_usage_and_timings() {
         "{anthropic:?}"
     );
     let gemini = find("/v1beta/models/gemini-2.0-flash:streamGenerateContent", true);
-    assert_eq!((gemini.prompt_tokens, gemini.completion_tokens), (Some(5), Some(1)));
+    assert_eq!(
+        (gemini.prompt_tokens, gemini.completion_tokens),
+        (Some(5), Some(5)),
+        "the last chunk's running count"
+    );
     let keyed = find("/v1beta/models/gemini-2.0-flash:generateContent", false);
     assert!(keyed.path.ends_with("key=%5Bredacted%5D"), "{}", keyed.path);
     let demo = find("/demo/v1/chat/completions", true);

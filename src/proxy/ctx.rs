@@ -235,7 +235,15 @@ impl RequestCtx {
         (!rest.is_empty()).then_some(rest)
     }
 
-    fn count_sent(&mut self, data: &[u8]) {
+    /// Meter the upstream's bytes rather than the client's (a converted
+    /// answer: usage is read in the upstream's own format, before conversion).
+    pub fn meter_upstream(&mut self, content_type: Option<&str>) {
+        let audit = &self.state.config.file.audit;
+        let capture = (audit.enabled && audit.capture_body).then_some(audit.body_max_bytes.0 as usize);
+        self.response.meter = UsageMeter::new(content_type, None, capture);
+    }
+
+    pub fn count_sent(&mut self, data: &[u8]) {
         if !data.is_empty() {
             self.response.bytes += data.len() as u64;
             self.response.chunks += 1;

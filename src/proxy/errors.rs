@@ -36,6 +36,17 @@ pub enum GatewayError {
     UpstreamStatus { upstream: String, status: u16 },
     #[error("rate limit reached for this gateway key ({scope}); retry in {retry_after} s")]
     RateLimited { scope: String, retry_after: u64 },
+    /// The request cannot be converted for the upstream's format.
+    #[error("{0}")]
+    NotConvertible(String),
+    /// An upstream error answer, converted to the client's format.
+    #[error("{message}")]
+    Upstream {
+        status: u16,
+        message: String,
+        /// Seconds, when the upstream said (`Retry-After`).
+        retry_after: Option<u64>,
+    },
     /// Not sent to anyone: the client is gone. Recorded for logs.
     #[error("client closed the connection")]
     ClientClosed,
@@ -55,6 +66,7 @@ impl GatewayError {
             Self::RateLimited { retry_after, .. } => Some(*retry_after),
             Self::NoUpstreamKey { retry_after, .. } => *retry_after,
             Self::UpstreamBusy { .. } => Some(1),
+            Self::Upstream { retry_after, .. } => *retry_after,
             _ => None,
         }
     }
@@ -64,7 +76,8 @@ impl GatewayError {
             Self::NoRoute { .. } => 404,
             Self::Auth(a) => a.status(),
             Self::BodyTooLarge { .. } => 413,
-            Self::BadJson(_) | Self::BadRequestBody(_) => 400,
+            Self::BadJson(_) | Self::BadRequestBody(_) | Self::NotConvertible(_) => 400,
+            Self::Upstream { status, .. } => *status,
             Self::NoUpstreamKey { .. } | Self::UpstreamBusy { .. } => 503,
             Self::NoEndpoint(_) | Self::UpstreamUnreachable { .. } => 502,
             Self::UpstreamTimeout { .. } => 504,
@@ -82,6 +95,8 @@ impl GatewayError {
             Self::BodyTooLarge { .. } => "request_too_large",
             Self::BadJson(_) => "invalid_json",
             Self::BadRequestBody(_) => "bad_request_body",
+            Self::NotConvertible(_) => "unsupported_conversion",
+            Self::Upstream { .. } => "upstream_error",
             Self::NoUpstreamKey { .. } => "no_upstream_key",
             Self::UpstreamBusy { .. } => "upstream_busy",
             Self::NoEndpoint(_) => "no_upstream_endpoint",

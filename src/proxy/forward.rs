@@ -92,6 +92,22 @@ pub async fn exchange(state: &Arc<AppState>, session: &mut Session, ctx: &mut Re
             continue;
         };
         ctx.upstream.slot = Some(slot);
+        // Another API format upstream: the body converted once, replayed on
+        // every attempt.
+        let plan = match super::convert::plan(
+            route.format,
+            upstream.provider,
+            session.req_header().uri.path(),
+            session.req_header().uri.query(),
+            &body,
+        ) {
+            Ok(p) => p,
+            Err(e) => {
+                last_error = Some(e);
+                continue;
+            }
+        };
+        let send_body = plan.as_ref().map_or_else(|| body.clone(), |p| p.body.clone());
         let last_upstream = position + 1 == chain.len();
         let mut retries_left = route.retries;
         loop {
@@ -135,7 +151,10 @@ pub async fn exchange(state: &Arc<AppState>, session: &mut Session, ctx: &mut Re
                 upstream.endpoint(&target),
                 ctx.upstream.lease.as_ref(),
             )?;
-            rewrite::set_body_length(&mut req, body.len());
+            if let Some(p) = &plan {
+                p.adjust(&mut req, &upstream.endpoint(&target).base_path)?;
+            }
+            rewrite::set_body_length(&mut req, send_body.len());
             let peer = upstream.peer(&target, first_byte);
             // The client may give up while the upstream connects or thinks:
             // then the exchange is dropped (closing the upstream connection,
@@ -147,7 +166,7 @@ pub async fn exchange(state: &Arc<AppState>, session: &mut Session, ctx: &mut Re
                 session.downstream_session.read_body_or_idle(true).await
             };
             let attempt = tokio::select! {
-                a = send(state, &peer, req, body.clone(), first_byte, &upstream.name) => a,
+                a = send(state, &peer, req, send_body.clone(), first_byte, &upstream.name) => a,
                 _ = client_gone => {
                     tracing::debug!(request_id = %ctx.request_id, "Client disconnected before the answer; cancelling the upstream request.");
                     ctx.upstream.lease = None;
@@ -188,6 +207,10 @@ pub async fn exchange(state: &Arc<AppState>, session: &mut Session, ctx: &mut Re
                         }
                         retries_left -= 1;
                         continue;
+                    }
+                    if let Some(p) = &plan {
+                        let idle = upstream.timeouts.idle.0;
+                        return super::convert::respond(session, ctx, *up, p, idle, prefix).await;
                     }
                     stream_response(state, session, ctx, *up, &peer, prefix).await;
                     return Ok(());

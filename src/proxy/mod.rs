@@ -18,6 +18,7 @@
 //! logging                  finish: usage, metrics, audit row, one log line
 //! ```
 
+pub mod convert;
 pub mod ctx;
 pub mod errors;
 pub mod finish;

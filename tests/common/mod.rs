@@ -61,11 +61,19 @@ pub enum KeyRule {
     },
 }
 
+/// Apply `rule` to every request, whatever its key (the rule is cloned
+/// per known key header value at request time).
+pub fn rule_all(mock: &MockUpstream, rule: KeyRule) {
+    *mock.behaviour.every_key.lock().unwrap() = Some(rule);
+}
+
 /// Knobs a test can turn on the mock upstream.
 #[derive(Default)]
 pub struct Behaviour {
     /// Rules by upstream key (the bearer, `x-api-key` or `x-goog-api-key`).
     pub keys: Mutex<HashMap<String, KeyRule>>,
+    /// A rule for requests with any key.
+    pub every_key: Mutex<Option<KeyRule>>,
     /// Answer this many requests with 429 before answering normally.
     pub fail_429: AtomicU32,
     /// Interval between SSE events in milliseconds.
@@ -238,7 +246,8 @@ enum RuleOutcome {
 async fn apply_rule(b: &Behaviour, key: Option<&str>, path: &str, model: &str) -> RuleOutcome {
     let (limited, hang) = {
         let rules = b.keys.lock().unwrap();
-        let Some(rule) = key.and_then(|k| rules.get(k)) else {
+        let every = b.every_key.lock().unwrap();
+        let Some(rule) = key.and_then(|k| rules.get(k)).or(every.as_ref()) else {
             return RuleOutcome::Pass;
         };
         match rule {
@@ -408,6 +417,31 @@ async fn answer(
     Ok(resp)
 }
 
+/// The tool to call when a request offers tools and is not already
+/// answering a call (any of the three formats).
+fn first_tool_name(json: &serde_json::Value) -> Option<String> {
+    let answering = json["messages"].as_array().and_then(|m| m.last()).is_some_and(|m| {
+        m["role"] == "tool"
+            || m["content"]
+                .as_array()
+                .is_some_and(|c| c.iter().any(|b| b["type"] == "tool_result"))
+    }) || json["contents"].as_array().and_then(|c| c.last()).is_some_and(|c| {
+        c["parts"]
+            .as_array()
+            .is_some_and(|p| p.iter().any(|p| p.get("functionResponse").is_some()))
+    });
+    if answering {
+        return None;
+    }
+    let tools = json["tools"].as_array()?;
+    let t = tools.first()?;
+    t["function"]["name"]
+        .as_str()
+        .or_else(|| t["name"].as_str())
+        .or_else(|| t["functionDeclarations"][0]["name"].as_str())
+        .map(str::to_string)
+}
+
 /// What a healthy provider answers.
 fn answer_normally(
     path: &str,
@@ -418,6 +452,22 @@ fn answer_normally(
     b: Arc<Behaviour>,
 ) -> Response<Body> {
     if path.ends_with("/messages") {
+        if let Some(name) = first_tool_name(json) {
+            if stream {
+                let events = vec![
+                    format!("event: message_start\ndata: {{\"type\":\"message_start\",\"message\":{{\"id\":\"msg_2\",\"type\":\"message\",\"role\":\"assistant\",\"model\":\"{model}\",\"content\":[],\"usage\":{{\"input_tokens\":12,\"output_tokens\":1}}}}}}\n\n"),
+                    format!("event: content_block_start\ndata: {{\"type\":\"content_block_start\",\"index\":0,\"content_block\":{{\"type\":\"tool_use\",\"id\":\"toolu_1\",\"name\":\"{name}\",\"input\":{{}}}}}}\n\n"),
+                    "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"input_json_delta\",\"partial_json\":\"{\\\"city\\\": \"}}\n\n".into(),
+                    "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"input_json_delta\",\"partial_json\":\"\\\"Paris\\\"}\"}}\n\n".into(),
+                    "event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":0}\n\n".into(),
+                    "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"tool_use\"},\"usage\":{\"output_tokens\":7}}\n\n".into(),
+                    "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n".into(),
+                ];
+                return sse(events, interval, b);
+            }
+            let out = serde_json::json!({"id":"msg_2","type":"message","role":"assistant","model":model,"content":[{"type":"tool_use","id":"toolu_1","name":name,"input":{"city":"Paris"}}],"stop_reason":"tool_use","usage":{"input_tokens":12,"output_tokens":7}});
+            return full(200, "application/json", out.to_string());
+        }
         if stream {
             let events = vec![
                 format!("event: message_start\ndata: {{\"type\":\"message_start\",\"message\":{{\"id\":\"msg_1\",\"type\":\"message\",\"role\":\"assistant\",\"model\":\"{model}\",\"content\":[],\"usage\":{{\"input_tokens\":12,\"output_tokens\":1}}}}}}\n\n"),
@@ -431,12 +481,24 @@ fn answer_normally(
         return full(200, "application/json", out.to_string());
     }
     if path.contains(":generateContent") || path.contains(":streamGenerateContent") {
-        let chunk = serde_json::json!({"candidates":[{"content":{"parts":[{"text":"Hi"}],"role":"model"},"finishReason":"STOP","index":0}],"usageMetadata":{"promptTokenCount":5,"candidatesTokenCount":1,"totalTokenCount":6}});
+        let tool = first_tool_name(json);
+        let chunk = |i: u64, last: bool| {
+            let part = match (&tool, last) {
+                (Some(name), true) => serde_json::json!({"functionCall": {"name": name, "args": {"city": "Paris"}}}),
+                _ => serde_json::json!({"text": "Hi"}),
+            };
+            let mut c = serde_json::json!({"candidates":[{"content":{"parts":[part],"role":"model"},"index":0}],"usageMetadata":{"promptTokenCount":5,"candidatesTokenCount":i + 1,"totalTokenCount":i + 6},"modelVersion":model,"responseId":"resp-1"});
+            if last {
+                c["candidates"][0]["finishReason"] = "STOP".into();
+            }
+            c
+        };
         if stream {
-            let events = (0..5).map(|_| format!("data: {chunk}\n\n")).collect();
+            // Like Gemini: the finish reason on the last chunk only.
+            let events = (0..5).map(|i| format!("data: {}\n\n", chunk(i, i == 4))).collect();
             return sse(events, interval, b);
         }
-        return full(200, "application/json", chunk.to_string());
+        return full(200, "application/json", chunk(0, true).to_string());
     }
     // OpenAI-style default, with OpenAI's rules.
     if !json["stream_options"].is_null() && !stream {
@@ -445,6 +507,21 @@ fn answer_normally(
             "application/json",
             r#"{"error":{"message":"The 'stream_options' parameter is only allowed when 'stream' is enabled.","type":"invalid_request_error","param":"stream_options","code":null}}"#,
         );
+    }
+    if let Some(name) = first_tool_name(json) {
+        if stream {
+            let events = vec![
+                format!("data: {{\"id\":\"c2\",\"object\":\"chat.completion.chunk\",\"model\":\"{model}\",\"choices\":[{{\"index\":0,\"delta\":{{\"role\":\"assistant\",\"content\":null,\"tool_calls\":[{{\"index\":0,\"id\":\"call_1\",\"type\":\"function\",\"function\":{{\"name\":\"{name}\",\"arguments\":\"\"}}}}]}},\"finish_reason\":null}}]}}\n\n"),
+                "data: {\"id\":\"c2\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":{\"arguments\":\"{\\\"city\\\":\"}}]},\"finish_reason\":null}]}\n\n".into(),
+                "data: {\"id\":\"c2\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":{\"arguments\":\" \\\"Paris\\\"}\"}}]},\"finish_reason\":null}]}\n\n".into(),
+                "data: {\"id\":\"c2\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"tool_calls\"}]}\n\n".into(),
+                "data: {\"id\":\"c2\",\"object\":\"chat.completion.chunk\",\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":6,\"total_tokens\":15}}\n\n".into(),
+                "data: [DONE]\n\n".into(),
+            ];
+            return sse(events, interval, b);
+        }
+        let out = serde_json::json!({"id":"c2","object":"chat.completion","model":model,"choices":[{"index":0,"message":{"role":"assistant","content":null,"tool_calls":[{"id":"call_1","type":"function","function":{"name":name,"arguments":"{\"city\": \"Paris\"}"}}]},"finish_reason":"tool_calls"}],"usage":{"prompt_tokens":9,"completion_tokens":6,"total_tokens":15}});
+        return full(200, "application/json", out.to_string());
     }
     if stream {
         let mut events: Vec<String> = (0..5)

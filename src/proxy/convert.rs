@@ -1,0 +1,368 @@
+//! The proxy side of format conversion: turning a client's request into the
+//! upstream's (body, path, headers) and the upstream's answer — whole,
+//! streamed, or an error — into the client's. The conversion itself lives
+//! in `crate::convert`; requests whose route and upstream speak the same
+//! format never come here.
+
+use super::{ctx::RequestCtx, errors::GatewayError};
+use crate::{
+    config::{Provider, routes_d::Format},
+    convert::{
+        ConvertError, Loss, anthropic, gemini,
+        ir::ChatRequest,
+        openai::{self, ToolNames},
+        stream::{self, Converter},
+    },
+    router::{converts, provider_format},
+};
+use bytes::Bytes;
+use http::header;
+use pingora::{http::ResponseHeader, protocols::http::client::HttpSession, proxy::Session};
+use serde_json::Value;
+use std::time::Duration;
+
+/// `max_tokens` sent to Anthropic when the client gave none (Anthropic
+/// requires it; OpenAI and Gemini clients often leave it out).
+pub const DEFAULT_MAX_TOKENS: u64 = 8192;
+/// Largest non-stream answer converted (an LLM answer is far smaller).
+const MAX_ANSWER: usize = 32 * 1024 * 1024;
+/// How much of an upstream error answer is read to convert it.
+const MAX_ERROR: usize = 64 * 1024;
+
+/// How one request is converted toward one upstream.
+#[derive(Debug)]
+pub struct Plan {
+    pub client: Format,
+    pub upstream: Format,
+    pub stream: bool,
+    include_usage: bool,
+    /// The model the client asked for: answers name it.
+    model: String,
+    /// A Gemini client streaming without `alt=sse` gets a JSON array.
+    gemini_array: bool,
+    names: ToolNames,
+    pub loss: Loss,
+    /// The converted body.
+    pub body: Bytes,
+    /// The upstream path and query (before the endpoint's base path).
+    pub path: String,
+}
+
+fn not_convertible(e: ConvertError) -> GatewayError {
+    match e {
+        ConvertError::Invalid(m) => GatewayError::BadJson(m),
+        ConvertError::Refused(m) => GatewayError::NotConvertible(m),
+    }
+}
+
+/// The conversion for a request in `client` format to `provider`, or `None`
+/// when the upstream speaks the client's format (raw passthrough).
+pub fn plan(
+    client: Format,
+    provider: Provider,
+    path: &str,
+    query: Option<&str>,
+    body: &[u8],
+) -> Result<Option<Plan>, GatewayError> {
+    if !converts(provider, client) {
+        return Ok(None);
+    }
+    let upstream = provider_format(provider);
+    let json: Value = serde_json::from_slice(body).map_err(|e| GatewayError::BadJson(e.to_string()))?;
+    let mut loss = Loss::default();
+    let gemini_array = client == Format::Gemini && !query.is_some_and(|q| q.split('&').any(|p| p == "alt=sse"));
+    let req: ChatRequest = match client {
+        Format::Openai if path.ends_with("/chat/completions") => openai::decode_request(&json, &mut loss),
+        Format::Anthropic if path.ends_with("/messages") => anthropic::decode_request(&json, &mut loss),
+        Format::Gemini if path.contains(":generateContent") || path.contains(":streamGenerateContent") => {
+            let model = super::intake::model_from_gemini_path(path).unwrap_or_default();
+            gemini::decode_request(&json, model, path.contains(":streamGenerateContent"), &mut loss)
+        }
+        _ => {
+            return Err(GatewayError::NotConvertible(format!(
+                "{path} is not converted from {} to {}: chat endpoints are",
+                client.name(),
+                upstream.name()
+            )));
+        }
+    }
+    .map_err(not_convertible)?;
+    let mut names = ToolNames::default();
+    let encoded = match upstream {
+        Format::Openai => openai::encode_request(&req, &mut names, &mut loss),
+        Format::Anthropic => anthropic::encode_request(&req, DEFAULT_MAX_TOKENS, &mut loss),
+        Format::Gemini => gemini::encode_request(&req, &mut loss),
+        Format::Passthrough => return Ok(None),
+    }
+    .map_err(not_convertible)?;
+    let upstream_path = match upstream {
+        Format::Openai => "/v1/chat/completions".to_string(),
+        Format::Anthropic => "/v1/messages".to_string(),
+        _ if req.stream => format!("/v1beta/models/{}:streamGenerateContent?alt=sse", req.model),
+        _ => format!("/v1beta/models/{}:generateContent", req.model),
+    };
+    Ok(Some(Plan {
+        client,
+        upstream,
+        stream: req.stream,
+        include_usage: req.include_usage,
+        model: req.model.clone(),
+        gemini_array,
+        names,
+        loss,
+        body: Bytes::from(serde_json::to_vec(&encoded).unwrap_or_default()),
+        path: upstream_path,
+    }))
+}
+
+impl Plan {
+    /// Fit the rewritten upstream request to the conversion: path, plain
+    /// (uncompressed) answers, JSON body, no headers of the client's format.
+    pub fn adjust(&self, req: &mut pingora::http::RequestHeader, base_path: &str) -> Result<(), GatewayError> {
+        let uri = format!("{base_path}{}", self.path)
+            .parse::<http::Uri>()
+            .map_err(|e| GatewayError::BadRequestBody(format!("converted path is invalid: {e}")))?;
+        req.set_uri(uri);
+        let _ = req.insert_header(header::ACCEPT_ENCODING, "identity");
+        let _ = req.insert_header(header::CONTENT_TYPE, "application/json");
+        let _ = req.insert_header(
+            header::ACCEPT,
+            if self.stream {
+                "text/event-stream"
+            } else {
+                "application/json"
+            },
+        );
+        if self.upstream != Format::Anthropic {
+            // Consumed here: the Anthropic version and betas of a Claude client.
+            req.remove_header("anthropic-version");
+            req.remove_header("anthropic-beta");
+        }
+        if self.client == Format::Gemini {
+            req.remove_header("x-goog-api-client");
+        }
+        Ok(())
+    }
+
+    fn converter(&self) -> Converter {
+        let decoder: Box<dyn stream::Decoder> = match self.upstream {
+            Format::Anthropic => Box::new(stream::anthropic::AnthropicDecoder::default()),
+            Format::Gemini => Box::new(stream::gemini::GeminiDecoder::default()),
+            _ => Box::new(stream::openai::OpenaiDecoder::new(self.names.clone())),
+        };
+        let encoder: Box<dyn stream::Encoder> = match self.client {
+            Format::Anthropic => Box::new(stream::anthropic::AnthropicEncoder::new(&self.model)),
+            Format::Gemini => Box::new(stream::gemini::GeminiEncoder::new(&self.model, self.gemini_array)),
+            _ => Box::new(stream::openai::OpenaiEncoder::new(
+                &self.model,
+                crate::store::now_unix(),
+                self.include_usage,
+            )),
+        };
+        Converter::new(decoder, encoder, false)
+    }
+
+    /// A whole upstream answer in the client's format.
+    fn convert_answer(&self, body: &[u8]) -> Result<Vec<u8>, ConvertError> {
+        let v: Value = serde_json::from_slice(body).map_err(|e| ConvertError::Invalid(e.to_string()))?;
+        let mut loss = Loss::default();
+        let mut resp = match self.upstream {
+            Format::Anthropic => anthropic::decode_response(&v, &mut loss)?,
+            Format::Gemini => gemini::decode_response(&v, &mut loss)?,
+            _ => openai::decode_response(&v, &self.names)?,
+        };
+        resp.model = self.model.clone();
+        let out = match self.client {
+            Format::Anthropic => anthropic::encode_response(&resp),
+            Format::Gemini => gemini::encode_response(&resp),
+            _ => openai::encode_response(&resp, crate::store::now_unix()),
+        };
+        Ok(serde_json::to_vec(&out).unwrap_or_default())
+    }
+
+    /// An upstream error answer as the client's error: its message, its
+    /// status (an Anthropic 529 "overloaded" is 503 for other clients).
+    fn convert_error(&self, status: u16, body: &[u8], retry_after: Option<u64>) -> GatewayError {
+        let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+        let message = v
+            .get("error")
+            .and_then(|e| e.get("message").or(Some(e)))
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("the upstream answered {status}"));
+        let status = if status == 529 && self.client != Format::Anthropic {
+            503
+        } else {
+            status
+        };
+        GatewayError::Upstream {
+            status,
+            message,
+            retry_after,
+        }
+    }
+}
+
+/// Read the rest of a body, at most `cap` bytes, each read within `idle`.
+async fn read_all(up: &mut HttpSession, cap: usize, idle: Duration) -> Result<Vec<u8>, String> {
+    let mut buf = Vec::new();
+    loop {
+        match tokio::time::timeout(idle, up.read_response_body()).await {
+            Ok(Ok(Some(chunk))) => {
+                if buf.len() + chunk.len() > cap {
+                    return Err(format!("answer larger than {cap} bytes"));
+                }
+                buf.extend_from_slice(&chunk);
+            }
+            Ok(Ok(None)) => return Ok(buf),
+            Ok(Err(e)) => return Err(e.etype().as_str().to_string()),
+            Err(_) => return Err("idle timeout".into()),
+        }
+    }
+}
+
+/// Hand a converted answer to the client. Returns the error to answer
+/// with when nothing was written yet.
+pub async fn respond(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    mut up: HttpSession,
+    plan: &Plan,
+    idle: Duration,
+    read_already: Option<Bytes>,
+) -> Result<(), GatewayError> {
+    let already = read_already.unwrap_or_default();
+    let Some(head) = up.response_header().cloned() else {
+        return Err(GatewayError::UpstreamUnreachable {
+            upstream: ctx.upstream_name().to_string(),
+            reason: "no response header".into(),
+        });
+    };
+    let status = head.status.as_u16();
+    let upstream_type = head
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    if status >= 400 {
+        let mut body = already.to_vec();
+        body.extend(read_all(&mut up, MAX_ERROR, idle).await.unwrap_or_default());
+        let retry_after = head
+            .headers
+            .get(header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        return Err(plan.convert_error(status, &body, retry_after));
+    }
+    let h2 = session.is_http2();
+    let mut resp = ResponseHeader::build(status, Some(6)).map_err(|e| GatewayError::BadRequestBody(e.to_string()))?;
+    let warning = plan.loss.header_value();
+    if plan.stream {
+        let content_type = if plan.client == Format::Gemini && plan.gemini_array {
+            "application/json"
+        } else {
+            "text/event-stream"
+        };
+        let mut resp = super::respond::header(200, ctx, content_type, None, h2)
+            .map_err(|e| GatewayError::BadRequestBody(e.to_string()))?;
+        if let Some(w) = &warning {
+            let _ = resp.insert_header("x-fastgate-warning", w.as_str());
+        }
+        ctx.begin_response(&resp);
+        ctx.meter_upstream(upstream_type.as_deref());
+        if session.write_response_header(Box::new(resp), false).await.is_err() {
+            ctx.response.cut_short = true;
+            return Ok(());
+        }
+        up.set_read_timeout(Some(idle));
+        let mut conv = plan.converter();
+        if !already.is_empty() {
+            ctx.response.meter.feed(&already);
+            let out = conv.feed(&already);
+            ctx.count_sent(&out);
+            if !out.is_empty()
+                && session
+                    .write_response_body(Some(Bytes::from(out)), false)
+                    .await
+                    .is_err()
+            {
+                ctx.error = Some(GatewayError::ClientClosed);
+                ctx.response.cut_short = true;
+                return Ok(());
+            }
+        }
+        loop {
+            let chunk = tokio::select! {
+                chunk = up.read_response_body() => chunk,
+                _ = session.downstream_session.read_body_or_idle(true) => {
+                    ctx.error = Some(GatewayError::ClientClosed);
+                    ctx.response.cut_short = true;
+                    return Ok(());
+                }
+            };
+            let (out, end) = match chunk {
+                Ok(Some(data)) => {
+                    ctx.response.meter.feed(&data);
+                    (conv.feed(&data), false)
+                }
+                Ok(None) => (conv.finish(), true),
+                Err(e) => {
+                    let err = GatewayError::UpstreamUnreachable {
+                        upstream: ctx.upstream_name().to_string(),
+                        reason: format!("{} after the response started", e.etype().as_str()),
+                    };
+                    let out = conv.fail(&err.to_string());
+                    ctx.error = Some(err);
+                    (out, true)
+                }
+            };
+            if !out.is_empty() {
+                ctx.count_sent(&out);
+                if session
+                    .write_response_body(Some(Bytes::from(out)), false)
+                    .await
+                    .is_err()
+                {
+                    ctx.error = Some(GatewayError::ClientClosed);
+                    ctx.response.cut_short = true;
+                    return Ok(());
+                }
+            }
+            if end || conv.is_done() {
+                break;
+            }
+        }
+        let _ = session.write_response_body(None, true).await;
+        return Ok(());
+    }
+    let mut body = already.to_vec();
+    body.extend(
+        read_all(&mut up, MAX_ANSWER, idle)
+            .await
+            .map_err(|reason| GatewayError::UpstreamUnreachable {
+                upstream: ctx.upstream_name().to_string(),
+                reason,
+            })?,
+    );
+    let out = plan
+        .convert_answer(&body)
+        .map_err(|e| GatewayError::UpstreamUnreachable {
+            upstream: ctx.upstream_name().to_string(),
+            reason: format!("its answer could not be converted: {e}"),
+        })?;
+    resp.insert_header(header::CONTENT_TYPE, "application/json")
+        .and_then(|_| resp.insert_header(header::CONTENT_LENGTH, out.len().to_string()))
+        .and_then(|_| resp.insert_header("x-request-id", ctx.request_id.as_str()))
+        .map_err(|e| GatewayError::BadRequestBody(e.to_string()))?;
+    if let Some(w) = &warning {
+        let _ = resp.insert_header("x-fastgate-warning", w.as_str());
+    }
+    ctx.begin_response(&resp);
+    ctx.meter_upstream(upstream_type.as_deref());
+    ctx.response.meter.feed(&body);
+    ctx.count_sent(&out);
+    if session.write_response_header(Box::new(resp), false).await.is_ok() {
+        let _ = session.write_response_body(Some(Bytes::from(out)), true).await;
+    }
+    Ok(())
+}
