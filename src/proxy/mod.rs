@@ -6,7 +6,8 @@
 //! request_filter ── intake::admit ──┬─ error ──────────────► respond::error (client's error shape)
 //!   (route, auth, body if needed)   ├─ mock upstream ──────► mock::respond
 //!                                   ├─ body was read ──────► forward::exchange (own connector,
-//!                                   │                         retries, fallback, streaming)
+//!                                   │                         retries, fallback, streaming,
+//!                                   │                         convert: other formats)
 //!                                   └─ body untouched ─┐
 //! upstream_peer ◄──────────────────────────────────────┘ endpoint (pingora-lb) + key lease
 //! upstream_request_filter  rewrite::upstream_request (path, headers, key injection)
