@@ -1,0 +1,93 @@
+"""Start the mock providers and the real fastgate binary (built by cargo)
+with one route per client format x upstream provider."""
+
+import os
+import pathlib
+import socket
+import subprocess
+import tempfile
+import time
+
+import pytest
+
+import mock_providers
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+FORMATS = ["openai", "anthropic", "gemini"]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def binary():
+    target = pathlib.Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
+    path = target / "debug" / "fastgate"
+    if not path.exists():
+        subprocess.run(["cargo", "build", "--locked", "--bin", "fastgate"], cwd=ROOT, check=True)
+    return path
+
+
+def routes():
+    lines = ["routes:"]
+    for client in FORMATS:
+        for up in FORMATS:
+            prefix = f"/{client}-{up}"
+            path = {"openai": "/v1/chat/completions", "anthropic": "/v1/messages", "gemini": "/v1beta/{*rest}"}[client]
+            lines.append(
+                f"  - {{ name: {client}-{up}, match: {{ path: '{prefix}{path}' }}, format: {client}, auth: none, "
+                f"upstream: {up}, retries: 1, transform: {{ strip_prefix: {prefix} }} }}"
+            )
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="session")
+def gateway():
+    mock = mock_providers.start()
+    up = f"http://127.0.0.1:{mock.server_address[1]}"
+    work = tempfile.TemporaryDirectory()
+    d = pathlib.Path(work.name)
+    (d / "routes.d").mkdir()
+    (d / "routes.d" / "e2e.yaml").write_text(routes())
+    for _ in range(5):
+        port, admin = free_port(), free_port()
+        (d / "fastgate.yaml").write_text(
+            f"""server: {{ listen: 127.0.0.1:{port}, threads: 2 }}
+admin: {{ listen: 127.0.0.1:{admin} }}
+database: {{ path: {d}/fg.db }}
+routes_dir: {d}/routes.d
+upstreams:
+  openai: {{ provider: openai, endpoints: ['{up}'], key_pool: po }}
+  anthropic: {{ provider: anthropic, endpoints: ['{up}'], key_pool: pa }}
+  gemini: {{ provider: gemini, endpoints: ['{up}'], key_pool: pg }}
+key_pools:
+  po: {{ keys: [sk-openai-upstream] }}
+  pa: {{ keys: [sk-ant-upstream] }}
+  pg: {{ keys: [AIza-gemini-upstream] }}
+"""
+        )
+        log = open(d / "fastgate.log", "w")
+        proc = subprocess.Popen(
+            [str(binary()), "serve", "-c", str(d / "fastgate.yaml")],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            env=dict(os.environ, FASTGATE_ADMIN_PASSWORD="e2e-admin-password"),
+        )
+        deadline = time.time() + 20
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        if proc.poll() is None:
+            break
+    else:
+        raise RuntimeError((d / "fastgate.log").read_text())
+    yield f"http://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(timeout=10)
+    mock.shutdown()
+    work.cleanup()

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# End-to-end tests with the official OpenAI, Anthropic and Gemini SDKs
+# (pinned in requirements.txt) against the real binary: every SDK x every
+# provider. Creates target/e2e-venv on first use.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+VENV=$(realpath -m "${E2E_VENV:-target/e2e-venv}")
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+fi
+if ! "$VENV/bin/python" -c 'import sys, importlib.metadata as m; want = dict(l.split("==") for l in open("tests/e2e/requirements.txt") if "==" in l and not l.startswith("#")); sys.exit(any(m.version(k) != v for k, v in want.items()))' 2>/dev/null; then
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check -r tests/e2e/requirements.txt
+fi
+cargo build --locked --bin fastgate
+cd tests/e2e
+exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"

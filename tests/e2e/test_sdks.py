@@ -1,0 +1,185 @@
+"""Every official SDK against every provider through FastGate: chat,
+streaming (chunks spread over time), a tool call and a full tool round trip.
+Asserts on what the SDK returned and on what the upstream received."""
+
+import itertools
+import json
+import time
+
+import anthropic
+import openai
+import pytest
+from google import genai
+from google.genai import types
+
+import mock_providers
+
+FORMATS = ["openai", "anthropic", "gemini"]
+PAIRS = list(itertools.product(FORMATS, FORMATS))
+WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+
+UPSTREAM_PATH = {
+    "openai": "/v1/chat/completions",
+    "anthropic": "/v1/messages",
+    "gemini": "/v1beta/models/mock-model:",
+}
+
+
+def last_upstream(up):
+    seen = mock_providers.SEEN[-1]
+    assert seen["path"].startswith(UPSTREAM_PATH[up]), seen["path"]
+    key = {"openai": "authorization", "anthropic": "x-api-key", "gemini": "x-goog-api-key"}[up]
+    assert any(k.lower() == key for k in seen["headers"]), seen["headers"]
+    return seen
+
+
+class Client:
+    """One SDK pointed at one route, with a uniform surface for the tests."""
+
+    def __init__(self, gateway, fmt, up):
+        self.fmt = fmt
+        base = f"{gateway}/{fmt}-{up}"
+        if fmt == "openai":
+            self.c = openai.OpenAI(base_url=f"{base}/v1", api_key="client-key", max_retries=0)
+        elif fmt == "anthropic":
+            self.c = anthropic.Anthropic(base_url=base, api_key="client-key", max_retries=0)
+        else:
+            self.c = genai.Client(api_key="client-key", http_options=types.HttpOptions(base_url=base, api_version="v1beta"))
+
+    def chat(self, text):
+        if self.fmt == "openai":
+            r = self.c.chat.completions.create(model="mock-model", messages=[{"role": "user", "content": text}])
+            return r.choices[0].message.content
+        if self.fmt == "anthropic":
+            r = self.c.messages.create(model="mock-model", max_tokens=100, messages=[{"role": "user", "content": text}])
+            return "".join(b.text for b in r.content if b.type == "text")
+        return self.c.models.generate_content(model="mock-model", contents=text).text
+
+    def stream(self, text):
+        """(the text, arrival times of the pieces)"""
+        pieces, times = [], []
+        if self.fmt == "openai":
+            s = self.c.chat.completions.create(model="mock-model", stream=True, stream_options={"include_usage": True},
+                                               messages=[{"role": "user", "content": text}])
+            for chunk in s:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    pieces.append(chunk.choices[0].delta.content)
+                    times.append(time.monotonic())
+        elif self.fmt == "anthropic":
+            with self.c.messages.stream(model="mock-model", max_tokens=100, messages=[{"role": "user", "content": text}]) as s:
+                for t in s.text_stream:
+                    pieces.append(t)
+                    times.append(time.monotonic())
+                final = s.get_final_message()
+                assert final.stop_reason == "end_turn"
+        else:
+            for chunk in self.c.models.generate_content_stream(model="mock-model", contents=text):
+                if chunk.text:
+                    pieces.append(chunk.text)
+                    times.append(time.monotonic())
+        return "".join(pieces), times
+
+    def tool_round_trip(self):
+        """Ask with a tool, check the call, answer it; the final text."""
+        if self.fmt == "openai":
+            tools = [{"type": "function", "function": {"name": "weather", "parameters": WEATHER}}]
+            msgs = [{"role": "user", "content": "Weather in Paris?"}]
+            r = self.c.chat.completions.create(model="mock-model", messages=msgs, tools=tools)
+            call = r.choices[0].message.tool_calls[0]
+            assert r.choices[0].finish_reason == "tool_calls"
+            assert call.function.name == "weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+            msgs += [r.choices[0].message.model_dump(exclude_none=True),
+                     {"role": "tool", "tool_call_id": call.id, "content": "18C"}]
+            return self.c.chat.completions.create(model="mock-model", messages=msgs, tools=tools).choices[0].message.content
+        if self.fmt == "anthropic":
+            tools = [{"name": "weather", "input_schema": WEATHER}]
+            msgs = [{"role": "user", "content": "Weather in Paris?"}]
+            r = self.c.messages.create(model="mock-model", max_tokens=100, messages=msgs, tools=tools)
+            assert r.stop_reason == "tool_use"
+            call = next(b for b in r.content if b.type == "tool_use")
+            assert call.name == "weather" and call.input == {"city": "Paris"}
+            msgs += [{"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in r.content]},
+                     {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id, "content": "18C"}]}]
+            r = self.c.messages.create(model="mock-model", max_tokens=100, messages=msgs, tools=tools)
+            return "".join(b.text for b in r.content if b.type == "text")
+        tool = types.Tool(function_declarations=[types.FunctionDeclaration(name="weather", parameters_json_schema=WEATHER)])
+        config = types.GenerateContentConfig(tools=[tool], automatic_function_calling=types.AutomaticFunctionCallingConfig(disable=True))
+        contents = [types.Content(role="user", parts=[types.Part(text="Weather in Paris?")])]
+        r = self.c.models.generate_content(model="mock-model", contents=contents, config=config)
+        call = r.function_calls[0]
+        assert call.name == "weather" and call.args == {"city": "Paris"}
+        contents += [r.candidates[0].content,
+                     types.Content(role="user", parts=[types.Part.from_function_response(name="weather", response={"result": "18C"})])]
+        return self.c.models.generate_content(model="mock-model", contents=contents, config=config).text
+
+
+@pytest.mark.parametrize("fmt,up", PAIRS)
+def test_chat(gateway, fmt, up):
+    text = Client(gateway, fmt, up).chat("hi")
+    assert text == f"Hello from {up}-mock.", text
+    last_upstream(up)
+
+
+@pytest.mark.parametrize("fmt,up", PAIRS)
+def test_stream_arrives_piece_by_piece(gateway, fmt, up):
+    text, times = Client(gateway, fmt, up).stream("hi")
+    assert text == f"Hello from {up}-mock.", text
+    assert len(times) >= 3, times
+    assert times[-1] - times[0] >= 0.04, "pieces spread over time, not all at once"
+    seen = last_upstream(up)
+    if up != "gemini":
+        assert seen["body"]["stream"] is True
+
+
+@pytest.mark.parametrize("fmt,up", PAIRS)
+def test_tool_round_trip(gateway, fmt, up):
+    final = Client(gateway, fmt, up).tool_round_trip()
+    assert "18C" in final, final
+    # The upstream got the result in its own format, tied to its own call.
+    body = last_upstream(up)["body"]
+    if up == "openai":
+        call = next(m for m in body["messages"] if m.get("tool_calls"))["tool_calls"][0]
+        tool_msg = next(m for m in body["messages"] if m["role"] == "tool")
+        assert call["id"] == tool_msg["tool_call_id"] == "call_mock1", body
+    elif up == "anthropic":
+        blocks = [b for m in body["messages"] if isinstance(m["content"], list) for b in m["content"]]
+        call = next(b for b in blocks if b["type"] == "tool_use")
+        result = next(b for b in blocks if b["type"] == "tool_result")
+        assert call["id"] == result["tool_use_id"] == "toolu_mock1", body
+    else:
+        resp = next(p["functionResponse"] for c in body["contents"] for p in c["parts"] if "functionResponse" in p)
+        assert resp["name"] == "weather"
+
+
+@pytest.mark.parametrize("up", ["openai", "gemini"])
+def test_a_claude_code_style_session(gateway, up):
+    """Tools, streaming, `?beta=true` and `anthropic-beta`, as Claude Code
+    sends them, against a non-Anthropic upstream: the event grammar holds."""
+    c = anthropic.Anthropic(base_url=f"{gateway}/anthropic-{up}", api_key="client-key", max_retries=0)
+    tools = [{"name": "weather", "description": "Weather by city", "input_schema": WEATHER}]
+    events = []
+    with c.beta.messages.stream(model="mock-model", max_tokens=1024, tools=tools,
+                                betas=["interleaved-thinking-2025-05-14", "fine-grained-tool-streaming-2025-05-14"],
+                                messages=[{"role": "user", "content": "Weather in Paris?"}]) as s:
+        for ev in s:
+            events.append(ev)
+        final = s.get_final_message()
+    types_ = [e.type for e in events]
+    assert types_.count("message_start") == 1 and types_[0] == "message_start", types_
+    assert types_[-1] == "message_stop", types_
+    open_index, last_index = None, -1
+    for e in events:
+        if e.type == "content_block_start":
+            assert open_index is None, "one block open at a time"
+            assert e.index == last_index + 1, "indices rise by one"
+            open_index = last_index = e.index
+        elif e.type == "content_block_stop":
+            assert e.index == open_index
+            open_index = None
+    assert open_index is None
+    assert final.stop_reason == "tool_use"
+    call = next(b for b in final.content if b.type == "tool_use")
+    assert call.input == {"city": "Paris"}
+    seen = last_upstream(up)
+    assert "?beta=true" not in seen["path"]
+    assert not any(k.lower() in ("anthropic-beta", "anthropic-version") for k in seen["headers"]), seen["headers"]
