@@ -281,6 +281,14 @@ pub struct UpstreamConfig {
     /// Active health checks of the resolved endpoint addresses.
     #[serde(default)]
     pub health_check: Option<HealthCheckConfig>,
+    /// `max_tokens` sent to an Anthropic upstream when a converted request
+    /// names none (Anthropic requires it).
+    #[serde(default = "default_max_tokens")]
+    pub default_max_tokens: u64,
+}
+
+fn default_max_tokens() -> u64 {
+    8192
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]

@@ -11,6 +11,7 @@
 //! the client's shape). `docs/conversion.md` lists every case.
 
 pub mod anthropic;
+pub mod embeddings;
 pub mod gemini;
 pub mod ir;
 pub mod openai;

@@ -6,7 +6,7 @@
 
 use super::{ctx::RequestCtx, errors::GatewayError};
 use crate::{
-    config::{Provider, routes_d::Format},
+    config::routes_d::Format,
     convert::{
         ConvertError, Loss, anthropic, gemini,
         ir::ChatRequest,
@@ -21,17 +21,22 @@ use pingora::{http::ResponseHeader, protocols::http::client::HttpSession, proxy:
 use serde_json::Value;
 use std::time::Duration;
 
-/// `max_tokens` sent to Anthropic when the client gave none (Anthropic
-/// requires it; OpenAI and Gemini clients often leave it out).
-pub const DEFAULT_MAX_TOKENS: u64 = 8192;
 /// Largest non-stream answer converted (an LLM answer is far smaller).
 const MAX_ANSWER: usize = 32 * 1024 * 1024;
 /// How much of an upstream error answer is read to convert it.
 const MAX_ERROR: usize = 64 * 1024;
 
+/// What is being converted.
+#[derive(Debug)]
+enum Op {
+    Chat,
+    Embed(crate::convert::embeddings::EmbedRequest),
+}
+
 /// How one request is converted toward one upstream.
 #[derive(Debug)]
 pub struct Plan {
+    op: Op,
     pub client: Format,
     pub upstream: Format,
     pub stream: bool,
@@ -59,19 +64,27 @@ fn not_convertible(e: ConvertError) -> GatewayError {
 /// when the upstream speaks the client's format (raw passthrough).
 pub fn plan(
     client: Format,
-    provider: Provider,
+    upstream: &crate::upstream::Upstream,
+    model_map: &std::collections::HashMap<String, String>,
     path: &str,
     query: Option<&str>,
     body: &[u8],
 ) -> Result<Option<Plan>, GatewayError> {
+    let provider = upstream.provider;
     if !converts(provider, client) {
         return Ok(None);
     }
+    let default_max_tokens = upstream.default_max_tokens;
     let upstream = provider_format(provider);
     let json: Value = serde_json::from_slice(body).map_err(|e| GatewayError::BadJson(e.to_string()))?;
     let mut loss = Loss::default();
     let gemini_array = client == Format::Gemini && !query.is_some_and(|q| q.split('&').any(|p| p == "alt=sse"));
-    let req: ChatRequest = match client {
+    // A body's model was mapped already; a Gemini URL's model is mapped here.
+    let mapped = |m: &str| model_map.get(m).cloned().unwrap_or_else(|| m.to_string());
+    if let Some(plan) = embeddings_plan(client, upstream, path, &json, &mapped)? {
+        return Ok(Some(plan));
+    }
+    let mut req: ChatRequest = match client {
         Format::Openai if path.ends_with("/chat/completions") => openai::decode_request(&json, &mut loss),
         Format::Anthropic if path.ends_with("/messages") => anthropic::decode_request(&json, &mut loss),
         Format::Gemini if path.contains(":generateContent") || path.contains(":streamGenerateContent") => {
@@ -80,17 +93,18 @@ pub fn plan(
         }
         _ => {
             return Err(GatewayError::NotConvertible(format!(
-                "{path} is not converted from {} to {}: chat endpoints are",
+                "{path} is not converted from {} to {}: chat, embeddings and model lists are",
                 client.name(),
                 upstream.name()
             )));
         }
     }
     .map_err(not_convertible)?;
+    req.model = mapped(&req.model);
     let mut names = ToolNames::default();
     let encoded = match upstream {
         Format::Openai => openai::encode_request(&req, &mut names, &mut loss),
-        Format::Anthropic => anthropic::encode_request(&req, DEFAULT_MAX_TOKENS, &mut loss),
+        Format::Anthropic => anthropic::encode_request(&req, default_max_tokens, &mut loss),
         Format::Gemini => gemini::encode_request(&req, &mut loss),
         Format::Passthrough => return Ok(None),
     }
@@ -102,6 +116,7 @@ pub fn plan(
         _ => format!("/v1beta/models/{}:generateContent", req.model),
     };
     Ok(Some(Plan {
+        op: Op::Chat,
         client,
         upstream,
         stream: req.stream,
@@ -112,6 +127,54 @@ pub fn plan(
         loss,
         body: Bytes::from(serde_json::to_vec(&encoded).unwrap_or_default()),
         path: upstream_path,
+    }))
+}
+
+/// The plan for an embeddings request, if this is one (OpenAI ⇄ Gemini;
+/// Anthropic has no embeddings API).
+fn embeddings_plan(
+    client: Format,
+    upstream: Format,
+    path: &str,
+    json: &Value,
+    mapped: &dyn Fn(&str) -> String,
+) -> Result<Option<Plan>, GatewayError> {
+    use crate::convert::embeddings as e;
+    let mut req = match client {
+        Format::Openai if path.ends_with("/embeddings") => e::decode_openai(json),
+        Format::Gemini if path.contains(":embedContent") || path.contains(":batchEmbedContents") => {
+            let model = super::intake::model_from_gemini_path(path).unwrap_or_default();
+            e::decode_gemini(json, model, path.contains(":embedContent"))
+        }
+        _ => return Ok(None),
+    }
+    .map_err(not_convertible)?;
+    req.model = mapped(&req.model);
+    let (body, path) = match upstream {
+        Format::Gemini => (
+            e::encode_gemini(&req),
+            format!("/v1beta/models/{}:batchEmbedContents", req.model),
+        ),
+        Format::Openai => (e::encode_openai(&req), "/v1/embeddings".to_string()),
+        _ => {
+            return Err(GatewayError::NotConvertible(format!(
+                "embeddings cannot be served by an {} upstream (it has no embeddings API)",
+                upstream.name()
+            )));
+        }
+    };
+    Ok(Some(Plan {
+        client,
+        upstream,
+        stream: false,
+        include_usage: false,
+        model: req.model.clone(),
+        gemini_array: false,
+        names: ToolNames::default(),
+        loss: Loss::default(),
+        body: Bytes::from(serde_json::to_vec(&body).unwrap_or_default()),
+        path,
+        op: Op::Embed(req),
     }))
 }
 
@@ -165,6 +228,18 @@ impl Plan {
     /// A whole upstream answer in the client's format.
     fn convert_answer(&self, body: &[u8]) -> Result<Vec<u8>, ConvertError> {
         let v: Value = serde_json::from_slice(body).map_err(|e| ConvertError::Invalid(e.to_string()))?;
+        if let Op::Embed(req) = &self.op {
+            use crate::convert::embeddings as e;
+            let vectors = match self.upstream {
+                Format::Gemini => e::vectors_from_gemini(&v)?,
+                _ => e::vectors_from_openai(&v)?,
+            };
+            let out = match self.client {
+                Format::Gemini => e::answer_gemini(req, &vectors),
+                _ => e::answer_openai(req, &vectors),
+            };
+            return Ok(serde_json::to_vec(&out).unwrap_or_default());
+        }
         let mut loss = Loss::default();
         let mut resp = match self.upstream {
             Format::Anthropic => anthropic::decode_response(&v, &mut loss)?,
@@ -365,4 +440,49 @@ pub async fn respond(
         let _ = session.write_response_body(Some(Bytes::from(out)), true).await;
     }
     Ok(())
+}
+
+/// Whether a request lists models (`GET …/models`).
+pub fn is_model_list(method: &http::Method, path: &str) -> bool {
+    method == http::Method::GET && path.trim_end_matches('/').ends_with("/models")
+}
+
+/// The model list a converting route answers itself (the upstream's own
+/// list is in another format and names models the client does not use):
+/// the models the route table knows for routes of this format, in the
+/// client's shape — Anthropic's when the client is Anthropic's SDK.
+pub fn model_list(client: Format, headers: &http::HeaderMap, table: &crate::router::RouteTable) -> Bytes {
+    let mut models: Vec<&str> = table
+        .routes()
+        .iter()
+        .filter(|r| r.enabled && r.format == client)
+        .flat_map(|r| r.known_models.iter().map(String::as_str))
+        .collect();
+    models.sort_unstable();
+    models.dedup();
+    let anthropic_client = client == Format::Anthropic || headers.contains_key("anthropic-version");
+    let v = match client {
+        Format::Gemini => serde_json::json!({
+            "models": models.iter().map(|m| serde_json::json!({
+                "name": format!("models/{m}"),
+                "displayName": m,
+                "supportedGenerationMethods": ["generateContent", "streamGenerateContent"],
+            })).collect::<Vec<_>>(),
+        }),
+        _ if anthropic_client => serde_json::json!({
+            "data": models.iter().map(|m| serde_json::json!({
+                "type": "model", "id": m, "display_name": m, "created_at": "1970-01-01T00:00:00Z",
+            })).collect::<Vec<_>>(),
+            "has_more": false,
+            "first_id": models.first(),
+            "last_id": models.last(),
+        }),
+        _ => serde_json::json!({
+            "object": "list",
+            "data": models.iter().map(|m| serde_json::json!({
+                "id": m, "object": "model", "created": 0, "owned_by": "fastgate",
+            })).collect::<Vec<_>>(),
+        }),
+    };
+    Bytes::from(v.to_string())
 }

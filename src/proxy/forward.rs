@@ -70,6 +70,15 @@ pub async fn exchange(state: &Arc<AppState>, session: &mut Session, ctx: &mut Re
         .filter_map(|name| runtime.upstreams.get(name).cloned())
         .collect();
     drop(runtime);
+    let converting = chain.iter().any(|u| crate::router::converts(u.provider, route.format));
+    let req = session.req_header();
+    if converting && super::convert::is_model_list(&req.method, req.uri.path()) {
+        let list = super::convert::model_list(route.format, &req.headers, &state.routes.load());
+        ctx.upstream.attempts += 1;
+        return super::respond::json(session, ctx, 200, list)
+            .await
+            .map_err(|_| GatewayError::ClientClosed);
+    }
     for (position, upstream) in chain.iter().enumerate() {
         ctx.upstream.upstream = Some(upstream.clone());
         ctx.upstream.slot = None;
@@ -96,7 +105,8 @@ pub async fn exchange(state: &Arc<AppState>, session: &mut Session, ctx: &mut Re
         // every attempt.
         let plan = match super::convert::plan(
             route.format,
-            upstream.provider,
+            upstream,
+            &route.model_map,
             session.req_header().uri.path(),
             session.req_header().uri.query(),
             &body,

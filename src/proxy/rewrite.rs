@@ -264,7 +264,8 @@ pub fn set_body_length(req: &mut RequestHeader, len: usize) {
 /// Apply `model_map` and `set_body` to a JSON body. Returns `None` when
 /// nothing changes, so the original bytes are forwarded untouched.
 pub fn rewrite_body(route: &Route, body: &Bytes) -> Result<Option<Bytes>, GatewayError> {
-    if route.model_map.is_empty() && route.transform.set_body.is_none() {
+    // A bodiless request (a GET) has nothing to rewrite.
+    if (route.model_map.is_empty() && route.transform.set_body.is_none()) || body.is_empty() {
         return Ok(None);
     }
     let mut value: serde_json::Value =

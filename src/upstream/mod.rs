@@ -173,6 +173,8 @@ pub struct Upstream {
     pub mock: Option<MockConfig>,
     /// 0 = unlimited.
     pub max_in_flight: u32,
+    /// For converted requests to Anthropic without `max_tokens`.
+    pub default_max_tokens: u64,
     in_flight: Arc<AtomicU32>,
     /// Addresses that refused a connection, until when they are passed over.
     resting: parking_lot::Mutex<HashMap<SocketAddr, Instant>>,
@@ -248,6 +250,7 @@ impl Upstream {
             key_pool: cfg.key_pool.as_ref().and_then(|p| pools.get(p).cloned()),
             mock: (cfg.provider == Provider::Mock).then(|| cfg.mock.clone().unwrap_or_default()),
             max_in_flight: cfg.max_in_flight,
+            default_max_tokens: cfg.default_max_tokens,
             in_flight: Arc::new(AtomicU32::new(0)),
             resting: parking_lot::Mutex::new(HashMap::new()),
             any_resting: AtomicBool::new(false),

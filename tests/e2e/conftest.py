@@ -35,10 +35,11 @@ def routes():
     for client in FORMATS:
         for up in FORMATS:
             prefix = f"/{client}-{up}"
-            path = {"openai": "/v1/chat/completions", "anthropic": "/v1/messages", "gemini": "/v1beta/{*rest}"}[client]
+            path = {"openai": "/v1/{*rest}", "anthropic": "/v1/{*rest}", "gemini": "/v1beta/{*rest}"}[client]
             lines.append(
                 f"  - {{ name: {client}-{up}, match: {{ path: '{prefix}{path}' }}, format: {client}, auth: none, "
-                f"upstream: {up}, retries: 1, transform: {{ strip_prefix: {prefix} }} }}"
+                f"upstream: {up}, retries: 1, model_map: {{ alias-model: mock-model }}, "
+                f"transform: {{ strip_prefix: {prefix} }} }}"
             )
     return "\n".join(lines) + "\n"
 

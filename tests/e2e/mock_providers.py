@@ -44,13 +44,22 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self):
         SEEN.append({"path": self.path, "headers": dict(self.headers), "body": None})
-        self.json(200, {"object": "list", "data": [{"id": "mock-model", "object": "model"}]})
+        if self.path.startswith("/v1beta/models"):
+            return self.json(200, {"models": [{"name": "models/upstream-gemini", "supportedGenerationMethods": ["generateContent"]}]})
+        if "anthropic-version" in {k.lower() for k in self.headers.keys()}:
+            return self.json(200, {"data": [{"type": "model", "id": "upstream-claude", "display_name": "Upstream Claude", "created_at": "2025-01-01T00:00:00Z"}],
+                                   "has_more": False, "first_id": "upstream-claude", "last_id": "upstream-claude"})
+        self.json(200, {"object": "list", "data": [{"id": "upstream-gpt", "object": "model", "created": 0, "owned_by": "mock"}]})
 
     def do_POST(self):
         raw = self.rfile.read(int(self.headers.get("content-length", 0)))
         body = json.loads(raw or b"{}")
         SEEN.append({"path": self.path, "headers": dict(self.headers), "body": body})
-        if self.path.startswith("/v1/chat/completions"):
+        if self.path.startswith("/v1/embeddings"):
+            self.openai_embeddings(body)
+        elif ":batchEmbedContents" in self.path or ":embedContent" in self.path:
+            self.gemini_embeddings(body)
+        elif self.path.startswith("/v1/chat/completions"):
             self.openai(body)
         elif self.path.startswith("/v1/messages"):
             self.anthropic(body)
@@ -81,6 +90,23 @@ class Handler(BaseHTTPRequestHandler):
     def reply_text(self, body, provider):
         result = last_tool_result(body)
         return f"The weather is {result}." if result else f"Hello from {provider}-mock."
+
+    @staticmethod
+    def vector(text, dims):
+        v = [float(len(text)), 1.0, 0.5, 0.25]
+        return v[: dims or len(v)]
+
+    def openai_embeddings(self, body):
+        inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        data = [{"object": "embedding", "index": i, "embedding": self.vector(t, body.get("dimensions"))} for i, t in enumerate(inputs)]
+        data.reverse()  # like some servers: the index, not the order, says which is which
+        self.json(200, {"object": "list", "data": data, "model": body.get("model"), "usage": {"prompt_tokens": 3, "total_tokens": 3}})
+
+    def gemini_embeddings(self, body):
+        if "requests" in body:
+            out = [{"values": self.vector(r["content"]["parts"][0]["text"], r.get("outputDimensionality"))} for r in body["requests"]]
+            return self.json(200, {"embeddings": out})
+        self.json(200, {"embedding": {"values": self.vector(body["content"]["parts"][0]["text"], body.get("outputDimensionality"))}})
 
     def openai(self, body):
         model = body.get("model", "m")

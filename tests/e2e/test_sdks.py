@@ -183,3 +183,45 @@ def test_a_claude_code_style_session(gateway, up):
     seen = last_upstream(up)
     assert "?beta=true" not in seen["path"]
     assert not any(k.lower() in ("anthropic-beta", "anthropic-version") for k in seen["headers"]), seen["headers"]
+
+
+EMBEDDING_PAIRS = [("openai", "openai"), ("openai", "gemini"), ("gemini", "gemini"), ("gemini", "openai")]
+
+
+@pytest.mark.parametrize("fmt,up", EMBEDDING_PAIRS)
+def test_embeddings_keep_order_and_dimensions(gateway, fmt, up):
+    c = Client(gateway, fmt, up).c
+    texts = ["a", "bbb", "cc"]
+    if fmt == "openai":
+        # The SDK asks for base64 vectors by default and decodes them.
+        r = c.embeddings.create(model="mock-embed", input=texts, dimensions=3)
+        vectors = [d.embedding for d in sorted(r.data, key=lambda d: d.index)]
+    else:
+        r = c.models.embed_content(model="mock-embed", contents=texts, config=types.EmbedContentConfig(output_dimensionality=3))
+        vectors = [e.values for e in r.embeddings]
+    assert vectors == [[1.0, 1.0, 0.5], [3.0, 1.0, 0.5], [2.0, 1.0, 0.5]], vectors
+    seen = mock_providers.SEEN[-1]
+    if up == "gemini":
+        assert ":batchEmbedContents" in seen["path"]
+        assert seen["body"]["requests"][0]["outputDimensionality"] == 3
+    else:
+        assert seen["path"] == "/v1/embeddings" and seen["body"]["dimensions"] == 3
+
+
+@pytest.mark.parametrize("fmt,up", [(f, u) for f, u in PAIRS if f != u])
+def test_model_lists_in_the_clients_shape(gateway, fmt, up):
+    c = Client(gateway, fmt, up).c
+    if fmt == "openai":
+        ids = [m.id for m in c.models.list()]
+    elif fmt == "anthropic":
+        ids = [m.id for m in c.models.list()]
+    else:
+        ids = [m.name.removeprefix("models/") for m in c.models.list()]
+    assert "alias-model" in ids and "mock-model" in ids, ids
+
+
+def test_embeddings_to_anthropic_are_refused_clearly(gateway):
+    c = Client(gateway, "openai", "anthropic").c
+    with pytest.raises(openai.BadRequestError) as e:
+        c.embeddings.create(model="mock-embed", input="x")
+    assert "no embeddings API" in str(e.value)
