@@ -1,11 +1,30 @@
 #!/usr/bin/env python3
-"""A minimal SSE upstream for TTFB measurements: answers every request at once
-with `text/event-stream` headers and a first event, then 10 more events 5 ms
-apart. Keep-alive, chunked, HTTP/1.1. Usage: sse_upstream.py PORT"""
+"""A minimal SSE upstream for TTFB and conversion measurements: answers
+every request at once with `text/event-stream` headers and a first event,
+then 10 more events DELAY ms apart (5 by default; 0 for load runs), in
+OpenAI's format, or Anthropic's for `/v1/messages`. Keep-alive, chunked,
+HTTP/1.1. Usage: sse_upstream.py PORT [DELAY_MS]"""
 import asyncio
 import sys
 
 EVENT = b'data: {"choices":[{"index":0,"delta":{"content":"tok"}}]}\n\n'
+DONE = b"data: [DONE]\n\n"
+DELAY = (float(sys.argv[2]) if len(sys.argv) > 2 else 5.0) / 1000
+ANTHROPIC_START = (
+    b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_1","type":"message",'
+    b'"role":"assistant","model":"m","content":[],"usage":{"input_tokens":12,"output_tokens":1}}}\n\n'
+    b'event: content_block_start\ndata: {"type":"content_block_start","index":0,'
+    b'"content_block":{"type":"text","text":""}}\n\n'
+)
+ANTHROPIC_EVENT = (
+    b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+    b'"delta":{"type":"text_delta","text":"tok"}}\n\n'
+)
+ANTHROPIC_DONE = (
+    b'event: content_block_stop\ndata: {"type":"content_block_stop","index":0}\n\n'
+    b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":"end_turn"},'
+    b'"usage":{"output_tokens":11}}\n\nevent: message_stop\ndata: {"type":"message_stop"}\n\n'
+)
 
 
 def chunk(data: bytes) -> bytes:
@@ -16,6 +35,12 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
     try:
         while True:
             head = await reader.readuntil(b"\r\n\r\n")
+            anthropic = head.split(b" ", 2)[1].startswith(b"/v1/messages")
+            first, event, done = (
+                (ANTHROPIC_START + ANTHROPIC_EVENT, ANTHROPIC_EVENT, ANTHROPIC_DONE)
+                if anthropic
+                else (EVENT, EVENT, DONE)
+            )
             length = 0
             for line in head.split(b"\r\n"):
                 if line.lower().startswith(b"content-length:"):
@@ -24,13 +49,14 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
                 await reader.readexactly(length)
             writer.write(
                 b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
-                b"transfer-encoding: chunked\r\n\r\n" + chunk(EVENT)
+                b"transfer-encoding: chunked\r\n\r\n" + chunk(first)
             )
             await writer.drain()
             for _ in range(10):
-                await asyncio.sleep(0.005)
-                writer.write(chunk(EVENT))
-            writer.write(chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+                if DELAY:
+                    await asyncio.sleep(DELAY)
+                writer.write(chunk(event))
+            writer.write(chunk(done) + b"0\r\n\r\n")
             await writer.drain()
     except (asyncio.IncompleteReadError, ConnectionError):
         pass
