@@ -10,6 +10,10 @@ fn invalid(what: impl Into<String>) -> ConvertError {
 /// Anthropic wants a thinking budget of at least this many tokens.
 pub const MIN_THINKING_BUDGET: u64 = 1024;
 
+/// The tool a `json_schema` response format becomes toward Anthropic: the
+/// model is made to call it, and its input is the answer's JSON.
+pub const JSON_TOOL: &str = "structured_output";
+
 fn media_from_source(src: &Value) -> Option<Media> {
     match opt_str(src, "type")? {
         "base64" => Some(Media::Base64 {
@@ -217,11 +221,16 @@ pub fn encode_request(req: &ChatRequest, default_max_tokens: u64, loss: &mut Los
             "logprobs are not available from an Anthropic upstream".into(),
         ));
     }
-    if let Some(ResponseFormat::JsonSchema { .. }) = &req.response_format {
-        return Err(ConvertError::Refused(
-            "response_format json_schema is not converted for Anthropic upstreams yet; route this request to an OpenAI or Gemini upstream".into(),
-        ));
-    }
+    let json_schema = match &req.response_format {
+        Some(ResponseFormat::JsonSchema { schema, .. }) if !req.tools.is_empty() => {
+            let _ = schema;
+            return Err(ConvertError::Refused(
+                "response_format json_schema together with tools cannot be converted for an Anthropic upstream".into(),
+            ));
+        }
+        Some(ResponseFormat::JsonSchema { schema, .. }) => Some(schema.clone()),
+        _ => None,
+    };
     let mut out = Map::new();
     out.insert("model".into(), req.model.clone().into());
     let mut system = req.system.clone();
@@ -252,7 +261,15 @@ pub fn encode_request(req: &ChatRequest, default_max_tokens: u64, loss: &mut Los
     }
     out.insert("messages".into(), Value::Array(messages));
     let mut max_tokens = req.max_tokens.unwrap_or(default_max_tokens).max(1);
-    let thinking = req.reasoning.filter(|r| !r.disabled).and_then(|r| {
+    // A forced tool call and thinking do not go together at Anthropic.
+    let reasoning = req.reasoning.filter(|_| {
+        if json_schema.is_some() && req.reasoning.is_some_and(|r| !r.disabled) {
+            loss.dropped("reasoning (Anthropic cannot think while forced to answer in a JSON schema)");
+            return false;
+        }
+        true
+    });
+    let thinking = reasoning.filter(|r| !r.disabled).and_then(|r| {
         r.budget_tokens
             .or_else(|| r.effort.map(Effort::budget))
             .map(|b| b.max(MIN_THINKING_BUDGET))
@@ -316,6 +333,13 @@ pub fn encode_request(req: &ChatRequest, default_max_tokens: u64, loss: &mut Los
     }
     if let Some(c) = choice.filter(|_| !req.tools.is_empty()) {
         out.insert("tool_choice".into(), c);
+    }
+    if let Some(schema) = json_schema {
+        out.insert(
+            "tools".into(),
+            json!([{"name": JSON_TOOL, "description": "Give the answer as this tool's input: one JSON object matching the schema.", "input_schema": schema}]),
+        );
+        out.insert("tool_choice".into(), json!({"type": "tool", "name": JSON_TOOL}));
     }
     if let Some(u) = &req.user {
         out.insert("metadata".into(), json!({"user_id": u}));

@@ -211,3 +211,20 @@ pub struct ChatResponse {
     pub finish: Option<Finish>,
     pub usage: Option<Usage>,
 }
+
+/// A forced tool call standing for a JSON answer becomes the answer's text
+/// (and a normal stop).
+pub fn answer_from_json_tool(resp: &mut ChatResponse, tool: &str) {
+    let mut found = false;
+    for p in &mut resp.parts {
+        if let Part::ToolCall(c) = p
+            && c.name == tool
+        {
+            *p = Part::Text(std::mem::take(&mut c.arguments));
+            found = true;
+        }
+    }
+    if found && resp.finish == Some(Finish::ToolCalls) {
+        resp.finish = Some(Finish::Stop);
+    }
+}

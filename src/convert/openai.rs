@@ -297,26 +297,24 @@ pub fn encode_request(req: &ChatRequest, names: &mut ToolNames, loss: &mut Loss)
                 let (results, rest): (Vec<&Part>, Vec<&Part>) =
                     m.parts.iter().partition(|p| matches!(p, Part::ToolResult(_)));
                 // Tool results first: they answer the previous assistant turn.
+                // OpenAI tool messages hold text only: images in results
+                // follow in a user message.
+                let mut carried: Vec<Part> = Vec::new();
                 for r in results {
                     if let Part::ToolResult(r) = r {
-                        let text_only = r.content.iter().all(|p| matches!(p, Part::Text(_)));
-                        let content = if text_only {
-                            Value::String(
-                                r.content
-                                    .iter()
-                                    .filter_map(|p| if let Part::Text(t) = p { Some(t.as_str()) } else { None })
-                                    .collect::<Vec<_>>()
-                                    .join("\n"),
-                            )
-                        } else {
-                            content_value(&r.content)
-                        };
-                        messages.push(json!({"role": "tool", "tool_call_id": r.call_id, "content": content}));
+                        let text = r
+                            .content
+                            .iter()
+                            .filter_map(|p| if let Part::Text(t) = p { Some(t.as_str()) } else { None })
+                            .collect::<Vec<_>>()
+                            .join("\n");
+                        carried.extend(r.content.iter().filter(|p| !matches!(p, Part::Text(_))).cloned());
+                        messages.push(json!({"role": "tool", "tool_call_id": r.call_id, "content": text}));
                     }
                 }
-                let rest: Vec<Part> = rest.into_iter().cloned().collect();
-                if !rest.is_empty() {
-                    messages.push(json!({"role": "user", "content": content_value(&rest)}));
+                carried.extend(rest.into_iter().cloned());
+                if !carried.is_empty() {
+                    messages.push(json!({"role": "user", "content": content_value(&carried)}));
                 }
             }
             Role::Assistant => {

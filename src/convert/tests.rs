@@ -343,3 +343,48 @@ fn loss_reports_are_one_ascii_line() {
     assert_eq!(loss.header_value().unwrap(), "top_k ? not here; seed");
     assert_eq!(Loss::default().header_value(), None);
 }
+
+#[test]
+fn tool_result_images_reach_openai_in_a_user_turn() {
+    let body = json!({"model": "c", "max_tokens": 10, "messages": [
+        {"role": "user", "content": "look"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "shot", "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": [
+            {"type": "text", "text": "here"},
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}]}]}
+    ]});
+    let ir = anthropic::decode_request(&body, &mut Loss::default()).unwrap();
+    let out = openai::encode_request(&ir, &mut openai::ToolNames::default(), &mut Loss::default()).unwrap();
+    assert_eq!(
+        out["messages"][2],
+        json!({"role": "tool", "tool_call_id": "t1", "content": "here"})
+    );
+    assert_eq!(
+        out["messages"][3]["content"][0]["image_url"]["url"],
+        "data:image/png;base64,AAAA"
+    );
+}
+
+#[test]
+fn a_json_schema_becomes_a_forced_tool_toward_anthropic_and_text_again() {
+    let body = json!({"model": "gpt", "messages": [{"role": "user", "content": "name a city"}],
+        "reasoning_effort": "high",
+        "response_format": {"type": "json_schema", "json_schema": {"name": "city", "schema": {"type": "object", "properties": {"name": {"type": "string"}}}}}});
+    let mut loss = Loss::default();
+    let ir = openai::decode_request(&body, &mut loss).unwrap();
+    let out = anthropic::encode_request(&ir, 1024, &mut loss).unwrap();
+    assert_eq!(
+        out["tool_choice"],
+        json!({"type": "tool", "name": anthropic::JSON_TOOL})
+    );
+    assert_eq!(out["tools"][0]["input_schema"]["properties"]["name"]["type"], "string");
+    assert!(out.get("thinking").is_none(), "no thinking with a forced tool");
+    assert!(loss.0.iter().any(|l| l.contains("reasoning")), "{loss:?}");
+    let answer = json!({"id": "msg_1", "model": "c", "stop_reason": "tool_use", "usage": {"input_tokens": 1, "output_tokens": 2},
+        "content": [{"type": "tool_use", "id": "t", "name": anthropic::JSON_TOOL, "input": {"name": "Oslo"}}]});
+    let mut resp = anthropic::decode_response(&answer, &mut Loss::default()).unwrap();
+    answer_from_json_tool(&mut resp, anthropic::JSON_TOOL);
+    let oa = openai::encode_response(&resp, 1);
+    assert_eq!(oa["choices"][0]["message"]["content"], "{\"name\":\"Oslo\"}");
+    assert_eq!(oa["choices"][0]["finish_reason"], "stop");
+}

@@ -46,6 +46,8 @@ pub struct Plan {
     /// A Gemini client streaming without `alt=sse` gets a JSON array.
     gemini_array: bool,
     names: ToolNames,
+    /// `json_schema` toward Anthropic: the forced tool whose input is the answer.
+    json_tool: Option<&'static str>,
     pub loss: Loss,
     /// The converted body.
     pub body: Bytes,
@@ -124,6 +126,12 @@ pub fn plan(
         model: req.model.clone(),
         gemini_array,
         names,
+        json_tool: (upstream == Format::Anthropic
+            && matches!(
+                req.response_format,
+                Some(crate::convert::ir::ResponseFormat::JsonSchema { .. })
+            ))
+        .then_some(anthropic::JSON_TOOL),
         loss,
         body: Bytes::from(serde_json::to_vec(&encoded).unwrap_or_default()),
         path: upstream_path,
@@ -171,6 +179,7 @@ fn embeddings_plan(
         model: req.model.clone(),
         gemini_array: false,
         names: ToolNames::default(),
+        json_tool: None,
         loss: Loss::default(),
         body: Bytes::from(serde_json::to_vec(&body).unwrap_or_default()),
         path,
@@ -222,7 +231,11 @@ impl Plan {
                 self.include_usage,
             )),
         };
-        Converter::new(decoder, encoder, false)
+        let conv = Converter::new(decoder, encoder, false);
+        match self.json_tool {
+            Some(tool) => conv.with_json_tool(tool),
+            None => conv,
+        }
     }
 
     /// A whole upstream answer in the client's format.
@@ -247,6 +260,9 @@ impl Plan {
             _ => openai::decode_response(&v, &self.names)?,
         };
         resp.model = self.model.clone();
+        if let Some(tool) = self.json_tool {
+            crate::convert::ir::answer_from_json_tool(&mut resp, tool);
+        }
         let out = match self.client {
             Format::Anthropic => anthropic::encode_response(&resp),
             Format::Gemini => gemini::encode_response(&resp),
@@ -299,9 +315,10 @@ async fn read_all(up: &mut HttpSession, cap: usize, idle: Duration) -> Result<Ve
 /// Hand a converted answer to the client. Returns the error to answer
 /// with when nothing was written yet.
 pub async fn respond(
+    state: &crate::state::AppState,
     session: &mut Session,
     ctx: &mut RequestCtx,
-    mut up: HttpSession,
+    (mut up, peer): (HttpSession, &pingora::upstreams::peer::HttpPeer),
     plan: &Plan,
     idle: Duration,
     read_already: Option<Bytes>,
@@ -408,6 +425,7 @@ pub async fn respond(
             }
         }
         let _ = session.write_response_body(None, true).await;
+        release(state, up, peer).await;
         return Ok(());
     }
     let mut body = already.to_vec();
@@ -436,10 +454,22 @@ pub async fn respond(
     ctx.meter_upstream(upstream_type.as_deref());
     ctx.response.meter.feed(&body);
     ctx.count_sent(&out);
+    release(state, up, peer).await;
     if session.write_response_header(Box::new(resp), false).await.is_ok() {
         let _ = session.write_response_body(Some(Bytes::from(out)), true).await;
     }
     Ok(())
+}
+
+/// Give a fully read upstream connection back to the pool.
+async fn release(state: &crate::state::AppState, mut up: HttpSession, peer: &pingora::upstreams::peer::HttpPeer) {
+    use pingora::upstreams::peer::Peer;
+    if up.response_done() {
+        state
+            .connector
+            .release_http_session(up, peer, peer.idle_timeout())
+            .await;
+    }
 }
 
 /// Whether a request lists models (`GET …/models`).

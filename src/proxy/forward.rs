@@ -220,7 +220,7 @@ pub async fn exchange(state: &Arc<AppState>, session: &mut Session, ctx: &mut Re
                     }
                     if let Some(p) = &plan {
                         let idle = upstream.timeouts.idle.0;
-                        return super::convert::respond(session, ctx, *up, p, idle, prefix).await;
+                        return super::convert::respond(state, session, ctx, (*up, &peer), p, idle, prefix).await;
                     }
                     stream_response(state, session, ctx, *up, &peer, prefix).await;
                     return Ok(());

@@ -80,6 +80,10 @@ pub struct Converter {
     encoder: Box<dyn Encoder>,
     deltas: Vec<Delta>,
     done: bool,
+    /// A forced tool standing for a JSON answer (`json_schema` toward
+    /// Anthropic): its arguments are the client's text.
+    json_tool: Option<String>,
+    json_index: Option<usize>,
 }
 
 impl Converter {
@@ -95,6 +99,29 @@ impl Converter {
             encoder,
             deltas: Vec::new(),
             done: false,
+            json_tool: None,
+            json_index: None,
+        }
+    }
+
+    /// Turn calls of `tool` into the answer's text.
+    pub fn with_json_tool(mut self, tool: &str) -> Self {
+        self.json_tool = Some(tool.to_string());
+        self
+    }
+
+    fn rewrite(&mut self, d: Delta) -> Option<Delta> {
+        let Some(tool) = &self.json_tool else { return Some(d) };
+        match d {
+            Delta::ToolStart { index, name, .. } if name == *tool => {
+                self.json_index = Some(index);
+                None
+            }
+            Delta::ToolArgs { index, fragment } if Some(index) == self.json_index => Some(Delta::Text(fragment)),
+            Delta::Finish(super::ir::Finish::ToolCalls) if self.json_index.is_some() => {
+                Some(Delta::Finish(super::ir::Finish::Stop))
+            }
+            other => Some(other),
         }
     }
 
@@ -158,16 +185,17 @@ impl Converter {
     }
 
     fn flush(&mut self, out: &mut Vec<u8>) {
-        for d in self.deltas.drain(..) {
+        let deltas = std::mem::take(&mut self.deltas);
+        for d in deltas {
             if self.done {
                 break;
             }
+            let Some(d) = self.rewrite(d) else { continue };
             if matches!(d, Delta::Done | Delta::Error { .. }) {
                 self.done = true;
             }
             self.encoder.encode(&d, out);
         }
-        self.deltas.clear();
     }
 
     /// Whether the stream reached its end (terminal event or error).
