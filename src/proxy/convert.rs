@@ -425,6 +425,14 @@ pub async fn respond(
             }
         }
         let _ = session.write_response_body(None, true).await;
+        // The terminal event may come before the body's own end: read that
+        // (briefly) so the connection can be reused.
+        if !up.response_done() {
+            let _ = tokio::time::timeout(Duration::from_millis(200), async {
+                while let Ok(Some(_)) = up.read_response_body().await {}
+            })
+            .await;
+        }
         release(state, up, peer).await;
         return Ok(());
     }

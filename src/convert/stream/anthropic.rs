@@ -6,8 +6,69 @@ use crate::convert::{
     ir::{Finish, Usage},
     opt_str, opt_u64,
 };
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use std::collections::HashMap;
+use std::{borrow::Cow, collections::HashMap};
+
+/// The hot event (`content_block_delta`), read without building a tree.
+#[derive(Deserialize)]
+struct DeltaEvent<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
+    #[serde(default)]
+    index: u64,
+    #[serde(borrow)]
+    delta: Option<DeltaIn<'a>>,
+}
+
+#[derive(Deserialize)]
+struct DeltaIn<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
+    #[serde(borrow, default)]
+    text: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    thinking: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    signature: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    partial_json: Option<Cow<'a, str>>,
+}
+
+/// A `content_block_delta` as written.
+#[derive(Serialize)]
+struct DeltaEventOut<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    index: u64,
+    delta: DeltaOut<'a>,
+}
+
+#[derive(Serialize)]
+struct DeltaOut<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    text: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    thinking: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    signature: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    partial_json: Option<&'a str>,
+}
+
+impl<'a> DeltaOut<'a> {
+    fn new(kind: &'static str) -> Self {
+        DeltaOut {
+            kind,
+            text: None,
+            thinking: None,
+            signature: None,
+            partial_json: None,
+        }
+    }
+}
 
 /// Reads an Anthropic upstream's stream.
 #[derive(Debug, Default)]
@@ -22,6 +83,14 @@ pub struct AnthropicDecoder {
 
 impl Decoder for AnthropicDecoder {
     fn decode(&mut self, event: Option<&str>, data: &str, out: &mut Vec<Delta>) {
+        // Most events are deltas: read those typed, the rest as a tree.
+        if event.is_none_or(|e| e == "content_block_delta")
+            && let Ok(e) = serde_json::from_str::<DeltaEvent>(data)
+            && e.kind == "content_block_delta"
+        {
+            self.delta(e, out);
+            return;
+        }
         let Ok(v) = serde_json::from_str::<Value>(data) else {
             return;
         };
@@ -67,30 +136,6 @@ impl Decoder for AnthropicDecoder {
                     _ => {}
                 }
             }
-            "content_block_delta" => {
-                let d = v.get("delta").unwrap_or(&Value::Null);
-                match opt_str(d, "type") {
-                    Some("text_delta") => out.push(Delta::Text(opt_str(d, "text").unwrap_or_default().to_string())),
-                    Some("thinking_delta") => {
-                        out.push(Delta::Thinking(opt_str(d, "thinking").unwrap_or_default().to_string()))
-                    }
-                    Some("signature_delta") => out.push(Delta::ThinkingSignature(
-                        opt_str(d, "signature").unwrap_or_default().to_string(),
-                    )),
-                    Some("input_json_delta") => {
-                        let block = opt_u64(&v, "index").unwrap_or(0);
-                        if let (Some(&index), Some(p)) = (self.tool_blocks.get(&block), opt_str(d, "partial_json"))
-                            && !p.is_empty()
-                        {
-                            out.push(Delta::ToolArgs {
-                                index,
-                                fragment: p.to_string(),
-                            });
-                        }
-                    }
-                    _ => {}
-                }
-            }
             "message_delta" => {
                 let d = v.get("delta").unwrap_or(&Value::Null);
                 if let Some(r) = opt_str(d, "stop_reason") {
@@ -118,6 +163,27 @@ impl Decoder for AnthropicDecoder {
 }
 
 impl AnthropicDecoder {
+    fn delta(&mut self, e: DeltaEvent<'_>, out: &mut Vec<Delta>) {
+        let Some(d) = e.delta else { return };
+        let text = |t: Option<Cow<'_, str>>| t.map(Cow::into_owned).unwrap_or_default();
+        match &*d.kind {
+            "text_delta" => out.push(Delta::Text(text(d.text))),
+            "thinking_delta" => out.push(Delta::Thinking(text(d.thinking))),
+            "signature_delta" => out.push(Delta::ThinkingSignature(text(d.signature))),
+            "input_json_delta" => {
+                if let (Some(&index), Some(p)) = (self.tool_blocks.get(&e.index), d.partial_json)
+                    && !p.is_empty()
+                {
+                    out.push(Delta::ToolArgs {
+                        index,
+                        fragment: p.into_owned(),
+                    });
+                }
+            }
+            _ => {}
+        }
+    }
+
     fn merge_usage(&mut self, u: Option<&Value>) {
         let Some(u) = u.filter(|u| u.is_object()) else { return };
         let set = |field: &mut u64, key| {
@@ -213,12 +279,13 @@ impl AnthropicEncoder {
         index
     }
 
-    fn delta(out: &mut Vec<u8>, index: u64, delta: Value) {
-        sse_frame(
-            out,
-            Some("content_block_delta"),
-            &json!({"type": "content_block_delta", "index": index, "delta": delta}),
-        );
+    fn delta(out: &mut Vec<u8>, index: u64, delta: DeltaOut<'_>) {
+        let e = DeltaEventOut {
+            kind: "content_block_delta",
+            index,
+            delta,
+        };
+        sse_frame(out, Some("content_block_delta"), &e);
     }
 }
 
@@ -233,7 +300,14 @@ impl Encoder for AnthropicEncoder {
             }
             Delta::Text(t) => {
                 let i = self.open(out, Open::Text, json!({"type": "text", "text": ""}));
-                Self::delta(out, i, json!({"type": "text_delta", "text": t}));
+                Self::delta(
+                    out,
+                    i,
+                    DeltaOut {
+                        text: Some(t),
+                        ..DeltaOut::new("text_delta")
+                    },
+                );
             }
             Delta::Thinking(t) => {
                 let i = self.open(
@@ -241,7 +315,14 @@ impl Encoder for AnthropicEncoder {
                     Open::Thinking,
                     json!({"type": "thinking", "thinking": "", "signature": ""}),
                 );
-                Self::delta(out, i, json!({"type": "thinking_delta", "thinking": t}));
+                Self::delta(
+                    out,
+                    i,
+                    DeltaOut {
+                        thinking: Some(t),
+                        ..DeltaOut::new("thinking_delta")
+                    },
+                );
             }
             Delta::ThinkingSignature(s) => {
                 let i = self.open(
@@ -249,7 +330,14 @@ impl Encoder for AnthropicEncoder {
                     Open::Thinking,
                     json!({"type": "thinking", "thinking": "", "signature": ""}),
                 );
-                Self::delta(out, i, json!({"type": "signature_delta", "signature": s}));
+                Self::delta(
+                    out,
+                    i,
+                    DeltaOut {
+                        signature: Some(s),
+                        ..DeltaOut::new("signature_delta")
+                    },
+                );
             }
             Delta::RedactedThinking(data) => {
                 self.start(out, "");
@@ -288,11 +376,11 @@ impl Encoder for AnthropicEncoder {
                 if let Some((Open::Tool(open), block)) = self.open
                     && open == *index
                 {
-                    Self::delta(
-                        out,
-                        block,
-                        json!({"type": "input_json_delta", "partial_json": fragment}),
-                    );
+                    let d = DeltaOut {
+                        partial_json: Some(fragment),
+                        ..DeltaOut::new("input_json_delta")
+                    };
+                    Self::delta(out, block, d);
                 }
             }
             Delta::Finish(f) => self.finish = Some(f.clone()),

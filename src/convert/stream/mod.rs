@@ -205,7 +205,7 @@ impl Converter {
 }
 
 /// `data: <json>\n\n`, with an `event:` line when named.
-pub(crate) fn sse_frame(out: &mut Vec<u8>, event: Option<&str>, data: &serde_json::Value) {
+pub(crate) fn sse_frame<T: serde::Serialize + ?Sized>(out: &mut Vec<u8>, event: Option<&str>, data: &T) {
     if let Some(e) = event {
         out.extend_from_slice(b"event: ");
         out.extend_from_slice(e.as_bytes());

@@ -6,7 +6,76 @@ use crate::convert::{
     openai::{ToolNames, finish_from_wire, finish_to_wire, usage_from_wire, usage_to_wire},
     opt_str,
 };
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use std::borrow::Cow;
+
+/// A chunk as read on the hot path: only the fields conversion uses, text
+/// borrowed from the event where it has no escapes.
+#[derive(Deserialize)]
+struct ChunkIn<'a> {
+    #[serde(borrow, default)]
+    id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    model: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    choices: Vec<ChoiceIn<'a>>,
+    #[serde(default)]
+    usage: Option<Value>,
+    #[serde(default)]
+    error: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct ChoiceIn<'a> {
+    #[serde(default)]
+    index: u64,
+    #[serde(borrow, default)]
+    delta: Option<DeltaIn<'a>>,
+    #[serde(borrow, default)]
+    finish_reason: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct DeltaIn<'a> {
+    #[serde(borrow, default)]
+    content: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    reasoning_content: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    reasoning: Option<Cow<'a, str>>,
+    #[serde(default)]
+    tool_calls: Option<Vec<Value>>,
+}
+
+/// A chunk as written.
+#[derive(Serialize)]
+struct ChunkOut<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: i64,
+    model: &'a str,
+    choices: [ChoiceOut<'a>; 1],
+}
+
+#[derive(Serialize)]
+struct ChoiceOut<'a> {
+    index: u32,
+    delta: DeltaOut<'a>,
+    finish_reason: Option<&'a str>,
+}
+
+#[derive(Serialize, Default)]
+struct DeltaOut<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reasoning_content: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_calls: Option<Value>,
+}
 
 /// Reads an OpenAI (or OpenAI-compatible) upstream's stream.
 #[derive(Debug, Default)]
@@ -53,10 +122,10 @@ impl Decoder for OpenaiDecoder {
             out.push(Delta::Done);
             return;
         }
-        let Ok(v) = serde_json::from_str::<Value>(data) else {
+        let Ok(v) = serde_json::from_str::<ChunkIn>(data) else {
             return;
         };
-        if let Some(e) = v.get("error") {
+        if let Some(e) = &v.error {
             out.push(Delta::Error {
                 kind: ErrorKind::Other,
                 message: opt_str(e, "message").unwrap_or("upstream error").to_string(),
@@ -66,46 +135,44 @@ impl Decoder for OpenaiDecoder {
         if !self.started {
             self.started = true;
             out.push(Delta::Start {
-                id: opt_str(&v, "id").unwrap_or_default().to_string(),
-                model: opt_str(&v, "model").unwrap_or_default().to_string(),
+                id: v.id.as_deref().unwrap_or_default().to_string(),
+                model: v.model.as_deref().unwrap_or_default().to_string(),
             });
         }
-        for choice in v.get("choices").and_then(Value::as_array).into_iter().flatten() {
-            if choice.get("index").and_then(Value::as_u64).unwrap_or(0) != 0 {
-                continue;
-            }
-            let delta = choice.get("delta").unwrap_or(&Value::Null);
-            for key in ["reasoning_content", "reasoning"] {
-                if let Some(t) = opt_str(delta, key).filter(|t| !t.is_empty()) {
-                    out.push(Delta::Thinking(t.to_string()));
+        for choice in v.choices.iter().filter(|c| c.index == 0) {
+            if let Some(delta) = &choice.delta {
+                for t in [&delta.reasoning_content, &delta.reasoning].into_iter().flatten() {
+                    if !t.is_empty() {
+                        out.push(Delta::Thinking(t.to_string()));
+                    }
+                }
+                if let Some(t) = delta.content.as_deref().filter(|t| !t.is_empty()) {
+                    out.push(Delta::Text(t.to_string()));
+                }
+                for tc in delta.tool_calls.iter().flatten() {
+                    let (index, new) = self.slot(tc);
+                    let f = tc.get("function").unwrap_or(&Value::Null);
+                    if new {
+                        out.push(Delta::ToolStart {
+                            index,
+                            id: opt_str(tc, "id").unwrap_or_default().to_string(),
+                            name: self.names.inbound(opt_str(f, "name").unwrap_or_default()),
+                            signature: None,
+                        });
+                    }
+                    if let Some(a) = opt_str(f, "arguments").filter(|a| !a.is_empty()) {
+                        out.push(Delta::ToolArgs {
+                            index,
+                            fragment: a.to_string(),
+                        });
+                    }
                 }
             }
-            if let Some(t) = opt_str(delta, "content").filter(|t| !t.is_empty()) {
-                out.push(Delta::Text(t.to_string()));
-            }
-            for tc in delta.get("tool_calls").and_then(Value::as_array).into_iter().flatten() {
-                let (index, new) = self.slot(tc);
-                let f = tc.get("function").unwrap_or(&Value::Null);
-                if new {
-                    out.push(Delta::ToolStart {
-                        index,
-                        id: opt_str(tc, "id").unwrap_or_default().to_string(),
-                        name: self.names.inbound(opt_str(f, "name").unwrap_or_default()),
-                        signature: None,
-                    });
-                }
-                if let Some(a) = opt_str(f, "arguments").filter(|a| !a.is_empty()) {
-                    out.push(Delta::ToolArgs {
-                        index,
-                        fragment: a.to_string(),
-                    });
-                }
-            }
-            if let Some(r) = opt_str(choice, "finish_reason") {
+            if let Some(r) = &choice.finish_reason {
                 out.push(Delta::Finish(finish_from_wire(r)));
             }
         }
-        if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
+        if let Some(u) = v.usage.as_ref().filter(|u| u.is_object()) {
             out.push(Delta::Usage(usage_from_wire(u)));
         }
     }
@@ -137,14 +204,18 @@ impl OpenaiEncoder {
         }
     }
 
-    fn chunk(&self, out: &mut Vec<u8>, delta: Value, finish: Option<&str>) {
-        let v = json!({
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-        });
+    fn chunk(&self, out: &mut Vec<u8>, delta: DeltaOut<'_>, finish: Option<&str>) {
+        let v = ChunkOut {
+            id: &self.id,
+            object: "chat.completion.chunk",
+            created: self.created,
+            model: &self.model,
+            choices: [ChoiceOut {
+                index: 0,
+                delta,
+                finish_reason: finish,
+            }],
+        };
         sse_frame(out, None, &v);
     }
 
@@ -157,7 +228,12 @@ impl OpenaiEncoder {
             } else if !self.id.starts_with("chatcmpl") {
                 self.id = format!("chatcmpl-{}", self.id);
             }
-            self.chunk(out, json!({"role": "assistant", "content": ""}), None);
+            let delta = DeltaOut {
+                role: Some("assistant"),
+                content: Some(""),
+                ..DeltaOut::default()
+            };
+            self.chunk(out, delta, None);
         }
     }
 }
@@ -176,34 +252,44 @@ impl Encoder for OpenaiEncoder {
             }
             Delta::Text(t) => {
                 self.start(out);
-                self.chunk(out, json!({"content": t}), None);
+                let delta = DeltaOut {
+                    content: Some(t),
+                    ..DeltaOut::default()
+                };
+                self.chunk(out, delta, None);
             }
             Delta::Thinking(t) => {
                 self.start(out);
-                self.chunk(out, json!({"reasoning_content": t}), None);
+                let delta = DeltaOut {
+                    reasoning_content: Some(t),
+                    ..DeltaOut::default()
+                };
+                self.chunk(out, delta, None);
             }
             Delta::ThinkingSignature(_) | Delta::RedactedThinking(_) => {}
             Delta::ToolStart { index, id, name, .. } => {
                 self.start(out);
-                self.chunk(
-                    out,
-                    json!({"tool_calls": [{"index": index, "id": id, "type": "function", "function": {"name": name, "arguments": ""}}]}),
-                    None,
-                );
+                let delta = DeltaOut {
+                    tool_calls: Some(
+                        json!([{"index": index, "id": id, "type": "function", "function": {"name": name, "arguments": ""}}]),
+                    ),
+                    ..DeltaOut::default()
+                };
+                self.chunk(out, delta, None);
             }
             Delta::ToolArgs { index, fragment } => {
-                self.chunk(
-                    out,
-                    json!({"tool_calls": [{"index": index, "function": {"arguments": fragment}}]}),
-                    None,
-                );
+                let delta = DeltaOut {
+                    tool_calls: Some(json!([{"index": index, "function": {"arguments": fragment}}])),
+                    ..DeltaOut::default()
+                };
+                self.chunk(out, delta, None);
             }
             Delta::Finish(f) => self.finish = Some(f.clone()),
             Delta::Usage(u) => self.usage = Some(*u),
             Delta::Done => {
                 self.start(out);
                 let finish = finish_to_wire(self.finish.as_ref().unwrap_or(&Finish::Stop));
-                self.chunk(out, json!({}), Some(finish));
+                self.chunk(out, DeltaOut::default(), Some(finish));
                 if self.include_usage {
                     let v = json!({
                         "id": self.id,
