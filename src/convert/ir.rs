@@ -228,3 +228,38 @@ pub fn answer_from_json_tool(resp: &mut ChatResponse, tool: &str) {
         resp.finish = Some(Finish::Stop);
     }
 }
+
+/// A documented estimate of a request's input tokens, for token-counting
+/// endpoints the upstream's format has no counterpart of: about four
+/// characters per token for text and tool definitions, plus a flat 258 per
+/// image or document (Gemini's figure for an image).
+pub fn estimate_input_tokens(req: &ChatRequest) -> u64 {
+    fn part_chars(p: &Part) -> (u64, u64) {
+        match p {
+            Part::Text(t) | Part::Thinking { text: t, .. } => (t.chars().count() as u64, 0),
+            Part::Image(_) | Part::Document { .. } => (0, 1),
+            Part::ToolCall(c) => ((c.name.len() + c.arguments.len()) as u64, 0),
+            Part::ToolResult(r) => r
+                .content
+                .iter()
+                .map(part_chars)
+                .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1)),
+            Part::RedactedThinking(_) => (0, 0),
+        }
+    }
+    let mut chars: u64 = req.system.iter().map(|s| s.chars().count() as u64).sum();
+    let mut media = 0;
+    for m in &req.messages {
+        for p in &m.parts {
+            let (c, n) = part_chars(p);
+            chars += c;
+            media += n;
+        }
+    }
+    chars += req
+        .tools
+        .iter()
+        .map(|t| (t.name.len() + t.description.as_deref().map_or(0, str::len) + t.parameters.to_string().len()) as u64)
+        .sum::<u64>();
+    chars.div_ceil(4) + media * 258
+}

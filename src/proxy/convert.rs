@@ -86,6 +86,10 @@ pub fn plan(
     if let Some(plan) = embeddings_plan(client, upstream, path, &json, &mapped)? {
         return Ok(Some(plan));
     }
+    if is_token_count(client, path) {
+        // Answered by FastGate (see `token_count`); never sent upstream.
+        return Ok(None);
+    }
     let mut req: ChatRequest = match client {
         Format::Openai if path.ends_with("/chat/completions") => openai::decode_request(&json, &mut loss),
         Format::Anthropic if path.ends_with("/messages") => anthropic::decode_request(&json, &mut loss),
@@ -478,6 +482,40 @@ async fn release(state: &crate::state::AppState, mut up: HttpSession, peer: &pin
             .release_http_session(up, peer, peer.idle_timeout())
             .await;
     }
+}
+
+/// Whether a request counts tokens (Anthropic `/v1/messages/count_tokens`,
+/// Gemini `:countTokens`).
+pub fn is_token_count(client: Format, path: &str) -> bool {
+    match client {
+        Format::Anthropic => path.ends_with("/messages/count_tokens"),
+        Format::Gemini => path.contains(":countTokens"),
+        _ => false,
+    }
+}
+
+/// A token count a converting route answers itself with the documented
+/// estimate (`ir::estimate_input_tokens`): the upstream's format has no
+/// counting endpoint for this request shape.
+pub fn token_count(client: Format, path: &str, body: &[u8]) -> Result<Bytes, GatewayError> {
+    let json: Value = serde_json::from_slice(body).map_err(|e| GatewayError::BadJson(e.to_string()))?;
+    let mut loss = Loss::default();
+    let req = match client {
+        Format::Anthropic => anthropic::decode_request(&json, &mut loss),
+        _ => {
+            let model = super::intake::model_from_gemini_path(path).unwrap_or_default();
+            // `{contents}` or a whole `{generateContentRequest}`.
+            let inner = json.get("generateContentRequest").unwrap_or(&json);
+            gemini::decode_request(inner, model, false, &mut loss)
+        }
+    }
+    .map_err(not_convertible)?;
+    let n = crate::convert::ir::estimate_input_tokens(&req);
+    let v = match client {
+        Format::Anthropic => serde_json::json!({"input_tokens": n}),
+        _ => serde_json::json!({"totalTokens": n}),
+    };
+    Ok(Bytes::from(v.to_string()))
 }
 
 /// Whether a request lists models (`GET …/models`).

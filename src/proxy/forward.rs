@@ -72,6 +72,13 @@ pub async fn exchange(state: &Arc<AppState>, session: &mut Session, ctx: &mut Re
     drop(runtime);
     let converting = chain.iter().any(|u| crate::router::converts(u.provider, route.format));
     let req = session.req_header();
+    if converting && super::convert::is_token_count(route.format, req.uri.path()) {
+        let answer = super::convert::token_count(route.format, req.uri.path(), &body)?;
+        ctx.upstream.attempts += 1;
+        return super::respond::json(session, ctx, 200, answer)
+            .await
+            .map_err(|_| GatewayError::ClientClosed);
+    }
     if converting && super::convert::is_model_list(&req.method, req.uri.path()) {
         let list = super::convert::model_list(route.format, &req.headers, &state.routes.load());
         ctx.upstream.attempts += 1;

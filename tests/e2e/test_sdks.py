@@ -225,3 +225,16 @@ def test_embeddings_to_anthropic_are_refused_clearly(gateway):
     with pytest.raises(openai.BadRequestError) as e:
         c.embeddings.create(model="mock-embed", input="x")
     assert "no embeddings API" in str(e.value)
+
+
+@pytest.mark.parametrize("fmt,up", [("anthropic", "openai"), ("anthropic", "gemini"), ("gemini", "openai"), ("gemini", "anthropic")])
+def test_token_counts_on_converting_routes_are_estimated(gateway, fmt, up):
+    c = Client(gateway, fmt, up).c
+    before = len(mock_providers.SEEN)
+    text = "Count the tokens of this sentence, please. " * 10
+    if fmt == "anthropic":
+        n = c.messages.count_tokens(model="mock-model", messages=[{"role": "user", "content": text}]).input_tokens
+    else:
+        n = c.models.count_tokens(model="mock-model", contents=text).total_tokens
+    assert abs(n - len(text) / 4) <= 2, n
+    assert len(mock_providers.SEEN) == before, "answered by FastGate, not sent upstream"
