@@ -32,6 +32,17 @@ def last_tool_result(body):
     return None
 
 
+def has_image(body):
+    """Whether the last user turn carries an image, in any format."""
+    text = json.dumps((body.get("messages") or body.get("contents") or [{}])[-1])
+    return any(k in text for k in ('"image_url"', '"type": "image"', '"inlineData"'))
+
+
+def wants_reasoning(body):
+    return bool(body.get("reasoning_effort")) or (body.get("thinking") or {}).get("type") == "enabled" or (
+        ((body.get("generationConfig") or {}).get("thinkingConfig") or {}).get("includeThoughts"))
+
+
 def wants_tool(body):
     return bool(body.get("tools")) and last_tool_result(body) is None
 
@@ -89,7 +100,11 @@ class Handler(BaseHTTPRequestHandler):
 
     def reply_text(self, body, provider):
         result = last_tool_result(body)
-        return f"The weather is {result}." if result else f"Hello from {provider}-mock."
+        if result:
+            return f"The weather is {result}."
+        if has_image(body):
+            return "I see an image."
+        return f"Hello from {provider}-mock."
 
     @staticmethod
     def vector(text, dims):
@@ -125,6 +140,10 @@ class Handler(BaseHTTPRequestHandler):
             msg = {"role": "assistant", "content": None, "tool_calls": [{"id": "call_mock1", "type": "function", "function": {"name": name, "arguments": '{"city": "Paris"}'}}]}
             return self.json(200, {"id": "chatcmpl-mock", "object": "chat.completion", "created": 1, "model": model, "choices": [{"index": 0, "message": msg, "finish_reason": "tool_calls"}], "usage": usage})
         text = self.reply_text(body, "openai")
+        if wants_reasoning(body) and not body.get("stream"):
+            # An OpenAI-compatible reasoning model (vLLM, DeepSeek) shows its reasoning.
+            msg = {"role": "assistant", "content": text, "reasoning_content": "Thinking it over."}
+            return self.json(200, {"id": "chatcmpl-mock", "object": "chat.completion", "created": 1, "model": model, "choices": [{"index": 0, "message": msg, "finish_reason": "stop"}], "usage": usage})
         if body.get("stream"):
             words = text.split(" ")
             ev = [dict(base, choices=[{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])]
@@ -153,6 +172,9 @@ class Handler(BaseHTTPRequestHandler):
                 ])
             return self.json(200, {"id": "msg_mock", "type": "message", "role": "assistant", "model": model, "content": [{"type": "tool_use", "id": "toolu_mock1", "name": name, "input": {"city": "Paris"}}], "stop_reason": "tool_use", "stop_sequence": None, "usage": {"input_tokens": 11, "output_tokens": 7}})
         text = self.reply_text(body, "anthropic")
+        if wants_reasoning(body) and not body.get("stream"):
+            content = [{"type": "thinking", "thinking": "Thinking it over.", "signature": "EqQBmockSignature=="}, {"type": "text", "text": text}]
+            return self.json(200, {"id": "msg_mock", "type": "message", "role": "assistant", "model": model, "content": content, "stop_reason": "end_turn", "stop_sequence": None, "usage": {"input_tokens": 11, "output_tokens": 7}})
         if body.get("stream"):
             words = text.split(" ")
             ev = [("message_start", start), ("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})]
@@ -175,6 +197,8 @@ class Handler(BaseHTTPRequestHandler):
             c = chunk([{"functionCall": {"name": name, "args": {"city": "Paris"}}}], "STOP", 7)
             return self.sse([(None, c)]) if stream else self.json(200, c)
         text = self.reply_text(body, "gemini")
+        if wants_reasoning(body) and not stream:
+            return self.json(200, chunk([{"text": "Thinking it over.", "thought": True}, {"text": text}], "STOP", 7))
         if stream:
             words = text.split(" ")
             ev = [chunk([{"text": w + (" " if i < len(words) - 1 else "")}], "STOP" if i == len(words) - 1 else None, i + 1) for i, w in enumerate(words)]

@@ -238,3 +238,57 @@ def test_token_counts_on_converting_routes_are_estimated(gateway, fmt, up):
         n = c.models.count_tokens(model="mock-model", contents=text).total_tokens
     assert abs(n - len(text) / 4) <= 2, n
     assert len(mock_providers.SEEN) == before, "answered by FastGate, not sent upstream"
+
+
+PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
+
+
+@pytest.mark.parametrize("fmt,up", PAIRS)
+def test_an_image_reaches_every_provider(gateway, fmt, up):
+    c = Client(gateway, fmt, up).c
+    if fmt == "openai":
+        r = c.chat.completions.create(model="mock-model", messages=[{"role": "user", "content": [
+            {"type": "text", "text": "What is this?"},
+            {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG}"}}]}])
+        text = r.choices[0].message.content
+    elif fmt == "anthropic":
+        r = c.messages.create(model="mock-model", max_tokens=100, messages=[{"role": "user", "content": [
+            {"type": "text", "text": "What is this?"},
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG}}]}])
+        text = r.content[0].text
+    else:
+        import base64
+        r = c.models.generate_content(model="mock-model", contents=[types.Content(role="user", parts=[
+            types.Part(text="What is this?"), types.Part.from_bytes(data=base64.b64decode(PNG), mime_type="image/png")])])
+        text = r.text
+    assert text == "I see an image.", text
+    body = json.dumps(last_upstream(up)["body"])
+    assert PNG in body, "the image's bytes reached the upstream"
+
+
+@pytest.mark.parametrize("fmt,up", [(f, u) for f, u in PAIRS if f != u])
+def test_a_reasoning_exchange(gateway, fmt, up):
+    c = Client(gateway, fmt, up).c
+    if fmt == "openai":
+        r = c.chat.completions.create(model="mock-model", reasoning_effort="medium", messages=[{"role": "user", "content": "hi"}])
+        text = r.choices[0].message.content
+        reasoning = (r.choices[0].message.model_extra or {}).get("reasoning_content")
+    elif fmt == "anthropic":
+        r = c.messages.create(model="mock-model", max_tokens=2000, thinking={"type": "enabled", "budget_tokens": 1024},
+                              messages=[{"role": "user", "content": "hi"}])
+        text = "".join(b.text for b in r.content if b.type == "text")
+        reasoning = "".join(b.thinking for b in r.content if b.type == "thinking")
+        assert r.content[0].type == "thinking", "reasoning comes first, as a thinking block"
+    else:
+        r = c.models.generate_content(model="mock-model", contents="hi", config=types.GenerateContentConfig(
+            thinking_config=types.ThinkingConfig(thinking_budget=1024, include_thoughts=True)))
+        text = "".join(p.text for p in r.candidates[0].content.parts if p.text and not p.thought)
+        reasoning = "".join(p.text for p in r.candidates[0].content.parts if p.text and p.thought)
+    assert text == f"Hello from {up}-mock.", text
+    assert reasoning == "Thinking it over.", reasoning
+    # The upstream was asked to reason, its own way.
+    body = last_upstream(up)["body"]
+    asked = {"openai": lambda b: b.get("reasoning_effort"),
+             "anthropic": lambda b: b.get("thinking", {}).get("budget_tokens", 0) >= 1024,
+             "gemini": lambda b: b["generationConfig"]["thinkingConfig"]["thinkingBudget"] > 0}[up](body)
+    assert asked, body
