@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Conversion load run: an OpenAI client streaming through FastGate from an
-# OpenAI-speaking upstream (native) and from an Anthropic-speaking one
-# (converted event by event), alternated in one session, same SSE upstream
-# (11 content events + framing per stream, no delay). Reports RPS and the
-# proxy's CPU per request; the difference per event is the conversion cost.
+# Conversion load run, alternated in one session, one SSE upstream (11
+# content events + framing per stream, no delay), every route on FastGate's
+# own forwarding path (retries: 1):
+#   native-openai     OpenAI client <- OpenAI-speaking upstream (same client bytes)
+#   native-anthropic  Anthropic client <- Anthropic-speaking upstream (same upstream bytes)
+#   converted         OpenAI client <- Anthropic-speaking upstream, event by event
+# Reports RPS and the proxy's CPU per request.
 #   bash benches/convert_run.sh            # 8 s per run, 2 rounds, c32
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,24 +32,30 @@ key_pools:
 YML
 cat > "$WORK/routes.d/r.yaml" <<YML
 routes:
-  - { name: native, match: { path: /native/v1/chat/completions }, format: openai, auth: none, upstream: oa, transform: { strip_prefix: /native } }
-  - { name: convert, match: { path: /convert/v1/chat/completions }, format: openai, auth: none, upstream: an, transform: { strip_prefix: /convert } }
+  - { name: native-openai, match: { path: /native-openai/v1/chat/completions }, format: openai, auth: none, upstream: oa, retries: 1, transform: { strip_prefix: /native-openai } }
+  - { name: native-anthropic, match: { path: /native-anthropic/v1/messages }, format: anthropic, auth: none, upstream: an, retries: 1, transform: { strip_prefix: /native-anthropic } }
+  - { name: converted, match: { path: /converted/v1/chat/completions }, format: openai, auth: none, upstream: an, retries: 1, transform: { strip_prefix: /converted } }
 YML
 FASTGATE_ADMIN_PASSWORD=bench-admin-password target/release/fastgate serve -c "$WORK/fastgate.yaml" >/dev/null 2>"$WORK/log" & PIDS+=($!)
 FG_PID=$!
 for p in $UP $FG; do for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/$p) 2>/dev/null && break; sleep 0.1; done; done
 sleep 0.5
-for c in native convert; do
-  out=$(curl -sN -X POST -H 'content-type: application/json' -d '{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}' "http://127.0.0.1:$FG/$c/v1/chat/completions")
-  echo "$out" | grep -q '\[DONE\]' || { echo "$c: no [DONE]: $out" >&2; cat "$WORK/log" >&2; exit 1; }
+declare -A URL
+URL[native-openai]="http://127.0.0.1:$FG/native-openai/v1/chat/completions"
+URL[native-anthropic]="http://127.0.0.1:$FG/native-anthropic/v1/messages"
+URL[converted]="http://127.0.0.1:$FG/converted/v1/chat/completions"
+CONFIGS=(native-openai native-anthropic converted)
+for c in "${CONFIGS[@]}"; do
+  out=$(curl -sN -X POST -H 'content-type: application/json' -d '{"model":"m","stream":true,"max_tokens":16,"messages":[{"role":"user","content":"hi"}]}' "${URL[$c]}")
+  echo "$out" | grep -qE '\[DONE\]|message_stop' || { echo "$c: no end: $out" >&2; cat "$WORK/log" >&2; exit 1; }
 done
 HZ=$(getconf CLK_TCK)
 ticks() { awk '{print $14+$15}' /proc/$FG_PID/stat; }
 declare -A RPS CPU
 for r in $(seq "$ROUNDS"); do
-  for c in native convert; do
+  for c in "${CONFIGS[@]}"; do
     b=$(ticks)
-    out=$(wrk -t1 -c"$CONNS" -d"${DURATION}s" -s benches/stream.lua "http://127.0.0.1:$FG/$c/v1/chat/completions")
+    out=$(wrk -t1 -c"$CONNS" -d"${DURATION}s" -s benches/stream.lua "${URL[$c]}")
     a=$(ticks)
     n=$(echo "$out" | awk '/requests in/ {print $1}')
     rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
@@ -57,11 +65,12 @@ for r in $(seq "$ROUNDS"); do
   done
 done
 median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END { if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2 }'; }
-NR_=$(echo ${RPS[native]} | median); CR=$(echo ${RPS[convert]} | median)
-NC=$(echo ${CPU[native]} | median); CC=$(echo ${CPU[convert]} | median)
 echo "| stream | RPS (median) | FastGate CPU µs/req |"
 echo "|---|---:|---:|"
-echo "| native (OpenAI upstream) | $NR_ | $NC |"
-echo "| converted (Anthropic upstream) | $CR | $CC |"
+for c in "${CONFIGS[@]}"; do echo "| $c | $(echo ${RPS[$c]} | median) | $(echo ${CPU[$c]} | median) |"; done
 echo
-echo "- converted vs native: $(awk -v a=$CR -v b=$NR_ 'BEGIN{printf "%.2f", a/b}') × RPS; conversion CPU per stream event: $(awk -v a=$CC -v b=$NC 'BEGIN{printf "%.2f", (a-b)/14}') µs (14 upstream events per stream)"
+CR=$(echo ${RPS[converted]} | median); CC=$(echo ${CPU[converted]} | median)
+for n in native-openai native-anthropic; do
+  NR_=$(echo ${RPS[$n]} | median); NC=$(echo ${CPU[$n]} | median)
+  echo "- converted vs $n: $(awk -v a=$CR -v b=$NR_ 'BEGIN{printf "%.2f", a/b}') × RPS, +$(awk -v a=$CC -v b=$NC 'BEGIN{printf "%.1f", a-b}') µs CPU per stream"
+done
