@@ -726,3 +726,15 @@ async fn adding_pool_keys_without_a_master_key_is_refused_clearly() {
         "config keys still work"
     );
 }
+
+#[tokio::test]
+async fn a_refused_pool_key_is_never_quoted_to_the_client() {
+    let mock = MockUpstream::start().await;
+    rule(&mock, "sk-only-revoked", KeyRule::Status(401));
+    let gw = gateway(&openai_pool(&mock, &["sk-only-revoked"], ""), OPENAI_ROUTE).await;
+    let r = post_chat(&gw, &chat(false)).await;
+    assert_eq!(r.status(), 401);
+    let body = r.text().await.unwrap();
+    assert!(!body.contains("sk-only-revoked"), "{body}");
+    assert!(body.contains("refused FastGate's provider key"), "{body}");
+}

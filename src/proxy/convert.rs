@@ -285,13 +285,6 @@ impl Plan {
             .and_then(Value::as_str)
             .map(str::to_string)
             .unwrap_or_else(|| format!("the upstream answered {status}"));
-        // A provider's 401/403 message quotes (part of) the key it got:
-        // FastGate's own pool key, which is not the client's to see.
-        let message = if matches!(status, 401 | 403) {
-            format!("the upstream refused FastGate's provider key ({status}); an operator must check the key pool")
-        } else {
-            message
-        };
         let status = if status == 529 && self.client != Format::Anthropic {
             503
         } else {

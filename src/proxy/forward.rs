@@ -225,6 +225,18 @@ pub async fn exchange(state: &Arc<AppState>, session: &mut Session, ctx: &mut Re
                         retries_left -= 1;
                         continue;
                     }
+                    if reason == Some("key_rejected") {
+                        // The provider's message quotes the key it got:
+                        // FastGate's pool key, not the client's to see.
+                        return Err(GatewayError::Upstream {
+                            status,
+                            message: format!(
+                                "the upstream refused FastGate's provider key ({status}); an operator must check key pool {:?}",
+                                upstream.key_pool.as_ref().map_or("-", |p| p.name.as_str())
+                            ),
+                            retry_after: None,
+                        });
+                    }
                     if let Some(p) = &plan {
                         let idle = upstream.timeouts.idle.0;
                         return super::convert::respond(state, session, ctx, (*up, &peer), p, idle, prefix).await;

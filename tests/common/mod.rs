@@ -262,11 +262,12 @@ async fn apply_rule(b: &Behaviour, key: Option<&str>, path: &str, model: &str) -
                 return RuleOutcome::Answer(r);
             }
             KeyRule::Status(code) => {
-                return RuleOutcome::Answer(full(
-                    *code,
-                    "application/json",
-                    provider_error(path, *code, "as the rule says"),
-                ));
+                // Like OpenAI's 401: the message quotes the key it got.
+                let message = match code {
+                    401 => format!("Incorrect API key provided: {}", key.unwrap_or_default()),
+                    _ => "as the rule says".to_string(),
+                };
+                return RuleOutcome::Answer(full(*code, "application/json", provider_error(path, *code, &message)));
             }
             KeyRule::ModelLimited { model: m } if m == model => (true, false),
             KeyRule::ModelLimited { .. } => return RuleOutcome::Pass,
