@@ -87,8 +87,10 @@ pub fn plan(
         return Ok(Some(plan));
     }
     if is_token_count(client, path) {
-        // Answered by FastGate (see `token_count`); never sent upstream.
-        return Ok(None);
+        // `forward` answers these itself (see `token_count`); never raw upstream.
+        return Err(GatewayError::NotConvertible(format!(
+            "{path} is answered by FastGate, not converted"
+        )));
     }
     let mut req: ChatRequest = match client {
         Format::Openai if path.ends_with("/chat/completions") => openai::decode_request(&json, &mut loss),
@@ -351,7 +353,6 @@ pub async fn respond(
         return Err(plan.convert_error(status, &body, retry_after));
     }
     let h2 = session.is_http2();
-    let mut resp = ResponseHeader::build(status, Some(6)).map_err(|e| GatewayError::BadRequestBody(e.to_string()))?;
     let warning = plan.loss.header_value();
     if plan.stream {
         let content_type = if plan.client == Format::Gemini && plan.gemini_array {
@@ -455,6 +456,7 @@ pub async fn respond(
             upstream: ctx.upstream_name().to_string(),
             reason: format!("its answer could not be converted: {e}"),
         })?;
+    let mut resp = ResponseHeader::build(status, Some(6)).map_err(|e| GatewayError::BadRequestBody(e.to_string()))?;
     resp.insert_header(header::CONTENT_TYPE, "application/json")
         .and_then(|_| resp.insert_header(header::CONTENT_LENGTH, out.len().to_string()))
         .and_then(|_| resp.insert_header("x-request-id", ctx.request_id.as_str()))
