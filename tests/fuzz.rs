@@ -127,11 +127,7 @@ proptest! {
             let parsed: Result<Vec<serde_json::Value>, _> = serde_json::from_str(&out);
             prop_assert!(parsed.is_ok(), "not a JSON array: {out}");
         } else {
-            let mut events = Vec::new();
-            let mut p = SseParser::default();
-            p.feed(out.as_bytes(), &mut events);
-            p.finish(&mut events);
-            for e in events {
+            for e in SseParser::parse_all(out.as_bytes()) {
                 prop_assert!(e.data == "[DONE]" || serde_json::from_str::<serde_json::Value>(&e.data).is_ok(), "bad event {e:?}");
             }
         }

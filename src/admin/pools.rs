@@ -213,11 +213,13 @@ pub async fn patch(
     Path((name, id)): Path<(String, String)>,
     Json(body): Json<KeyPatch>,
 ) -> Result<Json<Value>, ApiError> {
-    caller.require_admin()?;
-    let pool = find_pool(&s, &name)?;
-    find_key(&pool, &id)?;
     let by = caller.username.clone();
-    pool.set_status(&id, |st| {
+    let action = if body.enabled {
+        "pool.key.enable"
+    } else {
+        "pool.key.disable"
+    };
+    change_key(&s, &caller, &name, &id, action, |st| {
         if body.enabled {
             st.key.disabled = None;
             st.key.auth_failures = 0;
@@ -228,21 +230,8 @@ pub async fn patch(
         } else {
             st.key.disabled = Some(format!("disabled by {by}"));
         }
-    });
-    audit_write(
-        &s,
-        &caller,
-        if body.enabled {
-            "pool.key.enable"
-        } else {
-            "pool.key.disable"
-        },
-        &name,
-        &id,
-    )
-    .await?;
-    let key = find_key(&pool, &id)?;
-    Ok(Json(key_json(&key)))
+    })
+    .await
 }
 
 pub async fn reset(
@@ -250,12 +239,23 @@ pub async fn reset(
     State(s): State<Arc<AdminState>>,
     Path((name, id)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
+    change_key(&s, &caller, &name, &id, "pool.key.reset", crate::pool::KeyStatus::reset).await
+}
+
+/// Change one key's state (admins), audit it, answer with the key as it is now.
+async fn change_key(
+    s: &AdminState,
+    caller: &Caller,
+    pool_name: &str,
+    id: &str,
+    action: &'static str,
+    change: impl FnOnce(&mut crate::pool::KeyStatus),
+) -> Result<Json<Value>, ApiError> {
     caller.require_admin()?;
-    let pool = find_pool(&s, &name)?;
-    find_key(&pool, &id)?;
-    pool.set_status(&id, crate::pool::KeyStatus::reset);
-    audit_write(&s, &caller, "pool.key.reset", &name, &id).await?;
-    let key = find_key(&pool, &id)?;
+    let pool = find_pool(s, pool_name)?;
+    let key = find_key(&pool, id)?;
+    pool.set_status(id, change);
+    audit_write(s, caller, action, pool_name, id).await?;
     Ok(Json(key_json(&key)))
 }
 

@@ -17,6 +17,12 @@ fn field<'a>(v: &'a Value, camel: &str, snake: &str) -> Option<&'a Value> {
     v.get(camel).or_else(|| v.get(snake))
 }
 
+fn mime_of(data: &Value) -> &str {
+    field(data, "mimeType", "mime_type")
+        .and_then(Value::as_str)
+        .unwrap_or("application/octet-stream")
+}
+
 fn media(mime: &str, data: Media) -> Part {
     if mime.starts_with("image/") {
         Part::Image(data)
@@ -67,9 +73,7 @@ fn decode_parts(
                 out.push(Part::Text(text.to_string()));
             }
         } else if let Some(d) = field(p, "inlineData", "inline_data") {
-            let mime = field(d, "mimeType", "mime_type")
-                .and_then(Value::as_str)
-                .unwrap_or("application/octet-stream");
+            let mime = mime_of(d);
             out.push(media(
                 mime,
                 Media::Base64 {
@@ -78,9 +82,7 @@ fn decode_parts(
                 },
             ));
         } else if let Some(d) = field(p, "fileData", "file_data") {
-            let mime = field(d, "mimeType", "mime_type")
-                .and_then(Value::as_str)
-                .unwrap_or("application/octet-stream");
+            let mime = mime_of(d);
             out.push(media(
                 mime,
                 Media::Url {

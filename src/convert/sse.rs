@@ -54,6 +54,15 @@ impl SseParser {
         }
     }
 
+    /// Every event of a whole text (tests, tools).
+    pub fn parse_all(text: &[u8]) -> Vec<SseEvent> {
+        let mut p = SseParser::default();
+        let mut out = Vec::new();
+        p.feed(text, &mut out);
+        p.finish(&mut out);
+        out
+    }
+
     /// The stream ended: an event still open (no blank line after it) is
     /// dispatched.
     pub fn finish(&mut self, out: &mut Vec<SseEvent>) {

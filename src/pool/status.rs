@@ -353,6 +353,17 @@ mod tests {
 
     const NOW: i64 = 1_000_000;
 
+    /// One answer with nobody else on the key, at mid jitter.
+    fn see(s: &mut KeyStatus, p: &Policy, status: u16, signals: &Signals, model: Option<&str>, now: i64) -> Change {
+        let answer = Answer {
+            status,
+            signals,
+            model,
+            others_in_flight: 0,
+        };
+        s.observe(p, &answer, now, 0.5)
+    }
+
     #[test]
     fn backoff_grows_is_capped_and_jittered() {
         let c = policy(CooldownScope::Key).cooldown;
@@ -372,17 +383,7 @@ mod tests {
             ..Signals::default()
         };
         assert_eq!(
-            s.observe(
-                &p,
-                &Answer {
-                    status: 429,
-                    signals: &told,
-                    model: None,
-                    others_in_flight: 0
-                },
-                NOW,
-                0.5
-            ),
+            see(&mut s, &p, 429, &told, None, NOW),
             Change::Cooled {
                 until_ms: NOW + 7000,
                 model: None
@@ -391,29 +392,9 @@ mod tests {
         assert_eq!(s.key.state(NOW), KeyState::Cooling);
         assert_eq!(s.key.state(NOW + 7000), KeyState::Active);
         // No header: exponential backoff from the streak.
-        s.observe(
-            &p,
-            &Answer {
-                status: 503,
-                signals: &Signals::default(),
-                model: None,
-                others_in_flight: 0,
-            },
-            NOW + 7000,
-            0.5,
-        );
+        see(&mut s, &p, 503, &Signals::default(), None, NOW + 7000);
         assert_eq!(s.key.until_ms, NOW + 7000 + 2000);
-        s.observe(
-            &p,
-            &Answer {
-                status: 200,
-                signals: &Signals::default(),
-                model: None,
-                others_in_flight: 0,
-            },
-            NOW + 9000,
-            0.5,
-        );
+        see(&mut s, &p, 200, &Signals::default(), None, NOW + 9000);
         assert_eq!(s.key.backoff_step, 0);
         assert_eq!(s.recovers_at(None, NOW + 9000), Some(NOW + 9000));
     }
@@ -423,82 +404,22 @@ mod tests {
         let p = policy(CooldownScope::Key);
         let mut s = KeyStatus::default();
         assert_eq!(
-            s.observe(
-                &p,
-                &Answer {
-                    status: 401,
-                    signals: &Signals::default(),
-                    model: Some("m"),
-                    others_in_flight: 0
-                },
-                NOW,
-                0.5
-            ),
+            see(&mut s, &p, 401, &Signals::default(), Some("m"), NOW),
             Change::Counted
         );
-        s.observe(
-            &p,
-            &Answer {
-                status: 200,
-                signals: &Signals::default(),
-                model: Some("m"),
-                others_in_flight: 0,
-            },
-            NOW,
-            0.5,
-        );
+        see(&mut s, &p, 200, &Signals::default(), Some("m"), NOW);
         assert_eq!(s.key.auth_failures, 0, "a success ends the streak");
-        s.observe(
-            &p,
-            &Answer {
-                status: 401,
-                signals: &Signals::default(),
-                model: None,
-                others_in_flight: 0,
-            },
-            NOW,
-            0.5,
-        );
+        see(&mut s, &p, 401, &Signals::default(), None, NOW);
         assert!(matches!(
-            s.observe(
-                &p,
-                &Answer {
-                    status: 401,
-                    signals: &Signals::default(),
-                    model: None,
-                    others_in_flight: 0
-                },
-                NOW,
-                0.5
-            ),
+            see(&mut s, &p, 401, &Signals::default(), None, NOW),
             Change::Disabled { model: None, .. }
         ));
         assert_eq!(s.key.state(NOW + 10_000_000), KeyState::Disabled);
         assert_eq!(s.recovers_at(None, NOW), None);
 
         let mut s = KeyStatus::default();
-        s.observe(
-            &p,
-            &Answer {
-                status: 403,
-                signals: &Signals::default(),
-                model: Some("gpt-x"),
-                others_in_flight: 0,
-            },
-            NOW,
-            0.5,
-        );
-        s.observe(
-            &p,
-            &Answer {
-                status: 403,
-                signals: &Signals::default(),
-                model: Some("gpt-x"),
-                others_in_flight: 0,
-            },
-            NOW,
-            0.5,
-        );
+        see(&mut s, &p, 403, &Signals::default(), Some("gpt-x"), NOW);
+        see(&mut s, &p, 403, &Signals::default(), Some("gpt-x"), NOW);
         assert_eq!(s.key.state(NOW), KeyState::Active, "the key serves other models");
         assert!(!s.model_open(Some("gpt-x"), NOW));
         assert!(s.model_open(Some("gpt-y"), NOW));
@@ -508,32 +429,12 @@ mod tests {
     fn model_scope_cools_one_model_only() {
         let p = policy(CooldownScope::Model);
         let mut s = KeyStatus::default();
-        s.observe(
-            &p,
-            &Answer {
-                status: 429,
-                signals: &Signals::default(),
-                model: Some("a"),
-                others_in_flight: 0,
-            },
-            NOW,
-            0.5,
-        );
+        see(&mut s, &p, 429, &Signals::default(), Some("a"), NOW);
         assert_eq!(s.key.state(NOW), KeyState::Active);
         assert!(!s.model_open(Some("a"), NOW));
         assert!(s.model_open(Some("b"), NOW));
         assert_eq!(s.recovers_at(Some("a"), NOW), Some(NOW + 1000));
-        s.observe(
-            &p,
-            &Answer {
-                status: 200,
-                signals: &Signals::default(),
-                model: Some("a"),
-                others_in_flight: 0,
-            },
-            NOW + 1000,
-            0.5,
-        );
+        see(&mut s, &p, 200, &Signals::default(), Some("a"), NOW + 1000);
         assert!(s.models.is_empty(), "a recovered model leaves no gate behind");
     }
 

@@ -376,15 +376,7 @@ pub async fn respond(
         if !already.is_empty() {
             ctx.response.meter.feed(&already);
             let out = conv.feed(&already);
-            ctx.count_sent(&out);
-            if !out.is_empty()
-                && session
-                    .write_response_body(Some(Bytes::from(out)), false)
-                    .await
-                    .is_err()
-            {
-                ctx.error = Some(GatewayError::ClientClosed);
-                ctx.response.cut_short = true;
+            if !send(session, ctx, out).await {
                 return Ok(());
             }
         }
@@ -413,17 +405,8 @@ pub async fn respond(
                     (out, true)
                 }
             };
-            if !out.is_empty() {
-                ctx.count_sent(&out);
-                if session
-                    .write_response_body(Some(Bytes::from(out)), false)
-                    .await
-                    .is_err()
-                {
-                    ctx.error = Some(GatewayError::ClientClosed);
-                    ctx.response.cut_short = true;
-                    return Ok(());
-                }
+            if !send(session, ctx, out).await {
+                return Ok(());
             }
             if end || conv.is_done() {
                 break;
@@ -473,6 +456,25 @@ pub async fn respond(
         let _ = session.write_response_body(Some(Bytes::from(out)), true).await;
     }
     Ok(())
+}
+
+/// Write converted bytes to the client (nothing when empty); false when the
+/// client is gone (recorded, and the connection will close).
+async fn send(session: &mut Session, ctx: &mut RequestCtx, out: Vec<u8>) -> bool {
+    if out.is_empty() {
+        return true;
+    }
+    ctx.count_sent(&out);
+    if session
+        .write_response_body(Some(Bytes::from(out)), false)
+        .await
+        .is_err()
+    {
+        ctx.error = Some(GatewayError::ClientClosed);
+        ctx.response.cut_short = true;
+        return false;
+    }
+    true
 }
 
 /// Give a fully read upstream connection back to the pool.

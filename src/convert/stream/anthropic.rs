@@ -279,6 +279,16 @@ impl AnthropicEncoder {
         index
     }
 
+    /// A text or thinking delta, into its block (opened if it is not the open one).
+    fn block_delta(&mut self, out: &mut Vec<u8>, kind: Open, delta: DeltaOut<'_>) {
+        let start = match kind {
+            Open::Thinking => json!({"type": "thinking", "thinking": "", "signature": ""}),
+            _ => json!({"type": "text", "text": ""}),
+        };
+        let i = self.open(out, kind, start);
+        Self::delta(out, i, delta);
+    }
+
     fn delta(out: &mut Vec<u8>, index: u64, delta: DeltaOut<'_>) {
         let e = DeltaEventOut {
             kind: "content_block_delta",
@@ -298,47 +308,30 @@ impl Encoder for AnthropicEncoder {
                 }
                 self.start(out, id);
             }
-            Delta::Text(t) => {
-                let i = self.open(out, Open::Text, json!({"type": "text", "text": ""}));
-                Self::delta(
-                    out,
-                    i,
-                    DeltaOut {
-                        text: Some(t),
-                        ..DeltaOut::new("text_delta")
-                    },
-                );
-            }
-            Delta::Thinking(t) => {
-                let i = self.open(
-                    out,
-                    Open::Thinking,
-                    json!({"type": "thinking", "thinking": "", "signature": ""}),
-                );
-                Self::delta(
-                    out,
-                    i,
-                    DeltaOut {
-                        thinking: Some(t),
-                        ..DeltaOut::new("thinking_delta")
-                    },
-                );
-            }
-            Delta::ThinkingSignature(s) => {
-                let i = self.open(
-                    out,
-                    Open::Thinking,
-                    json!({"type": "thinking", "thinking": "", "signature": ""}),
-                );
-                Self::delta(
-                    out,
-                    i,
-                    DeltaOut {
-                        signature: Some(s),
-                        ..DeltaOut::new("signature_delta")
-                    },
-                );
-            }
+            Delta::Text(t) => self.block_delta(
+                out,
+                Open::Text,
+                DeltaOut {
+                    text: Some(t),
+                    ..DeltaOut::new("text_delta")
+                },
+            ),
+            Delta::Thinking(t) => self.block_delta(
+                out,
+                Open::Thinking,
+                DeltaOut {
+                    thinking: Some(t),
+                    ..DeltaOut::new("thinking_delta")
+                },
+            ),
+            Delta::ThinkingSignature(s) => self.block_delta(
+                out,
+                Open::Thinking,
+                DeltaOut {
+                    signature: Some(s),
+                    ..DeltaOut::new("signature_delta")
+                },
+            ),
             Delta::RedactedThinking(data) => {
                 self.start(out, "");
                 self.close(out);

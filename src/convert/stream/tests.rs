@@ -42,11 +42,8 @@ fn converted(make: &dyn Fn() -> Converter, input: &str) -> String {
 }
 
 fn events(text: &str) -> Vec<(Option<String>, Value)> {
-    let mut p = SseParser::default();
-    let mut out = Vec::new();
-    p.feed(text.as_bytes(), &mut out);
-    p.finish(&mut out);
-    out.into_iter()
+    SseParser::parse_all(text.as_bytes())
+        .into_iter()
         .map(|e| (e.event, serde_json::from_str(&e.data).unwrap_or(Value::String(e.data))))
         .collect()
 }
