@@ -53,6 +53,54 @@ fn stream_events(c: &mut Criterion) {
     g.finish();
 }
 
+/// A whole request, client body to upstream body (what `proxy::convert::plan`
+/// does once per request): the load run's chat request, and one with a tool.
+fn requests(c: &mut Criterion) {
+    let mut g = c.benchmark_group("convert/request");
+    let small =
+        json!({"model": "m", "stream": true, "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]})
+            .to_string();
+    let tools = json!({"model": "m", "stream": true, "messages": [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "What is the weather in Paris?"}],
+        "tools": [{"type": "function", "function": {"name": "get_weather", "description": "Weather now",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]})
+    .to_string();
+    for (name, body) in [("openai->anthropic/small", &small), ("openai->anthropic/tools", &tools)] {
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                let v: serde_json::Value = serde_json::from_str(black_box(body)).unwrap_or_default();
+                let mut loss = Loss::default();
+                let req = openai::decode_request(&v, &mut loss);
+                black_box(
+                    req.and_then(|r| anthropic::encode_request(&r, 4096, &mut loss))
+                        .map(|v| serde_json::to_vec(&v)),
+                )
+            })
+        });
+    }
+    g.finish();
+}
+
+/// The load run's whole stream (start, 10 text deltas, end), Anthropic
+/// upstream to OpenAI client, in the two reads the upstream sends.
+fn whole_streams(c: &mut Criterion) {
+    let mut g = c.benchmark_group("convert/stream");
+    let first = format!("{ANTHROPIC_START}{ANTHROPIC_EVENT}");
+    let end = "event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":0}\n\nevent: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":11}}\n\nevent: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
+    let rest = format!("{}{end}", ANTHROPIC_EVENT.repeat(10));
+    g.bench_function("anthropic->openai", |b| {
+        b.iter(|| {
+            let mut conv = Converter::new(decoder("anthropic"), encoder("openai"), false);
+            let mut out = Vec::new();
+            conv.feed_into(first.as_bytes(), &mut out);
+            conv.feed_into(rest.as_bytes(), &mut out);
+            black_box(out)
+        })
+    });
+    g.finish();
+}
+
 fn whole_answers(c: &mut Criterion) {
     let mut g = c.benchmark_group("convert/answer");
     let oa = json!({"id": "chatcmpl-1", "model": "gpt-4o", "choices": [{"index": 0, "finish_reason": "stop",
@@ -80,5 +128,5 @@ fn whole_answers(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, stream_events, whole_answers);
+criterion_group!(benches, stream_events, whole_streams, requests, whole_answers);
 criterion_main!(benches);

@@ -22,7 +22,10 @@ pub struct SseParser {
     line: Vec<u8>,
     /// The previous byte was a `\r` ending a line: a `\n` next is its pair.
     after_cr: bool,
-    event: Option<String>,
+    /// The `event:` field of the event being read (`has_event` says if set);
+    /// kept, like `data`, across events so steady streams allocate nothing.
+    event: String,
+    has_event: bool,
     data: String,
     has_data: bool,
 }
@@ -30,6 +33,17 @@ pub struct SseParser {
 impl SseParser {
     /// Feed bytes; complete events are appended to `out`.
     pub fn feed(&mut self, chunk: &[u8], out: &mut Vec<SseEvent>) {
+        self.feed_with(chunk, &mut |event, data| {
+            out.push(SseEvent {
+                event: event.map(str::to_string),
+                data: data.to_string(),
+            })
+        });
+    }
+
+    /// Feed bytes; `on_event(event, data)` is called for each complete
+    /// event, with text borrowed from the parser.
+    pub fn feed_with(&mut self, chunk: &[u8], on_event: &mut impl FnMut(Option<&str>, &str)) {
         let mut rest = chunk;
         while !rest.is_empty() {
             if self.after_cr {
@@ -41,10 +55,19 @@ impl SseParser {
             }
             match memchr::memchr2(b'\n', b'\r', rest) {
                 Some(i) => {
-                    self.push_line_bytes(&rest[..i]);
+                    let line = &rest[..i];
                     self.after_cr = rest[i] == b'\r';
                     rest = &rest[i + 1..];
-                    self.end_line(out);
+                    if self.line.is_empty() {
+                        // The whole line is in this chunk: read it in place.
+                        self.end_line(line, on_event);
+                    } else {
+                        self.push_line_bytes(line);
+                        let whole = std::mem::take(&mut self.line);
+                        self.end_line(&whole, on_event);
+                        self.line = whole;
+                        self.line.clear();
+                    }
                 }
                 None => {
                     self.push_line_bytes(rest);
@@ -66,10 +89,21 @@ impl SseParser {
     /// The stream ended: an event still open (no blank line after it) is
     /// dispatched.
     pub fn finish(&mut self, out: &mut Vec<SseEvent>) {
+        self.finish_with(&mut |event, data| {
+            out.push(SseEvent {
+                event: event.map(str::to_string),
+                data: data.to_string(),
+            })
+        });
+    }
+
+    /// [`SseParser::finish`], with a callback like [`SseParser::feed_with`].
+    pub fn finish_with(&mut self, on_event: &mut impl FnMut(Option<&str>, &str)) {
         if !self.line.is_empty() {
-            self.end_line(out);
+            let whole = std::mem::take(&mut self.line);
+            self.end_line(&whole, on_event);
         }
-        self.dispatch(out);
+        self.dispatch(on_event);
     }
 
     fn push_line_bytes(&mut self, bytes: &[u8]) {
@@ -77,46 +111,52 @@ impl SseParser {
         self.line.extend_from_slice(&bytes[..bytes.len().min(room)]);
     }
 
-    fn end_line(&mut self, out: &mut Vec<SseEvent>) {
-        let line = std::mem::take(&mut self.line);
+    fn end_line(&mut self, line: &[u8], on_event: &mut impl FnMut(Option<&str>, &str)) {
         if line.is_empty() {
-            self.dispatch(out);
+            self.dispatch(on_event);
             return;
         }
         if line[0] == b':' {
             return; // a comment
         }
-        let text = String::from_utf8_lossy(&line);
-        let (field, value) = match text.find(':') {
+        let line = &line[..line.len().min(MAX_LINE)];
+        let (field, value) = match memchr::memchr(b':', line) {
             Some(i) => {
-                let v = &text[i + 1..];
-                (&text[..i], v.strip_prefix(' ').unwrap_or(v))
+                let v = &line[i + 1..];
+                (&line[..i], v.strip_prefix(b" ").unwrap_or(v))
             }
-            None => (&text[..], ""),
+            None => (line, &[][..]),
+        };
+        // Valid UTF-8 (nearly always) is checked on the fast path, not
+        // walked chunk by chunk as a lossy conversion does.
+        let value = match std::str::from_utf8(value) {
+            Ok(v) => std::borrow::Cow::Borrowed(v),
+            Err(_) => String::from_utf8_lossy(value),
         };
         match field {
-            "data" => {
+            b"data" => {
                 if self.has_data {
                     self.data.push('\n');
                 }
-                self.data.push_str(value);
+                self.data.push_str(&value);
                 self.has_data = true;
             }
-            "event" => self.event = Some(value.to_string()),
+            b"event" => {
+                self.event.clear();
+                self.event.push_str(&value);
+                self.has_event = true;
+            }
             _ => {}
         }
     }
 
-    fn dispatch(&mut self, out: &mut Vec<SseEvent>) {
-        let event = self.event.take();
-        if !self.has_data {
+    fn dispatch(&mut self, on_event: &mut impl FnMut(Option<&str>, &str)) {
+        let has_event = std::mem::take(&mut self.has_event);
+        if !std::mem::take(&mut self.has_data) {
             return;
         }
-        self.has_data = false;
-        out.push(SseEvent {
-            event,
-            data: std::mem::take(&mut self.data),
-        });
+        on_event(has_event.then_some(self.event.as_str()), &self.data);
+        self.data.clear();
     }
 }
 
@@ -132,6 +172,11 @@ pub struct JsonArrayParser {
 
 impl JsonArrayParser {
     pub fn feed(&mut self, chunk: &[u8], out: &mut Vec<String>) {
+        self.feed_with(chunk, &mut |item| out.push(item.to_string()));
+    }
+
+    /// Feed bytes; `on_item` is called with each complete element.
+    pub fn feed_with(&mut self, chunk: &[u8], on_item: &mut impl FnMut(&str)) {
         for &b in chunk {
             if self.depth == 0 {
                 // Between elements: `[`, `,`, `]` and whitespace.
@@ -159,7 +204,7 @@ impl JsonArrayParser {
                 b'}' | b']' => {
                     self.depth -= 1;
                     if self.depth == 0 {
-                        out.push(String::from_utf8_lossy(&self.buf).into_owned());
+                        on_item(&String::from_utf8_lossy(&self.buf));
                         self.buf.clear();
                     }
                 }

@@ -380,9 +380,10 @@ pub async fn respond(
                 return Ok(());
             }
         }
+        let mut relay = super::relay::Relay::default();
         loop {
             let chunk = tokio::select! {
-                chunk = up.read_response_body() => chunk,
+                chunk = relay.next(&mut up) => chunk,
                 _ = session.downstream_session.read_body_or_idle(true) => {
                     ctx.error = Some(GatewayError::ClientClosed);
                     ctx.response.cut_short = true;
@@ -392,7 +393,15 @@ pub async fn respond(
             let (out, end) = match chunk {
                 Ok(Some(data)) => {
                     ctx.response.meter.feed(&data);
-                    (conv.feed(&data), false)
+                    // Converted events are somewhat larger than the input.
+                    let mut out = Vec::with_capacity(data.len() * 2);
+                    conv.feed_into(&data, &mut out);
+                    while out.len() < super::relay::BATCH_BYTES && !conv.is_done() {
+                        let Some(more) = relay.ready(&mut up) else { break };
+                        ctx.response.meter.feed(&more);
+                        conv.feed_into(&more, &mut out);
+                    }
+                    (out, false)
                 }
                 Ok(None) => (conv.finish(), true),
                 Err(e) => {

@@ -467,10 +467,11 @@ async fn stream_response(
     // so a hang-up cancels generation. A sized body arrives at once and needs
     // no watcher (saving a syscall per read).
     let watch_client = !upstream_header.headers.contains_key(header::CONTENT_LENGTH);
+    let mut relay = super::relay::Relay::default();
     loop {
         let chunk = if watch_client {
             tokio::select! {
-                chunk = up.read_response_body() => chunk,
+                chunk = relay.next(&mut up) => chunk,
                 _ = session.downstream_session.read_body_or_idle(true) => {
                     tracing::debug!(request_id = %ctx.request_id, "Client disconnected; cancelling the upstream request.");
                     ctx.error = Some(GatewayError::ClientClosed);
@@ -479,11 +480,11 @@ async fn stream_response(
                 }
             }
         } else {
-            up.read_response_body().await
+            relay.next(&mut up).await
         };
         match chunk {
             Ok(Some(data)) => {
-                let data = ctx.upstream_chunk(data);
+                let data = relay_batch(ctx, &mut relay, &mut up, data);
                 if data.is_empty() {
                     continue;
                 }
@@ -531,6 +532,21 @@ async fn stream_response(
         let idle_timeout = peer.idle_timeout();
         state.connector.release_http_session(up, peer, idle_timeout).await;
     }
+}
+
+/// `first` and the pieces ready after it, filtered for the client, as one
+/// write (no copy when only one piece was ready).
+fn relay_batch(ctx: &mut RequestCtx, relay: &mut super::relay::Relay, up: &mut HttpSession, first: Bytes) -> Bytes {
+    let first = ctx.upstream_chunk(first);
+    let Some(second) = relay.ready(up) else { return first };
+    let mut batch = bytes::BytesMut::with_capacity(first.len() * 4);
+    batch.extend_from_slice(&first);
+    batch.extend_from_slice(&ctx.upstream_chunk(second));
+    while batch.len() < super::relay::BATCH_BYTES {
+        let Some(more) = relay.ready(up) else { break };
+        batch.extend_from_slice(&ctx.upstream_chunk(more));
+    }
+    batch.freeze()
 }
 
 /// What a key test (`POST /api/pools/{pool}/keys/{id}/test`) found.

@@ -26,6 +26,7 @@ pub mod finish;
 pub mod forward;
 pub mod intake;
 pub mod mock;
+pub mod relay;
 pub mod respond;
 pub mod rewrite;
 

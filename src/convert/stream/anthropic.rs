@@ -4,27 +4,47 @@ use super::{Decoder, Delta, Encoder, ErrorKind, sse_frame};
 use crate::convert::{
     anthropic::{finish_from_wire, finish_to_wire, usage_to_wire},
     ir::{Finish, Usage},
-    opt_str, opt_u64,
+    opt_str,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use std::{borrow::Cow, collections::HashMap};
 
-/// The hot event (`content_block_delta`), read without building a tree.
+/// Any stream event, read typed with text borrowed where it has no escapes
+/// (no JSON tree on the hot path; only a block's start and an error, rare,
+/// are kept as trees).
 #[derive(Deserialize)]
-struct DeltaEvent<'a> {
-    #[serde(rename = "type", borrow)]
-    kind: Cow<'a, str>,
+struct EventIn<'a> {
+    #[serde(rename = "type", borrow, default)]
+    kind: Option<Cow<'a, str>>,
     #[serde(default)]
     index: u64,
-    #[serde(borrow)]
+    #[serde(borrow, default)]
+    delta: Option<DeltaIn<'a>>,
+    #[serde(borrow, default)]
+    message: Option<MessageIn<'a>>,
+    #[serde(default)]
+    usage: Option<UsageIn>,
+    #[serde(default)]
+    content_block: Option<Value>,
+    #[serde(default)]
+    error: Option<Value>,
+}
+
+/// The hot event, `content_block_delta`, read into a small struct.
+#[derive(Deserialize)]
+struct BlockDeltaIn<'a> {
+    #[serde(default)]
+    index: u64,
+    #[serde(borrow, default)]
     delta: Option<DeltaIn<'a>>,
 }
 
+/// `content_block_delta`'s delta, or `message_delta`'s.
 #[derive(Deserialize)]
 struct DeltaIn<'a> {
-    #[serde(rename = "type", borrow)]
-    kind: Cow<'a, str>,
+    #[serde(rename = "type", borrow, default)]
+    kind: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     text: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
@@ -33,6 +53,29 @@ struct DeltaIn<'a> {
     signature: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     partial_json: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    stop_reason: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    stop_sequence: Option<Cow<'a, str>>,
+}
+
+/// `message_start`'s message.
+#[derive(Deserialize)]
+struct MessageIn<'a> {
+    #[serde(borrow, default)]
+    id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    model: Option<Cow<'a, str>>,
+    #[serde(default)]
+    usage: Option<UsageIn>,
+}
+
+#[derive(Deserialize)]
+struct UsageIn {
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+    cache_read_input_tokens: Option<u64>,
+    cache_creation_input_tokens: Option<u64>,
 }
 
 /// A `content_block_delta` as written.
@@ -83,53 +126,57 @@ pub struct AnthropicDecoder {
 
 impl Decoder for AnthropicDecoder {
     fn decode(&mut self, event: Option<&str>, data: &str, out: &mut Vec<Delta>) {
-        // Most events are deltas: read those typed, the rest as a tree.
-        if event.is_none_or(|e| e == "content_block_delta")
-            && let Ok(e) = serde_json::from_str::<DeltaEvent>(data)
-            && e.kind == "content_block_delta"
-        {
-            self.delta(e, out);
-            return;
+        // Events that carry nothing to convert are known by name.
+        match event {
+            Some("ping" | "content_block_stop") => return,
+            Some("message_stop") => return out.push(Delta::Done),
+            Some("content_block_delta") => {
+                if let Ok(e) = serde_json::from_str::<BlockDeltaIn>(data) {
+                    self.delta(e.index, e.delta, out);
+                }
+                return;
+            }
+            _ => {}
         }
-        let Ok(v) = serde_json::from_str::<Value>(data) else {
+        let Ok(e) = serde_json::from_str::<EventIn>(data) else {
             return;
         };
-        let kind = opt_str(&v, "type").or(event).unwrap_or_default();
-        match kind {
+        match e.kind.as_deref().or(event).unwrap_or_default() {
+            "content_block_delta" => self.delta(e.index, e.delta, out),
             "message_start" => {
-                let m = v.get("message").unwrap_or(&Value::Null);
-                self.merge_usage(m.get("usage"));
+                let Some(m) = e.message else { return };
+                self.merge_usage(m.usage.as_ref());
                 out.push(Delta::Start {
-                    id: opt_str(m, "id").unwrap_or_default().to_string(),
-                    model: opt_str(m, "model").unwrap_or_default().to_string(),
+                    id: m.id.map(Cow::into_owned).unwrap_or_default(),
+                    model: m.model.map(Cow::into_owned).unwrap_or_default(),
                 });
             }
             "content_block_start" => {
-                let b = v.get("content_block").unwrap_or(&Value::Null);
-                match opt_str(b, "type") {
+                let b = e.content_block.unwrap_or(Value::Null);
+                match opt_str(&b, "type") {
                     Some("text") => {
-                        if let Some(t) = opt_str(b, "text").filter(|t| !t.is_empty()) {
+                        if let Some(t) = opt_str(&b, "text").filter(|t| !t.is_empty()) {
                             out.push(Delta::Text(t.to_string()));
                         }
                     }
                     Some("thinking") => {
-                        if let Some(t) = opt_str(b, "thinking").filter(|t| !t.is_empty()) {
+                        if let Some(t) = opt_str(&b, "thinking").filter(|t| !t.is_empty()) {
                             out.push(Delta::Thinking(t.to_string()));
                         }
                     }
                     Some("redacted_thinking") => {
                         out.push(Delta::RedactedThinking(
-                            opt_str(b, "data").unwrap_or_default().to_string(),
+                            opt_str(&b, "data").unwrap_or_default().to_string(),
                         ));
                     }
                     Some("tool_use") => {
                         let index = self.tools;
                         self.tools += 1;
-                        self.tool_blocks.insert(opt_u64(&v, "index").unwrap_or(0), index);
+                        self.tool_blocks.insert(e.index, index);
                         out.push(Delta::ToolStart {
                             index,
-                            id: opt_str(b, "id").unwrap_or_default().to_string(),
-                            name: opt_str(b, "name").unwrap_or_default().to_string(),
+                            id: opt_str(&b, "id").unwrap_or_default().to_string(),
+                            name: opt_str(&b, "name").unwrap_or_default().to_string(),
                             signature: None,
                         });
                     }
@@ -137,24 +184,24 @@ impl Decoder for AnthropicDecoder {
                 }
             }
             "message_delta" => {
-                let d = v.get("delta").unwrap_or(&Value::Null);
-                if let Some(r) = opt_str(d, "stop_reason") {
-                    out.push(Delta::Finish(finish_from_wire(r, opt_str(d, "stop_sequence"))));
+                if let Some(r) = e.delta.as_ref().and_then(|d| d.stop_reason.as_deref()) {
+                    let sequence = e.delta.as_ref().and_then(|d| d.stop_sequence.as_deref());
+                    out.push(Delta::Finish(finish_from_wire(r, sequence)));
                 }
-                self.merge_usage(v.get("usage"));
+                self.merge_usage(e.usage.as_ref());
                 out.push(Delta::Usage(self.usage));
             }
             "message_stop" => out.push(Delta::Done),
             "error" => {
-                let e = v.get("error").unwrap_or(&Value::Null);
-                let kind = match opt_str(e, "type") {
+                let err = e.error.unwrap_or(Value::Null);
+                let kind = match opt_str(&err, "type") {
                     Some("overloaded_error") => ErrorKind::Overloaded,
                     Some("rate_limit_error") => ErrorKind::RateLimited,
                     _ => ErrorKind::Other,
                 };
                 out.push(Delta::Error {
                     kind,
-                    message: opt_str(e, "message").unwrap_or("upstream error").to_string(),
+                    message: opt_str(&err, "message").unwrap_or("upstream error").to_string(),
                 });
             }
             _ => {} // ping, content_block_stop, unknown events
@@ -163,15 +210,15 @@ impl Decoder for AnthropicDecoder {
 }
 
 impl AnthropicDecoder {
-    fn delta(&mut self, e: DeltaEvent<'_>, out: &mut Vec<Delta>) {
-        let Some(d) = e.delta else { return };
+    fn delta(&mut self, block: u64, delta: Option<DeltaIn<'_>>, out: &mut Vec<Delta>) {
+        let Some(d) = delta else { return };
         let text = |t: Option<Cow<'_, str>>| t.map(Cow::into_owned).unwrap_or_default();
-        match &*d.kind {
+        match d.kind.as_deref().unwrap_or_default() {
             "text_delta" => out.push(Delta::Text(text(d.text))),
             "thinking_delta" => out.push(Delta::Thinking(text(d.thinking))),
             "signature_delta" => out.push(Delta::ThinkingSignature(text(d.signature))),
             "input_json_delta" => {
-                if let (Some(&index), Some(p)) = (self.tool_blocks.get(&e.index), d.partial_json)
+                if let (Some(&index), Some(p)) = (self.tool_blocks.get(&block), d.partial_json)
                     && !p.is_empty()
                 {
                     out.push(Delta::ToolArgs {
@@ -184,17 +231,18 @@ impl AnthropicDecoder {
         }
     }
 
-    fn merge_usage(&mut self, u: Option<&Value>) {
-        let Some(u) = u.filter(|u| u.is_object()) else { return };
-        let set = |field: &mut u64, key| {
-            if let Some(n) = opt_u64(u, key) {
+    fn merge_usage(&mut self, u: Option<&UsageIn>) {
+        let Some(u) = u else { return };
+        for (field, value) in [
+            (&mut self.usage.input, u.input_tokens),
+            (&mut self.usage.output, u.output_tokens),
+            (&mut self.usage.cache_read, u.cache_read_input_tokens),
+            (&mut self.usage.cache_write, u.cache_creation_input_tokens),
+        ] {
+            if let Some(n) = value {
                 *field = n;
             }
-        };
-        set(&mut self.usage.input, "input_tokens");
-        set(&mut self.usage.output, "output_tokens");
-        set(&mut self.usage.cache_read, "cache_read_input_tokens");
-        set(&mut self.usage.cache_write, "cache_creation_input_tokens");
+        }
     }
 }
 

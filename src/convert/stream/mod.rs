@@ -128,24 +128,19 @@ impl Converter {
     /// Upstream bytes in, client bytes out (possibly none yet).
     pub fn feed(&mut self, chunk: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
-        match &mut self.framing {
-            Framing::Sse(p) => {
-                let mut events = Vec::new();
-                p.feed(chunk, &mut events);
-                for e in events {
-                    self.decoder.decode(e.event.as_deref(), &e.data, &mut self.deltas);
-                }
-            }
-            Framing::JsonArray(p) => {
-                let mut items = Vec::new();
-                p.feed(chunk, &mut items);
-                for item in items {
-                    self.decoder.decode(None, &item, &mut self.deltas);
-                }
-            }
-        }
-        self.flush(&mut out);
+        self.feed_into(chunk, &mut out);
         out
+    }
+
+    /// [`Converter::feed`], appending to `out` (several upstream pieces
+    /// relayed in one client write).
+    pub fn feed_into(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
+        let (decoder, deltas) = (&mut self.decoder, &mut self.deltas);
+        match &mut self.framing {
+            Framing::Sse(p) => p.feed_with(chunk, &mut |event, data| decoder.decode(event, data, deltas)),
+            Framing::JsonArray(p) => p.feed_with(chunk, &mut |item| decoder.decode(None, item, deltas)),
+        }
+        self.flush(out);
     }
 
     /// The upstream body ended. A stream that ended without its terminal
@@ -153,12 +148,9 @@ impl Converter {
     /// for a whole one.
     pub fn finish(&mut self) -> Vec<u8> {
         let mut out = Vec::new();
+        let (decoder, deltas) = (&mut self.decoder, &mut self.deltas);
         if let Framing::Sse(p) = &mut self.framing {
-            let mut events = Vec::new();
-            p.finish(&mut events);
-            for e in events {
-                self.decoder.decode(e.event.as_deref(), &e.data, &mut self.deltas);
-            }
+            p.finish_with(&mut |event, data| decoder.decode(event, data, deltas));
         }
         self.flush(&mut out);
         if !self.done {
@@ -185,8 +177,9 @@ impl Converter {
     }
 
     fn flush(&mut self, out: &mut Vec<u8>) {
-        let deltas = std::mem::take(&mut self.deltas);
-        for d in deltas {
+        // The list is handed back afterwards: its room is reused.
+        let mut deltas = std::mem::take(&mut self.deltas);
+        for d in deltas.drain(..) {
             if self.done {
                 break;
             }
@@ -196,6 +189,7 @@ impl Converter {
             }
             self.encoder.encode(&d, out);
         }
+        self.deltas = deltas;
     }
 
     /// Whether the stream reached its end (terminal event or error).

@@ -48,21 +48,14 @@ struct DeltaIn<'a> {
     tool_calls: Option<Vec<Value>>,
 }
 
-/// A chunk as written.
+/// The fields every chunk of a stream repeats, written once per stream;
+/// each chunk then adds `"choices":[{"index":0,"delta":…,"finish_reason":…}]`.
 #[derive(Serialize)]
-struct ChunkOut<'a> {
+struct ChunkHead<'a> {
     id: &'a str,
     object: &'static str,
     created: i64,
     model: &'a str,
-    choices: [ChoiceOut<'a>; 1],
-}
-
-#[derive(Serialize)]
-struct ChoiceOut<'a> {
-    index: u32,
-    delta: DeltaOut<'a>,
-    finish_reason: Option<&'a str>,
 }
 
 #[derive(Serialize, Default)]
@@ -188,6 +181,8 @@ pub struct OpenaiEncoder {
     started: bool,
     finish: Option<Finish>,
     usage: Option<Usage>,
+    /// Each chunk's bytes up to its delta, rendered at the first chunk.
+    prefix: Vec<u8>,
 }
 
 impl OpenaiEncoder {
@@ -201,22 +196,30 @@ impl OpenaiEncoder {
             started: false,
             finish: None,
             usage: None,
+            prefix: Vec::new(),
         }
     }
 
-    fn chunk(&self, out: &mut Vec<u8>, delta: DeltaOut<'_>, finish: Option<&str>) {
-        let v = ChunkOut {
-            id: &self.id,
-            object: "chat.completion.chunk",
-            created: self.created,
-            model: &self.model,
-            choices: [ChoiceOut {
-                index: 0,
-                delta,
-                finish_reason: finish,
-            }],
-        };
-        sse_frame(out, None, &v);
+    /// One chunk: the prefix rendered at the start, then this delta.
+    fn chunk(&mut self, out: &mut Vec<u8>, delta: DeltaOut<'_>, finish: Option<&str>) {
+        if self.prefix.is_empty() {
+            let head = ChunkHead {
+                id: &self.id,
+                object: "chat.completion.chunk",
+                created: self.created,
+                model: &self.model,
+            };
+            // Serializing plain strings and numbers into a Vec cannot fail.
+            let _ = serde_json::to_writer(&mut self.prefix, &head);
+            self.prefix.pop(); // the closing brace
+            self.prefix.extend_from_slice(br#","choices":[{"index":0,"delta":"#);
+        }
+        out.extend_from_slice(b"data: ");
+        out.extend_from_slice(&self.prefix);
+        let _ = serde_json::to_writer(&mut *out, &delta);
+        out.extend_from_slice(br#","finish_reason":"#);
+        let _ = serde_json::to_writer(&mut *out, &finish);
+        out.extend_from_slice(b"}]}\n\n");
     }
 
     /// The first chunk carries the role.
@@ -278,6 +281,7 @@ impl Encoder for OpenaiEncoder {
                 self.chunk(out, delta, None);
             }
             Delta::ToolArgs { index, fragment } => {
+                self.start(out);
                 let delta = DeltaOut {
                     tool_calls: Some(json!([{"index": index, "function": {"arguments": fragment}}])),
                     ..DeltaOut::default()
