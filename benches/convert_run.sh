@@ -6,7 +6,8 @@
 #   native-anthropic  Anthropic client <- Anthropic-speaking upstream (same upstream bytes)
 #   converted         OpenAI client <- Anthropic-speaking upstream, event by event
 # Reports RPS and the proxy's CPU per request.
-#   bash benches/convert_run.sh            # 8 s per run, 2 rounds, c32
+#   bash benches/convert_run.sh            # 8 s per run, 2 rounds, c32, events back to back
+#   EVENT_DELAY_MS=1 CONNS=256 bash benches/convert_run.sh   # events 1 ms apart (each its own read), 256 streams
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${DURATION:-8}; ROUNDS=${ROUNDS:-2}; CONNS=${CONNS:-32}
@@ -16,7 +17,7 @@ cargo build --release --locked --bin fastgate >&2
 WORK=$(mktemp -d); PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; sleep 0.3; rm -rf "$WORK"; }
 trap cleanup EXIT
-python3 benches/sse_upstream.py $UP 0 & PIDS+=($!)
+python3 benches/sse_upstream.py $UP "${EVENT_DELAY_MS:-0}" & PIDS+=($!)
 mkdir -p "$WORK/routes.d"
 cat > "$WORK/fastgate.yaml" <<YML
 server: { listen: 127.0.0.1:$FG, threads: 1 }

@@ -423,7 +423,9 @@ pub async fn respond(
         }
         let _ = session.write_response_body(None, true).await;
         // The terminal event may come before the body's own end: read that
-        // (briefly) so the connection can be reused.
+        // (at once when it is there, else briefly) so the connection can be
+        // reused.
+        while relay.ready(&mut up).is_some() {}
         if !up.response_done() {
             let _ = tokio::time::timeout(Duration::from_millis(200), async {
                 while let Ok(Some(_)) = up.read_response_body().await {}

@@ -40,19 +40,21 @@ struct BlockDeltaIn<'a> {
     delta: Option<DeltaIn<'a>>,
 }
 
-/// `content_block_delta`'s delta, or `message_delta`'s.
+/// `content_block_delta`'s delta, or `message_delta`'s. Each block delta
+/// type has one payload field, read into `payload` whatever its name.
 #[derive(Deserialize)]
 struct DeltaIn<'a> {
     #[serde(rename = "type", borrow, default)]
     kind: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    text: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    thinking: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    signature: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    partial_json: Option<Cow<'a, str>>,
+    #[serde(
+        borrow,
+        default,
+        alias = "text",
+        alias = "thinking",
+        alias = "signature",
+        alias = "partial_json"
+    )]
+    payload: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     stop_reason: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
@@ -214,11 +216,11 @@ impl AnthropicDecoder {
         let Some(d) = delta else { return };
         let text = |t: Option<Cow<'_, str>>| t.map(Cow::into_owned).unwrap_or_default();
         match d.kind.as_deref().unwrap_or_default() {
-            "text_delta" => out.push(Delta::Text(text(d.text))),
-            "thinking_delta" => out.push(Delta::Thinking(text(d.thinking))),
-            "signature_delta" => out.push(Delta::ThinkingSignature(text(d.signature))),
+            "text_delta" => out.push(Delta::Text(text(d.payload))),
+            "thinking_delta" => out.push(Delta::Thinking(text(d.payload))),
+            "signature_delta" => out.push(Delta::ThinkingSignature(text(d.payload))),
             "input_json_delta" => {
-                if let (Some(&index), Some(p)) = (self.tool_blocks.get(&block), d.partial_json)
+                if let (Some(&index), Some(p)) = (self.tool_blocks.get(&block), d.payload)
                     && !p.is_empty()
                 {
                     out.push(Delta::ToolArgs {
