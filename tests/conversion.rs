@@ -355,3 +355,34 @@ async fn upstream_errors_and_refusals_reach_the_client_in_its_own_shape() {
     assert_eq!(r.status(), 200);
     assert!(r.headers()["x-fastgate-warning"].to_str().unwrap().contains("seed"));
 }
+
+#[tokio::test]
+async fn a_json_schema_answer_reaches_anthropic_as_a_forced_tool_or_natively_with_tools() {
+    let mock = MockUpstream::start().await;
+    let gw = gateway(&mock).await;
+    let c = reqwest::Client::new();
+    let schema = json!({"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"], "additionalProperties": false});
+    let format = json!({"type": "json_schema", "json_schema": {"name": "answer", "strict": true, "schema": schema}});
+    // Alone: a forced tool (every Claude model has tools).
+    let (path, mut body) = request(F::Openai, F::Anthropic, false, false);
+    body["response_format"] = format.clone();
+    let r = c.post(gw.url(&path)).json(&body).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let seen = mock.last().json();
+    assert_eq!(seen["tool_choice"]["type"], "tool", "{seen}");
+    assert_eq!(seen["tools"][0]["input_schema"], schema);
+    assert!(seen.get("output_config").is_none(), "{seen}");
+    // With the client's own tools: Anthropic's native structured output,
+    // the tools kept and free to be called (no longer refused).
+    let (path, mut body) = request(F::Openai, F::Anthropic, true, true);
+    body["response_format"] = format;
+    let r = c.post(gw.url(&path)).json(&body).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().get("x-fastgate-warning").is_none());
+    let seen = mock.last().json();
+    assert_eq!(seen["output_config"]["format"]["schema"], schema, "{seen}");
+    assert_eq!(seen["output_config"]["format"]["type"], "json_schema");
+    let tools = seen["tools"].as_array().unwrap();
+    assert!(!tools.is_empty() && tools.iter().all(|t| t["name"] != "structured_output"), "{seen}");
+    assert_ne!(seen["tool_choice"]["type"], "tool", "{seen}");
+}

@@ -121,6 +121,16 @@ fn decode_content(content: &Value, loss: &mut Loss) -> Result<Vec<Part>, Convert
     }
 }
 
+/// Whether a `json_schema` answer is asked of Anthropic as a forced tool
+/// (no tools of the client's and no thinking: works with every model) rather
+/// than as the native `output_config.format` (keeps tools and thinking;
+/// the models that support structured outputs).
+pub fn answers_json_by_tool(req: &ChatRequest) -> bool {
+    matches!(req.response_format, Some(ResponseFormat::JsonSchema { .. }))
+        && req.tools.is_empty()
+        && !req.reasoning.is_some_and(|r| !r.disabled)
+}
+
 pub fn decode_request(body: &Value, loss: &mut Loss) -> Result<ChatRequest, ConvertError> {
     body.as_object()
         .ok_or_else(|| invalid("the body must be a JSON object"))?;
@@ -131,6 +141,18 @@ pub fn decode_request(body: &Value, loss: &mut Loss) -> Result<ChatRequest, Conv
     if let Some(system) = body.get("system") {
         req.system
             .push(plain_text(system).ok_or_else(|| invalid("system must be text or text blocks"))?);
+    }
+    // Structured output: `output_config.format`, or the beta's `output_format`.
+    let format = body
+        .get("output_config")
+        .and_then(|c| c.get("format"))
+        .or_else(|| body.get("output_format"));
+    if let Some(f) = format.filter(|f| opt_str(f, "type") == Some("json_schema")) {
+        req.response_format = Some(ResponseFormat::JsonSchema {
+            name: "response".into(),
+            schema: f.get("schema").cloned().unwrap_or_else(|| json!({"type": "object"})),
+            strict: true,
+        });
     }
     for m in body
         .get("messages")
@@ -221,16 +243,14 @@ pub fn encode_request(req: &ChatRequest, default_max_tokens: u64, loss: &mut Los
             "logprobs are not available from an Anthropic upstream".into(),
         ));
     }
+    // A JSON schema answer: a forced tool where nothing else needs tools
+    // or thinking (it works with every model); otherwise the native
+    // `output_config.format`, which keeps both.
     let json_schema = match &req.response_format {
-        Some(ResponseFormat::JsonSchema { schema, .. }) if !req.tools.is_empty() => {
-            let _ = schema;
-            return Err(ConvertError::Refused(
-                "response_format json_schema together with tools cannot be converted for an Anthropic upstream".into(),
-            ));
-        }
         Some(ResponseFormat::JsonSchema { schema, .. }) => Some(schema.clone()),
         _ => None,
     };
+    let by_tool = answers_json_by_tool(req);
     let mut out = Map::new();
     out.insert("model".into(), req.model.clone().into());
     let mut system = req.system.clone();
@@ -261,14 +281,7 @@ pub fn encode_request(req: &ChatRequest, default_max_tokens: u64, loss: &mut Los
     }
     out.insert("messages".into(), Value::Array(messages));
     let mut max_tokens = req.max_tokens.unwrap_or(default_max_tokens).max(1);
-    // A forced tool call and thinking do not go together at Anthropic.
-    let reasoning = req.reasoning.filter(|_| {
-        if json_schema.is_some() && req.reasoning.is_some_and(|r| !r.disabled) {
-            loss.dropped("reasoning (Anthropic cannot think while forced to answer in a JSON schema)");
-            return false;
-        }
-        true
-    });
+    let reasoning = req.reasoning;
     let thinking = reasoning.filter(|r| !r.disabled).and_then(|r| {
         r.budget_tokens
             .or_else(|| r.effort.map(Effort::budget))
@@ -334,12 +347,21 @@ pub fn encode_request(req: &ChatRequest, default_max_tokens: u64, loss: &mut Los
     if let Some(c) = choice.filter(|_| !req.tools.is_empty()) {
         out.insert("tool_choice".into(), c);
     }
-    if let Some(schema) = json_schema {
-        out.insert(
-            "tools".into(),
-            json!([{"name": JSON_TOOL, "description": "Give the answer as this tool's input: one JSON object matching the schema.", "input_schema": schema}]),
-        );
-        out.insert("tool_choice".into(), json!({"type": "tool", "name": JSON_TOOL}));
+    match json_schema {
+        Some(schema) if by_tool => {
+            out.insert(
+                "tools".into(),
+                json!([{"name": JSON_TOOL, "description": "Give the answer as this tool's input: one JSON object matching the schema.", "input_schema": schema}]),
+            );
+            out.insert("tool_choice".into(), json!({"type": "tool", "name": JSON_TOOL}));
+        }
+        Some(schema) => {
+            out.insert(
+                "output_config".into(),
+                json!({"format": {"type": "json_schema", "schema": schema}}),
+            );
+        }
+        None => {}
     }
     if let Some(u) = &req.user {
         out.insert("metadata".into(), json!({"user_id": u}));

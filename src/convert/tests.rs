@@ -368,18 +368,18 @@ fn tool_result_images_reach_openai_in_a_user_turn() {
 #[test]
 fn a_json_schema_becomes_a_forced_tool_toward_anthropic_and_text_again() {
     let body = json!({"model": "gpt", "messages": [{"role": "user", "content": "name a city"}],
-        "reasoning_effort": "high",
         "response_format": {"type": "json_schema", "json_schema": {"name": "city", "schema": {"type": "object", "properties": {"name": {"type": "string"}}}}}});
     let mut loss = Loss::default();
     let ir = openai::decode_request(&body, &mut loss).unwrap();
+    assert!(anthropic::answers_json_by_tool(&ir));
     let out = anthropic::encode_request(&ir, 1024, &mut loss).unwrap();
     assert_eq!(
         out["tool_choice"],
         json!({"type": "tool", "name": anthropic::JSON_TOOL})
     );
     assert_eq!(out["tools"][0]["input_schema"]["properties"]["name"]["type"], "string");
-    assert!(out.get("thinking").is_none(), "no thinking with a forced tool");
-    assert!(loss.0.iter().any(|l| l.contains("reasoning")), "{loss:?}");
+    assert!(out.get("output_config").is_none());
+    assert!(loss.0.is_empty(), "{loss:?}");
     let answer = json!({"id": "msg_1", "model": "c", "stop_reason": "tool_use", "usage": {"input_tokens": 1, "output_tokens": 2},
         "content": [{"type": "tool_use", "id": "t", "name": anthropic::JSON_TOOL, "input": {"name": "Oslo"}}]});
     let mut resp = anthropic::decode_response(&answer, &mut Loss::default()).unwrap();
@@ -387,4 +387,37 @@ fn a_json_schema_becomes_a_forced_tool_toward_anthropic_and_text_again() {
     let oa = openai::encode_response(&resp, 1);
     assert_eq!(oa["choices"][0]["message"]["content"], "{\"name\":\"Oslo\"}");
     assert_eq!(oa["choices"][0]["finish_reason"], "stop");
+}
+
+#[test]
+fn a_json_schema_with_tools_or_thinking_uses_anthropic_native_structured_output() {
+    let schema = json!({"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"], "additionalProperties": false});
+    let format = json!({"type": "json_schema", "json_schema": {"name": "city", "schema": schema}});
+    let tool = json!({"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}});
+    for body in [
+        json!({"model": "gpt", "messages": [{"role": "user", "content": "hi"}], "response_format": format, "tools": [tool]}),
+        json!({"model": "gpt", "messages": [{"role": "user", "content": "hi"}], "response_format": format, "reasoning_effort": "high"}),
+    ] {
+        let mut loss = Loss::default();
+        let ir = openai::decode_request(&body, &mut loss).unwrap();
+        assert!(!anthropic::answers_json_by_tool(&ir));
+        let out = anthropic::encode_request(&ir, 4096, &mut loss).unwrap();
+        assert_eq!(out["output_config"], json!({"format": {"type": "json_schema", "schema": schema}}), "{out}");
+        assert!(out.get("tool_choice").is_none_or(|c| c["type"] != "tool"), "{out}");
+        assert!(
+            out["tools"].as_array().is_none_or(|t| t.iter().all(|t| t["name"] != anthropic::JSON_TOOL)),
+            "{out}"
+        );
+        if body.get("tools").is_some() {
+            assert_eq!(out["tools"][0]["name"], "lookup");
+        } else {
+            assert_eq!(out["thinking"]["type"], "enabled", "thinking kept: {out}");
+        }
+        assert!(loss.0.is_empty(), "{loss:?}");
+        // And back: an Anthropic client's structured output reaches OpenAI.
+        let back = anthropic::decode_request(&out, &mut Loss::default()).unwrap();
+        let oa = openai::encode_request(&back, &mut openai::ToolNames::default(), &mut Loss::default()).unwrap();
+        assert_eq!(oa["response_format"]["type"], "json_schema", "{oa}");
+        assert_eq!(oa["response_format"]["json_schema"]["schema"], schema);
+    }
 }

@@ -132,12 +132,7 @@ pub fn plan(
         model: req.model.clone(),
         gemini_array,
         names,
-        json_tool: (upstream == Format::Anthropic
-            && matches!(
-                req.response_format,
-                Some(crate::convert::ir::ResponseFormat::JsonSchema { .. })
-            ))
-        .then_some(anthropic::JSON_TOOL),
+        json_tool: (upstream == Format::Anthropic && anthropic::answers_json_by_tool(&req)).then_some(anthropic::JSON_TOOL),
         loss,
         body: Bytes::from(serde_json::to_vec(&encoded).unwrap_or_default()),
         path: upstream_path,
