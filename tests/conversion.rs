@@ -383,6 +383,9 @@ async fn a_json_schema_answer_reaches_anthropic_as_a_forced_tool_or_natively_wit
     assert_eq!(seen["output_config"]["format"]["schema"], schema, "{seen}");
     assert_eq!(seen["output_config"]["format"]["type"], "json_schema");
     let tools = seen["tools"].as_array().unwrap();
-    assert!(!tools.is_empty() && tools.iter().all(|t| t["name"] != "structured_output"), "{seen}");
+    assert!(
+        !tools.is_empty() && tools.iter().all(|t| t["name"] != "structured_output"),
+        "{seen}"
+    );
     assert_ne!(seen["tool_choice"]["type"], "tool", "{seen}");
 }

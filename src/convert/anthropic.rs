@@ -128,7 +128,7 @@ fn decode_content(content: &Value, loss: &mut Loss) -> Result<Vec<Part>, Convert
 pub fn answers_json_by_tool(req: &ChatRequest) -> bool {
     matches!(req.response_format, Some(ResponseFormat::JsonSchema { .. }))
         && req.tools.is_empty()
-        && !req.reasoning.is_some_and(|r| !r.disabled)
+        && req.reasoning.is_none_or(|r| r.disabled)
 }
 
 pub fn decode_request(body: &Value, loss: &mut Loss) -> Result<ChatRequest, ConvertError> {

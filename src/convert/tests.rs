@@ -402,10 +402,16 @@ fn a_json_schema_with_tools_or_thinking_uses_anthropic_native_structured_output(
         let ir = openai::decode_request(&body, &mut loss).unwrap();
         assert!(!anthropic::answers_json_by_tool(&ir));
         let out = anthropic::encode_request(&ir, 4096, &mut loss).unwrap();
-        assert_eq!(out["output_config"], json!({"format": {"type": "json_schema", "schema": schema}}), "{out}");
+        assert_eq!(
+            out["output_config"],
+            json!({"format": {"type": "json_schema", "schema": schema}}),
+            "{out}"
+        );
         assert!(out.get("tool_choice").is_none_or(|c| c["type"] != "tool"), "{out}");
         assert!(
-            out["tools"].as_array().is_none_or(|t| t.iter().all(|t| t["name"] != anthropic::JSON_TOOL)),
+            out["tools"]
+                .as_array()
+                .is_none_or(|t| t.iter().all(|t| t["name"] != anthropic::JSON_TOOL)),
             "{out}"
         );
         if body.get("tools").is_some() {

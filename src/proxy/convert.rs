@@ -31,6 +31,8 @@ const MAX_ERROR: usize = 64 * 1024;
 enum Op {
     Chat,
     Embed(crate::convert::embeddings::EmbedRequest),
+    /// A token count, asked of the upstream's own counting endpoint.
+    Count,
 }
 
 /// How one request is converted toward one upstream.
@@ -87,10 +89,7 @@ pub fn plan(
         return Ok(Some(plan));
     }
     if is_token_count(client, path) {
-        // `forward` answers these itself (see `token_count`); never raw upstream.
-        return Err(GatewayError::NotConvertible(format!(
-            "{path} is answered by FastGate, not converted"
-        )));
+        return count_plan(client, upstream, path, &json, &mapped, default_max_tokens).map(Some);
     }
     let mut req: ChatRequest = match client {
         Format::Openai if path.ends_with("/chat/completions") => openai::decode_request(&json, &mut loss),
@@ -132,7 +131,8 @@ pub fn plan(
         model: req.model.clone(),
         gemini_array,
         names,
-        json_tool: (upstream == Format::Anthropic && anthropic::answers_json_by_tool(&req)).then_some(anthropic::JSON_TOOL),
+        json_tool: (upstream == Format::Anthropic && anthropic::answers_json_by_tool(&req))
+            .then_some(anthropic::JSON_TOOL),
         loss,
         body: Bytes::from(serde_json::to_vec(&encoded).unwrap_or_default()),
         path: upstream_path,
@@ -186,6 +186,91 @@ fn embeddings_plan(
         path,
         op: Op::Embed(req),
     }))
+}
+
+/// Whether `provider` has a token-counting endpoint a converted count can
+/// be asked of (Anthropic's `count_tokens`, Gemini's `countTokens`; OpenAI's
+/// Chat Completions has none).
+pub fn counts_tokens(provider: crate::config::Provider) -> bool {
+    use crate::config::Provider;
+    matches!(provider, Provider::Anthropic | Provider::Gemini)
+}
+
+/// The plan for a token count toward an upstream that counts: the client's
+/// request (Anthropic `count_tokens` body; Gemini `{contents}` or
+/// `{generateContentRequest}`) encoded as that upstream's count request.
+fn count_plan(
+    client: Format,
+    upstream: Format,
+    path: &str,
+    json: &Value,
+    mapped: &dyn Fn(&str) -> String,
+    default_max_tokens: u64,
+) -> Result<Plan, GatewayError> {
+    let mut loss = Loss::default();
+    let mut req = decode_count(client, path, json, &mut loss)?;
+    req.model = mapped(&req.model);
+    let (body, path) = match upstream {
+        Format::Anthropic => {
+            let full = anthropic::encode_request(&req, default_max_tokens, &mut loss).map_err(not_convertible)?;
+            // count_tokens takes the request's content, not its generation settings.
+            let body: serde_json::Map<String, Value> = full
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter(|(k, _)| {
+                    matches!(
+                        k.as_str(),
+                        "model" | "messages" | "system" | "tools" | "tool_choice" | "thinking"
+                    )
+                })
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            (Value::Object(body), "/v1/messages/count_tokens".to_string())
+        }
+        Format::Gemini => {
+            let mut inner = gemini::encode_request(&req, &mut loss).map_err(not_convertible)?;
+            inner["model"] = format!("models/{}", req.model).into();
+            (
+                serde_json::json!({ "generateContentRequest": inner }),
+                format!("/v1beta/models/{}:countTokens", req.model),
+            )
+        }
+        _ => {
+            return Err(GatewayError::NotConvertible(format!(
+                "{path}: an {} upstream has no token-counting endpoint",
+                upstream.name()
+            )));
+        }
+    };
+    Ok(Plan {
+        client,
+        upstream,
+        stream: false,
+        include_usage: false,
+        model: req.model.clone(),
+        gemini_array: false,
+        names: ToolNames::default(),
+        json_tool: None,
+        loss,
+        body: Bytes::from(serde_json::to_vec(&body).unwrap_or_default()),
+        path,
+        op: Op::Count,
+    })
+}
+
+/// A token-count request in the client's format, as a chat request.
+fn decode_count(client: Format, path: &str, json: &Value, loss: &mut Loss) -> Result<ChatRequest, GatewayError> {
+    match client {
+        Format::Anthropic => anthropic::decode_request(json, loss),
+        _ => {
+            let model = super::intake::model_from_gemini_path(path).unwrap_or_default();
+            // `{contents}` or a whole `{generateContentRequest}`.
+            let inner = json.get("generateContentRequest").unwrap_or(json);
+            gemini::decode_request(inner, model, false, loss)
+        }
+    }
+    .map_err(not_convertible)
 }
 
 impl Plan {
@@ -242,6 +327,13 @@ impl Plan {
     /// A whole upstream answer in the client's format.
     fn convert_answer(&self, body: &[u8]) -> Result<Vec<u8>, ConvertError> {
         let v: Value = serde_json::from_slice(body).map_err(|e| ConvertError::Invalid(e.to_string()))?;
+        if let Op::Count = self.op {
+            let n = ["input_tokens", "totalTokens"]
+                .iter()
+                .find_map(|k| v.get(*k).and_then(Value::as_u64))
+                .ok_or_else(|| ConvertError::Invalid("the token count answer has no count".into()))?;
+            return Ok(count_answer(self.client, n).to_vec());
+        }
         if let Op::Embed(req) = &self.op {
             use crate::convert::embeddings as e;
             let vectors = match self.upstream {
@@ -505,27 +597,21 @@ pub fn is_token_count(client: Format, path: &str) -> bool {
 }
 
 /// A token count a converting route answers itself with the documented
-/// estimate (`ir::estimate_input_tokens`): the upstream's format has no
-/// counting endpoint for this request shape.
+/// estimate (`ir::estimate_input_tokens`): its upstream (OpenAI-speaking)
+/// has no counting endpoint.
 pub fn token_count(client: Format, path: &str, body: &[u8]) -> Result<Bytes, GatewayError> {
     let json: Value = serde_json::from_slice(body).map_err(|e| GatewayError::BadJson(e.to_string()))?;
-    let mut loss = Loss::default();
-    let req = match client {
-        Format::Anthropic => anthropic::decode_request(&json, &mut loss),
-        _ => {
-            let model = super::intake::model_from_gemini_path(path).unwrap_or_default();
-            // `{contents}` or a whole `{generateContentRequest}`.
-            let inner = json.get("generateContentRequest").unwrap_or(&json);
-            gemini::decode_request(inner, model, false, &mut loss)
-        }
-    }
-    .map_err(not_convertible)?;
-    let n = crate::convert::ir::estimate_input_tokens(&req);
+    let req = decode_count(client, path, &json, &mut Loss::default())?;
+    Ok(count_answer(client, crate::convert::ir::estimate_input_tokens(&req)))
+}
+
+/// A token count in the client's shape.
+fn count_answer(client: Format, n: u64) -> Bytes {
     let v = match client {
         Format::Anthropic => serde_json::json!({"input_tokens": n}),
         _ => serde_json::json!({"totalTokens": n}),
     };
-    Ok(Bytes::from(v.to_string()))
+    Bytes::from(v.to_string())
 }
 
 /// Whether a request lists models (`GET …/models`).

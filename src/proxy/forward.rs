@@ -72,7 +72,13 @@ pub async fn exchange(state: &Arc<AppState>, session: &mut Session, ctx: &mut Re
     drop(runtime);
     let converting = chain.iter().any(|u| crate::router::converts(u.provider, route.format));
     let req = session.req_header();
-    if converting && super::convert::is_token_count(route.format, req.uri.path()) {
+    // A count toward an upstream that cannot count is estimated here; one
+    // that can (Anthropic, Gemini) is converted and asked below.
+    if super::convert::is_token_count(route.format, req.uri.path())
+        && chain.first().is_some_and(|u| {
+            crate::router::converts(u.provider, route.format) && !super::convert::counts_tokens(u.provider)
+        })
+    {
         let answer = super::convert::token_count(route.format, req.uri.path(), &body)?;
         ctx.upstream.attempts += 1;
         return super::respond::json(session, ctx, 200, answer)
