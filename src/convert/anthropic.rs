@@ -58,14 +58,17 @@ fn decode_block(b: &Value, loss: &mut Loss) -> Result<Option<Part>, ConvertError
                 }),
             }
         }
-        Some("tool_use") => Some(Part::ToolCall(ToolCall {
-            id: opt_str(b, "id").unwrap_or_default().to_string(),
-            name: opt_str(b, "name")
-                .ok_or_else(|| invalid("a tool_use block without a name"))?
-                .to_string(),
-            arguments: b.get("input").map_or_else(|| "{}".to_string(), Value::to_string),
-            signature: None,
-        })),
+        Some("tool_use") => {
+            let (id, signature) = super::split_signature(opt_str(b, "id").unwrap_or_default());
+            Some(Part::ToolCall(ToolCall {
+                id,
+                name: opt_str(b, "name")
+                    .ok_or_else(|| invalid("a tool_use block without a name"))?
+                    .to_string(),
+                arguments: b.get("input").map_or_else(|| "{}".to_string(), Value::to_string),
+                signature,
+            }))
+        }
         Some("tool_result") => {
             let content = match b.get("content") {
                 None | Some(Value::Null) => Vec::new(),
@@ -82,9 +85,10 @@ fn decode_block(b: &Value, loss: &mut Loss) -> Result<Option<Part>, ConvertError
                 Some(_) => return Err(invalid("tool_result content must be a string or blocks")),
             };
             Some(Part::ToolResult(ToolResult {
-                call_id: opt_str(b, "tool_use_id")
-                    .ok_or_else(|| invalid("a tool_result without tool_use_id"))?
-                    .to_string(),
+                call_id: super::split_signature(
+                    opt_str(b, "tool_use_id").ok_or_else(|| invalid("a tool_result without tool_use_id"))?,
+                )
+                .0,
                 name: None,
                 content,
                 is_error: b.get("is_error").and_then(Value::as_bool).unwrap_or(false),
@@ -488,6 +492,10 @@ pub fn encode_response(resp: &ChatResponse) -> Value {
             // thinking; it has no signature to keep.
             Part::Thinking { text, signature } => {
                 Some(json!({"type": "thinking", "thinking": text, "signature": signature.clone().unwrap_or_default()}))
+            }
+            Part::ToolCall(c) if c.signature.is_some() => {
+                let id = super::id_with_signature(&c.id, c.signature.as_deref());
+                Some(json!({"type": "tool_use", "id": id, "name": c.name, "input": arguments_object(&c.arguments)}))
             }
             other => encode_block(other, &mut synthesized, &mut ignored),
         })

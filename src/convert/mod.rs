@@ -31,6 +31,41 @@ pub enum ConvertError {
     Refused(String),
 }
 
+/// Gemini's `thoughtSignature` on a function call has no place in OpenAI's
+/// or Anthropic's tool calls, yet Gemini wants it back with the call on the
+/// next turn (Gemini 3 refuses a call without it). It travels inside the
+/// call's id given to such clients, base64url after this mark (ids stay
+/// within `[A-Za-z0-9_-]`), and is taken out again when they send it back.
+const SIGNATURE_MARK: &str = "__thought__";
+
+/// A tool call's id for an OpenAI or Anthropic client, carrying `signature`.
+pub fn id_with_signature(id: &str, signature: Option<&str>) -> String {
+    use base64::Engine;
+    match signature.filter(|s| !s.is_empty()) {
+        Some(sig) => format!(
+            "{id}{SIGNATURE_MARK}{}",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sig)
+        ),
+        None => id.to_string(),
+    }
+}
+
+/// A client's tool call id split into the id and the signature it carries.
+pub fn split_signature(id: &str) -> (String, Option<String>) {
+    use base64::Engine;
+    let Some((plain, encoded)) = id.split_once(SIGNATURE_MARK) else {
+        return (id.to_string(), None);
+    };
+    match base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(encoded)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+    {
+        Some(sig) => (plain.to_string(), Some(sig)),
+        None => (id.to_string(), None),
+    }
+}
+
 /// What a conversion left out, in words a client developer understands.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Loss(pub Vec<String>);

@@ -103,13 +103,14 @@ pub fn decode_request(body: &Value, loss: &mut Loss) -> Result<ChatRequest, Conv
                 if let Some(calls) = m.get("tool_calls").and_then(Value::as_array) {
                     for c in calls {
                         let f = c.get("function").unwrap_or(&Value::Null);
+                        let (id, signature) = super::split_signature(opt_str(c, "id").unwrap_or_default());
                         parts.push(Part::ToolCall(ToolCall {
-                            id: opt_str(c, "id").unwrap_or_default().to_string(),
+                            id,
                             name: opt_str(f, "name")
                                 .ok_or_else(|| invalid("a tool call without a name"))?
                                 .to_string(),
                             arguments: opt_str(f, "arguments").unwrap_or("{}").to_string(),
-                            signature: None,
+                            signature,
                         }));
                     }
                 }
@@ -119,7 +120,7 @@ pub fn decode_request(body: &Value, loss: &mut Loss) -> Result<ChatRequest, Conv
                 let call_id =
                     opt_str(m, "tool_call_id").ok_or_else(|| invalid("a tool message without tool_call_id"))?;
                 let result = Part::ToolResult(ToolResult {
-                    call_id: call_id.to_string(),
+                    call_id: super::split_signature(call_id).0,
                     name: None,
                     content: decode_parts(content, loss)?,
                     is_error: false,
@@ -548,7 +549,8 @@ pub fn encode_response(resp: &ChatResponse, created: i64) -> Value {
         .iter()
         .filter_map(|p| match p {
             Part::ToolCall(c) => {
-                Some(json!({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}))
+                let id = super::id_with_signature(&c.id, c.signature.as_deref());
+                Some(json!({"id": id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}))
             }
             _ => None,
         })

@@ -427,3 +427,60 @@ fn a_json_schema_with_tools_or_thinking_uses_anthropic_native_structured_output(
         assert_eq!(oa["response_format"]["json_schema"]["schema"], schema);
     }
 }
+
+#[test]
+fn a_gemini_thought_signature_survives_a_round_trip_through_openai_and_anthropic_clients() {
+    let answer = json!({"candidates": [{"content": {"role": "model", "parts": [
+            {"functionCall": {"name": "weather", "args": {"city": "Rome"}}, "thoughtSignature": "CiQBVKhc7oFQ/+="},
+            {"functionCall": {"name": "weather", "args": {"city": "Oslo"}}}]},
+        "finishReason": "STOP", "index": 0}], "responseId": "r1", "modelVersion": "gemini-3-pro"});
+    let resp = gemini::decode_response(&answer, &mut Loss::default()).unwrap();
+    // The OpenAI client's next turn, with the ids it was given.
+    let oa = openai::encode_response(&resp, 1);
+    let calls = oa["choices"][0]["message"]["tool_calls"].as_array().unwrap().clone();
+    let ids: Vec<&str> = calls.iter().map(|c| c["id"].as_str().unwrap()).collect();
+    assert!(
+        ids[0].contains("__thought__") && !ids[1].contains("__thought__"),
+        "{ids:?}"
+    );
+    assert!(
+        ids[0]
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'),
+        "{}",
+        ids[0]
+    );
+    let next = json!({"model": "gemini-3-pro", "messages": [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": null, "tool_calls": calls},
+        {"role": "tool", "tool_call_id": ids[0], "content": "sunny"},
+        {"role": "tool", "tool_call_id": ids[1], "content": "snow"}]});
+    let req = openai::decode_request(&next, &mut Loss::default()).unwrap();
+    let to_gemini = gemini::encode_request(&req, &mut Loss::default()).unwrap();
+    let model_parts = &to_gemini["contents"][1]["parts"];
+    assert_eq!(model_parts[0]["thoughtSignature"], "CiQBVKhc7oFQ/+=", "{to_gemini}");
+    assert!(model_parts[1].get("thoughtSignature").is_none());
+    let results = &to_gemini["contents"][2]["parts"];
+    assert_eq!(results[0]["functionResponse"]["name"], "weather", "{to_gemini}");
+    assert_eq!(results[1]["functionResponse"]["name"], "weather", "{to_gemini}");
+    // The same through an Anthropic client.
+    let an = anthropic::encode_response(&resp);
+    let blocks = an["content"].as_array().unwrap().clone();
+    let id0 = blocks[0]["id"].as_str().unwrap().to_string();
+    assert!(id0.contains("__thought__"), "{an}");
+    let next = json!({"model": "gemini-3-pro", "max_tokens": 100, "messages": [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": blocks},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": id0, "content": "sunny"},
+                                     {"type": "tool_result", "tool_use_id": blocks[1]["id"], "content": "snow"}]}]});
+    let req = anthropic::decode_request(&next, &mut Loss::default()).unwrap();
+    let to_gemini = gemini::encode_request(&req, &mut Loss::default()).unwrap();
+    assert_eq!(
+        to_gemini["contents"][1]["parts"][0]["thoughtSignature"], "CiQBVKhc7oFQ/+=",
+        "{to_gemini}"
+    );
+    // Toward Anthropic or OpenAI upstreams the ids are the plain ones.
+    let to_openai = openai::encode_request(&req, &mut openai::ToolNames::default(), &mut Loss::default()).unwrap();
+    let sent = to_openai["messages"][1]["tool_calls"][0]["id"].as_str().unwrap();
+    assert!(!sent.contains("__thought__"), "{to_openai}");
+}

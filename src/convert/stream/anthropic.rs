@@ -398,12 +398,17 @@ impl Encoder for AnthropicEncoder {
                     &json!({"type": "content_block_stop", "index": index}),
                 );
             }
-            Delta::ToolStart { index, id, name, .. } => {
+            Delta::ToolStart {
+                index,
+                id,
+                name,
+                signature,
+            } => {
                 let id = if id.is_empty() {
                     self.synthesized += 1;
                     format!("toolu_fg{}", self.synthesized)
                 } else {
-                    id.clone()
+                    crate::convert::id_with_signature(id, signature.as_deref())
                 };
                 // A new call is a new block, even right after another call.
                 self.start(out, "");

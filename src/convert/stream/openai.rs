@@ -270,8 +270,14 @@ impl Encoder for OpenaiEncoder {
                 self.chunk(out, delta, None);
             }
             Delta::ThinkingSignature(_) | Delta::RedactedThinking(_) => {}
-            Delta::ToolStart { index, id, name, .. } => {
+            Delta::ToolStart {
+                index,
+                id,
+                name,
+                signature,
+            } => {
                 self.start(out);
+                let id = crate::convert::id_with_signature(id, signature.as_deref());
                 let delta = DeltaOut {
                     tool_calls: Some(
                         json!([{"index": index, "id": id, "type": "function", "function": {"name": name, "arguments": ""}}]),
