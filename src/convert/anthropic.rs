@@ -125,6 +125,21 @@ fn decode_content(content: &Value, loss: &mut Loss) -> Result<Vec<Part>, Convert
     }
 }
 
+/// Whether the last assistant turn calls tools without beginning with a
+/// signed thinking block (which Anthropic requires while thinking is on).
+fn last_tool_turn_lacks_signed_thinking(req: &ChatRequest) -> bool {
+    let Some(last) = req.messages.iter().rev().find(|m| m.role == Role::Assistant) else {
+        return false;
+    };
+    let calls_tools = last.parts.iter().any(|p| matches!(p, Part::ToolCall(_)));
+    let signed_first = match last.parts.first() {
+        Some(Part::Thinking { signature: Some(s), .. }) => !s.is_empty(),
+        Some(Part::RedactedThinking(_)) => true,
+        _ => false,
+    };
+    calls_tools && !signed_first
+}
+
 /// Whether a `json_schema` answer is asked of Anthropic as a forced tool
 /// (no tools of the client's and no thinking: works with every model) rather
 /// than as the native `output_config.format` (keeps tools and thinking;
@@ -285,7 +300,18 @@ pub fn encode_request(req: &ChatRequest, default_max_tokens: u64, loss: &mut Los
     }
     out.insert("messages".into(), Value::Array(messages));
     let mut max_tokens = req.max_tokens.unwrap_or(default_max_tokens).max(1);
-    let reasoning = req.reasoning;
+    let reasoning = req.reasoning.filter(|r| {
+        // While thinking, Anthropic wants the last assistant turn with tool
+        // calls to begin with its signed thinking; clients of other formats
+        // never send that back, so such a turn is answered without thinking.
+        if !r.disabled && last_tool_turn_lacks_signed_thinking(req) {
+            loss.dropped(
+                "reasoning for this turn (the previous tool-calling turn carries no signed Anthropic thinking)",
+            );
+            return false;
+        }
+        true
+    });
     let thinking = reasoning.filter(|r| !r.disabled).and_then(|r| {
         r.budget_tokens
             .or_else(|| r.effort.map(Effort::budget))

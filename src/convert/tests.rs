@@ -484,3 +484,32 @@ fn a_gemini_thought_signature_survives_a_round_trip_through_openai_and_anthropic
     let sent = to_openai["messages"][1]["tool_calls"][0]["id"].as_str().unwrap();
     assert!(!sent.contains("__thought__"), "{to_openai}");
 }
+
+#[test]
+fn thinking_toward_anthropic_is_off_for_a_turn_after_unsigned_tool_calls() {
+    let tool = json!({"type": "function", "function": {"name": "read", "parameters": {"type": "object"}}});
+    let call = json!({"id": "call_1", "type": "function", "function": {"name": "read", "arguments": "{}"}});
+    let body = json!({"model": "c", "reasoning_effort": "high", "tools": [tool], "messages": [
+        {"role": "user", "content": "read it"},
+        {"role": "assistant", "content": null, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "fn main() {}"}]});
+    let mut loss = Loss::default();
+    let ir = openai::decode_request(&body, &mut loss).unwrap();
+    let out = anthropic::encode_request(&ir, 4096, &mut loss).unwrap();
+    assert!(out.get("thinking").is_none(), "{out}");
+    assert!(loss.0.iter().any(|l| l.contains("signed")), "{loss:?}");
+    // A first turn, or a history whose tool turn kept its signed thinking
+    // (an Anthropic client), thinks as asked.
+    let first = json!({"model": "c", "reasoning_effort": "high", "tools": [tool], "messages": [{"role": "user", "content": "read it"}]});
+    let ir = openai::decode_request(&first, &mut Loss::default()).unwrap();
+    let out = anthropic::encode_request(&ir, 4096, &mut Loss::default()).unwrap();
+    assert_eq!(out["thinking"]["type"], "enabled");
+    let claude = json!({"model": "c", "max_tokens": 8000, "thinking": {"type": "enabled", "budget_tokens": 2048}, "messages": [
+        {"role": "user", "content": "read it"},
+        {"role": "assistant", "content": [{"type": "thinking", "thinking": "t", "signature": "sig"},
+                                          {"type": "tool_use", "id": "toolu_1", "name": "read", "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "x"}]}]});
+    let ir = anthropic::decode_request(&claude, &mut Loss::default()).unwrap();
+    let out = anthropic::encode_request(&ir, 4096, &mut Loss::default()).unwrap();
+    assert_eq!(out["thinking"]["budget_tokens"], 2048);
+}
