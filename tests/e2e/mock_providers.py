@@ -3,6 +3,7 @@ the providers do: JSON answers, SSE streams event by event (spread over
 time), tool calls when tools are offered, and the tool result echoed back.
 Every request is recorded for the tests to inspect."""
 
+import gzip
 import json
 import threading
 import time
@@ -99,6 +100,10 @@ class Handler(BaseHTTPRequestHandler):
         data = json.dumps(obj).encode()
         self.send_response(status)
         self.send_header("content-type", "application/json")
+        # As the providers do: JSON answers gzipped for clients that accept it.
+        if "gzip" in self.headers.get("accept-encoding", ""):
+            data = gzip.compress(data)
+            self.send_header("content-encoding", "gzip")
         self.send_header("content-length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)

@@ -117,7 +117,14 @@ class Client:
 def test_chat(gateway, fmt, up):
     text = Client(gateway, fmt, up).chat("hi")
     assert text == f"Hello from {up}-mock.", text
-    last_upstream(up)
+    seen = last_upstream(up)
+    encoding = {k.lower(): v for k, v in seen["headers"].items()}.get("accept-encoding", "")
+    if fmt == up:
+        # Passthrough: the SDK's own Accept-Encoding reaches the mock, which
+        # then gzips its answer as providers do; the SDK got it decoded.
+        assert "gzip" in encoding, seen["headers"]
+    else:
+        assert encoding == "identity", "converted answers are asked for plain"
 
 
 @pytest.mark.parametrize("fmt,up", PAIRS)
