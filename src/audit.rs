@@ -187,8 +187,10 @@ impl Writer {
     fn run(mut self) {
         let mut pending: Vec<AuditRecord> = Vec::with_capacity(self.batch_size);
         let mut last_purge = Instant::now() - RETENTION_EVERY;
+        let mut drops = DropReport::default();
         let mut stopping = false;
         while !stopping {
+            drops.check(&self.stats);
             // Sleep rather than block on the channel: a blocked receiver
             // would make every request's `try_send` a futex wake-up.
             std::thread::sleep(BATCH_WINDOW);
@@ -282,6 +284,33 @@ impl Writer {
                 false
             }
         }
+    }
+}
+
+/// How often, at most, dropped audit records are reported in the log.
+const DROP_REPORT_EVERY: Duration = Duration::from_secs(10);
+
+/// Reports dropped records once per interval (never once per record: a
+/// full queue under load would flood the log).
+#[derive(Default)]
+struct DropReport {
+    reported: u64,
+    last: Option<Instant>,
+}
+
+impl DropReport {
+    fn check(&mut self, stats: &AuditStats) {
+        let dropped = stats.dropped.load(Ordering::Relaxed);
+        if dropped == self.reported || self.last.is_some_and(|t| t.elapsed() < DROP_REPORT_EVERY) {
+            return;
+        }
+        tracing::warn!(
+            dropped = dropped - self.reported,
+            dropped_total = dropped,
+            "Audit records dropped (queue full or database failing); raise audit.queue_size or check the database."
+        );
+        self.reported = dropped;
+        self.last = Some(Instant::now());
     }
 }
 

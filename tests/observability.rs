@@ -310,3 +310,65 @@ async fn a_locked_database_does_not_slow_requests() {
         "rows queued during the stall are written afterwards"
     );
 }
+
+#[tokio::test]
+async fn dropped_audit_records_are_counted_reported_once_and_never_block() {
+    let mock = MockUpstream::start().await;
+    // A one-slot queue and a writer that wakes every 50 ms: a burst must
+    // overflow it.
+    let gw = Gateway::start(
+        &config(&mock, "audit: { queue_size: 1, batch_size: 1 }\n"),
+        &[("r.yaml", ROUTES)],
+    )
+    .await;
+    let c = reqwest::Client::new();
+    let mut tasks = Vec::new();
+    for _ in 0..60 {
+        let c = c.clone();
+        let url = gw.url("/demo/v1/chat/completions");
+        tasks.push(tokio::spawn(async move {
+            let r = c
+                .post(url)
+                .json(&json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]}))
+                .send()
+                .await
+                .unwrap();
+            r.status().as_u16()
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200, "requests never wait on the audit queue");
+    }
+    let ready: serde_json::Value = c
+        .get(gw.admin_url("/health/ready"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let dropped = ready["audit"]["dropped_total"].as_u64().unwrap();
+    assert!(dropped > 0, "{ready}");
+    assert_eq!(
+        ready["ready"], true,
+        "shedding audit rows does not take the gateway out: {ready}"
+    );
+    let metrics = c
+        .get(gw.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(&format!("fastgate_audit_dropped_total {dropped}")),
+        "{metrics}"
+    );
+    // Reported in the log, once for the burst (at most once per 10 s).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !gw.logs().contains("Audit records dropped") && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(gw.logs().matches("Audit records dropped").count(), 1, "{}", gw.logs());
+}

@@ -215,7 +215,17 @@ async fn ready(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
         .await
         .unwrap_or(false);
     let routes = state.app.routes.load().len();
-    let body = json!({"database_writable": db_ok, "routes": routes, "ready": db_ok && routes > 0});
+    // Audit health is reported, not gating: shedding audit rows is better
+    // than taking the gateway out of its balancer.
+    let audit = state.app.audit.stats();
+    let audit = json!({
+        "enabled": state.app.audit.enabled(),
+        "queued": audit.queued.load(std::sync::atomic::Ordering::Relaxed),
+        "written_total": audit.written.load(std::sync::atomic::Ordering::Relaxed),
+        "dropped_total": audit.dropped.load(std::sync::atomic::Ordering::Relaxed),
+        "write_errors_total": audit.write_errors.load(std::sync::atomic::Ordering::Relaxed),
+    });
+    let body = json!({"database_writable": db_ok, "routes": routes, "audit": audit, "ready": db_ok && routes > 0});
     let status = if db_ok && routes > 0 {
         StatusCode::OK
     } else {
