@@ -34,26 +34,28 @@ const REDACTED: &str = "[redacted]";
 
 /// Headers as a JSON object, credentials replaced by `[redacted]`.
 pub fn redact_headers(headers: &http::HeaderMap) -> String {
-    // Written straight into one buffer: this runs once per request.
-    let mut out = String::with_capacity(64 * headers.len().max(1));
-    out.push('{');
+    // Runs once per request: written straight into one buffer, values
+    // escaped by serde_json without a `Value` or a string per header.
+    let mut out = Vec::with_capacity(48 * headers.len().max(1));
+    out.push(b'{');
     for (i, (k, v)) in headers.iter().enumerate() {
         if i > 0 {
-            out.push(',');
+            out.push(b',');
         }
+        // Header names are lower-case tokens: nothing to escape.
+        out.push(b'"');
+        out.extend_from_slice(k.as_str().as_bytes());
+        out.extend_from_slice(b"\":");
         let value = if REDACTED_HEADERS.contains(&k.as_str()) {
             std::borrow::Cow::Borrowed(REDACTED)
         } else {
             String::from_utf8_lossy(v.as_bytes())
         };
-        // Keys are valid header names (no escaping needed); values are escaped.
-        out.push('"');
-        out.push_str(k.as_str());
-        out.push_str("\":");
-        out.push_str(&serde_json::Value::String(value.into_owned()).to_string());
+        // Serializing a string into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut out, value.as_ref());
     }
-    out.push('}');
-    out
+    out.push(b'}');
+    String::from_utf8(out).unwrap_or_default()
 }
 
 /// Path and query with a `key=` parameter's value redacted.
@@ -331,9 +333,16 @@ mod tests {
         h.insert("authorization", "Bearer fg_secret".parse().unwrap());
         h.insert("x-goog-api-key", "g-secret".parse().unwrap());
         h.insert("user-agent", "sdk/1".parse().unwrap());
+        h.insert("x-quoted", http::HeaderValue::from_bytes(b"a \"b\" \\ \xff").unwrap());
         let json = redact_headers(&h);
         assert!(!json.contains("secret"), "{json}");
-        assert!(json.contains("sdk/1"));
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(v["user-agent"], "sdk/1");
+        assert_eq!(v["authorization"], "[redacted]");
+        assert_eq!(
+            v["x-quoted"], "a \"b\" \\ \u{fffd}",
+            "escaped, and lossy for non-UTF-8: {json}"
+        );
         let uri: http::Uri = "/v1beta/models/m:generateContent?alt=sse&key=fg_secret"
             .parse()
             .unwrap();
