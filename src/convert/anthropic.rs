@@ -519,9 +519,13 @@ pub fn encode_response(resp: &ChatResponse) -> Value {
             Part::Thinking { text, signature } => {
                 Some(json!({"type": "thinking", "thinking": text, "signature": signature.clone().unwrap_or_default()}))
             }
+            // A Gemini signature rides in the id the client sends back.
             Part::ToolCall(c) if c.signature.is_some() => {
-                let id = super::id_with_signature(&c.id, c.signature.as_deref());
-                Some(json!({"type": "tool_use", "id": id, "name": c.name, "input": arguments_object(&c.arguments)}))
+                let carried = ToolCall {
+                    id: super::id_with_signature(&c.id, c.signature.as_deref()),
+                    ..c.clone()
+                };
+                encode_block(&Part::ToolCall(carried), &mut synthesized, &mut ignored)
             }
             other => encode_block(other, &mut synthesized, &mut ignored),
         })

@@ -17,6 +17,16 @@ pub struct SseEvent {
 /// make FastGate hold megabytes).
 const MAX_LINE: usize = 4 * 1024 * 1024;
 
+/// A callback for [`SseParser::feed_with`] that keeps owned copies in `out`.
+fn collect_into(out: &mut Vec<SseEvent>) -> impl FnMut(Option<&str>, &str) + '_ {
+    |event, data| {
+        out.push(SseEvent {
+            event: event.map(str::to_string),
+            data: data.to_string(),
+        })
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct SseParser {
     line: Vec<u8>,
@@ -33,12 +43,7 @@ pub struct SseParser {
 impl SseParser {
     /// Feed bytes; complete events are appended to `out`.
     pub fn feed(&mut self, chunk: &[u8], out: &mut Vec<SseEvent>) {
-        self.feed_with(chunk, &mut |event, data| {
-            out.push(SseEvent {
-                event: event.map(str::to_string),
-                data: data.to_string(),
-            })
-        });
+        self.feed_with(chunk, &mut collect_into(out));
     }
 
     /// Feed bytes; `on_event(event, data)` is called for each complete
@@ -89,12 +94,7 @@ impl SseParser {
     /// The stream ended: an event still open (no blank line after it) is
     /// dispatched.
     pub fn finish(&mut self, out: &mut Vec<SseEvent>) {
-        self.finish_with(&mut |event, data| {
-            out.push(SseEvent {
-                event: event.map(str::to_string),
-                data: data.to_string(),
-            })
-        });
+        self.finish_with(&mut collect_into(out));
     }
 
     /// [`SseParser::finish`], with a callback like [`SseParser::feed_with`].

@@ -172,20 +172,15 @@ fn embeddings_plan(
             )));
         }
     };
-    Ok(Some(Plan {
-        client,
-        upstream,
-        stream: false,
-        include_usage: false,
-        model: req.model.clone(),
-        gemini_array: false,
-        names: ToolNames::default(),
-        json_tool: None,
-        loss: Loss::default(),
-        body: Bytes::from(serde_json::to_vec(&body).unwrap_or_default()),
+    let model = req.model.clone();
+    Ok(Some(Plan::whole(
+        Op::Embed(req),
+        (client, upstream),
+        model,
+        &body,
         path,
-        op: Op::Embed(req),
-    }))
+        Loss::default(),
+    )))
 }
 
 /// Whether `provider` has a token-counting endpoint a converted count can
@@ -243,20 +238,7 @@ fn count_plan(
             )));
         }
     };
-    Ok(Plan {
-        client,
-        upstream,
-        stream: false,
-        include_usage: false,
-        model: req.model.clone(),
-        gemini_array: false,
-        names: ToolNames::default(),
-        json_tool: None,
-        loss,
-        body: Bytes::from(serde_json::to_vec(&body).unwrap_or_default()),
-        path,
-        op: Op::Count,
-    })
+    Ok(Plan::whole(Op::Count, (client, upstream), req.model, &body, path, loss))
 }
 
 /// A token-count request in the client's format, as a chat request.
@@ -274,6 +256,32 @@ fn decode_count(client: Format, path: &str, json: &Value, loss: &mut Loss) -> Re
 }
 
 impl Plan {
+    /// A plan whose answer comes whole (embeddings, token counts): no stream,
+    /// no tools to map back.
+    fn whole(
+        op: Op,
+        (client, upstream): (Format, Format),
+        model: String,
+        body: &Value,
+        path: String,
+        loss: Loss,
+    ) -> Self {
+        Plan {
+            op,
+            client,
+            upstream,
+            stream: false,
+            include_usage: false,
+            model,
+            gemini_array: false,
+            names: ToolNames::default(),
+            json_tool: None,
+            loss,
+            body: Bytes::from(serde_json::to_vec(body).unwrap_or_default()),
+            path,
+        }
+    }
+
     /// Fit the rewritten upstream request to the conversion: path, plain
     /// (uncompressed) answers, JSON body, no headers of the client's format.
     pub fn adjust(&self, req: &mut pingora::http::RequestHeader, base_path: &str) -> Result<(), GatewayError> {
