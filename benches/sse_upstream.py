@@ -1,15 +1,16 @@
 #!/usr/bin/env python3
 """A minimal SSE upstream for TTFB and conversion measurements: answers
 every request at once with `text/event-stream` headers and a first event,
-then 10 more events DELAY ms apart (5 by default; 0 for load runs), in
-OpenAI's format, or Anthropic's for `/v1/messages`. Keep-alive, chunked,
-HTTP/1.1. Usage: sse_upstream.py PORT [DELAY_MS]"""
+then EVENTS more events (10 by default) DELAY ms apart (5 by default; 0 for
+load runs), in OpenAI's format, or Anthropic's for `/v1/messages`.
+Keep-alive, chunked, HTTP/1.1. Usage: sse_upstream.py PORT [DELAY_MS [EVENTS]]"""
 import asyncio
 import sys
 
 EVENT = b'data: {"choices":[{"index":0,"delta":{"content":"tok"}}]}\n\n'
 DONE = b"data: [DONE]\n\n"
 DELAY = (float(sys.argv[2]) if len(sys.argv) > 2 else 5.0) / 1000
+EVENTS = int(sys.argv[3]) if len(sys.argv) > 3 else 10
 ANTHROPIC_START = (
     b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_1","type":"message",'
     b'"role":"assistant","model":"m","content":[],"usage":{"input_tokens":12,"output_tokens":1}}}\n\n'
@@ -52,7 +53,7 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
                 b"transfer-encoding: chunked\r\n\r\n" + chunk(first)
             )
             await writer.drain()
-            for _ in range(10):
+            for _ in range(EVENTS):
                 if DELAY:
                     await asyncio.sleep(DELAY)
                 writer.write(chunk(event))
@@ -65,7 +66,7 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
 
 
 async def main() -> None:
-    server = await asyncio.start_server(handle, "127.0.0.1", int(sys.argv[1]))
+    server = await asyncio.start_server(handle, "127.0.0.1", int(sys.argv[1]), backlog=4096)
     async with server:
         await server.serve_forever()
 

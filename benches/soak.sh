@@ -1,0 +1,136 @@
+#!/usr/bin/env bash
+# Soak: FastGate (everything on, audit with header capture) at about half of
+# its maximum RPS for SOAK_S seconds (default 600). Once a second it samples
+# the proxy's RSS (/proc) and its request counter (/metrics), then writes a
+# CSV, a PNG plot (RSS and RPS over time) and a verdict: RSS after warm-up
+# (the first WARMUP_S seconds, default 60) within ±5 % of its mean, no
+# non-2xx answers and no dropped audit rows.
+#
+#   bash benches/soak.sh                       # 10 minutes
+#   SOAK_S=120 bash benches/soak.sh            # a quick look
+#
+# Needs wrk, nginx, curl, python3; the plot needs matplotlib (installed into
+# target/bench-venv on first use). Output: benches/results/soak-latest.{csv,md}
+# and docs/soak.png (PLOT=... to write it elsewhere).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SOAK_S=${SOAK_S:-600}
+WARMUP_S=${WARMUP_S:-60}
+LOAD=${LOAD:-0.5}
+DELAY_MS=${DELAY_MS:-5}
+BASE=${BASE_PORT:-18400}
+UP=$BASE; FG=$((BASE+1)); ADMIN=$((BASE+2))
+CSV=benches/results/soak-latest.csv
+MD=benches/results/soak-latest.md
+PLOT=${PLOT:-docs/soak.png}
+
+for tool in wrk nginx curl python3; do
+  command -v $tool >/dev/null || { echo "missing $tool (apt-get install wrk nginx-light curl)"; exit 1; }
+done
+VENV=target/bench-venv
+if ! "$VENV/bin/python" -c 'import matplotlib' 2>/dev/null; then
+  python3 -m venv "$VENV" && "$VENV/bin/pip" install -q matplotlib
+fi
+cargo build --release --locked --bin fastgate >&2
+FASTGATE=target/release/fastgate
+
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; sleep 0.3; rm -rf "$WORK"; }
+trap cleanup EXIT
+wait_port() { for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
+
+mkdir -p "$WORK/up/logs" "$WORK/fg/routes.d"
+cat > "$WORK/up/nginx.conf" <<NGX
+daemon off; worker_processes 1; pid $WORK/up/nginx.pid; error_log $WORK/up/logs/error.log warn;
+events { worker_connections 4096; }
+http { access_log off; keepalive_requests 1000000;
+  server { listen 127.0.0.1:$UP reuseport;
+    location / { default_type application/json;
+      return 200 '{"id":"c1","object":"chat.completion","model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"Hello"},"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":1,"total_tokens":13}}'; } } }
+NGX
+nginx -p "$WORK/up" -c "$WORK/up/nginx.conf" & PIDS+=($!)
+cat > "$WORK/fg/fastgate.yaml" <<YML
+server: { listen: 127.0.0.1:$FG, threads: 1 }
+admin: { listen: 127.0.0.1:$ADMIN }
+database: { path: $WORK/fg/fg.db }
+logging: { level: warn }
+routes_dir: $WORK/fg/routes.d
+upstreams:
+  up: { provider: openai, endpoints: ['http://127.0.0.1:$UP'], key_pool: p }
+key_pools:
+  p: { keys: [sk-bench-1, sk-bench-2, sk-bench-3], strategy: round_robin }
+YML
+cat > "$WORK/fg/routes.d/bench.yaml" <<YML
+routes:
+  - { name: chat, match: { path: /v1/chat/completions, methods: [POST], model: ['gpt-4o*'] }, format: openai, upstream: up }
+YML
+export FG_KEY=$($FASTGATE keys -c "$WORK/fg/fastgate.yaml" create --name bench --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["secret"])')
+FASTGATE_ADMIN_PASSWORD=bench-admin-password $FASTGATE serve -c "$WORK/fg/fastgate.yaml" >/dev/null 2>"$WORK/fg/log" & PIDS+=($!)
+FG_PID=$!
+wait_port $UP; wait_port $FG; wait_port $ADMIN
+URL=http://127.0.0.1:$FG/v1/chat/completions
+
+rps_of() { awk '/Requests\/sec/ {printf "%d", $2}'; }
+MAX=$(wrk -t1 -c32 -d5s -s benches/post.lua $URL | rps_of)
+TARGET=$(awk -v m=$MAX -v l=$LOAD 'BEGIN {printf "%d", m*l}')
+# Paced connections: each waits DELAY_MS between requests. One calibration run.
+CONNS=$(awk -v t=$TARGET -v d=$DELAY_MS 'BEGIN {c=int(t*(d+0.3)/1000+0.5); print (c<1?1:c)}')
+GOT=$(DELAY_MS=$DELAY_MS wrk -t1 -c$CONNS -d5s -s benches/delay.lua $URL | rps_of)
+CONNS=$(awk -v c=$CONNS -v t=$TARGET -v g=$GOT 'BEGIN {c=int(c*t/g+0.5); print (c<1?1:c)}')
+echo "max $MAX RPS; target $TARGET RPS with $CONNS paced connections (calibration gave $GOT)" >&2
+
+requests_total() { curl -s http://127.0.0.1:$ADMIN/metrics | awk '/^fastgate_requests_total/ {s+=$NF} END {printf "%d", s}'; }
+DELAY_MS=$DELAY_MS wrk -t1 -c$CONNS -d${SOAK_S}s -s benches/delay.lua $URL > "$WORK/wrk.out" & WRK=$!
+PIDS+=($WRK)
+echo "t_s,rss_kb,requests_total" > $CSV
+start=$(date +%s.%N)
+echo "0,$(awk '/VmRSS/ {print $2}' /proc/$FG_PID/status),$(requests_total)" >> $CSV
+for t in $(seq 1 "$SOAK_S"); do
+  sleep $(awk -v s=$start -v t=$t -v now=$(date +%s.%N) 'BEGIN {d=s+t-now; print (d>0?d:0)}')
+  echo "$t,$(awk '/VmRSS/ {print $2}' /proc/$FG_PID/status),$(requests_total)" >> $CSV
+done
+wait $WRK || true
+NON2XX=$(awk '/Non-2xx/ {print $4}' "$WORK/wrk.out")
+HEALTH=$(curl -s http://127.0.0.1:$ADMIN/health/ready)
+
+"$VENV/bin/python" - "$CSV" "$PLOT" "$WARMUP_S" "$MAX" "$TARGET" "${NON2XX:-0}" "$HEALTH" <<'PY' | tee "$MD"
+import csv, json, sys
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+path, plot, warm, mx, target, non2xx, health = sys.argv[1:8]
+rows = list(csv.DictReader(open(path)))
+t = [int(r["t_s"]) for r in rows]
+rss = [int(r["rss_kb"]) / 1024 for r in rows]
+total = [int(r["requests_total"]) for r in rows]
+rps = [b - a for a, b in zip(total, total[1:])]
+t, rss, total = t[1:], rss[1:], total[1:]
+after = [r for x, r in zip(t, rss) if x > int(warm)]
+mean = sum(after) / len(after)
+spread = max(abs(max(after) - mean), abs(mean - min(after))) / mean * 100
+steady = rps
+audit = json.loads(health).get("audit", {})
+flat = spread <= 5
+fig, ax = plt.subplots(figsize=(9, 4.5))
+ax.plot(t, rss, color="tab:blue", label="RSS (MiB)")
+ax.set_xlabel("seconds")
+ax.set_ylabel("RSS (MiB)", color="tab:blue")
+ax.set_ylim(0, max(rss) * 1.3)
+ax.axvline(int(warm), color="grey", linestyle=":", linewidth=1)
+ax2 = ax.twinx()
+ax2.plot(t, rps, color="tab:orange", linewidth=0.6, label="requests/s")
+ax2.set_ylabel("requests/s", color="tab:orange")
+ax2.set_ylim(0, max(rps) * 1.3)
+ax.set_title(f"FastGate soak: {len(t)} s at {target} RPS target (max {mx}); RSS after warm-up {mean:.1f} MiB ±{spread:.1f} %")
+fig.tight_layout()
+fig.savefig(plot, dpi=100)
+print(f"### Soak — {len(t)} s, target {target} RPS (50 % of the {mx} RPS maximum)\n")
+print(f"- RPS over the run: mean {sum(steady)/len(steady):.0f}, min {min(steady)}, max {max(steady)} (per second, from /metrics)")
+print(f"- RSS: start {rss[0]:.1f} MiB; after the {warm} s warm-up mean {mean:.1f} MiB, min {min(after):.1f}, max {max(after):.1f}: ±{spread:.1f} % ({'flat' if flat else 'NOT flat'})")
+print(f"- non-2xx answers: {non2xx}; audit rows written {audit.get('written_total')}, dropped {audit.get('dropped_total')}, write errors {audit.get('write_errors_total')}")
+print(f"- plot: {plot}")
+ok = flat and non2xx == "0" and audit.get("dropped_total") == 0
+sys.exit(0 if ok else 1)
+PY
