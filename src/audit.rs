@@ -46,13 +46,23 @@ pub fn redact_headers(headers: &http::HeaderMap) -> String {
         out.push(b'"');
         out.extend_from_slice(k.as_str().as_bytes());
         out.extend_from_slice(b"\":");
-        let value = if REDACTED_HEADERS.contains(&k.as_str()) {
-            std::borrow::Cow::Borrowed(REDACTED)
+        let bytes = v.as_bytes();
+        if REDACTED_HEADERS.contains(&k.as_str()) {
+            out.push(b'"');
+            out.extend_from_slice(REDACTED.as_bytes());
+            out.push(b'"');
+        } else if bytes
+            .iter()
+            .all(|&b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+        {
+            // The usual value: printable ASCII with nothing to escape.
+            out.push(b'"');
+            out.extend_from_slice(bytes);
+            out.push(b'"');
         } else {
-            String::from_utf8_lossy(v.as_bytes())
-        };
-        // Serializing a string into a Vec cannot fail.
-        let _ = serde_json::to_writer(&mut out, value.as_ref());
+            // Serializing a string into a Vec cannot fail.
+            let _ = serde_json::to_writer(&mut out, String::from_utf8_lossy(bytes).as_ref());
+        }
     }
     out.push(b'}');
     String::from_utf8(out).unwrap_or_default()

@@ -119,21 +119,14 @@ pub fn finish(session: &Session, ctx: &mut RequestCtx, e: Option<&pingora::Error
         })
         .flatten();
     let endpoint = match (&ctx.upstream.upstream, &ctx.upstream.target) {
-        (Some(u), Some(t)) if !u.endpoints.is_empty() => {
-            let ep = u.endpoint(t);
-            Some(format!(
-                "{}://{}{}",
-                if ep.tls { "https" } else { "http" },
-                ep.authority,
-                ep.base_path
-            ))
-        }
+        (Some(u), Some(t)) if !u.endpoints.is_empty() => Some(u.endpoint(t).display.clone()),
         (Some(u), _) if u.is_mock() => Some("mock".to_string()),
         _ => None,
     };
     let path_is_stream = req.uri.path().ends_with(":streamGenerateContent");
     let record = AuditRecord {
-        request_id: ctx.request_id.clone(),
+        // The last use of the id: the log line above has been written.
+        request_id: std::mem::take(&mut ctx.request_id),
         ts_ms: ctx.started_ms,
         key_id: ctx.key.as_ref().map(|k| k.id.clone()),
         owner: ctx.key.as_ref().map(|k| k.owner.clone()).filter(|o| !o.is_empty()),

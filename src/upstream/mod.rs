@@ -50,6 +50,9 @@ pub struct EndpointUrl {
     pub base_path: String,
     /// The `Host` header upstream expects (`host` or `host:port`).
     pub authority: String,
+    /// `scheme://authority/base_path`, as the audit log records it (built
+    /// once here, not per request).
+    pub display: String,
 }
 
 impl EndpointUrl {
@@ -74,12 +77,15 @@ impl EndpointUrl {
             Some(p) => format!("{}:{p}", url.host_str().unwrap_or_default()),
             None => url.host_str().unwrap_or_default().to_string(),
         };
+        let base_path = url.path().trim_end_matches('/').to_string();
+        let display = format!("{}://{authority}{base_path}", if tls { "https" } else { "http" });
         Ok(EndpointUrl {
             tls,
             host,
             port,
-            base_path: url.path().trim_end_matches('/').to_string(),
+            base_path,
             authority,
+            display,
         })
     }
 }
