@@ -345,6 +345,7 @@ async fn send(
             continue;
         }
         let result: pingora::Result<()> = async {
+            let _cork = (!body.is_empty()).then(|| Cork::new(&s));
             s.write_request_header(Box::new(req.clone())).await?;
             s.write_request_body(body.clone(), true).await?;
             s.finish_request_body().await?;
@@ -376,6 +377,55 @@ async fn send(
                 };
             }
         }
+    }
+}
+
+/// Holds partial TCP frames while set (`TCP_CORK`), so a request header and
+/// the body FastGate already holds leave in one segment: Pingora flushes the
+/// header on its own, which would cost the upstream a second wake-up and
+/// this process a second loopback/NIC transmit per request. Uncorked on
+/// drop, whatever happened in between.
+struct Cork(Option<std::os::fd::RawFd>);
+
+impl Cork {
+    fn new(session: &HttpSession) -> Self {
+        use std::os::fd::AsRawFd;
+        // Plain TCP only: Pingora's TLS streams do not expose their socket.
+        Cork(
+            session
+                .as_http1()
+                .and_then(|h1| {
+                    h1.stream()
+                        .as_any()
+                        .downcast_ref::<pingora::protocols::l4::stream::Stream>()
+                })
+                .map(AsRawFd::as_raw_fd)
+                .filter(|&fd| set_cork(fd, true)),
+        )
+    }
+}
+
+impl Drop for Cork {
+    fn drop(&mut self) {
+        if let Some(fd) = self.0 {
+            set_cork(fd, false);
+        }
+    }
+}
+
+/// Whether the option was set (false on a non-TCP socket).
+fn set_cork(fd: std::os::fd::RawFd, on: bool) -> bool {
+    let value = libc::c_int::from(on);
+    // SAFETY: `fd` is the live socket of a session borrowed by the caller;
+    // the option value is a c_int on the stack, passed with its size.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_CORK,
+            std::ptr::from_ref(&value).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        ) == 0
     }
 }
 
