@@ -26,7 +26,7 @@ CONNS=${CONNS:-32}
 PROXY_THREADS=${PROXY_THREADS:-1}
 OUT=${OUT:-benches/results/latest.md}
 BASE=${BASE_PORT:-18100}
-UP=$BASE; PINGORA=$((BASE+1)); NGINX=$((BASE+2)); FG=$((BASE+3)); SSE=$((BASE+4)); FGNA=$((BASE+5))
+UP=$BASE; PINGORA=$((BASE+1)); NGINX=$((BASE+2)); FG=$((BASE+3)); SSE=$((BASE+4)); FGNA=$((BASE+5)); PINGORA_SSE=$((BASE+6))
 
 for tool in wrk nginx curl python3; do
   command -v $tool >/dev/null || { echo "missing $tool (apt-get install wrk nginx-light curl)"; exit 1; }
@@ -67,6 +67,8 @@ NGINX_PX_MASTER=$!
 python3 benches/sse_upstream.py $SSE & PIDS+=($!)
 $BARE 127.0.0.1:$PINGORA 127.0.0.1:$UP $PROXY_THREADS 2>/dev/null & PIDS+=($!)
 BARE_PID=$!
+# A second bare Pingora in front of the SSE upstream, for time to first byte.
+$BARE 127.0.0.1:$PINGORA_SSE 127.0.0.1:$SSE $PROXY_THREADS 2>/dev/null & PIDS+=($!)
 
 # --- FastGate: one instance with the audit log (the default), one without ---
 fastgate_instance() { # dir port admin_port audit_enabled
@@ -110,7 +112,7 @@ FASTGATE_ADMIN_PASSWORD=bench-admin-password $FASTGATE serve -c "$WORK/fg/fastga
 FG_PID=$!
 FASTGATE_ADMIN_PASSWORD=bench-admin-password $FASTGATE serve -c "$WORK/fgna/fastgate.yaml" >/dev/null 2>"$WORK/fgna/log" & PIDS+=($!)
 FGNA_PID=$!
-for p in $UP $NGINX $PINGORA $FG $SSE $FGNA; do wait_port $p; done
+for p in $UP $NGINX $PINGORA $FG $SSE $FGNA $PINGORA_SSE; do wait_port $p; done
 sleep 0.5
 rss_kb() { awk '/VmRSS/ {print $2}' /proc/$1/status; }
 FG_RSS_IDLE=$(rss_kb $FG_PID)
@@ -174,11 +176,16 @@ for r in $(seq "$ROUNDS"); do
   for c in direct fastgate pingora; do run_wrk $c 1 4; L1[$c]="${L1[$c]:-} $R_P50"; done
 done
 
-# SSE time to first byte, direct vs through FastGate (curl's own timer), alternating.
+# SSE time to first byte, direct vs through bare Pingora vs through FastGate
+# (curl's own timer, a new connection each), alternating.
 ttfb() { curl -s -o /dev/null -w '%{time_starttransfer}\n' -X POST -H "Authorization: Bearer $FG_KEY" -H 'content-type: application/json' -d '{"model":"m","stream":true}' "$1"; }
-D=(); F=()
-for i in $(seq 150); do D+=($(ttfb "http://127.0.0.1:$SSE/v1/chat/completions")); F+=($(ttfb "http://127.0.0.1:$FG/sse")); done
-TTFB_D=$(printf '%s\n' "${D[@]}" | median); TTFB_F=$(printf '%s\n' "${F[@]}" | median)
+D=(); P=(); F=()
+for i in $(seq 150); do
+  D+=($(ttfb "http://127.0.0.1:$SSE/v1/chat/completions"))
+  P+=($(ttfb "http://127.0.0.1:$PINGORA_SSE/v1/chat/completions"))
+  F+=($(ttfb "http://127.0.0.1:$FG/sse"))
+done
+TTFB_D=$(printf '%s\n' "${D[@]}" | median); TTFB_P=$(printf '%s\n' "${P[@]}" | median); TTFB_F=$(printf '%s\n' "${F[@]}" | median)
 
 {
   echo "### Run $(date -u +%Y-%m-%dT%H:%MZ) — $(nproc) cores, ${DURATION}s x ${ROUNDS} rounds, c$CONNS, proxies with $PROXY_THREADS worker thread(s)"
@@ -194,7 +201,7 @@ TTFB_D=$(printf '%s\n' "${D[@]}" | median); TTFB_F=$(printf '%s\n' "${F[@]}" | m
   echo
   d1=$(echo ${L1[direct]} | median); f1=$(echo ${L1[fastgate]} | median); p1=$(echo ${L1[pingora]} | median)
   echo "- p50 at 1 connection: direct ${d1} ms, bare Pingora ${p1} ms, FastGate ${f1} ms → FastGate adds $(awk -v a=$f1 -v b=$d1 'BEGIN{printf "%.3f", a-b}') ms over direct"
-  echo "- SSE time to first byte (median of 150, curl): direct $(awk -v v=$TTFB_D 'BEGIN{printf "%.3f", v*1000}') ms, through FastGate $(awk -v v=$TTFB_F 'BEGIN{printf "%.3f", v*1000}') ms → adds $(awk -v a=$TTFB_F -v b=$TTFB_D 'BEGIN{printf "%.3f", (a-b)*1000}') ms"
+  echo "- SSE time to first byte (median of 150, curl, new connection each): direct $(awk -v v=$TTFB_D 'BEGIN{printf "%.3f", v*1000}') ms, bare Pingora $(awk -v v=$TTFB_P 'BEGIN{printf "%.3f", v*1000}') ms, FastGate $(awk -v v=$TTFB_F 'BEGIN{printf "%.3f", v*1000}') ms → FastGate adds $(awk -v a=$TTFB_F -v b=$TTFB_D 'BEGIN{printf "%.3f", (a-b)*1000}') ms over direct, $(awk -v a=$TTFB_F -v b=$TTFB_P 'BEGIN{printf "%.3f", (a-b)*1000}') ms over bare Pingora"
   echo "- FastGate RSS: idle $((FG_RSS_IDLE/1024)) MiB, under load $((FG_RSS_LOAD/1024)) MiB"
   FA=$(echo ${RPS[fastgate]} | median); FN=$(echo ${RPS[fg-noaudit]} | median)
   echo "- Audit log on vs off (same route, same run): $(awk -v a=$FA -v b=$FN 'BEGIN{printf "%.2f", a/b}') × RPS"
