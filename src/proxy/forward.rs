@@ -97,7 +97,7 @@ pub async fn exchange(state: &Arc<AppState>, session: &mut Session, ctx: &mut Re
         ctx.upstream.slot = None;
         if let Some(mock_cfg) = &upstream.mock {
             ctx.upstream.attempts += 1;
-            if let Err(e) = mock::respond(session, ctx, mock_cfg).await {
+            if let Err(e) = Box::pin(mock::respond(session, ctx, mock_cfg)).await {
                 // Writing failed: the client is gone.
                 tracing::debug!(request_id = %ctx.request_id, error = %e, "Client went away during the mock answer.");
                 ctx.response.cut_short = true;
@@ -188,8 +188,11 @@ pub async fn exchange(state: &Arc<AppState>, session: &mut Session, ctx: &mut Re
                 tokio::time::sleep(WATCH_CLIENT_AFTER).await;
                 session.downstream_session.read_body_or_idle(true).await
             };
+            // Boxed: connecting and sending is the largest state of this
+            // exchange (about 10 KiB, most of it Pingora's connector). Held
+            // inline, every open stream would carry it until its end.
             let attempt = tokio::select! {
-                a = send(state, &peer, req, send_body.clone(), first_byte, &upstream.name) => a,
+                a = Box::pin(send(state, &peer, req, send_body.clone(), first_byte, &upstream.name)) => a,
                 _ = client_gone => {
                     tracing::debug!(request_id = %ctx.request_id, "Client disconnected before the answer; cancelling the upstream request.");
                     ctx.upstream.lease = None;
@@ -245,7 +248,17 @@ pub async fn exchange(state: &Arc<AppState>, session: &mut Session, ctx: &mut Re
                     }
                     if let Some(p) = &plan {
                         let idle = upstream.timeouts.idle.0;
-                        return super::convert::respond(state, session, ctx, (*up, &peer), p, idle, prefix).await;
+                        // Boxed like `send`: only a converted answer carries it.
+                        return Box::pin(super::convert::respond(
+                            state,
+                            session,
+                            ctx,
+                            (*up, &peer),
+                            p,
+                            idle,
+                            prefix,
+                        ))
+                        .await;
                     }
                     stream_response(state, session, ctx, *up, &peer, prefix).await;
                     return Ok(());
