@@ -9,6 +9,8 @@
 #   bash benches/soak.sh                       # 10 minutes
 #   SOAK_S=120 bash benches/soak.sh            # a quick look
 #
+# The audit log grows by roughly 1 KB per request (about 6 GB in 10 minutes
+# at 10k RPS): check free disk space first.
 # Needs wrk, nginx, curl, python3; the plot needs matplotlib (installed into
 # target/bench-venv on first use). Output: benches/results/soak-latest.{csv,md}
 # and docs/soak.png (PLOT=... to write it elsewhere).
@@ -94,13 +96,14 @@ done
 wait $WRK || true
 NON2XX=$(awk '/Non-2xx/ {print $4}' "$WORK/wrk.out")
 HEALTH=$(curl -s http://127.0.0.1:$ADMIN/health/ready)
+DB_MB=$(du -sm "$WORK/fg" | awk '{print $1}')
 
-"$VENV/bin/python" - "$CSV" "$PLOT" "$WARMUP_S" "$MAX" "$TARGET" "${NON2XX:-0}" "$HEALTH" <<'PY' | tee "$MD"
+"$VENV/bin/python" - "$CSV" "$PLOT" "$WARMUP_S" "$MAX" "$TARGET" "${NON2XX:-0}" "$HEALTH" "$DB_MB" <<'PY' | tee "$MD"
 import csv, json, sys
 import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-path, plot, warm, mx, target, non2xx, health = sys.argv[1:8]
+path, plot, warm, mx, target, non2xx, health, db_mb = sys.argv[1:9]
 rows = list(csv.DictReader(open(path)))
 t = [int(r["t_s"]) for r in rows]
 rss = [int(r["rss_kb"]) / 1024 for r in rows]
@@ -130,6 +133,7 @@ print(f"### Soak — {len(t)} s, target {target} RPS (50 % of the {mx} RPS maxim
 print(f"- RPS over the run: mean {sum(steady)/len(steady):.0f}, min {min(steady)}, max {max(steady)} (per second, from /metrics)")
 print(f"- RSS: start {rss[0]:.1f} MiB; after the {warm} s warm-up mean {mean:.1f} MiB, min {min(after):.1f}, max {max(after):.1f}: ±{spread:.1f} % ({'flat' if flat else 'NOT flat'})")
 print(f"- non-2xx answers: {non2xx}; audit rows written {audit.get('written_total')}, dropped {audit.get('dropped_total')}, write errors {audit.get('write_errors_total')}")
+print(f"- database with the audit log at the end: {db_mb} MB")
 print(f"- plot: {plot}")
 ok = flat and non2xx == "0" and audit.get("dropped_total") == 0
 sys.exit(0 if ok else 1)
