@@ -5,57 +5,53 @@ use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 
 #[derive(Debug, Parser)]
-#[command(name = "fastgate", version, about = "An LLM API gateway on Cloudflare's Pingora")]
+#[command(name = "fastgate", version = crate::BUILD, about = "An LLM API gateway on Cloudflare's Pingora")]
 pub struct Cli {
-    #[command(subcommand)]
-    pub command: Command,
-}
-
-#[derive(Debug, Args, Clone)]
-pub struct ConfigArg {
-    /// The main configuration file.
+    /// The main configuration file (before or after the command, like any option).
     #[arg(
         short = 'c',
         long = "config",
         env = "FASTGATE_CONFIG",
-        default_value = "conf/fastgate.yaml"
+        default_value = "conf/fastgate.yaml",
+        global = true
     )]
-    pub path: PathBuf,
+    pub config: PathBuf,
+    #[command(subcommand)]
+    pub command: Command,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the gateway (SIGTERM/SIGINT drain and stop; SIGHUP reloads routes.d).
-    Serve(ConfigArg),
+    Serve,
     /// Validate the config and every routes.d file without serving (like `nginx -t`).
-    Check(ConfigArg),
+    Check,
     /// Manage admin-service users.
     Users {
-        #[command(flatten)]
-        config: ConfigArg,
         #[command(subcommand)]
         action: UsersAction,
     },
     /// Read the audit log.
     Logs {
-        #[command(flatten)]
-        config: ConfigArg,
         #[command(subcommand)]
         action: LogsAction,
     },
     /// Work with routes.d.
     Routes {
-        #[command(flatten)]
-        config: ConfigArg,
         #[command(subcommand)]
         action: RoutesAction,
     },
     /// Manage gateway keys (what clients present).
     Keys {
-        #[command(flatten)]
-        config: ConfigArg,
         #[command(subcommand)]
         action: KeysAction,
+    },
+    /// Print the version and the commit it was built from.
+    Version,
+    /// Print a shell completion script: `source <(fastgate completions bash)`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
     },
 }
 

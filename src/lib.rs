@@ -5,6 +5,9 @@
 //! `main.rs` only wires these together; everything lives here so tests and
 //! benches can reach it.
 
+/// `<version> (<commit>)`: what `fastgate version` and `--version` print.
+pub const BUILD: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("FASTGATE_GIT_SHA"), ")");
+
 pub mod admin;
 pub mod audit;
 pub mod auth;

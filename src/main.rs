@@ -39,33 +39,43 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
+    let c = &cli.config;
     match cli.command {
-        Command::Serve(c) => {
-            let config = config::load_config(&c.path)?;
+        Command::Serve => {
+            let config = config::load_config(c)?;
             init_tracing(config.file.logging.format, &config.file.logging.level);
             let state = AppState::build(config)?;
             fastgate::server::run(state)?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Check(c) => check(&c.path),
-        Command::Users { config: c, action } => {
-            init_tracing(LogFormat::Text, "warn");
-            cli_ops::users(&config::load_config(&c.path)?, action)?;
+        Command::Check => check(c),
+        Command::Version => {
+            println!("fastgate {}", fastgate::BUILD);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Logs { config: c, action } => {
-            init_tracing(LogFormat::Text, "warn");
-            cli_ops::logs(&config::load_config(&c.path)?, action)?;
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "fastgate", &mut std::io::stdout());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Routes { config: c, action } => {
+        Command::Users { action } => {
+            init_tracing(LogFormat::Text, "warn");
+            cli_ops::users(&config::load_config(c)?, action)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Logs { action } => {
+            init_tracing(LogFormat::Text, "warn");
+            cli_ops::logs(&config::load_config(c)?, action)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Routes { action } => {
             init_tracing(LogFormat::Text, "error");
-            let code = cli_ops::routes(&config::load_config(&c.path)?, action)?;
+            let code = cli_ops::routes(&config::load_config(c)?, action)?;
             Ok(ExitCode::from(code as u8))
         }
-        Command::Keys { config: c, action } => {
+        Command::Keys { action } => {
             init_tracing(LogFormat::Text, "warn");
-            let config = config::load_config(&c.path)?;
+            let config = config::load_config(c)?;
             let conn = store::open(&config.database_path)?;
             keys(&conn, action)?;
             Ok(ExitCode::SUCCESS)

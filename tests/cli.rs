@@ -357,3 +357,74 @@ async fn operator_commands_users_keys_logs_routes() {
     );
     assert!(!ok);
 }
+
+/// `-c` is a global option: before the command, between command and
+/// action, or after the action's own options, as operators type it.
+#[test]
+fn the_config_option_is_accepted_anywhere_on_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("routes.d")).unwrap();
+    let cfg = dir.path().join("fastgate.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "database:\n  path: {}\nroutes_dir: {}\n",
+            dir.path().join("fg.db").display(),
+            dir.path().join("routes.d").display()
+        ),
+    )
+    .unwrap();
+    let cfg = cfg.to_str().unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(bin()).args(args).current_dir(dir.path()).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    run(&["-c", cfg, "keys", "create", "--name", "before"]);
+    run(&["keys", "-c", cfg, "create", "--name", "between"]);
+    run(&["keys", "create", "--name", "after", "-c", cfg]);
+    let listed: Value = serde_json::from_str(&run(&["keys", "list", "--json", "--config", cfg])).unwrap();
+    let mut names: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["name"].as_str().unwrap())
+        .collect();
+    names.sort_unstable();
+    assert_eq!(
+        names,
+        ["after", "before", "between"],
+        "all three reached the same database"
+    );
+    assert!(run(&["check", "-c", cfg]).contains("configuration ok"));
+}
+
+#[test]
+fn version_and_shell_completions_print() {
+    let out = Command::new(bin()).arg("version").output().unwrap();
+    let version = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success());
+    assert!(
+        version.starts_with(&format!("fastgate {} (", env!("CARGO_PKG_VERSION"))),
+        "{version}"
+    );
+    for (shell, marker) in [
+        ("bash", "complete -F"),
+        ("zsh", "#compdef fastgate"),
+        ("fish", "complete -c fastgate"),
+    ] {
+        let out = Command::new(bin()).args(["completions", shell]).output().unwrap();
+        let script = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && script.contains(marker),
+            "{shell}: {script:.200}"
+        );
+        assert!(script.contains("keys"), "{shell}: the subcommands are in the script");
+    }
+    let out = Command::new(bin()).args(["completions", "tcsh"]).output().unwrap();
+    assert!(!out.status.success(), "an unknown shell is refused");
+}
