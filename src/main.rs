@@ -14,16 +14,28 @@ use std::process::ExitCode;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Pingora logs whole HTTP headers at `trace` (the client's request with its
+/// gateway key, the request written upstream with the injected pool key):
+/// its trace events are dropped whatever `FASTGATE_LOG` says.
+fn not_pingora_trace(meta: &tracing::Metadata<'_>) -> bool {
+    !(*meta.level() == tracing::Level::TRACE && meta.target().starts_with("pingora"))
+}
+
 fn init_tracing(format: LogFormat, default_level: &str) {
+    use tracing_subscriber::{Layer, filter::filter_fn, layer::SubscriberExt, util::SubscriberInitExt};
     let filter = tracing_subscriber::EnvFilter::try_from_env("FASTGATE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let layer = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry().with(filter);
     let _ = match format {
-        LogFormat::Json => builder.json().try_init(),
-        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => registry
+            .with(layer.json().with_filter(filter_fn(not_pingora_trace)))
+            .try_init(),
+        LogFormat::Text => registry
+            .with(layer.with_filter(filter_fn(not_pingora_trace)))
+            .try_init(),
     };
 }
 

@@ -372,3 +372,70 @@ async fn dropped_audit_records_are_counted_reported_once_and_never_block() {
     }
     assert_eq!(gw.logs().matches("Audit records dropped").count(), 1, "{}", gw.logs());
 }
+
+/// At `trace`, with JSON lines: no gateway key and no pool key in the log
+/// (Pingora writes whole headers at trace; FastGate caps those targets),
+/// on both forwarding paths and with the key in a query string; and the
+/// request line carries its fields as JSON values.
+#[tokio::test]
+async fn trace_logs_hold_no_secret_and_the_request_line_has_its_fields() {
+    let mock = MockUpstream::start().await;
+    let gw = Gateway::start_logging(
+        &config(&mock, "logging: { format: json }\n"),
+        &[("r.yaml", ROUTES)],
+        "trace",
+    )
+    .await;
+    let (key_id, secret) = gw.create_key(&[]);
+    gw.wait_key(&secret, "/v1/chat/completions").await;
+    let c = reqwest::Client::new();
+    let body = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]});
+    for path in ["/v1/chat/completions", "/buffered/v1/chat/completions"] {
+        let r = c
+            .post(gw.url(path))
+            .bearer_auth(&secret)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let r = c
+        .post(gw.url(&format!("/v1beta/models/gemini-2.0-flash:generateContent?key={secret}")))
+        .json(&json!({"contents": [{"parts": [{"text": "hi"}]}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // The request line is written after the answer: wait for the third.
+    let mut logs = String::new();
+    for _ in 0..50 {
+        logs = gw.logs();
+        if logs.lines().filter(|l| l.contains("\"message\":\"request\"")).count() >= 3 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(
+        logs.lines().count() > 20,
+        "trace level is on: {} lines",
+        logs.lines().count()
+    );
+    for s in [secret.as_str(), "sk-secret-openai", "secret-gemini"] {
+        let leaks: Vec<&str> = logs.lines().filter(|l| l.contains(s)).take(3).collect();
+        assert!(leaks.is_empty(), "a secret is in the trace log: {leaks:#?}");
+    }
+    let line: serde_json::Value = logs
+        .lines()
+        .filter(|l| l.contains("\"message\":\"request\""))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .find(|v: &serde_json::Value| v["fields"]["route"] == "chat" && v["fields"]["status"] == 200)
+        .expect("the request line of the chat route's answered request");
+    let f = &line["fields"];
+    assert_eq!(f["key_id"], key_id.as_str());
+    assert_eq!(f["upstream"], "oai");
+    assert_eq!(f["status"], 200);
+    assert!(f["request_id"].as_str().is_some_and(|id| !id.is_empty()), "{f}");
+    assert!(f["duration_ms"].as_f64().is_some_and(|ms| ms > 0.0), "a number: {f}");
+    assert!(f["ttfb_ms"].as_f64().is_some(), "a number: {f}");
+}

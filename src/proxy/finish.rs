@@ -100,8 +100,8 @@ pub fn finish(session: &Session, ctx: &mut RequestCtx, e: Option<&pingora::Error
         chunks = ctx.response.chunks,
         prompt_tokens = usage.prompt_tokens,
         completion_tokens = usage.completion_tokens,
-        ttfb_ms = format_args!("{:.2}", ttfb_ms.unwrap_or(-1.0)),
-        ms = format_args!("{ms:.2}"),
+        ttfb_ms = ttfb_ms.map(round_ms),
+        duration_ms = round_ms(ms),
         error = error.unwrap_or(""),
         "request"
     );
@@ -169,4 +169,9 @@ pub fn finish(session: &Session, ctx: &mut RequestCtx, e: Option<&pingora::Error
         response_body: ctx.response.meter.take_capture().map(|b| audit::capped_text(&b, cap)),
     };
     state.audit.record(record);
+}
+
+/// Milliseconds to two decimals, for log fields (numbers in JSON lines).
+fn round_ms(ms: f64) -> f64 {
+    (ms * 100.0).round() / 100.0
 }

@@ -614,6 +614,9 @@ pub fn bin() -> &'static str {
 }
 
 /// A running `fastgate serve` with its own config, routes.d and database.
+/// The log filter test gateways run with.
+const DEFAULT_LOG: &str = "info,fastgate=debug";
+
 pub struct Gateway {
     pub dir: tempfile::TempDir,
     pub port: u16,
@@ -626,7 +629,7 @@ impl Gateway {
     /// `config` is the YAML after the `server:`/`database:`/`routes_dir:` keys,
     /// which the harness fills in; `routes` are (file name, YAML) pairs.
     pub async fn start(config: &str, routes: &[(&str, &str)]) -> Gateway {
-        Self::start_inner(config, routes, "").await
+        Self::start_inner(config, routes, "", DEFAULT_LOG).await
     }
 
     /// Like `start`, with `admin:` keys from `config` (its first line must be
@@ -639,10 +642,15 @@ impl Gateway {
             .map(str::len)
             .sum();
         let (admin_keys, config) = rest.split_at(indented);
-        Self::start_inner(config, routes, admin_keys).await
+        Self::start_inner(config, routes, admin_keys, DEFAULT_LOG).await
     }
 
-    async fn start_inner(config: &str, routes: &[(&str, &str)], admin_keys: &str) -> Gateway {
+    /// Like `start`, with `FASTGATE_LOG` set to `filter`.
+    pub async fn start_logging(config: &str, routes: &[(&str, &str)], filter: &str) -> Gateway {
+        Self::start_inner(config, routes, "", filter).await
+    }
+
+    async fn start_inner(config: &str, routes: &[(&str, &str)], admin_keys: &str, log_filter: &str) -> Gateway {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("routes.d")).unwrap();
         for (name, yaml) in routes {
@@ -663,7 +671,7 @@ impl Gateway {
             let child = Command::new(bin())
                 .args(["serve", "-c"])
                 .arg(dir.path().join("fastgate.yaml"))
-                .env("FASTGATE_LOG", "info,fastgate=debug")
+                .env("FASTGATE_LOG", log_filter)
                 .env("FASTGATE_ADMIN_PASSWORD", ADMIN_PASSWORD)
                 .stdout(Stdio::null())
                 .stderr(std::fs::File::create(&log).unwrap())
