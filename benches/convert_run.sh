@@ -10,13 +10,12 @@
 #   EVENT_DELAY_MS=1 CONNS=256 bash benches/convert_run.sh   # events 1 ms apart (each its own read), 256 streams
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source benches/lib.sh
 DURATION=${DURATION:-8}; ROUNDS=${ROUNDS:-2}; CONNS=${CONNS:-32}
 BASE=${BASE_PORT:-18300}; UP=$BASE; FG=$((BASE+1)); ADMIN=$((BASE+2))
 for tool in wrk python3; do command -v $tool >/dev/null || { echo "missing $tool"; exit 1; }; done
 cargo build --release --locked --bin fastgate >&2
-WORK=$(mktemp -d); PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; sleep 0.3; rm -rf "$WORK"; }
-trap cleanup EXIT
+bench_workdir
 python3 benches/sse_upstream.py $UP "${EVENT_DELAY_MS:-0}" & PIDS+=($!)
 mkdir -p "$WORK/routes.d"
 cat > "$WORK/fastgate.yaml" <<YML

@@ -19,6 +19,7 @@
 # runs wrk and the upstream). CPU per request is read from /proc for the proxy.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source benches/lib.sh
 
 DURATION=${DURATION:-8}
 ROUNDS=${ROUNDS:-2}
@@ -36,23 +37,11 @@ cargo build --release --locked --bin fastgate --example bare_pingora >&2
 FASTGATE=target/release/fastgate
 BARE=target/release/examples/bare_pingora
 
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; sleep 0.3; rm -rf "$WORK"; }
-trap cleanup EXIT
-
-wait_port() { for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
+bench_workdir
 
 # --- upstream and nginx proxy (one nginx master each, own prefix) ---
-mkdir -p "$WORK/up/logs" "$WORK/px/logs"
-cat > "$WORK/up/nginx.conf" <<NGX
-daemon off; worker_processes 1; pid $WORK/up/nginx.pid; error_log $WORK/up/logs/error.log warn;
-events { worker_connections 4096; }
-http { access_log off; keepalive_requests 1000000;
-  server { listen 127.0.0.1:$UP reuseport;
-    location / { default_type application/json;
-      return 200 '{"id":"c1","object":"chat.completion","model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"Hello"},"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":1,"total_tokens":13}}'; } } }
-NGX
+start_json_upstream $UP
+mkdir -p "$WORK/px/logs"
 cat > "$WORK/px/nginx.conf" <<NGX
 daemon off; worker_processes $PROXY_THREADS; pid $WORK/px/nginx.pid; error_log $WORK/px/logs/error.log warn;
 events { worker_connections 4096; }
@@ -61,7 +50,6 @@ http { access_log off; keepalive_requests 1000000;
   server { listen 127.0.0.1:$NGINX reuseport;
     location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
 NGX
-nginx -p "$WORK/up" -c "$WORK/up/nginx.conf" & PIDS+=($!)
 nginx -p "$WORK/px" -c "$WORK/px/nginx.conf" & PIDS+=($!)
 NGINX_PX_MASTER=$!
 python3 benches/sse_upstream.py $SSE & PIDS+=($!)
@@ -105,7 +93,7 @@ YML
 }
 fastgate_instance "$WORK/fg" $FG $((BASE+10)) true
 fastgate_instance "$WORK/fgna" $FGNA $((BASE+11)) false
-export FG_KEY=$($FASTGATE keys -c "$WORK/fg/fastgate.yaml" create --name bench --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["secret"])')
+create_bench_key "$WORK/fg/fastgate.yaml"
 # The same key in the second instance's database.
 cp "$WORK/fg/fg.db" "$WORK/fgna/fg.db"
 FASTGATE_ADMIN_PASSWORD=bench-admin-password $FASTGATE serve -c "$WORK/fg/fastgate.yaml" >/dev/null 2>"$WORK/fg/log" & PIDS+=($!)
@@ -114,7 +102,6 @@ FASTGATE_ADMIN_PASSWORD=bench-admin-password $FASTGATE serve -c "$WORK/fgna/fast
 FGNA_PID=$!
 for p in $UP $NGINX $PINGORA $FG $SSE $FGNA $PINGORA_SSE; do wait_port $p; done
 sleep 0.5
-rss_kb() { awk '/VmRSS/ {print $2}' /proc/$1/status; }
 FG_RSS_IDLE=$(rss_kb $FG_PID)
 
 # CPU ticks (utime+stime) of a process and its children threads / workers.

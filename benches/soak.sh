@@ -16,6 +16,7 @@
 # and docs/soak.png (PLOT=... to write it elsewhere).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source benches/lib.sh
 
 SOAK_S=${SOAK_S:-600}
 WARMUP_S=${WARMUP_S:-60}
@@ -37,38 +38,10 @@ fi
 cargo build --release --locked --bin fastgate >&2
 FASTGATE=target/release/fastgate
 
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; sleep 0.3; rm -rf "$WORK"; }
-trap cleanup EXIT
-wait_port() { for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
-
-mkdir -p "$WORK/up/logs" "$WORK/fg/routes.d"
-cat > "$WORK/up/nginx.conf" <<NGX
-daemon off; worker_processes 1; pid $WORK/up/nginx.pid; error_log $WORK/up/logs/error.log warn;
-events { worker_connections 4096; }
-http { access_log off; keepalive_requests 1000000;
-  server { listen 127.0.0.1:$UP reuseport;
-    location / { default_type application/json;
-      return 200 '{"id":"c1","object":"chat.completion","model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"Hello"},"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":1,"total_tokens":13}}'; } } }
-NGX
-nginx -p "$WORK/up" -c "$WORK/up/nginx.conf" & PIDS+=($!)
-cat > "$WORK/fg/fastgate.yaml" <<YML
-server: { listen: 127.0.0.1:$FG, threads: 1 }
-admin: { listen: 127.0.0.1:$ADMIN }
-database: { path: $WORK/fg/fg.db }
-logging: { level: warn }
-routes_dir: $WORK/fg/routes.d
-upstreams:
-  up: { provider: openai, endpoints: ['http://127.0.0.1:$UP'], key_pool: p }
-key_pools:
-  p: { keys: [sk-bench-1, sk-bench-2, sk-bench-3], strategy: round_robin }
-YML
-cat > "$WORK/fg/routes.d/bench.yaml" <<YML
-routes:
-  - { name: chat, match: { path: /v1/chat/completions, methods: [POST], model: ['gpt-4o*'] }, format: openai, upstream: up }
-YML
-export FG_KEY=$($FASTGATE keys -c "$WORK/fg/fastgate.yaml" create --name bench --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["secret"])')
+bench_workdir
+start_json_upstream $UP
+fastgate_bench_config "$WORK/fg" $FG $ADMIN openai $UP
+create_bench_key "$WORK/fg/fastgate.yaml"
 FASTGATE_ADMIN_PASSWORD=bench-admin-password $FASTGATE serve -c "$WORK/fg/fastgate.yaml" >/dev/null 2>"$WORK/fg/log" & PIDS+=($!)
 FG_PID=$!
 wait_port $UP; wait_port $FG; wait_port $ADMIN

@@ -13,6 +13,7 @@
 # key injection, usage metering, metrics, audit with header capture).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source benches/lib.sh
 
 COUNTS=${COUNTS:-"1000 10000"}
 HOLD=${HOLD:-5}
@@ -23,12 +24,7 @@ OUT=${OUT:-benches/results/streams-latest.md}
 cargo build --release --locked --bin fastgate --example bare_pingora >&2
 FASTGATE=target/release/fastgate
 BARE=target/release/examples/bare_pingora
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; sleep 0.3; rm -rf "$WORK"; }
-trap cleanup EXIT
-wait_port() { for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
-rss_kb() { awk '/VmRSS/ {print $2}' /proc/$1/status; }
+bench_workdir
 
 LIMIT=$(ulimit -n)
 MAX=$(( (LIMIT - 200) / 2 ))
@@ -37,23 +33,8 @@ MAX=$(( (LIMIT - 200) / 2 ))
 python3 benches/sse_upstream.py $UP 1000 600 2>/dev/null & PIDS+=($!)
 wait_port $UP
 
-mkdir -p "$WORK/fg/routes.d"
-cat > "$WORK/fg/fastgate.yaml" <<YML
-server: { listen: 127.0.0.1:$FG, threads: 1 }
-admin: { listen: 127.0.0.1:$((BASE+10)) }
-database: { path: $WORK/fg/fg.db }
-logging: { level: warn }
-routes_dir: $WORK/fg/routes.d
-upstreams:
-  sse: { provider: openai_compatible, endpoints: ['http://127.0.0.1:$UP'], key_pool: p }
-key_pools:
-  p: { keys: [sk-bench-1, sk-bench-2, sk-bench-3], strategy: round_robin }
-YML
-cat > "$WORK/fg/routes.d/bench.yaml" <<YML
-routes:
-  - { name: chat, match: { path: /v1/chat/completions, methods: [POST], model: ['gpt-4o*'] }, format: openai, upstream: sse }
-YML
-export FG_KEY=$($FASTGATE keys -c "$WORK/fg/fastgate.yaml" create --name bench --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["secret"])')
+fastgate_bench_config "$WORK/fg" $FG $((BASE+10)) openai_compatible $UP
+create_bench_key "$WORK/fg/fastgate.yaml"
 
 start_proxy() { # name -> PROXY_PID, PROXY_PORT
   case $1 in
