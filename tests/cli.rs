@@ -95,25 +95,20 @@ fn missing_environment_variables_are_reported() {
 async fn the_shipped_config_serves_the_offline_demo() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let dir = tempfile::tempdir().unwrap();
-    let port = common::free_port();
-    let mut child = Command::new(bin())
-        .args(["serve"])
-        .current_dir(root)
-        .env("FASTGATE_LISTEN", format!("127.0.0.1:{port}"))
-        .env("FASTGATE_DB", dir.path().join("fg.db"))
-        .env("FASTGATE_ADMIN_LISTEN", format!("127.0.0.1:{}", common::free_port()))
-        .env_remove("OPENAI_API_KEY")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let log = dir.path().join("fastgate.log");
+    let (mut child, port, _) = common::spawn_listening(&log, |port, admin_port| {
+        let mut cmd = Command::new(bin());
+        cmd.args(["serve"])
+            .current_dir(root)
+            .env("FASTGATE_LISTEN", format!("127.0.0.1:{port}"))
+            .env("FASTGATE_DB", dir.path().join("fg.db"))
+            .env("FASTGATE_ADMIN_LISTEN", format!("127.0.0.1:{admin_port}"))
+            .env_remove("OPENAI_API_KEY");
+        cmd
+    })
+    .await;
     let base = format!("http://127.0.0.1:{port}");
     let c = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while c.get(format!("{base}/demo/v1/models")).send().await.is_err() {
-        assert!(Instant::now() < deadline, "gateway did not start");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     let r: Value = c
         .post(format!("{base}/demo/v1/chat/completions"))
         .json(&json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}))

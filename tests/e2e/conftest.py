@@ -22,6 +22,32 @@ def free_port():
         return s.getsockname()[1]
 
 
+def listens_on(pid, port):
+    """Whether process `pid` holds the socket listening on 127.0.0.1:`port`.
+
+    Another process may hold a port this one failed to bind, so a connect
+    alone does not prove the gateway under test is up.
+    """
+    local = f"0100007F:{port:04X}"
+    with open("/proc/net/tcp") as table:
+        inodes = {
+            f"socket:[{f[9]}]"
+            for f in (line.split() for line in list(table)[1:])
+            if len(f) > 9 and f[1] == local and f[3] == "0A"
+        }
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes:
+                return True
+        except OSError:
+            pass
+    return False
+
+
 def binary():
     target = pathlib.Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
     path = target / "debug" / "fastgate"
@@ -78,13 +104,13 @@ key_pools:
         )
         deadline = time.time() + 20
         while time.time() < deadline and proc.poll() is None:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            if listens_on(proc.pid, port) and listens_on(proc.pid, admin):
                 break
-            except OSError:
-                time.sleep(0.05)
-        if proc.poll() is None:
+            time.sleep(0.05)
+        if proc.poll() is None and listens_on(proc.pid, port):
             break
+        proc.kill()
+        proc.wait()
     else:
         raise RuntimeError((d / "fastgate.log").read_text())
     yield f"http://127.0.0.1:{port}"
