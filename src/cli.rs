@@ -22,8 +22,14 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the gateway (SIGTERM/SIGINT drain and stop; SIGHUP reloads routes.d).
-    Serve,
+    /// Run the gateway (SIGTERM/SIGINT drain and stop; SIGHUP reloads routes.d;
+    /// SIGQUIT hands the listening sockets to a process started with --upgrade).
+    Serve {
+        /// Take over the listening sockets of a running FastGate (zero-downtime
+        /// binary upgrade): start this, then send SIGQUIT to the old process.
+        #[arg(long)]
+        upgrade: bool,
+    },
     /// Validate the config and every routes.d file without serving (like `nginx -t`).
     Check,
     /// Manage admin-service users.

@@ -26,5 +26,6 @@ pub mod secret;
 pub mod server;
 pub mod state;
 pub mod store;
+pub mod tls;
 pub mod upstream;
 pub mod usage;

@@ -53,11 +53,11 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<ExitCode> {
     let c = &cli.config;
     match cli.command {
-        Command::Serve => {
+        Command::Serve { upgrade } => {
             let config = config::load_config(c)?;
             init_tracing(config.file.logging.format, &config.file.logging.level);
             let state = AppState::build(config)?;
-            fastgate::server::run(state)?;
+            fastgate::server::run(state, upgrade)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Check => check(c),
@@ -103,9 +103,29 @@ fn check(path: &std::path::Path) -> Result<ExitCode> {
     });
     match result {
         Ok((c, table)) => {
+            // Certificates: readable, key matching, not about to expire.
+            let mut tls_summary = String::new();
+            if let Some(tls) = &c.file.server.tls {
+                match fastgate::tls::load_all(tls) {
+                    Ok(certs) => {
+                        let now = store::now_unix();
+                        for w in certs.iter().filter_map(|cert| cert.expiry_warning(now)) {
+                            eprintln!("warning: {w}");
+                        }
+                        tls_summary = format!(", TLS with {} certificate(s)", certs.len());
+                    }
+                    Err(errors) => {
+                        for e in &errors {
+                            eprintln!("{e}");
+                        }
+                        eprintln!("fastgate: configuration has {} error(s)", errors.len());
+                        return Ok(ExitCode::FAILURE);
+                    }
+                }
+            }
             let files = config::routes_d::route_files(&c.routes_dir).map_or(0, |f| f.len());
             println!(
-                "fastgate: configuration ok: {} ({} upstreams, {} key pools), {} routes in {} files under {}",
+                "fastgate: configuration ok: {} ({} upstreams, {} key pools{tls_summary}), {} routes in {} files under {}",
                 path.display(),
                 c.file.upstreams.len(),
                 c.file.key_pools.len(),

@@ -37,6 +37,21 @@ impl Upkeep {
         let state = self.state.clone();
         tracing::info!(trigger = "SIGHUP", "Reloading fastgate.yaml and routes.d.");
         let _ = tokio::task::spawn_blocking(move || state.reload_config()).await;
+        self.reload_certificates("SIGHUP").await;
+    }
+
+    /// New handshakes get the new certificates; open connections keep theirs.
+    async fn reload_certificates(&self, why: &'static str) {
+        let Some(certs) = self.state.tls.clone() else { return };
+        match tokio::task::spawn_blocking(move || certs.reload()).await {
+            Ok(Ok(n)) => tracing::info!(trigger = why, certificates = n, "Reloaded TLS certificates."),
+            Ok(Err(errors)) => {
+                for e in errors {
+                    tracing::error!(trigger = why, error = %e, "TLS certificates not reloaded; the previous ones keep serving.");
+                }
+            }
+            Err(_) => {}
+        }
     }
 
     /// Write the states of keys that changed since the last save.
@@ -106,6 +121,12 @@ impl BackgroundService for Upkeep {
                 None
             }
         };
+        let (cert_tx, mut cert_rx) = mpsc::channel::<()>(1);
+        let _cert_watcher = self
+            .state
+            .tls
+            .as_ref()
+            .and_then(|certs| watch_files(certs.paths(), cert_tx));
         let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
             Ok(s) => Some(s),
             Err(e) => {
@@ -132,6 +153,7 @@ impl BackgroundService for Upkeep {
             tokio::select! {
                 _ = shutdown.changed() => break,
                 Some(()) = rx.recv() => self.reload("file change").await,
+                Some(()) = cert_rx.recv() => self.reload_certificates("file change").await,
                 Some(_) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
                     self.reload_config().await;
                 }
@@ -161,4 +183,42 @@ impl BackgroundService for Upkeep {
             }
         }
     }
+}
+
+/// Watch the directories of `files` (certificate renewals replace files by
+/// rename or swap a symlink) and signal `tx` when one of them changes.
+fn watch_files(
+    files: Vec<std::path::PathBuf>,
+    tx: mpsc::Sender<()>,
+) -> Option<notify_debouncer_mini::Debouncer<notify_debouncer_mini::notify::RecommendedWatcher>> {
+    let wanted: Vec<std::path::PathBuf> = files
+        .iter()
+        .map(|f| std::path::absolute(f).unwrap_or_else(|_| f.clone()))
+        .collect();
+    let names: std::collections::HashSet<std::ffi::OsString> = wanted
+        .iter()
+        .filter_map(|f| f.file_name().map(ToOwned::to_owned))
+        .collect();
+    let mut debouncer = new_debouncer(DEBOUNCE, move |res: DebounceEventResult| {
+        let relevant = res.is_ok_and(|events| {
+            events
+                .iter()
+                .any(|e| e.path.file_name().is_some_and(|n| names.contains(n)))
+        });
+        if relevant {
+            let _ = tx.try_send(());
+        }
+    })
+    .map_err(|e| tracing::warn!(error = %e, "Cannot watch the TLS certificates; reload them with SIGHUP."))
+    .ok()?;
+    let dirs: std::collections::BTreeSet<std::path::PathBuf> = wanted
+        .iter()
+        .filter_map(|f| f.parent().map(ToOwned::to_owned))
+        .collect();
+    for dir in dirs {
+        if let Err(e) = debouncer.watcher().watch(&dir, RecursiveMode::NonRecursive) {
+            tracing::warn!(dir = %dir.display(), error = %e, "Cannot watch a TLS certificate directory; reload with SIGHUP.");
+        }
+    }
+    Some(debouncer)
 }

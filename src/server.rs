@@ -1,76 +1,184 @@
 //! Assemble the Pingora server: the data-plane proxy service, the upkeep
-//! background service, thread count and graceful shutdown.
+//! background service, thread count, graceful shutdown and upgrade.
+//!
+//! Shutdown order (SIGTERM or SIGINT):
+//! 1. readiness turns 503 and Pingora is told to stop at once: listeners
+//!    close (new connections are refused), idle keep-alive connections are
+//!    closed, a kept-alive connection closes after its current request;
+//! 2. in-flight requests and streams finish, up to `server.grace_period`;
+//! 3. the audit log is flushed and key states saved, then exit 0.
+//!
+//! SIGQUIT hands the listening sockets to a process started with
+//! `serve --upgrade` (Pingora's graceful upgrade), then drains the same way.
 
 use crate::{
     admin::{AdminService, AdminState},
     proxy::Gateway,
     reload::Upkeep,
-    state::AppState,
+    state::{AppState, Lifecycle},
     store::StoreError,
 };
 use async_trait::async_trait;
 use pingora::{
+    apps::HttpServerOptions,
+    listeners::tls::TlsSettings,
     proxy::http_proxy_service,
-    server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, configuration::ServerConf},
+    server::{
+        ExecutionPhase, RunArgs, Server, ShutdownSignal, ShutdownSignalWatch,
+        configuration::{Opt, ServerConf},
+    },
     services::background::background_service,
 };
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{Arc, Once},
+    time::{Duration, Instant},
+};
 
-/// On SIGTERM or SIGINT, wait (up to the grace period) until in-flight
-/// requests finish, then let Pingora stop. Pingora's own grace period is an
-/// unconditional sleep; this one ends as soon as the server is idle.
-struct DrainThenStop {
+/// Turns a signal into Pingora's shutdown at once (so listeners close before
+/// anything else happens) and marks the process as no longer ready.
+struct Signals {
     state: Arc<AppState>,
-    grace: Duration,
 }
 
 #[async_trait]
-impl ShutdownSignalWatch for DrainThenStop {
+impl ShutdownSignalWatch for Signals {
     async fn recv(&self) -> ShutdownSignal {
         use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        let (Ok(mut term), Ok(mut int), Ok(mut quit)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::quit()),
+        ) else {
             tracing::error!("Cannot install signal handlers; stopping.");
             return ShutdownSignal::FastShutdown;
         };
-        let which = tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
+        let (which, next) = tokio::select! {
+            _ = term.recv() => ("SIGTERM", Lifecycle::Draining),
+            _ = int.recv() => ("SIGINT", Lifecycle::Draining),
+            _ = quit.recv() => ("SIGQUIT", Lifecycle::HandingOver),
         };
-        // Poll the in-flight counter: shutdown is rare and 50 ms is short.
-        let deadline = tokio::time::Instant::now() + self.grace;
+        self.state.lifecycle.send_replace(next);
         tracing::info!(
             signal = which,
             in_flight = self.state.in_flight(),
-            grace_s = self.grace.as_secs(),
-            "Shutting down: draining in-flight requests."
+            grace_s = self.state.config.file.server.grace_period.0.as_secs_f64(),
+            "Shutting down: no new connections; draining in-flight requests."
         );
-        while self.state.in_flight() > 0 && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        match next {
+            Lifecycle::HandingOver => ShutdownSignal::GracefulUpgrade,
+            _ => ShutdownSignal::GracefulTerminate,
         }
-        tracing::info!(in_flight = self.state.in_flight(), "Drained; stopping.");
-        ShutdownSignal::GracefulTerminate
     }
 }
 
-/// Build and run the server until a shutdown signal. Blocks.
-pub fn run(state: Arc<AppState>) -> Result<(), StoreError> {
+/// Write what must survive the process: queued audit rows, key states.
+/// Runs once, whichever of the drain watcher or `run`'s return gets here.
+fn flush_and_close(state: &AppState) {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        state.audit.close();
+        if let Err(e) = state.save_pool_states() {
+            tracing::warn!(error = %e, "Could not save the pool key states at shutdown.");
+        }
+        tracing::info!(
+            written = state.audit.stats().written.load(std::sync::atomic::Ordering::Relaxed),
+            dropped = state.audit.stats().dropped.load(std::sync::atomic::Ordering::Relaxed),
+            "Audit log flushed; exiting."
+        );
+    });
+}
+
+/// Once Pingora has stopped accepting (its grace period begins), wait until
+/// no request is in flight or the grace period is over, flush and exit 0.
+/// Pingora's own grace period is an unconditional sleep; this ends the
+/// process as soon as it is idle.
+fn spawn_drain_watcher(state: Arc<AppState>, mut phases: tokio::sync::broadcast::Receiver<ExecutionPhase>) {
+    let spawned = std::thread::Builder::new().name("drain".into()).spawn(move || {
+        loop {
+            match phases.blocking_recv() {
+                Ok(ExecutionPhase::ShutdownGracePeriod) => break,
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            }
+        }
+        let deadline = Instant::now() + state.config.file.server.grace_period.0;
+        // Polled: shutdown is rare and 20 ms is short.
+        while state.in_flight() > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let left = state.in_flight();
+        if left > 0 {
+            tracing::warn!(
+                in_flight = left,
+                "Grace period over; cutting the requests still in flight."
+            );
+        } else {
+            tracing::info!("Drained.");
+        }
+        flush_and_close(&state);
+        std::process::exit(0);
+    });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "Cannot start the drain watcher; shutdown waits the whole grace period.");
+    }
+}
+
+/// Build and run the server until a shutdown signal. Blocks. With
+/// `upgrade`, take the listening sockets over from a running FastGate.
+pub fn run(state: Arc<AppState>, upgrade: bool) -> Result<(), StoreError> {
     let admin = Arc::new(AdminState::new(state.clone())?);
+    let grace = state.config.file.server.grace_period.0;
     let conf = ServerConf {
         threads: state.config.threads(),
-        // Draining happens in `DrainThenStop`; then stop promptly.
-        grace_period_seconds: Some(0),
+        // The drain watcher exits as soon as the server is idle; Pingora's
+        // grace period is only the backstop behind it.
+        grace_period_seconds: Some(grace.as_secs() + 2),
         graceful_shutdown_timeout_seconds: Some(1),
         upstream_keepalive_pool_size: state.config.file.server.upstream_keepalive_pool,
+        upgrade_sock: state.config.upgrade_socket().to_string_lossy().into_owned(),
         ..ServerConf::default()
     };
-    let mut server = Server::new_with_opt_and_conf(None, conf);
+    let opt = Opt {
+        upgrade,
+        ..Opt::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
+    spawn_drain_watcher(state.clone(), server.watch_execution_phase());
     server.bootstrap();
 
     let mut proxy = http_proxy_service(&server.configuration, Gateway::new(state.clone()));
-    proxy.add_tcp(&state.config.listen.to_string());
+    let listen = state.config.listen.to_string();
+    match &state.tls {
+        Some(certs) => {
+            // Built on the resolver: the paths are unused, and the resolver
+            // picks a certificate by SNI per handshake (TLS 1.2 and 1.3).
+            let mut tls = TlsSettings::intermediate("", "").map_err(|e| StoreError::Invalid(e.to_string()))?;
+            tls.set_cert_resolver(certs.clone());
+            if certs.offers_h2() {
+                tls.enable_h2();
+            }
+            proxy.add_tls_with_settings(&listen, None, tls);
+        }
+        None => {
+            proxy.add_tcp(&listen);
+            if state.config.file.server.h2c
+                && let Some(gateway) = proxy.app_logic_mut()
+            {
+                let mut options = HttpServerOptions::default();
+                options.h2c = true;
+                gateway.server_options = Some(options);
+            }
+        }
+    }
     server.add_service(proxy);
     server.add_service(background_service("upkeep", Upkeep { state: state.clone() }));
-    server.add_service(background_service("admin", AdminService { state: admin }));
+    server.add_service(background_service(
+        "admin",
+        AdminService {
+            state: admin,
+            upgrading: upgrade,
+        },
+    ));
 
     tracing::info!(
         listen = %state.config.listen,
@@ -79,24 +187,14 @@ pub fn run(state: Arc<AppState>) -> Result<(), StoreError> {
         routes = state.routes.load().len(),
         upstreams = state.runtime.load().upstreams.len(),
         gateway_keys = state.keys.len(),
+        pid = std::process::id(),
+        upgraded = upgrade,
         "FastGate serving."
     );
-    let grace = state.config.file.server.grace_period.0;
     server.run(RunArgs {
-        shutdown_signal: Box::new(DrainThenStop {
-            state: state.clone(),
-            grace,
-        }),
+        shutdown_signal: Box::new(Signals { state: state.clone() }),
     });
-    // Every request has finished: write the audit rows still queued and
-    // the key states changed since the last save.
-    state.audit.close();
-    if let Err(e) = state.save_pool_states() {
-        tracing::warn!(error = %e, "Could not save the pool key states at shutdown.");
-    }
-    tracing::info!(
-        written = state.audit.stats().written.load(std::sync::atomic::Ordering::Relaxed),
-        "Audit log flushed; exiting."
-    );
+    // Only reached if the drain watcher did not exit first.
+    flush_and_close(&state);
     Ok(())
 }

@@ -22,6 +22,27 @@ use std::{
     },
 };
 
+/// Where the process is in its life. Readiness answers 503 from the moment
+/// it leaves `Serving`, so a balancer stops sending before anything closes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lifecycle {
+    Serving,
+    /// SIGTERM/SIGINT: listeners closed, in-flight requests finishing.
+    Draining,
+    /// SIGQUIT: the listening sockets go to a new process, then drain.
+    HandingOver,
+}
+
+impl Lifecycle {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lifecycle::Serving => "serving",
+            Lifecycle::Draining => "draining",
+            Lifecycle::HandingOver => "handing_over",
+        }
+    }
+}
+
 /// Outcome of the last route reload, for logs and (later) the admin API.
 #[derive(Debug, Clone, Default)]
 pub struct ReloadStatus {
@@ -149,6 +170,10 @@ pub struct AppState {
     pub connector: Connector,
     /// Requests currently being served (graceful shutdown waits on it).
     pub in_flight: AtomicUsize,
+    /// The TLS listener's certificates (reloaded on SIGHUP and file change).
+    pub tls: Option<Arc<crate::tls::CertResolver>>,
+    /// Serving, draining or handing over; watched by the admin service.
+    pub lifecycle: tokio::sync::watch::Sender<Lifecycle>,
     pub reload: Mutex<ReloadStatus>,
     pub metrics: Metrics,
     pub limiter: crate::ratelimit::RateLimiter,
@@ -166,6 +191,8 @@ pub enum StartupError {
     Store(#[from] store::StoreError),
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error("server.tls: {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Tls(Vec<crate::tls::TlsError>),
 }
 
 impl AppState {
@@ -184,6 +211,10 @@ impl AppState {
         } else {
             AuditSink::disabled()
         };
+        let tls = match &config.file.server.tls {
+            Some(t) => Some(Arc::new(crate::tls::CertResolver::load(t).map_err(StartupError::Tls)?)),
+            None => None,
+        };
         let health_db = Mutex::new(store::open(&config.database_path)?);
         let opts = ConnectorOptions::new(config.file.server.upstream_keepalive_pool);
         Ok(Arc::new(AppState {
@@ -193,6 +224,8 @@ impl AppState {
             keys,
             connector: Connector::new(Some(opts)),
             in_flight: AtomicUsize::new(0),
+            tls,
+            lifecycle: tokio::sync::watch::Sender::new(Lifecycle::Serving),
             reload: Mutex::new(ReloadStatus::default()),
             metrics: Metrics::new()?,
             limiter: crate::ratelimit::RateLimiter::default(),
@@ -370,6 +403,10 @@ impl AppState {
 
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    pub fn lifecycle(&self) -> Lifecycle {
+        *self.lifecycle.borrow()
     }
 }
 

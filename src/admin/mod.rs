@@ -15,7 +15,7 @@ pub mod stats;
 pub mod users;
 
 use crate::{
-    state::AppState,
+    state::{AppState, Lifecycle},
     store::{self, users::Role},
 };
 use async_trait::async_trait;
@@ -31,7 +31,7 @@ use pingora::{server::ShutdownWatch, services::background::BackgroundService};
 use rand::{Rng, distr::Alphanumeric};
 use rusqlite::Connection;
 use serde_json::json;
-use std::{net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 /// What admin handlers share.
 pub struct AdminState {
@@ -225,8 +225,18 @@ async fn ready(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
         "dropped_total": audit.dropped.load(std::sync::atomic::Ordering::Relaxed),
         "write_errors_total": audit.write_errors.load(std::sync::atomic::Ordering::Relaxed),
     });
-    let body = json!({"database_writable": db_ok, "routes": routes, "audit": audit, "ready": db_ok && routes > 0});
-    let status = if db_ok && routes > 0 {
+    // Draining: not ready from the signal on, so a balancer stops sending
+    // while in-flight requests finish.
+    let lifecycle = state.app.lifecycle();
+    let ready = db_ok && routes > 0 && lifecycle == Lifecycle::Serving;
+    let body = json!({
+        "database_writable": db_ok,
+        "routes": routes,
+        "audit": audit,
+        "lifecycle": lifecycle.as_str(),
+        "ready": ready,
+    });
+    let status = if ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
@@ -241,15 +251,33 @@ async fn metrics(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
     )
 }
 
+/// Bind the admin port. A process started with `--upgrade` waits (up to
+/// 15 s) for the old one to let go of it.
+async fn bind_admin(addr: SocketAddr, upgrading: bool) -> std::io::Result<tokio::net::TcpListener> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        match tokio::net::TcpListener::bind(addr).await {
+            Err(e)
+                if upgrading && e.kind() == std::io::ErrorKind::AddrInUse && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            result => return result,
+        }
+    }
+}
+
 pub struct AdminService {
     pub state: Arc<AdminState>,
+    /// Started with `serve --upgrade`: the old process still holds the port.
+    pub upgrading: bool,
 }
 
 #[async_trait]
 impl BackgroundService for AdminService {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
+    async fn start(&self, _shutdown: ShutdownWatch) {
         let addr = self.state.app.config.admin_listen;
-        let listener = match tokio::net::TcpListener::bind(addr).await {
+        let listener = match bind_admin(addr, self.upgrading).await {
             Ok(l) => l,
             Err(e) => {
                 tracing::error!(%addr, error = %e, "Admin service cannot listen; continuing without it.");
@@ -258,8 +286,13 @@ impl BackgroundService for AdminService {
         };
         tracing::info!(%addr, "Admin service listening.");
         let app = router(self.state.clone()).into_make_service_with_connect_info::<SocketAddr>();
+        // Keep answering through a drain (readiness says 503 then, which is
+        // what a balancer needs to see); let go of the port at once when
+        // handing over to a new process, which binds it next.
+        let mut lifecycle = self.state.app.lifecycle.subscribe();
         let stop = async move {
-            let _ = shutdown.changed().await;
+            let _ = lifecycle.wait_for(|l| *l == Lifecycle::HandingOver).await;
+            tracing::info!("Admin service closed for the new process.");
         };
         if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop).await {
             tracing::error!(error = %e, "Admin service failed.");

@@ -94,6 +94,13 @@ pub struct ServerConfig {
     pub grace_period: HumanDuration,
     /// Idle upstream connections kept for reuse, per process.
     pub upstream_keepalive_pool: usize,
+    /// Serve `listen` over TLS (HTTP/2 and HTTP/1.1 by ALPN).
+    pub tls: Option<TlsConfig>,
+    /// Accept HTTP/2 with prior knowledge (h2c) on a plain listener.
+    pub h2c: bool,
+    /// Where `serve --upgrade` receives the listening sockets of the old
+    /// process (SIGQUIT); default: `fastgate-upgrade.sock` beside the database.
+    pub upgrade_socket: Option<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -104,7 +111,50 @@ impl Default for ServerConfig {
             max_request_body: HumanSize(10 * 1024 * 1024),
             grace_period: Duration::from_secs(30).into(),
             upstream_keepalive_pool: 1024,
+            upgrade_socket: None,
+            tls: None,
+            h2c: false,
         }
+    }
+}
+
+/// `server.tls`: one certificate (`cert`, `key`) or several
+/// (`certificates`), chosen by the name the client asks for (SNI).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub certificates: Vec<CertificateFiles>,
+    /// Offer HTTP/2 by ALPN (HTTP/1.1 always).
+    pub h2: Option<bool>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateFiles {
+    /// PEM: the certificate, then its intermediates.
+    pub cert: PathBuf,
+    /// PEM: the private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
+impl TlsConfig {
+    /// Every certificate pair, the single `cert`/`key` first: the first is
+    /// served to clients that send no SNI or a name no certificate covers.
+    pub fn pairs(&self) -> Vec<CertificateFiles> {
+        let single = match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => Some(CertificateFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            _ => None,
+        };
+        single.into_iter().chain(self.certificates.iter().cloned()).collect()
+    }
+
+    pub fn h2(&self) -> bool {
+        self.h2.unwrap_or(true)
     }
 }
 
@@ -499,6 +549,14 @@ pub struct Config {
 }
 
 impl Config {
+    /// The Unix socket a graceful upgrade hands the listening sockets over.
+    pub fn upgrade_socket(&self) -> PathBuf {
+        self.file.server.upgrade_socket.clone().unwrap_or_else(|| {
+            let dir = self.database_path.parent().unwrap_or(Path::new("."));
+            dir.join("fastgate-upgrade.sock")
+        })
+    }
+
     /// Worker threads for the data plane.
     pub fn threads(&self) -> usize {
         match self.file.server.threads {
@@ -558,6 +616,22 @@ pub fn parse_config(path: &Path, raw: &str) -> Result<Config, ConfigErrors> {
             None
         }
     };
+    if let Some(tls) = &file.server.tls {
+        if tls.cert.is_some() != tls.key.is_some() {
+            errors.push(diag(at("tls:"), "server.tls: `cert` and `key` go together".into()));
+        } else if tls.pairs().is_empty() {
+            errors.push(diag(
+                at("tls:"),
+                "server.tls: needs `cert` and `key`, or `certificates: [{cert, key}, ...]`".into(),
+            ));
+        }
+        if file.server.h2c {
+            errors.push(diag(
+                at("h2c:"),
+                "server.h2c: h2c is for plain listeners; with TLS, HTTP/2 is offered by ALPN (`tls.h2`)".into(),
+            ));
+        }
+    }
     if file.audit.queue_size == 0 || file.audit.batch_size == 0 {
         errors.push(diag(
             at("audit:"),

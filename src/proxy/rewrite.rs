@@ -190,6 +190,9 @@ pub fn upstream_request(
         .parse::<http::Uri>()
         .map_err(|e| GatewayError::BadRequestBody(format!("rewritten path is invalid: {e}")))?;
     req.set_uri(uri);
+    // Upstreams are spoken to in HTTP/1.1 whatever the client used (an
+    // HTTP/2 request header would otherwise be written as `HTTP/2.0`).
+    req.set_version(http::Version::HTTP_11);
 
     for name in connection_named(&req.headers) {
         req.remove_header(&name);

@@ -584,9 +584,9 @@ async fn wait_ready(child: &mut Child, port: u16, admin_port: u16, log: &Path) -
         if child.try_wait().unwrap().is_some() {
             return false;
         }
-        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
-            && tokio::net::TcpStream::connect(("127.0.0.1", admin_port)).await.is_ok()
-        {
+        // Another test's server may hold a port this one failed to bind:
+        // ready means *this* child owns both listening sockets.
+        if listens_on(child.id(), port) && listens_on(child.id(), admin_port) {
             return true;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
@@ -595,6 +595,54 @@ async fn wait_ready(child: &mut Child, port: u16, admin_port: u16, log: &Path) -
         "gateway did not start:\n{}",
         std::fs::read_to_string(log).unwrap_or_default()
     );
+}
+
+/// Start the server `make` builds for a (proxy port, admin port) pair until
+/// it owns both: a port free a moment ago may be taken by the time the server
+/// binds it (tests run in parallel). Its stderr goes to `log`.
+pub async fn spawn_listening(log: &Path, make: impl Fn(u16, u16) -> Command) -> (Child, u16, u16) {
+    for _ in 0..5 {
+        let (port, admin_port) = (free_port(), free_port());
+        let mut child = make(port, admin_port)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap();
+        if wait_ready(&mut child, port, admin_port, log).await {
+            return (child, port, admin_port);
+        }
+        let logs = std::fs::read_to_string(log).unwrap_or_default();
+        assert!(logs.contains("in use"), "gateway did not start:\n{logs}");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    panic!("no free ports after five tries");
+}
+
+/// Whether process `pid` holds the socket listening on 127.0.0.1:`port`
+/// (Linux: the socket's inode in /proc/net/tcp among the process's fds).
+fn listens_on(pid: u32, port: u16) -> bool {
+    let local = format!("0100007F:{port:04X}");
+    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else {
+        return false;
+    };
+    let inodes: Vec<String> = table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            (f.len() > 9 && f[1] == local && f[3] == "0A").then(|| format!("socket:[{}]", f[9]))
+        })
+        .collect();
+    if inodes.is_empty() {
+        return false;
+    }
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten().any(|fd| {
+        std::fs::read_link(fd.path()).is_ok_and(|target| inodes.iter().any(|i| target.as_os_str() == i.as_str()))
+    })
 }
 
 /// The bootstrap admin's password in every test gateway.
@@ -629,7 +677,13 @@ impl Gateway {
     /// `config` is the YAML after the `server:`/`database:`/`routes_dir:` keys,
     /// which the harness fills in; `routes` are (file name, YAML) pairs.
     pub async fn start(config: &str, routes: &[(&str, &str)]) -> Gateway {
-        Self::start_inner(config, routes, "", DEFAULT_LOG).await
+        Self::start_inner(config, routes, "", "", DEFAULT_LOG).await
+    }
+
+    /// Like `start`, with `server:` keys (indented by two spaces, such as
+    /// `  tls: ...`) added to the harness's server block.
+    pub async fn start_with_server(server: &str, config: &str, routes: &[(&str, &str)]) -> Gateway {
+        Self::start_inner(config, routes, "", server, DEFAULT_LOG).await
     }
 
     /// Like `start`, with `admin:` keys from `config` (its first line must be
@@ -642,56 +696,49 @@ impl Gateway {
             .map(str::len)
             .sum();
         let (admin_keys, config) = rest.split_at(indented);
-        Self::start_inner(config, routes, admin_keys, DEFAULT_LOG).await
+        Self::start_inner(config, routes, admin_keys, "", DEFAULT_LOG).await
     }
 
     /// Like `start`, with `FASTGATE_LOG` set to `filter`.
     pub async fn start_logging(config: &str, routes: &[(&str, &str)], filter: &str) -> Gateway {
-        Self::start_inner(config, routes, "", filter).await
+        Self::start_inner(config, routes, "", "", filter).await
     }
 
-    async fn start_inner(config: &str, routes: &[(&str, &str)], admin_keys: &str, log_filter: &str) -> Gateway {
+    async fn start_inner(
+        config: &str,
+        routes: &[(&str, &str)],
+        admin_keys: &str,
+        server_keys: &str,
+        log_filter: &str,
+    ) -> Gateway {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("routes.d")).unwrap();
         for (name, yaml) in routes {
             std::fs::write(dir.path().join("routes.d").join(name), yaml).unwrap();
         }
         let log = dir.path().join("fastgate.log");
-        // A port free a moment ago may be taken by the time the server binds
-        // it (tests run in parallel): then start again on other ports.
-        for _ in 0..5 {
-            let port = free_port();
-            let admin_port = free_port();
+        let (child, port, admin_port) = spawn_listening(&log, |port, admin_port| {
             let full = format!(
-                "server:\n  listen: 127.0.0.1:{port}\n  threads: 2\n  max_request_body: 2MiB\n  grace_period: 5s\nadmin:\n  listen: 127.0.0.1:{admin_port}\n{admin_keys}database:\n  path: {db}\n  key_refresh: 100ms\nroutes_dir: {routes}\n{config}",
+                "server:\n  listen: 127.0.0.1:{port}\n  threads: 2\n  max_request_body: 2MiB\n  grace_period: 5s\n{server_keys}admin:\n  listen: 127.0.0.1:{admin_port}\n{admin_keys}database:\n  path: {db}\n  key_refresh: 100ms\nroutes_dir: {routes}\n{config}",
                 db = dir.path().join("fg.db").display(),
                 routes = dir.path().join("routes.d").display(),
             );
             std::fs::write(dir.path().join("fastgate.yaml"), full).unwrap();
-            let child = Command::new(bin())
-                .args(["serve", "-c"])
+            let mut cmd = Command::new(bin());
+            cmd.args(["serve", "-c"])
                 .arg(dir.path().join("fastgate.yaml"))
                 .env("FASTGATE_LOG", log_filter)
-                .env("FASTGATE_ADMIN_PASSWORD", ADMIN_PASSWORD)
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(&log).unwrap())
-                .spawn()
-                .unwrap();
-            let mut child = child;
-            if wait_ready(&mut child, port, admin_port, &log).await {
-                return Gateway {
-                    dir,
-                    port,
-                    admin_port,
-                    child,
-                    log,
-                };
-            }
-            let logs = std::fs::read_to_string(&log).unwrap_or_default();
-            assert!(logs.contains("in use"), "gateway did not start:\n{logs}");
-            let _ = child.wait();
+                .env("FASTGATE_ADMIN_PASSWORD", ADMIN_PASSWORD);
+            cmd
+        })
+        .await;
+        Gateway {
+            dir,
+            port,
+            admin_port,
+            child,
+            log,
         }
-        panic!("no free ports after five tries");
     }
 
     pub fn url(&self, path: &str) -> String {
