@@ -13,6 +13,7 @@ pub mod audit;
 pub mod auth;
 pub mod cli;
 pub mod cli_ops;
+pub mod client_addr;
 pub mod config;
 pub mod convert;
 pub mod metrics;

@@ -13,6 +13,7 @@
 
 use crate::{
     admin::{AdminService, AdminState},
+    client_addr::{ProxyProtocolApp, ProxyProtocolBeforeTls},
     proxy::Gateway,
     reload::Upkeep,
     state::{AppState, Lifecycle},
@@ -22,12 +23,12 @@ use async_trait::async_trait;
 use pingora::{
     apps::HttpServerOptions,
     listeners::tls::TlsSettings,
-    proxy::http_proxy_service,
+    proxy::http_proxy,
     server::{
         ExecutionPhase, RunArgs, Server, ShutdownSignal, ShutdownSignalWatch,
         configuration::{Opt, ServerConf},
     },
-    services::background::background_service,
+    services::{background::background_service, listening::Service},
 };
 use std::{
     sync::{Arc, Once},
@@ -123,6 +124,58 @@ fn spawn_drain_watcher(state: Arc<AppState>, mut phases: tokio::sync::broadcast:
     }
 }
 
+/// The proxy service on `server.listen`: plain or TLS (certificates by SNI,
+/// HTTP/2 by ALPN), h2c where configured, PROXY protocol from trusted
+/// balancers where configured.
+fn add_data_plane(server: &mut Server, state: &Arc<AppState>) -> Result<(), StoreError> {
+    const NAME: &str = "FastGate data plane";
+    let listen = state.config.listen.to_string();
+    let conf = &state.config.file.server;
+    let mut proxy = http_proxy(&server.configuration, Gateway::new(state.clone()));
+    if conf.h2c && state.tls.is_none() {
+        let mut options = HttpServerOptions::default();
+        options.h2c = true;
+        proxy.server_options = Some(options);
+    }
+    let trusted = state.trusted_proxies.clone();
+    match &state.tls {
+        None if conf.proxy_protocol => {
+            // The PROXY header comes before the first request: read by a
+            // wrapper around the proxy, once per connection.
+            let app = ProxyProtocolApp {
+                inner: Arc::new(proxy),
+                trusted,
+            };
+            let mut service = Service::new(NAME.into(), app);
+            service.add_tcp(&listen);
+            server.add_service(service);
+        }
+        None => {
+            let mut service = Service::new(NAME.into(), proxy);
+            service.add_tcp(&listen);
+            server.add_service(service);
+        }
+        Some(certs) => {
+            // Built on the resolver: the paths are unused, and the resolver
+            // picks a certificate by SNI per handshake (TLS 1.2 and 1.3).
+            let mut tls = TlsSettings::intermediate("", "").map_err(|e| StoreError::Invalid(e.to_string()))?;
+            tls.set_cert_resolver(certs.clone());
+            if certs.offers_h2() {
+                tls.enable_h2();
+            }
+            let mut service = Service::new(NAME.into(), proxy);
+            service.add_tls_with_settings(&listen, None, tls);
+            if conf.proxy_protocol {
+                service
+                    .endpoints()
+                    .set_pre_tls_callback(Arc::new(ProxyProtocolBeforeTls { trusted }));
+            }
+            server.add_service(service);
+        }
+    }
+    Ok(())
+}
+
 /// Build and run the server until a shutdown signal. Blocks. With
 /// `upgrade`, take the listening sockets over from a running FastGate.
 pub fn run(state: Arc<AppState>, upgrade: bool) -> Result<(), StoreError> {
@@ -146,31 +199,7 @@ pub fn run(state: Arc<AppState>, upgrade: bool) -> Result<(), StoreError> {
     spawn_drain_watcher(state.clone(), server.watch_execution_phase());
     server.bootstrap();
 
-    let mut proxy = http_proxy_service(&server.configuration, Gateway::new(state.clone()));
-    let listen = state.config.listen.to_string();
-    match &state.tls {
-        Some(certs) => {
-            // Built on the resolver: the paths are unused, and the resolver
-            // picks a certificate by SNI per handshake (TLS 1.2 and 1.3).
-            let mut tls = TlsSettings::intermediate("", "").map_err(|e| StoreError::Invalid(e.to_string()))?;
-            tls.set_cert_resolver(certs.clone());
-            if certs.offers_h2() {
-                tls.enable_h2();
-            }
-            proxy.add_tls_with_settings(&listen, None, tls);
-        }
-        None => {
-            proxy.add_tcp(&listen);
-            if state.config.file.server.h2c
-                && let Some(gateway) = proxy.app_logic_mut()
-            {
-                let mut options = HttpServerOptions::default();
-                options.h2c = true;
-                gateway.server_options = Some(options);
-            }
-        }
-    }
-    server.add_service(proxy);
+    add_data_plane(&mut server, &state)?;
     server.add_service(background_service("upkeep", Upkeep { state: state.clone() }));
     server.add_service(background_service(
         "admin",

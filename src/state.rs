@@ -170,6 +170,8 @@ pub struct AppState {
     pub connector: Connector,
     /// Requests currently being served (graceful shutdown waits on it).
     pub in_flight: AtomicUsize,
+    /// Whose forwarding and PROXY headers name the client.
+    pub trusted_proxies: crate::client_addr::TrustedProxies,
     /// The TLS listener's certificates (reloaded on SIGHUP and file change).
     pub tls: Option<Arc<crate::tls::CertResolver>>,
     /// Serving, draining or handing over; watched by the admin service.
@@ -215,6 +217,9 @@ impl AppState {
             Some(t) => Some(Arc::new(crate::tls::CertResolver::load(t).map_err(StartupError::Tls)?)),
             None => None,
         };
+        // Validated with the config already.
+        let trusted_proxies =
+            crate::client_addr::TrustedProxies::parse(&config.file.server.trusted_proxies).unwrap_or_default();
         let health_db = Mutex::new(store::open(&config.database_path)?);
         let opts = ConnectorOptions::new(config.file.server.upstream_keepalive_pool);
         Ok(Arc::new(AppState {
@@ -224,6 +229,7 @@ impl AppState {
             keys,
             connector: Connector::new(Some(opts)),
             in_flight: AtomicUsize::new(0),
+            trusted_proxies,
             tls,
             lifecycle: tokio::sync::watch::Sender::new(Lifecycle::Serving),
             reload: Mutex::new(ReloadStatus::default()),

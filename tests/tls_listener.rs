@@ -6,9 +6,8 @@
 
 mod common;
 
-use common::{Gateway, MockUpstream, bin};
+use common::{Gateway, MockUpstream, bin, tls::Ca};
 use futures_util::StreamExt;
-use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 use serde_json::json;
 use std::{
     net::SocketAddr,
@@ -17,47 +16,6 @@ use std::{
     time::{Duration, Instant},
 };
 use tokio_rustls::rustls::{self, pki_types::CertificateDer};
-
-/// A private certificate authority that signs leaf certificates.
-struct Ca {
-    cert: rcgen::Certificate,
-    issuer: Issuer<'static, KeyPair>,
-}
-
-impl Ca {
-    fn new(name: &str) -> Ca {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(rcgen::DnType::CommonName, name);
-        let key = KeyPair::generate().unwrap();
-        let cert = params.self_signed(&key).unwrap();
-        Ca {
-            cert,
-            issuer: Issuer::new(params, key),
-        }
-    }
-
-    /// Write a leaf for `names` (valid for `days`) as `<stem>.pem`/`<stem>.key`;
-    /// its DER.
-    fn leaf(&self, dir: &Path, stem: &str, names: &[&str], days: i64) -> CertificateDer<'static> {
-        let mut params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
-        params.not_before = time::OffsetDateTime::now_utc() - time::Duration::days(1);
-        params.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(days);
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        // Write then rename, as certificate renewal tools do.
-        for (ext, text) in [("pem", cert.pem()), ("key", key.serialize_pem())] {
-            let tmp = dir.join(format!(".{stem}.{ext}.tmp"));
-            std::fs::write(&tmp, text).unwrap();
-            std::fs::rename(&tmp, dir.join(format!("{stem}.{ext}"))).unwrap();
-        }
-        cert.der().clone()
-    }
-
-    fn reqwest_root(&self) -> reqwest::Certificate {
-        reqwest::Certificate::from_pem(self.cert.pem().as_bytes()).unwrap()
-    }
-}
 
 fn config(mock: &MockUpstream) -> String {
     format!(

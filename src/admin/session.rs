@@ -230,9 +230,12 @@ pub struct Login {
 pub async fn login(
     State(state): State<Arc<AdminState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: axum::http::HeaderMap,
     Json(body): Json<Login>,
 ) -> Result<Json<Value>, ApiError> {
-    let (pair, ip) = (format!("{}|{}", body.username, peer.ip()), format!("ip:{}", peer.ip()));
+    // Behind a trusted reverse proxy, throttle the client, not the proxy.
+    let client = state.app.trusted_proxies.client_ip(peer.ip(), &headers);
+    let (pair, ip) = (format!("{}|{client}", body.username), format!("ip:{client}"));
     state.throttle.begin(&pair, &ip).map_err(ApiError::Throttled)?;
     // The hash is read under the database lock; argon2 runs without it.
     let name = body.username.clone();
@@ -246,7 +249,7 @@ pub async fn login(
         None => None,
     };
     let Some(user) = user.filter(|u| !u.disabled) else {
-        tracing::warn!(username = %body.username, ip = %peer.ip(), "Failed admin login.");
+        tracing::warn!(username = %body.username, ip = %client, "Failed admin login.");
         return Err(ApiError::BadLogin);
     };
     state.throttle.succeeded(&pair, &ip);

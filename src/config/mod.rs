@@ -98,6 +98,12 @@ pub struct ServerConfig {
     pub tls: Option<TlsConfig>,
     /// Accept HTTP/2 with prior knowledge (h2c) on a plain listener.
     pub h2c: bool,
+    /// Peers (CIDRs or addresses) whose `X-Forwarded-For` and PROXY
+    /// protocol headers name the client; from others, the peer is the client.
+    pub trusted_proxies: Vec<String>,
+    /// Expect a PROXY protocol v1/v2 header from `trusted_proxies` peers
+    /// (L4 balancers) before each connection's first byte.
+    pub proxy_protocol: bool,
     /// Where `serve --upgrade` receives the listening sockets of the old
     /// process (SIGQUIT); default: `fastgate-upgrade.sock` beside the database.
     pub upgrade_socket: Option<PathBuf>,
@@ -114,6 +120,8 @@ impl Default for ServerConfig {
             upgrade_socket: None,
             tls: None,
             h2c: false,
+            trusted_proxies: Vec::new(),
+            proxy_protocol: false,
         }
     }
 }
@@ -335,6 +343,12 @@ pub struct UpstreamConfig {
     /// names none (Anthropic requires it).
     #[serde(default = "default_max_tokens")]
     pub default_max_tokens: u64,
+    /// Send `X-Forwarded-For` (the client's address appended to what trusted
+    /// proxies said) and `X-Forwarded-Proto` to this upstream. Off by
+    /// default: providers do not need the client's address, and forwarding
+    /// headers a client sent are removed.
+    #[serde(default)]
+    pub forwarded_headers: bool,
 }
 
 fn default_max_tokens() -> u64 {
@@ -631,6 +645,14 @@ pub fn parse_config(path: &Path, raw: &str) -> Result<Config, ConfigErrors> {
                 "server.h2c: h2c is for plain listeners; with TLS, HTTP/2 is offered by ALPN (`tls.h2`)".into(),
             ));
         }
+    }
+    match crate::client_addr::TrustedProxies::parse(&file.server.trusted_proxies) {
+        Ok(t) if t.is_empty() && file.server.proxy_protocol => errors.push(diag(
+            at("proxy_protocol:"),
+            "server.proxy_protocol: list the balancers' addresses in server.trusted_proxies (no one else may send a PROXY header)".into(),
+        )),
+        Ok(_) => {}
+        Err(bad) => errors.extend(bad.into_iter().map(|m| diag(at("trusted_proxies:"), m))),
     }
     if file.audit.queue_size == 0 || file.audit.batch_size == 0 {
         errors.push(diag(

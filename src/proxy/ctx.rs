@@ -38,6 +38,19 @@ impl Drop for InFlight {
     }
 }
 
+/// Who the client is, as far as the network tells.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ClientCtx {
+    /// The client's address: the peer's, or behind trusted proxies theirs.
+    pub ip: Option<std::net::IpAddr>,
+    /// The connection's peer (after a PROXY header, the address it named).
+    pub peer: Option<std::net::IpAddr>,
+    /// Whether the peer is a trusted proxy (its `X-Forwarded-For` counts).
+    pub peer_trusted: bool,
+    /// Whether the client connection is TLS.
+    pub https: bool,
+}
+
 /// Which upstream attempt is under way and what was tried before.
 #[derive(Default)]
 pub struct UpstreamCtx {
@@ -133,6 +146,7 @@ pub struct RequestCtx {
     pub route: Option<Arc<Route>>,
     pub key: Option<Arc<GatewayKey>>,
     pub credential: Option<CredentialSource>,
+    pub client: ClientCtx,
     /// The request body when FastGate read it (already rewritten).
     pub body: Option<Bytes>,
     /// Request body bytes seen on the streaming path.
@@ -159,6 +173,7 @@ impl RequestCtx {
             route: None,
             key: None,
             credential: None,
+            client: ClientCtx::default(),
             body: None,
             body_seen: 0,
             body_capture: None,

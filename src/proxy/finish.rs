@@ -48,6 +48,13 @@ pub fn finish(session: &Session, ctx: &mut RequestCtx, e: Option<&pingora::Error
                     .add_tokens(&super::intake::route_scope(&key.id, &route.name), tokens, now);
             }
         }
+    } else if let (Some(route), Some(ip)) = (ctx.route.as_ref().filter(|r| !r.rate_limit.is_none()), ctx.client.ip)
+        && tokens > 0
+    {
+        let now = audit::now_ms() as u64;
+        state
+            .limiter
+            .add_tokens(&super::intake::client_scope(ip, &route.name), tokens, now);
     }
     let m = &state.metrics;
     let mut status_buf = itoa::Buffer::new();
@@ -92,6 +99,7 @@ pub fn finish(session: &Session, ctx: &mut RequestCtx, e: Option<&pingora::Error
         route,
         upstream,
         key_id = ctx.key.as_ref().map_or("-", |k| k.id.as_str()),
+        client_ip = ctx.client.ip.map(tracing::field::display),
         upstream_key = ctx.upstream.lease.as_ref().map_or("-", |l| l.key().id.as_str()),
         model = model_label,
         status,
@@ -154,10 +162,7 @@ pub fn finish(session: &Session, ctx: &mut RequestCtx, e: Option<&pingora::Error
             .as_ref()
             .map(|e| e.to_string())
             .or(e.map(|e| e.etype().as_str().to_string())),
-        client_ip: session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip().to_string()),
+        client_ip: ctx.client.ip.map(|ip| ip.to_string()),
         user_agent: req
             .headers
             .get(http::header::USER_AGENT)

@@ -170,7 +170,7 @@ pub async fn exchange(state: &Arc<AppState>, session: &mut Session, ctx: &mut Re
                 &mut req,
                 ctx,
                 &route,
-                upstream.provider,
+                upstream,
                 upstream.endpoint(&target),
                 ctx.upstream.lease.as_ref(),
             )?;

@@ -16,6 +16,35 @@ use serde::Deserialize;
 use std::{borrow::Cow, sync::Arc};
 
 /// The client's `x-request-id` if it is sane, else a fresh UUIDv7.
+/// Who the client is: the peer, or behind trusted proxies the address
+/// they forwarded (`X-Forwarded-For`; a PROXY header already replaced the
+/// peer).
+pub fn client(state: &AppState, session: &Session) -> super::ctx::ClientCtx {
+    let https = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+    let Some(peer) = session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| a.ip().to_canonical())
+    else {
+        return super::ctx::ClientCtx {
+            https,
+            ..Default::default()
+        };
+    };
+    let peer_trusted = state.trusted_proxies.contains(peer);
+    let ip = if peer_trusted {
+        state.trusted_proxies.client_ip(peer, &session.req_header().headers)
+    } else {
+        peer
+    };
+    super::ctx::ClientCtx {
+        ip: Some(ip),
+        peer: Some(peer),
+        peer_trusted,
+        https,
+    }
+}
+
 pub fn request_id(session: &Session) -> String {
     session
         .req_header()
@@ -191,6 +220,19 @@ pub async fn admit(state: &Arc<AppState>, session: &mut Session, ctx: &mut Reque
         }
         admit_rate(state, &key, &route)?;
         ctx.key = Some(key);
+    } else if !route.rate_limit.is_none()
+        && let Some(ip) = ctx.client.ip
+    {
+        // No gateway key to count against: the route's limits apply per
+        // client address.
+        state
+            .limiter
+            .admit(
+                &client_scope(ip, &route.name),
+                route.rate_limit,
+                crate::audit::now_ms() as u64,
+            )
+            .map_err(|s| rate_refusal(state, &route, &format!("route {} per client address", route.name), s))?;
     }
 
     let wants_usage = rewrite::wants_openai_usage(&route, &session.req_header().method, &path);
@@ -242,17 +284,7 @@ fn admit_rate(state: &AppState, key: &crate::store::keys::GatewayKey, route: &Ro
         rpm: key.rpm,
         tpm: key.tpm,
     };
-    let refuse = |scope: &str, retry_after: u64| {
-        state
-            .metrics
-            .rate_limited
-            .with_label_values(&[route.name.as_str()])
-            .inc();
-        GatewayError::RateLimited {
-            scope: scope.to_string(),
-            retry_after,
-        }
-    };
+    let refuse = |scope: &str, retry_after: u64| rate_refusal(state, route, scope, retry_after);
     let now_ms = now as i64;
     if let Some(quota) = key.token_quota {
         state
@@ -277,6 +309,24 @@ fn admit_rate(state: &AppState, key: &crate::store::keys::GatewayKey, route: &Ro
         .limiter
         .admit(&route_scope(&key.id, &route.name), route.rate_limit, now)
         .map_err(|s| refuse(&format!("route {}", route.name), s))
+}
+
+/// A 429 for `scope`, counted in metrics.
+fn rate_refusal(state: &AppState, route: &Route, scope: &str, retry_after: u64) -> GatewayError {
+    state
+        .metrics
+        .rate_limited
+        .with_label_values(&[route.name.as_str()])
+        .inc();
+    GatewayError::RateLimited {
+        scope: scope.to_string(),
+        retry_after,
+    }
+}
+
+/// The limiter scope of one client address on a route without gateway keys.
+pub fn client_scope(ip: std::net::IpAddr, route: &str) -> String {
+    format!("ip:{ip}/{route}")
 }
 
 /// The limiter scope of one key on one route.

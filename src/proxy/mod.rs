@@ -72,6 +72,7 @@ impl ProxyHttp for Gateway {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> pingora::Result<bool> {
         ctx.request_id = intake::request_id(session);
+        ctx.client = intake::client(&self.state, session);
         ctx.format = errors::guess_format(session.req_header().uri.path(), &session.req_header().headers);
         if let Err(e) = intake::admit(&self.state, session, ctx).await {
             respond::error(session, ctx, e).await?;
@@ -168,7 +169,7 @@ impl ProxyHttp for Gateway {
             req,
             ctx,
             &route,
-            upstream.provider,
+            &upstream,
             upstream.endpoint(&target),
             ctx.upstream.lease.as_ref(),
         )

@@ -176,10 +176,11 @@ pub fn upstream_request(
     req: &mut RequestHeader,
     ctx: &RequestCtx,
     route: &Route,
-    provider: Provider,
+    upstream: &crate::upstream::Upstream,
     endpoint: &EndpointUrl,
     lease: Option<&Lease>,
 ) -> Result<(), GatewayError> {
+    let provider = upstream.provider;
     // Client credentials never travel upstream when FastGate authenticates or
     // injects its own key. On other routes a client's own credential passes
     // (bring your own key), but a gateway key (`fg_…`) never does, anywhere.
@@ -220,6 +221,7 @@ pub fn upstream_request(
     for (name, value) in &route.transform.set_headers {
         let _ = req.insert_header(name.clone(), value.clone());
     }
+    forwarded_headers(req, ctx, upstream.forwarded_headers);
     let _ = req.insert_header(header::HOST, endpoint.authority.as_str());
     let _ = req.insert_header("x-request-id", ctx.request_id.as_str());
     if ctx.response.strip_usage_chunk {
@@ -230,6 +232,51 @@ pub fn upstream_request(
         inject_key(req, provider, lease.key().secret.expose());
     }
     Ok(())
+}
+
+/// Headers that name the client or the hops before FastGate.
+const FORWARDING: [&str; 5] = [
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-real-ip",
+    "forwarded",
+];
+
+/// Toward an upstream that asked for them (`forwarded_headers: true`),
+/// `X-Forwarded-For` (what trusted proxies said, then the peer) and
+/// `X-Forwarded-Proto`; toward any other, no forwarding header at all, not
+/// even one the client sent: providers need no client addresses.
+fn forwarded_headers(req: &mut RequestHeader, ctx: &RequestCtx, forward: bool) {
+    let chain = forward
+        .then(|| {
+            let peer = ctx.client.peer?;
+            let before = ctx
+                .client
+                .peer_trusted
+                .then(|| {
+                    let hops: Vec<&str> = req
+                        .headers
+                        .get_all("x-forwarded-for")
+                        .iter()
+                        .filter_map(|v| v.to_str().ok())
+                        .collect();
+                    hops.join(", ")
+                })
+                .filter(|h| !h.is_empty());
+            Some(match before {
+                Some(hops) => format!("{hops}, {peer}"),
+                None => peer.to_string(),
+            })
+        })
+        .flatten();
+    for name in FORWARDING {
+        req.remove_header(name);
+    }
+    if let Some(chain) = chain {
+        let _ = req.insert_header("x-forwarded-for", chain);
+        let _ = req.insert_header("x-forwarded-proto", if ctx.client.https { "https" } else { "http" });
+    }
 }
 
 /// Put an upstream key where `provider` expects it.

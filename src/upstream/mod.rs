@@ -181,6 +181,8 @@ pub struct Upstream {
     pub max_in_flight: u32,
     /// For converted requests to Anthropic without `max_tokens`.
     pub default_max_tokens: u64,
+    /// Whether `X-Forwarded-For`/`-Proto` are sent to this upstream.
+    pub forwarded_headers: bool,
     in_flight: Arc<AtomicU32>,
     /// Addresses that refused a connection, until when they are passed over.
     resting: parking_lot::Mutex<HashMap<SocketAddr, Instant>>,
@@ -257,6 +259,7 @@ impl Upstream {
             mock: (cfg.provider == Provider::Mock).then(|| cfg.mock.clone().unwrap_or_default()),
             max_in_flight: cfg.max_in_flight,
             default_max_tokens: cfg.default_max_tokens,
+            forwarded_headers: cfg.forwarded_headers,
             in_flight: Arc::new(AtomicU32::new(0)),
             resting: parking_lot::Mutex::new(HashMap::new()),
             any_resting: AtomicBool::new(false),

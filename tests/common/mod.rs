@@ -2,6 +2,8 @@
 //! formats, and the real `fastgate` binary started on ephemeral ports.
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod tls;
+
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
 use hyper::{Request, Response, body::Frame, server::conn::http1, service::service_fn};
