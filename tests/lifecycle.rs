@@ -59,6 +59,26 @@ async fn sigterm_refuses_new_connections_and_turns_unready_at_once_then_finishes
     let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
     let mut stream = r.bytes_stream();
     let mut text = String::from_utf8(stream.next().await.unwrap().unwrap().to_vec()).unwrap();
+    // Load on fresh connections while the stream flows: every one is served
+    // (nothing is refused before the signal).
+    let mut loads = Vec::new();
+    for _ in 0..4 {
+        let url = gw.url("/json");
+        loads.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for _ in 0..15 {
+                let fresh = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
+                let r = fresh.get(&url).send().await.expect("refused before the signal");
+                assert_eq!(r.status(), 200);
+                ids.push(r.headers()["x-request-id"].to_str().unwrap().to_string());
+            }
+            ids
+        }));
+    }
+    let mut before = Vec::new();
+    for l in loads {
+        before.extend(l.await.unwrap());
+    }
     let signalled = Instant::now();
     gw.signal("TERM");
 
@@ -99,6 +119,10 @@ async fn sigterm_refuses_new_connections_and_turns_unready_at_once_then_finishes
         .expect("the stream's audit row");
     assert_eq!(row.status, 200);
     assert!(row.chunks > 1, "{row:?}");
+    for id in &before {
+        let n = rows.iter().filter(|r| &r.request_id == id).count();
+        assert_eq!(n, 1, "request {id} has {n} audit rows");
+    }
 }
 
 #[tokio::test]
