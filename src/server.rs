@@ -59,6 +59,24 @@ impl ShutdownSignalWatch for Signals {
             _ = quit.recv() => ("SIGQUIT", Lifecycle::HandingOver),
         };
         self.state.lifecycle.send_replace(next);
+        // A second SIGTERM/SIGINT (an impatient operator, a supervisor's
+        // escalation) stops at once: the audit log is still flushed.
+        let state = self.state.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            tracing::warn!(
+                in_flight = state.in_flight(),
+                "Second signal: stopping now, cutting the requests in flight."
+            );
+            let _ = tokio::task::spawn_blocking(move || {
+                flush_and_close(&state);
+                std::process::exit(1);
+            })
+            .await;
+        });
         tracing::info!(
             signal = which,
             in_flight = self.state.in_flight(),

@@ -153,6 +153,32 @@ async fn the_grace_period_bounds_a_drain() {
     assert!(gw.logs().contains("Grace period over"), "{}", gw.logs());
 }
 
+#[tokio::test]
+async fn a_second_sigterm_stops_at_once() {
+    let mock = MockUpstream::start().await;
+    let mut gw = Gateway::start(&sse_config(&mock), &[("r.yaml", SSE_ROUTE)]).await;
+    let slow = tokio::spawn({
+        let url = gw.url("/slow");
+        async move { reqwest::Client::new().get(url).send().await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    gw.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(gw.child.try_wait().unwrap().is_none(), "still draining its 5 s request");
+    let second = Instant::now();
+    gw.signal("TERM");
+    let status = wait_exit(&mut gw.child, Duration::from_secs(3)).await;
+    assert!(second.elapsed() < Duration::from_secs(2), "{:?}", second.elapsed());
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "a forced stop is not a clean one\n{}",
+        gw.logs()
+    );
+    assert!(slow.await.unwrap().is_err());
+    assert!(gw.logs().contains("Second signal"), "{}", gw.logs());
+}
+
 /// SIGQUIT to the running process after `serve --upgrade` started: no
 /// request fails during the handover, a stream that began on the old
 /// process completes there, and every request has its audit row.
