@@ -13,24 +13,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-fn check(config: &Path, cwd: &Path) -> (bool, String, String) {
-    let out = Command::new(bin())
-        .args(["check", "-c"])
-        .arg(config)
-        .current_dir(cwd)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 #[test]
 fn check_accepts_the_shipped_config() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let (ok, out, err) = check(Path::new("conf/fastgate.yaml"), root);
+    let (ok, out, err) = common::check(Path::new("conf/fastgate.yaml"), root);
     assert!(ok, "{err}");
     assert!(out.starts_with("fastgate: configuration ok"), "{out}");
     assert_eq!(out.lines().count(), 1);
@@ -43,7 +29,7 @@ fn check_rejects_broken_files_with_file_and_line() {
     std::fs::create_dir(&routes).unwrap();
     let conf = dir.path().join("fastgate.yaml");
     std::fs::write(&conf, "server:\n  listen: 127.0.0.1:1\n  listn: typo\n").unwrap();
-    let (ok, _, err) = check(&conf, dir.path());
+    let (ok, _, err) = common::check(&conf, dir.path());
     assert!(!ok);
     assert!(err.contains("fastgate.yaml:3: server: unknown field `listn`"), "{err}");
 
@@ -59,7 +45,7 @@ fn check_rejects_broken_files_with_file_and_line() {
     .unwrap();
     std::fs::write(routes.join("b.yaml"), "routes:\n  - name: fine\n    match: {path: /b}\n    upstream: u\n  - name: bad\n    match: {path: /c}\n    upstream: missing\n").unwrap();
     std::fs::write(routes.join("c.yaml"), "routes:\n  - name: x\n    match: {path: /x\n").unwrap();
-    let (ok, _, err) = check(&conf, dir.path());
+    let (ok, _, err) = common::check(&conf, dir.path());
     assert!(!ok);
     assert!(
         err.contains("b.yaml:5: route \"bad\": no upstream named \"missing\""),
@@ -70,7 +56,7 @@ fn check_rejects_broken_files_with_file_and_line() {
 
     std::fs::remove_file(routes.join("b.yaml")).unwrap();
     std::fs::remove_file(routes.join("c.yaml")).unwrap();
-    let (ok, out, err) = check(&conf, dir.path());
+    let (ok, out, err) = common::check(&conf, dir.path());
     assert!(ok, "{err}");
     assert!(out.contains("1 routes in 1 files"), "{out}");
 }
@@ -81,7 +67,7 @@ fn missing_environment_variables_are_reported() {
     std::fs::create_dir(dir.path().join("routes.d")).unwrap();
     let conf = dir.path().join("fastgate.yaml");
     std::fs::write(&conf, "server:\n  listen: ${FASTGATE_TEST_SURELY_UNSET}\n").unwrap();
-    let (ok, _, err) = check(&conf, dir.path());
+    let (ok, _, err) = common::check(&conf, dir.path());
     assert!(!ok);
     assert!(
         err.contains("fastgate.yaml:2: environment variable FASTGATE_TEST_SURELY_UNSET is not set"),

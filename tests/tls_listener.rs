@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{Gateway, MockUpstream, bin, tls::Ca};
+use common::{Gateway, MockUpstream, tls::Ca};
 use futures_util::StreamExt;
 use serde_json::json;
 use std::{
@@ -295,19 +295,6 @@ async fn h2c_with_prior_knowledge_on_a_plain_listener() {
     assert_eq!((r.status().as_u16(), r.version()), (200, reqwest::Version::HTTP_11));
 }
 
-fn check(config: &Path) -> (bool, String, String) {
-    let out = std::process::Command::new(bin())
-        .args(["check", "-c"])
-        .arg(config)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 #[test]
 fn check_validates_certificate_files() {
     let dir = tempfile::tempdir().unwrap();
@@ -330,28 +317,33 @@ fn check_validates_certificate_files() {
     };
     let d = dir.path().display();
 
-    let (ok, out, err) = check(&write(&format!("  tls: {{ cert: {d}/good.pem, key: {d}/good.key }}\n")));
+    let (ok, out, err) = common::check(
+        &write(&format!("  tls: {{ cert: {d}/good.pem, key: {d}/good.key }}\n")),
+        dir.path(),
+    );
     assert!(ok, "{err}");
     assert!(out.contains("TLS with 1 certificate(s)"), "{out}");
     assert!(!err.contains("warning"), "{err}");
 
-    let (ok, _, err) = check(&write(&tls_server(dir.path(), &["good", "soon"])));
+    let (ok, _, err) = common::check(&write(&tls_server(dir.path(), &["good", "soon"])), dir.path());
     assert!(ok, "expiring soon is a warning, not an error: {err}");
     assert!(err.contains("soon.pem") && err.contains("expires in"), "{err}");
 
-    let (ok, _, err) = check(&write(&format!(
-        "  tls: {{ cert: {d}/good.pem, key: {d}/other.key }}\n"
-    )));
+    let (ok, _, err) = common::check(
+        &write(&format!("  tls: {{ cert: {d}/good.pem, key: {d}/other.key }}\n")),
+        dir.path(),
+    );
     assert!(!ok);
     assert!(err.contains("other.key") && err.contains("does not belong"), "{err}");
 
-    let (ok, _, err) = check(&write(&format!(
-        "  tls: {{ cert: {d}/missing.pem, key: {d}/good.key }}\n"
-    )));
+    let (ok, _, err) = common::check(
+        &write(&format!("  tls: {{ cert: {d}/missing.pem, key: {d}/good.key }}\n")),
+        dir.path(),
+    );
     assert!(!ok);
     assert!(err.contains("missing.pem") && err.contains("cannot read"), "{err}");
 
-    let (ok, _, err) = check(&write(&format!("  tls: {{ cert: {d}/good.pem }}\n")));
+    let (ok, _, err) = common::check(&write(&format!("  tls: {{ cert: {d}/good.pem }}\n")), dir.path());
     assert!(!ok);
     assert!(err.contains("`cert` and `key` go together"), "{err}");
 }

@@ -647,6 +647,21 @@ fn listens_on(pid: u32, port: u16) -> bool {
     })
 }
 
+/// `fastgate check -c CONFIG` run in `cwd`: (exit 0, stdout, stderr).
+pub fn check(config: &Path, cwd: &Path) -> (bool, String, String) {
+    let out = Command::new(bin())
+        .args(["check", "-c"])
+        .arg(config)
+        .current_dir(cwd)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// The bootstrap admin's password in every test gateway.
 pub const ADMIN_PASSWORD: &str = "test-admin-password";
 
