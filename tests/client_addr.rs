@@ -307,3 +307,37 @@ async fn proxy_protocol_before_tls() {
     assert_eq!(seen.header("x-forwarded-for"), Some("198.51.100.11"));
     assert_eq!(seen.header("x-forwarded-proto"), Some("https"));
 }
+
+#[tokio::test]
+async fn admin_login_throttling_counts_the_client_behind_a_trusted_proxy() {
+    let mock = MockUpstream::start().await;
+    let gw = Gateway::start_with_server(
+        "  trusted_proxies: [127.0.0.1]\n",
+        &config(&mock),
+        &[("r.yaml", ROUTES)],
+    )
+    .await;
+    let c = reqwest::Client::new();
+    let login = |client: &'static str, password: &'static str| {
+        c.post(gw.admin_url("/api/auth/login"))
+            .header("x-forwarded-for", client)
+            .json(&serde_json::json!({"username": "admin", "password": password}))
+            .send()
+    };
+    // One client behind the proxy fails until it is throttled...
+    let mut statuses = Vec::new();
+    for _ in 0..6 {
+        statuses.push(login("198.51.100.4", "wrong").await.unwrap().status().as_u16());
+    }
+    assert_eq!(statuses[..5], [401; 5], "{statuses:?}");
+    assert_eq!(statuses[5], 429, "{statuses:?}");
+    assert_eq!(
+        login("198.51.100.4", common::ADMIN_PASSWORD).await.unwrap().status(),
+        429
+    );
+    // ...while another client behind the same proxy logs in.
+    assert_eq!(
+        login("198.51.100.5", common::ADMIN_PASSWORD).await.unwrap().status(),
+        200
+    );
+}

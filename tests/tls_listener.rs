@@ -243,20 +243,26 @@ async fn sse_over_http2_is_unbuffered_and_a_reset_stream_releases_the_upstream_a
     }
 
     // RST_STREAM: dropping the response mid-stream cancels the upstream
-    // request and gives the pool key back, on a connection that stays up.
-    mock.behaviour.stream_aborted.store(false, Ordering::SeqCst);
-    let r = h2.post(&url).json(&body).send().await.unwrap();
-    let mut s = r.bytes_stream();
-    s.next().await.unwrap().unwrap();
-    drop(s);
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while !mock.behaviour.stream_aborted.load(Ordering::SeqCst) {
-        assert!(
-            Instant::now() < deadline,
-            "the upstream kept streaming to nobody\n{}",
-            gw.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
+    // request and gives the pool key back, on a connection that stays up;
+    // on both forwarding paths.
+    for (what, req) in [
+        ("chat", h2.post(&url).json(&body)),
+        ("plain", h2.get(format!("https://a.test:{}/sse", gw.port))),
+    ] {
+        mock.behaviour.stream_aborted.store(false, Ordering::SeqCst);
+        let r = req.send().await.unwrap();
+        let mut s = r.bytes_stream();
+        s.next().await.unwrap().unwrap();
+        drop(s);
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while !mock.behaviour.stream_aborted.load(Ordering::SeqCst) {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: the upstream kept streaming to nobody\n{}",
+                gw.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
     }
     let metrics = common::eventually_text(
         || reqwest::Client::new().get(gw.admin_url("/metrics")),
