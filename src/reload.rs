@@ -37,21 +37,11 @@ impl Upkeep {
         let state = self.state.clone();
         tracing::info!(trigger = "SIGHUP", "Reloading fastgate.yaml and routes.d.");
         let _ = tokio::task::spawn_blocking(move || state.reload_config()).await;
-        self.reload_certificates("SIGHUP").await;
     }
 
-    /// New handshakes get the new certificates; open connections keep theirs.
-    async fn reload_certificates(&self, why: &'static str) {
-        let Some(certs) = self.state.tls.clone() else { return };
-        match tokio::task::spawn_blocking(move || certs.reload()).await {
-            Ok(Ok(n)) => tracing::info!(trigger = why, certificates = n, "Reloaded TLS certificates."),
-            Ok(Err(errors)) => {
-                for e in errors {
-                    tracing::error!(trigger = why, error = %e, "TLS certificates not reloaded; the previous ones keep serving.");
-                }
-            }
-            Err(_) => {}
-        }
+    async fn reload_certificates(&self) {
+        let state = self.state.clone();
+        let _ = tokio::task::spawn_blocking(move || state.reload_certificates("file change")).await;
     }
 
     /// Write the states of keys that changed since the last save.
@@ -153,7 +143,7 @@ impl BackgroundService for Upkeep {
             tokio::select! {
                 _ = shutdown.changed() => break,
                 Some(()) = rx.recv() => self.reload("file change").await,
-                Some(()) = cert_rx.recv() => self.reload_certificates("file change").await,
+                Some(()) = cert_rx.recv() => self.reload_certificates().await,
                 Some(_) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
                     self.reload_config().await;
                 }

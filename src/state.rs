@@ -268,7 +268,25 @@ impl AppState {
     /// `routes.d` validated against them; on any error nothing changes.
     /// Blocking (file reads, DNS). Returns the sections that changed but
     /// only take effect after a restart.
+    /// Re-read the TLS certificates: new handshakes get them, open
+    /// connections keep theirs; if any file is bad, none is swapped in.
+    /// Blocking file I/O.
+    pub fn reload_certificates(&self, trigger: &str) {
+        let Some(certs) = &self.tls else { return };
+        match certs.reload() {
+            Ok(n) => tracing::info!(trigger, certificates = n, "Reloaded TLS certificates."),
+            Err(errors) => {
+                for e in errors {
+                    tracing::error!(trigger, error = %e, "TLS certificates not reloaded; the previous ones keep serving.");
+                }
+            }
+        }
+    }
+
+    /// Reload `fastgate.yaml` and `routes.d` (and the TLS certificates, whose
+    /// files may have been replaced with them): SIGHUP and the admin API.
     pub fn reload_config(&self) -> Result<Vec<String>, ConfigErrors> {
+        self.reload_certificates("config reload");
         let result = self.try_reload_config();
         let outcome = if result.is_ok() { "success" } else { "failure" };
         self.metrics.config_reloads.with_label_values(&[outcome]).inc();

@@ -192,6 +192,17 @@ async fn certificates_reload_on_file_change_and_sighup_without_dropping_connecti
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // The admin API's config reload reads the certificates too (like SIGHUP).
+    let fourth = ca.leaf(certs.path(), "a", &["a.test"], 90);
+    let token = gw.login("admin", common::ADMIN_PASSWORD).await;
+    let r = reqwest::Client::new()
+        .post(gw.admin_url("/api/config/reload"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(served_certificate(gw.port, "a.test").await, fourth);
 
     // The stream that began before any reload finished whole, on its connection.
     while let Some(chunk) = stream.next().await {
