@@ -6,6 +6,7 @@
 //! Errors are `{"error":{"code","message"}}`. See docs/admin-api.md.
 
 pub mod error;
+pub mod events;
 pub mod keys;
 pub mod logs;
 pub mod pools;
@@ -203,6 +204,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
         )
         .route("/api/pools/{pool}/keys/{id}/reset", post(pools::reset))
         .route("/api/pools/{pool}/keys/{id}/test", post(pools::test))
+        .route("/api/events", get(events::stream))
         .route("/api/config", get(stats::config))
         .route("/api/config/reload", post(stats::reload))
         .route("/api/logs/export", get(logs::export))

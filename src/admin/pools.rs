@@ -52,7 +52,7 @@ pub fn key_json(k: &PoolKey) -> Value {
     v
 }
 
-fn pool_json(p: &KeyPool) -> Value {
+pub fn pool_json(p: &KeyPool) -> Value {
     let keys = p.keys();
     let counts = p.count_by_state(now_ms());
     let states: serde_json::Map<String, Value> = KeyState::ALL
@@ -338,7 +338,12 @@ async fn audit_write(
 
 pub async fn upstreams(caller: Caller, State(s): State<Arc<AdminState>>) -> Result<Json<Value>, ApiError> {
     caller.require_admin()?;
-    let runtime = s.app.runtime.load();
+    Ok(Json(Value::Array(upstreams_json(&s.app.runtime.load()))))
+}
+
+/// Every upstream with its endpoints, addresses (and their health) and
+/// in-flight count, by name.
+pub fn upstreams_json(runtime: &crate::state::Runtime) -> Vec<Value> {
     let mut list: Vec<Value> = runtime
         .upstreams
         .values()
@@ -357,5 +362,5 @@ pub async fn upstreams(caller: Caller, State(s): State<Arc<AdminState>>) -> Resu
         })
         .collect();
     list.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
-    Ok(Json(Value::Array(list)))
+    list
 }
