@@ -13,6 +13,7 @@ pub mod pools;
 pub mod routes;
 pub mod session;
 pub mod stats;
+pub mod ui;
 pub mod users;
 
 use crate::{
@@ -208,6 +209,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/api/config", get(stats::config))
         .route("/api/config/reload", post(stats::reload))
         .route("/api/logs/export", get(logs::export))
+        .fallback(ui::serve)
         .with_state(state)
 }
 
