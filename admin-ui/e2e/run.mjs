@@ -1,0 +1,258 @@
+// End-to-end: the real `fastgate` binary (its embedded UI) against a mock
+// OpenAI upstream, driven in real headless Chromium (Debian's package; a
+// browser download cannot work here) with playwright-core.
+//
+//   node e2e/run.mjs            (FASTGATE_BIN, CHROMIUM override the paths)
+//
+// Screenshots of each page at desktop and phone width go to e2e/artifacts/.
+import { spawn } from "node:child_process";
+import { existsSync, mkdirSync, mkdtempSync, writeFileSync } from "node:fs";
+import { createServer } from "node:http";
+import { tmpdir } from "node:os";
+import { dirname, join, resolve } from "node:path";
+import { fileURLToPath } from "node:url";
+import { chromium } from "playwright-core";
+
+const here = dirname(fileURLToPath(import.meta.url));
+const root = resolve(here, "../..");
+const bin = process.env.FASTGATE_BIN ?? join(process.env.CARGO_TARGET_DIR ?? join(root, "target"), "debug/fastgate");
+const browserPath = process.env.CHROMIUM ?? "/usr/bin/chromium";
+const artifacts = join(here, "artifacts");
+for (const [what, path, fix] of [
+  ["Chromium", browserPath, "apt-get install chromium"],
+  ["the fastgate binary", bin, "cargo build --bin fastgate"],
+]) {
+  if (!existsSync(path)) {
+    console.error(`${what} is not at ${path}: ${fix}`);
+    process.exit(1);
+  }
+}
+mkdirSync(artifacts, { recursive: true });
+
+const LIMITED = "sk-e2e-limited-key-0001";
+const GOOD = "sk-e2e-good-key-00002";
+const PASSWORD = "e2e-admin-password";
+
+let failures = 0;
+let passed = 0;
+async function step(name, f) {
+  const started = Date.now();
+  try {
+    await f();
+    passed++;
+    console.log(`ok   ${name} (${Date.now() - started} ms)`);
+  } catch (e) {
+    failures++;
+    console.log(`FAIL ${name}: ${e.stack ?? e}`);
+  }
+}
+function assert(cond, message) {
+  if (!cond) throw new Error(message);
+}
+
+// A mock OpenAI upstream: chat completions with usage; 429 with
+// Retry-After for the limited key while `limit` is on.
+const mock = { limit: false, seen: 0 };
+const upstream = createServer((req, res) => {
+  let body = "";
+  req.on("data", (c) => (body += c));
+  req.on("end", () => {
+    mock.seen++;
+    const auth = req.headers.authorization ?? "";
+    if (mock.limit && auth === `Bearer ${LIMITED}`) {
+      res.writeHead(429, { "content-type": "application/json", "retry-after": "2" });
+      res.end(JSON.stringify({ error: { message: "Rate limit reached", type: "requests", code: "rate_limit_exceeded" } }));
+      return;
+    }
+    res.writeHead(200, { "content-type": "application/json", "x-ratelimit-remaining-requests": "999" });
+    res.end(
+      JSON.stringify({
+        id: "chatcmpl-e2e",
+        object: "chat.completion",
+        created: 1,
+        model: "gpt-4o",
+        choices: [{ index: 0, message: { role: "assistant", content: "hello" }, finish_reason: "stop" }],
+        usage: { prompt_tokens: 9, completion_tokens: 3, total_tokens: 12 },
+      }),
+    );
+  });
+});
+await new Promise((ok) => upstream.listen(0, "127.0.0.1", ok));
+const upstreamUrl = `http://127.0.0.1:${upstream.address().port}`;
+
+async function freePort() {
+  const s = createServer();
+  await new Promise((ok) => s.listen(0, "127.0.0.1", ok));
+  const port = s.address().port;
+  await new Promise((ok) => s.close(ok));
+  return port;
+}
+
+const dir = mkdtempSync(join(tmpdir(), "fastgate-ui-e2e-"));
+mkdirSync(join(dir, "routes.d"));
+writeFileSync(
+  join(dir, "routes.d", "chat.yaml"),
+  "routes:\n  - { name: chat, match: { path: /v1/chat/completions }, format: openai, auth: none, upstream: oai, retries: 2 }\n",
+);
+const [port, adminPort] = [await freePort(), await freePort()];
+writeFileSync(
+  join(dir, "fastgate.yaml"),
+  `server: { listen: 127.0.0.1:${port}, threads: 1, grace_period: 2s }
+admin: { listen: 127.0.0.1:${adminPort} }
+database: { path: ${join(dir, "fg.db")} }
+routes_dir: ${join(dir, "routes.d")}
+upstreams:
+  oai: { provider: openai, endpoints: ['${upstreamUrl}'], key_pool: openai }
+key_pools:
+  openai: { keys: [${LIMITED}, ${GOOD}], strategy: round_robin }
+`,
+);
+const log = join(dir, "fastgate.log");
+const gateway = spawn(bin, ["serve", "-c", join(dir, "fastgate.yaml")], {
+  env: { ...process.env, FASTGATE_ADMIN_PASSWORD: PASSWORD, FASTGATE_LOG: "info" },
+  stdio: ["ignore", "ignore", "pipe"],
+});
+let gatewayLog = "";
+gateway.stderr.on("data", (d) => (gatewayLog += d));
+const admin = `http://127.0.0.1:${adminPort}`;
+for (let i = 0; ; i++) {
+  try {
+    if ((await fetch(`${admin}/health`)).ok) break;
+  } catch {}
+  if (i > 200) throw new Error(`fastgate did not start:\n${gatewayLog}`);
+  await new Promise((ok) => setTimeout(ok, 50));
+}
+
+async function chat(n) {
+  for (let i = 0; i < n; i++) {
+    const r = await fetch(`http://127.0.0.1:${port}/v1/chat/completions`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ model: "gpt-4o", messages: [{ role: "user", content: "hi" }] }),
+    });
+    assert(r.status === 200, `data plane answered ${r.status}`);
+  }
+}
+
+const browser = await chromium.launch({
+  executablePath: browserPath,
+  headless: true,
+  args: [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+  ],
+});
+const desktop = await browser.newContext({ viewport: { width: 1280, height: 800 } });
+const page = await desktop.newPage();
+const consoleErrors = [];
+page.on("console", (m) => m.type() === "error" && consoleErrors.push(m.text()));
+page.on("pageerror", (e) => consoleErrors.push(String(e)));
+
+async function shoot(name) {
+  await page.screenshot({ path: join(artifacts, `${name}-desktop.png`), fullPage: true });
+  const phone = await browser.newContext({ viewport: { width: 390, height: 844 }, deviceScaleFactor: 2 });
+  const p = await phone.newPage();
+  await p.addInitScript((s) => sessionStorage.setItem("fastgate.session", s), await page.evaluate(() => sessionStorage.getItem("fastgate.session") ?? "null"));
+  await p.goto(page.url());
+  await p.waitForTimeout(1200);
+  const wide = await p.evaluate(() => document.documentElement.scrollWidth > window.innerWidth + 1);
+  await p.screenshot({ path: join(artifacts, `${name}-phone.png`), fullPage: true });
+  await phone.close();
+  assert(!wide, `${name}: the page scrolls sideways at 390 px`);
+}
+
+await step("a wrong password is refused with a readable message", async () => {
+  await page.goto(admin);
+  await page.getByLabel("Username").fill("admin");
+  await page.getByLabel("Password").fill("not-the-password");
+  await page.getByRole("button", { name: "Log in" }).click();
+  const alert = page.getByRole("alert");
+  await alert.waitFor();
+  assert((await alert.textContent()).toLowerCase().includes("wrong username or password"), `message: ${await alert.textContent()}`);
+  // The browser logs the refused login's 401 itself: expected here.
+  consoleErrors.length = 0;
+});
+
+await step("log in and see the live dashboard", async () => {
+  await page.getByLabel("Password").fill(PASSWORD);
+  await page.getByRole("button", { name: "Log in" }).click();
+  await page.getByRole("heading", { name: "Dashboard" }).waitFor();
+  // Traffic while the dashboard is open: the live counters move without a reload.
+  let traffic = true;
+  const load = (async () => {
+    while (traffic) {
+      await chat(3);
+      await new Promise((ok) => setTimeout(ok, 100));
+    }
+  })();
+  await page.waitForFunction(() => {
+    const tile = [...document.querySelectorAll(".tile")].find((t) => t.textContent.includes("Requests/s"));
+    const v = Number(tile?.querySelector("strong")?.textContent);
+    return v > 0;
+  }, null, { timeout: 10_000 });
+  // A reload keeps the session (session storage) and loads the last hour.
+  await page.reload();
+  await page.getByRole("region", { name: "Last hour" }).waitFor({ timeout: 10_000 });
+  await page.locator(".chart canvas").first().waitFor({ timeout: 10_000 });
+  await page.waitForTimeout(4000);
+  traffic = false;
+  await load;
+  await page.screenshot({ path: join(artifacts, "dashboard-desktop.png") });
+  await shoot("dashboard");
+});
+
+await step("a key that 429s turns cooling with a countdown and back, live", async () => {
+  await page.getByRole("link", { name: "Key pools" }).click();
+  await page.getByRole("heading", { name: "openai" }).waitFor();
+  const badges = page.locator('[data-testid="state"]');
+  await badges.nth(1).waitFor();
+  const limitedRow = page.locator("tr", { hasText: "sk-e2e…0001" });
+  assert((await limitedRow.locator('[data-testid="state"]').textContent()).trim() === "active", "starts active");
+  mock.limit = true;
+  await chat(4);
+  await page.waitForFunction(
+    () => [...document.querySelectorAll("tr")].some((r) => r.textContent.includes("sk-e2e…0001") && /cooling \d+s/.test(r.querySelector('[data-testid="state"]')?.textContent ?? "")),
+    null,
+    { timeout: 10_000 },
+  );
+  await shoot("pools-cooling");
+  mock.limit = false;
+  // After the 2 s cooldown a request probes the key and it is active again.
+  const until = Date.now() + 15_000;
+  for (;;) {
+    await chat(1);
+    const state = (await limitedRow.locator('[data-testid="state"]').textContent()).trim();
+    if (state === "active") break;
+    assert(Date.now() < until, `still ${state}`);
+    await page.waitForTimeout(300);
+  }
+  await shoot("pools");
+});
+
+await step("no secret is rendered", async () => {
+  const html = await page.content();
+  assert(!html.includes(LIMITED) && !html.includes(GOOD), "a pool key is on the page");
+});
+
+await step("log out", async () => {
+  await page.getByRole("button", { name: "Log out" }).click();
+  await page.getByText("You logged out.").waitFor();
+});
+
+await step("no errors in the browser console", async () => {
+  assert(consoleErrors.length === 0, consoleErrors.join("\n"));
+});
+
+await browser.close();
+gateway.kill("SIGTERM");
+upstream.close();
+console.log(`${passed} passed, ${failures} failed`);
+if (failures) {
+  console.log(gatewayLog.split("\n").slice(-40).join("\n"));
+  process.exit(1);
+}
