@@ -11,6 +11,11 @@ use common::{Gateway, MockUpstream, tls::Ca};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+/// A gateway with these `server:` keys, the routes above and `mock` behind them.
+async fn gateway(mock: &MockUpstream, server: &str) -> Gateway {
+    Gateway::start_with_server(server, &config(mock), &[("r.yaml", ROUTES)]).await
+}
+
 fn config(mock: &MockUpstream) -> String {
     format!(
         "upstreams:\n  private: {{provider: http, endpoints: ['{url}']}}\n  selfhosted: {{provider: http, endpoints: ['{url}'], forwarded_headers: true}}\n",
@@ -44,12 +49,7 @@ async fn client_ip_of(gw: &Gateway, id: &String) -> Option<String> {
 async fn forwarded_for_is_believed_only_from_trusted_proxies() {
     let mock = MockUpstream::start().await;
     // This test's client (127.0.0.1) is not among the trusted proxies.
-    let untrusted = Gateway::start_with_server(
-        "  trusted_proxies: [10.0.0.0/8]\n",
-        &config(&mock),
-        &[("r.yaml", ROUTES)],
-    )
-    .await;
+    let untrusted = gateway(&mock, "  trusted_proxies: [10.0.0.0/8]\n").await;
     let (status, id) = get(&untrusted, "/p/json", "198.51.100.4").await;
     assert_eq!(status, 200);
     assert_eq!(
@@ -58,12 +58,7 @@ async fn forwarded_for_is_believed_only_from_trusted_proxies() {
         "spoofed"
     );
 
-    let trusted = Gateway::start_with_server(
-        "  trusted_proxies: [127.0.0.0/8, 10.0.0.0/8]\n",
-        &config(&mock),
-        &[("r.yaml", ROUTES)],
-    )
-    .await;
+    let trusted = gateway(&mock, "  trusted_proxies: [127.0.0.0/8, 10.0.0.0/8]\n").await;
     // The right-most hop that is not a trusted proxy; the left part, which
     // the client wrote itself, is not believed.
     let (status, id) = get(&trusted, "/p/json", "6.6.6.6, 198.51.100.4, 10.1.1.1").await;
@@ -99,12 +94,7 @@ async fn forwarded_for_is_believed_only_from_trusted_proxies() {
 #[tokio::test]
 async fn a_route_without_keys_is_rate_limited_per_client_address() {
     let mock = MockUpstream::start().await;
-    let gw = Gateway::start_with_server(
-        "  trusted_proxies: [127.0.0.1]\n",
-        &config(&mock),
-        &[("r.yaml", ROUTES)],
-    )
-    .await;
+    let gw = gateway(&mock, "  trusted_proxies: [127.0.0.1]\n").await;
     assert_eq!(get(&gw, "/l/json", "198.51.100.4").await.0, 200);
     assert_eq!(get(&gw, "/l/json", "198.51.100.4").await.0, 200);
     let r = reqwest::Client::new()
@@ -183,12 +173,7 @@ const ONE_REQUEST: &[&str] = &["GET /p/json HTTP/1.1\r\nHost: gw\r\nConnection: 
 #[tokio::test]
 async fn proxy_protocol_v1_and_v2_name_the_client_of_the_whole_connection() {
     let mock = MockUpstream::start().await;
-    let gw = Gateway::start_with_server(
-        "  trusted_proxies: [127.0.0.1]\n  proxy_protocol: true\n",
-        &config(&mock),
-        &[("r.yaml", ROUTES)],
-    )
-    .await;
+    let gw = gateway(&mock, "  trusted_proxies: [127.0.0.1]\n  proxy_protocol: true\n").await;
     let connect = || tokio::net::TcpStream::connect(("127.0.0.1", gw.port));
 
     // v1, then two keep-alive requests on the same connection.
@@ -240,12 +225,7 @@ async fn proxy_protocol_v1_and_v2_name_the_client_of_the_whole_connection() {
 #[tokio::test]
 async fn a_proxy_header_from_an_untrusted_peer_is_not_believed() {
     let mock = MockUpstream::start().await;
-    let gw = Gateway::start_with_server(
-        "  trusted_proxies: [10.0.0.0/8]\n  proxy_protocol: true\n",
-        &config(&mock),
-        &[("r.yaml", ROUTES)],
-    )
-    .await;
+    let gw = gateway(&mock, "  trusted_proxies: [10.0.0.0/8]\n  proxy_protocol: true\n").await;
     // Plain HTTP from an untrusted peer is served as usual...
     let (status, id) = get(&gw, "/p/json", "198.51.100.4").await;
     assert_eq!(status, 200);
@@ -272,7 +252,7 @@ async fn proxy_protocol_before_tls() {
         "  trusted_proxies: [127.0.0.1]\n  proxy_protocol: true\n  tls: {{ cert: {d}/a.pem, key: {d}/a.key }}\n",
         d = certs.path().display()
     );
-    let gw = Gateway::start_with_server(&server, &config(&mock), &[("r.yaml", ROUTES)]).await;
+    let gw = gateway(&mock, &server).await;
     let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", gw.port)).await.unwrap();
     tcp.write_all(b"PROXY TCP4 198.51.100.11 127.0.0.1 40000 443\r\n")
         .await
@@ -311,12 +291,7 @@ async fn proxy_protocol_before_tls() {
 #[tokio::test]
 async fn admin_login_throttling_counts_the_client_behind_a_trusted_proxy() {
     let mock = MockUpstream::start().await;
-    let gw = Gateway::start_with_server(
-        "  trusted_proxies: [127.0.0.1]\n",
-        &config(&mock),
-        &[("r.yaml", ROUTES)],
-    )
-    .await;
+    let gw = gateway(&mock, "  trusted_proxies: [127.0.0.1]\n").await;
     let c = reqwest::Client::new();
     let login = |client: &'static str, password: &'static str| {
         c.post(gw.admin_url("/api/auth/login"))
