@@ -92,7 +92,8 @@ const dir = mkdtempSync(join(tmpdir(), "fastgate-ui-e2e-"));
 mkdirSync(join(dir, "routes.d"));
 writeFileSync(
   join(dir, "routes.d", "chat.yaml"),
-  "routes:\n  - { name: chat, match: { path: /v1/chat/completions }, format: openai, auth: none, upstream: oai, retries: 2 }\n",
+  "routes:\n  - { name: chat, match: { path: /v1/chat/completions }, format: openai, auth: none, upstream: oai, retries: 2 }\n" +
+    "  - { name: keyed, match: { path: /keyed/v1/chat/completions }, format: openai, upstream: oai, transform: { strip_prefix: /keyed } }\n",
 );
 const [port, adminPort] = [await freePort(), await freePort()];
 writeFileSync(
@@ -232,6 +233,68 @@ await step("a key that 429s turns cooling with a countdown and back, live", asyn
     await page.waitForTimeout(300);
   }
   await shoot("pools");
+});
+
+await step("create a gateway key, use it, and find the request in the logs with its timings", async () => {
+  await page.getByRole("link", { name: "Gateway keys" }).click();
+  await page.getByRole("heading", { name: "Gateway keys" }).waitFor();
+  await page.getByLabel("Name", { exact: true }).fill("e2e-app");
+  await page.getByRole("button", { name: "Create key" }).click();
+  const secret = (await page.getByTestId("secret").textContent()).trim();
+  assert(/^fg_[A-Za-z0-9]{32}$/.test(secret), `secret: ${secret}`);
+  assert((await page.getByText("shown this once").count()) === 1, "the one-time warning");
+  await page.screenshot({ path: join(artifacts, "keys-secret-desktop.png"), fullPage: true });
+  const r = await fetch(`http://127.0.0.1:${port}/keyed/v1/chat/completions`, {
+    method: "POST",
+    headers: { "content-type": "application/json", authorization: `Bearer ${secret}` },
+    body: JSON.stringify({ model: "gpt-4o", messages: [{ role: "user", content: "hi" }] }),
+  });
+  assert(r.status === 200, `the new key on the data plane: ${r.status}`);
+  const requestId = r.headers.get("x-request-id");
+  await page.getByRole("button", { name: "I have stored it" }).click();
+  assert(!(await page.content()).includes(secret), "the secret is still on the page");
+  await page.locator("tr", { hasText: "e2e-app" }).waitFor();
+  await shoot("keys");
+
+  await page.getByRole("link", { name: "Logs" }).click();
+  await page.getByLabel("Route").fill("keyed");
+  await page.getByRole("button", { name: "Apply" }).click();
+  const row = page.locator(`tr[data-request-id="${requestId}"]`);
+  await row.waitFor({ timeout: 10_000 });
+  await row.getByRole("button").click();
+  const drawer = page.getByRole("dialog");
+  await drawer.waitFor();
+  const ttfb = (await drawer.getByTestId("ttfb").textContent()).trim();
+  assert(/ms$|s$/.test(ttfb) && ttfb !== "–", `TTFB shown: ${ttfb}`);
+  assert((await drawer.textContent()).includes(requestId), "the drawer names the request");
+  await page.screenshot({ path: join(artifacts, "logs-detail-desktop.png") });
+  await page.keyboard.press("Escape");
+  await drawer.waitFor({ state: "detached" });
+  await shoot("logs");
+});
+
+await step("a user account sees neither another user's keys nor their requests", async () => {
+  const token = JSON.parse(await page.evaluate(() => sessionStorage.getItem("fastgate.session"))).token;
+  const r = await fetch(`${admin}/api/users`, {
+    method: "POST",
+    headers: { "content-type": "application/json", authorization: `Bearer ${token}` },
+    body: JSON.stringify({ username: "bob", password: "bob-password-123", role: "user" }),
+  });
+  assert(r.ok, `creating bob: ${r.status} ${await r.text()}`);
+  const ctx = await browser.newContext({ viewport: { width: 1280, height: 800 } });
+  const bob = await ctx.newPage();
+  bob.on("pageerror", (e) => consoleErrors.push(String(e)));
+  await bob.goto(admin);
+  await bob.getByLabel("Username").fill("bob");
+  await bob.getByLabel("Password").fill("bob-password-123");
+  await bob.getByRole("button", { name: "Log in" }).click();
+  await bob.getByRole("heading", { name: "Gateway keys" }).waitFor();
+  await bob.getByText("No gateway keys yet.").waitFor();
+  assert(!(await bob.content()).includes("e2e-app"), "bob sees the admin's key");
+  assert((await bob.getByRole("link", { name: "Key pools" }).count()) === 0, "bob is offered the key pools");
+  await bob.getByRole("link", { name: "Logs" }).click();
+  await bob.getByText("No requests match.").waitFor();
+  await ctx.close();
 });
 
 await step("no secret is rendered", async () => {
