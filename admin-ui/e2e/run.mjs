@@ -274,13 +274,16 @@ await step("create a gateway key, use it, and find the request in the logs with 
 });
 
 await step("a user account sees neither another user's keys nor their requests", async () => {
-  const token = JSON.parse(await page.evaluate(() => sessionStorage.getItem("fastgate.session"))).token;
-  const r = await fetch(`${admin}/api/users`, {
-    method: "POST",
-    headers: { "content-type": "application/json", authorization: `Bearer ${token}` },
-    body: JSON.stringify({ username: "bob", password: "bob-password-123", role: "user" }),
-  });
-  assert(r.ok, `creating bob: ${r.status} ${await r.text()}`);
+  // Created on the users page.
+  await page.getByRole("link", { name: "Users" }).click();
+  await page.getByRole("heading", { name: "New user" }).waitFor();
+  await page.getByLabel("Username").fill("bob");
+  await page.getByLabel("Password").fill("bob-password-123");
+  await page.getByLabel("Role").selectOption("user");
+  await page.getByRole("button", { name: "Create user" }).click();
+  await page.getByText("User created.").waitFor();
+  await page.locator("tr", { hasText: "bob" }).first().waitFor();
+  await shoot("users");
   const ctx = await browser.newContext({ viewport: { width: 1280, height: 800 } });
   const bob = await ctx.newPage();
   bob.on("pageerror", (e) => consoleErrors.push(String(e)));
@@ -295,6 +298,18 @@ await step("a user account sees neither another user's keys nor their requests",
   await bob.getByRole("link", { name: "Logs" }).click();
   await bob.getByText("No requests match.").waitFor();
   await ctx.close();
+});
+
+await step("settings show the effective config without secrets and reload it", async () => {
+  await page.getByRole("link", { name: "Settings" }).click();
+  const config = page.getByTestId("config");
+  await config.waitFor();
+  const text = await config.textContent();
+  assert(text.includes("key_pools") && text.includes(upstreamUrl), "the effective config is shown");
+  assert(!text.includes(LIMITED) && !text.includes(GOOD), "a pool key in the config view");
+  await page.getByRole("button", { name: "Reload fastgate.yaml and routes.d" }).click();
+  await page.getByText(/Reloaded: 2 routes, 1 upstreams, 1 key pools/).waitFor();
+  await shoot("settings");
 });
 
 await step("no secret is rendered", async () => {
