@@ -118,3 +118,59 @@ async fn api_paths_and_missing_files_are_not_the_app() {
     assert_eq!(c.get(gw.admin_url("/health")).send().await.unwrap().status(), 200);
     assert_eq!(c.get(gw.admin_url("/api/me")).send().await.unwrap().status(), 401);
 }
+
+/// The routes page edits a route as YAML: problems come back with their
+/// line in the text the editor sent.
+#[tokio::test]
+async fn a_route_edited_as_yaml_reports_problems_at_their_line() {
+    let gw = ui_gateway().await;
+    let token = gw.login("admin", common::ADMIN_PASSWORD).await;
+    let c = reqwest::Client::new();
+    let yaml = c
+        .get(gw.admin_url("/api/routes/r/yaml"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(yaml.status(), 200);
+    assert_eq!(yaml.headers()["content-type"], "application/yaml");
+    let text = yaml.text().await.unwrap();
+    assert!(text.starts_with("routes:") && text.contains("name: r"), "{text}");
+
+    let put = |body: String| {
+        c.put(gw.admin_url("/api/routes/r/yaml"))
+            .bearer_auth(&token)
+            .header("content-type", "application/yaml")
+            .body(body)
+            .send()
+    };
+    // An unknown upstream, reported at the route's line...
+    let bad = "routes:\n  - name: r\n    match: { path: '/{*rest}' }\n    auth: none\n    upstream: nowhere\n";
+    let r = put(bad.into()).await.unwrap();
+    assert_eq!(r.status(), 400);
+    let body: serde_json::Value = r.json().await.unwrap();
+    let d = &body["error"]["diagnostics"][0];
+    assert_eq!(d["line"], 2, "{body}");
+    assert!(d["message"].as_str().unwrap().contains("nowhere"), "{body}");
+    // ...an unknown field at its own line, and nothing written meanwhile.
+    let typo =
+        "routes:\n  - name: r\n    match: { path: '/{*rest}' }\n    auth: none\n    upstream: u\n    retires: 2\n";
+    let body: serde_json::Value = put(typo.into()).await.unwrap().json().await.unwrap();
+    assert_eq!(body["error"]["diagnostics"][0]["line"], 6, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("retires"), "{body}");
+    assert_eq!(
+        reqwest::get(gw.url("/json")).await.unwrap().status(),
+        200,
+        "still served"
+    );
+
+    // A good edit is written and served: here it turns the route off.
+    let off = text.replace("enabled: true", "enabled: false");
+    assert_ne!(off, text);
+    let r = put(off).await.unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let status = common::until_status(|| c.get(gw.url("/json")), |s| s == 404)
+        .await
+        .status();
+    assert_eq!(status, 404);
+}

@@ -300,6 +300,48 @@ await step("a user account sees neither another user's keys nor their requests",
   await ctx.close();
 });
 
+await step("routes: turn one off (the data plane answers 404), a YAML edit with a typo marked at its line, the tester", async () => {
+  const post = () =>
+    fetch(`http://127.0.0.1:${port}/v1/chat/completions`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ model: "gpt-4o", messages: [] }),
+    });
+  await page.getByRole("link", { name: "Routes" }).click();
+  const chatRow = page.locator('tr[data-route="chat"]');
+  await chatRow.getByRole("button", { name: "Turn off" }).click();
+  await page.getByText("Route chat turned off.").waitFor();
+  assert((await post()).status === 404, "a route turned off in the UI still serves");
+  await chatRow.getByRole("button", { name: "Turn on" }).click();
+  await page.getByText("Route chat turned on.").waitFor();
+  assert((await post()).status === 200, "turned back on");
+
+  await page.locator('tr[data-route="keyed"]').getByRole("button", { name: "Edit" }).click();
+  const editor = page.getByLabel("Route", { exact: true });
+  await editor.waitFor();
+  const text = await editor.inputValue();
+  assert(text.includes("name: keyed"), text);
+  // A misspelt key at the route's own indentation.
+  const indent = /^( *)retries:/m.exec(text)[1];
+  const broken = `${text.trimEnd()}\n${indent}retires: 2\n`;
+  const typoLine = broken.trimEnd().split("\n").length;
+  await editor.fill(broken);
+  await page.getByRole("button", { name: "Save" }).click();
+  const marked = page.locator(".listing li.bad");
+  await marked.first().waitFor();
+  assert((await marked.first().getAttribute("data-line")) === String(typoLine), `marked at line ${await marked.first().getAttribute("data-line")}, not ${typoLine}`);
+  assert((await marked.first().textContent()).includes("retires"), await marked.first().textContent());
+  await shoot("routes-yaml-error");
+  // The browser logs the refused save's 400 itself: expected here.
+  consoleErrors.length = 0;
+  await page.getByRole("button", { name: "Cancel" }).click();
+
+  await page.getByLabel("Path", { exact: true }).fill("/keyed/v1/chat/completions");
+  await page.getByRole("button", { name: "Which route?" }).click();
+  await page.getByText("keyed takes it.").waitFor();
+  await shoot("routes");
+});
+
 await step("settings show the effective config without secrets and reload it", async () => {
   await page.getByRole("link", { name: "Settings" }).click();
   const config = page.getByTestId("config");

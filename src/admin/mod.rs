@@ -193,6 +193,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
             get(routes::get).put(routes::replace).delete(routes::delete),
         )
         .route("/api/routes/{name}/toggle", post(routes::toggle))
+        .route("/api/routes/{name}/yaml", get(routes::get_yaml).put(routes::put_yaml))
         .route("/api/stats/summary", get(stats::summary))
         .route("/api/stats/timeseries", get(stats::timeseries))
         .route("/api/stats/top", get(stats::top))

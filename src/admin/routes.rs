@@ -11,7 +11,8 @@ use crate::{
 use axum::{
     Json,
     extract::{Path, State},
-    http::StatusCode,
+    http::{StatusCode, header},
+    response::{IntoResponse, Response},
 };
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use serde::Deserialize;
@@ -164,6 +165,66 @@ pub async fn toggle(
     Ok(Json(
         apply(&s, &caller, RouteEdit::Upsert(Box::new(route)), "route.toggle").await?,
     ))
+}
+
+/// `GET /api/routes/{name}/yaml`: the route as a routes file, for editing.
+pub async fn get_yaml(
+    caller: Caller,
+    State(s): State<Arc<AdminState>>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    caller.require_admin()?;
+    let route = read_all(&s)
+        .await?
+        .into_iter()
+        .find(|(_, r)| r.name == name)
+        .map(|(_, r)| r)
+        .ok_or_else(|| ApiError::NotFound(format!("no route named {name:?}")))?;
+    Ok((
+        [(header::CONTENT_TYPE, "application/yaml")],
+        routes_d::route_yaml(&route),
+    )
+        .into_response())
+}
+
+/// `PUT /api/routes/{name}/yaml`: create or replace the route from the text
+/// of a routes file holding it. A refusal lists every problem with its line
+/// in that text (`error.diagnostics`), so an editor can mark it there.
+pub async fn put_yaml(
+    caller: Caller,
+    State(s): State<Arc<AdminState>>,
+    Path(name): Path<String>,
+    text: String,
+) -> Result<Response, ApiError> {
+    caller.require_admin()?;
+    let config = s.app.runtime.load().file.clone();
+    let route = match routes_d::parse_route_yaml(&text, &config) {
+        Ok(r) => r,
+        Err(errors) => {
+            let diagnostics: Vec<Value> = errors
+                .0
+                .iter()
+                .map(|d| json!({"line": d.line, "message": d.message}))
+                .collect();
+            let body = json!({"error": {
+                "code": "invalid",
+                "message": errors.0.iter().map(|d| format!("line {}: {}", d.line, d.message)).collect::<Vec<_>>().join("\n"),
+                "diagnostics": diagnostics,
+            }});
+            return Ok((StatusCode::BAD_REQUEST, Json(body)).into_response());
+        }
+    };
+    if route.name != name {
+        return Err(ApiError::Invalid(format!(
+            "the route is named {:?} in the text but {name:?} in the URL (renames: create + delete)",
+            route.name
+        )));
+    }
+    let exists = read_all(&s).await?.iter().any(|(_, r)| r.name == name);
+    let action = if exists { "route.update" } else { "route.create" };
+    let view = apply(&s, &caller, RouteEdit::Upsert(Box::new(route)), action).await?;
+    let status = if exists { StatusCode::OK } else { StatusCode::CREATED };
+    Ok((status, Json(view)).into_response())
 }
 
 #[derive(Deserialize)]

@@ -219,6 +219,31 @@ pub fn compile_sources(sources: &[(PathBuf, String)], config: &FileConfig) -> Re
     }
 }
 
+/// One route as the text of a routes file (`routes: [ … ]`), for editing.
+pub fn route_yaml(route: &RouteConfig) -> String {
+    serde_norway::to_string(&RoutesFile {
+        routes: vec![route.clone()],
+    })
+    .unwrap_or_default()
+}
+
+/// Parse and check the text of a routes file holding one route, as an
+/// editor sends it: every problem with its line in that text.
+pub fn parse_route_yaml(text: &str, config: &FileConfig) -> Result<RouteConfig, ConfigErrors> {
+    let file = PathBuf::from("route.yaml");
+    compile_sources(&[(file.clone(), text.to_string())], config)?;
+    let parsed: RoutesFile = super::parse_yaml(&file, text)?;
+    let mut routes = parsed.routes;
+    if routes.len() != 1 {
+        return Err(ConfigErrors(vec![Diagnostic {
+            file,
+            line: 1,
+            message: format!("expected exactly one route under `routes:`, found {}", routes.len()),
+        }]));
+    }
+    Ok(routes.remove(0))
+}
+
 /// The line of the `n`-th (0-based) line containing `needle`; line 1 if absent.
 fn nth_line_of(text: &str, needle: &str, n: usize) -> usize {
     // `name: ok` must not match `name: okay`: the needle ends at a boundary.
@@ -364,4 +389,43 @@ pub fn edit_routes(dir: &Path, config: &FileConfig, edit: &RouteEdit) -> Result<
         None => std::fs::remove_file(&target).map_err(io)?,
     }
     Ok(target)
+}
+
+#[cfg(test)]
+mod yaml_edit_tests {
+    use super::*;
+
+    #[test]
+    fn an_edited_route_reports_a_typo_at_its_own_line() {
+        let config: FileConfig =
+            serde_norway::from_str("upstreams:\n  oai: {provider: openai, endpoints: ['http://127.0.0.1:1']}\n")
+                .unwrap();
+        let file: RoutesFile = serde_norway::from_str(
+            "routes:\n  - { name: keyed, match: { path: /keyed/v1/chat/completions }, format: openai, upstream: oai, transform: { strip_prefix: /keyed } }\n",
+        )
+        .unwrap();
+        let text = route_yaml(&file.routes[0]);
+        assert_eq!(
+            parse_route_yaml(&text, &config).unwrap().name,
+            "keyed",
+            "what it writes, it reads"
+        );
+        // A misspelt key at the route's own indentation, after every other key.
+        let indent = text
+            .lines()
+            .find_map(|l| l.strip_suffix("retries: 0").filter(|i| i.trim().is_empty()))
+            .unwrap();
+        let broken = format!("{}\n{indent}retires: 2\n", text.trim_end());
+        let line = broken.trim_end().lines().count();
+        let errors = parse_route_yaml(&broken, &config).unwrap_err();
+        assert_eq!(errors.0[0].line, line, "{}", errors.0[0].message);
+        assert!(errors.0[0].message.contains("retires"), "{}", errors.0[0].message);
+        // Two routes where one is expected.
+        let two = format!(
+            "{text}{}",
+            text.trim_start_matches("routes:\n").replace("keyed", "other")
+        );
+        let errors = parse_route_yaml(&two, &config).unwrap_err();
+        assert!(errors.0[0].message.contains("exactly one route"), "{errors:?}");
+    }
 }
