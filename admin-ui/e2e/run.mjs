@@ -31,6 +31,7 @@ mkdirSync(artifacts, { recursive: true });
 
 const LIMITED = "sk-e2e-limited-key-0001";
 const GOOD = "sk-e2e-good-key-00002";
+const EXTRA = "sk-e2e-extra-key-0003";
 const PASSWORD = "e2e-admin-password";
 
 let failures = 0;
@@ -104,8 +105,9 @@ database: { path: ${join(dir, "fg.db")} }
 routes_dir: ${join(dir, "routes.d")}
 upstreams:
   oai: { provider: openai, endpoints: ['${upstreamUrl}'], key_pool: openai }
+secrets: { master_key: e2e-master-key-e2e-master-key-e2e-master-key }
 key_pools:
-  openai: { keys: [${LIMITED}, ${GOOD}], strategy: round_robin }
+  openai: { keys: [${GOOD}], strategy: round_robin }
 `,
 );
 const log = join(dir, "fastgate.log");
@@ -207,11 +209,22 @@ await step("log in and see the live dashboard", async () => {
   await shoot("dashboard");
 });
 
-await step("a key that 429s turns cooling with a countdown and back, live", async () => {
+await step("bulk-add pool keys; one that 429s turns cooling with a countdown and back, live", async () => {
   await page.getByRole("link", { name: "Key pools" }).click();
   await page.getByRole("heading", { name: "openai" }).waitFor();
+  // Two keys pasted one per line (and a duplicate of the configured one).
+  await page.getByLabel("Add keys to openai, one per line").fill(`${LIMITED}\n${EXTRA}\n${GOOD}\n`);
+  await page.getByRole("button", { name: "Add and test" }).click();
+  await page
+    .getByText("2 added, 1 already in the pool.")
+    .waitFor({ timeout: 10_000 })
+    .catch(async (e) => {
+      throw new Error(`${e.message}\npage says: ${(await page.locator(".error, .notice").allTextContents()).join(" | ")}`);
+    });
+  const results = page.getByRole("list", { name: "Test results" });
+  assert((await results.getByText("answered 200").count()) === 2, `per-key test results: ${await results.textContent()}`);
   const badges = page.locator('[data-testid="state"]');
-  await badges.nth(1).waitFor();
+  await badges.nth(2).waitFor({ timeout: 5_000 });
   const limitedRow = page.locator("tr", { hasText: "sk-e2e…0001" });
   assert((await limitedRow.locator('[data-testid="state"]').textContent()).trim() === "active", "starts active");
   mock.limit = true;
@@ -356,7 +369,7 @@ await step("settings show the effective config without secrets and reload it", a
 
 await step("no secret is rendered", async () => {
   const html = await page.content();
-  assert(!html.includes(LIMITED) && !html.includes(GOOD), "a pool key is on the page");
+  assert(![LIMITED, GOOD, EXTRA].some((k) => html.includes(k)), "a pool key is on the page");
 });
 
 await step("log out", async () => {
