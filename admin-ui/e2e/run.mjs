@@ -200,7 +200,12 @@ await step("log in and see the live dashboard", async () => {
   }, null, { timeout: 10_000 });
   // A reload keeps the session (session storage) and loads the last hour.
   await page.reload();
-  await page.getByRole("region", { name: "Last hour" }).waitFor({ timeout: 10_000 });
+  await page.getByRole("region", { name: "Last 1 h" }).waitFor({ timeout: 10_000 });
+  await page.getByRole("region", { name: "Top routes" }).getByText("chat").waitFor();
+  await page.getByRole("button", { name: "24 h" }).click();
+  await page.getByRole("region", { name: "Last 24 h" }).waitFor({ timeout: 10_000 });
+  await page.getByRole("button", { name: "1 h", exact: true }).click();
+  await page.getByRole("region", { name: "Last 1 h" }).waitFor({ timeout: 10_000 });
   await page.locator(".chart canvas").first().waitFor({ timeout: 10_000 });
   await page.waitForTimeout(4000);
   traffic = false;
