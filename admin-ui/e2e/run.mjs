@@ -286,8 +286,13 @@ await step("create a gateway key, use it, and find the request in the logs with 
   assert(/ms$|s$/.test(ttfb) && ttfb !== "–", `TTFB shown: ${ttfb}`);
   assert((await drawer.textContent()).includes(requestId), "the drawer names the request");
   await page.screenshot({ path: join(artifacts, "logs-detail-desktop.png") });
+  assert(await page.evaluate(() => document.activeElement?.getAttribute("role") === "dialog"), "the drawer takes focus");
   await page.keyboard.press("Escape");
   await drawer.waitFor({ state: "detached" });
+  assert(
+    await page.evaluate((id) => document.activeElement?.closest("tr")?.getAttribute("data-request-id") === id, requestId),
+    "focus goes back to the row that opened the drawer",
+  );
   await shoot("logs");
 });
 
@@ -334,7 +339,14 @@ await step("routes: turn one off (the data plane answers 404), a YAML edit with 
   await page.getByText("Route chat turned on.").waitFor();
   assert((await post()).status === 200, "turned back on");
 
+  // As a form: the priority changes, the rest of the route stays.
   await page.locator('tr[data-route="keyed"]').getByRole("button", { name: "Edit" }).click();
+  await page.getByLabel("Priority").fill("90");
+  await page.getByRole("button", { name: "Save" }).click();
+  await page.getByText("Route keyed saved").waitFor();
+  await page.locator('tr[data-route="keyed"]', { hasText: "priority 90" }).waitFor();
+
+  await page.locator('tr[data-route="keyed"]').getByRole("button", { name: "YAML" }).click();
   const editor = page.getByLabel("Route", { exact: true });
   await editor.waitFor();
   const text = await editor.inputValue();
