@@ -23,8 +23,10 @@ export default defineConfig({
       "/metrics": admin,
     },
   },
+  // Component tests run the browser build of Svelte in jsdom.
+  resolve: process.env.VITEST ? { conditions: ["browser"] } : undefined,
   test: {
-    environment: "node",
+    environment: "jsdom",
     include: ["src/**/*.test.ts"],
   },
 });
