@@ -785,6 +785,20 @@ async fn exports_stats_and_live_state() {
     assert_eq!(total, summary["requests"].as_i64().unwrap());
     let (_, top) = admin.get("/api/stats/top?by=key").await;
     assert_eq!(top["items"][0]["value"], key_id);
+    assert!(summary["p50_ttfb_ms"].as_f64().unwrap() <= summary["p95_ttfb_ms"].as_f64().unwrap());
+    // One key's share (the per-key usage chart).
+    let (_, mine) = admin
+        .get(&format!("/api/stats/timeseries?bucket=hour&window=24h&key_id={key_id}"))
+        .await;
+    let mine: i64 = mine["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["requests"].as_i64().unwrap())
+        .sum();
+    assert_eq!(mine, 25);
+    let (_, none) = admin.get("/api/stats/summary?key_id=key_nonexistent").await;
+    assert_eq!(none["requests"], 0);
     assert_eq!(admin.get("/api/stats/top?by=nonsense").await.0, 400);
 
     let (_, ups) = admin.get("/api/upstreams").await;

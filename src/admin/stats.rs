@@ -19,6 +19,8 @@ pub struct StatsQuery {
     bucket: Option<String>,
     by: Option<String>,
     limit: Option<u32>,
+    /// One gateway key's requests only (a user's own keys, for users).
+    key_id: Option<String>,
 }
 
 /// The start of the window asked for (Unix ms). Rows older than the audit
@@ -78,13 +80,18 @@ impl LatencyHistogram {
     }
 }
 
-/// `WHERE` clause and arguments: the time window, and the owner for users.
-fn scope(caller: &Caller, since: i64) -> (String, Vec<Sql>) {
+/// `WHERE` clause and arguments: the time window, the owner for users, and
+/// one key where asked.
+fn scope(caller: &Caller, since: i64, key_id: Option<&str>) -> (String, Vec<Sql>) {
     let mut args = vec![Sql::Integer(since)];
     let mut clause = "ts_ms >= ?1".to_string();
     if !caller.is_admin() {
         args.push(Sql::Text(caller.user_id.clone()));
-        clause.push_str(" AND user_id = ?2");
+        clause.push_str(&format!(" AND user_id = ?{}", args.len()));
+    }
+    if let Some(k) = key_id {
+        args.push(Sql::Text(k.to_string()));
+        clause.push_str(&format!(" AND key_id = ?{}", args.len()));
     }
     (clause, args)
 }
@@ -95,7 +102,7 @@ pub async fn summary(
     Query(q): Query<StatsQuery>,
 ) -> Result<Json<Value>, ApiError> {
     let since = window(&q, Duration::from_secs(3600), s.app.config.file.audit.retention.0)?;
-    let (clause, args) = scope(&caller, since);
+    let (clause, args) = scope(&caller, since, q.key_id.as_deref());
     let v = s
         .read(move |c| {
             // One pass over the window; nothing but the histogram is kept.
@@ -106,7 +113,7 @@ pub async fn summary(
             let mut rows = stmt.query(rusqlite::params_from_iter(args.iter()))?;
             let (mut n, mut errors, mut pt, mut ct) = (0i64, 0i64, 0i64, 0i64);
             let (mut sum_ms, mut sum_ttfb, mut n_ttfb) = (0f64, 0f64, 0i64);
-            let mut latency = LatencyHistogram::new();
+            let (mut latency, mut ttfb) = (LatencyHistogram::new(), LatencyHistogram::new());
             while let Some(r) = rows.next()? {
                 n += 1;
                 errors += i64::from(r.get::<_, i64>(0)? >= 400);
@@ -116,6 +123,7 @@ pub async fn summary(
                 if let Some(t) = r.get::<_, Option<f64>>(2)? {
                     sum_ttfb += t;
                     n_ttfb += 1;
+                    ttfb.add(t);
                 }
                 pt += r.get::<_, Option<i64>>(3)?.unwrap_or(0);
                 ct += r.get::<_, Option<i64>>(4)?.unwrap_or(0);
@@ -130,6 +138,8 @@ pub async fn summary(
                 "p50_ms": latency.quantile(0.5),
                 "p95_ms": latency.quantile(0.95),
                 "avg_ttfb_ms": avg_ttfb,
+                "p50_ttfb_ms": ttfb.quantile(0.5),
+                "p95_ttfb_ms": ttfb.quantile(0.95),
                 "prompt_tokens": pt,
                 "completion_tokens": ct,
             }))
@@ -150,7 +160,7 @@ pub async fn timeseries(
         other => return Err(ApiError::Invalid(format!("bucket {other:?}: use minute, hour or day"))),
     };
     let since = window(&q, Duration::from_secs(24 * 3600), s.app.config.file.audit.retention.0)?;
-    let (clause, args) = scope(&caller, since);
+    let (clause, args) = scope(&caller, since, q.key_id.as_deref());
     let points = s
         .read(move |c| {
             let mut stmt = c.prepare(&format!(
@@ -192,7 +202,7 @@ pub async fn top(
     };
     let limit = q.limit.unwrap_or(10).clamp(1, 100);
     let since = window(&q, Duration::from_secs(3600), s.app.config.file.audit.retention.0)?;
-    let (clause, args) = scope(&caller, since);
+    let (clause, args) = scope(&caller, since, q.key_id.as_deref());
     let rows = s
         .read(move |c| {
             let mut stmt = c.prepare(&format!(
