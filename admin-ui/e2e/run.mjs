@@ -171,6 +171,14 @@ async function shoot(name) {
 
 await step("a wrong password is refused with a readable message", async () => {
   await page.goto(admin);
+  await page.getByRole("button", { name: "Log in" }).waitFor();
+  await page.screenshot({ path: join(artifacts, "login-desktop.png") });
+  const phone = await browser.newContext({ viewport: { width: 390, height: 844 }, deviceScaleFactor: 2 });
+  const p = await phone.newPage();
+  await p.goto(admin);
+  await p.getByRole("button", { name: "Log in" }).waitFor();
+  await p.screenshot({ path: join(artifacts, "login-phone.png") });
+  await phone.close();
   await page.getByLabel("Username").fill("admin");
   await page.getByLabel("Password").fill("not-the-password");
   await page.getByRole("button", { name: "Log in" }).click();
