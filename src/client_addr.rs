@@ -10,7 +10,7 @@ use ipnet::IpNet;
 use pingora::{
     apps::ServerApp,
     listeners::PreTlsProcess,
-    protocols::{GetSocketDigest, SocketDigest, Stream, UniqueID, l4::socket::SocketAddr as PeerAddr},
+    protocols::{IO, SocketDigest, Stream, l4::socket::SocketAddr as PeerAddr},
     server::ShutdownWatch,
 };
 use std::{
@@ -59,9 +59,14 @@ impl TrustedProxies {
     /// trusted proxy, the right-most `X-Forwarded-For` hop that is not one
     /// (the left-most if all are; the last good hop if one is garbled).
     pub fn client_ip(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+        self.resolve(peer, headers).0
+    }
+
+    /// `client_ip`, and whether `peer` is a trusted proxy (one lookup).
+    pub fn resolve(&self, peer: IpAddr, headers: &HeaderMap) -> (IpAddr, bool) {
         let peer = peer.to_canonical();
         if !self.contains(peer) {
-            return peer;
+            return (peer, false);
         }
         let values: Vec<&str> = headers
             .get_all("x-forwarded-for")
@@ -76,7 +81,7 @@ impl TrustedProxies {
                 break;
             }
         }
-        client
+        (client, true)
     }
 }
 
@@ -111,14 +116,16 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Read one PROXY protocol header (v1 or v2) and nothing after it; the
 /// client address it carries, or `None` for a balancer's own connection
 /// (v2 `LOCAL`, v1 `UNKNOWN`: health checks).
-pub async fn read_proxy_header<S: AsyncRead + Unpin + Send>(s: &mut S) -> Result<Option<SocketAddr>, ProxyHeaderError> {
+pub async fn read_proxy_header<S: AsyncRead + Unpin + Send + ?Sized>(
+    s: &mut S,
+) -> Result<Option<SocketAddr>, ProxyHeaderError> {
     match tokio::time::timeout(HEADER_TIMEOUT, read_header(s)).await {
         Ok(r) => r,
         Err(_) => Err(ProxyHeaderError::Timeout(HEADER_TIMEOUT)),
     }
 }
 
-async fn read_header<S: AsyncRead + Unpin + Send>(s: &mut S) -> Result<Option<SocketAddr>, ProxyHeaderError> {
+async fn read_header<S: AsyncRead + Unpin + Send + ?Sized>(s: &mut S) -> Result<Option<SocketAddr>, ProxyHeaderError> {
     // Both versions are at least 12 bytes long (`PROXY UNKNOWN\r\n` is 15).
     let mut buf = vec![0u8; 12];
     s.read_exact(&mut buf).await?;
@@ -170,11 +177,28 @@ fn digest_with_peer(fd: i32, client: SocketAddr) -> SocketDigest {
     digest
 }
 
-/// Whether a connection's TCP peer may send a PROXY header.
-fn trusted_peer(trusted: &TrustedProxies, digest: Option<Arc<SocketDigest>>) -> bool {
-    digest
-        .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()))
-        .is_some_and(|ip| trusted.contains(ip))
+/// From a trusted peer, read its PROXY header and make the client it names
+/// the stream's peer; other peers are left alone. An error means the
+/// connection is to be dropped (logged here).
+async fn take_proxy_header(trusted: &TrustedProxies, stream: &mut dyn IO) -> Result<(), ProxyHeaderError> {
+    let peer = stream
+        .get_socket_digest()
+        .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
+    if !peer.is_some_and(|ip| trusted.contains(ip)) {
+        return Ok(());
+    }
+    match read_proxy_header(stream).await {
+        Ok(Some(client)) => {
+            let fd = stream.id();
+            stream.set_socket_digest(digest_with_peer(fd, client));
+            Ok(())
+        }
+        Ok(None) => Ok(()),
+        Err(e) => {
+            tracing::warn!(error = %e, "Dropping a connection from a trusted proxy.");
+            Err(e)
+        }
+    }
 }
 
 /// PROXY protocol on a TLS listener: read before the handshake.
@@ -185,21 +209,9 @@ pub struct ProxyProtocolBeforeTls {
 #[async_trait]
 impl PreTlsProcess for ProxyProtocolBeforeTls {
     async fn process(&self, stream: &mut pingora::protocols::l4::stream::Stream) -> pingora::Result<()> {
-        if !trusted_peer(&self.trusted, stream.get_socket_digest()) {
-            return Ok(());
-        }
-        match read_proxy_header(stream).await {
-            Ok(Some(client)) => {
-                let fd = stream.id();
-                stream.set_socket_digest(digest_with_peer(fd, client));
-                Ok(())
-            }
-            Ok(None) => Ok(()),
-            Err(e) => {
-                tracing::warn!(error = %e, "Dropping a connection from a trusted proxy.");
-                Err(pingora::Error::explain(pingora::ErrorType::ConnectError, e.to_string()))
-            }
-        }
+        take_proxy_header(&self.trusted, stream)
+            .await
+            .map_err(|e| pingora::Error::explain(pingora::ErrorType::ConnectError, e.to_string()))
     }
 }
 
@@ -214,19 +226,7 @@ pub struct ProxyProtocolApp<A> {
 #[async_trait]
 impl<A: ServerApp + Send + Sync + 'static> ServerApp for ProxyProtocolApp<A> {
     async fn process_new(self: &Arc<Self>, mut stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
-        if trusted_peer(&self.trusted, stream.get_socket_digest()) {
-            match read_proxy_header(&mut stream).await {
-                Ok(Some(client)) => {
-                    let fd = stream.id();
-                    stream.set_socket_digest(digest_with_peer(fd, client));
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    tracing::warn!(error = %e, "Dropping a connection from a trusted proxy.");
-                    return None;
-                }
-            }
-        }
+        take_proxy_header(&self.trusted, stream.as_mut()).await.ok()?;
         let mut next = self.inner.process_new(stream, shutdown).await;
         while let Some(reused) = next {
             next = self.inner.process_new(reused, shutdown).await;

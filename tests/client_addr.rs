@@ -242,6 +242,18 @@ async fn a_proxy_header_from_an_untrusted_peer_is_not_believed() {
     );
 }
 
+/// A TLS connection to `gw` behind a PROXY v1 header naming 198.51.100.11.
+async fn proxied_tls(gw: &Gateway, ca: &Ca) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", gw.port)).await.unwrap();
+    tcp.write_all(b"PROXY TCP4 198.51.100.11 127.0.0.1 40000 443\r\n")
+        .await
+        .unwrap();
+    tokio_rustls::TlsConnector::from(ca.client_config())
+        .connect("a.test".try_into().unwrap(), tcp)
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn proxy_protocol_before_tls() {
     let mock = MockUpstream::start().await;
@@ -253,14 +265,7 @@ async fn proxy_protocol_before_tls() {
         d = certs.path().display()
     );
     let gw = gateway(&mock, &server).await;
-    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", gw.port)).await.unwrap();
-    tcp.write_all(b"PROXY TCP4 198.51.100.11 127.0.0.1 40000 443\r\n")
-        .await
-        .unwrap();
-    let mut tls = tokio_rustls::TlsConnector::from(ca.client_config())
-        .connect("a.test".try_into().unwrap(), tcp)
-        .await
-        .unwrap();
+    let mut tls = proxied_tls(&gw, &ca).await;
     let answer = exchange(&mut tls, b"", TWO_REQUESTS).await;
     let ids = request_ids(&answer);
     assert_eq!(ids.len(), 2, "{answer}");
@@ -268,14 +273,7 @@ async fn proxy_protocol_before_tls() {
         assert_eq!(client_ip_of(&gw, id).await.as_deref(), Some("198.51.100.11"));
     }
     // The scheme reaches an upstream that asked for forwarding headers.
-    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", gw.port)).await.unwrap();
-    tcp.write_all(b"PROXY TCP4 198.51.100.11 127.0.0.1 40000 443\r\n")
-        .await
-        .unwrap();
-    let mut tls = tokio_rustls::TlsConnector::from(ca.client_config())
-        .connect("a.test".try_into().unwrap(), tcp)
-        .await
-        .unwrap();
+    let mut tls = proxied_tls(&gw, &ca).await;
     let answer = exchange(
         &mut tls,
         b"",

@@ -6,10 +6,11 @@
 //! strict Content-Security-Policy allows nothing but this origin.
 
 use axum::{
-    body::Body,
+    body::{Body, Bytes},
     http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header},
     response::{IntoResponse, Response},
 };
+use std::borrow::Cow;
 
 /// Every built file, with its `.br`/`.gz` twins.
 #[derive(rust_embed::Embed)]
@@ -32,20 +33,22 @@ pub async fn serve(method: Method, uri: Uri, headers: HeaderMap) -> Response {
     if method != Method::GET && method != Method::HEAD {
         return StatusCode::METHOD_NOT_ALLOWED.into_response();
     }
-    let file = match Assets::get(path) {
-        Some(_) if !path.is_empty() => path,
+    let (file, asset) = match Assets::get(path) {
+        Some(asset) if !path.is_empty() => (path, asset),
         // A missing file (a stale hashed asset) is a 404, not the app.
         _ if path.rsplit('/').next().is_some_and(|last| last.contains('.')) => {
             return (StatusCode::NOT_FOUND, "not found").into_response();
         }
-        _ => "index.html",
-    };
-    let Some(asset) = Assets::get(file) else {
-        return (
-            StatusCode::NOT_FOUND,
-            "the web UI is not built into this binary (see docs/admin-ui.md)",
-        )
-            .into_response();
+        _ => match Assets::get("index.html") {
+            Some(index) => ("index.html", index),
+            None => {
+                return (
+                    StatusCode::NOT_FOUND,
+                    "the web UI is not built into this binary (see docs/admin-ui.md)",
+                )
+                    .into_response();
+            }
+        },
     };
     let accepts = |coding: &str| {
         headers
@@ -70,7 +73,12 @@ pub async fn serve(method: Method, uri: Uri, headers: HeaderMap) -> Response {
     } else {
         "no-cache"
     };
-    let mut response = Response::new(Body::from(body.into_owned()));
+    // Embedded files are static: served without a copy.
+    let body = match body {
+        Cow::Borrowed(b) => Bytes::from_static(b),
+        Cow::Owned(v) => Bytes::from(v),
+    };
+    let mut response = Response::new(Body::from(body));
     let h = response.headers_mut();
     if let Ok(v) = HeaderValue::from_str(asset.metadata.mimetype()) {
         h.insert(header::CONTENT_TYPE, v);

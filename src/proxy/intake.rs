@@ -15,7 +15,6 @@ use pingora::proxy::Session;
 use serde::Deserialize;
 use std::{borrow::Cow, sync::Arc};
 
-/// The client's `x-request-id` if it is sane, else a fresh UUIDv7.
 /// Who the client is: the peer, or behind trusted proxies the address
 /// they forwarded (`X-Forwarded-For`; a PROXY header already replaced the
 /// peer).
@@ -31,12 +30,7 @@ pub fn client(state: &AppState, session: &Session) -> super::ctx::ClientCtx {
             ..Default::default()
         };
     };
-    let peer_trusted = state.trusted_proxies.contains(peer);
-    let ip = if peer_trusted {
-        state.trusted_proxies.client_ip(peer, &session.req_header().headers)
-    } else {
-        peer
-    };
+    let (ip, peer_trusted) = state.trusted_proxies.resolve(peer, &session.req_header().headers);
     super::ctx::ClientCtx {
         ip: Some(ip),
         peer: Some(peer),
@@ -45,6 +39,7 @@ pub fn client(state: &AppState, session: &Session) -> super::ctx::ClientCtx {
     }
 }
 
+/// The client's `x-request-id` if it is sane, else a fresh UUIDv7.
 pub fn request_id(session: &Session) -> String {
     session
         .req_header()

@@ -248,28 +248,24 @@ const FORWARDING: [&str; 5] = [
 /// `X-Forwarded-Proto`; toward any other, no forwarding header at all, not
 /// even one the client sent: providers need no client addresses.
 fn forwarded_headers(req: &mut RequestHeader, ctx: &RequestCtx, forward: bool) {
-    let chain = forward
-        .then(|| {
-            let peer = ctx.client.peer?;
-            let before = ctx
-                .client
-                .peer_trusted
-                .then(|| {
-                    let hops: Vec<&str> = req
-                        .headers
+    // What trusted proxies forwarded is read before every such header goes.
+    let chain = match ctx.client.peer {
+        Some(peer) if forward => {
+            let mut hops: Vec<String> = Vec::new();
+            if ctx.client.peer_trusted {
+                hops.extend(
+                    req.headers
                         .get_all("x-forwarded-for")
                         .iter()
                         .filter_map(|v| v.to_str().ok())
-                        .collect();
-                    hops.join(", ")
-                })
-                .filter(|h| !h.is_empty());
-            Some(match before {
-                Some(hops) => format!("{hops}, {peer}"),
-                None => peer.to_string(),
-            })
-        })
-        .flatten();
+                        .map(str::to_string),
+                );
+            }
+            hops.push(peer.to_string());
+            Some(hops.join(", "))
+        }
+        _ => None,
+    };
     for name in FORWARDING {
         req.remove_header(name);
     }
