@@ -70,6 +70,9 @@ pub struct Metrics {
     audit_written_seen: AtomicU64,
     pub config_reloads: IntCounterVec,
     pub rate_limited: IntCounterVec,
+    pub cluster_redis_up: IntGauge,
+    pub cluster_nodes: IntGauge,
+    pub cluster_local_decisions: IntCounter,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> Result<IntCounterVec, prometheus::Error> {
@@ -202,6 +205,21 @@ impl Metrics {
                 "rate_limited_total",
                 "Requests refused by a rate limit, by route.",
                 &["route"],
+            )?,
+            cluster_redis_up: gauge(
+                &r,
+                "cluster_redis_up",
+                "Cluster mode: 1 while Redis answers (breaker closed).",
+            )?,
+            cluster_nodes: gauge(
+                &r,
+                "cluster_nodes",
+                "Cluster mode: live nodes seen in the last heartbeat.",
+            )?,
+            cluster_local_decisions: counter(
+                &r,
+                "cluster_local_decisions_total",
+                "Cluster mode: rate-limit decisions made without Redis (on_redis_down).",
             )?,
             registry: r,
         })

@@ -63,9 +63,91 @@ impl Limits {
     }
 }
 
-#[derive(Default)]
+impl Limits {
+    /// This node's share when `nodes` share the limits without a common
+    /// counter (cluster mode while Redis is down): at least 1.
+    pub fn share(self, nodes: u32) -> Limits {
+        let part = |v: u64| v.div_ceil(u64::from(nodes.max(1))).max(1);
+        Limits {
+            rpm: self.rpm.map(part),
+            tpm: self.tpm.map(part),
+        }
+    }
+}
+
+/// Every limit one request is counted against, named for the 429 it
+/// causes. Built once at admission, kept with the request, and used again to
+/// charge its tokens, so the local limiter and the cluster's shared one
+/// count the same scopes.
+#[derive(Debug, Clone, Default)]
+pub struct RateChecks {
+    pub windows: Vec<WindowCheck>,
+    pub quotas: Vec<QuotaCheck>,
+}
+
+/// Requests and tokens in the rolling window, per scope.
+#[derive(Debug, Clone)]
+pub struct WindowCheck {
+    pub scope: String,
+    pub limits: Limits,
+    /// How the 429 names it ("key", "route chat").
+    pub label: String,
+}
+
+/// Tokens per quota period (day or month), per scope.
+#[derive(Debug, Clone)]
+pub struct QuotaCheck {
+    pub scope: String,
+    pub tokens: u64,
+    /// Unix ms: [start, end) of the current period.
+    pub period: (i64, i64),
+    pub label: String,
+}
+
+impl RateChecks {
+    pub fn is_empty(&self) -> bool {
+        self.windows.is_empty() && self.quotas.is_empty()
+    }
+
+    /// Whether any window counts tokens (a reservation is worth estimating).
+    pub fn counts_tokens(&self) -> bool {
+        self.windows.iter().any(|w| w.limits.tpm.is_some())
+    }
+}
+
+/// How a request was counted; its tokens are charged the same way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counted {
+    /// In Redis, across the cluster.
+    Shared,
+    /// On this node alone (no cluster, or Redis down).
+    Local,
+}
+
+/// The checks a request passed and how: kept with the request until its
+/// tokens are known.
+#[derive(Debug, Clone)]
+pub struct Admission {
+    pub checks: RateChecks,
+    pub counted: Counted,
+}
+
+/// Which check refused a request, and when to retry (seconds).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub label: String,
+    pub retry_after: u64,
+}
+
 pub struct RateLimiter {
     shards: [Mutex<HashMap<String, Window>>; SHARDS],
+    window_ms: u64,
+}
+
+impl Default for RateLimiter {
+    fn default() -> Self {
+        Self::with_window(60_000)
+    }
 }
 
 fn shard_of(scope: &str) -> usize {
@@ -75,15 +157,67 @@ fn shard_of(scope: &str) -> usize {
 }
 
 impl RateLimiter {
+    /// A limiter whose "per minute" window is `window_ms` long (cluster
+    /// mode's `rate_window`, so the fallback counts the same window).
+    pub fn with_window(window_ms: u64) -> Self {
+        RateLimiter {
+            shards: Default::default(),
+            window_ms: window_ms.max(1000),
+        }
+    }
+
+    /// Admit a request against every check, each limit divided among
+    /// `nodes`: quotas first, then the windows, in order (the first refusal
+    /// wins; earlier windows keep their count, as two separate checks would).
+    pub fn admit_all(
+        &self,
+        quotas: &QuotaTracker,
+        checks: &RateChecks,
+        nodes: u32,
+        now_ms: u64,
+    ) -> Result<(), Refusal> {
+        let nodes = u64::from(nodes.max(1));
+        for q in &checks.quotas {
+            quotas
+                .check(&q.scope, q.tokens.div_ceil(nodes).max(1), q.period, now_ms as i64)
+                .map_err(|retry_after| Refusal {
+                    label: q.label.clone(),
+                    retry_after,
+                })?;
+        }
+        for w in &checks.windows {
+            self.admit(&w.scope, w.limits.share(nodes as u32), now_ms)
+                .map_err(|retry_after| Refusal {
+                    label: w.label.clone(),
+                    retry_after,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Charge a finished request's tokens to every check it was admitted by.
+    pub fn charge_all(&self, quotas: &QuotaTracker, checks: &RateChecks, tokens: u64, now_ms: u64) {
+        if tokens == 0 {
+            return;
+        }
+        for w in checks.windows.iter().filter(|w| w.limits.tpm.is_some()) {
+            self.add_tokens(&w.scope, tokens, now_ms);
+        }
+        for q in &checks.quotas {
+            quotas.add(&q.scope, q.period.0, tokens);
+        }
+    }
+
     /// Count a request against `scope` if `limits` allow it; otherwise the
     /// seconds after which to retry. `now_ms` is wall-clock milliseconds.
     pub fn admit(&self, scope: &str, limits: Limits, now_ms: u64) -> Result<(), u64> {
         if limits.is_none() {
             return Ok(());
         }
-        let minute = now_ms / 60_000;
-        let frac = (now_ms % 60_000) as f64 / 60_000.0;
-        let retry_after = (60 - (now_ms % 60_000) / 1000).max(1);
+        let w_ms = self.window_ms;
+        let minute = now_ms / w_ms;
+        let frac = (now_ms % w_ms) as f64 / w_ms as f64;
+        let retry_after = ((w_ms - now_ms % w_ms) / 1000).max(1);
         let mut map = self.shards[shard_of(scope)].lock();
         let w = map.entry(scope.to_string()).or_default();
         w.roll(minute);
@@ -101,7 +235,7 @@ impl RateLimiter {
     pub fn add_tokens(&self, scope: &str, tokens: u64, now_ms: u64) {
         let mut map = self.shards[shard_of(scope)].lock();
         if let Some(w) = map.get_mut(scope) {
-            w.roll(now_ms / 60_000);
+            w.roll(now_ms / self.window_ms);
             w.tokens += tokens;
         }
     }

@@ -219,6 +219,12 @@ pub fn run(state: Arc<AppState>, upgrade: bool) -> Result<(), StoreError> {
 
     add_data_plane(&mut server, &state)?;
     server.add_service(background_service("upkeep", Upkeep { state: state.clone() }));
+    if state.cluster.is_some() {
+        server.add_service(background_service(
+            "cluster",
+            crate::cluster::ClusterService { state: state.clone() },
+        ));
+    }
     server.add_service(background_service(
         "admin",
         AdminService {

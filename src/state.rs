@@ -179,6 +179,8 @@ pub struct AppState {
     pub reload: Mutex<ReloadStatus>,
     pub metrics: Metrics,
     pub limiter: crate::ratelimit::RateLimiter,
+    /// Cluster mode: the shared limits and key states (Redis).
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
     pub quotas: crate::ratelimit::QuotaTracker,
     pub audit: AuditSink,
     /// A connection for readiness checks only.
@@ -195,6 +197,8 @@ pub enum StartupError {
     Metrics(#[from] prometheus::Error),
     #[error("server.tls: {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
     Tls(Vec<crate::tls::TlsError>),
+    #[error("cluster: {0}")]
+    Cluster(#[from] crate::cluster::ClusterError),
 }
 
 impl AppState {
@@ -222,6 +226,18 @@ impl AppState {
             crate::client_addr::TrustedProxies::parse(&config.file.server.trusted_proxies).unwrap_or_default();
         let health_db = Mutex::new(store::open(&config.database_path)?);
         let opts = ConnectorOptions::new(config.file.server.upstream_keepalive_pool);
+        let metrics = Metrics::new()?;
+        let cluster = if config.file.cluster.enabled() {
+            crate::cluster::key_sync::enable();
+            Some(crate::cluster::Cluster::new(&config.file.cluster, &metrics)?)
+        } else {
+            None
+        };
+        // The fallback counts the shared limits' window.
+        let window_ms = match &cluster {
+            Some(c) => c.config.rate_window.0.as_millis() as u64,
+            None => 60_000,
+        };
         Ok(Arc::new(AppState {
             routes: ArcSwap::from_pointee(routes),
             runtime: ArcSwap::from_pointee(runtime),
@@ -233,8 +249,9 @@ impl AppState {
             tls,
             lifecycle: tokio::sync::watch::Sender::new(Lifecycle::Serving),
             reload: Mutex::new(ReloadStatus::default()),
-            metrics: Metrics::new()?,
-            limiter: crate::ratelimit::RateLimiter::default(),
+            metrics,
+            limiter: crate::ratelimit::RateLimiter::with_window(window_ms),
+            cluster,
             quotas: crate::ratelimit::QuotaTracker::default(),
             audit,
             health_db,

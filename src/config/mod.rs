@@ -65,6 +65,7 @@ pub struct FileConfig {
     pub routes_dir: PathBuf,
     pub upstreams: BTreeMap<String, UpstreamConfig>,
     pub key_pools: BTreeMap<String, KeyPoolConfig>,
+    pub cluster: ClusterConfig,
 }
 
 impl Default for FileConfig {
@@ -79,6 +80,7 @@ impl Default for FileConfig {
             routes_dir: PathBuf::from("routes.d"),
             upstreams: BTreeMap::new(),
             key_pools: BTreeMap::new(),
+            cluster: ClusterConfig::default(),
         }
     }
 }
@@ -275,6 +277,61 @@ impl Default for AuditConfig {
             batch_size: 512,
         }
     }
+}
+
+/// Several nodes sharing limits and key states through Redis (see
+/// docs/cluster.md). Off while `redis` is empty.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// `redis://` or `rediss://` (TLS) URL of a Redis/Valkey >= 7 primary.
+    pub redis: String,
+    /// What the limits do while Redis cannot be reached.
+    pub on_redis_down: OnRedisDown,
+    /// Nodes sharing the limits while Redis is down; 0 = the count of
+    /// live nodes last seen in Redis (heartbeats).
+    pub nodes: u32,
+    /// Longest wait for Redis on the request path; past it the request is
+    /// decided locally and the breaker opens.
+    pub timeout: HumanDuration,
+    /// The rolling window that `rpm`/`tpm` count over. Keep 60s in
+    /// production (the names say per minute); shorter windows are for tests.
+    pub rate_window: HumanDuration,
+    /// Tokens reserved for a request that names no `max_tokens`.
+    pub default_reserve: u64,
+    /// This node's name in heartbeats and logs; empty = host name and pid.
+    pub node_id: String,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            redis: String::new(),
+            on_redis_down: OnRedisDown::LocalShare,
+            nodes: 0,
+            timeout: Duration::from_millis(50).into(),
+            rate_window: Duration::from_secs(60).into(),
+            default_reserve: 1024,
+            node_id: String::new(),
+        }
+    }
+}
+
+impl ClusterConfig {
+    pub fn enabled(&self) -> bool {
+        !self.redis.is_empty()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnRedisDown {
+    /// Each node enforces `limit / nodes` on its own.
+    LocalShare,
+    /// Limits are not enforced until Redis is back.
+    FailOpen,
+    /// Requests that have limits are refused (503) until Redis is back.
+    FailClosed,
 }
 
 /// The wire protocol an upstream speaks.
@@ -732,6 +789,24 @@ pub fn parse_config(path: &Path, raw: &str) -> Result<Config, ConfigErrors> {
             errors.push(diag(
                 at("health_check"),
                 format!("upstreams.{name}.health_check: interval, timeout, rise and fall must be greater than zero"),
+            ));
+        }
+    }
+    if file.cluster.enabled() {
+        let c = &file.cluster;
+        if let Err(e) = url::Url::parse(&c.redis)
+            .map_err(|e| e.to_string())
+            .and_then(|u| match u.scheme() {
+                "redis" | "rediss" => Ok(()),
+                s => Err(format!("scheme {s}: use redis:// or rediss://")),
+            })
+        {
+            errors.push(diag(at("redis:"), format!("cluster.redis: {e}")));
+        }
+        if c.timeout.0.is_zero() || c.rate_window.0 < Duration::from_secs(1) {
+            errors.push(diag(
+                at("cluster:"),
+                "cluster: timeout must be greater than zero and rate_window at least 1s".into(),
             ));
         }
     }

@@ -18,7 +18,7 @@ use crate::{
 use parking_lot::Mutex;
 use sha2::{Digest, Sha256};
 pub use signals::Signals;
-pub use status::{Change, KeyState, KeyStatus, Policy};
+pub use status::{Change, Gate, KeyState, KeyStatus, Policy};
 use std::{
     cmp::Reverse,
     collections::BinaryHeap,
@@ -421,6 +421,12 @@ impl Lease {
             _ if status != 429 && status < 500 => self.key.probing.store(false, Ordering::Relaxed),
             _ => {}
         }
+        if matches!(
+            change,
+            Change::Cooled { .. } | Change::Rested { .. } | Change::Disabled { .. }
+        ) {
+            crate::cluster::key_sync::changed(&self.pool.name, &self.key);
+        }
         match &change {
             Change::Cooled { until_ms, model } => {
                 tracing::info!(pool = %self.pool.name, key = %self.key.id, status, model = model.as_deref().unwrap_or("*"), cooling_ms = until_ms - now, "Upstream key cooling down.")
@@ -571,7 +577,19 @@ impl KeyPool {
             st.clone()
         });
         self.relist();
+        crate::cluster::key_sync::changed(&self.name, &key);
         Some(st)
+    }
+
+    /// Take a key's state from another node (cluster mode): as
+    /// [`KeyPool::set_status`], without publishing it again.
+    pub fn apply_remote(&self, id: &str, status: KeyStatus) -> bool {
+        let Some(key) = self.key(id) else {
+            return false;
+        };
+        key.update(|st| *st = status);
+        self.relist();
+        true
     }
 
     /// Lease a usable key for a request for `model`. Keys in `avoid` (tried

@@ -156,6 +156,9 @@ pub struct RequestCtx {
     /// Wall-clock start, Unix milliseconds.
     pub started_ms: i64,
     pub model: Option<String>,
+    /// The rate limits the request was admitted by (its tokens are charged
+    /// to them at the end).
+    pub admission: Option<crate::ratelimit::Admission>,
     pub upstream: UpstreamCtx,
     pub response: ResponseCtx,
     /// The error FastGate answered with (or that ended the request).
@@ -179,6 +182,7 @@ impl RequestCtx {
             body_capture: None,
             started_ms: audit::now_ms(),
             model: None,
+            admission: None,
             upstream: UpstreamCtx::default(),
             response: ResponseCtx::default(),
             error: None,

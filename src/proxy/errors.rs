@@ -36,6 +36,9 @@ pub enum GatewayError {
     UpstreamStatus { upstream: String, status: u16 },
     #[error("rate limit reached for this gateway key ({scope}); retry in {retry_after} s")]
     RateLimited { scope: String, retry_after: u64 },
+    /// Cluster mode with `on_redis_down: fail_closed` while Redis is down.
+    #[error("the shared rate limiter is unavailable; retry in {retry_after} s")]
+    LimiterUnavailable { retry_after: u64 },
     /// The request cannot be converted for the upstream's format.
     #[error("{0}")]
     NotConvertible(String),
@@ -63,7 +66,7 @@ impl GatewayError {
     /// The `Retry-After` seconds to send with this error, if any.
     pub fn retry_after(&self) -> Option<u64> {
         match self {
-            Self::RateLimited { retry_after, .. } => Some(*retry_after),
+            Self::RateLimited { retry_after, .. } | Self::LimiterUnavailable { retry_after } => Some(*retry_after),
             Self::NoUpstreamKey { retry_after, .. } => *retry_after,
             Self::UpstreamBusy { .. } => Some(1),
             Self::Upstream { retry_after, .. } => *retry_after,
@@ -78,7 +81,7 @@ impl GatewayError {
             Self::BodyTooLarge { .. } => 413,
             Self::BadJson(_) | Self::BadRequestBody(_) | Self::NotConvertible(_) => 400,
             Self::Upstream { status, .. } => *status,
-            Self::NoUpstreamKey { .. } | Self::UpstreamBusy { .. } => 503,
+            Self::NoUpstreamKey { .. } | Self::UpstreamBusy { .. } | Self::LimiterUnavailable { .. } => 503,
             Self::NoEndpoint(_) | Self::UpstreamUnreachable { .. } => 502,
             Self::UpstreamTimeout { .. } => 504,
             Self::UpstreamStatus { status, .. } => *status,
@@ -105,6 +108,7 @@ impl GatewayError {
             Self::UpstreamStatus { .. } => "upstream_error",
             Self::ClientClosed => "client_closed",
             Self::RateLimited { .. } => "rate_limit_exceeded",
+            Self::LimiterUnavailable { .. } => "rate_limiter_unavailable",
         }
     }
 

@@ -30,31 +30,12 @@ pub fn finish(session: &Session, ctx: &mut RequestCtx, e: Option<&pingora::Error
     if let Some(lease) = &ctx.upstream.lease {
         lease.key().add_tokens(tokens);
     }
-    if let Some(key) = &ctx.key
-        && tokens > 0
-    {
-        {
-            let now = audit::now_ms() as u64;
-            state.limiter.add_tokens(&key.id, tokens, now);
-            if key.token_quota.is_some() {
-                state.quotas.add(&key.id, key.quota_period.bounds(now as i64).0, tokens);
-            }
-            if let Some(q) = &key.user_quota {
-                state.quotas.add(&q.scope, q.period.bounds(now as i64).0, tokens);
-            }
-            if let Some(route) = ctx.route.as_ref().filter(|r| !r.rate_limit.is_none()) {
-                state
-                    .limiter
-                    .add_tokens(&super::intake::route_scope(&key.id, &route.name), tokens, now);
-            }
-        }
-    } else if let (Some(route), Some(ip)) = (ctx.route.as_ref().filter(|r| !r.rate_limit.is_none()), ctx.client.ip)
-        && tokens > 0
-    {
+    if let Some(admission) = ctx.admission.take() {
         let now = audit::now_ms() as u64;
-        state
-            .limiter
-            .add_tokens(&super::intake::client_scope(ip, &route.name), tokens, now);
+        match &state.cluster {
+            Some(cluster) => cluster.settle(&ctx.request_id, admission, tokens, (&state.limiter, &state.quotas), now),
+            None => state.limiter.charge_all(&state.quotas, &admission.checks, tokens, now),
+        }
     }
     let m = &state.metrics;
     let mut status_buf = itoa::Buffer::new();

@@ -5,7 +5,9 @@
 use super::{ctx::RequestCtx, errors::GatewayError, rewrite};
 use crate::{
     auth::{self, AuthError},
+    cluster::limits::Denied,
     config::routes_d::{AuthMode, Format},
+    ratelimit::{Admission, Counted, QuotaCheck, RateChecks, WindowCheck},
     router::Route,
     state::AppState,
     store::now_unix,
@@ -213,21 +215,15 @@ pub async fn admit(state: &Arc<AppState>, session: &mut Session, ctx: &mut Reque
             model = peeked.get(b, &path, ctx.format)?.model.clone();
             auth::authorize_model(&key, model.as_deref())?;
         }
-        admit_rate(state, &key, &route)?;
         ctx.key = Some(key);
-    } else if !route.rate_limit.is_none()
-        && let Some(ip) = ctx.client.ip
-    {
-        // No gateway key to count against: the route's limits apply per
-        // client address.
-        state
-            .limiter
-            .admit(
-                &client_scope(ip, &route.name),
-                route.rate_limit,
-                crate::audit::now_ms() as u64,
-            )
-            .map_err(|s| rate_refusal(state, &route, &format!("route {} per client address", route.name), s))?;
+    }
+    let checks = rate_checks(ctx.key.as_deref(), &route, ctx.client.ip);
+    // A shared token reservation is sized from the body.
+    if state.cluster.is_some() && checks.counts_tokens() && body.is_none() {
+        body = Some(read_body(session, limit).await?);
+    }
+    if !checks.is_empty() {
+        admit_rate(state, ctx, &route, checks, body.as_deref()).await?;
     }
 
     let wants_usage = rewrite::wants_openai_usage(&route, &session.req_header().method, &path);
@@ -271,39 +267,94 @@ pub async fn admit(state: &Arc<AppState>, session: &mut Session, ctx: &mut Reque
     Ok(())
 }
 
-/// Count the request against the key's own limits and the route's per-key
-/// limits; refuse with 429 when either is exhausted.
-fn admit_rate(state: &AppState, key: &crate::store::keys::GatewayKey, route: &Route) -> Result<(), GatewayError> {
-    let now = crate::audit::now_ms() as u64;
-    let key_limits = crate::ratelimit::Limits {
+/// The limits a request counts against: with a gateway key, its quotas,
+/// its own limits and the route's per-key limits; without one, the route's
+/// limits per client address.
+fn rate_checks(
+    key: Option<&crate::store::keys::GatewayKey>,
+    route: &Route,
+    client_ip: Option<std::net::IpAddr>,
+) -> RateChecks {
+    let mut checks = RateChecks::default();
+    let now_ms = crate::audit::now_ms();
+    let Some(key) = key else {
+        if let Some(ip) = client_ip.filter(|_| !route.rate_limit.is_none()) {
+            checks.windows.push(WindowCheck {
+                scope: client_scope(ip, &route.name),
+                limits: route.rate_limit,
+                label: format!("route {} per client address", route.name),
+            });
+        }
+        return checks;
+    };
+    if let Some(tokens) = key.token_quota {
+        checks.quotas.push(QuotaCheck {
+            scope: key.id.clone(),
+            tokens,
+            period: key.quota_period.bounds(now_ms),
+            label: format!("token quota per {}", key.quota_period.as_str()),
+        });
+    }
+    if let Some(q) = &key.user_quota {
+        checks.quotas.push(QuotaCheck {
+            scope: q.scope.clone(),
+            tokens: q.tokens,
+            period: q.period.bounds(now_ms),
+            label: format!("the owner's token quota per {}", q.period.as_str()),
+        });
+    }
+    let own = crate::ratelimit::Limits {
         rpm: key.rpm,
         tpm: key.tpm,
     };
-    let refuse = |scope: &str, retry_after: u64| rate_refusal(state, route, scope, retry_after);
-    let now_ms = now as i64;
-    if let Some(quota) = key.token_quota {
-        state
-            .quotas
-            .check(&key.id, quota, key.quota_period.bounds(now_ms), now_ms)
-            .map_err(|s| refuse(&format!("token quota per {}", key.quota_period.as_str()), s))?;
+    if !own.is_none() {
+        checks.windows.push(WindowCheck {
+            scope: key.id.clone(),
+            limits: own,
+            label: "key".into(),
+        });
     }
-    if let Some(q) = &key.user_quota {
-        state
-            .quotas
-            .check(&q.scope, q.tokens, q.period.bounds(now_ms), now_ms)
-            .map_err(|s| refuse(&format!("the owner's token quota per {}", q.period.as_str()), s))?;
+    if !route.rate_limit.is_none() {
+        checks.windows.push(WindowCheck {
+            scope: route_scope(&key.id, &route.name),
+            limits: route.rate_limit,
+            label: format!("route {}", route.name),
+        });
     }
-    state
-        .limiter
-        .admit(&key.id, key_limits, now)
-        .map_err(|s| refuse("key", s))?;
-    if route.rate_limit.is_none() {
-        return Ok(());
+    checks
+}
+
+/// Count the request against `checks` (shared across the cluster in
+/// cluster mode, else on this node); refuse with 429 when one is exhausted.
+async fn admit_rate(
+    state: &AppState,
+    ctx: &mut RequestCtx,
+    route: &Route,
+    checks: RateChecks,
+    body: Option<&[u8]>,
+) -> Result<(), GatewayError> {
+    let now = crate::audit::now_ms() as u64;
+    let counted = match &state.cluster {
+        Some(cluster) => {
+            let reserve = crate::cluster::limits::reserve_for(body, cluster.config.default_reserve);
+            cluster
+                .admit(&ctx.request_id, &checks, reserve, &state.limiter, &state.quotas, now)
+                .await
+        }
+        None => state
+            .limiter
+            .admit_all(&state.quotas, &checks, 1, now)
+            .map(|()| Counted::Local)
+            .map_err(Denied::Limit),
+    };
+    match counted {
+        Ok(counted) => {
+            ctx.admission = Some(Admission { checks, counted });
+            Ok(())
+        }
+        Err(Denied::Limit(r)) => Err(rate_refusal(state, route, &r.label, r.retry_after)),
+        Err(Denied::Unavailable) => Err(GatewayError::LimiterUnavailable { retry_after: 1 }),
     }
-    state
-        .limiter
-        .admit(&route_scope(&key.id, &route.name), route.rate_limit, now)
-        .map_err(|s| refuse(&format!("route {}", route.name), s))
 }
 
 /// A 429 for `scope`, counted in metrics.

@@ -1,0 +1,209 @@
+//! Pool key states across nodes. A cooldown, rest or disable seen by one
+//! node (or an admin's change on it) goes through `fastgate_key_state_v1`,
+//! which stores it and publishes it; every other node applies it at once.
+//! Deadlines travel as milliseconds remaining, never as one node's clock.
+//! A (re)subscription reads every stored state first, so messages lost
+//! while a node was cut off are made up for.
+
+use super::{Cluster, RETRY_EVERY};
+use crate::{
+    pool::{KeyStatus, PoolKey},
+    state::AppState,
+};
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use std::{
+    collections::HashMap,
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
+use tokio::sync::mpsc;
+
+/// Hash of the last published state per `pool/key`.
+const STATES_KEY: &str = "fg:keystates";
+const CHANNEL: &str = "fg:keystate";
+
+/// One key's state as a node saw it change.
+#[derive(Debug, Serialize, Deserialize)]
+struct Payload {
+    node: String,
+    pool: String,
+    key: String,
+    /// Deadlines as milliseconds remaining (0 = open).
+    status: KeyStatus,
+}
+
+type Outbox = (
+    mpsc::UnboundedSender<(String, String, KeyStatus)>,
+    parking_lot::Mutex<Option<mpsc::UnboundedReceiver<(String, String, KeyStatus)>>>,
+);
+
+/// Set once, in cluster mode only: the pools hand their changes here
+/// without knowing about Redis.
+static OUTBOX: OnceLock<Outbox> = OnceLock::new();
+
+/// Start collecting key changes (cluster mode, at start-up).
+pub fn enable() {
+    OUTBOX.get_or_init(|| {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (tx, parking_lot::Mutex::new(Some(rx)))
+    });
+}
+
+pub(super) fn take_outbox() -> Option<mpsc::UnboundedReceiver<(String, String, KeyStatus)>> {
+    OUTBOX.get().and_then(|(_, rx)| rx.lock().take())
+}
+
+/// A key of `pool` changed state on this node; a no-op outside cluster mode.
+pub fn changed(pool: &str, key: &PoolKey) {
+    if let Some((tx, _)) = OUTBOX.get() {
+        let _ = tx.send((
+            pool.to_string(),
+            key.id.clone(),
+            relative(key.status(), crate::pool::now_ms()),
+        ));
+    }
+}
+
+/// Every gate's deadline moved by `-now`: absolute Unix ms to remaining ms.
+fn relative(mut st: KeyStatus, now: i64) -> KeyStatus {
+    for g in std::iter::once(&mut st.key).chain(st.models.values_mut()) {
+        g.until_ms = if g.until_ms > now { g.until_ms - now } else { 0 };
+    }
+    st
+}
+
+/// Remaining ms (less `age`, the time the state spent in Redis) back to
+/// deadlines on this node's clock.
+fn absolute(mut st: KeyStatus, now: i64, age: i64) -> KeyStatus {
+    for g in std::iter::once(&mut st.key).chain(st.models.values_mut()) {
+        g.until_ms = if g.until_ms > age { now + g.until_ms - age } else { 0 };
+    }
+    st
+}
+
+/// Send this node's key changes; those Redis did not take are kept (the
+/// latest per key) and sent once it is back.
+pub(super) async fn publish(cluster: Arc<Cluster>, mut outbox: mpsc::UnboundedReceiver<(String, String, KeyStatus)>) {
+    let mut unsent: HashMap<String, Payload> = HashMap::new();
+    let mut tick = tokio::time::interval(RETRY_EVERY);
+    loop {
+        tokio::select! {
+            next = outbox.recv() => {
+                let Some((pool, key, status)) = next else { return };
+                let field = format!("{pool}/{key}");
+                unsent.insert(field, Payload { node: cluster.node_id.clone(), pool, key, status });
+            }
+            _ = tick.tick() => {}
+        }
+        if unsent.is_empty() || !cluster.is_up() {
+            continue;
+        }
+        for (field, payload) in std::mem::take(&mut unsent) {
+            let Ok(json) = serde_json::to_string(&payload) else {
+                continue;
+            };
+            let mut cmd = redis::cmd("FCALL");
+            cmd.arg("fastgate_key_state_v1")
+                .arg(1)
+                .arg(STATES_KEY)
+                .arg(CHANNEL)
+                .arg(&field)
+                .arg(json);
+            if let Err(e) = cluster.call::<i64>(&cmd).await {
+                tracing::debug!(error = %e, key = %field, "Key state not published yet; kept for when Redis is back.");
+                unsent.insert(field, payload);
+            }
+        }
+    }
+}
+
+/// Apply the other nodes' key changes as they are published; on every
+/// (re)subscription, first every stored state.
+pub(super) async fn subscribe(cluster: Arc<Cluster>, state: Arc<AppState>) {
+    let mut cut_off = false;
+    loop {
+        if let Ok(Ok(mut pubsub)) =
+            tokio::time::timeout(Duration::from_secs(2), cluster.client.get_async_pubsub()).await
+            && pubsub.subscribe(CHANNEL).await.is_ok()
+        {
+            match resync(&cluster, &state).await {
+                Ok(n) => tracing::info!(states = n, "Subscribed to key states; stored states applied."),
+                Err(e) => tracing::warn!(error = %e, "Subscribed to key states; the resync failed."),
+            }
+            cut_off = false;
+            let mut messages = pubsub.on_message();
+            while let Some(msg) = messages.next().await {
+                apply(&cluster, &state, msg.get_payload_bytes(), 0);
+            }
+            tracing::warn!("Key-state subscription lost; subscribing again.");
+        } else if !cut_off {
+            cut_off = true;
+            tracing::warn!("Cannot subscribe to key states; retrying.");
+        }
+        tokio::time::sleep(RETRY_EVERY).await;
+    }
+}
+
+/// Apply every stored state; returns how many were read.
+async fn resync(cluster: &Cluster, state: &AppState) -> Result<usize, redis::RedisError> {
+    let mut conn = cluster.client.get_multiplexed_async_connection().await?;
+    let (server_now, fields): (i64, Vec<(String, String)>) = redis::cmd("FCALL")
+        .arg("fastgate_key_states_v1")
+        .arg(1)
+        .arg(STATES_KEY)
+        .query_async(&mut conn)
+        .await?;
+    for (_, stored) in &fields {
+        if let Some((at, payload)) = stored.split_once('|')
+            && let Ok(at) = at.parse::<i64>()
+        {
+            apply(cluster, state, payload.as_bytes(), server_now - at);
+        }
+    }
+    Ok(fields.len())
+}
+
+/// Apply one published state, `age_ms` old, unless this node sent it.
+fn apply(cluster: &Cluster, state: &AppState, payload: &[u8], age_ms: i64) {
+    let Ok(p) = serde_json::from_slice::<Payload>(payload) else {
+        tracing::warn!("Ignored a malformed key-state message.");
+        return;
+    };
+    if p.node == cluster.node_id {
+        return;
+    }
+    let runtime = state.runtime.load();
+    let Some(pool) = runtime.pools.get(&p.pool) else {
+        return;
+    };
+    let status = absolute(p.status, crate::pool::now_ms(), age_ms);
+    if pool.apply_remote(&p.key, status) {
+        tracing::debug!(pool = %p.pool, key = %p.key, from = %p.node, "Applied a key state from another node.");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deadlines_travel_as_time_remaining() {
+        let mut st = KeyStatus::default();
+        st.key.until_ms = 10_500;
+        st.models.insert(
+            "m".into(),
+            crate::pool::Gate {
+                until_ms: 9_000,
+                ..Default::default()
+            },
+        );
+        let sent = relative(st, 10_000);
+        assert_eq!(sent.key.until_ms, 500);
+        assert_eq!(sent.models["m"].until_ms, 0, "an expired gate travels as open");
+        // Received on a clock a minute ahead, after 200 ms in Redis.
+        let got = absolute(sent, 70_000, 200);
+        assert_eq!(got.key.until_ms, 70_300);
+        assert_eq!(absolute(relative(got, 70_000), 70_000, 400).key.until_ms, 0);
+    }
+}

@@ -1,0 +1,263 @@
+//! Cluster mode: several nodes share their rate limits and their pool key
+//! states through Redis/Valkey (>= 7), each decision one call of a
+//! server-side function (`functions.lua`) on Redis's clock. See
+//! docs/cluster.md.
+//!
+//! Redis is never waited on for longer than `cluster.timeout`: a failed or
+//! late call opens a circuit breaker, requests are decided locally
+//! (`on_redis_down`), and a background task closes the breaker once Redis
+//! answers again.
+
+pub mod key_sync;
+pub mod limits;
+
+use crate::config::ClusterConfig;
+use arc_swap::ArcSwapOption;
+use parking_lot::Mutex;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU32, Ordering},
+    },
+    time::Duration,
+};
+
+/// The function library; its name carries the version (see the file).
+const LIBRARY: &str = include_str!("functions.lua");
+/// Sorted set of node ids scored by their last heartbeat.
+const NODES_KEY: &str = "fg:nodes";
+/// A node missing heartbeats for this long no longer counts.
+const NODE_TTL_MS: u64 = 5_000;
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+/// How often a down Redis is tried again.
+const RETRY_EVERY: Duration = Duration::from_millis(250);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("Redis is unreachable (circuit open)")]
+    Down,
+    #[error("Redis did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("Redis: {0}")]
+    Redis(#[from] redis::RedisError),
+}
+
+/// This node's link to the cluster's shared state.
+pub struct Cluster {
+    pub node_id: String,
+    pub config: ClusterConfig,
+    client: redis::Client,
+    conn: ArcSwapOption<ConnectionManager>,
+    /// The breaker: closed (true) while Redis answers.
+    up: AtomicBool,
+    /// Live nodes, from the last heartbeat (at least 1).
+    live_nodes: AtomicU32,
+    /// Quota tokens charged while Redis was down, per counter: (tokens,
+    /// counter expiry). Added to Redis when it is back.
+    owed: Mutex<HashMap<String, (u64, i64)>>,
+    up_gauge: prometheus::IntGauge,
+    nodes_gauge: prometheus::IntGauge,
+    local_decisions: prometheus::IntCounter,
+}
+
+impl Cluster {
+    pub fn new(config: &ClusterConfig, metrics: &crate::metrics::Metrics) -> Result<Arc<Cluster>, ClusterError> {
+        let client = redis::Client::open(config.redis.as_str())?;
+        let node_id = if config.node_id.is_empty() {
+            format!("{}-{}", host_name(), std::process::id())
+        } else {
+            config.node_id.clone()
+        };
+        metrics.cluster_redis_up.set(0);
+        Ok(Arc::new(Cluster {
+            node_id,
+            config: config.clone(),
+            client,
+            conn: ArcSwapOption::empty(),
+            up: AtomicBool::new(false),
+            live_nodes: AtomicU32::new(1),
+            owed: Mutex::new(HashMap::new()),
+            up_gauge: metrics.cluster_redis_up.clone(),
+            nodes_gauge: metrics.cluster_nodes.clone(),
+            local_decisions: metrics.cluster_local_decisions.clone(),
+        }))
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    /// How many nodes share a limit while Redis is down: the configured
+    /// count, else the live nodes last seen.
+    pub fn share_nodes(&self) -> u32 {
+        match self.config.nodes {
+            0 => self.live_nodes.load(Ordering::Relaxed).max(1),
+            n => n,
+        }
+    }
+
+    /// One call on the request path: never while the breaker is open,
+    /// never longer than `cluster.timeout`.
+    async fn call<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, ClusterError> {
+        if !self.is_up() {
+            return Err(ClusterError::Down);
+        }
+        let Some(conn) = self.conn.load_full() else {
+            return Err(ClusterError::Down);
+        };
+        let mut conn = (*conn).clone();
+        let timeout = self.config.timeout.0;
+        let result = match tokio::time::timeout(timeout, cmd.query_async::<T>(&mut conn)).await {
+            Err(_) => Err(ClusterError::Timeout(timeout)),
+            // A Redis restarted without persistence has lost the library.
+            Ok(Err(e)) if is_missing_function(&e) => {
+                match tokio::time::timeout(timeout * 4, async {
+                    load_library(&mut conn).await?;
+                    cmd.query_async::<T>(&mut conn).await
+                })
+                .await
+                {
+                    Err(_) => Err(ClusterError::Timeout(timeout)),
+                    Ok(r) => r.map_err(ClusterError::from),
+                }
+            }
+            Ok(r) => r.map_err(ClusterError::from),
+        };
+        if let Err(e) = &result {
+            self.trip(e);
+        }
+        result
+    }
+
+    /// Open the breaker (once per outage, logged).
+    fn trip(&self, e: &ClusterError) {
+        let transport = match e {
+            ClusterError::Redis(r) => r.is_io_error() || r.is_connection_dropped() || r.is_timeout(),
+            _ => true,
+        };
+        if !transport {
+            tracing::warn!(error = %e, "Redis refused a cluster call; decided locally.");
+            return;
+        }
+        if self.up.swap(false, Ordering::Relaxed) {
+            self.up_gauge.set(0);
+            tracing::warn!(
+                error = %e,
+                on_redis_down = ?self.config.on_redis_down,
+                nodes = self.share_nodes(),
+                "Redis unreachable: limits are enforced locally until it answers again."
+            );
+        }
+    }
+
+    /// Note a decision made without Redis (metrics).
+    fn decided_locally(&self) {
+        self.local_decisions.inc();
+    }
+
+    /// Connect (or check the connection), load the function library and
+    /// beat; closes the breaker on success. Returns whether Redis is up.
+    async fn check(&self) -> bool {
+        let attempt = async {
+            let mut conn = match self.conn.load_full() {
+                Some(c) => (*c).clone(),
+                None => {
+                    let cfg = ConnectionManagerConfig::new()
+                        .set_connection_timeout(Some(Duration::from_secs(1)))
+                        .set_number_of_retries(1);
+                    let c = ConnectionManager::new_with_config(self.client.clone(), cfg).await?;
+                    self.conn.store(Some(Arc::new(c.clone())));
+                    c
+                }
+            };
+            if !self.is_up() {
+                load_library(&mut conn).await?;
+            }
+            heartbeat_cmd(&self.node_id).query_async::<u32>(&mut conn).await
+        };
+        match tokio::time::timeout(Duration::from_secs(2), attempt).await {
+            Ok(Ok(nodes)) => {
+                self.live_nodes.store(nodes.max(1), Ordering::Relaxed);
+                self.nodes_gauge.set(i64::from(nodes));
+                if !self.up.swap(true, Ordering::Relaxed) {
+                    self.up_gauge.set(1);
+                    tracing::info!(node = %self.node_id, nodes, "Redis reachable: limits and key states are shared.");
+                }
+                true
+            }
+            Ok(Err(e)) => {
+                self.trip(&ClusterError::Redis(e));
+                false
+            }
+            Err(_) => {
+                self.trip(&ClusterError::Timeout(Duration::from_secs(2)));
+                false
+            }
+        }
+    }
+}
+
+fn heartbeat_cmd(node: &str) -> redis::Cmd {
+    let mut cmd = redis::cmd("FCALL");
+    cmd.arg("fastgate_heartbeat_v1")
+        .arg(1)
+        .arg(NODES_KEY)
+        .arg(node)
+        .arg(NODE_TTL_MS);
+    cmd
+}
+
+async fn load_library(conn: &mut ConnectionManager) -> redis::RedisResult<()> {
+    redis::cmd("FUNCTION")
+        .arg("LOAD")
+        .arg("REPLACE")
+        .arg(LIBRARY)
+        .query_async::<String>(conn)
+        .await
+        .map(|_| ())
+}
+
+fn is_missing_function(e: &redis::RedisError) -> bool {
+    e.to_string().contains("Function not found")
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "node".into())
+}
+
+/// The cluster's background work, on its own runtime: keep the link and
+/// the breaker, beat, settle owed quota tokens, and sync key states.
+pub struct ClusterService {
+    pub state: Arc<crate::state::AppState>,
+}
+
+#[async_trait::async_trait]
+impl pingora::services::background::BackgroundService for ClusterService {
+    async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
+        let Some(cluster) = self.state.cluster.clone() else {
+            return;
+        };
+        tokio::spawn(key_sync::subscribe(cluster.clone(), self.state.clone()));
+        if let Some(outbox) = key_sync::take_outbox() {
+            tokio::spawn(key_sync::publish(cluster.clone(), outbox));
+        }
+        loop {
+            let was_up = cluster.is_up();
+            let up = cluster.check().await;
+            if up && !was_up {
+                cluster.settle_owed().await;
+            }
+            let wait = if up { HEARTBEAT_EVERY } else { RETRY_EVERY };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
