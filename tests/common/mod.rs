@@ -694,31 +694,34 @@ impl Gateway {
     /// `config` is the YAML after the `server:`/`database:`/`routes_dir:` keys,
     /// which the harness fills in; `routes` are (file name, YAML) pairs.
     pub async fn start(config: &str, routes: &[(&str, &str)]) -> Gateway {
-        Self::start_inner(config, routes, "", "", DEFAULT_LOG).await
+        Self::start_inner(config, routes, "", "", DEFAULT_LOG, None).await
+    }
+
+    /// Like `start`, on a copy of `seed`'s database (gateway keys, users):
+    /// the nodes of one cluster share their keys this way in tests.
+    /// `config` may start with an `admin:` block, as for `start_with_admin`.
+    pub async fn start_seeded(config: &str, routes: &[(&str, &str)], seed: &Gateway) -> Gateway {
+        let (admin_keys, config) = split_admin(config);
+        Self::start_inner(config, routes, admin_keys, "", DEFAULT_LOG, Some(&seed.db_path())).await
     }
 
     /// Like `start`, with `server:` keys (indented by two spaces, such as
     /// `  tls: ...`) added to the harness's server block.
     pub async fn start_with_server(server: &str, config: &str, routes: &[(&str, &str)]) -> Gateway {
-        Self::start_inner(config, routes, "", server, DEFAULT_LOG).await
+        Self::start_inner(config, routes, "", server, DEFAULT_LOG, None).await
     }
 
     /// Like `start`, with `admin:` keys from `config` (its first line must be
     /// `admin:` and the keys below it) merged into the harness's admin block.
     pub async fn start_with_admin(config: &str, routes: &[(&str, &str)]) -> Gateway {
-        let rest = config.strip_prefix("admin:\n").expect("config starts with admin:");
-        let indented: usize = rest
-            .split_inclusive('\n')
-            .take_while(|l| l.starts_with("  "))
-            .map(str::len)
-            .sum();
-        let (admin_keys, config) = rest.split_at(indented);
-        Self::start_inner(config, routes, admin_keys, "", DEFAULT_LOG).await
+        assert!(config.starts_with("admin:\n"), "config starts with admin:");
+        let (admin_keys, config) = split_admin(config);
+        Self::start_inner(config, routes, admin_keys, "", DEFAULT_LOG, None).await
     }
 
     /// Like `start`, with `FASTGATE_LOG` set to `filter`.
     pub async fn start_logging(config: &str, routes: &[(&str, &str)], filter: &str) -> Gateway {
-        Self::start_inner(config, routes, "", "", filter).await
+        Self::start_inner(config, routes, "", "", filter, None).await
     }
 
     async fn start_inner(
@@ -727,8 +730,14 @@ impl Gateway {
         admin_keys: &str,
         server_keys: &str,
         log_filter: &str,
+        seed_db: Option<&Path>,
     ) -> Gateway {
         let dir = tempfile::tempdir().unwrap();
+        if let Some(seed) = seed_db {
+            let conn = fastgate::store::open(seed).unwrap();
+            conn.execute("VACUUM INTO ?1", [dir.path().join("fg.db").to_str().unwrap()])
+                .unwrap();
+        }
         std::fs::create_dir(dir.path().join("routes.d")).unwrap();
         for (name, yaml) in routes {
             std::fs::write(dir.path().join("routes.d").join(name), yaml).unwrap();
@@ -939,4 +948,108 @@ pub async fn eventually_text(make: impl Fn() -> reqwest::RequestBuilder, done: i
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     make().send().await.unwrap().text().await.unwrap()
+}
+
+/// Split `config` into the keys of a leading `admin:` block and the rest.
+fn split_admin(config: &str) -> (&str, &str) {
+    let Some(rest) = config.strip_prefix("admin:\n") else {
+        return ("", config);
+    };
+    let indented: usize = rest
+        .split_inclusive('\n')
+        .take_while(|l| l.starts_with("  "))
+        .map(str::len)
+        .sum();
+    rest.split_at(indented)
+}
+
+/// A real `redis-server` (Debian's package) on a loopback port, in a temp
+/// dir, without persistence: killed and started again on the same port to
+/// test what the gateway does while it is gone.
+pub struct Redis {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl Redis {
+    pub async fn start() -> Redis {
+        let mut redis = Redis {
+            port: free_port(),
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+        };
+        for _ in 0..5 {
+            if redis.spawn().await {
+                return redis;
+            }
+            redis.kill();
+            redis.port = free_port();
+        }
+        panic!("redis-server did not start (is Debian's redis-server installed?)");
+    }
+
+    async fn spawn(&mut self) -> bool {
+        let log = self.dir.path().join("redis.log");
+        let child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+            .args(["--save", "", "--appendonly", "no", "--dir"])
+            .arg(self.dir.path())
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server (Debian's package) must be installed");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if self.child.as_mut().unwrap().try_wait().unwrap().is_some() {
+                return false;
+            }
+            if self.cmd(&["PING"]).await.as_deref() == Some("+PONG") {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        false
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILL: the server is gone at once, connections reset.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Start again on the same port (empty: nothing was persisted).
+    pub async fn restart(&mut self) {
+        self.kill();
+        for _ in 0..50 {
+            if self.spawn().await {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("redis-server did not come back on port {}", self.port);
+    }
+
+    /// One inline command; the first line of the answer.
+    pub async fn cmd(&self, args: &[&str]) -> Option<String> {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.ok()?;
+        s.write_all(format!("{}\r\n", args.join(" ")).as_bytes()).await.ok()?;
+        let mut line = String::new();
+        tokio::io::BufReader::new(s).read_line(&mut line).await.ok()?;
+        Some(line.trim_end().to_string())
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }

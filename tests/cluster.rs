@@ -1,0 +1,385 @@
+//! Cluster mode against a real Redis (Debian's `redis-server`, started by
+//! the test on a loopback port): three nodes share exact limits and pool key
+//! states, and keep serving while Redis is gone.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::{Gateway, KeyRule, MockUpstream, Redis, eventually_text};
+use fastgate::pool::key_id;
+use serde_json::{Value, json};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+const TOKEN: &str = "cluster-admin-token";
+const ROUTE: &str =
+    "routes:\n  - { name: chat, match: { path: /v1/chat/completions }, format: openai, upstream: oai, retries: 2 }\n";
+/// The tests' rolling window (`cluster.rate_window`): "30 per minute" is 30 per 5 s.
+const WINDOW: Duration = Duration::from_secs(5);
+
+fn node_config(redis_url: &str, mock: &MockUpstream, node: &str, keys: &[&str], cluster_extra: &str) -> String {
+    format!(
+        "admin:\n  token: {TOKEN}\ncluster:\n  redis: {redis_url}\n  rate_window: 5s\n  node_id: {node}\n{cluster_extra}upstreams:\n  oai: {{provider: openai, endpoints: ['{}'], key_pool: p}}\nkey_pools:\n  p: {{keys: [{}], strategy: round_robin}}\n",
+        mock.url(),
+        keys.join(", ")
+    )
+}
+
+/// Three nodes on one Redis sharing one gateway key (created with
+/// `key_args`); returns them once each shares its limits with all three.
+async fn three_nodes(redis: &Redis, mock: &MockUpstream, keys: &[&str], key_args: &[&str]) -> (Vec<Gateway>, String) {
+    let routes = [("r.yaml", ROUTE)];
+    let a = Gateway::start_with_admin(&node_config(&redis.url(), mock, "node-a", keys, ""), &routes).await;
+    let (_, secret) = a.create_key(key_args);
+    let b = Gateway::start_seeded(&node_config(&redis.url(), mock, "node-b", keys, ""), &routes, &a).await;
+    let c = Gateway::start_seeded(&node_config(&redis.url(), mock, "node-c", keys, ""), &routes, &a).await;
+    let nodes = vec![a, b, c];
+    for n in &nodes {
+        wait_metric(n, "fastgate_cluster_redis_up 1").await;
+        wait_metric(n, "fastgate_cluster_nodes 3").await;
+    }
+    (nodes, secret)
+}
+
+async fn wait_metric(gw: &Gateway, line: &str) {
+    let text = eventually_text(
+        || reqwest::Client::new().get(gw.admin_url("/metrics")),
+        |t| t.contains(line),
+    )
+    .await;
+    assert!(
+        text.contains(line),
+        "no `{line}` in the metrics:\n{text}\n{}",
+        gw.logs()
+    );
+}
+
+fn chat() -> Value {
+    json!({"model": "gpt-4o", "max_tokens": 40, "messages": [{"role": "user", "content": "hi"}]})
+}
+
+async fn post(client: &reqwest::Client, gw_url: String, secret: &str) -> (u16, Option<u64>) {
+    let r = client
+        .post(gw_url)
+        .bearer_auth(secret)
+        .json(&chat())
+        .send()
+        .await
+        .unwrap();
+    let retry = r
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
+    (r.status().as_u16(), retry)
+}
+
+/// `per_node` concurrent requests on every node at once; statuses by node.
+async fn burst(nodes: &[Gateway], secret: &str, per_node: usize) -> Vec<Vec<(u16, Option<u64>)>> {
+    let client = reqwest::Client::new();
+    let mut set = tokio::task::JoinSet::new();
+    for (i, n) in nodes.iter().enumerate() {
+        for _ in 0..per_node {
+            let (client, url, secret) = (client.clone(), n.url("/v1/chat/completions"), secret.to_string());
+            set.spawn(async move { (i, post(&client, url, &secret).await) });
+        }
+    }
+    let mut by_node = vec![Vec::new(); nodes.len()];
+    while let Some(r) = set.join_next().await {
+        let (i, answer) = r.unwrap();
+        by_node[i].push(answer);
+    }
+    by_node
+}
+
+fn ok(by_node: &[Vec<(u16, Option<u64>)>]) -> usize {
+    by_node.iter().flatten().filter(|(s, _)| *s == 200).count()
+}
+
+fn assert_only_200_or_429(by_node: &[Vec<(u16, Option<u64>)>]) {
+    for (s, retry) in by_node.iter().flatten() {
+        assert!(*s == 200 || *s == 429, "status {s}: {by_node:?}");
+        if *s == 429 {
+            let r = retry.expect("a 429 says when to retry");
+            assert!((1..=WINDOW.as_secs() + 1).contains(&r), "Retry-After {r}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_gets_exactly_its_limit_across_three_nodes_in_any_rolling_window() {
+    let redis = Redis::start().await;
+    let mock = MockUpstream::start().await;
+    let (nodes, secret) = three_nodes(&redis, &mock, &["sk-1"], &["--rpm", "30"]).await;
+
+    let first = burst(&nodes, &secret, 20).await;
+    let first_done = Instant::now();
+    assert_only_200_or_429(&first);
+    assert_eq!(ok(&first), 30, "exactly the limit across the nodes: {first:?}");
+    assert!(
+        first.iter().filter(|n| n.iter().any(|(s, _)| *s == 200)).count() >= 2,
+        "the limit is shared, not taken by one node: {first:?}"
+    );
+
+    // Half a window later the same 30 still count.
+    tokio::time::sleep(WINDOW / 2).await;
+    let second = burst(&nodes, &secret, 5).await;
+    assert_only_200_or_429(&second);
+    assert_eq!(ok(&second), 0, "the rolling window still holds 30: {second:?}");
+
+    // Once the first 30 have left the window, 30 more and no more.
+    tokio::time::sleep((first_done + WINDOW + Duration::from_millis(300)).saturating_duration_since(Instant::now()))
+        .await;
+    let third = burst(&nodes, &secret, 20).await;
+    assert_only_200_or_429(&third);
+    assert_eq!(ok(&third), 30, "{third:?}");
+    assert_eq!(mock.seen().len(), 60, "the upstream saw only the admitted requests");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tokens_are_reserved_before_and_settled_after_across_nodes() {
+    let redis = Redis::start().await;
+    let mock = MockUpstream::start().await;
+    // Each answer uses 10 tokens; each request reserves its size / 4 plus
+    // max_tokens 40, about 65.
+    let (nodes, secret) = three_nodes(&redis, &mock, &["sk-1"], &["--tpm", "200"]).await;
+    let start = Instant::now();
+    let mut admitted = 0;
+    let mut rounds = 0;
+    while start.elapsed() < Duration::from_secs(3) {
+        let round = burst(&nodes, &secret, 2).await;
+        assert_only_200_or_429(&round);
+        admitted += ok(&round);
+        rounds += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(rounds >= 3, "{rounds} rounds");
+    assert!(
+        admitted * 10 <= 200,
+        "{admitted} answers of 10 tokens went past 200 tokens per window"
+    );
+    // Reservations alone would stop at 3 (3 x 65 <= 200); settled answers
+    // give back what they did not use.
+    assert!(admitted > 3, "only {admitted} admitted: reservations were not settled");
+    assert_eq!(mock.seen().len(), admitted);
+}
+
+async fn pool_key(gw: &Gateway, secret: &str) -> Value {
+    let r = reqwest::Client::new()
+        .get(gw.admin_url("/api/pools/p/keys"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    let keys: Value = r.json().await.unwrap();
+    let id = key_id(secret);
+    keys.as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["id"] == id.as_str())
+        .cloned()
+        .unwrap_or_else(|| panic!("no key {id} in {keys}"))
+}
+
+/// How long until `secret`'s state is `want` on `gw` (polled every 2 ms).
+async fn time_until_state(gw: &Gateway, secret: &str, want: &str, limit: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        let k = pool_key(gw, secret).await;
+        if k["state"] == want {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < limit,
+            "{secret} still {} on {}: {k}",
+            k["state"],
+            gw.admin_url("")
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_cooled_or_disabled_on_one_node_is_so_on_every_node() {
+    let redis = Redis::start().await;
+    let mock = MockUpstream::start().await;
+    mock.behaviour
+        .keys
+        .lock()
+        .unwrap()
+        .insert("sk-hot".into(), KeyRule::RateLimited { retry_after: 30 });
+    let (nodes, secret) = three_nodes(&redis, &mock, &["sk-hot", "sk-cold"], &[]).await;
+    let client = reqwest::Client::new();
+    let seen_hot = || {
+        mock.seen()
+            .iter()
+            .filter(|s| s.header("authorization") == Some("Bearer sk-hot"))
+            .count()
+    };
+    // Round robin: one of the first two requests on node A meets the 429.
+    for _ in 0..2 {
+        let (status, _) = post(&client, nodes[0].url("/v1/chat/completions"), &secret).await;
+        assert_eq!(status, 200, "the request failed over to the other key");
+        if seen_hot() == 1 {
+            break;
+        }
+    }
+    assert_eq!(seen_hot(), 1);
+    for n in &nodes[1..] {
+        let took = time_until_state(n, "sk-hot", "cooling", Duration::from_millis(100)).await;
+        eprintln!("cooldown seen on {} after {took:?}", n.admin_url(""));
+        let left = pool_key(n, "sk-hot").await["remaining_s"].as_f64().unwrap();
+        assert!((25.0..=30.0).contains(&left), "cooling for the Retry-After: {left}");
+    }
+    for n in &nodes[1..] {
+        for _ in 0..3 {
+            assert_eq!(post(&client, n.url("/v1/chat/completions"), &secret).await.0, 200);
+        }
+    }
+    assert_eq!(seen_hot(), 1, "no node tried the cooling key again");
+
+    // An admin disables a key through node B: disabled on A and C too.
+    let id = key_id("sk-cold");
+    let r = client
+        .patch(nodes[1].admin_url(&format!("/api/pools/p/keys/{id}")))
+        .bearer_auth(TOKEN)
+        .json(&json!({"enabled": false}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    for n in [&nodes[0], &nodes[2]] {
+        time_until_state(n, "sk-cold", "disabled", Duration::from_millis(100)).await;
+    }
+    // Enabled again through node C: active on A and B.
+    let r = client
+        .patch(nodes[2].admin_url(&format!("/api/pools/p/keys/{id}")))
+        .bearer_auth(TOKEN)
+        .json(&json!({"enabled": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    for n in &nodes[..2] {
+        time_until_state(n, "sk-cold", "active", Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_redis_each_node_enforces_its_share_and_nothing_fails() {
+    let mut redis = Redis::start().await;
+    let mock = MockUpstream::start().await;
+    let (nodes, secret) = three_nodes(&redis, &mock, &["sk-1"], &["--rpm", "30"]).await;
+    let nodes = Arc::new(nodes);
+
+    // Steady load on every node while Redis is killed.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut load = tokio::task::JoinSet::new();
+    for i in 0..nodes.len() {
+        let (nodes, stop, secret) = (nodes.clone(), stop.clone(), secret.clone());
+        load.spawn(async move {
+            let client = reqwest::Client::new();
+            let mut statuses = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                statuses.push(post(&client, nodes[i].url("/v1/chat/completions"), &secret).await);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            statuses
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    redis.kill();
+    for n in nodes.iter() {
+        wait_metric(n, "fastgate_cluster_redis_up 0").await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut during = Vec::new();
+    while let Some(r) = load.join_next().await {
+        during.push(r.unwrap());
+    }
+    assert_only_200_or_429(&during);
+
+    // Two windows later (the local windows have emptied): each node admits
+    // its third of the limit.
+    tokio::time::sleep(WINDOW * 2 + Duration::from_millis(200)).await;
+    let down = burst(&nodes, &secret, 15).await;
+    assert_only_200_or_429(&down);
+    for (i, n) in down.iter().enumerate() {
+        let admitted = n.iter().filter(|(s, _)| *s == 200).count();
+        assert!(
+            (9..=11).contains(&admitted),
+            "node {i} admitted {admitted} of 30 / 3: {down:?}"
+        );
+    }
+    let metrics = reqwest::Client::new()
+        .get(nodes[0].admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        !metrics.contains("fastgate_cluster_local_decisions_total 0\n"),
+        "{metrics}"
+    );
+
+    // Redis back (empty): the limit is shared and exact again.
+    redis.restart().await;
+    for n in nodes.iter() {
+        wait_metric(n, "fastgate_cluster_redis_up 1").await;
+    }
+    let back = burst(&nodes, &secret, 20).await;
+    assert_only_200_or_429(&back);
+    assert_eq!(ok(&back), 30, "{back:?}");
+}
+
+#[tokio::test]
+async fn fail_closed_refuses_limited_requests_and_fail_open_admits_them_while_redis_is_down() {
+    let mock = MockUpstream::start().await;
+    // Nothing listens there: Redis is down from the start.
+    let dead = format!("redis://127.0.0.1:{}", common::free_port());
+    let routes = [("r.yaml", ROUTE)];
+    let closed = Gateway::start_with_admin(
+        &node_config(&dead, &mock, "closed", &["sk-1"], "  on_redis_down: fail_closed\n"),
+        &routes,
+    )
+    .await;
+    let (_, limited) = closed.create_key(&["--rpm", "1"]);
+    let (_, unlimited) = closed.create_key(&[]);
+    closed.wait_key(&unlimited, "/v1/chat/completions").await;
+    let client = reqwest::Client::new();
+    let url = closed.url("/v1/chat/completions");
+    let r = client
+        .post(&url)
+        .bearer_auth(&limited)
+        .json(&chat())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["retry-after"], "1");
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "rate_limiter_unavailable", "{body}");
+    assert_eq!(
+        post(&client, url.clone(), &unlimited).await.0,
+        200,
+        "a key without limits is not affected"
+    );
+
+    let open = Gateway::start_seeded(
+        &node_config(&dead, &mock, "open", &["sk-1"], "  on_redis_down: fail_open\n"),
+        &routes,
+        &closed,
+    )
+    .await;
+    for _ in 0..3 {
+        assert_eq!(post(&client, open.url("/v1/chat/completions"), &limited).await.0, 200);
+    }
+}
