@@ -97,17 +97,14 @@ local function admit(keys, args)
   return {0}
 end
 
--- Replace a request's token reservation with what it really used.
--- ARGV: request id, count of limits, then per limit: kind, tokens, expiry.
--- KEYS as for admit: t takes the log and amounts (expiry unused; an entry
--- already out of the window is left out), q its counter (expiry = Unix ms
--- at which the counter may go, past the quota period's end).
-local function settle(keys, args)
-  local id, n = args[1], tonumber(args[2])
-  local k = 1
-  for i = 1, n do
-    local base = 3 * i
-    local kind, tokens, expiry = args[base], tonumber(args[base + 1]), args[base + 2]
+-- One request's settlement, its keys from `k` and arguments from `a`;
+-- returns where the next request's begin.
+local function settle_one(keys, args, k, a)
+  local id, n = args[a], tonumber(args[a + 1])
+  a = a + 2
+  for _ = 1, n do
+    local kind, tokens, expiry = args[a], tonumber(args[a + 1]), args[a + 2]
+    a = a + 3
     if kind == 't' then
       local amounts = keys[k + 1]
       k = k + 2
@@ -124,6 +121,21 @@ local function settle(keys, args)
       end
       redis.call('PEXPIREAT', counter, expiry)
     end
+  end
+  return k, a
+end
+
+-- Replace requests' token reservations with what they really used (a
+-- batch: settlements are not urgent, and one call for many is cheaper).
+-- ARGV: count of requests, then per request: its id, count of limits, and
+-- per limit: kind, tokens, expiry. KEYS, request after request, as for
+-- admit: t takes the log and amounts (expiry unused; an entry already out
+-- of the window is left out), q its counter (expiry = Unix ms at which the
+-- counter may go, past the quota period's end).
+local function settle(keys, args)
+  local k, a = 1, 2
+  for _ = 1, tonumber(args[1]) do
+    k, a = settle_one(keys, args, k, a)
   end
   return 0
 end

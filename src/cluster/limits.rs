@@ -17,6 +17,17 @@ pub enum Denied {
     Unavailable,
 }
 
+/// A finished request's tokens, waiting to be settled in Redis.
+#[derive(Debug)]
+pub struct Settlement {
+    request_id: String,
+    checks: RateChecks,
+    tokens: u64,
+}
+
+/// Most settlements sent in one call.
+const SETTLE_BATCH: usize = 128;
+
 /// Extra time a quota counter outlives its period (admin views, late settles).
 const QUOTA_COUNTER_SLACK_MS: i64 = 86_400_000;
 
@@ -181,37 +192,51 @@ impl Cluster {
         if !checks.counts_tokens() && (checks.quotas.is_empty() || tokens == 0) {
             return;
         }
-        let cluster = self.clone();
-        let request_id = request_id.to_string();
-        tokio::spawn(async move {
-            if cluster.settle_shared(&request_id, &checks, tokens).await.is_err() {
-                cluster.owe(&checks, tokens);
-            }
+        let _ = self.settlements.0.send(Settlement {
+            request_id: request_id.to_string(),
+            checks,
+            tokens,
         });
     }
 
-    async fn settle_shared(&self, request_id: &str, checks: &RateChecks, tokens: u64) -> Result<(), ClusterError> {
-        let mut keys = Vec::new();
-        let mut limits: Vec<(&str, i64)> = Vec::new();
-        for w in checks.windows.iter().filter(|w| w.limits.tpm.is_some()) {
-            let [_, t, ta] = window_keys(&w.scope);
-            keys.push(t);
-            keys.push(ta);
-            limits.push(("t", 0));
+    /// Send queued settlements, up to [`SETTLE_BATCH`] per call; those
+    /// Redis does not take are owed.
+    pub(super) async fn flush_settlements(self: Arc<Self>) {
+        let Some(mut queue) = self.settlements.1.lock().take() else {
+            return;
+        };
+        let mut batch = Vec::with_capacity(SETTLE_BATCH);
+        while queue.recv_many(&mut batch, SETTLE_BATCH).await > 0 {
+            if self.settle_shared(&batch).await.is_err() {
+                for s in &batch {
+                    self.owe(&s.checks, s.tokens);
+                }
+            }
+            batch.clear();
         }
-        for q in &checks.quotas {
-            keys.push(quota_key(&q.scope, q.period.0));
-            limits.push(("q", q.period.1 + QUOTA_COUNTER_SLACK_MS));
+    }
+
+    async fn settle_shared(&self, batch: &[Settlement]) -> Result<(), ClusterError> {
+        let mut keys = Vec::new();
+        let mut args: Vec<String> = vec![batch.len().to_string()];
+        for s in batch {
+            let limits = s.checks.windows.iter().filter(|w| w.limits.tpm.is_some()).count() + s.checks.quotas.len();
+            args.push(s.request_id.clone());
+            args.push(limits.to_string());
+            for w in s.checks.windows.iter().filter(|w| w.limits.tpm.is_some()) {
+                let [_, t, ta] = window_keys(&w.scope);
+                keys.push(t);
+                keys.push(ta);
+                args.extend(["t".to_string(), s.tokens.to_string(), "0".to_string()]);
+            }
+            for q in &s.checks.quotas {
+                keys.push(quota_key(&q.scope, q.period.0));
+                let expiry = q.period.1 + QUOTA_COUNTER_SLACK_MS;
+                args.extend(["q".to_string(), s.tokens.to_string(), expiry.to_string()]);
+            }
         }
         let mut cmd = redis::cmd("FCALL");
-        cmd.arg("fastgate_settle_v1")
-            .arg(keys.len())
-            .arg(&keys)
-            .arg(request_id)
-            .arg(limits.len());
-        for (kind, expiry) in &limits {
-            cmd.arg(*kind).arg(tokens).arg(*expiry);
-        }
+        cmd.arg("fastgate_settle_v1").arg(keys.len()).arg(&keys).arg(&args);
         self.call::<i64>(&cmd).await.map(|_| ())
     }
 
@@ -241,6 +266,7 @@ impl Cluster {
             cmd.arg("fastgate_settle_v1")
                 .arg(1)
                 .arg(&counter)
+                .arg(1)
                 .arg("reconcile")
                 .arg(1)
                 .arg("q")

@@ -49,7 +49,14 @@ pub struct Cluster {
     pub node_id: String,
     pub config: ClusterConfig,
     client: redis::Client,
+    /// The background tasks' connection (heartbeats, library, key states).
     conn: ArcSwapOption<ConnectionManager>,
+    /// The request path's connection, made by the first request that needs
+    /// it, so that its driver runs on the data plane's runtime (no hop to
+    /// another thread and back per call). Dropped when the breaker opens:
+    /// the first request after Redis is back makes a fresh one.
+    data: ArcSwapOption<ConnectionManager>,
+    connecting: tokio::sync::Mutex<()>,
     /// The breaker: closed (true) while Redis answers.
     up: AtomicBool,
     /// Live nodes, from the last heartbeat (at least 1).
@@ -57,6 +64,12 @@ pub struct Cluster {
     /// Quota tokens charged while Redis was down, per counter: (tokens,
     /// counter expiry). Added to Redis when it is back.
     owed: Mutex<HashMap<String, (u64, i64)>>,
+    /// Settlements queued for [`Cluster::flush_settlements`] (the receiver
+    /// until that task takes it).
+    settlements: (
+        tokio::sync::mpsc::UnboundedSender<limits::Settlement>,
+        Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<limits::Settlement>>>,
+    ),
     up_gauge: prometheus::IntGauge,
     nodes_gauge: prometheus::IntGauge,
     local_decisions: prometheus::IntCounter,
@@ -71,11 +84,15 @@ impl Cluster {
             config.node_id.clone()
         };
         metrics.cluster_redis_up.set(0);
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         Ok(Arc::new(Cluster {
+            settlements: (tx, Mutex::new(Some(rx))),
             node_id,
             config: config.clone(),
             client,
             conn: ArcSwapOption::empty(),
+            data: ArcSwapOption::empty(),
+            connecting: tokio::sync::Mutex::new(()),
             up: AtomicBool::new(false),
             live_nodes: AtomicU32::new(1),
             owed: Mutex::new(HashMap::new()),
@@ -98,17 +115,32 @@ impl Cluster {
         }
     }
 
+    fn manager_config() -> ConnectionManagerConfig {
+        ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(1)))
+            .set_number_of_retries(1)
+    }
+
     /// One call on the request path: never while the breaker is open,
     /// never longer than `cluster.timeout`.
     async fn call<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, ClusterError> {
         if !self.is_up() {
             return Err(ClusterError::Down);
         }
-        let Some(conn) = self.conn.load_full() else {
-            return Err(ClusterError::Down);
-        };
-        let mut conn = (*conn).clone();
         let timeout = self.config.timeout.0;
+        let mut conn = match tokio::time::timeout(timeout * 4, self.data_connection()).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                let e = ClusterError::Redis(e);
+                self.trip(&e);
+                return Err(e);
+            }
+            Err(_) => {
+                let e = ClusterError::Timeout(timeout * 4);
+                self.trip(&e);
+                return Err(e);
+            }
+        };
         let result = match tokio::time::timeout(timeout, cmd.query_async::<T>(&mut conn)).await {
             Err(_) => Err(ClusterError::Timeout(timeout)),
             // A Redis restarted without persistence has lost the library.
@@ -131,6 +163,21 @@ impl Cluster {
         result
     }
 
+    /// The request path's connection, made here (on the caller's runtime)
+    /// if there is none.
+    async fn data_connection(&self) -> redis::RedisResult<ConnectionManager> {
+        if let Some(c) = self.data.load_full() {
+            return Ok((*c).clone());
+        }
+        let _one_at_a_time = self.connecting.lock().await;
+        if let Some(c) = self.data.load_full() {
+            return Ok((*c).clone());
+        }
+        let c = ConnectionManager::new_with_config(self.client.clone(), Self::manager_config()).await?;
+        self.data.store(Some(Arc::new(c.clone())));
+        Ok(c)
+    }
+
     /// Open the breaker (once per outage, logged).
     fn trip(&self, e: &ClusterError) {
         let transport = match e {
@@ -143,6 +190,7 @@ impl Cluster {
         }
         if self.up.swap(false, Ordering::Relaxed) {
             self.up_gauge.set(0);
+            self.data.store(None);
             tracing::warn!(
                 error = %e,
                 on_redis_down = ?self.config.on_redis_down,
@@ -164,10 +212,7 @@ impl Cluster {
             let mut conn = match self.conn.load_full() {
                 Some(c) => (*c).clone(),
                 None => {
-                    let cfg = ConnectionManagerConfig::new()
-                        .set_connection_timeout(Some(Duration::from_secs(1)))
-                        .set_number_of_retries(1);
-                    let c = ConnectionManager::new_with_config(self.client.clone(), cfg).await?;
+                    let c = ConnectionManager::new_with_config(self.client.clone(), Self::manager_config()).await?;
                     self.conn.store(Some(Arc::new(c.clone())));
                     c
                 }
@@ -244,6 +289,7 @@ impl pingora::services::background::BackgroundService for ClusterService {
             return;
         };
         tokio::spawn(key_sync::subscribe(cluster.clone(), self.state.clone()));
+        tokio::spawn(cluster.clone().flush_settlements());
         if let Some(outbox) = key_sync::take_outbox() {
             tokio::spawn(key_sync::publish(cluster.clone(), outbox));
         }
