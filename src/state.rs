@@ -339,13 +339,14 @@ impl AppState {
         self.routes.store(Arc::new(table));
         let (old, new) = (&self.config.file, &fresh.file);
         let mut restart = Vec::new();
-        let sections: [(&str, String, String); 7] = [
+        let sections: [(&str, String, String); 8] = [
             ("server", settings_of(&old.server), settings_of(&new.server)),
             ("admin", settings_of(&old.admin), settings_of(&new.admin)),
             ("database", settings_of(&old.database), settings_of(&new.database)),
             ("audit", settings_of(&old.audit), settings_of(&new.audit)),
             ("logging", settings_of(&old.logging), settings_of(&new.logging)),
             ("routes_dir", settings_of(&old.routes_dir), settings_of(&new.routes_dir)),
+            ("cluster", settings_of(&old.cluster), settings_of(&new.cluster)),
             (
                 "secrets",
                 settings_of(&old.secrets.master_key.len()),
@@ -353,7 +354,13 @@ impl AppState {
             ),
         ];
         for (name, a, b) in sections {
-            if a != b || (name == "secrets" && old.secrets.master_key != new.secrets.master_key) {
+            let hidden_change = match name {
+                "secrets" => old.secrets.master_key != new.secrets.master_key,
+                // The password is masked in `settings_of`.
+                "cluster" => old.cluster.redis != new.cluster.redis,
+                _ => false,
+            };
+            if a != b || hidden_change {
                 restart.push(name.to_string());
             }
         }

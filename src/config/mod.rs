@@ -285,6 +285,8 @@ impl Default for AuditConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct ClusterConfig {
     /// `redis://` or `rediss://` (TLS) URL of a Redis/Valkey >= 7 primary.
+    /// Shown (admin API) with its password masked.
+    #[serde(serialize_with = "masked_url")]
     pub redis: String,
     /// What the limits do while Redis cannot be reached.
     pub on_redis_down: OnRedisDown,
@@ -320,6 +322,20 @@ impl Default for ClusterConfig {
 impl ClusterConfig {
     pub fn enabled(&self) -> bool {
         !self.redis.is_empty()
+    }
+}
+
+/// A URL with its password replaced by `***` (a URL that does not parse
+/// is shown as `***` whole: it may hold anything).
+fn masked_url<S: serde::Serializer>(url: &str, s: S) -> Result<S::Ok, S::Error> {
+    match url::Url::parse(url) {
+        _ if url.is_empty() => s.serialize_str(""),
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            s.serialize_str(u.as_str())
+        }
+        Ok(u) => s.serialize_str(u.as_str()),
+        Err(_) => s.serialize_str("***"),
     }
 }
 
@@ -891,6 +907,24 @@ mod tests {
         let text = err.to_string();
         assert!(text.starts_with("f.yaml:3: "), "{text}");
         assert!(text.contains("unknown field `lisen`"), "{text}");
+    }
+
+    #[test]
+    fn cluster_mode_is_off_unless_a_redis_url_is_given_and_a_bad_one_is_reported_without_its_password() {
+        let c = parse_config(Path::new("f.yaml"), "{}\n").unwrap();
+        assert!(!c.file.cluster.enabled());
+        let ok = "cluster:\n  redis: rediss://:pw@redis.internal:6380/0\n  on_redis_down: fail_closed\n";
+        let c = parse_config(Path::new("f.yaml"), ok).unwrap();
+        assert!(c.file.cluster.enabled());
+        assert_eq!(c.file.cluster.on_redis_down, OnRedisDown::FailClosed);
+        assert_eq!(c.file.cluster.rate_window.0, Duration::from_secs(60));
+        let bad = "cluster:\n  redis: http://:s3cret@redis:6379\n  timeout: 0s\n";
+        let err = parse_config(Path::new("f.yaml"), bad).unwrap_err().to_string();
+        assert!(err.contains("f.yaml:2: cluster.redis: scheme http"), "{err}");
+        assert!(err.contains("timeout must be greater than zero"), "{err}");
+        assert!(!err.contains("s3cret"), "{err}");
+        let shown = serde_json::to_value(&c.file.cluster).unwrap();
+        assert_eq!(shown["redis"], "rediss://:***@redis.internal:6380/0");
     }
 
     #[test]

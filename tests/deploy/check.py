@@ -300,6 +300,29 @@ def check_compose():
     print("ok: docker-compose.yml: admin port on the host's loopback; Prometheus scrapes fastgate:9090")
 
 
+def check_cluster_compose(binary):
+    import yaml
+    compose = yaml.safe_load((ROOT / "docker-compose.cluster.yml").read_text())
+    services = compose["services"]
+    nodes = {name: svc for name, svc in services.items() if name.startswith("node-")}
+    assert len(nodes) == 3, f"three nodes: {sorted(services)}"
+    ids = set()
+    for name, svc in nodes.items():
+        env = svc["environment"]
+        admin = [p for p in svc["ports"] if str(p).endswith(":9090")]
+        assert admin and all(str(p).startswith("127.0.0.1:") for p in admin), f"{name}: admin port on loopback only"
+        host = env["FASTGATE_REDIS_URL"].split("//", 1)[1].split(":", 1)[0]
+        assert host in services, f"{name}: FASTGATE_REDIS_URL names no service: {host}"
+        ids.add(env["FASTGATE_NODE_ID"])
+        # The shipped config, with this node's environment, is valid.
+        run_env = {k: str(v) for k, v in env.items() if "${" not in str(v)}
+        r = subprocess.run([binary, "check", "-c", str(ROOT / "conf" / "fastgate.yaml")], cwd=ROOT,
+                           env={**os.environ, **run_env}, capture_output=True, text=True)
+        assert r.returncode == 0, f"{name}: fastgate check: {r.stdout}{r.stderr}"
+    assert len(ids) == 3, f"node ids must differ: {ids}"
+    print("ok: docker-compose.cluster.yml: three nodes on one Redis, distinct ids, admin ports on loopback, config valid")
+
+
 def main():
     if len(sys.argv) > 2 and sys.argv[1] == "--inside":
         {"systemd": inside_systemd, "docker": inside_docker}[sys.argv[2]](sys.argv[3])
@@ -322,6 +345,7 @@ def main():
         for p in created:
             shutil.rmtree(p, ignore_errors=True)
     check_compose()
+    check_cluster_compose(binary)
 
 
 if __name__ == "__main__":
