@@ -225,6 +225,12 @@ pub fn run(state: Arc<AppState>, upgrade: bool) -> Result<(), StoreError> {
             crate::cluster::ClusterService { state: state.clone() },
         ));
     }
+    if !state.config.file.cluster.postgres.is_empty() {
+        server.add_service(background_service(
+            "records",
+            crate::cluster::records::RecordsService { state: state.clone() },
+        ));
+    }
     server.add_service(background_service(
         "admin",
         AdminService {

@@ -210,6 +210,9 @@ impl AppState {
         let stored = stored_pool_keys(&conn, &sealer)?;
         let runtime = Runtime::build(config.file.clone(), &stored, None);
         restore_pool_states(&conn, &runtime)?;
+        // With Postgres, queue every change to users and keys from the
+        // first moment (also those made before it is first reached).
+        store::sync::set_enabled(&conn, !config.file.cluster.postgres.is_empty())?;
         drop(conn);
         let keys = KeyCache::load(store::open(&config.database_path)?)?;
         let audit = if config.file.audit.enabled {
@@ -357,7 +360,7 @@ impl AppState {
             let hidden_change = match name {
                 "secrets" => old.secrets.master_key != new.secrets.master_key,
                 // The password is masked in `settings_of`.
-                "cluster" => old.cluster.redis != new.cluster.redis,
+                "cluster" => old.cluster.redis != new.cluster.redis || old.cluster.postgres != new.cluster.postgres,
                 _ => false,
             };
             if a != b || hidden_change {

@@ -10,6 +10,7 @@
 
 pub mod key_sync;
 pub mod limits;
+pub mod records;
 
 use crate::config::ClusterConfig;
 use arc_swap::ArcSwapOption;

@@ -288,6 +288,10 @@ pub struct ClusterConfig {
     /// Shown (admin API) with its password masked.
     #[serde(serialize_with = "masked_url")]
     pub redis: String,
+    /// `postgres://` URL: the system of record for users and gateway keys
+    /// (every node keeps its copy in SQLite). Shown with its password masked.
+    #[serde(serialize_with = "masked_url")]
+    pub postgres: String,
     /// What the limits do while Redis cannot be reached.
     pub on_redis_down: OnRedisDown,
     /// Nodes sharing the limits while Redis is down; 0 = the count of
@@ -309,6 +313,7 @@ impl Default for ClusterConfig {
     fn default() -> Self {
         Self {
             redis: String::new(),
+            postgres: String::new(),
             on_redis_down: OnRedisDown::LocalShare,
             nodes: 0,
             timeout: Duration::from_millis(50).into(),
@@ -807,6 +812,11 @@ pub fn parse_config(path: &Path, raw: &str) -> Result<Config, ConfigErrors> {
                 format!("upstreams.{name}.health_check: interval, timeout, rise and fall must be greater than zero"),
             ));
         }
+    }
+    if !file.cluster.postgres.is_empty()
+        && let Err(e) = file.cluster.postgres.parse::<tokio_postgres::Config>()
+    {
+        errors.push(diag(at("postgres:"), format!("cluster.postgres: {e}")));
     }
     if file.cluster.enabled() {
         let c = &file.cluster;

@@ -7,6 +7,7 @@ pub mod audit;
 pub mod keys;
 pub mod pool_keys;
 pub mod settings;
+pub mod sync;
 pub mod users;
 
 use rusqlite::Connection;
@@ -178,6 +179,34 @@ static MIGRATIONS: LazyLock<Migrations<'static>> = LazyLock::new(|| {
             PRIMARY KEY (pool, key_id)
         );
         ALTER TABLE audit_log ADD COLUMN attempts TEXT;",
+        ),
+        // Cluster mode with Postgres: every change to keys and users, in
+        // order, for the node's shipper to send (only while the node runs
+        // with Postgres: the `cluster_sync` setting).
+        M::up(
+            "CREATE TABLE sync_outbox (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            tbl TEXT NOT NULL,
+            id  TEXT NOT NULL
+        );
+        CREATE TRIGGER gateway_keys_sync_insert AFTER INSERT ON gateway_keys
+            WHEN EXISTS (SELECT 1 FROM settings WHERE name = 'cluster_sync')
+            BEGIN INSERT INTO sync_outbox (tbl, id) VALUES ('gateway_keys', NEW.id); END;
+        CREATE TRIGGER gateway_keys_sync_update AFTER UPDATE ON gateway_keys
+            WHEN EXISTS (SELECT 1 FROM settings WHERE name = 'cluster_sync')
+            BEGIN INSERT INTO sync_outbox (tbl, id) VALUES ('gateway_keys', NEW.id); END;
+        CREATE TRIGGER gateway_keys_sync_delete AFTER DELETE ON gateway_keys
+            WHEN EXISTS (SELECT 1 FROM settings WHERE name = 'cluster_sync')
+            BEGIN INSERT INTO sync_outbox (tbl, id) VALUES ('gateway_keys', OLD.id); END;
+        CREATE TRIGGER users_sync_insert AFTER INSERT ON users
+            WHEN EXISTS (SELECT 1 FROM settings WHERE name = 'cluster_sync')
+            BEGIN INSERT INTO sync_outbox (tbl, id) VALUES ('users', NEW.id); END;
+        CREATE TRIGGER users_sync_update AFTER UPDATE ON users
+            WHEN EXISTS (SELECT 1 FROM settings WHERE name = 'cluster_sync')
+            BEGIN INSERT INTO sync_outbox (tbl, id) VALUES ('users', NEW.id); END;
+        CREATE TRIGGER users_sync_delete AFTER DELETE ON users
+            WHEN EXISTS (SELECT 1 FROM settings WHERE name = 'cluster_sync')
+            BEGIN INSERT INTO sync_outbox (tbl, id) VALUES ('users', OLD.id); END;",
         ),
     ])
 });

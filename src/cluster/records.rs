@@ -1,0 +1,319 @@
+//! Postgres as the cluster's system of record for users and gateway keys.
+//!
+//! Every node keeps serving from its own SQLite copy (the key cache
+//! authenticates from memory, the admin API writes SQLite), so Postgres is
+//! never on the request path and an outage stops nothing but the spreading
+//! of changes. Changes travel both ways:
+//! - out: SQLite triggers queue every changed row in `sync_outbox`; this
+//!   task sends the row as it is now (last writer wins per row) and
+//!   `NOTIFY`s the others;
+//! - in: on `NOTIFY`, every few seconds (a delta resync covering lost
+//!   notifications) and after every (re)connect, rows with a revision above
+//!   the last one applied are written into SQLite and the key cache reloaded.
+//!
+//! On (re)connect the record is applied first and only then are rows this
+//! node alone has (none in the record) sent: a node that was away cannot
+//! bring back a key revoked meanwhile.
+
+use crate::{state::AppState, store};
+use std::{sync::Arc, time::Duration};
+use tokio_postgres::{AsyncMessage, Client};
+
+mod embedded {
+    refinery::embed_migrations!("migrations/postgres");
+}
+
+const CHANNEL: &str = "fastgate_records";
+/// Migrations run under this advisory lock: nodes starting together wait
+/// for one another instead of racing.
+const MIGRATION_LOCK: i64 = 0x6661_7374_6761_7465;
+const PUSH_EVERY: Duration = Duration::from_millis(100);
+const RESYNC_EVERY: Duration = Duration::from_secs(5);
+const RETRY_EVERY: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecordsError {
+    #[error("postgres: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    #[error("postgres migrations: {0}")]
+    Migrate(#[from] refinery::Error),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error("tls: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("{0}")]
+    Task(String),
+}
+
+/// The background service that keeps SQLite and Postgres in step.
+pub struct RecordsService {
+    pub state: Arc<AppState>,
+}
+
+#[async_trait::async_trait]
+impl pingora::services::background::BackgroundService for RecordsService {
+    async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
+        let state = self.state.clone();
+        let node = node_name(&state);
+        let mut warned = false;
+        loop {
+            let session = sync(&state, &node);
+            let result = tokio::select! {
+                r = session => r,
+                _ = shutdown.changed() => return,
+            };
+            if let Err(e) = result
+                && !warned
+            {
+                warned = true;
+                tracing::warn!(error = %e, "Postgres unreachable: users and keys are served from the local copy; changes are kept and sent when it is back.");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(RETRY_EVERY) => {}
+                _ = shutdown.changed() => return,
+            }
+            if warned && connected_once(&state).await {
+                warned = false;
+            }
+        }
+    }
+}
+
+fn node_name(state: &AppState) -> String {
+    match &state.cluster {
+        Some(c) => c.node_id.clone(),
+        None if !state.config.file.cluster.node_id.is_empty() => state.config.file.cluster.node_id.clone(),
+        None => format!("node-{}", uuid::Uuid::now_v7().simple()),
+    }
+}
+
+/// Whether Postgres answers a connect now (to log the recovery once).
+async fn connected_once(state: &AppState) -> bool {
+    connect(&state.config.file.cluster.postgres).await.is_ok()
+}
+
+fn tls() -> Result<tokio_postgres_rustls::MakeRustlsConnect, RecordsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_native_certs::load_native_certs().certs {
+        let _ = roots.add(cert);
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+}
+
+/// A client and the stream of its notifications (the connection runs in
+/// its own task; the stream ends when the connection does).
+async fn connect(
+    url: &str,
+) -> Result<
+    (
+        Client,
+        tokio::sync::mpsc::UnboundedReceiver<tokio_postgres::Notification>,
+    ),
+    RecordsError,
+> {
+    let (client, mut connection) = tokio::time::timeout(Duration::from_secs(5), tokio_postgres::connect(url, tls()?))
+        .await
+        .map_err(|_| RecordsError::Task("connect timed out".into()))??;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                Some(Ok(AsyncMessage::Notification(n))) => {
+                    let _ = tx.send(n);
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "Postgres connection ended.");
+                    return;
+                }
+                None => return,
+            }
+        }
+    });
+    Ok((client, rx))
+}
+
+/// Blocking SQLite work on the node's database.
+async fn with_db<T: Send + 'static>(
+    state: &AppState,
+    f: impl FnOnce(&mut rusqlite::Connection) -> Result<T, store::StoreError> + Send + 'static,
+) -> Result<T, RecordsError> {
+    let path = state.config.database_path.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut conn = store::open(&path)?;
+        f(&mut conn)
+    })
+    .await
+    .map_err(|e| RecordsError::Task(e.to_string()))?
+    .map_err(RecordsError::from)
+}
+
+/// One connected session: returns (with the error) when Postgres goes away.
+async fn sync(state: &Arc<AppState>, node: &str) -> Result<(), RecordsError> {
+    let (mut client, mut notifications) = connect(&state.config.file.cluster.postgres).await?;
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+        .await?;
+    let migrated = embedded::migrations::runner().run_async(&mut client).await;
+    client
+        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
+        .await?;
+    migrated?;
+    client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
+    with_db(state, |c| store::sync::set_enabled(c, true)).await?;
+
+    let mut applied = pull(state, &client, node, 0).await?;
+    push_local_only(state, &client, node).await?;
+    tracing::info!(
+        revision = applied,
+        "Connected to Postgres: users and keys in step with the cluster."
+    );
+    let mut push_tick = tokio::time::interval(PUSH_EVERY);
+    let mut resync_tick = tokio::time::interval(RESYNC_EVERY);
+    loop {
+        tokio::select! {
+            n = notifications.recv() => {
+                if n.is_none() {
+                    return Err(RecordsError::Task("connection closed".into()));
+                }
+                // Several notifications, one pull.
+                while notifications.try_recv().is_ok() {}
+                applied = pull(state, &client, node, applied).await?;
+            }
+            _ = push_tick.tick() => push(state, &client, node).await?,
+            _ = resync_tick.tick() => applied = pull(state, &client, node, applied).await?,
+        }
+        if client.is_closed() {
+            return Err(RecordsError::Task("connection closed".into()));
+        }
+    }
+}
+
+/// Apply every row changed after revision `after` by other nodes; returns
+/// the highest revision seen.
+async fn pull(state: &Arc<AppState>, client: &Client, node: &str, after: i64) -> Result<i64, RecordsError> {
+    let rows = client
+        .query(
+            "SELECT tbl, id, row, revision, updated_by FROM fastgate_records WHERE revision > $1 ORDER BY revision",
+            &[&after],
+        )
+        .await?;
+    let Some(last) = rows.last().map(|r| r.get::<_, i64>(3)) else {
+        return Ok(after);
+    };
+    let changes: Vec<(String, String, store::sync::Row)> = rows
+        .iter()
+        .filter(|r| r.get::<_, &str>(4) != node)
+        .map(|r| {
+            let row: Option<serde_json::Value> = r.get(2);
+            (
+                r.get(0),
+                r.get(1),
+                row.and_then(|v| match v {
+                    serde_json::Value::Object(m) => Some(m),
+                    _ => None,
+                }),
+            )
+        })
+        .collect();
+    if !changes.is_empty() {
+        let n = changes.len();
+        with_db(state, move |c| store::sync::apply(c, &changes)).await?;
+        let app = state.clone();
+        // The key cache sees the change now, not at its next refresh.
+        tokio::task::spawn_blocking(move || app.keys.refresh())
+            .await
+            .map_err(|e| RecordsError::Task(e.to_string()))??;
+        tracing::debug!(
+            rows = n,
+            revision = last,
+            "Applied users and keys changed on other nodes."
+        );
+    }
+    Ok(last)
+}
+
+/// Upsert one row (or its deletion) unless the record already holds it.
+async fn send(client: &Client, node: &str, tbl: &str, id: &str, row: &store::sync::Row) -> Result<bool, RecordsError> {
+    let json = row.clone().map(serde_json::Value::Object);
+    let changed = client
+        .execute(
+            "INSERT INTO fastgate_records (tbl, id, row, revision, updated_by)
+             VALUES ($1, $2, $3, nextval('fastgate_revision'), $4)
+             ON CONFLICT (tbl, id) DO UPDATE
+               SET row = EXCLUDED.row, revision = EXCLUDED.revision, updated_by = EXCLUDED.updated_by
+               WHERE fastgate_records.row IS DISTINCT FROM EXCLUDED.row",
+            &[&tbl, &id, &json, &node],
+        )
+        .await?;
+    Ok(changed > 0)
+}
+
+/// Send the rows changed on this node since the last push.
+async fn push(state: &Arc<AppState>, client: &Client, node: &str) -> Result<(), RecordsError> {
+    let pending = with_db(state, |c| {
+        let queued = store::sync::pending(c, 256)?;
+        let mut rows = Vec::with_capacity(queued.len());
+        for (seq, tbl, id) in queued {
+            let row = store::sync::row(c, &tbl, &id)?;
+            rows.push((seq, tbl, id, row));
+        }
+        Ok(rows)
+    })
+    .await?;
+    let Some(last) = pending.last().map(|p| p.0) else {
+        return Ok(());
+    };
+    let mut changed = false;
+    for (_, tbl, id, row) in &pending {
+        changed |= send(client, node, tbl, id, row).await?;
+    }
+    if changed {
+        client.batch_execute(&format!("NOTIFY {CHANNEL}")).await?;
+    }
+    with_db(state, move |c| store::sync::sent(c, last)).await
+}
+
+/// Send the rows only this node has (a first node, or one that ran alone
+/// before joining), never overwriting the record.
+async fn push_local_only(state: &Arc<AppState>, client: &Client, node: &str) -> Result<(), RecordsError> {
+    let mut added = 0;
+    for tbl in store::sync::TABLES {
+        let known: Vec<String> = client
+            .query("SELECT id FROM fastgate_records WHERE tbl = $1", &[&tbl])
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let local = with_db(state, move |c| {
+            let mut rows = Vec::new();
+            for id in store::sync::ids(c, tbl)? {
+                if !known.contains(&id) {
+                    let row = store::sync::row(c, tbl, &id)?;
+                    rows.push((id, row));
+                }
+            }
+            Ok(rows)
+        })
+        .await?;
+        for (id, row) in &local {
+            let inserted = client
+                .execute(
+                    "INSERT INTO fastgate_records (tbl, id, row, revision, updated_by)
+                     VALUES ($1, $2, $3, nextval('fastgate_revision'), $4) ON CONFLICT DO NOTHING",
+                    &[&tbl, id, &row.clone().map(serde_json::Value::Object), &node],
+                )
+                .await?;
+            added += inserted;
+        }
+    }
+    if added > 0 {
+        client.batch_execute(&format!("NOTIFY {CHANNEL}")).await?;
+        tracing::info!(rows = added, "Sent users and keys only this node had to Postgres.");
+    }
+    Ok(())
+}
