@@ -73,6 +73,7 @@ pub struct Metrics {
     pub cluster_redis_up: IntGauge,
     pub cluster_nodes: IntGauge,
     pub cluster_local_decisions: IntCounter,
+    pub audit_unshipped: IntGauge,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> Result<IntCounterVec, prometheus::Error> {
@@ -220,6 +221,11 @@ impl Metrics {
                 &r,
                 "cluster_local_decisions_total",
                 "Cluster mode: rate-limit decisions made without Redis (on_redis_down).",
+            )?,
+            audit_unshipped: gauge(
+                &r,
+                "audit_unshipped",
+                "Cluster mode with Postgres: audit rows in the local outbox not shipped yet.",
             )?,
             registry: r,
         })

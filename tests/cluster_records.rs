@@ -42,9 +42,14 @@ async fn create_key(gw: &Gateway, name: &str) -> (String, String) {
 }
 
 async fn status(client: &reqwest::Client, gw: &Gateway, secret: &str) -> u16 {
+    status_with_id(client, gw, secret, &uuid::Uuid::now_v7().simple().to_string()).await
+}
+
+async fn status_with_id(client: &reqwest::Client, gw: &Gateway, secret: &str, request_id: &str) -> u16 {
     client
         .post(gw.url("/v1/chat/completions"))
         .bearer_auth(secret)
+        .header("x-request-id", request_id)
         .json(&json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}))
         .send()
         .await
@@ -115,12 +120,13 @@ async fn keys_made_or_revoked_on_one_node_work_or_stop_everywhere_and_postgres_c
         let (nodes, stop, steady) = (nodes.clone(), stop.clone(), steady.clone());
         load.spawn(async move {
             let client = reqwest::Client::new();
-            let mut statuses = Vec::new();
+            let mut sent = Vec::new();
             while !stop.load(Ordering::Relaxed) {
-                statuses.push(status(&client, &nodes[i], &steady).await);
+                let id = format!("load-{i}-{}", sent.len());
+                sent.push((status_with_id(&client, &nodes[i], &steady, &id).await, id));
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            statuses
+            sent
         });
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -133,11 +139,86 @@ async fn keys_made_or_revoked_on_one_node_work_or_stop_everywhere_and_postgres_c
         time_until(n, &offline, 200, Duration::from_secs(10)).await;
     }
     stop.store(true, Ordering::Relaxed);
-    let mut sent = 0;
+    let mut sent_ids = Vec::new();
     while let Some(r) = load.join_next().await {
-        let statuses = r.unwrap();
-        sent += statuses.len();
-        assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+        let sent = r.unwrap();
+        assert!(sent.iter().all(|(s, _)| *s == 200), "{sent:?}");
+        sent_ids.extend(sent.into_iter().map(|(_, id)| id));
     }
-    assert!(sent > 30, "the load ran: {sent} requests");
+    assert!(sent_ids.len() > 30, "the load ran: {} requests", sent_ids.len());
+
+    // Every node's audit rows reach Postgres once each, across the outage.
+    let (pgc, conn) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let local: usize = {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let n: usize = nodes.iter().map(|n| n.audit_rows().len()).sum();
+            let shipped: i64 = pgc
+                .query_one("SELECT count(*) FROM fastgate_audit", &[])
+                .await
+                .unwrap()
+                .get(0);
+            let ids: Vec<String> = pgc
+                .query(
+                    "SELECT request_id FROM fastgate_audit WHERE request_id LIKE 'load-%'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            if (shipped as usize == n && sent_ids.iter().all(|id| ids.contains(id))) || Instant::now() > deadline {
+                break n;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    let shipped: i64 = pgc
+        .query_one("SELECT count(*) FROM fastgate_audit", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(shipped as usize, local, "every local audit row shipped once");
+    let dup: i64 = pgc
+        .query_one(
+            "SELECT count(*) FROM (SELECT request_id FROM fastgate_audit GROUP BY request_id HAVING count(*) > 1) d",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(dup, 0, "no audit row shipped twice");
+    let load_rows: i64 = pgc
+        .query_one(
+            "SELECT count(*) FROM fastgate_audit WHERE request_id LIKE 'load-%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        load_rows as usize,
+        sent_ids.len(),
+        "one row per request sent under load"
+    );
+    let nodes_seen: i64 = pgc
+        .query_one("SELECT count(DISTINCT node) FROM fastgate_audit", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(nodes_seen, 3);
+    let partition: String = pgc
+        .query_one(
+            "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid LIMIT 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        partition.starts_with("fastgate_audit_20"),
+        "daily partitions: {partition}"
+    );
 }

@@ -30,6 +30,16 @@ const MIGRATION_LOCK: i64 = 0x6661_7374_6761_7465;
 const PUSH_EVERY: Duration = Duration::from_millis(100);
 const RESYNC_EVERY: Duration = Duration::from_secs(5);
 const RETRY_EVERY: Duration = Duration::from_secs(1);
+const SHIP_EVERY: Duration = Duration::from_millis(250);
+/// Audit rows per shipped batch, and batches per turn at most.
+const SHIP_BATCH: usize = 500;
+const SHIP_BATCHES: usize = 20;
+const RETENTION_EVERY: Duration = Duration::from_secs(3600);
+/// Partition retention runs on one node at a time.
+const RETENTION_LOCK: i64 = MIGRATION_LOCK + 1;
+const DAY_MS: i64 = 86_400_000;
+/// The local outbox above which a warning is logged (once per crossing).
+const UNSHIPPED_WARN: i64 = 100_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RecordsError {
@@ -172,8 +182,11 @@ async fn sync(state: &Arc<AppState>, node: &str) -> Result<(), RecordsError> {
         revision = applied,
         "Connected to Postgres: users and keys in step with the cluster."
     );
+    let mut shipper = Shipper::new(state, node).await?;
     let mut push_tick = tokio::time::interval(PUSH_EVERY);
     let mut resync_tick = tokio::time::interval(RESYNC_EVERY);
+    let mut ship_tick = tokio::time::interval(SHIP_EVERY);
+    let mut retention_tick = tokio::time::interval(RETENTION_EVERY);
     loop {
         tokio::select! {
             n = notifications.recv() => {
@@ -186,6 +199,8 @@ async fn sync(state: &Arc<AppState>, node: &str) -> Result<(), RecordsError> {
             }
             _ = push_tick.tick() => push(state, &client, node).await?,
             _ = resync_tick.tick() => applied = pull(state, &client, node, applied).await?,
+            _ = ship_tick.tick() => shipper.ship(state, &mut client).await?,
+            _ = retention_tick.tick() => drop_old_partitions(state, &client).await?,
         }
         if client.is_closed() {
             return Err(RecordsError::Task("connection closed".into()));
@@ -316,4 +331,158 @@ async fn push_local_only(state: &Arc<AppState>, client: &Client, node: &str) -> 
         tracing::info!(rows = added, "Sent users and keys only this node had to Postgres.");
     }
     Ok(())
+}
+
+/// Ships this node's audit rows from its SQLite log (the outbox) to
+/// Postgres in id order. Idempotent: a batch is sent again after a failure
+/// (or a crash before the watermark was saved) and taken once, because a
+/// row's identity is (node, id).
+struct Shipper {
+    /// This database's lasting name in the shipped log (not the node id,
+    /// which may change between restarts).
+    node: String,
+    shipped: i64,
+    days: std::collections::HashSet<i64>,
+    warned: bool,
+}
+
+impl Shipper {
+    async fn new(state: &AppState, node: &str) -> Result<Shipper, RecordsError> {
+        let node = node.to_string();
+        let (name, shipped) = with_db(state, move |c| {
+            let name = store::settings::get_or_create(c, "audit_node", || {
+                format!("{node}-{}", &uuid::Uuid::now_v7().simple().to_string()[20..])
+            })?;
+            let shipped = store::settings::get(c, "audit_shipped_id")?
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            Ok((name, shipped))
+        })
+        .await?;
+        Ok(Shipper {
+            node: name,
+            shipped,
+            days: Default::default(),
+            warned: false,
+        })
+    }
+
+    async fn ship(&mut self, state: &AppState, client: &mut Client) -> Result<(), RecordsError> {
+        for _ in 0..SHIP_BATCHES {
+            let after = self.shipped;
+            let batch = with_db(state, move |c| store::sync::audit_after(c, after, SHIP_BATCH)).await?;
+            let Some(last) = batch.last().map(|b| b.0) else {
+                break;
+            };
+            for day in batch.iter().map(|b| b.1.div_euclid(DAY_MS)) {
+                if !self.days.contains(&day) {
+                    create_partition(client, day).await?;
+                    self.days.insert(day);
+                }
+            }
+            let ids: Vec<i64> = batch.iter().map(|b| b.0).collect();
+            let ts: Vec<i64> = batch.iter().map(|b| b.1).collect();
+            let request_ids: Vec<&str> = batch.iter().map(|b| b.2.as_str()).collect();
+            let rows: Vec<serde_json::Value> = batch.iter().map(|b| serde_json::Value::Object(b.3.clone())).collect();
+            client
+                .execute(
+                    "INSERT INTO fastgate_audit (node, id, ts_ms, request_id, row)
+                     SELECT $1, * FROM UNNEST($2::bigint[], $3::bigint[], $4::text[], $5::jsonb[])
+                     ON CONFLICT DO NOTHING",
+                    &[&self.node, &ids, &ts, &request_ids, &rows],
+                )
+                .await?;
+            self.shipped = last;
+            with_db(state, move |c| {
+                store::settings::set(c, "audit_shipped_id", &last.to_string())
+            })
+            .await?;
+            if batch.len() < SHIP_BATCH {
+                break;
+            }
+        }
+        let shipped = self.shipped;
+        let left = with_db(state, move |c| store::sync::audit_unshipped(c, shipped)).await?;
+        state.metrics.audit_unshipped.set(left);
+        if left > UNSHIPPED_WARN && !self.warned {
+            tracing::warn!(
+                unshipped = left,
+                "The audit outbox is growing: Postgres takes rows slower than they are written."
+            );
+        }
+        self.warned = left > UNSHIPPED_WARN;
+        Ok(())
+    }
+}
+
+/// `fastgate_audit_YYYYMMDD`, the partition of one UTC day.
+fn partition_name(day: i64) -> String {
+    let date = time::OffsetDateTime::from_unix_timestamp(day * 86_400).map_or(time::Date::MIN, |t| t.date());
+    format!(
+        "fastgate_audit_{:04}{:02}{:02}",
+        date.year(),
+        u8::from(date.month()),
+        date.day()
+    )
+}
+
+async fn create_partition(client: &mut Client, day: i64) -> Result<(), RecordsError> {
+    let tx = client.transaction().await?;
+    // Nodes making the same day's partition at once wait for each other.
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await?;
+    tx.batch_execute(&format!(
+        "CREATE TABLE IF NOT EXISTS {} PARTITION OF fastgate_audit FOR VALUES FROM ({}) TO ({})",
+        partition_name(day),
+        day * DAY_MS,
+        (day + 1) * DAY_MS
+    ))
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Drop the days wholly older than `audit.retention` (one node at a time).
+async fn drop_old_partitions(state: &AppState, client: &Client) -> Result<(), RecordsError> {
+    let locked: bool = client
+        .query_one("SELECT pg_try_advisory_lock($1)", &[&RETENTION_LOCK])
+        .await?
+        .get(0);
+    if !locked {
+        return Ok(());
+    }
+    let retention_ms = state.config.file.audit.retention.0.as_millis() as i64;
+    let oldest_kept = partition_name((crate::audit::now_ms() - retention_ms).div_euclid(DAY_MS));
+    let names: Vec<String> = client
+        .query(
+            "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+             JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = 'fastgate_audit'",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut dropped = 0;
+    for name in names.iter().filter(|n| n.as_str() < oldest_kept.as_str()) {
+        client.batch_execute(&format!("DROP TABLE IF EXISTS {name}")).await?;
+        dropped += 1;
+    }
+    client
+        .execute("SELECT pg_advisory_unlock($1)", &[&RETENTION_LOCK])
+        .await?;
+    if dropped > 0 {
+        tracing::info!(partitions = dropped, "Audit retention: dropped old days from Postgres.");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn partitions_are_named_by_their_utc_day_and_sort_by_it() {
+        let day = 1_796_169_600_000 / super::DAY_MS; // 2026-12-02
+        assert_eq!(super::partition_name(day), "fastgate_audit_20261202");
+        assert!(super::partition_name(day - 40) < super::partition_name(day));
+    }
 }

@@ -69,6 +69,37 @@ pub fn row(conn: &Connection, tbl: &str, id: &str) -> Result<Row, StoreError> {
         .optional()?)
 }
 
+/// Audit rows after id `after`, oldest first: (id, ts_ms, request_id, row).
+pub fn audit_after(
+    conn: &Connection,
+    after: i64,
+    limit: usize,
+) -> Result<Vec<(i64, i64, String, Map<String, Value>)>, StoreError> {
+    let mut stmt = conn.prepare_cached("SELECT * FROM audit_log WHERE id > ?1 ORDER BY id LIMIT ?2")?;
+    let names: Vec<String> = stmt.column_names().iter().map(|c| c.to_string()).collect();
+    let rows = stmt.query_map(params![after, limit as i64], |r| {
+        let mut map = Map::new();
+        for (i, name) in names.iter().enumerate() {
+            map.insert(name.clone(), to_json(r.get::<_, SqlValue>(i)?));
+        }
+        Ok(map)
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let row = row?;
+        let id = row.get("id").and_then(Value::as_i64).unwrap_or(0);
+        let ts = row.get("ts_ms").and_then(Value::as_i64).unwrap_or(0);
+        let request_id = row.get("request_id").and_then(Value::as_str).unwrap_or("").to_string();
+        out.push((id, ts, request_id, row));
+    }
+    Ok(out)
+}
+
+/// Audit rows written but not shipped yet.
+pub fn audit_unshipped(conn: &Connection, shipped: i64) -> Result<i64, StoreError> {
+    Ok(conn.query_row("SELECT count(*) FROM audit_log WHERE id > ?1", [shipped], |r| r.get(0))?)
+}
+
 fn to_json(v: SqlValue) -> Value {
     match v {
         SqlValue::Null => Value::Null,
