@@ -371,19 +371,22 @@ impl Shipper {
         for _ in 0..SHIP_BATCHES {
             let after = self.shipped;
             let batch = with_db(state, move |c| store::sync::audit_after(c, after, SHIP_BATCH)).await?;
-            let Some(last) = batch.last().map(|b| b.0) else {
+            let Some(last) = batch.last().map(|b| b.id) else {
                 break;
             };
-            for day in batch.iter().map(|b| b.1.div_euclid(DAY_MS)) {
+            for day in batch.iter().map(|b| b.ts_ms.div_euclid(DAY_MS)) {
                 if !self.days.contains(&day) {
                     create_partition(client, day).await?;
                     self.days.insert(day);
                 }
             }
-            let ids: Vec<i64> = batch.iter().map(|b| b.0).collect();
-            let ts: Vec<i64> = batch.iter().map(|b| b.1).collect();
-            let request_ids: Vec<&str> = batch.iter().map(|b| b.2.as_str()).collect();
-            let rows: Vec<serde_json::Value> = batch.iter().map(|b| serde_json::Value::Object(b.3.clone())).collect();
+            let ids: Vec<i64> = batch.iter().map(|b| b.id).collect();
+            let ts: Vec<i64> = batch.iter().map(|b| b.ts_ms).collect();
+            let full = batch.len() == SHIP_BATCH;
+            let (request_ids, rows): (Vec<String>, Vec<serde_json::Value>) = batch
+                .into_iter()
+                .map(|b| (b.request_id, serde_json::Value::Object(b.row)))
+                .unzip();
             client
                 .execute(
                     "INSERT INTO fastgate_audit (node, id, ts_ms, request_id, row)
@@ -397,7 +400,7 @@ impl Shipper {
                 store::settings::set(c, "audit_shipped_id", &last.to_string())
             })
             .await?;
-            if batch.len() < SHIP_BATCH {
+            if !full {
                 break;
             }
         }

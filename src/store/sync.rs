@@ -69,12 +69,18 @@ pub fn row(conn: &Connection, tbl: &str, id: &str) -> Result<Row, StoreError> {
         .optional()?)
 }
 
-/// Audit rows after id `after`, oldest first: (id, ts_ms, request_id, row).
-pub fn audit_after(
-    conn: &Connection,
-    after: i64,
-    limit: usize,
-) -> Result<Vec<(i64, i64, String, Map<String, Value>)>, StoreError> {
+/// One audit row to ship: its identity, time and request id beside the
+/// whole row.
+#[derive(Debug)]
+pub struct AuditRow {
+    pub id: i64,
+    pub ts_ms: i64,
+    pub request_id: String,
+    pub row: Map<String, Value>,
+}
+
+/// Audit rows after id `after`, oldest first.
+pub fn audit_after(conn: &Connection, after: i64, limit: usize) -> Result<Vec<AuditRow>, StoreError> {
     let mut stmt = conn.prepare_cached("SELECT * FROM audit_log WHERE id > ?1 ORDER BY id LIMIT ?2")?;
     let names: Vec<String> = stmt.column_names().iter().map(|c| c.to_string()).collect();
     let rows = stmt.query_map(params![after, limit as i64], |r| {
@@ -87,10 +93,12 @@ pub fn audit_after(
     let mut out = Vec::new();
     for row in rows {
         let row = row?;
-        let id = row.get("id").and_then(Value::as_i64).unwrap_or(0);
-        let ts = row.get("ts_ms").and_then(Value::as_i64).unwrap_or(0);
-        let request_id = row.get("request_id").and_then(Value::as_str).unwrap_or("").to_string();
-        out.push((id, ts, request_id, row));
+        out.push(AuditRow {
+            id: row.get("id").and_then(Value::as_i64).unwrap_or(0),
+            ts_ms: row.get("ts_ms").and_then(Value::as_i64).unwrap_or(0),
+            request_id: row.get("request_id").and_then(Value::as_str).unwrap_or("").to_string(),
+            row,
+        });
     }
     Ok(out)
 }
