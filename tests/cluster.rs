@@ -341,6 +341,39 @@ async fn without_redis_each_node_enforces_its_share_and_nothing_fails() {
 }
 
 #[tokio::test]
+async fn the_route_editing_api_is_off_in_cluster_mode_unless_asked_for() {
+    let mock = MockUpstream::start().await;
+    let dead = format!("redis://127.0.0.1:{}", common::free_port());
+    let route = "routes:\n  - { name: extra, match: { path: /extra }, upstream: oai }\n";
+    for (extra, want) in [("", 409), ("  route_api: true\n", 201)] {
+        let gw =
+            Gateway::start_with_admin(&node_config(&dead, &mock, "n", &["sk-1"], extra), &[("r.yaml", ROUTE)]).await;
+        let r = reqwest::Client::new()
+            .put(gw.admin_url("/api/routes/extra/yaml"))
+            .bearer_auth(TOKEN)
+            .body(route)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(status, want, "{extra:?}: {body}");
+        if want == 409 {
+            assert!(body["error"]["message"].as_str().unwrap().contains("SIGHUP"), "{body}");
+            assert!(!gw.routes_dir().join("extra.yaml").exists());
+        }
+        // Reading routes is not affected.
+        let r = reqwest::Client::new()
+            .get(gw.admin_url("/api/routes"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+}
+
+#[tokio::test]
 async fn fail_closed_refuses_limited_requests_and_fail_open_admits_them_while_redis_is_down() {
     let mock = MockUpstream::start().await;
     // Nothing listens there: Redis is down from the start.

@@ -70,6 +70,13 @@ pub async fn get(
 
 /// Apply an edit, record it, reload the live table.
 async fn apply(s: &Arc<AdminState>, caller: &Caller, edit: RouteEdit, action: &str) -> Result<Value, ApiError> {
+    if !s.app.config.file.cluster.route_api_allowed() {
+        return Err(ApiError::Conflict(
+            "in cluster mode routes.d is managed as files on every node (ship them and send SIGHUP); \
+             cluster.route_api: true lets the admin API edit this node's files"
+                .into(),
+        ));
+    }
     let _serialized = s.route_edits.lock().await;
     let name = match &edit {
         RouteEdit::Upsert(r) => r.name.clone(),

@@ -307,6 +307,10 @@ pub struct ClusterConfig {
     pub default_reserve: u64,
     /// This node's name in heartbeats and logs; empty = host name and pid.
     pub node_id: String,
+    /// Let the admin API edit this node's `routes.d` in cluster mode. Off:
+    /// every node must serve the same routes, so they come from files
+    /// shipped to all nodes (config management + SIGHUP).
+    pub route_api: bool,
 }
 
 impl Default for ClusterConfig {
@@ -320,13 +324,21 @@ impl Default for ClusterConfig {
             rate_window: Duration::from_secs(60).into(),
             default_reserve: 1024,
             node_id: String::new(),
+            route_api: false,
         }
     }
 }
 
 impl ClusterConfig {
+    /// Shared limits and key states (Redis).
     pub fn enabled(&self) -> bool {
         !self.redis.is_empty()
+    }
+
+    /// Whether the admin API may write `routes.d`: always on one node; in
+    /// cluster mode (Redis or Postgres) only with `route_api`.
+    pub fn route_api_allowed(&self) -> bool {
+        (self.redis.is_empty() && self.postgres.is_empty()) || self.route_api
     }
 }
 
