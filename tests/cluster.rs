@@ -23,8 +23,20 @@ const ROUTE: &str =
 const WINDOW: Duration = Duration::from_secs(5);
 
 fn node_config(redis_url: &str, mock: &MockUpstream, node: &str, keys: &[&str], cluster_extra: &str) -> String {
+    pooled_node_config(redis_url, mock, node, keys, cluster_extra, "")
+}
+
+/// `pool_extra` goes inside the pool's flow mapping (`, key: value`).
+fn pooled_node_config(
+    redis_url: &str,
+    mock: &MockUpstream,
+    node: &str,
+    keys: &[&str],
+    cluster_extra: &str,
+    pool_extra: &str,
+) -> String {
     format!(
-        "admin:\n  token: {TOKEN}\ncluster:\n  redis: {redis_url}\n  rate_window: 5s\n  node_id: {node}\n{cluster_extra}upstreams:\n  oai: {{provider: openai, endpoints: ['{}'], key_pool: p}}\nkey_pools:\n  p: {{keys: [{}], strategy: round_robin}}\n",
+        "admin:\n  token: {TOKEN}\ncluster:\n  redis: {redis_url}\n  rate_window: 5s\n  node_id: {node}\n{cluster_extra}upstreams:\n  oai: {{provider: openai, endpoints: ['{}'], key_pool: p}}\nkey_pools:\n  p: {{keys: [{}], strategy: round_robin{pool_extra}}}\n",
         mock.url(),
         keys.join(", ")
     )
@@ -33,11 +45,22 @@ fn node_config(redis_url: &str, mock: &MockUpstream, node: &str, keys: &[&str], 
 /// Three nodes on one Redis sharing one gateway key (created with
 /// `key_args`); returns them once each shares its limits with all three.
 async fn three_nodes(redis: &Redis, mock: &MockUpstream, keys: &[&str], key_args: &[&str]) -> (Vec<Gateway>, String) {
+    three_pooled_nodes(redis, mock, keys, key_args, "").await
+}
+
+async fn three_pooled_nodes(
+    redis: &Redis,
+    mock: &MockUpstream,
+    keys: &[&str],
+    key_args: &[&str],
+    pool_extra: &str,
+) -> (Vec<Gateway>, String) {
     let routes = [("r.yaml", ROUTE)];
-    let a = Gateway::start_with_admin(&node_config(&redis.url(), mock, "node-a", keys, ""), &routes).await;
+    let config = |node: &str| pooled_node_config(&redis.url(), mock, node, keys, "", pool_extra);
+    let a = Gateway::start_with_admin(&config("node-a"), &routes).await;
     let (_, secret) = a.create_key(key_args);
-    let b = Gateway::start_seeded(&node_config(&redis.url(), mock, "node-b", keys, ""), &routes, &a).await;
-    let c = Gateway::start_seeded(&node_config(&redis.url(), mock, "node-c", keys, ""), &routes, &a).await;
+    let b = Gateway::start_seeded(&config("node-b"), &routes, &a).await;
+    let c = Gateway::start_seeded(&config("node-c"), &routes, &a).await;
     let nodes = vec![a, b, c];
     for n in &nodes {
         wait_metric(n, "fastgate_cluster_redis_up 1").await;
@@ -338,6 +361,56 @@ async fn without_redis_each_node_enforces_its_share_and_nothing_fails() {
     let back = burst(&nodes, &secret, 20).await;
     assert_only_200_or_429(&back);
     assert_eq!(ok(&back), 30, "{back:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_per_key_in_flight_cap_holds_across_the_nodes() {
+    let redis = Redis::start().await;
+    let mock = MockUpstream::start().await;
+    // Streams of a few events 300 ms apart: long enough to overlap.
+    mock.behaviour.sse_interval_ms.store(300, Ordering::Relaxed);
+    let (nodes, secret) = three_pooled_nodes(&redis, &mock, &["sk-1"], &[], ", max_in_flight_per_key: 2").await;
+    let client = reqwest::Client::new();
+    let mut set = tokio::task::JoinSet::new();
+    for n in &nodes {
+        for _ in 0..2 {
+            let (client, url, secret) = (client.clone(), n.url("/v1/chat/completions"), secret.clone());
+            set.spawn(async move {
+                let r = client
+                    .post(url)
+                    .bearer_auth(&secret)
+                    .json(&json!({"model": "gpt-4o", "stream": true, "messages": [{"role": "user", "content": "hi"}]}))
+                    .send()
+                    .await
+                    .unwrap();
+                let status = r.status().as_u16();
+                let retry = r.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string());
+                let _ = r.bytes().await;
+                (status, retry)
+            });
+        }
+    }
+    let mut answers = Vec::new();
+    while let Some(r) = set.join_next().await {
+        answers.push(r.unwrap());
+    }
+    let ok = answers.iter().filter(|(s, _)| *s == 200).count();
+    assert_eq!(ok, 2, "two streams at once on the one key, cluster-wide: {answers:?}");
+    for (s, retry) in answers.iter().filter(|(s, _)| *s != 200) {
+        assert_eq!((*s, retry.as_deref()), (503, Some("1")), "{answers:?}");
+    }
+    // The slots are given back: the next requests are served again.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for n in &nodes {
+        let r = client
+            .post(n.url("/v1/chat/completions"))
+            .bearer_auth(&secret)
+            .json(&chat())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
 }
 
 #[tokio::test]

@@ -164,7 +164,28 @@ local function heartbeat(keys, args)
   return redis.call('ZCARD', keys[1])
 end
 
+-- Take one of a pool key's `cap` in-flight slots across the cluster, held
+-- until released or for `ttl` ms (a node that died mid-request).
+-- KEYS: the key's lease set. ARGV: lease id, cap, ttl ms. Returns 1 when taken.
+local function lease(keys, args)
+  local now = now_ms()
+  redis.call('ZREMRANGEBYSCORE', keys[1], '-inf', now)
+  if redis.call('ZCARD', keys[1]) >= tonumber(args[2]) then
+    return 0
+  end
+  redis.call('ZADD', keys[1], now + tonumber(args[3]), args[1])
+  redis.call('PEXPIRE', keys[1], tonumber(args[3]))
+  return 1
+end
+
+-- Give a slot back. KEYS: the lease set. ARGV: lease id.
+local function release(keys, args)
+  return redis.call('ZREM', keys[1], args[1])
+end
+
 redis.register_function('fastgate_admit_v1', admit)
+redis.register_function('fastgate_lease_v1', lease)
+redis.register_function('fastgate_release_v1', release)
 redis.register_function('fastgate_settle_v1', settle)
 redis.register_function('fastgate_key_state_v1', key_state)
 redis.register_function('fastgate_key_states_v1', key_states)

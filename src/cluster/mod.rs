@@ -9,6 +9,7 @@
 //! answers again.
 
 pub mod key_sync;
+pub mod leases;
 pub mod limits;
 pub mod records;
 

@@ -371,9 +371,26 @@ pub struct Lease {
     pool: Arc<KeyPool>,
     slot: usize,
     generation: u64,
+    /// Held as long as the lease (cluster mode: the key's shared in-flight
+    /// slot, given back when this drops).
+    held: Option<Held>,
+}
+
+/// Something a lease keeps until it is released.
+pub struct Held(pub Box<dyn std::any::Any + Send + Sync>);
+
+impl std::fmt::Debug for Held {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Held")
+    }
 }
 
 impl Lease {
+    /// Keep `held` until this lease is released.
+    pub fn hold(&mut self, held: Held) {
+        self.held = Some(held);
+    }
+
     pub fn key(&self) -> &PoolKey {
         &self.key
     }
@@ -596,6 +613,17 @@ impl KeyPool {
     /// already in this request) are taken only when nothing else is usable;
     /// resting keys only when no open key is left.
     pub fn lease(self: &Arc<Self>, avoid: &[String], model: Option<&str>) -> Result<Lease, NoKey> {
+        self.lease_except(avoid, &[], model)
+    }
+
+    /// Like [`KeyPool::lease`], never taking the keys in `full` (at their
+    /// in-flight cap across the cluster): they count as busy.
+    pub fn lease_except(
+        self: &Arc<Self>,
+        avoid: &[String],
+        full: &[String],
+        model: Option<&str>,
+    ) -> Result<Lease, NoKey> {
         let now = now_ms();
         let cap = self.policy.max_in_flight_per_key;
         let mut r = self.rotation.lock();
@@ -615,7 +643,7 @@ impl KeyPool {
                     closed.push(pos);
                     continue;
                 }
-                if cap > 0 && key.in_flight() >= cap {
+                if (cap > 0 && key.in_flight() >= cap) || full.contains(&key.id) {
                     at_cap = true;
                     continue;
                 }
@@ -652,7 +680,7 @@ impl KeyPool {
                 .keys
                 .iter()
                 .filter(|k| k.state(now) == KeyState::Resting)
-                .filter(|k| cap == 0 || k.in_flight() < cap)
+                .filter(|k| (cap == 0 || k.in_flight() < cap) && !full.contains(&k.id))
                 .filter(|k| k.model_open(model, now))
                 .min_by_key(|k| k.in_flight())
                 .cloned();
@@ -682,6 +710,7 @@ impl KeyPool {
             pool: self.clone(),
             slot,
             generation,
+            held: None,
         }
     }
 

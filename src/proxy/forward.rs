@@ -154,7 +154,7 @@ pub async fn exchange(state: &Arc<AppState>, session: &mut Session, ctx: &mut Re
             };
             ctx.upstream.target = Some(target.clone());
             ctx.upstream.lease = match &upstream.key_pool {
-                Some(pool) => match pool.lease(&ctx.upstream.tried_keys, ctx.model.as_deref()) {
+                Some(pool) => match lease_key(state, pool, ctx).await {
                     Ok(l) => Some(l),
                     Err(no) => {
                         state.metrics.failovers.with_label_values(&["no_usable_key"]).inc();
@@ -668,5 +668,22 @@ pub async fn probe(state: &AppState, upstream: &Upstream, lease: &crate::pool::L
             done(status, None)
         }
         Attempt::Failed { error, .. } => done(None, Some(error.to_string())),
+    }
+}
+
+/// Lease a key of `pool` for this attempt: in cluster mode with a per-key
+/// in-flight cap, a slot counted across the nodes too.
+pub async fn lease_key(
+    state: &crate::state::AppState,
+    pool: &std::sync::Arc<crate::pool::KeyPool>,
+    ctx: &RequestCtx,
+) -> Result<crate::pool::Lease, crate::pool::NoKey> {
+    let (avoid, model) = (&ctx.upstream.tried_keys, ctx.model.as_deref());
+    match &state.cluster {
+        Some(cluster) if pool.policy.max_in_flight_per_key > 0 => {
+            let lease_id = format!("{}:{}", ctx.request_id, ctx.upstream.attempts);
+            cluster.lease(pool, avoid, model, &lease_id).await
+        }
+        _ => pool.lease(avoid, model),
     }
 }

@@ -133,7 +133,7 @@ impl ProxyHttp for Gateway {
             return Err(Self::fail(ctx, GatewayError::NoEndpoint(upstream.name.clone())));
         };
         if let Some(pool) = &upstream.key_pool {
-            match pool.lease(&ctx.upstream.tried_keys, ctx.model.as_deref()) {
+            match forward::lease_key(&self.state, pool, ctx).await {
                 Ok(lease) => ctx.upstream.lease = Some(lease),
                 Err(no) => {
                     self.state.metrics.failovers.with_label_values(&["no_usable_key"]).inc();
