@@ -303,6 +303,17 @@ impl AppState {
         }
     }
 
+    /// Rebuild the pools with the API-added keys the database holds now
+    /// (cluster mode: another node added or removed one), keeping every
+    /// live key's state. Blocking.
+    pub fn reload_stored_pool_keys(&self) -> Result<(), store::StoreError> {
+        let stored = stored_pool_keys(&store::open(&self.config.database_path)?, &self.sealer)?;
+        let previous = self.runtime.load_full();
+        let runtime = Runtime::build(previous.file.clone(), &stored, Some(&previous));
+        self.runtime.store(Arc::new(runtime));
+        Ok(())
+    }
+
     /// Reload `fastgate.yaml` and `routes.d` (and the TLS certificates, whose
     /// files may have been replaced with them): SIGHUP and the admin API.
     pub fn reload_config(&self) -> Result<Vec<String>, ConfigErrors> {

@@ -22,7 +22,7 @@ const ROUTE: &str =
 
 fn node_config(pg: &Postgres, mock: &MockUpstream, node: &str) -> String {
     format!(
-        "admin:\n  token: {TOKEN}\ncluster:\n  postgres: '{}'\n  node_id: {node}\nupstreams:\n  oai: {{provider: openai, endpoints: ['{}'], key_pool: p}}\nkey_pools:\n  p: {{keys: [sk-1]}}\n",
+        "admin:\n  token: {TOKEN}\nsecrets:\n  master_key: the-same-on-every-node\ncluster:\n  postgres: '{}'\n  node_id: {node}\nupstreams:\n  oai: {{provider: openai, endpoints: ['{}'], key_pool: p}}\nkey_pools:\n  p: {{keys: [sk-1]}}\n",
         pg.url(),
         mock.url()
     )
@@ -92,6 +92,35 @@ async fn keys_made_or_revoked_on_one_node_work_or_stop_everywhere_and_postgres_c
     let (id, secret) = create_key(&nodes[0], "made-on-a").await;
     for n in &nodes[1..] {
         time_until(n, &secret, 200, Duration::from_secs(10)).await;
+    }
+
+    // An upstream key added through C's admin API serves on A and B; removed
+    // through A, it is gone from B and C.
+    let added = fastgate::pool::key_id("sk-added");
+    let admin = |gw: &Gateway, method: &str, path: &str| {
+        reqwest::Client::new()
+            .request(method.parse().unwrap(), gw.admin_url(path))
+            .bearer_auth(TOKEN)
+    };
+    let r = admin(&nodes[2], "POST", "/api/pools/p/keys")
+        .json(&json!({"keys": ["sk-added"]}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+    let has_key = |keys: &Value| keys.as_array().unwrap().iter().any(|k| k["id"] == added.as_str());
+    for n in &nodes[..2] {
+        let keys = common::eventually_text(|| admin(n, "GET", "/api/pools/p/keys"), |t| t.contains(&added)).await;
+        assert!(has_key(&serde_json::from_str(&keys).unwrap()), "{keys}");
+    }
+    let r = admin(&nodes[0], "DELETE", &format!("/api/pools/p/keys/{added}"))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    for n in &nodes[1..] {
+        let keys = common::eventually_text(|| admin(n, "GET", "/api/pools/p/keys"), |t| !t.contains(&added)).await;
+        assert!(!has_key(&serde_json::from_str(&keys).unwrap()), "{keys}");
     }
 
     // Revoked through A: refused on B and C within a second.

@@ -1,4 +1,6 @@
-//! Postgres as the cluster's system of record for users and gateway keys.
+//! Postgres as the cluster's system of record for users, gateway keys and
+//! the upstream keys added through the admin API (sealed: every node needs
+//! the same `secrets.master_key`).
 //!
 //! Every node keeps serving from its own SQLite copy (the key cache
 //! authenticates from memory, the admin API writes SQLite), so Postgres is
@@ -237,12 +239,20 @@ async fn pull(state: &Arc<AppState>, client: &Client, node: &str, after: i64) ->
         .collect();
     if !changes.is_empty() {
         let n = changes.len();
+        let pool_keys = changes.iter().any(|c| c.0 == "pool_keys");
         with_db(state, move |c| store::sync::apply(c, &changes)).await?;
         let app = state.clone();
-        // The key cache sees the change now, not at its next refresh.
-        tokio::task::spawn_blocking(move || app.keys.refresh())
-            .await
-            .map_err(|e| RecordsError::Task(e.to_string()))??;
+        // The key cache and the pools see the change now, not at their next
+        // refresh.
+        tokio::task::spawn_blocking(move || {
+            app.keys.refresh()?;
+            if pool_keys {
+                app.reload_stored_pool_keys()?;
+            }
+            Ok::<_, store::StoreError>(())
+        })
+        .await
+        .map_err(|e| RecordsError::Task(e.to_string()))??;
         tracing::debug!(
             rows = n,
             revision = last,

@@ -180,8 +180,8 @@ static MIGRATIONS: LazyLock<Migrations<'static>> = LazyLock::new(|| {
         );
         ALTER TABLE audit_log ADD COLUMN attempts TEXT;",
         ),
-        // Cluster mode with Postgres: every change to keys and users, in
-        // order, for the node's shipper to send (only while the node runs
+        // Cluster mode with Postgres: every change to gateway keys, users and
+        // API-added pool keys, in order, for the node's sender to send (only while the node runs
         // with Postgres: the `cluster_sync` setting).
         M::up(
             "CREATE TABLE sync_outbox (
@@ -206,7 +206,16 @@ static MIGRATIONS: LazyLock<Migrations<'static>> = LazyLock::new(|| {
             BEGIN INSERT INTO sync_outbox (tbl, id) VALUES ('users', NEW.id); END;
         CREATE TRIGGER users_sync_delete AFTER DELETE ON users
             WHEN EXISTS (SELECT 1 FROM settings WHERE name = 'cluster_sync')
-            BEGIN INSERT INTO sync_outbox (tbl, id) VALUES ('users', OLD.id); END;",
+            BEGIN INSERT INTO sync_outbox (tbl, id) VALUES ('users', OLD.id); END;
+        CREATE TRIGGER pool_keys_sync_insert AFTER INSERT ON pool_keys
+            WHEN EXISTS (SELECT 1 FROM settings WHERE name = 'cluster_sync')
+            BEGIN INSERT INTO sync_outbox (tbl, id) VALUES ('pool_keys', NEW.pool || '/' || NEW.key_id); END;
+        CREATE TRIGGER pool_keys_sync_update AFTER UPDATE ON pool_keys
+            WHEN EXISTS (SELECT 1 FROM settings WHERE name = 'cluster_sync')
+            BEGIN INSERT INTO sync_outbox (tbl, id) VALUES ('pool_keys', NEW.pool || '/' || NEW.key_id); END;
+        CREATE TRIGGER pool_keys_sync_delete AFTER DELETE ON pool_keys
+            WHEN EXISTS (SELECT 1 FROM settings WHERE name = 'cluster_sync')
+            BEGIN INSERT INTO sync_outbox (tbl, id) VALUES ('pool_keys', OLD.pool || '/' || OLD.key_id); END;",
         ),
     ])
 });

@@ -1,13 +1,23 @@
-//! The tables cluster mode keeps in Postgres (`users`, `gateway_keys`), as
-//! generic rows: the node's SQLite copy stays what the data plane and the
-//! admin API read and write; triggers queue every change in `sync_outbox`.
+//! The tables cluster mode keeps in Postgres (`users`, `gateway_keys`,
+//! `pool_keys`), as generic rows: the node's SQLite copy stays what the data
+//! plane and the admin API read and write; triggers queue every change in
+//! `sync_outbox`.
 
 use super::StoreError;
 use rusqlite::{Connection, OptionalExtension, params, types::Value as SqlValue};
 use serde_json::{Map, Value};
 
-/// The synced tables, each keyed by its `id` column.
-pub const TABLES: [&str; 2] = ["users", "gateway_keys"];
+/// The synced tables.
+pub const TABLES: [&str; 3] = ["users", "gateway_keys", "pool_keys"];
+
+/// How a synced table names a row (the `id` in the outbox and the record),
+/// and the columns of its primary key.
+fn identity(tbl: &str) -> (&'static str, &'static [&'static str]) {
+    match tbl {
+        "pool_keys" => ("pool || '/' || key_id", &["pool", "key_id"]),
+        _ => ("id", &["id"]),
+    }
+}
 
 /// One row as JSON (`None`: deleted). Blobs travel as `{"hex": "…"}`.
 pub type Row = Option<Map<String, Value>>;
@@ -49,14 +59,16 @@ pub fn sent(conn: &Connection, seq: i64) -> Result<(), StoreError> {
 
 /// Every id of `tbl`.
 pub fn ids(conn: &Connection, tbl: &str) -> Result<Vec<String>, StoreError> {
-    let mut stmt = conn.prepare(&format!("SELECT id FROM {}", table(tbl)?))?;
+    let tbl = table(tbl)?;
+    let mut stmt = conn.prepare(&format!("SELECT {} FROM {tbl}", identity(tbl).0))?;
     let rows = stmt.query_map([], |r| r.get(0))?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
 /// Row `id` of `tbl` as it is now.
 pub fn row(conn: &Connection, tbl: &str, id: &str) -> Result<Row, StoreError> {
-    let mut stmt = conn.prepare_cached(&format!("SELECT * FROM {} WHERE id = ?1", table(tbl)?))?;
+    let tbl = table(tbl)?;
+    let mut stmt = conn.prepare_cached(&format!("SELECT * FROM {tbl} WHERE {} = ?1", identity(tbl).0))?;
     let names: Vec<String> = stmt.column_names().iter().map(|c| c.to_string()).collect();
     Ok(stmt
         .query_row([id], |r| {
@@ -142,8 +154,9 @@ pub fn apply(conn: &mut Connection, rows: &[(String, String, Row)]) -> Result<()
     let before: i64 = tx.query_row("SELECT coalesce(max(seq), 0) FROM sync_outbox", [], |r| r.get(0))?;
     for (tbl, id, row) in rows {
         let tbl = table(tbl)?;
+        let (name_expr, key_cols) = identity(tbl);
         let Some(row) = row else {
-            tx.execute(&format!("DELETE FROM {tbl} WHERE id = ?1"), [id])?;
+            tx.execute(&format!("DELETE FROM {tbl} WHERE {name_expr} = ?1"), [id])?;
             continue;
         };
         if tbl == "users"
@@ -158,18 +171,20 @@ pub fn apply(conn: &mut Connection, rows: &[(String, String, Row)]) -> Result<()
             names.collect::<Result<_, _>>()?
         };
         let cols: Vec<&String> = row.keys().filter(|c| have.contains(c)).collect();
-        if !cols.iter().any(|c| c.as_str() == "id") {
-            return Err(StoreError::Invalid(format!("{tbl} row without an id")));
+        if !key_cols.iter().all(|k| cols.iter().any(|c| c.as_str() == *k)) {
+            return Err(StoreError::Invalid(format!("{tbl} row without its key")));
         }
         let names = cols.iter().map(|c| format!("\"{c}\"")).collect::<Vec<_>>().join(", ");
         let marks = (1..=cols.len()).map(|i| format!("?{i}")).collect::<Vec<_>>().join(", ");
         let updates = cols
             .iter()
-            .filter(|c| c.as_str() != "id")
+            .filter(|c| !key_cols.contains(&c.as_str()))
             .map(|c| format!("\"{c}\" = excluded.\"{c}\""))
             .collect::<Vec<_>>()
             .join(", ");
-        let sql = format!("INSERT INTO {tbl} ({names}) VALUES ({marks}) ON CONFLICT (id) DO UPDATE SET {updates}");
+        let target = key_cols.join(", ");
+        let sql =
+            format!("INSERT INTO {tbl} ({names}) VALUES ({marks}) ON CONFLICT ({target}) DO UPDATE SET {updates}");
         let values: Vec<SqlValue> = cols.iter().map(|c| to_sql(&row[c.as_str()])).collect();
         tx.execute(&sql, rusqlite::params_from_iter(values))?;
     }
@@ -220,6 +235,22 @@ mod tests {
         );
         assert_eq!(ids(&other, "users").unwrap(), vec!["u1".to_string()]);
         assert_eq!(row(&other, "users", "u1").unwrap().unwrap()["role"], "admin");
+        // Pool keys are named pool/key_id.
+        conn.execute(
+            "INSERT INTO pool_keys (pool, key_id, secret, weight, added_by, created_at) VALUES ('p', 'k_1', 'sealed', 1, 'ann', 1)",
+            [],
+        )
+        .unwrap();
+        let queued = pending(&conn, 10).unwrap();
+        assert_eq!((queued[0].1.as_str(), queued[0].2.as_str()), ("pool_keys", "p/k_1"));
+        let key = row(&conn, "pool_keys", "p/k_1").unwrap();
+        assert_eq!(ids(&conn, "pool_keys").unwrap(), vec!["p/k_1".to_string()]);
+        apply(&mut other, &[("pool_keys".into(), "p/k_1".into(), key.clone())]).unwrap();
+        apply(&mut other, &[("pool_keys".into(), "p/k_1".into(), key)]).unwrap();
+        assert_eq!(row(&other, "pool_keys", "p/k_1").unwrap().unwrap()["secret"], "sealed");
+        apply(&mut other, &[("pool_keys".into(), "p/k_1".into(), None)]).unwrap();
+        assert!(ids(&other, "pool_keys").unwrap().is_empty());
+
         apply(&mut other, &[("users".into(), "u1".into(), None)]).unwrap();
         assert!(row(&other, "users", "u1").unwrap().is_none());
         assert!(apply(&mut other, &[("audit_log".into(), "1".into(), None)]).is_err());
