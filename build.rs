@@ -1,5 +1,6 @@
 //! Records the commit FastGate is built from, for `fastgate version`
-//! ("unknown" outside a git checkout, e.g. a source tarball).
+//! ("unknown" outside a git checkout, e.g. a source tarball), and rebuilds
+//! when the embedded Postgres migrations change.
 use std::process::Command;
 
 fn main() {
@@ -14,4 +15,6 @@ fn main() {
     println!("cargo:rustc-env=FASTGATE_GIT_SHA={sha}");
     println!("cargo:rerun-if-changed=.git/HEAD");
     println!("cargo:rerun-if-changed=.git/refs/heads");
+    // The Postgres migrations are embedded (refinery) at compile time.
+    println!("cargo:rerun-if-changed=migrations");
 }

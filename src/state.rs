@@ -181,6 +181,9 @@ pub struct AppState {
     pub limiter: crate::ratelimit::RateLimiter,
     /// Cluster mode: the shared limits and key states (Redis).
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// Cluster mode with Postgres: a connection for the admin API's reads of
+    /// the cluster's audit log, while Postgres is reachable.
+    pub cluster_log: arc_swap::ArcSwapOption<tokio_postgres::Client>,
     pub quotas: crate::ratelimit::QuotaTracker,
     pub audit: AuditSink,
     /// A connection for readiness checks only.
@@ -255,6 +258,7 @@ impl AppState {
             metrics,
             limiter: crate::ratelimit::RateLimiter::with_window(window_ms),
             cluster,
+            cluster_log: arc_swap::ArcSwapOption::empty(),
             quotas: crate::ratelimit::QuotaTracker::default(),
             audit,
             health_db,

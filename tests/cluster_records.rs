@@ -160,6 +160,16 @@ async fn keys_made_or_revoked_on_one_node_work_or_stop_everywhere_and_postgres_c
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     pg.kill();
+    // The cluster's log is in Postgres: the admin API says it is unavailable.
+    common::until_status(
+        || {
+            reqwest::Client::new()
+                .get(nodes[0].admin_url("/api/logs"))
+                .bearer_auth(TOKEN)
+        },
+        |s| s == 503,
+    )
+    .await;
     let (_, offline) = create_key(&nodes[2], "made-while-postgres-was-down").await;
     time_until(&nodes[2], &offline, 200, Duration::from_secs(2)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -250,4 +260,50 @@ async fn keys_made_or_revoked_on_one_node_work_or_stop_everywhere_and_postgres_c
         partition.starts_with("fastgate_audit_20"),
         "daily partitions: {partition}"
     );
+
+    // Any node's admin API shows the whole cluster's log and stats.
+    let get = |gw: &Gateway, path: &str| {
+        let url = gw.admin_url(path);
+        async move {
+            let r = reqwest::Client::new().get(url).bearer_auth(TOKEN).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            r.json::<Value>().await.unwrap()
+        }
+    };
+    for n in nodes.iter() {
+        let mut items: Vec<Value> = Vec::new();
+        let mut path = "/api/logs?limit=1000".to_string();
+        loop {
+            let page = get(n, &path).await;
+            items.extend(page["items"].as_array().unwrap().iter().cloned());
+            match page["next_cursor"].as_i64() {
+                Some(c) => path = format!("/api/logs?limit=1000&cursor={c}"),
+                None => break,
+            }
+        }
+        assert_eq!(items.len(), local, "{}", n.admin_url(""));
+        for id in &sent_ids {
+            assert!(items.iter().any(|i| i["request_id"] == id.as_str()), "{id} missing");
+        }
+        let one = get(n, &format!("/api/logs/{}", items[0]["id"])).await;
+        assert_eq!(one["request_id"], items[0]["request_id"]);
+        let summary = get(n, "/api/stats/summary?window=1h").await;
+        assert_eq!(summary["requests"], local as i64, "{summary}");
+        let top = get(n, "/api/stats/top?by=route").await;
+        assert_eq!(top["items"][0]["value"], "chat", "{top}");
+        assert_eq!(top["items"][0]["requests"], local as i64, "{top}");
+        let series = get(n, "/api/stats/timeseries?bucket=minute&window=1h").await;
+        let total: i64 = series["points"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["requests"].as_i64().unwrap())
+            .sum();
+        assert_eq!(total, local as i64, "{series}");
+    }
+    let filtered = get(&nodes[1], "/api/logs?limit=5&status=200").await;
+    assert_eq!(filtered["items"].as_array().unwrap().len(), 5);
+    let next = filtered["next_cursor"].as_i64().expect("a next page");
+    let page2 = get(&nodes[1], &format!("/api/logs?limit=5&status=200&cursor={next}")).await;
+    assert!(page2["items"][0]["id"].as_i64().unwrap() < next);
 }

@@ -251,24 +251,42 @@ pub async fn usage(
         None => std::time::Duration::from_secs(24 * 3600),
     };
     let since = crate::audit::now_ms() - window.as_millis() as i64;
-    let row = s
-        .read(move |c| {
-            Ok(c.query_row(
-                "SELECT COUNT(*), COALESCE(SUM(status >= 400), 0), COALESCE(SUM(prompt_tokens), 0),
-                    COALESCE(SUM(completion_tokens), 0)
-                 FROM audit_log WHERE key_id = ?1 AND ts_ms >= ?2",
-                rusqlite::params![id, since],
-                |r| {
-                    Ok((
-                        r.get::<_, i64>(0)?,
-                        r.get::<_, i64>(1)?,
-                        r.get::<_, i64>(2)?,
-                        r.get::<_, i64>(3)?,
-                    ))
-                },
-            )?)
-        })
-        .await?;
+    let rows = super::cluster_log::read_log(
+        &s,
+        |d| {
+            let sql = format!(
+                "SELECT COUNT(*), CAST(COALESCE({}, 0) AS BIGINT), CAST(COALESCE(SUM(prompt_tokens), 0) AS BIGINT),
+                    CAST(COALESCE(SUM(completion_tokens), 0) AS BIGINT)
+                 FROM {} WHERE key_id = {} AND ts_ms >= {}",
+                super::stats::ERRORS,
+                d.table(),
+                d.mark(1),
+                d.mark(2)
+            );
+            (
+                sql,
+                vec![store::audit::Arg::Text(id.clone()), store::audit::Arg::Int(since)],
+            )
+        },
+        |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, i64>(3)?,
+            ))
+        },
+        |r| {
+            (
+                r.get::<_, i64>(0),
+                r.get::<_, i64>(1),
+                r.get::<_, i64>(2),
+                r.get::<_, i64>(3),
+            )
+        },
+    )
+    .await?;
+    let row = rows.first().copied().unwrap_or_default();
     Ok(Json(json!({
         "window_s": window.as_secs(),
         "requests": row.0,

@@ -2,7 +2,7 @@
 //! only requests made with their own keys; `/api/audit` (admins) lists admin
 //! actions.
 
-use super::{AdminState, error::ApiError, session::Caller};
+use super::{AdminState, cluster_log, error::ApiError, session::Caller};
 use crate::store::{
     self,
     admin_audit::AdminEvent,
@@ -24,7 +24,10 @@ pub async fn list(
     if !caller.is_admin() {
         filter.user_id = Some(caller.user_id.clone());
     }
-    let (items, next) = s.read(move |c| store::audit::query(c, &filter)).await?;
+    let (items, next) = match cluster_log::source(&s)? {
+        Some(pg) => cluster_log::query(&pg, &filter).await?,
+        None => s.read(move |c| store::audit::query(c, &filter)).await?,
+    };
     Ok(Json(json!({"items": items, "next_cursor": next})))
 }
 
@@ -33,7 +36,10 @@ pub async fn get(
     State(s): State<Arc<AdminState>>,
     Path(id): Path<i64>,
 ) -> Result<Json<LogRow>, ApiError> {
-    let row = s.read(move |c| store::audit::get(c, id)).await?;
+    let row = match cluster_log::source(&s)? {
+        Some(pg) => cluster_log::get(&pg, id).await?,
+        None => s.read(move |c| store::audit::get(c, id)).await?,
+    };
     if !caller.is_admin() && row.record.user_id.as_deref() != Some(caller.user_id.as_str()) {
         return Err(ApiError::NotFound(format!("no log entry with id {id}")));
     }
@@ -110,7 +116,6 @@ pub async fn export(
     State(s): State<Arc<AdminState>>,
     Query(mut filter): Query<LogFilter>,
 ) -> Result<axum::response::Response, ApiError> {
-    use axum::response::IntoResponse;
     let csv = match filter.format.as_deref().unwrap_or("ndjson") {
         "csv" => true,
         "ndjson" => false,
@@ -122,6 +127,31 @@ pub async fn export(
     filter.limit = Some(1000);
     let db = s.app.config.database_path.clone();
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(4);
+    if let Some(pg) = cluster_log::source(&s)? {
+        tokio::spawn(async move {
+            if csv && tx.send(Ok(csv_header().into())).await.is_err() {
+                return;
+            }
+            loop {
+                match cluster_log::query(&pg, &filter).await {
+                    Ok((rows, next)) => {
+                        if tx.send(Ok(encode(&rows, csv).into())).await.is_err() {
+                            return;
+                        }
+                        match next {
+                            Some(cursor) => filter.cursor = Some(cursor),
+                            None => return,
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(std::io::Error::other(e.to_string()))).await;
+                        return;
+                    }
+                }
+            }
+        });
+        return Ok(export_response(rx, csv));
+    }
     tokio::task::spawn_blocking(move || {
         let conn = match store::open(&db) {
             Ok(c) => c,
@@ -151,6 +181,15 @@ pub async fn export(
             }
         }
     });
+    Ok(export_response(rx, csv))
+}
+
+/// The export's streamed answer.
+fn export_response(
+    rx: tokio::sync::mpsc::Receiver<Result<bytes::Bytes, std::io::Error>>,
+    csv: bool,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
     let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
     let content_type = if csv {
         "text/csv; charset=utf-8"
@@ -162,7 +201,7 @@ pub async fn export(
     } else {
         "fastgate-logs.ndjson"
     };
-    Ok((
+    (
         [
             (axum::http::header::CONTENT_TYPE, content_type.to_string()),
             (
@@ -172,7 +211,7 @@ pub async fn export(
         ],
         axum::body::Body::from_stream(stream),
     )
-        .into_response())
+        .into_response()
 }
 
 #[derive(Deserialize)]

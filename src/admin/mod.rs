@@ -5,6 +5,7 @@
 //! Everything else under `/api` needs `Authorization: Bearer <jwt | admin token>`.
 //! Errors are `{"error":{"code","message"}}`. See docs/admin-api.md.
 
+pub mod cluster_log;
 pub mod error;
 pub mod events;
 pub mod keys;

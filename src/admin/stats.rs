@@ -2,12 +2,17 @@
 //! and `/api/upstreams`, `/api/pools`, `/api/config` from live state.
 //! Users get numbers for their own keys only.
 
-use super::{AdminState, error::ApiError, session::Caller};
+use super::{
+    AdminState,
+    cluster_log::{self, Dialect},
+    error::ApiError,
+    session::Caller,
+};
+use crate::store::audit::Arg;
 use axum::{
     Json,
     extract::{Query, State},
 };
-use rusqlite::types::Value as Sql;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::{sync::Arc, time::Duration};
@@ -82,19 +87,22 @@ impl LatencyHistogram {
 
 /// `WHERE` clause and arguments: the time window, the owner for users, and
 /// one key where asked.
-fn scope(caller: &Caller, since: i64, key_id: Option<&str>) -> (String, Vec<Sql>) {
-    let mut args = vec![Sql::Integer(since)];
-    let mut clause = "ts_ms >= ?1".to_string();
+fn scope(caller: &Caller, since: i64, key_id: Option<&str>, dialect: Dialect) -> (String, Vec<Arg>) {
+    let mut args = vec![Arg::Int(since)];
+    let mut clause = format!("ts_ms >= {}", dialect.mark(1));
     if !caller.is_admin() {
-        args.push(Sql::Text(caller.user_id.clone()));
-        clause.push_str(&format!(" AND user_id = ?{}", args.len()));
+        args.push(Arg::Text(caller.user_id.clone()));
+        clause.push_str(&format!(" AND user_id = {}", dialect.mark(args.len())));
     }
     if let Some(k) = key_id {
-        args.push(Sql::Text(k.to_string()));
-        clause.push_str(&format!(" AND key_id = ?{}", args.len()));
+        args.push(Arg::Text(k.to_string()));
+        clause.push_str(&format!(" AND key_id = {}", dialect.mark(args.len())));
     }
     (clause, args)
 }
+
+/// Requests that failed, in SQL both dialects take.
+pub const ERRORS: &str = "SUM(CASE WHEN status >= 400 THEN 1 ELSE 0 END)";
 
 pub async fn summary(
     caller: Caller,
@@ -102,50 +110,53 @@ pub async fn summary(
     Query(q): Query<StatsQuery>,
 ) -> Result<Json<Value>, ApiError> {
     let since = window(&q, Duration::from_secs(3600), s.app.config.file.audit.retention.0)?;
-    let (clause, args) = scope(&caller, since, q.key_id.as_deref());
-    let v = s
-        .read(move |c| {
-            // One pass over the window; nothing but the histogram is kept.
-            let mut stmt = c.prepare(&format!(
-                "SELECT status, duration_ms, ttfb_ms, prompt_tokens, completion_tokens
-                 FROM audit_log WHERE {clause}"
-            ))?;
-            let mut rows = stmt.query(rusqlite::params_from_iter(args.iter()))?;
-            let (mut n, mut errors, mut pt, mut ct) = (0i64, 0i64, 0i64, 0i64);
-            let (mut sum_ms, mut sum_ttfb, mut n_ttfb) = (0f64, 0f64, 0i64);
-            let (mut latency, mut ttfb) = (LatencyHistogram::new(), LatencyHistogram::new());
-            while let Some(r) = rows.next()? {
-                n += 1;
-                errors += i64::from(r.get::<_, i64>(0)? >= 400);
-                let ms: f64 = r.get(1)?;
-                sum_ms += ms;
-                latency.add(ms);
-                if let Some(t) = r.get::<_, Option<f64>>(2)? {
-                    sum_ttfb += t;
-                    n_ttfb += 1;
-                    ttfb.add(t);
-                }
-                pt += r.get::<_, Option<i64>>(3)?.unwrap_or(0);
-                ct += r.get::<_, Option<i64>>(4)?.unwrap_or(0);
-            }
-            let avg_ms = (n > 0).then(|| sum_ms / n as f64);
-            let avg_ttfb = (n_ttfb > 0).then(|| sum_ttfb / n_ttfb as f64);
-            Ok(json!({
-                "requests": n,
-                "errors": errors,
-                "error_rate": if n > 0 { errors as f64 / n as f64 } else { 0.0 },
-                "avg_ms": avg_ms,
-                "p50_ms": latency.quantile(0.5),
-                "p95_ms": latency.quantile(0.95),
-                "avg_ttfb_ms": avg_ttfb,
-                "p50_ttfb_ms": ttfb.quantile(0.5),
-                "p95_ttfb_ms": ttfb.quantile(0.95),
-                "prompt_tokens": pt,
-                "completion_tokens": ct,
-            }))
-        })
-        .await?;
-    Ok(Json(v))
+    type Sample = (i64, f64, Option<f64>, Option<i64>, Option<i64>);
+    // One pass over the window; nothing but the histogram is kept.
+    let rows: Vec<Sample> = cluster_log::read_log(
+        &s,
+        |d| {
+            let (clause, args) = scope(&caller, since, q.key_id.as_deref(), d);
+            let sql = format!(
+                "SELECT status, duration_ms, ttfb_ms, prompt_tokens, completion_tokens FROM {} WHERE {clause}",
+                d.table()
+            );
+            (sql, args)
+        },
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+        |r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)),
+    )
+    .await?;
+    let (mut n, mut errors, mut pt, mut ct) = (0i64, 0i64, 0i64, 0i64);
+    let (mut sum_ms, mut sum_ttfb, mut n_ttfb) = (0f64, 0f64, 0i64);
+    let (mut latency, mut ttfb) = (LatencyHistogram::new(), LatencyHistogram::new());
+    for (status, ms, t, p, c) in rows {
+        n += 1;
+        errors += i64::from(status >= 400);
+        sum_ms += ms;
+        latency.add(ms);
+        if let Some(t) = t {
+            sum_ttfb += t;
+            n_ttfb += 1;
+            ttfb.add(t);
+        }
+        pt += p.unwrap_or(0);
+        ct += c.unwrap_or(0);
+    }
+    let avg_ms = (n > 0).then(|| sum_ms / n as f64);
+    let avg_ttfb = (n_ttfb > 0).then(|| sum_ttfb / n_ttfb as f64);
+    Ok(Json(json!({
+        "requests": n,
+        "errors": errors,
+        "error_rate": if n > 0 { errors as f64 / n as f64 } else { 0.0 },
+        "avg_ms": avg_ms,
+        "p50_ms": latency.quantile(0.5),
+        "p95_ms": latency.quantile(0.95),
+        "avg_ttfb_ms": avg_ttfb,
+        "p50_ttfb_ms": ttfb.quantile(0.5),
+        "p95_ttfb_ms": ttfb.quantile(0.95),
+        "prompt_tokens": pt,
+        "completion_tokens": ct,
+    })))
 }
 
 pub async fn timeseries(
@@ -160,27 +171,24 @@ pub async fn timeseries(
         other => return Err(ApiError::Invalid(format!("bucket {other:?}: use minute, hour or day"))),
     };
     let since = window(&q, Duration::from_secs(24 * 3600), s.app.config.file.audit.retention.0)?;
-    let (clause, args) = scope(&caller, since, q.key_id.as_deref());
-    let points = s
-        .read(move |c| {
-            let mut stmt = c.prepare(&format!(
-                "SELECT (ts_ms / {bucket_ms}) * {bucket_ms} AS t, COUNT(*), COALESCE(SUM(status >= 400), 0),
-                    AVG(duration_ms), COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0)
-                 FROM audit_log WHERE {clause} GROUP BY t ORDER BY t"
-            ))?;
-            let rows = stmt.query_map(rusqlite::params_from_iter(args.iter()), |r| {
-                Ok(json!({
-                    "t": r.get::<_, i64>(0)?,
-                    "requests": r.get::<_, i64>(1)?,
-                    "errors": r.get::<_, i64>(2)?,
-                    "avg_ms": r.get::<_, Option<f64>>(3)?,
-                    "prompt_tokens": r.get::<_, i64>(4)?,
-                    "completion_tokens": r.get::<_, i64>(5)?,
-                }))
-            })?;
-            Ok(rows.collect::<Result<Vec<_>, _>>()?)
-        })
-        .await?;
+    let point = |t: i64, requests: i64, errors: i64, avg_ms: Option<f64>, pt: i64, ct: i64| json!({"t": t, "requests": requests, "errors": errors, "avg_ms": avg_ms, "prompt_tokens": pt, "completion_tokens": ct});
+    let points = cluster_log::read_log(
+        &s,
+        |d| {
+            let (clause, args) = scope(&caller, since, q.key_id.as_deref(), d);
+            let sql = format!(
+                "SELECT (ts_ms / {bucket_ms}) * {bucket_ms} AS t, COUNT(*), CAST(COALESCE({ERRORS}, 0) AS BIGINT),
+                    AVG(duration_ms), CAST(COALESCE(SUM(prompt_tokens), 0) AS BIGINT),
+                    CAST(COALESCE(SUM(completion_tokens), 0) AS BIGINT)
+                 FROM {} WHERE {clause} GROUP BY t ORDER BY t",
+                d.table()
+            );
+            (sql, args)
+        },
+        move |r| Ok(point(r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
+        move |r| point(r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5)),
+    )
+    .await?;
     Ok(Json(json!({"bucket_ms": bucket_ms, "points": points})))
 }
 
@@ -202,26 +210,24 @@ pub async fn top(
     };
     let limit = q.limit.unwrap_or(10).clamp(1, 100);
     let since = window(&q, Duration::from_secs(3600), s.app.config.file.audit.retention.0)?;
-    let (clause, args) = scope(&caller, since, q.key_id.as_deref());
-    let rows = s
-        .read(move |c| {
-            let mut stmt = c.prepare(&format!(
-                "SELECT {column}, COUNT(*) AS n, COALESCE(SUM(status >= 400), 0),
-                    COALESCE(SUM(prompt_tokens), 0) + COALESCE(SUM(completion_tokens), 0), AVG(duration_ms)
-                 FROM audit_log WHERE {clause} GROUP BY {column} ORDER BY n DESC LIMIT {limit}"
-            ))?;
-            let rows = stmt.query_map(rusqlite::params_from_iter(args.iter()), |r| {
-                Ok(json!({
-                    "value": r.get::<_, Option<String>>(0)?,
-                    "requests": r.get::<_, i64>(1)?,
-                    "errors": r.get::<_, i64>(2)?,
-                    "tokens": r.get::<_, i64>(3)?,
-                    "avg_ms": r.get::<_, Option<f64>>(4)?,
-                }))
-            })?;
-            Ok(rows.collect::<Result<Vec<_>, _>>()?)
-        })
-        .await?;
+    let item = |value: Option<String>, requests: i64, errors: i64, tokens: i64, avg_ms: Option<f64>| json!({"value": value, "requests": requests, "errors": errors, "tokens": tokens, "avg_ms": avg_ms});
+    let rows = cluster_log::read_log(
+        &s,
+        |d| {
+            let (clause, args) = scope(&caller, since, q.key_id.as_deref(), d);
+            let sql = format!(
+                "SELECT {column}, COUNT(*) AS n, CAST(COALESCE({ERRORS}, 0) AS BIGINT),
+                    CAST(COALESCE(SUM(prompt_tokens), 0) + COALESCE(SUM(completion_tokens), 0) AS BIGINT),
+                    AVG(duration_ms)
+                 FROM {} WHERE {clause} GROUP BY {column} ORDER BY n DESC LIMIT {limit}",
+                d.table()
+            );
+            (sql, args)
+        },
+        move |r| Ok(item(r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+        move |r| item(r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)),
+    )
+    .await?;
     Ok(Json(json!({"by": q.by.as_deref().unwrap_or("route"), "items": rows})))
 }
 

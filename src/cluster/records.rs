@@ -164,6 +164,23 @@ async fn with_db<T: Send + 'static>(
     .map_err(RecordsError::from)
 }
 
+/// The admin API's connection to the cluster's log, withdrawn when the
+/// session that opened it ends.
+struct ClusterLog<'a>(&'a AppState);
+
+impl<'a> ClusterLog<'a> {
+    fn open(state: &'a AppState, client: Client) -> Self {
+        state.cluster_log.store(Some(Arc::new(client)));
+        ClusterLog(state)
+    }
+}
+
+impl Drop for ClusterLog<'_> {
+    fn drop(&mut self) {
+        self.0.cluster_log.store(None);
+    }
+}
+
 /// One connected session: returns (with the error) when Postgres goes away.
 async fn sync(state: &Arc<AppState>, node: &str) -> Result<(), RecordsError> {
     let (mut client, mut notifications) = connect(&state.config.file.cluster.postgres).await?;
@@ -177,6 +194,9 @@ async fn sync(state: &Arc<AppState>, node: &str) -> Result<(), RecordsError> {
     migrated?;
     client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
     with_db(state, |c| store::sync::set_enabled(c, true)).await?;
+    // The admin API's reads get their own connection, for this session.
+    let (reader, _) = connect(&state.config.file.cluster.postgres).await?;
+    let _reader = ClusterLog::open(state, reader);
 
     let mut applied = pull(state, &client, node, 0).await?;
     push_local_only(state, &client, node).await?;

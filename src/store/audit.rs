@@ -2,11 +2,11 @@
 
 use super::StoreError;
 use rusqlite::{Connection, params};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// One request as recorded. Never holds a secret: keys appear by id,
 /// captured headers and paths are redacted before they get here.
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct AuditRecord {
     pub request_id: String,
     /// Request start, Unix milliseconds (UTC).
@@ -196,23 +196,43 @@ pub struct LogFilter {
     pub format: Option<String>,
 }
 
-/// Newest first, one page. Returns the rows and the cursor of the next page.
-pub fn query(conn: &Connection, f: &LogFilter) -> Result<(Vec<LogRow>, Option<i64>), StoreError> {
-    use rusqlite::types::Value as V;
-    let mut sql = format!("{SELECT} WHERE 1 = 1");
+/// A value bound to a filter's placeholder.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Arg {
+    Int(i64),
+    Real(f64),
+    Text(String),
+}
+
+impl From<Arg> for rusqlite::types::Value {
+    fn from(a: Arg) -> Self {
+        match a {
+            Arg::Int(i) => Self::Integer(i),
+            Arg::Real(f) => Self::Real(f),
+            Arg::Text(t) => Self::Text(t),
+        }
+    }
+}
+
+/// `f` as a `WHERE` clause (`1 = 1 AND …`) over the audit columns, with
+/// placeholders made by `mark` (`?1` for SQLite, `$1` for Postgres: the
+/// cluster's log has the same columns), and its arguments.
+pub fn filter_clause(f: &LogFilter, mark: impl Fn(usize) -> String) -> (String, Vec<Arg>) {
+    use Arg as V;
+    let mut sql = String::from("1 = 1");
     let mut args: Vec<V> = Vec::new();
     let mut push_with = |clause: &str, v: V, tail: &str| {
         args.push(v);
-        sql.push_str(&format!(" AND {clause} ?{}{tail}", args.len()));
+        sql.push_str(&format!(" AND {clause} {}{tail}", mark(args.len())));
     };
     if let Some(v) = f.from {
-        push_with("ts_ms >=", V::Integer(v), "");
+        push_with("ts_ms >=", V::Int(v), "");
     }
     if let Some(v) = f.to {
-        push_with("ts_ms <", V::Integer(v), "");
+        push_with("ts_ms <", V::Int(v), "");
     }
     if let Some(v) = f.status {
-        push_with("status =", V::Integer(i64::from(v)), "");
+        push_with("status =", V::Int(i64::from(v)), "");
     }
     for (col, v) in [
         ("key_id", &f.key_id),
@@ -234,25 +254,52 @@ pub fn query(conn: &Connection, f: &LogFilter) -> Result<(Vec<LogRow>, Option<i6
         push_with("path LIKE", V::Text(format!("{escaped}%")), " ESCAPE '\\'");
     }
     if let Some(v) = f.stream {
-        push_with("stream =", V::Integer(i64::from(v)), "");
+        push_with("stream =", V::Int(i64::from(v)), "");
     }
     if let Some(v) = f.min_ms {
         push_with("duration_ms >=", V::Real(v), "");
     }
-    if let Some(v) = f.cursor {
-        push_with("id <", V::Integer(v), "");
+    (sql, args)
+}
+
+/// Rows per page a filter asks for (default 100, at most 1000).
+pub fn page_size(f: &LogFilter) -> usize {
+    f.limit.unwrap_or(100).clamp(1, 1000) as usize
+}
+
+/// Cut a page fetched with one row too many; returns the next cursor.
+pub fn paginate(rows: &mut Vec<LogRow>, limit: usize) -> Option<i64> {
+    if rows.len() <= limit {
+        return None;
     }
-    let limit = f.limit.unwrap_or(100).clamp(1, 1000) as usize;
+    rows.truncate(limit);
+    rows.last().map(|r| r.id)
+}
+
+/// Newest first, one page. Returns the rows and the cursor of the next page.
+pub fn query(conn: &Connection, f: &LogFilter) -> Result<(Vec<LogRow>, Option<i64>), StoreError> {
+    let (clause, mut args) = filter_clause(f, |n| format!("?{n}"));
+    let mut sql = format!("{SELECT} WHERE {clause}");
+    if let Some(v) = f.cursor {
+        args.push(Arg::Int(v));
+        sql.push_str(&format!(" AND id < ?{}", args.len()));
+    }
+    let limit = page_size(f);
     sql.push_str(&format!(" ORDER BY id DESC LIMIT {}", limit + 1));
     let mut stmt = conn.prepare(&sql)?;
+    let args = args.into_iter().map(rusqlite::types::Value::from);
     let mut rows: Vec<LogRow> = stmt
         .query_map(rusqlite::params_from_iter(args), from_row)?
         .collect::<Result<_, _>>()?;
-    let next = (rows.len() > limit).then(|| {
-        rows.truncate(limit);
-        rows.last().map(|r| r.id)
-    });
-    Ok((rows, next.flatten()))
+    let next = paginate(&mut rows, limit);
+    Ok((rows, next))
+}
+
+/// A row as shipped to the cluster's log (the SQLite row as JSON).
+pub fn from_shipped(mut row: serde_json::Value) -> Option<AuditRecord> {
+    let stream = row.get("stream").and_then(serde_json::Value::as_i64).unwrap_or(0) != 0;
+    row["stream"] = stream.into();
+    serde_json::from_value(row).ok()
 }
 
 /// One row by id.
