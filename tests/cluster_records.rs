@@ -301,6 +301,29 @@ async fn keys_made_or_revoked_on_one_node_work_or_stop_everywhere_and_postgres_c
             .sum();
         assert_eq!(total, local as i64, "{series}");
     }
+    // ... and every node's admin actions in one list.
+    let events = common::eventually_text(
+        || {
+            reqwest::Client::new()
+                .get(nodes[0].admin_url("/api/audit?limit=1000"))
+                .bearer_auth(TOKEN)
+        },
+        |t| t.matches("\"key.create\"").count() == 3,
+    )
+    .await;
+    let events: Value = serde_json::from_str(&events).unwrap();
+    let actions: Vec<&str> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(actions.iter().filter(|a| **a == "key.create").count(), 3, "{actions:?}");
+    assert!(
+        actions.contains(&"key.delete") && actions.contains(&"pool.key.delete"),
+        "{actions:?}"
+    );
+
     let filtered = get(&nodes[1], "/api/logs?limit=5&status=200").await;
     assert_eq!(filtered["items"].as_array().unwrap().len(), 5);
     let next = filtered["next_cursor"].as_i64().expect("a next page");

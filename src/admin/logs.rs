@@ -226,5 +226,18 @@ pub async fn admin_events(
 ) -> Result<Json<Vec<AdminEvent>>, ApiError> {
     caller.require_admin()?;
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    if let Some(pg) = cluster_log::source(&s)? {
+        let rows = cluster_log::pg_query(
+            &pg,
+            "SELECT seq, row FROM fastgate_admin_audit ORDER BY seq DESC LIMIT $1",
+            &[store::audit::Arg::Int(i64::from(limit))],
+        )
+        .await?;
+        let events = rows
+            .iter()
+            .map(|r| store::admin_audit::from_shipped(r.get(0), &r.get::<_, Value>(1)))
+            .collect();
+        return Ok(Json(events));
+    }
     Ok(Json(s.db(move |c| store::admin_audit::list(c, limit)).await?))
 }

@@ -372,6 +372,8 @@ struct Shipper {
     /// which may change between restarts).
     node: String,
     shipped: i64,
+    /// The last admin-audit id shipped.
+    shipped_admin: i64,
     days: std::collections::HashSet<i64>,
     warned: bool,
 }
@@ -383,15 +385,20 @@ impl Shipper {
             let name = store::settings::get_or_create(c, "audit_node", || {
                 format!("{node}-{}", &uuid::Uuid::now_v7().simple().to_string()[20..])
             })?;
-            let shipped = store::settings::get(c, "audit_shipped_id")?
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
-            Ok((name, shipped))
+            let watermark = |name: &str| -> Result<i64, store::StoreError> {
+                Ok(store::settings::get(c, name)?.and_then(|v| v.parse().ok()).unwrap_or(0))
+            };
+            Ok((
+                name,
+                (watermark("audit_shipped_id")?, watermark("admin_audit_shipped_id")?),
+            ))
         })
         .await?;
+        let (shipped, shipped_admin) = shipped;
         Ok(Shipper {
             node: name,
             shipped,
+            shipped_admin,
             days: Default::default(),
             warned: false,
         })
@@ -400,7 +407,10 @@ impl Shipper {
     async fn ship(&mut self, state: &AppState, client: &mut Client) -> Result<(), RecordsError> {
         for _ in 0..SHIP_BATCHES {
             let after = self.shipped;
-            let batch = with_db(state, move |c| store::sync::audit_after(c, after, SHIP_BATCH)).await?;
+            let batch = with_db(state, move |c| {
+                store::sync::log_after(c, "audit_log", after, SHIP_BATCH)
+            })
+            .await?;
             let Some(last) = batch.last().map(|b| b.id) else {
                 break;
             };
@@ -434,6 +444,7 @@ impl Shipper {
                 break;
             }
         }
+        self.ship_admin(state, client).await?;
         let shipped = self.shipped;
         let left = with_db(state, move |c| store::sync::audit_unshipped(c, shipped)).await?;
         state.metrics.audit_unshipped.set(left);
@@ -445,6 +456,36 @@ impl Shipper {
         }
         self.warned = left > UNSHIPPED_WARN;
         Ok(())
+    }
+}
+
+impl Shipper {
+    /// The admin audit: who changed what, on every node, in one list.
+    async fn ship_admin(&mut self, state: &AppState, client: &Client) -> Result<(), RecordsError> {
+        let after = self.shipped_admin;
+        let batch = with_db(state, move |c| {
+            store::sync::log_after(c, "admin_audit", after, SHIP_BATCH)
+        })
+        .await?;
+        let Some(last) = batch.last().map(|b| b.id) else {
+            return Ok(());
+        };
+        let ids: Vec<i64> = batch.iter().map(|b| b.id).collect();
+        let ts: Vec<i64> = batch.iter().map(|b| b.ts_ms).collect();
+        let rows: Vec<serde_json::Value> = batch.into_iter().map(|b| serde_json::Value::Object(b.row)).collect();
+        client
+            .execute(
+                "INSERT INTO fastgate_admin_audit (node, id, ts_ms, row)
+                 SELECT $1, * FROM UNNEST($2::bigint[], $3::bigint[], $4::jsonb[])
+                 ON CONFLICT DO NOTHING",
+                &[&self.node, &ids, &ts, &rows],
+            )
+            .await?;
+        self.shipped_admin = last;
+        with_db(state, move |c| {
+            store::settings::set(c, "admin_audit_shipped_id", &last.to_string())
+        })
+        .await
     }
 }
 

@@ -38,6 +38,22 @@ pub fn record(
     Ok(())
 }
 
+/// An event as shipped to the cluster's list (the SQLite row as JSON), under
+/// the cluster-wide `id`.
+pub fn from_shipped(id: i64, row: &serde_json::Value) -> AdminEvent {
+    let text = |k: &str| row.get(k).and_then(serde_json::Value::as_str).map(str::to_string);
+    let parse = |k: &str| text(k).and_then(|s| serde_json::from_str(&s).ok());
+    AdminEvent {
+        id,
+        ts_ms: row.get("ts_ms").and_then(serde_json::Value::as_i64).unwrap_or(0),
+        actor: text("actor").unwrap_or_default(),
+        action: text("action").unwrap_or_default(),
+        target: text("target"),
+        before: parse("before"),
+        after: parse("after"),
+    }
+}
+
 pub fn list(conn: &Connection, limit: u32) -> Result<Vec<AdminEvent>, StoreError> {
     let mut stmt = conn
         .prepare("SELECT id, ts_ms, actor, action, target, before, after FROM admin_audit ORDER BY id DESC LIMIT ?1")?;

@@ -91,9 +91,16 @@ pub struct AuditRow {
     pub row: Map<String, Value>,
 }
 
-/// Audit rows after id `after`, oldest first.
-pub fn audit_after(conn: &Connection, after: i64, limit: usize) -> Result<Vec<AuditRow>, StoreError> {
-    let mut stmt = conn.prepare_cached("SELECT * FROM audit_log WHERE id > ?1 ORDER BY id LIMIT ?2")?;
+/// The append-only logs a node ships: the audit log and the admin audit.
+pub const LOGS: [&str; 2] = ["audit_log", "admin_audit"];
+
+/// Rows of the log `tbl` (one of [`LOGS`]) after id `after`, oldest first.
+pub fn log_after(conn: &Connection, tbl: &str, after: i64, limit: usize) -> Result<Vec<AuditRow>, StoreError> {
+    let tbl = LOGS
+        .iter()
+        .find(|t| **t == tbl)
+        .ok_or_else(|| StoreError::Invalid(format!("not a shipped log: {tbl}")))?;
+    let mut stmt = conn.prepare_cached(&format!("SELECT * FROM {tbl} WHERE id > ?1 ORDER BY id LIMIT ?2"))?;
     let names: Vec<String> = stmt.column_names().iter().map(|c| c.to_string()).collect();
     let rows = stmt.query_map(params![after, limit as i64], |r| {
         let mut map = Map::new();
@@ -117,6 +124,7 @@ pub fn audit_after(conn: &Connection, after: i64, limit: usize) -> Result<Vec<Au
 
 /// Audit rows written but not shipped yet.
 pub fn audit_unshipped(conn: &Connection, shipped: i64) -> Result<i64, StoreError> {
+    // (The admin audit is small: its backlog is not worth a metric.)
     Ok(conn.query_row("SELECT count(*) FROM audit_log WHERE id > ?1", [shipped], |r| r.get(0))?)
 }
 
