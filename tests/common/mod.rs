@@ -963,6 +963,40 @@ fn split_admin(config: &str) -> (&str, &str) {
     rest.split_at(indented)
 }
 
+/// A server from Debian's packages that a test starts on a loopback port,
+/// kills and starts again on the same port.
+trait LocalServer {
+    const NAME: &'static str;
+    fn port(&mut self) -> &mut u16;
+    /// Start the process; whether it is ready on its port.
+    async fn spawn(&mut self) -> bool;
+    fn kill(&mut self);
+}
+
+/// Spawn until the server owns a port (another test may take a port free
+/// a moment ago).
+async fn start_on_a_free_port(server: &mut impl LocalServer) -> bool {
+    for _ in 0..5 {
+        if server.spawn().await {
+            return true;
+        }
+        server.kill();
+        *server.port() = free_port();
+    }
+    false
+}
+
+async fn restart_on_its_port<S: LocalServer>(server: &mut S) {
+    server.kill();
+    for _ in 0..50 {
+        if server.spawn().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    panic!("{} did not come back on port {}", S::NAME, server.port());
+}
+
 /// A real `redis-server` (Debian's package) on a loopback port, in a temp
 /// dir, without persistence: killed and started again on the same port to
 /// test what the gateway does while it is gone.
@@ -979,14 +1013,32 @@ impl Redis {
             dir: tempfile::tempdir().unwrap(),
             child: None,
         };
-        for _ in 0..5 {
-            if redis.spawn().await {
-                return redis;
-            }
-            redis.kill();
-            redis.port = free_port();
-        }
-        panic!("redis-server did not start (is Debian's redis-server installed?)");
+        assert!(
+            start_on_a_free_port(&mut redis).await,
+            "redis-server did not start (is Debian's redis-server installed?)"
+        );
+        redis
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn kill(&mut self) {
+        LocalServer::kill(self);
+    }
+
+    /// Start again on the same port (empty: nothing was persisted).
+    pub async fn restart(&mut self) {
+        restart_on_its_port(self).await;
+    }
+}
+
+impl LocalServer for Redis {
+    const NAME: &'static str = "redis-server";
+
+    fn port(&mut self) -> &mut u16 {
+        &mut self.port
     }
 
     async fn spawn(&mut self) -> bool {
@@ -1013,30 +1065,16 @@ impl Redis {
         false
     }
 
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
     /// SIGKILL: the server is gone at once, connections reset.
-    pub fn kill(&mut self) {
+    fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
     }
+}
 
-    /// Start again on the same port (empty: nothing was persisted).
-    pub async fn restart(&mut self) {
-        self.kill();
-        for _ in 0..50 {
-            if self.spawn().await {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("redis-server did not come back on port {}", self.port);
-    }
-
+impl Redis {
     /// One inline command; the first line of the answer.
     pub async fn cmd(&self, args: &[&str]) -> Option<String> {
         use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
@@ -1108,17 +1146,32 @@ impl Postgres {
             dir,
             child: None,
         };
-        for _ in 0..5 {
-            if pg.spawn().await {
-                return pg;
-            }
-            pg.kill();
-            pg.port = free_port();
+        if !start_on_a_free_port(&mut pg).await {
+            let log = std::fs::read_to_string(pg.dir.path().join("pg.log")).unwrap_or_default();
+            panic!("postgres did not start:\n{log}");
         }
-        panic!(
-            "postgres did not start:\n{}",
-            std::fs::read_to_string(pg.dir.path().join("pg.log")).unwrap_or_default()
-        );
+        pg
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres?sslmode=disable", self.port)
+    }
+
+    pub fn kill(&mut self) {
+        LocalServer::kill(self);
+    }
+
+    /// Start again on the same port and data.
+    pub async fn restart(&mut self) {
+        restart_on_its_port(self).await;
+    }
+}
+
+impl LocalServer for Postgres {
+    const NAME: &'static str = "postgres";
+
+    fn port(&mut self) -> &mut u16 {
+        &mut self.port
     }
 
     async fn spawn(&mut self) -> bool {
@@ -1162,12 +1215,8 @@ impl Postgres {
         false
     }
 
-    pub fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/postgres?sslmode=disable", self.port)
-    }
-
     /// Stop (a fast shutdown: clients are cut off at once).
-    pub fn kill(&mut self) {
+    fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             // runuser passes the signal on to postgres.
             let _ = Command::new("kill").args(["-INT", &c.id().to_string()]).status();
@@ -1178,18 +1227,6 @@ impl Postgres {
             let _ = c.kill();
             let _ = c.wait();
         }
-    }
-
-    /// Start again on the same port and data.
-    pub async fn restart(&mut self) {
-        self.kill();
-        for _ in 0..50 {
-            if self.spawn().await {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        panic!("postgres did not come back on port {}", self.port);
     }
 }
 
