@@ -199,14 +199,7 @@ async fn pool_key(gw: &Gateway, secret: &str) -> Value {
         .send()
         .await
         .unwrap();
-    let keys: Value = r.json().await.unwrap();
-    let id = key_id(secret);
-    keys.as_array()
-        .unwrap()
-        .iter()
-        .find(|k| k["id"] == id.as_str())
-        .cloned()
-        .unwrap_or_else(|| panic!("no key {id} in {keys}"))
+    common::pool_key_in(&r.json().await.unwrap(), secret)
 }
 
 /// How long until `secret`'s state is `want` on `gw` (polled every 2 ms).
@@ -340,14 +333,7 @@ async fn without_redis_each_node_enforces_its_share_and_nothing_fails() {
             "node {i} admitted {admitted} of 30 / 3: {down:?}"
         );
     }
-    let metrics = reqwest::Client::new()
-        .get(nodes[0].admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = nodes[0].metrics().await;
     assert!(
         !metrics.contains("fastgate_cluster_local_decisions_total 0\n"),
         "{metrics}"

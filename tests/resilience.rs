@@ -36,13 +36,7 @@ async fn admin(gw: &Gateway, method: &str, path: &str, body: Option<Value>) -> (
 
 async fn pool_key(gw: &Gateway, pool: &str, secret: &str) -> Value {
     let (_, keys) = admin(gw, "GET", &format!("/api/pools/{pool}/keys"), None).await;
-    let id = key_id(secret);
-    keys.as_array()
-        .unwrap()
-        .iter()
-        .find(|k| k["id"] == id.as_str())
-        .cloned()
-        .unwrap_or_else(|| panic!("no key {id} in {keys}"))
+    common::pool_key_in(&keys, secret)
 }
 
 fn rule(mock: &MockUpstream, secret: &str, r: KeyRule) {

@@ -816,6 +816,16 @@ impl Gateway {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The admin port's `/metrics` text now.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(self.admin_url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// Create a gateway key with the CLI; returns (id, secret).
     pub fn create_key(&self, extra: &[&str]) -> (String, String) {
         let out = Command::new(bin())
@@ -948,6 +958,17 @@ pub async fn eventually_text(make: impl Fn() -> reqwest::RequestBuilder, done: i
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     make().send().await.unwrap().text().await.unwrap()
+}
+
+/// The entry for the upstream key `secret` in a `/api/pools/{pool}/keys` answer.
+pub fn pool_key_in(keys: &serde_json::Value, secret: &str) -> serde_json::Value {
+    let id = fastgate::pool::key_id(secret);
+    keys.as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["id"] == id.as_str())
+        .cloned()
+        .unwrap_or_else(|| panic!("no key {id} in {keys}"))
 }
 
 /// Split `config` into the keys of a leading `admin:` block and the rest.
