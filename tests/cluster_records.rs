@@ -330,3 +330,41 @@ async fn keys_made_or_revoked_on_one_node_work_or_stop_everywhere_and_postgres_c
     let page2 = get(&nodes[1], &format!("/api/logs?limit=5&status=200&cursor={next}")).await;
     assert!(page2["items"][0]["id"].as_i64().unwrap() < next);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_and_postgres_over_tls_with_a_private_ca() {
+    let certs = tempfile::tempdir().unwrap();
+    let ca = common::tls::Ca::new("cluster test CA");
+    ca.leaf(certs.path(), "server", &["127.0.0.1"], 30);
+    std::fs::write(certs.path().join("ca.pem"), ca.cert.pem()).unwrap();
+    let cert_pem = std::fs::read_to_string(certs.path().join("server.pem")).unwrap();
+    let key_pem = std::fs::read_to_string(certs.path().join("server.key")).unwrap();
+    let redis = common::Redis::start_tls(&certs.path().join("server.pem"), &certs.path().join("server.key")).await;
+    let pg = Postgres::start_tls(&cert_pem, &key_pem).await;
+    let mock = MockUpstream::start().await;
+    let config = format!(
+        "admin:\n  token: {TOKEN}\ncluster:\n  redis: {}\n  postgres: 'postgres://postgres@127.0.0.1:{}/postgres?sslmode=require'\n  ca_file: {}\n  node_id: tls\nupstreams:\n  oai: {{provider: openai, endpoints: ['{}'], key_pool: p}}\nkey_pools:\n  p: {{keys: [sk-1]}}\n",
+        redis.url(),
+        pg.port,
+        certs.path().join("ca.pem").display(),
+        mock.url()
+    );
+    assert!(redis.url().starts_with("rediss://"));
+    let gw = Gateway::start_with_admin(&config, &[("r.yaml", ROUTE)]).await;
+    // Redis: the shared limiter is up.
+    let metrics = common::eventually_text(
+        || reqwest::Client::new().get(gw.admin_url("/metrics")),
+        |t| t.contains("fastgate_cluster_redis_up 1"),
+    )
+    .await;
+    assert!(metrics.contains("fastgate_cluster_redis_up 1"), "{}", gw.logs());
+    // Postgres: the cluster's log answers (it is read there).
+    let r = common::until_status(
+        || reqwest::Client::new().get(gw.admin_url("/api/logs")).bearer_auth(TOKEN),
+        |s| s == 200,
+    )
+    .await;
+    assert_eq!(r.status(), 200, "{}", gw.logs());
+    let (_, secret) = create_key(&gw, "over-tls").await;
+    time_until(&gw, &secret, 200, Duration::from_secs(5)).await;
+}

@@ -44,6 +44,23 @@ pub enum ClusterError {
     Timeout(Duration),
     #[error("Redis: {0}")]
     Redis(#[from] redis::RedisError),
+    #[error("cluster.ca_file: {0}")]
+    Ca(String),
+}
+
+/// The certificate authorities in the PEM file `path` (`cluster.ca_file`).
+pub fn tls_roots(path: &std::path::Path) -> Result<rustls::RootCertStore, String> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        let cert = cert.map_err(|e| format!("{}: {e}", path.display()))?;
+        roots.add(cert).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    if roots.is_empty() {
+        return Err(format!("{}: no certificate in it", path.display()));
+    }
+    Ok(roots)
 }
 
 /// This node's link to the cluster's shared state.
@@ -79,7 +96,17 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn new(config: &ClusterConfig, metrics: &crate::metrics::Metrics) -> Result<Arc<Cluster>, ClusterError> {
-        let client = redis::Client::open(config.redis.as_str())?;
+        let client = match &config.ca_file {
+            Some(ca) if config.redis.starts_with("rediss:") => {
+                let root_cert = std::fs::read(ca).map_err(|e| ClusterError::Ca(format!("{}: {e}", ca.display())))?;
+                let certs = redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(root_cert),
+                };
+                redis::Client::build_with_tls(config.redis.as_str(), certs)?
+            }
+            _ => redis::Client::open(config.redis.as_str())?,
+        };
         let node_id = if config.node_id.is_empty() {
             format!("{}-{}", host_name(), std::process::id())
         } else {

@@ -101,14 +101,22 @@ fn node_name(state: &AppState) -> String {
 
 /// Whether Postgres answers a connect now (to log the recovery once).
 async fn connected_once(state: &AppState) -> bool {
-    connect(&state.config.file.cluster.postgres).await.is_ok()
+    connect(&state.config.file.cluster).await.is_ok()
 }
 
-fn tls() -> Result<tokio_postgres_rustls::MakeRustlsConnect, RecordsError> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_native_certs::load_native_certs().certs {
-        let _ = roots.add(cert);
-    }
+/// Postgres TLS (as `sslmode` asks): `cluster.ca_file`'s authorities, else
+/// the system's roots.
+fn tls(ca_file: Option<&std::path::Path>) -> Result<tokio_postgres_rustls::MakeRustlsConnect, RecordsError> {
+    let roots = match ca_file {
+        Some(path) => super::tls_roots(path).map_err(RecordsError::Task)?,
+        None => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in rustls_native_certs::load_native_certs().certs {
+                let _ = roots.add(cert);
+            }
+            roots
+        }
+    };
     let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
@@ -119,7 +127,7 @@ fn tls() -> Result<tokio_postgres_rustls::MakeRustlsConnect, RecordsError> {
 /// A client and the stream of its notifications (the connection runs in
 /// its own task; the stream ends when the connection does).
 async fn connect(
-    url: &str,
+    cluster: &crate::config::ClusterConfig,
 ) -> Result<
     (
         Client,
@@ -127,9 +135,12 @@ async fn connect(
     ),
     RecordsError,
 > {
-    let (client, mut connection) = tokio::time::timeout(Duration::from_secs(5), tokio_postgres::connect(url, tls()?))
-        .await
-        .map_err(|_| RecordsError::Task("connect timed out".into()))??;
+    let (client, mut connection) = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio_postgres::connect(&cluster.postgres, tls(cluster.ca_file.as_deref())?),
+    )
+    .await
+    .map_err(|_| RecordsError::Task("connect timed out".into()))??;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         loop {
@@ -183,7 +194,7 @@ impl Drop for ClusterLog<'_> {
 
 /// One connected session: returns (with the error) when Postgres goes away.
 async fn sync(state: &Arc<AppState>, node: &str) -> Result<(), RecordsError> {
-    let (mut client, mut notifications) = connect(&state.config.file.cluster.postgres).await?;
+    let (mut client, mut notifications) = connect(&state.config.file.cluster).await?;
     client
         .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
         .await?;
@@ -195,7 +206,7 @@ async fn sync(state: &Arc<AppState>, node: &str) -> Result<(), RecordsError> {
     client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
     with_db(state, |c| store::sync::set_enabled(c, true)).await?;
     // The admin API's reads get their own connection, for this session.
-    let (reader, _) = connect(&state.config.file.cluster.postgres).await?;
+    let (reader, _) = connect(&state.config.file.cluster).await?;
     let _reader = ClusterLog::open(state, reader);
 
     let mut applied = pull(state, &client, node, 0).await?;

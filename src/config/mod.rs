@@ -307,6 +307,9 @@ pub struct ClusterConfig {
     pub default_reserve: u64,
     /// This node's name in heartbeats and logs; empty = host name and pid.
     pub node_id: String,
+    /// PEM file of the certificate authorities trusted for `rediss://` and
+    /// Postgres TLS, instead of the system's roots (a private PKI).
+    pub ca_file: Option<PathBuf>,
     /// Let the admin API edit this node's `routes.d` in cluster mode. Off:
     /// every node must serve the same routes, so they come from files
     /// shipped to all nodes (config management + SIGHUP).
@@ -324,6 +327,7 @@ impl Default for ClusterConfig {
             rate_window: Duration::from_secs(60).into(),
             default_reserve: 1024,
             node_id: String::new(),
+            ca_file: None,
             route_api: false,
         }
     }
@@ -829,6 +833,11 @@ pub fn parse_config(path: &Path, raw: &str) -> Result<Config, ConfigErrors> {
         && let Err(e) = file.cluster.postgres.parse::<tokio_postgres::Config>()
     {
         errors.push(diag(at("postgres:"), format!("cluster.postgres: {e}")));
+    }
+    if let Some(ca) = &file.cluster.ca_file
+        && let Err(e) = crate::cluster::tls_roots(ca)
+    {
+        errors.push(diag(at("ca_file:"), format!("cluster.ca_file: {e}")));
     }
     if file.cluster.enabled() {
         let c = &file.cluster;

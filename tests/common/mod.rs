@@ -1025,14 +1025,26 @@ pub struct Redis {
     pub port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    /// TLS only (`rediss://`): the certificate and key files it serves.
+    tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl Redis {
     pub async fn start() -> Redis {
+        Self::start_with(None).await
+    }
+
+    /// A Redis that speaks TLS only, with `cert`/`key` (PEM files).
+    pub async fn start_tls(cert: &Path, key: &Path) -> Redis {
+        Self::start_with(Some((cert.to_path_buf(), key.to_path_buf()))).await
+    }
+
+    async fn start_with(tls: Option<(PathBuf, PathBuf)>) -> Redis {
         let mut redis = Redis {
             port: free_port(),
             dir: tempfile::tempdir().unwrap(),
             child: None,
+            tls,
         };
         assert!(
             start_on_a_free_port(&mut redis).await,
@@ -1042,7 +1054,8 @@ impl Redis {
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.tls.is_some() { "rediss" } else { "redis" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     pub fn kill(&mut self) {
@@ -1064,8 +1077,27 @@ impl LocalServer for Redis {
 
     async fn spawn(&mut self) -> bool {
         let log = self.dir.path().join("redis.log");
-        let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+        let mut cmd = Command::new("redis-server");
+        let port = self.port.to_string();
+        match &self.tls {
+            None => cmd.args(["--bind", "127.0.0.1", "--port", &port]),
+            Some((cert, key)) => cmd
+                .args([
+                    "--bind",
+                    "127.0.0.1",
+                    "--port",
+                    "0",
+                    "--tls-port",
+                    &port,
+                    "--tls-auth-clients",
+                    "no",
+                ])
+                .arg("--tls-cert-file")
+                .arg(cert)
+                .arg("--tls-key-file")
+                .arg(key),
+        };
+        let child = cmd
             .args(["--save", "", "--appendonly", "no", "--dir"])
             .arg(self.dir.path())
             .stdout(std::fs::File::create(&log).unwrap())
@@ -1078,7 +1110,12 @@ impl LocalServer for Redis {
             if self.child.as_mut().unwrap().try_wait().unwrap().is_some() {
                 return false;
             }
-            if self.cmd(&["PING"]).await.as_deref() == Some("+PONG") {
+            let ready = match self.tls {
+                None => self.cmd(&["PING"]).await.as_deref() == Some("+PONG"),
+                // Listening is ready enough: the gateway retries.
+                Some(_) => tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.is_ok(),
+            };
+            if ready {
                 return true;
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
@@ -1145,6 +1182,15 @@ fn as_postgres_user(program: &Path) -> Command {
 
 impl Postgres {
     pub async fn start() -> Postgres {
+        Self::start_with(None).await
+    }
+
+    /// A Postgres that also speaks TLS, with the PEM certificate and key.
+    pub async fn start_tls(cert_pem: &str, key_pem: &str) -> Postgres {
+        Self::start_with(Some((cert_pem, key_pem))).await
+    }
+
+    async fn start_with(tls: Option<(&str, &str)>) -> Postgres {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
         std::fs::create_dir(&data).unwrap();
@@ -1162,6 +1208,26 @@ impl Postgres {
             .output()
             .unwrap();
         assert!(out.status.success(), "initdb: {}", String::from_utf8_lossy(&out.stderr));
+        if let Some((cert, key)) = tls {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::write(data.join("server.crt"), cert).unwrap();
+            std::fs::write(data.join("server.key"), key).unwrap();
+            std::fs::set_permissions(data.join("server.key"), std::fs::Permissions::from_mode(0o600)).unwrap();
+            let mut conf = std::fs::OpenOptions::new()
+                .append(true)
+                .open(data.join("postgresql.conf"))
+                .unwrap();
+            std::io::Write::write_all(&mut conf, b"\nssl = on\n").unwrap();
+            if unsafe { libc::geteuid() } == 0 {
+                let ok = Command::new("chown")
+                    .args(["postgres:postgres"])
+                    .arg(data.join("server.crt"))
+                    .arg(data.join("server.key"))
+                    .status()
+                    .unwrap();
+                assert!(ok.success());
+            }
+        }
         let mut pg = Postgres {
             port: free_port(),
             dir,
