@@ -5,7 +5,7 @@
 //! a node and the cluster answer alike.
 
 use super::{AdminState, error::ApiError};
-use crate::store::audit::{Arg, LogFilter, LogRow, filter_clause, from_shipped, page_size, paginate};
+use crate::store::audit::{Arg, LogFilter, LogRow, from_shipped, page_sql, paginate};
 use std::sync::Arc;
 use tokio_postgres::{Client, types::ToSql};
 
@@ -71,14 +71,9 @@ pub async fn pg_query(c: &Client, sql: &str, args: &[Arg]) -> Result<Vec<tokio_p
 /// One page of the cluster's log, newest first (ids are the cluster-wide
 /// `seq`), with the same filters as [`crate::store::audit::query`].
 pub async fn query(c: &Client, f: &LogFilter) -> Result<(Vec<LogRow>, Option<i64>), ApiError> {
-    let (clause, mut args) = filter_clause(f, |n| Dialect::Postgres.mark(n));
-    let mut sql = format!("SELECT seq, row FROM fastgate_audit WHERE {clause}");
-    if let Some(v) = f.cursor {
-        args.push(Arg::Int(v));
-        sql.push_str(&format!(" AND seq < ${}", args.len()));
-    }
-    let limit = page_size(f);
-    sql.push_str(&format!(" ORDER BY seq DESC LIMIT {}", limit + 1));
+    let (sql, args, limit) = page_sql(f, "SELECT seq, row FROM fastgate_audit", "seq", |n| {
+        Dialect::Postgres.mark(n)
+    });
     let mut rows: Vec<LogRow> = pg_query(c, &sql, &args)
         .await?
         .iter()

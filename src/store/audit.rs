@@ -276,16 +276,30 @@ pub fn paginate(rows: &mut Vec<LogRow>, limit: usize) -> Option<i64> {
     rows.last().map(|r| r.id)
 }
 
-/// Newest first, one page. Returns the rows and the cursor of the next page.
-pub fn query(conn: &Connection, f: &LogFilter) -> Result<(Vec<LogRow>, Option<i64>), StoreError> {
-    let (clause, mut args) = filter_clause(f, |n| format!("?{n}"));
-    let mut sql = format!("{SELECT} WHERE {clause}");
+/// The SQL of one page, newest first by `id_col`, for `f`: `select` (up to
+/// its `FROM`) with the filters, the cursor and one row more than the page
+/// (to know whether another follows). Returns the SQL, its arguments and
+/// the page size.
+pub fn page_sql(
+    f: &LogFilter,
+    select: &str,
+    id_col: &str,
+    mark: impl Fn(usize) -> String,
+) -> (String, Vec<Arg>, usize) {
+    let (clause, mut args) = filter_clause(f, &mark);
+    let mut sql = format!("{select} WHERE {clause}");
     if let Some(v) = f.cursor {
         args.push(Arg::Int(v));
-        sql.push_str(&format!(" AND id < ?{}", args.len()));
+        sql.push_str(&format!(" AND {id_col} < {}", mark(args.len())));
     }
     let limit = page_size(f);
-    sql.push_str(&format!(" ORDER BY id DESC LIMIT {}", limit + 1));
+    sql.push_str(&format!(" ORDER BY {id_col} DESC LIMIT {}", limit + 1));
+    (sql, args, limit)
+}
+
+/// Newest first, one page. Returns the rows and the cursor of the next page.
+pub fn query(conn: &Connection, f: &LogFilter) -> Result<(Vec<LogRow>, Option<i64>), StoreError> {
+    let (sql, args, limit) = page_sql(f, SELECT, "id", |n| format!("?{n}"));
     let mut stmt = conn.prepare(&sql)?;
     let args = args.into_iter().map(rusqlite::types::Value::from);
     let mut rows: Vec<LogRow> = stmt
