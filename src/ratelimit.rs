@@ -85,13 +85,41 @@ pub struct RateChecks {
     pub quotas: Vec<QuotaCheck>,
 }
 
+/// Which limit a check is: how a 429 names it, worded only when one is
+/// sent (admission stays free of formatting).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limited {
+    /// The gateway key's own rpm/tpm.
+    Key,
+    /// The route's per-key `rate_limit`.
+    Route,
+    /// The route's `rate_limit` per client address (no gateway key).
+    RoutePerClient,
+    /// The key's token quota.
+    Quota(crate::store::keys::QuotaPeriod),
+    /// The key owner's token quota.
+    OwnerQuota(crate::store::keys::QuotaPeriod),
+}
+
+impl Limited {
+    /// The scope named in the 429, on `route`.
+    pub fn describe(self, route: &str) -> String {
+        match self {
+            Limited::Key => "key".into(),
+            Limited::Route => format!("route {route}"),
+            Limited::RoutePerClient => format!("route {route} per client address"),
+            Limited::Quota(p) => format!("token quota per {}", p.as_str()),
+            Limited::OwnerQuota(p) => format!("the owner's token quota per {}", p.as_str()),
+        }
+    }
+}
+
 /// Requests and tokens in the rolling window, per scope.
 #[derive(Debug, Clone)]
 pub struct WindowCheck {
     pub scope: String,
     pub limits: Limits,
-    /// How the 429 names it ("key", "route chat").
-    pub label: String,
+    pub label: Limited,
 }
 
 /// Tokens per quota period (day or month), per scope.
@@ -101,7 +129,7 @@ pub struct QuotaCheck {
     pub tokens: u64,
     /// Unix ms: [start, end) of the current period.
     pub period: (i64, i64),
-    pub label: String,
+    pub label: Limited,
 }
 
 impl RateChecks {
@@ -135,7 +163,7 @@ pub struct Admission {
 /// Which check refused a request, and when to retry (seconds).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
-    pub label: String,
+    pub label: Limited,
     pub retry_after: u64,
 }
 
@@ -181,14 +209,14 @@ impl RateLimiter {
             quotas
                 .check(&q.scope, q.tokens.div_ceil(nodes).max(1), q.period, now_ms as i64)
                 .map_err(|retry_after| Refusal {
-                    label: q.label.clone(),
+                    label: q.label,
                     retry_after,
                 })?;
         }
         for w in &checks.windows {
             self.admit(&w.scope, w.limits.share(nodes as u32), now_ms)
                 .map_err(|retry_after| Refusal {
-                    label: w.label.clone(),
+                    label: w.label,
                     retry_after,
                 })?;
         }

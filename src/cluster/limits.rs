@@ -5,7 +5,7 @@
 use super::{Cluster, ClusterError};
 use crate::{
     config::OnRedisDown,
-    ratelimit::{Admission, Counted, QuotaTracker, RateChecks, RateLimiter, Refusal},
+    ratelimit::{Admission, Counted, Limited, QuotaTracker, RateChecks, RateLimiter, Refusal},
 };
 use serde::Deserialize;
 use std::sync::Arc;
@@ -113,27 +113,28 @@ impl Cluster {
         now_ms: u64,
     ) -> Result<Result<(), Refusal>, ClusterError> {
         let mut keys: Vec<String> = Vec::with_capacity(checks.windows.len() * 3 + checks.quotas.len());
-        // One (kind, limit, cost) triple per limit; `labels[i]` names limit i+1.
+        // One (kind, limit, cost) triple per limit; `labels[i]` names limit
+        // i+1 (with its quota period's end, for a quota).
         let mut limits: Vec<(&str, u64, u64)> = Vec::new();
-        let mut labels: Vec<&str> = Vec::new();
+        let mut labels: Vec<(Limited, Option<i64>)> = Vec::new();
         for w in &checks.windows {
             let [r, t, ta] = window_keys(&w.scope);
             if let Some(rpm) = w.limits.rpm {
                 keys.push(r);
                 limits.push(("r", rpm, 1));
-                labels.push(&w.label);
+                labels.push((w.label, None));
             }
             if let Some(tpm) = w.limits.tpm {
                 keys.push(t);
                 keys.push(ta);
                 limits.push(("t", tpm, reserve));
-                labels.push(&w.label);
+                labels.push((w.label, None));
             }
         }
         for q in &checks.quotas {
             keys.push(quota_key(&q.scope, q.period.0));
             limits.push(("q", q.tokens, 0));
-            labels.push(&q.label);
+            labels.push((q.label, Some(q.period.1)));
         }
         let mut cmd = redis::cmd("FCALL");
         cmd.arg("fastgate_admit_v1")
@@ -148,19 +149,14 @@ impl Cluster {
         let answer: Vec<i64> = self.call(&cmd).await?;
         Ok(match answer.as_slice() {
             [1, index, wait_ms, ..] => {
-                let i = (*index as usize).saturating_sub(1).min(labels.len().saturating_sub(1));
-                let retry_after = if limits.get(i).is_some_and(|l| l.0 == "q") {
-                    let end = checks
-                        .quotas
-                        .iter()
-                        .find(|q| q.label == labels[i])
-                        .map_or(0, |q| q.period.1);
-                    ((end - now_ms as i64).max(0) as u64).div_ceil(1000)
-                } else {
-                    (*wait_ms).max(0) as u64 / 1000 + 1
+                let i = (*index as usize).saturating_sub(1);
+                let (label, quota_end) = labels.get(i).copied().unwrap_or((Limited::Key, None));
+                let retry_after = match quota_end {
+                    Some(end) => ((end - now_ms as i64).max(0) as u64).div_ceil(1000),
+                    None => (*wait_ms).max(0) as u64 / 1000 + 1,
                 };
                 Err(Refusal {
-                    label: labels.get(i).map_or_else(String::new, |l| l.to_string()),
+                    label,
                     retry_after: retry_after.max(1),
                 })
             }

@@ -7,7 +7,7 @@ use crate::{
     auth::{self, AuthError},
     cluster::limits::Denied,
     config::routes_d::{AuthMode, Format},
-    ratelimit::{Admission, Counted, QuotaCheck, RateChecks, WindowCheck},
+    ratelimit::{Admission, Counted, Limited, QuotaCheck, RateChecks, WindowCheck},
     router::Route,
     state::AppState,
     store::now_unix,
@@ -282,7 +282,7 @@ fn rate_checks(
             checks.windows.push(WindowCheck {
                 scope: client_scope(ip, &route.name),
                 limits: route.rate_limit,
-                label: format!("route {} per client address", route.name),
+                label: Limited::RoutePerClient,
             });
         }
         return checks;
@@ -292,7 +292,7 @@ fn rate_checks(
             scope: key.id.clone(),
             tokens,
             period: key.quota_period.bounds(now_ms),
-            label: format!("token quota per {}", key.quota_period.as_str()),
+            label: Limited::Quota(key.quota_period),
         });
     }
     if let Some(q) = &key.user_quota {
@@ -300,7 +300,7 @@ fn rate_checks(
             scope: q.scope.clone(),
             tokens: q.tokens,
             period: q.period.bounds(now_ms),
-            label: format!("the owner's token quota per {}", q.period.as_str()),
+            label: Limited::OwnerQuota(q.period),
         });
     }
     let own = crate::ratelimit::Limits {
@@ -311,14 +311,14 @@ fn rate_checks(
         checks.windows.push(WindowCheck {
             scope: key.id.clone(),
             limits: own,
-            label: "key".into(),
+            label: Limited::Key,
         });
     }
     if !route.rate_limit.is_none() {
         checks.windows.push(WindowCheck {
             scope: route_scope(&key.id, &route.name),
             limits: route.rate_limit,
-            label: format!("route {}", route.name),
+            label: Limited::Route,
         });
     }
     checks
@@ -352,7 +352,12 @@ async fn admit_rate(
             ctx.admission = Some(Admission { checks, counted });
             Ok(())
         }
-        Err(Denied::Limit(r)) => Err(rate_refusal(state, route, &r.label, r.retry_after)),
+        Err(Denied::Limit(r)) => Err(rate_refusal(
+            state,
+            route,
+            &r.label.describe(&route.name),
+            r.retry_after,
+        )),
         Err(Denied::Unavailable) => Err(GatewayError::LimiterUnavailable { retry_after: 1 }),
     }
 }
