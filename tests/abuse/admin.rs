@@ -1,0 +1,1 @@
+//! Attacks on admin: see docs/security.md.

@@ -1,0 +1,1 @@
+//! Attacks on audit: see docs/security.md.

@@ -1,0 +1,1 @@
+//! Attacks on transport: see docs/security.md.

@@ -1,0 +1,1 @@
+//! Attacks on upstream: see docs/security.md.
