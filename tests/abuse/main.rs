@@ -8,5 +8,6 @@ mod common;
 
 mod admin;
 mod audit;
+mod body;
 mod transport;
 mod upstream;
