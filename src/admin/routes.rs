@@ -542,6 +542,8 @@ pub fn explain(
                 "authorization" | "x-api-key" | "x-goog-api-key"
             )
         })
+        // As on the data plane: a header holding a gateway key never goes.
+        .filter(|(k, v)| !crate::auth::header_holds_gateway_key(k.to_ascii_lowercase().as_bytes(), v.as_bytes()))
         .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
         .collect();
     for h in &route.transform.remove_headers {
@@ -575,6 +577,8 @@ pub fn explain(
         "candidates": considered,
         "upstream_request": {
             "method": method.as_str(),
+            // The data plane answers 400 instead of sending such a path.
+            "refused": rewritten_path.as_deref().and_then(|p| rewrite::safe_path(p).err()).map(|e| e.to_string()),
             "path": rewritten_path,
             "headers": sent_headers,
             "body": rewritten_body.or(t.body.clone()),

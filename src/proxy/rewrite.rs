@@ -82,7 +82,8 @@ pub fn forwarded_query(q: &str, drop_key_param: bool) -> std::borrow::Cow<'_, st
 /// backslash (`%2F`, `%5C`, which some servers decode before routing). The
 /// path comes from the client (directly, or through `strip_prefix` and a
 /// `{*rest}` capture) and the pooled key goes with it. No provider API uses
-/// either, so the request is refused rather than normalised.
+/// either, so the request is refused rather than normalised. A path holding
+/// a gateway key is refused too.
 pub fn safe_path(path_and_query: &str) -> Result<(), GatewayError> {
     let path = path_and_query.split(['?', '#']).next().unwrap_or_default();
     let lower = path.to_ascii_lowercase();
@@ -99,6 +100,11 @@ pub fn safe_path(path_and_query: &str) -> Result<(), GatewayError> {
         return Err(GatewayError::UnsafePath(
             "the path holds a '.' or '..' segment, which no upstream API uses".into(),
         ));
+    }
+    // A gateway key never goes upstream, in the path either (the query's
+    // parameters holding one are dropped, not refused: see `forwarded_query`).
+    if auth::holds_gateway_key(path.as_bytes()) {
+        return Err(GatewayError::UnsafePath("the path holds a gateway key".into()));
     }
     Ok(())
 }
@@ -394,6 +400,8 @@ mod tests {
             "/v1beta/models/x%2F..%2Ffiles",
             "/v1/a%5cb",
             "/v1/..",
+            "/v1/fg_a1B2a1B2a1B2a1B2a1B2a1B2a1B2a1B2/chat",
+            "/v1/FG%5Fa1B2a1B2a1B2a1B2a1B2a1B2a1B2a1B2",
         ] {
             assert_eq!(safe_path(bad).unwrap_err().status(), 400, "{bad}");
         }

@@ -293,4 +293,12 @@ async fn upstream_gateway_keys_never_leave_in_any_spelling() {
         "/o/v1/models?a=1&b=2",
         "only the key-bearing parameters went"
     );
+    // In the path: refused (a path cannot lose a segment and keep its meaning).
+    let answer = raw_http(
+        gw.port,
+        &format!("GET /o/v1/files/fg%5F{body} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert_eq!(up.seen().len(), 1, "nothing more reached the upstream");
 }
