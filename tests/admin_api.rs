@@ -1077,12 +1077,10 @@ async fn environment_values_never_leave_through_the_admin_api() {
     const ROUTE_VALUE: &str = "rt-env-route-value-987654321";
     const EXTRA: &str = "fx-env-fastgate-extra-secret-5555";
     let mock = MockUpstream::start().await;
-    let config = format!(
-        "admin:\n  token: ${{ADMIN_TOKEN_VAR}}\nupstreams:\n  oai: {{provider: openai, endpoints: ['{}'], key_pool: p}}\nkey_pools:\n  p: {{keys: ['${{POOL_KEY_VAR}}']}}\n",
-        mock.url()
-    );
+    let config = "admin:\n  token: ${ADMIN_TOKEN_VAR}\nupstreams:\n  oai: {provider: openai, endpoints: ['${UPSTREAM_URL_VAR}'], key_pool: p}\nkey_pools:\n  p: {keys: ['${POOL_KEY_VAR}']}\n";
+    let upstream_url = mock.url();
     let gw = Gateway::start_with_env(
-        &config,
+        config,
         &[(
             "r.yaml",
             "routes:\n  - { name: chat, match: { path: /v1/chat/completions }, format: openai, upstream: oai, transform: { set_headers: { x-route-value: '${ROUTE_VALUE_VAR}', x-admin: 'pw ${FASTGATE_ADMIN_PASSWORD}' } } }\n",
@@ -1092,6 +1090,7 @@ async fn environment_values_never_leave_through_the_admin_api() {
             ("POOL_KEY_VAR", POOL),
             ("ROUTE_VALUE_VAR", ROUTE_VALUE),
             ("FASTGATE_EXTRA_SECRET", EXTRA),
+            ("UPSTREAM_URL_VAR", &upstream_url),
         ],
     )
     .await;
@@ -1139,12 +1138,24 @@ async fn environment_values_never_leave_through_the_admin_api() {
         .await
         .unwrap();
     let everything = format!(
-        "{dry} {} {} {} {yaml}",
+        "{dry} {} {} {} {} {} {yaml}",
         admin.get("/api/routes").await.1,
         admin.get("/api/routes/chat").await.1,
         admin.get("/api/config").await.1,
+        admin.get("/api/upstreams").await.1,
+        admin.get("/api/pools/p/keys").await.1,
     );
     assert_eq!(leaked(&everything), None, "{everything}");
+    // A value that is no secret is shown as its variable too.
+    let (_, ups) = admin.get("/api/upstreams").await;
+    assert!(
+        ups[0]["endpoints"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("${UPSTREAM_URL_VAR}"),
+        "{ups}"
+    );
+    assert!(!everything.contains(&upstream_url), "{everything}");
 
     // Writes may not reference a secret's variable (400 naming it), in JSON or YAML.
     let files_before = std::fs::read_dir(gw.routes_dir()).unwrap().count();
