@@ -174,7 +174,10 @@ const SET_BODY_MAX: usize = 64 * 1024;
 /// Bounds on what a route written through the API may hold, each refusal
 /// naming the field: the file is read on every reload and the route on
 /// every request it matches.
-fn check_limits(route: &RouteConfig) -> Result<(), ApiError> {
+///
+/// The name's charset binds new routes only: a route an operator named in a
+/// file keeps its name through API edits (it is not a new file name).
+fn check_limits(route: &RouteConfig, new: bool) -> Result<(), ApiError> {
     fn walk(v: &Value, field: &str) -> Result<(), ApiError> {
         let too_many = |n: usize| {
             let max = if field == "model_map" {
@@ -220,13 +223,14 @@ fn check_limits(route: &RouteConfig) -> Result<(), ApiError> {
             _ => Ok(()),
         }
     }
-    let name_ok = !route.name.is_empty()
-        && route.name.len() <= NAME_MAX
-        && !route.name.starts_with('.')
-        && route
-            .name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    let name_ok = !new
+        || (!route.name.is_empty()
+            && route.name.len() <= NAME_MAX
+            && !route.name.starts_with('.')
+            && route
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')));
     if !name_ok {
         return Err(ApiError::Invalid(format!(
             "name: 1 to {NAME_MAX} letters, digits, '-', '_' or '.', not starting with '.'"
@@ -262,7 +266,10 @@ async fn apply(s: &Arc<AdminState>, caller: &Caller, edit: RouteEdit, action: &s
         .find(|(_, r)| r.name == name)
         .map(|(f, r)| view(&f, &r));
     if let RouteEdit::Upsert(route) = &edit {
-        check_limits(route)?;
+        // A toggle changes `enabled` only: the rest is the file's as written.
+        if action != "route.toggle" {
+            check_limits(route, before.is_none())?;
+        }
         let mut uses = Vec::new();
         variable_uses(&json!(route), "", &mut uses);
         refuse_secret_variables(s, &uses, before.as_ref()).await?;
