@@ -83,16 +83,73 @@ pub fn extract_credential<'a>(
 }
 
 /// Whether `text` holds something shaped like a gateway key (`fg_` and 32
-/// base62 characters), wherever in the text: such a value never goes upstream.
+/// base62 characters), wherever in the text and however it is spelt: such a
+/// value never goes upstream. Spellings found: as is; percent-encoded, in
+/// part or whole, up to three layers deep (`fg%5F…`, `%66%67%5f…`,
+/// `fg%255F…`); the prefix in any case (`FG_`, `Fg_`). The 32 characters
+/// after it are base62, where case is part of the key, so they are matched
+/// as written (an ASCII letter or digit each). A false positive only drops
+/// one parameter or header, so the test leans toward finding.
 pub fn holds_gateway_key(text: &[u8]) -> bool {
+    if raw_holds_key(text) {
+        return true;
+    }
+    // Percent-decoding only when there is something to decode.
+    let mut layer = std::borrow::Cow::Borrowed(text);
+    for _ in 0..3 {
+        if memchr::memchr(b'%', &layer).is_none() {
+            return false;
+        }
+        let decoded: Vec<u8> = percent_encoding::percent_decode(&layer).collect();
+        if decoded.len() == layer.len() {
+            return false; // nothing was a valid escape
+        }
+        if raw_holds_key(&decoded) {
+            return true;
+        }
+        layer = std::borrow::Cow::Owned(decoded);
+    }
+    false
+}
+
+/// [`holds_gateway_key`] on the bytes as they are: an `fg_` in any case,
+/// then 32 ASCII letters or digits.
+fn raw_holds_key(text: &[u8]) -> bool {
     const BODY: usize = 32;
-    // Built once: this runs on every header of every request.
-    static PREFIX: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
-        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(store::keys::KEY_PREFIX.as_bytes()));
-    PREFIX.find_iter(text).any(|at| {
-        let rest = &text[at + store::keys::KEY_PREFIX.len()..];
-        rest.len() >= BODY && rest[..BODY].iter().all(u8::is_ascii_alphanumeric)
+    let prefix = store::keys::KEY_PREFIX.as_bytes();
+    let underscore = prefix.len() - 1;
+    memchr::memchr_iter(b'_', text).any(|at| {
+        at >= underscore
+            && text[at - underscore..at].eq_ignore_ascii_case(&prefix[..underscore])
+            && text
+                .get(at + 1..at + 1 + BODY)
+                .is_some_and(|body| body.iter().all(u8::is_ascii_alphanumeric))
     })
+}
+
+/// Whether a request header carries a gateway key anywhere: in its name, in
+/// its value (every spelling of [`holds_gateway_key`]; `Cookie` values
+/// included), or inside `Authorization: Basic` (base64 of `user:password`,
+/// where SDKs that take a URL with credentials put a key).
+pub fn header_holds_gateway_key(name: &[u8], value: &[u8]) -> bool {
+    use base64::Engine as _;
+    if holds_gateway_key(name) || holds_gateway_key(value) {
+        return true;
+    }
+    let Some(basic) = value
+        .get(..6)
+        .filter(|p| p.eq_ignore_ascii_case(b"basic "))
+        .map(|_| value[6..].trim_ascii())
+    else {
+        return false;
+    };
+    [
+        base64::engine::general_purpose::STANDARD,
+        base64::engine::general_purpose::STANDARD_NO_PAD,
+    ]
+    .iter()
+    .filter_map(|engine| engine.decode(basic).ok())
+    .any(|plain| holds_gateway_key(&plain))
 }
 
 /// A key, and until when this hash of it is accepted (previous secrets during
@@ -252,6 +309,34 @@ mod tests {
         assert!(!holds_gateway_key(b"fg_short"));
         assert!(!holds_gateway_key(b"sk-proj-fg_notakey"));
         assert!(!holds_gateway_key(b""));
+        // Other spellings of the same key.
+        let body = "a1B2".repeat(8);
+        for spelt in [
+            format!("fg%5F{body}"),
+            format!("%66%67%5f{body}"),
+            format!("fg%255F{body}"),
+            format!("FG_{body}"),
+            format!("Fg%5f{body}"),
+            format!("fg_%61{}", &body[1..]),
+        ] {
+            assert!(holds_gateway_key(spelt.as_bytes()), "{spelt}");
+        }
+        assert!(!holds_gateway_key(format!("fg%5G{body}").as_bytes()));
+        assert!(!holds_gateway_key(b"%%%%"));
+    }
+
+    #[test]
+    fn gateway_keys_are_found_in_header_names_and_basic_credentials() {
+        use base64::Engine as _;
+        let key = format!("fg_{}", "a1B2".repeat(8));
+        let basic = base64::engine::general_purpose::STANDARD.encode(format!("user:{key}"));
+        assert!(header_holds_gateway_key(
+            b"authorization",
+            format!("Basic {basic}").as_bytes()
+        ));
+        assert!(header_holds_gateway_key(b"cookie", format!("a=1; fg={key}").as_bytes()));
+        assert!(header_holds_gateway_key(key.to_ascii_lowercase().as_bytes(), b"1"));
+        assert!(!header_holds_gateway_key(b"authorization", b"Basic dXNlcjpwYXNz"));
     }
     use http::HeaderValue;
 

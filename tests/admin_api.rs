@@ -1063,3 +1063,181 @@ async fn a_long_stats_query_does_not_hold_up_the_rest_of_the_admin_api() {
         "/api/keys while a {stats_took:?} stats query runs: {keys_ms:?} ms"
     );
 }
+
+/// Values interpolated from the environment never come back through the
+/// admin API (route list/get/yaml, the dry run, `/api/config`, error
+/// messages), and a route written through the API cannot reference a
+/// secret's variable: `FASTGATE_*`, or one the config file uses for the
+/// admin token, pool keys or secrets. Operator-written `${VAR}` still works
+/// on the data plane.
+#[tokio::test]
+async fn environment_values_never_leave_through_the_admin_api() {
+    const POOL: &str = "sk-env-pool-secret-0123456789";
+    const TOKEN: &str = "env-static-admin-token-abcdefghijklmnopqrstuvwxyz";
+    const ROUTE_VALUE: &str = "rt-env-route-value-987654321";
+    const EXTRA: &str = "fx-env-fastgate-extra-secret-5555";
+    let mock = MockUpstream::start().await;
+    let config = "admin:\n  token: ${ADMIN_TOKEN_VAR}\nupstreams:\n  oai: {provider: openai, endpoints: ['${UPSTREAM_URL_VAR}'], key_pool: p}\nkey_pools:\n  p: {keys: ['${POOL_KEY_VAR}']}\n";
+    let upstream_url = mock.url();
+    let gw = Gateway::start_with_env(
+        config,
+        &[(
+            "r.yaml",
+            "routes:\n  - { name: chat, match: { path: /v1/chat/completions }, format: openai, upstream: oai, transform: { set_headers: { x-route-value: '${ROUTE_VALUE_VAR}', x-admin: 'pw ${FASTGATE_ADMIN_PASSWORD}' } } }\n",
+        )],
+        &[
+            ("ADMIN_TOKEN_VAR", TOKEN),
+            ("POOL_KEY_VAR", POOL),
+            ("ROUTE_VALUE_VAR", ROUTE_VALUE),
+            ("FASTGATE_EXTRA_SECRET", EXTRA),
+            ("UPSTREAM_URL_VAR", &upstream_url),
+        ],
+    )
+    .await;
+    let admin = Api {
+        base: gw.admin_url(""),
+        token: TOKEN.to_string(),
+        c: reqwest::Client::new(),
+    };
+    let secrets = [POOL, TOKEN, ROUTE_VALUE, EXTRA, ADMIN_PASSWORD];
+    let leaked = |text: &str| secrets.iter().find(|s| text.contains(*s)).map(|s| s.to_string());
+
+    // The data plane still gets the operator's values.
+    let (_, key) = admin.post("/api/keys", json!({"name": "k"})).await;
+    let secret = key["secret"].as_str().unwrap().to_string();
+    gw.wait_key(&secret, "/v1/chat/completions").await;
+    let r = reqwest::Client::new()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(&secret)
+        .json(&json!({"model": "gpt-4o", "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(mock.last().header("x-route-value"), Some(ROUTE_VALUE));
+
+    // Every read: masked as `${NAME}`.
+    let (status, dry) = admin
+        .post(
+            "/api/routes/test",
+            json!({"path": "/v1/chat/completions", "body": {"model": "gpt-4o"}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{dry}");
+    let sent = &dry["upstream_request"]["headers"];
+    assert_eq!(sent["x-route-value"], "${ROUTE_VALUE_VAR}", "{dry}");
+    assert_eq!(sent["x-admin"], "pw ${FASTGATE_ADMIN_PASSWORD}", "{dry}");
+    let yaml = admin
+        .c
+        .get(gw.admin_url("/api/routes/chat/yaml"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let everything = format!(
+        "{dry} {} {} {} {} {} {yaml}",
+        admin.get("/api/routes").await.1,
+        admin.get("/api/routes/chat").await.1,
+        admin.get("/api/config").await.1,
+        admin.get("/api/upstreams").await.1,
+        admin.get("/api/pools/p/keys").await.1,
+    );
+    assert_eq!(leaked(&everything), None, "{everything}");
+    // A value that is no secret is shown as its variable too.
+    let (_, ups) = admin.get("/api/upstreams").await;
+    assert!(
+        ups[0]["endpoints"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("${UPSTREAM_URL_VAR}"),
+        "{ups}"
+    );
+    assert!(!everything.contains(&upstream_url), "{everything}");
+
+    // Writes may not reference a secret's variable (400 naming it), in JSON or YAML.
+    let files_before = std::fs::read_dir(gw.routes_dir()).unwrap().count();
+    for var in [
+        "FASTGATE_ADMIN_PASSWORD",
+        "FASTGATE_EXTRA_SECRET",
+        "POOL_KEY_VAR",
+        "ADMIN_TOKEN_VAR",
+    ] {
+        let route = json!({"name": "steal", "match": {"path": "/steal"}, "upstream": "oai",
+            "transform": {"set_headers": {"x-a": format!("${{{var}}}")}}});
+        let (status, body) = admin.post("/api/routes", route).await;
+        assert_eq!(status, 400, "{var}: {body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains(var) && message.contains("transform.set_headers.x-a"),
+            "{message}"
+        );
+        let text = format!(
+            "routes:\n  - {{ name: steal, match: {{ path: /steal }}, upstream: oai, transform: {{ rewrite_path: '/${{{var}:-x}}' }} }}\n"
+        );
+        let r = admin
+            .c
+            .put(gw.admin_url("/api/routes/steal/yaml"))
+            .bearer_auth(TOKEN)
+            .body(text)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{var}");
+        assert_eq!(leaked(&r.text().await.unwrap()), None);
+    }
+    assert_eq!(
+        std::fs::read_dir(gw.routes_dir()).unwrap().count(),
+        files_before,
+        "nothing written"
+    );
+    // An operator's existing reference survives an API edit of the same route.
+    let (status, toggled) = admin.post("/api/routes/chat/toggle", json!({})).await;
+    assert_eq!(status, 200, "{toggled}");
+    assert_eq!(leaked(&toggled.to_string()), None);
+    // Other variables are fine, and masked when read back.
+    let (status, created) = admin
+        .post(
+            "/api/routes",
+            json!({"name": "ok", "match": {"path": "/ok"}, "upstream": "oai",
+                "transform": {"set_headers": {"x-b": "${ROUTE_VALUE_VAR}"}}}),
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+
+    // Field bounds, each refusal naming the field.
+    for (route, field) in [
+        (
+            json!({"name": "n".repeat(200), "match": {"path": "/n"}, "upstream": "oai"}),
+            "name",
+        ),
+        (
+            json!({"name": "../evil", "match": {"path": "/n"}, "upstream": "oai"}),
+            "name",
+        ),
+        (
+            json!({"name": "big", "match": {"path": format!("/{}", "p".repeat(9000))}, "upstream": "oai"}),
+            "match.path",
+        ),
+        (
+            json!({"name": "big", "match": {"path": "/b"}, "upstream": "oai",
+                "transform": {"set_headers": {"x-a": "v".repeat(9000)}}}),
+            "transform.set_headers.x-a",
+        ),
+        (
+            json!({"name": "big", "match": {"path": "/b"}, "upstream": "oai",
+                "transform": {"remove_headers": vec!["x"; 100]}}),
+            "transform.remove_headers",
+        ),
+    ] {
+        let (status, body) = admin.post("/api/routes", route).await;
+        assert_eq!(status, 400, "{field}: {body}");
+        assert!(
+            body["error"]["message"].as_str().unwrap().starts_with(field),
+            "{field}: {body}"
+        );
+    }
+    assert_eq!(std::fs::read_dir(gw.routes_dir()).unwrap().count(), files_before + 1);
+}

@@ -338,7 +338,10 @@ async fn audit_write(
 
 pub async fn upstreams(caller: Caller, State(s): State<Arc<AdminState>>) -> Result<Json<Value>, ApiError> {
     caller.require_admin()?;
-    Ok(Json(Value::Array(upstreams_json(&s.app.runtime.load()))))
+    let mut list = Value::Array(upstreams_json(&s.app.runtime.load()));
+    // Endpoints written as `${VAR}` are shown so.
+    super::routes::env_mask(&s).await?.mask_json(&mut list);
+    Ok(Json(list))
 }
 
 /// Every upstream with its endpoints, addresses (and their health) and

@@ -5,7 +5,10 @@
 
 use super::{AdminState, error::ApiError, session::Caller};
 use crate::{
-    config::routes_d::{self, RouteConfig, RouteEdit, RouteEditError},
+    config::{
+        env::{self, EnvMask},
+        routes_d::{self, RouteConfig, RouteEdit, RouteEditError},
+    },
     proxy::{intake, rewrite},
 };
 use axum::{
@@ -51,7 +54,9 @@ pub async fn list(caller: Caller, State(s): State<Arc<AdminState>>) -> Result<Js
     caller.require_admin()?;
     let routes: Vec<Value> = read_all(&s).await?.iter().map(|(f, r)| view(f, r)).collect();
     let reload = s.app.reload.lock().clone();
-    Ok(Json(json!({"routes": routes, "last_reload_error": reload.last_error})))
+    let mut out = json!({"routes": routes, "last_reload_error": reload.last_error});
+    env_mask(&s).await?.mask_json(&mut out);
+    Ok(Json(out))
 }
 
 pub async fn get(
@@ -60,12 +65,185 @@ pub async fn get(
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     caller.require_admin()?;
-    read_all(&s)
+    let mut out = read_all(&s)
         .await?
         .iter()
         .find(|(_, r)| r.name == name)
-        .map(|(f, r)| Json(view(f, r)))
-        .ok_or_else(|| ApiError::NotFound(format!("no route named {name:?}")))
+        .map(|(f, r)| view(f, r))
+        .ok_or_else(|| ApiError::NotFound(format!("no route named {name:?}")))?;
+    env_mask(&s).await?.mask_json(&mut out);
+    Ok(Json(out))
+}
+
+/// The mask for values that came from the environment: every variable the
+/// config file and the route files reference, and every `FASTGATE_*` one.
+/// Read afresh (the files change under the API) on a blocking thread.
+pub(super) async fn env_mask(s: &AdminState) -> Result<EnvMask, ApiError> {
+    let config_path = s.app.config.path.clone();
+    let dir = s.app.config.routes_dir.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut names: Vec<String> = std::env::vars_os()
+            .filter_map(|(k, _)| k.into_string().ok())
+            .filter(|k| k.starts_with("FASTGATE_"))
+            .collect();
+        let mut texts: Vec<String> = std::fs::read_to_string(&config_path).into_iter().collect();
+        for file in routes_d::route_files(&dir).unwrap_or_default() {
+            texts.extend(std::fs::read_to_string(file));
+        }
+        for t in &texts {
+            names.extend(env::referenced(t));
+        }
+        EnvMask::new(names, |n| std::env::var(n).ok())
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))
+}
+
+/// Every `${NAME}` in a route's strings (and map keys), with the field it is in.
+fn variable_uses(v: &Value, field: &str, out: &mut Vec<(String, String)>) {
+    match v {
+        Value::String(text) => out.extend(env::referenced(text).into_iter().map(|n| (field.to_string(), n))),
+        Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                variable_uses(item, &format!("{field}[{i}]"), out);
+            }
+        }
+        Value::Object(map) => {
+            for (k, item) in map {
+                let at = if field.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{field}.{k}")
+                };
+                out.extend(env::referenced(k).into_iter().map(|n| (at.clone(), n)));
+                variable_uses(item, &at, out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Refuse a route written through the API that references a secret's
+/// variable (`FASTGATE_*`, or one the config file uses under `secrets`,
+/// `admin`, `database`, `cluster` or `key_pools.*.keys`) which the route's
+/// version on disk did not already use: such a route would carry the value
+/// to an upstream the admin chooses. Operators still write them in files.
+async fn refuse_secret_variables(
+    s: &AdminState,
+    uses: &[(String, String)],
+    before: Option<&Value>,
+) -> Result<(), ApiError> {
+    let config_path = s.app.config.path.clone();
+    let secret = tokio::task::spawn_blocking(move || {
+        std::fs::read_to_string(config_path)
+            .map(|t| env::secret_vars(&t))
+            .unwrap_or_default()
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let mut had = Vec::new();
+    if let Some(b) = before {
+        variable_uses(b, "", &mut had);
+    }
+    if let Some((field, name)) = uses
+        .iter()
+        .find(|(_, n)| env::is_secret_var(n, &secret) && !had.iter().any(|(_, h)| h == n))
+    {
+        return Err(ApiError::Invalid(format!(
+            "{field}: a route written through the admin API may not reference ${{{name}}} \
+             (FASTGATE_* variables and those the config file uses under secrets, admin, database, \
+             cluster or key_pools.*.keys hold secrets); write it in a routes.d file instead"
+        )));
+    }
+    Ok(())
+}
+
+/// Longest route name; names become file names (`routes.d/{name}.yaml`).
+const NAME_MAX: usize = 128;
+/// Longest header name (map key) in a route.
+const KEY_MAX: usize = 256;
+/// Longest other string (paths, templates, header values, model names).
+const TEXT_MAX: usize = 8 * 1024;
+/// Most entries in one list or map of a route (`model_map` excepted).
+const ENTRIES_MAX: usize = 64;
+/// Most `model_map` entries.
+const MODEL_MAP_MAX: usize = 1024;
+/// Largest `set_body`, serialized.
+const SET_BODY_MAX: usize = 64 * 1024;
+
+/// Bounds on what a route written through the API may hold, each refusal
+/// naming the field: the file is read on every reload and the route on
+/// every request it matches.
+///
+/// The name's charset binds new routes only: a route an operator named in a
+/// file keeps its name through API edits (it is not a new file name).
+fn check_limits(route: &RouteConfig, new: bool) -> Result<(), ApiError> {
+    fn walk(v: &Value, field: &str) -> Result<(), ApiError> {
+        let too_many = |n: usize| {
+            let max = if field == "model_map" {
+                MODEL_MAP_MAX
+            } else {
+                ENTRIES_MAX
+            };
+            (n > max).then(|| ApiError::Invalid(format!("{field}: at most {max} entries")))
+        };
+        match v {
+            Value::String(t) if t.len() > TEXT_MAX => {
+                Err(ApiError::Invalid(format!("{field}: at most {TEXT_MAX} bytes")))
+            }
+            Value::Array(items) => {
+                if let Some(e) = too_many(items.len()) {
+                    return Err(e);
+                }
+                items
+                    .iter()
+                    .enumerate()
+                    .try_for_each(|(i, item)| walk(item, &format!("{field}[{i}]")))
+            }
+            Value::Object(map) => {
+                if let Some(e) = too_many(map.len()) {
+                    return Err(e);
+                }
+                for (k, item) in map {
+                    let at = if field.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{field}.{k}")
+                    };
+                    if k.len() > KEY_MAX {
+                        return Err(ApiError::Invalid(format!("{field}: a key longer than {KEY_MAX} bytes")));
+                    }
+                    if at == "transform.set_body" {
+                        continue; // bounded as a whole below
+                    }
+                    walk(item, &at)?;
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+    let name_ok = !new
+        || (!route.name.is_empty()
+            && route.name.len() <= NAME_MAX
+            && !route.name.starts_with('.')
+            && route
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')));
+    if !name_ok {
+        return Err(ApiError::Invalid(format!(
+            "name: 1 to {NAME_MAX} letters, digits, '-', '_' or '.', not starting with '.'"
+        )));
+    }
+    if let Some(body) = &route.transform.set_body
+        && body.to_string().len() > SET_BODY_MAX
+    {
+        return Err(ApiError::Invalid(format!(
+            "transform.set_body: at most {SET_BODY_MAX} bytes"
+        )));
+    }
+    walk(&json!(route), "")
 }
 
 /// Apply an edit, record it, reload the live table.
@@ -87,6 +265,15 @@ async fn apply(s: &Arc<AdminState>, caller: &Caller, edit: RouteEdit, action: &s
         .into_iter()
         .find(|(_, r)| r.name == name)
         .map(|(f, r)| view(&f, &r));
+    if let RouteEdit::Upsert(route) = &edit {
+        // A toggle changes `enabled` only: the rest is the file's as written.
+        if action != "route.toggle" {
+            check_limits(route, before.is_none())?;
+        }
+        let mut uses = Vec::new();
+        variable_uses(&json!(route), "", &mut uses);
+        refuse_secret_variables(s, &uses, before.as_ref()).await?;
+    }
     let app = s.app.clone();
     let e = edit.clone();
     let file = tokio::task::spawn_blocking(move || {
@@ -96,7 +283,17 @@ async fn apply(s: &Arc<AdminState>, caller: &Caller, edit: RouteEdit, action: &s
         Ok::<_, RouteEditError>(file)
     })
     .await
-    .map_err(|e| ApiError::Internal(e.to_string()))??;
+    .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let file = match file {
+        Ok(f) => f,
+        // Compile errors may quote interpolated text.
+        Err(RouteEditError::Invalid(errors)) => {
+            return Err(ApiError::Invalid(
+                env_mask(s).await?.mask_str(&errors.to_string()).into_owned(),
+            ));
+        }
+        Err(e) => return Err(e.into()),
+    };
     let after = match &edit {
         RouteEdit::Upsert(r) => Some(view(&file, r)),
         RouteEdit::Delete(_) => None,
@@ -105,7 +302,9 @@ async fn apply(s: &Arc<AdminState>, caller: &Caller, edit: RouteEdit, action: &s
     let (b, a) = (before.clone(), after.clone());
     s.db(move |c| crate::store::admin_audit::record(c, &actor, &action, Some(&target), b.as_ref(), a.as_ref()))
         .await?;
-    Ok(after.unwrap_or(Value::Null))
+    let mut out = after.unwrap_or(Value::Null);
+    env_mask(s).await?.mask_json(&mut out);
+    Ok(out)
 }
 
 pub async fn create(
@@ -187,11 +386,8 @@ pub async fn get_yaml(
         .find(|(_, r)| r.name == name)
         .map(|(_, r)| r)
         .ok_or_else(|| ApiError::NotFound(format!("no route named {name:?}")))?;
-    Ok((
-        [(header::CONTENT_TYPE, "application/yaml")],
-        routes_d::route_yaml(&route),
-    )
-        .into_response())
+    let yaml = env_mask(&s).await?.mask_str(&routes_d::route_yaml(&route)).into_owned();
+    Ok(([(header::CONTENT_TYPE, "application/yaml")], yaml).into_response())
 }
 
 /// `PUT /api/routes/{name}/yaml`: create or replace the route from the text
@@ -204,6 +400,19 @@ pub async fn put_yaml(
     text: String,
 ) -> Result<Response, ApiError> {
     caller.require_admin()?;
+    // Checked before the text is interpolated and compiled, so that no
+    // error message can carry a secret's value.
+    let before = read_all(&s)
+        .await?
+        .into_iter()
+        .find(|(_, r)| r.name == name)
+        .map(|(f, r)| view(&f, &r));
+    let uses: Vec<(String, String)> = env::referenced(&text)
+        .into_iter()
+        .map(|n| ("yaml".to_string(), n))
+        .collect();
+    refuse_secret_variables(&s, &uses, before.as_ref()).await?;
+    let mask = env_mask(&s).await?;
     let config = s.app.runtime.load().file.clone();
     let route = match routes_d::parse_route_yaml(&text, &config) {
         Ok(r) => r,
@@ -211,11 +420,11 @@ pub async fn put_yaml(
             let diagnostics: Vec<Value> = errors
                 .0
                 .iter()
-                .map(|d| json!({"line": d.line, "message": d.message}))
+                .map(|d| json!({"line": d.line, "message": mask.mask_str(&d.message)}))
                 .collect();
             let body = json!({"error": {
                 "code": "invalid",
-                "message": errors.0.iter().map(|d| format!("line {}: {}", d.line, d.message)).collect::<Vec<_>>().join("\n"),
+                "message": mask.mask_str(&errors.0.iter().map(|d| format!("line {}: {}", d.line, d.message)).collect::<Vec<_>>().join("\n")),
                 "diagnostics": diagnostics,
             }});
             return Ok((StatusCode::BAD_REQUEST, Json(body)).into_response());
@@ -258,7 +467,10 @@ pub async fn test(
 ) -> Result<Json<Value>, ApiError> {
     caller.require_admin()?;
     let table = s.app.routes.load_full();
-    explain(&table, &s.app.runtime.load().upstreams, &t).map(Json)
+    let mut out = explain(&table, &s.app.runtime.load().upstreams, &t)?;
+    // The rewritten request is built from the live, interpolated routes.
+    env_mask(&s).await?.mask_json(&mut out);
+    Ok(Json(out))
 }
 
 /// Which route `t` would take, why, and the request the upstream would get.
@@ -337,6 +549,8 @@ pub fn explain(
                 "authorization" | "x-api-key" | "x-goog-api-key"
             )
         })
+        // As on the data plane: a header holding a gateway key never goes.
+        .filter(|(k, v)| !crate::auth::header_holds_gateway_key(k.to_ascii_lowercase().as_bytes(), v.as_bytes()))
         .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
         .collect();
     for h in &route.transform.remove_headers {
@@ -370,6 +584,8 @@ pub fn explain(
         "candidates": considered,
         "upstream_request": {
             "method": method.as_str(),
+            // The data plane answers 400 instead of sending such a path.
+            "refused": rewritten_path.as_deref().and_then(|p| rewrite::safe_path(p).err()).map(|e| e.to_string()),
             "path": rewritten_path,
             "headers": sent_headers,
             "body": rewritten_body.or(t.body.clone()),

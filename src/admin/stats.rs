@@ -241,6 +241,8 @@ pub async fn config(caller: Caller, State(s): State<Arc<AdminState>>) -> Result<
     file.key_pools = runtime.file.key_pools.clone();
     let mut v = json!(file);
     v["path"] = Value::String(s.app.config.path.display().to_string());
+    // Values interpolated from the environment are shown as `${NAME}`.
+    super::routes::env_mask(&s).await?.mask_json(&mut v);
     Ok(Json(v))
 }
 

@@ -64,6 +64,145 @@ fn comment_start(line: &str) -> usize {
     line.len()
 }
 
+/// The variables `text` references (`${NAME}`, `${NAME:-default}`), outside
+/// comments and `$$` escapes, each once, in order of first use.
+pub fn referenced(text: &str) -> Vec<String> {
+    let mut names: Vec<String> = Vec::new();
+    for line in text.split_inclusive('\n') {
+        let line = &line[..comment_start(line)];
+        for c in VAR.captures_iter(line) {
+            if let Some(name) = c.get(1)
+                && !names.iter().any(|n| n == name.as_str())
+            {
+                names.push(name.as_str().to_string());
+            }
+        }
+    }
+    names
+}
+
+/// Sections of the main config file whose variables hold secrets: the
+/// master key, the admin token and JWT secret, pool keys, database and
+/// cluster credentials (a Redis or Postgres URL carries a password).
+const SECRET_SECTIONS: [&str; 4] = ["secrets", "admin", "database", "cluster"];
+
+/// The variables the main config file (its raw, uninterpolated `text`)
+/// uses for secrets: everything referenced under [`SECRET_SECTIONS`] and
+/// under `key_pools.*.keys`. With every `FASTGATE_*` variable, these are
+/// what a route written through the admin API may not reference: the route
+/// would carry the value to an upstream or into a dry run.
+pub fn secret_vars(text: &str) -> Vec<String> {
+    fn strings(v: &serde_norway::Value, out: &mut Vec<String>) {
+        match v {
+            serde_norway::Value::String(s) => out.push(s.clone()),
+            serde_norway::Value::Sequence(items) => items.iter().for_each(|i| strings(i, out)),
+            serde_norway::Value::Mapping(m) => m.values().for_each(|i| strings(i, out)),
+            serde_norway::Value::Tagged(t) => strings(&t.value, out),
+            _ => {}
+        }
+    }
+    // Comments hold no values; dropping them keeps `# ${X}` out of the list.
+    let Ok(doc) = serde_norway::from_str::<serde_norway::Value>(text) else {
+        return Vec::new();
+    };
+    let mut values = Vec::new();
+    for section in SECRET_SECTIONS {
+        if let Some(v) = doc.get(section) {
+            strings(v, &mut values);
+        }
+    }
+    if let Some(serde_norway::Value::Mapping(pools)) = doc.get("key_pools") {
+        for pool in pools.values() {
+            if let Some(keys) = pool.get("keys") {
+                strings(keys, &mut values);
+            }
+        }
+    }
+    let mut names = Vec::new();
+    for v in &values {
+        for name in referenced(v) {
+            if !names.contains(&name) {
+                names.push(name);
+            }
+        }
+    }
+    names
+}
+
+/// Whether a route written through the admin API may reference `name`.
+pub fn is_secret_var(name: &str, secret_vars: &[String]) -> bool {
+    name.starts_with("FASTGATE_") || secret_vars.iter().any(|v| v == name)
+}
+
+/// Values shorter than this are masked only where they are a whole string:
+/// masking `1` inside every number would garble an answer and protects
+/// nothing (no secret is that short).
+const MASK_MIN: usize = 8;
+
+/// Masks values that came from the environment wherever the admin API
+/// would show them: each is replaced by `${NAME}`, what the operator wrote.
+/// Interpolation happens on the raw text (line numbers stay right), so the
+/// values are found again by content rather than tracked through parsing.
+#[derive(Debug, Default, Clone)]
+pub struct EnvMask {
+    /// (value, `${NAME}`), longest value first so that a value holding
+    /// another is replaced whole.
+    values: Vec<(String, String)>,
+}
+
+impl EnvMask {
+    /// A mask for the variables `names`, read with `lookup` (unset and
+    /// empty ones mask nothing).
+    pub fn new(names: impl IntoIterator<Item = String>, lookup: impl Fn(&str) -> Option<String>) -> Self {
+        let mut values: Vec<(String, String)> = names
+            .into_iter()
+            .filter_map(|n| lookup(&n).filter(|v| !v.is_empty()).map(|v| (v, format!("${{{n}}}"))))
+            .collect();
+        values.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.0.cmp(&b.0)));
+        values.dedup_by(|a, b| a.0 == b.0);
+        EnvMask { values }
+    }
+
+    /// `text` with every environment value replaced by its `${NAME}`.
+    pub fn mask_str<'a>(&self, text: &'a str) -> std::borrow::Cow<'a, str> {
+        let mut out = std::borrow::Cow::Borrowed(text);
+        for (value, name) in &self.values {
+            if value.len() < MASK_MIN {
+                if out == value.as_str() {
+                    out = std::borrow::Cow::Owned(name.clone());
+                }
+            } else if out.contains(value.as_str()) {
+                out = std::borrow::Cow::Owned(out.replace(value.as_str(), name));
+            }
+        }
+        out
+    }
+
+    /// Mask every string (and object key) of a JSON answer in place.
+    pub fn mask_json(&self, v: &mut serde_json::Value) {
+        use serde_json::Value;
+        if self.values.is_empty() {
+            return;
+        }
+        match v {
+            Value::String(s) => {
+                if let std::borrow::Cow::Owned(m) = self.mask_str(s) {
+                    *s = m;
+                }
+            }
+            Value::Array(items) => items.iter_mut().for_each(|i| self.mask_json(i)),
+            Value::Object(map) => {
+                let old = std::mem::take(map);
+                for (k, mut val) in old {
+                    self.mask_json(&mut val);
+                    map.insert(self.mask_str(&k).into_owned(), val);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -109,5 +248,38 @@ mod tests {
                 }
             ]
         );
+    }
+
+    #[test]
+    fn secret_variables_are_named_by_their_section() {
+        let text = "admin:\n  token: ${ADMIN_TOK}\nsecrets: {master_key: \"${MK:-x}\"}\nkey_pools:\n  p:\n    keys: ['${POOL_A}', {key: '${POOL_B}', weight: 2}]\n    strategy: round_robin\nupstreams:\n  u: {provider: openai, endpoints: ['${BASE}']}\n# admin: ${IN_COMMENT}\n";
+        assert_eq!(secret_vars(text), ["MK", "ADMIN_TOK", "POOL_A", "POOL_B"]);
+        assert!(is_secret_var("FASTGATE_ANYTHING", &[]));
+        assert!(is_secret_var("POOL_B", &secret_vars(text)));
+        assert!(!is_secret_var("BASE", &secret_vars(text)));
+        assert_eq!(referenced("a: ${A} $${B} ${C:-d} ${A} # ${E}"), ["A", "C"]);
+    }
+
+    #[test]
+    fn the_mask_replaces_values_with_their_names() {
+        let lookup = |n: &str| match n {
+            "LONG" => Some("secret-value".to_string()),
+            "LONGER" => Some("secret-value-2".to_string()),
+            other => env(other),
+        };
+        let names = ["LONG", "LONGER", "SET", "EMPTY", "NOPE"].map(String::from);
+        let mask = EnvMask::new(names, lookup);
+        assert_eq!(mask.mask_str("Bearer secret-value!"), "Bearer ${LONG}!");
+        assert_eq!(mask.mask_str("secret-value-2"), "${LONGER}", "the longer value first");
+        assert_eq!(mask.mask_str("a value"), "a value", "short values only when whole");
+        let mut v = serde_json::json!({"h": {"x": "value", "secret-value": 1}, "l": ["asecret-valuea", 3]});
+        mask.mask_json(&mut v);
+        assert_eq!(
+            v,
+            serde_json::json!({"h": {"x": "${SET}", "${LONG}": 1}, "l": ["a${LONG}a", 3]})
+        );
+        let short = EnvMask::new(["S".to_string()], |_| Some("1".into()));
+        assert_eq!(short.mask_str("1"), "${S}");
+        assert_eq!(short.mask_str("x1"), "x1");
     }
 }

@@ -5,7 +5,7 @@
 //! The file types here are plain data. `router` and `upstream` compile them
 //! into the runtime forms the proxy uses.
 
-mod env;
+pub mod env;
 pub mod routes_d;
 pub mod values;
 

@@ -14,6 +14,7 @@ pub mod anthropic;
 pub mod embeddings;
 pub mod gemini;
 pub mod ir;
+pub mod model_id;
 pub mod openai;
 pub mod sse;
 pub mod stream;

@@ -10,6 +10,7 @@ use crate::{
     convert::{
         ConvertError, Loss, anthropic, gemini,
         ir::ChatRequest,
+        model_id,
         openai::{self, ToolNames},
         stream::{self, Converter},
     },
@@ -119,8 +120,11 @@ pub fn plan(
     let upstream_path = match upstream {
         Format::Openai => "/v1/chat/completions".to_string(),
         Format::Anthropic => "/v1/messages".to_string(),
-        _ if req.stream => format!("/v1beta/models/{}:streamGenerateContent?alt=sse", req.model),
-        _ => format!("/v1beta/models/{}:generateContent", req.model),
+        _ if req.stream => format!(
+            "/v1beta/models/{}:streamGenerateContent?alt=sse",
+            model_id::path_segment(&req.model)?
+        ),
+        _ => format!("/v1beta/models/{}:generateContent", model_id::path_segment(&req.model)?),
     };
     Ok(Some(Plan {
         op: Op::Chat,
@@ -162,7 +166,10 @@ fn embeddings_plan(
     let (body, path) = match upstream {
         Format::Gemini => (
             e::encode_gemini(&req),
-            format!("/v1beta/models/{}:batchEmbedContents", req.model),
+            format!(
+                "/v1beta/models/{}:batchEmbedContents",
+                model_id::path_segment(&req.model)?
+            ),
         ),
         Format::Openai => (e::encode_openai(&req), "/v1/embeddings".to_string()),
         _ => {
@@ -225,10 +232,11 @@ fn count_plan(
         }
         Format::Gemini => {
             let mut inner = gemini::encode_request(&req, &mut loss).map_err(not_convertible)?;
-            inner["model"] = format!("models/{}", req.model).into();
+            let id = model_id::path_segment(&req.model)?;
+            inner["model"] = format!("models/{id}").into();
             (
                 serde_json::json!({ "generateContentRequest": inner }),
-                format!("/v1beta/models/{}:countTokens", req.model),
+                format!("/v1beta/models/{id}:countTokens"),
             )
         }
         _ => {

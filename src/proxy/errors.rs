@@ -42,6 +42,14 @@ pub enum GatewayError {
     /// The request cannot be converted for the upstream's format.
     #[error("{0}")]
     NotConvertible(String),
+    /// A model name that cannot go into an upstream URL (it would name
+    /// another resource of the provider account).
+    #[error(transparent)]
+    InvalidModel(#[from] crate::convert::model_id::ModelIdError),
+    /// A request path that would leave the route's resources upstream
+    /// (dot segments, encoded slashes).
+    #[error("{0}")]
+    UnsafePath(String),
     /// An upstream error answer, converted to the client's format.
     #[error("{message}")]
     Upstream {
@@ -79,7 +87,11 @@ impl GatewayError {
             Self::NoRoute { .. } => 404,
             Self::Auth(a) => a.status(),
             Self::BodyTooLarge { .. } => 413,
-            Self::BadJson(_) | Self::BadRequestBody(_) | Self::NotConvertible(_) => 400,
+            Self::BadJson(_)
+            | Self::BadRequestBody(_)
+            | Self::NotConvertible(_)
+            | Self::InvalidModel(_)
+            | Self::UnsafePath(_) => 400,
             Self::Upstream { status, .. } => *status,
             Self::NoUpstreamKey { .. } | Self::UpstreamBusy { .. } | Self::LimiterUnavailable { .. } => 503,
             Self::NoEndpoint(_) | Self::UpstreamUnreachable { .. } => 502,
@@ -99,6 +111,8 @@ impl GatewayError {
             Self::BadJson(_) => "invalid_json",
             Self::BadRequestBody(_) => "bad_request_body",
             Self::NotConvertible(_) => "unsupported_conversion",
+            Self::InvalidModel(_) => "invalid_model",
+            Self::UnsafePath(_) => "invalid_path",
             Self::Upstream { .. } => "upstream_error",
             Self::NoUpstreamKey { .. } => "no_upstream_key",
             Self::UpstreamBusy { .. } => "upstream_busy",

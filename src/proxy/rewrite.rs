@@ -4,7 +4,7 @@
 
 use super::{ctx::RequestCtx, errors::GatewayError};
 use crate::{
-    auth::{self, CredentialSource},
+    auth,
     config::{Provider, routes_d::AuthMode},
     pool::Lease,
     router::{Route, expand_template},
@@ -66,11 +66,47 @@ pub fn forwarded_query(q: &str, drop_key_param: bool) -> std::borrow::Cow<'_, st
                 return true;
             };
             let credential = drop_key_param && name == "key";
-            let gateway_key = auth::holds_gateway_key(name.as_bytes()) || auth::holds_gateway_key(value.as_bytes());
+            // The pair as sent and decoded (`+` and `%` escapes); the finder
+            // decodes deeper layers itself.
+            let gateway_key = auth::holds_gateway_key(pair.as_bytes())
+                || auth::holds_gateway_key(name.as_bytes())
+                || auth::holds_gateway_key(value.as_bytes());
             !(credential || gateway_key)
         })
         .collect();
     kept.join("&").into()
+}
+
+/// Refuse an upstream path that could name a resource outside the route's:
+/// a dot segment (`..`, `.`, also spelt `%2e`) or an encoded slash or
+/// backslash (`%2F`, `%5C`, which some servers decode before routing). The
+/// path comes from the client (directly, or through `strip_prefix` and a
+/// `{*rest}` capture) and the pooled key goes with it. No provider API uses
+/// either, so the request is refused rather than normalised. A path holding
+/// a gateway key is refused too.
+pub fn safe_path(path_and_query: &str) -> Result<(), GatewayError> {
+    let path = path_and_query.split(['?', '#']).next().unwrap_or_default();
+    let lower = path.to_ascii_lowercase();
+    if lower.contains("%2f") || lower.contains("%5c") || path.contains('\\') {
+        return Err(GatewayError::UnsafePath(
+            "the path holds an encoded '/' or '\\', which no upstream API uses".into(),
+        ));
+    }
+    let dot_segment = path.split('/').any(|seg| {
+        let seg = seg.to_ascii_lowercase().replace("%2e", ".");
+        seg == "." || seg == ".."
+    });
+    if dot_segment {
+        return Err(GatewayError::UnsafePath(
+            "the path holds a '.' or '..' segment, which no upstream API uses".into(),
+        ));
+    }
+    // A gateway key never goes upstream, in the path either (the query's
+    // parameters holding one are dropped, not refused: see `forwarded_query`).
+    if auth::holds_gateway_key(path.as_bytes()) {
+        return Err(GatewayError::UnsafePath("the path holds a gateway key".into()));
+    }
+    Ok(())
 }
 
 /// The headers a `Connection` header names: like the fixed [`HOP_BY_HOP`]
@@ -185,8 +221,12 @@ pub fn upstream_request(
     // injects its own key. On other routes a client's own credential passes
     // (bring your own key), but a gateway key (`fg_…`) never does, anywhere.
     let strip = route.auth == AuthMode::Required || lease.is_some() || ctx.key.is_some();
-    let drop_key_param = strip && ctx.credential == Some(CredentialSource::QueryKey);
+    // Where FastGate authenticates or injects its own key, a client's `?key=`
+    // is never forwarded, whichever way the client authenticated: Google
+    // reads a `key` parameter as the credential, beside the pool's header.
+    let drop_key_param = strip;
     let path = upstream_path(route, endpoint, req.uri.path(), req.uri.query(), drop_key_param);
+    safe_path(&path)?;
     let uri = path
         .parse::<http::Uri>()
         .map_err(|e| GatewayError::BadRequestBody(format!("rewritten path is invalid: {e}")))?;
@@ -209,7 +249,7 @@ pub fn upstream_request(
     let leaking: Vec<http::HeaderName> = req
         .headers
         .iter()
-        .filter(|(_, v)| auth::holds_gateway_key(v.as_bytes()))
+        .filter(|(n, v)| auth::header_holds_gateway_key(n.as_str().as_bytes(), v.as_bytes()))
         .map(|(n, _)| n.clone())
         .collect();
     for name in leaking {
@@ -336,4 +376,34 @@ pub fn rewrite_body(route: &Route, body: &Bytes) -> Result<Option<Bytes>, Gatewa
     serde_json::to_vec(&value)
         .map(|v| Some(Bytes::from(v)))
         .map_err(|e| GatewayError::BadJson(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_that_leave_the_route_are_refused() {
+        for ok in [
+            "/v1beta/models/gemini-pro:generateContent?alt=sse",
+            "/v1/chat/completions",
+            "/a.b/c..d/e.",
+            "/v1/files/x?q=../..",
+        ] {
+            assert!(safe_path(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "/v1beta/models/x/../../cachedContents",
+            "/v1/./chat",
+            "/v1/%2e%2E/files",
+            "/v1/.%2e/files",
+            "/v1beta/models/x%2F..%2Ffiles",
+            "/v1/a%5cb",
+            "/v1/..",
+            "/v1/fg_a1B2a1B2a1B2a1B2a1B2a1B2a1B2a1B2/chat",
+            "/v1/FG%5Fa1B2a1B2a1B2a1B2a1B2a1B2a1B2a1B2",
+        ] {
+            assert_eq!(safe_path(bad).unwrap_err().status(), 400, "{bad}");
+        }
+    }
 }

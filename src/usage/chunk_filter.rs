@@ -38,18 +38,28 @@ impl UsageChunkFilter {
             self.held.extend_from_slice(&buf[end..]);
         }
         let complete = buf.slice(..end);
-        if memmem::find(&complete, b"\"choices\":[]").is_none() {
+        if !may_hold_usage(&complete) {
+            return complete;
+        }
+        // Parsed event by event; the bytes are copied only when one goes.
+        let mut kept: Vec<std::ops::Range<usize>> = Vec::new();
+        let mut dropped = false;
+        let mut at = 0;
+        while at < complete.len() {
+            let n = first_event_end(&complete[at..]).unwrap_or(complete.len() - at);
+            if is_usage_only(&complete[at..at + n]) {
+                dropped = true;
+            } else {
+                kept.push(at..at + n);
+            }
+            at += n;
+        }
+        if !dropped {
             return complete;
         }
         let mut out = BytesMut::with_capacity(complete.len());
-        let mut rest = &complete[..];
-        while !rest.is_empty() {
-            let n = first_event_end(rest).unwrap_or(rest.len());
-            let (event, tail) = rest.split_at(n);
-            if !is_usage_only(event) {
-                out.extend_from_slice(event);
-            }
-            rest = tail;
+        for r in kept {
+            out.extend_from_slice(&complete[r]);
         }
         out.freeze()
     }
@@ -75,6 +85,15 @@ fn last_event_end(data: &[u8]) -> Option<usize> {
     let lf = memmem::rfind(data, b"\n\n").map(|i| i + 2);
     let crlf = memmem::rfind(data, b"\n\r\n").map(|i| i + 3);
     lf.max(crlf)
+}
+
+/// Whether `events` may hold a usage-only chunk, a cheap test before any
+/// parsing: its JSON names `usage`, literally or through a `\u` escape.
+/// Whitespace and key order do not matter here (servers differ: Python's
+/// `json.dumps` writes `"choices": []`); the decision is [`is_usage_only`]'s,
+/// on the parsed event.
+fn may_hold_usage(events: &[u8]) -> bool {
+    memmem::find(events, b"usage").is_some() || memmem::find(events, b"\\u").is_some()
 }
 
 /// An event whose data is a chunk with no choices and a usage object.
@@ -135,6 +154,34 @@ mod tests {
         assert_eq!(out.as_ptr(), data.as_ptr());
         assert!(f.filter(Bytes::from_static(b"data: {\"id\"")).is_empty());
         assert_eq!(&f.flush()[..], b"data: {\"id\"");
+    }
+
+    #[test]
+    fn the_decision_is_on_parsed_json_whatever_the_spelling() {
+        // Python servers: spaces after separators; others reorder keys, or
+        // escape names; usage can come after the finish chunk.
+        let finish = "data: {\"id\": \"c\", \"choices\": [{\"index\": 0, \"delta\": {}, \"finish_reason\": \"stop\"}], \"usage\": null}\n\n";
+        for usage in [
+            "data: {\"id\": \"c\", \"choices\": [], \"usage\": {\"prompt_tokens\": 5}}\n\n",
+            "data: {\"usage\":{\"prompt_tokens\":5},\"id\":\"c\",\"choices\":[ ]}\n\n",
+            "data:{\ndata:\"choices\" :\t[\ndata:],\ndata:\"\\u0075sage\": {\"total_tokens\": 1}}\n\n",
+        ] {
+            let stream = format!("{CONTENT}{finish}{usage}{DONE}");
+            for chunk in [1, 7, stream.len()] {
+                assert_eq!(
+                    run(&stream, chunk),
+                    format!("{CONTENT}{finish}{DONE}"),
+                    "{usage:?} in chunks of {chunk}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn chunks_with_a_null_usage_pass_without_copy() {
+        let mut f = UsageChunkFilter::default();
+        let data = Bytes::from("data: {\"choices\": [{\"delta\": {}}], \"usage\": null}\n\n");
+        assert_eq!(f.filter(data.clone()).as_ptr(), data.as_ptr());
     }
 
     #[test]

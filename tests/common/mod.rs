@@ -1322,3 +1322,41 @@ impl Drop for Postgres {
         self.kill();
     }
 }
+
+impl Gateway {
+    /// Like `start_with_admin` (`config` may start with an `admin:` block),
+    /// with extra environment variables for the process: values a config or
+    /// route file interpolates with `${NAME}`.
+    pub async fn start_with_env(config: &str, routes: &[(&str, &str)], env: &[(&str, &str)]) -> Gateway {
+        let (admin_keys, config) = split_admin(config);
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("routes.d")).unwrap();
+        for (name, yaml) in routes {
+            std::fs::write(dir.path().join("routes.d").join(name), yaml).unwrap();
+        }
+        let log = dir.path().join("fastgate.log");
+        let (child, port, admin_port) = spawn_listening(&log, |port, admin_port| {
+            let full = format!(
+                "server:\n  listen: 127.0.0.1:{port}\n  threads: 2\n  max_request_body: 2MiB\n  grace_period: 5s\nadmin:\n  listen: 127.0.0.1:{admin_port}\n{admin_keys}database:\n  path: {db}\n  key_refresh: 100ms\nroutes_dir: {routes}\n{config}",
+                db = dir.path().join("fg.db").display(),
+                routes = dir.path().join("routes.d").display(),
+            );
+            std::fs::write(dir.path().join("fastgate.yaml"), full).unwrap();
+            let mut cmd = Command::new(bin());
+            cmd.args(["serve", "-c"])
+                .arg(dir.path().join("fastgate.yaml"))
+                .env("FASTGATE_LOG", DEFAULT_LOG)
+                .env("FASTGATE_ADMIN_PASSWORD", ADMIN_PASSWORD)
+                .envs(env.iter().copied());
+            cmd
+        })
+        .await;
+        Gateway {
+            dir,
+            port,
+            admin_port,
+            child,
+            log,
+        }
+    }
+}
