@@ -251,17 +251,18 @@ impl ThrottleState {
     }
 
     /// Keep the map under [`MAX_SUBJECTS`]: expired subjects first, then
-    /// the oldest.
+    /// the oldest eighth at once (so a full map is not scanned per insert).
     fn make_room(&mut self) {
         if self.counts.len() < MAX_SUBJECTS {
             return;
         }
         self.counts.retain(|_, (_, first)| first.elapsed() < WINDOW);
-        while self.counts.len() >= MAX_SUBJECTS {
-            let Some(oldest) = self.counts.iter().min_by_key(|(_, (_, first))| *first).map(|(k, _)| *k) else {
-                break;
-            };
-            self.counts.remove(&oldest);
+        if self.counts.len() >= MAX_SUBJECTS {
+            let mut by_age: Vec<([u8; 16], Instant)> = self.counts.iter().map(|(k, (_, first))| (*k, *first)).collect();
+            by_age.sort_unstable_by_key(|(_, first)| *first);
+            for (k, _) in by_age.iter().take(MAX_SUBJECTS / 8) {
+                self.counts.remove(k);
+            }
         }
     }
 }
@@ -496,4 +497,56 @@ pub async fn login(
 /// `GET /api/me`
 pub async fn me(caller: Caller) -> Json<Value> {
     Json(json!({"id": caller.user_id, "username": caller.username, "role": caller.role}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_throttle_map_stays_bounded_and_keeps_hashes() {
+        let mut st = ThrottleState::default();
+        for i in 0..MAX_SUBJECTS + 500 {
+            st.add(&subject(&format!("login|{}|10.0.0.{i}", "x".repeat(100))), 1);
+        }
+        assert!(st.counts.len() <= MAX_SUBJECTS, "{}", st.counts.len());
+        // A give-back for a subject never seen adds nothing.
+        let n = st.counts.len();
+        st.add(&subject("ip:1.2.3.4"), -1);
+        assert_eq!(st.counts.len(), n);
+    }
+
+    #[test]
+    fn log_names_are_cut_escaped_and_hashed() {
+        assert_eq!(LogName("alice").to_string(), "alice");
+        let shown = LogName(&format!("{}\n", "z".repeat(100_000))).to_string();
+        assert!(shown.len() < 100, "{shown}");
+        assert!(shown.starts_with(&"z".repeat(64)) && !shown.contains('\n'), "{shown}");
+        assert_ne!(
+            shown,
+            LogName(&"z".repeat(100_000)).to_string(),
+            "told apart by the hash"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_password_gate_refuses_past_its_queue() {
+        let gate = Arc::new(PasswordGate::new(1, 1));
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let running = tokio::spawn({
+            let gate = gate.clone();
+            async move { gate.run(move || rx.recv().is_ok()).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let waiting = tokio::spawn({
+            let gate = gate.clone();
+            async move { gate.run(|| true).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(matches!(gate.run(|| true).await, Err(ApiError::Throttled(1))));
+        tx.send(()).unwrap();
+        assert!(running.await.unwrap().unwrap());
+        assert!(waiting.await.unwrap().unwrap());
+        assert_eq!(gate.waiting.load(Ordering::SeqCst), 0);
+    }
 }

@@ -667,4 +667,36 @@ mod tests {
         assert!(revoke(&conn, &key.id).is_err());
         assert!(matches!(get(&conn, "nope"), Err(StoreError::NotFound(_))));
     }
+
+    #[test]
+    fn owners_cannot_undo_an_admins_enabled_or_expiry() {
+        let mut key = GatewayKey {
+            enabled: true,
+            expires_at: Some(1000),
+            ..Default::default()
+        };
+        let patch = |enabled: Option<bool>, expires_at: Option<Option<i64>>| KeyPatch {
+            enabled,
+            expires_at,
+            ..Default::default()
+        };
+        // Nothing locked: the owner's to change.
+        assert!(key.owner_may_not(&patch(Some(true), Some(None))).is_none());
+        key.lock_decisions(&patch(Some(false), Some(Some(1000))));
+        key.enabled = false;
+        assert!(key.owner_may_not(&patch(Some(true), None)).is_some());
+        assert!(key.owner_may_not(&patch(Some(false), None)).is_none());
+        assert!(key.owner_may_not(&patch(None, Some(None))).is_some());
+        assert!(key.owner_may_not(&patch(None, Some(Some(1001)))).is_some());
+        assert!(key.owner_may_not(&patch(None, Some(Some(999)))).is_none());
+        key.lock_decisions(&patch(Some(true), Some(None)));
+        assert!(key.admin_locked.is_empty(), "{:?}", key.admin_locked);
+    }
+
+    #[test]
+    fn the_empty_placeholder_matches_no_model() {
+        let m = ModelMatcher::compile(&[String::new()]);
+        assert_eq!(m.matches(""), Some(false));
+        assert_eq!(m.matches("gpt-4o"), Some(false));
+    }
 }
