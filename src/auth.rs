@@ -194,11 +194,7 @@ impl KeyCache {
                     // A deleted or disabled owner's keys stop at once.
                     None => key.enabled = false,
                     Some(u) if u.disabled => key.enabled = false,
-                    Some(u) => {
-                        if let Some(c) = &u.ceilings {
-                            c.clamp(&mut key, &u.id);
-                        }
-                    }
+                    Some(u) => store::users::clamp_key(u, &mut key),
                 }
             }
             if !key.allowed_models.is_empty() {

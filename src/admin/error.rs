@@ -16,7 +16,7 @@ pub enum ApiError {
     BadToken,
     #[error("wrong username or password")]
     BadLogin,
-    #[error("too many failed logins; retry in {0} s")]
+    #[error("too many attempts; retry in {0} s")]
     Throttled(u64),
     #[error("admin role required")]
     Forbidden,
@@ -27,6 +27,9 @@ pub enum ApiError {
     NotFound(String),
     #[error("{0}")]
     Invalid(String),
+    /// A field out of bounds; the message names it.
+    #[error("{0}")]
+    InvalidField(String),
     #[error("{0}")]
     Conflict(String),
     /// A dependency is down (cluster mode: Postgres for the cluster's log).
@@ -43,7 +46,7 @@ impl ApiError {
             Self::Throttled(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Forbidden | Self::Denied(_) => StatusCode::FORBIDDEN,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
-            Self::Invalid(_) => StatusCode::BAD_REQUEST,
+            Self::Invalid(_) | Self::InvalidField(_) => StatusCode::BAD_REQUEST,
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -59,6 +62,7 @@ impl ApiError {
             Self::Forbidden | Self::Denied(_) => "forbidden",
             Self::NotFound(_) => "not_found",
             Self::Invalid(_) => "invalid_request",
+            Self::InvalidField(_) => "invalid_field",
             Self::Conflict(_) => "conflict",
             Self::Unavailable(_) => "unavailable",
             Self::Internal(_) => "internal",
@@ -71,6 +75,7 @@ impl From<StoreError> for ApiError {
         match e {
             StoreError::NotFound(m) => ApiError::NotFound(m),
             StoreError::Invalid(m) => ApiError::Invalid(m),
+            StoreError::Field(m) => ApiError::InvalidField(m),
             StoreError::Conflict(m) => ApiError::Conflict(m),
             StoreError::Denied(m) => ApiError::Denied(m),
             other => ApiError::Internal(other.to_string()),

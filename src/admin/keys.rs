@@ -1,7 +1,9 @@
 //! `/api/keys`: gateway keys. Users see and manage only keys they own (by
-//! user id), within the ceilings an admin set for them, and cannot change a
-//! limit an admin set on their key; admins manage every key. Changes reach
-//! the data plane at once.
+//! user id), within the ceilings an admin set for them (permission tags only
+//! those the ceiling names: none without one), up to
+//! `admin.max_keys_per_user` of them, and cannot undo an admin's decision on
+//! their key: a limit, a disabled key, an expiry (which they may only bring
+//! closer). Admins manage every key. Changes reach the data plane at once.
 
 use super::{AdminState, error::ApiError, session::Caller};
 use crate::store::{
@@ -100,12 +102,22 @@ pub async fn create(
     }
     let actor = caller.username.clone();
     let as_user = !caller.is_admin();
+    let max_keys = s.app.config.file.admin.max_keys_per_user;
     let (key, secret) = s
         .db(move |c| {
             let owner = store::users::find_by_name(c, &new.owner)?;
             new.owner_id = owner.as_ref().map(|u| u.id.clone());
-            if as_user && let Some(ceilings) = owner.as_ref().and_then(|u| u.ceilings.as_ref()) {
-                ceilings.fit(new.limits_mut()).map_err(store::StoreError::Denied)?;
+            if as_user && let Some(owner) = &owner {
+                if store::keys::count_owned(c, &owner.id)? >= max_keys {
+                    return Err(store::StoreError::Denied(format!(
+                        "you have {max_keys} keys, the most a user may hold (admin.max_keys_per_user); delete one first"
+                    )));
+                }
+                let none = store::users::Ceilings::default();
+                let ceilings = owner.ceilings.as_ref().unwrap_or(&none);
+                ceilings
+                    .fit(new.limits_mut(), true)
+                    .map_err(store::StoreError::Denied)?;
             }
             let (key, secret) = store::keys::create(c, &new)?;
             store::admin_audit::record(c, &actor, "key.create", Some(&key.id), None, Some(&json!(key)))?;
@@ -140,25 +152,37 @@ pub async fn update(
 ) -> Result<Json<GatewayKey>, ApiError> {
     let before = load(&s, &caller, id.clone()).await?;
     let changed = store::keys::limit_fields(&patch);
-    if !caller.is_admin()
-        && let Some(f) = changed.iter().find(|f| before.admin_locked.iter().any(|l| l == *f))
-    {
-        return Err(ApiError::Denied(format!(
-            "{f} on this key was set by an admin; ask an admin to change it"
-        )));
+    if !caller.is_admin() {
+        if let Some(f) = changed.iter().find(|f| before.is_locked(f)) {
+            return Err(ApiError::Denied(format!(
+                "{f} on this key was set by an admin; ask an admin to change it"
+            )));
+        }
+        if let Some(why) = before.owner_may_not(&patch) {
+            return Err(ApiError::Denied(why));
+        }
     }
     let actor = caller.username.clone();
     let as_user = !caller.is_admin();
     let key = s
         .db(move |c| {
             let mut key = store::keys::get(c, &id)?;
+            if as_user && let Some(why) = key.owner_may_not(&patch) {
+                // Checked again under the lock: an admin may have just acted.
+                return Err(store::StoreError::Denied(why));
+            }
             store::keys::apply(&mut key, &patch)?;
             if as_user {
                 let owner = key.owner_id.as_deref().map(|o| store::users::get(c, o)).transpose()?;
-                if let Some(ceilings) = owner.as_ref().and_then(|u| u.ceilings.as_ref()) {
-                    ceilings.fit(key.limits_mut()).map_err(store::StoreError::Denied)?;
+                if let Some(owner) = &owner {
+                    let none = store::users::Ceilings::default();
+                    let ceilings = owner.ceilings.as_ref().unwrap_or(&none);
+                    ceilings
+                        .fit(key.limits_mut(), patch.permissions.is_some())
+                        .map_err(store::StoreError::Denied)?;
                 }
             } else {
+                key.lock_decisions(&patch);
                 for f in &changed {
                     if !key.admin_locked.iter().any(|l| l == f) {
                         key.admin_locked.push(f.to_string());

@@ -1,4 +1,7 @@
 //! `/api/users`: admins manage accounts; anyone may change their own password.
+//! Passwords are hashed and checked through the session's password gate
+//! (a few argon2 runs at a time), off the database lock; a wrong
+//! `current_password` counts like a failed login.
 
 use super::{AdminState, error::ApiError, session::Caller};
 use crate::store::{
@@ -7,12 +10,12 @@ use crate::store::{
 };
 use axum::{
     Json,
-    extract::{Path, State},
-    http::StatusCode,
+    extract::{ConnectInfo, Path, State},
+    http::{HeaderMap, StatusCode},
 };
 use serde::Deserialize;
 use serde_json::json;
-use std::sync::Arc;
+use std::{net::SocketAddr, sync::Arc};
 
 pub async fn list(caller: Caller, State(s): State<Arc<AdminState>>) -> Result<Json<Vec<User>>, ApiError> {
     caller.require_admin()?;
@@ -39,10 +42,15 @@ pub async fn create(
     Json(body): Json<NewUser>,
 ) -> Result<(StatusCode, Json<User>), ApiError> {
     caller.require_admin()?;
+    store::users::check_new(&body.username, &body.password)?;
+    if let Some(c) = &body.ceilings {
+        c.validate()?;
+    }
+    let hash = s.throttle.passwords(&s).hash(body.password.clone()).await?;
     let actor = caller.username.clone();
     let user = s
         .db(move |c| {
-            let mut user = store::users::create(c, &body.username, &body.password, body.role)?;
+            let mut user = store::users::create_hashed(c, &body.username, &hash, body.role)?;
             if let Some(ceilings) = &body.ceilings {
                 store::users::set_ceilings(c, &user.id, Some(ceilings))?;
                 user.ceilings = Some(ceilings.clone());
@@ -74,6 +82,8 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<Ceili
 pub async fn update(
     caller: Caller,
     State(s): State<Arc<AdminState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     Path(id): Path<String>,
     Json(body): Json<UserPatch>,
 ) -> Result<Json<User>, ApiError> {
@@ -85,27 +95,35 @@ pub async fn update(
     if own && (body.disabled == Some(true) || body.role == Some(Role::User)) && caller.is_admin() {
         return Err(ApiError::Invalid("you cannot disable or demote yourself".into()));
     }
+    if let Some(p) = &body.password {
+        store::fields::password(p, store::users::MIN_PASSWORD)?;
+    }
+    if let Some(Some(c)) = &body.ceilings {
+        c.validate()?;
+    }
     if own && body.password.is_some() {
-        // Whoever holds a session must still prove they know the password.
+        // Whoever holds a session must still prove they know the password:
+        // counted per user and per address before argon2 runs.
         let current = body
             .current_password
             .clone()
             .ok_or_else(|| ApiError::Invalid("current_password is required to change your password".into()))?;
-        let name = caller.username.clone();
-        let (_, hash) = s.db(move |c| store::users::login_hash(c, &name)).await?;
-        let ok = tokio::task::spawn_blocking(move || store::users::check_password(&current, &hash))
-            .await
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
-        if !ok {
+        let client = super::session::client_of(&s, Some(peer), &headers);
+        if !s.throttle.check_password(&s, &caller.user_id, &client, current).await? {
+            tracing::warn!(user_id = %caller.user_id, ip = %client, "Wrong current_password.");
             return Err(ApiError::Denied("current_password is wrong".into()));
         }
     }
+    let hash = match &body.password {
+        Some(p) => Some(s.throttle.passwords(&s).hash(p.clone()).await?),
+        None => None,
+    };
     let actor = caller.username.clone();
     let user = s
         .db(move |c| {
             let before = store::users::get(c, &id)?;
-            if let Some(p) = &body.password {
-                store::users::set_password(c, &id, p)?;
+            if let Some(h) = &hash {
+                store::users::set_password_hash(c, &id, h)?;
             }
             if let Some(r) = body.role {
                 store::users::set_role(c, &id, r)?;

@@ -234,6 +234,12 @@ pub struct AdminConfig {
     pub jwt_secret: String,
     /// How long a login token is valid.
     pub token_ttl: HumanDuration,
+    /// Password hashes (argon2id, 19 MiB each) computed at once; more wait.
+    pub password_concurrency: usize,
+    /// Password checks allowed to wait for a slot; beyond that, 429 at once.
+    pub password_queue: usize,
+    /// Gateway keys a `user` may hold (not revoked); admins are not bound.
+    pub max_keys_per_user: usize,
 }
 
 impl Default for AdminConfig {
@@ -243,6 +249,9 @@ impl Default for AdminConfig {
             token: String::new(),
             jwt_secret: String::new(),
             token_ttl: Duration::from_secs(3600).into(),
+            password_concurrency: 2,
+            password_queue: 8,
+            max_keys_per_user: 100,
         }
     }
 }

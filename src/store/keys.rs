@@ -57,10 +57,12 @@ impl PartialEq for ModelMatcher {
 impl Eq for ModelMatcher {}
 
 impl ModelMatcher {
-    /// Compile `globs`; invalid ones match nothing.
+    /// Compile `globs`; invalid ones match nothing, and so does the empty
+    /// entry a ceiling's clamp leaves when nothing is in common (it must not
+    /// match the empty name a request without a model is checked with).
     pub fn compile(globs: &[String]) -> Self {
         let mut b = globset::GlobSetBuilder::new();
-        for g in globs {
+        for g in globs.iter().filter(|g| !g.is_empty()) {
             if let Ok(glob) = globset::Glob::new(g) {
                 b.add(glob);
             }
@@ -206,7 +208,8 @@ fn fields_where(set: [bool; 7]) -> Vec<&'static str> {
 }
 
 impl NewKey {
-    /// Mark every limit this key sets as an admin's: its owner cannot lift it.
+    /// Mark every limit this key sets as an admin's: its owner cannot lift it
+    /// (an expiry included: the owner may only bring it closer).
     pub fn lock_limits(&mut self) {
         self.admin_locked = fields_where([
             !self.permissions.is_empty(),
@@ -220,7 +223,79 @@ impl NewKey {
         .into_iter()
         .map(str::to_string)
         .collect();
+        if self.expires_at.is_some() {
+            self.admin_locked.push(EXPIRES_AT.into());
+        }
     }
+}
+
+/// Admin decisions on a key besides its limits, kept in `admin_locked` too:
+/// a key an admin disabled stays disabled for its owner, and an expiry an
+/// admin set may only be brought closer by its owner.
+pub const ENABLED: &str = "enabled";
+pub const EXPIRES_AT: &str = "expires_at";
+
+impl GatewayKey {
+    pub fn is_locked(&self, field: &str) -> bool {
+        self.admin_locked.iter().any(|f| f == field)
+    }
+
+    /// Mark (or with `on == false` unmark) `field` as an admin's decision.
+    pub fn set_locked(&mut self, field: &str, on: bool) {
+        self.admin_locked.retain(|f| f != field);
+        if on {
+            self.admin_locked.push(field.to_string());
+        }
+    }
+
+    /// Whether `patch`, sent by the key's owner, would undo an admin's
+    /// `enabled` or `expires_at` decision; the reason if so.
+    pub fn owner_may_not(&self, patch: &KeyPatch) -> Option<String> {
+        if patch.enabled == Some(true) && !self.enabled && self.is_locked(ENABLED) {
+            return Some("enabled: an admin disabled this key; ask an admin to enable it".into());
+        }
+        if let (Some(new), true) = (patch.expires_at, self.is_locked(EXPIRES_AT)) {
+            let admins = self.expires_at;
+            let closer = matches!((new, admins), (Some(n), Some(a)) if n <= a) || admins.is_none();
+            if !closer {
+                return Some(
+                    "expires_at: an admin set this key's expiry; you may bring it closer, not later or remove it"
+                        .into(),
+                );
+            }
+        }
+        None
+    }
+
+    /// After an admin's `patch`: their `enabled: false` and their expiry
+    /// stick; `enabled: true` or removing the expiry lifts the lock.
+    pub fn lock_decisions(&mut self, patch: &KeyPatch) {
+        if let Some(e) = patch.enabled {
+            self.set_locked(ENABLED, !e);
+        }
+        if let Some(e) = patch.expires_at {
+            self.set_locked(EXPIRES_AT, e.is_some());
+        }
+    }
+}
+
+/// Keys (not revoked) owned by user `user_id`.
+pub fn count_owned(conn: &Connection, user_id: &str) -> Result<usize, StoreError> {
+    let n: i64 = conn.query_row(
+        "SELECT COUNT(*) FROM gateway_keys WHERE owner_id = ?1 AND revoked_at IS NULL",
+        [user_id],
+        |r| r.get(0),
+    )?;
+    Ok(usize::try_from(n).unwrap_or(usize::MAX))
+}
+
+/// Check a new key's name, owner and lists against their bounds.
+fn validate_new(new: &NewKey) -> Result<(), StoreError> {
+    super::fields::name("name", &new.name, super::fields::MAX_NAME)?;
+    if !new.owner.is_empty() {
+        super::fields::name("owner", &new.owner, super::fields::MAX_OWNER)?;
+    }
+    super::fields::limit_lists(&new.permissions, &new.allowed_routes, &new.allowed_models)
 }
 
 /// SHA-256 of a presented secret, the lookup key of the key cache.
@@ -247,9 +322,7 @@ pub fn mask_secret(secret: &str) -> String {
 
 /// Create a key; returns the record and the secret (the only time it exists in clear).
 pub fn create(conn: &Connection, new: &NewKey) -> Result<(GatewayKey, String), StoreError> {
-    if new.name.trim().is_empty() {
-        return Err(StoreError::Invalid("a key needs a name".into()));
-    }
+    validate_new(new)?;
     let secret = format!("{KEY_PREFIX}{}", random_base62(32));
     let id = format!("key_{}", random_base62(12).to_ascii_lowercase());
     // An owner that names a user is that user, by id from now on.
@@ -446,19 +519,21 @@ pub fn update(conn: &Connection, id: &str, patch: &KeyPatch) -> Result<GatewayKe
 
 /// Apply `patch` to `key` in memory (to check the result before saving).
 pub fn apply(key: &mut GatewayKey, patch: &KeyPatch) -> Result<(), StoreError> {
+    use super::fields;
     if let Some(n) = &patch.name {
-        if n.trim().is_empty() {
-            return Err(StoreError::Invalid("a key needs a name".into()));
-        }
+        fields::name("name", n, fields::MAX_NAME)?;
         key.name = n.clone();
     }
     if let Some(p) = &patch.permissions {
+        fields::list("permissions", p, fields::MAX_TAGS, fields::MAX_TAG)?;
         key.permissions = p.clone();
     }
     if let Some(r) = &patch.allowed_routes {
+        fields::list("allowed_routes", r, fields::MAX_LIST, fields::MAX_ENTRY)?;
         key.allowed_routes = r.clone();
     }
     if let Some(m) = &patch.allowed_models {
+        fields::list("allowed_models", m, fields::MAX_LIST, fields::MAX_ENTRY)?;
         for g in m {
             globset::Glob::new(g).map_err(|e| StoreError::Invalid(format!("allowed_models: {e}")))?;
         }
@@ -591,5 +666,37 @@ mod tests {
         assert!(!revoked.is_active(now_unix()));
         assert!(revoke(&conn, &key.id).is_err());
         assert!(matches!(get(&conn, "nope"), Err(StoreError::NotFound(_))));
+    }
+
+    #[test]
+    fn owners_cannot_undo_an_admins_enabled_or_expiry() {
+        let mut key = GatewayKey {
+            enabled: true,
+            expires_at: Some(1000),
+            ..Default::default()
+        };
+        let patch = |enabled: Option<bool>, expires_at: Option<Option<i64>>| KeyPatch {
+            enabled,
+            expires_at,
+            ..Default::default()
+        };
+        // Nothing locked: the owner's to change.
+        assert!(key.owner_may_not(&patch(Some(true), Some(None))).is_none());
+        key.lock_decisions(&patch(Some(false), Some(Some(1000))));
+        key.enabled = false;
+        assert!(key.owner_may_not(&patch(Some(true), None)).is_some());
+        assert!(key.owner_may_not(&patch(Some(false), None)).is_none());
+        assert!(key.owner_may_not(&patch(None, Some(None))).is_some());
+        assert!(key.owner_may_not(&patch(None, Some(Some(1001)))).is_some());
+        assert!(key.owner_may_not(&patch(None, Some(Some(999)))).is_none());
+        key.lock_decisions(&patch(Some(true), Some(None)));
+        assert!(key.admin_locked.is_empty(), "{:?}", key.admin_locked);
+    }
+
+    #[test]
+    fn the_empty_placeholder_matches_no_model() {
+        let m = ModelMatcher::compile(&[String::new()]);
+        assert_eq!(m.matches(""), Some(false));
+        assert_eq!(m.matches("gpt-4o"), Some(false));
     }
 }

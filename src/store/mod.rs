@@ -4,6 +4,7 @@
 
 pub mod admin_audit;
 pub mod audit;
+pub mod fields;
 pub mod keys;
 pub mod pool_keys;
 pub mod settings;
@@ -28,6 +29,9 @@ pub enum StoreError {
     NotFound(String),
     #[error("{0}")]
     Invalid(String),
+    /// A field out of bounds; the message starts with the field's name.
+    #[error("{0}")]
+    Field(String),
     #[error("{0}")]
     Conflict(String),
     /// Refused by a rule about who may do what (a user's ceilings).

@@ -112,18 +112,45 @@ fn fit_max(field: &str, key: &mut Option<u64>, max: Option<u64>) -> Result<(), S
 impl Ceilings {
     /// Check a key a user creates or changes against the ceilings, filling
     /// limits the key leaves open with the ceiling's.
-    pub fn fit(&self, key: LimitsMut<'_>) -> Result<(), String> {
-        fit_list("permissions", key.permissions, self.permissions.as_ref(), false)?;
+    ///
+    /// Permission tags are bounded by the ceiling's, and a ceiling that names
+    /// none allows none: tags gate routes, and only an admin opens routes.
+    /// `permissions` says whether to check them (a change that leaves them
+    /// alone keeps the tags an admin put on the key).
+    pub fn fit(&self, key: LimitsMut<'_>, permissions: bool) -> Result<(), String> {
+        if permissions {
+            fit_list("permissions", key.permissions, Some(&self.tags().to_vec()), false)?;
+        }
         fit_list("allowed_routes", key.allowed_routes, self.routes.as_ref(), true)?;
         fit_list("allowed_models", key.allowed_models, self.models.as_ref(), true)?;
         fit_max("rpm", key.rpm, self.max_rpm)?;
         fit_max("tpm", key.tpm, self.max_tpm)
     }
 
+    /// Permission tags the user's keys may carry: the ceiling's, and none
+    /// when the admin named none.
+    pub fn tags(&self) -> &[String] {
+        self.permissions.as_deref().unwrap_or_default()
+    }
+
+    /// Check the lists a ceiling holds against the bounds every key has.
+    pub fn validate(&self) -> Result<(), StoreError> {
+        let none = Vec::new();
+        super::fields::limit_lists(
+            self.permissions.as_ref().unwrap_or(&none),
+            self.routes.as_ref().unwrap_or(&none),
+            self.models.as_ref().unwrap_or(&none),
+        )
+    }
+
     /// The key as the data plane applies it: never beyond the ceilings.
     pub fn clamp(&self, key: &mut GatewayKey, user_id: &str) {
         if let Some(allowed) = &self.permissions {
             key.permissions.retain(|p| allowed.contains(p));
+        } else if !key.admin_locked.iter().any(|f| f == "permissions") {
+            // Tags the owner put on the key themselves, before ceilings
+            // bounded them: not theirs to give.
+            key.permissions.clear();
         }
         for (list, allowed) in [
             (&mut key.allowed_routes, &self.routes),
@@ -137,6 +164,8 @@ impl Ceilings {
             }
             if list.is_empty() {
                 // Nothing in common: allow nothing (an empty list means "all").
+                // The empty entry matches nothing, not even a request without
+                // a route or model (see `ModelMatcher::compile`).
                 list.push(String::new());
             }
         }
@@ -152,6 +181,13 @@ impl Ceilings {
             period: self.quota_period,
         });
     }
+}
+
+/// Clamp `key`, owned by `user`, to what the user may have: their ceilings,
+/// or with none set, no permission tags but those an admin put on the key.
+pub fn clamp_key(user: &User, key: &mut GatewayKey) {
+    let none = Ceilings::default();
+    user.ceilings.as_ref().unwrap_or(&none).clamp(key, &user.id);
 }
 
 /// Hash a password with argon2id and a random salt (PHC string).
@@ -181,7 +217,9 @@ fn return_argon2_memory() {
     unsafe { libmimalloc_sys::mi_collect(true) };
 }
 
-fn valid_username(name: &str) -> bool {
+/// Whether `name` could be a username (so a login naming anything else can
+/// be refused without a lookup or a hash).
+pub fn valid_username(name: &str) -> bool {
     (1..=64).contains(&name.len())
         && name
             .bytes()
@@ -191,16 +229,29 @@ fn valid_username(name: &str) -> bool {
 /// Minimum password length for new passwords.
 pub const MIN_PASSWORD: usize = 8;
 
-pub fn create(conn: &Connection, username: &str, password: &str, role: Role) -> Result<User, StoreError> {
+/// Check a new user's name and password before hashing anything.
+pub fn check_new(username: &str, password: &str) -> Result<(), StoreError> {
     if !valid_username(username) {
-        return Err(StoreError::Invalid(
-            "username must be 1-64 characters of A-Z a-z 0-9 - _ . @".into(),
+        return Err(StoreError::Field(
+            "username: must be 1-64 characters of A-Z a-z 0-9 - _ . @".into(),
         ));
     }
-    if password.chars().count() < MIN_PASSWORD {
-        return Err(StoreError::Invalid(format!(
-            "password must be at least {MIN_PASSWORD} characters"
-        )));
+    super::fields::password(password, MIN_PASSWORD)
+}
+
+/// Create a user (hashes the password here: CLI and bootstrap).
+pub fn create(conn: &Connection, username: &str, password: &str, role: Role) -> Result<User, StoreError> {
+    check_new(username, password)?;
+    create_hashed(conn, username, &hash_password(password)?, role)
+}
+
+/// Create a user whose password was checked with [`check_new`] and hashed
+/// already (the admin API hashes off the database lock, a few at a time).
+pub fn create_hashed(conn: &Connection, username: &str, hash: &str, role: Role) -> Result<User, StoreError> {
+    if !valid_username(username) {
+        return Err(StoreError::Field(
+            "username: must be 1-64 characters of A-Z a-z 0-9 - _ . @".into(),
+        ));
     }
     if find_by_name(conn, username)?.is_some() {
         return Err(StoreError::Conflict(format!("user {username:?} already exists")));
@@ -216,13 +267,7 @@ pub fn create(conn: &Connection, username: &str, password: &str, role: Role) -> 
     };
     conn.execute(
         "INSERT INTO users (id, username, password_hash, role, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-        params![
-            user.id,
-            user.username,
-            hash_password(password)?,
-            role.as_str(),
-            user.created_at
-        ],
+        params![user.id, user.username, hash, role.as_str(), user.created_at],
     )?;
     Ok(user)
 }
@@ -289,6 +334,13 @@ pub fn login_hash(conn: &Connection, username: &str) -> Result<(Option<String>, 
     })
 }
 
+/// The password hash of user `id` (to check `current_password`).
+pub fn hash_of(conn: &Connection, id: &str) -> Result<String, StoreError> {
+    conn.query_row("SELECT password_hash FROM users WHERE id = ?1", [id], |r| r.get(0))
+        .optional()?
+        .ok_or_else(|| StoreError::NotFound(format!("no user with id {id:?}")))
+}
+
 /// Argon2id verification: deliberately slow, run it on a blocking thread
 /// without holding the database.
 pub fn check_password(password: &str, hash: &str) -> bool {
@@ -304,15 +356,18 @@ pub fn verify(conn: &Connection, username: &str, password: &str) -> Result<Optio
     }
 }
 
+/// Set a password (hashes it here: CLI).
 pub fn set_password(conn: &Connection, id: &str, password: &str) -> Result<(), StoreError> {
-    if password.chars().count() < MIN_PASSWORD {
-        return Err(StoreError::Invalid(format!(
-            "password must be at least {MIN_PASSWORD} characters"
-        )));
-    }
+    super::fields::password(password, MIN_PASSWORD)?;
+    set_password_hash(conn, id, &hash_password(password)?)
+}
+
+/// Set a password checked with [`fields::password`](super::fields::password)
+/// and hashed already; the user's sessions end.
+pub fn set_password_hash(conn: &Connection, id: &str, hash: &str) -> Result<(), StoreError> {
     let n = conn.execute(
         "UPDATE users SET password_hash = ?2, token_version = token_version + 1 WHERE id = ?1",
-        params![id, hash_password(password)?],
+        params![id, hash],
     )?;
     if n == 0 {
         return Err(StoreError::NotFound(format!("no user with id {id:?}")));
@@ -350,6 +405,9 @@ pub fn set_disabled(conn: &Connection, id: &str, disabled: bool) -> Result<(), S
 
 /// Set (or with `None` remove) a user's ceilings.
 pub fn set_ceilings(conn: &Connection, id: &str, ceilings: Option<&Ceilings>) -> Result<(), StoreError> {
+    if let Some(c) = ceilings {
+        c.validate()?;
+    }
     let text = ceilings.map(|c| serde_json::to_string(c).unwrap_or_default());
     let n = conn.execute("UPDATE users SET ceilings = ?2 WHERE id = ?1", params![id, text])?;
     if n == 0 {
@@ -382,7 +440,7 @@ mod tests {
         ));
         assert!(matches!(
             create(&conn, "bob", "short", Role::User),
-            Err(StoreError::Invalid(_))
+            Err(StoreError::Field(_))
         ));
         assert_eq!(verify(&conn, "alice", "correct horse").unwrap().unwrap().id, u.id);
         assert!(verify(&conn, "alice", "wrong password").unwrap().is_none());
