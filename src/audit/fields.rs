@@ -18,6 +18,8 @@ pub const QUERY_MAX: usize = 2048;
 pub const METHOD_MAX: usize = 32;
 /// Bytes kept of the model name.
 pub const MODEL_MAX: usize = 256;
+/// Bytes kept of the key owner's name (set through the admin API).
+pub const OWNER_MAX: usize = 256;
 /// Bytes kept of the `User-Agent`.
 pub const USER_AGENT_MAX: usize = 512;
 /// Bytes kept of the error text (an upstream's error message included).

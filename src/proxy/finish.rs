@@ -141,7 +141,11 @@ pub fn finish(session: &Session, ctx: &mut RequestCtx, e: Option<&pingora::Error
         request_id: std::mem::take(&mut ctx.request_id),
         ts_ms: ctx.started_ms,
         key_id: ctx.key.as_ref().map(|k| k.id.clone()),
-        owner: ctx.key.as_ref().map(|k| k.owner.clone()).filter(|o| !o.is_empty()),
+        owner: ctx
+            .key
+            .as_ref()
+            .filter(|k| !k.owner.is_empty())
+            .map(|k| fields::cap(&k.owner, fields::OWNER_MAX).into_owned()),
         user_id: ctx.key.as_ref().and_then(|k| k.owner_id.clone()),
         route: ctx.route.as_ref().map(|r| r.name.clone()),
         upstream: ctx.upstream.upstream.as_ref().map(|u| u.name.clone()),
