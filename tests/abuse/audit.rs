@@ -362,9 +362,10 @@ async fn the_audit_store_stays_under_max_bytes() {
     );
     assert!(deleted > 3000, "{deleted} rows deleted");
     assert!(rows < 1000, "{rows} rows kept");
-    let last = *sizes.last().unwrap();
-    assert!(last < 1024 * 1024, "database file of {last} bytes");
-    assert!(last <= sizes[2] + 64 * 1024, "the file kept growing: {sizes:?}");
+    // Over 16 MiB written: the file's high-water mark is the budget plus
+    // about one write batch, never the sum of the rows.
+    let most = *sizes.iter().max().unwrap();
+    assert!(most < 1024 * 1024, "the file grew to {most} bytes: {sizes:?}");
 }
 
 /// Send raw bytes on a fresh connection; the answer's status code (0 if none).
