@@ -138,7 +138,8 @@ async fn a_thousand_refused_requests_are_counted_not_written() {
 
     let rows = gw.audit_rows();
     let refused: Vec<_> = rows.iter().filter(|r| r.status == 401 || r.status == 404).collect();
-    let seconds = (ended_s - started_s + 1) as usize;
+    // The last answers' rows may be made just after the second turned.
+    let seconds = (ended_s - started_s + 2) as usize;
     assert!(
         !refused.is_empty() && refused.len() <= seconds,
         "{} sampled rows in {seconds} s from one client",
