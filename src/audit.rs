@@ -20,6 +20,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod fields;
+pub mod refused;
+
 /// Headers whose values never reach the audit log.
 pub const REDACTED_HEADERS: [&str; 7] = [
     "authorization",
@@ -32,62 +35,40 @@ pub const REDACTED_HEADERS: [&str; 7] = [
 ];
 const REDACTED: &str = "[redacted]";
 
-/// Headers as a JSON object, credentials replaced by `[redacted]`.
+/// Headers as a JSON object, credentials replaced by `[redacted]`, within
+/// the caps of [`fields`].
 pub fn redact_headers(headers: &http::HeaderMap) -> String {
-    // Runs once per request: written straight into one buffer, values
-    // escaped by serde_json without a `Value` or a string per header.
-    let mut out = Vec::with_capacity(48 * headers.len().max(1));
-    out.push(b'{');
-    for (i, (k, v)) in headers.iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        // Header names are lower-case tokens: nothing to escape.
-        out.push(b'"');
-        out.extend_from_slice(k.as_str().as_bytes());
-        out.extend_from_slice(b"\":");
-        let bytes = v.as_bytes();
-        if REDACTED_HEADERS.contains(&k.as_str()) {
-            out.push(b'"');
-            out.extend_from_slice(REDACTED.as_bytes());
-            out.push(b'"');
-        } else if bytes
-            .iter()
-            .all(|&b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
-        {
-            // The usual value: printable ASCII with nothing to escape.
-            out.push(b'"');
-            out.extend_from_slice(bytes);
-            out.push(b'"');
-        } else {
-            // Serializing a string into a Vec cannot fail.
-            let _ = serde_json::to_writer(&mut out, String::from_utf8_lossy(bytes).as_ref());
-        }
-    }
-    out.push(b'}');
-    String::from_utf8(out).unwrap_or_default()
+    redact_headers_within(headers, fields::HEADERS_BYTES_MAX)
 }
 
-/// Path and query with a `key=` parameter's value redacted.
+/// [`redact_headers`] with the whole set cut at about `max_bytes`.
+pub fn redact_headers_within(headers: &http::HeaderMap, max_bytes: usize) -> String {
+    fields::headers_json(headers, &REDACTED_HEADERS, REDACTED, max_bytes)
+}
+
+/// Path and query with a `key=` parameter's value redacted, each cut at its
+/// cap ([`fields::PATH_MAX`], [`fields::QUERY_MAX`]) and marked if cut.
 pub fn redact_path(uri: &http::Uri) -> String {
-    let path = uri.path();
-    match uri.query() {
-        None => path.to_string(),
-        Some(q) => {
-            let query: String = form_urlencoded::Serializer::new(String::new())
-                .extend_pairs(form_urlencoded::parse(q.as_bytes()).map(|(k, v)| {
-                    let v = if k == "key" { REDACTED.into() } else { v };
-                    (k, v)
-                }))
-                .finish();
-            format!("{path}?{query}")
-        }
+    let path = fields::cap(uri.path(), fields::PATH_MAX);
+    let Some(q) = uri.query() else {
+        return path.into_owned();
+    };
+    // Only the kept part is parsed: a cut `key=` value is still redacted,
+    // and what follows the cut is never stored.
+    let cut = fields::floor_boundary(q, fields::QUERY_MAX);
+    let query: String = form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(form_urlencoded::parse(&q.as_bytes()[..cut]).map(|(k, v)| {
+            let v = if k == "key" { REDACTED.into() } else { v };
+            (k, v)
+        }))
+        .finish();
+    // Re-encoding may lengthen it (at most threefold): cut again.
+    let query = fields::cap_owned(query, fields::QUERY_MAX);
+    let mut out = format!("{path}?{query}");
+    if cut < q.len() {
+        fields::mark(&mut out, Some((q.len() - cut) as u64));
     }
-}
-
-/// A body cut at `max` bytes, as (lossy) UTF-8.
-pub fn capped_text(body: &[u8], max: usize) -> String {
-    String::from_utf8_lossy(&body[..body.len().min(max)]).into_owned()
+    out
 }
 
 enum Msg {
@@ -102,12 +83,15 @@ pub struct AuditStats {
     pub written: AtomicU64,
     pub dropped: AtomicU64,
     pub write_errors: AtomicU64,
+    /// Rows deleted to keep the database under `audit.max_bytes`.
+    pub budget_deleted: AtomicU64,
 }
 
 pub struct AuditSink {
     tx: Option<SyncSender<Msg>>,
     stats: Arc<AuditStats>,
     writer: Mutex<Option<JoinHandle<()>>>,
+    refused: refused::RefusalSampler,
 }
 
 impl AuditSink {
@@ -117,6 +101,7 @@ impl AuditSink {
             tx: None,
             stats: Arc::new(AuditStats::default()),
             writer: Mutex::new(None),
+            refused: refused::RefusalSampler::new(crate::config::RefusedMode::default()),
         }
     }
 
@@ -131,6 +116,7 @@ impl AuditSink {
             stats: stats.clone(),
             batch_size: cfg.batch_size,
             retention: cfg.retention.0,
+            max_bytes: cfg.max_bytes.0,
         };
         let handle = std::thread::Builder::new()
             .name("audit-writer".into())
@@ -140,7 +126,14 @@ impl AuditSink {
             tx: Some(tx),
             stats,
             writer: Mutex::new(Some(handle)),
+            refused: refused::RefusalSampler::new(cfg.refused),
         })
+    }
+
+    /// Whether a request refused before a route or key (see
+    /// [`refused`]) from `client` gets its audit row and log line now.
+    pub fn keep_refused(&self, client: Option<std::net::IpAddr>) -> bool {
+        self.refused.keep(client, (now_ms() / 1000) as u64)
     }
 
     pub fn stats(&self) -> &Arc<AuditStats> {
@@ -183,6 +176,8 @@ struct Writer {
     stats: Arc<AuditStats>,
     batch_size: usize,
     retention: Duration,
+    /// `audit.max_bytes`; 0 = no budget.
+    max_bytes: u64,
 }
 
 /// How often the writer wakes to write what has queued up.
@@ -192,6 +187,9 @@ const PURGE_BATCH: usize = 5_000;
 
 /// How often old rows are purged.
 const RETENTION_EVERY: Duration = Duration::from_secs(600);
+/// Most delete batches per budget check, so the writer gets back to
+/// writing; a larger excess is worked off over the next checks.
+const BUDGET_BATCHES: usize = 20;
 /// A batch that failed to write is kept (and retried) up to this many rows.
 const MAX_PENDING_FACTOR: usize = 20;
 
@@ -211,7 +209,7 @@ impl Writer {
                     Ok(Msg::Record(r)) => {
                         self.take(&mut pending, *r);
                         if pending.len() >= self.batch_size {
-                            self.flush(&mut pending, false);
+                            self.flush_within_budget(&mut pending, false);
                         }
                     }
                     Ok(Msg::Stop) | Err(TryRecvError::Disconnected) => {
@@ -228,7 +226,7 @@ impl Writer {
                     break;
                 }
             }
-            self.flush(&mut pending, stopping);
+            self.flush_within_budget(&mut pending, stopping);
             if last_purge.elapsed() >= RETENTION_EVERY {
                 // A backlog is deleted a bounded batch per writer cycle, so
                 // neither the writer nor other connections wait long on it.
@@ -252,17 +250,27 @@ impl Writer {
         pending.push(r);
     }
 
-    fn flush(&mut self, pending: &mut Vec<AuditRecord>, final_flush: bool) {
+    /// [`Self::flush`], then the size budget. It is checked after every
+    /// write (two PRAGMA reads of the database header: cheap), so the file
+    /// outgrows it by one batch at most.
+    fn flush_within_budget(&mut self, pending: &mut Vec<AuditRecord>, final_flush: bool) {
+        if self.flush(pending, final_flush) && self.max_bytes > 0 {
+            self.enforce_budget();
+        }
+    }
+
+    /// Write what is pending; whether any row was written.
+    fn flush(&mut self, pending: &mut Vec<AuditRecord>, final_flush: bool) -> bool {
         let attempts = if final_flush { 20 } else { 1 };
         for attempt in 0..attempts {
             if pending.is_empty() {
-                return;
+                return false;
             }
             match store::audit::insert_batch(&mut self.conn, pending) {
                 Ok(()) => {
                     self.stats.written.fetch_add(pending.len() as u64, Ordering::Relaxed);
                     pending.clear();
-                    return;
+                    return true;
                 }
                 Err(e) => {
                     self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
@@ -279,6 +287,48 @@ impl Writer {
                 "Audit rows lost at shutdown: the database kept failing."
             );
             self.stats.dropped.fetch_add(pending.len() as u64, Ordering::Relaxed);
+        }
+        false
+    }
+
+    /// Keep the database under `max_bytes` of used pages: delete the oldest
+    /// audit rows, a bounded batch at a time, until it is under 90 % of the
+    /// budget (so it is not at the edge again with the next batch). Deleted
+    /// pages go to SQLite's free list and are reused by the next inserts,
+    /// so the file stops growing at about the budget.
+    fn enforce_budget(&self) {
+        let target = self.max_bytes / 10 * 9;
+        let mut deleted = 0u64;
+        for _ in 0..BUDGET_BATCHES {
+            let step = store::audit::used_bytes(&self.conn).and_then(|used| {
+                if used <= target || (deleted == 0 && used <= self.max_bytes) {
+                    return Ok(None);
+                }
+                let rows = store::audit::rows_estimate(&self.conn)?;
+                if rows == 0 {
+                    return Ok(None);
+                }
+                // As many rows as the excess holds at the average row size.
+                let per_row = (used / rows).max(1);
+                let n = ((used - target) / per_row + 1).min(PURGE_BATCH as u64);
+                store::audit::delete_oldest(&self.conn, n as usize).map(Some)
+            });
+            match step {
+                Ok(Some(n)) if n > 0 => deleted += n as u64,
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "Audit size budget could not be enforced.");
+                    break;
+                }
+            }
+        }
+        if deleted > 0 {
+            self.stats.budget_deleted.fetch_add(deleted, Ordering::Relaxed);
+            tracing::info!(
+                rows = deleted,
+                max_bytes = self.max_bytes,
+                "Audit size budget: deleted the oldest rows."
+            );
         }
     }
 
@@ -383,6 +433,37 @@ mod tests {
         assert_eq!(rows.len(), 100);
         assert_eq!(sink.stats().written.load(Ordering::Relaxed), 100);
         assert_eq!(sink.stats().queued.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn the_size_budget_deletes_the_oldest_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("a.db");
+        let cfg = AuditConfig {
+            batch_size: 100,
+            max_bytes: crate::config::HumanSize(512 * 1024),
+            ..AuditConfig::default()
+        };
+        let sink = AuditSink::start(&db, &cfg).unwrap();
+        for i in 0..2000 {
+            assert!(sink.record(AuditRecord {
+                request_id: format!("r{i}"),
+                ts_ms: now_ms(),
+                request_body: Some("b".repeat(1000)),
+                ..Default::default()
+            }));
+        }
+        sink.close();
+        let conn = store::open(&db).unwrap();
+        let used = store::audit::used_bytes(&conn).unwrap();
+        assert!(used <= 512 * 1024, "{used} bytes used");
+        let rows = store::audit::all(&conn).unwrap();
+        assert!(!rows.is_empty() && rows.len() < 500, "{} rows kept", rows.len());
+        assert_eq!(rows.last().unwrap().request_id, "r1999", "the newest are kept");
+        assert_eq!(
+            sink.stats().budget_deleted.load(Ordering::Relaxed) as usize,
+            2000 - rows.len()
+        );
     }
 
     #[test]

@@ -74,6 +74,11 @@ pub struct Metrics {
     pub cluster_nodes: IntGauge,
     pub cluster_local_decisions: IntCounter,
     pub audit_unshipped: IntGauge,
+    /// Requests refused before a route or a valid key, by reason (only
+    /// sampled into the audit log).
+    pub refused: IntCounterVec,
+    pub audit_budget_deleted: IntCounter,
+    audit_budget_deleted_seen: AtomicU64,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> Result<IntCounterVec, prometheus::Error> {
@@ -227,6 +232,24 @@ impl Metrics {
                 "audit_unshipped",
                 "Cluster mode with Postgres: audit rows in the local outbox not shipped yet.",
             )?,
+            refused: {
+                let m = counter_vec(
+                    &r,
+                    "refused_requests_total",
+                    "Requests refused before a route or a valid gateway key was found, by reason (no_route|no_key|bad_key|inactive_key); the audit log keeps at most one per client per second.",
+                    &["reason"],
+                )?;
+                for reason in crate::audit::refused::Refusal::ALL {
+                    m.with_label_values(&[reason.as_str()]);
+                }
+                m
+            },
+            audit_budget_deleted: counter(
+                &r,
+                "audit_budget_deleted_total",
+                "Audit rows deleted (oldest first) to keep the database under audit.max_bytes.",
+            )?,
+            audit_budget_deleted_seen: AtomicU64::new(0),
             registry: r,
         })
     }
@@ -290,6 +313,11 @@ impl Metrics {
             &self.audit_written,
             &self.audit_written_seen,
             stats.written.load(Ordering::Relaxed),
+        );
+        Self::sync_counter(
+            &self.audit_budget_deleted,
+            &self.audit_budget_deleted_seen,
+            stats.budget_deleted.load(Ordering::Relaxed),
         );
         let mut out = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {

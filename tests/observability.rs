@@ -92,6 +92,9 @@ async fn every_request_gets_one_audit_row_with_usage_and_timings() {
         true,
     )
     .await;
+    // Refusals before a route or key keep one row per client per second:
+    // each of the two below is the first of its second.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     send(
         c.post(gw.url("/v1/chat/completions"))
             .bearer_auth("fg_wrong")
@@ -99,6 +102,7 @@ async fn every_request_gets_one_audit_row_with_usage_and_timings() {
         false,
     )
     .await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     send(c.get(gw.url("/nowhere")), false).await;
     let all_rows = gw.wait_audit_ids(expect.keys()).await;
     let rows: Vec<_> = all_rows

@@ -272,6 +272,26 @@ pub struct AuditConfig {
     pub queue_size: usize,
     /// Most rows written in one transaction.
     pub batch_size: usize,
+    /// Size budget of the database (used pages): past it the oldest audit
+    /// rows are deleted, alongside `retention`. 0 = no budget.
+    pub max_bytes: HumanSize,
+    /// Requests refused before a route or a valid key (no route, no key,
+    /// bad or inactive key): one row per client per second, all, or none.
+    pub refused: RefusedMode,
+}
+
+/// `audit.refused`: which refused requests get an audit row. All of them
+/// are counted in `fastgate_refused_requests_total` either way.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RefusedMode {
+    /// At most one row per client address (IPv6: per /64) per second.
+    #[default]
+    Sampled,
+    /// Every refusal (a client without a key can then write rows at will).
+    All,
+    /// None.
+    None,
 }
 
 impl Default for AuditConfig {
@@ -284,6 +304,8 @@ impl Default for AuditConfig {
             retention: Duration::from_secs(30 * 24 * 3600).into(),
             queue_size: 65_536,
             batch_size: 512,
+            max_bytes: HumanSize(10 * 1024 * 1024 * 1024),
+            refused: RefusedMode::Sampled,
         }
     }
 }

@@ -207,7 +207,8 @@ impl RequestCtx {
                 .and_then(|v: &http::HeaderValue| v.to_str().ok())
         };
         let audit = &self.state.config.file.audit;
-        let capture = (audit.enabled && audit.capture_body).then_some(audit.body_max_bytes.0 as usize);
+        // One byte past the cap tells the audit row the body was longer.
+        let capture = (audit.enabled && audit.capture_body).then_some(audit.body_max_bytes.0 as usize + 1);
         self.response.meter = UsageMeter::new(
             text(http::header::CONTENT_TYPE),
             text(http::header::CONTENT_ENCODING),
@@ -258,7 +259,8 @@ impl RequestCtx {
     /// answer: usage is read in the upstream's own format, before conversion).
     pub fn meter_upstream(&mut self, content_type: Option<&str>) {
         let audit = &self.state.config.file.audit;
-        let capture = (audit.enabled && audit.capture_body).then_some(audit.body_max_bytes.0 as usize);
+        // One byte past the cap tells the audit row the body was longer.
+        let capture = (audit.enabled && audit.capture_body).then_some(audit.body_max_bytes.0 as usize + 1);
         self.response.meter = UsageMeter::new(content_type, None, capture);
     }
 

@@ -1,7 +1,7 @@
 //! Errors FastGate itself answers with, rendered in the client's API error
 //! shape (OpenAI, Anthropic or Gemini) with the right HTTP status.
 
-use crate::{auth::AuthError, config::routes_d::Format};
+use crate::{audit::refused::Refusal, auth::AuthError, config::routes_d::Format};
 use bytes::Bytes;
 use serde_json::json;
 
@@ -99,6 +99,19 @@ impl GatewayError {
             Self::UpstreamStatus { status, .. } => *status,
             Self::ClientClosed => 499,
             Self::RateLimited { .. } => 429,
+        }
+    }
+
+    /// Why the request was refused before a route or a valid key was
+    /// found, if it was (such refusals are counted, and only sampled into
+    /// the audit log).
+    pub fn refusal(&self) -> Option<Refusal> {
+        match self {
+            Self::NoRoute { .. } => Some(Refusal::NoRoute),
+            Self::Auth(AuthError::Missing) => Some(Refusal::NoKey),
+            Self::Auth(AuthError::Invalid) => Some(Refusal::BadKey),
+            Self::Auth(AuthError::Inactive) => Some(Refusal::InactiveKey),
+            _ => None,
         }
     }
 

@@ -2,7 +2,10 @@
 //! row queued (never waited for), one log line.
 
 use super::ctx::RequestCtx;
-use crate::{audit, store::audit::AuditRecord};
+use crate::{
+    audit::{self, fields},
+    store::audit::AuditRecord,
+};
 use pingora::proxy::Session;
 
 pub fn finish(session: &Session, ctx: &mut RequestCtx, e: Option<&pingora::Error>) {
@@ -73,10 +76,26 @@ pub fn finish(session: &Session, ctx: &mut RequestCtx, e: Option<&pingora::Error
 
     let ttfb_ms = ctx.response.ttfb.map(|d| d.as_secs_f64() * 1000.0);
     let ms = duration.as_secs_f64() * 1000.0;
+    // A refusal before any route or key is counted; only a sample of them
+    // (one per client per second) is logged at info and audited.
+    let refusal = ctx.error.as_ref().and_then(super::errors::GatewayError::refusal);
+    if let Some(r) = refusal {
+        m.refused.with_label_values(&[r.as_str()]).inc();
+        if !state.audit.keep_refused(ctx.client.ip) {
+            tracing::debug!(
+                request_id = %ctx.request_id,
+                client_ip = ctx.client.ip.map(tracing::field::display),
+                status,
+                refused = r.as_str(),
+                "request refused (not sampled)"
+            );
+            return;
+        }
+    }
     tracing::info!(
         request_id = %ctx.request_id,
         method = %req.method,
-        path = req.uri.path(),
+        path = fields::cap(req.uri.path(), fields::PATH_MAX).as_ref(),
         route,
         upstream,
         key_id = ctx.key.as_ref().map_or("-", |k| k.id.as_str()),
@@ -84,6 +103,7 @@ pub fn finish(session: &Session, ctx: &mut RequestCtx, e: Option<&pingora::Error
         upstream_key = ctx.upstream.lease.as_ref().map_or("-", |l| l.key().id.as_str()),
         model = model_label,
         status,
+        refused = refusal.map(|r| r.as_str()),
         attempts = ctx.upstream.attempts,
         bytes = ctx.response.bytes,
         chunks = ctx.response.chunks,
@@ -103,8 +123,11 @@ pub fn finish(session: &Session, ctx: &mut RequestCtx, e: Option<&pingora::Error
     let request_body = cfg
         .capture_body
         .then(|| match &ctx.body {
-            Some(b) => Some(audit::capped_text(b, cap)),
-            None => ctx.body_capture.as_deref().map(|b| audit::capped_text(b, cap)),
+            Some(b) => Some(fields::body_text(b, cap, Some(b.len() as u64))),
+            None => ctx
+                .body_capture
+                .as_deref()
+                .map(|b| fields::body_text(b, cap, Some(ctx.body_seen))),
         })
         .flatten();
     let endpoint = match (&ctx.upstream.upstream, &ctx.upstream.target) {
@@ -118,16 +141,20 @@ pub fn finish(session: &Session, ctx: &mut RequestCtx, e: Option<&pingora::Error
         request_id: std::mem::take(&mut ctx.request_id),
         ts_ms: ctx.started_ms,
         key_id: ctx.key.as_ref().map(|k| k.id.clone()),
-        owner: ctx.key.as_ref().map(|k| k.owner.clone()).filter(|o| !o.is_empty()),
+        owner: ctx
+            .key
+            .as_ref()
+            .filter(|k| !k.owner.is_empty())
+            .map(|k| fields::cap(&k.owner, fields::OWNER_MAX).into_owned()),
         user_id: ctx.key.as_ref().and_then(|k| k.owner_id.clone()),
         route: ctx.route.as_ref().map(|r| r.name.clone()),
         upstream: ctx.upstream.upstream.as_ref().map(|u| u.name.clone()),
         endpoint,
         upstream_key_id: ctx.upstream.lease.as_ref().map(|l| l.key().id.clone()),
-        method: req.method.to_string(),
+        method: fields::cap(req.method.as_str(), fields::METHOD_MAX).into_owned(),
         path: audit::redact_path(&req.uri),
         status,
-        model,
+        model: model.map(|m| fields::cap_owned(m, fields::MODEL_MAX)),
         stream: ctx.response.stream || path_is_stream,
         ttfb_ms,
         duration_ms: ms,
@@ -141,18 +168,28 @@ pub fn finish(session: &Session, ctx: &mut RequestCtx, e: Option<&pingora::Error
         error: ctx
             .error
             .as_ref()
-            .map(|e| e.to_string())
+            .map(|e| fields::cap_owned(e.to_string(), fields::ERROR_MAX))
             .or(e.map(|e| e.etype().as_str().to_string())),
         client_ip: ctx.client.ip.map(|ip| ip.to_string()),
         user_agent: req
             .headers
             .get(http::header::USER_AGENT)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string),
-        request_headers: cfg.capture_headers.then(|| audit::redact_headers(&req.headers)),
+            .map(|v| fields::cap_bytes(v.as_bytes(), fields::USER_AGENT_MAX)),
+        request_headers: cfg.capture_headers.then(|| {
+            let max = match refusal {
+                Some(_) => fields::REFUSED_HEADERS_BYTES_MAX,
+                None => fields::HEADERS_BYTES_MAX,
+            };
+            audit::redact_headers_within(&req.headers, max)
+        }),
         response_headers: ctx.response.headers.take(),
         request_body,
-        response_body: ctx.response.meter.take_capture().map(|b| audit::capped_text(&b, cap)),
+        // The meter keeps one byte more than the cap: a longer body is marked.
+        response_body: ctx
+            .response
+            .meter
+            .take_capture()
+            .map(|b| fields::body_text(&b, cap, None)),
     };
     state.audit.record(record);
 }

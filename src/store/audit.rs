@@ -107,6 +107,35 @@ pub fn delete_before(conn: &Connection, cutoff_ms: i64, batch: usize) -> Result<
     )?)
 }
 
+/// Bytes of the database in use: its pages minus the free ones (which
+/// SQLite reuses before growing the file).
+pub fn used_bytes(conn: &Connection) -> Result<u64, StoreError> {
+    let pragma = |name: &str| conn.query_row(&format!("PRAGMA {name}"), [], |r| r.get::<_, i64>(0));
+    let pages = pragma("page_count")? - pragma("freelist_count")?;
+    Ok(pages.max(0) as u64 * pragma("page_size")?.max(0) as u64)
+}
+
+/// About how many audit rows there are (the id span: exact without gaps,
+/// and read from the ends of the primary key rather than counted).
+pub fn rows_estimate(conn: &Connection) -> Result<u64, StoreError> {
+    let (lo, hi): (Option<i64>, Option<i64>) = conn.query_row("SELECT min(id), max(id) FROM audit_log", [], |r| {
+        Ok((r.get(0)?, r.get(1)?))
+    })?;
+    Ok(match (lo, hi) {
+        (Some(lo), Some(hi)) => (hi - lo + 1).max(0) as u64,
+        _ => 0,
+    })
+}
+
+/// Delete the `n` oldest rows (by id, the order they were written);
+/// returns how many.
+pub fn delete_oldest(conn: &Connection, n: usize) -> Result<usize, StoreError> {
+    Ok(conn.execute(
+        "DELETE FROM audit_log WHERE id IN (SELECT id FROM audit_log ORDER BY id LIMIT ?1)",
+        [n as i64],
+    )?)
+}
+
 const SELECT: &str = "SELECT id, request_id, ts_ms, key_id, owner, route, upstream, endpoint,
     upstream_key_id, method, path, status, model, stream, ttfb_ms, duration_ms, request_bytes,
     response_bytes, chunks, prompt_tokens, completion_tokens, retries, error, client_ip, user_agent,

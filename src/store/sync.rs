@@ -105,7 +105,7 @@ pub fn log_after(conn: &Connection, tbl: &str, after: i64, limit: usize) -> Resu
     let rows = stmt.query_map(params![after, limit as i64], |r| {
         let mut map = Map::new();
         for (i, name) in names.iter().enumerate() {
-            map.insert(name.clone(), to_json(r.get::<_, SqlValue>(i)?));
+            map.insert(name.clone(), log_json(r.get::<_, SqlValue>(i)?));
         }
         Ok(map)
     })?;
@@ -126,6 +126,16 @@ pub fn log_after(conn: &Connection, tbl: &str, after: i64, limit: usize) -> Resu
 pub fn audit_unshipped(conn: &Connection, shipped: i64) -> Result<i64, StoreError> {
     // (The admin audit is small: its backlog is not worth a metric.)
     Ok(conn.query_row("SELECT count(*) FROM audit_log WHERE id > ?1", [shipped], |r| r.get(0))?)
+}
+
+/// A logged value for Postgres, which refuses NUL in `jsonb`: new audit
+/// rows never hold one (`audit::fields`), rows written before that and the
+/// admin audit's texts get `␀` (U+2400) instead, so no row stops the outbox.
+fn log_json(v: SqlValue) -> Value {
+    match v {
+        SqlValue::Text(t) if t.contains('\0') => t.replace('\0', "\u{2400}").into(),
+        v => to_json(v),
+    }
 }
 
 fn to_json(v: SqlValue) -> Value {
@@ -204,6 +214,20 @@ pub fn apply(conn: &mut Connection, rows: &[(String, String, Row)]) -> Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shipped_log_rows_hold_no_nul() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = super::super::open(&dir.path().join("a.db")).unwrap();
+        let row = crate::store::audit::AuditRecord {
+            request_id: "r1".into(),
+            model: Some("m\0x".into()),
+            ..Default::default()
+        };
+        crate::store::audit::insert_batch(&mut conn, &[row]).unwrap();
+        let shipped = log_after(&conn, "audit_log", 0, 10).unwrap();
+        assert_eq!(shipped[0].row["model"], "m\u{2400}x");
+    }
 
     #[test]
     fn changes_are_queued_only_while_enabled_and_applied_rows_are_not_queued_back() {
