@@ -244,7 +244,10 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for ConnGuard<A> {
         let h2_alpn = matches!(stream.selected_alpn_proto(), Some(pingora::protocols::ALPN::H2));
         let h2c = stream.get_ssl_digest().is_none() && self.inner.server_options().is_some_and(|o| o.h2c);
         if h2_alpn {
-            return ServerApp::process_new(&self.inner, stream, shutdown).await;
+            // Pingora's HTTP/2 handshake waits for the client's preface
+            // without a timeout: the preface gets the header clock.
+            let io = GuardedIo::preface(stream, self.settings.clone(), accepted);
+            return ServerApp::process_new(&self.inner, Box::new(io), shutdown).await;
         }
         if h2c {
             // The preface, or the first bytes of an HTTP/1 request, must come
@@ -253,7 +256,8 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for ConnGuard<A> {
             let left = limits.client_header_timeout.0.saturating_sub(accepted.elapsed());
             match tokio::time::timeout(left, stream.try_peek(&mut buf)).await {
                 Ok(Ok(true)) if buf == H2_PREFACE => {
-                    return ServerApp::process_new(&self.inner, stream, shutdown).await;
+                    let io = GuardedIo::preface(stream, self.settings.clone(), accepted);
+                    return ServerApp::process_new(&self.inner, Box::new(io), shutdown).await;
                 }
                 Ok(Ok(_)) => {}
                 Ok(Err(_)) => return None,
@@ -314,6 +318,9 @@ enum Phase {
     Idle,
     /// Inside a request header, the clock running.
     Header,
+    /// HTTP/2: this many bytes of the connection preface still to come,
+    /// the clock running; then the HTTP/2 layer bounds the rest.
+    Preface(usize),
     /// The header is complete: body bytes pass untouched.
     Body,
     /// Writing a refusal before failing the read.
@@ -421,6 +428,13 @@ impl GuardedIo {
         }
     }
 
+    /// Guard an HTTP/2 connection until its preface has arrived.
+    fn preface(inner: Stream, settings: Arc<GuardSettings>, since: Instant) -> Self {
+        let mut io = GuardedIo::new(inner, settings, since);
+        io.phase = Phase::Preface(H2_PREFACE.len());
+        io
+    }
+
     /// Await the next keep-alive request: its header clock starts at its
     /// first byte; until then `keepalive_timeout` bounds the wait. (Pingora
     /// turns its own keep-alive timeout into "infinite" on every HTTP/1.1
@@ -505,6 +519,23 @@ impl AsyncRead for GuardedIo {
                         return Poll::Ready(Err(this.fail(why, std::io::ErrorKind::InvalidData)));
                     }
                     *drained += n;
+                }
+                Phase::Preface(left) => {
+                    if let Some(deadline) = this.deadline.as_mut()
+                        && deadline.as_mut().poll(cx).is_ready()
+                    {
+                        this.settings.refused(Refusal::HeaderTimeout);
+                        return Poll::Ready(Err(this.fail(Refusal::HeaderTimeout, std::io::ErrorKind::TimedOut)));
+                    }
+                    let before = buf.filled().len();
+                    ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+                    let n = buf.filled().len() - before;
+                    *left = left.saturating_sub(n);
+                    if *left == 0 {
+                        this.phase = Phase::Body;
+                        this.deadline = None;
+                    }
+                    return Poll::Ready(Ok(()));
                 }
                 Phase::Idle | Phase::Header => {
                     if let Some(deadline) = this.deadline.as_mut()

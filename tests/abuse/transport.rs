@@ -37,13 +37,16 @@ routes:
 /// deep) in front of a recording mock.
 async fn start(limits: &str) -> (Gateway, MockUpstream) {
     let mock = MockUpstream::start().await;
-    let config = format!(
+    let server = format!("  limits:\n{limits}");
+    let gw = Gateway::start_with_server(&server, &config(&mock), &[("r.yaml", ROUTES)]).await;
+    (gw, mock)
+}
+
+fn config(mock: &MockUpstream) -> String {
+    format!(
         "upstreams:\n  oai:\n    provider: openai\n    endpoints: ['{u}']\n    key_pool: oai\n  plain:\n    provider: http\n    endpoints: ['{u}']\nkey_pools:\n  oai:\n    keys: [sk-pool-one]\n",
         u = mock.url()
-    );
-    let server = format!("  limits:\n{limits}");
-    let gw = Gateway::start_with_server(&server, &config, &[("r.yaml", ROUTES)]).await;
-    (gw, mock)
+    )
 }
 
 async fn connect(gw: &Gateway) -> TcpStream {
@@ -420,4 +423,72 @@ async fn expect_100_continue_is_answered_before_the_body_on_both_paths() {
     let (status, _, _) = read_response(&mut s).await;
     assert_eq!(status, 413);
     assert_eq!(mock.seen().len(), 2);
+}
+
+#[tokio::test]
+async fn tls_connections_that_stall_after_the_handshake_are_closed_too() {
+    let mock = MockUpstream::start().await;
+    let certs = tempfile::tempdir().unwrap();
+    let ca = crate::common::tls::Ca::new("FastGate test CA");
+    ca.leaf(certs.path(), "a", &["a.test"], 90);
+    let server = format!(
+        "  tls: {{ cert: {d}/a.pem, key: {d}/a.key }}\n  limits:\n    client_header_timeout: 2s\n    max_connections_per_client: 3\n",
+        d = certs.path().display()
+    );
+    let gw = Gateway::start_with_server(&server, &config(&mock), &[("r.yaml", ROUTES)]).await;
+    let tls = |alpn: &'static [u8]| {
+        let mut config = (*ca.client_config()).clone();
+        config.alpn_protocols = vec![alpn.to_vec()];
+        let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+        let port = gw.port;
+        async move {
+            let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+            connector.connect("a.test".try_into().unwrap(), tcp).await.unwrap()
+        }
+    };
+    // HTTP/2 by ALPN, then no preface; HTTP/1.1, then half a header.
+    let mut h2 = tls(b"h2").await;
+    let mut h1 = tls(b"http/1.1").await;
+    h1.write_all(b"GET /plain/x HTTP/1.1\r\nX-").await.unwrap();
+    let start = Instant::now();
+    let mut buf = [0u8; 256];
+    for (name, s) in [
+        ("h2", &mut h2 as &mut (dyn tokio::io::AsyncRead + Unpin + Send)),
+        ("http/1.1", &mut h1),
+    ] {
+        let closed = loop {
+            match tokio::time::timeout(Duration::from_secs(6), s.read(&mut buf)).await {
+                Err(_) => break false,
+                Ok(Ok(0)) | Ok(Err(_)) => break true,
+                Ok(Ok(_)) => {} // HTTP/2 settings, a GOAWAY
+            }
+        };
+        assert!(closed, "{name}: a stalled TLS connection stayed open");
+        eprintln!("{name}: closed after {:?}", start.elapsed());
+    }
+    assert!(start.elapsed() >= Duration::from_millis(1500), "{:?}", start.elapsed());
+    assert!(start.elapsed() <= Duration::from_secs(5), "{:?}", start.elapsed());
+    assert_eq!(refusals(&gw, "header_timeout").await, 2);
+    // The per-client cap holds on TLS too: 3 served, the 4th refused.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut s = tls(b"http/1.1").await;
+        s.write_all(b"GET /plain/a HTTP/1.1\r\nHost: a.test\r\n\r\n")
+            .await
+            .unwrap();
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(
+            buf[..n].starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&buf[..n])
+        );
+        held.push(s);
+    }
+    let mut extra = tls(b"http/1.1").await;
+    let _ = extra.write_all(b"GET /plain/a HTTP/1.1\r\nHost: a.test\r\n\r\n").await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(2), extra.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.is_empty() || text.starts_with("HTTP/1.1 503 "), "{text}");
+    assert_eq!(refusals(&gw, "per_client_cap").await, 1);
 }
