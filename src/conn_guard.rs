@@ -204,15 +204,24 @@ pub struct ConnGuard<A> {
     /// PROXY protocol on a plain listener: the balancers believed. On a TLS
     /// listener the header is read before the handshake instead.
     pub proxy_protocol: Option<TrustedProxies>,
+    /// `server.trusted_proxies`: their connections carry many clients (an
+    /// HTTP balancer's pool), so they are not capped per address.
+    pub uncapped: TrustedProxies,
 }
 
 impl<A> ConnGuard<A> {
-    pub fn new(inner: A, settings: GuardSettings, proxy_protocol: Option<TrustedProxies>) -> Self {
+    pub fn new(
+        inner: A,
+        settings: GuardSettings,
+        proxy_protocol: Option<TrustedProxies>,
+        uncapped: TrustedProxies,
+    ) -> Self {
         ConnGuard {
             inner: Arc::new(inner),
             settings: Arc::new(settings),
             slots: Arc::new(ClientSlots::default()),
             proxy_protocol,
+            uncapped,
         }
     }
 }
@@ -228,7 +237,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for ConnGuard<A> {
         let peer = stream
             .get_socket_digest()
             .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip().to_canonical()));
-        let _slot = match peer {
+        let _slot = match peer.filter(|ip| !self.uncapped.contains(*ip)) {
             Some(ip) => match self.slots.acquire(ip, limits.max_connections_per_client) {
                 Some(slot) => Some(slot),
                 None => {

@@ -166,7 +166,7 @@ fn add_data_plane(server: &mut Server, state: &Arc<AppState>) -> Result<(), Stor
     match &state.tls {
         None => {
             let pp = conf.proxy_protocol.then(|| trusted.clone());
-            let mut service = Service::new(NAME.into(), ConnGuard::new(proxy, settings, pp));
+            let mut service = Service::new(NAME.into(), ConnGuard::new(proxy, settings, pp, trusted.clone()));
             service.add_tcp(&listen);
             server.add_service(service);
         }
@@ -178,7 +178,7 @@ fn add_data_plane(server: &mut Server, state: &Arc<AppState>) -> Result<(), Stor
             if certs.offers_h2() {
                 tls.enable_h2();
             }
-            let mut service = Service::new(NAME.into(), ConnGuard::new(proxy, settings, None));
+            let mut service = Service::new(NAME.into(), ConnGuard::new(proxy, settings, None, trusted.clone()));
             service.add_tls_with_settings(&listen, None, tls);
             if conf.proxy_protocol {
                 service

@@ -492,3 +492,37 @@ async fn tls_connections_that_stall_after_the_handshake_are_closed_too() {
     assert!(text.is_empty() || text.starts_with("HTTP/1.1 503 "), "{text}");
     assert_eq!(refusals(&gw, "per_client_cap").await, 1);
 }
+
+#[tokio::test]
+async fn keepalive_timeout_zero_turns_keep_alive_off() {
+    let (gw, _mock) = start("    keepalive_timeout: 0s\n").await;
+    let mut s = connect(&gw).await;
+    s.write_all(b"GET /plain/once HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let (status, head, _) = read_response(&mut s).await;
+    assert_eq!(status, 200);
+    assert!(head.to_ascii_lowercase().contains("connection: close"), "{head}");
+    let (_, closed) = read_until_closed(&mut s, Duration::from_secs(2)).await;
+    assert!(closed.is_some(), "the connection was kept");
+}
+
+#[tokio::test]
+async fn a_trusted_proxys_connections_are_not_capped_per_address() {
+    // An HTTP balancer's connection pool carries many clients.
+    let mock = MockUpstream::start().await;
+    let server = "  trusted_proxies: [127.0.0.1]\n  limits:\n    max_connections_per_client: 2\n";
+    let gw = Gateway::start_with_server(server, &config(&mock), &[("r.yaml", ROUTES)]).await;
+    let mut held = Vec::new();
+    for i in 0..5 {
+        let mut s = connect(&gw).await;
+        s.write_all(
+            format!("GET /plain/b{i} HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 198.51.100.{i}\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(read_response(&mut s).await.0, 200, "connection {i}");
+        held.push(s);
+    }
+    assert_eq!(refusals(&gw, "per_client_cap").await, 0);
+}
