@@ -8,14 +8,11 @@ use async_trait::async_trait;
 use http::HeaderMap;
 use ipnet::IpNet;
 use pingora::{
-    apps::ServerApp,
     listeners::PreTlsProcess,
-    protocols::{IO, SocketDigest, Stream, l4::socket::SocketAddr as PeerAddr},
-    server::ShutdownWatch,
+    protocols::{IO, SocketDigest, l4::socket::SocketAddr as PeerAddr},
 };
 use std::{
     net::{IpAddr, SocketAddr},
-    sync::Arc,
     time::Duration,
 };
 use tokio::io::{AsyncRead, AsyncReadExt};
@@ -180,7 +177,7 @@ fn digest_with_peer(fd: i32, client: SocketAddr) -> SocketDigest {
 /// From a trusted peer, read its PROXY header and make the client it names
 /// the stream's peer; other peers are left alone. An error means the
 /// connection is to be dropped (logged here).
-async fn take_proxy_header(trusted: &TrustedProxies, stream: &mut dyn IO) -> Result<(), ProxyHeaderError> {
+pub(crate) async fn take_proxy_header(trusted: &TrustedProxies, stream: &mut dyn IO) -> Result<(), ProxyHeaderError> {
     let peer = stream
         .get_socket_digest()
         .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
@@ -212,30 +209,6 @@ impl PreTlsProcess for ProxyProtocolBeforeTls {
         take_proxy_header(&self.trusted, stream)
             .await
             .map_err(|e| pingora::Error::explain(pingora::ErrorType::ConnectError, e.to_string()))
-    }
-}
-
-/// PROXY protocol on a plain listener: the header is read when the
-/// connection arrives, then `inner` serves it (its keep-alive requests
-/// included: the header comes once per connection).
-pub struct ProxyProtocolApp<A> {
-    pub inner: Arc<A>,
-    pub trusted: TrustedProxies,
-}
-
-#[async_trait]
-impl<A: ServerApp + Send + Sync + 'static> ServerApp for ProxyProtocolApp<A> {
-    async fn process_new(self: &Arc<Self>, mut stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
-        take_proxy_header(&self.trusted, stream.as_mut()).await.ok()?;
-        let mut next = self.inner.process_new(stream, shutdown).await;
-        while let Some(reused) = next {
-            next = self.inner.process_new(reused, shutdown).await;
-        }
-        None
-    }
-
-    async fn cleanup(&self) {
-        self.inner.cleanup().await;
     }
 }
 

@@ -16,6 +16,7 @@ pub mod cli_ops;
 pub mod client_addr;
 pub mod cluster;
 pub mod config;
+pub mod conn_guard;
 pub mod convert;
 pub mod metrics;
 pub mod pool;

@@ -79,6 +79,10 @@ pub struct Metrics {
     pub refused: IntCounterVec,
     pub audit_budget_deleted: IntCounter,
     audit_budget_deleted_seen: AtomicU64,
+    /// Connections and requests the data port's transport limits refused,
+    /// by reason (`per_client_cap`, `header_timeout`, `header_too_large`,
+    /// `uri_too_long`).
+    pub transport_refusals: IntCounterVec,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> Result<IntCounterVec, prometheus::Error> {
@@ -134,6 +138,12 @@ impl Metrics {
                 &["route"],
             )?,
             in_flight: gauge(&r, "requests_in_flight", "Requests being served.")?,
+            transport_refusals: counter_vec(
+                &r,
+                "transport_refusals_total",
+                "Connections and requests refused by server.limits before any route, by reason.",
+                &["reason"],
+            )?,
             streams_in_flight: gauge(&r, "streams_in_flight", "Streamed (SSE) responses being forwarded.")?,
             pool_key_in_flight: gauge_vec(
                 &r,

@@ -13,7 +13,8 @@
 
 use crate::{
     admin::{AdminService, AdminState},
-    client_addr::{ProxyProtocolApp, ProxyProtocolBeforeTls},
+    client_addr::ProxyProtocolBeforeTls,
+    conn_guard::{ConnGuard, GuardSettings},
     proxy::Gateway,
     reload::Upkeep,
     state::{AppState, Lifecycle},
@@ -150,26 +151,22 @@ fn add_data_plane(server: &mut Server, state: &Arc<AppState>) -> Result<(), Stor
     let listen = state.config.listen.to_string();
     let conf = &state.config.file.server;
     let mut proxy = http_proxy(&server.configuration, Gateway::new(state.clone()));
-    if conf.h2c && state.tls.is_none() {
-        let mut options = HttpServerOptions::default();
-        options.h2c = true;
-        proxy.server_options = Some(options);
-    }
+    let mut options = HttpServerOptions::default();
+    options.h2c = conf.h2c && state.tls.is_none();
+    // HTTP/2's idle connections close like HTTP/1.1's kept-alive ones.
+    options.h2_idle_timeout = Some(conf.limits.keepalive_timeout.0).filter(|d| !d.is_zero());
+    proxy.server_options = Some(options);
     let trusted = state.trusted_proxies.clone();
+    // Every listener is guarded (header time and size, connections per
+    // client); on a plain listener the guard also reads the PROXY header.
+    let settings = GuardSettings {
+        limits: conf.limits.clone(),
+        refusals: state.metrics.transport_refusals.clone(),
+    };
     match &state.tls {
-        None if conf.proxy_protocol => {
-            // The PROXY header comes before the first request: read by a
-            // wrapper around the proxy, once per connection.
-            let app = ProxyProtocolApp {
-                inner: Arc::new(proxy),
-                trusted,
-            };
-            let mut service = Service::new(NAME.into(), app);
-            service.add_tcp(&listen);
-            server.add_service(service);
-        }
         None => {
-            let mut service = Service::new(NAME.into(), proxy);
+            let pp = conf.proxy_protocol.then(|| trusted.clone());
+            let mut service = Service::new(NAME.into(), ConnGuard::new(proxy, settings, pp, trusted.clone()));
             service.add_tcp(&listen);
             server.add_service(service);
         }
@@ -181,7 +178,7 @@ fn add_data_plane(server: &mut Server, state: &Arc<AppState>) -> Result<(), Stor
             if certs.offers_h2() {
                 tls.enable_h2();
             }
-            let mut service = Service::new(NAME.into(), proxy);
+            let mut service = Service::new(NAME.into(), ConnGuard::new(proxy, settings, None, trusted.clone()));
             service.add_tls_with_settings(&listen, None, tls);
             if conf.proxy_protocol {
                 service

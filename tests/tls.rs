@@ -33,19 +33,37 @@ async fn an_untrusted_upstream_certificate_is_refused() {
     let acceptor = TlsAcceptor::from(Arc::new(config));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
-    let (handshakes, requests) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let (h, r) = (handshakes.clone(), requests.clone());
+    // `hellos`: connections that started a TLS handshake (a ClientHello
+    // record first); `rejected`: handshakes FastGate itself aborted with a
+    // certificate alert; `requests`: bytes read over a finished handshake.
+    let counters = || Arc::new(AtomicUsize::new(0));
+    let (hellos, rejected, requests) = (counters(), counters(), counters());
+    let (h, x, r) = (hellos.clone(), rejected.clone(), requests.clone());
     tokio::spawn(async move {
         loop {
             let Ok((tcp, _)) = listener.accept().await else { return };
-            h.fetch_add(1, Ordering::SeqCst);
             let acceptor = acceptor.clone();
-            let r = r.clone();
+            let (h, x, r) = (h.clone(), x.clone(), r.clone());
             tokio::spawn(async move {
-                if let Ok(mut tls) = acceptor.accept(tcp).await {
-                    let mut buf = [0u8; 1024];
-                    if tls.read(&mut buf).await.unwrap_or(0) > 0 {
-                        r.fetch_add(1, Ordering::SeqCst);
+                let mut first = [0u8; 1];
+                if tcp.peek(&mut first).await.unwrap_or(0) == 1 && first[0] == 0x16 {
+                    h.fetch_add(1, Ordering::SeqCst);
+                }
+                match acceptor.accept(tcp).await {
+                    Ok(mut tls) => {
+                        let mut buf = [0u8; 1024];
+                        if tls.read(&mut buf).await.unwrap_or(0) > 0 {
+                            r.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                    Err(e) => {
+                        let alert = e
+                            .get_ref()
+                            .and_then(|inner| inner.downcast_ref::<tokio_rustls::rustls::Error>())
+                            .is_some_and(|e| matches!(e, tokio_rustls::rustls::Error::AlertReceived(_)));
+                        if alert {
+                            x.fetch_add(1, Ordering::SeqCst);
+                        }
                     }
                 }
             });
@@ -65,7 +83,12 @@ async fn an_untrusted_upstream_certificate_is_refused() {
     assert_eq!(r.status(), 502);
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["error"]["code"], "upstream_unreachable");
-    assert!(handshakes.load(Ordering::SeqCst) >= 1, "FastGate never tried TLS");
+    let (hellos, rejected) = (hellos.load(Ordering::SeqCst), rejected.load(Ordering::SeqCst));
+    assert!(hellos >= 1, "FastGate never tried TLS");
+    assert_eq!(
+        rejected, hellos,
+        "every handshake FastGate began, it aborted itself on the certificate"
+    );
     assert_eq!(
         requests.load(Ordering::SeqCst),
         0,

@@ -1,5 +1,5 @@
 //! Requests refused before a route or a key was found (no route, no key, a
-//! bad or inactive key) cost an attacker nothing to send, so they are not
+//! bad or inactive key, a target or header over `server.limits`) cost an attacker nothing to send, so they are not
 //! audited row by row: each is counted per reason in `/metrics`, and at
 //! most one per client address per second is kept as a sample row.
 //!
@@ -30,11 +30,22 @@ pub enum Refusal {
     BadKey,
     /// The key is revoked, disabled or expired.
     InactiveKey,
+    /// The request target is over `server.limits.max_uri_bytes` (414).
+    UriTooLong,
+    /// A header line or the whole header is over `server.limits` (431).
+    HeaderTooLarge,
 }
 
 impl Refusal {
     /// Every reason, for metrics (a bounded label set).
-    pub const ALL: [Refusal; 4] = [Self::NoRoute, Self::NoKey, Self::BadKey, Self::InactiveKey];
+    pub const ALL: [Refusal; 6] = [
+        Self::NoRoute,
+        Self::NoKey,
+        Self::BadKey,
+        Self::InactiveKey,
+        Self::UriTooLong,
+        Self::HeaderTooLarge,
+    ];
 
     /// The `reason` label of `fastgate_refused_requests_total`.
     pub fn as_str(self) -> &'static str {
@@ -43,6 +54,8 @@ impl Refusal {
             Self::NoKey => "no_key",
             Self::BadKey => "bad_key",
             Self::InactiveKey => "inactive_key",
+            Self::UriTooLong => "uri_too_long",
+            Self::HeaderTooLarge => "header_too_large",
         }
     }
 }

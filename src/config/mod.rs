@@ -109,6 +109,46 @@ pub struct ServerConfig {
     /// Where `serve --upgrade` receives the listening sockets of the old
     /// process (SIGQUIT); default: `fastgate-upgrade.sock` beside the database.
     pub upgrade_socket: Option<PathBuf>,
+    /// Bounds on what one client may hold on the data port.
+    pub limits: TransportLimits,
+}
+
+/// `server.limits`: what one connection and one client address may cost
+/// the data port before a route is known (nginx's defaults where nginx has
+/// one), so that slow or oversized request headers and connection floods
+/// are refused before they pin memory or file descriptors.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TransportLimits {
+    /// The whole request header (request line excluded): beyond it, `431`.
+    pub max_header_bytes: HumanSize,
+    /// The request target (path and query): beyond it, `414`.
+    pub max_uri_bytes: HumanSize,
+    /// One header line (name and value): beyond it, `431`.
+    pub max_header_value_bytes: HumanSize,
+    /// The whole request header must arrive within this, counted from the
+    /// connection's start for its first request and from the first byte for
+    /// each later keep-alive request; then the connection is closed.
+    pub client_header_timeout: HumanDuration,
+    /// An idle keep-alive connection (HTTP/1.1 and HTTP/2) is closed after
+    /// this; `0` turns keep-alive off.
+    pub keepalive_timeout: HumanDuration,
+    /// Open connections per client address (the PROXY protocol's when in
+    /// use); more are refused at once. `0` = unlimited.
+    pub max_connections_per_client: usize,
+}
+
+impl Default for TransportLimits {
+    fn default() -> Self {
+        Self {
+            max_header_bytes: HumanSize(32 * 1024),
+            max_uri_bytes: HumanSize(8 * 1024),
+            max_header_value_bytes: HumanSize(8 * 1024),
+            client_header_timeout: Duration::from_secs(30).into(),
+            keepalive_timeout: Duration::from_secs(75).into(),
+            max_connections_per_client: 256,
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -124,6 +164,7 @@ impl Default for ServerConfig {
             h2c: false,
             trusted_proxies: Vec::new(),
             proxy_protocol: false,
+            limits: TransportLimits::default(),
         }
     }
 }
@@ -778,6 +819,19 @@ pub fn parse_config(path: &Path, raw: &str) -> Result<Config, ConfigErrors> {
         )),
         Ok(_) => {}
         Err(bad) => errors.extend(bad.into_iter().map(|m| diag(at("trusted_proxies:"), m))),
+    }
+    let limits = &file.server.limits;
+    if limits.max_header_bytes.0 < 1024 || limits.max_uri_bytes.0 < 256 || limits.max_header_value_bytes.0 < 256 {
+        errors.push(diag(
+            at("limits:"),
+            "server.limits: max_header_bytes must be at least 1KiB, max_uri_bytes and max_header_value_bytes at least 256 bytes".into(),
+        ));
+    }
+    if limits.client_header_timeout.0 < Duration::from_millis(100) {
+        errors.push(diag(
+            at("client_header_timeout:"),
+            "server.limits.client_header_timeout must be at least 100ms".into(),
+        ));
     }
     if file.audit.queue_size == 0 || file.audit.batch_size == 0 {
         errors.push(diag(

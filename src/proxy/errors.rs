@@ -13,6 +13,12 @@ pub enum GatewayError {
     Auth(#[from] AuthError),
     #[error("request body exceeds the {limit}-byte limit")]
     BodyTooLarge { limit: u64 },
+    #[error("request target exceeds the {limit}-byte limit")]
+    UriTooLong { limit: u64 },
+    #[error("request headers exceed the {limit}-byte limit")]
+    HeadersTooLarge { limit: u64 },
+    #[error("a request header exceeds the {limit}-byte limit per header")]
+    HeaderFieldTooLarge { limit: u64 },
     #[error("request body is not valid JSON: {0}")]
     BadJson(String),
     #[error("could not read the request body: {0}")]
@@ -87,6 +93,8 @@ impl GatewayError {
             Self::NoRoute { .. } => 404,
             Self::Auth(a) => a.status(),
             Self::BodyTooLarge { .. } => 413,
+            Self::UriTooLong { .. } => 414,
+            Self::HeadersTooLarge { .. } | Self::HeaderFieldTooLarge { .. } => 431,
             Self::BadJson(_)
             | Self::BadRequestBody(_)
             | Self::NotConvertible(_)
@@ -111,6 +119,8 @@ impl GatewayError {
             Self::Auth(AuthError::Missing) => Some(Refusal::NoKey),
             Self::Auth(AuthError::Invalid) => Some(Refusal::BadKey),
             Self::Auth(AuthError::Inactive) => Some(Refusal::InactiveKey),
+            Self::UriTooLong { .. } => Some(Refusal::UriTooLong),
+            Self::HeadersTooLarge { .. } | Self::HeaderFieldTooLarge { .. } => Some(Refusal::HeaderTooLarge),
             _ => None,
         }
     }
@@ -121,6 +131,8 @@ impl GatewayError {
             Self::NoRoute { .. } => "route_not_found",
             Self::Auth(a) => a.kind(),
             Self::BodyTooLarge { .. } => "request_too_large",
+            Self::UriTooLong { .. } => "uri_too_long",
+            Self::HeadersTooLarge { .. } | Self::HeaderFieldTooLarge { .. } => "header_too_large",
             Self::BadJson(_) => "invalid_json",
             Self::BadRequestBody(_) => "bad_request_body",
             Self::NotConvertible(_) => "unsupported_conversion",
@@ -200,7 +212,7 @@ fn anthropic_type(status: u16) -> &'static str {
 
 fn gemini_status(status: u16) -> &'static str {
     match status {
-        400 | 413 => "INVALID_ARGUMENT",
+        400 | 413 | 414 | 431 => "INVALID_ARGUMENT",
         401 => "UNAUTHENTICATED",
         403 => "PERMISSION_DENIED",
         404 => "NOT_FOUND",

@@ -107,12 +107,34 @@ pub fn declared_length(session: &Session) -> Option<u64> {
         .and_then(|v| v.parse::<u64>().ok())
 }
 
+/// Answer `Expect: 100-continue` (RFC 9110 §10.1.1) once FastGate has
+/// decided to read the body: the client sends it only after this, or after
+/// waiting (curl: 1 s). A request refused before its body is read gets its
+/// final status instead. Pingora itself never sends the interim answer.
+pub async fn continue_if_expected(session: &mut Session) -> Result<(), GatewayError> {
+    let req = session.req_header();
+    let expects = req.version == http::Version::HTTP_11
+        && req
+            .headers
+            .get(http::header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if expects && !session.is_http2() && !session.is_body_done() {
+        session
+            .downstream_session
+            .write_continue_response()
+            .await
+            .map_err(|e| GatewayError::BadRequestBody(e.to_string()))?;
+    }
+    Ok(())
+}
+
 /// Read the whole request body, refusing more than `limit` bytes.
 pub async fn read_body(session: &mut Session, limit: u64) -> Result<Bytes, GatewayError> {
     let declared = declared_length(session);
     if declared.is_some_and(|n| n > limit) {
         return Err(GatewayError::BodyTooLarge { limit });
     }
+    continue_if_expected(session).await?;
     let mut buf = BytesMut::with_capacity(declared.unwrap_or(0) as usize);
     while let Some(chunk) = session
         .read_request_body()

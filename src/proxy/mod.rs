@@ -74,6 +74,21 @@ impl ProxyHttp for Gateway {
         ctx.request_id = intake::request_id(session);
         ctx.client = intake::client(&self.state, session);
         ctx.format = errors::guess_format(session.req_header().uri.path(), &session.req_header().headers);
+        // Transport bounds first: before routing, auth or any body read.
+        if self.state.config.file.server.limits.keepalive_timeout.0.is_zero() {
+            session.set_keepalive(None);
+        }
+        if let Some((why, e)) =
+            crate::conn_guard::check_header(&self.state.config.file.server.limits, session.req_header())
+        {
+            self.state
+                .metrics
+                .transport_refusals
+                .with_label_values(&[why.label()])
+                .inc();
+            respond::error(session, ctx, e).await?;
+            return Ok(true);
+        }
         if let Err(e) = intake::admit(&self.state, session, ctx).await {
             respond::error(session, ctx, e).await?;
             return Ok(true);
@@ -105,6 +120,12 @@ impl ProxyHttp for Gateway {
         let declared = intake::declared_length(session);
         if declared.is_some_and(|n| n > limit) {
             respond::error(session, ctx, GatewayError::BodyTooLarge { limit }).await?;
+            return Ok(true);
+        }
+        // Admitted: the body will be streamed upstream. The upstream is not
+        // asked (its `Expect` is removed) so one interim answer is sent.
+        if let Err(e) = intake::continue_if_expected(session).await {
+            respond::error(session, ctx, e).await?;
             return Ok(true);
         }
         Ok(false)

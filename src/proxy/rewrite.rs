@@ -241,6 +241,9 @@ pub fn upstream_request(
     for name in HOP_BY_HOP {
         req.remove_header(name);
     }
+    // FastGate answers `Expect: 100-continue` itself before reading or
+    // streaming the body; the upstream gets the body without waiting.
+    req.remove_header(&header::EXPECT);
     if strip {
         req.remove_header(&header::AUTHORIZATION);
         req.remove_header("x-api-key");

@@ -90,10 +90,57 @@ fn junk_headers() -> reqwest::header::HeaderMap {
     h
 }
 
+/// `server.limits` loosened far enough that the attack's requests reach
+/// routing and auth (an operator who raised them): the audit caps and the
+/// sampling must hold on their own.
+const LOOSE_LIMITS: &str = "  limits: {max_header_bytes: 512KiB, max_uri_bytes: 16KiB}\n";
+
+#[tokio::test]
+async fn the_attack_under_default_limits_is_refused_before_it_costs_a_row() {
+    let mock = MockUpstream::start().await;
+    let gw = Gateway::start(&config(&mock, ""), &[("r.yaml", ROUTES)]).await;
+    settle(&gw).await;
+    let before = db_bytes(&gw);
+    let rows_before = gw.audit_rows().len();
+    let client = reqwest::Client::new();
+    let headers = junk_headers();
+    let query = format!("q={}", "q".repeat(8 * 1024));
+    let statuses: Vec<u16> = stream::iter(0..200)
+        .map(|i| {
+            let req = match i % 2 {
+                0 => client.post(gw.url(&format!("/v1/chat/completions?{query}"))),
+                _ => client.get(gw.url(&format!("/nowhere/{i}"))),
+            };
+            let req = req.headers(headers.clone());
+            // The gateway may answer 414/431 and close before reading it all.
+            async move { req.send().await.map_or(0, |r| r.status().as_u16()) }
+        })
+        .buffer_unordered(6)
+        .collect()
+        .await;
+    assert!(
+        statuses.iter().all(|s| [0, 414, 431].contains(s)),
+        "only 414/431 (or a close): {statuses:?}"
+    );
+    assert!(statuses.iter().filter(|s| **s != 0).count() >= 190, "{statuses:?}");
+    settle(&gw).await;
+    let grown = db_bytes(&gw).saturating_sub(before);
+    eprintln!("200 requests with 240 KiB of headers under the default limits: database grew {grown} bytes");
+    assert!(grown < 64 * 1024, "the database grew {grown} bytes");
+    assert!(gw.audit_rows().len() <= rows_before + 2, "no row per refused request");
+    let m = gw.metrics().await;
+    let refused: u64 = ["header_too_large", "uri_too_long"]
+        .iter()
+        .map(|r| metric(&m, &format!("fastgate_transport_refusals_total{{reason=\"{r}\"}}")))
+        .sum();
+    assert_eq!(refused, 200, "{m}");
+    assert!(mock.seen().is_empty());
+}
+
 #[tokio::test]
 async fn a_thousand_refused_requests_are_counted_not_written() {
     let mock = MockUpstream::start().await;
-    let gw = Gateway::start(&config(&mock, ""), &[("r.yaml", ROUTES)]).await;
+    let gw = Gateway::start_with_server(LOOSE_LIMITS, &config(&mock, ""), &[("r.yaml", ROUTES)]).await;
     settle(&gw).await;
     let before = db_bytes(&gw);
     let started_s = fastgate::audit::now_ms() / 1000;
