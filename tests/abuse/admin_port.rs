@@ -50,6 +50,7 @@ async fn slowloris_and_stalled_bodies_are_closed_within_the_timeouts() {
         closed < Duration::from_secs(5),
         "closed after {closed:?}, header timeout 2 s"
     );
+    eprintln!("half-sent head closed after {closed:?}");
     // An idle kept-alive connection after a full request.
     let mut s = TcpStream::connect(("127.0.0.1", gw.admin_port)).await.unwrap();
     s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
@@ -60,6 +61,7 @@ async fn slowloris_and_stalled_bodies_are_closed_within_the_timeouts() {
         closed < Duration::from_secs(5),
         "idle connection closed after {closed:?}"
     );
+    eprintln!("idle keep-alive closed after {closed:?}");
     // A body announced as 1000 bytes, 10 sent, then nothing.
     let mut s = TcpStream::connect(("127.0.0.1", gw.admin_port)).await.unwrap();
     let head = format!(
@@ -72,6 +74,7 @@ async fn slowloris_and_stalled_bodies_are_closed_within_the_timeouts() {
         closed < Duration::from_secs(6),
         "stalled body closed after {closed:?}, idle timeout 3 s"
     );
+    eprintln!("stalled body closed after {closed:?}");
     // The port still serves.
     let r = reqwest::get(gw.admin_url("/health")).await.unwrap();
     assert_eq!(r.status(), 200);
@@ -303,6 +306,7 @@ async fn the_event_stream_ends_within_a_second_of_its_admin_losing_access() {
             after < Duration::from_millis(1500),
             "{name}: ended {after:?} after the change"
         );
+        eprintln!("{name}: stream ended {after:?} after {change}");
     }
     // The static token's stream is unaffected by users' changes.
     let resp = api(&gw, reqwest::Method::GET, "/api/events").send().await.unwrap();
@@ -433,13 +437,14 @@ async fn stalled_export_readers_hold_no_database_connection_and_block_nobody() {
         fds_stalled < fds_before + 5,
         "10 stalled exports hold database files open: {fds_before} -> {fds_stalled} fds"
     );
-    // Other requests are served at once, another export completes.
+    // Other requests are served at once (coarse: the machine is shared),
+    // another export completes.
     for path in ["/api/me", "/api/logs?limit=5", "/api/users"] {
         let start = Instant::now();
         let r = api(&gw, reqwest::Method::GET, path).send().await.unwrap();
         assert_eq!(r.status(), 200, "{path}");
         assert!(
-            start.elapsed() < Duration::from_secs(1),
+            start.elapsed() < Duration::from_secs(5),
             "{path} took {:?}",
             start.elapsed()
         );
@@ -473,7 +478,7 @@ async fn the_admin_port_serves_tls_when_configured() {
     let dir = tempfile::tempdir().unwrap();
     ca.leaf(dir.path(), "admin", &["localhost"], 30);
     let gw = gateway(&format!(
-        "  tls:\n    cert: {}\n    key: {}\n",
+        "  header_timeout: 2s\n  tls:\n    cert: {}\n    key: {}\n",
         dir.path().join("admin.pem").display(),
         dir.path().join("admin.key").display()
     ))
@@ -500,10 +505,14 @@ async fn the_admin_port_serves_tls_when_configured() {
     )
     .await;
     assert!(!plain.contains("200"), "{plain}");
-    // A TLS hello that never comes is cut at the header timeout (30 s by
-    // default; here just check that the port keeps serving meanwhile).
-    let _idle = TcpStream::connect(("127.0.0.1", gw.admin_port)).await.unwrap();
+    // A TLS hello that never comes is cut at the header timeout; the port
+    // keeps serving meanwhile.
+    let mut idle = TcpStream::connect(("127.0.0.1", gw.admin_port)).await.unwrap();
     assert_eq!(client.get(format!("{url}/health")).send().await.unwrap().status(), 200);
+    let (_, closed) = read_until_closed(&mut idle, Duration::from_secs(35)).await;
+    let closed = closed.expect("a connection without a TLS hello stayed open 35 s");
+    assert!(closed < Duration::from_secs(5), "no hello: closed after {closed:?}");
+    eprintln!("no TLS hello: closed after {closed:?}");
 }
 
 #[tokio::test]
