@@ -88,10 +88,10 @@ impl AdminState {
     pub fn new(app: Arc<AppState>) -> Result<Self, store::StoreError> {
         let conn = store::open(&app.config.database_path)?;
         let cfg = &app.config.file.admin;
-        let tls = cfg
-            .tls
-            .as_ref()
-            .map(admin_tls)
+        let tls = app
+            .admin_tls
+            .clone()
+            .map(listener::tls_acceptor)
             .transpose()
             .map_err(|e| store::StoreError::Invalid(e.to_string()))?;
         let secret = if cfg.jwt_secret.is_empty() {
@@ -345,14 +345,6 @@ impl BackgroundService for AdminService {
         };
         listener::serve(listener, app, listener::Limits::from_config(cfg), tls, stop).await;
     }
-}
-
-/// The admin listener's TLS, loaded with the data plane's loader.
-pub fn admin_tls(tls: &crate::config::TlsConfig) -> Result<tokio_rustls::TlsAcceptor, listener::ListenerError> {
-    let resolver = crate::tls::CertResolver::load(tls).map_err(|errors| {
-        listener::ListenerError::Tls(errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))
-    })?;
-    listener::tls_acceptor(Arc::new(resolver))
 }
 
 #[cfg(test)]

@@ -476,7 +476,7 @@ async fn stalled_export_readers_hold_no_database_connection_and_block_nobody() {
 async fn the_admin_port_serves_tls_when_configured() {
     let ca = tls::Ca::new("admin-ca");
     let dir = tempfile::tempdir().unwrap();
-    ca.leaf(dir.path(), "admin", &["localhost"], 30);
+    let first = ca.leaf(dir.path(), "admin", &["localhost"], 30);
     let gw = gateway(&format!(
         "  header_timeout: 2s\n  tls:\n    cert: {}\n    key: {}\n",
         dir.path().join("admin.pem").display(),
@@ -513,6 +513,25 @@ async fn the_admin_port_serves_tls_when_configured() {
     let closed = closed.expect("a connection without a TLS hello stayed open 35 s");
     assert!(closed < Duration::from_secs(5), "no hello: closed after {closed:?}");
     eprintln!("no TLS hello: closed after {closed:?}");
+    // A renewed certificate is picked up (file watch) for new handshakes.
+    let served = || async {
+        let tcp = TcpStream::connect(("127.0.0.1", gw.admin_port)).await.unwrap();
+        let tls = tokio_rustls::TlsConnector::from(ca.client_config())
+            .connect("localhost".try_into().unwrap(), tcp)
+            .await
+            .unwrap();
+        tls.get_ref().1.peer_certificates().unwrap()[0].clone().into_owned()
+    };
+    assert_eq!(served().await, first);
+    let renewed = ca.leaf(dir.path(), "admin", &["localhost"], 60);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while served().await != renewed {
+        assert!(
+            Instant::now() < deadline,
+            "the renewed admin certificate was not picked up in 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test]
