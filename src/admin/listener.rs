@@ -3,8 +3,10 @@
 //!
 //! * **Connection cap** (`admin.max_connections`): a semaphore slot per open
 //!   connection, taken at accept. Past the cap a connection gets a canned
-//!   `503` (one non-blocking write, no task, no timer) and is closed, so a
-//!   flood costs a file descriptor for a moment, not for ever.
+//!   `503` and is closed: by a small task that lets the client's request
+//!   arrive first (so it reads the answer, not a reset) for at most
+//!   [`REFUSAL_LINGER`], [`REFUSALS`] at a time; past those, at once. A flood
+//!   costs a file descriptor for a moment, not for ever.
 //! * **Header timeout** (`admin.header_timeout`): hyper's header-read timer,
 //!   armed whenever a connection waits for a request head, so it bounds both
 //!   a half-sent head (slowloris) and an idle kept-alive connection. A TLS
@@ -44,6 +46,10 @@ use tokio::{
 
 /// Longest wait for open connections after the stop signal.
 const DRAIN: Duration = Duration::from_secs(10);
+/// Refusals that wait for the client's request before closing.
+const REFUSALS: usize = 64;
+/// How long a refusal waits for it.
+const REFUSAL_LINGER: Duration = Duration::from_millis(500);
 
 /// The transport bounds, from `admin.*`.
 #[derive(Debug, Clone, Copy)]
@@ -90,6 +96,7 @@ pub async fn serve(
     stop: impl Future<Output = ()>,
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let refusals = Arc::new(Semaphore::new(REFUSALS));
     let graceful = GracefulShutdown::new();
     tokio::pin!(stop);
     loop {
@@ -106,7 +113,7 @@ pub async fn serve(
             () = &mut stop => break,
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            refuse(&stream, peer, limits.max_connections);
+            refuse(stream, peer, limits.max_connections, &refusals);
             continue;
         };
         let (app, watcher, tls) = (app.clone(), graceful.watcher(), tls.clone());
@@ -130,8 +137,10 @@ pub async fn serve(
     }
 }
 
-/// Over the cap: say so in one non-blocking write and close.
-fn refuse(stream: &TcpStream, peer: SocketAddr, cap: usize) {
+/// Over the cap: answer 503 and close. With a refusal slot free, the
+/// close waits (briefly) for the client's request and reads it, so the
+/// client sees the answer rather than a reset; without one, at once.
+fn refuse(stream: TcpStream, peer: SocketAddr, cap: usize, refusals: &Arc<Semaphore>) {
     const BODY: &str = r#"{"error":{"code":"unavailable","message":"too many admin connections; retry shortly"}}"#;
     let answer = format!(
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nretry-after: 1\r\ncache-control: no-store\r\nconnection: close\r\n\r\n{BODY}",
@@ -139,6 +148,20 @@ fn refuse(stream: &TcpStream, peer: SocketAddr, cap: usize) {
     );
     let _ = stream.try_write(answer.as_bytes());
     tracing::debug!(%peer, cap, "Admin connection refused: at the connection cap.");
+    let Ok(slot) = refusals.clone().try_acquire_owned() else {
+        return;
+    };
+    tokio::spawn(async move {
+        let _slot = slot;
+        let mut stream = stream;
+        let _ = tokio::time::timeout(REFUSAL_LINGER, async {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut sink = [0u8; 1024];
+            let _ = stream.shutdown().await;
+            while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+        })
+        .await;
+    });
 }
 
 async fn serve_connection<I>(io: I, peer: SocketAddr, app: Router, limits: Limits, watcher: Watcher)

@@ -85,13 +85,25 @@ async fn connections_over_the_cap_get_a_json_503_and_the_port_recovers() {
     let gw = gateway("  max_connections: 4\n  header_timeout: 20s\n").await;
     let mut held = Vec::new();
     for _ in 0..4 {
-        held.push(TcpStream::connect(("127.0.0.1", gw.admin_port)).await.unwrap());
-    }
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let start = Instant::now();
-    for _ in 0..20 {
-        // Read only: the refusal is written at accept, before any request.
+        // One answered request each: accepted for sure, then kept alive.
         let mut s = TcpStream::connect(("127.0.0.1", gw.admin_port)).await.unwrap();
+        s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        let mut buf = [0u8; 1024];
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(
+            buf[..n].starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&buf[..n])
+        );
+        held.push(s);
+    }
+    let start = Instant::now();
+    for i in 0..20 {
+        // Half send their request first: they read the answer, not a reset.
+        let mut s = TcpStream::connect(("127.0.0.1", gw.admin_port)).await.unwrap();
+        if i % 2 == 0 {
+            s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        }
         let (answer, closed) = read_until_closed(&mut s, Duration::from_secs(5)).await;
         let answer = String::from_utf8_lossy(&answer).into_owned();
         assert!(closed.is_some(), "an over-cap connection stays open");
