@@ -146,9 +146,10 @@ fn refuse(stream: TcpStream, peer: SocketAddr, cap: usize, refusals: &Arc<Semaph
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nretry-after: 1\r\ncache-control: no-store\r\nconnection: close\r\n\r\n{BODY}",
         BODY.len()
     );
-    let _ = stream.try_write(answer.as_bytes());
     tracing::debug!(%peer, cap, "Admin connection refused: at the connection cap.");
     let Ok(slot) = refusals.clone().try_acquire_owned() else {
+        // A write now may find the new socket not yet known writable: close.
+        let _ = stream.try_write(answer.as_bytes());
         return;
     };
     tokio::spawn(async move {
@@ -157,6 +158,7 @@ fn refuse(stream: TcpStream, peer: SocketAddr, cap: usize, refusals: &Arc<Semaph
         let _ = tokio::time::timeout(REFUSAL_LINGER, async {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
             let mut sink = [0u8; 1024];
+            let _ = stream.write_all(answer.as_bytes()).await;
             let _ = stream.shutdown().await;
             while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
         })

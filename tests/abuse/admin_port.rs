@@ -645,3 +645,63 @@ async fn weak_secrets_stop_the_start_and_fail_check_naming_the_setting() {
     let (ok, out, err) = common::check(&conf, dir.path());
     assert!(ok, "{out}{err}");
 }
+
+/// Resident memory of `pid`, KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_slowloris_flood_keeps_at_most_the_cap_open_and_memory_flat() {
+    let gw = gateway("  max_connections: 100\n  header_timeout: 4s\n").await;
+    let pid = gw.child.id();
+    let rss_before = rss_kib(pid);
+    let mut conns = Vec::new();
+    for _ in 0..600 {
+        let mut s = TcpStream::connect(("127.0.0.1", gw.admin_port)).await.unwrap();
+        s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow").await.unwrap();
+        conns.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let rss_flood = rss_kib(pid);
+    // All at once: is each connection answered/closed within 1 s, or held?
+    let held = futures_util::future::join_all(conns.iter_mut().map(|s| async move {
+        let (_, closed) = read_until_closed(s, Duration::from_secs(1)).await;
+        closed.is_none()
+    }))
+    .await
+    .into_iter()
+    .filter(|h| *h)
+    .count();
+    eprintln!(
+        "600 slowloris connections, cap 100: {held} held; RSS {rss_before} -> {rss_flood} KiB (+{} KiB)",
+        rss_flood.saturating_sub(rss_before)
+    );
+    assert!(held <= 100, "{held} connections held past the cap of 100");
+    assert!(
+        rss_flood.saturating_sub(rss_before) < 32 * 1024,
+        "RSS grew {} KiB under the flood",
+        rss_flood - rss_before
+    );
+    // The held ones are cut at the header timeout.
+    let start = Instant::now();
+    let cut = futures_util::future::join_all(
+        conns
+            .iter_mut()
+            .map(|s| async move { read_until_closed(s, Duration::from_secs(10)).await.1.is_some() }),
+    )
+    .await;
+    assert!(
+        cut.iter().all(|c| *c),
+        "a slowloris connection outlived the header timeout"
+    );
+    assert!(start.elapsed() < Duration::from_secs(10), "{:?}", start.elapsed());
+    drop(conns);
+    let r = common::until_status(|| reqwest::Client::new().get(gw.admin_url("/health")), |s| s == 200).await;
+    assert_eq!(r.status(), 200);
+}
