@@ -123,6 +123,15 @@ fn check(path: &std::path::Path) -> Result<ExitCode> {
                     }
                 }
             }
+            if let Some(tls) = &c.file.admin.tls
+                && let Err(errors) = fastgate::tls::load_all(tls)
+            {
+                for e in &errors {
+                    eprintln!("admin.tls: {e}");
+                }
+                eprintln!("fastgate: configuration has {} error(s)", errors.len());
+                return Ok(ExitCode::FAILURE);
+            }
             let files = config::routes_d::route_files(&c.routes_dir).map_or(0, |f| f.len());
             println!(
                 "fastgate: configuration ok: {} ({} upstreams, {} key pools{tls_summary}), {} routes in {} files under {}",

@@ -112,11 +112,15 @@ impl BackgroundService for Upkeep {
             }
         };
         let (cert_tx, mut cert_rx) = mpsc::channel::<()>(1);
-        let _cert_watcher = self
-            .state
-            .tls
-            .as_ref()
-            .and_then(|certs| watch_files(certs.paths(), cert_tx));
+        // The data plane's and the admin listener's certificates alike.
+        let cert_files: Vec<std::path::PathBuf> = [&self.state.tls, &self.state.admin_tls]
+            .into_iter()
+            .flatten()
+            .flat_map(|certs| certs.paths())
+            .collect();
+        let _cert_watcher = (!cert_files.is_empty())
+            .then(|| watch_files(cert_files, cert_tx))
+            .flatten();
         let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
             Ok(s) => Some(s),
             Err(e) => {

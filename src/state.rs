@@ -174,6 +174,8 @@ pub struct AppState {
     pub trusted_proxies: crate::client_addr::TrustedProxies,
     /// The TLS listener's certificates (reloaded on SIGHUP and file change).
     pub tls: Option<Arc<crate::tls::CertResolver>>,
+    /// The admin listener's certificates (`admin.tls`; reloaded with `tls`).
+    pub admin_tls: Option<Arc<crate::tls::CertResolver>>,
     /// Serving, draining or handing over; watched by the admin service.
     pub lifecycle: tokio::sync::watch::Sender<Lifecycle>,
     pub reload: Mutex<ReloadStatus>,
@@ -200,6 +202,8 @@ pub enum StartupError {
     Metrics(#[from] prometheus::Error),
     #[error("server.tls: {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
     Tls(Vec<crate::tls::TlsError>),
+    #[error("admin.tls: {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    AdminTls(Vec<crate::tls::TlsError>),
     #[error("cluster: {0}")]
     Cluster(#[from] crate::cluster::ClusterError),
 }
@@ -225,6 +229,12 @@ impl AppState {
         };
         let tls = match &config.file.server.tls {
             Some(t) => Some(Arc::new(crate::tls::CertResolver::load(t).map_err(StartupError::Tls)?)),
+            None => None,
+        };
+        let admin_tls = match &config.file.admin.tls {
+            Some(t) => Some(Arc::new(
+                crate::tls::CertResolver::load(t).map_err(StartupError::AdminTls)?,
+            )),
             None => None,
         };
         // Validated with the config already.
@@ -253,6 +263,7 @@ impl AppState {
             in_flight: AtomicUsize::new(0),
             trusted_proxies,
             tls,
+            admin_tls,
             lifecycle: tokio::sync::watch::Sender::new(Lifecycle::Serving),
             reload: Mutex::new(ReloadStatus::default()),
             metrics,
@@ -296,12 +307,14 @@ impl AppState {
     /// connections keep theirs; if any file is bad, none is swapped in.
     /// Blocking file I/O.
     pub fn reload_certificates(&self, trigger: &str) {
-        let Some(certs) = &self.tls else { return };
-        match certs.reload() {
-            Ok(n) => tracing::info!(trigger, certificates = n, "Reloaded TLS certificates."),
-            Err(errors) => {
-                for e in errors {
-                    tracing::error!(trigger, error = %e, "TLS certificates not reloaded; the previous ones keep serving.");
+        for (listener, certs) in [("server", &self.tls), ("admin", &self.admin_tls)] {
+            let Some(certs) = certs else { continue };
+            match certs.reload() {
+                Ok(n) => tracing::info!(trigger, listener, certificates = n, "Reloaded TLS certificates."),
+                Err(errors) => {
+                    for e in errors {
+                        tracing::error!(trigger, listener, error = %e, "TLS certificates not reloaded; the previous ones keep serving.");
+                    }
                 }
             }
         }

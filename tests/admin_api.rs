@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 async fn gateway() -> (MockUpstream, Gateway) {
     let mock = MockUpstream::start().await;
     let config = format!(
-        "admin:\n  token: static-admin-token-for-tests\nupstreams:\n  oai: {{provider: openai, endpoints: ['{}'], key_pool: p}}\nkey_pools:\n  p: {{keys: [sk-upstream-secret]}}\n",
+        "admin:\n  token: static-admin-token-for-tests-0123456789abcdef\nupstreams:\n  oai: {{provider: openai, endpoints: ['{}'], key_pool: p}}\nkey_pools:\n  p: {{keys: [sk-upstream-secret]}}\n",
         mock.url()
     );
     let gw = Gateway::start_with_admin(
@@ -106,7 +106,7 @@ async fn login_works_fails_and_is_throttled() {
     assert_eq!(r.status(), 401);
     let r = c
         .get(gw.admin_url("/api/me"))
-        .bearer_auth("static-admin-token-for-tests")
+        .bearer_auth("static-admin-token-for-tests-0123456789abcdef")
         .send()
         .await
         .unwrap();
@@ -808,7 +808,8 @@ async fn exports_stats_and_live_state() {
     let (_, config) = admin.get("/api/config").await;
     let everything = format!("{ups} {pool} {config}");
     assert!(
-        !everything.contains("sk-upstream-secret") && !everything.contains("static-admin-token-for-tests"),
+        !everything.contains("sk-upstream-secret")
+            && !everything.contains("static-admin-token-for-tests-0123456789abcdef"),
         "{everything}"
     );
     assert_eq!(admin.post("/api/config/reload", json!({})).await.0, 200);
@@ -818,7 +819,7 @@ async fn exports_stats_and_live_state() {
 async fn rate_limits_answer_429_in_the_clients_shape() {
     let mock = MockUpstream::start().await;
     let config = format!(
-        "admin:\n  token: t0k3n-for-tests\nupstreams:\n  oai: {{provider: openai, endpoints: ['{u}'], key_pool: p}}\n  ant: {{provider: anthropic, endpoints: ['{u}'], key_pool: p}}\nkey_pools:\n  p: {{keys: [sk-upstream-secret]}}\n",
+        "admin:\n  token: t0k3n-for-tests-0123456789abcdefghij\nupstreams:\n  oai: {{provider: openai, endpoints: ['{u}'], key_pool: p}}\n  ant: {{provider: anthropic, endpoints: ['{u}'], key_pool: p}}\nkey_pools:\n  p: {{keys: [sk-upstream-secret]}}\n",
         u = mock.url()
     );
     let routes = "routes:\n  - { name: chat, match: { path: /v1/chat/completions }, format: openai, upstream: oai }\n  - { name: messages, match: { path: /v1/messages }, format: anthropic, upstream: ant, rate_limit: { rpm: 2 } }\n";

@@ -16,7 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-const TOKEN: &str = "cluster-admin-token";
+const TOKEN: &str = "cluster-admin-token-0123456789abcdef";
 const ROUTE: &str =
     "routes:\n  - { name: chat, match: { path: /v1/chat/completions }, format: openai, upstream: oai, retries: 2 }\n";
 /// The tests' rolling window (`cluster.rate_window`): "30 per minute" is 30 per 5 s.

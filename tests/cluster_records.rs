@@ -16,13 +16,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-const TOKEN: &str = "records-admin-token";
+const TOKEN: &str = "records-admin-token-0123456789abcdef";
 const ROUTE: &str =
     "routes:\n  - { name: chat, match: { path: /v1/chat/completions }, format: openai, upstream: oai }\n";
 
 fn node_config(pg: &Postgres, mock: &MockUpstream, node: &str) -> String {
     format!(
-        "admin:\n  token: {TOKEN}\nsecrets:\n  master_key: the-same-on-every-node\ncluster:\n  postgres: '{}'\n  node_id: {node}\nupstreams:\n  oai: {{provider: openai, endpoints: ['{}'], key_pool: p}}\nkey_pools:\n  p: {{keys: [sk-1]}}\n",
+        "admin:\n  token: {TOKEN}\nsecrets:\n  master_key: the-same-on-every-node-0123456789abcdef\ncluster:\n  postgres: '{}'\n  node_id: {node}\nupstreams:\n  oai: {{provider: openai, endpoints: ['{}'], key_pool: p}}\nkey_pools:\n  p: {{keys: [sk-1]}}\n",
         pg.url(),
         mock.url()
     )

@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-const TOKEN: &str = "resilience-admin-token";
+const TOKEN: &str = "resilience-admin-token-0123456789abcdef";
 
 /// Start a gateway with the admin token, `upstreams`/`key_pools` YAML and routes.
 async fn gateway(body: &str, routes: &str) -> Gateway {

@@ -5,10 +5,17 @@
 //! four times a second), `upstreams` (address health or in-flight changes)
 //! and a `tick` every second with per-second counters. Nothing runs on the
 //! request path: each stream compares what it last sent with the live state.
+//!
+//! A stream lives no longer than its caller's right to open it: every
+//! [`RECHECK_EVERY`] the bearer it was opened with is checked again, exactly
+//! as a new request's would be (one indexed read of the user), and the
+//! stream ends when the user was disabled, deleted, demoted, given a new
+//! password, or the token expired.
 
 use super::{AdminState, error::ApiError, pools, session::Caller};
 use axum::{
-    extract::State,
+    extract::{FromRequestParts, State},
+    http::{HeaderMap, HeaderValue, header},
     response::sse::{Event, KeepAlive, Sse},
 };
 use futures_util::stream::{self, Stream};
@@ -25,15 +32,22 @@ use std::{
 const SCAN_EVERY: Duration = Duration::from_millis(250);
 /// Scans per `tick` event (one a second).
 const SCANS_PER_TICK: u32 = 4;
+/// How often the caller's access is checked again (scans).
+const RECHECK_EVERY: u32 = 2;
 
 /// `GET /api/events` (admins: pool keys and upstreams are gateway-wide).
 pub async fn stream(
     caller: Caller,
     State(s): State<Arc<AdminState>>,
+    headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     caller.require_admin()?;
     let mut feed = Feed {
         s,
+        auth: headers
+            .get(header::AUTHORIZATION)
+            .cloned()
+            .ok_or(ApiError::Unauthenticated)?,
         keys: HashMap::new(),
         upstreams: HashMap::new(),
         counters: None,
@@ -44,7 +58,7 @@ pub async fn stream(
     let first = feed.snapshot();
     feed.ready.push_back(first);
     let events = stream::unfold(feed, |mut feed| async move {
-        let event = feed.next().await;
+        let event = feed.next().await?;
         Some((Ok(event), feed))
     });
     Ok(Sse::new(events).keep_alive(KeepAlive::default()))
@@ -63,6 +77,8 @@ struct Counters {
 /// One client's view: what it was last sent.
 struct Feed {
     s: Arc<AdminState>,
+    /// The `Authorization` the stream was opened with.
+    auth: HeaderValue,
     keys: HashMap<(String, String), Value>,
     upstreams: HashMap<String, Value>,
     counters: Option<Counters>,
@@ -72,10 +88,11 @@ struct Feed {
 }
 
 impl Feed {
-    async fn next(&mut self) -> Event {
+    /// The next event; `None` once the caller lost access (the stream ends).
+    async fn next(&mut self) -> Option<Event> {
         loop {
             if let Some(e) = self.ready.pop_front() {
-                return e;
+                return Some(e);
             }
             let ticker = self.ticker.get_or_insert_with(|| {
                 let mut t = tokio::time::interval(SCAN_EVERY);
@@ -83,8 +100,21 @@ impl Feed {
                 t
             });
             ticker.tick().await;
+            if self.scans.is_multiple_of(RECHECK_EVERY) && !self.still_allowed().await {
+                tracing::info!("Event stream closed: its caller no longer has access.");
+                return None;
+            }
             self.scan();
         }
+    }
+
+    /// Whether the bearer the stream was opened with would still open it.
+    async fn still_allowed(&self) -> bool {
+        let (mut parts, ()) = axum::http::Request::new(()).into_parts();
+        parts.headers.insert(header::AUTHORIZATION, self.auth.clone());
+        Caller::from_request_parts(&mut parts, &self.s)
+            .await
+            .is_ok_and(|c| c.is_admin())
     }
 
     fn snapshot(&mut self) -> Event {

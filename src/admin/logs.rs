@@ -90,6 +90,34 @@ pub fn csv_header() -> Vec<u8> {
     csv_line(CSV_COLUMNS.iter().map(|c| c.to_string()))
 }
 
+/// A text cell made safe to open in a spreadsheet (OWASP, CSV injection):
+/// one that starts with `=`, `+`, `-`, `@`, tab or CR gets a leading `'`,
+/// so `=HYPERLINK(...)` from a client's User-Agent stays text. A plain
+/// number (`-1`, `+2.5e3`) is left as is.
+fn csv_cell(text: &str) -> String {
+    let risky = text.starts_with(['=', '+', '-', '@', '\t', '\r']);
+    if risky && !is_plain_number(text) {
+        format!("'{text}")
+    } else {
+        text.to_string()
+    }
+}
+
+/// `[+-]digits[.digits][e[+-]digits]`, nothing else.
+fn is_plain_number(text: &str) -> bool {
+    let t = text.strip_prefix(['+', '-']).unwrap_or(text);
+    let (mantissa, exponent) = match t.split_once(['e', 'E']) {
+        Some((m, e)) => (m, Some(e.strip_prefix(['+', '-']).unwrap_or(e))),
+        None => (t, None),
+    };
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let mantissa_ok = match mantissa.split_once('.') {
+        Some((whole, frac)) => digits(whole) && digits(frac),
+        None => digits(mantissa),
+    };
+    mantissa_ok && exponent.is_none_or(digits)
+}
+
 /// Rows as CSV lines or NDJSON lines.
 pub fn encode(rows: &[LogRow], csv: bool) -> Vec<u8> {
     let mut out = Vec::new();
@@ -98,8 +126,9 @@ pub fn encode(rows: &[LogRow], csv: bool) -> Vec<u8> {
         if csv {
             out.extend(csv_line(CSV_COLUMNS.iter().map(|c| match &v[*c] {
                 Value::Null => String::new(),
-                Value::String(s) => s.clone(),
-                other => other.to_string(),
+                Value::String(s) => csv_cell(s),
+                Value::Number(n) => n.to_string(),
+                other => csv_cell(&other.to_string()),
             })));
         } else {
             out.extend(v.to_string().into_bytes());
@@ -109,8 +138,18 @@ pub fn encode(rows: &[LogRow], csv: bool) -> Vec<u8> {
     out
 }
 
+/// Rows per page of an export: one short read of the audit log each.
+const EXPORT_PAGE: u32 = 500;
+/// Encoded pages waiting for a slow reader (memory per export: about this
+/// many pages).
+const EXPORT_QUEUE: usize = 2;
+
 /// `GET /api/logs/export?format=csv|ndjson&<filters>`: every matching row,
 /// newest first, streamed page by page (never held in memory whole).
+///
+/// Each page is one short blocking read on a shared reader connection;
+/// between pages the export waits for its reader on an async channel, so a
+/// reader that stops reading holds no thread and no database connection.
 pub async fn export(
     caller: Caller,
     State(s): State<Arc<AdminState>>,
@@ -124,50 +163,26 @@ pub async fn export(
     if !caller.is_admin() {
         filter.user_id = Some(caller.user_id.clone());
     }
-    filter.limit = Some(1000);
-    let db = s.app.config.database_path.clone();
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(4);
-    if let Some(pg) = cluster_log::source(&s)? {
-        tokio::spawn(async move {
-            if csv && tx.send(Ok(csv_header().into())).await.is_err() {
-                return;
-            }
-            loop {
-                match cluster_log::query(&pg, &filter).await {
-                    Ok((rows, next)) => {
-                        if tx.send(Ok(encode(&rows, csv).into())).await.is_err() {
-                            return;
-                        }
-                        match next {
-                            Some(cursor) => filter.cursor = Some(cursor),
-                            None => return,
-                        }
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Err(std::io::Error::other(e.to_string()))).await;
-                        return;
-                    }
-                }
-            }
-        });
-        return Ok(export_response(rx, csv));
-    }
-    tokio::task::spawn_blocking(move || {
-        let conn = match store::open(&db) {
-            Ok(c) => c,
-            Err(e) => {
-                let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
-                return;
-            }
-        };
-        if csv {
-            let _ = tx.blocking_send(Ok(csv_header().into()));
+    filter.limit = Some(EXPORT_PAGE);
+    let pg = cluster_log::source(&s)?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(EXPORT_QUEUE);
+    tokio::spawn(async move {
+        if csv && tx.send(Ok(csv_header().into())).await.is_err() {
+            return;
         }
         loop {
-            match store::audit::query(&conn, &filter) {
+            let page = match &pg {
+                Some(pg) => cluster_log::query(pg, &filter).await,
+                None => {
+                    let f = filter.clone();
+                    s.read(move |c| store::audit::query(c, &f)).await
+                }
+            };
+            match page {
                 Ok((rows, next)) => {
-                    if tx.blocking_send(Ok(encode(&rows, csv).into())).is_err() {
-                        return; // client went away
+                    // Encoding is CPU work on at most one page.
+                    if tx.send(Ok(encode(&rows, csv).into())).await.is_err() {
+                        return; // the client went away
                     }
                     match next {
                         Some(cursor) => filter.cursor = Some(cursor),
@@ -175,7 +190,8 @@ pub async fn export(
                     }
                 }
                 Err(e) => {
-                    let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
+                    tracing::warn!(error = %e, "Log export stopped.");
+                    let _ = tx.send(Err(std::io::Error::other(e.to_string()))).await;
                     return;
                 }
             }
@@ -240,4 +256,30 @@ pub async fn admin_events(
         return Ok(Json(events));
     }
     Ok(Json(s.db(move |c| store::admin_audit::list(c, limit)).await?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formula_cells_are_quoted_and_numbers_are_not() {
+        for risky in [
+            "=HYPERLINK(\"http://x\",\"y\")",
+            "+cmd|' /C calc'!A0",
+            "-2+3",
+            "@SUM(A1)",
+            "\tx",
+            "\rx",
+            "-",
+        ] {
+            assert_eq!(csv_cell(risky), format!("'{risky}"), "{risky:?}");
+        }
+        for plain in ["-1", "+2", "-2.5", "1e9", "-3.0E-2", "curl/8.5", "", "a=b"] {
+            assert_eq!(csv_cell(plain), plain, "{plain:?}");
+        }
+        for not_number in ["-1-1", "-.5", "-1.", "-e5", "+inf", "-NaN"] {
+            assert!(!is_plain_number(not_number), "{not_number:?}");
+        }
+    }
 }

@@ -5,10 +5,12 @@
 //! Everything else under `/api` needs `Authorization: Bearer <jwt | admin token>`.
 //! Errors are `{"error":{"code","message"}}`. See docs/admin-api.md.
 
+pub mod answers;
 pub mod cluster_log;
 pub mod error;
 pub mod events;
 pub mod keys;
+pub mod listener;
 pub mod logs;
 pub mod pools;
 pub mod routes;
@@ -49,6 +51,8 @@ pub struct AdminState {
     /// long one never holds up logins or key changes (WAL: readers do not
     /// block the writer).
     readers: Vec<Arc<parking_lot::Mutex<Connection>>>,
+    /// `admin.tls`, loaded at startup (a bad certificate stops the start).
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 /// Connections for audit-log reads.
@@ -84,6 +88,12 @@ impl AdminState {
     pub fn new(app: Arc<AppState>) -> Result<Self, store::StoreError> {
         let conn = store::open(&app.config.database_path)?;
         let cfg = &app.config.file.admin;
+        let tls = app
+            .admin_tls
+            .clone()
+            .map(listener::tls_acceptor)
+            .transpose()
+            .map_err(|e| store::StoreError::Invalid(e.to_string()))?;
         let secret = if cfg.jwt_secret.is_empty() {
             generated_jwt_secret(&conn, &crate::seal::Sealer::new(&app.config.file.secrets.master_key))?
         } else {
@@ -119,6 +129,7 @@ impl AdminState {
             readers: (0..READERS)
                 .map(|_| store::open(&app.config.database_path).map(|c| Arc::new(parking_lot::Mutex::new(c))))
                 .collect::<Result<_, _>>()?,
+            tls,
             app,
         })
     }
@@ -166,6 +177,7 @@ impl AdminState {
 }
 
 pub fn router(state: Arc<AdminState>) -> Router {
+    let max_body = state.app.config.file.admin.max_body.0;
     Router::new()
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/health/ready", get(ready))
@@ -212,6 +224,10 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/api/config/reload", post(stats::reload))
         .route("/api/logs/export", get(logs::export))
         .fallback(ui::serve)
+        .layer(axum::middleware::from_fn_with_state(max_body, answers::api_answers))
+        .layer(axum::extract::DefaultBodyLimit::max(
+            usize::try_from(max_body).unwrap_or(usize::MAX),
+        ))
         .with_state(state)
 }
 
@@ -250,11 +266,36 @@ async fn ready(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
     (status, Json(body))
 }
 
-async fn metrics(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
+/// `GET /metrics`, behind `admin.metrics_token` when one is set.
+async fn metrics(State(state): State<Arc<AdminState>>, headers: header::HeaderMap) -> axum::response::Response {
+    let want = &state.app.config.file.admin.metrics_token;
+    if !want.is_empty() && !bearer_matches(&headers, want) {
+        let mut resp = ApiError::Unauthenticated.into_response();
+        resp.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+        return resp;
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
         state.app.metrics.render(&state.app),
     )
+        .into_response()
+}
+
+/// Whether the request's bearer token is `want`, compared in constant time
+/// (over digests, so the length does not show either).
+fn bearer_matches(headers: &header::HeaderMap, want: &str) -> bool {
+    use sha2::{Digest, Sha256};
+    use subtle::ConstantTimeEq;
+    let Some(given) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+    else {
+        return false;
+    };
+    let (a, b) = (Sha256::digest(given.trim().as_bytes()), Sha256::digest(want.as_bytes()));
+    a.ct_eq(&b).into()
 }
 
 /// Bind the admin port. A process started with `--upgrade` waits (up to
@@ -290,8 +331,10 @@ impl BackgroundService for AdminService {
                 return;
             }
         };
-        tracing::info!(%addr, "Admin service listening.");
-        let app = router(self.state.clone()).into_make_service_with_connect_info::<SocketAddr>();
+        let cfg = &self.state.app.config.file.admin;
+        let tls = self.state.tls.clone();
+        tracing::info!(%addr, tls = tls.is_some(), "Admin service listening.");
+        let app = router(self.state.clone());
         // Keep answering through a drain (readiness says 503 then, which is
         // what a balancer needs to see); let go of the port at once when
         // handing over to a new process, which binds it next.
@@ -300,9 +343,7 @@ impl BackgroundService for AdminService {
             let _ = lifecycle.wait_for(|l| *l == Lifecycle::HandingOver).await;
             tracing::info!("Admin service closed for the new process.");
         };
-        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop).await {
-            tracing::error!(error = %e, "Admin service failed.");
-        }
+        listener::serve(listener, app, listener::Limits::from_config(cfg), tls, stop).await;
     }
 }
 

@@ -7,6 +7,7 @@
 
 pub mod env;
 pub mod routes_d;
+pub mod strength;
 pub mod values;
 
 use serde::{Deserialize, Serialize};
@@ -281,6 +282,21 @@ pub struct AdminConfig {
     pub password_queue: usize,
     /// Gateway keys a `user` may hold (not revoked); admins are not bound.
     pub max_keys_per_user: usize,
+    /// A request's headers must arrive within this (slowloris); it also
+    /// bounds the wait for the next request on a kept-alive connection.
+    pub header_timeout: HumanDuration,
+    /// A connection on which no byte moves either way for this long is
+    /// closed: stalled bodies, answers nobody reads.
+    pub idle_timeout: HumanDuration,
+    /// Open admin connections at most; the next ones are answered 503 and closed.
+    pub max_connections: usize,
+    /// Largest request body the admin API reads (413 above it).
+    pub max_body: HumanSize,
+    /// Serve the admin port over TLS (same certificate settings as `server.tls`).
+    pub tls: Option<TlsConfig>,
+    /// Bearer token `/metrics` asks for. Empty: `/metrics` is open.
+    #[serde(skip_serializing)]
+    pub metrics_token: String,
 }
 
 impl Default for AdminConfig {
@@ -293,6 +309,12 @@ impl Default for AdminConfig {
             password_concurrency: 2,
             password_queue: 8,
             max_keys_per_user: 100,
+            header_timeout: Duration::from_secs(30).into(),
+            idle_timeout: Duration::from_secs(75).into(),
+            max_connections: 256,
+            max_body: HumanSize(1024 * 1024),
+            tls: None,
+            metrics_token: String::new(),
         }
     }
 }
@@ -942,6 +964,32 @@ pub fn parse_config(path: &Path, raw: &str) -> Result<Config, ConfigErrors> {
             ));
         }
     }
+    // Secrets: each guards the whole gateway alone (see `strength`).
+    for (setting, key, value) in [
+        ("admin.token", "token:", &file.admin.token),
+        ("admin.jwt_secret", "jwt_secret:", &file.admin.jwt_secret),
+        ("admin.metrics_token", "metrics_token:", &file.admin.metrics_token),
+        ("secrets.master_key", "master_key:", &file.secrets.master_key),
+    ] {
+        if let Some(message) = strength::weakness(setting, value) {
+            errors.push(diag(key_line(&text, key), message));
+        }
+    }
+    let a = &file.admin;
+    if a.header_timeout.0.is_zero() || a.idle_timeout.0.is_zero() || a.max_connections == 0 || a.max_body.0 == 0 {
+        errors.push(diag(
+            at("admin:"),
+            "admin: header_timeout, idle_timeout, max_connections and max_body must be greater than zero".into(),
+        ));
+    }
+    if let Some(tls) = &a.tls
+        && (tls.cert.is_some() != tls.key.is_some() || tls.pairs().is_empty())
+    {
+        errors.push(diag(
+            key_line(&text, "tls:").max(at("admin:")),
+            "admin.tls: needs `cert` and `key`, or `certificates: [{cert, key}, ...]`".into(),
+        ));
+    }
     if file.server.max_request_body.0 == 0 {
         errors.push(diag(
             at("max_request_body"),
@@ -999,6 +1047,14 @@ pub(crate) fn parse_yaml<T: serde::de::DeserializeOwned>(path: &Path, text: &str
     })
 }
 
+/// The first line whose key is `key` (`token:` finds `  token: x`, not
+/// `  metrics_token: x`); falls back to line 1.
+fn key_line(text: &str, key: &str) -> usize {
+    text.lines()
+        .position(|l| l.trim_start().starts_with(key))
+        .map_or(1, |i| i + 1)
+}
+
 /// The first line containing `needle`, for pointing at semantic errors that
 /// serde cannot locate. Falls back to line 1.
 pub(crate) fn line_of(text: &str, needle: &str) -> usize {
@@ -1041,6 +1097,18 @@ mod tests {
         assert!(!err.contains("s3cret"), "{err}");
         let shown = serde_json::to_value(&c.file.cluster).unwrap();
         assert_eq!(shown["redis"], "rediss://:***@redis.internal:6380/0");
+    }
+
+    #[test]
+    fn weak_secrets_are_refused_with_the_setting_and_its_line() {
+        let yaml = "admin:\n  metrics_token: x\n  token: short\n  jwt_secret: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\nsecrets:\n  master_key: 0123456789abcdef0123456789abcdef\n";
+        let err = parse_config(Path::new("f.yaml"), yaml).unwrap_err();
+        let text = err.to_string();
+        assert_eq!(err.0.len(), 3, "{text}");
+        assert!(text.contains("f.yaml:3: admin.token is too weak"), "{text}");
+        assert!(text.contains("f.yaml:4: admin.jwt_secret is too weak"), "{text}");
+        assert!(text.contains("f.yaml:2: admin.metrics_token is too weak"), "{text}");
+        assert!(!text.contains("master_key"), "16 distinct hex digits pass: {text}");
     }
 
     #[test]

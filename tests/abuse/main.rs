@@ -7,6 +7,7 @@
 mod common;
 
 mod admin;
+mod admin_port;
 mod audit;
 mod body;
 mod transport;
