@@ -27,6 +27,9 @@ fn node_config(redis_url: &str, mock: &MockUpstream, node: &str, keys: &[&str], 
 }
 
 /// `pool_extra` goes inside the pool's flow mapping (`, key: value`).
+/// `cluster.timeout` is generous: on a loaded test machine a Redis call can
+/// take longer than the 50 ms default, which opens the breaker and lets the
+/// approximate local fallback decide; these tests are about the exact path.
 fn pooled_node_config(
     redis_url: &str,
     mock: &MockUpstream,
@@ -36,7 +39,7 @@ fn pooled_node_config(
     pool_extra: &str,
 ) -> String {
     format!(
-        "admin:\n  token: {TOKEN}\ncluster:\n  redis: {redis_url}\n  rate_window: 5s\n  node_id: {node}\n{cluster_extra}upstreams:\n  oai: {{provider: openai, endpoints: ['{}'], key_pool: p}}\nkey_pools:\n  p: {{keys: [{}], strategy: round_robin{pool_extra}}}\n",
+        "admin:\n  token: {TOKEN}\ncluster:\n  redis: {redis_url}\n  rate_window: 5s\n  timeout: 1s\n  node_id: {node}\n{cluster_extra}upstreams:\n  oai: {{provider: openai, endpoints: ['{}'], key_pool: p}}\nkey_pools:\n  p: {{keys: [{}], strategy: round_robin{pool_extra}}}\n",
         mock.url(),
         keys.join(", ")
     )
