@@ -31,16 +31,6 @@ async fn gateway() -> (MockUpstream, Gateway) {
     gateway_with("").await
 }
 
-/// The gateway process's resident set, in KiB.
-fn rss_kib(gw: &Gateway) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", gw.child.id())).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
 /// A client whose connections come from `ip` (any 127.0.0.0/8 address).
 fn client_from(ip: [u8; 4]) -> reqwest::Client {
     reqwest::Client::builder()
@@ -131,7 +121,7 @@ async fn parallel_wrong_current_passwords_queue_for_argon2_and_get_429() {
     let (_mock, gw) = gateway().await;
     let (mallory, id) = user(&gw, "mallory", None).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let before = rss_kib(&gw);
+    let before = gw.rss_kib();
     let started = Instant::now();
     let path = format!("/api/users/{id}");
     let guesses = (0..96).map(|i| {
@@ -142,7 +132,7 @@ async fn parallel_wrong_current_passwords_queue_for_argon2_and_get_429() {
     });
     let answers = futures_util::future::join_all(guesses).await;
     let elapsed = started.elapsed();
-    let after = rss_kib(&gw);
+    let after = gw.rss_kib();
     let checked = answers.iter().filter(|(s, _)| *s == 403).count();
     let throttled: Vec<&Value> = answers.iter().filter(|(s, _)| *s == 429).map(|(_, v)| v).collect();
     eprintln!(
@@ -185,7 +175,7 @@ async fn parallel_wrong_current_passwords_queue_for_argon2_and_get_429() {
 async fn parallel_logins_from_many_addresses_wait_in_a_bounded_argon2_queue() {
     let (_mock, gw) = gateway().await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let before = rss_kib(&gw);
+    let before = gw.rss_kib();
     // 60 addresses, each guessing a different real-looking username at
     // once: the per-pair and per-IP limits do not stop them; the global
     // ceiling (20 a second) and the gate (2 running, 8 waiting) do.
@@ -200,7 +190,7 @@ async fn parallel_logins_from_many_addresses_wait_in_a_bounded_argon2_queue() {
         .into_iter()
         .map(|r| r.unwrap().status().as_u16())
         .collect();
-    let after = rss_kib(&gw);
+    let after = gw.rss_kib();
     let checked = statuses.iter().filter(|s| **s == 401).count();
     eprintln!("60 parallel logins: {checked} checked, RSS {before} -> {after} KiB");
     assert!(statuses.iter().all(|s| *s == 401 || *s == 429), "{statuses:?}");
@@ -219,7 +209,7 @@ async fn logins_with_huge_usernames_leave_logs_and_memory_bounded() {
     // bounds must hold by themselves.
     let (_mock, gw) = gateway_with("  max_body: 4MiB\n").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let (log_before, rss_before) = (std::fs::metadata(&gw.log).unwrap().len(), rss_kib(&gw));
+    let (log_before, rss_before) = (std::fs::metadata(&gw.log).unwrap().len(), gw.rss_kib());
     let name = "z".repeat(1_900_000);
     let body = serde_json::to_vec(&json!({"username": name, "password": "guess-password"})).unwrap();
     let mut statuses = Vec::new();
@@ -239,7 +229,7 @@ async fn logins_with_huge_usernames_leave_logs_and_memory_bounded() {
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let log_growth = std::fs::metadata(&gw.log).unwrap().len() - log_before;
-    let rss_after = rss_kib(&gw);
+    let rss_after = gw.rss_kib();
     let throttled = statuses.iter().filter(|s| **s == 429).count();
     eprintln!(
         "83 logins with 1.9 MB usernames: {throttled} throttled, log +{log_growth} B, RSS {rss_before} -> {rss_after} KiB"
@@ -299,7 +289,7 @@ async fn huge_names_bad_bytes_and_too_many_keys_are_refused_with_the_field_named
     let (_mock, gw) = gateway_with("  max_keys_per_user: 3\n  max_body: 4MiB\n").await;
     let (bob, _) = user(&gw, "bob", None).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let before = rss_kib(&gw);
+    let before = gw.rss_kib();
     let name = "n".repeat(1_900_000);
     for _ in 0..5 {
         let sends = (0..8).map(|_| bob.post("/api/keys", json!({"name": name})));
@@ -310,7 +300,7 @@ async fn huge_names_bad_bytes_and_too_many_keys_are_refused_with_the_field_named
         }
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let after = rss_kib(&gw);
+    let after = gw.rss_kib();
     eprintln!("40 key creations with 1.9 MB names: RSS {before} -> {after} KiB");
     assert!(after.saturating_sub(before) < 64 * 1024, "RSS {before} -> {after} KiB");
     let conn = fastgate::store::open(&gw.db_path()).unwrap();

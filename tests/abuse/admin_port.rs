@@ -646,21 +646,11 @@ async fn weak_secrets_stop_the_start_and_fail_check_naming_the_setting() {
     assert!(ok, "{out}{err}");
 }
 
-/// Resident memory of `pid`, KiB.
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
 #[tokio::test]
 async fn a_slowloris_flood_keeps_at_most_the_cap_open_and_memory_flat() {
     let gw = gateway("  max_connections: 100\n  header_timeout: 4s\n").await;
     let pid = gw.child.id();
-    let rss_before = rss_kib(pid);
+    let rss_before = crate::common::rss_kib(pid);
     let mut conns = Vec::new();
     for _ in 0..600 {
         let mut s = TcpStream::connect(("127.0.0.1", gw.admin_port)).await.unwrap();
@@ -668,7 +658,7 @@ async fn a_slowloris_flood_keeps_at_most_the_cap_open_and_memory_flat() {
         conns.push(s);
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let rss_flood = rss_kib(pid);
+    let rss_flood = crate::common::rss_kib(pid);
     // All at once: is each connection answered/closed within 1 s, or held?
     let held = futures_util::future::join_all(conns.iter_mut().map(|s| async move {
         let (_, closed) = read_until_closed(s, Duration::from_secs(1)).await;

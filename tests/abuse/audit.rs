@@ -46,13 +46,6 @@ fn db_bytes(gw: &Gateway) -> u64 {
         .sum()
 }
 
-/// The gateway process's resident memory, KiB (`VmRSS` in /proc).
-fn rss_kib(gw: &Gateway) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", gw.child.id())).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
 /// A counter's value in the `/metrics` text (0 when absent).
 fn metric(text: &str, series: &str) -> u64 {
     text.lines()
@@ -220,7 +213,7 @@ async fn ten_thousand_bogus_keys_cost_bounded_disk_and_memory() {
             .unwrap();
     }
     settle(&gw).await;
-    let (db_before, rss_before) = (db_bytes(&gw), rss_kib(&gw));
+    let (db_before, rss_before) = (db_bytes(&gw), gw.rss_kib());
     let started = Instant::now();
     let statuses: Vec<u16> = stream::iter(0..10_000)
         .map(|i| {
@@ -237,7 +230,7 @@ async fn ten_thousand_bogus_keys_cost_bounded_disk_and_memory() {
     assert!(statuses.iter().all(|s| *s == 401), "every bogus key is refused");
     settle(&gw).await;
     let grown = db_bytes(&gw).saturating_sub(db_before);
-    let rss_grown = rss_kib(&gw).saturating_sub(rss_before);
+    let rss_grown = gw.rss_kib().saturating_sub(rss_before);
     eprintln!("10,000 bogus keys, 50 at a time, in {took:?}: database grew {grown} bytes, RSS grew {rss_grown} KiB");
     assert!(grown < 1024 * 1024, "the database grew {grown} bytes");
     assert!(rss_grown < 32 * 1024, "RSS grew {rss_grown} KiB");

@@ -116,16 +116,6 @@ async fn refusals(gw: &Gateway, reason: &str) -> u64 {
         .map_or(0, |v| v.trim().parse().unwrap())
 }
 
-/// The gateway's resident set in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
 #[tokio::test]
 async fn a_half_sent_header_is_closed_after_client_header_timeout() {
     let (gw, mock) = start("    client_header_timeout: 2s\n").await;
@@ -297,7 +287,7 @@ async fn one_mebibyte_headers_are_refused_quickly_without_buffering_them() {
         .await
         .unwrap();
     assert_eq!(read_response(&mut s).await.0, 200);
-    let before = rss_kib(pid);
+    let before = crate::common::rss_kib(pid);
 
     // 48 connections each send 1 MiB of one header and never finish it:
     // without a bound each would hold a megabyte until a timeout.
@@ -321,7 +311,7 @@ async fn one_mebibyte_headers_are_refused_quickly_without_buffering_them() {
     for t in tasks {
         let (out, closed) = t.await.unwrap();
         assert!(closed.is_some(), "a 1 MiB header kept its connection open 5 s");
-        peak = peak.max(rss_kib(pid));
+        peak = peak.max(crate::common::rss_kib(pid));
         let text = String::from_utf8_lossy(&out);
         if !text.is_empty() {
             assert!(text.starts_with("HTTP/1.1 431 "), "{text}");

@@ -694,7 +694,7 @@ impl Gateway {
     /// `config` is the YAML after the `server:`/`database:`/`routes_dir:` keys,
     /// which the harness fills in; `routes` are (file name, YAML) pairs.
     pub async fn start(config: &str, routes: &[(&str, &str)]) -> Gateway {
-        Self::start_inner(config, routes, "", "", DEFAULT_LOG, None).await
+        Self::start_inner(config, routes, "", "", DEFAULT_LOG, None, &[]).await
     }
 
     /// Like `start`, on a copy of `seed`'s database (gateway keys, users):
@@ -702,13 +702,13 @@ impl Gateway {
     /// `config` may start with an `admin:` block, as for `start_with_admin`.
     pub async fn start_seeded(config: &str, routes: &[(&str, &str)], seed: &Gateway) -> Gateway {
         let (admin_keys, config) = split_admin(config);
-        Self::start_inner(config, routes, admin_keys, "", DEFAULT_LOG, Some(&seed.db_path())).await
+        Self::start_inner(config, routes, admin_keys, "", DEFAULT_LOG, Some(&seed.db_path()), &[]).await
     }
 
     /// Like `start`, with `server:` keys (indented by two spaces, such as
     /// `  tls: ...`) added to the harness's server block.
     pub async fn start_with_server(server: &str, config: &str, routes: &[(&str, &str)]) -> Gateway {
-        Self::start_inner(config, routes, "", server, DEFAULT_LOG, None).await
+        Self::start_inner(config, routes, "", server, DEFAULT_LOG, None, &[]).await
     }
 
     /// Like `start`, with `admin:` keys from `config` (its first line must be
@@ -716,12 +716,12 @@ impl Gateway {
     pub async fn start_with_admin(config: &str, routes: &[(&str, &str)]) -> Gateway {
         assert!(config.starts_with("admin:\n"), "config starts with admin:");
         let (admin_keys, config) = split_admin(config);
-        Self::start_inner(config, routes, admin_keys, "", DEFAULT_LOG, None).await
+        Self::start_inner(config, routes, admin_keys, "", DEFAULT_LOG, None, &[]).await
     }
 
     /// Like `start`, with `FASTGATE_LOG` set to `filter`.
     pub async fn start_logging(config: &str, routes: &[(&str, &str)], filter: &str) -> Gateway {
-        Self::start_inner(config, routes, "", "", filter, None).await
+        Self::start_inner(config, routes, "", "", filter, None, &[]).await
     }
 
     async fn start_inner(
@@ -731,6 +731,7 @@ impl Gateway {
         server_keys: &str,
         log_filter: &str,
         seed_db: Option<&Path>,
+        env: &[(&str, &str)],
     ) -> Gateway {
         let dir = tempfile::tempdir().unwrap();
         if let Some(seed) = seed_db {
@@ -754,7 +755,8 @@ impl Gateway {
             cmd.args(["serve", "-c"])
                 .arg(dir.path().join("fastgate.yaml"))
                 .env("FASTGATE_LOG", log_filter)
-                .env("FASTGATE_ADMIN_PASSWORD", ADMIN_PASSWORD);
+                .env("FASTGATE_ADMIN_PASSWORD", ADMIN_PASSWORD)
+                .envs(env.iter().copied());
             cmd
         })
         .await;
@@ -1329,34 +1331,21 @@ impl Gateway {
     /// route file interpolates with `${NAME}`.
     pub async fn start_with_env(config: &str, routes: &[(&str, &str)], env: &[(&str, &str)]) -> Gateway {
         let (admin_keys, config) = split_admin(config);
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir(dir.path().join("routes.d")).unwrap();
-        for (name, yaml) in routes {
-            std::fs::write(dir.path().join("routes.d").join(name), yaml).unwrap();
-        }
-        let log = dir.path().join("fastgate.log");
-        let (child, port, admin_port) = spawn_listening(&log, |port, admin_port| {
-            let full = format!(
-                "server:\n  listen: 127.0.0.1:{port}\n  threads: 2\n  max_request_body: 2MiB\n  grace_period: 5s\nadmin:\n  listen: 127.0.0.1:{admin_port}\n{admin_keys}database:\n  path: {db}\n  key_refresh: 100ms\nroutes_dir: {routes}\n{config}",
-                db = dir.path().join("fg.db").display(),
-                routes = dir.path().join("routes.d").display(),
-            );
-            std::fs::write(dir.path().join("fastgate.yaml"), full).unwrap();
-            let mut cmd = Command::new(bin());
-            cmd.args(["serve", "-c"])
-                .arg(dir.path().join("fastgate.yaml"))
-                .env("FASTGATE_LOG", DEFAULT_LOG)
-                .env("FASTGATE_ADMIN_PASSWORD", ADMIN_PASSWORD)
-                .envs(env.iter().copied());
-            cmd
-        })
-        .await;
-        Gateway {
-            dir,
-            port,
-            admin_port,
-            child,
-            log,
-        }
+        Self::start_inner(config, routes, admin_keys, "", DEFAULT_LOG, None, env).await
     }
+
+    /// The gateway process's resident set, KiB (`VmRSS`).
+    pub fn rss_kib(&self) -> u64 {
+        rss_kib(self.child.id())
+    }
+}
+
+/// A process's resident set, KiB (`VmRSS` in `/proc/PID/status`).
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
 }
