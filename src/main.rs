@@ -234,7 +234,7 @@ fn keys(conn: &rusqlite::Connection, action: KeysAction) -> Result<()> {
             }
         }
         KeysAction::Rotate { id, grace, json } => {
-            let grace = grace.map_or(0, |g| g.as_secs() as i64);
+            let grace = grace.map_or(0, |g| i64::try_from(g.as_secs()).unwrap_or(i64::MAX));
             let (key, secret) = keys::rotate(conn, &id, grace)?;
             store::admin_audit::record(
                 conn,

@@ -238,7 +238,9 @@ pub async fn rotate(
     let grace = match body.and_then(|Json(b)| b.grace_period) {
         Some(g) => humantime::parse_duration(&g)
             .map_err(|e| ApiError::Invalid(format!("grace_period: {e}")))?
-            .as_secs() as i64,
+            .as_secs()
+            .try_into()
+            .unwrap_or(i64::MAX),
         None => 0,
     };
     let actor = caller.username.clone();

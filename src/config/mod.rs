@@ -131,6 +131,9 @@ pub struct TransportLimits {
     /// connection's start for its first request and from the first byte for
     /// each later keep-alive request; then the connection is closed.
     pub client_header_timeout: HumanDuration,
+    /// The longest wait for the next piece of a request body FastGate reads
+    /// (nginx's `client_body_timeout`); then `408`.
+    pub client_body_timeout: HumanDuration,
     /// An idle keep-alive connection (HTTP/1.1 and HTTP/2) is closed after
     /// this; `0` turns keep-alive off.
     pub keepalive_timeout: HumanDuration,
@@ -146,6 +149,7 @@ impl Default for TransportLimits {
             max_uri_bytes: HumanSize(8 * 1024),
             max_header_value_bytes: HumanSize(8 * 1024),
             client_header_timeout: Duration::from_secs(30).into(),
+            client_body_timeout: Duration::from_secs(60).into(),
             keepalive_timeout: Duration::from_secs(75).into(),
             max_connections_per_client: 256,
         }
@@ -847,6 +851,12 @@ pub fn parse_config(path: &Path, raw: &str) -> Result<Config, ConfigErrors> {
         errors.push(diag(
             at("limits:"),
             "server.limits: max_header_bytes must be at least 1KiB, max_uri_bytes and max_header_value_bytes at least 256 bytes".into(),
+        ));
+    }
+    if limits.client_body_timeout.0 < Duration::from_millis(100) {
+        errors.push(diag(
+            at("client_body_timeout:"),
+            "server.limits.client_body_timeout must be at least 100ms".into(),
         ));
     }
     if limits.client_header_timeout.0 < Duration::from_millis(100) {

@@ -33,6 +33,16 @@ pub struct Signals {
 /// key for a year).
 const MAX_WAIT: Duration = Duration::from_secs(24 * 3600);
 
+/// Seconds from a provider (or a broken proxy in front of one) as a wait:
+/// negative is none, anything past [`MAX_WAIT`] (`1e20`, infinity) is
+/// `MAX_WAIT`. `Duration::from_secs_f64` would panic on overflow.
+fn wait_secs(secs: f64) -> Option<Duration> {
+    if secs.is_nan() {
+        return None;
+    }
+    Some(Duration::try_from_secs_f64(secs.max(0.0)).map_or(MAX_WAIT, |d| d.min(MAX_WAIT)))
+}
+
 impl Signals {
     /// Read the headers of a response received at `now_ms`. Runs on every
     /// answer: one pass over the headers, no allocation, no lookups.
@@ -133,7 +143,7 @@ pub fn gemini_retry_delay(body: &[u8]) -> Option<Duration> {
     let body: Body = serde_json::from_slice(body).ok()?;
     let delay = body.error.details.into_iter().find_map(|d| d.retry_delay)?;
     let secs: f64 = delay.trim().strip_suffix('s')?.parse().ok()?;
-    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs).min(MAX_WAIT))
+    (secs >= 0.0).then(|| wait_secs(secs)).flatten()
 }
 
 fn number(v: &str) -> Option<u64> {
@@ -146,9 +156,7 @@ fn number(v: &str) -> Option<u64> {
 /// `Retry-After`: delay seconds or an HTTP date.
 fn retry_after(v: &str, now_ms: i64) -> Option<i64> {
     if let Ok(secs) = v.parse::<f64>() {
-        return secs
-            .is_finite()
-            .then(|| now_ms + clamp(Duration::from_secs_f64(secs.max(0.0))));
+        return wait_secs(secs).map(|d| now_ms + clamp(d));
     }
     let at = httpdate::parse_http_date(v).ok()?;
     Some(unix_ms(at).clamp(now_ms, now_ms + clamp(MAX_WAIT)))
@@ -161,7 +169,10 @@ fn reset_instant(v: &str, now_ms: i64) -> Option<i64> {
         return Some(now_ms + clamp(d));
     }
     if let Ok(secs) = v.parse::<f64>() {
-        return (secs.is_finite() && secs >= 0.0).then(|| now_ms + clamp(Duration::from_secs_f64(secs)));
+        return (secs >= 0.0)
+            .then(|| wait_secs(secs))
+            .flatten()
+            .map(|d| now_ms + clamp(d));
     }
     let at = time::OffsetDateTime::parse(v, &time::format_description::well_known::Rfc3339).ok()?;
     let ms = (at.unix_timestamp_nanos() / 1_000_000) as i64;
@@ -206,11 +217,24 @@ fn go_duration(v: &str) -> Option<Duration> {
         total += n * scale;
         rest = &rest[unit_len..];
     }
-    Some(Duration::from_secs_f64(total))
+    wait_secs(total)
 }
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn absurd_waits_are_capped_never_a_panic() {
+        for v in ["1e20", "inf", "1e308", "99999999999999999999"] {
+            assert_eq!(retry_after(v, NOW), Some(NOW + clamp(MAX_WAIT)), "{v}");
+            assert_eq!(reset_instant(v, NOW), Some(NOW + clamp(MAX_WAIT)), "{v}");
+        }
+        assert_eq!(retry_after("NaN", NOW), None);
+        assert_eq!(reset_instant("99999999999999999999h", NOW), Some(NOW + clamp(MAX_WAIT)));
+        assert_eq!(go_duration("99999999999999999999h"), Some(MAX_WAIT));
+        let body = br#"{"error":{"details":[{"retryDelay":"1e20s"}]}}"#;
+        assert_eq!(gemini_retry_delay(body), Some(MAX_WAIT));
+    }
+
     use super::*;
 
     fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {

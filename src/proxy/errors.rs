@@ -23,6 +23,9 @@ pub enum GatewayError {
     BadJson(String),
     #[error("could not read the request body: {0}")]
     BadRequestBody(String),
+    /// No byte of the request body for `server.limits.client_body_timeout`.
+    #[error("the request body stalled: nothing received for {secs} s")]
+    BodyTimeout { secs: u64 },
     #[error("no usable upstream key in pool {pool:?}: {reason}{}", retry_hint(*retry_after))]
     NoUpstreamKey {
         pool: String,
@@ -93,6 +96,7 @@ impl GatewayError {
             Self::NoRoute { .. } => 404,
             Self::Auth(a) => a.status(),
             Self::BodyTooLarge { .. } => 413,
+            Self::BodyTimeout { .. } => 408,
             Self::UriTooLong { .. } => 414,
             Self::HeadersTooLarge { .. } | Self::HeaderFieldTooLarge { .. } => 431,
             Self::BadJson(_)
@@ -135,6 +139,7 @@ impl GatewayError {
             Self::HeadersTooLarge { .. } | Self::HeaderFieldTooLarge { .. } => "header_too_large",
             Self::BadJson(_) => "invalid_json",
             Self::BadRequestBody(_) => "bad_request_body",
+            Self::BodyTimeout { .. } => "body_timeout",
             Self::NotConvertible(_) => "unsupported_conversion",
             Self::InvalidModel(_) => "invalid_model",
             Self::UnsafePath(_) => "invalid_path",

@@ -15,6 +15,7 @@ use crate::{
 use bytes::{Bytes, BytesMut};
 use pingora::proxy::Session;
 use serde::Deserialize;
+use std::time::Duration;
 use std::{borrow::Cow, sync::Arc};
 
 /// Who the client is: the peer, or behind trusted proxies the address
@@ -129,16 +130,19 @@ pub async fn continue_if_expected(session: &mut Session) -> Result<(), GatewayEr
 }
 
 /// Read the whole request body, refusing more than `limit` bytes.
-pub async fn read_body(session: &mut Session, limit: u64) -> Result<Bytes, GatewayError> {
+/// `idle` bounds the wait for each next piece of the body (nginx's
+/// `client_body_timeout`): on HTTP/2 nothing else would end a stream whose
+/// body stalls, and a stalled body holds the request's memory.
+pub async fn read_body(session: &mut Session, limit: u64, idle: Duration) -> Result<Bytes, GatewayError> {
     let declared = declared_length(session);
     if declared.is_some_and(|n| n > limit) {
         return Err(GatewayError::BodyTooLarge { limit });
     }
     continue_if_expected(session).await?;
     let mut buf = BytesMut::with_capacity(declared.unwrap_or(0) as usize);
-    while let Some(chunk) = session
-        .read_request_body()
+    while let Some(chunk) = tokio::time::timeout(idle, session.read_request_body())
         .await
+        .map_err(|_| GatewayError::BodyTimeout { secs: idle.as_secs() })?
         .map_err(|e| GatewayError::BadRequestBody(e.to_string()))?
     {
         if (buf.len() + chunk.len()) as u64 > limit {
@@ -201,7 +205,7 @@ pub async fn admit(state: &Arc<AppState>, session: &mut Session, ctx: &mut Reque
     let mut peeked = Peek::default();
     let mut model: Option<String> = None;
     if needs_model || first.buffers_body {
-        let bytes = read_body(session, limit).await?;
+        let bytes = read_body(session, limit, state.config.file.server.limits.client_body_timeout.0).await?;
         if needs_model {
             model = peeked.get(&bytes, &path, ctx.format)?.model.clone();
         }
@@ -231,7 +235,7 @@ pub async fn admit(state: &Arc<AppState>, session: &mut Session, ctx: &mut Reque
         auth::authorize_route(&key, &route.name, &route.permissions)?;
         if !key.allowed_models.is_empty() {
             if body.is_none() {
-                body = Some(read_body(session, limit).await?);
+                body = Some(read_body(session, limit, state.config.file.server.limits.client_body_timeout.0).await?);
             }
             let b = body.as_deref().unwrap_or_default();
             model = peeked.get(b, &path, ctx.format)?.model.clone();
@@ -242,7 +246,7 @@ pub async fn admit(state: &Arc<AppState>, session: &mut Session, ctx: &mut Reque
     let checks = rate_checks(ctx.key.as_deref(), &route, ctx.client.ip);
     // A shared token reservation is sized from the body.
     if state.cluster.is_some() && checks.counts_tokens() && body.is_none() {
-        body = Some(read_body(session, limit).await?);
+        body = Some(read_body(session, limit, state.config.file.server.limits.client_body_timeout.0).await?);
     }
     if !checks.is_empty() {
         admit_rate(state, ctx, &route, checks, body.as_deref()).await?;
@@ -250,7 +254,7 @@ pub async fn admit(state: &Arc<AppState>, session: &mut Session, ctx: &mut Reque
 
     let wants_usage = rewrite::wants_openai_usage(&route, &session.req_header().method, &path);
     if (route.buffers_body || wants_usage) && body.is_none() {
-        body = Some(read_body(session, limit).await?);
+        body = Some(read_body(session, limit, state.config.file.server.limits.client_body_timeout.0).await?);
     }
     if let Some(b) = body.clone() {
         // A body FastGate reads anyway names its model for the audit log and

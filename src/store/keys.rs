@@ -617,9 +617,20 @@ pub fn change_version(conn: &Connection) -> Result<i64, StoreError> {
     )
 }
 
+/// The longest a rotated-out secret may keep working: a grace period is
+/// for clients to pick up the new secret, not a second key.
+pub const MAX_ROTATE_GRACE_SECS: i64 = 30 * 24 * 3600;
+
 /// Give key `id` a new secret. The old one keeps working for `grace_secs`
-/// (0: stops at once). Returns the record and the new secret.
+/// (0: stops at once; at most [`MAX_ROTATE_GRACE_SECS`]). Returns the
+/// record and the new secret.
 pub fn rotate(conn: &Connection, id: &str, grace_secs: i64) -> Result<(GatewayKey, String), StoreError> {
+    if !(0..=MAX_ROTATE_GRACE_SECS).contains(&grace_secs) {
+        return Err(StoreError::Field(format!(
+            "grace_period: at most {} days",
+            MAX_ROTATE_GRACE_SECS / 86_400
+        )));
+    }
     get(conn, id)?;
     let secret = format!("{KEY_PREFIX}{}", random_base62(32));
     let until = (grace_secs > 0).then(|| now_unix() + grace_secs);

@@ -175,3 +175,59 @@ async fn invalid_utf8_in_header_values_is_served_or_refused_never_a_5xx() {
     let (status, v, _) = post(&gw, &secret, "/m/v1/chat/completions", ok.to_string().into_bytes()).await;
     assert_eq!(status, 200, "{v}");
 }
+
+/// A body that sends one byte and then nothing, never ending.
+fn stalled_body() -> reqwest::Body {
+    let first = futures_util::stream::once(async { Ok::<_, std::io::Error>(bytes::Bytes::from_static(b"{")) });
+    reqwest::Body::wrap_stream(futures_util::StreamExt::chain(first, futures_util::stream::pending()))
+}
+
+#[tokio::test]
+async fn a_stalled_body_is_cut_at_client_body_timeout_on_http1_and_http2() {
+    let mock = MockUpstream::start().await;
+    let config = format!(
+        "upstreams:\n  oai: {{provider: openai, endpoints: ['{u}'], key_pool: oai}}\n  gem: {{provider: gemini, endpoints: ['{u}'], key_pool: gem}}\nkey_pools:\n  oai: {{keys: [sk-pool-one]}}\n  gem: {{keys: [gem-pool-key]}}\n",
+        u = mock.url()
+    );
+    let gw = Gateway::start_with_server(
+        "  h2c: true\n  limits: {client_body_timeout: 1s}\n",
+        &config,
+        &[("10-abuse.yaml", ROUTES)],
+    )
+    .await;
+    let (_, secret) = gw.create_key(&[]);
+    gw.wait_key(&secret, "/v1/messages").await;
+    // HTTP/2 by prior knowledge: before, nothing ended such a stream until
+    // the client left; HTTP/1.1 stalled for Pingora's 60 s read timeout.
+    for (proto, client) in [
+        ("HTTP/1.1", reqwest::Client::builder().http1_only().build().unwrap()),
+        (
+            "HTTP/2",
+            reqwest::Client::builder().http2_prior_knowledge().build().unwrap(),
+        ),
+    ] {
+        let started = Instant::now();
+        let r = tokio::time::timeout(
+            Duration::from_secs(10),
+            client
+                .post(gw.url("/m/v1/chat/completions"))
+                .bearer_auth(&secret)
+                .header("content-type", "application/json")
+                .header("content-length", "100000")
+                .body(stalled_body())
+                .send(),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{proto}: no answer within 10 s"));
+        let took = started.elapsed();
+        let r = r.unwrap();
+        assert_eq!(r.status(), 408, "{proto}");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["error"]["code"], "body_timeout", "{proto}: OpenAI's shape: {v}");
+        assert!(
+            took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+            "{proto}: {took:?}"
+        );
+    }
+    assert!(mock.seen().is_empty(), "nothing reached the upstream");
+}
