@@ -135,6 +135,9 @@ pub struct ResponseCtx {
     /// failed): the connection must close without a clean end of body, so
     /// the client cannot take a partial answer for a whole one.
     pub cut_short: bool,
+    /// Pingora's path: the upstream's body is dropped and this sent instead
+    /// (a provider's 401/403 quoting the pool key).
+    pub replacement: Option<Bytes>,
     _stream: Option<StreamGuard>,
 }
 

@@ -45,6 +45,21 @@ pub fn failover_reason(status: u16, pooled_key: bool) -> Option<&'static str> {
     }
 }
 
+/// What the client gets instead of a provider's 401/403 to a pool key: the
+/// provider's message quotes the key it got (OpenAI's "Incorrect API key
+/// provided: sk-…"), which is FastGate's, not the client's to see, nor the
+/// audit log's. Both forwarding paths answer with this.
+pub fn key_rejected(status: u16, upstream: &crate::upstream::Upstream) -> GatewayError {
+    GatewayError::Upstream {
+        status,
+        message: format!(
+            "the upstream refused FastGate's provider key ({status}); an operator must check key pool {:?}",
+            upstream.key_pool.as_ref().map_or("-", |p| p.name.as_str())
+        ),
+        retry_after: None,
+    }
+}
+
 /// Send the buffered request, retrying and failing over before the first
 /// byte, then stream the answer. Returns the error to answer with if no
 /// attempt produced a response.
@@ -235,16 +250,7 @@ pub async fn exchange(state: &Arc<AppState>, session: &mut Session, ctx: &mut Re
                         continue;
                     }
                     if reason == Some("key_rejected") {
-                        // The provider's message quotes the key it got:
-                        // FastGate's pool key, not the client's to see.
-                        return Err(GatewayError::Upstream {
-                            status,
-                            message: format!(
-                                "the upstream refused FastGate's provider key ({status}); an operator must check key pool {:?}",
-                                upstream.key_pool.as_ref().map_or("-", |p| p.name.as_str())
-                            ),
-                            retry_after: None,
-                        });
+                        return Err(key_rejected(status, upstream));
                     }
                     if let Some(p) = &plan {
                         let idle = upstream.timeouts.idle.0;

@@ -220,7 +220,7 @@ impl ProxyHttp for Gateway {
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         resp: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
@@ -231,7 +231,28 @@ impl ProxyHttp for Gateway {
         }
         resp.insert_header("x-request-id", ctx.request_id.as_str())?;
         if let Some(lease) = &ctx.upstream.lease {
-            lease.observe(resp.status.as_u16(), &resp.headers, ctx.model.as_deref());
+            let status = resp.status.as_u16();
+            lease.observe(status, &resp.headers, ctx.model.as_deref());
+            if matches!(status, 401 | 403)
+                && session.req_header().method != http::Method::HEAD
+                && let Some(upstream) = &ctx.upstream.upstream
+            {
+                let e = forward::key_rejected(status, upstream);
+                let body = e.body(ctx.format);
+                for name in [
+                    http::header::CONTENT_ENCODING,
+                    http::header::TRANSFER_ENCODING,
+                    http::header::CONTENT_TYPE,
+                ] {
+                    resp.remove_header(&name);
+                }
+                resp.insert_header(http::header::CONTENT_TYPE, "application/json")?;
+                resp.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+                ctx.begin_response(resp);
+                ctx.response.replacement = Some(body);
+                ctx.error = Some(e);
+                return Ok(());
+            }
         }
         ctx.begin_response(resp);
         Ok(())
@@ -244,6 +265,11 @@ impl ProxyHttp for Gateway {
         end: bool,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<Option<std::time::Duration>> {
+        if ctx.response.replacement.is_some() {
+            // Neither sent, metered nor captured: it quotes the pool key.
+            *body = if end { ctx.response.replacement.take() } else { None };
+            return Ok(None);
+        }
         if let Some(b) = body.take() {
             *body = Some(ctx.upstream_chunk(b));
         }

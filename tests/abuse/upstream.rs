@@ -302,3 +302,65 @@ async fn upstream_gateway_keys_never_leave_in_any_spelling() {
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     assert_eq!(up.seen().len(), 1, "nothing more reached the upstream");
 }
+
+/// A provider's 401 quotes the key it got ("Incorrect API key provided:
+/// sk-…"): on Pingora's forwarding path (a passthrough route without
+/// retries) the pool key must reach neither the client nor the audit log,
+/// which a `user` reads.
+#[tokio::test]
+async fn a_providers_401_quoting_the_pool_key_reaches_no_client_and_no_audit_row() {
+    use crate::common::{KeyRule, MockUpstream};
+    let mock = MockUpstream::start().await;
+    let config = format!(
+        "audit:\n  capture_body: true\nupstreams:\n  oai: {{provider: openai, endpoints: ['{u}'], key_pool: p}}\nkey_pools:\n  p: {{keys: [sk-pool-secret-quoted-by-the-provider]}}\n",
+        u = mock.url()
+    );
+    let routes = "routes:\n  - { name: other, match: { path: \"/v1/{*rest}\" }, format: openai, upstream: oai }\n";
+    let gw = Gateway::start(&config, &[("r.yaml", routes)]).await;
+    let (_, secret) = gw.create_key(&[]);
+    gw.wait_key(&secret, "/v1/models").await;
+    mock.behaviour
+        .keys
+        .lock()
+        .unwrap()
+        .insert("sk-pool-secret-quoted-by-the-provider".into(), KeyRule::Status(401));
+    let r = reqwest::Client::new()
+        .post(gw.url("/v1/files"))
+        .bearer_auth(&secret)
+        .header("content-type", "application/json")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let text = r.text().await.unwrap();
+    assert!(
+        !text.contains("sk-pool-secret"),
+        "the pool key reached the client: {text}"
+    );
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("refused FastGate's provider key"),
+        "{v}"
+    );
+    // The upstream did quote it (the mock is as awkward as OpenAI).
+    assert!(mock.last().header("authorization").unwrap().contains("sk-pool-secret"));
+    let mut row = None;
+    for _ in 0..50 {
+        row = gw.audit_rows().into_iter().find(|r| r.path == "/v1/files");
+        if row.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let row = row.expect("the request has its audit row");
+    assert_eq!(row.status, 401);
+    let body = row.response_body.unwrap_or_default();
+    assert!(
+        !body.contains("sk-pool-secret"),
+        "the pool key is in the audit row: {body}"
+    );
+}
