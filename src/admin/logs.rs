@@ -24,10 +24,12 @@ pub async fn list(
     if !caller.is_admin() {
         filter.user_id = Some(caller.user_id.clone());
     }
-    let (items, next) = match cluster_log::source(&s)? {
+    let (mut items, next) = match cluster_log::source(&s)? {
         Some(pg) => cluster_log::query(&pg, &filter).await?,
         None => s.read(move |c| store::audit::query(c, &filter)).await?,
     };
+    let mask = super::routes::env_mask(&s).await?;
+    items.iter_mut().for_each(|r| mask_row(&mask, r));
     Ok(Json(json!({"items": items, "next_cursor": next})))
 }
 
@@ -43,7 +45,29 @@ pub async fn get(
     if !caller.is_admin() && row.record.user_id.as_deref() != Some(caller.user_id.as_str()) {
         return Err(ApiError::NotFound(format!("no log entry with id {id}")));
     }
+    let mut row = row;
+    mask_row(&super::routes::env_mask(&s).await?, &mut row);
     Ok(Json(row))
+}
+
+/// A captured request is the one sent upstream, after the route's
+/// `set_headers`/`set_body`: a value a route interpolated from the
+/// environment is shown as `${VAR}`, as everywhere in the admin API.
+fn mask_row(mask: &crate::config::env::EnvMask, row: &mut store::audit::LogRow) {
+    let r = &mut row.record;
+    for field in [
+        &mut r.request_headers,
+        &mut r.response_headers,
+        &mut r.request_body,
+        &mut r.response_body,
+        &mut r.error,
+    ] {
+        if let Some(text) = field
+            && let std::borrow::Cow::Owned(masked) = mask.mask_str(text)
+        {
+            *text = masked;
+        }
+    }
 }
 
 /// Columns of a CSV export, in order (every field of a row).
@@ -165,6 +189,7 @@ pub async fn export(
     }
     filter.limit = Some(EXPORT_PAGE);
     let pg = cluster_log::source(&s)?;
+    let mask = super::routes::env_mask(&s).await?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(EXPORT_QUEUE);
     tokio::spawn(async move {
         if csv && tx.send(Ok(csv_header().into())).await.is_err() {
@@ -179,7 +204,8 @@ pub async fn export(
                 }
             };
             match page {
-                Ok((rows, next)) => {
+                Ok((mut rows, next)) => {
+                    rows.iter_mut().for_each(|r| mask_row(&mask, r));
                     // Encoding is CPU work on at most one page.
                     if tx.send(Ok(encode(&rows, csv).into())).await.is_err() {
                         return; // the client went away

@@ -364,3 +364,73 @@ async fn a_providers_401_quoting_the_pool_key_reaches_no_client_and_no_audit_row
         "the pool key is in the audit row: {body}"
     );
 }
+
+/// A route file may put an operator's secret into the body sent upstream
+/// (`set_body` with `${VAR}`); the captured request body is that body, and
+/// whoever reads the logs through the admin API sees `${VAR}`, not the value.
+#[tokio::test]
+async fn environment_values_in_captured_bodies_are_masked_in_logs_and_exports() {
+    use crate::common::MockUpstream;
+    const SECRET: &str = "partner-secret-value-0123456789abcdefXYZ";
+    const TOKEN: &str = "abuse-upstream-admin-token-0123456789abcdef";
+    let mock = MockUpstream::start().await;
+    let config = format!(
+        "admin:\n  token: {TOKEN}\naudit:\n  capture_body: true\n  capture_headers: true\nupstreams:\n  oai: {{provider: openai, endpoints: ['{u}'], key_pool: p}}\nkey_pools:\n  p: {{keys: [sk-pool]}}\n",
+        u = mock.url()
+    );
+    let routes = "routes:\n  - name: chat\n    match: { path: /v1/chat/completions }\n    format: openai\n    upstream: oai\n    transform:\n      set_headers: { x-partner: \"${PARTNER_TOKEN}\" }\n      set_body: { user: \"${PARTNER_TOKEN}\" }\n";
+    let gw = Gateway::start_with_env(&config, &[("r.yaml", routes)], &[("PARTNER_TOKEN", SECRET)]).await;
+    let (_, secret) = gw.create_key(&[]);
+    gw.wait_key(&secret, "/v1/chat/completions").await;
+    mock.clear();
+    let r = reqwest::Client::new()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(&secret)
+        .json(&json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(mock.last().json()["user"], SECRET, "the upstream gets the real value");
+    let admin = reqwest::Client::new();
+    let mut listed = String::new();
+    for _ in 0..50 {
+        listed = admin
+            .get(gw.admin_url("/api/logs?route=chat"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if listed.contains("PARTNER_TOKEN") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(listed.contains("${PARTNER_TOKEN}"), "{listed}");
+    let v: Value = serde_json::from_str(&listed).unwrap();
+    let id = v["items"][0]["id"].as_i64().unwrap();
+    for path in [
+        "/api/logs?route=chat".to_string(),
+        format!("/api/logs/{id}"),
+        "/api/logs/export?format=csv".into(),
+        "/api/logs/export?format=ndjson".into(),
+    ] {
+        let text = admin
+            .get(gw.admin_url(&path))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(!text.contains(SECRET), "{path}: {text}");
+        assert!(
+            text.contains("PARTNER_TOKEN"),
+            "{path}: the row is there, masked: {text}"
+        );
+    }
+}
