@@ -15,8 +15,7 @@ use crate::{
 use bytes::{Bytes, BytesMut};
 use pingora::proxy::Session;
 use serde::Deserialize;
-use std::time::Duration;
-use std::{borrow::Cow, sync::Arc};
+use std::{borrow::Cow, sync::Arc, time::Duration};
 
 /// Who the client is: the peer, or behind trusted proxies the address
 /// they forwarded (`X-Forwarded-For`; a PROXY header already replaced the
@@ -201,11 +200,12 @@ pub async fn admit(state: &Arc<AppState>, session: &mut Session, ctx: &mut Reque
 
     let needs_model = candidates.iter().any(|r| r.model.is_some());
     let limit = state.config.file.server.max_request_body.0;
+    let body_idle = state.config.file.server.limits.client_body_timeout.0;
     let mut body = None;
     let mut peeked = Peek::default();
     let mut model: Option<String> = None;
     if needs_model || first.buffers_body {
-        let bytes = read_body(session, limit, state.config.file.server.limits.client_body_timeout.0).await?;
+        let bytes = read_body(session, limit, body_idle).await?;
         if needs_model {
             model = peeked.get(&bytes, &path, ctx.format)?.model.clone();
         }
@@ -235,7 +235,7 @@ pub async fn admit(state: &Arc<AppState>, session: &mut Session, ctx: &mut Reque
         auth::authorize_route(&key, &route.name, &route.permissions)?;
         if !key.allowed_models.is_empty() {
             if body.is_none() {
-                body = Some(read_body(session, limit, state.config.file.server.limits.client_body_timeout.0).await?);
+                body = Some(read_body(session, limit, body_idle).await?);
             }
             let b = body.as_deref().unwrap_or_default();
             model = peeked.get(b, &path, ctx.format)?.model.clone();
@@ -246,7 +246,7 @@ pub async fn admit(state: &Arc<AppState>, session: &mut Session, ctx: &mut Reque
     let checks = rate_checks(ctx.key.as_deref(), &route, ctx.client.ip);
     // A shared token reservation is sized from the body.
     if state.cluster.is_some() && checks.counts_tokens() && body.is_none() {
-        body = Some(read_body(session, limit, state.config.file.server.limits.client_body_timeout.0).await?);
+        body = Some(read_body(session, limit, body_idle).await?);
     }
     if !checks.is_empty() {
         admit_rate(state, ctx, &route, checks, body.as_deref()).await?;
@@ -254,7 +254,7 @@ pub async fn admit(state: &Arc<AppState>, session: &mut Session, ctx: &mut Reque
 
     let wants_usage = rewrite::wants_openai_usage(&route, &session.req_header().method, &path);
     if (route.buffers_body || wants_usage) && body.is_none() {
-        body = Some(read_body(session, limit, state.config.file.server.limits.client_body_timeout.0).await?);
+        body = Some(read_body(session, limit, body_idle).await?);
     }
     if let Some(b) = body.clone() {
         // A body FastGate reads anyway names its model for the audit log and
