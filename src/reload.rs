@@ -94,9 +94,12 @@ impl Upkeep {
     /// upstream that uses the pool. See `pool::reprobe`.
     fn reprobe(&self) {
         let runtime = self.state.runtime.load();
-        let now = crate::pool::now_ms();
+        // Keys due before the middle of the next sweep go now: otherwise a
+        // probe recorded a few ms after this sweep would always wait for the
+        // one after next (`interval` + one sweep).
+        let horizon = crate::pool::now_ms() + (REPROBE_SWEEP / 2).as_millis() as i64;
         for pool in runtime.pools.values() {
-            let leases = crate::pool::reprobe::due(pool, runtime.reprobe_interval(&pool.name), now);
+            let leases = crate::pool::reprobe::due(pool, runtime.reprobe_interval(&pool.name), horizon);
             if leases.is_empty() {
                 continue;
             }

@@ -46,10 +46,11 @@ pub fn next_probe_at(st: &KeyStatus, interval: Duration) -> Option<i64> {
     Some(st.last_error_ms.saturating_add(every))
 }
 
-/// Lease the keys of `pool` whose probe is due at `now_ms`: disabled by the
+/// Lease the keys of `pool` whose probe is due by `now_ms`: disabled by the
 /// provider, `interval` passed since their last error, and nothing running
 /// on them (a probe still under way holds its lease, so a slow probe is not
-/// doubled by the next sweep).
+/// doubled by the next sweep). Disabled keys stay disabled whatever the
+/// clock says, so `now_ms` may be a little ahead (the sweep's horizon).
 pub fn due(pool: &Arc<KeyPool>, interval: Duration, now_ms: i64) -> Vec<Lease> {
     if interval.is_zero() {
         return Vec::new();

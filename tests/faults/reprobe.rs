@@ -226,7 +226,7 @@ async fn keys_disabled_by_an_auth_outage_come_back_after_it_with_no_client_traff
         assert_eq!(k["state"], "disabled", "{k}");
         assert!(k["next_probe_at"].as_i64().unwrap() > k["last_error_ms"].as_i64().unwrap());
     }
-    assert!(reprobes(&gw, "p", "still_refused").await >= 2);
+    assert!(reprobes(&gw, "p", "still_refused").await >= 4);
     assert_eq!(reprobes(&gw, "p", "recovered").await, 0);
 
     // The outage ends. No client sends anything; both keys come back within
