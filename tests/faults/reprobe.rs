@@ -343,3 +343,76 @@ async fn a_key_an_admin_disabled_is_never_probed() {
         0
     );
 }
+
+#[tokio::test]
+async fn an_answer_that_says_nothing_about_the_key_leaves_it_disabled_until_a_later_probe() {
+    let mock = MockUpstream::start().await;
+    rule(&mock, "sk-flaky", KeyRule::Status(401));
+    let gw = gateway(
+        &openai_pool(&mock, &["sk-flaky"], ", disable_after: 1, reprobe_interval: 1s"),
+        CHAT_ROUTE,
+    )
+    .await;
+    let id = fastgate::pool::key_id("sk-flaky");
+    admin(&gw, "POST", &format!("/api/pools/p/keys/{id}/test"), None).await;
+    assert_eq!(pool_key(&gw, "p", "sk-flaky").await["state"], "disabled");
+    // The provider's auth comes back, but its model list is failing: a 503
+    // says nothing about the key.
+    rule(&mock, "sk-flaky", KeyRule::Status(503));
+    let deadline = Instant::now() + Duration::from_secs(6);
+    while reprobes(&gw, "p", "error").await < 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(reprobes(&gw, "p", "error").await >= 2);
+    let k = pool_key(&gw, "p", "sk-flaky").await;
+    assert_eq!(k["state"], "disabled", "{k}");
+    assert_eq!(k["last_error"], "re-probe answered 503", "{k}");
+    assert!(k["disabled_reason"].as_str().unwrap().starts_with("401 "), "{k}");
+    assert_eq!(
+        k["next_probe_at"].as_i64().unwrap(),
+        k["last_error_ms"].as_i64().unwrap() + 1000,
+        "{k}"
+    );
+    // A client meanwhile gets the pool's answer, not a probe's.
+    let r = reqwest::Client::new()
+        .post(gw.url("/v1/chat/completions"))
+        .json(&json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(
+        seen_with(&mock, "sk-flaky").iter().all(|s| s.uri == "/v1/models"),
+        "the disabled key served no client request"
+    );
+    // The model list answers again: the next probe brings the key back.
+    mock.behaviour.keys.lock().unwrap().clear();
+    let k = key_until(&gw, "p", "sk-flaky", Duration::from_secs(5), |k| k["state"] == "active").await;
+    assert_eq!(k["state"], "active", "{k}");
+    assert_eq!(reprobes(&gw, "p", "recovered").await, 1);
+}
+
+#[tokio::test]
+async fn the_probe_schedule_survives_a_restart() {
+    let mock = MockUpstream::start().await;
+    rule(&mock, "sk-slow", KeyRule::Status(401));
+    let mut gw = gateway(
+        &openai_pool(&mock, &["sk-slow"], ", disable_after: 1, reprobe_interval: 1h"),
+        CHAT_ROUTE,
+    )
+    .await;
+    let id = fastgate::pool::key_id("sk-slow");
+    admin(&gw, "POST", &format!("/api/pools/p/keys/{id}/test"), None).await;
+    let k = pool_key(&gw, "p", "sk-slow").await;
+    assert_eq!(k["state"], "disabled", "{k}");
+    let next = k["next_probe_at"].as_i64().unwrap();
+    let hour_ahead = next - fastgate::pool::now_ms();
+    assert!((3_590_000..=3_600_000).contains(&hour_ahead), "{hour_ahead}");
+    mock.clear();
+    gw.restart().await;
+    let k = pool_key(&gw, "p", "sk-slow").await;
+    assert_eq!(k["state"], "disabled", "{k}");
+    assert_eq!(k["next_probe_at"].as_i64(), Some(next), "the clock was not reset: {k}");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(mock.seen().is_empty(), "no probe an hour early: {:?}", mock.seen());
+}
