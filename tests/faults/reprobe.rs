@@ -416,3 +416,24 @@ async fn the_probe_schedule_survives_a_restart() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(mock.seen().is_empty(), "no probe an hour early: {:?}", mock.seen());
 }
+
+#[tokio::test]
+async fn the_route_dry_run_shows_account_headers_dropped_toward_a_pool() {
+    let mock = MockUpstream::start().await;
+    let gw = gateway(&openai_pool(&mock, &["sk-dry"], ""), CHAT_ROUTE).await;
+    let (status, v) = admin(
+        &gw,
+        "POST",
+        "/api/routes/test",
+        Some(json!({"method": "POST", "path": "/v1/chat/completions",
+            "headers": {"OpenAI-Organization": "evil", "OpenAI-Project": "p", "anthropic-beta": "b"},
+            "body": {"model": "gpt-4o"}})),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let headers = &v["upstream_request"]["headers"];
+    assert_eq!(headers.get("openai-organization"), None, "{headers}");
+    assert_eq!(headers.get("openai-project"), None, "{headers}");
+    assert_eq!(headers["anthropic-beta"], "b", "{headers}");
+    assert_eq!(headers["authorization"], "<pool key>", "{headers}");
+}
