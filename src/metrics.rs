@@ -60,6 +60,9 @@ pub struct Metrics {
     pub pool_key_in_flight: IntGaugeVec,
     pub pool_key_cooldown: GaugeVec,
     pub leases_reclaimed: IntCounterVec,
+    /// Re-probes of provider-disabled keys, by pool and result
+    /// (`recovered`, `still_refused`, `error`).
+    pub key_reprobes: IntCounterVec,
     pub failovers: IntCounterVec,
     pub upstream_in_flight: IntGaugeVec,
     pub upstream_address_healthy: IntGaugeVec,
@@ -167,6 +170,12 @@ impl Metrics {
                 "pool_leases_reclaimed_total",
                 "Key leases held past stuck_after and reclaimed, by pool.",
                 &["pool"],
+            )?,
+            key_reprobes: counter_vec(
+                &r,
+                "key_reprobes_total",
+                "Re-probes of pool keys the provider disabled (401/403), by pool and result: recovered, still_refused, error.",
+                &["pool", "result"],
             )?,
             failovers: counter_vec(
                 &r,

@@ -1,8 +1,8 @@
 //! Background upkeep, run as one Pingora background service: route reloads
 //! (file watch, debounced), whole-config reloads (SIGHUP), gateway-key cache
 //! refresh, re-resolution of upstream hostnames, upstream health checks,
-//! saving pool key states (debounced, off the request path) and reclaiming
-//! stuck key leases.
+//! saving pool key states (debounced, off the request path), reclaiming
+//! stuck key leases and re-probing keys the provider disabled.
 
 use crate::state::AppState;
 use async_trait::async_trait;
@@ -20,6 +20,10 @@ const DNS_REFRESH: Duration = Duration::from_secs(60);
 const SAVE_STATES: Duration = Duration::from_secs(1);
 /// How often leases are checked against `stuck_after`.
 const STUCK_SWEEP: Duration = Duration::from_secs(5);
+/// How often provider-disabled keys are checked for a due re-probe (each
+/// key is probed once per its pool's `reprobe_interval`; this is only the
+/// resolution of that schedule).
+const REPROBE_SWEEP: Duration = Duration::from_secs(1);
 
 pub struct Upkeep {
     pub state: Arc<AppState>,
@@ -83,6 +87,42 @@ impl Upkeep {
     }
 }
 
+impl Upkeep {
+    /// Start the re-probes that are due: one cheap authenticated read per
+    /// provider-disabled key and `reprobe_interval`, each in its own task
+    /// (a slow provider never holds up the upkeep loop), through the first
+    /// upstream that uses the pool. See `pool::reprobe`.
+    fn reprobe(&self) {
+        let runtime = self.state.runtime.load();
+        // Keys due before the middle of the next sweep go now: otherwise a
+        // probe recorded a few ms after this sweep would always wait for the
+        // one after next (`interval` + one sweep).
+        let horizon = crate::pool::now_ms() + (REPROBE_SWEEP / 2).as_millis() as i64;
+        for pool in runtime.pools.values() {
+            let leases = crate::pool::reprobe::due(pool, runtime.reprobe_interval(&pool.name), horizon);
+            if leases.is_empty() {
+                continue;
+            }
+            let Some(upstream) = runtime.pool_upstream(pool) else {
+                tracing::debug!(pool = %pool.name, "No upstream uses the pool; its disabled keys cannot be re-probed.");
+                continue;
+            };
+            for lease in leases {
+                let (state, upstream) = (self.state.clone(), upstream.clone());
+                tokio::spawn(async move {
+                    let probe = crate::proxy::forward::probe(&state, &upstream, &lease).await;
+                    let outcome = crate::pool::reprobe::settle(&lease, probe.status, probe.error.as_deref());
+                    state
+                        .metrics
+                        .key_reprobes
+                        .with_label_values(&[lease.pool().name.as_str(), outcome.as_str()])
+                        .inc();
+                });
+            }
+        }
+    }
+}
+
 #[async_trait]
 impl BackgroundService for Upkeep {
     async fn start(&self, mut shutdown: ShutdownWatch) {
@@ -141,6 +181,7 @@ impl BackgroundService for Upkeep {
         let mut health_tick = tokio::time::interval(Duration::from_millis(500));
         let mut health_runs = std::collections::HashMap::new();
         let mut stuck_tick = tokio::time::interval(STUCK_SWEEP);
+        let mut reprobe_tick = tokio::time::interval(REPROBE_SWEEP);
         let mut dns_tick = tokio::time::interval(DNS_REFRESH);
         dns_tick.tick().await; // resolved at start already
         loop {
@@ -154,6 +195,7 @@ impl BackgroundService for Upkeep {
                 _ = save_tick.tick() => self.save_states().await,
                 _ = health_tick.tick() => self.check_health(&mut health_runs),
                 _ = stuck_tick.tick() => self.reclaim_stuck(),
+                _ = reprobe_tick.tick() => self.reprobe(),
                 _ = key_tick.tick() => {
                     let state = self.state.clone();
                     match tokio::task::spawn_blocking(move || {

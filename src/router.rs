@@ -46,6 +46,9 @@ pub struct Route {
     pub transform: Transform,
     pub timeout: Option<Duration>,
     pub retries: u32,
+    /// Client headers that pick the provider account pass to a pooled
+    /// upstream (`forward_account_headers`).
+    pub forward_account_headers: bool,
     /// Per gateway key on this route.
     pub rate_limit: crate::ratelimit::Limits,
     /// The request body is read before proxying (model routing, body rewrites,
@@ -284,6 +287,7 @@ impl Route {
             },
             timeout: rc.timeout.map(|d| d.0),
             retries: rc.retries,
+            forward_account_headers: rc.forward_account_headers,
             rate_limit: crate::ratelimit::Limits {
                 rpm: rc.rate_limit.and_then(|r| r.rpm),
                 tpm: rc.rate_limit.and_then(|r| r.tpm),

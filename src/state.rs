@@ -59,6 +59,24 @@ pub struct Runtime {
 }
 
 impl Runtime {
+    /// The upstream a pool's keys are tested and re-probed through: the
+    /// first by name of those that use the pool.
+    pub fn pool_upstream(&self, pool: &Arc<KeyPool>) -> Option<Arc<Upstream>> {
+        self.upstreams
+            .values()
+            .filter(|u| u.key_pool.as_ref().is_some_and(|p| Arc::ptr_eq(p, pool)))
+            .min_by(|a, b| a.name.cmp(&b.name))
+            .cloned()
+    }
+
+    /// `key_pools.{pool}.reprobe_interval` (zero for a pool not in the file).
+    pub fn reprobe_interval(&self, pool: &str) -> std::time::Duration {
+        self.file
+            .key_pools
+            .get(pool)
+            .map_or(std::time::Duration::ZERO, |c| c.reprobe_interval.0)
+    }
+
     /// Build from `file` and the admin-added keys, keeping from `previous`
     /// what did not change: whole pools and upstreams when their settings
     /// and keys are the same, else the live keys (state, in-flight, totals)

@@ -125,7 +125,8 @@ impl Feed {
             .iter()
             .filter_map(|name| runtime.pools.get(*name))
             .map(|p| {
-                let keys: Vec<Value> = p.keys().iter().map(|k| pools::key_json(k)).collect();
+                let interval = runtime.reprobe_interval(&p.name);
+                let keys: Vec<Value> = p.keys().iter().map(|k| pools::key_json(k, interval)).collect();
                 for k in &keys {
                     let id = k["id"].as_str().unwrap_or_default().to_string();
                     self.keys.insert((p.name.clone(), id), fingerprint(k));
@@ -148,8 +149,9 @@ impl Feed {
         let mut changed = Vec::new();
         let mut live = std::collections::HashSet::new();
         for p in runtime.pools.values() {
+            let interval = runtime.reprobe_interval(&p.name);
             for k in p.keys() {
-                let v = pools::key_json(&k);
+                let v = pools::key_json(&k, interval);
                 let id = (p.name.clone(), k.id.clone());
                 let print = fingerprint(&v);
                 live.insert(id.clone());

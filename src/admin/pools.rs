@@ -4,7 +4,7 @@
 
 use super::{AdminState, error::ApiError, session::Caller};
 use crate::{
-    pool::{KeyPool, KeySource, KeyState, PoolKey, now_ms},
+    pool::{KeyPool, KeySource, KeyState, PoolKey, now_ms, reprobe},
     proxy::forward,
     store,
 };
@@ -27,11 +27,15 @@ fn gate_json(g: &crate::pool::status::Gate, now: i64) -> Value {
 }
 
 /// One key as the API shows it: id and masked form, never the secret.
-pub fn key_json(k: &PoolKey) -> Value {
+/// `reprobe_interval` is its pool's (when a provider-disabled key is tried
+/// again).
+pub fn key_json(k: &PoolKey, reprobe_interval: std::time::Duration) -> Value {
     let now = now_ms();
     let st = k.status();
     let totals = k.totals();
     let mut v = gate_json(&st.key, now);
+    v["disabled_reason"] = json!(st.key.disabled);
+    v["next_probe_at"] = json!(reprobe::next_probe_at(&st, reprobe_interval));
     v["id"] = json!(k.id);
     v["masked"] = json!(k.secret.masked());
     v["source"] = json!(k.source.as_str());
@@ -101,7 +105,10 @@ pub async fn keys(
 ) -> Result<Json<Value>, ApiError> {
     caller.require_admin()?;
     let pool = find_pool(&s, &name)?;
-    Ok(Json(Value::Array(pool.keys().iter().map(|k| key_json(k)).collect())))
+    let interval = s.app.runtime.load().reprobe_interval(&pool.name);
+    Ok(Json(Value::Array(
+        pool.keys().iter().map(|k| key_json(k, interval)).collect(),
+    )))
 }
 
 #[derive(Deserialize)]
@@ -256,7 +263,8 @@ async fn change_key(
     let key = find_key(&pool, id)?;
     pool.set_status(id, change);
     audit_write(s, caller, action, pool_name, id).await?;
-    Ok(Json(key_json(&key)))
+    let interval = s.app.runtime.load().reprobe_interval(&pool.name);
+    Ok(Json(key_json(&key, interval)))
 }
 
 pub async fn delete(
@@ -301,18 +309,7 @@ pub async fn test(
 
 /// Test one key through the first upstream that uses its pool.
 async fn test_key(s: &AdminState, pool: &Arc<KeyPool>, id: &str) -> Result<forward::Probe, ApiError> {
-    let upstream = {
-        let runtime = s.app.runtime.load();
-        let mut users: Vec<_> = runtime
-            .upstreams
-            .values()
-            .filter(|u| u.key_pool.as_ref().is_some_and(|p| Arc::ptr_eq(p, pool)))
-            .cloned()
-            .collect();
-        users.sort_by(|a, b| a.name.cmp(&b.name));
-        users.into_iter().next()
-    }
-    .ok_or_else(|| {
+    let upstream = s.app.runtime.load().pool_upstream(pool).ok_or_else(|| {
         ApiError::Conflict(format!(
             "no upstream uses pool {:?}; nothing to test against",
             pool.name

@@ -553,6 +553,12 @@ pub fn explain(
         .filter(|(k, v)| !crate::auth::header_holds_gateway_key(k.to_ascii_lowercase().as_bytes(), v.as_bytes()))
         .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
         .collect();
+    // As on the data plane: a client never picks the account of a pool key.
+    if upstream.is_some_and(|u| u.key_pool.is_some()) && !route.forward_account_headers {
+        for h in rewrite::ACCOUNT_HEADERS {
+            sent_headers.remove(h);
+        }
+    }
     for h in &route.transform.remove_headers {
         sent_headers.remove(h.as_str());
     }

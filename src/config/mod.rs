@@ -727,6 +727,10 @@ pub struct KeyPoolConfig {
     pub max_in_flight_per_key: u32,
     /// A lease held longer than this is reclaimed (a request that never ended).
     pub stuck_after: HumanDuration,
+    /// How often a key the provider disabled (401/403) is tried again with
+    /// one cheap request; 0 = never. A provider's auth outage then does not
+    /// take the pool down until someone acts.
+    pub reprobe_interval: HumanDuration,
 }
 
 impl Default for KeyPoolConfig {
@@ -739,6 +743,7 @@ impl Default for KeyPoolConfig {
             disable_after: 3,
             max_in_flight_per_key: 0,
             stuck_after: Duration::from_secs(600).into(),
+            reprobe_interval: Duration::from_secs(600).into(),
         }
     }
 }
@@ -933,6 +938,13 @@ pub fn parse_config(path: &Path, raw: &str) -> Result<Config, ConfigErrors> {
             errors.push(diag(
                 line,
                 format!("key_pools.{name}.stuck_after must be greater than zero"),
+            ));
+        }
+        let reprobe = pool.reprobe_interval.0;
+        if !reprobe.is_zero() && reprobe < Duration::from_secs(1) {
+            errors.push(diag(
+                line,
+                format!("key_pools.{name}.reprobe_interval must be 0 (never) or at least 1s"),
             ));
         }
     }

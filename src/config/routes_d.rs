@@ -77,6 +77,13 @@ pub struct RouteConfig {
     pub timeout: Option<super::HumanDuration>,
     #[serde(default)]
     pub retries: u32,
+    /// Forward the client's provider-account headers (`OpenAI-Organization`,
+    /// `OpenAI-Project`, `x-goog-user-project`) to a pooled upstream. Off by
+    /// default: with them a client picks the account the pool key is billed
+    /// to, and a wrong one makes the provider refuse (and FastGate disable)
+    /// the pool key.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub forward_account_headers: bool,
     /// Per gateway key, on this route.
     #[serde(default)]
     pub rate_limit: Option<RateLimitConfig>,

@@ -8,6 +8,7 @@
 //! nothing per request: a key found closed leaves the list once, and the
 //! soonest deadline brings it back (no loop over all keys).
 
+pub mod reprobe;
 pub mod signals;
 pub mod status;
 

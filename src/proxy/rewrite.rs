@@ -17,6 +17,16 @@ use pingora::http::RequestHeader;
 /// The default `anthropic-version` sent when the client did not send one.
 pub const ANTHROPIC_VERSION: &str = "2023-06-01";
 
+/// Client headers that choose which provider account, organization or
+/// project a request is billed to and authorized against. Toward an upstream
+/// with a key pool they are dropped unless the route sets
+/// `forward_account_headers`: the pool key belongs to the operator's
+/// account, and a client naming another one makes the provider answer 401/403,
+/// which disables the pool key for everyone. Anthropic documents no such
+/// request header (`anthropic-version` and `anthropic-beta` select API
+/// behaviour, not an account, and pass).
+pub const ACCOUNT_HEADERS: [&str; 3] = ["openai-organization", "openai-project", "x-goog-user-project"];
+
 /// Headers that describe one hop and are never forwarded.
 pub const HOP_BY_HOP: [&str; 8] = [
     "connection",
@@ -257,6 +267,11 @@ pub fn upstream_request(
         .collect();
     for name in leaking {
         req.remove_header(&name);
+    }
+    if upstream.key_pool.is_some() && !route.forward_account_headers {
+        for name in ACCOUNT_HEADERS {
+            req.remove_header(name);
+        }
     }
     for name in &route.transform.remove_headers {
         req.remove_header(name);

@@ -82,6 +82,10 @@ pub struct Behaviour {
     pub sse_interval_ms: AtomicU32,
     /// Set when a streamed response could not be completed (client went away).
     pub stream_aborted: AtomicBool,
+    /// Answer 401 to any request carrying this header with this value (a
+    /// client header naming an account the key does not belong to, as
+    /// `OpenAI-Organization` does).
+    pub refuse_header: Mutex<Option<(String, String)>>,
 }
 
 pub struct MockUpstream {
@@ -335,6 +339,16 @@ async fn answer(
     };
     seen.lock().unwrap().push(record);
     let path = parts.uri.path().to_string();
+    let refused = b.refuse_header.lock().unwrap().as_ref().is_some_and(|(name, value)| {
+        parts
+            .headers
+            .get(name.as_str())
+            .is_some_and(|v| v.as_bytes() == value.as_bytes())
+    });
+    if refused {
+        let message = "The organization in the OpenAI-Organization header does not match the API key";
+        return Ok(full(401, "application/json", provider_error(&path, 401, message)));
+    }
     if b.fail_429.load(Ordering::SeqCst) > 0 {
         b.fail_429.fetch_sub(1, Ordering::SeqCst);
         return Ok(full(

@@ -13,6 +13,10 @@ export interface PoolKey {
   state: "active" | "resting" | "cooling" | "disabled" | "deleted";
   until_ms: number | null;
   reason: string | null;
+  /** Why the key is disabled (the provider's 401/403 streak, or an admin). */
+  disabled_reason: string | null;
+  /** Unix ms of the next re-probe of a key the provider disabled; null otherwise. */
+  next_probe_at: number | null;
   consecutive_failures: number;
   in_flight: number;
   probing: boolean;

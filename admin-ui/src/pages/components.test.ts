@@ -2,6 +2,8 @@ import { cleanup, fireEvent, render, screen } from "@testing-library/svelte";
 import { afterEach, describe, expect, it, vi } from "vitest";
 import Login from "./Login.svelte";
 import Keys from "./Keys.svelte";
+import Pools from "./Pools.svelte";
+import { live, type PoolKey } from "../lib/live.svelte";
 
 function answer(status: number, body: unknown) {
   return new Response(JSON.stringify(body), { status, headers: { "content-type": "application/json" } });
@@ -49,5 +51,27 @@ describe("Keys", () => {
     expect(JSON.parse(String(post?.[1]?.body))).toEqual({ name: "ci" });
     await fireEvent.click(screen.getByRole("button", { name: "I have stored it" }));
     expect(document.body.textContent).not.toContain("s".repeat(32));
+  });
+});
+
+describe("Pools", () => {
+  it("shows why a key is disabled and when the provider-disabled one is probed again", async () => {
+    const key = (id: string, reason: string, next: number | null): PoolKey => ({
+      id, masked: `sk-…${id}`, state: "disabled", until_ms: null, reason, disabled_reason: reason,
+      next_probe_at: next, consecutive_failures: 3, in_flight: 0, probing: false, last_error: reason,
+      last_error_ms: Date.now(), source: "config", weight: 1,
+      totals: { requests: 3, errors: 3, tokens: 0, last_used_ms: null }, models: {},
+    });
+    live.pools = [{
+      pool: { name: "p", strategy: "round_robin", cooldown_scope: "key", keys: 2 } as never,
+      keys: [key("prov", "401 unauthorized x3", Date.now() + 125_000), key("adm", "disabled by admin", null)],
+    }];
+    render(Pools);
+    const rows = document.querySelectorAll("tr[data-key]");
+    expect(rows[0].textContent).toContain("401 unauthorized x3");
+    expect(rows[0].querySelector("[data-testid=next-probe]")?.textContent).toMatch(/^re-probe in 2m 0[45]s$/);
+    expect(rows[1].textContent).toContain("disabled by admin");
+    expect(rows[1].querySelector("[data-testid=next-probe]")).toBeNull();
+    live.pools = [];
   });
 });
