@@ -1390,9 +1390,8 @@ pub struct Scripted {
 /// A test's own upstream: called with the request's upstream key and its
 /// arrival number at the mock (1-based, across keys); may wait (a slow
 /// answer) and returns `None` to let the mock answer as usual.
-pub type Script = Arc<
-    dyn Fn(Option<String>, usize) -> futures_util::future::BoxFuture<'static, Option<Scripted>> + Send + Sync,
->;
+pub type Script =
+    Arc<dyn Fn(Option<String>, usize) -> futures_util::future::BoxFuture<'static, Option<Scripted>> + Send + Sync>;
 
 /// Answer requests with `f` from now on (see [`Script`]).
 pub fn script<F, Fut>(mock: &MockUpstream, f: F)
@@ -1407,4 +1406,3 @@ where
     });
     *mock.behaviour.script.lock().unwrap() = Some(s);
 }
-

@@ -80,35 +80,46 @@ fn remaining_s(k: &Value) -> f64 {
     k["remaining_s"].as_f64().unwrap_or(0.0)
 }
 
+/// A key, the headers its 429 carries, the cooling it must get (s).
+type Case = (&'static str, Vec<(&'static str, &'static str)>, (f64, f64));
+
 /// Every wait a provider or a broken proxy in front of one can name lands
-/// in `[backoff floor, max_wait]`: absurd ones at max_wait, "now" (zero,
+/// in `[backoff floor, max_wait]` (default 24 h): absurd ones at max_wait, "now" (zero,
 /// negative, a date in the past, garbage) at the floor, a token 429's `6ms`
 /// request reset at the later token reset. Each key is hit once.
 #[tokio::test]
 async fn absurd_zero_past_and_future_waits_cool_a_key_within_the_floor_and_max_wait() {
     let mock = MockUpstream::start().await;
-    let cases: Vec<(&str, Vec<(&str, &str)>, (f64, f64))> = vec![
-        ("sk-1e20", vec![("retry-after", "1e20")], (3500.0, 3600.0)),
+    let cases: Vec<Case> = vec![
+        ("sk-1e20", vec![("retry-after", "1e20")], (86_000.0, 86_400.0)),
         (
             "sk-go",
             vec![
                 ("x-ratelimit-remaining-requests", "0"),
                 ("x-ratelimit-reset-requests", "99999999999999999999h"),
             ],
-            (3500.0, 3600.0),
+            (86_000.0, 86_400.0),
         ),
-        ("sk-2999", vec![("retry-after", "Tue, 01 Jan 2999 00:00:00 GMT")], (3500.0, 3600.0)),
+        (
+            "sk-2999",
+            vec![("retry-after", "Tue, 01 Jan 2999 00:00:00 GMT")],
+            (86_000.0, 86_400.0),
+        ),
         (
             "sk-rfc",
             vec![
                 ("anthropic-ratelimit-requests-remaining", "0"),
                 ("anthropic-ratelimit-requests-reset", "9999-12-31T23:59:59Z"),
             ],
-            (3500.0, 3600.0),
+            (86_000.0, 86_400.0),
         ),
         ("sk-zero", vec![("retry-after", "0")], (2.5, 6.0)),
         ("sk-neg", vec![("retry-after", "-30")], (2.5, 6.0)),
-        ("sk-past", vec![("retry-after", "Mon, 01 Jan 2001 00:00:00 GMT")], (2.5, 6.0)),
+        (
+            "sk-past",
+            vec![("retry-after", "Mon, 01 Jan 2001 00:00:00 GMT")],
+            (2.5, 6.0),
+        ),
         ("sk-junk", vec![("retry-after", "soon-ish")], (2.5, 6.0)),
         (
             "sk-6ms",
@@ -124,7 +135,12 @@ async fn absurd_zero_past_and_future_waits_cool_a_key_within_the_floor_and_max_w
     let by_key: Arc<HashMap<String, Vec<(String, String)>>> = Arc::new(
         cases
             .iter()
-            .map(|(k, h, _)| (k.to_string(), h.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()))
+            .map(|(k, h, _)| {
+                (
+                    k.to_string(),
+                    h.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect(),
+                )
+            })
             .collect(),
     );
     script(&mock, move |key, _| {
@@ -135,11 +151,7 @@ async fn absurd_zero_past_and_future_waits_cool_a_key_within_the_floor_and_max_w
         }
     });
     let keys: Vec<&str> = cases.iter().map(|c| c.0).collect();
-    let gw = gateway(
-        &pool(&mock, &keys, ", cooldown: {initial: 5s, max_wait: 1h}"),
-        &route(0),
-    )
-    .await;
+    let gw = gateway(&pool(&mock, &keys, ", cooldown: {initial: 5s}"), &route(0)).await;
     for _ in 0..keys.len() {
         let r = post_chat(&gw).await;
         assert!(matches!(r.status().as_u16(), 429 | 503), "{}", r.status());
@@ -149,7 +161,10 @@ async fn absurd_zero_past_and_future_waits_cool_a_key_within_the_floor_and_max_w
         let k = pool_key_in(&all, secret);
         assert_eq!(k["state"], "cooling", "{secret}: {k}");
         let left = remaining_s(&k);
-        assert!((*lo..=*hi).contains(&left), "{secret}: cooling {left} s, want {lo}..={hi}");
+        assert!(
+            (*lo..=*hi).contains(&left),
+            "{secret}: cooling {left} s, want {lo}..={hi}"
+        );
         assert_eq!(seen_with(&mock, secret), 1, "{secret} hit once");
     }
     // Still serving (no panic): with every key cooling, a clean 503.
@@ -167,10 +182,10 @@ async fn retry_after_zero_on_a_one_key_pool_is_one_upstream_call_not_three() {
     script(&mock, |_, _| async { answer(429, &[("retry-after", "0")]) });
     let gw = gateway(&pool(&mock, &["sk-only"], ""), &route(2)).await;
     let r = post_chat(&gw).await;
+    assert_eq!(seen_with(&mock, "sk-only"), 1, "one call for one client request");
     assert!(matches!(r.status().as_u16(), 429 | 503), "{}", r.status());
     let after: u64 = r.headers()["retry-after"].to_str().unwrap().parse().unwrap();
     assert!((1..=2).contains(&after), "Retry-After {after}");
-    assert_eq!(seen_with(&mock, "sk-only"), 1, "one call for one client request");
     let k = pool_key(&gw, "p", "sk-only").await;
     assert_eq!(k["state"], "cooling", "{k}");
 }
@@ -211,7 +226,10 @@ async fn late_successes_keep_a_key_cooling(keys: &[&str]) {
         assert!(seen_with(&mock, secret) > 3, "{secret} saw 429s: {statuses:?}");
         let k = pool_key_in(&all, secret);
         assert_eq!(k["state"], "cooling", "{secret}: a late success reopened it: {k}");
-        assert_eq!(k["consecutive_failures"], 1, "{secret}: one window, one backoff step: {k}");
+        assert_eq!(
+            k["consecutive_failures"], 1,
+            "{secret}: one window, one backoff step: {k}"
+        );
         let left = remaining_s(&k);
         assert!((20.0..=36.0).contains(&left), "{secret}: {left}");
     }
@@ -270,7 +288,12 @@ async fn a_cap_of_one_never_has_two_requests_at_the_upstream() {
 #[tokio::test]
 async fn one_500_does_not_close_a_one_key_pool() {
     let mock = MockUpstream::start().await;
-    script(&mock, |_, n| async move { (n == 1).then(|| Scripted { status: 500, headers: vec![] }) });
+    script(&mock, |_, n| async move {
+        (n == 1).then(|| Scripted {
+            status: 500,
+            headers: vec![],
+        })
+    });
     let gw = gateway(&pool(&mock, &["sk-only"], ""), &route(0)).await;
     let first = post_chat(&gw).await.status().as_u16();
     assert!(first >= 500, "{first}");
@@ -387,7 +410,11 @@ fn a_bad_status_list_is_reported_by_check() {
     let (ok, _, err) = check(&conf, dir.path());
     assert!(!ok);
     assert!(err.contains("500-700") && err.contains("100-599"), "{err}");
-    std::fs::write(&conf, "key_pools:\n  p:\n    keys: [sk-x]\n    disable_on: [401, \"402-403\"]\n").unwrap();
+    std::fs::write(
+        &conf,
+        "key_pools:\n  p:\n    keys: [sk-x]\n    disable_on: [401, \"402-403\"]\n",
+    )
+    .unwrap();
     let (ok, _, err) = check(&conf, dir.path());
     assert!(ok, "{err}");
 }
