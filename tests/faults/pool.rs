@@ -418,3 +418,58 @@ fn a_bad_status_list_is_reported_by_check() {
     let (ok, _, err) = check(&conf, dir.path());
     assert!(ok, "{err}");
 }
+
+/// Poll `secret`'s key on `gw` until `done` holds (at most `limit`).
+async fn key_until(gw: &Gateway, secret: &str, limit: Duration, done: impl Fn(&Value) -> bool) -> Value {
+    let start = Instant::now();
+    loop {
+        let k = pool_key(gw, "p", secret).await;
+        if done(&k) {
+            return k;
+        }
+        assert!(start.elapsed() < limit, "{secret} on {}: {k}", gw.admin_url(""));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Cluster mode: a key's recovery (its half-open probe answered well) is
+/// published like its cooldown, so the other node forgets the backoff too
+/// instead of keeping a stale failure streak (and, with versions, a stale
+/// stored state cannot undo it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_recovery_is_published_to_the_other_nodes() {
+    let redis = Redis::start().await;
+    let mock = MockUpstream::start().await;
+    script(&mock, |_, n| async move {
+        (n == 1).then(|| Scripted {
+            status: 429,
+            headers: vec![("retry-after".into(), "1".into())],
+        })
+    });
+    let config = |node: &str| {
+        format!(
+            "admin:\n  token: {TOKEN}\ncluster:\n  redis: {}\n  timeout: 1s\n  node_id: {node}\n{}",
+            redis.url(),
+            pool(&mock, &["sk-one"], "")
+        )
+    };
+    let routes = route(0);
+    let a = Gateway::start_with_admin(&config("node-a"), &[("r.yaml", routes.as_str())]).await;
+    let b = Gateway::start_with_admin(&config("node-b"), &[("r.yaml", routes.as_str())]).await;
+    for n in [&a, &b] {
+        eventually_text(
+            || reqwest::Client::new().get(n.admin_url("/metrics")),
+            |t| t.contains("fastgate_cluster_nodes 2"),
+        )
+        .await;
+    }
+    assert!(matches!(post_chat(&a).await.status().as_u16(), 429 | 503));
+    let k = key_until(&b, "sk-one", Duration::from_secs(3), |k| k["state"] == "cooling").await;
+    assert_eq!(k["consecutive_failures"], 1, "{k}");
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    // Node A's next request is the probe, and it succeeds.
+    assert_eq!(post_chat(&a).await.status(), 200);
+    let k = key_until(&b, "sk-one", Duration::from_secs(3), |k| k["consecutive_failures"] == 0).await;
+    assert_eq!(k["state"], "active", "{k}");
+    assert_eq!(k["probing"], false, "{k}");
+}
