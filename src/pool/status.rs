@@ -714,4 +714,61 @@ mod tests {
         assert_eq!(s.key.backoff_step, 1);
         assert_eq!(s.version, 1);
     }
+
+    proptest::proptest! {
+        /// Any sequence of answers, to leases of any age, at any time: the
+        /// version only grows, the backoff grows by at most one per decision,
+        /// and a cooldown always lands within [now + initial, now + max_wait].
+        #[test]
+        fn the_state_machine_keeps_its_invariants(
+            steps in proptest::collection::vec(
+                (
+                    proptest::sample::select(vec![200u16, 400, 401, 403, 404, 429, 500, 502, 503, 529]),
+                    0u64..4,
+                    proptest::option::of(proptest::num::i64::ANY),
+                    0i64..5000,
+                    proptest::bool::ANY,
+                ),
+                1..60,
+            )
+        ) {
+            let p = policy(CooldownScope::Model);
+            let mut s = KeyStatus::default();
+            let mut now = NOW;
+            for (status, age, retry_at, dt, with_model) in steps {
+                now += dt;
+                let before = s.clone();
+                let signals = Signals { retry_at_ms: retry_at, ..Signals::default() };
+                let model = with_model.then_some("m");
+                let answer = Answer {
+                    status,
+                    signals: &signals,
+                    model,
+                    others_in_flight: 0,
+                    lease_version: s.version.saturating_sub(age),
+                };
+                let change = s.observe(&p, &answer, now, 0.5);
+                proptest::prop_assert!(s.version >= before.version);
+                proptest::prop_assert!(s.version <= before.version + 1);
+                let gates = |st: &KeyStatus| {
+                    std::iter::once(st.key.backoff_step)
+                        .chain(st.models.get("m").map(|g| g.backoff_step))
+                        .collect::<Vec<_>>()
+                };
+                for (a, b) in gates(&before).iter().zip(gates(&s)) {
+                    proptest::prop_assert!(b <= a + 1, "{a} -> {b}");
+                }
+                if s.version == before.version {
+                    let decided = matches!(
+                        change,
+                        Change::Cooled { .. } | Change::Recovered { .. } | Change::Disabled { .. } | Change::Rested { .. }
+                    );
+                    proptest::prop_assert!(!decided, "a decision without a version: {:?}", change);
+                }
+                if let Change::Cooled { until_ms, .. } = change {
+                    proptest::prop_assert!(until_ms >= now + 1000 && until_ms <= now + 3_600_000, "{until_ms}");
+                }
+            }
+        }
+    }
 }
