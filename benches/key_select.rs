@@ -9,20 +9,10 @@ use fastgate::{
     config::{CooldownConfig, CooldownScope, KeyStrategy},
     pool::{KeyPool, KeySource, Policy, PoolKey, now_ms},
 };
-use std::{
-    hint::black_box,
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{hint::black_box, sync::Arc, time::Instant};
 
 fn pool(size: usize, strategy: KeyStrategy) -> Arc<KeyPool> {
-    let policy = Policy {
-        scope: CooldownScope::Key,
-        cooldown: CooldownConfig::default(),
-        disable_after: 3,
-        max_in_flight_per_key: 0,
-        stuck_after: Duration::from_secs(600),
-    };
+    let policy = Policy::new(CooldownScope::Key, CooldownConfig::default(), 3, 0);
     let keys = (0..size)
         .map(|i| Arc::new(PoolKey::new(&format!("sk-bench-{i}"), 1, KeySource::Config)))
         .collect();

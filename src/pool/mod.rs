@@ -51,6 +51,13 @@ impl KeySource {
 /// Closed for good: disabled until an admin opens it.
 const NEVER: i64 = i64::MAX;
 
+/// How long a half-open key's probe keeps other requests off the key. The
+/// probe's slot is freed as soon as its answer's headers arrive; a probe
+/// that takes longer (a slow model, a client whose request the provider
+/// chews on) stops blocking after this, and the next request becomes the
+/// probe: no client can hold a key closed by keeping its probe busy.
+pub const PROBE_HOLD_MS: i64 = 5_000;
+
 /// One upstream key, its live state and its totals.
 #[derive(Debug)]
 pub struct PoolKey {
@@ -70,6 +77,10 @@ pub struct PoolKey {
     /// answer shows the key recovered (no stampede on a key that may still
     /// be limited).
     probing: AtomicBool,
+    /// Unix ms the current probe was leased (see [`PROBE_HOLD_MS`]).
+    probe_since: AtomicI64,
+    /// Mirror of [`KeyStatus::version`]: a lease remembers it.
+    version: AtomicU64,
     in_flight: AtomicU32,
     requests: AtomicU64,
     errors: AtomicU64,
@@ -109,6 +120,8 @@ impl PoolKey {
             resting: AtomicBool::new(false),
             model_gates: AtomicBool::new(false),
             probing: AtomicBool::new(false),
+            probe_since: AtomicI64::new(0),
+            version: AtomicU64::new(0),
             in_flight: AtomicU32::new(0),
             requests: AtomicU64::new(0),
             errors: AtomicU64::new(0),
@@ -187,6 +200,15 @@ impl PoolKey {
         self.closed_until.store(closed, Ordering::Relaxed);
         self.resting.store(st.key.resting, Ordering::Relaxed);
         self.model_gates.store(!st.models.is_empty(), Ordering::Relaxed);
+        // Half-open until a good answer ends the failure streak.
+        self.probing
+            .store(st.key.backoff_step > 0 && st.key.disabled.is_none(), Ordering::Relaxed);
+        self.version.store(st.version, Ordering::Relaxed);
+    }
+
+    /// The key's decision version now (what a lease taken now remembers).
+    pub fn version(&self) -> u64 {
+        self.version.load(Ordering::Relaxed)
     }
 
     /// Restore a saved state (start-up, reload).
@@ -372,6 +394,9 @@ pub struct Lease {
     pool: Arc<KeyPool>,
     slot: usize,
     generation: u64,
+    /// The key's version when the lease was taken: answers to it cannot
+    /// undo decisions made after.
+    version: u64,
     /// Held as long as the lease (cluster mode: the key's shared in-flight
     /// slot, given back when this drops).
     held: Option<Held>,
@@ -417,31 +442,29 @@ impl Lease {
         let now = now_ms();
         let mut signals = Signals::read(headers, now);
         if signals.retry_at_ms.is_none() {
-            signals.retry_at_ms = body_delay.map(|d| now + d.as_millis() as i64);
+            signals.retry_at_ms =
+                body_delay.map(|d| now.saturating_add(i64::try_from(d.as_millis()).unwrap_or(i64::MAX)));
         }
-        if status == 429 || status >= 500 || status == 401 || status == 403 {
+        let policy = &self.pool.policy;
+        if policy.cool_on.contains(status) || policy.disable_on.contains(status) {
             self.key.errors.fetch_add(1, Ordering::Relaxed);
         }
         let others = self.key.in_flight().saturating_sub(1);
-        let policy = &self.pool.policy;
         let answer = status::Answer {
             status,
             signals: &signals,
             model,
             others_in_flight: others,
+            lease_version: self.version,
         };
+        // Half-open follows the status (`mirror`): a cooldown opens a
+        // probe, a good answer to a fresh lease closes it.
         let change = self
             .key
             .update(|st| st.observe(policy, &answer, now, rand::random::<f64>()));
-        // A cooled key comes back half-open; a good answer closes the probe.
-        match &change {
-            Change::Cooled { model: None, .. } => self.key.probing.store(true, Ordering::Relaxed),
-            _ if status != 429 && status < 500 => self.key.probing.store(false, Ordering::Relaxed),
-            _ => {}
-        }
         if matches!(
             change,
-            Change::Cooled { .. } | Change::Rested { .. } | Change::Disabled { .. }
+            Change::Cooled { .. } | Change::Rested { .. } | Change::Disabled { .. } | Change::Recovered { .. }
         ) {
             crate::cluster::key_sync::changed(&self.pool.name, &self.key);
         }
@@ -454,6 +477,9 @@ impl Lease {
             }
             Change::Disabled { reason, model } => {
                 tracing::warn!(pool = %self.pool.name, key = %self.key.id, model = model.as_deref().unwrap_or("*"), reason, "Upstream key disabled; re-enable it through the admin API.")
+            }
+            Change::Recovered { model } => {
+                tracing::info!(pool = %self.pool.name, key = %self.key.id, status, model = model.as_deref().unwrap_or("*"), "Upstream key recovered after its cooldown.")
             }
             Change::None | Change::Counted => {}
         }
@@ -492,6 +518,8 @@ impl KeyPool {
         let policy = Policy {
             scope: cfg.cooldown_scope.unwrap_or(default_scope),
             cooldown: cfg.cooldown.clone(),
+            cool_on: cfg.cool_on.clone(),
+            disable_on: cfg.disable_on.clone(),
             disable_after: cfg.disable_after,
             max_in_flight_per_key: cfg.max_in_flight_per_key,
             stuck_after: cfg.stuck_after.0,
@@ -592,6 +620,7 @@ impl KeyPool {
         let key = self.key(id)?;
         let st = key.update(|st| {
             f(st);
+            st.stamp_admin();
             st.clone()
         });
         self.relist();
@@ -599,15 +628,19 @@ impl KeyPool {
         Some(st)
     }
 
-    /// Take a key's state from another node (cluster mode): as
-    /// [`KeyPool::set_status`], without publishing it again.
+    /// Take a key's state from another node (cluster mode) when it is
+    /// newer than this node's ([`KeyStatus::merge_remote`]: a stale stored
+    /// state read at resync cannot overwrite a newer local decision), without
+    /// publishing it again. Returns whether it was taken.
     pub fn apply_remote(&self, id: &str, status: KeyStatus) -> bool {
         let Some(key) = self.key(id) else {
             return false;
         };
-        key.update(|st| *st = status);
-        self.relist();
-        true
+        let taken = key.update(|st| st.merge_remote(status));
+        if taken {
+            self.relist();
+        }
+        taken
     }
 
     /// Lease a usable key for a request for `model`. Keys in `avoid` (tried
@@ -648,7 +681,10 @@ impl KeyPool {
                     at_cap = true;
                     continue;
                 }
-                if key.probing() && key.in_flight() > 0 {
+                if key.probing()
+                    && key.in_flight() > 0
+                    && now.saturating_sub(key.probe_since.load(Ordering::Relaxed)) < PROBE_HOLD_MS
+                {
                     // Half-open: its one probe is under way.
                     probing = true;
                     continue;
@@ -691,11 +727,22 @@ impl KeyPool {
             drop(r);
             return Err(self.no_key(model, now, at_cap || probing, keys_len));
         };
+        if key.probing() {
+            key.probe_since.store(now, Ordering::Relaxed);
+        }
+        // Counted before the rotation lock is let go: the cap and the probe
+        // checks above and this increment are one step for every other
+        // lease (a cap of 1 has one holder, a half-open key one probe).
+        // Unit tests widen the gap between the decision and its count, so a
+        // count taken outside the lock shows up as two holders.
+        #[cfg(test)]
+        std::thread::yield_now();
+        let lease = self.lease_of(key);
         drop(r);
-        key.requests.fetch_add(1, Ordering::Relaxed);
-        key.last_used_ms.store(now, Ordering::Relaxed);
-        key.dirty.store(true, Ordering::Relaxed);
-        Ok(self.lease_of(key))
+        lease.key.requests.fetch_add(1, Ordering::Relaxed);
+        lease.key.last_used_ms.store(now, Ordering::Relaxed);
+        lease.key.dirty.store(true, Ordering::Relaxed);
+        Ok(lease)
     }
 
     /// A lease on one named key whatever its state (an admin's key test).
@@ -707,6 +754,7 @@ impl KeyPool {
         key.in_flight.fetch_add(1, Ordering::Relaxed);
         let (slot, generation) = key.leases.lock().open();
         Lease {
+            version: key.version(),
             key,
             pool: self.clone(),
             slot,

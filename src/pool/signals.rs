@@ -29,9 +29,11 @@ pub struct Signals {
     pub tokens: Window,
 }
 
-/// Longest wait a provider header may impose (a bogus date must not bench a
-/// key for a year).
-const MAX_WAIT: Duration = Duration::from_secs(24 * 3600);
+/// Longest wait read from a header at all, so every instant below fits an
+/// `i64` of milliseconds with room to spare. The pool clamps what it reads
+/// again, to `[backoff floor, cooldown.max_wait]` (see
+/// [`crate::pool::status`]); this bound only keeps the arithmetic safe.
+pub const MAX_WAIT: Duration = Duration::from_secs(366 * 24 * 3600);
 
 /// Seconds from a provider (or a broken proxy in front of one) as a wait:
 /// negative is none, anything past [`MAX_WAIT`] (`1e20`, infinity) is
@@ -107,7 +109,9 @@ impl Signals {
     }
 
     /// When the window that ran out refills: the later reset of the windows
-    /// with nothing left, else the earliest reset reported.
+    /// with nothing left, else the latest reset reported. Never the earliest:
+    /// a token 429 also carries the request window's `6ms` reset, and
+    /// trusting it sends the retry straight back into the spent window.
     pub fn reset_ms(&self) -> Option<i64> {
         let spent = [self.requests, self.tokens]
             .into_iter()
@@ -118,7 +122,7 @@ impl Signals {
             [self.requests.reset_ms, self.tokens.reset_ms]
                 .into_iter()
                 .flatten()
-                .min()
+                .max()
         })
     }
 }
@@ -156,35 +160,36 @@ fn number(v: &str) -> Option<u64> {
 /// `Retry-After`: delay seconds or an HTTP date.
 fn retry_after(v: &str, now_ms: i64) -> Option<i64> {
     if let Ok(secs) = v.parse::<f64>() {
-        return wait_secs(secs).map(|d| now_ms + clamp(d));
+        return wait_secs(secs).map(|d| now_ms.saturating_add(clamp(d)));
     }
     let at = httpdate::parse_http_date(v).ok()?;
-    Some(unix_ms(at).clamp(now_ms, now_ms + clamp(MAX_WAIT)))
+    Some(unix_ms(at).clamp(now_ms, now_ms.saturating_add(clamp(MAX_WAIT))))
 }
 
 /// A reset header: a relative Go duration (`1s`, `6m0s`, `12ms`), plain
 /// seconds, or an RFC 3339 instant.
 fn reset_instant(v: &str, now_ms: i64) -> Option<i64> {
     if let Some(d) = go_duration(v) {
-        return Some(now_ms + clamp(d));
+        return Some(now_ms.saturating_add(clamp(d)));
     }
     if let Ok(secs) = v.parse::<f64>() {
         return (secs >= 0.0)
             .then(|| wait_secs(secs))
             .flatten()
-            .map(|d| now_ms + clamp(d));
+            .map(|d| now_ms.saturating_add(clamp(d)));
     }
     let at = time::OffsetDateTime::parse(v, &time::format_description::well_known::Rfc3339).ok()?;
-    let ms = (at.unix_timestamp_nanos() / 1_000_000) as i64;
-    Some(ms.clamp(now_ms, now_ms + clamp(MAX_WAIT)))
+    let ms = i64::try_from(at.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX);
+    Some(ms.clamp(now_ms, now_ms.saturating_add(clamp(MAX_WAIT))))
 }
 
 fn clamp(d: Duration) -> i64 {
-    d.min(MAX_WAIT).as_millis() as i64
+    i64::try_from(d.min(MAX_WAIT).as_millis()).unwrap_or(i64::MAX)
 }
 
 fn unix_ms(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// Go's `time.Duration` text: one or more `<number><unit>` with units
@@ -277,7 +282,7 @@ mod tests {
         let s = Signals::read(&headers(&[("retry-after", "Wed, 31 Dec 2025 00:00:00 GMT")]), NOW);
         assert_eq!(s.retry_at_ms, Some(NOW), "a past date means now");
         let s = Signals::read(&headers(&[("retry-after", "999999999")]), NOW);
-        assert_eq!(s.retry_at_ms, Some(NOW + 24 * 3600 * 1000), "capped");
+        assert_eq!(s.retry_at_ms, Some(NOW + clamp(MAX_WAIT)), "capped");
         assert_eq!(
             Signals::read(&headers(&[("retry-after", "soon")]), NOW).retry_at_ms,
             None
@@ -318,5 +323,71 @@ mod tests {
         assert_eq!(s.requests.remaining, Some(999));
         assert_eq!(s.tokens.remaining, Some(0));
         assert_eq!(s.reset_ms(), Some(NOW + 20_000));
+    }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn bounded(at: Option<i64>) -> bool {
+            at.is_none_or(|at| (NOW..=NOW + clamp(MAX_WAIT)).contains(&at))
+        }
+
+        fn number_text() -> impl Strategy<Value = String> {
+            prop_oneof![
+                any::<f64>().prop_map(|f| f.to_string()),
+                any::<f64>().prop_map(|f| format!("{f:e}")),
+                Just("NaN".to_string()),
+                Just("inf".to_string()),
+                Just("-inf".to_string()),
+                Just("1e308".to_string()),
+                Just("-1e308".to_string()),
+                any::<i64>().prop_map(|n| n.to_string()),
+                "[0-9]{1,40}",
+            ]
+        }
+
+        proptest! {
+            #[test]
+            fn any_header_text_reads_without_panic_and_within_bounds(v in "\\PC{0,40}") {
+                for name in [
+                    "retry-after",
+                    "x-ratelimit-reset-requests",
+                    "x-ratelimit-reset-tokens",
+                    "anthropic-ratelimit-tokens-reset",
+                ] {
+                    let Ok(value) = http::HeaderValue::from_str(&v) else { continue };
+                    let mut h = HeaderMap::new();
+                    h.insert(http::HeaderName::from_static(name), value);
+                    let s = Signals::read(&h, NOW);
+                    prop_assert!(bounded(s.retry_at_ms));
+                    prop_assert!(bounded(s.reset_ms()));
+                }
+                let body = format!(r#"{{"error":{{"details":[{{"retryDelay":{}}}]}}}}"#, serde_json::json!(v));
+                prop_assert!(gemini_retry_delay(body.as_bytes()).is_none_or(|d| d <= MAX_WAIT));
+            }
+
+            #[test]
+            fn any_number_with_any_unit_is_bounded(n in number_text(), unit in prop_oneof![
+                Just(""), Just("s"), Just("ms"), Just("h"), Just("m"), Just("us"), Just("ns"), Just("h0m"), Just("d"),
+            ]) {
+                let v = format!("{n}{unit}");
+                prop_assert!(bounded(retry_after(&v, NOW)));
+                prop_assert!(bounded(reset_instant(&v, NOW)));
+                prop_assert!(go_duration(&v).is_none_or(|d| d <= MAX_WAIT));
+                let body = format!(r#"{{"error":{{"details":[{{"retryDelay":"{v}"}}]}}}}"#);
+                prop_assert!(gemini_retry_delay(body.as_bytes()).is_none_or(|d| d <= MAX_WAIT));
+            }
+
+            #[test]
+            fn any_date_is_bounded(secs in any::<i64>(), year in 0i32..=9999) {
+                let rfc = format!("{year:04}-01-01T00:00:00Z");
+                prop_assert!(bounded(reset_instant(&rfc, NOW)));
+                let at = UNIX_EPOCH.checked_add(Duration::from_secs(secs.unsigned_abs() % (400 * 365 * 86400)));
+                if let Some(at) = at {
+                    prop_assert!(bounded(retry_after(&httpdate::fmt_http_date(at), NOW)));
+                }
+            }
+        }
     }
 }

@@ -8,7 +8,7 @@
 //! or disabled after `disable_after` consecutive 401/403.
 
 use super::signals::Signals;
-use crate::config::{CooldownConfig, CooldownScope};
+use crate::config::{CooldownConfig, CooldownScope, StatusSet};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
@@ -17,11 +17,31 @@ use std::collections::HashMap;
 pub struct Policy {
     pub scope: CooldownScope,
     pub cooldown: CooldownConfig,
+    /// Statuses that cool a key (`cool_on`); 5xx after `cooldown.after_5xx`.
+    pub cool_on: StatusSet,
+    /// Statuses that count towards `disable_after` (`disable_on`).
+    pub disable_on: StatusSet,
     /// 0 = never disable.
     pub disable_after: u32,
     /// 0 = unlimited.
     pub max_in_flight_per_key: u32,
     pub stuck_after: std::time::Duration,
+}
+
+impl Policy {
+    /// Today's behaviour: 429 and 5xx cool, 401 and 403 disable.
+    pub fn new(scope: CooldownScope, cooldown: CooldownConfig, disable_after: u32, max_in_flight_per_key: u32) -> Self {
+        let defaults = crate::config::KeyPoolConfig::default();
+        Policy {
+            scope,
+            cooldown,
+            cool_on: defaults.cool_on,
+            disable_on: defaults.disable_on,
+            disable_after,
+            max_in_flight_per_key,
+            stuck_after: defaults.stuck_after.0,
+        }
+    }
 }
 
 /// Live state of a key, as the admin API and metrics name it.
@@ -73,6 +93,16 @@ pub struct Gate {
     /// Consecutive 401/403 answers.
     #[serde(default)]
     pub auth_failures: u32,
+    /// Consecutive 5xx answers that have not cooled the gate yet
+    /// (`cooldown.after_5xx`).
+    #[serde(default)]
+    pub server_errors: u32,
+    /// Stamp of this gate's last decision (cooldown, rest, disable,
+    /// recovery), from its key's [`KeyStatus::version`]. An answer to a
+    /// lease taken at an older version was decided on before it and may
+    /// not undo it.
+    #[serde(default)]
+    pub version: u64,
 }
 
 impl Gate {
@@ -92,15 +122,28 @@ impl Gate {
 
     /// Nothing worth keeping: an open gate with no failure history.
     fn is_clear(&self, now_ms: i64) -> bool {
-        self.state(now_ms) == KeyState::Active && self.backoff_step == 0 && self.auth_failures == 0
+        self.state(now_ms) == KeyState::Active
+            && self.backoff_step == 0
+            && self.auth_failures == 0
+            && self.server_errors == 0
     }
 
-    fn succeed(&mut self) {
+    /// A good answer to a lease taken at `lease_version`: failure streaks
+    /// end, unless a decision was made on this gate after the lease was
+    /// taken (then the answer is from the old window and changes nothing).
+    /// Returns whether the gate recovered (it had been cooled).
+    fn succeed(&mut self, lease_version: u64) -> bool {
+        if self.version > lease_version {
+            return false;
+        }
+        let recovered = self.backoff_step != 0;
         self.backoff_step = 0;
         self.auth_failures = 0;
+        self.server_errors = 0;
         if !self.resting {
             self.until_ms = 0;
         }
+        recovered
     }
 }
 
@@ -121,6 +164,11 @@ pub enum Change {
         reason: String,
         model: Option<String>,
     },
+    /// A cooled gate answered well (its half-open probe): open, backoff
+    /// forgotten. Published like a cooldown.
+    Recovered {
+        model: Option<String>,
+    },
 }
 
 /// One upstream answer as the state machine sees it.
@@ -132,6 +180,8 @@ pub struct Answer<'a> {
     pub model: Option<&'a str>,
     /// Requests on this key still running: they spend what is left too.
     pub others_in_flight: u32,
+    /// [`KeyStatus::version`] when the request's lease was taken.
+    pub lease_version: u64,
 }
 
 /// Per-model gates kept per key at most; expired ones are pruned first.
@@ -146,6 +196,12 @@ pub struct KeyStatus {
     pub last_error: Option<String>,
     #[serde(default)]
     pub last_error_ms: i64,
+    /// Lamport clock of the key's decisions: every cooldown, rest, disable,
+    /// recovery and admin change takes `version + 1`; a state from another
+    /// node is taken only when newer (see [`KeyStatus::merge_remote`]).
+    /// Saved states without one load as 0.
+    #[serde(default)]
+    pub version: u64,
 }
 
 impl KeyStatus {
@@ -170,90 +226,186 @@ impl KeyStatus {
     }
 
     /// Take in one upstream answer (see [`Answer`]) at `now_ms`; `jitter`
-    /// in [0, 1) spreads backoff deadlines.
+    /// in [0, 1) spreads backoff deadlines. `disable_on` is checked first,
+    /// then `cool_on`; any other status means the key was accepted.
     pub fn observe(&mut self, policy: &Policy, answer: &Answer<'_>, now_ms: i64, jitter: f64) -> Change {
+        let status = answer.status;
+        if policy.disable_on.contains(status) {
+            self.refused(policy, answer, now_ms)
+        } else if policy.cool_on.contains(status) {
+            self.failed(policy, answer, now_ms, jitter)
+        } else {
+            self.accepted(policy, answer, now_ms)
+        }
+    }
+
+    /// The next decision's stamp.
+    fn stamp(&mut self) -> u64 {
+        self.version = self.version.saturating_add(1);
+        self.version
+    }
+
+    /// A `cool_on` answer (429, 5xx): cool the gate for what the provider
+    /// asked, clamped to `[backoff floor, max_wait]`, unless the gate was
+    /// already decided on after this request's lease (one failure window
+    /// grows the backoff once, however many requests were in flight).
+    fn failed(&mut self, policy: &Policy, answer: &Answer<'_>, now_ms: i64, jitter: f64) -> Change {
+        let Answer {
+            status,
+            signals,
+            model,
+            lease_version,
+            ..
+        } = *answer;
+        let per_model = policy.scope == CooldownScope::Model;
+        let label = model.filter(|_| per_model).map(str::to_string);
+        let reason = if status == 429 {
+            "429 rate limited".to_string()
+        } else {
+            format!("{status} upstream error")
+        };
+        self.note_error(&reason, now_ms);
+        if self.gate(label.as_deref()).is_some_and(|g| g.version > lease_version) {
+            return Change::Counted;
+        }
+        // 529 and a 503 naming its wait say "overloaded": cool at once.
+        let overloaded = status == 529 || (status == 503 && signals.retry_at_ms.is_some());
+        if (500..=599).contains(&status) && !overloaded {
+            let gate = self.gate_mut(label.as_deref(), now_ms);
+            gate.server_errors = gate.server_errors.saturating_add(1);
+            if gate.server_errors < policy.cooldown.after_5xx {
+                return Change::Counted;
+            }
+        }
+        let version = self.stamp();
+        let gate = self.gate_mut(label.as_deref(), now_ms);
+        let told = signals
+            .retry_at_ms
+            .or_else(|| (status == 429).then(|| signals.reset_ms()).flatten());
+        let until = cooldown_until(&policy.cooldown, gate.backoff_step, told, now_ms, jitter);
+        gate.backoff_step = gate.backoff_step.saturating_add(1);
+        gate.server_errors = 0;
+        gate.until_ms = until;
+        gate.resting = false;
+        gate.reason = Some(reason);
+        gate.version = version;
+        Change::Cooled {
+            until_ms: until,
+            model: label,
+        }
+    }
+
+    /// A `disable_on` answer (401, 403): count it; disable the gate after
+    /// `disable_after` in a row. The reason reads "401 unauthorized x3" /
+    /// "403 forbidden x3" (the re-probe tells a provider's refusal from an
+    /// admin's disable by it).
+    fn refused(&mut self, policy: &Policy, answer: &Answer<'_>, now_ms: i64) -> Change {
+        let Answer { status, model, .. } = *answer;
+        // A 403 names a permission: possibly for this model only.
+        let label = model.filter(|_| status == 403).map(str::to_string);
+        let gate = self.gate_mut(label.as_deref(), now_ms);
+        gate.auth_failures = gate.auth_failures.saturating_add(1);
+        let word = match status {
+            401 => "unauthorized",
+            403 => "forbidden",
+            _ => "refused",
+        };
+        let reason = format!("{status} {word} x{}", gate.auth_failures);
+        let disable = policy.disable_after > 0 && gate.auth_failures >= policy.disable_after && gate.disabled.is_none();
+        self.note_error(&reason, now_ms);
+        if !disable {
+            return Change::Counted;
+        }
+        let version = self.stamp();
+        let gate = self.gate_mut(label.as_deref(), now_ms);
+        gate.disabled = Some(reason.clone());
+        gate.version = version;
+        Change::Disabled { reason, model: label }
+    }
+
+    /// Any other answer: the key was accepted, failure streaks end (unless
+    /// the answer is from before the gate's last decision), and a 2xx/3xx
+    /// saying the key is nearly spent rests it.
+    fn accepted(&mut self, policy: &Policy, answer: &Answer<'_>, now_ms: i64) -> Change {
         let Answer {
             status,
             signals,
             model,
             others_in_flight,
+            lease_version,
         } = *answer;
-        match status {
-            429 | 500..=599 => {
-                let per_model = policy.scope == CooldownScope::Model;
-                let label = model.filter(|_| per_model).map(str::to_string);
+        let had_streak = |g: &Gate| g.backoff_step != 0 || g.auth_failures != 0 || g.server_errors != 0;
+        let mut changed = had_streak(&self.key);
+        let mut recovered = None;
+        if self.key.succeed(lease_version) {
+            recovered = Some(None);
+        }
+        if let Some(m) = model
+            && let Some(g) = self.models.get_mut(m)
+        {
+            changed |= had_streak(g);
+            if g.succeed(lease_version) {
+                recovered = Some(Some(m.to_string()));
+            }
+            if g.is_clear(now_ms) {
+                self.models.remove(m);
+            }
+        }
+        if let Some(model) = recovered {
+            let version = self.stamp();
+            match &model {
+                None => self.key.version = version,
+                Some(m) => {
+                    if let Some(g) = self.models.get_mut(m) {
+                        g.version = version;
+                    }
+                }
+            }
+            return Change::Recovered { model };
+        }
+        if status < 400
+            && let Some(until) = rest_until(signals, others_in_flight, now_ms, &policy.cooldown)
+        {
+            let per_model = policy.scope == CooldownScope::Model;
+            let label = model.filter(|_| per_model).map(str::to_string);
+            if self
+                .gate(label.as_deref())
+                .is_none_or(|g| g.state(now_ms) == KeyState::Active)
+            {
+                let version = self.stamp();
                 let gate = self.gate_mut(label.as_deref(), now_ms);
-                let told = signals
-                    .retry_at_ms
-                    .or_else(|| (status == 429).then(|| signals.reset_ms()).flatten());
-                let until = match told {
-                    Some(at) => at.max(now_ms),
-                    None => now_ms + backoff_ms(&policy.cooldown, gate.backoff_step, jitter),
-                };
-                gate.backoff_step = gate.backoff_step.saturating_add(1);
                 gate.until_ms = until;
-                gate.resting = false;
-                let reason = if status == 429 {
-                    "429 rate limited".to_string()
-                } else {
-                    format!("{status} upstream error")
-                };
-                gate.reason = Some(reason.clone());
-                self.note_error(&reason, now_ms);
-                Change::Cooled {
-                    until_ms: until,
-                    model: label,
-                }
+                gate.resting = true;
+                gate.reason = Some("nearly spent: resting until the provider's reset".into());
+                gate.version = version;
+                return Change::Rested { until_ms: until };
             }
-            401 | 403 => {
-                // A 403 names a permission: possibly for this model only.
-                let label = model.filter(|_| status == 403).map(str::to_string);
-                let gate = self.gate_mut(label.as_deref(), now_ms);
-                gate.auth_failures = gate.auth_failures.saturating_add(1);
-                let reason = format!(
-                    "{status} {} x{}",
-                    if status == 401 { "unauthorized" } else { "forbidden" },
-                    gate.auth_failures
-                );
-                let disable = policy.disable_after > 0 && gate.auth_failures >= policy.disable_after;
-                if disable {
-                    gate.disabled = Some(reason.clone());
-                }
-                self.note_error(&reason, now_ms);
-                if disable {
-                    Change::Disabled { reason, model: label }
-                } else {
-                    Change::Counted
-                }
-            }
-            _ => {
-                // The key was accepted: failure streaks end.
-                let mut changed = self.key.backoff_step != 0 || self.key.auth_failures != 0;
-                self.key.succeed();
-                if let Some(m) = model
-                    && let Some(g) = self.models.get_mut(m)
-                {
-                    changed |= g.backoff_step != 0 || g.auth_failures != 0;
-                    g.succeed();
-                    if g.is_clear(now_ms) {
-                        self.models.remove(m);
-                    }
-                }
-                if status < 400
-                    && let Some(until) = rest_until(signals, others_in_flight, now_ms, &policy.cooldown)
-                {
-                    let per_model = policy.scope == CooldownScope::Model;
-                    let label = model.filter(|_| per_model).map(str::to_string);
-                    let gate = self.gate_mut(label.as_deref(), now_ms);
-                    if gate.state(now_ms) == KeyState::Active {
-                        gate.until_ms = until;
-                        gate.resting = true;
-                        gate.reason = Some("nearly spent: resting until the provider's reset".into());
-                        return Change::Rested { until_ms: until };
-                    }
-                }
-                if changed { Change::Counted } else { Change::None }
-            }
+        }
+        if changed { Change::Counted } else { Change::None }
+    }
+
+    /// Take a state another node published, Lamport style: only a newer
+    /// version replaces this one; the local clock moves to the larger of
+    /// both either way, so this node's next decision outranks both. On a
+    /// tie (two nodes decided at once) the more closed state wins
+    /// (disabled, then the later deadline, then the longer streak), the
+    /// same choice on every node, so they converge. Returns whether the
+    /// remote state was taken.
+    pub fn merge_remote(&mut self, remote: KeyStatus) -> bool {
+        let rank = |s: &KeyStatus| (s.key.disabled.is_some(), s.key.until_ms, s.key.backoff_step);
+        let take = remote.version > self.version || (remote.version == self.version && rank(&remote) > rank(self));
+        let version = self.version.max(remote.version);
+        if take {
+            *self = remote;
+        }
+        self.version = version;
+        take
+    }
+
+    fn gate(&self, model: Option<&str>) -> Option<&Gate> {
+        match model {
+            Some(m) => self.models.get(m),
+            None => Some(&self.key),
         }
     }
 
@@ -294,21 +446,50 @@ impl KeyStatus {
         }
     }
 
-    /// An admin's reset: every gate open, failure streaks forgotten.
+    /// An admin's reset: every gate open, failure streaks forgotten (the
+    /// version stays: it only moves forward).
     pub fn reset(&mut self) {
         *self = KeyStatus {
             last_error: self.last_error.take(),
             last_error_ms: self.last_error_ms,
+            version: self.version,
             ..KeyStatus::default()
         };
     }
+
+    /// An admin's change (enable, disable, reset) is a decision too: stamp
+    /// it so in-flight answers cannot undo it and other nodes take it.
+    pub fn stamp_admin(&mut self) {
+        let version = self.stamp();
+        self.key.version = version;
+    }
+}
+
+/// Until when a failed gate cools: what the provider named (`told`, Unix
+/// ms) or else the backoff, never sooner than the backoff floor (the
+/// backoff this step would get, at least `initial`: "retry now" from a
+/// provider or a skewed clock must not mean "hammer") and never later than
+/// `max_wait` past now (nor than the floor, should `max_wait` be shorter).
+pub fn cooldown_until(c: &CooldownConfig, step: u32, told: Option<i64>, now_ms: i64, jitter: f64) -> i64 {
+    let initial = i64::try_from(c.initial.0.as_millis()).unwrap_or(i64::MAX);
+    let floor = backoff_ms(c, step, jitter).max(initial);
+    let max_wait = i64::try_from(c.max_wait.0.as_millis()).unwrap_or(i64::MAX).max(floor);
+    let lo = now_ms.saturating_add(floor);
+    let hi = now_ms.saturating_add(max_wait);
+    told.map_or(lo, |at| at.max(lo).min(hi))
 }
 
 /// `initial * multiplier^step`, capped at `max`, jittered by ±20 %.
 pub fn backoff_ms(c: &CooldownConfig, step: u32, jitter: f64) -> i64 {
     let base = c.initial.0.as_secs_f64() * c.multiplier.powi(step.min(64) as i32);
     let max = c.max.0.as_secs_f64();
-    let jittered = base.min(max) * (0.8 + 0.4 * jitter.clamp(0.0, 1.0));
+    let jitter = if jitter.is_finite() {
+        jitter.clamp(0.0, 1.0)
+    } else {
+        0.5
+    };
+    let jittered = base.min(max) * (0.8 + 0.4 * jitter);
+    // `as` saturates (NaN to 0): no panic whatever the config holds.
     (jittered.min(max) * 1000.0).round() as i64
 }
 
@@ -328,7 +509,8 @@ fn rest_until(s: &Signals, others_in_flight: u32, now_ms: i64, c: &CooldownConfi
     .into_iter()
     .flatten()
     .max()?;
-    (reset > now_ms).then(|| reset.min(now_ms + c.max.0.as_millis() as i64))
+    let max = i64::try_from(c.max.0.as_millis()).unwrap_or(i64::MAX);
+    (reset > now_ms).then(|| reset.min(now_ms.saturating_add(max)))
 }
 
 #[cfg(test)]
@@ -338,17 +520,14 @@ mod tests {
     use std::time::Duration;
 
     fn policy(scope: CooldownScope) -> Policy {
-        Policy {
-            scope,
-            cooldown: CooldownConfig {
-                initial: Duration::from_secs(1).into(),
-                max: Duration::from_secs(60).into(),
-                multiplier: 2.0,
-            },
-            disable_after: 2,
-            max_in_flight_per_key: 0,
-            stuck_after: Duration::from_secs(600),
-        }
+        let cooldown = CooldownConfig {
+            initial: Duration::from_secs(1).into(),
+            max: Duration::from_secs(60).into(),
+            multiplier: 2.0,
+            max_wait: Duration::from_secs(3600).into(),
+            after_5xx: 1,
+        };
+        Policy::new(scope, cooldown, 2, 0)
     }
 
     const NOW: i64 = 1_000_000;
@@ -360,6 +539,7 @@ mod tests {
             signals,
             model,
             others_in_flight: 0,
+            lease_version: s.version,
         };
         s.observe(p, &answer, now, 0.5)
     }
@@ -457,7 +637,8 @@ mod tests {
                     status: 200,
                     signals: &low(3),
                     model: None,
-                    others_in_flight: 1
+                    others_in_flight: 1,
+                    lease_version: 0,
                 },
                 NOW,
                 0.5
@@ -471,7 +652,8 @@ mod tests {
                     status: 200,
                     signals: &low(1),
                     model: None,
-                    others_in_flight: 1
+                    others_in_flight: 1,
+                    lease_version: 0,
                 },
                 NOW,
                 0.5
@@ -493,9 +675,100 @@ mod tests {
                 signals: &Signals::default(),
                 model: Some(&model),
                 others_in_flight: 0,
+                lease_version: s.version,
             };
             s.observe(&p, &answer, NOW, 0.5);
         }
         assert!(s.models.len() <= MAX_MODEL_GATES);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn a_cooldown_is_always_between_the_floor_and_max_wait(
+            told in proptest::option::of(proptest::num::i64::ANY),
+            step in proptest::num::u32::ANY,
+            jitter in proptest::num::f64::ANY,
+        ) {
+            let c = policy(CooldownScope::Key).cooldown;
+            let until = cooldown_until(&c, step, told, NOW, jitter);
+            proptest::prop_assert!(until >= NOW + 1000, "floor: {until}");
+            proptest::prop_assert!(until <= NOW + 3_600_000, "max_wait: {until}");
+        }
+    }
+
+    #[test]
+    fn concurrent_429s_grow_the_backoff_once_per_window() {
+        let p = policy(CooldownScope::Key);
+        let mut s = KeyStatus::default();
+        let leased_at = s.version;
+        for _ in 0..20 {
+            let answer = Answer {
+                status: 429,
+                signals: &Signals::default(),
+                model: None,
+                others_in_flight: 0,
+                lease_version: leased_at,
+            };
+            s.observe(&p, &answer, NOW, 0.5);
+        }
+        assert_eq!(s.key.backoff_step, 1);
+        assert_eq!(s.version, 1);
+    }
+
+    proptest::proptest! {
+        /// Any sequence of answers, to leases of any age, at any time: the
+        /// version only grows, the backoff grows by at most one per decision,
+        /// and a cooldown always lands within [now + initial, now + max_wait].
+        #[test]
+        fn the_state_machine_keeps_its_invariants(
+            steps in proptest::collection::vec(
+                (
+                    proptest::sample::select(vec![200u16, 400, 401, 403, 404, 429, 500, 502, 503, 529]),
+                    0u64..4,
+                    proptest::option::of(proptest::num::i64::ANY),
+                    0i64..5000,
+                    proptest::bool::ANY,
+                ),
+                1..60,
+            )
+        ) {
+            let p = policy(CooldownScope::Model);
+            let mut s = KeyStatus::default();
+            let mut now = NOW;
+            for (status, age, retry_at, dt, with_model) in steps {
+                now += dt;
+                let before = s.clone();
+                let signals = Signals { retry_at_ms: retry_at, ..Signals::default() };
+                let model = with_model.then_some("m");
+                let answer = Answer {
+                    status,
+                    signals: &signals,
+                    model,
+                    others_in_flight: 0,
+                    lease_version: s.version.saturating_sub(age),
+                };
+                let change = s.observe(&p, &answer, now, 0.5);
+                proptest::prop_assert!(s.version >= before.version);
+                proptest::prop_assert!(s.version <= before.version + 1);
+                let gates = |st: &KeyStatus| {
+                    std::iter::once(st.key.backoff_step)
+                        .chain(st.models.get("m").map(|g| g.backoff_step))
+                        .collect::<Vec<_>>()
+                };
+                for (a, b) in gates(&before).iter().zip(gates(&s)) {
+                    proptest::prop_assert!(b <= a + 1, "{a} -> {b}");
+                }
+                if s.version == before.version {
+                    let decided = matches!(
+                        change,
+                        Change::Cooled { .. } | Change::Recovered { .. } | Change::Disabled { .. } | Change::Rested { .. }
+                    );
+                    proptest::prop_assert!(!decided, "a decision without a version: {:?}", change);
+                }
+                if let Change::Cooled { until_ms, .. } = change {
+                    proptest::prop_assert!(until_ms >= now + 1000 && until_ms <= now + 3_600_000, "{until_ms}");
+                }
+            }
+        }
     }
 }

@@ -86,6 +86,8 @@ pub struct Behaviour {
     /// client header naming an account the key does not belong to, as
     /// `OpenAI-Organization` does).
     pub refuse_header: Mutex<Option<(String, String)>>,
+    /// A test's own answers (see [`script`]); checked before every rule.
+    pub script: Mutex<Option<Script>>,
 }
 
 pub struct MockUpstream {
@@ -337,7 +339,11 @@ async fn answer(
             .collect(),
         body: body.clone(),
     };
-    seen.lock().unwrap().push(record);
+    let arrival = {
+        let mut seen = seen.lock().unwrap();
+        seen.push(record);
+        seen.len()
+    };
     let path = parts.uri.path().to_string();
     let refused = b.refuse_header.lock().unwrap().as_ref().is_some_and(|(name, value)| {
         parts
@@ -348,6 +354,30 @@ async fn answer(
     if refused {
         let message = "The organization in the OpenAI-Organization header does not match the API key";
         return Ok(full(401, "application/json", provider_error(&path, 401, message)));
+    }
+    let scripted = b.script.lock().unwrap().clone();
+    if let Some(script) = scripted
+        && let Some(answer) = script(upstream_key(&parts.headers), arrival).await
+    {
+        let mut r = full(
+            answer.status,
+            "application/json",
+            provider_error(&path, answer.status, "as the script says"),
+        );
+        if answer.status == 200 {
+            r = full(
+                200,
+                "application/json",
+                r#"{"id":"s","object":"chat.completion","model":"gpt-4o","choices":[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#,
+            );
+        }
+        for (k, v) in answer.headers {
+            r.headers_mut().insert(
+                hyper::header::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                hyper::header::HeaderValue::from_str(&v).unwrap(),
+            );
+        }
+        return Ok(r);
     }
     if b.fail_429.load(Ordering::SeqCst) > 0 {
         b.fail_429.fetch_sub(1, Ordering::SeqCst);
@@ -1362,4 +1392,31 @@ pub fn rss_kib(pid: u32) -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap()
+}
+
+/// What a [`Script`] answers: a status (200 is a small chat completion,
+/// anything else the provider's error body) and headers, sent as they are.
+pub struct Scripted {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+}
+
+/// A test's own upstream: called with the request's upstream key and its
+/// arrival number at the mock (1-based, across keys); may wait (a slow
+/// answer) and returns `None` to let the mock answer as usual.
+pub type Script =
+    Arc<dyn Fn(Option<String>, usize) -> futures_util::future::BoxFuture<'static, Option<Scripted>> + Send + Sync>;
+
+/// Answer requests with `f` from now on (see [`Script`]).
+pub fn script<F, Fut>(mock: &MockUpstream, f: F)
+where
+    F: Fn(Option<String>, usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Option<Scripted>> + Send + 'static,
+{
+    let f = Arc::new(f);
+    let s: Script = Arc::new(move |key, n| {
+        let f = f.clone();
+        Box::pin(async move { f(key, n).await })
+    });
+    *mock.behaviour.script.lock().unwrap() = Some(s);
 }
