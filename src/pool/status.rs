@@ -268,6 +268,11 @@ impl KeyStatus {
         if self.gate(label.as_deref()).is_some_and(|g| g.version > lease_version) {
             return Change::Counted;
         }
+        // A disabled key stays disabled and does not also cool (a re-probe
+        // answered 5xx or 429 says nothing about the refusal).
+        if self.key.disabled.is_some() || self.gate(label.as_deref()).is_some_and(|g| g.disabled.is_some()) {
+            return Change::Counted;
+        }
         // 529 and a 503 naming its wait say "overloaded": cool at once.
         let overloaded = status == 529 || (status == 503 && signals.retry_at_ms.is_some());
         if (500..=599).contains(&status) && !overloaded {
@@ -577,6 +582,28 @@ mod tests {
         see(&mut s, &p, 200, &Signals::default(), None, NOW + 9000);
         assert_eq!(s.key.backoff_step, 0);
         assert_eq!(s.recovers_at(None, NOW + 9000), Some(NOW + 9000));
+    }
+
+    #[test]
+    fn a_disabled_key_answered_429_or_5xx_stays_disabled_and_does_not_cool() {
+        let p = policy(CooldownScope::Key);
+        let mut s = KeyStatus::default();
+        see(&mut s, &p, 401, &Signals::default(), None, NOW);
+        assert!(matches!(
+            see(&mut s, &p, 401, &Signals::default(), None, NOW),
+            Change::Disabled { .. }
+        ));
+        let version = s.version;
+        for status in [429, 500, 529] {
+            assert_eq!(see(&mut s, &p, status, &Signals::default(), None, NOW), Change::Counted);
+        }
+        assert_eq!(s.key.state(NOW), KeyState::Disabled);
+        assert_eq!((s.key.until_ms, s.key.backoff_step, s.version), (0, 0, version));
+        assert_eq!(
+            see(&mut s, &p, 401, &Signals::default(), None, NOW),
+            Change::Counted,
+            "no second Disabled (and no second warning) for a key already disabled"
+        );
     }
 
     #[test]
