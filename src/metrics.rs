@@ -55,6 +55,9 @@ pub struct Metrics {
     pub upstream_errors: IntCounterVec,
     pub retries: IntCounterVec,
     pub tokens: IntCounterVec,
+    /// Requests that ended without the provider's usage and were charged
+    /// an estimate (docs/resilience.md), by route.
+    pub usage_estimated: IntCounterVec,
     pub pool_keys: IntGaugeVec,
     pub pool_in_flight: IntGaugeVec,
     pub pool_key_in_flight: IntGaugeVec,
@@ -196,8 +199,14 @@ impl Metrics {
             tokens: counter_vec(
                 &r,
                 "tokens_total",
-                "Tokens reported by upstreams, by route, model and kind (prompt|completion).",
+                "Tokens reported by upstreams (or estimated for requests that ended without usage), by route, model and kind (prompt|completion).",
                 &["route", "model", "kind"],
+            )?,
+            usage_estimated: counter_vec(
+                &r,
+                "usage_estimated_total",
+                "Requests that ended without the provider's usage (client hang-up, cut stream) and were charged an estimate, by route.",
+                &["route"],
             )?,
             pool_keys: gauge_vec(&r, "pool_keys", "Upstream keys per pool and state.", &["pool", "state"])?,
             pool_in_flight: gauge_vec(&r, "pool_in_flight", "Requests holding a key of the pool.", &["pool"])?,
