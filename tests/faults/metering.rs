@@ -2,12 +2,15 @@
 //! finish"). A request that reached the provider and ended without its
 //! usage (the client hung up, the upstream cut the stream) is charged an
 //! estimate, audited with `usage_estimated`, and counted against the key's
-//! `tpm`; refusals charge nothing.
+//! `tpm`; refusals charge nothing; idle limiter scopes are forgotten.
 
 use crate::common::*;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
-use std::{sync::atomic::Ordering, time::Duration};
+use std::{
+    sync::atomic::Ordering,
+    time::{Duration, Instant},
+};
 
 const TOKEN: &str = "metering-admin-token-0123456789abcdef";
 
@@ -257,5 +260,94 @@ async fn refusals_and_unreachable_upstreams_charge_nothing() {
         gw.audit_rows().iter().all(|r| !r.usage_estimated),
         "{:?}",
         gw.audit_rows()
+    );
+}
+
+/// The value of the gauge `name` in a metrics text.
+fn gauge(metrics: &str, name: &str) -> i64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("no {name} in {metrics}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// `n` GETs on the per-client limited route, each from a new address
+/// (`X-Forwarded-For` from a trusted proxy), `batch` at a time.
+async fn from_distinct_clients(gw: &Gateway, first: u32, n: u32) {
+    let c = reqwest::Client::builder().pool_max_idle_per_host(64).build().unwrap();
+    let mut next = first;
+    while next < first + n {
+        let end = (next + 64).min(first + n);
+        let calls = (next..end).map(|i| {
+            let ip = std::net::Ipv6Addr::from((0x2001_0db8u128 << 96) | u128::from(i));
+            c.get(gw.url("/open/v1/models"))
+                .header("x-forwarded-for", ip.to_string())
+                .send()
+        });
+        for r in futures_util::future::join_all(calls).await {
+            assert_eq!(r.unwrap().status(), 200);
+        }
+        next = end;
+    }
+}
+
+#[tokio::test]
+async fn idle_per_client_limiter_scopes_are_forgotten() {
+    // The local limiter counts `rate_window` (cluster mode while Redis is
+    // down: the same limiter, a window short enough for a test). FastGate's
+    // own mock upstream and no audit log keep 40,000 requests quick.
+    let config = format!(
+        "audit:\n  enabled: false\ncluster:\n  redis: redis://127.0.0.1:{dead}\n  rate_window: 1s\n  nodes: 1\n  timeout: 50ms\nupstreams:\n  open: {{provider: mock}}\n",
+        dead = free_port(),
+    );
+    let routes = "routes:\n  - { name: open, match: { path: '/open/{*rest}' }, auth: none, upstream: open, rate_limit: { rpm: 1000 } }\n";
+    let gw = Gateway::start_with_server("  trusted_proxies: [127.0.0.1/32]\n", &config, &[("r.yaml", routes)]).await;
+    let scopes = |m: &str| gauge(m, "fastgate_limiter_scopes");
+    let pid = gw.child.id();
+
+    let started = Instant::now();
+    from_distinct_clients(&gw, 0, 20_000).await;
+    let after_first = scopes(&gw.metrics().await);
+    let rss_first = rss_kib(pid);
+    // Every address is a scope while its window runs (some may already be
+    // forgotten when the run outlasts a window).
+    assert!(after_first > 0, "{after_first}");
+    eprintln!(
+        "first 20000 addresses in {:?}: {after_first} scopes, RSS {rss_first} KiB",
+        started.elapsed()
+    );
+
+    let forgotten = |m: &str| scopes(m) == 0;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !forgotten(&gw.metrics().await) {
+        assert!(
+            Instant::now() < deadline,
+            "idle scopes still held: {}",
+            gw.metrics().await
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
+    from_distinct_clients(&gw, 20_000, 20_000).await;
+    let rss_second = rss_kib(pid);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !forgotten(&gw.metrics().await) {
+        assert!(
+            Instant::now() < deadline,
+            "idle scopes still held: {}",
+            gw.metrics().await
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    eprintln!(
+        "second 20000 addresses: RSS {rss_second} KiB ({:+} KiB)",
+        rss_second as i64 - rss_first as i64
+    );
+    assert!(
+        rss_second < rss_first + 8 * 1024,
+        "RSS grew from {rss_first} to {rss_second} KiB"
     );
 }
