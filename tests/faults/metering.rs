@@ -24,8 +24,13 @@ routes:
 /// A gateway in front of `mock` (OpenAI and Anthropic, one pool key each)
 /// and a gateway key with `tpm`; returns (gateway, key secret).
 async fn start(mock: &MockUpstream, tpm: u64) -> (Gateway, String) {
+    start_with(mock, tpm, "").await
+}
+
+/// Like `start`, with `extra` config (a `cluster:` block).
+async fn start_with(mock: &MockUpstream, tpm: u64, extra: &str) -> (Gateway, String) {
     let config = format!(
-        "admin:\n  token: {TOKEN}\nupstreams:\n  oai: {{provider: openai, endpoints: ['{u}'], key_pool: p}}\n  ant: {{provider: anthropic, endpoints: ['{u}'], key_pool: a}}\n  dead: {{provider: openai, endpoints: ['http://127.0.0.1:{dead}']}}\nkey_pools:\n  p: {{keys: [sk-1]}}\n  a: {{keys: [sk-ant]}}\n",
+        "admin:\n  token: {TOKEN}\n{extra}upstreams:\n  oai: {{provider: openai, endpoints: ['{u}'], key_pool: p}}\n  ant: {{provider: anthropic, endpoints: ['{u}'], key_pool: a}}\n  dead: {{provider: openai, endpoints: ['http://127.0.0.1:{dead}']}}\nkey_pools:\n  p: {{keys: [sk-1]}}\n  a: {{keys: [sk-ant]}}\n",
         u = mock.url(),
         dead = free_port(),
     );
@@ -140,29 +145,71 @@ async fn a_client_that_hangs_up_before_the_usage_chunk_is_charged_the_estimate()
     assert_eq!(mock.seen().len(), seen);
 }
 
-#[tokio::test]
-async fn a_stream_the_upstream_cuts_is_charged_the_estimate() {
+/// The upstream drops the connection after two events of a stream sent to
+/// `path` (FastGate's own forwarding for OpenAI, which reads the body to ask
+/// for usage; Pingora's for Anthropic, whose body is streamed untouched).
+async fn upstream_cut(path: &str, body: Value) {
     let mock = MockUpstream::start().await;
     let (gw, secret) = start(&mock, 80).await;
     rule_all(&mock, KeyRule::CutMidStream);
-    let r = post(&gw, &secret, "/v1/chat/completions", &chat(true, 400)).await;
+    let r = post(&gw, &secret, path, &body).await;
     assert_eq!(r.status(), 200);
     let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
-    // The client reads to the end: two chunks, then FastGate's error event.
+    // The client reads to the end: two chunks, then the cut (FastGate's
+    // error event, or a connection closed without a clean end).
     let text = String::from_utf8_lossy(&r.bytes().await.unwrap_or_default()).to_string();
-    assert!(text.contains("t1"), "{text}");
+    assert!(text.contains("t1") || path.ends_with("/messages"), "{text}");
 
     let row = row(&gw, &id).await;
     assert!(row.usage_estimated, "{row:?}");
     assert!(row.error.is_some(), "{row:?}");
     assert_eq!(row.prompt_tokens, Some(row.request_bytes / 4), "{row:?}");
+    assert!(row.request_bytes >= 400, "{row:?}");
     assert_eq!(row.completion_tokens, Some(2), "two chunks arrived: {row:?}");
 
     *mock.behaviour.every_key.lock().unwrap() = None;
     let seen = mock.seen().len();
+    let r = post(&gw, &secret, path, &body).await;
+    assert_eq!(r.status(), 429, "{}", r.text().await.unwrap());
+    assert_eq!(mock.seen().len(), seen);
+}
+
+#[tokio::test]
+async fn in_cluster_mode_the_estimate_is_settled_in_redis() {
+    let redis = Redis::start().await;
+    let mock = MockUpstream::start().await;
+    let cluster = format!("cluster:\n  redis: {}\n  timeout: 1s\n", redis.url());
+    let (gw, secret) = start_with(&mock, 80, &cluster).await;
+    // The key's first requests (502s while it loaded) reserved tokens until
+    // their settlements (0 tokens) reach Redis.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    mock.behaviour.sse_interval_ms.store(300, Ordering::SeqCst);
+    let r = post(&gw, &secret, "/v1/chat/completions", &chat(true, 400)).await;
+    let id = read_then_hang_up(r, 2).await;
+    gw.wait_audit_ids([&id]).await;
+    // Settlements go to Redis in the background, batched: once they are in,
+    // the shared window holds the estimate (the reservation was replaced by
+    // it, not released), and the next request is refused by Redis's count.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let seen = mock.seen().len();
     let r = post(&gw, &secret, "/v1/chat/completions", &chat(false, 10)).await;
     assert_eq!(r.status(), 429, "{}", r.text().await.unwrap());
     assert_eq!(mock.seen().len(), seen);
+    let row = row(&gw, &id).await;
+    assert!(row.usage_estimated, "{row:?}");
+    let charged = row.prompt_tokens.unwrap() + row.completion_tokens.unwrap();
+    assert!(charged >= 100, "{row:?}");
+}
+
+#[tokio::test]
+async fn a_stream_the_upstream_cuts_is_charged_the_estimate() {
+    upstream_cut("/v1/chat/completions", chat(true, 400)).await;
+}
+
+#[tokio::test]
+async fn a_stream_the_upstream_cuts_on_pingoras_path_is_charged_the_estimate() {
+    let body = json!({"model": "claude", "max_tokens": 50, "stream": true, "messages": [{"role": "user", "content": "x".repeat(400)}]});
+    upstream_cut("/v1/messages", body).await;
 }
 
 #[tokio::test]
