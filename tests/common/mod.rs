@@ -82,6 +82,9 @@ pub struct Behaviour {
     pub sse_interval_ms: AtomicU32,
     /// Set when a streamed response could not be completed (client went away).
     pub stream_aborted: AtomicBool,
+    /// Send the first half of a (sized, uncompressed) JSON answer, then
+    /// drop the connection: a non-stream body cut mid-way.
+    pub cut_json_body: AtomicBool,
 }
 
 pub struct MockUpstream {
@@ -179,7 +182,11 @@ async fn handle(
     b: Arc<Behaviour>,
 ) -> Result<Response<Body>, Infallible> {
     let encoding = pick_encoding(req.headers().get("accept-encoding").and_then(|v| v.to_str().ok()));
+    let cut = b.cut_json_body.load(Ordering::SeqCst);
     let resp = answer(req, seen, b).await?;
+    if cut {
+        return Ok(cut_in_half(resp).await);
+    }
     let is_json = resp
         .headers()
         .get("content-type")
@@ -1348,4 +1355,31 @@ pub fn rss_kib(pid: u32) -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap()
+}
+
+/// `resp` with its declared length but only the first half of its body, then
+/// an error (hyper drops the connection): a body cut mid-way.
+async fn cut_in_half(resp: Response<Body>) -> Response<Body> {
+    let (mut parts, body) = resp.into_parts();
+    let whole = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+    parts
+        .headers
+        .insert("content-length", whole.len().to_string().parse().unwrap());
+    let half = whole.slice(..whole.len() / 2);
+    // The cut comes a moment after the first half (a connection that dies
+    // while the answer is being relayed).
+    let frames = futures_util::stream::unfold(0u8, move |step| {
+        let half = half.clone();
+        async move {
+            match step {
+                0 => Some((Ok(Frame::data(half)), 1)),
+                1 => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    Some((Err(std::io::Error::other("cut mid-body")), 2))
+                }
+                _ => None,
+            }
+        }
+    });
+    Response::from_parts(parts, BodyExt::boxed(StreamBody::new(frames)))
 }

@@ -174,6 +174,47 @@ async fn upstream_cut(path: &str, body: Value) {
     assert_eq!(mock.seen().len(), seen);
 }
 
+/// A non-stream answer to `path` whose body the upstream cuts midway, after
+/// the first half was relayed.
+async fn json_cut(path: &str, body: Value) {
+    let mock = MockUpstream::start().await;
+    let (gw, secret) = start(&mock, 80).await;
+    mock.behaviour.cut_json_body.store(true, Ordering::SeqCst);
+    let r = post(&gw, &secret, path, &body).await;
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    let status = r.status();
+    let got = r.bytes().await;
+    let row = row(&gw, &id).await;
+    assert_eq!(status, 200);
+    assert!(
+        got.is_err(),
+        "the client must not take half a body for a whole one: {got:?}"
+    );
+    assert!(row.usage_estimated, "{row:?}");
+    assert_eq!(row.prompt_tokens, Some(row.request_bytes / 4), "{row:?}");
+    assert!(row.request_bytes >= 400, "{row:?}");
+    // Half of the provider's JSON (its usage comes last): its bytes / 4.
+    let completion = row.completion_tokens.unwrap();
+    assert!((10..=60).contains(&completion), "{row:?}");
+
+    mock.behaviour.cut_json_body.store(false, Ordering::SeqCst);
+    let seen = mock.seen().len();
+    let r = post(&gw, &secret, path, &body).await;
+    assert_eq!(r.status(), 429, "{}", r.text().await.unwrap());
+    assert_eq!(mock.seen().len(), seen);
+}
+
+#[tokio::test]
+async fn a_json_answer_cut_mid_body_is_charged_the_estimate() {
+    json_cut("/v1/chat/completions", chat(false, 400)).await;
+}
+
+#[tokio::test]
+async fn a_json_answer_cut_mid_body_on_pingoras_path_is_charged_the_estimate() {
+    let body = json!({"model": "claude", "max_tokens": 50, "messages": [{"role": "user", "content": "x".repeat(400)}]});
+    json_cut("/v1/messages", body).await;
+}
+
 #[tokio::test]
 async fn in_cluster_mode_the_estimate_is_settled_in_redis() {
     let redis = Redis::start().await;
