@@ -105,7 +105,13 @@ fn print_row(row: &LogRow, json: bool) {
         .unwrap_or_default();
     let tokens = match (r.prompt_tokens, r.completion_tokens) {
         (None, None) => "-".to_string(),
-        (p, c) => format!("{}+{}", p.unwrap_or(0), c.unwrap_or(0)),
+        // `~`: FastGate's estimate (the request ended without usage).
+        (p, c) => format!(
+            "{}{}+{}",
+            if r.usage_estimated { "~" } else { "" },
+            p.unwrap_or(0),
+            c.unwrap_or(0)
+        ),
     };
     println!(
         "{ts} {} {:<6} {} route={} model={} {:.1}ms tokens={tokens} id={}",

@@ -55,6 +55,11 @@ pub struct Metrics {
     pub upstream_errors: IntCounterVec,
     pub retries: IntCounterVec,
     pub tokens: IntCounterVec,
+    /// Requests that ended without the provider's usage and were charged
+    /// an estimate (docs/resilience.md), by route.
+    pub usage_estimated: IntCounterVec,
+    /// Scopes the in-memory rate limiter holds (idle ones are swept).
+    pub limiter_scopes: IntGauge,
     pub pool_keys: IntGaugeVec,
     pub pool_in_flight: IntGaugeVec,
     pub pool_key_in_flight: IntGaugeVec,
@@ -205,8 +210,19 @@ impl Metrics {
             tokens: counter_vec(
                 &r,
                 "tokens_total",
-                "Tokens reported by upstreams, by route, model and kind (prompt|completion).",
+                "Tokens reported by upstreams (or estimated for requests that ended without usage), by route, model and kind (prompt|completion).",
                 &["route", "model", "kind"],
+            )?,
+            usage_estimated: counter_vec(
+                &r,
+                "usage_estimated_total",
+                "Requests that ended without the provider's usage (client hang-up, cut stream) and were charged an estimate, by route.",
+                &["route"],
+            )?,
+            limiter_scopes: gauge(
+                &r,
+                "limiter_scopes",
+                "Rate-limit scopes (keys, key/route pairs, client addresses) held in memory; idle ones are forgotten.",
             )?,
             pool_keys: gauge_vec(&r, "pool_keys", "Upstream keys per pool and state.", &["pool", "state"])?,
             pool_in_flight: gauge_vec(&r, "pool_in_flight", "Requests holding a key of the pool.", &["pool"])?,
@@ -284,6 +300,7 @@ impl Metrics {
     /// Prometheus text format, after refreshing the gauges read from live state.
     pub fn render(&self, state: &crate::state::AppState) -> String {
         self.in_flight.set(state.in_flight() as i64);
+        self.limiter_scopes.set(state.limiter.len() as i64);
         let runtime = state.runtime.load();
         let now = crate::pool::now_ms();
         // Keys and addresses come and go: stale series must not linger.

@@ -5,6 +5,11 @@
 //! per key, no timers. Tokens are only known when a response ends, so they
 //! are added afterwards and a key over its token budget is refused until the
 //! window slides.
+//!
+//! Scopes come and go (per-client-address limits on `auth: none` routes see
+//! a new scope per address; IPv6 makes that endless): a scope whose both
+//! buckets are over counts nothing, so [`RateLimiter::sweep`] forgets it
+//! (run by the upkeep task, a shard at a time; never on the request path).
 
 use parking_lot::Mutex;
 use std::{
@@ -38,6 +43,12 @@ impl Window {
         self.requests = 0;
         self.tokens = 0;
         self.minute = minute;
+    }
+
+    /// Whether the window counts nothing at `minute` (both buckets are
+    /// over): forgetting it changes no decision.
+    fn is_idle(&self, minute: u64) -> bool {
+        minute > self.minute.saturating_add(1)
     }
 
     /// (requests, tokens) over the last 60 s, estimated.
@@ -259,13 +270,44 @@ impl RateLimiter {
         Ok(())
     }
 
-    /// Add the tokens a finished request used.
+    /// Add the tokens a finished request used (to a scope swept while the
+    /// request ran, too: a long stream's tokens still count).
     pub fn add_tokens(&self, scope: &str, tokens: u64, now_ms: u64) {
         let mut map = self.shards[shard_of(scope)].lock();
-        if let Some(w) = map.get_mut(scope) {
-            w.roll(now_ms / self.window_ms);
-            w.tokens += tokens;
+        let w = match map.get_mut(scope) {
+            Some(w) => w,
+            None => map.entry(scope.to_string()).or_default(),
+        };
+        w.roll(now_ms / self.window_ms);
+        w.tokens += tokens;
+    }
+
+    /// Forget every scope that counts nothing any more (both its buckets
+    /// are over), one shard lock at a time; returns how many were
+    /// forgotten. A shard that shrank to a quarter of its capacity gives
+    /// the memory back.
+    pub fn sweep(&self, now_ms: u64) -> usize {
+        let minute = now_ms / self.window_ms;
+        let mut forgotten = 0;
+        for shard in &self.shards {
+            let mut map = shard.lock();
+            let before = map.len();
+            map.retain(|_, w| !w.is_idle(minute));
+            forgotten += before - map.len();
+            if map.capacity() > 64 && map.len() < map.capacity() / 4 {
+                map.shrink_to_fit();
+            }
         }
+        forgotten
+    }
+
+    /// Scopes held (for the `fastgate_limiter_scopes` gauge).
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -307,6 +349,63 @@ mod tests {
         assert!(rl.admit("k", lim, t0 + 130_000).is_ok());
         assert!(rl.admit("k", Limits::default(), t0).is_ok());
     }
+
+    #[test]
+    fn a_million_idle_scopes_are_forgotten_after_the_window() {
+        let rl = RateLimiter::default();
+        let lim = Limits {
+            rpm: Some(10),
+            tpm: None,
+        };
+        let t0 = 6_000_000; // start of a minute
+        // A million client addresses, each seen once, over one minute.
+        for i in 0..1_000_000u64 {
+            let ip = std::net::Ipv6Addr::from((0x2001_0db8u128 << 96) | u128::from(i));
+            assert!(
+                rl.admit(&format!("ip:{ip}/r"), lim, t0 + i * 60_000 / 1_000_000)
+                    .is_ok()
+            );
+        }
+        assert_eq!(rl.len(), 1_000_000);
+        // The next minute still weighs the previous one: nothing forgotten.
+        assert_eq!(rl.sweep(t0 + 60_000), 0);
+        // Two windows on, every bucket is over: all forgotten.
+        assert_eq!(rl.sweep(t0 + 120_000), 1_000_000);
+        assert_eq!(rl.len(), 0);
+        let capacity: usize = rl.shards.iter().map(|s| s.lock().capacity()).sum();
+        assert!(capacity < 1_000, "memory given back: capacity {capacity}");
+    }
+
+    #[test]
+    fn a_busy_scope_is_kept_and_its_count_survives_a_sweep() {
+        let rl = RateLimiter::default();
+        let lim = Limits {
+            rpm: Some(2),
+            tpm: None,
+        };
+        let t0 = 600_000;
+        assert!(rl.admit("busy", lim, t0).is_ok());
+        assert!(rl.admit("busy", lim, t0 + 70_000).is_ok());
+        assert!(rl.admit("idle", lim, t0).is_ok());
+        assert_eq!(rl.sweep(t0 + 125_000), 1, "only the idle scope goes");
+        // 70 s in, the busy scope's one request still counts beside the new one.
+        assert!(rl.admit("busy", lim, t0 + 125_000).is_ok());
+        assert!(rl.admit("busy", lim, t0 + 125_000).is_err());
+    }
+
+    #[test]
+    fn tokens_of_a_request_whose_scope_was_swept_still_count() {
+        let rl = RateLimiter::default();
+        let lim = Limits {
+            rpm: None,
+            tpm: Some(100),
+        };
+        let t0 = 600_000;
+        assert!(rl.admit("k", lim, t0).is_ok());
+        rl.sweep(t0 + 130_000); // a long stream: the scope went idle
+        rl.add_tokens("k", 150, t0 + 130_000);
+        assert!(rl.admit("k", lim, t0 + 131_000).is_err());
+    }
 }
 
 /// Tokens used per key in its current quota period (day or month, UTC).
@@ -342,6 +441,16 @@ impl QuotaTracker {
         entry.1 += tokens;
     }
 
+    /// Forget counts of periods that began before `oldest_start` (every
+    /// period, a month at most, that began earlier is over); returns how
+    /// many. A running period's count is never forgotten.
+    pub fn sweep(&self, oldest_start: i64) -> usize {
+        let mut map = self.used.lock();
+        let before = map.len();
+        map.retain(|_, (start, _)| *start >= oldest_start);
+        before - map.len()
+    }
+
     /// Whether `key` already has a count for the period starting at `period_start`.
     pub fn is_seeded(&self, key: &str, period_start: i64) -> bool {
         self.used.lock().get(key).is_some_and(|(s, _)| *s == period_start)
@@ -375,5 +484,8 @@ mod quota_tests {
         assert_eq!(q.check("k", 100, day, day.1 - 10_000), Err(10));
         let next = (day.1, day.1 + 86_400_000);
         assert!(q.check("k", 100, next, next.0 + 1).is_ok());
+        assert_eq!(q.sweep(day.0), 0, "a running period is kept");
+        assert_eq!(q.sweep(day.0 + 1), 1);
+        assert!(!q.is_seeded("k", day.0));
     }
 }

@@ -2,7 +2,8 @@
 //! (file watch, debounced), whole-config reloads (SIGHUP), gateway-key cache
 //! refresh, re-resolution of upstream hostnames, upstream health checks,
 //! saving pool key states (debounced, off the request path), reclaiming
-//! stuck key leases and re-probing keys the provider disabled.
+//! stuck key leases, re-probing keys the provider disabled and forgetting
+//! idle rate-limit scopes.
 
 use crate::state::AppState;
 use async_trait::async_trait;
@@ -24,6 +25,13 @@ const STUCK_SWEEP: Duration = Duration::from_secs(5);
 /// key is probed once per its pool's `reprobe_interval`; this is only the
 /// resolution of that schedule).
 const REPROBE_SWEEP: Duration = Duration::from_secs(1);
+/// How often idle rate-limit scopes are forgotten (a scope is idle two
+/// windows after its last request, so memory follows the last minutes'
+/// distinct clients, not every client ever seen).
+const LIMITER_SWEEP: Duration = Duration::from_secs(5);
+/// Quota counts older than this began in a period that is over (the
+/// longest period is a month).
+const QUOTA_KEEP_MS: i64 = 32 * 86_400_000;
 
 pub struct Upkeep {
     pub state: Arc<AppState>,
@@ -70,6 +78,16 @@ impl Upkeep {
             last.insert(up.name.clone(), now);
             let up = up.clone();
             tokio::spawn(async move { up.check_health().await });
+        }
+    }
+
+    /// Forget rate-limit scopes and quota counts that count nothing any more.
+    fn sweep_limits(&self) {
+        let now = crate::audit::now_ms();
+        let scopes = self.state.limiter.sweep(now as u64);
+        let quotas = self.state.quotas.sweep(now - QUOTA_KEEP_MS);
+        if scopes + quotas > 0 {
+            tracing::debug!(scopes, quotas, "Idle rate-limit state forgotten.");
         }
     }
 
@@ -183,6 +201,7 @@ impl BackgroundService for Upkeep {
         let mut stuck_tick = tokio::time::interval(STUCK_SWEEP);
         let mut reprobe_tick = tokio::time::interval(REPROBE_SWEEP);
         let mut dns_tick = tokio::time::interval(DNS_REFRESH);
+        let mut limits_tick = tokio::time::interval(LIMITER_SWEEP);
         dns_tick.tick().await; // resolved at start already
         loop {
             tokio::select! {
@@ -196,6 +215,7 @@ impl BackgroundService for Upkeep {
                 _ = health_tick.tick() => self.check_health(&mut health_runs),
                 _ = stuck_tick.tick() => self.reclaim_stuck(),
                 _ = reprobe_tick.tick() => self.reprobe(),
+                _ = limits_tick.tick() => self.sweep_limits(),
                 _ = key_tick.tick() => {
                     let state = self.state.clone();
                     match tokio::task::spawn_blocking(move || {

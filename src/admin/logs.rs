@@ -71,7 +71,7 @@ fn mask_row(mask: &crate::config::env::EnvMask, row: &mut store::audit::LogRow) 
 }
 
 /// Columns of a CSV export, in order (every field of a row).
-const CSV_COLUMNS: [&str; 29] = [
+const CSV_COLUMNS: [&str; 30] = [
     "id",
     "request_id",
     "ts_ms",
@@ -93,6 +93,7 @@ const CSV_COLUMNS: [&str; 29] = [
     "chunks",
     "prompt_tokens",
     "completion_tokens",
+    "usage_estimated",
     "retries",
     "error",
     "client_ip",

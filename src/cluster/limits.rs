@@ -44,7 +44,8 @@ fn quota_key(scope: &str, period_start: i64) -> String {
 }
 
 /// A request's token reservation: its prompt estimated from the body's
-/// size (about 4 bytes a token), plus the output it allows (`max_tokens`
+/// size (`usage::estimate::prompt_tokens`, also what a request that ends
+/// without usage is charged for its prompt), plus the output it allows (`max_tokens`
 /// and its OpenAI, Responses and Gemini spellings) or `default`.
 pub fn reserve_for(body: Option<&[u8]>, default: u64) -> u64 {
     #[derive(Deserialize)]
@@ -72,7 +73,7 @@ pub fn reserve_for(body: Option<&[u8]>, default: u64) -> u64 {
                 .or(a.generation.and_then(|g| g.max_output_tokens))
         })
         .unwrap_or(default);
-    body.len() as u64 / 4 + output
+    crate::usage::estimate::prompt_tokens(body.len() as u64) + output
 }
 
 impl Cluster {

@@ -135,6 +135,10 @@ pub struct ResponseCtx {
     /// failed): the connection must close without a clean end of body, so
     /// the client cannot take a partial answer for a whole one.
     pub cut_short: bool,
+    /// The upstream's answer began reaching the client (not an answer
+    /// FastGate wrote itself): a request that then ends in an error is
+    /// charged an estimate of its tokens (`usage::estimate`).
+    pub upstream_answered: bool,
     /// Pingora's path: the upstream's body is dropped and this sent instead
     /// (a provider's 401/403 quoting the pool key).
     pub replacement: Option<Bytes>,
@@ -242,6 +246,7 @@ impl RequestCtx {
     /// A chunk of the upstream's body: metered as it came, then what the
     /// client should get of it (possibly nothing yet).
     pub fn upstream_chunk(&mut self, data: Bytes) -> Bytes {
+        self.response.upstream_answered = true;
         self.response.meter.feed(&data);
         let out = match &mut self.response.usage_chunks {
             Some(filter) => filter.filter(data),
@@ -265,6 +270,7 @@ impl RequestCtx {
         // One byte past the cap tells the audit row the body was longer.
         let capture = (audit.enabled && audit.capture_body).then_some(audit.body_max_bytes.0 as usize + 1);
         self.response.meter = UsageMeter::new(content_type, None, capture);
+        self.response.upstream_answered = true;
     }
 
     pub fn count_sent(&mut self, data: &[u8]) {

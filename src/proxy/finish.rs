@@ -1,7 +1,12 @@
 //! The end of a request: token usage settled, metrics observed, one audit
 //! row queued (never waited for), one log line.
+//!
+//! A request that reached the provider and ended without its usage (client
+//! hang-up, cut stream, upstream error after bytes) is charged an estimate
+//! (`usage::estimate`), audited with `usage_estimated`.
 
 use super::ctx::RequestCtx;
+use crate::usage::estimate;
 use crate::{
     audit::{self, fields},
     store::audit::AuditRecord,
@@ -19,7 +24,14 @@ pub fn finish(session: &Session, ctx: &mut RequestCtx, e: Option<&pingora::Error
         (_, s) => s,
     };
     let duration = ctx.started.elapsed();
-    let usage = ctx.response.meter.finish();
+    let reported = ctx.response.meter.finish();
+    let request_bytes = ctx.body.as_ref().map_or(ctx.body_seen, |b| b.len() as u64);
+    let (usage, usage_estimated) = estimate::charge(
+        reported,
+        unfinished(ctx, e),
+        estimate::prompt_tokens(request_bytes),
+        ctx.response.meter.seen_tokens(),
+    );
     let error = ctx.error.as_ref().map(|e| e.kind()).or(e.map(|e| e.etype().as_str()));
     // Reference-counted handles instead of copied names: `ctx` is borrowed
     // mutably below, and this runs once per request.
@@ -73,6 +85,9 @@ pub fn finish(session: &Session, ctx: &mut RequestCtx, e: Option<&pingora::Error
             .with_label_values(&[route, model_label, "completion"])
             .inc_by(c);
     }
+    if usage_estimated {
+        m.usage_estimated.with_label_values(&[route]).inc();
+    }
 
     let ttfb_ms = ctx.response.ttfb.map(|d| d.as_secs_f64() * 1000.0);
     let ms = duration.as_secs_f64() * 1000.0;
@@ -109,6 +124,7 @@ pub fn finish(session: &Session, ctx: &mut RequestCtx, e: Option<&pingora::Error
         chunks = ctx.response.chunks,
         prompt_tokens = usage.prompt_tokens,
         completion_tokens = usage.completion_tokens,
+        usage_estimated,
         ttfb_ms = ttfb_ms.map(round_ms),
         duration_ms = round_ms(ms),
         error = error.unwrap_or(""),
@@ -158,11 +174,12 @@ pub fn finish(session: &Session, ctx: &mut RequestCtx, e: Option<&pingora::Error
         stream: ctx.response.stream || path_is_stream,
         ttfb_ms,
         duration_ms: ms,
-        request_bytes: ctx.body.as_ref().map_or(ctx.body_seen, |b| b.len() as u64),
+        request_bytes,
         response_bytes: ctx.response.bytes,
         chunks: ctx.response.chunks,
         prompt_tokens: usage.prompt_tokens,
         completion_tokens: usage.completion_tokens,
+        usage_estimated,
         retries,
         attempts: ctx.upstream.attempts_summary(status),
         error: ctx
@@ -192,6 +209,20 @@ pub fn finish(session: &Session, ctx: &mut RequestCtx, e: Option<&pingora::Error
             .map(|b| fields::body_text(&b, cap, None)),
     };
     state.audit.record(record);
+}
+
+/// Whether the request reached the provider and ended without finishing:
+/// the upstream's answer had begun and then the request ended in an error
+/// (client gone, stream cut, upstream failure), or the client hung up while
+/// an attempt was with the upstream. Answers FastGate wrote itself (a
+/// refusal, a 502 after every attempt failed) and whole answers are not.
+fn unfinished(ctx: &RequestCtx, e: Option<&pingora::Error>) -> bool {
+    let ended_badly = ctx.error.is_some() || e.is_some() || ctx.response.cut_short;
+    if !ended_badly {
+        return false;
+    }
+    let client_gone = matches!(ctx.error, Some(super::errors::GatewayError::ClientClosed));
+    ctx.response.upstream_answered || (client_gone && ctx.upstream.target.is_some())
 }
 
 /// Milliseconds to two decimals, for log fields (numbers in JSON lines).

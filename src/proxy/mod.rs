@@ -255,6 +255,7 @@ impl ProxyHttp for Gateway {
             }
         }
         ctx.begin_response(resp);
+        ctx.response.upstream_answered = true;
         Ok(())
     }
 

@@ -31,6 +31,11 @@ pub struct AuditRecord {
     pub chunks: u64,
     pub prompt_tokens: Option<u64>,
     pub completion_tokens: Option<u64>,
+    /// The tokens above are FastGate's estimate, not the provider's report:
+    /// the request ended without usage (client hang-up, cut stream) and was
+    /// charged its prompt estimate plus the output seen (docs/resilience.md).
+    #[serde(default)]
+    pub usage_estimated: bool,
     pub retries: u32,
     /// Every attempt of a request that failed over: `upstream address key
     /// outcome`, separated by `; ` (keys by id, never the secret).
@@ -54,9 +59,9 @@ pub fn insert_batch(conn: &mut Connection, records: &[AuditRecord]) -> Result<()
                 upstream_key_id, method, path, status, model, stream, ttfb_ms, duration_ms,
                 request_bytes, response_bytes, chunks, prompt_tokens, completion_tokens, retries,
                 error, client_ip, user_agent, request_headers, response_headers, request_body,
-                response_body, user_id, attempts)
+                response_body, user_id, attempts, usage_estimated)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
-                ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30)",
+                ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31)",
         )?;
         for r in records {
             stmt.execute(params![
@@ -90,6 +95,7 @@ pub fn insert_batch(conn: &mut Connection, records: &[AuditRecord]) -> Result<()
                 r.response_body,
                 r.user_id,
                 r.attempts,
+                r.usage_estimated,
             ])?;
         }
     }
@@ -139,7 +145,8 @@ pub fn delete_oldest(conn: &Connection, n: usize) -> Result<usize, StoreError> {
 const SELECT: &str = "SELECT id, request_id, ts_ms, key_id, owner, route, upstream, endpoint,
     upstream_key_id, method, path, status, model, stream, ttfb_ms, duration_ms, request_bytes,
     response_bytes, chunks, prompt_tokens, completion_tokens, retries, error, client_ip, user_agent,
-    request_headers, response_headers, request_body, response_body, user_id, attempts FROM audit_log";
+    request_headers, response_headers, request_body, response_body, user_id, attempts, usage_estimated
+    FROM audit_log";
 
 /// A stored row: its id (the pagination cursor) and the record.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -183,6 +190,7 @@ fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<LogRow> {
             response_body: r.get(28)?,
             user_id: r.get(29)?,
             attempts: r.get(30)?,
+            usage_estimated: r.get(31)?,
         },
     })
 }
@@ -340,8 +348,12 @@ pub fn query(conn: &Connection, f: &LogFilter) -> Result<(Vec<LogRow>, Option<i6
 
 /// A row as shipped to the cluster's log (the SQLite row as JSON).
 pub fn from_shipped(mut row: serde_json::Value) -> Option<AuditRecord> {
-    let stream = row.get("stream").and_then(serde_json::Value::as_i64).unwrap_or(0) != 0;
-    row["stream"] = stream.into();
+    // SQLite's booleans travel as 0/1 (a row shipped before a column
+    // existed lacks it: false).
+    for flag in ["stream", "usage_estimated"] {
+        let on = row.get(flag).and_then(serde_json::Value::as_i64).unwrap_or(0) != 0;
+        row[flag] = on.into();
+    }
     serde_json::from_value(row).ok()
 }
 
@@ -444,5 +456,31 @@ mod tests {
         assert_eq!(batches, [10, 10, 10, 0]);
         let left: Vec<i64> = all(&conn).unwrap().iter().map(|r| r.ts_ms).collect();
         assert_eq!(left, (30..35).collect::<Vec<_>>(), "the oldest go first");
+    }
+
+    #[test]
+    fn the_estimated_usage_flag_is_stored_and_read_from_shipped_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = super::super::open(&dir.path().join("a.db")).unwrap();
+        let rec = |id: &str, estimated: bool| AuditRecord {
+            request_id: id.into(),
+            method: "POST".into(),
+            path: "/v1/chat/completions".into(),
+            prompt_tokens: Some(100),
+            completion_tokens: Some(2),
+            usage_estimated: estimated,
+            ..Default::default()
+        };
+        insert_batch(&mut conn, &[rec("a", true), rec("b", false)]).unwrap();
+        let flags: Vec<bool> = all(&conn).unwrap().iter().map(|r| r.usage_estimated).collect();
+        assert_eq!(flags, [true, false]);
+        // Shipped rows carry SQLite's 0/1; rows shipped before the column, nothing.
+        let shipped = |v: serde_json::Value| from_shipped(v).map(|r| r.usage_estimated);
+        let row = serde_json::json!({"request_id": "a", "ts_ms": 1, "method": "GET", "path": "/", "status": 200,
+            "stream": 0, "duration_ms": 1.0, "request_bytes": 0, "response_bytes": 0, "chunks": 0, "retries": 0});
+        assert_eq!(shipped(row.clone()), Some(false));
+        let mut with = row;
+        with["usage_estimated"] = 1.into();
+        assert_eq!(shipped(with), Some(true));
     }
 }

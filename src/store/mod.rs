@@ -221,6 +221,9 @@ static MIGRATIONS: LazyLock<Migrations<'static>> = LazyLock::new(|| {
             WHEN EXISTS (SELECT 1 FROM settings WHERE name = 'cluster_sync')
             BEGIN INSERT INTO sync_outbox (tbl, id) VALUES ('pool_keys', OLD.pool || '/' || OLD.key_id); END;",
         ),
+        // A request that ended without the provider's usage is charged an
+        // estimate; its row says so (old rows: reported usage, 0).
+        M::up("ALTER TABLE audit_log ADD COLUMN usage_estimated INTEGER NOT NULL DEFAULT 0;"),
     ])
 });
 

@@ -12,6 +12,7 @@
 
 pub mod chunk_filter;
 mod decode;
+pub mod estimate;
 pub mod scan;
 
 use decode::Decoding;
@@ -41,6 +42,8 @@ struct Sink {
     usage: Usage,
     capture: Option<(Vec<u8>, usize)>,
     decoded: u64,
+    /// SSE `data:` lines seen (about one token each: see `estimate`).
+    data_lines: u64,
 }
 
 /// Decoded bytes past which a compressed answer is no longer read (a
@@ -75,7 +78,7 @@ impl std::io::Write for Sink {
         }
         match &mut self.scanner {
             Scanner::Off => {}
-            Scanner::Sse(s) => s.feed(buf, &mut self.usage),
+            Scanner::Sse(s) => self.data_lines += s.feed(buf, &mut self.usage),
             Scanner::Json(j) => j.feed(buf, &mut self.usage),
         }
         if let Some((body, cap)) = &mut self.capture {
@@ -142,6 +145,16 @@ impl UsageMeter {
         self.decoding.sink().map_or_else(Usage::default, |s| s.usage)
     }
 
+    /// Completion tokens estimated from the answer seen so far (for a
+    /// request that ends without usage): one per SSE `data:` line, or the
+    /// decoded bytes / [`estimate::BYTES_PER_TOKEN`] of any other body.
+    pub fn seen_tokens(&self) -> u64 {
+        self.decoding.sink().map_or(0, |s| match s.scanner {
+            Scanner::Sse(_) => s.data_lines,
+            _ => s.decoded / estimate::BYTES_PER_TOKEN,
+        })
+    }
+
     /// The captured (decoded, capped) body, once.
     pub fn take_capture(&mut self) -> Option<Vec<u8>> {
         self.decoding.sink_mut().and_then(|s| s.capture.take()).map(|(b, _)| b)
@@ -168,8 +181,10 @@ struct SseScan {
 }
 
 impl SseScan {
-    fn feed(&mut self, mut data: &[u8], usage: &mut Usage) {
+    /// Scan `data`; returns how many `data:` lines began in it.
+    fn feed(&mut self, mut data: &[u8], usage: &mut Usage) -> u64 {
         const DATA: &[u8] = b"data:";
+        let mut lines = 0;
         while let Some((&b, rest)) = data.split_first() {
             match self.line {
                 Line::Start => {
@@ -186,6 +201,7 @@ impl SseScan {
                             self.prefix_len += 1;
                             if self.prefix_len == DATA.len() {
                                 self.line = Line::Data;
+                                lines += 1;
                             }
                         }
                         _ => {
@@ -211,6 +227,7 @@ impl SseScan {
                 }
             }
         }
+        lines
     }
 }
 
@@ -320,6 +337,18 @@ mod tests {
             assert_eq!(meter(ct, &[body]).completion_tokens, Some(3), "{ct}");
         }
         assert_eq!(meter("text/plain; x=+json", &[body]), Usage::default());
+    }
+
+    #[test]
+    fn seen_tokens_count_sse_data_lines_or_json_bytes() {
+        let mut m = UsageMeter::new(Some("text/event-stream"), None, None);
+        m.feed(b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\nda");
+        m.feed(b"ta: {\"choices\":[{\"delta\":{\"content\":\"b\"}}]}\n\n: comment\n\n");
+        assert_eq!(m.seen_tokens(), 2);
+        let mut m = UsageMeter::new(Some("application/json"), None, None);
+        m.feed(&[b' '; 400]);
+        assert_eq!(m.seen_tokens(), 100);
+        assert_eq!(UsageMeter::default().seen_tokens(), 0);
     }
 
     #[test]

@@ -88,6 +88,9 @@ pub struct Behaviour {
     pub refuse_header: Mutex<Option<(String, String)>>,
     /// A test's own answers (see [`script`]); checked before every rule.
     pub script: Mutex<Option<Script>>,
+    /// Send the first half of a (sized, uncompressed) JSON answer, then
+    /// drop the connection: a non-stream body cut mid-way.
+    pub cut_json_body: AtomicBool,
 }
 
 pub struct MockUpstream {
@@ -185,7 +188,11 @@ async fn handle(
     b: Arc<Behaviour>,
 ) -> Result<Response<Body>, Infallible> {
     let encoding = pick_encoding(req.headers().get("accept-encoding").and_then(|v| v.to_str().ok()));
+    let cut = b.cut_json_body.load(Ordering::SeqCst);
     let resp = answer(req, seen, b).await?;
+    if cut {
+        return Ok(cut_in_half(resp).await);
+    }
     let is_json = resp
         .headers()
         .get("content-type")
@@ -1419,4 +1426,31 @@ where
         Box::pin(async move { f(key, n).await })
     });
     *mock.behaviour.script.lock().unwrap() = Some(s);
+}
+
+/// `resp` with its declared length but only the first half of its body, then
+/// an error (hyper drops the connection): a body cut mid-way.
+async fn cut_in_half(resp: Response<Body>) -> Response<Body> {
+    let (mut parts, body) = resp.into_parts();
+    let whole = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+    parts
+        .headers
+        .insert("content-length", whole.len().to_string().parse().unwrap());
+    let half = whole.slice(..whole.len() / 2);
+    // The cut comes a moment after the first half (a connection that dies
+    // while the answer is being relayed).
+    let frames = futures_util::stream::unfold(0u8, move |step| {
+        let half = half.clone();
+        async move {
+            match step {
+                0 => Some((Ok(Frame::data(half)), 1)),
+                1 => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    Some((Err(std::io::Error::other("cut mid-body")), 2))
+                }
+                _ => None,
+            }
+        }
+    });
+    Response::from_parts(parts, BodyExt::boxed(StreamBody::new(frames)))
 }
