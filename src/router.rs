@@ -46,6 +46,10 @@ pub struct Route {
     pub transform: Transform,
     pub timeout: Option<Duration>,
     pub retries: u32,
+    /// Retries after the body was sent are allowed on any failure (the
+    /// route's `idempotent`); otherwise only on answers proving the
+    /// provider did not act (see `proxy::retry`).
+    pub idempotent: bool,
     /// Per gateway key on this route.
     pub rate_limit: crate::ratelimit::Limits,
     /// The request body is read before proxying (model routing, body rewrites,
@@ -284,6 +288,7 @@ impl Route {
             },
             timeout: rc.timeout.map(|d| d.0),
             retries: rc.retries,
+            idempotent: rc.idempotent,
             rate_limit: crate::ratelimit::Limits {
                 rpm: rc.rate_limit.and_then(|r| r.rpm),
                 tpm: rc.rate_limit.and_then(|r| r.tpm),

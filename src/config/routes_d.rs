@@ -77,6 +77,11 @@ pub struct RouteConfig {
     pub timeout: Option<super::HumanDuration>,
     #[serde(default)]
     pub retries: u32,
+    /// The endpoint may be called twice for one request (a retry after a
+    /// 5xx, a timeout or a connection lost after the body was sent cannot
+    /// double-bill): off for generation endpoints, which bill each call.
+    #[serde(default)]
+    pub idempotent: bool,
     /// Per gateway key, on this route.
     #[serde(default)]
     pub rate_limit: Option<RateLimitConfig>,
