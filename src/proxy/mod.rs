@@ -13,8 +13,9 @@
 //! upstream_request_filter  rewrite::upstream_request (path, headers, key injection)
 //! request_body_filter      max_request_body on streamed bodies
 //! response_filter          x-request-id
-//! fail_to_connect          retry on another endpoint/key while `retries` allow
-//! error_while_proxy        never retry a client hang-up
+//! fail_to_connect          retry::decide: another endpoint/key while `retries` allow
+//! error_while_proxy        retry::decide: never a client hang-up, nor a POST
+//!                          the provider may be running
 //! fail_to_proxy            respond::error
 //! logging                  finish: usage, metrics, audit row, one log line
 //! ```

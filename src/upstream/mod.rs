@@ -8,8 +8,9 @@
 //!
 //! Every resolved address is a backend. An address that refuses connections
 //! (an IPv6 address on an IPv4-only host, a dead replica) is set aside for
-//! [`ADDRESS_REST`] and the request moves on to another address at once;
-//! optional active health checks (`health_check`) do the same on a timer.
+//! [`ADDRESS_REST`] and the request's next attempt (if its route has a retry
+//! left: see `proxy::retry`) goes to another address; optional active
+//! health checks (`health_check`) do the same on a timer.
 
 mod health;
 

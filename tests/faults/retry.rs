@@ -435,3 +435,23 @@ async fn the_retry_budget_bounds_retries_under_a_burst_of_429s() {
     assert!(refused_budget >= 30.0, "{refused_budget} refusals (budget)");
     eprintln!("budget: {calls} upstream calls for 40 requests, {refused_budget} retries refused");
 }
+
+#[test]
+fn a_retry_budget_over_100_percent_is_refused_by_check() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("routes.d")).unwrap();
+    let config = dir.path().join("f.yaml");
+    let write = |budget: &str| {
+        let text = format!(
+            "upstreams:\n  u: {{provider: openai, endpoints: ['http://127.0.0.1:1'], retry_budget: {budget}}}\nroutes_dir: routes.d\n"
+        );
+        std::fs::write(&config, text).unwrap();
+    };
+    write("{percent: 150}");
+    let (ok, _, err) = check(&config, dir.path());
+    assert!(!ok);
+    assert!(err.contains("retry_budget.percent must be between 0 and 100"), "{err}");
+    write("{percent: 50, min_concurrency: 1}");
+    let (ok, out, err) = check(&config, dir.path());
+    assert!(ok, "{out}{err}");
+}
