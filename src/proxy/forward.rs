@@ -718,7 +718,21 @@ pub async fn probe(state: &AppState, upstream: &Upstream, lease: &crate::pool::L
     rewrite::inject_key(&mut req, upstream.provider, lease.key().secret.expose());
     let timeout = upstream.timeouts.first_byte.0.min(Duration::from_secs(30));
     let peer = upstream.peer(&target, timeout);
-    match send(state, &peer, &req, Bytes::new(), timeout, &upstream.name, false).await {
+    let mut attempt = send(state, &peer, &req, Bytes::new(), timeout, &upstream.name, false).await;
+    // A GET: a pooled connection found dead gets its one fresh one.
+    if let Attempt::Failed { outcome, .. } = &attempt {
+        let facts = Facts {
+            outcome: *outcome,
+            idempotent: true,
+            retries_left: 0,
+            fallback_left: false,
+            reconnected: false,
+        };
+        if retry::decide(&facts) == Verdict::Reconnect {
+            attempt = send(state, &peer, &req, Bytes::new(), timeout, &upstream.name, true).await;
+        }
+    }
+    match attempt {
         Attempt::Answered(s) => {
             let status = s.response_header().map(|h| h.status.as_u16());
             if let (Some(code), Some(h)) = (status, s.response_header()) {
