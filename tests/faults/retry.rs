@@ -455,3 +455,34 @@ fn a_retry_budget_over_100_percent_is_refused_by_check() {
     let (ok, out, err) = check(&config, dir.path());
     assert!(ok, "{out}{err}");
 }
+
+#[tokio::test]
+async fn the_retry_budget_holds_for_a_two_key_pool_under_a_burst_of_429s() {
+    // The same burst against a two-key pool: the keys cool down as the 429s
+    // arrive, so some retries find no usable key; the rest are bounded by
+    // the budget all the same.
+    let raw = Raw::start(|_, _, _| Act::Reply {
+        status: 429,
+        headers: Vec::new(),
+        delay: Duration::from_millis(300),
+    })
+    .await;
+    let gw = Gateway::start(&pooled(&raw), &[("r.yaml", &route(", retries: 3"))]).await;
+    let client = reqwest::Client::new();
+    let sends = (0..40).map(|_| {
+        client
+            .post(gw.url("/v1/embeddings"))
+            .timeout(Duration::from_secs(20))
+            .json(&json!({"model": "m", "messages": []}))
+            .send()
+    });
+    let answers = futures_util::future::join_all(sends).await;
+    for a in answers {
+        let status = a.unwrap().status().as_u16();
+        assert!(matches!(status, 429 | 503), "{status}");
+    }
+    let calls = raw.count();
+    let refused_budget = metric(&gw, "fastgate_retries_refused_total", &refused("u", "budget")).await;
+    eprintln!("pooled budget: {calls} upstream calls for 40 requests, {refused_budget} retries refused");
+    assert!(calls <= 60, "{calls} upstream calls");
+}
