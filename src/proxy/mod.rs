@@ -338,9 +338,10 @@ impl ProxyHttp for Gateway {
         client_reused: bool,
     ) -> Box<pingora::Error> {
         let mut e = e.more_context(format!("peer: {peer}"));
-        // Never retry because the client hung up, nor replay a body Pingora
-        // no longer holds, nor once the client has the answer's headers.
-        if e.esource() == &ErrorSource::Downstream
+        // Never retry because the client hung up or FastGate refused (only
+        // the upstream's failures are the policy's), nor replay a body
+        // Pingora no longer holds, nor once the client has the headers.
+        if e.esource() != &ErrorSource::Upstream
             || session.as_ref().retry_buffer_truncated()
             || session.response_written().is_some()
         {
