@@ -69,6 +69,9 @@ pub struct Metrics {
     /// (`recovered`, `still_refused`, `error`).
     pub key_reprobes: IntCounterVec,
     pub failovers: IntCounterVec,
+    /// Retries not made, by upstream and reason (`budget`,
+    /// `not_idempotent`, `exhausted`): the client got the last answer.
+    pub retries_refused: IntCounterVec,
     pub upstream_in_flight: IntGaugeVec,
     pub upstream_address_healthy: IntGaugeVec,
     pub audit_queue_depth: IntGauge,
@@ -187,6 +190,12 @@ impl Metrics {
                 "failovers_total",
                 "Requests moved to another key, address or upstream before the first byte, by reason.",
                 &["reason"],
+            )?,
+            retries_refused: counter_vec(
+                &r,
+                "retries_refused_total",
+                "Retryable failures not retried, by upstream and reason (budget|not_idempotent|exhausted).",
+                &["upstream", "reason"],
             )?,
             upstream_in_flight: gauge_vec(
                 &r,

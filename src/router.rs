@@ -49,6 +49,10 @@ pub struct Route {
     /// Client headers that pick the provider account pass to a pooled
     /// upstream (`forward_account_headers`).
     pub forward_account_headers: bool,
+    /// Retries after the body was sent are allowed on any failure (the
+    /// route's `idempotent`); otherwise only on answers proving the
+    /// provider did not act (see `proxy::retry`).
+    pub idempotent: bool,
     /// Per gateway key on this route.
     pub rate_limit: crate::ratelimit::Limits,
     /// The request body is read before proxying (model routing, body rewrites,
@@ -288,6 +292,7 @@ impl Route {
             timeout: rc.timeout.map(|d| d.0),
             retries: rc.retries,
             forward_account_headers: rc.forward_account_headers,
+            idempotent: rc.idempotent,
             rate_limit: crate::ratelimit::Limits {
                 rpm: rc.rate_limit.and_then(|r| r.rpm),
                 tpm: rc.rate_limit.and_then(|r| r.tpm),

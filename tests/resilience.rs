@@ -70,6 +70,11 @@ async fn post_chat(gw: &Gateway, body: &Value) -> reqwest::Response {
 
 const OPENAI_ROUTE: &str = "routes:\n  - { name: chat, match: { path: /v1/chat/completions }, format: openai, auth: none, upstream: oai, retries: 2 }\n";
 
+/// The same route, declared idempotent: for the tests of failover after a
+/// 500 or a timeout, which a POST otherwise never gets (the provider may
+/// have acted on it; see tests/faults/retry.rs for that side).
+const IDEMPOTENT_ROUTE: &str = "routes:\n  - { name: chat, match: { path: /v1/chat/completions }, format: openai, auth: none, upstream: oai, retries: 2, idempotent: true }\n";
+
 fn openai_pool(mock: &MockUpstream, keys: &[&str], pool_extra: &str) -> String {
     format!(
         "upstreams:\n  oai: {{provider: openai, endpoints: ['{}'], key_pool: p}}\nkey_pools:\n  p: {{keys: [{}], strategy: round_robin{pool_extra}}}\n",
@@ -297,7 +302,7 @@ async fn a_hanging_key_hits_the_first_byte_timeout_and_fails_over() {
         "upstreams:\n  oai: {{provider: openai, endpoints: ['{}'], key_pool: p, timeouts: {{first_byte: 300ms}}}}\nkey_pools:\n  p: {{keys: [sk-hang, sk-good]}}\n",
         mock.url()
     );
-    let gw = gateway(&body, OPENAI_ROUTE).await;
+    let gw = gateway(&body, IDEMPOTENT_ROUTE).await;
     for _ in 0..2 {
         let started = Instant::now();
         let r = post_chat(&gw, &chat(false)).await;
@@ -325,7 +330,7 @@ async fn a_hanging_key_hits_the_first_byte_timeout_and_fails_over() {
 async fn a_1mib_request_fails_over_intact() {
     let mock = MockUpstream::start().await;
     rule(&mock, "sk-broken", KeyRule::Status(500));
-    let gw = gateway(&openai_pool(&mock, &["sk-broken", "sk-good"], ""), OPENAI_ROUTE).await;
+    let gw = gateway(&openai_pool(&mock, &["sk-broken", "sk-good"], ""), IDEMPOTENT_ROUTE).await;
     let big = "x".repeat(1024 * 1024);
     let body = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": big}]});
     let sent = serde_json::to_vec(&body).unwrap();
@@ -453,11 +458,13 @@ async fn an_unreachable_address_family_still_gets_every_request_through() {
     let mock = MockUpstream::start().await;
     let port = mock.addr.port();
     // The same service under an IPv6 address it does not listen on (as on an
-    // IPv4-only host), and its IPv4 one; no retries configured.
+    // IPv4-only host), and its IPv4 one. A refused connection spends a retry
+    // like any attempt (no free loop over addresses), so one retry is what
+    // gets every request through; nothing was sent on the refused one.
     let body = format!(
         "upstreams:\n  oai: {{provider: openai, endpoints: ['http://[::1]:{port}', 'http://127.0.0.1:{port}'], key_pool: p}}\nkey_pools:\n  p: {{keys: [sk-good]}}\n"
     );
-    let routes = "routes:\n  - { name: chat, match: { path: /v1/chat/completions }, format: openai, auth: none, upstream: oai }\n  - { name: models, match: { path: /v1/models }, format: openai, auth: none, upstream: oai }\n";
+    let routes = "routes:\n  - { name: chat, match: { path: /v1/chat/completions }, format: openai, auth: none, upstream: oai, retries: 1 }\n  - { name: models, match: { path: /v1/models }, format: openai, auth: none, upstream: oai, retries: 1 }\n";
     let gw = gateway(&body, routes).await;
     for i in 0..20 {
         assert_eq!(post_chat(&gw, &chat(false)).await.status(), 200, "request {i}");

@@ -541,6 +541,30 @@ pub struct UpstreamConfig {
     /// headers a client sent are removed.
     #[serde(default)]
     pub forwarded_headers: bool,
+    /// How many retries may be in flight toward this upstream at once
+    /// (Envoy's `retry_budget`), so a provider in trouble is not hit with
+    /// a multiple of its normal load.
+    #[serde(default)]
+    pub retry_budget: RetryBudgetConfig,
+}
+
+/// Retries in flight toward an upstream: at most `percent` of its active
+/// requests, and `min_concurrency` whatever the load (a quiet upstream still
+/// gets its retries).
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryBudgetConfig {
+    pub percent: f64,
+    pub min_concurrency: u32,
+}
+
+impl Default for RetryBudgetConfig {
+    fn default() -> Self {
+        RetryBudgetConfig {
+            percent: 20.0,
+            min_concurrency: 3,
+        }
+    }
 }
 
 fn default_max_tokens() -> u64 {
@@ -1048,6 +1072,13 @@ pub fn parse_config(path: &Path, raw: &str) -> Result<Config, ConfigErrors> {
             errors.push(diag(
                 at("health_check"),
                 format!("upstreams.{name}.health_check: interval, timeout, rise and fall must be greater than zero"),
+            ));
+        }
+        let pct = up.retry_budget.percent;
+        if !(0.0..=100.0).contains(&pct) {
+            errors.push(diag(
+                at("retry_budget"),
+                format!("upstreams.{name}.retry_budget.percent must be between 0 and 100 (got {pct})"),
             ));
         }
     }

@@ -84,6 +84,11 @@ pub struct RouteConfig {
     /// the pool key.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub forward_account_headers: bool,
+    /// The endpoint may be called twice for one request (a retry after a
+    /// 5xx, a timeout or a connection lost after the body was sent cannot
+    /// double-bill): off for generation endpoints, which bill each call.
+    #[serde(default)]
+    pub idempotent: bool,
     /// Per gateway key, on this route.
     #[serde(default)]
     pub rate_limit: Option<RateLimitConfig>,

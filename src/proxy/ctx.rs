@@ -12,7 +12,7 @@ use crate::{
     router::Route,
     state::AppState,
     store::keys::GatewayKey,
-    upstream::{Slot, Target, Upstream},
+    upstream::{RetryToken, Slot, Target, Upstream},
 };
 use bytes::Bytes;
 use pingora::http::ResponseHeader;
@@ -62,6 +62,11 @@ pub struct UpstreamCtx {
     pub attempts: u32,
     pub tried_addrs: Vec<SocketAddr>,
     pub tried_keys: Vec<String>,
+    /// The current attempt's place under its upstream's `retry_budget`
+    /// (a retry holds one until it ends).
+    pub retry_token: Option<RetryToken>,
+    /// The one fresh connection after a dead pooled one was used.
+    pub reconnected: bool,
     /// Failed attempts, `upstream address key outcome` each; empty on the
     /// happy path (nothing is built then).
     pub trail: Vec<String>,

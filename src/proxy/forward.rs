@@ -7,7 +7,13 @@
 //! client chunk by chunk. Having the body in hand also makes retries on
 //! another key, endpoint or fallback upstream possible before the first byte.
 
-use super::{ctx::RequestCtx, errors::GatewayError, mock, rewrite};
+use super::{
+    ctx::RequestCtx,
+    errors::GatewayError,
+    mock,
+    retry::{self, Facts, NotConnected, Outcome, Verdict},
+    rewrite,
+};
 use crate::{state::AppState, upstream::Upstream};
 use bytes::Bytes;
 use http::header;
@@ -24,26 +30,14 @@ use std::{sync::Arc, time::Duration};
 enum Attempt {
     /// Response headers arrived; the session is ready to stream the body.
     Answered(Box<HttpSession>),
-    /// `refused`: no connection was made (nothing was sent), so another
-    /// address is always safe and does not count against `retries`.
-    Failed { error: GatewayError, refused: bool },
+    /// No answer; `outcome` says how far the request got (for the retry
+    /// policy: whether the provider may have acted on it).
+    Failed { error: GatewayError, outcome: Outcome },
 }
 
 /// How long an attempt runs before FastGate starts watching for the
 /// client's hang-up (well inside the 100 ms in which it must notice).
 const WATCH_CLIENT_AFTER: Duration = Duration::from_millis(20);
-
-/// Why an answer moves the request to another key, endpoint or upstream:
-/// the failover reason for metrics, or `None` to hand the answer over.
-/// A 401/403 condemns the injected pool key, not the client.
-pub fn failover_reason(status: u16, pooled_key: bool) -> Option<&'static str> {
-    match status {
-        429 => Some("status_429"),
-        500..=599 => Some("status_5xx"),
-        401 | 403 if pooled_key => Some("key_rejected"),
-        _ => None,
-    }
-}
 
 /// What the client gets instead of a provider's 401/403 to a pool key: the
 /// provider's message quotes the key it got (OpenAI's "Incorrect API key
@@ -64,9 +58,10 @@ pub fn key_rejected(status: u16, upstream: &crate::upstream::Upstream) -> Gatewa
 /// byte, then stream the answer. Returns the error to answer with if no
 /// attempt produced a response.
 ///
-/// Order: other keys and addresses of the upstream (within `retries`; a
-/// refused connection is free while untried addresses remain), then the
-/// route's fallback upstreams, each within the route's `timeout` overall.
+/// Order: other keys and addresses of the upstream (within `retries`, every
+/// attempt spending one), then the route's fallback upstreams, each within
+/// the route's `timeout` overall. Whether a failure is retried at all is
+/// [`retry::decide`]'s call, the same as on Pingora's path.
 pub async fn exchange(state: &Arc<AppState>, session: &mut Session, ctx: &mut RequestCtx) -> Result<(), GatewayError> {
     let Some(route) = ctx.route.clone() else {
         return Err(GatewayError::NoRoute {
@@ -107,6 +102,7 @@ pub async fn exchange(state: &Arc<AppState>, session: &mut Session, ctx: &mut Re
             .await
             .map_err(|_| GatewayError::ClientClosed);
     }
+    let idempotent = retry::idempotent(&session.req_header().method, route.idempotent);
     for (position, upstream) in chain.iter().enumerate() {
         ctx.upstream.upstream = Some(upstream.clone());
         ctx.upstream.slot = None;
@@ -146,7 +142,7 @@ pub async fn exchange(state: &Arc<AppState>, session: &mut Session, ctx: &mut Re
             }
         };
         let send_body = plan.as_ref().map_or_else(|| body.clone(), |p| p.body.clone());
-        let last_upstream = position + 1 == chain.len();
+        let next_upstream = chain.get(position + 1).map(Arc::as_ref);
         let mut retries_left = route.retries;
         loop {
             let first_byte = match deadline {
@@ -161,7 +157,14 @@ pub async fn exchange(state: &Arc<AppState>, session: &mut Session, ctx: &mut Re
                 },
                 None => upstream.timeouts.first_byte.0,
             };
-            let last_try = last_upstream && retries_left == 0;
+            // A retry starts only for a client still there, even when the
+            // last attempt failed too fast for the watcher below to run.
+            if ctx.upstream.attempts > 0 && client_hung_up(session).await {
+                tracing::debug!(request_id = %ctx.request_id, "Client disconnected between attempts; no retry.");
+                ctx.upstream.lease = None;
+                ctx.response.cut_short = true;
+                return Err(GatewayError::ClientClosed);
+            }
             ctx.upstream.attempts += 1;
             let Some(target) = upstream.select(hash_key.as_bytes(), &ctx.upstream.tried_addrs) else {
                 last_error = Some(GatewayError::NoEndpoint(upstream.name.clone()));
@@ -194,26 +197,47 @@ pub async fn exchange(state: &Arc<AppState>, session: &mut Session, ctx: &mut Re
             }
             rewrite::set_body_length(&mut req, send_body.len());
             let peer = upstream.peer(&target, first_byte);
-            // The client may give up while the upstream connects or thinks:
-            // then the exchange is dropped (closing the upstream connection,
-            // so generation and billing stop) and the key lease released.
-            // Watching starts after a moment, so quick answers never pay
-            // the extra read on the client's socket.
-            let client_gone = async {
-                tokio::time::sleep(WATCH_CLIENT_AFTER).await;
-                session.downstream_session.read_body_or_idle(true).await
+            let facts = |outcome, retries_left, reconnected| Facts {
+                outcome,
+                idempotent,
+                retries_left,
+                fallback_left: next_upstream.is_some(),
+                reconnected,
             };
-            // Boxed: connecting and sending is the largest state of this
-            // exchange (about 10 KiB, most of it Pingora's connector). Held
-            // inline, every open stream would carry it until its end.
-            let attempt = tokio::select! {
-                a = Box::pin(send(state, &peer, req, send_body.clone(), first_byte, &upstream.name)) => a,
-                _ = client_gone => {
-                    tracing::debug!(request_id = %ctx.request_id, "Client disconnected before the answer; cancelling the upstream request.");
-                    ctx.upstream.lease = None;
-                    ctx.response.cut_short = true;
-                    return Err(GatewayError::ClientClosed);
+            let mut fresh = false;
+            let attempt = loop {
+                // The client may give up while the upstream connects or
+                // thinks: then the exchange is dropped (closing the upstream
+                // connection, so generation and billing stop) and the key
+                // lease released. Watching starts after a moment, so quick
+                // answers never pay the extra read on the client's socket.
+                let client_gone = async {
+                    tokio::time::sleep(WATCH_CLIENT_AFTER).await;
+                    session.downstream_session.read_body_or_idle(true).await
+                };
+                // Boxed: connecting and sending is the largest state of this
+                // exchange (about 10 KiB, most of it Pingora's connector).
+                // Held inline, every open stream would carry it until its end.
+                let attempt = tokio::select! {
+                    a = Box::pin(send(state, &peer, &req, send_body.clone(), first_byte, &upstream.name, fresh)) => a,
+                    _ = client_gone => {
+                        tracing::debug!(request_id = %ctx.request_id, "Client disconnected before the answer; cancelling the upstream request.");
+                        ctx.upstream.lease = None;
+                        ctx.response.cut_short = true;
+                        return Err(GatewayError::ClientClosed);
+                    }
+                };
+                // A pooled connection the upstream closed while it idled:
+                // once per request, on a fresh connection, when safe.
+                if let Attempt::Failed { outcome, .. } = &attempt
+                    && retry::decide(&facts(*outcome, retries_left, ctx.upstream.reconnected)) == Verdict::Reconnect
+                {
+                    tracing::debug!(request_id = %ctx.request_id, upstream = %upstream.name, "A pooled connection was found dead; once more on a fresh one.");
+                    ctx.upstream.reconnected = true;
+                    fresh = true;
+                    continue;
                 }
+                break attempt;
             };
             match attempt {
                 Attempt::Answered(mut up) => {
@@ -226,30 +250,39 @@ pub async fn exchange(state: &Arc<AppState>, session: &mut Session, ctx: &mut Re
                         body_delay = crate::pool::signals::gemini_retry_delay(&plain);
                         prefix = Some(bytes);
                     }
-                    let reason = match up.response_header() {
-                        Some(h) => {
-                            if let Some(lease) = &ctx.upstream.lease {
-                                lease.observe_with_delay(status, &h.headers, ctx.model.as_deref(), body_delay);
-                            }
-                            failover_reason(status, ctx.upstream.lease.is_some())
+                    let mut retry_after = false;
+                    if let Some(h) = up.response_header() {
+                        retry_after = h.headers.contains_key(header::RETRY_AFTER);
+                        if let Some(lease) = &ctx.upstream.lease {
+                            lease.observe_with_delay(status, &h.headers, ctx.model.as_deref(), body_delay);
                         }
-                        None => Some("status_5xx"),
+                    }
+                    let outcome = Outcome::Answered {
+                        status,
+                        retry_after,
+                        pooled_key: ctx.upstream.lease.is_some(),
                     };
-                    if let Some(reason) = reason.filter(|_| !last_try) {
+                    let verdict = retry::judge(
+                        state,
+                        ctx,
+                        &facts(outcome, retries_left, ctx.upstream.reconnected),
+                        upstream,
+                        next_upstream,
+                    );
+                    if let Verdict::Retry { .. } | Verdict::Fallback { .. } = verdict {
                         tracing::info!(request_id = %ctx.request_id, upstream = %upstream.name, status, attempt = ctx.upstream.attempts, "Upstream answered with a retryable status; failing over.");
-                        state.metrics.failovers.with_label_values(&[reason]).inc();
                         last_error = Some(GatewayError::UpstreamStatus {
                             upstream: upstream.name.clone(),
                             status,
                         });
                         ctx.upstream.mark_failed(&status.to_string());
-                        if retries_left == 0 {
+                        if let Verdict::Fallback { .. } = verdict {
                             break;
                         }
-                        retries_left -= 1;
+                        retries_left = retries_left.saturating_sub(1);
                         continue;
                     }
-                    if reason == Some("key_rejected") {
+                    if matches!(status, 401 | 403) && ctx.upstream.lease.is_some() {
                         return Err(key_rejected(status, upstream));
                     }
                     if let Some(p) = &plan {
@@ -269,29 +302,32 @@ pub async fn exchange(state: &Arc<AppState>, session: &mut Session, ctx: &mut Re
                     stream_response(state, session, ctx, *up, &peer, prefix).await;
                     return Ok(());
                 }
-                Attempt::Failed { error, refused } => {
+                Attempt::Failed { error, outcome } => {
                     tracing::warn!(request_id = %ctx.request_id, upstream = %upstream.name, error = %error, attempt = ctx.upstream.attempts, "Upstream attempt failed.");
                     if let Some(lease) = &ctx.upstream.lease {
                         lease.note_failure(error.kind());
                     }
-                    let reason = if refused {
+                    if outcome == Outcome::NotConnected(NotConnected::Refused) {
                         upstream.rest_address(target.addr);
-                        "connect"
-                    } else {
-                        "timeout_or_io"
-                    };
-                    state.metrics.failovers.with_label_values(&[reason]).inc();
+                    }
                     ctx.upstream.mark_failed(error.kind());
-                    last_error = Some(error);
-                    // Nothing was sent on a refused connection: another
-                    // address is free while untried ones remain.
-                    if refused && upstream.untried_addresses(&ctx.upstream.tried_addrs) > 0 {
-                        continue;
+                    let verdict = retry::judge(
+                        state,
+                        ctx,
+                        &facts(outcome, retries_left, ctx.upstream.reconnected),
+                        upstream,
+                        next_upstream,
+                    );
+                    match verdict {
+                        Verdict::Retry { .. } => retries_left = retries_left.saturating_sub(1),
+                        Verdict::Fallback { .. } => {
+                            last_error = Some(error);
+                            break;
+                        }
+                        // The provider may be acting on it, or nothing is
+                        // left: the client gets this error.
+                        Verdict::Reconnect | Verdict::Stop(_) => return Err(error),
                     }
-                    if retries_left == 0 {
-                        break;
-                    }
-                    retries_left -= 1;
                 }
             }
         }
@@ -336,66 +372,83 @@ pub fn no_key_error(pool: &str, no: crate::pool::NoKey) -> GatewayError {
     }
 }
 
-/// One attempt: connect (pooled), write request and body, wait for headers.
-/// A reused pooled connection that turns out dead is retried once on a fresh
-/// one, since the server may have closed it while idle.
+/// Whether the client has hung up, without waiting: between attempts, when
+/// a failure came too fast for the watcher around `send` to run.
+async fn client_hung_up(session: &mut Session) -> bool {
+    futures_lite::future::poll_once(session.downstream_session.read_body_or_idle(true))
+        .await
+        .is_some()
+}
+
+/// One attempt: connect (pooled unless `fresh`), write request and body,
+/// wait for headers. Nothing is retried here: how far the request got is
+/// reported for [`retry::decide`] (a dead pooled connection after the write
+/// is not the same as one before it).
 async fn send(
     state: &AppState,
     peer: &HttpPeer,
-    req: pingora::http::RequestHeader,
+    req: &pingora::http::RequestHeader,
     body: Bytes,
     first_byte: Duration,
     upstream: &str,
+    fresh: bool,
 ) -> Attempt {
-    let mut fresh_only = false;
-    loop {
-        let (mut s, reused) = match state.connector.get_http_session(peer).await {
-            Ok(pair) => pair,
+    let (mut s, reused) = loop {
+        match state.connector.get_http_session(peer).await {
+            // Drain stale pooled connections rather than use them.
+            Ok((s, true)) if fresh => drop(s),
+            Ok(pair) => break pair,
             Err(e) => {
                 return Attempt::Failed {
-                    refused: is_refused(&e),
+                    outcome: Outcome::NotConnected(not_connected(&e)),
                     error: connect_error(&e, upstream),
                 };
             }
+        }
+    };
+    let written: pingora::Result<()> = async {
+        let _cork = (!body.is_empty()).then(|| Cork::new(&s));
+        s.write_request_header(Box::new(req.clone())).await?;
+        s.write_request_body(body, true).await?;
+        s.finish_request_body().await?;
+        Ok(())
+    }
+    .await;
+    if let Err(e) = written {
+        return Attempt::Failed {
+            error: connect_error(&e, upstream),
+            outcome: Outcome::WriteFailed { reused },
         };
-        if fresh_only && reused {
-            // Drain stale pooled connections rather than loop on them.
-            drop(s);
-            continue;
-        }
-        let result: pingora::Result<()> = async {
-            let _cork = (!body.is_empty()).then(|| Cork::new(&s));
-            s.write_request_header(Box::new(req.clone())).await?;
-            s.write_request_body(body.clone(), true).await?;
-            s.finish_request_body().await?;
-            Ok(())
-        }
-        .await;
-        let result = match result {
-            Ok(()) => match tokio::time::timeout(first_byte, s.read_response_header()).await {
-                Ok(r) => r,
-                Err(_) => {
-                    return Attempt::Failed {
-                        error: GatewayError::UpstreamTimeout {
-                            upstream: upstream.into(),
-                            after_ms: first_byte.as_millis(),
-                        },
-                        refused: false,
-                    };
-                }
+    }
+    match tokio::time::timeout(first_byte, s.read_response_header()).await {
+        Ok(Ok(())) => Attempt::Answered(Box::new(s)),
+        Ok(Err(e)) => Attempt::Failed {
+            outcome: Outcome::AfterWrite {
+                reused,
+                timeout: e.etype() == &ErrorType::ReadTimedout,
             },
-            Err(e) => Err(e),
-        };
-        match result {
-            Ok(()) => return Attempt::Answered(Box::new(s)),
-            Err(_) if reused && !fresh_only => fresh_only = true,
-            Err(e) => {
-                return Attempt::Failed {
-                    error: connect_error(&e, upstream),
-                    refused: false,
-                };
-            }
-        }
+            error: connect_error(&e, upstream),
+        },
+        Err(_) => Attempt::Failed {
+            error: GatewayError::UpstreamTimeout {
+                upstream: upstream.into(),
+                after_ms: first_byte.as_millis(),
+            },
+            outcome: Outcome::AfterWrite { reused, timeout: true },
+        },
+    }
+}
+
+/// How a connection that was never made failed.
+pub fn not_connected(e: &pingora::Error) -> NotConnected {
+    match e.etype() {
+        _ if is_refused(e) => NotConnected::Refused,
+        ErrorType::ConnectTimedout => NotConnected::Timeout,
+        ErrorType::TLSHandshakeFailure
+        | ErrorType::TLSHandshakeTimedout
+        | ErrorType::InvalidCert
+        | ErrorType::HandshakeError => NotConnected::Tls,
+        _ => NotConnected::Other,
     }
 }
 
@@ -665,7 +718,21 @@ pub async fn probe(state: &AppState, upstream: &Upstream, lease: &crate::pool::L
     rewrite::inject_key(&mut req, upstream.provider, lease.key().secret.expose());
     let timeout = upstream.timeouts.first_byte.0.min(Duration::from_secs(30));
     let peer = upstream.peer(&target, timeout);
-    match send(state, &peer, req, Bytes::new(), timeout, &upstream.name).await {
+    let mut attempt = send(state, &peer, &req, Bytes::new(), timeout, &upstream.name, false).await;
+    // A GET: a pooled connection found dead gets its one fresh one.
+    if let Attempt::Failed { outcome, .. } = &attempt {
+        let facts = Facts {
+            outcome: *outcome,
+            idempotent: true,
+            retries_left: 0,
+            fallback_left: false,
+            reconnected: false,
+        };
+        if retry::decide(&facts) == Verdict::Reconnect {
+            attempt = send(state, &peer, &req, Bytes::new(), timeout, &upstream.name, true).await;
+        }
+    }
+    match attempt {
         Attempt::Answered(s) => {
             let status = s.response_header().map(|h| h.status.as_u16());
             if let (Some(code), Some(h)) = (status, s.response_header()) {

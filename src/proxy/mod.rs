@@ -13,8 +13,9 @@
 //! upstream_request_filter  rewrite::upstream_request (path, headers, key injection)
 //! request_body_filter      max_request_body on streamed bodies
 //! response_filter          x-request-id
-//! fail_to_connect          retry on another endpoint/key while `retries` allow
-//! error_while_proxy        never retry a client hang-up
+//! fail_to_connect          retry::decide: another endpoint/key while `retries` allow
+//! error_while_proxy        retry::decide: never a client hang-up, nor a POST
+//!                          the provider may be running
 //! fail_to_proxy            respond::error
 //! logging                  finish: usage, metrics, audit row, one log line
 //! ```
@@ -28,6 +29,7 @@ pub mod intake;
 pub mod mock;
 pub mod relay;
 pub mod respond;
+pub mod retry;
 pub mod rewrite;
 
 use crate::state::AppState;
@@ -51,6 +53,27 @@ pub struct Gateway {
 impl Gateway {
     pub fn new(state: Arc<AppState>) -> Self {
         Gateway { state }
+    }
+
+    /// The retry policy for an attempt on Pingora's path (one upstream, no
+    /// fallback): `retries` minus the attempts already made, the one
+    /// reconnect excepted.
+    fn judge(&self, ctx: &mut RequestCtx, outcome: retry::Outcome, method_idempotent: bool) -> retry::Verdict {
+        let (Some(route), Some(upstream)) = (ctx.route.clone(), ctx.upstream.upstream.clone()) else {
+            return retry::Verdict::Stop(None);
+        };
+        let spent = ctx
+            .upstream
+            .attempts
+            .saturating_sub(1 + u32::from(ctx.upstream.reconnected));
+        let facts = retry::Facts {
+            outcome,
+            idempotent: method_idempotent || route.idempotent,
+            retries_left: route.retries.saturating_sub(spent),
+            fallback_left: false,
+            reconnected: ctx.upstream.reconnected,
+        };
+        retry::judge(&self.state, ctx, &facts, &upstream, None)
     }
 
     /// Turn a FastGate error into a Pingora error that `fail_to_proxy` renders.
@@ -289,27 +312,21 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
         mut e: Box<pingora::Error>,
     ) -> Box<pingora::Error> {
-        let retries = ctx.route.as_ref().map_or(0, |r| r.retries);
-        let refused = forward::is_refused(&e);
-        if let (true, Some(upstream), Some(target)) = (refused, &ctx.upstream.upstream, &ctx.upstream.target) {
+        let why = forward::not_connected(&e);
+        if let (retry::NotConnected::Refused, Some(upstream), Some(target)) =
+            (why, &ctx.upstream.upstream, &ctx.upstream.target)
+        {
             upstream.rest_address(target.addr);
         }
         if let Some(lease) = &ctx.upstream.lease {
             lease.note_failure(e.etype().as_str());
         }
         ctx.upstream.mark_failed(e.etype().as_str());
-        // Nothing was sent yet, so another endpoint/key is always safe; a
-        // refused address costs no retry while untried addresses remain.
-        let untried = ctx
-            .upstream
-            .upstream
-            .as_ref()
-            .is_some_and(|u| u.untried_addresses(&ctx.upstream.tried_addrs) > 0);
-        if ctx.upstream.attempts <= retries || (refused && untried) {
-            let reason = if refused { "connect" } else { "timeout_or_io" };
-            self.state.metrics.failovers.with_label_values(&[reason]).inc();
-            e.set_retry(true);
-        }
+        // Nothing was sent, so another endpoint/key is safe, but it spends
+        // a retry like any attempt: an upstream whose every address refuses
+        // is not looped over.
+        let verdict = self.judge(ctx, retry::Outcome::NotConnected(why), false);
+        e.set_retry(matches!(verdict, retry::Verdict::Retry { .. }));
         e
     }
 
@@ -318,19 +335,39 @@ impl ProxyHttp for Gateway {
         peer: &HttpPeer,
         session: &mut Session,
         e: Box<pingora::Error>,
-        _ctx: &mut RequestCtx,
+        ctx: &mut RequestCtx,
         client_reused: bool,
     ) -> Box<pingora::Error> {
         let mut e = e.more_context(format!("peer: {peer}"));
-        // Never retry because the client hung up, nor replay a body Pingora
-        // no longer holds; otherwise a stale pooled connection may be retried.
-        if e.esource() == &ErrorSource::Downstream
-            || !session.req_header().method.is_idempotent()
+        // Never retry because the client hung up or FastGate refused (only
+        // the upstream's failures are the policy's), nor replay a body
+        // Pingora no longer holds, nor once the client has the headers.
+        if e.esource() != &ErrorSource::Upstream
             || session.as_ref().retry_buffer_truncated()
+            || session.response_written().is_some()
         {
             e.set_retry(false);
-        } else {
-            e.retry.decide_reuse(client_reused);
+            return e;
+        }
+        // The request was (possibly) written: the policy decides, the same
+        // as for FastGate's own exchange. Pingora marks a dead pooled
+        // connection found while waiting for the answer as `ReusedOnly`.
+        let outcome = retry::Outcome::AfterWrite {
+            reused: client_reused && matches!(e.retry, pingora::RetryType::ReusedOnly),
+            timeout: e.etype() == &ErrorType::ReadTimedout,
+        };
+        let by_method = session.req_header().method.is_idempotent();
+        let verdict = self.judge(ctx, outcome, by_method);
+        match verdict {
+            retry::Verdict::Reconnect => {
+                ctx.upstream.reconnected = true;
+                e.set_retry(true);
+            }
+            retry::Verdict::Retry { .. } => {
+                ctx.upstream.mark_failed(e.etype().as_str());
+                e.set_retry(true);
+            }
+            _ => e.set_retry(false),
         }
         e
     }

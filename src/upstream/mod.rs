@@ -8,13 +8,14 @@
 //!
 //! Every resolved address is a backend. An address that refuses connections
 //! (an IPv6 address on an IPv4-only host, a dead replica) is set aside for
-//! [`ADDRESS_REST`] and the request moves on to another address at once;
-//! optional active health checks (`health_check`) do the same on a timer.
+//! [`ADDRESS_REST`] and the request's next attempt (if its route has a retry
+//! left: see `proxy::retry`) goes to another address; optional active
+//! health checks (`health_check`) do the same on a timer.
 
 mod health;
 
 use crate::{
-    config::{Balance, MockConfig, Provider, TimeoutsConfig, UpstreamConfig},
+    config::{Balance, MockConfig, Provider, RetryBudgetConfig, TimeoutsConfig, UpstreamConfig},
     pool::KeyPool,
 };
 use async_trait::async_trait;
@@ -184,6 +185,9 @@ pub struct Upstream {
     /// Whether `X-Forwarded-For`/`-Proto` are sent to this upstream.
     pub forwarded_headers: bool,
     in_flight: Arc<AtomicU32>,
+    /// Retry attempts in flight toward this upstream (under `retry_budget`).
+    active_retries: Arc<AtomicU32>,
+    retry_budget: RetryBudgetConfig,
     /// Addresses that refused a connection, until when they are passed over.
     resting: parking_lot::Mutex<HashMap<SocketAddr, Instant>>,
     any_resting: AtomicBool,
@@ -199,6 +203,25 @@ impl Drop for Slot {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+/// A retry attempt's place under its upstream's `retry_budget`; freed on
+/// drop (when the attempt ends or the request does).
+#[derive(Debug)]
+pub struct RetryToken(Arc<AtomicU32>);
+
+impl Drop for RetryToken {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// How many retries may be in flight toward an upstream with `active`
+/// requests in flight: Envoy's `retry_budget` (a share of the active
+/// requests, never fewer than `min_concurrency`).
+pub fn retry_allowance(budget: &RetryBudgetConfig, active: u32) -> u32 {
+    let share = (f64::from(active) * budget.percent.clamp(0.0, 100.0) / 100.0).floor() as u32;
+    share.max(budget.min_concurrency)
 }
 
 /// One resolved address and what FastGate knows of it.
@@ -261,6 +284,8 @@ impl Upstream {
             default_max_tokens: cfg.default_max_tokens,
             forwarded_headers: cfg.forwarded_headers,
             in_flight: Arc::new(AtomicU32::new(0)),
+            active_retries: Arc::new(AtomicU32::new(0)),
+            retry_budget: cfg.retry_budget,
             resting: parking_lot::Mutex::new(HashMap::new()),
             any_resting: AtomicBool::new(false),
             health_interval: cfg.health_check.as_ref().map(|h| h.interval.0),
@@ -298,11 +323,15 @@ impl Upstream {
         r.contains_key(addr)
     }
 
-    /// Addresses not yet tried in this request that could still be tried.
-    pub fn untried_addresses(&self, tried: &[SocketAddr]) -> usize {
-        self.selector.as_ref().map_or(0, |s| {
-            each_lb!(s, lb => lb.backends().get_backend().iter().filter(|b| b.addr.as_inet().is_some_and(|a| !tried.contains(a))).count())
-        })
+    /// A place for one more retry toward this upstream, if its
+    /// `retry_budget` has room: taken atomically, so requests answered at
+    /// the same moment cannot all pass a full budget.
+    pub fn try_retry(&self) -> Option<RetryToken> {
+        let allowed = retry_allowance(&self.retry_budget, self.in_flight());
+        self.active_retries
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < allowed).then_some(n + 1))
+            .ok()?;
+        Some(RetryToken(self.active_retries.clone()))
     }
 
     /// Run the active health checks once (the upkeep task calls this every
@@ -404,6 +433,38 @@ impl Upstream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retry_allowance_is_a_share_with_a_floor() {
+        let b = RetryBudgetConfig::default();
+        assert_eq!(retry_allowance(&b, 0), 3);
+        assert_eq!(retry_allowance(&b, 10), 3);
+        assert_eq!(retry_allowance(&b, 40), 8);
+        assert_eq!(retry_allowance(&b, 1000), 200);
+        let none = RetryBudgetConfig {
+            percent: 0.0,
+            min_concurrency: 0,
+        };
+        assert_eq!(retry_allowance(&none, 1000), 0);
+    }
+
+    #[test]
+    fn retry_tokens_stop_at_the_budget_and_come_back() {
+        let cfg: UpstreamConfig = serde_norway::from_str(
+            "{provider: openai, endpoints: ['http://127.0.0.1:1001'], retry_budget: {percent: 50, min_concurrency: 1}}",
+        )
+        .unwrap();
+        let up = Upstream::build("u", &cfg, &HashMap::new());
+        let slots: Vec<_> = (0..4).map(|_| up.try_slot().unwrap()).collect();
+        let a = up.try_retry().unwrap();
+        let b = up.try_retry().unwrap();
+        assert!(up.try_retry().is_none(), "50 % of 4 in flight is 2");
+        drop(a);
+        let c = up.try_retry();
+        assert!(c.is_some());
+        drop((b, c, slots));
+        assert!(up.try_retry().is_some(), "min_concurrency with nothing in flight");
+    }
 
     #[test]
     fn endpoint_urls() {
