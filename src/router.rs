@@ -19,6 +19,10 @@ use std::{
     time::Duration,
 };
 
+/// The most `retries` a route may ask for: one request never makes more
+/// than `MAX_RETRIES + 1` attempts per upstream.
+pub const MAX_RETRIES: u32 = 10;
+
 /// One compiled route.
 #[derive(Debug)]
 pub struct Route {
@@ -244,6 +248,12 @@ impl Route {
             if from.is_empty() || to.is_empty() {
                 errs.push("model_map entries must not be empty".to_string());
             }
+        }
+        if rc.retries > MAX_RETRIES {
+            errs.push(format!(
+                "retries: {} is more than {MAX_RETRIES} (each attempt may reach the provider; a route with more keys fails over through them within this)",
+                rc.retries
+            ));
         }
         if !errs.is_empty() {
             return Err(errs);
@@ -576,6 +586,22 @@ mod tests {
             text.contains("bad.yaml:9: route \"ok\": duplicate route name"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn retries_are_bounded() {
+        let compile = |n: u32| {
+            compile_sources(
+                &[(
+                    PathBuf::from("r.yaml"),
+                    format!("routes:\n- {{name: r, match: {{path: /a}}, upstream: a, retries: {n}}}\n"),
+                )],
+                &config(),
+            )
+        };
+        assert!(compile(MAX_RETRIES).is_ok());
+        let text = compile(200).unwrap_err().to_string();
+        assert!(text.contains("retries: 200 is more than 10"), "{text}");
     }
 
     #[test]

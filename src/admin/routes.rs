@@ -555,9 +555,7 @@ pub fn explain(
         .collect();
     // As on the data plane: a client never picks the account of a pool key.
     if upstream.is_some_and(|u| u.key_pool.is_some()) && !route.forward_account_headers {
-        for h in rewrite::ACCOUNT_HEADERS {
-            sent_headers.remove(h);
-        }
+        sent_headers.retain(|k, _| !rewrite::is_account_header(k));
     }
     for h in &route.transform.remove_headers {
         sent_headers.remove(h.as_str());

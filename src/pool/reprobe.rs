@@ -42,9 +42,22 @@ pub fn next_probe_at(st: &KeyStatus, interval: Duration) -> Option<i64> {
     if interval.is_zero() || !by_provider(&st.key) {
         return None;
     }
-    let every = i64::try_from(interval.as_millis()).unwrap_or(i64::MAX);
+    // The first probe confirms the disable soon: the refusals may have been
+    // the requests' fault, not the key's (a client asking for an admin-only
+    // path or another project's file gets a 401/403 on every key it is
+    // retried on). A key the model list still refuses waits `interval`.
+    let confirmed = st.last_error.as_deref().is_some_and(|e| e.starts_with("re-probe"));
+    let wait = if confirmed {
+        interval
+    } else {
+        interval.min(CONFIRM_AFTER)
+    };
+    let every = i64::try_from(wait.as_millis()).unwrap_or(i64::MAX);
     Some(st.last_error_ms.saturating_add(every))
 }
+
+/// When a key disabled by answers to client requests is first re-probed.
+pub const CONFIRM_AFTER: Duration = Duration::from_secs(2);
 
 /// Lease the keys of `pool` whose probe is due by `now_ms`: disabled by the
 /// provider, `interval` passed since their last error, and nothing running
@@ -135,11 +148,25 @@ pub fn settle(lease: &Lease, status: Option<u16>, error: Option<&str>) -> Outcom
 mod tests {
     use super::*;
 
+    /// Disabled for `reason`, and already re-probed once at `last_error_ms`.
     fn disabled(reason: &str, last_error_ms: i64) -> KeyStatus {
         let mut st = KeyStatus::default();
         st.key.disabled = Some(reason.to_string());
+        st.last_error = Some("re-probe answered 401".into());
         st.last_error_ms = last_error_ms;
         st
+    }
+
+    #[test]
+    fn a_disable_by_client_requests_is_confirmed_by_a_probe_soon() {
+        let mut st = disabled("401 unauthorized x3", 1_000);
+        st.last_error = Some("401 unauthorized x3".into());
+        assert_eq!(next_probe_at(&st, Duration::from_secs(600)), Some(3_000));
+        assert_eq!(
+            next_probe_at(&st, Duration::from_secs(1)),
+            Some(2_000),
+            "never later than the interval"
+        );
     }
 
     #[test]
@@ -175,6 +202,13 @@ mod tests {
         assert_eq!(
             next_probe_at(&disabled("401 unauthorized x3", 1), Duration::from_secs(u64::MAX)),
             Some(i64::MAX)
+        );
+        let mut fresh = disabled("401 unauthorized x3", 1);
+        fresh.last_error = None;
+        assert_eq!(
+            next_probe_at(&fresh, Duration::from_secs(u64::MAX)),
+            Some(2_001),
+            "the confirmation probe does not wait an absurd interval"
         );
     }
 

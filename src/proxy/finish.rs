@@ -26,9 +26,16 @@ pub fn finish(session: &Session, ctx: &mut RequestCtx, e: Option<&pingora::Error
     let duration = ctx.started.elapsed();
     let reported = ctx.response.meter.finish();
     let request_bytes = ctx.body.as_ref().map_or(ctx.body_seen, |b| b.len() as u64);
+    // A stream that ended cleanly without the provider's usage (a proxy
+    // that strips it, a provider that omits it, a client field that turned
+    // it off) is charged its estimate too: a clean end is not a free one.
+    let usage_missing = ctx.response.meter.is_sse()
+        && ctx.response.upstream_answered
+        && (200..300).contains(&status)
+        && (reported.prompt_tokens.is_none() || reported.completion_tokens.is_none());
     let (usage, usage_estimated) = estimate::charge(
         reported,
-        unfinished(ctx, e),
+        unfinished(ctx, e) || usage_missing,
         estimate::prompt_tokens(request_bytes),
         ctx.response.meter.seen_tokens(),
     );

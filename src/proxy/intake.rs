@@ -65,8 +65,17 @@ struct BodyPeek<'a> {
     model: Option<Cow<'a, str>>,
     #[serde(default)]
     stream: Option<serde_json::Value>,
-    #[serde(default)]
+    /// `Some(Null)` for an explicit `null`: it must be replaced, not
+    /// spliced beside (a second `stream_options` key, of which providers
+    /// read the last: the client's `null`, and no usage).
+    #[serde(default, deserialize_with = "present")]
     stream_options: Option<serde_json::Value>,
+}
+
+/// A field that is present, `null` included (plain `Option` reads `null` as
+/// absent).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<serde_json::Value>, D::Error> {
+    serde_json::Value::deserialize(d).map(Some)
 }
 
 /// What one parse of a request body told: its model (or the Gemini URL's)
@@ -439,6 +448,40 @@ fn peek_model(body: &[u8], path: &str, format: Format) -> Result<Option<String>,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A stream's body as the upstream gets it, parsed as providers parse
+    /// duplicate keys (the last one wins).
+    fn asked(body: &[u8]) -> serde_json::Value {
+        let usage = peek(body, "/v1/chat/completions", Format::Openai).unwrap().usage;
+        let sent = rewrite::ask_for_usage(body, usage)
+            .unwrap()
+            .unwrap_or_else(|| Bytes::copy_from_slice(body));
+        serde_json::from_slice(&sent).unwrap()
+    }
+
+    #[test]
+    fn every_stream_asks_for_usage_whatever_the_client_wrote_for_stream_options() {
+        for body in [
+            &br#"{"model":"m","stream":true}"#[..],
+            br#"{"model":"m","stream":true,"stream_options":null}"#,
+            br#"{"model":"m","stream":true, "stream_options" : null }"#,
+            br#"{"model":"m","stream":true,"stream_options":{}}"#,
+            br#"{"model":"m","stream":true,"stream_options":{"include_usage":false}}"#,
+        ] {
+            let sent = asked(body);
+            assert_eq!(
+                sent["stream_options"]["include_usage"],
+                serde_json::Value::Bool(true),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        let dup = br#"{"model":"m","stream":true,"stream_options":null,"stream_options":null}"#;
+        assert!(
+            peek(dup, "/v1/chat/completions", Format::Openai).is_err(),
+            "a repeated field is refused"
+        );
+    }
 
     #[test]
     fn models_from_body_and_gemini_path() {

@@ -27,6 +27,17 @@ pub const ANTHROPIC_VERSION: &str = "2023-06-01";
 /// behaviour, not an account, and pass).
 pub const ACCOUNT_HEADERS: [&str; 3] = ["openai-organization", "openai-project", "x-goog-user-project"];
 
+/// Whether a (lower-case) header name is one of [`ACCOUNT_HEADERS`], with
+/// `_` read as `-`.
+pub fn is_account_header(name: &str) -> bool {
+    ACCOUNT_HEADERS.iter().any(|a| {
+        a.len() == name.len()
+            && a.bytes()
+                .zip(name.bytes())
+                .all(|(x, y)| x == y || (x == b'-' && y == b'_'))
+    })
+}
+
 /// Headers that describe one hop and are never forwarded.
 pub const HOP_BY_HOP: [&str; 8] = [
     "connection",
@@ -170,7 +181,8 @@ pub enum UsageAsk {
     No,
     /// A stream without `stream_options`: splice the field in.
     Splice,
-    /// `stream_options` without `include_usage: true`: set it.
+    /// `stream_options` (an object or `null`) without `include_usage:
+    /// true`: set it.
     Merge,
 }
 
@@ -184,7 +196,7 @@ impl UsageAsk {
         match stream_options {
             None => UsageAsk::Splice,
             Some(Value::Object(o)) if o.get("include_usage") == Some(&Value::Bool(true)) => UsageAsk::No,
-            Some(Value::Object(_)) => UsageAsk::Merge,
+            Some(Value::Object(_) | Value::Null) => UsageAsk::Merge,
             Some(_) => UsageAsk::No, // the upstream answers that
         }
     }
@@ -269,8 +281,16 @@ pub fn upstream_request(
         req.remove_header(&name);
     }
     if upstream.key_pool.is_some() && !route.forward_account_headers {
-        for name in ACCOUNT_HEADERS {
-            req.remove_header(name);
+        // Every spelling a server may read as one of them: stacks that map
+        // headers the CGI way read `OpenAI_Organization` as the same name.
+        let account: Vec<http::HeaderName> = req
+            .headers
+            .keys()
+            .filter(|n| is_account_header(n.as_str()))
+            .cloned()
+            .collect();
+        for name in account {
+            req.remove_header(&name);
         }
     }
     for name in &route.transform.remove_headers {
@@ -399,6 +419,22 @@ pub fn rewrite_body(route: &Route, body: &Bytes) -> Result<Option<Bytes>, Gatewa
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn account_headers_are_known_in_every_spelling() {
+        for name in [
+            "openai-organization",
+            "openai_organization",
+            "openai-project",
+            "x-goog_user_project",
+            "x_goog_user_project",
+        ] {
+            assert!(is_account_header(name), "{name}");
+        }
+        for name in ["anthropic-beta", "openai-organizationx", "x-goog-api-key", "openai"] {
+            assert!(!is_account_header(name), "{name}");
+        }
+    }
 
     #[test]
     fn paths_that_leave_the_route_are_refused() {

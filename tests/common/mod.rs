@@ -91,6 +91,9 @@ pub struct Behaviour {
     /// Send the first half of a (sized, uncompressed) JSON answer, then
     /// drop the connection: a non-stream body cut mid-way.
     pub cut_json_body: AtomicBool,
+    /// Never send an OpenAI stream's usage chunk, even when asked (a proxy
+    /// in front of the provider that strips it, or a provider that omits it).
+    pub no_usage: AtomicBool,
 }
 
 pub struct MockUpstream {
@@ -581,7 +584,9 @@ fn answer_normally(
         let mut events: Vec<String> = (0..5)
             .map(|i| format!("data: {{\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"model\":\"{model}\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"t{i}\"}},\"finish_reason\":null}}]}}\n\n"))
             .collect();
-        if json["stream_options"]["include_usage"] == serde_json::Value::Bool(true) {
+        if json["stream_options"]["include_usage"] == serde_json::Value::Bool(true)
+            && !b.no_usage.load(Ordering::SeqCst)
+        {
             events.push(format!("data: {{\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"model\":\"{model}\",\"choices\":[],\"usage\":{{\"prompt_tokens\":9,\"completion_tokens\":5,\"total_tokens\":14}}}}\n\n"));
         }
         events.push("data: [DONE]\n\n".into());

@@ -305,6 +305,67 @@ async fn a_finished_stream_is_charged_exactly_what_the_provider_reported() {
 }
 
 #[tokio::test]
+async fn a_stream_options_null_cannot_turn_the_usage_chunk_off() {
+    // Red team: `"stream_options": null` was kept beside the spliced field;
+    // providers read the last of two keys, sent no usage, and the clean end
+    // charged nothing against a tpm of 3,000 for 10,000 tokens.
+    let mock = MockUpstream::start().await;
+    let (gw, secret) = start(&mock, 1_000_000).await;
+    for body in [
+        r#"{"model":"gpt-4o","stream":true,"stream_options":null,"messages":[{"role":"user","content":"hi"}]}"#,
+        r#"{"model":"gpt-4o", "stream" : true , "stream_options" : {"include_usage": false}, "messages":[]}"#,
+    ] {
+        let r = reqwest::Client::new()
+            .post(gw.url("/v1/chat/completions"))
+            .bearer_auth(&secret)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+        let text = String::from_utf8(r.bytes().await.unwrap().to_vec()).unwrap();
+        assert!(text.contains("[DONE]"), "{text}");
+        // As a provider parses it: the last of repeated keys wins.
+        let sent: Value = serde_json::from_slice(&mock.last().body).unwrap();
+        assert_eq!(sent["stream_options"]["include_usage"], json!(true), "{sent}");
+        let row = row(&gw, &id).await;
+        assert!(!row.usage_estimated, "{row:?}");
+        assert_eq!((row.prompt_tokens, row.completion_tokens), (Some(9), Some(5)), "{body}");
+    }
+}
+
+#[tokio::test]
+async fn a_stream_that_ends_cleanly_without_usage_is_charged_the_estimate() {
+    // A proxy in front of the provider strips the usage chunk: the stream
+    // ends with [DONE] and no usage. It is charged its estimate, not 0.
+    let mock = MockUpstream::start().await;
+    mock.behaviour.no_usage.store(true, Ordering::SeqCst);
+    let (gw, secret) = start(&mock, 300).await;
+    let r = post(&gw, &secret, "/v1/chat/completions", &chat(true, 1200)).await;
+    assert_eq!(r.status(), 200);
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    let text = String::from_utf8(r.bytes().await.unwrap().to_vec()).unwrap();
+    assert!(text.contains("[DONE]") && !text.contains("\"usage\""), "{text}");
+    let row = row(&gw, &id).await;
+    assert!(row.usage_estimated, "{row:?}");
+    let prompt = row.prompt_tokens.unwrap();
+    assert!(prompt >= 300, "the prompt estimate is a quarter of the body: {row:?}");
+    assert!(row.completion_tokens.unwrap() >= 5, "{row:?}");
+    assert_eq!(
+        pool_tokens(&gw, "p", "sk-1").await,
+        prompt + row.completion_tokens.unwrap()
+    );
+    // The estimate counted against tpm (300): the next request is refused
+    // before it reaches the provider.
+    let calls = mock.seen().len();
+    let r = post(&gw, &secret, "/v1/chat/completions", &chat(true, 40)).await;
+    assert_eq!(r.status(), 429);
+    assert_eq!(mock.seen().len(), calls);
+}
+
+#[tokio::test]
 async fn refusals_and_unreachable_upstreams_charge_nothing() {
     let mock = MockUpstream::start().await;
     // A tpm of 1: any token charged refuses the next request.

@@ -100,6 +100,9 @@ async fn hostile_batch(gw: &Gateway, path: &str, n: usize) -> Vec<u16> {
             .header("OpenAI-Organization", "evil")
             .header("OpenAI-Project", "proj_evil")
             .header("x-goog-user-project", "someone-elses-project")
+            // Spellings servers that map headers the CGI way read as the same.
+            .header("OpenAI_Organization", "evil")
+            .header("x_goog_user_project", "someone-elses-project")
             .header("anthropic-beta", "prompt-caching-2024-07-31")
             .json(&json!({"model": "gpt-4o", "input": format!("hi {i}"), "messages": [{"role": "user", "content": "hi"}]}))
             .send()
@@ -126,6 +129,8 @@ async fn account_headers_never_reach_a_pooled_upstream(route: &str, path: &str) 
         assert_eq!(s.header("openai-organization"), None, "{:?}", s.headers);
         assert_eq!(s.header("openai-project"), None, "{:?}", s.headers);
         assert_eq!(s.header("x-goog-user-project"), None, "{:?}", s.headers);
+        assert_eq!(s.header("openai_organization"), None, "{:?}", s.headers);
+        assert_eq!(s.header("x_goog_user_project"), None, "{:?}", s.headers);
         // Behaviour headers are not account headers: they pass.
         assert_eq!(s.header("anthropic-beta"), Some("prompt-caching-2024-07-31"));
     }
@@ -405,6 +410,20 @@ async fn the_probe_schedule_survives_a_restart() {
     admin(&gw, "POST", &format!("/api/pools/p/keys/{id}/test"), None).await;
     let k = pool_key(&gw, "p", "sk-slow").await;
     assert_eq!(k["state"], "disabled", "{k}");
+    // The disable is confirmed by one probe soon (`CONFIRM_AFTER`), then the
+    // next waits the interval.
+    let first = k["next_probe_at"].as_i64().unwrap() - fastgate::pool::now_ms();
+    assert!(first <= 2_000, "{first}");
+    let deadline = Instant::now() + Duration::from_secs(8);
+    let k = loop {
+        let k = pool_key(&gw, "p", "sk-slow").await;
+        if k["last_error"].as_str().is_some_and(|e| e.starts_with("re-probe")) {
+            break k;
+        }
+        assert!(Instant::now() < deadline, "no confirmation probe: {k}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(k["state"], "disabled", "{k}");
     let next = k["next_probe_at"].as_i64().unwrap();
     let hour_ahead = next - fastgate::pool::now_ms();
     assert!((3_590_000..=3_600_000).contains(&hour_ahead), "{hour_ahead}");
@@ -436,4 +455,53 @@ async fn the_route_dry_run_shows_account_headers_dropped_toward_a_pool() {
     assert_eq!(headers.get("openai-project"), None, "{headers}");
     assert_eq!(headers["anthropic-beta"], "b", "{headers}");
     assert_eq!(headers["authorization"], "<pool key>", "{headers}");
+}
+
+#[tokio::test]
+async fn keys_a_client_got_refused_come_back_after_one_confirmation_probe() {
+    // Red team: a client chooses a request the provider refuses whatever the
+    // key (an admin-only path, another project's file); a 401 to a pool key
+    // is retried on the next key, so one such request condemns every key.
+    // The disable stands only if the model list refuses the key too.
+    let mock = MockUpstream::start().await;
+    *mock.behaviour.refuse_header.lock().unwrap() = Some(("x-ask-for".into(), "admin-only".into()));
+    let gw = gateway(
+        &openai_pool(&mock, &["sk-c1", "sk-c2"], ", disable_after: 1"),
+        CHAT_ROUTE,
+    )
+    .await;
+    let chat = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]});
+    let c = reqwest::Client::new();
+    let r = c
+        .post(gw.url("/v1/chat/completions"))
+        .header("x-ask-for", "admin-only")
+        .json(&chat)
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(r.status(), 200);
+    let disabled_at = Instant::now();
+    for secret in ["sk-c1", "sk-c2"] {
+        assert_eq!(pool_key(&gw, "p", secret).await["state"], "disabled");
+    }
+    // Back after the confirmation probe (2 s), not the 10 min interval.
+    for secret in ["sk-c1", "sk-c2"] {
+        loop {
+            let k = pool_key(&gw, "p", secret).await;
+            if k["state"] == "active" {
+                break;
+            }
+            assert!(disabled_at.elapsed() < Duration::from_secs(6), "still down: {k}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let back = disabled_at.elapsed();
+    assert!(
+        back >= Duration::from_millis(1500),
+        "probed at {back:?}, not after CONFIRM_AFTER"
+    );
+    let r = c.post(gw.url("/v1/chat/completions")).json(&chat).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let probes = mock.seen().iter().filter(|s| s.uri == "/v1/models").count();
+    assert_eq!(probes, 2, "one confirmation probe per key");
 }
