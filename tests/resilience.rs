@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{Gateway, KeyRule, MockUpstream, eventually_text};
+use common::{Gateway, KeyRule, MockUpstream, Scripted, eventually_text, script};
 use fastgate::pool::key_id;
 use serde_json::{Value, json};
 use std::{
@@ -395,6 +395,44 @@ async fn a_stream_cut_mid_way_ends_with_an_error_event_and_an_audit_row_on_both_
     for id in &ids {
         let row = rows.iter().find(|r| &r.request_id == id).unwrap();
         assert!(row.error.is_some(), "audit row for {id} names the error: {row:?}");
+    }
+}
+
+#[tokio::test]
+async fn when_every_address_fails_its_health_check_requests_still_go_to_one() {
+    // Red team: a health check that fails everywhere (a path the provider
+    // answers 500 without a key) made every request a 502 "no resolvable
+    // endpoint" without one attempt. Like Envoy's panic threshold and
+    // nginx's reset of failed servers: with no healthy address, try any.
+    let mock = MockUpstream::start().await;
+    script(&mock, |key, _| async move {
+        key.is_none().then(|| Scripted {
+            status: 500,
+            headers: Vec::new(),
+        })
+    });
+    let body = format!(
+        "upstreams:\n  oai: {{provider: openai, endpoints: ['{}'], key_pool: p, health_check: {{path: /v1/models, interval: 200ms, timeout: 200ms}}}}\nkey_pools:\n  p: {{keys: [sk-good]}}\n",
+        mock.url()
+    );
+    let routes = "routes:\n  - { name: chat, match: { path: /v1/chat/completions }, format: openai, auth: none, upstream: oai }\n";
+    let gw = gateway(&body, routes).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, ups) = admin(&gw, "GET", "/api/upstreams", None).await;
+        if ups[0]["addresses"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|a| a["healthy"] == false)
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the address never failed its check: {ups}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for _ in 0..3 {
+        assert_eq!(post_chat(&gw, &chat(false)).await.status(), 200);
     }
 }
 

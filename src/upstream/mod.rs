@@ -402,7 +402,10 @@ impl Upstream {
         let backend = each_lb!(selector, lb => lb
             .select_with(hash_key, 256, fresh)
             .or_else(|| lb.select_with(hash_key, 256, untried))
-            .or_else(|| lb.select(hash_key, 256)))?;
+            // No healthy address at all: any (a check can be wrong; an
+            // attempt that fails costs a retry, a 502 without one costs
+            // the request), as Envoy's panic threshold does.
+            .or_else(|| lb.select_with(hash_key, 256, |_, _| true)))?;
         let addr = *backend.addr.as_inet()?;
         let endpoint = backend.ext.get::<EndpointIndex>().map_or(0, |i| i.0);
         Some(Target { addr, endpoint })
