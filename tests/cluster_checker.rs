@@ -61,6 +61,9 @@ const WINDOW_MARGIN: Duration = Duration::from_millis(30);
 /// been charged (its reservation: prompt estimate plus `max_tokens`).
 const UNKNOWN_TOKENS: u64 = 100;
 
+/// A request body with a raw NUL byte (see [`send`]).
+const RAW_NUL: &str = "raw-nul";
+
 /// One request as the client saw it.
 #[derive(Debug, Clone)]
 struct Rec {
@@ -367,7 +370,13 @@ async fn client(seed: u64, c: usize, nodes: Arc<Vec<Gateway>>, history: Shared, 
         } else {
             uuid::Uuid::now_v7().simple().to_string()
         };
-        let content = if rng.random_bool(0.03) { "hi\u{0}there" } else { "hi" };
+        // A few bodies carry a NUL: escaped in JSON, or a raw byte (not
+        // JSON: refused with 400, audited all the same).
+        let content = match rng.random_range(0..100) {
+            0..3 => "hi\u{0}there",
+            3..5 => RAW_NUL,
+            _ => "hi",
+        };
         send(&http, &nodes, node, key, &request_id, content, &history, t0).await;
         tokio::time::sleep(Duration::from_millis(rng.random_range(10..60))).await;
     }
@@ -386,13 +395,20 @@ async fn send(
     t0: Instant,
 ) -> u16 {
     let secret = history.lock().unwrap().keys[key].secret.clone();
-    let body = json!({"model": "gpt-4o", "max_tokens": 40, "messages": [{"role": "user", "content": content}]});
+    let body = match content {
+        RAW_NUL => b"{\"model\": \"gpt-4o\", \"messages\": [{\"role\": \"user\", \"content\": \"a\x00b\"}]}".to_vec(),
+        _ => serde_json::to_vec(
+            &json!({"model": "gpt-4o", "max_tokens": 40, "messages": [{"role": "user", "content": content}]}),
+        )
+        .unwrap(),
+    };
     let sent = t0.elapsed();
     let answer = http
         .post(nodes[node].url("/v1/chat/completions"))
         .bearer_auth(&secret)
         .header("x-request-id", request_id)
-        .json(&body)
+        .header("content-type", "application/json")
+        .body(body)
         .send()
         .await;
     let (status, tokens) = match answer {
@@ -901,7 +917,7 @@ async fn check_quota_counters(redis: &Redis, history: &Shared) -> Vec<String> {
                 let mine = h.recs.iter().filter(|r| r.key == k);
                 let sure: u64 = mine.clone().filter_map(|r| r.tokens).sum();
                 let unknown = mine
-                    .filter(|r| r.tokens.is_none() && ![401, 429, 503].contains(&r.status))
+                    .filter(|r| r.tokens.is_none() && ![400, 401, 429, 503].contains(&r.status))
                     .count() as u64;
                 (sure, sure + unknown * UNKNOWN_TOKENS)
             })
