@@ -5,6 +5,7 @@
 pub mod fault_proxy;
 pub mod tls;
 
+#[allow(unused_imports)]
 pub use fault_proxy::{Fault, FaultProxy};
 
 use bytes::Bytes;
