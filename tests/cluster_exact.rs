@@ -66,13 +66,19 @@ async fn wait_metric(gw: &Gateway, line: &str) {
         |t| t.contains(line),
     )
     .await;
-    assert!(text.contains(line), "no `{line}` in the metrics:\n{text}\n{}", gw.logs());
+    assert!(
+        text.contains(line),
+        "no `{line}` in the metrics:\n{text}\n{}",
+        gw.logs()
+    );
 }
 
 /// A gateway key made through `gw`'s admin API with `fields`; (id, secret).
 async fn make_key(gw: &Gateway, fields: &Value) -> (String, String) {
     let mut body = json!({"name": "exact"});
-    body.as_object_mut().unwrap().extend(fields.as_object().unwrap().clone());
+    body.as_object_mut()
+        .unwrap()
+        .extend(fields.as_object().unwrap().clone());
     let r = reqwest::Client::new()
         .post(gw.admin_url("/api/keys"))
         .bearer_auth(TOKEN)
@@ -82,7 +88,10 @@ async fn make_key(gw: &Gateway, fields: &Value) -> (String, String) {
         .unwrap();
     assert!(r.status().is_success(), "{}", r.status());
     let v: Value = r.json().await.unwrap();
-    (v["id"].as_str().unwrap().to_string(), v["secret"].as_str().unwrap().to_string())
+    (
+        v["id"].as_str().unwrap().to_string(),
+        v["secret"].as_str().unwrap().to_string(),
+    )
 }
 
 fn chat() -> Value {
@@ -205,7 +214,10 @@ async fn a_repeated_request_id_is_not_a_free_pass() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(admitted * 10 <= 200, "{admitted} answers of 10 tokens in a 200-token window");
+    assert!(
+        admitted * 10 <= 200,
+        "{admitted} answers of 10 tokens in a 200-token window"
+    );
     assert!(
         admitted > 3,
         "only {admitted} admitted: settlements under one repeated id did not give reservations back"
@@ -386,8 +398,17 @@ async fn a_tpm_refusal_does_bounded_work() {
         for _ in 0..32 {
             let (client, url, secret) = (client.clone(), all[0].url("/v1/chat/completions"), secret.clone());
             set.spawn(async move {
-                let r = client.post(url).bearer_auth(&secret).json(&chat()).send().await.unwrap();
-                let retry = r.headers().get("retry-after").map(|v| v.to_str().unwrap().parse::<u64>().unwrap());
+                let r = client
+                    .post(url)
+                    .bearer_auth(&secret)
+                    .json(&chat())
+                    .send()
+                    .await
+                    .unwrap();
+                let retry = r
+                    .headers()
+                    .get("retry-after")
+                    .map(|v| v.to_str().unwrap().parse::<u64>().unwrap());
                 (r.status().as_u16(), retry)
             });
         }
@@ -413,7 +434,10 @@ async fn a_tpm_refusal_does_bounded_work() {
     let mut conn = redis_conn(&redis.url()).await;
     for k in all_keys(&mut conn).await {
         let (kind, size) = size_of(&mut conn, &k).await;
-        assert!(size <= 32, "{k} ({kind}) holds {size} entries after {admitted} requests");
+        assert!(
+            size <= 32,
+            "{k} ({kind}) holds {size} entries after {admitted} requests"
+        );
     }
 }
 
@@ -497,7 +521,10 @@ impl ClusterRedis {
             {
                 break c;
             }
-            assert!(Instant::now() < deadline, "redis-server --cluster-enabled did not start");
+            assert!(
+                Instant::now() < deadline,
+                "redis-server --cluster-enabled did not start"
+            );
             tokio::time::sleep(Duration::from_millis(25)).await;
         };
         let _: () = redis::cmd("CLUSTER")
@@ -561,4 +588,87 @@ async fn the_library_runs_on_a_redis_cluster_and_limits_hold_there() {
         "Redis Cluster refused a call: {metrics}\n{}",
         all[0].logs()
     );
+}
+
+async fn key_state(gw: &Gateway, upstream_key: &str) -> String {
+    let r = reqwest::Client::new()
+        .get(gw.admin_url("/api/pools/p/keys"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    common::pool_key_in(&r.json().await.unwrap(), upstream_key)["state"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_disable_is_not_undone_by_another_nodes_concurrent_decisions() {
+    let redis = Redis::start().await;
+    let proxy = FaultProxy::start(redis.port).await;
+    let mock = MockUpstream::start().await;
+    let (all, _) = nodes(
+        &[proxy.url_for(&redis.url()), redis.url()],
+        &mock,
+        "5s",
+        "300ms",
+        "",
+        &[],
+    )
+    .await;
+    let client = reqwest::Client::new();
+    let key = fastgate::pool::key_id("sk-2");
+    // Node 0 is cut off while it disables sk-2; node 1, never having seen
+    // that, makes two decisions of its own on the key (two resets: a
+    // higher version, nothing re-enabled).
+    proxy.cut();
+    wait_metric(&all[0], "fastgate_cluster_redis_up 0").await;
+    for _ in 0..2 {
+        let r = client
+            .post(all[1].admin_url(&format!("/api/pools/p/keys/{key}/reset")))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let r = client
+        .patch(all[0].admin_url(&format!("/api/pools/p/keys/{key}")))
+        .bearer_auth(TOKEN)
+        .json(&json!({"enabled": false}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    proxy.pass();
+    wait_metric(&all[0], "fastgate_cluster_redis_up 1").await;
+    // Both nodes end up with the disable, and keep it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let states = (key_state(&all[0], "sk-2").await, key_state(&all[1], "sk-2").await);
+        if states.0 == "disabled" && states.1 == "disabled" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "sk-2 is {states:?} on the two nodes");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for n in &all {
+        assert_eq!(key_state(n, "sk-2").await, "disabled");
+    }
+    // A deliberate enable after it, on either node, opens it everywhere.
+    let r = client
+        .patch(all[1].admin_url(&format!("/api/pools/p/keys/{key}")))
+        .bearer_auth(TOKEN)
+        .json(&json!({"enabled": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while key_state(&all[0], "sk-2").await != "active" {
+        assert!(Instant::now() < deadline, "the enable never reached node 0");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

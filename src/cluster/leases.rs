@@ -131,10 +131,15 @@ impl Cluster {
                             self.keep_release(set.clone(), op.clone());
                         }
                     }
-                    Err(e) => tracing::warn!(error = %e, "Redis refused a release replay; the slots expire by themselves."),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "Redis refused a release replay; the slots expire by themselves.")
+                    }
                 }
             }
         }
-        tracing::info!(released, "In-flight slots released while Redis was unreachable given back.");
+        tracing::info!(
+            released,
+            "In-flight slots released while Redis was unreachable given back."
+        );
     }
 }

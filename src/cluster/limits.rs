@@ -369,7 +369,9 @@ impl Cluster {
         if owed.is_empty() {
             return Vec::new();
         }
-        owed.drain().map(|(counter, (tokens, expiry))| (counter, tokens, expiry)).collect()
+        owed.drain()
+            .map(|(counter, (tokens, expiry))| (counter, tokens, expiry))
+            .collect()
     }
 }
 

@@ -800,6 +800,104 @@ mod tests {
         assert!(s.models.len() <= MAX_MODEL_GATES);
     }
 
+    fn disable_key(s: &mut KeyStatus) {
+        s.deliberate(|st| st.key.disabled = Some("disabled by admin".into()));
+    }
+
+    fn enable_key(s: &mut KeyStatus) {
+        s.deliberate(|st| {
+            st.key.disabled = None;
+            st.key.auth_failures = 0;
+        });
+    }
+
+    #[test]
+    fn a_disable_is_not_undone_by_a_newer_concurrent_cooldown() {
+        let p = policy(CooldownScope::Key);
+        let shared = KeyStatus {
+            version: 4,
+            ..KeyStatus::default()
+        };
+        // Node A disables (version 5); node B, not having seen it, cools
+        // the key twice (versions 5 and 6).
+        let (mut a, mut b) = (shared.clone(), shared);
+        disable_key(&mut a);
+        assert_eq!(a.version, 5);
+        see(&mut b, &p, 429, &Signals::default(), None, NOW);
+        see(&mut b, &p, 429, &Signals::default(), None, NOW + 5000);
+        assert_eq!(b.version, 6);
+        let (from_a, from_b) = (a.clone(), b.clone());
+        // A takes B's newer cooldown, keeps its disable, and says so.
+        let m = a.merge_remote(from_b);
+        assert_eq!(a.key.state(NOW), KeyState::Disabled);
+        assert_eq!(a.key.until_ms, b.key.until_ms, "B's cooldown is taken too");
+        assert!(m.taken && m.republish, "{m:?}");
+        assert_eq!(a.version, 7, "the merged state outranks both");
+        // B takes A's older disable all the same, and says so.
+        let m = b.merge_remote(from_a);
+        assert_eq!(b.key.state(NOW), KeyState::Disabled);
+        assert!(m.taken && m.republish, "{m:?}");
+        // Each takes the other's merged state without another round.
+        let (from_a, from_b) = (a.clone(), b.clone());
+        assert!(!a.merge_remote(from_b).republish);
+        assert!(!b.merge_remote(from_a).republish);
+        assert_eq!(
+            (a.key.state(NOW), b.key.state(NOW)),
+            (KeyState::Disabled, KeyState::Disabled)
+        );
+    }
+
+    #[test]
+    fn only_a_deliberate_enable_after_a_disable_undoes_it() {
+        let mut a = KeyStatus {
+            version: 4,
+            ..KeyStatus::default()
+        };
+        let mut b = a.clone();
+        // B re-enabled the key at version 3, before A's disable (5), then
+        // made decisions of its own up to version 9.
+        b.revived = 3;
+        disable_key(&mut a);
+        b.version = 9;
+        let m = a.merge_remote(b.clone());
+        assert_eq!(
+            a.key.state(NOW),
+            KeyState::Disabled,
+            "an earlier enable does not undo it"
+        );
+        assert!(m.republish, "{m:?}");
+        // B learns of the disable, then an admin enables the key on B.
+        b.merge_remote(a.clone());
+        assert_eq!(b.key.state(NOW), KeyState::Disabled);
+        enable_key(&mut b);
+        assert_eq!(b.revived, b.version);
+        let m = a.merge_remote(b.clone());
+        assert_eq!(a.key.state(NOW), KeyState::Active, "the later enable undoes it");
+        assert!(m.taken && !m.republish, "{m:?}");
+        // A disable that is not a change (already disabled) marks no revive,
+        // nor does a reset of an open key.
+        let mut c = KeyStatus::default();
+        c.reset();
+        c.deliberate(KeyStatus::reset);
+        assert_eq!(c.revived, 0);
+    }
+
+    #[test]
+    fn a_model_disable_survives_a_key_level_reprobe_elsewhere() {
+        let p = policy(CooldownScope::Key);
+        let mut a = KeyStatus::default();
+        see(&mut a, &p, 403, &Signals::default(), Some("m"), NOW);
+        see(&mut a, &p, 403, &Signals::default(), Some("m"), NOW);
+        assert!(!a.model_open(Some("m"), NOW));
+        // Another node, newer, without the model gate.
+        let other = KeyStatus {
+            version: a.version + 3,
+            ..KeyStatus::default()
+        };
+        a.merge_remote(other);
+        assert!(!a.model_open(Some("m"), NOW), "the model's disable is kept");
+    }
+
     proptest::proptest! {
         #[test]
         fn a_cooldown_is_always_between_the_floor_and_max_wait(
