@@ -195,28 +195,43 @@ async fn a_repeated_request_id_is_not_a_free_pass() {
         "exactly the limit, whatever the request ids: {statuses:?}"
     );
 
-    // tpm 200, bursts under one id: reservations (about 65 each) are
-    // settled to the 10 tokens each answer used, so more than three fit in
-    // the window, never more than 200 tokens' worth.
+    // tpm 200, rounds of concurrent streams under one id, each admitted
+    // before any other is settled: reservations (about 65 each) are settled
+    // to the 14 tokens each stream used, so more than three fit in the
+    // window, never more than 200 tokens' worth.
     let secret = keys[1].1.clone();
+    mock.behaviour.sse_interval_ms.store(100, Ordering::Relaxed);
     let start = Instant::now();
     let mut admitted = 0;
     while start.elapsed() < Duration::from_secs(3) {
         let mut set = tokio::task::JoinSet::new();
         for i in 0..6 {
             let (client, url, secret) = (client.clone(), all[i % 2].url("/v1/chat/completions"), secret.clone());
-            set.spawn(async move { post(&client, url, &secret, Some("same-id-0002")).await });
+            set.spawn(async move {
+                let r = client
+                    .post(url)
+                    .bearer_auth(&secret)
+                    .header("x-request-id", "same-id-0002")
+                    .json(&json!({"model": "gpt-4o", "stream": true, "stream_options": {"include_usage": true}, "max_tokens": 40, "messages": [{"role": "user", "content": "hi"}]}))
+                    .send()
+                    .await
+                    .unwrap();
+                let status = r.status().as_u16();
+                let _ = r.bytes().await;
+                status
+            });
         }
         while let Some(s) = set.join_next().await {
             let s = s.unwrap();
             assert!(s == 200 || s == 429, "{s}");
             admitted += usize::from(s == 200);
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    mock.behaviour.sse_interval_ms.store(0, Ordering::Relaxed);
     assert!(
-        admitted * 10 <= 200,
-        "{admitted} answers of 10 tokens in a 200-token window"
+        admitted * 14 <= 200,
+        "{admitted} streams of 14 tokens in a 200-token window"
     );
     assert!(
         admitted > 3,
