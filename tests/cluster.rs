@@ -478,3 +478,89 @@ async fn fail_closed_refuses_limited_requests_and_fail_open_admits_them_while_re
         assert_eq!(post(&client, open.url("/v1/chat/completions"), &limited).await.0, 200);
     }
 }
+
+/// The harness's fault proxy does what the cluster tests rely on: bytes
+/// pass, are held by a partition and delivered on healing, answers can be
+/// lost while the server still runs the command, and a cut drops and
+/// refuses connections.
+#[tokio::test]
+async fn the_fault_proxy_holds_loses_and_cuts_traffic() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let redis = Redis::start().await;
+    let proxy = common::FaultProxy::start(redis.port).await;
+    assert_eq!(proxy.url_for(&redis.url()), format!("redis://127.0.0.1:{}", proxy.port));
+    let mut conn = BufReader::new(tokio::net::TcpStream::connect(("127.0.0.1", proxy.port)).await.unwrap());
+    let mut line = String::new();
+    conn.get_mut().write_all(b"INCR n\r\n").await.unwrap();
+    conn.read_line(&mut line).await.unwrap();
+    assert_eq!(line.trim_end(), ":1");
+
+    proxy.blackhole();
+    conn.get_mut().write_all(b"INCR n\r\n").await.unwrap();
+    line.clear();
+    let held = tokio::time::timeout(Duration::from_millis(300), conn.read_line(&mut line)).await;
+    assert!(held.is_err(), "a partition holds the bytes");
+    assert_eq!(get(redis.port, "n").await, "1", "not run yet");
+    proxy.pass();
+    tokio::time::timeout(Duration::from_secs(5), conn.read_line(&mut line))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(line.trim_end(), ":2", "held bytes are delivered on healing");
+
+    proxy.drop_replies();
+    conn.get_mut().write_all(b"INCR n\r\n").await.unwrap();
+    line.clear();
+    let lost = tokio::time::timeout(Duration::from_millis(300), conn.read_line(&mut line)).await;
+    assert!(lost.is_err(), "the answer is lost");
+    assert!(proxy.dropped_replies() >= 1);
+    let mut ran = String::new();
+    for _ in 0..50 {
+        ran = get(redis.port, "n").await;
+        if ran == "3" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(ran, "3", "the server ran the command");
+
+    proxy.cut();
+    let mut buf = [0u8; 1];
+    let n = tokio::io::AsyncReadExt::read(conn.get_mut(), &mut buf)
+        .await
+        .unwrap_or(0);
+    assert_eq!(n, 0, "a cut closes open connections");
+    let mut fresh = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port)).await.unwrap();
+    let _ = fresh.write_all(b"PING\r\n").await;
+    let n = tokio::time::timeout(
+        Duration::from_secs(2),
+        tokio::io::AsyncReadExt::read(&mut fresh, &mut buf),
+    )
+    .await
+    .unwrap()
+    .unwrap_or(0);
+    assert_eq!(n, 0, "and refuses new ones");
+    proxy.pass();
+    let mut again = BufReader::new(tokio::net::TcpStream::connect(("127.0.0.1", proxy.port)).await.unwrap());
+    again.get_mut().write_all(b"PING\r\n").await.unwrap();
+    line.clear();
+    again.read_line(&mut line).await.unwrap();
+    assert_eq!(line.trim_end(), "+PONG");
+}
+
+/// A string value read straight from redis-server (not through a proxy).
+async fn get(port: u16, key: &str) -> String {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let mut conn = BufReader::new(tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap());
+    conn.get_mut()
+        .write_all(format!("GET {key}\r\n").as_bytes())
+        .await
+        .unwrap();
+    let (mut len, mut value) = (String::new(), String::new());
+    conn.read_line(&mut len).await.unwrap();
+    if len.starts_with("$-1") {
+        return String::new();
+    }
+    conn.read_line(&mut value).await.unwrap();
+    value.trim_end().to_string()
+}

@@ -2,7 +2,11 @@
 //! formats, and the real `fastgate` binary started on ephemeral ports.
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod fault_proxy;
 pub mod tls;
+
+#[allow(unused_imports)]
+pub use fault_proxy::{Fault, FaultProxy};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
