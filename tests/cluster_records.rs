@@ -398,14 +398,7 @@ async fn stays(nodes: &[&Gateway], secret: &str, want: u16, period: Duration) {
     while start.elapsed() < period {
         for n in nodes {
             let got = status(&client, n, secret).await;
-            assert_eq!(
-                got,
-                want,
-                "{} after {:?}:\n{}",
-                n.url(""),
-                start.elapsed(),
-                n.logs()
-            );
+            assert_eq!(got, want, "{} after {:?}:\n{}", n.url(""), start.elapsed(), n.logs());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -484,7 +477,10 @@ async fn a_delete_or_a_disable_wins_over_a_concurrent_edit() {
     pb.cut();
     until_postgres_is_away(&a).await;
     until_postgres_is_away(&b).await;
-    let r = admin(&a, "DELETE", &format!("/api/keys/{deleted}")).send().await.unwrap();
+    let r = admin(&a, "DELETE", &format!("/api/keys/{deleted}"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 204);
     let r = admin(&a, "PATCH", &format!("/api/keys/{disabled}"))
         .json(&json!({"enabled": false}))
@@ -602,7 +598,11 @@ async fn a_row_postgres_refuses_is_quarantined_and_the_rest_flows() {
     time_until(&b, &first, 200, Duration::from_secs(10)).await;
 
     // The admin API refuses control characters in names (400, its shape).
-    let r = admin(&a, "POST", "/api/keys").json(&json!({"name": "bad\u{0}name"})).send().await.unwrap();
+    let r = admin(&a, "POST", "/api/keys")
+        .json(&json!({"name": "bad\u{0}name"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 400);
     let err: Value = r.json().await.unwrap();
     assert!(err["error"].to_string().contains("name"), "{err}");
@@ -657,7 +657,10 @@ async fn a_row_postgres_refuses_is_quarantined_and_the_rest_flows() {
     };
     assert_eq!(shipped, 6, "audit rows after the refused one ship:\n{}", a.logs());
     let poison: i64 = pgc
-        .query_one("SELECT count(*) FROM fastgate_audit WHERE request_id = 'poison-audit'", &[])
+        .query_one(
+            "SELECT count(*) FROM fastgate_audit WHERE request_id = 'poison-audit'",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
@@ -672,14 +675,19 @@ async fn a_row_postgres_refuses_is_quarantined_and_the_rest_flows() {
     let list: Value = serde_json::from_str(&list).unwrap();
     let items = list["items"].as_array().unwrap();
     assert!(
-        items.iter().any(|i| i["kind"] == "record" && i["table"] == "gateway_keys" && i["row_id"] == "poison"),
+        items
+            .iter()
+            .any(|i| i["kind"] == "record" && i["table"] == "gateway_keys" && i["row_id"] == "poison"),
         "{list}"
     );
     assert!(
         items.iter().any(|i| i["kind"] == "audit" && i["table"] == "audit_log"),
         "{list}"
     );
-    assert!(items.iter().all(|i| i["error"].as_str().is_some_and(|e| !e.is_empty())), "{list}");
+    assert!(
+        items.iter().all(|i| i["error"].as_str().is_some_and(|e| !e.is_empty())),
+        "{list}"
+    );
     let metrics = a.metrics().await;
     for kind in ["record", "audit"] {
         let line = format!("fastgate_cluster_quarantined_total{{kind=\"{kind}\"}} 1");

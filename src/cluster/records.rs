@@ -142,7 +142,10 @@ async fn quarantine(
     tracing::warn!(kind, table = tbl, id, error = %error, "Postgres refused a row: kept aside in the local quarantine (GET /api/cluster/quarantine); the rest keeps flowing.");
     state.metrics.cluster_quarantined.with_label_values(&[kind]).inc();
     let (tbl, id, error) = (tbl.to_string(), id.to_string(), error.to_string());
-    with_db(state, move |c| store::sync::quarantine(c, kind, &tbl, &id, &error, row.as_ref())).await
+    with_db(state, move |c| {
+        store::sync::quarantine(c, kind, &tbl, &id, &error, row.as_ref())
+    })
+    .await
 }
 
 /// Postgres TLS (as `sslmode` asks): `cluster.ca_file`'s authorities, else
@@ -179,12 +182,10 @@ async fn connect(
 > {
     let mut config: tokio_postgres::Config = cluster.postgres.parse()?;
     config.application_name(application);
-    let (client, mut connection) = tokio::time::timeout(
-        Duration::from_secs(5),
-        config.connect(tls(cluster.ca_file.as_deref())?),
-    )
-    .await
-    .map_err(|_| RecordsError::Task("connect timed out".into()))??;
+    let (client, mut connection) =
+        tokio::time::timeout(Duration::from_secs(5), config.connect(tls(cluster.ca_file.as_deref())?))
+            .await
+            .map_err(|_| RecordsError::Task("connect timed out".into()))??;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         loop {
@@ -662,8 +663,7 @@ impl Shipper {
         let Some(last) = batch.last().map(|b| b.id) else {
             return Ok(());
         };
-        self.insert_or_quarantine(state, client, "admin_audit", &batch)
-            .await?;
+        self.insert_or_quarantine(state, client, "admin_audit", &batch).await?;
         self.shipped_admin = last;
         with_db(state, move |c| {
             store::settings::set(c, "admin_audit_shipped_id", &last.to_string())

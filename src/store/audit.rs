@@ -500,13 +500,26 @@ mod tests {
             path: path.into(),
             ..Default::default()
         };
-        insert_batch(&mut conn, &[rec("a", "/v1/chat/completions"), rec("b", "/V1/Chat"), rec("c", "/v1_x")]).unwrap();
+        insert_batch(
+            &mut conn,
+            &[
+                rec("a", "/v1/chat/completions"),
+                rec("b", "/V1/Chat"),
+                rec("c", "/v1_x"),
+            ],
+        )
+        .unwrap();
         let ids = |path: &str| -> Vec<String> {
             let f = LogFilter {
                 path: Some(path.into()),
                 ..Default::default()
             };
-            let mut ids: Vec<String> = query(&conn, &f).unwrap().0.into_iter().map(|r| r.record.request_id).collect();
+            let mut ids: Vec<String> = query(&conn, &f)
+                .unwrap()
+                .0
+                .into_iter()
+                .map(|r| r.record.request_id)
+                .collect();
             ids.sort();
             ids
         };
@@ -527,10 +540,17 @@ mod tests {
             ..Default::default()
         };
         insert_batch(&mut conn, &[rec("a"), rec("b"), rec("c")]).unwrap();
-        let before: i64 = conn.query_row("SELECT max(id) FROM audit_log", [], |r| r.get(0)).unwrap();
+        let before: i64 = conn
+            .query_row("SELECT max(id) FROM audit_log", [], |r| r.get(0))
+            .unwrap();
         assert_eq!(delete_oldest(&conn, 10).unwrap(), 3);
         insert_batch(&mut conn, &[rec("d")]).unwrap();
-        let after: i64 = conn.query_row("SELECT max(id) FROM audit_log", [], |r| r.get(0)).unwrap();
-        assert!(after > before, "id {after} reused (the shipper's watermark is {before})");
+        let after: i64 = conn
+            .query_row("SELECT max(id) FROM audit_log", [], |r| r.get(0))
+            .unwrap();
+        assert!(
+            after > before,
+            "id {after} reused (the shipper's watermark is {before})"
+        );
     }
 }

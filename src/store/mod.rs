@@ -335,4 +335,30 @@ mod tests {
     fn migrations_are_valid() {
         assert!(super::MIGRATIONS.validate().is_ok());
     }
+
+    /// A database whose audit log retention emptied before the upgrade:
+    /// its next ids start above what was shipped, not at 1.
+    #[test]
+    fn audit_ids_start_above_the_shipped_watermark_after_the_upgrade() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = rusqlite::Connection::open(dir.path().join("a.db")).unwrap();
+        super::MIGRATIONS.to_version(&mut conn, 9).unwrap();
+        conn.execute(
+            "INSERT INTO settings (name, value) VALUES ('audit_shipped_id', '50')",
+            [],
+        )
+        .unwrap();
+        super::MIGRATIONS.to_latest(&mut conn).unwrap();
+        let rec = super::audit::AuditRecord {
+            request_id: "r".into(),
+            method: "GET".into(),
+            path: "/".into(),
+            ..Default::default()
+        };
+        super::audit::insert_batch(&mut conn, &[rec]).unwrap();
+        let id: i64 = conn
+            .query_row("SELECT max(id) FROM audit_log", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(id, 51);
+    }
 }

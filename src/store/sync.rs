@@ -419,9 +419,8 @@ pub fn quarantine(
 
 /// The rows kept aside, newest first.
 pub fn quarantined(conn: &Connection, limit: usize) -> Result<Vec<Quarantined>, StoreError> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT id, ts_ms, kind, tbl, row_id, error FROM sync_quarantine ORDER BY id DESC LIMIT ?1",
-    )?;
+    let mut stmt = conn
+        .prepare_cached("SELECT id, ts_ms, kind, tbl, row_id, error FROM sync_quarantine ORDER BY id DESC LIMIT ?1")?;
     let rows = stmt.query_map([limit as i64], |r| {
         Ok(Quarantined {
             id: r.get(0)?,
@@ -462,17 +461,39 @@ mod tests {
         let queued = pending(&conn, 10).unwrap();
         sent(&conn, queued[0].0).unwrap();
         let ann = row(&conn, "users", "u1").unwrap();
-        apply(&mut conn, &[Change { revision: 7, ..ch("users", "u1", ann) }]).unwrap();
+        apply(
+            &mut conn,
+            &[Change {
+                revision: 7,
+                ..ch("users", "u1", ann)
+            }],
+        )
+        .unwrap();
         assert_eq!(base(&conn, "users", "u1").unwrap(), 7);
         // Deleted here while the record still has it: the deletion waits in
         // the outbox, and a pull does not bring the row back.
         conn.execute("DELETE FROM users WHERE id = 'u1'", []).unwrap();
         let mut old = serde_json::Map::new();
-        for (k, v) in [("id", "u1"), ("username", "ann"), ("password_hash", "h"), ("role", "user")] {
+        for (k, v) in [
+            ("id", "u1"),
+            ("username", "ann"),
+            ("password_hash", "h"),
+            ("role", "user"),
+        ] {
             old.insert(k.into(), v.into());
         }
         old.insert("created_at".into(), 1.into());
-        assert_eq!(apply(&mut conn, &[Change { revision: 9, ..ch("users", "u1", Some(old)) }]).unwrap(), 0);
+        assert_eq!(
+            apply(
+                &mut conn,
+                &[Change {
+                    revision: 9,
+                    ..ch("users", "u1", Some(old))
+                }]
+            )
+            .unwrap(),
+            0
+        );
         assert!(row(&conn, "users", "u1").unwrap().is_none());
         assert_eq!(base(&conn, "users", "u1").unwrap(), 7, "the change keeps its base");
         assert_eq!(pending(&conn, 10).unwrap().len(), 1);
@@ -481,18 +502,35 @@ mod tests {
     #[test]
     fn on_a_conflict_a_stop_wins() {
         let obj = |v: serde_json::Value| v.as_object().cloned();
-        let rec = obj(serde_json::json!({"id": "k", "name": "a", "enabled": 0, "revoked_at": 5, "expires_at": 100, "admin_locked": "[\"enabled\"]"}));
-        let edit = obj(serde_json::json!({"id": "k", "name": "b", "enabled": 1, "revoked_at": null, "expires_at": null, "admin_locked": "[]"}));
+        let rec = obj(
+            serde_json::json!({"id": "k", "name": "a", "enabled": 0, "revoked_at": 5, "expires_at": 100, "admin_locked": "[\"enabled\"]"}),
+        );
+        let edit = obj(
+            serde_json::json!({"id": "k", "name": "b", "enabled": 1, "revoked_at": null, "expires_at": null, "admin_locked": "[]"}),
+        );
         let out = resolve("gateway_keys", &rec, &edit).unwrap();
         assert_eq!(out["name"], "b", "the edit's other fields are kept");
-        assert_eq!((out["enabled"].as_i64(), out["revoked_at"].as_i64(), out["expires_at"].as_i64()), (Some(0), Some(5), Some(100)));
+        assert_eq!(
+            (
+                out["enabled"].as_i64(),
+                out["revoked_at"].as_i64(),
+                out["expires_at"].as_i64()
+            ),
+            (Some(0), Some(5), Some(100))
+        );
         assert_eq!(out["admin_locked"], "[\"enabled\"]");
-        assert!(resolve("gateway_keys", &None, &edit).is_none(), "deleted in the record: stays deleted");
+        assert!(
+            resolve("gateway_keys", &None, &edit).is_none(),
+            "deleted in the record: stays deleted"
+        );
         assert!(resolve("gateway_keys", &rec, &None).is_none(), "deleted here: deleted");
         let user = obj(serde_json::json!({"id": "u", "disabled": 1, "token_version": 4}));
         let edit = obj(serde_json::json!({"id": "u", "disabled": 0, "token_version": 2, "role": "admin"}));
         let out = resolve("users", &user, &edit).unwrap();
-        assert_eq!((out["disabled"].as_i64(), out["token_version"].as_i64()), (Some(1), Some(4)));
+        assert_eq!(
+            (out["disabled"].as_i64(), out["token_version"].as_i64()),
+            (Some(1), Some(4))
+        );
         assert_eq!(out["role"], "admin");
     }
 
