@@ -85,6 +85,9 @@ pub struct Metrics {
     pub cluster_nodes: IntGauge,
     pub cluster_local_decisions: IntCounter,
     pub audit_unshipped: IntGauge,
+    /// Cluster mode with Postgres: rows Postgres refused, kept aside in the
+    /// node's quarantine, by kind (`record`, `audit`, `admin_audit`).
+    pub cluster_quarantined: IntCounterVec,
     /// Requests refused before a route or a valid key, by reason (only
     /// sampled into the audit log).
     pub refused: IntCounterVec,
@@ -276,6 +279,18 @@ impl Metrics {
                 "audit_unshipped",
                 "Cluster mode with Postgres: audit rows in the local outbox not shipped yet.",
             )?,
+            cluster_quarantined: {
+                let m = counter_vec(
+                    &r,
+                    "cluster_quarantined_total",
+                    "Cluster mode with Postgres: rows Postgres refused, kept aside in the local quarantine (GET /api/cluster/quarantine), by kind (record|audit|admin_audit).",
+                    &["kind"],
+                )?;
+                for kind in ["record", "audit", "admin_audit"] {
+                    m.with_label_values(&[kind]);
+                }
+                m
+            },
             refused: {
                 let m = counter_vec(
                     &r,

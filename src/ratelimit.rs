@@ -157,8 +157,9 @@ impl RateChecks {
 /// How a request was counted; its tokens are charged the same way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Counted {
-    /// In Redis, across the cluster.
-    Shared,
+    /// In Redis, across the cluster: the admission's op and token bucket,
+    /// which its settlement adjusts.
+    Shared(crate::cluster::limits::Ticket),
     /// On this node alone (no cluster, or Redis down).
     Local,
 }

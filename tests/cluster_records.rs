@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{Gateway, MockUpstream, Postgres};
+use common::{FaultProxy, Gateway, MockUpstream, Postgres};
 use serde_json::{Value, json};
 use std::{
     sync::{
@@ -21,9 +21,13 @@ const ROUTE: &str =
     "routes:\n  - { name: chat, match: { path: /v1/chat/completions }, format: openai, upstream: oai }\n";
 
 fn node_config(pg: &Postgres, mock: &MockUpstream, node: &str) -> String {
+    node_config_url(&pg.url(), mock, node)
+}
+
+fn node_config_url(pg_url: &str, mock: &MockUpstream, node: &str) -> String {
     format!(
         "admin:\n  token: {TOKEN}\nsecrets:\n  master_key: the-same-on-every-node-0123456789abcdef\ncluster:\n  postgres: '{}'\n  node_id: {node}\nupstreams:\n  oai: {{provider: openai, endpoints: ['{}'], key_pool: p}}\nkey_pools:\n  p: {{keys: [sk-1]}}\n",
-        pg.url(),
+        pg_url,
         mock.url()
     )
 }
@@ -367,4 +371,392 @@ async fn redis_and_postgres_over_tls_with_a_private_ca() {
     assert_eq!(r.status(), 200, "{}", gw.logs());
     let (_, secret) = create_key(&gw, "over-tls").await;
     time_until(&gw, &secret, 200, Duration::from_secs(5)).await;
+}
+
+fn admin(gw: &Gateway, method: &str, path: &str) -> reqwest::RequestBuilder {
+    reqwest::Client::new()
+        .request(method.parse().unwrap(), gw.admin_url(path))
+        .bearer_auth(TOKEN)
+}
+
+/// Wait until `gw` no longer reaches Postgres (its log answers 503).
+async fn until_postgres_is_away(gw: &Gateway) {
+    let r = common::until_status(|| admin(gw, "GET", "/api/logs"), |s| s == 503).await;
+    assert_eq!(r.status(), 503, "{}", gw.logs());
+}
+
+/// Wait until `gw` reaches Postgres again (its log answers 200).
+async fn until_postgres_is_back(gw: &Gateway) {
+    let r = common::until_status(|| admin(gw, "GET", "/api/logs"), |s| s == 200).await;
+    assert_eq!(r.status(), 200, "{}", gw.logs());
+}
+
+/// `secret` gets `want` on every node of `nodes`, every 100 ms for `period`.
+async fn stays(nodes: &[&Gateway], secret: &str, want: u16, period: Duration) {
+    let client = reqwest::Client::new();
+    let start = Instant::now();
+    while start.elapsed() < period {
+        for n in nodes {
+            let got = status(&client, n, secret).await;
+            assert_eq!(got, want, "{} after {:?}:\n{}", n.url(""), start.elapsed(), n.logs());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn pg_client(pg: &Postgres) -> tokio_postgres::Client {
+    let (c, conn) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_revoked_while_postgres_is_away_stays_revoked_everywhere() {
+    let pg = Postgres::start().await;
+    let mock = MockUpstream::start().await;
+    let routes = [("r.yaml", ROUTE)];
+    // Each node reaches Postgres through a proxy that can cut it off
+    // (Postgres "stopped" for both, its data kept).
+    let (pa, pb) = (FaultProxy::start(pg.port).await, FaultProxy::start(pg.port).await);
+    let a = Gateway::start_with_admin(&node_config_url(&pa.url_for(&pg.url()), &mock, "node-a"), &routes).await;
+    let b = Gateway::start_with_admin(&node_config_url(&pb.url_for(&pg.url()), &mock, "node-b"), &routes).await;
+    let (id, secret) = create_key(&b, "made-on-b").await;
+    time_until(&a, &secret, 200, Duration::from_secs(10)).await;
+    time_until(&b, &secret, 200, Duration::from_secs(1)).await;
+
+    pa.cut();
+    pb.cut();
+    until_postgres_is_away(&a).await;
+    until_postgres_is_away(&b).await;
+    let r = admin(&a, "DELETE", &format!("/api/keys/{id}")).send().await.unwrap();
+    assert_eq!(r.status(), 204);
+    time_until(&a, &secret, 401, Duration::from_secs(2)).await;
+    time_until(&b, &secret, 200, Duration::from_secs(1)).await;
+
+    pa.pass();
+    pb.pass();
+    until_postgres_is_back(&a).await;
+    // A's deletion is a change made while Postgres was away: it is sent,
+    // not overwritten by the record's older copy, and it reaches B.
+    time_until(&b, &secret, 401, Duration::from_secs(10)).await;
+    stays(&[&a, &b], &secret, 401, Duration::from_secs(20)).await;
+
+    // A node that joins later takes the deletion too.
+    let c = Gateway::start_with_admin(&node_config(&pg, &mock, "node-c"), &routes).await;
+    let (_, later) = create_key(&a, "made-after").await;
+    time_until(&c, &later, 200, Duration::from_secs(10)).await;
+    stays(&[&a, &b, &c], &secret, 401, Duration::from_secs(2)).await;
+    let pgc = pg_client(&pg).await;
+    let row: Option<Value> = pgc
+        .query_one(
+            "SELECT row FROM fastgate_records WHERE tbl = 'gateway_keys' AND id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(row.is_none(), "the record holds the deletion: {row:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_delete_or_a_disable_wins_over_a_concurrent_edit() {
+    let pg = Postgres::start().await;
+    let mock = MockUpstream::start().await;
+    let routes = [("r.yaml", ROUTE)];
+    let (pa, pb) = (FaultProxy::start(pg.port).await, FaultProxy::start(pg.port).await);
+    let a = Gateway::start_with_admin(&node_config_url(&pa.url_for(&pg.url()), &mock, "node-a"), &routes).await;
+    let b = Gateway::start_with_admin(&node_config_url(&pb.url_for(&pg.url()), &mock, "node-b"), &routes).await;
+    let (deleted, deleted_secret) = create_key(&a, "deleted-on-a").await;
+    let (disabled, disabled_secret) = create_key(&a, "disabled-on-a").await;
+    time_until(&b, &deleted_secret, 200, Duration::from_secs(10)).await;
+    time_until(&b, &disabled_secret, 200, Duration::from_secs(10)).await;
+
+    // A partition: A deletes one key and disables the other, B edits both
+    // (B's edit of the second one even says `enabled: true`).
+    pa.cut();
+    pb.cut();
+    until_postgres_is_away(&a).await;
+    until_postgres_is_away(&b).await;
+    let r = admin(&a, "DELETE", &format!("/api/keys/{deleted}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let r = admin(&a, "PATCH", &format!("/api/keys/{disabled}"))
+        .json(&json!({"enabled": false}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    for (id, name) in [(&deleted, "renamed-on-b"), (&disabled, "renamed-too")] {
+        let r = admin(&b, "PATCH", &format!("/api/keys/{id}"))
+            .json(&json!({"name": name, "enabled": true, "rpm": 1000}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    }
+    pa.pass();
+    pb.pass();
+    until_postgres_is_back(&a).await;
+    until_postgres_is_back(&b).await;
+    time_until(&b, &deleted_secret, 401, Duration::from_secs(10)).await;
+    time_until(&b, &disabled_secret, 401, Duration::from_secs(10)).await;
+    stays(&[&a, &b], &deleted_secret, 401, Duration::from_secs(5)).await;
+    stays(&[&a, &b], &disabled_secret, 401, Duration::from_secs(1)).await;
+
+    let pgc = pg_client(&pg).await;
+    let row = |id: String| {
+        let pgc = &pgc;
+        async move {
+            let row: Option<Value> = pgc
+                .query_one(
+                    "SELECT row FROM fastgate_records WHERE tbl = 'gateway_keys' AND id = $1",
+                    &[&id],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            row
+        }
+    };
+    assert!(row(deleted.clone()).await.is_none(), "deleted in the record");
+    let kept = row(disabled.clone()).await.unwrap();
+    assert_eq!(kept["enabled"], 0, "disabled in the record: {kept}");
+    // Both nodes hold the same row for the disabled key.
+    for n in [&a, &b] {
+        let v: Value = common::eventually_text(
+            || admin(n, "GET", &format!("/api/keys/{disabled}")),
+            |t| t.contains("\"enabled\":false"),
+        )
+        .await
+        .parse::<Value>()
+        .unwrap();
+        assert_eq!(v["enabled"], false, "{v}");
+        let r = admin(n, "GET", &format!("/api/keys/{deleted}")).send().await.unwrap();
+        assert_eq!(r.status(), 404);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_revision_that_commits_late_is_still_read() {
+    let pg = Postgres::start().await;
+    let mock = MockUpstream::start().await;
+    let routes = [("r.yaml", ROUTE)];
+    let a = Gateway::start_with_admin(&node_config(&pg, &mock, "node-a"), &routes).await;
+    let b = Gateway::start_with_admin(&node_config(&pg, &mock, "node-b"), &routes).await;
+    let (first, first_secret) = create_key(&a, "revoked-late").await;
+    time_until(&b, &first_secret, 200, Duration::from_secs(10)).await;
+
+    // Another writer takes a revision for a change (this key revoked) and
+    // holds it uncommitted while a later change is made.
+    let mut writer = pg_client(&pg).await;
+    let pgc = pg_client(&pg).await;
+    let mut row: Value = pgc
+        .query_one(
+            "SELECT row FROM fastgate_records WHERE tbl = 'gateway_keys' AND id = $1",
+            &[&first],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    row["enabled"] = 0.into();
+    row["revoked_at"] = 1.into();
+    let tx = writer.transaction().await.unwrap();
+    tx.execute(
+        "INSERT INTO fastgate_records (tbl, id, row, revision, updated_by)
+         VALUES ('gateway_keys', $1, $2, nextval('fastgate_revision'), 'another-writer')
+         ON CONFLICT (tbl, id) DO UPDATE SET row = EXCLUDED.row, revision = EXCLUDED.revision,
+           updated_by = EXCLUDED.updated_by",
+        &[&first, &row],
+    )
+    .await
+    .unwrap();
+    let (_, second_secret) = create_key(&a, "made-meanwhile").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    tx.commit().await.unwrap();
+
+    // B applies both, on the session it has (no reconnect).
+    time_until(&b, &second_secret, 200, Duration::from_secs(10)).await;
+    time_until(&b, &first_secret, 401, Duration::from_secs(10)).await;
+    assert_eq!(
+        b.logs().matches("Connected to Postgres").count(),
+        1,
+        "one session: {}",
+        b.logs()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_row_postgres_refuses_is_quarantined_and_the_rest_flows() {
+    let pg = Postgres::start().await;
+    let mock = MockUpstream::start().await;
+    let routes = [("r.yaml", ROUTE)];
+    let a = Gateway::start_with_admin(&node_config(&pg, &mock, "node-a"), &routes).await;
+    let b = Gateway::start_with_admin(&node_config(&pg, &mock, "node-b"), &routes).await;
+    let (_, first) = create_key(&a, "first").await;
+    time_until(&b, &first, 200, Duration::from_secs(10)).await;
+
+    // The admin API refuses control characters in names (400, its shape).
+    let r = admin(&a, "POST", "/api/keys")
+        .json(&json!({"name": "bad\u{0}name"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let err: Value = r.json().await.unwrap();
+    assert!(err["error"].to_string().contains("name"), "{err}");
+
+    // Rows Postgres refuses, written straight into A's SQLite (an older
+    // version, a restored backup): a key whose name holds a NUL (refused
+    // by jsonb) and an audit row whose status is not a number.
+    {
+        let db = rusqlite::Connection::open(a.db_path()).unwrap();
+        db.busy_timeout(Duration::from_secs(5)).unwrap();
+        db.execute(
+            "INSERT INTO gateway_keys (id, name, owner, secret_sha256, masked, created_at)
+             VALUES ('poison', 'bad' || char(0) || 'name', '', randomblob(32), 'fg-…', 1)",
+            [],
+        )
+        .unwrap();
+        db.execute(
+            "INSERT INTO audit_log (request_id, ts_ms, method, path, status, stream, duration_ms,
+                request_bytes, response_bytes, chunks, retries, request_body)
+             VALUES ('poison-audit', ?1, 'POST', '/v1/chat/completions', 'abc', 0, 1.0, 0, 0, 0, 0, NULL),
+                    ('nul-body', ?1, 'POST', '/v1/chat/completions', 200, 0, 1.0, 0, 0, 0, 0,
+                     'a' || char(0) || 'b {\"x\":\"\\u0000\"}')",
+            [std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis() as i64],
+        )
+        .unwrap();
+    }
+    // The rest keeps flowing: keys made after it reach B, audit rows ship.
+    let (_, second) = create_key(&a, "second").await;
+    time_until(&b, &second, 200, Duration::from_secs(10)).await;
+    let client = reqwest::Client::new();
+    for i in 0..5 {
+        assert_eq!(status_with_id(&client, &a, &second, &format!("after-{i}")).await, 200);
+    }
+    let pgc = pg_client(&pg).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let shipped = loop {
+        let n: i64 = pgc
+            .query_one(
+                "SELECT count(*) FROM fastgate_audit WHERE request_id LIKE 'after-%' OR request_id = 'nul-body'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if n == 6 || Instant::now() > deadline {
+            break n;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(shipped, 6, "audit rows after the refused one ship:\n{}", a.logs());
+    let poison: i64 = pgc
+        .query_one(
+            "SELECT count(*) FROM fastgate_audit WHERE request_id = 'poison-audit'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(poison, 0);
+
+    // Listed (admin only) and counted.
+    let list = common::eventually_text(
+        || admin(&a, "GET", "/api/cluster/quarantine"),
+        |t| t.contains("poison-audit") || t.contains("\"audit\""),
+    )
+    .await;
+    let list: Value = serde_json::from_str(&list).unwrap();
+    let items = list["items"].as_array().unwrap();
+    assert!(
+        items
+            .iter()
+            .any(|i| i["kind"] == "record" && i["table"] == "gateway_keys" && i["row_id"] == "poison"),
+        "{list}"
+    );
+    assert!(
+        items.iter().any(|i| i["kind"] == "audit" && i["table"] == "audit_log"),
+        "{list}"
+    );
+    assert!(
+        items.iter().all(|i| i["error"].as_str().is_some_and(|e| !e.is_empty())),
+        "{list}"
+    );
+    let metrics = a.metrics().await;
+    for kind in ["record", "audit"] {
+        let line = format!("fastgate_cluster_quarantined_total{{kind=\"{kind}\"}} 1");
+        assert!(metrics.contains(&line), "{line} in:\n{metrics}");
+    }
+    // A user's session is no admin: the list is refused.
+    let r = reqwest::Client::new()
+        .get(a.admin_url("/api/cluster/quarantine"))
+        .bearer_auth(&first)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status() == 401 || r.status() == 403, "{}", r.status());
+    // The poisoned key is not in the record; B never had it.
+    let n: i64 = pgc
+        .query_one("SELECT count(*) FROM fastgate_records WHERE id = 'poison'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_log_reader_is_replaced_when_it_dies_and_filters_paths_like_sqlite() {
+    let pg = Postgres::start().await;
+    let mock = MockUpstream::start().await;
+    let routes = [("r.yaml", ROUTE)];
+    let a = Gateway::start_with_admin(&node_config(&pg, &mock, "node-a"), &routes).await;
+    let (_, secret) = create_key(&a, "reader").await;
+    time_until(&a, &secret, 200, Duration::from_secs(5)).await;
+    until_postgres_is_back(&a).await;
+    let shipped = common::eventually_text(
+        || admin(&a, "GET", "/api/logs?path=/v1/chat"),
+        |t| t.contains("/v1/chat/completions"),
+    )
+    .await;
+    assert!(shipped.contains("/v1/chat/completions"), "{shipped}");
+    // One rule on both stores: a case-sensitive prefix.
+    let upper: Value = admin(&a, "GET", "/api/logs?path=/V1/CHAT")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(upper["items"].as_array().map(Vec::len), Some(0), "{upper}");
+
+    // The reader's backend dies (an idle timeout, a failover): the admin
+    // API gets a working reader back within a resync, without a new session.
+    let pgc = pg_client(&pg).await;
+    let killed: i64 = pgc
+        .query_one(
+            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE (application_name = 'fastgate-log-reader' OR query LIKE 'SELECT seq, row FROM fastgate_audit%')
+               AND pid <> pg_backend_pid()) k",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(killed, 1);
+    let start = Instant::now();
+    loop {
+        let s = admin(&a, "GET", "/api/logs").send().await.unwrap().status();
+        if s == 200 {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(15), "still {s}:\n{}", a.logs());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(a.logs().matches("Connected to Postgres").count(), 1, "{}", a.logs());
 }

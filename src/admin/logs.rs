@@ -285,6 +285,20 @@ pub async fn admin_events(
     Ok(Json(s.db(move |c| store::admin_audit::list(c, limit)).await?))
 }
 
+/// Rows Postgres refused on this node (cluster mode), kept aside with the
+/// error so the rest of the sync and the audit shipping keep flowing; newest
+/// first. Admin only: the node's own quarantine, not the cluster's.
+pub async fn cluster_quarantine(
+    caller: Caller,
+    State(s): State<Arc<AdminState>>,
+    Query(q): Query<EventsQuery>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require_admin()?;
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000) as usize;
+    let items = s.db(move |c| store::sync::quarantined(c, limit)).await?;
+    Ok(Json(serde_json::json!({ "items": items })))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

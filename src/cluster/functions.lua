@@ -1,56 +1,81 @@
-#!lua name=fastgate_v1
+#!lua name=fastgate_v2
 -- FastGate's shared state, one atomic call per decision, on Redis's clock.
--- Function names carry their version: a node of a later release loads its
--- own library beside this one, so a rolling upgrade never calls new code
--- with old arguments. Change a function's arguments only in a new version.
+--
+-- Versions. Function names carry their library's version: a node of a later
+-- release loads its own library beside the older one, so a rolling upgrade
+-- never calls new code with old arguments. Change a function's arguments
+-- only in a new version.
+--   fastgate_v1  keys `fg:*`, the client's request id as log member (gone:
+--                not idempotent, and a repeated id was a free pass).
+--   fastgate_v2  keys `fg:{fg}:*` (one hash tag: every call's keys share one
+--                slot, so it runs on Redis Cluster / Valkey cluster; all of
+--                FastGate's state sits on one shard), members are op ids the
+--                nodes mint (`node:boot:counter`), token windows are fixed
+--                buckets, settlements are sequenced per node (exactly once),
+--                key states are versioned and trimmed, every key has a TTL.
+-- Nodes of v1 and v2 do not share counters (different keys): upgrade every
+-- node of a cluster together, or accept one window of per-release limits.
 
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
--- Drop a token log's entries older than `cutoff`; returns the tokens left.
-local function expire_tokens(log, amounts, cutoff)
-  local old = redis.call('ZRANGEBYSCORE', log, '-inf', cutoff)
-  local total = tonumber(redis.call('HGET', amounts, '#total') or '0')
-  if #old > 0 then
-    for _, id in ipairs(old) do
-      total = total - tonumber(redis.call('HGET', amounts, id) or '0')
-      redis.call('HDEL', amounts, id)
-    end
-    redis.call('ZREMRANGEBYSCORE', log, '-inf', cutoff)
-    if total < 0 then total = 0 end
-    redis.call('HSET', amounts, '#total', total)
-  end
-  return total
+-- Token windows: the window in 20 fixed buckets. A bucket's tokens count
+-- until the whole bucket has left the window, so tokens are held up to one
+-- bucket longer than the window, never shorter: never more admitted.
+local BUCKETS = 20
+
+local function bucket_width(window)
+  return math.max(1, math.ceil(window / BUCKETS))
 end
 
--- Milliseconds until the log frees enough tokens for `cost` under `limit`.
-local function tokens_wait(log, amounts, total, cost, limit, window, now)
-  local entries = redis.call('ZRANGE', log, 0, -1, 'WITHSCORES')
-  for i = 1, #entries, 2 do
-    total = total - tonumber(redis.call('HGET', amounts, entries[i]) or '0')
-    if total + cost <= limit then
-      return tonumber(entries[i + 1]) + window - now
+-- Sum a bucket hash's live buckets (dropping the dead ones). Returns the
+-- total and the live buckets sorted oldest first, as {index, tokens}.
+local function live_buckets(hash, width, window, now)
+  local all = redis.call('HGETALL', hash)
+  local total, live, dead = 0, {}, {}
+  for i = 1, #all, 2 do
+    local b = tonumber(all[i])
+    local n = tonumber(all[i + 1]) or 0
+    if b == nil or (b + 1) * width + window <= now then
+      dead[#dead + 1] = all[i]
+    else
+      total = total + n
+      live[#live + 1] = {b, n}
     end
   end
-  return window
+  if #dead > 0 then
+    redis.call('HDEL', hash, unpack(dead))
+  end
+  table.sort(live, function(x, y) return x[1] < y[1] end)
+  return total, live
 end
 
 -- Check every limit of one request and, only if all allow it, take them.
--- ARGV: request id, window ms, count of limits, then per limit: kind, limit,
--- cost. Kinds and their KEYS, in order:
---   r  requests in the rolling window: one sorted set (the log);
---   t  tokens in the rolling window: the log and its amounts hash
---      (cost = tokens reserved; settled by fastgate_settle_v1);
+-- KEYS[1]: the op's marker (a retried admit answers as the first did).
+-- ARGV: op id, window ms, count of limits, then per limit: kind, limit,
+-- cost. Kinds and their KEYS, in order after the marker:
+--   r  requests in the rolling window: a sorted set of op ids (only
+--      admitted ops are added: at most `limit` live members);
+--   t  tokens in the window: a hash of bucket -> tokens (cost = tokens
+--      reserved, settled by fastgate_settle_v2 in the same bucket);
 --   q  tokens per quota period: one counter (cost ignored: the quota is
 --      exhausted once used >= limit; usage is added when settled).
--- Returns {0} when admitted, else {1, index of the refusing limit, wait ms}.
+-- Returns {0, bucket} when admitted, else {1, index of the refusing limit,
+-- wait ms}.
 local function admit(keys, args)
   local now = now_ms()
   local id, window, n = args[1], tonumber(args[2]), tonumber(args[3])
+  local marker = keys[1]
+  local seen = redis.call('GET', marker)
+  if seen then
+    return {0, tonumber(seen)}
+  end
+  local width = bucket_width(window)
+  local bucket = math.floor(now / width)
   local cutoff = now - window
-  local k = 1
+  local k = 2
   local take = {}
   for i = 1, n do
     local kind, limit, cost = args[1 + 3 * i], tonumber(args[2 + 3 * i]), tonumber(args[3 + 3 * i])
@@ -68,14 +93,23 @@ local function admit(keys, args)
       end
       take[#take + 1] = {'r', log}
     elseif kind == 't' then
-      local log, amounts = keys[k], keys[k + 1]
-      k = k + 2
-      local total = expire_tokens(log, amounts, cutoff)
+      local hash = keys[k]
+      k = k + 1
+      local total, live = live_buckets(hash, width, window, now)
       if cost > limit then cost = limit end
       if total + cost > limit then
-        return {1, i, tokens_wait(log, amounts, total, cost, limit, window, now)}
+        -- The oldest buckets whose expiry makes room.
+        local wait = window
+        for _, b in ipairs(live) do
+          total = total - b[2]
+          if total + cost <= limit then
+            wait = (b[1] + 1) * width + window - now
+            break
+          end
+        end
+        return {1, i, wait}
       end
-      take[#take + 1] = {'t', log, amounts, cost}
+      take[#take + 1] = {'t', hash, cost}
     else
       local counter = keys[k]
       k = k + 1
@@ -86,71 +120,98 @@ local function admit(keys, args)
     end
   end
   for _, t in ipairs(take) do
-    redis.call('ZADD', t[2], now, id)
-    redis.call('PEXPIRE', t[2], window)
-    if t[1] == 't' then
-      redis.call('HSET', t[3], id, t[4])
-      redis.call('HINCRBY', t[3], '#total', t[4])
-      redis.call('PEXPIRE', t[3], window)
-    end
-  end
-  return {0}
-end
-
--- One request's settlement, its keys from `k` and arguments from `a`;
--- returns where the next request's begin.
-local function settle_one(keys, args, k, a)
-  local id, n = args[a], tonumber(args[a + 1])
-  a = a + 2
-  for _ = 1, n do
-    local kind, tokens, expiry = args[a], tonumber(args[a + 1]), args[a + 2]
-    a = a + 3
-    if kind == 't' then
-      local amounts = keys[k + 1]
-      k = k + 2
-      local reserved = redis.call('HGET', amounts, id)
-      if reserved then
-        redis.call('HSET', amounts, id, tokens)
-        redis.call('HINCRBY', amounts, '#total', tokens - tonumber(reserved))
-      end
+    if t[1] == 'r' then
+      redis.call('ZADD', t[2], now, id)
+      redis.call('PEXPIRE', t[2], window)
     else
-      local counter = keys[k]
-      k = k + 1
-      if tokens > 0 then
-        redis.call('INCRBY', counter, tokens)
-      end
-      redis.call('PEXPIREAT', counter, expiry)
+      redis.call('HINCRBY', t[2], bucket, t[3])
+      redis.call('PEXPIRE', t[2], window + 2 * width)
     end
   end
-  return k, a
+  redis.call('SET', marker, bucket, 'PX', window + 2 * width)
+  return {0, bucket}
 end
 
--- Replace requests' token reservations with what they really used (a
--- batch: settlements are not urgent, and one call for many is cheaper).
--- ARGV: count of requests, then per request: its id, count of limits, and
--- per limit: kind, tokens, expiry. KEYS, request after request, as for
--- admit: t takes the log and amounts (expiry unused; an entry already out
--- of the window is left out), q its counter (expiry = Unix ms at which the
--- counter may go, past the quota period's end).
+-- Settle a batch of finished requests, exactly once: KEYS[1] holds the
+-- last batch number applied for this node's process (ARGV[1]); a batch
+-- whose number is not above it was applied already (its answer was lost)
+-- and changes nothing. ARGV: batch number, window ms, count of requests,
+-- then per request: count of limits, and per limit: kind, tokens, reserved,
+-- where. KEYS after the first, limit after limit:
+--   t  the bucket hash; where = the bucket the admission answered (an
+--      adjustment to a bucket already out of the window is left out);
+--   q  its counter; where = Unix ms at which the counter may go (past the
+--      quota period's end). Reserved is unused.
+-- Returns 1 when applied, 0 when it had been.
 local function settle(keys, args)
-  local k, a = 1, 2
-  for _ = 1, tonumber(args[1]) do
-    k, a = settle_one(keys, args, k, a)
+  local seq = tonumber(args[1])
+  local last = tonumber(redis.call('GET', keys[1]) or '0')
+  -- Kept a day: a node's batches are replayed in order within an outage.
+  redis.call('SET', keys[1], math.max(seq, last), 'PX', 86400000)
+  if seq <= last then
+    return 0
   end
-  return 0
+  local now, window = now_ms(), tonumber(args[2])
+  local width = bucket_width(window)
+  local k, a = 2, 4
+  for _ = 1, tonumber(args[3]) do
+    local n = tonumber(args[a])
+    a = a + 1
+    for _ = 1, n do
+      local kind, tokens, reserved, where = args[a], tonumber(args[a + 1]), tonumber(args[a + 2]), tonumber(args[a + 3])
+      a = a + 4
+      local key = keys[k]
+      k = k + 1
+      if kind == 't' then
+        local b = math.floor(where)
+        local held = redis.call('HGET', key, b)
+        if held and (b + 1) * width + window > now and tokens ~= reserved then
+          local left = redis.call('HINCRBY', key, b, tokens - reserved)
+          if left < 0 then redis.call('HSET', key, b, 0) end
+        end
+      else
+        if tokens > 0 then
+          redis.call('INCRBY', key, tokens)
+        end
+        redis.call('PEXPIREAT', key, where)
+      end
+    end
+  end
+  return 1
 end
 
--- A pool key's state as one node saw it change. KEYS: the state hash.
--- ARGV: channel, field (pool/key), payload. Stored with Redis's time so a
--- resync can age the relative deadlines inside the payload.
+-- A pool key's state as one node saw it change, stored only when its
+-- version is not older than the stored one (a delayed older state never
+-- replaces a newer). KEYS: the state hash, the sorted set of when each was
+-- stored. ARGV: channel, field (pool/key), version, payload, keep ms (states
+-- older than that are dropped, a few per call). Stored with Redis's time so
+-- a resync can age the relative deadlines inside the payload. Returns 1
+-- when stored (and published), 0 when older than the stored state.
 local function key_state(keys, args)
   local now = now_ms()
-  redis.call('HSET', keys[1], args[2], now .. '|' .. args[3])
-  redis.call('PUBLISH', args[1], args[3])
-  return now
+  local version, keep = tonumber(args[3]), tonumber(args[5])
+  local stored = redis.call('HGET', keys[1], args[2])
+  if stored then
+    local v = tonumber(string.match(stored, '^(%d+)|'))
+    if v and v > version then
+      return 0
+    end
+  end
+  redis.call('HSET', keys[1], args[2], version .. '|' .. now .. '|' .. args[4])
+  redis.call('ZADD', keys[2], now, args[2])
+  local old = redis.call('ZRANGEBYSCORE', keys[2], '-inf', now - keep, 'LIMIT', 0, 100)
+  if #old > 0 then
+    redis.call('HDEL', keys[1], unpack(old))
+    redis.call('ZREM', keys[2], unpack(old))
+  end
+  redis.call('PEXPIRE', keys[1], keep)
+  redis.call('PEXPIRE', keys[2], keep)
+  redis.call('PUBLISH', args[1], args[4])
+  return 1
 end
 
--- Every stored key state and Redis's time now, for a resync.
+-- Every stored key state (`version|stored at|payload`) and Redis's time
+-- now, for a resync. KEYS: the state hash.
 local function key_states(keys, args)
   return {now_ms(), redis.call('HGETALL', keys[1])}
 end
@@ -159,34 +220,42 @@ end
 -- Returns the count of nodes seen within the ttl.
 local function heartbeat(keys, args)
   local now = now_ms()
+  local ttl = tonumber(args[2])
   redis.call('ZADD', keys[1], now, args[1])
-  redis.call('ZREMRANGEBYSCORE', keys[1], '-inf', now - tonumber(args[2]))
+  redis.call('ZREMRANGEBYSCORE', keys[1], '-inf', now - ttl)
+  redis.call('PEXPIRE', keys[1], ttl)
   return redis.call('ZCARD', keys[1])
 end
 
 -- Take one of a pool key's `cap` in-flight slots across the cluster, held
--- until released or for `ttl` ms (a node that died mid-request).
--- KEYS: the key's lease set. ARGV: lease id, cap, ttl ms. Returns 1 when taken.
+-- until released or for `ttl` ms (a node that died mid-request). Taking a
+-- slot the op holds already answers 1 again (a retried call).
+-- KEYS: the key's lease set. ARGV: op id, cap, ttl ms. Returns 1 when taken.
 local function lease(keys, args)
   local now = now_ms()
   redis.call('ZREMRANGEBYSCORE', keys[1], '-inf', now)
+  if redis.call('ZSCORE', keys[1], args[1]) then
+    return 1
+  end
   if redis.call('ZCARD', keys[1]) >= tonumber(args[2]) then
     return 0
   end
   redis.call('ZADD', keys[1], now + tonumber(args[3]), args[1])
-  redis.call('PEXPIRE', keys[1], tonumber(args[3]))
+  local last = redis.call('ZRANGE', keys[1], -1, -1, 'WITHSCORES')
+  redis.call('PEXPIREAT', keys[1], tonumber(last[2]))
   return 1
 end
 
--- Give a slot back. KEYS: the lease set. ARGV: lease id.
+-- Give slots back (idempotent: an op's slot goes once). KEYS: the lease
+-- set. ARGV: op ids.
 local function release(keys, args)
-  return redis.call('ZREM', keys[1], args[1])
+  return redis.call('ZREM', keys[1], unpack(args))
 end
 
-redis.register_function('fastgate_admit_v1', admit)
-redis.register_function('fastgate_lease_v1', lease)
-redis.register_function('fastgate_release_v1', release)
-redis.register_function('fastgate_settle_v1', settle)
-redis.register_function('fastgate_key_state_v1', key_state)
-redis.register_function('fastgate_key_states_v1', key_states)
-redis.register_function('fastgate_heartbeat_v1', heartbeat)
+redis.register_function('fastgate_admit_v2', admit)
+redis.register_function('fastgate_lease_v2', lease)
+redis.register_function('fastgate_release_v2', release)
+redis.register_function('fastgate_settle_v2', settle)
+redis.register_function('fastgate_key_state_v2', key_state)
+redis.register_function('fastgate_key_states_v2', key_states)
+redis.register_function('fastgate_heartbeat_v2', heartbeat)

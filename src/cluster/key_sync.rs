@@ -1,6 +1,8 @@
 //! Pool key states across nodes. A cooldown, rest or disable seen by one
-//! node (or an admin's change on it) goes through `fastgate_key_state_v1`,
-//! which stores it and publishes it; every other node applies it at once.
+//! node (or an admin's change on it) goes through `fastgate_key_state_v2`,
+//! which stores it (only if its version is not older than the stored one)
+//! and publishes it; every other node merges it at once
+//! ([`crate::pool::KeyStatus::merge_remote`]).
 //! Deadlines travel as milliseconds remaining, never as one node's clock.
 //! A (re)subscription reads every stored state first, so messages lost
 //! while a node was cut off are made up for.
@@ -19,9 +21,15 @@ use std::{
 };
 use tokio::sync::mpsc;
 
-/// Hash of the last published state per `pool/key`.
-const STATES_KEY: &str = "fg:keystates";
-const CHANNEL: &str = "fg:keystate";
+/// Hash of the last published state per `pool/key`, and the sorted set of
+/// when each was stored (to trim them).
+const STATES_KEY: &str = "fg:{fg}:ks";
+const STATES_AT_KEY: &str = "fg:{fg}:kst";
+const CHANNEL: &str = "fg:{fg}:keystate";
+/// A stored state untouched this long is dropped from Redis (longer than
+/// any cooldown's `max_wait`; a disable older than this is no longer
+/// handed to nodes that start later, each keeps its own copy).
+const KEEP_STATES_MS: u64 = 7 * 86_400_000;
 
 /// One key's state as a node saw it change.
 #[derive(Debug, Serialize, Deserialize)]
@@ -104,15 +112,24 @@ pub(super) async fn publish(cluster: Arc<Cluster>, mut outbox: mpsc::UnboundedRe
                 continue;
             };
             let mut cmd = redis::cmd("FCALL");
-            cmd.arg("fastgate_key_state_v1")
-                .arg(1)
+            cmd.arg("fastgate_key_state_v2")
+                .arg(2)
                 .arg(STATES_KEY)
+                .arg(STATES_AT_KEY)
                 .arg(CHANNEL)
                 .arg(&field)
-                .arg(json);
-            if let Err(e) = cluster.call::<i64>(&cmd).await {
-                tracing::debug!(error = %e, key = %field, "Key state not published yet; kept for when Redis is back.");
-                unsent.insert(field, payload);
+                .arg(payload.status.version)
+                .arg(json)
+                .arg(KEEP_STATES_MS);
+            match cluster.call::<i64>(&cmd).await {
+                Ok(0) => {
+                    tracing::debug!(key = %field, "A newer key state is stored already; this one was not published.")
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!(error = %e, key = %field, "Key state not published yet; kept for when Redis is back.");
+                    unsent.insert(field, payload);
+                }
             }
         }
     }
@@ -149,13 +166,15 @@ pub(super) async fn subscribe(cluster: Arc<Cluster>, state: Arc<AppState>) {
 async fn resync(cluster: &Cluster, state: &AppState) -> Result<usize, redis::RedisError> {
     let mut conn = cluster.client.get_multiplexed_async_connection().await?;
     let (server_now, fields): (i64, Vec<(String, String)>) = redis::cmd("FCALL")
-        .arg("fastgate_key_states_v1")
+        .arg("fastgate_key_states_v2")
         .arg(1)
         .arg(STATES_KEY)
         .query_async(&mut conn)
         .await?;
     for (_, stored) in &fields {
-        if let Some((at, payload)) = stored.split_once('|')
+        let mut parts = stored.splitn(3, '|');
+        let (_version, at, payload) = (parts.next(), parts.next(), parts.next());
+        if let (Some(at), Some(payload)) = (at, payload)
             && let Ok(at) = at.parse::<i64>()
         {
             apply(cluster, state, payload.as_bytes(), server_now - at);

@@ -1,14 +1,18 @@
-//! Shared rate limits: every check of a request in one `fastgate_admit_v1`
-//! call (one round trip, all or nothing), its token reservation settled by
-//! `fastgate_settle_v1` once the real usage is known.
+//! Shared rate limits: every check of a request in one `fastgate_admit_v2`
+//! call (one round trip, all or nothing) under an op id this node mints,
+//! its token reservation settled by `fastgate_settle_v2` once the real
+//! usage is known. Settlements go in numbered batches, one at a time: a
+//! batch whose answer was lost is sent again with its number, and Redis
+//! applies each number once, so nothing is charged twice and nothing is
+//! dropped while Redis is briefly unreachable.
 
-use super::{Cluster, ClusterError};
+use super::{Cluster, ClusterError, PREFIX, RETRY_EVERY};
 use crate::{
     config::OnRedisDown,
     ratelimit::{Admission, Counted, Limited, QuotaTracker, RateChecks, RateLimiter, Refusal},
 };
 use serde::Deserialize;
-use std::sync::Arc;
+use std::sync::{Arc, atomic::Ordering};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Denied {
@@ -17,30 +21,54 @@ pub enum Denied {
     Unavailable,
 }
 
+/// What a shared admission took, kept with the request for its settlement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ticket {
+    /// The token bucket the reservation went to (Redis's answer).
+    pub bucket: i64,
+    /// Tokens reserved (before each `tpm`'s clamp to its limit).
+    pub reserve: u64,
+}
+
 /// A finished request's tokens, waiting to be settled in Redis.
 #[derive(Debug)]
 pub struct Settlement {
-    request_id: String,
     checks: RateChecks,
     tokens: u64,
+    ticket: Ticket,
 }
 
 /// Most settlements sent in one call.
 const SETTLE_BATCH: usize = 128;
+/// Most settlements waiting for a batch; past it (a long outage with
+/// requests admitted before it still finishing), quota tokens are owed
+/// (aggregated per counter) and token reservations stay as reserved.
+const MAX_QUEUED: usize = 50_000;
+/// Attempts at a batch Redis refuses outright (not a lost answer).
+const REFUSED_ATTEMPTS: u32 = 3;
 
 /// Extra time a quota counter outlives its period (admin views, late settles).
 const QUOTA_COUNTER_SLACK_MS: i64 = 86_400_000;
 
-fn window_keys(scope: &str) -> [String; 3] {
-    [
-        format!("fg:r:{scope}"),
-        format!("fg:t:{scope}"),
-        format!("fg:ta:{scope}"),
-    ]
+fn request_key(scope: &str) -> String {
+    format!("{PREFIX}r:{scope}")
+}
+
+fn token_key(scope: &str) -> String {
+    format!("{PREFIX}t:{scope}")
 }
 
 fn quota_key(scope: &str, period_start: i64) -> String {
-    format!("fg:q:{scope}:{period_start}")
+    format!("{PREFIX}q:{scope}:{period_start}")
+}
+
+/// A numbered batch in flight (replayed with its number until confirmed).
+struct Batch {
+    seq: u64,
+    settlements: Vec<Settlement>,
+    /// Quota tokens of requests decided locally: (counter, tokens, expiry).
+    owed: Vec<(String, u64, i64)>,
+    refused: u32,
 }
 
 /// A request's token reservation: its prompt estimated from the body's
@@ -79,7 +107,7 @@ pub fn reserve_for(body: Option<&[u8]>, default: u64) -> u64 {
 impl Cluster {
     /// Admit a request against `checks` in Redis; when Redis is down,
     /// decide as `on_redis_down` says (locally, each limit divided among
-    /// the nodes, by default).
+    /// the nodes, by default). `request_id` is for logs only.
     pub async fn admit(
         &self,
         request_id: &str,
@@ -89,10 +117,11 @@ impl Cluster {
         quotas: &QuotaTracker,
         now_ms: u64,
     ) -> Result<Counted, Denied> {
-        match self.admit_shared(request_id, checks, reserve, now_ms).await {
-            Ok(Ok(())) => Ok(Counted::Shared),
+        match self.admit_shared(checks, reserve, now_ms).await {
+            Ok(Ok(ticket)) => Ok(Counted::Shared(ticket)),
             Ok(Err(refusal)) => Err(Denied::Limit(refusal)),
-            Err(_) => {
+            Err(e) => {
+                tracing::debug!(error = %e, request_id, "Admission decided locally.");
                 self.decided_locally();
                 match self.config.on_redis_down {
                     OnRedisDown::LocalShare => limiter
@@ -108,27 +137,26 @@ impl Cluster {
 
     async fn admit_shared(
         &self,
-        request_id: &str,
         checks: &RateChecks,
         reserve: u64,
         now_ms: u64,
-    ) -> Result<Result<(), Refusal>, ClusterError> {
-        let mut keys: Vec<String> = Vec::with_capacity(checks.windows.len() * 3 + checks.quotas.len());
+    ) -> Result<Result<Ticket, Refusal>, ClusterError> {
+        let op = self.next_op();
+        let mut keys: Vec<String> = Vec::with_capacity(1 + checks.windows.len() * 2 + checks.quotas.len());
+        keys.push(format!("{PREFIX}op:{op}"));
         // One (kind, limit, cost) triple per limit; `labels[i]` names limit
         // i+1 (with its quota period's end, for a quota).
         let mut limits: Vec<(&str, u64, u64)> = Vec::new();
         let mut labels: Vec<(Limited, Option<i64>)> = Vec::new();
         for w in &checks.windows {
-            let [r, t, ta] = window_keys(&w.scope);
             if let Some(rpm) = w.limits.rpm {
-                keys.push(r);
+                keys.push(request_key(&w.scope));
                 limits.push(("r", rpm, 1));
                 labels.push((w.label, None));
             }
             if let Some(tpm) = w.limits.tpm {
-                keys.push(t);
-                keys.push(ta);
-                limits.push(("t", tpm, reserve));
+                keys.push(token_key(&w.scope));
+                limits.push(("t", tpm, reserve.min(tpm)));
                 labels.push((w.label, None));
             }
         }
@@ -138,10 +166,10 @@ impl Cluster {
             labels.push((q.label, Some(q.period.1)));
         }
         let mut cmd = redis::cmd("FCALL");
-        cmd.arg("fastgate_admit_v1")
+        cmd.arg("fastgate_admit_v2")
             .arg(keys.len())
             .arg(&keys)
-            .arg(request_id)
+            .arg(&op)
             .arg(self.config.rate_window.0.as_millis() as u64)
             .arg(limits.len());
         for (kind, limit, cost) in &limits {
@@ -161,13 +189,17 @@ impl Cluster {
                     retry_after: retry_after.max(1),
                 })
             }
-            _ => Ok(()),
+            [0, bucket, ..] => Ok(Ticket {
+                bucket: *bucket,
+                reserve,
+            }),
+            _ => Ok(Ticket { bucket: -1, reserve }),
         })
     }
 
     /// Charge a finished request's `tokens` the way it was counted
     /// (settling its reservation in Redis, in the background: the response
-    /// is already on its way).
+    /// is already on its way). `request_id` is for logs only.
     pub fn settle(
         self: &Arc<Self>,
         request_id: &str,
@@ -177,11 +209,14 @@ impl Cluster {
         now_ms: u64,
     ) {
         let checks = admission.checks;
-        if admission.counted == Counted::Local {
-            limiter.charge_all(quotas, &checks, tokens, now_ms);
-            self.owe(&checks, tokens);
-            return;
-        }
+        let ticket = match admission.counted {
+            Counted::Local => {
+                limiter.charge_all(quotas, &checks, tokens, now_ms);
+                self.owe(&checks, tokens);
+                return;
+            }
+            Counted::Shared(ticket) => ticket,
+        };
         // This node's own usage: the base of its share while Redis is down.
         for q in &checks.quotas {
             quotas.add(&q.scope, q.period.0, tokens);
@@ -189,52 +224,129 @@ impl Cluster {
         if !checks.counts_tokens() && (checks.quotas.is_empty() || tokens == 0) {
             return;
         }
-        let _ = self.settlements.0.send(Settlement {
-            request_id: request_id.to_string(),
-            checks,
-            tokens,
-        });
+        if self.queued.fetch_add(1, Ordering::Relaxed) >= MAX_QUEUED {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+            tracing::debug!(request_id, "Settlement queue full; quota tokens owed.");
+            self.owe(&checks, tokens);
+            return;
+        }
+        let _ = self.settlements.0.send(Settlement { checks, tokens, ticket });
     }
 
-    /// Send queued settlements, up to [`SETTLE_BATCH`] per call; those
-    /// Redis does not take are owed.
+    /// Send queued settlements (and owed quota tokens) in numbered
+    /// batches, one at a time, up to [`SETTLE_BATCH`] per call. A batch
+    /// Redis did not confirm is sent again, with its number, once Redis
+    /// answers: applied exactly once whether or not the lost call ran.
     pub(super) async fn flush_settlements(self: Arc<Self>) {
         let Some(mut queue) = self.settlements.1.lock().take() else {
             return;
         };
-        let mut batch = Vec::with_capacity(SETTLE_BATCH);
-        while queue.recv_many(&mut batch, SETTLE_BATCH).await > 0 {
-            if self.settle_shared(&batch).await.is_err() {
-                for s in &batch {
-                    self.owe(&s.checks, s.tokens);
+        let mut seq: u64 = 0;
+        let mut pending: Option<Batch> = None;
+        let mut tick = tokio::time::interval(RETRY_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut taken = Vec::with_capacity(SETTLE_BATCH);
+        let mut open = true;
+        loop {
+            let batch = match pending.take() {
+                Some(b) => b,
+                None => {
+                    if taken.is_empty() && open {
+                        tokio::select! {
+                            n = queue.recv_many(&mut taken, SETTLE_BATCH) => open = n > 0,
+                            _ = tick.tick() => {}
+                        }
+                    }
+                    let owed = if self.is_up() { self.take_owed() } else { Vec::new() };
+                    if taken.is_empty() && owed.is_empty() {
+                        if !open {
+                            return;
+                        }
+                        continue;
+                    }
+                    self.queued.fetch_sub(taken.len(), Ordering::Relaxed);
+                    seq += 1;
+                    Batch {
+                        seq,
+                        settlements: std::mem::take(&mut taken),
+                        owed,
+                        refused: 0,
+                    }
+                }
+            };
+            if !self.is_up() {
+                pending = Some(batch);
+                tick.tick().await;
+                continue;
+            }
+            match self.settle_shared(&batch).await {
+                Ok(()) => {}
+                Err(e) if e.is_transport() => {
+                    tracing::debug!(error = %e, seq = batch.seq, "Settlement batch unconfirmed; sent again once Redis answers.");
+                    pending = Some(batch);
+                }
+                Err(e) if batch.refused + 1 < REFUSED_ATTEMPTS => {
+                    tracing::warn!(error = %e, seq = batch.seq, "Redis refused a settlement batch; trying again.");
+                    pending = Some(Batch {
+                        refused: batch.refused + 1,
+                        ..batch
+                    });
+                    tick.tick().await;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, settlements = batch.settlements.len(), "Redis refused a settlement batch again; dropped.");
                 }
             }
-            batch.clear();
         }
     }
 
-    async fn settle_shared(&self, batch: &[Settlement]) -> Result<(), ClusterError> {
-        let mut keys = Vec::new();
-        let mut args: Vec<String> = vec![batch.len().to_string()];
-        for s in batch {
-            let limits = s.checks.windows.iter().filter(|w| w.limits.tpm.is_some()).count() + s.checks.quotas.len();
-            args.push(s.request_id.clone());
-            args.push(limits.to_string());
-            for w in s.checks.windows.iter().filter(|w| w.limits.tpm.is_some()) {
-                let [_, t, ta] = window_keys(&w.scope);
-                keys.push(t);
-                keys.push(ta);
-                args.extend(["t".to_string(), s.tokens.to_string(), "0".to_string()]);
+    async fn settle_shared(&self, batch: &Batch) -> Result<(), ClusterError> {
+        let mut keys = vec![format!("{PREFIX}seq:{}:{}", self.node_id, self.boot)];
+        let requests = batch.settlements.len() + batch.owed.len();
+        let mut args: Vec<String> = vec![
+            batch.seq.to_string(),
+            self.config.rate_window.0.as_millis().to_string(),
+            requests.to_string(),
+        ];
+        for s in &batch.settlements {
+            let tpms = s.checks.windows.iter().filter_map(|w| w.limits.tpm.map(|t| (w, t)));
+            args.push((tpms.clone().count() + s.checks.quotas.len()).to_string());
+            for (w, tpm) in tpms {
+                keys.push(token_key(&w.scope));
+                args.extend([
+                    "t".to_string(),
+                    s.tokens.to_string(),
+                    s.ticket.reserve.min(tpm).to_string(),
+                    s.ticket.bucket.to_string(),
+                ]);
             }
             for q in &s.checks.quotas {
                 keys.push(quota_key(&q.scope, q.period.0));
                 let expiry = q.period.1 + QUOTA_COUNTER_SLACK_MS;
-                args.extend(["q".to_string(), s.tokens.to_string(), expiry.to_string()]);
+                args.extend(["q".to_string(), s.tokens.to_string(), "0".into(), expiry.to_string()]);
             }
         }
+        for (counter, tokens, expiry) in &batch.owed {
+            keys.push(counter.clone());
+            args.extend([
+                "1".to_string(),
+                "q".to_string(),
+                tokens.to_string(),
+                "0".into(),
+                expiry.to_string(),
+            ]);
+        }
         let mut cmd = redis::cmd("FCALL");
-        cmd.arg("fastgate_settle_v1").arg(keys.len()).arg(&keys).arg(&args);
-        self.call::<i64>(&cmd).await.map(|_| ())
+        cmd.arg("fastgate_settle_v2").arg(keys.len()).arg(&keys).arg(&args);
+        let applied = self.call::<i64>(&cmd).await?;
+        if !batch.owed.is_empty() {
+            tracing::info!(
+                counters = batch.owed.len(),
+                replayed = applied == 0,
+                "Quota tokens used while Redis was down added to the shared counters."
+            );
+        }
+        Ok(())
     }
 
     /// Remember quota tokens Redis has not seen.
@@ -251,34 +363,15 @@ impl Cluster {
         }
     }
 
-    /// Add the quota tokens used while Redis was down (reconciliation).
-    pub(super) async fn settle_owed(&self) {
-        let owed: Vec<(String, (u64, i64))> = self.owed.lock().drain().collect();
+    /// The owed quota tokens, for the next batch (reconciliation).
+    fn take_owed(&self) -> Vec<(String, u64, i64)> {
+        let mut owed = self.owed.lock();
         if owed.is_empty() {
-            return;
+            return Vec::new();
         }
-        let mut failed = Vec::new();
-        for (counter, (tokens, expiry)) in owed {
-            let mut cmd = redis::cmd("FCALL");
-            cmd.arg("fastgate_settle_v1")
-                .arg(1)
-                .arg(&counter)
-                .arg(1)
-                .arg("reconcile")
-                .arg(1)
-                .arg("q")
-                .arg(tokens)
-                .arg(expiry);
-            if self.call::<i64>(&cmd).await.is_err() {
-                failed.push((counter, (tokens, expiry)));
-            }
-        }
-        let n = failed.len();
-        self.owed.lock().extend(failed);
-        tracing::info!(
-            unsettled = n,
-            "Quota tokens used while Redis was down added to the shared counters."
-        );
+        owed.drain()
+            .map(|(counter, (tokens, expiry))| (counter, tokens, expiry))
+            .collect()
     }
 }
 

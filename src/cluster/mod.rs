@@ -21,15 +21,22 @@ use std::{
     collections::HashMap,
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU32, Ordering},
+        atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
 };
 
 /// The function library; its name carries the version (see the file).
 const LIBRARY: &str = include_str!("functions.lua");
+/// Every key FastGate writes starts with this: one hash tag, so that every
+/// call's keys hash to one slot (Redis Cluster / Valkey cluster run it; all
+/// of FastGate's state sits on that slot's shard).
+pub(crate) const PREFIX: &str = "fg:{fg}:";
 /// Sorted set of node ids scored by their last heartbeat.
-const NODES_KEY: &str = "fg:nodes";
+const NODES_KEY: &str = "fg:{fg}:nodes";
+/// Most lease releases kept for replay while Redis is unreachable (the
+/// oldest go first past it: their slots expire after `stuck_after`).
+const MAX_RELEASES: usize = 10_000;
 /// A node missing heartbeats for this long no longer counts.
 const NODE_TTL_MS: u64 = 5_000;
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
@@ -46,6 +53,17 @@ pub enum ClusterError {
     Redis(#[from] redis::RedisError),
     #[error("cluster.ca_file: {0}")]
     Ca(String),
+}
+
+impl ClusterError {
+    /// Whether the call may not have reached Redis or its answer was lost
+    /// (breaker open, timeout, connection): the op is in doubt.
+    fn is_transport(&self) -> bool {
+        match self {
+            ClusterError::Redis(r) => r.is_io_error() || r.is_connection_dropped() || r.is_timeout(),
+            _ => true,
+        }
+    }
 }
 
 /// The certificate authorities in the PEM file `path` (`cluster.ca_file`).
@@ -66,6 +84,16 @@ pub fn tls_roots(path: &std::path::Path) -> Result<rustls::RootCertStore, String
 /// This node's link to the cluster's shared state.
 pub struct Cluster {
     pub node_id: String,
+    /// This process's start, so that a node restarted under the same
+    /// `node_id` never mints an op id its last run used.
+    boot: String,
+    /// The last op id's counter (see [`Cluster::next_op`]).
+    ops: AtomicU64,
+    /// Lease releases Redis has not confirmed (breaker open, timeout):
+    /// replayed when it answers again. Releases are idempotent.
+    releases: Mutex<std::collections::VecDeque<(String, String)>>,
+    /// Settlements queued and not yet taken into a batch.
+    queued: AtomicUsize,
     pub config: ClusterConfig,
     client: redis::Client,
     /// The background tasks' connection (heartbeats, library, key states).
@@ -114,9 +142,16 @@ impl Cluster {
         };
         metrics.cluster_redis_up.set(0);
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let boot = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
         Ok(Arc::new(Cluster {
             settlements: (tx, Mutex::new(Some(rx))),
             node_id,
+            boot: format!("{boot:x}"),
+            ops: AtomicU64::new(0),
+            releases: Mutex::new(std::collections::VecDeque::new()),
+            queued: AtomicUsize::new(0),
             config: config.clone(),
             client,
             conn: ArcSwapOption::empty(),
@@ -129,6 +164,14 @@ impl Cluster {
             nodes_gauge: metrics.cluster_nodes.clone(),
             local_decisions: metrics.cluster_local_decisions.clone(),
         }))
+    }
+
+    /// A fresh op id, `node:boot:counter`: what Redis logs, leases and
+    /// settles under. Never the client's request id (that repeats at will,
+    /// and is for logs only).
+    pub fn next_op(&self) -> String {
+        let n = self.ops.fetch_add(1, Ordering::Relaxed) + 1;
+        format!("{}:{}:{n}", self.node_id, self.boot)
     }
 
     pub fn is_up(&self) -> bool {
@@ -209,11 +252,7 @@ impl Cluster {
 
     /// Open the breaker (once per outage, logged).
     fn trip(&self, e: &ClusterError) {
-        let transport = match e {
-            ClusterError::Redis(r) => r.is_io_error() || r.is_connection_dropped() || r.is_timeout(),
-            _ => true,
-        };
-        if !transport {
+        if !e.is_transport() {
             tracing::warn!(error = %e, "Redis refused a cluster call; decided locally.");
             return;
         }
@@ -275,7 +314,7 @@ impl Cluster {
 
 fn heartbeat_cmd(node: &str) -> redis::Cmd {
     let mut cmd = redis::cmd("FCALL");
-    cmd.arg("fastgate_heartbeat_v1")
+    cmd.arg("fastgate_heartbeat_v2")
         .arg(1)
         .arg(NODES_KEY)
         .arg(node)
@@ -306,7 +345,8 @@ fn host_name() -> String {
 }
 
 /// The cluster's background work, on its own runtime: keep the link and
-/// the breaker, beat, settle owed quota tokens, and sync key states.
+/// the breaker, beat, replay unconfirmed releases, settle (owed quota
+/// tokens included), and sync key states.
 pub struct ClusterService {
     pub state: Arc<crate::state::AppState>,
 }
@@ -323,10 +363,9 @@ impl pingora::services::background::BackgroundService for ClusterService {
             tokio::spawn(key_sync::publish(cluster.clone(), outbox));
         }
         loop {
-            let was_up = cluster.is_up();
             let up = cluster.check().await;
-            if up && !was_up {
-                cluster.settle_owed().await;
+            if up {
+                cluster.replay_releases().await;
             }
             let wait = if up { HEARTBEAT_EVERY } else { RETRY_EVERY };
             tokio::select! {

@@ -13,9 +13,19 @@
 //!   notifications) and after every (re)connect, rows with a revision above
 //!   the last one applied are written into SQLite and the key cache reloaded.
 //!
-//! On (re)connect the record is applied first and only then are rows this
-//! node alone has (none in the record) sent: a node that was away cannot
-//! bring back a key revoked meanwhile.
+//! Exact, not last-writer-wins (docs/cluster.md, "Postgres records"):
+//! - revisions are drawn under one advisory lock held to commit (a trigger,
+//!   migration V4), so they become visible in order and a reader asking for
+//!   `revision > applied` never skips one that commits late;
+//! - a local change is sent with the revision its row was last in step with
+//!   (`sync_base`); when the record moved on meanwhile, [`store::sync::resolve`]
+//!   decides, and a stop (delete, revoke, disable) always wins;
+//! - on (re)connect the outbox is pushed first, then the record pulled; a
+//!   pull never overwrites a row whose local change is still queued; then
+//!   rows this node alone has (none in the record) are sent;
+//! - a row Postgres refuses (a record or an audit row) is quarantined in
+//!   SQLite (`sync_quarantine`, `GET /api/cluster/quarantine`, counted in
+//!   `fastgate_cluster_quarantined_total`) and the rest keeps flowing.
 
 use crate::{state::AppState, store};
 use std::{sync::Arc, time::Duration};
@@ -29,6 +39,11 @@ const CHANNEL: &str = "fastgate_records";
 /// Migrations run under this advisory lock: nodes starting together wait
 /// for one another instead of racing.
 const MIGRATION_LOCK: i64 = 0x6661_7374_6761_7465;
+/// Every write to `fastgate_records` holds this lock until it commits (the
+/// V4 trigger takes it too; the number is written there).
+const REVISION_LOCK: i64 = MIGRATION_LOCK + 2;
+/// The admin API's log reader, by name in `pg_stat_activity`.
+const READER_NAME: &str = "fastgate-log-reader";
 const PUSH_EVERY: Duration = Duration::from_millis(100);
 const RESYNC_EVERY: Duration = Duration::from_secs(5);
 const RETRY_EVERY: Duration = Duration::from_secs(1);
@@ -101,7 +116,36 @@ fn node_name(state: &AppState) -> String {
 
 /// Whether Postgres answers a connect now (to log the recovery once).
 async fn connected_once(state: &AppState) -> bool {
-    connect(&state.config.file.cluster).await.is_ok()
+    connect(&state.config.file.cluster, "fastgate").await.is_ok()
+}
+
+/// Whether Postgres refused this row's data (a data exception, an integrity
+/// rule, a size limit) rather than failing as a connection: such a row is
+/// quarantined, and retrying it would only stop everything behind it.
+fn refused(e: &RecordsError) -> bool {
+    let RecordsError::Postgres(e) = e else {
+        return false;
+    };
+    e.code()
+        .is_some_and(|c| ["22", "23", "54"].iter().any(|class| c.code().starts_with(class)))
+}
+
+/// Keep a row Postgres refused aside, count it and say so.
+async fn quarantine(
+    state: &AppState,
+    kind: &'static str,
+    tbl: &str,
+    id: &str,
+    error: &RecordsError,
+    row: Option<serde_json::Value>,
+) -> Result<(), RecordsError> {
+    tracing::warn!(kind, table = tbl, id, error = %error, "Postgres refused a row: kept aside in the local quarantine (GET /api/cluster/quarantine); the rest keeps flowing.");
+    state.metrics.cluster_quarantined.with_label_values(&[kind]).inc();
+    let (tbl, id, error) = (tbl.to_string(), id.to_string(), error.to_string());
+    with_db(state, move |c| {
+        store::sync::quarantine(c, kind, &tbl, &id, &error, row.as_ref())
+    })
+    .await
 }
 
 /// Postgres TLS (as `sslmode` asks): `cluster.ca_file`'s authorities, else
@@ -128,6 +172,7 @@ fn tls(ca_file: Option<&std::path::Path>) -> Result<tokio_postgres_rustls::MakeR
 /// its own task; the stream ends when the connection does).
 async fn connect(
     cluster: &crate::config::ClusterConfig,
+    application: &str,
 ) -> Result<
     (
         Client,
@@ -135,12 +180,12 @@ async fn connect(
     ),
     RecordsError,
 > {
-    let (client, mut connection) = tokio::time::timeout(
-        Duration::from_secs(5),
-        tokio_postgres::connect(&cluster.postgres, tls(cluster.ca_file.as_deref())?),
-    )
-    .await
-    .map_err(|_| RecordsError::Task("connect timed out".into()))??;
+    let mut config: tokio_postgres::Config = cluster.postgres.parse()?;
+    config.application_name(application);
+    let (client, mut connection) =
+        tokio::time::timeout(Duration::from_secs(5), config.connect(tls(cluster.ca_file.as_deref())?))
+            .await
+            .map_err(|_| RecordsError::Task("connect timed out".into()))??;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         loop {
@@ -176,13 +221,39 @@ async fn with_db<T: Send + 'static>(
 }
 
 /// The admin API's connection to the cluster's log, withdrawn when the
-/// session that opened it ends.
+/// session that opened it ends, and checked on every resync: a dead one is
+/// replaced, or withdrawn (the admin API answers 503) until one connects.
 struct ClusterLog<'a>(&'a AppState);
 
 impl<'a> ClusterLog<'a> {
     fn open(state: &'a AppState, client: Client) -> Self {
         state.cluster_log.store(Some(Arc::new(client)));
         ClusterLog(state)
+    }
+
+    async fn check(&self) {
+        let healthy = match self.0.cluster_log.load_full() {
+            Some(c) if !c.is_closed() => {
+                matches!(
+                    tokio::time::timeout(Duration::from_secs(2), c.simple_query("SELECT 1")).await,
+                    Ok(Ok(_))
+                )
+            }
+            _ => false,
+        };
+        if healthy {
+            return;
+        }
+        match connect(&self.0.config.file.cluster, READER_NAME).await {
+            Ok((client, _)) => {
+                tracing::info!("The admin API's connection to the cluster's log was lost: reconnected.");
+                self.0.cluster_log.store(Some(Arc::new(client)));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "The admin API's connection to the cluster's log was lost and cannot be replaced yet.");
+                self.0.cluster_log.store(None);
+            }
+        }
     }
 }
 
@@ -194,7 +265,7 @@ impl Drop for ClusterLog<'_> {
 
 /// One connected session: returns (with the error) when Postgres goes away.
 async fn sync(state: &Arc<AppState>, node: &str) -> Result<(), RecordsError> {
-    let (mut client, mut notifications) = connect(&state.config.file.cluster).await?;
+    let (mut client, mut notifications) = connect(&state.config.file.cluster, "fastgate").await?;
     client
         .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
         .await?;
@@ -206,9 +277,13 @@ async fn sync(state: &Arc<AppState>, node: &str) -> Result<(), RecordsError> {
     client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
     with_db(state, |c| store::sync::set_enabled(c, true)).await?;
     // The admin API's reads get their own connection, for this session.
-    let (reader, _) = connect(&state.config.file.cluster).await?;
-    let _reader = ClusterLog::open(state, reader);
+    let (reader, _) = connect(&state.config.file.cluster, READER_NAME).await?;
+    let reader = ClusterLog::open(state, reader);
 
+    // Changes made while Postgres was away go first (resolved against what
+    // changed meanwhile), then the record comes in (never over a row whose
+    // change is still queued), then rows only this node has.
+    while push(state, &mut client, node).await? > 0 {}
     let mut applied = pull(state, &client, node, 0).await?;
     push_local_only(state, &client, node).await?;
     tracing::info!(
@@ -230,8 +305,13 @@ async fn sync(state: &Arc<AppState>, node: &str) -> Result<(), RecordsError> {
                 while notifications.try_recv().is_ok() {}
                 applied = pull(state, &client, node, applied).await?;
             }
-            _ = push_tick.tick() => push(state, &client, node).await?,
-            _ = resync_tick.tick() => applied = pull(state, &client, node, applied).await?,
+            _ = push_tick.tick() => {
+                push(state, &mut client, node).await?;
+            }
+            _ = resync_tick.tick() => {
+                applied = pull(state, &client, node, applied).await?;
+                reader.check().await;
+            }
             _ = ship_tick.tick() => shipper.ship(state, &mut client).await?,
             _ = retention_tick.tick() => drop_old_partitions(state, &client).await?,
         }
@@ -242,7 +322,8 @@ async fn sync(state: &Arc<AppState>, node: &str) -> Result<(), RecordsError> {
 }
 
 /// Apply every row changed after revision `after` by other nodes; returns
-/// the highest revision seen.
+/// the highest revision seen. Revisions become visible in order (V4), so
+/// none below it can appear later.
 async fn pull(state: &Arc<AppState>, client: &Client, node: &str, after: i64) -> Result<i64, RecordsError> {
     let rows = client
         .query(
@@ -253,39 +334,22 @@ async fn pull(state: &Arc<AppState>, client: &Client, node: &str, after: i64) ->
     let Some(last) = rows.last().map(|r| r.get::<_, i64>(3)) else {
         return Ok(after);
     };
-    let changes: Vec<(String, String, store::sync::Row)> = rows
+    let changes: Vec<store::sync::Change> = rows
         .iter()
-        .filter(|r| r.get::<_, &str>(4) != node)
-        .map(|r| {
-            let row: Option<serde_json::Value> = r.get(2);
-            (
-                r.get(0),
-                r.get(1),
-                row.and_then(|v| match v {
-                    serde_json::Value::Object(m) => Some(m),
-                    _ => None,
-                }),
-            )
+        .map(|r| store::sync::Change {
+            tbl: r.get(0),
+            id: r.get(1),
+            row: as_row(r.get(2)),
+            revision: r.get(3),
+            own: r.get::<_, &str>(4) == node,
         })
         .collect();
-    if !changes.is_empty() {
-        let n = changes.len();
-        let pool_keys = changes.iter().any(|c| c.0 == "pool_keys");
-        with_db(state, move |c| store::sync::apply(c, &changes)).await?;
-        let app = state.clone();
-        // The key cache and the pools see the change now, not at their next
-        // refresh.
-        tokio::task::spawn_blocking(move || {
-            app.keys.refresh()?;
-            if pool_keys {
-                app.reload_stored_pool_keys()?;
-            }
-            Ok::<_, store::StoreError>(())
-        })
-        .await
-        .map_err(|e| RecordsError::Task(e.to_string()))??;
+    let pool_keys = changes.iter().any(|c| !c.own && c.tbl == "pool_keys");
+    let written = with_db(state, move |c| store::sync::apply(c, &changes)).await?;
+    if written > 0 {
+        reload(state, pool_keys).await?;
         tracing::debug!(
-            rows = n,
+            rows = written,
             revision = last,
             "Applied users and keys changed on other nodes."
         );
@@ -293,45 +357,151 @@ async fn pull(state: &Arc<AppState>, client: &Client, node: &str, after: i64) ->
     Ok(last)
 }
 
-/// Upsert one row (or its deletion) unless the record already holds it.
-async fn send(client: &Client, node: &str, tbl: &str, id: &str, row: &store::sync::Row) -> Result<bool, RecordsError> {
-    let json = row.clone().map(serde_json::Value::Object);
-    let changed = client
-        .execute(
+fn as_row(v: Option<serde_json::Value>) -> store::sync::Row {
+    v.and_then(|v| match v {
+        serde_json::Value::Object(m) => Some(m),
+        _ => None,
+    })
+}
+
+/// The key cache and the pools see a change now, not at their next refresh.
+async fn reload(state: &Arc<AppState>, pool_keys: bool) -> Result<(), RecordsError> {
+    let app = state.clone();
+    tokio::task::spawn_blocking(move || {
+        app.keys.refresh()?;
+        if pool_keys {
+            app.reload_stored_pool_keys()?;
+        }
+        Ok::<_, store::StoreError>(())
+    })
+    .await
+    .map_err(|e| RecordsError::Task(e.to_string()))??;
+    Ok(())
+}
+
+/// What the record holds for a row after it was sent.
+struct Sent {
+    revision: i64,
+    /// The record changed.
+    changed: bool,
+    /// The record's row, when it is not the one sent (a conflict resolved).
+    merged: Option<store::sync::Row>,
+}
+
+/// Send one row (or its deletion), made on top of revision `base`. Under
+/// the revision lock: when the record's row is newer than `base`, the
+/// conflict rule decides what both keep ([`store::sync::resolve`]).
+async fn send(
+    client: &mut Client,
+    node: &str,
+    tbl: &str,
+    id: &str,
+    row: &store::sync::Row,
+    base: i64,
+) -> Result<Sent, RecordsError> {
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&REVISION_LOCK])
+        .await?;
+    let current = tx
+        .query_opt(
+            "SELECT row, revision FROM fastgate_records WHERE tbl = $1 AND id = $2",
+            &[&tbl, &id],
+        )
+        .await?;
+    let (target, unchanged) = match current {
+        None => (row.clone(), None),
+        Some(r) => {
+            let record = as_row(r.get(0));
+            let revision: i64 = r.get(1);
+            let target = if revision <= base {
+                row.clone()
+            } else {
+                store::sync::resolve(tbl, &record, row)
+            };
+            let unchanged = (target == record).then_some(revision);
+            (target, unchanged)
+        }
+    };
+    let merged = (target != *row).then(|| target.clone());
+    if let Some(revision) = unchanged {
+        tx.commit().await?;
+        return Ok(Sent {
+            revision,
+            changed: false,
+            merged,
+        });
+    }
+    let json = target.map(serde_json::Value::Object);
+    let revision: i64 = tx
+        .query_one(
             "INSERT INTO fastgate_records (tbl, id, row, revision, updated_by)
              VALUES ($1, $2, $3, nextval('fastgate_revision'), $4)
              ON CONFLICT (tbl, id) DO UPDATE
                SET row = EXCLUDED.row, revision = EXCLUDED.revision, updated_by = EXCLUDED.updated_by
-               WHERE fastgate_records.row IS DISTINCT FROM EXCLUDED.row",
+             RETURNING revision",
             &[&tbl, &id, &json, &node],
         )
-        .await?;
-    Ok(changed > 0)
+        .await?
+        .get(0);
+    tx.commit().await?;
+    Ok(Sent {
+        revision,
+        changed: true,
+        merged,
+    })
 }
 
-/// Send the rows changed on this node since the last push.
-async fn push(state: &Arc<AppState>, client: &Client, node: &str) -> Result<(), RecordsError> {
-    let pending = with_db(state, |c| {
+/// Send the rows changed on this node since the last push, each with its
+/// base revision; returns how many outbox entries were handled.
+async fn push(state: &Arc<AppState>, client: &mut Client, node: &str) -> Result<usize, RecordsError> {
+    let (last, pending) = with_db(state, |c| {
         let queued = store::sync::pending(c, 256)?;
+        let last = queued.last().map(|q| q.0);
         let mut rows = Vec::with_capacity(queued.len());
-        for (seq, tbl, id) in queued {
-            let row = store::sync::row(c, &tbl, &id)?;
-            rows.push((seq, tbl, id, row));
+        let mut seen = std::collections::HashSet::new();
+        for (_, tbl, id) in queued {
+            if seen.insert((tbl.clone(), id.clone())) {
+                let row = store::sync::row(c, &tbl, &id)?;
+                let base = store::sync::base(c, &tbl, &id)?;
+                rows.push((tbl, id, row, base));
+            }
         }
-        Ok(rows)
+        Ok((last, rows))
     })
     .await?;
-    let Some(last) = pending.last().map(|p| p.0) else {
-        return Ok(());
+    let Some(last) = last else {
+        return Ok(0);
     };
     let mut changed = false;
-    for (_, tbl, id, row) in &pending {
-        changed |= send(client, node, tbl, id, row).await?;
+    let mut results = Vec::with_capacity(pending.len());
+    for (tbl, id, row, base) in &pending {
+        match send(client, node, tbl, id, row, *base).await {
+            Ok(sent) => {
+                changed |= sent.changed;
+                results.push(store::sync::Pushed {
+                    tbl: tbl.clone(),
+                    id: id.clone(),
+                    revision: sent.revision,
+                    merged: sent.merged,
+                });
+            }
+            Err(e) if refused(&e) => {
+                let json = row.clone().map(serde_json::Value::Object);
+                quarantine(state, "record", tbl, id, &e, json).await?;
+            }
+            Err(e) => return Err(e),
+        }
     }
     if changed {
         client.batch_execute(&format!("NOTIFY {CHANNEL}")).await?;
     }
-    with_db(state, move |c| store::sync::sent(c, last)).await
+    let pool_keys = results.iter().any(|r| r.merged.is_some() && r.tbl == "pool_keys");
+    let n = pending.len();
+    let written = with_db(state, move |c| store::sync::pushed(c, last, &results)).await?;
+    if written {
+        reload(state, pool_keys).await?;
+    }
+    Ok(n)
 }
 
 /// Send the rows only this node has (a first node, or one that ran alone
@@ -356,16 +526,33 @@ async fn push_local_only(state: &Arc<AppState>, client: &Client, node: &str) -> 
             Ok(rows)
         })
         .await?;
+        let mut bases = Vec::new();
         for (id, row) in &local {
+            let json = row.clone().map(serde_json::Value::Object);
             let inserted = client
-                .execute(
+                .query_opt(
                     "INSERT INTO fastgate_records (tbl, id, row, revision, updated_by)
-                     VALUES ($1, $2, $3, nextval('fastgate_revision'), $4) ON CONFLICT DO NOTHING",
-                    &[&tbl, id, &row.clone().map(serde_json::Value::Object), &node],
+                     VALUES ($1, $2, $3, nextval('fastgate_revision'), $4) ON CONFLICT DO NOTHING
+                     RETURNING revision",
+                    &[&tbl, id, &json, &node],
                 )
-                .await?;
-            added += inserted;
+                .await;
+            match inserted {
+                Ok(Some(r)) => {
+                    bases.push((tbl.to_string(), id.clone(), r.get::<_, i64>(0)));
+                    added += 1;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    let e = RecordsError::from(e);
+                    if !refused(&e) {
+                        return Err(e);
+                    }
+                    quarantine(state, "record", tbl, id, &e, json).await?;
+                }
+            }
         }
+        with_db(state, move |c| store::sync::note_bases(c, &bases)).await?;
     }
     if added > 0 {
         client.batch_execute(&format!("NOTIFY {CHANNEL}")).await?;
@@ -427,25 +614,20 @@ impl Shipper {
             };
             for day in batch.iter().map(|b| b.ts_ms.div_euclid(DAY_MS)) {
                 if !self.days.contains(&day) {
-                    create_partition(client, day).await?;
+                    match create_partition(client, day).await {
+                        Ok(()) => {}
+                        // A day Postgres cannot hold (a wild clock): its
+                        // rows are refused one by one below, and quarantined.
+                        Err(RecordsError::Postgres(e)) if e.as_db_error().is_some() => {
+                            tracing::warn!(day, error = %e, "Cannot make the audit partition of this day.");
+                        }
+                        Err(e) => return Err(e),
+                    }
                     self.days.insert(day);
                 }
             }
-            let ids: Vec<i64> = batch.iter().map(|b| b.id).collect();
-            let ts: Vec<i64> = batch.iter().map(|b| b.ts_ms).collect();
             let full = batch.len() == SHIP_BATCH;
-            let (request_ids, rows): (Vec<String>, Vec<serde_json::Value>) = batch
-                .into_iter()
-                .map(|b| (b.request_id, serde_json::Value::Object(b.row)))
-                .unzip();
-            client
-                .execute(
-                    "INSERT INTO fastgate_audit (node, id, ts_ms, request_id, row)
-                     SELECT $1, * FROM UNNEST($2::bigint[], $3::bigint[], $4::text[], $5::jsonb[])
-                     ON CONFLICT DO NOTHING",
-                    &[&self.node, &ids, &ts, &request_ids, &rows],
-                )
-                .await?;
+            self.insert_or_quarantine(state, client, "audit", &batch).await?;
             self.shipped = last;
             with_db(state, move |c| {
                 store::settings::set(c, "audit_shipped_id", &last.to_string())
@@ -481,22 +663,67 @@ impl Shipper {
         let Some(last) = batch.last().map(|b| b.id) else {
             return Ok(());
         };
-        let ids: Vec<i64> = batch.iter().map(|b| b.id).collect();
-        let ts: Vec<i64> = batch.iter().map(|b| b.ts_ms).collect();
-        let rows: Vec<serde_json::Value> = batch.into_iter().map(|b| serde_json::Value::Object(b.row)).collect();
-        client
-            .execute(
-                "INSERT INTO fastgate_admin_audit (node, id, ts_ms, row)
-                 SELECT $1, * FROM UNNEST($2::bigint[], $3::bigint[], $4::jsonb[])
-                 ON CONFLICT DO NOTHING",
-                &[&self.node, &ids, &ts, &rows],
-            )
-            .await?;
+        self.insert_or_quarantine(state, client, "admin_audit", &batch).await?;
         self.shipped_admin = last;
         with_db(state, move |c| {
             store::settings::set(c, "admin_audit_shipped_id", &last.to_string())
         })
         .await
+    }
+}
+
+impl Shipper {
+    /// Insert a batch of `kind` (`audit` or `admin_audit`); when Postgres
+    /// refuses it, row by row, quarantining the rows it refuses.
+    async fn insert_or_quarantine(
+        &self,
+        state: &AppState,
+        client: &Client,
+        kind: &'static str,
+        batch: &[store::sync::AuditRow],
+    ) -> Result<(), RecordsError> {
+        match self.insert(client, kind, batch).await {
+            Err(e) if refused(&e) => {}
+            other => return other,
+        }
+        for one in batch {
+            match self.insert(client, kind, std::slice::from_ref(one)).await {
+                Err(e) if refused(&e) => {
+                    let tbl = if kind == "audit" { "audit_log" } else { "admin_audit" };
+                    let row = serde_json::Value::Object(one.row.clone());
+                    quarantine(state, kind, tbl, &one.id.to_string(), &e, Some(row)).await?;
+                }
+                other => other?,
+            }
+        }
+        Ok(())
+    }
+
+    async fn insert(&self, client: &Client, kind: &str, batch: &[store::sync::AuditRow]) -> Result<(), RecordsError> {
+        let ids: Vec<i64> = batch.iter().map(|b| b.id).collect();
+        let ts: Vec<i64> = batch.iter().map(|b| b.ts_ms).collect();
+        let rows: Vec<serde_json::Value> = batch.iter().map(|b| serde_json::Value::Object(b.row.clone())).collect();
+        if kind == "audit" {
+            let request_ids: Vec<&str> = batch.iter().map(|b| b.request_id.as_str()).collect();
+            client
+                .execute(
+                    "INSERT INTO fastgate_audit (node, id, ts_ms, request_id, row)
+                     SELECT $1, * FROM UNNEST($2::bigint[], $3::bigint[], $4::text[], $5::jsonb[])
+                     ON CONFLICT DO NOTHING",
+                    &[&self.node, &ids, &ts, &request_ids, &rows],
+                )
+                .await?;
+        } else {
+            client
+                .execute(
+                    "INSERT INTO fastgate_admin_audit (node, id, ts_ms, row)
+                     SELECT $1, * FROM UNNEST($2::bigint[], $3::bigint[], $4::jsonb[])
+                     ON CONFLICT DO NOTHING",
+                    &[&self.node, &ids, &ts, &rows],
+                )
+                .await?;
+        }
+        Ok(())
     }
 }
 

@@ -19,7 +19,7 @@ use crate::{
 use parking_lot::Mutex;
 use sha2::{Digest, Sha256};
 pub use signals::Signals;
-pub use status::{Change, Gate, KeyState, KeyStatus, Policy};
+pub use status::{Change, Gate, KeyState, KeyStatus, Merge, Policy};
 use std::{
     cmp::Reverse,
     collections::BinaryHeap,
@@ -619,8 +619,7 @@ impl KeyPool {
     pub fn set_status(&self, id: &str, f: impl FnOnce(&mut KeyStatus)) -> Option<KeyStatus> {
         let key = self.key(id)?;
         let st = key.update(|st| {
-            f(st);
-            st.stamp_admin();
+            st.deliberate(f);
             st.clone()
         });
         self.relist();
@@ -636,11 +635,14 @@ impl KeyPool {
         let Some(key) = self.key(id) else {
             return false;
         };
-        let taken = key.update(|st| st.merge_remote(status));
-        if taken {
+        let merge = key.update(|st| st.merge_remote(status));
+        if merge.taken {
             self.relist();
         }
-        taken
+        if merge.republish {
+            crate::cluster::key_sync::changed(&self.name, &key);
+        }
+        merge.taken
     }
 
     /// Lease a usable key for a request for `model`. Keys in `avoid` (tried

@@ -202,6 +202,21 @@ pub struct KeyStatus {
     /// Saved states without one load as 0.
     #[serde(default)]
     pub version: u64,
+    /// Version of the last deliberate re-enable (admin enable or reset, a
+    /// re-probe's recovery) that opened a disabled gate; 0 = never. A
+    /// remote open state undoes a disable only when revived after it.
+    #[serde(default)]
+    pub revived: u64,
+}
+
+/// What [`KeyStatus::merge_remote`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Merge {
+    /// The local state changed.
+    pub taken: bool,
+    /// The merged state is news to the other nodes (a disable the newer
+    /// state lacked was kept, or one was undone by a revive): publish it.
+    pub republish: bool,
 }
 
 impl KeyStatus {
@@ -389,22 +404,82 @@ impl KeyStatus {
         if changed { Change::Counted } else { Change::None }
     }
 
-    /// Take a state another node published, Lamport style: only a newer
-    /// version replaces this one; the local clock moves to the larger of
-    /// both either way, so this node's next decision outranks both. On a
-    /// tie (two nodes decided at once) the more closed state wins
-    /// (disabled, then the later deadline, then the longer streak), the
-    /// same choice on every node, so they converge. Returns whether the
-    /// remote state was taken.
-    pub fn merge_remote(&mut self, remote: KeyStatus) -> bool {
+    /// Take a state another node published, Lamport style: the newer
+    /// version wins; the local clock moves to the larger of both either
+    /// way, so this node's next decision outranks both. On a tie (two nodes
+    /// decided at once) the more closed state wins (disabled, then the later
+    /// deadline, then the longer streak), the same choice on every node, so
+    /// they converge.
+    ///
+    /// Disables are merged, not overwritten: a gate disabled on either side
+    /// stays disabled unless a side that has it open was deliberately
+    /// re-enabled after it (`revived` above the disable's version: an
+    /// admin's enable or reset, a re-probe's recovery). A newer cooldown
+    /// from a node that never saw the disable does not undo it.
+    pub fn merge_remote(&mut self, remote: KeyStatus) -> Merge {
         let rank = |s: &KeyStatus| (s.key.disabled.is_some(), s.key.until_ms, s.key.backoff_step);
         let take = remote.version > self.version || (remote.version == self.version && rank(&remote) > rank(self));
         let version = self.version.max(remote.version);
-        if take {
-            *self = remote;
+        let local = std::mem::take(self);
+        let local_gates = local.disabled_gates();
+        let (mut merged, other) = if take { (remote, local) } else { (local, remote) };
+        let winner_gates = merged.disabled_gates();
+        let mut names = winner_gates.clone();
+        names.extend(other.disabled_gates());
+        names.sort();
+        names.dedup();
+        for name in names {
+            let m = name.as_deref();
+            let Some(disable) = [&merged, &other]
+                .into_iter()
+                .filter_map(|s| s.gate(m))
+                .find(|g| g.disabled.is_some())
+                .cloned()
+            else {
+                continue;
+            };
+            let revived = [&merged, &other]
+                .into_iter()
+                .any(|s| s.gate(m).is_none_or(|g| g.disabled.is_none()) && s.revived > disable.version);
+            let gate = match m {
+                Some(m) => merged.models.entry(m.to_string()).or_default(),
+                None => &mut merged.key,
+            };
+            if revived {
+                gate.disabled = None;
+                gate.auth_failures = 0;
+            } else if gate.disabled.is_none() {
+                gate.disabled = disable.disabled;
+                gate.auth_failures = disable.auth_failures;
+                gate.version = gate.version.max(disable.version);
+            }
         }
-        self.version = version;
-        take
+        merged.version = version;
+        merged.revived = merged.revived.max(other.revived);
+        let gates = merged.disabled_gates();
+        let republish = gates != winner_gates;
+        let taken = take || gates != local_gates;
+        *self = merged;
+        if republish {
+            // News to the cluster (the state Redis keeps lacks it): outrank it.
+            self.stamp();
+        }
+        Merge { taken, republish }
+    }
+
+    /// The disabled gates (`None` = the key's own), sorted.
+    fn disabled_gates(&self) -> Vec<Option<String>> {
+        let mut gates: Vec<Option<String>> = self
+            .models
+            .iter()
+            .filter(|(_, g)| g.disabled.is_some())
+            .map(|(m, _)| Some(m.clone()))
+            .collect();
+        if self.key.disabled.is_some() {
+            gates.push(None);
+        }
+        gates.sort();
+        gates
     }
 
     fn gate(&self, model: Option<&str>) -> Option<&Gate> {
@@ -458,6 +533,7 @@ impl KeyStatus {
             last_error: self.last_error.take(),
             last_error_ms: self.last_error_ms,
             version: self.version,
+            revived: self.revived,
             ..KeyStatus::default()
         };
     }
@@ -467,6 +543,21 @@ impl KeyStatus {
     pub fn stamp_admin(&mut self) {
         let version = self.stamp();
         self.key.version = version;
+    }
+
+    /// A deliberate change from outside the request path (admin enable,
+    /// disable, reset; a re-probe's recovery): `change` applied and
+    /// stamped. When it opened a disabled gate, the key is marked revived
+    /// at this version: other nodes' disables from before it are undone by
+    /// it, their later ones are not ([`KeyStatus::merge_remote`]).
+    pub fn deliberate(&mut self, change: impl FnOnce(&mut KeyStatus)) {
+        let before = self.disabled_gates();
+        change(self);
+        self.stamp_admin();
+        let after = self.disabled_gates();
+        if before.iter().any(|g| !after.contains(g)) {
+            self.revived = self.version;
+        }
     }
 }
 
@@ -707,6 +798,104 @@ mod tests {
             s.observe(&p, &answer, NOW, 0.5);
         }
         assert!(s.models.len() <= MAX_MODEL_GATES);
+    }
+
+    fn disable_key(s: &mut KeyStatus) {
+        s.deliberate(|st| st.key.disabled = Some("disabled by admin".into()));
+    }
+
+    fn enable_key(s: &mut KeyStatus) {
+        s.deliberate(|st| {
+            st.key.disabled = None;
+            st.key.auth_failures = 0;
+        });
+    }
+
+    #[test]
+    fn a_disable_is_not_undone_by_a_newer_concurrent_cooldown() {
+        let p = policy(CooldownScope::Key);
+        let shared = KeyStatus {
+            version: 4,
+            ..KeyStatus::default()
+        };
+        // Node A disables (version 5); node B, not having seen it, cools
+        // the key twice (versions 5 and 6).
+        let (mut a, mut b) = (shared.clone(), shared);
+        disable_key(&mut a);
+        assert_eq!(a.version, 5);
+        see(&mut b, &p, 429, &Signals::default(), None, NOW);
+        see(&mut b, &p, 429, &Signals::default(), None, NOW + 5000);
+        assert_eq!(b.version, 6);
+        let (from_a, from_b) = (a.clone(), b.clone());
+        // A takes B's newer cooldown, keeps its disable, and says so.
+        let m = a.merge_remote(from_b);
+        assert_eq!(a.key.state(NOW), KeyState::Disabled);
+        assert_eq!(a.key.until_ms, b.key.until_ms, "B's cooldown is taken too");
+        assert!(m.taken && m.republish, "{m:?}");
+        assert_eq!(a.version, 7, "the merged state outranks both");
+        // B takes A's older disable all the same, and says so.
+        let m = b.merge_remote(from_a);
+        assert_eq!(b.key.state(NOW), KeyState::Disabled);
+        assert!(m.taken && m.republish, "{m:?}");
+        // Each takes the other's merged state without another round.
+        let (from_a, from_b) = (a.clone(), b.clone());
+        assert!(!a.merge_remote(from_b).republish);
+        assert!(!b.merge_remote(from_a).republish);
+        assert_eq!(
+            (a.key.state(NOW), b.key.state(NOW)),
+            (KeyState::Disabled, KeyState::Disabled)
+        );
+    }
+
+    #[test]
+    fn only_a_deliberate_enable_after_a_disable_undoes_it() {
+        let mut a = KeyStatus {
+            version: 4,
+            ..KeyStatus::default()
+        };
+        let mut b = a.clone();
+        // B re-enabled the key at version 3, before A's disable (5), then
+        // made decisions of its own up to version 9.
+        b.revived = 3;
+        disable_key(&mut a);
+        b.version = 9;
+        let m = a.merge_remote(b.clone());
+        assert_eq!(
+            a.key.state(NOW),
+            KeyState::Disabled,
+            "an earlier enable does not undo it"
+        );
+        assert!(m.republish, "{m:?}");
+        // B learns of the disable, then an admin enables the key on B.
+        b.merge_remote(a.clone());
+        assert_eq!(b.key.state(NOW), KeyState::Disabled);
+        enable_key(&mut b);
+        assert_eq!(b.revived, b.version);
+        let m = a.merge_remote(b.clone());
+        assert_eq!(a.key.state(NOW), KeyState::Active, "the later enable undoes it");
+        assert!(m.taken && !m.republish, "{m:?}");
+        // A disable that is not a change (already disabled) marks no revive,
+        // nor does a reset of an open key.
+        let mut c = KeyStatus::default();
+        c.reset();
+        c.deliberate(KeyStatus::reset);
+        assert_eq!(c.revived, 0);
+    }
+
+    #[test]
+    fn a_model_disable_survives_a_key_level_reprobe_elsewhere() {
+        let p = policy(CooldownScope::Key);
+        let mut a = KeyStatus::default();
+        see(&mut a, &p, 403, &Signals::default(), Some("m"), NOW);
+        see(&mut a, &p, 403, &Signals::default(), Some("m"), NOW);
+        assert!(!a.model_open(Some("m"), NOW));
+        // Another node, newer, without the model gate.
+        let other = KeyStatus {
+            version: a.version + 3,
+            ..KeyStatus::default()
+        };
+        a.merge_remote(other);
+        assert!(!a.model_open(Some("m"), NOW), "the model's disable is kept");
     }
 
     proptest::proptest! {

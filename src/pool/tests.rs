@@ -337,9 +337,11 @@ fn remote_states_apply_only_when_newer_and_ties_go_to_the_more_closed() {
     disabled.key.disabled = Some("401 unauthorized x3".into());
     assert!(p.apply_remote(&id, disabled));
     assert_eq!(key.state(now_ms()), KeyState::Disabled);
-    // A newer recovery from another node wins, and the clock follows it.
+    // A newer deliberate re-enable from another node wins, and the clock
+    // follows it.
     let recovered = KeyStatus {
         version: 7,
+        revived: 7,
         ..KeyStatus::default()
     };
     assert!(p.apply_remote(&id, recovered));

@@ -285,16 +285,22 @@ pub fn filter_clause(f: &LogFilter, mark: impl Fn(usize) -> String) -> (String, 
             push_with(&format!("{col} ="), V::Text(v.clone()), "");
         }
     }
-    if let Some(p) = &f.path {
-        // A prefix match that treats % and _ literally.
-        let escaped = p.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_");
-        push_with("path LIKE", V::Text(format!("{escaped}%")), " ESCAPE '\\'");
-    }
     if let Some(v) = f.stream {
         push_with("stream =", V::Int(i64::from(v)), "");
     }
     if let Some(v) = f.min_ms {
         push_with("duration_ms >=", V::Real(v), "");
+    }
+    if let Some(p) = &f.path {
+        // A case-sensitive prefix match, character for character, on both
+        // stores: no LIKE (case-insensitive in SQLite, case-sensitive in
+        // Postgres), no wildcards. The cast names the parameter's type for
+        // Postgres.
+        args.push(V::Text(p.clone()));
+        let m = mark(args.len());
+        sql.push_str(&format!(
+            " AND substr(path, 1, length(CAST({m} AS TEXT))) = CAST({m} AS TEXT)"
+        ));
     }
     (sql, args)
 }
@@ -482,5 +488,69 @@ mod tests {
         let mut with = row;
         with["usage_estimated"] = 1.into();
         assert_eq!(shipped(with), Some(true));
+    }
+
+    #[test]
+    fn the_path_filter_is_a_case_sensitive_prefix() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = super::super::open(&dir.path().join("a.db")).unwrap();
+        let rec = |id: &str, path: &str| AuditRecord {
+            request_id: id.into(),
+            method: "POST".into(),
+            path: path.into(),
+            ..Default::default()
+        };
+        insert_batch(
+            &mut conn,
+            &[
+                rec("a", "/v1/chat/completions"),
+                rec("b", "/V1/Chat"),
+                rec("c", "/v1_x"),
+            ],
+        )
+        .unwrap();
+        let ids = |path: &str| -> Vec<String> {
+            let f = LogFilter {
+                path: Some(path.into()),
+                ..Default::default()
+            };
+            let mut ids: Vec<String> = query(&conn, &f)
+                .unwrap()
+                .0
+                .into_iter()
+                .map(|r| r.record.request_id)
+                .collect();
+            ids.sort();
+            ids
+        };
+        assert_eq!(ids("/v1/chat"), ["a"]);
+        assert_eq!(ids("/V1/"), ["b"]);
+        assert_eq!(ids("/v1_"), ["c"], "_ is no wildcard");
+        assert!(ids("/V1/CHAT").is_empty());
+    }
+
+    #[test]
+    fn ids_are_never_reused_after_retention_empties_the_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = super::super::open(&dir.path().join("a.db")).unwrap();
+        let rec = |id: &str| AuditRecord {
+            request_id: id.into(),
+            method: "GET".into(),
+            path: "/".into(),
+            ..Default::default()
+        };
+        insert_batch(&mut conn, &[rec("a"), rec("b"), rec("c")]).unwrap();
+        let before: i64 = conn
+            .query_row("SELECT max(id) FROM audit_log", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(delete_oldest(&conn, 10).unwrap(), 3);
+        insert_batch(&mut conn, &[rec("d")]).unwrap();
+        let after: i64 = conn
+            .query_row("SELECT max(id) FROM audit_log", [], |r| r.get(0))
+            .unwrap();
+        assert!(
+            after > before,
+            "id {after} reused (the shipper's watermark is {before})"
+        );
     }
 }

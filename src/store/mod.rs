@@ -224,6 +224,79 @@ static MIGRATIONS: LazyLock<Migrations<'static>> = LazyLock::new(|| {
         // A request that ended without the provider's usage is charged an
         // estimate; its row says so (old rows: reported usage, 0).
         M::up("ALTER TABLE audit_log ADD COLUMN usage_estimated INTEGER NOT NULL DEFAULT 0;"),
+        // Cluster mode, exact: the record revision each synced row was last
+        // in step with (a local edit is sent with it, so a concurrent change
+        // is seen and resolved), and the rows Postgres refused, kept aside
+        // with the error so the rest keeps flowing. The audit log's ids
+        // become AUTOINCREMENT: retention emptying the table must not hand
+        // out ids at or below the shipped watermark again (such rows were
+        // never shipped); the sequence starts above that watermark.
+        M::up(
+            "CREATE TABLE sync_base (
+            tbl      TEXT NOT NULL,
+            id       TEXT NOT NULL,
+            revision INTEGER NOT NULL,
+            PRIMARY KEY (tbl, id)
+        );
+        CREATE TABLE sync_quarantine (
+            id     INTEGER PRIMARY KEY AUTOINCREMENT,
+            ts_ms  INTEGER NOT NULL,
+            kind   TEXT NOT NULL,
+            tbl    TEXT NOT NULL,
+            row_id TEXT NOT NULL,
+            error  TEXT NOT NULL,
+            row    TEXT
+        );
+        CREATE TABLE audit_log_next (
+            id                INTEGER PRIMARY KEY AUTOINCREMENT,
+            request_id        TEXT NOT NULL,
+            ts_ms             INTEGER NOT NULL,
+            key_id            TEXT,
+            owner             TEXT,
+            route             TEXT,
+            upstream          TEXT,
+            endpoint          TEXT,
+            upstream_key_id   TEXT,
+            method            TEXT NOT NULL,
+            path              TEXT NOT NULL,
+            status            INTEGER NOT NULL,
+            model             TEXT,
+            stream            INTEGER NOT NULL,
+            ttfb_ms           REAL,
+            duration_ms       REAL NOT NULL,
+            request_bytes     INTEGER NOT NULL,
+            response_bytes    INTEGER NOT NULL,
+            chunks            INTEGER NOT NULL,
+            prompt_tokens     INTEGER,
+            completion_tokens INTEGER,
+            retries           INTEGER NOT NULL,
+            error             TEXT,
+            client_ip         TEXT,
+            user_agent        TEXT,
+            request_headers   TEXT,
+            response_headers  TEXT,
+            request_body      TEXT,
+            response_body     TEXT,
+            user_id           TEXT,
+            attempts          TEXT,
+            usage_estimated   INTEGER NOT NULL DEFAULT 0
+        );
+        INSERT INTO audit_log_next SELECT id, request_id, ts_ms, key_id, owner, route, upstream, endpoint,
+            upstream_key_id, method, path, status, model, stream, ttfb_ms, duration_ms, request_bytes,
+            response_bytes, chunks, prompt_tokens, completion_tokens, retries, error, client_ip, user_agent,
+            request_headers, response_headers, request_body, response_body, user_id, attempts, usage_estimated
+            FROM audit_log;
+        DROP TABLE audit_log;
+        ALTER TABLE audit_log_next RENAME TO audit_log;
+        CREATE INDEX audit_log_ts ON audit_log (ts_ms);
+        CREATE INDEX audit_log_key_ts ON audit_log (key_id, ts_ms);
+        CREATE INDEX audit_log_request_id ON audit_log (request_id);
+        CREATE INDEX audit_log_user_id ON audit_log (user_id, id);
+        DELETE FROM sqlite_sequence WHERE name = 'audit_log';
+        INSERT INTO sqlite_sequence (name, seq) VALUES ('audit_log', max(
+            coalesce((SELECT max(id) FROM audit_log), 0),
+            coalesce((SELECT CAST(value AS INTEGER) FROM settings WHERE name = 'audit_shipped_id'), 0)));",
+        ),
     ])
 });
 
@@ -261,5 +334,31 @@ mod tests {
     #[test]
     fn migrations_are_valid() {
         assert!(super::MIGRATIONS.validate().is_ok());
+    }
+
+    /// A database whose audit log retention emptied before the upgrade:
+    /// its next ids start above what was shipped, not at 1.
+    #[test]
+    fn audit_ids_start_above_the_shipped_watermark_after_the_upgrade() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = rusqlite::Connection::open(dir.path().join("a.db")).unwrap();
+        super::MIGRATIONS.to_version(&mut conn, 9).unwrap();
+        conn.execute(
+            "INSERT INTO settings (name, value) VALUES ('audit_shipped_id', '50')",
+            [],
+        )
+        .unwrap();
+        super::MIGRATIONS.to_latest(&mut conn).unwrap();
+        let rec = super::audit::AuditRecord {
+            request_id: "r".into(),
+            method: "GET".into(),
+            path: "/".into(),
+            ..Default::default()
+        };
+        super::audit::insert_batch(&mut conn, &[rec]).unwrap();
+        let id: i64 = conn
+            .query_row("SELECT max(id) FROM audit_log", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(id, 51);
     }
 }

@@ -5,7 +5,7 @@
 pub mod fault_proxy;
 pub mod tls;
 
-#[allow(unused_imports)] // not every test binary uses the proxy
+#[allow(unused_imports)]
 pub use fault_proxy::{Fault, FaultProxy};
 
 use bytes::Bytes;
@@ -1367,11 +1367,22 @@ impl LocalServer for Postgres {
     /// Stop (a fast shutdown: clients are cut off at once).
     fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
-            // runuser passes the signal on to postgres.
-            let _ = Command::new("kill").args(["-INT", &c.id().to_string()]).status();
+            // The postmaster itself (runuser may not pass the signal on, and
+            // an orphaned postmaster would keep serving the nodes).
+            let postmaster = std::fs::read_to_string(self.dir.path().join("data/postmaster.pid"))
+                .ok()
+                .and_then(|f| f.lines().next().map(str::to_string))
+                .filter(|pid| pid.parse::<u32>().is_ok());
+            for pid in postmaster.iter().chain(std::iter::once(&c.id().to_string())) {
+                let _ = Command::new("kill").args(["-INT", pid]).status();
+            }
+            let gone = |pid: &Option<String>| pid.as_ref().is_none_or(|p| !Path::new(&format!("/proc/{p}")).exists());
             let deadline = Instant::now() + Duration::from_secs(10);
-            while c.try_wait().unwrap().is_none() && Instant::now() < deadline {
+            while (c.try_wait().unwrap().is_none() || !gone(&postmaster)) && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(20));
+            }
+            if let Some(pid) = postmaster.as_ref().filter(|_| !gone(&postmaster)) {
+                let _ = Command::new("kill").args(["-KILL", pid]).status();
             }
             let _ = c.kill();
             let _ = c.wait();
