@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{Gateway, KeyRule, MockUpstream, Redis, eventually_text};
+use common::{Gateway, KeyRule, MockUpstream, Redis, wait_metric};
 use fastgate::pool::key_id;
 use serde_json::{Value, json};
 use std::{
@@ -70,19 +70,6 @@ async fn three_pooled_nodes(
         wait_metric(n, "fastgate_cluster_nodes 3").await;
     }
     (nodes, secret)
-}
-
-async fn wait_metric(gw: &Gateway, line: &str) {
-    let text = eventually_text(
-        || reqwest::Client::new().get(gw.admin_url("/metrics")),
-        |t| t.contains(line),
-    )
-    .await;
-    assert!(
-        text.contains(line),
-        "no `{line}` in the metrics:\n{text}\n{}",
-        gw.logs()
-    );
 }
 
 fn chat() -> Value {

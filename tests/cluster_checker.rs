@@ -15,7 +15,7 @@
 
 mod common;
 
-use common::{FaultProxy, Gateway, MockUpstream, Postgres, Redis};
+use common::{FaultProxy, Gateway, MockUpstream, Postgres, Redis, wait_metric};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use serde_json::{Value, json};
 use std::{
@@ -344,15 +344,6 @@ async fn run(seed: u64) -> Vec<String> {
         }
     }
     failures
-}
-
-async fn wait_metric(gw: &Gateway, line: &str) {
-    let text = common::eventually_text(
-        || reqwest::Client::new().get(gw.admin_url("/metrics")),
-        |t| t.contains(line),
-    )
-    .await;
-    assert!(text.contains(line), "no `{line}` in the metrics:\n{}", gw.logs());
 }
 
 /// A client: requests to random nodes with random keys (mostly live ones),

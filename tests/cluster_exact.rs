@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{FaultProxy, Gateway, MockUpstream, Redis, eventually_text};
+use common::{FaultProxy, Gateway, MockUpstream, Redis, wait_metric};
 use serde_json::{Value, json};
 use std::{
     path::PathBuf,
@@ -58,19 +58,6 @@ async fn nodes(
         wait_metric(n, &format!("fastgate_cluster_nodes {}", urls.len())).await;
     }
     (all, made)
-}
-
-async fn wait_metric(gw: &Gateway, line: &str) {
-    let text = eventually_text(
-        || reqwest::Client::new().get(gw.admin_url("/metrics")),
-        |t| t.contains(line),
-    )
-    .await;
-    assert!(
-        text.contains(line),
-        "no `{line}` in the metrics:\n{text}\n{}",
-        gw.logs()
-    );
 }
 
 /// A gateway key made through `gw`'s admin API with `fields`; (id, secret).

@@ -1009,6 +1009,21 @@ pub fn write(path: &Path, text: &str) {
     std::fs::rename(tmp, path).unwrap();
 }
 
+/// Wait until the gateway's `/metrics` holds `line` (panics, with the
+/// metrics and the gateway's logs, if it never does).
+pub async fn wait_metric(gw: &Gateway, line: &str) {
+    let text = eventually_text(
+        || reqwest::Client::new().get(gw.admin_url("/metrics")),
+        |t| t.contains(line),
+    )
+    .await;
+    assert!(
+        text.contains(line),
+        "no `{line}` in the metrics:\n{text}\n{}",
+        gw.logs()
+    );
+}
+
 /// GET the text `make` builds until `done` holds of it (metrics and logs
 /// trail the response by moments); the last text.
 pub async fn eventually_text(make: impl Fn() -> reqwest::RequestBuilder, done: impl Fn(&str) -> bool) -> String {
