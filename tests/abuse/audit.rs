@@ -242,7 +242,7 @@ async fn ten_thousand_bogus_keys_cost_bounded_disk_and_memory() {
     );
     let sampled = gw.audit_rows().iter().filter(|r| r.status == 401).count();
     assert!(
-        sampled <= took.as_secs() as usize + 3,
+        sampled <= took.as_secs_f64().ceil() as usize + 3,
         "{sampled} rows for one client in {took:?}"
     );
     assert_eq!(mock.seen().len(), 0, "nothing reached the upstream");
