@@ -22,9 +22,17 @@ fn invalid(field: &str, message: impl std::fmt::Display) -> StoreError {
     StoreError::Field(format!("{field}: {message}"))
 }
 
+/// The Unicode `Bidi_Control` characters: they reorder the text around
+/// them when shown, so a name holding one reads differently from what it
+/// is ("Trojan Source"; Unicode TR9, table 4).
+fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+}
+
 /// A name shown to people: not empty, at most `max` characters, and no
 /// control characters (NUL, newlines, escapes) that would cut or forge log
-/// lines, CSV cells or terminal output.
+/// lines, CSV cells or terminal output, nor bidirectional controls that
+/// would make it read as another name in the UI.
 pub fn name(field: &str, value: &str, max: usize) -> Result<(), StoreError> {
     if value.trim().is_empty() {
         return Err(invalid(field, "must not be empty"));
@@ -34,6 +42,12 @@ pub fn name(field: &str, value: &str, max: usize) -> Result<(), StoreError> {
     }
     if value.chars().any(char::is_control) {
         return Err(invalid(field, "control characters (such as NUL) are not allowed"));
+    }
+    if value.chars().any(is_bidi_control) {
+        return Err(invalid(
+            field,
+            "bidirectional control characters (such as U+202E) are not allowed",
+        ));
     }
     Ok(())
 }
@@ -72,8 +86,20 @@ mod tests {
 
     #[test]
     fn names_and_lists_are_bounded() {
-        assert!(name("name", "ci key", MAX_NAME).is_ok());
-        for bad in ["", "  ", "a\0b", "a\nb", "\u{1b}[31m"] {
+        for good in ["ci key", "ключ", "مفتاح", "鍵 ✓"] {
+            assert!(name("name", good, MAX_NAME).is_ok(), "{good:?}");
+        }
+        for bad in [
+            "",
+            "  ",
+            "a\0b",
+            "a\nb",
+            "\u{1b}[31m",
+            "key\u{202E}txt.exe",
+            "\u{2066}admin\u{2069}",
+            "a\u{200F}b",
+            "\u{061C}",
+        ] {
             assert!(name("name", bad, MAX_NAME).is_err(), "{bad:?}");
         }
         let long = "é".repeat(MAX_NAME + 1);

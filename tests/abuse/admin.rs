@@ -309,6 +309,8 @@ async fn huge_names_bad_bytes_and_too_many_keys_are_refused_with_the_field_named
     for (body, field) in [
         (json!({"name": "a\u{0}b"}), "name"),
         (json!({"name": "line\nbreak"}), "name"),
+        // "Trojan Source": shown, it reads as `bobexe.txt`.
+        (json!({"name": "bob\u{202E}txt.exe"}), "name"),
         (
             json!({"name": "k", "allowed_routes": ["r".repeat(300)]}),
             "allowed_routes",
