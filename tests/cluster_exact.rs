@@ -677,3 +677,77 @@ async fn a_disable_is_not_undone_by_another_nodes_concurrent_decisions() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_state_of_the_same_version_does_not_overwrite_a_stored_disable() {
+    let redis = Redis::start().await;
+    let proxy = FaultProxy::start(redis.port).await;
+    let mock = MockUpstream::start().await;
+    let (all, _) = nodes(
+        &[proxy.url_for(&redis.url()), redis.url()],
+        &mock,
+        "5s",
+        "300ms",
+        "",
+        &[],
+    )
+    .await;
+    let client = reqwest::Client::new();
+    let key = fastgate::pool::key_id("sk-2");
+    let field = format!("p/{key}");
+    // Node 1 disables sk-2 (stored in Redis) while node 0, cut off, makes
+    // one decision of its own on it: both reach the same version.
+    proxy.cut();
+    wait_metric(&all[0], "fastgate_cluster_redis_up 0").await;
+    let r = client
+        .patch(all[1].admin_url(&format!("/api/pools/p/keys/{key}")))
+        .bearer_auth(TOKEN)
+        .json(&json!({"enabled": false}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = client
+        .post(all[0].admin_url(&format!("/api/pools/p/keys/{key}/reset")))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let mut conn = redis_conn(&redis.url()).await;
+    let stored = async |conn: &mut redis::aio::MultiplexedConnection| -> String {
+        redis::cmd("HGET")
+            .arg("fg:{fg}:ks")
+            .arg(&field)
+            .query_async::<Option<String>>(conn)
+            .await
+            .unwrap()
+            .unwrap_or_default()
+    };
+    let before = stored(&mut conn).await;
+    assert!(before.contains("disabled by"), "{before}");
+    proxy.pass();
+    wait_metric(&all[0], "fastgate_cluster_redis_up 1").await;
+    // Node 0's queued state goes out once it is back; what Redis keeps
+    // must still be the disable (a node that starts later reads it).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = stored(&mut conn).await;
+    assert!(
+        after.contains("disabled by"),
+        "the stored state lost the disable: {after}"
+    );
+    for n in &all {
+        assert_eq!(key_state(n, "sk-2").await, "disabled");
+    }
+    // A node with a database of its own learns the disable from Redis.
+    let later = Gateway::start_with_admin(
+        &config(&redis.url(), &mock, "node-later", "5s", "300ms", ""),
+        &[("r.yaml", ROUTE)],
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while key_state(&later, "sk-2").await != "disabled" {
+        assert!(Instant::now() < deadline, "the later node never saw the disable");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

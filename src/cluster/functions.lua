@@ -186,15 +186,17 @@ end
 -- stored. ARGV: channel, field (pool/key), version, payload, keep ms (states
 -- older than that are dropped, a few per call). Stored with Redis's time so
 -- a resync can age the relative deadlines inside the payload. Returns 1
--- when stored (and published), 0 when older than the stored state.
+-- when stored (and published); else the stored state and Redis's time.
 local function key_state(keys, args)
   local now = now_ms()
   local version, keep = tonumber(args[3]), tonumber(args[5])
   local stored = redis.call('HGET', keys[1], args[2])
   if stored then
     local v = tonumber(string.match(stored, '^(%d+)|'))
-    if v and v > version then
-      return 0
+    if v and v >= version then
+      -- Not newer: the caller merges what is stored (two nodes can reach
+      -- one version apart; neither may overwrite the other's disable).
+      return {stored, now}
     end
   end
   redis.call('HSET', keys[1], args[2], version .. '|' .. now .. '|' .. args[4])

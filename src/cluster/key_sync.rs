@@ -91,8 +91,14 @@ fn absolute(mut st: KeyStatus, now: i64, age: i64) -> KeyStatus {
 }
 
 /// Send this node's key changes; those Redis did not take are kept (the
-/// latest per key) and sent once it is back.
-pub(super) async fn publish(cluster: Arc<Cluster>, mut outbox: mpsc::UnboundedReceiver<(String, String, KeyStatus)>) {
+/// latest per key) and sent once it is back. A change Redis refused as not
+/// newer than the stored state is merged with that state instead, so two
+/// nodes that reached one version apart converge on the merge.
+pub(super) async fn publish(
+    cluster: Arc<Cluster>,
+    state: Arc<AppState>,
+    mut outbox: mpsc::UnboundedReceiver<(String, String, KeyStatus)>,
+) {
     let mut unsent: HashMap<String, Payload> = HashMap::new();
     let mut tick = tokio::time::interval(RETRY_EVERY);
     loop {
@@ -121,11 +127,14 @@ pub(super) async fn publish(cluster: Arc<Cluster>, mut outbox: mpsc::UnboundedRe
                 .arg(payload.status.version)
                 .arg(json)
                 .arg(KEEP_STATES_MS);
-            match cluster.call::<i64>(&cmd).await {
-                Ok(0) => {
-                    tracing::debug!(key = %field, "A newer key state is stored already; this one was not published.")
+            match cluster.call::<Stored>(&cmd).await {
+                Ok(Stored::Taken) => {}
+                Ok(Stored::Kept { stored, server_now }) => {
+                    tracing::debug!(key = %field, "A state at least as new is stored; merging it.");
+                    if let Some((payload, age_ms)) = parse_stored(&stored, server_now) {
+                        apply(&cluster, &state, payload.as_bytes(), age_ms, Refused::Outrank);
+                    }
                 }
-                Ok(_) => {}
                 Err(e) => {
                     tracing::debug!(error = %e, key = %field, "Key state not published yet; kept for when Redis is back.");
                     unsent.insert(field, payload);
@@ -133,6 +142,45 @@ pub(super) async fn publish(cluster: Arc<Cluster>, mut outbox: mpsc::UnboundedRe
             }
         }
     }
+}
+
+/// `fastgate_key_state_v2`'s answer.
+enum Stored {
+    Taken,
+    /// Not newer than the stored state, returned with Redis's time.
+    Kept {
+        stored: String,
+        server_now: i64,
+    },
+}
+
+impl redis::FromRedisValue for Stored {
+    fn from_redis_value(v: redis::Value) -> Result<Self, redis::ParsingError> {
+        match v {
+            redis::Value::Int(_) => Ok(Stored::Taken),
+            _ => {
+                let (stored, server_now) = <(String, i64)>::from_redis_value(v)?;
+                Ok(Stored::Kept { stored, server_now })
+            }
+        }
+    }
+}
+
+/// A stored `version|stored at|payload` as its payload and its age.
+fn parse_stored(stored: &str, server_now: i64) -> Option<(&str, i64)> {
+    let mut parts = stored.splitn(3, '|');
+    let (_version, at, payload) = (parts.next()?, parts.next()?, parts.next()?);
+    Some((payload, server_now - at.parse::<i64>().ok()?))
+}
+
+/// What to do when a merge keeps this node's state over a stored one.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Refused {
+    /// Nothing: a message or a resync.
+    Ignore,
+    /// Publish this node's state again, above the stored version: Redis
+    /// refused it as not newer, yet it outranks what Redis keeps.
+    Outrank,
 }
 
 /// Apply the other nodes' key changes as they are published; on every
@@ -151,7 +199,7 @@ pub(super) async fn subscribe(cluster: Arc<Cluster>, state: Arc<AppState>) {
             cut_off = false;
             let mut messages = pubsub.on_message();
             while let Some(msg) = messages.next().await {
-                apply(&cluster, &state, msg.get_payload_bytes(), 0);
+                apply(&cluster, &state, msg.get_payload_bytes(), 0, Refused::Ignore);
             }
             tracing::warn!("Key-state subscription lost; subscribing again.");
         } else if !cut_off {
@@ -172,19 +220,15 @@ async fn resync(cluster: &Cluster, state: &AppState) -> Result<usize, redis::Red
         .query_async(&mut conn)
         .await?;
     for (_, stored) in &fields {
-        let mut parts = stored.splitn(3, '|');
-        let (_version, at, payload) = (parts.next(), parts.next(), parts.next());
-        if let (Some(at), Some(payload)) = (at, payload)
-            && let Ok(at) = at.parse::<i64>()
-        {
-            apply(cluster, state, payload.as_bytes(), server_now - at);
+        if let Some((payload, age_ms)) = parse_stored(stored, server_now) {
+            apply(cluster, state, payload.as_bytes(), age_ms, Refused::Ignore);
         }
     }
     Ok(fields.len())
 }
 
 /// Apply one published state, `age_ms` old, unless this node sent it.
-fn apply(cluster: &Cluster, state: &AppState, payload: &[u8], age_ms: i64) {
+fn apply(cluster: &Cluster, state: &AppState, payload: &[u8], age_ms: i64, refused: Refused) {
     let Ok(p) = serde_json::from_slice::<Payload>(payload) else {
         tracing::warn!("Ignored a malformed key-state message.");
         return;
@@ -197,8 +241,11 @@ fn apply(cluster: &Cluster, state: &AppState, payload: &[u8], age_ms: i64) {
         return;
     };
     let status = absolute(p.status, crate::pool::now_ms(), age_ms);
-    if pool.apply_remote(&p.key, status) {
+    let taken = pool.apply_remote(&p.key, status);
+    if taken {
         tracing::debug!(pool = %p.pool, key = %p.key, from = %p.node, "Applied a key state from another node.");
+    } else if refused == Refused::Outrank {
+        pool.republish(&p.key);
     }
 }
 

@@ -101,7 +101,9 @@ pub fn reserve_for(body: Option<&[u8]>, default: u64) -> u64 {
                 .or(a.generation.and_then(|g| g.max_output_tokens))
         })
         .unwrap_or(default);
-    crate::usage::estimate::prompt_tokens(body.len() as u64) + output
+    // A client's `max_tokens` may be anything up to u64::MAX (`tpm` and the
+    // quotas cut the reservation to their size).
+    crate::usage::estimate::prompt_tokens(body.len() as u64).saturating_add(output)
 }
 
 impl Cluster {
@@ -391,6 +393,10 @@ mod tests {
         assert_eq!(reserve_for(Some(gemini), 7), gemini.len() as u64 / 4 + 70);
         assert_eq!(reserve_for(Some(b"{}"), 7), 7);
         assert_eq!(reserve_for(None, 7), 7);
+        // A hostile max_tokens saturates (it used to overflow: a panic in
+        // debug builds, a wrapped tiny reservation in release).
+        let huge = br#"{"max_tokens":18446744073709551615,"messages":[]}"#;
+        assert_eq!(reserve_for(Some(huge), 7), u64::MAX);
         assert_eq!(reserve_for(Some(b"not json"), 7), 2 + 7);
     }
 }

@@ -360,7 +360,7 @@ impl pingora::services::background::BackgroundService for ClusterService {
         tokio::spawn(key_sync::subscribe(cluster.clone(), self.state.clone()));
         tokio::spawn(cluster.clone().flush_settlements());
         if let Some(outbox) = key_sync::take_outbox() {
-            tokio::spawn(key_sync::publish(cluster.clone(), outbox));
+            tokio::spawn(key_sync::publish(cluster.clone(), self.state.clone(), outbox));
         }
         loop {
             let up = cluster.check().await;

@@ -83,6 +83,7 @@ impl pingora::services::background::BackgroundService for RecordsService {
         let state = self.state.clone();
         let node = node_name(&state);
         let mut warned = false;
+        let mut backlog_warned = false;
         loop {
             let session = sync(&state, &node);
             let result = tokio::select! {
@@ -95,6 +96,7 @@ impl pingora::services::background::BackgroundService for RecordsService {
                 warned = true;
                 tracing::warn!(error = %e, "Postgres unreachable: users and keys are served from the local copy; changes are kept and sent when it is back.");
             }
+            measure_backlog(&state, &mut backlog_warned).await;
             tokio::select! {
                 _ = tokio::time::sleep(RETRY_EVERY) => {}
                 _ = shutdown.changed() => return,
@@ -141,7 +143,14 @@ async fn quarantine(
 ) -> Result<(), RecordsError> {
     tracing::warn!(kind, table = tbl, id, error = %error, "Postgres refused a row: kept aside in the local quarantine (GET /api/cluster/quarantine); the rest keeps flowing.");
     state.metrics.cluster_quarantined.with_label_values(&[kind]).inc();
-    let (tbl, id, error) = (tbl.to_string(), id.to_string(), error.to_string());
+    // Postgres's own words (code and message), not the driver's "db error".
+    let error = match error {
+        RecordsError::Postgres(e) => e
+            .as_db_error()
+            .map_or_else(|| e.to_string(), |d| format!("{} ({})", d.message(), d.code().code())),
+        e => e.to_string(),
+    };
+    let (tbl, id) = (tbl.to_string(), id.to_string());
     with_db(state, move |c| {
         store::sync::quarantine(c, kind, &tbl, &id, &error, row.as_ref())
     })
@@ -640,15 +649,37 @@ impl Shipper {
         self.ship_admin(state, client).await?;
         let shipped = self.shipped;
         let left = with_db(state, move |c| store::sync::audit_unshipped(c, shipped)).await?;
-        state.metrics.audit_unshipped.set(left);
-        if left > UNSHIPPED_WARN && !self.warned {
-            tracing::warn!(
-                unshipped = left,
-                "The audit outbox is growing: Postgres takes rows slower than they are written."
-            );
-        }
-        self.warned = left > UNSHIPPED_WARN;
+        report_backlog(state, left, &mut self.warned);
         Ok(())
+    }
+}
+
+/// The audit outbox's size in `fastgate_audit_unshipped`, and a warning
+/// once it passes [`UNSHIPPED_WARN`].
+fn report_backlog(state: &AppState, left: i64, warned: &mut bool) {
+    state.metrics.audit_unshipped.set(left);
+    if left > UNSHIPPED_WARN && !*warned {
+        tracing::warn!(
+            unshipped = left,
+            "The audit outbox is growing: Postgres takes rows slower than they are written."
+        );
+    }
+    *warned = left > UNSHIPPED_WARN;
+}
+
+/// The outbox measured while Postgres is away (the shipper measures it
+/// after each shipment), so the gauge and the warning tell how it grows.
+async fn measure_backlog(state: &AppState, warned: &mut bool) {
+    let left = with_db(state, |c| {
+        let shipped = store::settings::get(c, "audit_shipped_id")?
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        store::sync::audit_unshipped(c, shipped)
+    })
+    .await;
+    match left {
+        Ok(left) => report_backlog(state, left, warned),
+        Err(e) => tracing::debug!(error = %e, "Cannot measure the audit outbox."),
     }
 }
 

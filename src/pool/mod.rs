@@ -645,6 +645,15 @@ impl KeyPool {
         merge.taken
     }
 
+    /// Publish `id`'s state again with a new version: the cluster's stored
+    /// copy is not older, yet this node's state outranks it.
+    pub fn republish(&self, id: &str) {
+        if let Some(key) = self.key(id) {
+            key.update(KeyStatus::restamp);
+            crate::cluster::key_sync::changed(&self.name, &key);
+        }
+    }
+
     /// Lease a usable key for a request for `model`. Keys in `avoid` (tried
     /// already in this request) are taken only when nothing else is usable;
     /// resting keys only when no open key is left.

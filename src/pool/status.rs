@@ -540,6 +540,11 @@ impl KeyStatus {
 
     /// An admin's change (enable, disable, reset) is a decision too: stamp
     /// it so in-flight answers cannot undo it and other nodes take it.
+    /// A new version for the same state (to outrank a stored copy).
+    pub fn restamp(&mut self) {
+        self.stamp();
+    }
+
     pub fn stamp_admin(&mut self) {
         let version = self.stamp();
         self.key.version = version;

@@ -74,7 +74,7 @@ pub fn row(conn: &Connection, tbl: &str, id: &str) -> Result<Row, StoreError> {
         .query_row([id], |r| {
             let mut map = Map::new();
             for (i, name) in names.iter().enumerate() {
-                map.insert(name.clone(), to_json(owned(r.get_ref(i)?)));
+                map.insert(name.clone(), pg_json(owned(r.get_ref(i)?)));
             }
             Ok(map)
         })
@@ -152,7 +152,7 @@ pub fn log_after(conn: &Connection, tbl: &str, after: i64, limit: usize) -> Resu
     let rows = stmt.query_map(params![after, limit as i64], |r| {
         let mut map = Map::new();
         for (i, name) in names.iter().enumerate() {
-            map.insert(name.clone(), log_json(owned(r.get_ref(i)?)));
+            map.insert(name.clone(), pg_json(owned(r.get_ref(i)?)));
         }
         Ok(map)
     })?;
@@ -175,10 +175,12 @@ pub fn audit_unshipped(conn: &Connection, shipped: i64) -> Result<i64, StoreErro
     Ok(conn.query_row("SELECT count(*) FROM audit_log WHERE id > ?1", [shipped], |r| r.get(0))?)
 }
 
-/// A logged value for Postgres, which refuses NUL in `jsonb`: new audit
-/// rows never hold one (`audit::fields`), rows written before that and the
-/// admin audit's texts get `␀` (U+2400) instead, so no row stops the outbox.
-fn log_json(v: SqlValue) -> Value {
+/// A value for Postgres, which refuses NUL in `jsonb`: new audit rows and
+/// names never hold one (`audit::fields`, `store::fields`); rows written
+/// before that, by hand or restored from a backup get `␀` (U+2400)
+/// instead, so no such row stops the outbox or holds back a revocation
+/// made on it (a key disabled whose old name holds a NUL).
+fn pg_json(v: SqlValue) -> Value {
     match v {
         SqlValue::Text(t) if t.contains('\0') => t.replace('\0', "\u{2400}").into(),
         v => to_json(v),
