@@ -243,6 +243,16 @@ pub fn apply(conn: &mut Connection, changes: &[Change]) -> Result<usize, StoreEr
         }
         set_base(&tx, tbl, &c.id, c.revision)?;
         if !c.own {
+            if tbl == "users"
+                && let Some(row) = &c.row
+                && loses_username(&tx, &c.id, row)?
+            {
+                tracing::warn!(
+                    user = %c.id,
+                    "Two users were made with one name on nodes apart from each other: the one made first keeps it; this one is not applied."
+                );
+                continue;
+            }
             write_row(&tx, tbl, &c.id, &c.row)?;
             written += 1;
         }
@@ -250,6 +260,27 @@ pub fn apply(conn: &mut Connection, changes: &[Change]) -> Result<usize, StoreEr
     tx.execute("DELETE FROM sync_outbox WHERE seq > ?1", [before])?;
     tx.commit()?;
     Ok(written)
+}
+
+/// Whether a user row from the record loses its username to a local user
+/// that is in the record too: two users made with one name on nodes that
+/// were apart. The one made first (`created_at`, then id) keeps the name on
+/// every node, whatever order the rows arrive in. A local user the record
+/// has never seen (each node's first admin) still gives way to the record.
+fn loses_username(tx: &Connection, id: &str, row: &Map<String, Value>) -> Result<bool, StoreError> {
+    let Some(name) = row.get("username").and_then(Value::as_str) else {
+        return Ok(false);
+    };
+    let created = row.get("created_at").and_then(Value::as_i64).unwrap_or(i64::MAX);
+    let holder: Option<(String, i64)> = tx
+        .query_row(
+            "SELECT u.id, u.created_at FROM users u JOIN sync_base b ON b.tbl = 'users' AND b.id = u.id
+             WHERE u.username = ?1 AND u.id <> ?2",
+            params![name, id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    Ok(holder.is_some_and(|(holder, holder_created)| (holder_created, holder.as_str()) < (created, id)))
 }
 
 /// What became of one sent row: the record's revision for it now, and the
@@ -439,6 +470,7 @@ pub fn quarantined(conn: &Connection, limit: usize) -> Result<Vec<Quarantined>, 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn ch(tbl: &str, id: &str, row: Row) -> Change {
         Change {
@@ -448,6 +480,51 @@ mod tests {
             revision: 1,
             own: false,
         }
+    }
+
+    #[test]
+    fn one_username_made_on_two_nodes_apart_goes_to_the_first_made_everywhere() {
+        let dir = tempfile::tempdir().unwrap();
+        let user = |id: &str, created: i64| {
+            let mut m = Map::new();
+            for (k, v) in [
+                ("id", json!(id)),
+                ("username", json!("twin")),
+                ("password_hash", json!(format!("h-{id}"))),
+                ("role", json!("user")),
+                ("created_at", json!(created)),
+            ] {
+                m.insert(k.into(), v);
+            }
+            Some(m)
+        };
+        // `ua` was made first (on A), `ub` later (on B); B's reached the
+        // record first (revision 201), A's second (203).
+        let change = |id: &str, created: i64, revision: i64, own: bool| Change {
+            tbl: "users".into(),
+            id: id.into(),
+            row: user(id, created),
+            revision,
+            own,
+        };
+        let node = |name: &str, local: Option<(&str, i64, i64)>| {
+            let mut conn = super::super::open(&dir.path().join(name)).unwrap();
+            set_enabled(&conn, true).unwrap();
+            if let Some((id, created, revision)) = local {
+                write_row(&conn, "users", id, &user(id, created)).unwrap();
+                set_base(&conn, "users", id, revision).unwrap();
+            }
+            let own = |id: &str| local.is_some_and(|l| l.0 == id);
+            apply(
+                &mut conn,
+                &[change("ub", 2, 201, own("ub")), change("ua", 1, 203, own("ua"))],
+            )
+            .unwrap();
+            ids(&conn, "users").unwrap()
+        };
+        assert_eq!(node("a.db", Some(("ua", 1, 203))), vec!["ua".to_string()]);
+        assert_eq!(node("b.db", Some(("ub", 2, 201))), vec!["ua".to_string()]);
+        assert_eq!(node("c.db", None), vec!["ua".to_string()]);
     }
 
     #[test]
