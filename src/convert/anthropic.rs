@@ -504,6 +504,7 @@ pub fn decode_response(body: &Value, loss: &mut Loss) -> Result<ChatResponse, Co
         parts,
         finish: opt_str(body, "stop_reason").map(|r| finish_from_wire(r, opt_str(body, "stop_sequence"))),
         usage: body.get("usage").filter(|u| u.is_object()).map(usage_from_wire),
+        more: Vec::new(),
     })
 }
 

@@ -409,6 +409,14 @@ pub fn encode_request(req: &ChatRequest, loss: &mut Loss) -> Result<Value, Conve
             "logprobs are not converted for Gemini upstreams; route this request to an OpenAI upstream".into(),
         ));
     }
+    if req.stream && req.only.candidates.is_some_and(|n| n > 1) {
+        // A Gemini stream interleaves its candidates; one stream choice per
+        // candidate is not converted, and one choice alone would be silent loss.
+        return Err(ConvertError::Refused(
+            "n > 1 is not converted for streams from Gemini upstreams; ask without streaming, or send separate requests"
+                .into(),
+        ));
+    }
     let mut out = Map::new();
     let names: std::collections::HashMap<&str, &str> = req
         .messages
@@ -601,31 +609,75 @@ pub fn usage_to_wire(u: &Usage) -> Value {
     v
 }
 
-pub fn decode_response(body: &Value, loss: &mut Loss) -> Result<ChatResponse, ConvertError> {
-    let cand = body.get("candidates").and_then(|c| c.get(0));
-    let id = opt_str(body, "responseId").unwrap_or_default().to_string();
+/// A candidate's place among the answer's candidates (Gemini omits a zero `index`).
+fn candidate_index(c: &Value) -> u64 {
+    c.get("index").and_then(Value::as_u64).unwrap_or(0)
+}
+
+/// The candidate numbered 0 — not necessarily the first listed.
+pub(crate) fn first_candidate(body: &Value) -> Option<&Value> {
+    body.get("candidates")
+        .and_then(Value::as_array)
+        .and_then(|cs| cs.iter().find(|c| candidate_index(c) == 0))
+}
+
+/// Why the prompt was blocked, when Gemini refused it whole
+/// (`promptFeedback.blockReason`, sent with no candidates).
+pub(crate) fn prompt_blocked(body: &Value) -> Option<&str> {
+    field(body, "promptFeedback", "prompt_feedback")
+        .and_then(|f| field(f, "blockReason", "block_reason"))
+        .and_then(Value::as_str)
+        .filter(|r| !r.is_empty() && *r != "BLOCK_REASON_UNSPECIFIED")
+}
+
+/// One candidate's parts and finish reason.
+fn decode_candidate(cand: &Value, id: &str, loss: &mut Loss) -> Result<Choice, ConvertError> {
     let parts = cand
-        .and_then(|c| c.get("content"))
+        .get("content")
         .and_then(|c| c.get("parts"))
         .and_then(Value::as_array)
         .map_or(&[][..], Vec::as_slice);
-    let parts = decode_parts(parts, &id, &mut Vec::new(), loss)?;
+    let parts = decode_parts(parts, id, &mut Vec::new(), loss)?;
     let has_calls = parts.iter().any(|p| matches!(p, Part::ToolCall(_)));
-    Ok(ChatResponse {
-        model: opt_str(body, "modelVersion").unwrap_or_default().to_string(),
-        id,
+    Ok(Choice {
+        finish: opt_str(cand, "finishReason").map(|r| finish_from_wire(r, has_calls)),
         parts,
-        finish: cand
-            .and_then(|c| opt_str(c, "finishReason"))
-            .map(|r| finish_from_wire(r, has_calls)),
-        usage: body.get("usageMetadata").filter(|u| u.is_object()).map(usage_from_wire),
     })
 }
 
-pub fn encode_response(resp: &ChatResponse) -> Value {
+pub fn decode_response(body: &Value, loss: &mut Loss) -> Result<ChatResponse, ConvertError> {
+    let id = opt_str(body, "responseId").unwrap_or_default().to_string();
+    // Every candidate (several with `candidateCount`), in `index` order.
+    let mut cands: Vec<&Value> = body
+        .get("candidates")
+        .and_then(Value::as_array)
+        .map(|cs| cs.iter().collect())
+        .unwrap_or_default();
+    cands.sort_by_key(|c| candidate_index(c));
+    let mut choices = cands
+        .into_iter()
+        .map(|c| decode_candidate(c, &id, loss))
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter();
+    let first = choices.next().unwrap_or_default();
+    let finish = match first.finish {
+        None if prompt_blocked(body).is_some() => Some(Finish::ContentFilter),
+        f => f,
+    };
+    Ok(ChatResponse {
+        model: opt_str(body, "modelVersion").unwrap_or_default().to_string(),
+        id,
+        parts: first.parts,
+        finish,
+        usage: body.get("usageMetadata").filter(|u| u.is_object()).map(usage_from_wire),
+        more: choices.collect(),
+    })
+}
+
+/// One candidate, as Gemini writes it.
+fn encode_candidate(index: usize, parts: &[Part], finish: Option<&Finish>) -> Value {
     let mut ignored = Loss::default();
-    let parts: Vec<Value> = resp
-        .parts
+    let parts: Vec<Value> = parts
         .iter()
         .filter_map(|p| match p {
             Part::Text(t) if t.is_empty() => None,
@@ -643,12 +695,24 @@ pub fn encode_response(resp: &ChatResponse) -> Value {
             Part::ToolResult(_) | Part::RedactedThinking(_) => None,
         })
         .collect();
+    json!({
+        "content": {"role": "model", "parts": parts},
+        "finishReason": finish.map_or("STOP", finish_to_wire),
+        "index": index,
+    })
+}
+
+pub fn encode_response(resp: &ChatResponse) -> Value {
+    let candidates: Vec<Value> = std::iter::once(encode_candidate(0, &resp.parts, resp.finish.as_ref()))
+        .chain(
+            resp.more
+                .iter()
+                .enumerate()
+                .map(|(i, c)| encode_candidate(i + 1, &c.parts, c.finish.as_ref())),
+        )
+        .collect();
     let mut out = json!({
-        "candidates": [{
-            "content": {"role": "model", "parts": parts},
-            "finishReason": resp.finish.as_ref().map_or("STOP", finish_to_wire),
-            "index": 0,
-        }],
+        "candidates": candidates,
         "modelVersion": resp.model,
         "responseId": resp.id,
     });

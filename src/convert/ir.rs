@@ -210,6 +210,16 @@ pub struct ChatResponse {
     pub parts: Vec<Part>,
     pub finish: Option<Finish>,
     pub usage: Option<Usage>,
+    /// The further choices of an answer asked for several (OpenAI `n`,
+    /// Gemini `candidateCount`), in order after the first; usage covers all.
+    pub more: Vec<Choice>,
+}
+
+/// One more choice of an answer with several.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Choice {
+    pub parts: Vec<Part>,
+    pub finish: Option<Finish>,
 }
 
 /// A forced tool call standing for a JSON answer becomes the answer's text

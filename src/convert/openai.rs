@@ -491,11 +491,18 @@ pub fn usage_to_wire(u: &Usage) -> Value {
     })
 }
 
-pub fn decode_response(body: &Value, names: &ToolNames) -> Result<ChatResponse, ConvertError> {
-    let choice = body
-        .get("choices")
-        .and_then(|c| c.get(0))
-        .ok_or_else(|| invalid("an answer without choices"))?;
+/// A tool turn's finish inferred from its calls: OpenAI-compatible servers
+/// (and OpenAI itself with a named tool choice) end one with `stop`, or
+/// with no reason at all, while agents wait for `tool_calls`.
+pub fn finish_with_calls(finish: Option<Finish>, has_calls: bool) -> Option<Finish> {
+    match finish {
+        Some(Finish::Stop) | None if has_calls => Some(Finish::ToolCalls),
+        f => f,
+    }
+}
+
+/// One choice's message and finish reason.
+fn decode_choice(choice: &Value, names: &ToolNames) -> Choice {
     let msg = choice.get("message").unwrap_or(&Value::Null);
     let mut parts = Vec::new();
     if let Some(r) = opt_str(msg, "reasoning_content").filter(|r| !r.is_empty()) {
@@ -513,28 +520,50 @@ pub fn decode_response(body: &Value, names: &ToolNames) -> Result<ChatResponse, 
             parts.push(Part::ToolCall(ToolCall {
                 id: opt_str(c, "id").unwrap_or_default().to_string(),
                 name: names.inbound(opt_str(f, "name").unwrap_or_default()),
-                arguments: opt_str(f, "arguments").unwrap_or("{}").to_string(),
+                arguments: opt_str(f, "arguments")
+                    .filter(|a| !a.trim().is_empty())
+                    .unwrap_or("{}")
+                    .to_string(),
                 signature: None,
             }));
         }
     }
+    let has_calls = parts.iter().any(|p| matches!(p, Part::ToolCall(_)));
+    Choice {
+        finish: finish_with_calls(opt_str(choice, "finish_reason").map(finish_from_wire), has_calls),
+        parts,
+    }
+}
+
+pub fn decode_response(body: &Value, names: &ToolNames) -> Result<ChatResponse, ConvertError> {
+    let mut choices: Vec<&Value> = body
+        .get("choices")
+        .and_then(Value::as_array)
+        .map(|c| c.iter().collect())
+        .unwrap_or_default();
+    if choices.is_empty() {
+        return Err(invalid("an answer without choices"));
+    }
+    choices.sort_by_key(|c| opt_u64(c, "index").unwrap_or(0));
+    let mut choices = choices.into_iter().map(|c| decode_choice(c, names));
+    let first = choices.next().unwrap_or_default();
     Ok(ChatResponse {
         id: opt_str(body, "id").unwrap_or_default().to_string(),
         model: opt_str(body, "model").unwrap_or_default().to_string(),
-        parts,
-        finish: opt_str(choice, "finish_reason").map(finish_from_wire),
+        parts: first.parts,
+        finish: first.finish,
         usage: body.get("usage").filter(|u| u.is_object()).map(usage_from_wire),
+        more: choices.collect(),
     })
 }
 
-pub fn encode_response(resp: &ChatResponse, created: i64) -> Value {
-    let text: String = resp
-        .parts
+/// One choice of an answer, as OpenAI writes it.
+fn encode_choice(index: usize, parts: &[Part], finish: Option<&Finish>) -> Value {
+    let text: String = parts
         .iter()
         .filter_map(|p| if let Part::Text(t) = p { Some(t.as_str()) } else { None })
         .collect();
-    let reasoning: String = resp
-        .parts
+    let reasoning: String = parts
         .iter()
         .filter_map(|p| {
             if let Part::Thinking { text, .. } = p {
@@ -544,8 +573,7 @@ pub fn encode_response(resp: &ChatResponse, created: i64) -> Value {
             }
         })
         .collect();
-    let calls: Vec<Value> = resp
-        .parts
+    let calls: Vec<Value> = parts
         .iter()
         .filter_map(|p| match p {
             Part::ToolCall(c) => {
@@ -562,16 +590,28 @@ pub fn encode_response(resp: &ChatResponse, created: i64) -> Value {
     if !reasoning.is_empty() {
         message["reasoning_content"] = reasoning.into();
     }
+    json!({
+        "index": index,
+        "message": message,
+        "finish_reason": finish.map(finish_to_wire),
+    })
+}
+
+pub fn encode_response(resp: &ChatResponse, created: i64) -> Value {
+    let choices: Vec<Value> = std::iter::once(encode_choice(0, &resp.parts, resp.finish.as_ref()))
+        .chain(
+            resp.more
+                .iter()
+                .enumerate()
+                .map(|(i, c)| encode_choice(i + 1, &c.parts, c.finish.as_ref())),
+        )
+        .collect();
     let mut out = json!({
         "id": if resp.id.starts_with("chatcmpl") { resp.id.clone() } else { format!("chatcmpl-{}", resp.id) },
         "object": "chat.completion",
         "created": created,
         "model": resp.model,
-        "choices": [{
-            "index": 0,
-            "message": message,
-            "finish_reason": resp.finish.as_ref().map(finish_to_wire),
-        }],
+        "choices": choices,
     });
     if let Some(u) = &resp.usage {
         out["usage"] = usage_to_wire(u);

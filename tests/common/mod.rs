@@ -3,6 +3,7 @@
 #![allow(dead_code, clippy::unwrap_used)]
 
 pub mod fault_proxy;
+pub mod shapes;
 pub mod tls;
 
 #[allow(unused_imports)]
@@ -98,6 +99,8 @@ pub struct Behaviour {
     /// Never send an OpenAI stream's usage chunk, even when asked (a proxy
     /// in front of the provider that strips it, or a provider that omits it).
     pub no_usage: AtomicBool,
+    /// A provider's awkward answer to replay (see [`shapes::can`]).
+    pub canned: Mutex<Option<shapes::Canned>>,
 }
 
 pub struct MockUpstream {
@@ -430,6 +433,9 @@ async fn answer(
     let json: serde_json::Value = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
     let stream =
         json["stream"].as_bool().unwrap_or(false) || path.contains(":streamGenerateContent") || path.ends_with("/sse");
+    if let Some(r) = shapes::answer(&b, stream) {
+        return Ok(r);
+    }
     let interval = Duration::from_millis(b.sse_interval_ms.load(Ordering::SeqCst) as u64);
     let gemini_model = path
         .split("/models/")

@@ -4,7 +4,10 @@
 use super::{Decoder, Delta, Encoder, ErrorKind, sse_frame};
 use crate::convert::{
     arguments_object,
-    gemini::{finish_from_wire, finish_to_wire, synthesize_call_id, usage_from_wire, usage_to_wire},
+    gemini::{
+        finish_from_wire, finish_to_wire, first_candidate, prompt_blocked, synthesize_call_id, usage_from_wire,
+        usage_to_wire,
+    },
     ir::{Finish, Usage},
     opt_str,
 };
@@ -16,6 +19,10 @@ pub struct GeminiDecoder {
     started: bool,
     response_id: String,
     tools: usize,
+    /// A finish reason (or a prompt block) was read. Gemini has no terminal
+    /// event and may send usage in a later chunk: the body's end ends the
+    /// stream, not this.
+    finished: bool,
 }
 
 impl Decoder for GeminiDecoder {
@@ -43,7 +50,7 @@ impl Decoder for GeminiDecoder {
                 model: opt_str(&v, "modelVersion").unwrap_or_default().to_string(),
             });
         }
-        let cand = v.get("candidates").and_then(|c| c.get(0));
+        let cand = first_candidate(&v);
         let parts = cand
             .and_then(|c| c.get("content"))
             .and_then(|c| c.get("parts"))
@@ -73,19 +80,29 @@ impl Decoder for GeminiDecoder {
                 });
                 out.push(Delta::ToolArgs {
                     index,
-                    fragment: c.get("args").map_or_else(|| "{}".to_string(), Value::to_string),
+                    fragment: c
+                        .get("args")
+                        .filter(|a| a.is_object())
+                        .map_or_else(|| "{}".to_string(), Value::to_string),
                 });
             }
         }
-        let finish = cand.and_then(|c| opt_str(c, "finishReason"));
-        if let Some(r) = finish {
+        if let Some(r) = cand.and_then(|c| opt_str(c, "finishReason")) {
             out.push(Delta::Finish(finish_from_wire(r, self.tools > 0)));
+            self.finished = true;
+        } else if cand.is_none() && prompt_blocked(&v).is_some() {
+            // The prompt was refused: no candidates at all, only `promptFeedback`.
+            tracing::info!(reason = ?prompt_blocked(&v), "the Gemini upstream blocked the prompt");
+            out.push(Delta::Finish(Finish::ContentFilter));
+            self.finished = true;
         }
         if let Some(u) = v.get("usageMetadata").filter(|u| u.is_object()) {
             out.push(Delta::Usage(usage_from_wire(u)));
         }
-        // Gemini has no terminal event: the chunk with a finish reason is the last.
-        if finish.is_some() {
+    }
+
+    fn end(&mut self, out: &mut Vec<Delta>) {
+        if self.finished {
             out.push(Delta::Done);
         }
     }

@@ -61,6 +61,10 @@ pub enum ErrorKind {
 /// Turns one upstream event into deltas.
 pub trait Decoder: Send {
     fn decode(&mut self, event: Option<&str>, data: &str, out: &mut Vec<Delta>);
+
+    /// The upstream body ended cleanly. A format without a terminal event
+    /// (Gemini) ends here, not at its finish reason: usage may follow it.
+    fn end(&mut self, _out: &mut Vec<Delta>) {}
 }
 
 /// Turns deltas into the client's framed events.
@@ -152,6 +156,7 @@ impl Converter {
         if let Framing::Sse(p) = &mut self.framing {
             p.finish_with(&mut |event, data| decoder.decode(event, data, deltas));
         }
+        decoder.end(deltas);
         self.flush(&mut out);
         if !self.done {
             self.deltas.push(Delta::Error {

@@ -3,7 +3,7 @@
 use super::{Decoder, Delta, Encoder, ErrorKind, sse_frame};
 use crate::convert::{
     ir::{Finish, Usage},
-    openai::{ToolNames, finish_from_wire, finish_to_wire, usage_from_wire, usage_to_wire},
+    openai::{ToolNames, finish_from_wire, finish_to_wire, finish_with_calls, usage_from_wire, usage_to_wire},
     opt_str,
 };
 use serde::{Deserialize, Serialize};
@@ -77,6 +77,8 @@ pub struct OpenaiDecoder {
     /// Per tool call seen: (the upstream's index, its id).
     calls: Vec<(Option<u64>, Option<String>)>,
     names: ToolNames,
+    /// A finish reason was read (a tool turn without one is inferred at the end).
+    finished: bool,
 }
 
 impl OpenaiDecoder {
@@ -89,12 +91,18 @@ impl OpenaiDecoder {
     }
 
     /// Our index for a tool-call delta: by the upstream's index, else by id,
-    /// else the latest call; `None` with a new call to announce.
+    /// else the latest call; `true` with a new call to announce. A new id at
+    /// a known index is a new call (servers that number every call 0).
     fn slot(&mut self, tc: &Value) -> (usize, bool) {
         let index = tc.get("index").and_then(Value::as_u64);
         let id = opt_str(tc, "id").filter(|s| !s.is_empty()).map(str::to_string);
         let found = match (index, &id) {
-            (Some(i), _) => self.calls.iter().position(|(ci, _)| *ci == Some(i)),
+            (Some(i), Some(id)) => self
+                .calls
+                .iter()
+                .rposition(|(ci, _)| *ci == Some(i))
+                .filter(|&pos| self.calls[pos].1.as_ref().is_none_or(|known| known == id)),
+            (Some(i), None) => self.calls.iter().rposition(|(ci, _)| *ci == Some(i)),
             (None, Some(id)) => self.calls.iter().position(|(_, cid)| cid.as_deref() == Some(id)),
             (None, None) => self.calls.len().checked_sub(1),
         };
@@ -112,6 +120,10 @@ impl Decoder for OpenaiDecoder {
     fn decode(&mut self, _event: Option<&str>, data: &str, out: &mut Vec<Delta>) {
         let data = data.trim();
         if data == "[DONE]" {
+            if !self.finished && !self.calls.is_empty() {
+                // Calls, and no finish reason at all: a tool turn.
+                out.push(Delta::Finish(Finish::ToolCalls));
+            }
             out.push(Delta::Done);
             return;
         }
@@ -162,7 +174,9 @@ impl Decoder for OpenaiDecoder {
                 }
             }
             if let Some(r) = &choice.finish_reason {
-                out.push(Delta::Finish(finish_from_wire(r)));
+                self.finished = true;
+                let finish = finish_with_calls(Some(finish_from_wire(r)), !self.calls.is_empty());
+                out.push(Delta::Finish(finish.unwrap_or(Finish::Stop)));
             }
         }
         if let Some(u) = v.usage.as_ref().filter(|u| u.is_object()) {
@@ -183,6 +197,9 @@ pub struct OpenaiEncoder {
     usage: Option<Usage>,
     /// Each chunk's bytes up to its delta, rendered at the first chunk.
     prefix: Vec<u8>,
+    /// Tool calls announced that have had no arguments yet: they get `{}`
+    /// before the finish (clients `json.loads` the arguments; "" fails).
+    no_args: Vec<usize>,
 }
 
 impl OpenaiEncoder {
@@ -197,6 +214,7 @@ impl OpenaiEncoder {
             finish: None,
             usage: None,
             prefix: Vec::new(),
+            no_args: Vec::new(),
         }
     }
 
@@ -277,6 +295,7 @@ impl Encoder for OpenaiEncoder {
                 signature,
             } => {
                 self.start(out);
+                self.no_args.push(*index);
                 let id = crate::convert::id_with_signature(id, signature.as_deref());
                 let delta = DeltaOut {
                     tool_calls: Some(
@@ -288,6 +307,9 @@ impl Encoder for OpenaiEncoder {
             }
             Delta::ToolArgs { index, fragment } => {
                 self.start(out);
+                if !fragment.is_empty() {
+                    self.no_args.retain(|i| i != index);
+                }
                 let delta = DeltaOut {
                     tool_calls: Some(json!([{"index": index, "function": {"arguments": fragment}}])),
                     ..DeltaOut::default()
@@ -298,6 +320,13 @@ impl Encoder for OpenaiEncoder {
             Delta::Usage(u) => self.usage = Some(*u),
             Delta::Done => {
                 self.start(out);
+                for index in std::mem::take(&mut self.no_args) {
+                    let delta = DeltaOut {
+                        tool_calls: Some(json!([{"index": index, "function": {"arguments": "{}"}}])),
+                        ..DeltaOut::default()
+                    };
+                    self.chunk(out, delta, None);
+                }
                 let finish = finish_to_wire(self.finish.as_ref().unwrap_or(&Finish::Stop));
                 self.chunk(out, DeltaOut::default(), Some(finish));
                 if self.include_usage {

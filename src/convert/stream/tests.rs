@@ -405,3 +405,136 @@ fn upstream_errors_become_the_clients_error_framing() {
     assert_eq!(last["error"]["code"], "overloaded");
     assert!(!out.contains("[DONE]"), "nothing after the error");
 }
+
+/// Tool calls an OpenAI client assembles from a stream: (id, name, arguments) by index.
+fn openai_calls(text: &str) -> Vec<(String, String, String)> {
+    let mut calls: Vec<(String, String, String)> = Vec::new();
+    for (_, c) in events(text).into_iter().filter(|(_, v)| v.is_object()) {
+        for tc in c["choices"][0]["delta"]["tool_calls"].as_array().into_iter().flatten() {
+            let i = tc["index"].as_u64().unwrap() as usize;
+            if calls.len() <= i {
+                calls.resize(i + 1, Default::default());
+            }
+            if let Some(id) = tc["id"].as_str() {
+                calls[i].0 = id.into();
+            }
+            if let Some(n) = tc["function"]["name"].as_str() {
+                calls[i].1 = n.into();
+            }
+            calls[i]
+                .2
+                .push_str(tc["function"]["arguments"].as_str().unwrap_or_default());
+        }
+    }
+    calls
+}
+
+#[test]
+fn interleaved_and_reused_call_indices_keep_each_call_whole_however_cut() {
+    let chunk = |tc: &str| format!(r#"{{"id":"c","choices":[{{"index":0,"delta":{{"tool_calls":[{tc}]}}}}]}}"#);
+    // Both headers first, then the arguments alternating by index.
+    let interleaved = [
+        chunk(
+            r#"{"index":0,"id":"call_a","function":{"name":"weather","arguments":""}},{"index":1,"id":"call_b","function":{"name":"time","arguments":""}}"#,
+        ),
+        chunk(r#"{"index":0,"function":{"arguments":"{\"city\":"}}"#),
+        chunk(r#"{"index":1,"function":{"arguments":"{\"tz\":"}}"#),
+        chunk(r#"{"index":0,"function":{"arguments":"\"Paris\"}"}}"#),
+        chunk(r#"{"index":1,"function":{"arguments":"\"CET\"}"}}"#),
+    ];
+    // Every call numbered 0, told apart by its id.
+    let reused = [
+        chunk(r#"{"index":0,"id":"call_a","function":{"name":"weather","arguments":"{\"city\":"}}"#),
+        chunk(r#"{"index":0,"function":{"arguments":"\"Paris\"}"}}"#),
+        chunk(r#"{"index":0,"id":"call_b","function":{"name":"time","arguments":"{\"tz\":\"CET\"}"}}"#),
+    ];
+    let want = vec![
+        (
+            "call_a".to_string(),
+            "weather".to_string(),
+            r#"{"city":"Paris"}"#.to_string(),
+        ),
+        ("call_b".to_string(), "time".to_string(), r#"{"tz":"CET"}"#.to_string()),
+    ];
+    for chunks in [&interleaved[..], &reused[..]] {
+        let mut ev: Vec<(Option<&str>, &str)> = chunks.iter().map(|c| (None, c.as_str())).collect();
+        // No finish reason at all: the calls make it a tool turn.
+        ev.push((None, "[DONE]"));
+        let input = sse(&ev);
+        let to_anthropic = || {
+            Converter::new(
+                Box::new(OpenaiDecoder::new(ToolNames::default())),
+                Box::new(AnthropicEncoder::new("c")),
+                false,
+            )
+        };
+        let evs = assert_anthropic_grammar(&converted(&to_anthropic, &input));
+        let mut got = Vec::new();
+        for v in &evs {
+            match v["type"].as_str().unwrap() {
+                "content_block_start" => got.push((
+                    v["content_block"]["id"].as_str().unwrap().to_string(),
+                    v["content_block"]["name"].as_str().unwrap().to_string(),
+                    String::new(),
+                )),
+                "content_block_delta" => got
+                    .last_mut()
+                    .unwrap()
+                    .2
+                    .push_str(v["delta"]["partial_json"].as_str().unwrap()),
+                _ => {}
+            }
+        }
+        assert_eq!(got, want);
+        assert_eq!(evs[evs.len() - 2]["delta"]["stop_reason"], "tool_use");
+        // The OpenAI-shaped output numbers the calls 0 and 1.
+        let to_openai = || {
+            Converter::new(
+                Box::new(OpenaiDecoder::new(ToolNames::default())),
+                Box::new(OpenaiEncoder::new("c", 1, false)),
+                false,
+            )
+        };
+        let out = converted(&to_openai, &input);
+        assert_eq!(openai_calls(&out), want, "{out}");
+        assert!(out.contains(r#""finish_reason":"tool_calls""#), "{out}");
+    }
+}
+
+#[test]
+fn the_gemini_stream_decoder_reads_the_candidate_numbered_zero_and_ends_at_the_body_end() {
+    let chunks = [
+        r#"{"candidates":[{"content":{"parts":[{"text":"other"}],"role":"model"},"index":1},{"content":{"parts":[{"text":"mine"}],"role":"model"},"index":0}],"responseId":"r"}"#,
+        r#"{"candidates":[{"content":{"parts":[{"text":"!"}],"role":"model"},"finishReason":"STOP"}],"responseId":"r"}"#,
+        r#"{"usageMetadata":{"promptTokenCount":3,"candidatesTokenCount":2,"totalTokenCount":5},"responseId":"r"}"#,
+    ];
+    let ev: Vec<(Option<&str>, &str)> = chunks.iter().map(|c| (None, *c)).collect();
+    let make = || {
+        Converter::new(
+            Box::new(GeminiDecoder::default()),
+            Box::new(OpenaiEncoder::new("c", 1, true)),
+            false,
+        )
+    };
+    let mut c = make();
+    let early = String::from_utf8(c.feed(sse(&ev).as_bytes())).unwrap();
+    assert!(
+        !c.is_done() && !early.contains("[DONE]"),
+        "a finish reason is not the end: {early}"
+    );
+    let out = converted(&make, &sse(&ev));
+    let text: String = events(&out)
+        .iter()
+        .filter_map(|(_, v)| v["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(text, "mine!");
+    let usage = events(&out)
+        .into_iter()
+        .find_map(|(_, v)| v.get("usage").cloned())
+        .unwrap();
+    assert_eq!(
+        (usage["prompt_tokens"].as_u64(), usage["completion_tokens"].as_u64()),
+        (Some(3), Some(2))
+    );
+    assert!(out.ends_with("data: [DONE]\n\n"));
+}
