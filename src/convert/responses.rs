@@ -579,3 +579,248 @@ pub fn encode_response(resp: &ChatResponse, echo: &Echo, created_at: i64) -> Val
     };
     response_object(&head, echo, output, resp.finish.as_ref(), resp.usage.as_ref(), None)
 }
+
+/// Reads a custom tool's `input` out of its stand-in function's arguments
+/// as they stream (`{"input": "…`), so the input streams too: each call of
+/// [`InputTail::feed`] gives the text decoded since the last one. An escape
+/// cut between two pieces waits for the next.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InputTail {
+    /// Where the string value starts in the arguments, once seen.
+    value_at: Option<usize>,
+    /// How far the value is decoded.
+    pos: usize,
+    ended: bool,
+    /// Everything given out so far.
+    pub sent: String,
+}
+
+impl InputTail {
+    /// The newly decoded part of the input, given the whole arguments so far.
+    pub fn feed(&mut self, raw: &str) -> String {
+        if self.ended {
+            return String::new();
+        }
+        if self.value_at.is_none() {
+            let Some(at) = value_start(raw) else {
+                return String::new();
+            };
+            self.value_at = Some(at);
+            self.pos = at;
+        }
+        let (piece, pos, ended) = decode_partial(raw, self.pos);
+        self.pos = pos;
+        self.ended = ended;
+        self.sent.push_str(&piece);
+        piece
+    }
+}
+
+/// The offset just past the opening quote of `"input": "`, if it came yet.
+fn value_start(raw: &str) -> Option<usize> {
+    let key = format!("\"{CUSTOM_INPUT}\"");
+    let after = raw.find(&key)? + key.len();
+    let rest = &raw[after..];
+    let colon = rest.trim_start();
+    let colon = colon.strip_prefix(':')?;
+    let quote = colon.trim_start();
+    quote.strip_prefix('"')?;
+    Some(raw.len() - quote.len() + 1)
+}
+
+/// Decode a JSON string's content from `from` up to its closing quote or
+/// the end of what came; an escape not yet whole is left for later.
+/// Returns (text, where decoding stopped, whether the string ended).
+fn decode_partial(raw: &str, from: usize) -> (String, usize, bool) {
+    let bytes = raw.as_bytes();
+    let mut out = String::new();
+    let mut i = from;
+    let mut plain = from;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'"' => {
+                out.push_str(&raw[plain..i]);
+                return (out, i + 1, true);
+            }
+            b'\\' => {
+                out.push_str(&raw[plain..i]);
+                let len = match bytes.get(i + 1) {
+                    None => return (out, i, false),
+                    Some(b'u') => {
+                        // A high surrogate needs its low half too.
+                        let high = raw.get(i + 2..i + 6).and_then(|h| u16::from_str_radix(h, 16).ok());
+                        match high {
+                            None => return (out, i, false),
+                            Some(h) if (0xD800..0xDC00).contains(&h) => 12,
+                            Some(_) => 6,
+                        }
+                    }
+                    Some(_) => 2,
+                };
+                let Some(escape) = raw.get(i..i + len) else {
+                    return (out, i, false);
+                };
+                match serde_json::from_str::<String>(&format!("\"{escape}\"")) {
+                    Ok(s) => out.push_str(&s),
+                    // A broken escape: kept as it came.
+                    Err(_) => out.push_str(escape),
+                }
+                i += len;
+                plain = i;
+            }
+            _ => i += 1,
+        }
+    }
+    out.push_str(&raw[plain..]);
+    (out, bytes.len(), false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_custom_input_streams_out_of_its_arguments_whatever_the_pieces() {
+        let input = "*** Begin Patch\n+Hi \"you\" \u{1F600} \\ é\n*** End Patch";
+        let args = json!({ CUSTOM_INPUT: input }).to_string();
+        let escaped = serde_json::to_string(input)
+            .unwrap()
+            .replace('\u{1F600}', "\\ud83d\\ude00");
+        for raw in [args.clone(), format!("{{ \"input\" : {escaped} }}")] {
+            for step in [1, 2, 3, 7, raw.len()] {
+                let mut tail = InputTail::default();
+                let mut got = String::new();
+                let mut end = 0;
+                while end < raw.len() {
+                    end = (end + step).min(raw.len());
+                    while !raw.is_char_boundary(end) {
+                        end += 1;
+                    }
+                    got.push_str(&tail.feed(&raw[..end]));
+                }
+                assert_eq!(got, input, "{raw} by {step}");
+                assert_eq!(custom_input(&raw), input);
+            }
+        }
+    }
+
+    #[test]
+    fn items_decode_into_turns() {
+        let body = json!({"model": "m", "instructions": "I", "input": [
+            {"role": "developer", "content": "D"},
+            {"role": "user", "content": [{"type": "input_text", "text": "u"}, {"type": "input_image", "image_url": "data:image/png;base64,AAA"}]},
+            {"type": "reasoning", "summary": [{"type": "summary_text", "text": "r"}], "encrypted_content": "fastgate.v1:s:S"},
+            {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+            {"type": "custom_tool_call", "call_id": "c2", "name": "p", "input": "x"},
+            {"type": "function_call_output", "call_id": "c1", "output": "o1"},
+            {"type": "custom_tool_call_output", "call_id": "c2", "output": "o2"},
+            {"type": "reasoning", "summary": [], "encrypted_content": "gAAAA"},
+            {"type": "reasoning", "summary": [], "encrypted_content": "fastgate.v1:r:R"},
+            {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "a"}]},
+            {"type": "web_search_call", "id": "ws"},
+        ], "tools": [{"type": "custom", "name": "p"}, {"type": "web_search"}],
+           "tool_choice": {"type": "custom", "name": "p"}, "reasoning": {"effort": "xhigh"},
+           "text": {"format": {"type": "json_schema", "name": "n", "schema": {"type": "object"}, "strict": true}}});
+        let mut loss = Loss::default();
+        let (req, echo) = decode_request(&body, &mut loss).unwrap();
+        assert_eq!(req.system, ["I", "D"]);
+        assert_eq!(req.messages.len(), 4);
+        assert_eq!(req.messages[0].parts.len(), 2);
+        assert!(matches!(&req.messages[1].parts[0], Part::Thinking { signature: Some(s), .. } if s == "S"));
+        assert!(matches!(&req.messages[1].parts[2], Part::ToolCall(c) if c.arguments == r#"{"input":"x"}"#));
+        assert_eq!(req.messages[2].parts.len(), 2, "both outputs in one user turn");
+        assert_eq!(req.messages[3].parts[0], Part::RedactedThinking("R".into()));
+        assert_eq!(req.messages[3].parts[1], Part::Text("a".into()));
+        assert_eq!(echo.custom_tools, ["p"]);
+        assert_eq!(req.tools.len(), 1);
+        assert_eq!(req.tool_choice, Some(ToolChoice::Named("p".into())));
+        assert_eq!(req.reasoning.and_then(|r| r.effort), Some(Effort::High));
+        assert!(matches!(
+            req.response_format,
+            Some(ResponseFormat::JsonSchema { strict: true, .. })
+        ));
+        let warned = loss.header_value().unwrap();
+        for what in [
+            "encrypted_content made by OpenAI",
+            "web_search_call input items",
+            "web_search tools",
+        ] {
+            assert!(warned.contains(what), "{warned}");
+        }
+    }
+
+    #[test]
+    fn stateful_requests_are_refused() {
+        for (k, v) in [
+            ("previous_response_id", json!("resp_1")),
+            ("conversation", json!("conv_1")),
+            ("background", json!(true)),
+        ] {
+            let mut body = json!({"model": "m", "input": "hi"});
+            body[k] = v;
+            assert!(matches!(
+                decode_request(&body, &mut Loss::default()),
+                Err(ConvertError::Refused(_))
+            ));
+        }
+        let ok = json!({"model": "m", "input": "hi", "previous_response_id": null, "store": false});
+        assert!(decode_request(&ok, &mut Loss::default()).is_ok());
+    }
+
+    #[test]
+    fn an_answer_becomes_a_response_object() {
+        let echo = Echo {
+            custom_tools: vec!["p".into()],
+            fields: Map::new(),
+        };
+        let resp = ChatResponse {
+            id: "x".into(),
+            model: "m".into(),
+            parts: vec![
+                Part::Thinking {
+                    text: "t".into(),
+                    signature: Some("S".into()),
+                },
+                Part::Text("a".into()),
+                Part::Text("b".into()),
+                Part::ToolCall(ToolCall {
+                    id: "c1".into(),
+                    name: "f".into(),
+                    arguments: String::new(),
+                    signature: None,
+                }),
+                Part::ToolCall(ToolCall {
+                    id: "c2".into(),
+                    name: "p".into(),
+                    arguments: r#"{"input":"patch"}"#.into(),
+                    signature: None,
+                }),
+            ],
+            finish: Some(Finish::Length),
+            usage: Some(Usage {
+                input: 3,
+                cache_read: 2,
+                cache_write: 0,
+                output: 5,
+                reasoning: 1,
+            }),
+        };
+        let v = encode_response(&resp, &echo, 7);
+        assert_eq!(v["status"], "incomplete");
+        assert_eq!(v["incomplete_details"]["reason"], "max_output_tokens");
+        let out = v["output"].as_array().unwrap();
+        assert_eq!(out.len(), 4);
+        assert_eq!(out[0]["encrypted_content"], "fastgate.v1:s:S");
+        assert_eq!(out[1]["content"][0]["text"], "ab");
+        assert_eq!(out[2]["arguments"], "{}", "no arguments: an empty object, never \"\"");
+        assert_eq!(out[3]["type"], "custom_tool_call");
+        assert_eq!(out[3]["input"], "patch");
+        assert_eq!(
+            v["usage"],
+            json!({"input_tokens": 5, "input_tokens_details": {"cached_tokens": 2}, "output_tokens": 5,
+                "output_tokens_details": {"reasoning_tokens": 1}, "total_tokens": 10})
+        );
+        assert_eq!(v["tool_choice"], "auto");
+        assert_eq!(v["parallel_tool_calls"], true);
+    }
+}

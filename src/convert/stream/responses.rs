@@ -11,14 +11,14 @@
 //! from 0; there is no `[DONE]`.
 //!
 //! One item is open at a time: a new kind of delta closes it. A custom
-//! tool's input is its stand-in function's `input` argument, known whole
-//! only when the call ends: it is sent as one delta then.
+//! tool's input is read out of its stand-in function's `{"input": "…"}`
+//! arguments as they stream ([`responses::InputTail`]).
 
 use super::{Delta, Encoder, ErrorKind};
 use crate::convert::{
     id_with_signature,
     ir::{Finish, ToolCall, Usage},
-    responses::{self, Echo, Head},
+    responses::{self, Echo, Head, InputTail},
 };
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -42,7 +42,8 @@ enum Open {
         /// The upstream's index of this call.
         index: usize,
         call: ToolCall,
-        custom: bool,
+        /// A custom tool's input, streaming out of the arguments.
+        custom: Option<responses::InputTail>,
     },
 }
 
@@ -97,6 +98,14 @@ impl ResponsesEncoder {
             usage: None,
             base,
         }
+    }
+
+    /// Item ids from a fixed base (tests compare whole streams).
+    #[cfg(test)]
+    fn with_base(mut self, base: &str) -> Self {
+        self.base = base.to_string();
+        self.id = format!("resp_{base}");
+        self
     }
 
     /// One event: `event: <name>` and the data object with its
@@ -215,9 +224,12 @@ impl ResponsesEncoder {
                 self.item_done(out, responses::reasoning_item(&id, &text, sealed));
             }
             Open::Call { id, call, custom, .. } => {
-                if custom {
+                if let Some(tail) = custom {
                     let input = responses::custom_input(&call.arguments);
-                    if !input.is_empty() {
+                    // What the pieces did not give yet (all of it when the
+                    // model did not write the `input` object).
+                    let rest = input.strip_prefix(tail.sent.as_str()).unwrap_or_default();
+                    if !rest.is_empty() {
                         self.emit(
                             out,
                             "response.custom_tool_call_input.delta",
@@ -227,7 +239,7 @@ impl ResponsesEncoder {
                                 output_index: index,
                                 content_index: None,
                                 summary_index: None,
-                                delta: &input,
+                                delta: rest,
                                 logprobs: None,
                             },
                         );
@@ -351,10 +363,10 @@ impl ResponsesEncoder {
 
     fn tool_start(&mut self, out: &mut Vec<u8>, index: usize, id: &str, name: &str, signature: Option<&str>) {
         self.close(out);
-        let custom = self.echo.is_custom(name);
-        let item_id = self.item_id(if custom { "ctc" } else { "fc" });
+        let custom = self.echo.is_custom(name).then(InputTail::default);
+        let item_id = self.item_id(if custom.is_some() { "ctc" } else { "fc" });
         let call_id = id_with_signature(id, signature);
-        let item = if custom {
+        let item = if custom.is_some() {
             json!({"id": item_id, "type": "custom_tool_call", "call_id": call_id, "name": name, "input": ""})
         } else {
             json!({"id": item_id, "type": "function_call", "status": "in_progress", "call_id": call_id, "name": name, "arguments": ""})
@@ -379,7 +391,7 @@ impl ResponsesEncoder {
             id,
             index: open_index,
             mut call,
-            custom,
+            mut custom,
         }) = self.open.take()
         else {
             tracing::debug!(index, "Tool-call arguments for no open call dropped.");
@@ -388,22 +400,27 @@ impl ResponsesEncoder {
         if open_index != index {
             tracing::debug!(index, open_index, "Tool-call arguments for a closed call dropped.");
         } else {
-            if !custom {
+            call.arguments.push_str(fragment);
+            let (kind, piece) = match &mut custom {
+                Some(tail) => ("response.custom_tool_call_input.delta", tail.feed(&call.arguments)),
+                None => ("response.function_call_arguments.delta", String::new()),
+            };
+            let delta = if custom.is_some() { piece.as_str() } else { fragment };
+            if !delta.is_empty() {
                 self.emit(
                     out,
-                    "response.function_call_arguments.delta",
+                    kind,
                     &TextDelta {
-                        kind: "response.function_call_arguments.delta",
+                        kind,
                         item_id: &id,
                         output_index,
                         content_index: None,
                         summary_index: None,
-                        delta: fragment,
+                        delta,
                         logprobs: None,
                     },
                 );
             }
-            call.arguments.push_str(fragment);
         }
         self.open = Some(Open::Call {
             id,
@@ -499,5 +516,164 @@ impl Encoder for ResponsesEncoder {
             Delta::Done => self.done(out),
             Delta::Error { kind, message } => self.failed(out, *kind, message),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::convert::{
+        openai::ToolNames,
+        sse::SseParser,
+        stream::{Converter, Decoder, anthropic::AnthropicDecoder, gemini::GeminiDecoder, openai::OpenaiDecoder},
+    };
+
+    const ANTHROPIC: &str = include_str!("../../../tests/fixtures/conversion/anthropic_stream.sse");
+    const OPENAI: &str = include_str!("../../../tests/fixtures/conversion/openai_stream.sse");
+    const GEMINI: &str = include_str!("../../../tests/fixtures/conversion/gemini_stream.sse");
+
+    fn run(decoder: &dyn Fn() -> Box<dyn Decoder>, echo: &Echo, input: &str, step: usize) -> String {
+        let encoder = ResponsesEncoder::new("client-model", 7, echo.clone()).with_base("B");
+        let mut c = Converter::new(decoder(), Box::new(encoder), false);
+        let mut out = Vec::new();
+        for piece in input.as_bytes().chunks(step) {
+            out.extend(c.feed(piece));
+        }
+        out.extend(c.finish());
+        String::from_utf8(out).unwrap()
+    }
+
+    /// The stream, the same however the input is cut, checked against the
+    /// grammar; returns the terminal event's response.
+    fn converted(decoder: &dyn Fn() -> Box<dyn Decoder>, echo: &Echo, input: &str) -> (Vec<String>, Value) {
+        let whole = run(decoder, echo, input, input.len());
+        for step in [1, 3, 64] {
+            assert_eq!(run(decoder, echo, input, step), whole, "pieces of {step}");
+        }
+        let evs: Vec<(String, Value)> = SseParser::parse_all(whole.as_bytes())
+            .into_iter()
+            .map(|e| (e.event.unwrap_or_default(), serde_json::from_str(&e.data).unwrap()))
+            .collect();
+        let mut open: Option<u64> = None;
+        for (i, (name, v)) in evs.iter().enumerate() {
+            assert_eq!(v["type"].as_str(), Some(name.as_str()));
+            assert_eq!(v["sequence_number"].as_u64(), Some(i as u64));
+            match name.as_str() {
+                "response.output_item.added" => {
+                    assert!(open.is_none(), "one item open at a time: {whole}");
+                    open = v["output_index"].as_u64();
+                }
+                "response.output_item.done" => {
+                    assert_eq!(open, v["output_index"].as_u64());
+                    open = None;
+                }
+                n if n.ends_with(".delta") || n.ends_with(".done") => {
+                    assert_eq!(open, v["output_index"].as_u64(), "{n} inside its item")
+                }
+                _ => {}
+            }
+        }
+        assert!(!whole.contains("[DONE]"));
+        let names = evs.iter().map(|(n, _)| n.clone()).collect();
+        (names, evs.last().unwrap().1["response"].clone())
+    }
+
+    #[test]
+    fn an_anthropic_stream_becomes_reasoning_text_and_a_call() {
+        let (names, r) = converted(&|| Box::new(AnthropicDecoder::default()), &Echo::default(), ANTHROPIC);
+        assert_eq!(names[..2], ["response.created", "response.in_progress"]);
+        assert_eq!(names.last().unwrap(), "response.completed");
+        let out = r["output"].as_array().unwrap();
+        assert_eq!(out.len(), 3, "{r}");
+        assert_eq!(out[0]["type"], "reasoning");
+        assert_eq!(out[0]["summary"][0]["text"], "Plan: read the file.");
+        assert_eq!(
+            out[0]["encrypted_content"],
+            "fastgate.v1:s:EqQBCgIYAhIM1gbcDa9GJwZA2b3hGgxBdjrkzLoky3dl1pkiMOYds"
+        );
+        assert_eq!(out[1]["content"][0]["text"], "Sure \u{2014} reading it.");
+        assert_eq!(out[2]["type"], "function_call");
+        assert_eq!(out[2]["arguments"], r#"{"path":"src/a.rs"}"#);
+        assert_eq!(r["model"], "client-model");
+        assert_eq!(r["id"], "resp_B");
+        assert_eq!(out[2]["id"], "fc_B_2");
+    }
+
+    #[test]
+    fn an_openai_stream_gives_two_calls_and_usage() {
+        let decoder = || -> Box<dyn Decoder> { Box::new(OpenaiDecoder::new(ToolNames::default())) };
+        let (_, r) = converted(&decoder, &Echo::default(), OPENAI);
+        let calls: Vec<&Value> = r["output"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|i| i["type"] == "function_call")
+            .collect();
+        assert_eq!(calls.len(), 2, "{r}");
+        assert_eq!(calls[0]["arguments"], r#"{"city":"Paris"}"#);
+        assert_eq!(calls[1]["call_id"], "call_b");
+        assert_eq!(r["usage"]["input_tokens"], 20);
+        assert_eq!(r["usage"]["input_tokens_details"]["cached_tokens"], 4);
+        assert_eq!(r["usage"]["output_tokens_details"]["reasoning_tokens"], 3);
+    }
+
+    #[test]
+    fn a_gemini_stream_keeps_the_signature_in_the_call_id() {
+        let (_, r) = converted(&|| Box::new(GeminiDecoder::default()), &Echo::default(), GEMINI);
+        let calls: Vec<&Value> = r["output"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|i| i["type"] == "function_call")
+            .collect();
+        assert_eq!(calls.len(), 2, "{r}");
+        let (_, sig) = crate::convert::split_signature(calls[0]["call_id"].as_str().unwrap());
+        assert_eq!(sig.as_deref(), Some("CiQBVKhc7oFQ"));
+    }
+
+    #[test]
+    fn a_custom_tool_call_streams_its_input_and_a_cut_stream_fails() {
+        let echo = Echo {
+            custom_tools: vec!["read".into()],
+            ..Echo::default()
+        };
+        // The Anthropic transcript's `read` call, as a custom tool's stand-in.
+        let input = ANTHROPIC.replace(r#"{\"path\":"#, r#"{\"input\":"#);
+        let (names, r) = converted(&|| Box::new(AnthropicDecoder::default()), &echo, &input);
+        assert!(
+            names.contains(&"response.custom_tool_call_input.delta".to_string()),
+            "{names:?}"
+        );
+        assert!(names.contains(&"response.custom_tool_call_input.done".to_string()));
+        assert!(!names.iter().any(|n| n.starts_with("response.function_call")));
+        let call = &r["output"][2];
+        assert_eq!(call["type"], "custom_tool_call");
+        assert_eq!(call["input"], "src/a.rs");
+        // Cut before its end: the terminal event is response.failed.
+        let cut = &ANTHROPIC[..ANTHROPIC.find("event: message_delta").unwrap()];
+        let out = run(
+            &|| Box::new(AnthropicDecoder::default()),
+            &Echo::default(),
+            cut,
+            cut.len(),
+        );
+        let last = SseParser::parse_all(out.as_bytes()).pop().unwrap();
+        assert_eq!(last.event.as_deref(), Some("response.failed"));
+        let v: Value = serde_json::from_str(&last.data).unwrap();
+        assert_eq!(v["response"]["status"], "failed");
+        assert_eq!(v["response"]["error"]["code"], "server_error");
+    }
+
+    #[test]
+    fn a_length_stop_is_incomplete() {
+        let mut e = ResponsesEncoder::new("m", 1, Echo::default());
+        let mut out = Vec::new();
+        for d in [Delta::Text("a".into()), Delta::Finish(Finish::Length), Delta::Done] {
+            e.encode(&d, &mut out);
+        }
+        let last = SseParser::parse_all(&out).pop().unwrap();
+        assert_eq!(last.event.as_deref(), Some("response.incomplete"));
+        let v: Value = serde_json::from_str(&last.data).unwrap();
+        assert_eq!(v["response"]["incomplete_details"]["reason"], "max_output_tokens");
     }
 }
