@@ -723,3 +723,52 @@ async fn a_responses_stream_that_breaks_off_ends_with_response_failed() {
     );
     assert!(started.elapsed() < Duration::from_secs(10));
 }
+
+/// OpenAI's own Responses stream (its documented events, usage on
+/// `response.completed`).
+fn openai_responses_stream(_path: &str, _body: &Value) -> (&'static str, String) {
+    let events = [
+        json!({"type": "response.created", "sequence_number": 0, "response": {"id": "resp_up", "object": "response", "status": "in_progress", "output": [], "usage": null}}),
+        json!({"type": "response.output_text.delta", "sequence_number": 1, "item_id": "msg_up", "output_index": 0, "content_index": 0, "delta": "Hi", "logprobs": []}),
+        json!({"type": "response.completed", "sequence_number": 2, "response": {"id": "resp_up", "object": "response", "status": "completed",
+            "output": [{"id": "msg_up", "type": "message", "role": "assistant", "status": "completed", "content": [{"type": "output_text", "text": "Hi", "annotations": []}]}],
+            "usage": {"input_tokens": 21, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": 8, "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 29}}}),
+    ];
+    let text = events
+        .iter()
+        .map(|e| format!("event: {}\ndata: {e}\n\n", e["type"].as_str().unwrap()))
+        .collect();
+    ("text/event-stream", text)
+}
+
+#[tokio::test]
+async fn a_responses_stream_passed_through_to_openai_is_metered_from_its_usage() {
+    let canned = Canned::start(openai_responses_stream).await;
+    let gw = gateway(&canned.url).await;
+    let mut body = request(true, false);
+    body["store"] = json!(false);
+    let r = reqwest::Client::new()
+        .post(gw.url("/nativer/v1/responses"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    let text = r.text().await.unwrap();
+    assert_eq!(
+        text,
+        openai_responses_stream("", &Value::Null).1,
+        "OpenAI's stream untouched"
+    );
+    let (path, seen) = canned.last();
+    assert_eq!(path, "/v1/responses");
+    assert_eq!(seen, body);
+    let rows = gw.wait_audit_ids([&id]).await;
+    let row = rows.iter().find(|r| r.request_id == id).unwrap();
+    assert_eq!(
+        (row.prompt_tokens, row.completion_tokens),
+        (Some(21), Some(8)),
+        "{row:?}"
+    );
+}
