@@ -5,7 +5,8 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use fastgate::convert::{
     Loss, anthropic, gemini,
     openai::{self, ToolNames},
-    stream::{Converter, Decoder, Encoder, anthropic as sa, gemini as sg, openai as so},
+    responses::Echo,
+    stream::{Converter, Decoder, Encoder, anthropic as sa, gemini as sg, openai as so, responses as sr},
 };
 use serde_json::json;
 use std::hint::black_box;
@@ -27,6 +28,7 @@ fn encoder(to: &str) -> Box<dyn Encoder> {
     match to {
         "openai" => Box::new(so::OpenaiEncoder::new("m", 1, true)),
         "anthropic" => Box::new(sa::AnthropicEncoder::new("m")),
+        "responses" => Box::new(sr::ResponsesEncoder::new("m", 1, Echo::default())),
         _ => Box::new(sg::GeminiEncoder::new("m", false)),
     }
 }
@@ -41,6 +43,10 @@ fn stream_events(c: &mut Criterion) {
         ("openai", "gemini", OPENAI_EVENT),
         ("gemini", "anthropic", GEMINI_EVENT),
         ("anthropic", "gemini", ANTHROPIC_EVENT),
+        // A Responses client (Codex CLI) on each provider.
+        ("anthropic", "responses", ANTHROPIC_EVENT),
+        ("openai", "responses", OPENAI_EVENT),
+        ("gemini", "responses", GEMINI_EVENT),
     ] {
         g.bench_function(BenchmarkId::from_parameter(format!("{from}->{to}")), |b| {
             let mut conv = Converter::new(decoder(from), encoder(to), false);

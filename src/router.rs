@@ -111,7 +111,10 @@ impl HostMatch {
 /// and different). `http` and `mock` upstreams take any format as is.
 pub fn converts(provider: Provider, format: Format) -> bool {
     let upstream = provider_format(provider);
-    format != Format::Passthrough && upstream != Format::Passthrough && upstream != format
+    // OpenAI itself serves the Responses API; OpenAI-compatible servers
+    // are asked through Chat Completions.
+    let native = upstream == format || (format == Format::Responses && provider == Provider::Openai);
+    format != Format::Passthrough && upstream != Format::Passthrough && !native
 }
 
 /// The API format an upstream provider speaks natively.
@@ -619,5 +622,12 @@ mod tests {
         assert!(!converts(Provider::Openai, Format::Openai));
         assert!(!converts(Provider::Http, Format::Gemini));
         assert!(!converts(Provider::Gemini, Format::Passthrough));
+        assert!(
+            !converts(Provider::Openai, Format::Responses),
+            "OpenAI serves /v1/responses itself"
+        );
+        assert!(converts(Provider::OpenaiCompatible, Format::Responses));
+        assert!(converts(Provider::Anthropic, Format::Responses));
+        assert!(converts(Provider::Gemini, Format::Responses));
     }
 }

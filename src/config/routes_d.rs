@@ -24,6 +24,9 @@ pub enum Format {
     Openai,
     Anthropic,
     Gemini,
+    /// OpenAI's Responses API (`POST /v1/responses`, Codex CLI): passed
+    /// through to OpenAI, converted toward every other provider.
+    Responses,
     /// Whatever the upstream speaks; FastGate does not look into it.
     #[default]
     Passthrough,
@@ -35,6 +38,7 @@ impl Format {
             Self::Openai => "openai",
             Self::Anthropic => "anthropic",
             Self::Gemini => "gemini",
+            Self::Responses => "responses",
             Self::Passthrough => "passthrough",
         }
     }

@@ -16,6 +16,7 @@ pub mod gemini;
 pub mod ir;
 pub mod model_id;
 pub mod openai;
+pub mod responses;
 pub mod sse;
 pub mod stream;
 

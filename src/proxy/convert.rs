@@ -12,6 +12,7 @@ use crate::{
         ir::ChatRequest,
         model_id,
         openai::{self, ToolNames},
+        responses,
         stream::{self, Converter},
     },
     router::{converts, provider_format},
@@ -51,6 +52,8 @@ pub struct Plan {
     names: ToolNames,
     /// `json_schema` toward Anthropic: the forced tool whose input is the answer.
     json_tool: Option<&'static str>,
+    /// A Responses client's custom tools and echoed request fields.
+    echo: Option<Box<responses::Echo>>,
     pub loss: Loss,
     /// The converted body.
     pub body: Bytes,
@@ -92,8 +95,15 @@ pub fn plan(
     if is_token_count(client, path) {
         return count_plan(client, upstream, path, &json, &mapped, default_max_tokens).map(Some);
     }
+    let mut echo = None;
     let mut req: ChatRequest = match client {
         Format::Openai if path.ends_with("/chat/completions") => openai::decode_request(&json, &mut loss),
+        Format::Responses if path.ends_with("/responses") => {
+            responses::decode_request(&json, &mut loss).map(|(req, e)| {
+                echo = Some(Box::new(e));
+                req
+            })
+        }
         Format::Anthropic if path.ends_with("/messages") => anthropic::decode_request(&json, &mut loss),
         Format::Gemini if path.contains(":generateContent") || path.contains(":streamGenerateContent") => {
             let model = super::intake::model_from_gemini_path(path).unwrap_or_default();
@@ -101,7 +111,7 @@ pub fn plan(
         }
         _ => {
             return Err(GatewayError::NotConvertible(format!(
-                "{path} is not converted from {} to {}: chat, embeddings and model lists are",
+                "{path} is not converted from {} to {}: chat, responses, embeddings and model lists are",
                 client.name(),
                 upstream.name()
             )));
@@ -114,7 +124,7 @@ pub fn plan(
         Format::Openai => openai::encode_request(&req, &mut names, &mut loss),
         Format::Anthropic => anthropic::encode_request(&req, default_max_tokens, &mut loss),
         Format::Gemini => gemini::encode_request(&req, &mut loss),
-        Format::Passthrough => return Ok(None),
+        Format::Responses | Format::Passthrough => return Ok(None),
     }
     .map_err(not_convertible)?;
     let upstream_path = match upstream {
@@ -137,6 +147,7 @@ pub fn plan(
         names,
         json_tool: (upstream == Format::Anthropic && anthropic::answers_json_by_tool(&req))
             .then_some(anthropic::JSON_TOOL),
+        echo,
         loss,
         body: Bytes::from(serde_json::to_vec(&encoded).unwrap_or_default()),
         path: upstream_path,
@@ -284,6 +295,7 @@ impl Plan {
             gemini_array: false,
             names: ToolNames::default(),
             json_tool: None,
+            echo: None,
             loss,
             body: Bytes::from(serde_json::to_vec(body).unwrap_or_default()),
             path,
@@ -327,6 +339,11 @@ impl Plan {
         let encoder: Box<dyn stream::Encoder> = match self.client {
             Format::Anthropic => Box::new(stream::anthropic::AnthropicEncoder::new(&self.model)),
             Format::Gemini => Box::new(stream::gemini::GeminiEncoder::new(&self.model, self.gemini_array)),
+            Format::Responses => Box::new(stream::responses::ResponsesEncoder::new(
+                &self.model,
+                crate::store::now_unix(),
+                self.echo.as_deref().cloned().unwrap_or_default(),
+            )),
             _ => Box::new(stream::openai::OpenaiEncoder::new(
                 &self.model,
                 crate::store::now_unix(),
@@ -375,6 +392,11 @@ impl Plan {
         let out = match self.client {
             Format::Anthropic => anthropic::encode_response(&resp),
             Format::Gemini => gemini::encode_response(&resp),
+            Format::Responses => responses::encode_response(
+                &resp,
+                self.echo.as_deref().unwrap_or(&responses::Echo::default()),
+                crate::store::now_unix(),
+            ),
             _ => openai::encode_response(&resp, crate::store::now_unix()),
         };
         Ok(serde_json::to_vec(&out).unwrap_or_default())

@@ -168,7 +168,7 @@ impl GatewayError {
             Format::Gemini => json!({
                 "error": { "code": status, "message": message, "status": gemini_status(status) }
             }),
-            Format::Openai | Format::Passthrough => json!({
+            Format::Openai | Format::Responses | Format::Passthrough => json!({
                 "error": {
                     "message": message,
                     "type": openai_type(status),
@@ -182,6 +182,11 @@ impl GatewayError {
 
     /// The body as one SSE event, for failures after a stream has started.
     pub fn sse_event(&self, format: Format) -> Bytes {
+        if format == Format::Responses {
+            // The Responses stream's own `error` event (its number unknown here).
+            let data = json!({"type": "error", "code": self.kind(), "message": self.to_string(), "param": null, "sequence_number": 0});
+            return Bytes::from(format!("event: error\ndata: {data}\n\n"));
+        }
         let data = self.body(format);
         let data = String::from_utf8_lossy(&data);
         Bytes::from(match format {

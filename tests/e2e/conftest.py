@@ -67,6 +67,15 @@ def routes():
                 f"upstream: {up}, retries: 1, model_map: {{ alias-model: mock-model }}, "
                 f"transform: {{ strip_prefix: {prefix} }} }}"
             )
+    # The Responses API (Codex CLI) toward each provider: OpenAI's through
+    # Chat Completions (an openai_compatible upstream; provider `openai`
+    # would pass through to its own /v1/responses).
+    for up in FORMATS:
+        target = "openai-chat" if up == "openai" else up
+        lines.append(
+            f"  - {{ name: responses-{up}, match: {{ path: '/responses-{up}/v1/{{*rest}}' }}, format: responses, auth: none, "
+            f"upstream: {target}, model_map: {{ alias-model: mock-model }}, transform: {{ strip_prefix: /responses-{up} }} }}"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -87,6 +96,7 @@ database: {{ path: {d}/fg.db }}
 routes_dir: {d}/routes.d
 upstreams:
   openai: {{ provider: openai, endpoints: ['{up}'], key_pool: po }}
+  openai-chat: {{ provider: openai_compatible, endpoints: ['{up}'], key_pool: po }}
   anthropic: {{ provider: anthropic, endpoints: ['{up}'], key_pool: pa }}
   gemini: {{ provider: gemini, endpoints: ['{up}'], key_pool: pg }}
 key_pools:

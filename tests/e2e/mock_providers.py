@@ -44,6 +44,21 @@ def wants_reasoning(body):
         ((body.get("generationConfig") or {}).get("thinkingConfig") or {}).get("includeThoughts"))
 
 
+def call_args(name):
+    """The arguments the mock calls a tool with: Codex CLI's shell tools get
+    a command whose output proves it ran, anything else a city."""
+    if name == "exec_command":
+        return {"cmd": "echo codex-ran-$((6*7))"}
+    if name == "shell":
+        return {"command": ["bash", "-lc", "echo codex-ran-$((6*7))"]}
+    return {"city": "Paris"}
+
+
+def thirds(text):
+    n = max(1, len(text) // 3)
+    return [text[:n], text[n:2 * n], text[2 * n:]]
+
+
 def wants_tool(body):
     return bool(body.get("tools")) and last_tool_result(body) is None
 
@@ -151,14 +166,14 @@ class Handler(BaseHTTPRequestHandler):
         if wants_tool(body):
             name = body["tools"][0]["function"]["name"]
             if body.get("stream"):
-                args = ['{"ci', 'ty": "Pa', 'ris"}']
+                args = thirds(json.dumps(call_args(name)))
                 ev = [dict(base, choices=[{"index": 0, "delta": {"role": "assistant", "tool_calls": [{"index": 0, "id": "call_mock1", "type": "function", "function": {"name": name, "arguments": ""}}]}, "finish_reason": None}])]
                 ev += [dict(base, choices=[{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": a}}]}, "finish_reason": None}]) for a in args]
                 ev.append(dict(base, choices=[{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]))
                 if (body.get("stream_options") or {}).get("include_usage"):
                     ev.append(dict(base, choices=[], usage=usage))
                 return self.sse([(None, e) for e in ev] + [(None, "[DONE]")])
-            msg = {"role": "assistant", "content": None, "tool_calls": [{"id": "call_mock1", "type": "function", "function": {"name": name, "arguments": '{"city": "Paris"}'}}]}
+            msg = {"role": "assistant", "content": None, "tool_calls": [{"id": "call_mock1", "type": "function", "function": {"name": name, "arguments": json.dumps(call_args(name))}}]}
             return self.json(200, {"id": "chatcmpl-mock", "object": "chat.completion", "created": 1, "model": model, "choices": [{"index": 0, "message": msg, "finish_reason": "tool_calls"}], "usage": usage})
         text = self.reply_text(body, "openai")
         if wants_reasoning(body) and not body.get("stream"):
@@ -185,13 +200,13 @@ class Handler(BaseHTTPRequestHandler):
                     ("message_start", start),
                     ("ping", {"type": "ping"}),
                     ("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "tool_use", "id": "toolu_mock1", "name": name, "input": {}}}),
-                    ("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "input_json_delta", "partial_json": '{"city": '}}),
-                    ("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "input_json_delta", "partial_json": '"Paris"}'}}),
+                    *[("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "input_json_delta", "partial_json": piece}})
+                      for piece in thirds(json.dumps(call_args(name)))],
                     ("content_block_stop", {"type": "content_block_stop", "index": 0}),
                     ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": None}, "usage": {"output_tokens": 7}}),
                     ("message_stop", {"type": "message_stop"}),
                 ])
-            return self.json(200, {"id": "msg_mock", "type": "message", "role": "assistant", "model": model, "content": [{"type": "tool_use", "id": "toolu_mock1", "name": name, "input": {"city": "Paris"}}], "stop_reason": "tool_use", "stop_sequence": None, "usage": {"input_tokens": 11, "output_tokens": 7}})
+            return self.json(200, {"id": "msg_mock", "type": "message", "role": "assistant", "model": model, "content": [{"type": "tool_use", "id": "toolu_mock1", "name": name, "input": call_args(name)}], "stop_reason": "tool_use", "stop_sequence": None, "usage": {"input_tokens": 11, "output_tokens": 7}})
         text = self.reply_text(body, "anthropic")
         if wants_reasoning(body) and not body.get("stream"):
             content = [{"type": "thinking", "thinking": "Thinking it over.", "signature": "EqQBmockSignature=="}, {"type": "text", "text": text}]
@@ -215,7 +230,7 @@ class Handler(BaseHTTPRequestHandler):
             return c
         if wants_tool(body):
             name = body["tools"][0]["functionDeclarations"][0]["name"]
-            c = chunk([{"functionCall": {"name": name, "args": {"city": "Paris"}}}], "STOP", 7)
+            c = chunk([{"functionCall": {"name": name, "args": call_args(name)}}], "STOP", 7)
             return self.sse([(None, c)]) if stream else self.json(200, c)
         text = self.reply_text(body, "gemini")
         if wants_reasoning(body) and not stream:

@@ -11,6 +11,14 @@ fi
 if ! "$VENV/bin/python" -c 'import sys, importlib.metadata as m; want = dict(l.split("==") for l in open("tests/e2e/requirements.txt") if "==" in l and not l.startswith("#")); sys.exit(any(m.version(k) != v for k, v in want.items()))' 2>/dev/null; then
   "$VENV/bin/pip" install --quiet --disable-pip-version-check -r tests/e2e/requirements.txt
 fi
+# Codex CLI from the npm registry (a binary package), for test_codex.py.
+CODEX_VERSION=0.171.0
+if command -v npm >/dev/null; then
+  if [ "$("$VENV/codex/node_modules/.bin/codex" --version 2>/dev/null)" != "codex-cli $CODEX_VERSION" ]; then
+    npm install --silent --no-audit --no-fund --prefix "$VENV/codex" "@openai/codex@$CODEX_VERSION" >/dev/null
+  fi
+  export CODEX_BIN="$VENV/codex/node_modules/.bin/codex"
+fi
 cargo build --locked --bin fastgate
 cd tests/e2e
 exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"

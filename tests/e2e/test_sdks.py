@@ -318,3 +318,88 @@ def test_a_reasoning_exchange(gateway, fmt, up):
              "anthropic": lambda b: b.get("thinking", {}).get("budget_tokens", 0) >= 1024,
              "gemini": lambda b: b["generationConfig"]["thinkingConfig"]["thinkingBudget"] > 0}[up](body)
     assert asked, body
+
+
+# --- The Responses API (what Codex CLI speaks) toward every provider ------
+
+RESPONSES_TOOLS = [{"type": "function", "name": "weather", "description": "Weather by city", "parameters": WEATHER}]
+
+
+def responses_client(gateway, up):
+    return openai.OpenAI(base_url=f"{gateway}/responses-{up}/v1", api_key="client-key", max_retries=0)
+
+
+@pytest.mark.parametrize("up", FORMATS)
+def test_responses_create(gateway, up):
+    r = responses_client(gateway, up).responses.create(model="alias-model", instructions="Be brief.", input="hi",
+                                                        max_output_tokens=200)
+    assert r.object == "response" and r.status == "completed", r
+    assert r.output_text == f"Hello from {up}-mock.", r.output_text
+    assert r.usage.input_tokens == 11 and r.usage.output_tokens == 7 and r.usage.total_tokens == 18, r.usage
+    body = last_upstream(up)["body"]
+    instructions = {"openai": lambda b: b["messages"][0]["content"],
+                    "anthropic": lambda b: b["system"],
+                    "gemini": lambda b: b["systemInstruction"]["parts"][0]["text"]}[up](body)
+    assert instructions == "Be brief.", body
+
+
+@pytest.mark.parametrize("up", FORMATS)
+def test_responses_stream_follows_the_event_grammar(gateway, up):
+    c = responses_client(gateway, up)
+    events = list(c.responses.create(model="mock-model", input="hi", stream=True))
+    kinds = [e.type for e in events]
+    assert [e.sequence_number for e in events] == list(range(len(events))), kinds
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"], kinds
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                          "response.completed"], kinds
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text == f"Hello from {up}-mock.", text
+    final = events[-1].response
+    # The mock's usage: 7 output tokens, Gemini's stream one per word.
+    assert final.output_text == text and final.usage.output_tokens == (3 if up == "gemini" else 7), final
+    # The SDK's own stream helper assembles the same answer.
+    with c.responses.stream(model="mock-model", input="hi") as s:
+        pieces = [e.delta for e in s if e.type == "response.output_text.delta"]
+        assert s.get_final_response().output_text == "".join(pieces) == text
+
+
+@pytest.mark.parametrize("up", FORMATS)
+@pytest.mark.parametrize("stream", [False, True])
+def test_responses_tool_round_trip(gateway, up, stream):
+    c = responses_client(gateway, up)
+    conversation = [{"role": "user", "content": "Weather in Paris?"}]
+    if stream:
+        with c.responses.stream(model="mock-model", input=conversation, tools=RESPONSES_TOOLS) as s:
+            kinds = [e.type for e in s]
+            r = s.get_final_response()
+        assert "response.function_call_arguments.done" in kinds, kinds
+    else:
+        r = c.responses.create(model="mock-model", input=conversation, tools=RESPONSES_TOOLS)
+    call = next(i for i in r.output if i.type == "function_call")
+    assert call.name == "weather" and json.loads(call.arguments) == {"city": "Paris"}, call
+    conversation += [i.model_dump(exclude_none=True) for i in r.output]
+    conversation.append({"type": "function_call_output", "call_id": call.call_id, "output": "18C"})
+    final = c.responses.create(model="mock-model", input=conversation, tools=RESPONSES_TOOLS)
+    assert "18C" in final.output_text, final.output_text
+    # The upstream got the call and its result in its own format, tied by id.
+    body = last_upstream(up)["body"]
+    if up == "openai":
+        sent = next(m for m in body["messages"] if m.get("tool_calls"))["tool_calls"][0]
+        result = next(m for m in body["messages"] if m["role"] == "tool")
+        assert sent["id"] == result["tool_call_id"] == call.call_id == "call_mock1", body
+    elif up == "anthropic":
+        blocks = [b for m in body["messages"] if isinstance(m["content"], list) for b in m["content"]]
+        sent = next(b for b in blocks if b["type"] == "tool_use")
+        result = next(b for b in blocks if b["type"] == "tool_result")
+        assert sent["id"] == result["tool_use_id"] == call.call_id == "toolu_mock1", body
+    else:
+        resp = next(p["functionResponse"] for c_ in body["contents"] for p in c_["parts"] if "functionResponse" in p)
+        assert resp["name"] == "weather"
+
+
+def test_responses_previous_response_id_is_refused(gateway):
+    c = responses_client(gateway, "anthropic")
+    with pytest.raises(openai.BadRequestError) as e:
+        c.responses.create(model="mock-model", input="again", previous_response_id="resp_earlier")
+    assert "no response store" in str(e.value)
