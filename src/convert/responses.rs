@@ -804,6 +804,7 @@ mod tests {
                 output: 5,
                 reasoning: 1,
             }),
+            more: Vec::new(),
         };
         let v = encode_response(&resp, &echo, 7);
         assert_eq!(v["status"], "incomplete");
