@@ -12,6 +12,7 @@
 
 pub mod anthropic;
 pub mod embeddings;
+pub mod errors;
 pub mod gemini;
 pub mod ir;
 pub mod model_id;

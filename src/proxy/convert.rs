@@ -380,25 +380,18 @@ impl Plan {
         Ok(serde_json::to_vec(&out).unwrap_or_default())
     }
 
-    /// An upstream error answer as the client's error: its message, its
-    /// status (an Anthropic 529 "overloaded" is 503 for other clients).
+    /// An upstream error answer as the client's error: its message, and the
+    /// status and code clients act on (context overflow, quota, rate limit,
+    /// key, safety) in the client's vocabulary (`convert::errors`).
     fn convert_error(&self, status: u16, body: &[u8], retry_after: Option<u64>) -> GatewayError {
-        let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
-        let message = v
-            .get("error")
-            .and_then(|e| e.get("message").or(Some(e)))
-            .and_then(Value::as_str)
-            .map(str::to_string)
-            .unwrap_or_else(|| format!("the upstream answered {status}"));
-        let status = if status == 529 && self.client != Format::Anthropic {
-            503
-        } else {
-            status
-        };
-        GatewayError::Upstream {
+        use crate::convert::errors;
+        let upstream_error = errors::decode(self.upstream, status, body);
+        let (status, value) = errors::encode(self.client, &upstream_error);
+        GatewayError::UpstreamCoded {
             status,
-            message,
+            message: upstream_error.message,
             retry_after,
+            body: Bytes::from(value.to_string()),
         }
     }
 }
