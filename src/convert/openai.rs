@@ -286,7 +286,45 @@ impl ToolNames {
     }
 }
 
+/// What an OpenAI-format request is sent to: OpenAI itself or an
+/// OpenAI-compatible server, and whether the model reasons.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Target {
+    /// `provider: openai_compatible` (vLLM, Ollama, DeepSeek…): the classic
+    /// `max_tokens`, no `reasoning_effort`.
+    pub compatible: bool,
+    /// Whether the model is an OpenAI reasoning model (`max_completion_tokens`,
+    /// `reasoning_effort`, no sampling parameters); `None`: judged by its name.
+    pub reasoning: Option<bool>,
+}
+
+impl Target {
+    fn reasons(self, model: &str) -> bool {
+        !self.compatible && self.reasoning.unwrap_or_else(|| is_reasoning_model(model))
+    }
+}
+
+/// OpenAI's reasoning models by name: the o-series and GPT-5 (not its
+/// `-chat` variants).
+pub fn is_reasoning_model(model: &str) -> bool {
+    let m = model.rsplit('/').next().unwrap_or(model).to_ascii_lowercase();
+    let o_series = m.len() >= 2 && m.starts_with('o') && m.as_bytes()[1].is_ascii_digit();
+    o_series || (m.starts_with("gpt-5") && !m.contains("-chat")) || m.starts_with("codex-")
+}
+
+/// Encode for OpenAI itself, the model's kind judged by its name.
 pub fn encode_request(req: &ChatRequest, names: &mut ToolNames, loss: &mut Loss) -> Result<Value, ConvertError> {
+    encode_request_to(req, Target::default(), names, loss)
+}
+
+/// Encode for an OpenAI-format upstream: `target` says which parameters it takes.
+pub fn encode_request_to(
+    req: &ChatRequest,
+    target: Target,
+    names: &mut ToolNames,
+    loss: &mut Loss,
+) -> Result<Value, ConvertError> {
+    let reasons = target.reasons(&req.model);
     let mut messages: Vec<Value> = req
         .system
         .iter()
@@ -359,15 +397,29 @@ pub fn encode_request(req: &ChatRequest, names: &mut ToolNames, loss: &mut Loss)
     out.insert("model".into(), req.model.clone().into());
     out.insert("messages".into(), Value::Array(messages));
     if let Some(n) = req.max_tokens {
-        out.insert("max_completion_tokens".into(), n.into());
+        // Reasoning models want max_completion_tokens (they refuse
+        // max_tokens); compatible servers and older models know max_tokens.
+        let key = if reasons { "max_completion_tokens" } else { "max_tokens" };
+        out.insert(key.into(), n.into());
     }
+    // Reasoning models refuse sampling parameters other than the default.
+    let sampling = |v: Option<f64>, what: &str, loss: &mut Loss| match v {
+        Some(x) if reasons && x != 1.0 => {
+            loss.dropped(format!("{what} (OpenAI reasoning models take none)"));
+            None
+        }
+        Some(_) if reasons => None,
+        other => other.map(Value::from),
+    };
+    let temperature = sampling(req.temperature, "temperature", loss);
+    let top_p = sampling(req.top_p, "top_p", loss);
     let mut put = |k: &str, v: Option<Value>| {
         if let Some(v) = v {
             out.insert(k.into(), v);
         }
     };
-    put("temperature", req.temperature.map(Value::from));
-    put("top_p", req.top_p.map(Value::from));
+    put("temperature", temperature);
+    put("top_p", top_p);
     put("seed", req.seed.map(Value::from));
     put("presence_penalty", req.presence_penalty.map(Value::from));
     put("frequency_penalty", req.frequency_penalty.map(Value::from));
@@ -426,7 +478,14 @@ pub fn encode_request(req: &ChatRequest, names: &mut ToolNames, loss: &mut Loss)
         } else {
             r.effort.or_else(|| r.budget_tokens.map(Effort::from_budget))
         };
-        if let Some(e) = effort {
+        if effort.is_some() && !reasons {
+            loss.dropped(if target.compatible {
+                "reasoning_effort (not sent to OpenAI-compatible servers)"
+            } else {
+                "reasoning_effort (the model is not an OpenAI reasoning model)"
+            });
+        }
+        if let Some(e) = effort.filter(|_| reasons) {
             let e = match e {
                 Effort::Minimal => "minimal",
                 Effort::Low => "low",

@@ -84,8 +84,12 @@ pub fn plan(
     let json: Value = serde_json::from_slice(body).map_err(|e| GatewayError::BadJson(e.to_string()))?;
     let mut loss = Loss::default();
     let gemini_array = client == Format::Gemini && !query.is_some_and(|q| q.split('&').any(|p| p == "alt=sse"));
-    // A body's model was mapped already; a Gemini URL's model is mapped here.
-    let mapped = |m: &str| model_map.get(m).cloned().unwrap_or_else(|| m.to_string());
+    // `model_map` applies once: a body's model was mapped by intake (with
+    // the route's other rewrites), a Gemini URL's model is mapped here.
+    let mapped = |m: &str| match client {
+        Format::Gemini => model_map.get(m).cloned().unwrap_or_else(|| m.to_string()),
+        _ => m.to_string(),
+    };
     if let Some(plan) = embeddings_plan(client, upstream, path, &json, &mapped)? {
         return Ok(Some(plan));
     }
@@ -111,7 +115,13 @@ pub fn plan(
     req.model = mapped(&req.model);
     let mut names = ToolNames::default();
     let encoded = match upstream {
-        Format::Openai => openai::encode_request(&req, &mut names, &mut loss),
+        Format::Openai => {
+            let target = openai::Target {
+                compatible: provider == crate::config::Provider::OpenaiCompatible,
+                reasoning: None,
+            };
+            openai::encode_request_to(&req, target, &mut names, &mut loss)
+        }
         Format::Anthropic => anthropic::encode_request(&req, default_max_tokens, &mut loss),
         Format::Gemini => gemini::encode_request(&req, &mut loss),
         Format::Passthrough => return Ok(None),
@@ -287,6 +297,14 @@ impl Plan {
             loss,
             body: Bytes::from(serde_json::to_vec(body).unwrap_or_default()),
             path,
+        }
+    }
+
+    /// Answers name `model`, the one the client asked for (before
+    /// `model_map`), as the docs promise; the upstream still gets the mapped one.
+    pub fn answer_as(&mut self, model: Option<&str>) {
+        if let Some(m) = model.filter(|m| !m.is_empty()) {
+            self.model = m.to_string();
         }
     }
 
