@@ -294,7 +294,7 @@ pub struct Target {
     /// `max_tokens`, no `reasoning_effort`.
     pub compatible: bool,
     /// Whether the model is an OpenAI reasoning model (`max_completion_tokens`,
-    /// `reasoning_effort`, no sampling parameters); `None`: judged by its name.
+    /// `reasoning_effort`); `None`: judged by its name.
     pub reasoning: Option<bool>,
 }
 
@@ -402,24 +402,13 @@ pub fn encode_request_to(
         let key = if reasons { "max_completion_tokens" } else { "max_tokens" };
         out.insert(key.into(), n.into());
     }
-    // Reasoning models refuse sampling parameters other than the default.
-    let sampling = |v: Option<f64>, what: &str, loss: &mut Loss| match v {
-        Some(x) if reasons && x != 1.0 => {
-            loss.dropped(format!("{what} (OpenAI reasoning models take none)"));
-            None
-        }
-        Some(_) if reasons => None,
-        other => other.map(Value::from),
-    };
-    let temperature = sampling(req.temperature, "temperature", loss);
-    let top_p = sampling(req.top_p, "top_p", loss);
     let mut put = |k: &str, v: Option<Value>| {
         if let Some(v) = v {
             out.insert(k.into(), v);
         }
     };
-    put("temperature", temperature);
-    put("top_p", top_p);
+    put("temperature", req.temperature.map(Value::from));
+    put("top_p", req.top_p.map(Value::from));
     put("seed", req.seed.map(Value::from));
     put("presence_penalty", req.presence_penalty.map(Value::from));
     put("frequency_penalty", req.frequency_penalty.map(Value::from));
