@@ -297,76 +297,108 @@ fn client_code(client: &str, a: &Answer) -> (u16, String) {
     (a.status, code.unwrap_or_default().to_string())
 }
 
-#[tokio::test]
-async fn upstream_error_codes_survive_conversion_both_ways() {
-    let up = Canned::start().await;
-    let gw = gateway(&up).await;
+/// Every converting (client, upstream) pair, whole and streamed.
+fn pairs() -> Vec<(&'static str, &'static str, bool)> {
+    let mut out = Vec::new();
     for client in CLIENTS {
         for to in ["openai", "anthropic", "gemini"].into_iter().filter(|t| *t != client) {
             for stream in [false, true] {
-                let what = format!("{client} client <- {to} upstream, stream {stream}");
-                // A context overflow keeps its code and its counts.
-                let (path, body) = chat(client, to, "ctx", stream);
-                let a = post(&gw, &path, &body).await;
-                let v = a.json();
-                match client {
-                    "openai" => {
-                        assert_eq!(client_code(client, &a), (400, "context_length_exceeded".into()), "{what}: {v}");
-                        assert!(
-                            v["error"]["message"].as_str().unwrap().contains("maximum context length is 128000 tokens"),
-                            "{what}: {v}"
-                        );
-                    }
-                    // Claude Code compacts on exactly this message.
-                    "anthropic" => {
-                        assert_eq!(client_code(client, &a), (400, "invalid_request_error".into()), "{what}");
-                        assert_eq!(
-                            v["error"]["message"], "prompt is too long: 130532 tokens > 128000 maximum",
-                            "{what}"
-                        );
-                    }
-                    _ => {
-                        assert_eq!(client_code(client, &a), (400, "INVALID_ARGUMENT".into()), "{what}");
-                        assert_eq!(
-                            v["error"]["message"],
-                            "The input token count (130532) exceeds the maximum number of tokens allowed (128000).",
-                            "{what}"
-                        );
-                    }
-                }
-                // An exhausted quota or credit is not a rate limit.
-                let (path, body) = chat(client, to, "quota", stream);
-                let a = post(&gw, &path, &body).await;
-                let want = match client {
-                    "openai" => (429, "insufficient_quota"),
-                    "anthropic" => (402, "billing_error"),
-                    _ => (429, "RESOURCE_EXHAUSTED"),
-                };
-                assert_eq!(client_code(client, &a), (want.0, want.1.to_string()), "{what}: {}", a.text);
-                // A rate limit stays one, with the upstream's Retry-After.
-                let (path, body) = chat(client, to, "rate", stream);
-                let a = post(&gw, &path, &body).await;
-                let want = match client {
-                    "openai" => "rate_limit_exceeded",
-                    "anthropic" => "rate_limit_error",
-                    _ => "RESOURCE_EXHAUSTED",
-                };
-                assert_eq!(client_code(client, &a), (429, want.to_string()), "{what}: {}", a.text);
-                if to != "gemini" {
-                    assert_eq!(a.retry_after.as_deref(), Some("7"), "{what}");
-                }
+                out.push((client, to, stream));
             }
         }
     }
-    // Gemini's bad key is a 400 INVALID_ARGUMENT: an authentication error elsewhere.
-    for client in ["openai", "anthropic"] {
+    out
+}
+
+#[tokio::test]
+async fn a_context_overflow_keeps_its_code_and_counts_for_every_client() {
+    let up = Canned::start().await;
+    let gw = gateway(&up).await;
+    for (client, to, stream) in pairs() {
+        let what = format!("{client} client <- {to} upstream, stream {stream}");
+        let (path, body) = chat(client, to, "ctx", stream);
+        let a = post(&gw, &path, &body).await;
+        let v = a.json();
+        match client {
+            "openai" => {
+                assert_eq!(client_code(client, &a), (400, "context_length_exceeded".into()), "{what}: {v}");
+                assert!(
+                    v["error"]["message"]
+                        .as_str()
+                        .unwrap()
+                        .contains("maximum context length is 128000 tokens"),
+                    "{what}: {v}"
+                );
+            }
+            // Claude Code compacts on exactly this message.
+            "anthropic" => {
+                assert_eq!(client_code(client, &a), (400, "invalid_request_error".into()), "{what}");
+                assert_eq!(
+                    v["error"]["message"], "prompt is too long: 130532 tokens > 128000 maximum",
+                    "{what}"
+                );
+            }
+            _ => {
+                assert_eq!(client_code(client, &a), (400, "INVALID_ARGUMENT".into()), "{what}");
+                assert_eq!(
+                    v["error"]["message"],
+                    "The input token count (130532) exceeds the maximum number of tokens allowed (128000).",
+                    "{what}"
+                );
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_exhausted_quota_or_credit_is_not_a_rate_limit() {
+    let up = Canned::start().await;
+    let gw = gateway(&up).await;
+    for (client, to, stream) in pairs() {
+        let (path, body) = chat(client, to, "quota", stream);
+        let a = post(&gw, &path, &body).await;
+        let want = match client {
+            "openai" => (429, "insufficient_quota"),
+            "anthropic" => (402, "billing_error"),
+            _ => (429, "RESOURCE_EXHAUSTED"),
+        };
+        assert_eq!(
+            client_code(client, &a),
+            (want.0, want.1.to_string()),
+            "{client} <- {to}, stream {stream}: {}",
+            a.text
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_rate_limit_stays_one_with_its_retry_after() {
+    let up = Canned::start().await;
+    let gw = gateway(&up).await;
+    for (client, to, stream) in pairs() {
+        let what = format!("{client} <- {to}, stream {stream}");
+        let (path, body) = chat(client, to, "rate", stream);
+        let a = post(&gw, &path, &body).await;
+        let want = match client {
+            "openai" => "rate_limit_exceeded",
+            "anthropic" => "rate_limit_error",
+            _ => "RESOURCE_EXHAUSTED",
+        };
+        assert_eq!(client_code(client, &a), (429, want.to_string()), "{what}: {}", a.text);
+        if to != "gemini" {
+            assert_eq!(a.retry_after.as_deref(), Some("7"), "{what}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn geminis_bad_key_answer_is_an_authentication_error_for_other_clients() {
+    let up = Canned::start().await;
+    let gw = gateway(&up).await;
+    // Gemini answers a bad key with 400 INVALID_ARGUMENT (reason API_KEY_INVALID).
+    for (client, want) in [("openai", "invalid_api_key"), ("anthropic", "authentication_error")] {
         let (path, body) = chat(client, "gemini", "badkey", false);
         let a = post(&gw, &path, &body).await;
-        let want = if client == "openai" {
-            "invalid_api_key"
-        } else {
-            "authentication_error"
-        };
         assert_eq!(client_code(client, &a), (401, want.to_string()), "{}", a.text);
     }
 }
@@ -428,17 +460,7 @@ async fn thinking_toward_anthropic_relaxes_forced_tools_and_sampling() {
     assert_eq!(seen["top_p"], 0.95, "{seen}");
     assert!(seen.get("temperature").is_none(), "{seen}");
     assert!(a.warning.contains("tool_choice") && a.warning.contains("top_p"), "{}", a.warning);
-    // Gemini CLI sends temperature and topP together: Anthropic gets one.
-    let (path, mut body) = chat("gemini", "anthropic", "claude-sonnet-4-5", false);
-    body["generationConfig"] = json!({"temperature": 0.2, "topP": 0.9});
-    let a = post(&gw, &path, &body).await;
-    assert_eq!(a.status, 200, "{}", a.text);
-    let (_, seen) = up.last();
-    assert_eq!(seen["temperature"], 0.2, "{seen}");
-    assert!(seen.get("top_p").is_none(), "{seen}");
-    assert!(a.warning.contains("top_p"), "{}", a.warning);
-    // A named tool while thinking (Anthropic client toward Anthropic never
-    // converts; a Gemini client asks ANY with one name).
+    // A named tool while thinking (a Gemini client asks ANY with one name).
     let (path, mut body) = chat("gemini", "anthropic", "claude-sonnet-4-5", false);
     body["generationConfig"] = json!({"thinkingConfig": {"thinkingBudget": 2048}});
     body["tools"] = json!([{"functionDeclarations": [{"name": "weather", "parameters": {"type": "OBJECT", "properties": {"city": {"type": "STRING"}}}}]}]);
@@ -448,6 +470,21 @@ async fn thinking_toward_anthropic_relaxes_forced_tools_and_sampling() {
     let (_, seen) = up.last();
     assert_eq!(seen["thinking"]["budget_tokens"], 2048, "{seen}");
     assert_eq!(seen["tool_choice"], json!({"type": "auto"}), "{seen}");
+}
+
+#[tokio::test]
+async fn temperature_and_top_p_together_reach_anthropic_as_one() {
+    let up = Canned::start().await;
+    let gw = gateway(&up).await;
+    // Gemini CLI sends temperature and topP together: Anthropic gets one.
+    let (path, mut body) = chat("gemini", "anthropic", "claude-sonnet-4-5", false);
+    body["generationConfig"] = json!({"temperature": 0.2, "topP": 0.9});
+    let a = post(&gw, &path, &body).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    let (_, seen) = up.last();
+    assert_eq!(seen["temperature"], 0.2, "{seen}");
+    assert!(seen.get("top_p").is_none(), "{seen}");
+    assert!(a.warning.contains("top_p"), "{}", a.warning);
 }
 
 #[tokio::test]
@@ -496,7 +533,7 @@ async fn model_map_applies_once_and_answers_name_the_clients_model() {
 }
 
 #[tokio::test]
-async fn instructions_tool_modes_documents_and_openai_parameters_reach_the_upstream_intact() {
+async fn system_blocks_stay_apart() {
     let up = Canned::start().await;
     let gw = gateway(&up).await;
     // Claude Code's system blocks stay apart: never "You are Claude Code.Be terse."
@@ -511,8 +548,12 @@ async fn instructions_tool_modes_documents_and_openai_parameters_reach_the_upstr
     assert_eq!(post(&gw, &path, &body).await.status, 200);
     let (_, seen) = up.last();
     assert_eq!(seen["system"], "You are Gemini CLI.\n\nBe terse.", "{seen}");
+}
 
-    // Gemini's VALIDATED mode does not force a call.
+#[tokio::test]
+async fn geminis_validated_mode_does_not_force_a_call() {
+    let up = Canned::start().await;
+    let gw = gateway(&up).await;
     let (path, mut body) = chat("gemini", "openai", "gpt-4.1", false);
     body["tools"] = json!([{"functionDeclarations": [{"name": "weather", "parameters": {"type": "OBJECT", "properties": {"city": {"type": "STRING"}}}}]}]);
     body["toolConfig"] = json!({"functionCallingConfig": {"mode": "VALIDATED"}});
@@ -521,9 +562,14 @@ async fn instructions_tool_modes_documents_and_openai_parameters_reach_the_upstr
     let (_, seen) = up.last();
     assert_eq!(seen["tool_choice"], "auto", "{seen}");
     assert!(a.warning.contains("VALIDATED"), "{}", a.warning);
+}
 
-    // Gemini inlineData toward Anthropic: a PDF stays a document, plain text
-    // becomes a text document, audio is dropped and reported.
+#[tokio::test]
+async fn gemini_inline_data_reaches_anthropic_only_as_documents_it_takes() {
+    let up = Canned::start().await;
+    let gw = gateway(&up).await;
+    // A PDF stays a document, plain text becomes a text document, audio is
+    // dropped and reported.
     use base64::Engine;
     let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
     let (path, mut body) = chat("gemini", "anthropic", "claude-sonnet-4-5", false);
@@ -544,7 +590,12 @@ async fn instructions_tool_modes_documents_and_openai_parameters_reach_the_upstr
         json!({"type": "text", "media_type": "text/plain", "data": "notes: ship it"})
     );
     assert!(a.warning.contains("audio/mpeg"), "{}", a.warning);
+}
 
+#[tokio::test]
+async fn openai_parameters_follow_the_upstream_and_model() {
+    let up = Canned::start().await;
+    let gw = gateway(&up).await;
     // max_completion_tokens and reasoning_effort go only to OpenAI's reasoning
     // models; compatible servers and other models get max_tokens.
     for (to, model, reasoning) in [("compat", "deepseek-r1", false), ("openai", "gpt-4.1", false), ("openai", "o3", true)] {
