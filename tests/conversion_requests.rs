@@ -51,7 +51,12 @@ impl Canned {
     }
 
     fn last(&self) -> (String, Value) {
-        self.seen.lock().unwrap().last().cloned().expect("the upstream saw a request")
+        self.seen
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .expect("the upstream saw a request")
     }
 }
 
@@ -171,7 +176,12 @@ fn normal_answer(wire: Wire, model: &str, stream: bool) -> (&'static str, String
 
 async fn answer(req: Request<hyper::body::Incoming>, seen: Seen) -> Result<Response<Full<Bytes>>, Infallible> {
     let path = req.uri().to_string();
-    let body = req.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
     let json: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     seen.lock().unwrap().push((path.clone(), json.clone()));
     let wire = wire_of(&path);
@@ -321,7 +331,11 @@ async fn a_context_overflow_keeps_its_code_and_counts_for_every_client() {
         let v = a.json();
         match client {
             "openai" => {
-                assert_eq!(client_code(client, &a), (400, "context_length_exceeded".into()), "{what}: {v}");
+                assert_eq!(
+                    client_code(client, &a),
+                    (400, "context_length_exceeded".into()),
+                    "{what}: {v}"
+                );
                 assert!(
                     v["error"]["message"]
                         .as_str()
@@ -459,7 +473,11 @@ async fn thinking_toward_anthropic_relaxes_forced_tools_and_sampling() {
     assert_eq!(seen["tool_choice"], json!({"type": "auto"}), "{seen}");
     assert_eq!(seen["top_p"], 0.95, "{seen}");
     assert!(seen.get("temperature").is_none(), "{seen}");
-    assert!(a.warning.contains("tool_choice") && a.warning.contains("top_p"), "{}", a.warning);
+    assert!(
+        a.warning.contains("tool_choice") && a.warning.contains("top_p"),
+        "{}",
+        a.warning
+    );
     // A named tool while thinking (a Gemini client asks ANY with one name).
     let (path, mut body) = chat("gemini", "anthropic", "claude-sonnet-4-5", false);
     body["generationConfig"] = json!({"thinkingConfig": {"thinkingBudget": 2048}});
@@ -504,10 +522,16 @@ async fn model_map_applies_once_and_answers_name_the_clients_model() {
             let a = post(&gw, &path, &body).await;
             assert_eq!(a.status, 200, "{what}: {}", a.text);
             let (seen_path, seen) = up.last();
-            let upstream_model = seen["model"]
-                .as_str()
-                .map(str::to_string)
-                .unwrap_or_else(|| seen_path.split("/models/").nth(1).unwrap().split(':').next().unwrap().to_string());
+            let upstream_model = seen["model"].as_str().map(str::to_string).unwrap_or_else(|| {
+                seen_path
+                    .split("/models/")
+                    .nth(1)
+                    .unwrap()
+                    .split(':')
+                    .next()
+                    .unwrap()
+                    .to_string()
+            });
             assert_eq!(upstream_model, "m-b", "{what}: {seen_path} {seen}");
             // The answer names the model the client asked for.
             let named: Vec<String> = if stream {
@@ -525,9 +549,19 @@ async fn model_map_applies_once_and_answers_name_the_clients_model() {
                     .collect()
             } else {
                 let v = a.json();
-                vec![v["model"].as_str().or_else(|| v["modelVersion"].as_str()).unwrap().to_string()]
+                vec![
+                    v["model"]
+                        .as_str()
+                        .or_else(|| v["modelVersion"].as_str())
+                        .unwrap()
+                        .to_string(),
+                ]
             };
-            assert!(!named.is_empty() && named.iter().all(|m| m == "m-a"), "{what}: {named:?} {}", a.text);
+            assert!(
+                !named.is_empty() && named.iter().all(|m| m == "m-a"),
+                "{what}: {named:?} {}",
+                a.text
+            );
         }
     }
 }
@@ -541,8 +575,16 @@ async fn system_blocks_stay_apart() {
     body["system"] = json!([{"type": "text", "text": "You are Claude Code."}, {"type": "text", "text": "Be terse."}]);
     assert_eq!(post(&gw, &path, &body).await.status, 200);
     let (_, seen) = up.last();
-    assert_eq!(seen["messages"][0], json!({"role": "system", "content": "You are Claude Code."}), "{seen}");
-    assert_eq!(seen["messages"][1], json!({"role": "system", "content": "Be terse."}), "{seen}");
+    assert_eq!(
+        seen["messages"][0],
+        json!({"role": "system", "content": "You are Claude Code."}),
+        "{seen}"
+    );
+    assert_eq!(
+        seen["messages"][1],
+        json!({"role": "system", "content": "Be terse."}),
+        "{seen}"
+    );
     let (path, mut body) = chat("gemini", "anthropic", "claude-sonnet-4-5", false);
     body["systemInstruction"] = json!({"parts": [{"text": "You are Gemini CLI."}, {"text": "Be terse."}]});
     assert_eq!(post(&gw, &path, &body).await.status, 200);
@@ -598,7 +640,11 @@ async fn openai_parameters_follow_the_upstream_and_model() {
     let gw = gateway(&up).await;
     // max_completion_tokens and reasoning_effort go only to OpenAI's reasoning
     // models; compatible servers and other models get max_tokens.
-    for (to, model, reasoning) in [("compat", "deepseek-r1", false), ("openai", "gpt-4.1", false), ("openai", "o3", true)] {
+    for (to, model, reasoning) in [
+        ("compat", "deepseek-r1", false),
+        ("openai", "gpt-4.1", false),
+        ("openai", "o3", true),
+    ] {
         let (path, mut body) = chat("anthropic", to, model, false);
         body["max_tokens"] = json!(4096);
         body["thinking"] = json!({"type": "enabled", "budget_tokens": 2048});
@@ -625,7 +671,11 @@ async fn gemini_function_responses_answer_the_call_the_upstream_saw() {
     let tools = json!([{"functionDeclarations": [{"name": "weather", "parameters": {"type": "OBJECT", "properties": {"city": {"type": "STRING"}}}}]}]);
     // The response's id matches no call (a client that made its own up), or
     // the call had none: the result answers the call by name and order.
-    for (call_id, response_id) in [(Some("toolu_1"), Some("not-a-call")), (None, Some("call-x")), (Some("toolu_1"), Some("toolu_1"))] {
+    for (call_id, response_id) in [
+        (Some("toolu_1"), Some("not-a-call")),
+        (None, Some("call-x")),
+        (Some("toolu_1"), Some("toolu_1")),
+    ] {
         let mut call = json!({"name": "weather", "args": {"city": "Paris"}});
         if let Some(id) = call_id {
             call["id"] = id.into();

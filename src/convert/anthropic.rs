@@ -70,7 +70,11 @@ fn document_source(m: &Media, loss: &mut Loss) -> Option<Value> {
         _ => {
             loss.dropped(format!(
                 "{} media (Anthropic takes images, PDFs and plain text)",
-                if essence.is_empty() { "unknown" } else { essence.as_str() }
+                if essence.is_empty() {
+                    "unknown"
+                } else {
+                    essence.as_str()
+                }
             ));
             None
         }
@@ -440,7 +444,10 @@ pub fn encode_request(req: &ChatRequest, default_max_tokens: u64, loss: &mut Los
             c["disable_parallel_tool_use"] = true.into();
         }
     }
-    if let Some(c) = choice.as_mut().filter(|c| thinking.is_some() && matches!(c["type"].as_str(), Some("any" | "tool"))) {
+    if let Some(c) = choice
+        .as_mut()
+        .filter(|c| thinking.is_some() && matches!(c["type"].as_str(), Some("any" | "tool")))
+    {
         // Anthropic refuses a forced tool while thinking: the model may call it.
         loss.dropped("tool_choice forcing a tool (Anthropic allows only auto or none while thinking; sent as auto)");
         c["type"] = "auto".into();

@@ -14,7 +14,10 @@ use serde_json::{Value, json};
 pub enum ErrorClass {
     /// The prompt does not fit the model's context window (counts when the
     /// upstream said them).
-    ContextLength { tokens: Option<u64>, max: Option<u64> },
+    ContextLength {
+        tokens: Option<u64>,
+        max: Option<u64>,
+    },
     /// Out of credit, spend limit or daily quota: retrying soon will not help.
     Quota,
     RateLimited,
@@ -247,15 +250,45 @@ fn openai_error(e: &UpstreamError) -> (u16, Value) {
             json!("messages"),
             e.message.clone(),
         ),
-        ErrorClass::Quota => ("insufficient_quota", "insufficient_quota", Value::Null, e.message.clone()),
-        ErrorClass::RateLimited => ("rate_limit_error", "rate_limit_exceeded", Value::Null, e.message.clone()),
-        ErrorClass::Auth => ("authentication_error", "invalid_api_key", Value::Null, e.message.clone()),
+        ErrorClass::Quota => (
+            "insufficient_quota",
+            "insufficient_quota",
+            Value::Null,
+            e.message.clone(),
+        ),
+        ErrorClass::RateLimited => (
+            "rate_limit_error",
+            "rate_limit_exceeded",
+            Value::Null,
+            e.message.clone(),
+        ),
+        ErrorClass::Auth => (
+            "authentication_error",
+            "invalid_api_key",
+            Value::Null,
+            e.message.clone(),
+        ),
         ErrorClass::Permission => ("permission_error", "permission_denied", Value::Null, e.message.clone()),
         ErrorClass::NotFound => ("not_found_error", "not_found", Value::Null, e.message.clone()),
-        ErrorClass::Safety => ("invalid_request_error", "content_filter", Value::Null, e.message.clone()),
-        ErrorClass::TooLarge => ("invalid_request_error", "request_too_large", Value::Null, e.message.clone()),
+        ErrorClass::Safety => (
+            "invalid_request_error",
+            "content_filter",
+            Value::Null,
+            e.message.clone(),
+        ),
+        ErrorClass::TooLarge => (
+            "invalid_request_error",
+            "request_too_large",
+            Value::Null,
+            e.message.clone(),
+        ),
         ErrorClass::Overloaded => ("server_error", "overloaded", Value::Null, e.message.clone()),
-        ErrorClass::Invalid => ("invalid_request_error", "upstream_error", Value::Null, e.message.clone()),
+        ErrorClass::Invalid => (
+            "invalid_request_error",
+            "upstream_error",
+            Value::Null,
+            e.message.clone(),
+        ),
         ErrorClass::Other => ("server_error", "upstream_error", Value::Null, e.message.clone()),
     };
     (
@@ -272,7 +305,10 @@ fn anthropic_error(e: &UpstreamError) -> (u16, Value) {
         ErrorClass::ContextLength {
             tokens: Some(n),
             max: Some(m),
-        } => ("invalid_request_error", format!("prompt is too long: {n} tokens > {m} maximum")),
+        } => (
+            "invalid_request_error",
+            format!("prompt is too long: {n} tokens > {m} maximum"),
+        ),
         ErrorClass::ContextLength { .. } => ("invalid_request_error", format!("prompt is too long: {}", e.message)),
         ErrorClass::Quota => ("billing_error", e.message.clone()),
         ErrorClass::RateLimited => ("rate_limit_error", e.message.clone()),

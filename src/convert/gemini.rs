@@ -491,20 +491,32 @@ impl Sanitizer<'_> {
     /// A `$ref` resolved against the root (`#/$defs/X`, `#/definitions/X`,
     /// any local JSON pointer), the referring node's own keywords on top.
     fn reference(&mut self, r: &str, node: &Map<String, Value>, depth: usize) -> Value {
-        let target = r
-            .strip_prefix('#')
-            .and_then(|pointer| if pointer.is_empty() { Some(self.root) } else { self.root.pointer(pointer) });
+        let target = r.strip_prefix('#').and_then(|pointer| {
+            if pointer.is_empty() {
+                Some(self.root)
+            } else {
+                self.root.pointer(pointer)
+            }
+        });
         let Some(Value::Object(target)) = target else {
             return stub(node, &format!("schema {r} is not part of this tool's definition"));
         };
         let nesting = self.refs.iter().filter(|x| x.as_str() == r).count();
         if nesting >= MAX_REF_NESTING {
             let mut described = target.clone();
-            described.extend(node.iter().filter(|(k, _)| *k != "$ref").map(|(k, v)| (k.clone(), v.clone())));
+            described.extend(
+                node.iter()
+                    .filter(|(k, _)| *k != "$ref")
+                    .map(|(k, v)| (k.clone(), v.clone())),
+            );
             return stub(&described, &format!("recursive {r}; not expanded further"));
         }
         let mut merged = target.clone();
-        merged.extend(node.iter().filter(|(k, _)| *k != "$ref").map(|(k, v)| (k.clone(), v.clone())));
+        merged.extend(
+            node.iter()
+                .filter(|(k, _)| *k != "$ref")
+                .map(|(k, v)| (k.clone(), v.clone())),
+        );
         self.refs.push(r.to_string());
         let out = self.walk(&Value::Object(merged), depth + 1);
         self.refs.pop();

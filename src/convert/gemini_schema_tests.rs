@@ -59,7 +59,10 @@ fn every_claude_code_tool_sanitizes_to_gemini_keywords_only() {
     }
     let todo = tool("TodoWrite");
     let item = &todo["properties"]["todos"]["items"];
-    assert_eq!(item["properties"]["status"]["enum"], json!(["pending", "in_progress", "completed"]));
+    assert_eq!(
+        item["properties"]["status"]["enum"],
+        json!(["pending", "in_progress", "completed"])
+    );
     assert_eq!(item["properties"]["content"]["minLength"], 1);
 }
 
@@ -75,7 +78,10 @@ fn refs_resolve_maps_stay_described_and_recursion_is_bounded() {
     let labels = &s["properties"]["labels"];
     assert_eq!(labels["type"], "object");
     let d = labels["description"].as_str().unwrap_or_default();
-    assert!(d.starts_with("Label values by label name (") && d.contains(r#""type":"string""#), "{d}");
+    assert!(
+        d.starts_with("Label values by label name (") && d.contains(r#""type":"string""#),
+        "{d}"
+    );
     // A recursive type: expanded twice, then a described stub of its type.
     let plan = &s["properties"]["plan"];
     assert_eq!(plan["properties"]["name"]["type"], "string");
@@ -84,12 +90,18 @@ fn refs_resolve_maps_stay_described_and_recursion_is_bounded() {
     let stub = &level2["properties"]["subtasks"]["items"];
     assert_eq!(stub["type"], "object", "{plan}");
     assert!(
-        stub["description"].as_str().unwrap_or_default().contains("recursive #/$defs/Task"),
+        stub["description"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("recursive #/$defs/Task"),
         "{stub}"
     );
     assert!(stub.get("properties").is_none());
     // Formats Gemini takes stay; type lists become nullable / anyOf.
-    assert_eq!(s["properties"]["due"], json!({"type": "string", "format": "date-time", "nullable": true}));
+    assert_eq!(
+        s["properties"]["due"],
+        json!({"type": "string", "format": "date-time", "nullable": true})
+    );
     assert_eq!(
         s["properties"]["priority"]["anyOf"],
         json!([{"type": "integer"}, {"type": "string"}])
@@ -107,7 +119,12 @@ fn hostile_schemas_stay_bounded() {
     let s = sanitize_schema(&selfish);
     assert!(s.to_string().len() < 2_000, "{s}");
     assert_eq!(s["properties"]["gone"]["type"], "object");
-    assert!(s["properties"]["gone"]["description"].as_str().unwrap_or_default().contains("#/$defs/Nope"));
+    assert!(
+        s["properties"]["gone"]["description"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("#/$defs/Nope")
+    );
     // A fan-out of refs: each level doubles (2^40 nodes unbounded).
     let mut defs = serde_json::Map::new();
     for i in 0..40 {
