@@ -715,3 +715,61 @@ async fn gemini_function_responses_answer_the_call_the_upstream_saw() {
         }
     }
 }
+
+#[tokio::test]
+async fn the_capability_table_and_an_upstreams_own_rules_decide_what_is_sent() {
+    let up = Canned::start().await;
+    let u = &up.url;
+    let config = format!(
+        "upstreams:\n  gem: {{provider: gemini, endpoints: ['{u}'], capabilities: [{{match: 'gemini-3*', parameters_json_schema: true}}]}}\n  ant: {{provider: anthropic, endpoints: ['{u}']}}\n  compat: {{provider: openai_compatible, endpoints: ['{u}'], capabilities: [{{match: 'deepseek-r*', reasoning: true}}]}}\n"
+    );
+    let routes = "routes:\n  - { name: a-gem, match: { path: '/a-gem/v1/messages' }, format: anthropic, auth: none, upstream: gem, retries: 0, transform: { strip_prefix: /a-gem } }\n  - { name: g-ant, match: { path: '/g-ant/v1beta/{*rest}' }, format: gemini, auth: none, upstream: ant, retries: 0, transform: { strip_prefix: /g-ant } }\n  - { name: a-compat, match: { path: '/a-compat/v1/messages' }, format: anthropic, auth: none, upstream: compat, retries: 0, transform: { strip_prefix: /a-compat } }\n";
+    let gw = Gateway::start(&config, &[("r.yaml", routes)]).await;
+    // Gemini: whole JSON Schema where the upstream says its model takes it.
+    let webfetch = claude_code_tools()
+        .into_iter()
+        .find(|t| t["name"] == "WebFetch")
+        .unwrap();
+    for (model, whole) in [("gemini-3-pro-preview", true), ("gemini-2.5-pro", false)] {
+        let body = json!({"model": model, "max_tokens": 64, "tools": [webfetch], "messages": [{"role": "user", "content": "hi"}]});
+        let a = post(&gw, "/a-gem/v1/messages", &body).await;
+        assert_eq!(a.status, 200, "{}", a.text);
+        let (_, seen) = up.last();
+        let decl = &seen["tools"][0]["functionDeclarations"][0];
+        if whole {
+            assert_eq!(
+                decl["parametersJsonSchema"]["properties"]["url"]["format"], "uri",
+                "{decl}"
+            );
+            assert!(decl.get("parameters").is_none() && decl["parametersJsonSchema"].get("$schema").is_none());
+        } else {
+            assert!(decl.get("parametersJsonSchema").is_none(), "{decl}");
+            assert!(
+                decl["parameters"]["properties"]["url"].get("format").is_none(),
+                "{decl}"
+            );
+        }
+    }
+    // Anthropic: older models take temperature and top_p together.
+    for (model, pair) in [("claude-3-7-sonnet-latest", true), ("claude-sonnet-4-5", false)] {
+        let body = json!({"contents": [{"role": "user", "parts": [{"text": "hi"}]}], "generationConfig": {"temperature": 0.2, "topP": 0.9}});
+        let a = post(&gw, &format!("/g-ant/v1beta/models/{model}:generateContent"), &body).await;
+        assert_eq!(a.status, 200, "{}", a.text);
+        let (_, seen) = up.last();
+        assert_eq!(seen["temperature"], 0.2, "{model}: {seen}");
+        assert_eq!(seen.get("top_p").is_some(), pair, "{model}: {seen}");
+    }
+    // An OpenAI-compatible server whose reasoning model the operator names.
+    for (model, reasoning) in [("deepseek-r1", true), ("deepseek-chat", false)] {
+        let body = json!({"model": model, "max_tokens": 4096, "thinking": {"type": "enabled", "budget_tokens": 2048}, "messages": [{"role": "user", "content": "hi"}]});
+        let a = post(&gw, "/a-compat/v1/messages", &body).await;
+        assert_eq!(a.status, 200, "{}", a.text);
+        let (_, seen) = up.last();
+        assert_eq!(seen.get("reasoning_effort").is_some(), reasoning, "{model}: {seen}");
+        assert_eq!(
+            seen.get("max_completion_tokens").is_some(),
+            reasoning,
+            "{model}: {seen}"
+        );
+    }
+}

@@ -306,6 +306,17 @@ pub fn decode_request(body: &Value, loss: &mut Loss) -> Result<ChatRequest, Conv
 /// Encode for an Anthropic upstream. `default_max_tokens` fills the
 /// required `max_tokens` when the client gave none.
 pub fn encode_request(req: &ChatRequest, default_max_tokens: u64, loss: &mut Loss) -> Result<Value, ConvertError> {
+    encode_request_with(req, default_max_tokens, false, loss)
+}
+
+/// Encode for an Anthropic upstream whose model takes `temperature` and
+/// `top_p` together when `sampling_pair` (the capability table's word).
+pub fn encode_request_with(
+    req: &ChatRequest,
+    default_max_tokens: u64,
+    sampling_pair: bool,
+    loss: &mut Loss,
+) -> Result<Value, ConvertError> {
     if req.only.candidates.is_some_and(|n| n > 1) {
         return Err(ConvertError::Refused(
             "n > 1 (several choices) cannot be served by an Anthropic upstream; send n separate requests".into(),
@@ -401,7 +412,7 @@ pub fn encode_request(req: &ChatRequest, default_max_tokens: u64, loss: &mut Los
                 ));
             }
             out.insert("top_p".into(), p.max(MIN_THINKING_TOP_P).into());
-        } else if out.contains_key("temperature") {
+        } else if out.contains_key("temperature") && !sampling_pair {
             // Anthropic's newer models refuse temperature and top_p together
             // (Gemini CLI sends both): the temperature is kept.
             if p < 1.0 {

@@ -609,6 +609,13 @@ fn mime_guess(url: &str) -> Option<&'static str> {
 }
 
 pub fn encode_request(req: &ChatRequest, loss: &mut Loss) -> Result<Value, ConvertError> {
+    encode_request_with(req, false, loss)
+}
+
+/// Encode for a Gemini upstream; `json_schema_tools`: the model takes tool
+/// schemas whole as `parametersJsonSchema` (the capability table's word),
+/// else they are sanitized into `parameters`.
+pub fn encode_request_with(req: &ChatRequest, json_schema_tools: bool, loss: &mut Loss) -> Result<Value, ConvertError> {
     if req.only.logprobs {
         return Err(ConvertError::Refused(
             "logprobs are not converted for Gemini upstreams; route this request to an OpenAI upstream".into(),
@@ -732,7 +739,15 @@ pub fn encode_request(req: &ChatRequest, loss: &mut Loss) -> Result<Value, Conve
             .tools
             .iter()
             .map(|t| {
-                let mut d = json!({"name": t.name, "parameters": sanitize_schema(&t.parameters)});
+                let mut d = if json_schema_tools {
+                    let mut schema = t.parameters.clone();
+                    if let Some(m) = schema.as_object_mut() {
+                        m.remove("$schema");
+                    }
+                    json!({"name": t.name, "parametersJsonSchema": schema})
+                } else {
+                    json!({"name": t.name, "parameters": sanitize_schema(&t.parameters)})
+                };
                 if let Some(desc) = &t.description {
                     d["description"] = desc.clone().into();
                 }

@@ -11,6 +11,7 @@
 //! the client's shape). `docs/conversion.md` lists every case.
 
 pub mod anthropic;
+pub mod capabilities;
 pub mod embeddings;
 pub mod errors;
 pub mod gemini;

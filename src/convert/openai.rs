@@ -293,14 +293,16 @@ pub struct Target {
     /// `provider: openai_compatible` (vLLM, Ollama, DeepSeek…): the classic
     /// `max_tokens`, no `reasoning_effort`.
     pub compatible: bool,
-    /// Whether the model is an OpenAI reasoning model (`max_completion_tokens`,
-    /// `reasoning_effort`); `None`: judged by its name.
+    /// Whether the model is a reasoning model (`max_completion_tokens`,
+    /// `reasoning_effort`), from the capability table; `None`: judged by its
+    /// name (OpenAI's reasoning models; never on a compatible server).
     pub reasoning: Option<bool>,
 }
 
 impl Target {
     fn reasons(self, model: &str) -> bool {
-        !self.compatible && self.reasoning.unwrap_or_else(|| is_reasoning_model(model))
+        self.reasoning
+            .unwrap_or_else(|| !self.compatible && is_reasoning_model(model))
     }
 }
 

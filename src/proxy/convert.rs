@@ -80,6 +80,7 @@ pub fn plan(
         return Ok(None);
     }
     let default_max_tokens = upstream.default_max_tokens;
+    let upstream_caps = &upstream.capabilities;
     let upstream = provider_format(provider);
     let json: Value = serde_json::from_slice(body).map_err(|e| GatewayError::BadJson(e.to_string()))?;
     let mut loss = Loss::default();
@@ -114,16 +115,18 @@ pub fn plan(
     .map_err(not_convertible)?;
     req.model = mapped(&req.model);
     let mut names = ToolNames::default();
+    // What the model takes: the upstream's rules, then the shipped table.
+    let caps = crate::convert::capabilities::lookup(provider, &req.model, upstream_caps);
     let encoded = match upstream {
         Format::Openai => {
             let target = openai::Target {
                 compatible: provider == crate::config::Provider::OpenaiCompatible,
-                reasoning: None,
+                reasoning: Some(caps.reasoning),
             };
             openai::encode_request_to(&req, target, &mut names, &mut loss)
         }
-        Format::Anthropic => anthropic::encode_request(&req, default_max_tokens, &mut loss),
-        Format::Gemini => gemini::encode_request(&req, &mut loss),
+        Format::Anthropic => anthropic::encode_request_with(&req, default_max_tokens, caps.sampling_pair, &mut loss),
+        Format::Gemini => gemini::encode_request_with(&req, caps.parameters_json_schema, &mut loss),
         Format::Passthrough => return Ok(None),
     }
     .map_err(not_convertible)?;
