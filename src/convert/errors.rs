@@ -205,6 +205,18 @@ fn gemini_class(status: u16, e: &Value, lower: &str, message: &str) -> ErrorClas
     }
 }
 
+/// The wait Gemini puts in an error's `RetryInfo` (`"retryDelay": "45s"`),
+/// in whole seconds (rounded up): Gemini sends no `Retry-After` header.
+pub fn gemini_retry_delay(body: &[u8]) -> Option<u64> {
+    let v: Value = serde_json::from_slice(body).ok()?;
+    let details = error_object(&v).get("details")?.as_array()?;
+    details.iter().find_map(|d| {
+        let delay = str_of(d, "retryDelay")?.strip_suffix('s')?;
+        let secs: f64 = delay.parse().ok()?;
+        (secs.is_finite() && secs >= 0.0).then(|| secs.ceil() as u64)
+    })
+}
+
 /// The error in the client's format `to`: its status and body.
 pub fn encode(to: Format, e: &UpstreamError) -> (u16, Value) {
     match to {
@@ -413,6 +425,13 @@ mod tests {
         let bad = json!([{"error": {"code": 400, "message": "API key not valid. Please pass a valid API key.", "status": "INVALID_ARGUMENT", "details": [{"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID"}]}}]);
         let (s, o) = convert(Format::Gemini, 400, bad, Format::Openai);
         assert_eq!((s, o["error"]["type"].as_str()), (401, Some("authentication_error")));
+    }
+
+    #[test]
+    fn geminis_retry_delay_is_read_from_the_body() {
+        let body = json!({"error": {"code": 429, "status": "RESOURCE_EXHAUSTED", "details": [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "12.5s"}]}});
+        assert_eq!(gemini_retry_delay(body.to_string().as_bytes()), Some(13));
+        assert_eq!(gemini_retry_delay(b"{}"), None);
     }
 
     #[test]

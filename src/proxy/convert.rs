@@ -407,6 +407,12 @@ impl Plan {
     fn convert_error(&self, status: u16, body: &[u8], retry_after: Option<u64>) -> GatewayError {
         use crate::convert::errors;
         let upstream_error = errors::decode(self.upstream, status, body);
+        // Gemini says how long to wait in the body only.
+        let retry_after = retry_after.or_else(|| {
+            (self.upstream == Format::Gemini && self.client != Format::Gemini)
+                .then(|| errors::gemini_retry_delay(body))
+                .flatten()
+        });
         let (status, value) = errors::encode(self.client, &upstream_error);
         GatewayError::UpstreamCoded {
             status,
