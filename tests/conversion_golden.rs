@@ -122,7 +122,16 @@ fn decode(from: &str, body: &Value, loss: &mut Loss) -> fastgate::convert::ir::C
 
 fn encode(to: &str, req: &fastgate::convert::ir::ChatRequest, loss: &mut Loss) -> Value {
     match to {
-        "openai" => openai::encode_request(req, &mut ToolNames::default(), loss),
+        // As toward a reasoning model on OpenAI (the fixtures ask for reasoning).
+        "openai" => openai::encode_request_to(
+            req,
+            openai::Target {
+                compatible: false,
+                reasoning: Some(true),
+            },
+            &mut ToolNames::default(),
+            loss,
+        ),
         "anthropic" => anthropic::encode_request(req, 4096, loss),
         _ => gemini::encode_request(req, loss),
     }

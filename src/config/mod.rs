@@ -546,6 +546,11 @@ pub struct UpstreamConfig {
     /// a multiple of its normal load.
     #[serde(default)]
     pub retry_budget: RetryBudgetConfig,
+    /// What this upstream's models take, checked before the shipped table
+    /// (`src/convert/capabilities.yaml`): rules of a `match` glob and the
+    /// fields it sets (`reasoning`, `sampling_pair`, `parameters_json_schema`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub capabilities: Vec<crate::convert::capabilities::CapabilityRule>,
 }
 
 /// Retries in flight toward an upstream: at most `percent` of its active
@@ -1013,6 +1018,14 @@ pub fn parse_config(path: &Path, raw: &str) -> Result<Config, ConfigErrors> {
         for ep in &up.endpoints {
             if let Err(e) = crate::upstream::EndpointUrl::parse(ep) {
                 errors.push(diag(at(ep), format!("upstreams.{name}.endpoints: {e}")));
+            }
+        }
+        for rule in &up.capabilities {
+            if let Err(e) = crate::convert::capabilities::valid_pattern(&rule.pattern) {
+                errors.push(diag(
+                    line,
+                    format!("upstreams.{name}.capabilities: match {:?}: {e}", rule.pattern),
+                ));
             }
         }
         if let Some(pool) = &up.key_pool

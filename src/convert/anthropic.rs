@@ -10,6 +10,9 @@ fn invalid(what: impl Into<String>) -> ConvertError {
 /// Anthropic wants a thinking budget of at least this many tokens.
 pub const MIN_THINKING_BUDGET: u64 = 1024;
 
+/// The lowest `top_p` Anthropic takes while thinking.
+pub const MIN_THINKING_TOP_P: f64 = 0.95;
+
 /// The tool a `json_schema` response format becomes toward Anthropic: the
 /// model is made to call it, and its input is the answer's JSON.
 pub const JSON_TOOL: &str = "structured_output";
@@ -34,6 +37,47 @@ fn source_of(m: &Media) -> Value {
     match m {
         Media::Base64 { media_type, data } => json!({"type": "base64", "media_type": media_type, "data": data}),
         Media::Url { url, .. } => json!({"type": "url", "url": url}),
+    }
+}
+
+/// A document's source as Anthropic takes it: a PDF (base64 or URL) or
+/// plain text (a `text` source); other media (audio, video, office files)
+/// are dropped and reported.
+fn document_source(m: &Media, loss: &mut Loss) -> Option<Value> {
+    use base64::Engine;
+    let media_type = match m {
+        Media::Base64 { media_type, .. } => Some(media_type.as_str()),
+        Media::Url { media_type, .. } => media_type.as_deref(),
+    };
+    let essence = media_type
+        .map(|t| t.split(';').next().unwrap_or(t).trim().to_ascii_lowercase())
+        .unwrap_or_default();
+    match (m, essence.as_str()) {
+        (Media::Base64 { .. }, "application/pdf") | (Media::Url { .. }, "application/pdf" | "") => Some(source_of(m)),
+        (Media::Base64 { data, .. }, "text/plain") => {
+            match base64::engine::general_purpose::STANDARD
+                .decode(data.trim())
+                .ok()
+                .and_then(|b| String::from_utf8(b).ok())
+            {
+                Some(text) => Some(json!({"type": "text", "media_type": "text/plain", "data": text})),
+                None => {
+                    loss.dropped("a text/plain document that is not UTF-8 base64");
+                    None
+                }
+            }
+        }
+        _ => {
+            loss.dropped(format!(
+                "{} media (Anthropic takes images, PDFs and plain text)",
+                if essence.is_empty() {
+                    "unknown"
+                } else {
+                    essence.as_str()
+                }
+            ));
+            None
+        }
     }
 }
 
@@ -157,9 +201,19 @@ pub fn decode_request(body: &Value, loss: &mut Loss) -> Result<ChatRequest, Conv
         model: opt_str(body, "model").unwrap_or_default().to_string(),
         ..ChatRequest::default()
     };
-    if let Some(system) = body.get("system") {
-        req.system
-            .push(plain_text(system).ok_or_else(|| invalid("system must be text or text blocks"))?);
+    // Each system block stays its own instruction (joined with a blank line
+    // where the target has a single field).
+    match body.get("system") {
+        Some(Value::Array(blocks)) => req.system.extend(
+            blocks
+                .iter()
+                .filter_map(|b| b.get("text").and_then(Value::as_str))
+                .map(str::to_string),
+        ),
+        Some(system) => req
+            .system
+            .push(plain_text(system).ok_or_else(|| invalid("system must be text or text blocks"))?),
+        None => {}
     }
     // Structured output: `output_config.format`, or the beta's `output_format`.
     let format = body
@@ -252,6 +306,17 @@ pub fn decode_request(body: &Value, loss: &mut Loss) -> Result<ChatRequest, Conv
 /// Encode for an Anthropic upstream. `default_max_tokens` fills the
 /// required `max_tokens` when the client gave none.
 pub fn encode_request(req: &ChatRequest, default_max_tokens: u64, loss: &mut Loss) -> Result<Value, ConvertError> {
+    encode_request_with(req, default_max_tokens, false, loss)
+}
+
+/// Encode for an Anthropic upstream whose model takes `temperature` and
+/// `top_p` together when `sampling_pair` (the capability table's word).
+pub fn encode_request_with(
+    req: &ChatRequest,
+    default_max_tokens: u64,
+    sampling_pair: bool,
+    loss: &mut Loss,
+) -> Result<Value, ConvertError> {
     if req.only.candidates.is_some_and(|n| n > 1) {
         return Err(ConvertError::Refused(
             "n > 1 (several choices) cannot be served by an Anthropic upstream; send n separate requests".into(),
@@ -339,7 +404,23 @@ pub fn encode_request(req: &ChatRequest, default_max_tokens: u64, loss: &mut Los
     }
     out.insert("max_tokens".into(), max_tokens.into());
     if let Some(p) = req.top_p {
-        out.insert("top_p".into(), p.into());
+        if thinking.is_some() {
+            // While thinking, Anthropic takes top_p from 0.95 to 1 only.
+            if p < MIN_THINKING_TOP_P {
+                loss.dropped(format!(
+                    "top_p {p} raised to {MIN_THINKING_TOP_P} (Anthropic's minimum while thinking)"
+                ));
+            }
+            out.insert("top_p".into(), p.max(MIN_THINKING_TOP_P).into());
+        } else if out.contains_key("temperature") && !sampling_pair {
+            // Anthropic's newer models refuse temperature and top_p together
+            // (Gemini CLI sends both): the temperature is kept.
+            if p < 1.0 {
+                loss.dropped("top_p (Anthropic takes temperature or top_p, not both; temperature kept)");
+            }
+        } else {
+            out.insert("top_p".into(), p.into());
+        }
     }
     if !req.stop.is_empty() {
         out.insert("stop_sequences".into(), json!(req.stop));
@@ -372,6 +453,17 @@ pub fn encode_request(req: &ChatRequest, default_max_tokens: u64, loss: &mut Los
         let c = choice.get_or_insert_with(|| json!({"type": "auto"}));
         if c["type"] != "none" {
             c["disable_parallel_tool_use"] = true.into();
+        }
+    }
+    if let Some(c) = choice
+        .as_mut()
+        .filter(|c| thinking.is_some() && matches!(c["type"].as_str(), Some("any" | "tool")))
+    {
+        // Anthropic refuses a forced tool while thinking: the model may call it.
+        loss.dropped("tool_choice forcing a tool (Anthropic allows only auto or none while thinking; sent as auto)");
+        c["type"] = "auto".into();
+        if let Some(m) = c.as_object_mut() {
+            m.remove("name");
         }
     }
     if let Some(c) = choice.filter(|_| !req.tools.is_empty()) {
@@ -408,7 +500,7 @@ fn encode_block(p: &Part, synthesized: &mut usize, loss: &mut Loss) -> Option<Va
         Part::Text(t) => json!({"type": "text", "text": t}),
         Part::Image(m) => json!({"type": "image", "source": source_of(m)}),
         Part::Document { media, title } => {
-            let mut v = json!({"type": "document", "source": source_of(media)});
+            let mut v = json!({"type": "document", "source": document_source(media, loss)?});
             if let Some(t) = title {
                 v["title"] = t.clone().into();
             }

@@ -107,16 +107,15 @@ fn decode_parts(
             }));
         } else if let Some(r) = field(p, "functionResponse", "function_response") {
             let name = opt_str(r, "name").unwrap_or_default().to_string();
-            // Without an id, it answers the oldest call of that name not yet answered.
-            let call_id = match opt_str(r, "id").filter(|id| !id.is_empty()) {
-                Some(id) => {
-                    calls_seen.retain(|(c, _)| c != id);
-                    id.to_string()
-                }
-                None => match calls_seen.iter().position(|(_, n)| *n == name) {
-                    Some(pos) => calls_seen.remove(pos).0,
-                    None => synthesize_call_id(scope, i, &name),
-                },
+            // It answers the known call with its id; else (no id, or one no
+            // call here has: the upstream would refuse a result naming an
+            // unknown call) the oldest unanswered call of that name.
+            let by_id = opt_str(r, "id")
+                .filter(|id| !id.is_empty())
+                .and_then(|id| calls_seen.iter().position(|(c, _)| c == id));
+            let call_id = match by_id.or_else(|| calls_seen.iter().position(|(_, n)| *n == name)) {
+                Some(pos) => calls_seen.remove(pos).0,
+                None => synthesize_call_id(scope, i, &name),
             };
             out.push(Part::ToolResult(ToolResult {
                 call_id,
@@ -142,16 +141,16 @@ pub fn decode_request(body: &Value, model: &str, stream: bool, loss: &mut Loss) 
         ..ChatRequest::default()
     };
     if let Some(si) = field(body, "systemInstruction", "system_instruction") {
-        let text: Vec<&str> = si
-            .get("parts")
-            .and_then(Value::as_array)
-            .map(|ps| {
-                ps.iter()
-                    .filter_map(|p| p.get("text").and_then(Value::as_str))
-                    .collect()
-            })
-            .unwrap_or_default();
-        req.system.push(text.join(""));
+        // Each part its own instruction (joined with a blank line where the
+        // target has a single field).
+        req.system.extend(
+            si.get("parts")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|p| p.get("text").and_then(Value::as_str))
+                .map(str::to_string),
+        );
     }
     let mut calls_seen = Vec::new();
     for (turn, c) in body
@@ -257,8 +256,14 @@ pub fn decode_request(body: &Value, model: &str, stream: bool, loss: &mut Loss) 
         req.tool_choice = match opt_str(fc, "mode").map(str::to_ascii_uppercase).as_deref() {
             Some("AUTO") => Some(ToolChoice::Auto),
             Some("NONE") => Some(ToolChoice::None),
-            Some("ANY" | "VALIDATED") if allowed.len() == 1 => Some(ToolChoice::Named(allowed[0].to_string())),
-            Some("ANY" | "VALIDATED") => Some(ToolChoice::Required),
+            Some("ANY") if allowed.len() == 1 => Some(ToolChoice::Named(allowed[0].to_string())),
+            Some("ANY") => Some(ToolChoice::Required),
+            // VALIDATED: calls or text, the calls held to their schemas; it
+            // does not force a call, so it is auto elsewhere.
+            Some("VALIDATED") => {
+                loss.dropped("function calling mode VALIDATED (sent as auto: schema adherence is not enforced)");
+                Some(ToolChoice::Auto)
+            }
             _ => None,
         };
     }
@@ -309,69 +314,269 @@ const SCHEMA_KEYS: &[&str] = &[
     "maxProperties",
 ];
 
-/// A JSON Schema as Gemini accepts it: unknown keywords (`$schema`,
-/// `additionalProperties`, `examples`…) removed, `const` as a one-value
-/// `enum`, `type: [T, "null"]` as `type: T` + `nullable`.
+/// Bounds against hostile or runaway schemas (deep nesting, `$ref`
+/// cycles, a `$defs` entry referenced thousands of times).
+const MAX_SCHEMA_DEPTH: usize = 32;
+const MAX_SCHEMA_NODES: usize = 4096;
+/// How often one `$ref` may be expanded inside itself (a tree of two levels
+/// of a recursive type, then a described stub).
+const MAX_REF_NESTING: usize = 2;
+
+/// A JSON Schema as Gemini's function `parameters` accept it (the OpenAPI
+/// 3.0 subset of its `Schema` object): local `$ref`s resolved (never `{}`),
+/// `allOf` merged, `oneOf` as `anyOf`, `const` as a one-value `enum`,
+/// `type: [T, "null"]` as `type: T` + `nullable`, several types as `anyOf`.
+/// What Gemini refuses but carries meaning moves into `description`: a
+/// `format` other than the ones it takes (`uri`, `email`… — Gemini answers
+/// "only 'enum' and 'date-time' are supported for STRING type") and the
+/// value schema of `additionalProperties` (a map's values). Other unknown
+/// keywords (`$schema`, `examples`…) are removed.
 pub fn sanitize_schema(schema: &Value) -> Value {
-    let Value::Object(m) = schema else {
-        return schema.clone();
+    let mut s = Sanitizer {
+        root: schema,
+        nodes: 0,
+        refs: Vec::new(),
     };
-    let mut out = Map::new();
-    for (k, v) in m {
-        match k.as_str() {
-            "properties" => {
-                let props = v
-                    .as_object()
-                    .map(|p| p.iter().map(|(name, s)| (name.clone(), sanitize_schema(s))).collect())
-                    .unwrap_or_default();
-                out.insert(k.clone(), Value::Object(props));
-            }
-            "items" => {
-                out.insert(k.clone(), sanitize_schema(v));
-            }
-            "anyOf" | "oneOf" => {
-                let alts = v
-                    .as_array()
-                    .map(|a| a.iter().map(sanitize_schema).collect())
-                    .unwrap_or_default();
-                out.insert("anyOf".into(), Value::Array(alts));
-            }
-            "const" => {
-                out.insert("enum".into(), json!([v]));
-            }
-            "type" => match v {
-                Value::Array(types) => {
-                    let real: Vec<&Value> = types.iter().filter(|t| t.as_str() != Some("null")).collect();
-                    if real.len() < types.len() {
-                        out.insert("nullable".into(), true.into());
+    s.walk(schema, 0)
+}
+
+/// The formats Gemini's `Schema.format` takes, by type.
+fn format_accepted(ty: Option<&str>, format: &str) -> bool {
+    match ty.map(str::to_ascii_lowercase).as_deref() {
+        Some("string") => matches!(format, "enum" | "date-time"),
+        Some("integer") => matches!(format, "int32" | "int64"),
+        Some("number") => matches!(format, "float" | "double"),
+        _ => false,
+    }
+}
+
+struct Sanitizer<'a> {
+    root: &'a Value,
+    nodes: usize,
+    /// The `$ref`s being expanded, outermost first.
+    refs: Vec<String>,
+}
+
+impl Sanitizer<'_> {
+    fn walk(&mut self, schema: &Value, depth: usize) -> Value {
+        self.nodes += 1;
+        let Value::Object(m) = schema else {
+            // `true` (anything) has no Gemini form: a described string.
+            return json!({"type": "string", "description": "any value"});
+        };
+        if depth > MAX_SCHEMA_DEPTH || self.nodes > MAX_SCHEMA_NODES {
+            return stub(m, "schema too large or deep; not expanded further");
+        }
+        if let Some(r) = m.get("$ref").and_then(Value::as_str) {
+            return self.reference(r, m, depth);
+        }
+        let mut out = Map::new();
+        let mut hints: Vec<String> = Vec::new();
+        let mut all_of: Vec<&Value> = Vec::new();
+        let ty = match m.get("type") {
+            Some(Value::Array(types)) => types.iter().filter_map(Value::as_str).find(|t| *t != "null"),
+            other => other.and_then(Value::as_str),
+        };
+        for (k, v) in m {
+            match k.as_str() {
+                "properties" => {
+                    let props = v
+                        .as_object()
+                        .map(|p| {
+                            p.iter()
+                                .map(|(name, s)| (name.clone(), self.walk(s, depth + 1)))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    out.insert(k.clone(), Value::Object(props));
+                }
+                "items" => {
+                    // A tuple (`items: [..]`) has no Gemini form: its first schema.
+                    let item = match v {
+                        Value::Array(a) => a.first().cloned().unwrap_or_else(|| json!({"type": "string"})),
+                        other => other.clone(),
+                    };
+                    out.insert(k.clone(), self.walk(&item, depth + 1));
+                }
+                "anyOf" | "oneOf" => {
+                    let alts: Vec<Value> = v
+                        .as_array()
+                        .map(|a| a.iter().map(|s| self.walk(s, depth + 1)).collect())
+                        .unwrap_or_default();
+                    out.insert("anyOf".into(), Value::Array(alts));
+                }
+                "allOf" => all_of.extend(v.as_array().into_iter().flatten()),
+                "const" => {
+                    out.insert("enum".into(), json!([v]));
+                }
+                "type" => match v {
+                    Value::Array(types) => {
+                        let real: Vec<&Value> = types.iter().filter(|t| t.as_str() != Some("null")).collect();
+                        if real.len() < types.len() {
+                            out.insert("nullable".into(), true.into());
+                        }
+                        match real.as_slice() {
+                            [] => {}
+                            [one] => {
+                                out.insert("type".into(), (*one).clone());
+                            }
+                            many => {
+                                let alts = many.iter().map(|t| json!({"type": t})).collect();
+                                out.insert("anyOf".into(), Value::Array(alts));
+                            }
+                        }
                     }
-                    if let Some(t) = real.first() {
-                        out.insert("type".into(), (*t).clone());
+                    other => {
+                        out.insert("type".into(), other.clone());
+                    }
+                },
+                "format" => match v.as_str() {
+                    Some(f) if format_accepted(ty, f) => {
+                        out.insert(k.clone(), v.clone());
+                    }
+                    Some(f) => hints.push(format!("format: {f}")),
+                    None => {}
+                },
+                "additionalProperties" => match v {
+                    Value::Object(_) => {
+                        let values = compact(v, 300);
+                        hints.push(format!("any further keys allowed, each value: {values}"));
+                    }
+                    Value::Bool(true) if !m.contains_key("properties") => {
+                        hints.push("an object with any keys".into());
+                    }
+                    _ => {}
+                },
+                key if SCHEMA_KEYS.contains(&key) => {
+                    out.insert(k.clone(), v.clone());
+                }
+                _ => {}
+            }
+        }
+        for part in all_of {
+            let part = self.walk(part, depth + 1);
+            merge_schema(&mut out, part);
+        }
+        if !hints.is_empty() {
+            let hint = format!("({})", hints.join("; "));
+            let desc = match out.get("description").and_then(Value::as_str) {
+                Some(d) if !d.is_empty() => format!("{d} {hint}"),
+                _ => hint,
+            };
+            out.insert("description".into(), desc.into());
+        }
+        // Gemini refuses `required` names that are not properties.
+        if let (Some(Value::Array(req)), Some(Value::Object(props))) = (out.get("required"), out.get("properties")) {
+            let kept: Vec<Value> = req
+                .iter()
+                .filter(|r| r.as_str().is_some_and(|n| props.contains_key(n)))
+                .cloned()
+                .collect();
+            out.insert("required".into(), Value::Array(kept));
+        }
+        // Gemini only takes string enums.
+        if let Some(Value::Array(values)) = out.get("enum")
+            && values.iter().any(|v| !v.is_string())
+        {
+            let strings = values
+                .iter()
+                .map(|v| Value::String(v.as_str().map_or_else(|| v.to_string(), str::to_string)))
+                .collect();
+            out.insert("enum".into(), Value::Array(strings));
+            out.insert("type".into(), "string".into());
+        }
+        Value::Object(out)
+    }
+
+    /// A `$ref` resolved against the root (`#/$defs/X`, `#/definitions/X`,
+    /// any local JSON pointer), the referring node's own keywords on top.
+    fn reference(&mut self, r: &str, node: &Map<String, Value>, depth: usize) -> Value {
+        let target = r.strip_prefix('#').and_then(|pointer| {
+            if pointer.is_empty() {
+                Some(self.root)
+            } else {
+                self.root.pointer(pointer)
+            }
+        });
+        let Some(Value::Object(target)) = target else {
+            return stub(node, &format!("schema {r} is not part of this tool's definition"));
+        };
+        let nesting = self.refs.iter().filter(|x| x.as_str() == r).count();
+        if nesting >= MAX_REF_NESTING {
+            let mut described = target.clone();
+            described.extend(
+                node.iter()
+                    .filter(|(k, _)| *k != "$ref")
+                    .map(|(k, v)| (k.clone(), v.clone())),
+            );
+            return stub(&described, &format!("recursive {r}; not expanded further"));
+        }
+        let mut merged = target.clone();
+        merged.extend(
+            node.iter()
+                .filter(|(k, _)| *k != "$ref")
+                .map(|(k, v)| (k.clone(), v.clone())),
+        );
+        self.refs.push(r.to_string());
+        let out = self.walk(&Value::Object(merged), depth + 1);
+        self.refs.pop();
+        out
+    }
+}
+
+/// A schema not expanded further: its type (an object when unknown) and
+/// description, with why.
+fn stub(m: &Map<String, Value>, why: &str) -> Value {
+    let ty = match m.get("type") {
+        Some(Value::String(t)) => t.clone(),
+        _ => "object".to_string(),
+    };
+    let desc = match m.get("description").and_then(Value::as_str) {
+        Some(d) if !d.is_empty() => format!("{d} ({why})"),
+        _ => format!("({why})"),
+    };
+    json!({"type": ty, "description": desc})
+}
+
+/// `part`'s keywords into `out` (an `allOf` member): properties and
+/// `required` united, other keywords kept where `out` has none.
+fn merge_schema(out: &mut Map<String, Value>, part: Value) {
+    let Value::Object(part) = part else { return };
+    for (k, v) in part {
+        match (k.as_str(), out.get_mut(&k), v) {
+            ("properties", Some(Value::Object(have)), Value::Object(add)) => have.extend(add),
+            ("required", Some(Value::Array(have)), Value::Array(add)) => {
+                for r in add {
+                    if !have.contains(&r) {
+                        have.push(r);
                     }
                 }
-                other => {
-                    out.insert("type".into(), other.clone());
-                }
-            },
-            key if SCHEMA_KEYS.contains(&key) => {
-                out.insert(k.clone(), v.clone());
             }
-            _ => {}
+            (_, Some(_), _) => {}
+            (_, None, v) => {
+                out.insert(k, v);
+            }
         }
     }
-    // Gemini only takes string enums.
-    if let Some(Value::Array(values)) = out.get("enum")
-        && values.iter().any(|v| !v.is_string())
-    {
-        let strings = values
-            .iter()
-            .map(|v| Value::String(v.as_str().map_or_else(|| v.to_string(), str::to_string)))
-            .collect();
-        out.insert("enum".into(), Value::Array(strings));
-        out.insert("type".into(), "string".into());
-    }
-    Value::Object(out)
 }
+
+/// Compact JSON of a schema for a description, cut at `max` characters.
+fn compact(v: &Value, max: usize) -> String {
+    let mut s = v.to_string();
+    if s.len() > max {
+        let mut cut = max;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+        s.push('…');
+    }
+    s
+}
+
+#[cfg(test)]
+#[path = "gemini_schema_tests.rs"]
+mod schema_tests;
 
 fn inline(m: &Media, loss: &mut Loss) -> Option<Value> {
     match m {
@@ -404,6 +609,13 @@ fn mime_guess(url: &str) -> Option<&'static str> {
 }
 
 pub fn encode_request(req: &ChatRequest, loss: &mut Loss) -> Result<Value, ConvertError> {
+    encode_request_with(req, false, loss)
+}
+
+/// Encode for a Gemini upstream; `json_schema_tools`: the model takes tool
+/// schemas whole as `parametersJsonSchema` (the capability table's word),
+/// else they are sanitized into `parameters`.
+pub fn encode_request_with(req: &ChatRequest, json_schema_tools: bool, loss: &mut Loss) -> Result<Value, ConvertError> {
     if req.only.logprobs {
         return Err(ConvertError::Refused(
             "logprobs are not converted for Gemini upstreams; route this request to an OpenAI upstream".into(),
@@ -535,7 +747,15 @@ pub fn encode_request(req: &ChatRequest, loss: &mut Loss) -> Result<Value, Conve
             .tools
             .iter()
             .map(|t| {
-                let mut d = json!({"name": t.name, "parameters": sanitize_schema(&t.parameters)});
+                let mut d = if json_schema_tools {
+                    let mut schema = t.parameters.clone();
+                    if let Some(m) = schema.as_object_mut() {
+                        m.remove("$schema");
+                    }
+                    json!({"name": t.name, "parametersJsonSchema": schema})
+                } else {
+                    json!({"name": t.name, "parameters": sanitize_schema(&t.parameters)})
+                };
                 if let Some(desc) = &t.description {
                     d["description"] = desc.clone().into();
                 }

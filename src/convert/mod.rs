@@ -11,7 +11,9 @@
 //! the client's shape). `docs/conversion.md` lists every case.
 
 pub mod anthropic;
+pub mod capabilities;
 pub mod embeddings;
+pub mod errors;
 pub mod gemini;
 pub mod ir;
 pub mod model_id;

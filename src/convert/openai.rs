@@ -286,7 +286,47 @@ impl ToolNames {
     }
 }
 
+/// What an OpenAI-format request is sent to: OpenAI itself or an
+/// OpenAI-compatible server, and whether the model reasons.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Target {
+    /// `provider: openai_compatible` (vLLM, Ollama, DeepSeek…): the classic
+    /// `max_tokens`, no `reasoning_effort`.
+    pub compatible: bool,
+    /// Whether the model is a reasoning model (`max_completion_tokens`,
+    /// `reasoning_effort`), from the capability table; `None`: judged by its
+    /// name (OpenAI's reasoning models; never on a compatible server).
+    pub reasoning: Option<bool>,
+}
+
+impl Target {
+    fn reasons(self, model: &str) -> bool {
+        self.reasoning
+            .unwrap_or_else(|| !self.compatible && is_reasoning_model(model))
+    }
+}
+
+/// OpenAI's reasoning models by name: the o-series and GPT-5 (not its
+/// `-chat` variants).
+pub fn is_reasoning_model(model: &str) -> bool {
+    let m = model.rsplit('/').next().unwrap_or(model).to_ascii_lowercase();
+    let o_series = m.len() >= 2 && m.starts_with('o') && m.as_bytes()[1].is_ascii_digit();
+    o_series || (m.starts_with("gpt-5") && !m.contains("-chat")) || m.starts_with("codex-")
+}
+
+/// Encode for OpenAI itself, the model's kind judged by its name.
 pub fn encode_request(req: &ChatRequest, names: &mut ToolNames, loss: &mut Loss) -> Result<Value, ConvertError> {
+    encode_request_to(req, Target::default(), names, loss)
+}
+
+/// Encode for an OpenAI-format upstream: `target` says which parameters it takes.
+pub fn encode_request_to(
+    req: &ChatRequest,
+    target: Target,
+    names: &mut ToolNames,
+    loss: &mut Loss,
+) -> Result<Value, ConvertError> {
+    let reasons = target.reasons(&req.model);
     let mut messages: Vec<Value> = req
         .system
         .iter()
@@ -359,7 +399,10 @@ pub fn encode_request(req: &ChatRequest, names: &mut ToolNames, loss: &mut Loss)
     out.insert("model".into(), req.model.clone().into());
     out.insert("messages".into(), Value::Array(messages));
     if let Some(n) = req.max_tokens {
-        out.insert("max_completion_tokens".into(), n.into());
+        // Reasoning models want max_completion_tokens (they refuse
+        // max_tokens); compatible servers and older models know max_tokens.
+        let key = if reasons { "max_completion_tokens" } else { "max_tokens" };
+        out.insert(key.into(), n.into());
     }
     let mut put = |k: &str, v: Option<Value>| {
         if let Some(v) = v {
@@ -426,7 +469,14 @@ pub fn encode_request(req: &ChatRequest, names: &mut ToolNames, loss: &mut Loss)
         } else {
             r.effort.or_else(|| r.budget_tokens.map(Effort::from_budget))
         };
-        if let Some(e) = effort {
+        if effort.is_some() && !reasons {
+            loss.dropped(if target.compatible {
+                "reasoning_effort (not sent to OpenAI-compatible servers)"
+            } else {
+                "reasoning_effort (the model is not an OpenAI reasoning model)"
+            });
+        }
+        if let Some(e) = effort.filter(|_| reasons) {
             let e = match e {
                 Effort::Minimal => "minimal",
                 Effort::Low => "low",

@@ -153,7 +153,9 @@ fn anthropic_to_openai_request_with_thinking_and_long_tool_names() {
         ]
     });
     let mut loss = Loss::default();
-    let ir = anthropic::decode_request(&body, &mut loss).unwrap();
+    let mut ir = anthropic::decode_request(&body, &mut loss).unwrap();
+    // As a route's model_map would: a model that takes reasoning_effort.
+    ir.model = "o3".into();
     let mut names = openai::ToolNames::default();
     let out = openai::encode_request(&ir, &mut names, &mut loss).unwrap();
     let short = out["tools"][0]["function"]["name"].as_str().unwrap().to_string();

@@ -83,12 +83,17 @@ pub fn plan(
         return Ok(None);
     }
     let default_max_tokens = upstream.default_max_tokens;
+    let upstream_caps = &upstream.capabilities;
     let upstream = provider_format(provider);
     let json: Value = serde_json::from_slice(body).map_err(|e| GatewayError::BadJson(e.to_string()))?;
     let mut loss = Loss::default();
     let gemini_array = client == Format::Gemini && !query.is_some_and(|q| q.split('&').any(|p| p == "alt=sse"));
-    // A body's model was mapped already; a Gemini URL's model is mapped here.
-    let mapped = |m: &str| model_map.get(m).cloned().unwrap_or_else(|| m.to_string());
+    // `model_map` applies once: a body's model was mapped by intake (with
+    // the route's other rewrites), a Gemini URL's model is mapped here.
+    let mapped = |m: &str| match client {
+        Format::Gemini => model_map.get(m).cloned().unwrap_or_else(|| m.to_string()),
+        _ => m.to_string(),
+    };
     if let Some(plan) = embeddings_plan(client, upstream, path, &json, &mapped)? {
         return Ok(Some(plan));
     }
@@ -120,10 +125,18 @@ pub fn plan(
     .map_err(not_convertible)?;
     req.model = mapped(&req.model);
     let mut names = ToolNames::default();
+    // What the model takes: the upstream's rules, then the shipped table.
+    let caps = crate::convert::capabilities::lookup(provider, &req.model, upstream_caps);
     let encoded = match upstream {
-        Format::Openai => openai::encode_request(&req, &mut names, &mut loss),
-        Format::Anthropic => anthropic::encode_request(&req, default_max_tokens, &mut loss),
-        Format::Gemini => gemini::encode_request(&req, &mut loss),
+        Format::Openai => {
+            let target = openai::Target {
+                compatible: provider == crate::config::Provider::OpenaiCompatible,
+                reasoning: Some(caps.reasoning),
+            };
+            openai::encode_request_to(&req, target, &mut names, &mut loss)
+        }
+        Format::Anthropic => anthropic::encode_request_with(&req, default_max_tokens, caps.sampling_pair, &mut loss),
+        Format::Gemini => gemini::encode_request_with(&req, caps.parameters_json_schema, &mut loss),
         Format::Responses | Format::Passthrough => return Ok(None),
     }
     .map_err(not_convertible)?;
@@ -302,6 +315,14 @@ impl Plan {
         }
     }
 
+    /// Answers name `model`, the one the client asked for (before
+    /// `model_map`), as the docs promise; the upstream still gets the mapped one.
+    pub fn answer_as(&mut self, model: Option<&str>) {
+        if let Some(m) = model.filter(|m| !m.is_empty()) {
+            self.model = m.to_string();
+        }
+    }
+
     /// Fit the rewritten upstream request to the conversion: path, plain
     /// (uncompressed) answers, JSON body, no headers of the client's format.
     pub fn adjust(&self, req: &mut pingora::http::RequestHeader, base_path: &str) -> Result<(), GatewayError> {
@@ -402,25 +423,24 @@ impl Plan {
         Ok(serde_json::to_vec(&out).unwrap_or_default())
     }
 
-    /// An upstream error answer as the client's error: its message, its
-    /// status (an Anthropic 529 "overloaded" is 503 for other clients).
+    /// An upstream error answer as the client's error: its message, and the
+    /// status and code clients act on (context overflow, quota, rate limit,
+    /// key, safety) in the client's vocabulary (`convert::errors`).
     fn convert_error(&self, status: u16, body: &[u8], retry_after: Option<u64>) -> GatewayError {
-        let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
-        let message = v
-            .get("error")
-            .and_then(|e| e.get("message").or(Some(e)))
-            .and_then(Value::as_str)
-            .map(str::to_string)
-            .unwrap_or_else(|| format!("the upstream answered {status}"));
-        let status = if status == 529 && self.client != Format::Anthropic {
-            503
-        } else {
-            status
-        };
-        GatewayError::Upstream {
+        use crate::convert::errors;
+        let upstream_error = errors::decode(self.upstream, status, body);
+        // Gemini says how long to wait in the body only.
+        let retry_after = retry_after.or_else(|| {
+            (self.upstream == Format::Gemini && self.client != Format::Gemini)
+                .then(|| errors::gemini_retry_delay(body))
+                .flatten()
+        });
+        let (status, value) = errors::encode(self.client, &upstream_error);
+        GatewayError::UpstreamCoded {
             status,
-            message,
+            message: upstream_error.message,
             retry_after,
+            body: Bytes::from(value.to_string()),
         }
     }
 }

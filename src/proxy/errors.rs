@@ -67,6 +67,16 @@ pub enum GatewayError {
         /// Seconds, when the upstream said (`Retry-After`).
         retry_after: Option<u64>,
     },
+    /// An upstream error answer converted to the client's format with the
+    /// code clients act on (`crate::convert::errors`): `body` is already in
+    /// the client's shape, `status` the client's.
+    #[error("{message}")]
+    UpstreamCoded {
+        status: u16,
+        message: String,
+        retry_after: Option<u64>,
+        body: Bytes,
+    },
     /// Not sent to anyone: the client is gone. Recorded for logs.
     #[error("client closed the connection")]
     ClientClosed,
@@ -86,7 +96,7 @@ impl GatewayError {
             Self::RateLimited { retry_after, .. } | Self::LimiterUnavailable { retry_after } => Some(*retry_after),
             Self::NoUpstreamKey { retry_after, .. } => *retry_after,
             Self::UpstreamBusy { .. } => Some(1),
-            Self::Upstream { retry_after, .. } => *retry_after,
+            Self::Upstream { retry_after, .. } | Self::UpstreamCoded { retry_after, .. } => *retry_after,
             _ => None,
         }
     }
@@ -104,7 +114,7 @@ impl GatewayError {
             | Self::NotConvertible(_)
             | Self::InvalidModel(_)
             | Self::UnsafePath(_) => 400,
-            Self::Upstream { status, .. } => *status,
+            Self::Upstream { status, .. } | Self::UpstreamCoded { status, .. } => *status,
             Self::NoUpstreamKey { .. } | Self::UpstreamBusy { .. } | Self::LimiterUnavailable { .. } => 503,
             Self::NoEndpoint(_) | Self::UpstreamUnreachable { .. } => 502,
             Self::UpstreamTimeout { .. } => 504,
@@ -143,7 +153,7 @@ impl GatewayError {
             Self::NotConvertible(_) => "unsupported_conversion",
             Self::InvalidModel(_) => "invalid_model",
             Self::UnsafePath(_) => "invalid_path",
-            Self::Upstream { .. } => "upstream_error",
+            Self::Upstream { .. } | Self::UpstreamCoded { .. } => "upstream_error",
             Self::NoUpstreamKey { .. } => "no_upstream_key",
             Self::UpstreamBusy { .. } => "upstream_busy",
             Self::NoEndpoint(_) => "no_upstream_endpoint",
@@ -158,6 +168,9 @@ impl GatewayError {
 
     /// The JSON body in `format`'s error shape.
     pub fn body(&self, format: Format) -> Bytes {
+        if let Self::UpstreamCoded { body, .. } = self {
+            return body.clone();
+        }
         let status = self.status();
         let message = self.to_string();
         let value = match format {

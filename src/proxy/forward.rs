@@ -135,7 +135,12 @@ pub async fn exchange(state: &Arc<AppState>, session: &mut Session, ctx: &mut Re
             session.req_header().uri.query(),
             &body,
         ) {
-            Ok(p) => p,
+            Ok(mut p) => {
+                if let Some(p) = p.as_mut() {
+                    p.answer_as(ctx.model.as_deref());
+                }
+                p
+            }
             Err(e) => {
                 last_error = Some(e);
                 continue;

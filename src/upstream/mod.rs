@@ -184,6 +184,8 @@ pub struct Upstream {
     pub default_max_tokens: u64,
     /// Whether `X-Forwarded-For`/`-Proto` are sent to this upstream.
     pub forwarded_headers: bool,
+    /// This upstream's capability rules (before the shipped table).
+    pub capabilities: Vec<crate::convert::capabilities::CapabilityRule>,
     in_flight: Arc<AtomicU32>,
     /// Retry attempts in flight toward this upstream (under `retry_budget`).
     active_retries: Arc<AtomicU32>,
@@ -283,6 +285,7 @@ impl Upstream {
             max_in_flight: cfg.max_in_flight,
             default_max_tokens: cfg.default_max_tokens,
             forwarded_headers: cfg.forwarded_headers,
+            capabilities: cfg.capabilities.clone(),
             in_flight: Arc::new(AtomicU32::new(0)),
             active_retries: Arc::new(AtomicU32::new(0)),
             retry_budget: cfg.retry_budget,

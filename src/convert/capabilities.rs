@@ -1,0 +1,159 @@
+//! What a model takes, for the request converters: a shipped table
+//! (`capabilities.yaml`, defaults per provider and rules by model glob) that
+//! an upstream's `capabilities:` in `fastgate.yaml` override, consulted
+//! instead of guessing from names in the encoders.
+
+use crate::config::Provider;
+use serde::{Deserialize, Serialize};
+use std::{collections::BTreeMap, sync::LazyLock};
+
+/// Fields a rule sets; the ones it leaves out come from the next rule down
+/// (then the provider's default).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CapabilityFields {
+    /// OpenAI: a reasoning model (`max_completion_tokens`, `reasoning_effort`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasoning: Option<bool>,
+    /// Anthropic: `temperature` and `top_p` accepted together.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sampling_pair: Option<bool>,
+    /// Gemini: tools as `parametersJsonSchema` (full JSON Schema).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parameters_json_schema: Option<bool>,
+}
+
+/// A rule: the models it applies to (a case-insensitive glob) and what it sets.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CapabilityRule {
+    #[serde(rename = "match")]
+    pub pattern: String,
+    #[serde(flatten)]
+    pub fields: CapabilityFields,
+}
+
+impl CapabilityRule {
+    fn matcher(&self) -> Option<globset::GlobMatcher> {
+        globset::GlobBuilder::new(&self.pattern)
+            .case_insensitive(true)
+            .build()
+            .ok()
+            .map(|g| g.compile_matcher())
+    }
+}
+
+/// Whether `pattern` is a valid rule glob (for config validation).
+pub fn valid_pattern(pattern: &str) -> Result<(), String> {
+    globset::Glob::new(pattern).map(|_| ()).map_err(|e| e.to_string())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProviderTable {
+    #[serde(default)]
+    default: CapabilityFields,
+    #[serde(default)]
+    models: Vec<CapabilityRule>,
+}
+
+/// A provider's rules with their globs compiled.
+struct Compiled {
+    default: CapabilityFields,
+    rules: Vec<(globset::GlobMatcher, CapabilityFields)>,
+}
+
+/// The shipped table, by provider name, compiled once.
+static SHIPPED: LazyLock<BTreeMap<String, Compiled>> = LazyLock::new(|| {
+    let tables: BTreeMap<String, ProviderTable> = serde_norway::from_str(include_str!("capabilities.yaml"))
+        .unwrap_or_else(|e| {
+            tracing::error!(error = %e, "The shipped capability table does not parse; using built-in defaults.");
+            BTreeMap::new()
+        });
+    tables
+        .into_iter()
+        .map(|(provider, t)| {
+            let rules = t
+                .models
+                .iter()
+                .filter_map(|r| r.matcher().map(|m| (m, r.fields)))
+                .collect();
+            (
+                provider,
+                Compiled {
+                    default: t.default,
+                    rules,
+                },
+            )
+        })
+        .collect()
+});
+
+/// What a model takes, all fields decided.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Capabilities {
+    pub reasoning: bool,
+    pub sampling_pair: bool,
+    pub parameters_json_schema: bool,
+}
+
+/// The capabilities of `model` on an upstream of `provider` whose own rules
+/// are `overrides` (checked first, in order).
+pub fn lookup(provider: Provider, model: &str, overrides: &[CapabilityRule]) -> Capabilities {
+    let table = SHIPPED.get(provider.name());
+    let model = model.strip_prefix("models/").unwrap_or(model);
+    let own = overrides
+        .iter()
+        .filter(|r| r.matcher().is_some_and(|m| m.is_match(model)))
+        .map(|r| r.fields);
+    let shipped = table
+        .map_or(&[][..], |t| t.rules.as_slice())
+        .iter()
+        .filter(|(m, _)| m.is_match(model))
+        .map(|(_, f)| *f);
+    let rules = own.chain(shipped).chain(table.map(|t| t.default));
+    let mut out = CapabilityFields::default();
+    for f in rules {
+        out.reasoning = out.reasoning.or(f.reasoning);
+        out.sampling_pair = out.sampling_pair.or(f.sampling_pair);
+        out.parameters_json_schema = out.parameters_json_schema.or(f.parameters_json_schema);
+    }
+    Capabilities {
+        reasoning: out.reasoning.unwrap_or(false),
+        sampling_pair: out.sampling_pair.unwrap_or(false),
+        parameters_json_schema: out.parameters_json_schema.unwrap_or(false),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_table_parses_and_decides_by_model() {
+        assert!(!SHIPPED.is_empty());
+        let reasons = |m| lookup(Provider::Openai, m, &[]).reasoning;
+        assert!(reasons("o3") && reasons("o4-mini") && reasons("gpt-5") && reasons("GPT-5.1"));
+        assert!(!reasons("gpt-4.1") && !reasons("gpt-5-chat-latest") && !reasons("omni-x"));
+        assert!(!lookup(Provider::OpenaiCompatible, "o3", &[]).reasoning);
+        let pair = |m| lookup(Provider::Anthropic, m, &[]).sampling_pair;
+        assert!(pair("claude-3-7-sonnet-latest") && pair("claude-sonnet-4-20250514"));
+        assert!(!pair("claude-sonnet-4-5") && !pair("claude-opus-4-1") && !pair("claude-haiku-4-5"));
+        assert!(!lookup(Provider::Gemini, "models/gemini-2.5-pro", &[]).parameters_json_schema);
+    }
+
+    #[test]
+    fn an_upstreams_rules_come_first_and_fill_only_what_they_name() {
+        let rules: Vec<CapabilityRule> =
+            serde_norway::from_str("- {match: 'deepseek-r*', reasoning: true}\n- {match: '*', sampling_pair: true}")
+                .unwrap();
+        let c = lookup(Provider::OpenaiCompatible, "deepseek-r1", &rules);
+        assert!(c.reasoning && c.sampling_pair);
+        let c = lookup(Provider::Openai, "gpt-5-chat-latest", &rules);
+        assert!(
+            !c.reasoning,
+            "the shipped rule still decides what the override leaves out"
+        );
+        assert!(valid_pattern("o[0-9*").is_err());
+    }
+}
