@@ -326,6 +326,14 @@ pub fn encode_request_to(
     names: &mut ToolNames,
     loss: &mut Loss,
 ) -> Result<Value, ConvertError> {
+    if req.stream && req.only.candidates.is_some_and(|n| n > 1) {
+        // Only a Gemini client sets it; its stream would carry one
+        // candidate of the several asked for, silently.
+        return Err(ConvertError::Refused(
+            "candidateCount > 1 is not converted for streams from OpenAI upstreams; ask without streaming, or send separate requests"
+                .into(),
+        ));
+    }
     let reasons = target.reasons(&req.model);
     let mut messages: Vec<Value> = req
         .system

@@ -94,6 +94,20 @@ fn refusals_where_dropping_would_change_the_answer() {
         openai::decode_request(&json!({"messages": "x"}), &mut Loss::default()),
         Err(ConvertError::Invalid(_))
     ));
+    // A Gemini client's streamed candidateCount > 1 toward OpenAI: the
+    // stream would carry one candidate only, silently.
+    let gemini_body = json!({
+        "contents": [{"role": "user", "parts": [{"text": "hi"}]}],
+        "generationConfig": {"candidateCount": 2}
+    });
+    let mut ir = gemini::decode_request(&gemini_body, "m", true, &mut Loss::default()).unwrap();
+    assert!(matches!(
+        openai::encode_request(&ir, &mut Default::default(), &mut Loss::default()),
+        Err(ConvertError::Refused(_))
+    ));
+    ir.stream = false;
+    let sent = openai::encode_request(&ir, &mut Default::default(), &mut Loss::default()).unwrap();
+    assert_eq!(sent["n"], 2);
 }
 
 #[test]
