@@ -986,10 +986,13 @@ impl Drop for Gateway {
 
 /// Send the request `make` builds until its status satisfies `done` (route
 /// reloads and new keys apply within moments, not instantly); the last answer.
+/// A connection refused or closed early counts as not yet (a port that was
+/// over its connection cap answers 503 and closes before reading).
 pub async fn until_status(make: impl Fn() -> reqwest::RequestBuilder, done: impl Fn(u16) -> bool) -> reqwest::Response {
     for _ in 0..100 {
-        let r = make().send().await.unwrap();
-        if done(r.status().as_u16()) {
+        if let Ok(r) = make().send().await
+            && done(r.status().as_u16())
+        {
             return r;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
