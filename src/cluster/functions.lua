@@ -31,7 +31,7 @@ local function bucket_width(window)
 end
 
 -- Sum a bucket hash's live buckets (dropping the dead ones). Returns the
--- total and the live buckets sorted oldest first, as {index, tokens}.
+-- total and the live buckets (unsorted), as {index, tokens}.
 local function live_buckets(hash, width, window, now)
   local all = redis.call('HGETALL', hash)
   local total, live, dead = 0, {}, {}
@@ -48,7 +48,6 @@ local function live_buckets(hash, width, window, now)
   if #dead > 0 then
     redis.call('HDEL', hash, unpack(dead))
   end
-  table.sort(live, function(x, y) return x[1] < y[1] end)
   return total, live
 end
 
@@ -98,7 +97,9 @@ local function admit(keys, args)
       local total, live = live_buckets(hash, width, window, now)
       if cost > limit then cost = limit end
       if total + cost > limit then
-        -- The oldest buckets whose expiry makes room.
+        -- The oldest buckets whose expiry makes room (sorted only here:
+        -- an admission that fits never needs the order).
+        table.sort(live, function(x, y) return x[1] < y[1] end)
         local wait = window
         for _, b in ipairs(live) do
           total = total - b[2]

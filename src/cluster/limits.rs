@@ -106,6 +106,43 @@ pub fn reserve_for(body: Option<&[u8]>, default: u64) -> u64 {
     crate::usage::estimate::prompt_tokens(body.len() as u64).saturating_add(output)
 }
 
+/// One adjustment of the settlement call: kind, counter key, where (the
+/// token bucket, or the quota counter's expiry), tokens used, reserved.
+type Adjustment = (&'static str, String, i64, u64, u64);
+
+/// A batch's settlements summed per counter: per token bucket (its key and
+/// the bucket each admission answered) the tokens used and reserved, per
+/// quota counter the tokens and its latest expiry. Redis then does one
+/// adjustment per counter, not one per request (a busy key's batch of 128
+/// touches one or two buckets).
+fn aggregate(settlements: &[Settlement]) -> Vec<Adjustment> {
+    use std::collections::BTreeMap;
+    let mut buckets: BTreeMap<(String, i64), (u64, u64)> = BTreeMap::new();
+    let mut quotas: BTreeMap<String, (u64, i64)> = BTreeMap::new();
+    for s in settlements {
+        for w in &s.checks.windows {
+            if let Some(tpm) = w.limits.tpm {
+                let sum = buckets.entry((token_key(&w.scope), s.ticket.bucket)).or_default();
+                sum.0 = sum.0.saturating_add(s.tokens);
+                sum.1 = sum.1.saturating_add(s.ticket.reserve.min(tpm));
+            }
+        }
+        for q in &s.checks.quotas {
+            let expiry = q.period.1 + QUOTA_COUNTER_SLACK_MS;
+            let sum = quotas.entry(quota_key(&q.scope, q.period.0)).or_insert((0, expiry));
+            sum.0 = sum.0.saturating_add(s.tokens);
+            sum.1 = sum.1.max(expiry);
+        }
+    }
+    let buckets = buckets
+        .into_iter()
+        .map(|((key, bucket), (tokens, reserved))| ("t", key, bucket, tokens, reserved));
+    let quotas = quotas
+        .into_iter()
+        .map(|(key, (tokens, expiry))| ("q", key, expiry, tokens, 0));
+    buckets.chain(quotas).collect()
+}
+
 impl Cluster {
     /// Admit a request against `checks` in Redis; when Redis is down,
     /// decide as `on_redis_down` says (locally, each limit divided among
@@ -304,29 +341,22 @@ impl Cluster {
 
     async fn settle_shared(&self, batch: &Batch) -> Result<(), ClusterError> {
         let mut keys = vec![format!("{PREFIX}seq:{}:{}", self.node_id, self.boot)];
-        let requests = batch.settlements.len() + batch.owed.len();
+        let settled = aggregate(&batch.settlements);
+        let requests = settled.len() + batch.owed.len();
         let mut args: Vec<String> = vec![
             batch.seq.to_string(),
             self.config.rate_window.0.as_millis().to_string(),
             requests.to_string(),
         ];
-        for s in &batch.settlements {
-            let tpms = s.checks.windows.iter().filter_map(|w| w.limits.tpm.map(|t| (w, t)));
-            args.push((tpms.clone().count() + s.checks.quotas.len()).to_string());
-            for (w, tpm) in tpms {
-                keys.push(token_key(&w.scope));
-                args.extend([
-                    "t".to_string(),
-                    s.tokens.to_string(),
-                    s.ticket.reserve.min(tpm).to_string(),
-                    s.ticket.bucket.to_string(),
-                ]);
-            }
-            for q in &s.checks.quotas {
-                keys.push(quota_key(&q.scope, q.period.0));
-                let expiry = q.period.1 + QUOTA_COUNTER_SLACK_MS;
-                args.extend(["q".to_string(), s.tokens.to_string(), "0".into(), expiry.to_string()]);
-            }
+        for (kind, key, at, tokens, reserved) in settled {
+            keys.push(key);
+            args.extend([
+                "1".to_string(),
+                kind.to_string(),
+                tokens.to_string(),
+                reserved.to_string(),
+                at.to_string(),
+            ]);
         }
         for (counter, tokens, expiry) in &batch.owed {
             keys.push(counter.clone());
@@ -379,7 +409,49 @@ impl Cluster {
 
 #[cfg(test)]
 mod tests {
-    use super::reserve_for;
+    use super::{Settlement, Ticket, aggregate, reserve_for};
+    use crate::ratelimit::{Limited, Limits, QuotaCheck, RateChecks, WindowCheck};
+
+    #[test]
+    fn a_batch_settles_once_per_counter_not_once_per_request() {
+        let settle = |tokens: u64, bucket: i64, reserve: u64, period_end: i64| Settlement {
+            checks: RateChecks {
+                windows: vec![WindowCheck {
+                    scope: "k1".into(),
+                    limits: Limits {
+                        rpm: Some(10),
+                        tpm: Some(100),
+                    },
+                    label: Limited::Key,
+                }],
+                quotas: vec![QuotaCheck {
+                    scope: "k1".into(),
+                    tokens: 1000,
+                    period: (0, period_end),
+                    label: Limited::Key,
+                }],
+            },
+            tokens,
+            ticket: Ticket { bucket, reserve },
+        };
+        // Three requests in bucket 7 (one reserved more than tpm: cut to
+        // 100), one in bucket 8; one quota counter.
+        let batch = [
+            settle(10, 7, 50, 5),
+            settle(20, 7, 500, 9),
+            settle(5, 7, 5, 5),
+            settle(1, 8, 2, 5),
+        ];
+        let adj = aggregate(&batch);
+        let t: Vec<_> = adj.iter().filter(|a| a.0 == "t").collect();
+        assert_eq!(t.len(), 2, "{adj:?}");
+        assert_eq!((t[0].2, t[0].3, t[0].4), (7, 35, 155));
+        assert_eq!((t[1].2, t[1].3, t[1].4), (8, 1, 2));
+        let q: Vec<_> = adj.iter().filter(|a| a.0 == "q").collect();
+        assert_eq!(q.len(), 1, "{adj:?}");
+        assert_eq!((q[0].3, q[0].4), (36, 0));
+        assert_eq!(q[0].2, 9 + super::QUOTA_COUNTER_SLACK_MS, "the latest expiry");
+    }
 
     #[test]
     fn reservations_read_every_providers_output_limit() {
