@@ -95,7 +95,9 @@ admin: {{ listen: 127.0.0.1:{admin} }}
 database: {{ path: {d}/fg.db }}
 routes_dir: {d}/routes.d
 upstreams:
-  openai: {{ provider: openai, endpoints: ['{up}'], key_pool: po }}
+  # The mock model reasons when asked (as o3 or gpt-5 do): the upstream's
+  # own capability rule says so (the shipped table knows only real models).
+  openai: {{ provider: openai, endpoints: ['{up}'], key_pool: po, capabilities: [{{ match: 'mock-*', reasoning: true }}] }}
   openai-chat: {{ provider: openai_compatible, endpoints: ['{up}'], key_pool: po }}
   anthropic: {{ provider: anthropic, endpoints: ['{up}'], key_pool: pa }}
   gemini: {{ provider: gemini, endpoints: ['{up}'], key_pool: pg }}
