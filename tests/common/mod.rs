@@ -648,8 +648,17 @@ impl MockUpstream {
 /// Whether the server came up on its ports; false if it exited (a port clash).
 async fn wait_ready(child: &mut Child, port: u16, admin_port: u16, log: &Path) -> bool {
     let deadline = Instant::now() + Duration::from_secs(20);
+    // A restart appends to the same log: only this child's lines count.
+    let start = std::fs::metadata(log).map_or(0, |m| m.len() as usize);
     while Instant::now() < deadline {
         if child.try_wait().unwrap().is_some() {
+            return false;
+        }
+        // The admin service logs a failed bind and the server runs on
+        // without it: that is a clash too, so retry on other ports.
+        let ours = std::fs::read(log).map(|l| l.get(start..).map(|t| t.to_vec()).unwrap_or_default());
+        if ours.is_ok_and(|l| String::from_utf8_lossy(&l).contains("in use")) {
+            let _ = child.kill();
             return false;
         }
         // Another test's server may hold a port this one failed to bind:
