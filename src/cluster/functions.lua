@@ -30,25 +30,54 @@ local function bucket_width(window)
   return math.max(1, math.ceil(window / BUCKETS))
 end
 
--- Sum a bucket hash's live buckets (dropping the dead ones). Returns the
--- total and the live buckets (unsorted), as {index, tokens}.
+-- A bucket hash also keeps two bookkeeping fields: `s`, the sum of its
+-- buckets, and `o`, the oldest bucket in it. While bucket `o` is still in
+-- the window every bucket is, and `s` is the live total: an admission
+-- reads two fields, not the whole hash (the hash is rewalked at most once
+-- per bucket width, or on a refusal).
+local SUM, OLDEST = 's', 'o'
+
+-- Sum a bucket hash's live buckets (dropping the dead ones and restating
+-- `s` and `o`). Returns the total and the live buckets (unsorted), as
+-- {index, tokens}.
 local function live_buckets(hash, width, window, now)
   local all = redis.call('HGETALL', hash)
-  local total, live, dead = 0, {}, {}
+  local total, live, dead, oldest = 0, {}, {}, math.floor(now / width)
   for i = 1, #all, 2 do
-    local b = tonumber(all[i])
-    local n = tonumber(all[i + 1]) or 0
-    if b == nil or (b + 1) * width + window <= now then
-      dead[#dead + 1] = all[i]
-    else
-      total = total + n
-      live[#live + 1] = {b, n}
+    local name = all[i]
+    if name ~= SUM and name ~= OLDEST then
+      local b = tonumber(name)
+      local n = tonumber(all[i + 1]) or 0
+      if b == nil or (b + 1) * width + window <= now then
+        dead[#dead + 1] = name
+      else
+        total = total + n
+        live[#live + 1] = {b, n}
+        if b < oldest then oldest = b end
+      end
     end
   end
   if #dead > 0 then
     redis.call('HDEL', hash, unpack(dead))
   end
+  if #live == 0 then
+    -- Nothing left to count: no key without buckets (or a TTL) stays.
+    if #all > 0 then redis.call('DEL', hash) end
+  else
+    redis.call('HSET', hash, SUM, total, OLDEST, oldest)
+  end
   return total, live
+end
+
+-- The live total of a bucket hash: its `s` while its oldest bucket is
+-- live, else a walk of the hash.
+local function window_total(hash, width, window, now)
+  local kept = redis.call('HMGET', hash, SUM, OLDEST)
+  local sum, oldest = tonumber(kept[1]), tonumber(kept[2])
+  if sum and oldest and (oldest + 1) * width + window > now then
+    return sum
+  end
+  return (live_buckets(hash, width, window, now))
 end
 
 -- Check every limit of one request and, only if all allow it, take them.
@@ -94,9 +123,11 @@ local function admit(keys, args)
     elseif kind == 't' then
       local hash = keys[k]
       k = k + 1
-      local total, live = live_buckets(hash, width, window, now)
+      local total = window_total(hash, width, window, now)
       if cost > limit then cost = limit end
       if total + cost > limit then
+        local live
+        total, live = live_buckets(hash, width, window, now)
         -- The oldest buckets whose expiry makes room (sorted only here:
         -- an admission that fits never needs the order).
         table.sort(live, function(x, y) return x[1] < y[1] end)
@@ -126,6 +157,7 @@ local function admit(keys, args)
       redis.call('PEXPIRE', t[2], window)
     else
       redis.call('HINCRBY', t[2], bucket, t[3])
+      redis.call('HINCRBY', t[2], SUM, t[3])
       redis.call('PEXPIRE', t[2], window + 2 * width)
     end
   end
@@ -167,8 +199,13 @@ local function settle(keys, args)
         local b = math.floor(where)
         local held = redis.call('HGET', key, b)
         if held and (b + 1) * width + window > now and tokens ~= reserved then
-          local left = redis.call('HINCRBY', key, b, tokens - reserved)
-          if left < 0 then redis.call('HSET', key, b, 0) end
+          local change = tokens - reserved
+          local left = redis.call('HINCRBY', key, b, change)
+          if left < 0 then
+            redis.call('HSET', key, b, 0)
+            change = change - left
+          end
+          redis.call('HINCRBY', key, SUM, change)
         end
       else
         if tokens > 0 then
