@@ -446,6 +446,76 @@ async fn a_tpm_refusal_does_bounded_work() {
     }
 }
 
+/// One `fastgate_admit_v2` call on `keys` for op `op`: (kind, limit, cost)
+/// per limit, a 60 s window. Returns Redis's answer.
+async fn admit(
+    conn: &mut redis::aio::MultiplexedConnection,
+    op: &str,
+    keys: &[&str],
+    limits: &[(&str, u64, u64)],
+) -> Vec<i64> {
+    let mut cmd = redis::cmd("FCALL");
+    cmd.arg("fastgate_admit_v2")
+        .arg(keys.len() + 1)
+        .arg(format!("fg:{{fg}}:op:{op}"))
+        .arg(keys)
+        .arg(op)
+        .arg(60_000)
+        .arg(limits.len());
+    for (kind, limit, cost) in limits {
+        cmd.arg(*kind).arg(*limit).arg(*cost);
+    }
+    cmd.query_async(conn).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_retried_admission_is_counted_once_with_or_without_a_request_limit() {
+    let redis = Redis::start().await;
+    let mock = MockUpstream::start().await;
+    // A node loads the function library.
+    let (_all, _keys) = nodes(&[redis.url()], &mock, "60s", "1s", "", &[]).await;
+    let mut conn = redis_conn(&redis.url()).await;
+    let (log, tokens) = ("fg:{fg}:test:r", "fg:{fg}:test:t");
+
+    // rpm 1 and tpm 100: the first call takes both, its retry answers the
+    // same bucket and takes nothing more, another op is refused by rpm.
+    let both = [("r", 1, 1), ("t", 100, 60)];
+    let first = admit(&mut conn, "n:1:1", &[log, tokens], &both).await;
+    assert_eq!(first[0], 0, "{first:?}");
+    let again = admit(&mut conn, "n:1:1", &[log, tokens], &both).await;
+    assert_eq!(again, first, "a retry answers as the first call did");
+    let card: u64 = redis::cmd("ZCARD").arg(log).query_async(&mut conn).await.unwrap();
+    assert_eq!(card, 1);
+    let sum: u64 = redis::cmd("HGET")
+        .arg(tokens)
+        .arg("s")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(sum, 60, "the retry reserved nothing more");
+    let other = admit(&mut conn, "n:1:2", &[log, tokens], &both).await;
+    assert_eq!(
+        other[..2],
+        [1, 1],
+        "another op is refused by the request limit: {other:?}"
+    );
+
+    // Without a request limit the op's marker answers the retry.
+    let only_tokens = [("t", 100, 30)];
+    let t = "fg:{fg}:test:t2";
+    let first = admit(&mut conn, "n:1:3", &[t], &only_tokens).await;
+    assert_eq!(first[0], 0, "{first:?}");
+    for _ in 0..3 {
+        assert_eq!(admit(&mut conn, "n:1:3", &[t], &only_tokens).await, first);
+    }
+    let sum: u64 = redis::cmd("HGET").arg(t).arg("s").query_async(&mut conn).await.unwrap();
+    assert_eq!(sum, 30, "three retries reserved nothing more");
+    let ok = admit(&mut conn, "n:1:4", &[t], &only_tokens).await;
+    assert_eq!(ok[0], 0);
+    let refused = admit(&mut conn, "n:1:5", &[t], &[("t", 100, 50)]).await;
+    assert_eq!(refused[..2], [1, 1], "60 held, 50 more do not fit in 100: {refused:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_key_fastgate_writes_has_a_ttl() {
     let redis = Redis::start().await;

@@ -81,7 +81,7 @@ local function window_total(hash, width, window, now)
 end
 
 -- Check every limit of one request and, only if all allow it, take them.
--- KEYS[1]: the op's marker (a retried admit answers as the first did).
+-- KEYS[1]: the op's marker (used only when no request limit is checked).
 -- ARGV: op id, window ms, count of limits, then per limit: kind, limit,
 -- cost. Kinds and their KEYS, in order after the marker:
 --   r  requests in the rolling window: a sorted set of op ids (only
@@ -95,12 +95,28 @@ end
 local function admit(keys, args)
   local now = now_ms()
   local id, window, n = args[1], tonumber(args[2]), tonumber(args[3])
-  local marker = keys[1]
-  local seen = redis.call('GET', marker)
-  if seen then
-    return {0, tonumber(seen)}
-  end
   local width = bucket_width(window)
+  -- A retried admit answers as the first did. With a request limit the
+  -- op's own log entry says so (it stays as long as it counts); only
+  -- without one is the marker key needed.
+  local log
+  for i = 1, n do
+    if args[1 + 3 * i] == 'r' then
+      log = keys[1 + i]
+      break
+    end
+  end
+  if log then
+    local at = redis.call('ZSCORE', log, id)
+    if at then
+      return {0, math.floor(tonumber(at) / width)}
+    end
+  else
+    local seen = redis.call('GET', keys[1])
+    if seen then
+      return {0, tonumber(seen)}
+    end
+  end
   local bucket = math.floor(now / width)
   local cutoff = now - window
   local k = 2
@@ -161,7 +177,9 @@ local function admit(keys, args)
       redis.call('PEXPIRE', t[2], window + 2 * width)
     end
   end
-  redis.call('SET', marker, bucket, 'PX', window + 2 * width)
+  if not log then
+    redis.call('SET', keys[1], bucket, 'PX', window + 2 * width)
+  end
   return {0, bucket}
 end
 
