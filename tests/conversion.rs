@@ -104,7 +104,9 @@ fn assert_upstream_saw(mock: &MockUpstream, to: F, stream: bool) {
             assert_eq!(seen.uri, "/v1/messages");
             assert_eq!(seen.header("x-api-key"), Some("sk-ant"));
             assert!(seen.header("anthropic-version").is_some());
-            assert_eq!(body["system"], "Be brief.");
+            // One text block, a prompt-cache breakpoint on it.
+            assert_eq!(body["system"][0]["text"], "Be brief.");
+            assert_eq!(body["system"][0]["cache_control"]["type"], "ephemeral");
             assert!(body["max_tokens"].as_u64().is_some());
         }
         F::Gemini => {

@@ -146,11 +146,11 @@ fn normal_answer(wire: Wire, model: &str, stream: bool) -> (&'static str, String
         }
         (Wire::Anthropic, false) => (
             "application/json",
-            json!({"id": "msg_1", "type": "message", "role": "assistant", "model": model, "content": [{"type": "text", "text": "ok"}], "stop_reason": "end_turn", "stop_sequence": null, "usage": {"input_tokens": 5, "output_tokens": 1}}).to_string(),
+            json!({"id": "msg_1", "type": "message", "role": "assistant", "model": model, "content": [{"type": "text", "text": "ok"}], "stop_reason": "end_turn", "stop_sequence": null, "usage": anthropic_usage(model)}).to_string(),
         ),
         (Wire::Anthropic, true) => {
             let events = [
-                json!({"type": "message_start", "message": {"id": "msg_1", "type": "message", "role": "assistant", "model": model, "content": [], "usage": {"input_tokens": 5, "output_tokens": 1}}}),
+                json!({"type": "message_start", "message": {"id": "msg_1", "type": "message", "role": "assistant", "model": model, "content": [], "usage": anthropic_usage(model)}}),
                 json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
                 json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "ok"}}),
                 json!({"type": "content_block_stop", "index": 0}),
@@ -171,6 +171,17 @@ fn normal_answer(wire: Wire, model: &str, stream: bool) -> (&'static str, String
                 ("application/json", v.to_string())
             }
         }
+    }
+}
+
+/// Anthropic's usage; for a model named `*cached*`, as its docs show a
+/// request that read 900 tokens from the cache and wrote 100 (`input_tokens`
+/// counts neither).
+fn anthropic_usage(model: &str) -> Value {
+    if model.contains("cached") {
+        json!({"input_tokens": 10, "cache_creation_input_tokens": 100, "cache_read_input_tokens": 900, "output_tokens": 1})
+    } else {
+        json!({"input_tokens": 5, "output_tokens": 1})
     }
 }
 
@@ -589,7 +600,7 @@ async fn system_blocks_stay_apart() {
     body["systemInstruction"] = json!({"parts": [{"text": "You are Gemini CLI."}, {"text": "Be terse."}]});
     assert_eq!(post(&gw, &path, &body).await.status, 200);
     let (_, seen) = up.last();
-    assert_eq!(seen["system"], "You are Gemini CLI.\n\nBe terse.", "{seen}");
+    assert_eq!(seen["system"][0]["text"], "You are Gemini CLI.\n\nBe terse.", "{seen}");
 }
 
 #[tokio::test]
@@ -772,4 +783,111 @@ async fn the_capability_table_and_an_upstreams_own_rules_decide_what_is_sent() {
             "{model}: {seen}"
         );
     }
+}
+
+#[tokio::test]
+async fn openai_reasoning_models_get_only_the_default_sampling() {
+    let up = Canned::start().await;
+    let gw = gateway(&up).await;
+    for (model, reasoning) in [("o3", true), ("gpt-5", true), ("gpt-4.1", false)] {
+        let body = json!({"contents": [{"role": "user", "parts": [{"text": "hi"}]}], "generationConfig": {"temperature": 0.3, "topP": 0.5, "presencePenalty": 0.2}});
+        let a = post(
+            &gw,
+            &format!("/gemini-openai/v1beta/models/{model}:generateContent"),
+            &body,
+        )
+        .await;
+        assert_eq!(a.status, 200, "{}", a.text);
+        let (_, seen) = up.last();
+        for field in ["temperature", "top_p", "presence_penalty"] {
+            assert_eq!(seen.get(field).is_none(), reasoning, "{model} {field}: {seen}");
+            // OpenAI answers 400 to a reasoning model given them: say so.
+            assert_eq!(a.warning.contains(field), reasoning, "{model}: {}", a.warning);
+        }
+    }
+    // The default value is no loss: sent nowhere, and no warning.
+    let body = json!({"contents": [{"role": "user", "parts": [{"text": "hi"}]}], "generationConfig": {"temperature": 1, "topP": 1}});
+    let a = post(&gw, "/gemini-openai/v1beta/models/o3:generateContent", &body).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert!(up.last().1.get("temperature").is_none());
+    assert!(!a.warning.contains("temperature"), "{}", a.warning);
+}
+
+/// Codex (Responses), OpenAI and Gemini clients cannot place Anthropic's
+/// `cache_control`; FastGate does, where Anthropic's prompt-caching docs
+/// put them (tools, then system, then the conversation), and gives the
+/// cache's usage back in each client's own fields.
+#[tokio::test]
+async fn clients_of_other_formats_get_anthropics_prompt_cache() {
+    let up = Canned::start().await;
+    let u = &up.url;
+    let config = format!(
+        "upstreams:\n  ant: {{provider: anthropic, endpoints: ['{u}']}}\n  nocache: {{provider: anthropic, endpoints: ['{u}'], capabilities: [{{match: '*', prompt_cache: false}}]}}\n"
+    );
+    let routes = "routes:\n  - { name: o-ant, match: { path: '/o-ant/v1/chat/completions' }, format: openai, auth: none, upstream: ant, retries: 0, transform: { strip_prefix: /o-ant } }\n  - { name: r-ant, match: { path: '/r-ant/v1/responses' }, format: responses, auth: none, upstream: ant, retries: 0, transform: { strip_prefix: /r-ant } }\n  - { name: o-no, match: { path: '/o-no/v1/chat/completions' }, format: openai, auth: none, upstream: nocache, retries: 0, transform: { strip_prefix: /o-no } }\n";
+    let gw = Gateway::start(&config, &[("r.yaml", routes)]).await;
+    let tool = |name: &str| json!({"type": "function", "function": {"name": name, "parameters": {"type": "object", "properties": {}}}});
+    let ephemeral = json!({"type": "ephemeral"});
+
+    // One user turn: tools and system are marked, the lone turn is not
+    // (a one-off request would pay the cache write for nothing).
+    let first = json!({"model": "claude-cached", "tools": [tool("read"), tool("write")], "messages": [
+        {"role": "system", "content": "You are Codex."},
+        {"role": "user", "content": "hi"}]});
+    let a = post(&gw, "/o-ant/v1/chat/completions", &first).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    let (_, seen) = up.last();
+    assert!(seen["tools"][0].get("cache_control").is_none(), "{seen}");
+    assert_eq!(seen["tools"][1]["cache_control"], ephemeral, "{seen}");
+    assert_eq!(seen["system"][0]["text"], "You are Codex.");
+    assert_eq!(seen["system"][0]["cache_control"], ephemeral, "{seen}");
+    assert!(
+        seen["messages"][0]["content"][0].get("cache_control").is_none(),
+        "{seen}"
+    );
+    // Usage: OpenAI counts cached tokens inside prompt_tokens.
+    let v = a.json();
+    assert_eq!(v["usage"]["prompt_tokens"], 1010, "{v}");
+    assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 900, "{v}");
+    assert_eq!(v["usage"]["total_tokens"], 1011, "{v}");
+
+    // A conversation that goes on: its last block is a breakpoint too.
+    let more = json!({"model": "claude-cached", "tools": [tool("read")], "messages": [
+        {"role": "system", "content": "You are Codex."},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "read", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "file text"}]});
+    let a = post(&gw, "/o-ant/v1/chat/completions", &more).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    let (_, seen) = up.last();
+    let last = seen["messages"].as_array().unwrap().last().unwrap().clone();
+    let block = last["content"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(block["type"], "tool_result", "{seen}");
+    assert_eq!(block["cache_control"], ephemeral, "{seen}");
+    let marks = seen.to_string().matches("cache_control").count();
+    assert!(marks <= 4, "Anthropic allows four breakpoints: {marks}");
+
+    // Streamed, through the Responses API (Codex): cached tokens in
+    // input_tokens_details.
+    let body = json!({"model": "claude-cached", "instructions": "You are Codex.", "input": "hi", "stream": true, "store": false});
+    let a = post(&gw, "/r-ant/v1/responses", &body).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_eq!(up.last().1["system"][0]["cache_control"], ephemeral);
+    let done = a
+        .text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .find(|e| e["type"] == "response.completed")
+        .expect("a completed event");
+    let usage = &done["response"]["usage"];
+    assert_eq!(usage["input_tokens"], 1010, "{usage}");
+    assert_eq!(usage["input_tokens_details"]["cached_tokens"], 900, "{usage}");
+
+    // The operator can turn it off per upstream (or model).
+    let a = post(&gw, "/o-no/v1/chat/completions", &more).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    let (_, seen) = up.last();
+    assert!(!seen.to_string().contains("cache_control"), "{seen}");
+    assert_eq!(seen["system"], "You are Codex.");
 }

@@ -172,7 +172,7 @@ async fn a_responses_client_reaches_chat_anthropic_and_gemini_upstreams_whole_an
                     }
                     "anthropic" => {
                         assert_eq!(seen.uri, "/v1/messages", "{what}");
-                        assert_eq!(up["system"], "Be brief.");
+                        assert_eq!(up["system"][0]["text"], "Be brief.");
                         assert_eq!(up["max_tokens"], 100);
                         if tools {
                             assert_eq!(up["tools"][0]["name"], "weather");

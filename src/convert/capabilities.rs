@@ -21,6 +21,10 @@ pub struct CapabilityFields {
     /// Gemini: tools as `parametersJsonSchema` (full JSON Schema).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parameters_json_schema: Option<bool>,
+    /// Anthropic: `cache_control` breakpoints placed for clients of other
+    /// formats (which cannot place them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_cache: Option<bool>,
 }
 
 /// A rule: the models it applies to (a case-insensitive glob) and what it sets.
@@ -95,6 +99,7 @@ pub struct Capabilities {
     pub reasoning: bool,
     pub sampling_pair: bool,
     pub parameters_json_schema: bool,
+    pub prompt_cache: bool,
 }
 
 /// The capabilities of `model` on an upstream of `provider` whose own rules
@@ -117,11 +122,13 @@ pub fn lookup(provider: Provider, model: &str, overrides: &[CapabilityRule]) -> 
         out.reasoning = out.reasoning.or(f.reasoning);
         out.sampling_pair = out.sampling_pair.or(f.sampling_pair);
         out.parameters_json_schema = out.parameters_json_schema.or(f.parameters_json_schema);
+        out.prompt_cache = out.prompt_cache.or(f.prompt_cache);
     }
     Capabilities {
         reasoning: out.reasoning.unwrap_or(false),
         sampling_pair: out.sampling_pair.unwrap_or(false),
         parameters_json_schema: out.parameters_json_schema.unwrap_or(false),
+        prompt_cache: out.prompt_cache.unwrap_or(false),
     }
 }
 
@@ -140,6 +147,9 @@ mod tests {
         assert!(pair("claude-3-7-sonnet-latest") && pair("claude-sonnet-4-20250514"));
         assert!(!pair("claude-sonnet-4-5") && !pair("claude-opus-4-1") && !pair("claude-haiku-4-5"));
         assert!(!lookup(Provider::Gemini, "models/gemini-2.5-pro", &[]).parameters_json_schema);
+        assert!(lookup(Provider::Anthropic, "claude-sonnet-4-5", &[]).prompt_cache);
+        let off: Vec<CapabilityRule> = serde_norway::from_str("- {match: '*', prompt_cache: false}").unwrap();
+        assert!(!lookup(Provider::Anthropic, "claude-sonnet-4-5", &off).prompt_cache);
     }
 
     #[test]

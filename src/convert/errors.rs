@@ -93,7 +93,51 @@ fn by_status(status: u16) -> ErrorClass {
 /// Read an upstream error answer of format `from`.
 pub fn decode(from: Format, status: u16, body: &[u8]) -> UpstreamError {
     let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
-    let e = error_object(&v);
+    read(from, status, error_object(&v))
+}
+
+/// Read the error object an upstream sent inside a stream (an Anthropic
+/// `error` event's `error`, an OpenAI chunk's `error`, a Gemini chunk's
+/// `error`) the way a whole error answer is read: a context overflow or an
+/// exhausted quota mid-stream means to the client what it means as a
+/// status. The status is the one the object implies (no HTTP status
+/// came with it).
+pub fn decode_streamed(from: Format, e: &Value) -> UpstreamError {
+    let status = match from {
+        Format::Gemini => e
+            .get("code")
+            .and_then(Value::as_u64)
+            .and_then(|c| u16::try_from(c).ok()),
+        Format::Anthropic => match str_of(e, "type") {
+            Some("invalid_request_error") => Some(400),
+            Some("authentication_error") => Some(401),
+            Some("billing_error") => Some(402),
+            Some("permission_error") => Some(403),
+            Some("not_found_error") => Some(404),
+            Some("request_too_large") => Some(413),
+            Some("rate_limit_error") => Some(429),
+            Some("overloaded_error") => Some(529),
+            _ => None,
+        },
+        _ => match str_of(e, "type") {
+            Some("invalid_request_error") => Some(400),
+            _ => None,
+        },
+    };
+    read(from, status.filter(|s| (400..600).contains(s)).unwrap_or(500), e)
+}
+
+/// An error FastGate itself ends a stream with (the upstream's connection
+/// lost, or its stream ended before its end).
+pub fn gateway_failure(message: &str) -> UpstreamError {
+    UpstreamError {
+        status: 502,
+        class: ErrorClass::Other,
+        message: message.to_string(),
+    }
+}
+
+fn read(from: Format, status: u16, e: &Value) -> UpstreamError {
     let message = str_of(e, "message")
         .or_else(|| e.as_str())
         .map(str::to_string)
@@ -105,6 +149,19 @@ pub fn decode(from: Format, status: u16, body: &[u8]) -> UpstreamError {
         _ => openai_class(status, e, &lower, &message),
     };
     UpstreamError { status, class, message }
+}
+
+/// The `error.code` of a Responses API `response.failed` event. Codex acts
+/// on `context_length_exceeded` (it compacts) and `insufficient_quota` (it
+/// stops retrying), and retries `rate_limit_exceeded` and `server_error`.
+pub fn responses_code(e: &UpstreamError) -> &'static str {
+    match e.class {
+        ErrorClass::ContextLength { .. } => "context_length_exceeded",
+        ErrorClass::Quota => "insufficient_quota",
+        ErrorClass::RateLimited => "rate_limit_exceeded",
+        ErrorClass::Safety | ErrorClass::Invalid | ErrorClass::TooLarge => "invalid_prompt",
+        _ => "server_error",
+    }
 }
 
 /// OpenAI: `{"error": {"message", "type", "param", "code"}}`.

@@ -417,11 +417,54 @@ pub fn encode_request_to(
             out.insert(k.into(), v);
         }
     };
-    put("temperature", req.temperature.map(Value::from));
-    put("top_p", req.top_p.map(Value::from));
+    // Reasoning models take only the default sampling (OpenAI answers 400
+    // "Unsupported value: 'temperature' does not support 0.2 with this
+    // model"); 1 is the default, so it is no loss.
+    let sampling = |name: &'static str, v: Option<f64>, default: f64, loss: &mut Loss| match v {
+        Some(x) if reasons && x != default => {
+            loss.dropped(name);
+            None
+        }
+        Some(_) if reasons => None,
+        v => v.map(Value::from),
+    };
+    put(
+        "temperature",
+        sampling(
+            "temperature (OpenAI reasoning models take only the default)",
+            req.temperature,
+            1.0,
+            loss,
+        ),
+    );
+    put(
+        "top_p",
+        sampling(
+            "top_p (OpenAI reasoning models take only the default)",
+            req.top_p,
+            1.0,
+            loss,
+        ),
+    );
     put("seed", req.seed.map(Value::from));
-    put("presence_penalty", req.presence_penalty.map(Value::from));
-    put("frequency_penalty", req.frequency_penalty.map(Value::from));
+    put(
+        "presence_penalty",
+        sampling(
+            "presence_penalty (not taken by OpenAI reasoning models)",
+            req.presence_penalty,
+            0.0,
+            loss,
+        ),
+    );
+    put(
+        "frequency_penalty",
+        sampling(
+            "frequency_penalty (not taken by OpenAI reasoning models)",
+            req.frequency_penalty,
+            0.0,
+            loss,
+        ),
+    );
     put("user", req.user.clone().map(Value::from));
     put("n", req.only.candidates.map(Value::from));
     if req.top_k.is_some() {

@@ -135,7 +135,13 @@ pub fn plan(
             };
             openai::encode_request_to(&req, target, &mut names, &mut loss)
         }
-        Format::Anthropic => anthropic::encode_request_with(&req, default_max_tokens, caps.sampling_pair, &mut loss),
+        Format::Anthropic => {
+            let target = anthropic::Target {
+                sampling_pair: caps.sampling_pair,
+                prompt_cache: caps.prompt_cache,
+            };
+            anthropic::encode_request_with(&req, default_max_tokens, target, &mut loss)
+        }
         Format::Gemini => gemini::encode_request_with(&req, caps.parameters_json_schema, &mut loss),
         Format::Responses | Format::Passthrough => return Ok(None),
     }

@@ -1,11 +1,12 @@
 //! Anthropic Messages streams (`message_start` … `message_stop`) ⇄ deltas.
 
-use super::{Decoder, Delta, Encoder, ErrorKind, sse_frame};
+use super::{Decoder, Delta, Encoder, sse_frame};
 use crate::convert::{
     anthropic::{finish_from_wire, finish_to_wire, usage_to_wire},
     ir::{Finish, Usage},
     opt_str,
 };
+use crate::{config::routes_d::Format, convert::errors};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use std::{borrow::Cow, collections::HashMap};
@@ -196,15 +197,7 @@ impl Decoder for AnthropicDecoder {
             "message_stop" => out.push(Delta::Done),
             "error" => {
                 let err = e.error.unwrap_or(Value::Null);
-                let kind = match opt_str(&err, "type") {
-                    Some("overloaded_error") => ErrorKind::Overloaded,
-                    Some("rate_limit_error") => ErrorKind::RateLimited,
-                    _ => ErrorKind::Other,
-                };
-                out.push(Delta::Error {
-                    kind,
-                    message: opt_str(&err, "message").unwrap_or("upstream error").to_string(),
-                });
+                out.push(Delta::Error(errors::decode_streamed(Format::Anthropic, &err)));
             }
             _ => {} // ping, content_block_stop, unknown events
         }
@@ -431,11 +424,7 @@ impl Encoder for AnthropicEncoder {
         if !self.waiting.is_empty()
             && !matches!(
                 delta,
-                Delta::ToolStart { .. }
-                    | Delta::ToolArgs { .. }
-                    | Delta::Finish(_)
-                    | Delta::Usage(_)
-                    | Delta::Error { .. }
+                Delta::ToolStart { .. } | Delta::ToolArgs { .. } | Delta::Finish(_) | Delta::Usage(_) | Delta::Error(_)
             )
         {
             self.flush_waiting(out);
@@ -527,17 +516,8 @@ impl Encoder for AnthropicEncoder {
                 );
                 sse_frame(out, Some("message_stop"), &json!({"type": "message_stop"}));
             }
-            Delta::Error { kind, message } => {
-                let kind = match kind {
-                    ErrorKind::Overloaded => "overloaded_error",
-                    ErrorKind::RateLimited => "rate_limit_error",
-                    ErrorKind::Other => "api_error",
-                };
-                sse_frame(
-                    out,
-                    Some("error"),
-                    &json!({"type": "error", "error": {"type": kind, "message": message}}),
-                );
+            Delta::Error(e) => {
+                sse_frame(out, Some("error"), &errors::encode(Format::Anthropic, e).1);
             }
         }
     }

@@ -1,7 +1,7 @@
 //! Gemini `streamGenerateContent` streams (SSE with `alt=sse`, or a JSON
 //! array) ⇄ deltas. Every Gemini chunk is a whole `GenerateContentResponse`.
 
-use super::{Decoder, Delta, Encoder, ErrorKind, sse_frame};
+use super::{Decoder, Delta, Encoder, sse_frame};
 use crate::convert::{
     arguments_object,
     gemini::{
@@ -11,6 +11,7 @@ use crate::convert::{
     ir::{Finish, Usage},
     opt_str,
 };
+use crate::{config::routes_d::Format, convert::errors};
 use serde_json::{Value, json};
 
 /// Reads a Gemini upstream's stream.
@@ -31,15 +32,7 @@ impl Decoder for GeminiDecoder {
             return;
         };
         if let Some(e) = v.get("error") {
-            let kind = match opt_str(e, "status") {
-                Some("RESOURCE_EXHAUSTED") => ErrorKind::RateLimited,
-                Some("UNAVAILABLE") => ErrorKind::Overloaded,
-                _ => ErrorKind::Other,
-            };
-            out.push(Delta::Error {
-                kind,
-                message: opt_str(e, "message").unwrap_or("upstream error").to_string(),
-            });
+            out.push(Delta::Error(errors::decode_streamed(Format::Gemini, e)));
             return;
         }
         if !self.started {
@@ -234,16 +227,8 @@ impl Encoder for GeminiEncoder {
                     out.push(b']');
                 }
             }
-            Delta::Error { kind, message } => {
-                let (code, status) = match kind {
-                    ErrorKind::RateLimited => (429, "RESOURCE_EXHAUSTED"),
-                    ErrorKind::Overloaded => (503, "UNAVAILABLE"),
-                    ErrorKind::Other => (500, "INTERNAL"),
-                };
-                self.emit(
-                    out,
-                    &json!({"error": {"code": code, "message": message, "status": status}}),
-                );
+            Delta::Error(e) => {
+                self.emit(out, &errors::encode(Format::Gemini, e).1);
                 if self.json_array {
                     out.push(b']');
                 }

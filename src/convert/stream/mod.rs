@@ -10,6 +10,7 @@ pub mod openai;
 pub mod responses;
 
 use super::{
+    errors::{self, UpstreamError},
     ir::{Finish, Usage},
     sse::{JsonArrayParser, SseParser},
 };
@@ -44,19 +45,9 @@ pub enum Delta {
     /// Usage so far (each report replaces the previous one).
     Usage(Usage),
     /// The upstream reported an error mid-stream.
-    Error {
-        kind: ErrorKind,
-        message: String,
-    },
+    Error(UpstreamError),
     /// The upstream's terminal event.
     Done,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorKind {
-    Overloaded,
-    RateLimited,
-    Other,
 }
 
 /// Turns one upstream event into deltas.
@@ -160,10 +151,9 @@ impl Converter {
         decoder.end(deltas);
         self.flush(&mut out);
         if !self.done {
-            self.deltas.push(Delta::Error {
-                kind: ErrorKind::Other,
-                message: "the upstream ended the stream before its end".into(),
-            });
+            self.deltas.push(Delta::Error(errors::gateway_failure(
+                "the upstream ended the stream before its end",
+            )));
             self.flush(&mut out);
         }
         out
@@ -173,10 +163,7 @@ impl Converter {
     pub fn fail(&mut self, message: &str) -> Vec<u8> {
         let mut out = Vec::new();
         if !self.done {
-            self.deltas.push(Delta::Error {
-                kind: ErrorKind::Other,
-                message: message.to_string(),
-            });
+            self.deltas.push(Delta::Error(errors::gateway_failure(message)));
             self.flush(&mut out);
         }
         out
@@ -190,7 +177,7 @@ impl Converter {
                 break;
             }
             let Some(d) = self.rewrite(d) else { continue };
-            if matches!(d, Delta::Done | Delta::Error { .. }) {
+            if matches!(d, Delta::Done | Delta::Error(_)) {
                 self.done = true;
             }
             self.encoder.encode(&d, out);

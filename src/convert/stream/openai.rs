@@ -1,11 +1,12 @@
 //! OpenAI `chat.completion.chunk` streams ⇄ deltas.
 
-use super::{Decoder, Delta, Encoder, ErrorKind, sse_frame};
+use super::{Decoder, Delta, Encoder, sse_frame};
 use crate::convert::{
     ir::{Finish, Usage},
     openai::{ToolNames, finish_from_wire, finish_to_wire, finish_with_calls, usage_from_wire, usage_to_wire},
     opt_str,
 };
+use crate::{config::routes_d::Format, convert::errors};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use std::borrow::Cow;
@@ -131,10 +132,7 @@ impl Decoder for OpenaiDecoder {
             return;
         };
         if let Some(e) = &v.error {
-            out.push(Delta::Error {
-                kind: ErrorKind::Other,
-                message: opt_str(e, "message").unwrap_or("upstream error").to_string(),
-            });
+            out.push(Delta::Error(errors::decode_streamed(Format::Openai, e)));
             return;
         }
         if !self.started {
@@ -342,18 +340,7 @@ impl Encoder for OpenaiEncoder {
                 }
                 out.extend_from_slice(b"data: [DONE]\n\n");
             }
-            Delta::Error { kind, message } => {
-                let (kind, code) = match kind {
-                    ErrorKind::Overloaded => ("server_error", "overloaded"),
-                    ErrorKind::RateLimited => ("rate_limit_error", "rate_limit_exceeded"),
-                    ErrorKind::Other => ("server_error", "upstream_error"),
-                };
-                sse_frame(
-                    out,
-                    None,
-                    &json!({"error": {"message": message, "type": kind, "param": null, "code": code}}),
-                );
-            }
+            Delta::Error(e) => sse_frame(out, None, &errors::encode(Format::Openai, e).1),
         }
     }
 }

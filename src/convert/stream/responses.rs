@@ -14,7 +14,8 @@
 //! tool's input is read out of its stand-in function's `{"input": "…"}`
 //! arguments as they stream ([`responses::InputTail`]).
 
-use super::{Delta, Encoder, ErrorKind};
+use super::{Delta, Encoder};
+use crate::convert::errors::{self, UpstreamError};
 use crate::convert::{
     id_with_signature,
     ir::{Finish, ToolCall, Usage},
@@ -443,12 +444,13 @@ impl ResponsesEncoder {
         self.emit(out, name, &json!({"type": name, "response": r}));
     }
 
-    fn failed(&mut self, out: &mut Vec<u8>, kind: ErrorKind, message: &str) {
+    fn failed(&mut self, out: &mut Vec<u8>, e: &UpstreamError) {
         self.start(out);
-        let code = match kind {
-            ErrorKind::RateLimited => "rate_limit_exceeded",
-            ErrorKind::Overloaded | ErrorKind::Other => "server_error",
-        };
+        let code = errors::responses_code(e);
+        // OpenAI's wording of the same error (a context overflow with its
+        // counts): what a Responses client reads elsewhere too.
+        let openai = errors::encode(crate::config::routes_d::Format::Openai, e).1;
+        let message = openai["error"]["message"].as_str().unwrap_or(&e.message);
         let mut r = self.response(Some("failed"));
         r["error"] = json!({"code": code, "message": message});
         self.emit(
@@ -514,7 +516,7 @@ impl Encoder for ResponsesEncoder {
             Delta::Finish(f) => self.finish = Some(f.clone()),
             Delta::Usage(u) => self.usage = Some(*u),
             Delta::Done => self.done(out),
-            Delta::Error { kind, message } => self.failed(out, *kind, message),
+            Delta::Error(e) => self.failed(out, e),
         }
     }
 }
@@ -662,6 +664,32 @@ mod tests {
         let v: Value = serde_json::from_str(&last.data).unwrap();
         assert_eq!(v["response"]["status"], "failed");
         assert_eq!(v["response"]["error"]["code"], "server_error");
+    }
+
+    #[test]
+    fn a_context_overflow_mid_stream_fails_with_the_code_codex_compacts_on() {
+        let input = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"model\":\"c\",\"usage\":{\"input_tokens\":1}}}\n\nevent: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"invalid_request_error\",\"message\":\"prompt is too long: 210012 tokens > 200000 maximum\"}}\n\n";
+        let out = run(
+            &|| Box::new(AnthropicDecoder::default()),
+            &Echo::default(),
+            input,
+            input.len(),
+        );
+        let last = SseParser::parse_all(out.as_bytes()).pop().unwrap();
+        assert_eq!(last.event.as_deref(), Some("response.failed"));
+        let v: Value = serde_json::from_str(&last.data).unwrap();
+        assert_eq!(v["response"]["error"]["code"], "context_length_exceeded", "{v}");
+        // The quota a Gemini stream reports: not worth retrying.
+        let quota = "data: {\"error\":{\"code\":429,\"message\":\"Quota exceeded\",\"status\":\"RESOURCE_EXHAUSTED\",\"details\":[{\"violations\":[{\"quotaId\":\"GenerateRequestsPerDayPerProjectPerModel\"}]}]}}\n\n";
+        let out = run(
+            &|| Box::new(GeminiDecoder::default()),
+            &Echo::default(),
+            quota,
+            quota.len(),
+        );
+        let last = SseParser::parse_all(out.as_bytes()).pop().unwrap();
+        let v: Value = serde_json::from_str(&last.data).unwrap();
+        assert_eq!(v["response"]["error"]["code"], "insufficient_quota", "{v}");
     }
 
     #[test]

@@ -406,6 +406,83 @@ fn upstream_errors_become_the_clients_error_framing() {
     assert!(!out.contains("[DONE]"), "nothing after the error");
 }
 
+/// Errors an upstream sends mid-stream keep the meaning a client acts on
+/// (read and written by the same code as whole error answers): Anthropic's
+/// "prompt is too long" (Claude Code compacts on it, as Codex and LangChain
+/// do on OpenAI's `context_length_exceeded`); a Gemini daily quota
+/// (Anthropic's `billing_error`, not a rate limit to retry).
+#[test]
+fn mid_stream_errors_keep_the_code_clients_act_on() {
+    let too_long = sse(&[
+        (
+            Some("message_start"),
+            r#"{"type":"message_start","message":{"id":"msg_1","model":"c","usage":{"input_tokens":1}}}"#,
+        ),
+        (
+            Some("error"),
+            r#"{"type":"error","error":{"type":"invalid_request_error","message":"prompt is too long: 210012 tokens > 200000 maximum"}}"#,
+        ),
+    ]);
+    let to_openai = || {
+        Converter::new(
+            Box::new(AnthropicDecoder::default()),
+            Box::new(OpenaiEncoder::new("c", 1, false)),
+            false,
+        )
+    };
+    let last = events(&converted(&to_openai, &too_long)).pop().unwrap().1;
+    assert_eq!(last["error"]["code"], "context_length_exceeded", "{last}");
+    assert_eq!(last["error"]["type"], "invalid_request_error");
+    let message = last["error"]["message"].as_str().unwrap();
+    assert!(message.contains("200000") && message.contains("210012"), "{message}");
+    let to_gemini = || {
+        Converter::new(
+            Box::new(AnthropicDecoder::default()),
+            Box::new(GeminiEncoder::new("c", false)),
+            false,
+        )
+    };
+    let last = events(&converted(&to_gemini, &too_long)).pop().unwrap().1;
+    assert_eq!(last["error"]["status"], "INVALID_ARGUMENT", "{last}");
+    assert_eq!(last["error"]["code"], 400);
+
+    // Gemini's daily quota, as its stream sends it (the error object of a
+    // chunk), to an Anthropic client: billing, not a rate limit.
+    let quota = sse(&[
+        (
+            None,
+            r#"{"candidates":[{"content":{"role":"model","parts":[{"text":"Hi"}]},"index":0}],"responseId":"r1"}"#,
+        ),
+        (
+            None,
+            r#"{"error":{"code":429,"message":"You exceeded your current quota.","status":"RESOURCE_EXHAUSTED","details":[{"@type":"type.googleapis.com/google.rpc.QuotaFailure","violations":[{"quotaMetric":"generativelanguage.googleapis.com/generate_content_free_tier_requests","quotaId":"GenerateRequestsPerDayPerProjectPerModel-FreeTier"}]}]}}"#,
+        ),
+    ]);
+    let to_anthropic = || {
+        Converter::new(
+            Box::new(GeminiDecoder::default()),
+            Box::new(AnthropicEncoder::new("g")),
+            false,
+        )
+    };
+    let evs = events(&converted(&to_anthropic, &quota));
+    let (name, last) = evs.last().unwrap();
+    assert_eq!(name.as_deref(), Some("error"));
+    assert_eq!(last["error"]["type"], "billing_error", "{last}");
+
+    // An OpenAI stream's error chunk with a code: a rate limit stays one.
+    let limited = "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"a\"}}]}\n\ndata: {\"error\":{\"message\":\"Rate limit reached\",\"type\":\"requests\",\"param\":null,\"code\":\"rate_limit_exceeded\"}}\n\n";
+    let to_anthropic = || {
+        Converter::new(
+            Box::new(OpenaiDecoder::default()),
+            Box::new(AnthropicEncoder::new("m")),
+            false,
+        )
+    };
+    let evs = events(&converted(&to_anthropic, limited));
+    assert_eq!(evs.last().unwrap().1["error"]["type"], "rate_limit_error");
+}
+
 /// Tool calls an OpenAI client assembles from a stream: (id, name, arguments) by index.
 fn openai_calls(text: &str) -> Vec<(String, String, String)> {
     let mut calls: Vec<(String, String, String)> = Vec::new();
