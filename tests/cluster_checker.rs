@@ -872,10 +872,13 @@ async fn check_leases(redis: &Redis) -> Vec<String> {
     loop {
         let mut held = Vec::new();
         for set in keys_matching(&mut con, "fg:*if:*").await {
+            // Held slots score their expiry (> 0); tombstones of slots
+            // given back before their take arrived score below 0.
             let members: Vec<String> = redis::cmd("ZRANGE")
                 .arg(&set)
-                .arg(0)
-                .arg(-1)
+                .arg("(0")
+                .arg("+inf")
+                .arg("BYSCORE")
                 .query_async(&mut con)
                 .await
                 .unwrap_or_default();

@@ -139,6 +139,18 @@ async fn size_of(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> (St
     (kind, size)
 }
 
+/// The slots a lease set holds (scored by expiry; a tombstone of a slot
+/// given back before its take arrived scores below 0).
+async fn held_in(conn: &mut redis::aio::MultiplexedConnection, set: &str) -> u64 {
+    redis::cmd("ZCOUNT")
+        .arg(set)
+        .arg("(0")
+        .arg("+inf")
+        .query_async(conn)
+        .await
+        .unwrap()
+}
+
 /// A stream of seven events `interval_ms` apart, started; returns the
 /// response once its headers are in (the request holds its lease).
 async fn start_stream(client: &reqwest::Client, url: String, secret: &str) -> reqwest::Response {
@@ -309,7 +321,7 @@ async fn a_slot_released_while_redis_is_unreachable_is_given_back_once_it_return
     while Instant::now() < deadline {
         held_slots = 0;
         for k in all_keys(&mut conn).await.iter().filter(|k| k.contains(":if:")) {
-            held_slots += size_of(&mut conn, k).await.1;
+            held_slots += held_in(&mut conn, k).await;
         }
         if held_slots == 0 {
             break;
@@ -327,6 +339,145 @@ async fn a_slot_released_while_redis_is_unreachable_is_given_back_once_it_return
     while let Some(r) = set.join_next().await {
         assert!(r.unwrap());
     }
+}
+
+/// A Redis that refuses writes for a while (out of memory; the same path
+/// as `LOADING` after a restart, `READONLY` after a failover) is an outage,
+/// not a verdict on the call: the settlement and the slot's release made
+/// meanwhile are kept and sent once it takes writes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn settlements_and_releases_survive_a_redis_that_refuses_writes_for_a_while() {
+    let redis = Redis::start().await;
+    let mock = MockUpstream::start().await;
+    let (all, keys) = nodes(
+        &[redis.url()],
+        &mock,
+        "5s",
+        "300ms",
+        ", max_in_flight_per_key: 1",
+        &[json!({"token_quota": 1_000_000, "quota_period": "day"})],
+    )
+    .await;
+    let (id, secret) = keys[0].clone();
+    let client = reqwest::Client::new();
+    let mut conn = redis_conn(&redis.url()).await;
+    let charged = |conn: &mut redis::aio::MultiplexedConnection| {
+        let mut conn = conn.clone();
+        let id = id.clone();
+        async move {
+            let mut total = 0u64;
+            for k in all_keys(&mut conn)
+                .await
+                .iter()
+                .filter(|k| k.contains(":q:") && k.contains(&id))
+            {
+                let v: Option<u64> = redis::cmd("GET").arg(k).query_async(&mut conn).await.unwrap();
+                total += v.unwrap_or(0);
+            }
+            total
+        }
+    };
+    let held = |conn: &mut redis::aio::MultiplexedConnection| {
+        let mut conn = conn.clone();
+        async move {
+            let mut n = 0;
+            for k in all_keys(&mut conn).await.iter().filter(|k| k.contains(":if:")) {
+                n += held_in(&mut conn, k).await;
+            }
+            n
+        }
+    };
+    // Two streams of the pool's two keys (one slot each) start while Redis
+    // takes writes, and end while it refuses them.
+    mock.behaviour.sse_interval_ms.store(200, Ordering::Relaxed);
+    let a = start_stream(&client, all[0].url("/v1/chat/completions"), &secret).await;
+    let b = start_stream(&client, all[0].url("/v1/chat/completions"), &secret).await;
+    assert_eq!(held(&mut conn).await, 2);
+    let config = |v: &str| redis::cmd("CONFIG").arg("SET").arg("maxmemory").arg(v).clone();
+    config("1").query_async::<()>(&mut conn).await.unwrap();
+    let _ = a.bytes().await;
+    let _ = b.bytes().await;
+    // Longer than the three tries a refused batch used to get.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    config("0").query_async::<()>(&mut conn).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let (mut tokens, mut slots) = (0, u64::MAX);
+    while Instant::now() < deadline {
+        (tokens, slots) = (charged(&mut conn).await, held(&mut conn).await);
+        if tokens > 0 && slots == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        tokens > 0,
+        "the settlements made while Redis refused writes were dropped:\n{}",
+        all[0].logs()
+    );
+    assert_eq!(slots, 0, "slots released while Redis refused writes are still held");
+    // Both keys serve again at once.
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..2 {
+        let (client, url, secret) = (client.clone(), all[0].url("/v1/chat/completions"), secret.clone());
+        set.spawn(async move { start_stream(&client, url, &secret).await.status().as_u16() });
+    }
+    while let Some(r) = set.join_next().await {
+        assert_eq!(r.unwrap(), 200);
+    }
+}
+
+/// Redis's Lua writes numbers with 14 significant digits: a tpm of 2^62
+/// and a `max_tokens` of u64::MAX (both accepted) must still reach Redis as
+/// integers, or every such request fails in Redis and is decided locally.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn huge_limits_and_amounts_reach_redis_as_integers() {
+    let redis = Redis::start().await;
+    let mock = MockUpstream::start().await;
+    let huge = 1u64 << 62;
+    let (all, keys) = nodes(
+        &[redis.url()],
+        &mock,
+        "5s",
+        "1s",
+        "",
+        &[json!({"rpm": huge, "tpm": huge, "token_quota": huge, "quota_period": "day"})],
+    )
+    .await;
+    let secret = keys[0].1.clone();
+    let client = reqwest::Client::new();
+    // The first reserves the whole window until it settles (10 tokens).
+    for max_tokens in [u64::MAX, 40, 40] {
+        let r = client
+            .post(all[0].url("/v1/chat/completions"))
+            .bearer_auth(&secret)
+            .json(
+                &json!({"model": "gpt-4o", "max_tokens": max_tokens, "messages": [{"role": "user", "content": "hi"}]}),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{}", all[0].logs());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let mut conn = redis_conn(&redis.url()).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut fields: Vec<String> = Vec::new();
+    while Instant::now() < deadline {
+        fields = Vec::new();
+        for k in all_keys(&mut conn).await.iter().filter(|k| k.contains(":t:")) {
+            let all: Vec<String> = redis::cmd("HVALS").arg(k).query_async(&mut conn).await.unwrap();
+            fields.extend(all);
+        }
+        if !fields.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!fields.is_empty(), "no token window in Redis:\n{}", all[0].logs());
+    assert!(fields.iter().all(|v| v.parse::<i64>().is_ok()), "{fields:?}");
+    let logs = all[0].logs();
+    assert!(!logs.contains("Redis refused"), "{logs}");
+    assert!(!logs.contains("decided locally"), "{logs}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -514,6 +665,54 @@ async fn a_retried_admission_is_counted_once_with_or_without_a_request_limit() {
     assert_eq!(ok[0], 0);
     let refused = admit(&mut conn, "n:1:5", &[t], &[("t", 100, 50)]).await;
     assert_eq!(refused[..2], [1, 1], "60 held, 50 more do not fit in 100: {refused:?}");
+}
+
+/// A take whose answer was lost (the node served the request without
+/// Redis and gave the slot back) may still reach Redis late, over a stalled
+/// connection: it must take nothing, or the slot stays held for
+/// `stuck_after` (10 minutes) and the key serves one request fewer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_take_that_arrives_after_its_release_takes_nothing() {
+    let redis = Redis::start().await;
+    let mock = MockUpstream::start().await;
+    let (_all, _keys) = nodes(&[redis.url()], &mock, "60s", "1s", "", &[]).await;
+    let mut conn = redis_conn(&redis.url()).await;
+    let set = "fg:{fg}:if:test/k";
+    let call = |f: &str, args: Vec<String>| {
+        let mut cmd = redis::cmd("FCALL");
+        cmd.arg(f).arg(1).arg(set).arg(args);
+        cmd
+    };
+    let take = |op: &str| call("fastgate_lease_v2", vec![op.into(), "1".into(), "600000".into()]);
+    // The release comes first (the node's replay after the outage).
+    let given: i64 = call("fastgate_release_v2", vec!["n:1:9".into()])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(given, 0);
+    let pttl: i64 = redis::cmd("PTTL").arg(set).query_async(&mut conn).await.unwrap();
+    assert!(pttl > 0, "the tombstone's set has a TTL: {pttl}");
+    // Then the stale take: answered, nothing held.
+    let taken: i64 = take("n:1:9").query_async(&mut conn).await.unwrap();
+    assert_eq!(taken, 1);
+    assert_eq!(held_in(&mut conn, set).await, 0, "a stale take holds no slot");
+    // The one slot is there for a real request, and only one.
+    assert_eq!(take("n:1:10").query_async::<i64>(&mut conn).await.unwrap(), 1);
+    assert_eq!(take("n:1:11").query_async::<i64>(&mut conn).await.unwrap(), 0);
+    assert_eq!(
+        take("n:1:10").query_async::<i64>(&mut conn).await.unwrap(),
+        1,
+        "a retried take"
+    );
+    assert_eq!(held_in(&mut conn, set).await, 1);
+    // Releases give back what is held, once.
+    let given: i64 = call("fastgate_release_v2", vec!["n:1:10".into(), "n:1:10".into()])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(given, 1);
+    assert_eq!(held_in(&mut conn, set).await, 0);
+    assert_eq!(take("n:1:11").query_async::<i64>(&mut conn).await.unwrap(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

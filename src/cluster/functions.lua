@@ -285,29 +285,61 @@ local function heartbeat(keys, args)
   return redis.call('ZCARD', keys[1])
 end
 
+-- A lease set holds the slots taken, each op with its expiry as score (>
+-- 0), and the ops given back before their take arrived (a take whose
+-- answer was lost, released by the node, then delivered late by a stalled
+-- connection): a tombstone, scored minus its expiry, so that take takes
+-- nothing. Tombstones live as long as a slot could.
+local TOMBSTONE_MS = 600000
+
 -- Take one of a pool key's `cap` in-flight slots across the cluster, held
 -- until released or for `ttl` ms (a node that died mid-request). Taking a
--- slot the op holds already answers 1 again (a retried call).
+-- slot the op holds already answers 1 again (a retried call); so does a
+-- take arriving after its release (it takes nothing).
 -- KEYS: the key's lease set. ARGV: op id, cap, ttl ms. Returns 1 when taken.
 local function lease(keys, args)
   local now = now_ms()
-  redis.call('ZREMRANGEBYSCORE', keys[1], '-inf', now)
+  -- Slots past their expiry, and tombstones past theirs.
+  redis.call('ZREMRANGEBYSCORE', keys[1], 0, now)
+  redis.call('ZREMRANGEBYSCORE', keys[1], '(' .. -now, '(0')
   if redis.call('ZSCORE', keys[1], args[1]) then
     return 1
   end
-  if redis.call('ZCARD', keys[1]) >= tonumber(args[2]) then
+  if redis.call('ZCOUNT', keys[1], '(0', '+inf') >= tonumber(args[2]) then
     return 0
   end
   redis.call('ZADD', keys[1], now + tonumber(args[3]), args[1])
   local last = redis.call('ZRANGE', keys[1], -1, -1, 'WITHSCORES')
-  redis.call('PEXPIREAT', keys[1], tonumber(last[2]))
+  if redis.call('PTTL', keys[1]) < tonumber(last[2]) - now then
+    redis.call('PEXPIREAT', keys[1], tonumber(last[2]))
+  end
   return 1
 end
 
--- Give slots back (idempotent: an op's slot goes once). KEYS: the lease
--- set. ARGV: op ids.
+-- Give slots back (idempotent: an op's slot goes once); an op holding
+-- none is left a tombstone (above). KEYS: the lease set. ARGV: op ids.
+-- Returns how many slots were given back.
 local function release(keys, args)
-  return redis.call('ZREM', keys[1], unpack(args))
+  local now = now_ms()
+  local given = 0
+  local stones = {}
+  for _, op in ipairs(args) do
+    local at = tonumber(redis.call('ZSCORE', keys[1], op))
+    if at == nil then
+      stones[#stones + 1] = -(now + TOMBSTONE_MS)
+      stones[#stones + 1] = op
+    elseif at > 0 then
+      redis.call('ZREM', keys[1], op)
+      given = given + 1
+    end
+  end
+  if #stones > 0 then
+    redis.call('ZADD', keys[1], unpack(stones))
+    if redis.call('PTTL', keys[1]) < TOMBSTONE_MS then
+      redis.call('PEXPIRE', keys[1], TOMBSTONE_MS)
+    end
+  end
+  return given
 end
 
 redis.register_function('fastgate_admit_v2', admit)

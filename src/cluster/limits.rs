@@ -53,6 +53,11 @@ const SETTLE_LINGER: Duration = Duration::from_millis(5);
 const MAX_QUEUED: usize = 50_000;
 /// Attempts at a batch Redis refuses outright (not a lost answer).
 const REFUSED_ATTEMPTS: u32 = 3;
+/// The largest count sent to Redis's Lua: it writes numbers with 14
+/// significant digits, so 10^14 and above reach `HINCRBY` as "1e+14", which
+/// Redis refuses (the call fails half done). A limit this high is no limit
+/// in practice; larger limits and amounts are sent as this.
+const LUA_EXACT_MAX: u64 = 10_000_000_000_000;
 
 /// Extra time a quota counter outlives its period (admin views, late settles).
 const QUOTA_COUNTER_SLACK_MS: i64 = 86_400_000;
@@ -131,7 +136,7 @@ fn aggregate(settlements: &[Settlement]) -> Vec<Adjustment> {
             if let Some(tpm) = w.limits.tpm {
                 let sum = buckets.entry((token_key(&w.scope), s.ticket.bucket)).or_default();
                 sum.0 = sum.0.saturating_add(s.tokens);
-                sum.1 = sum.1.saturating_add(s.ticket.reserve.min(tpm));
+                sum.1 = sum.1.saturating_add(s.ticket.reserve.min(tpm.min(LUA_EXACT_MAX)));
             }
         }
         for q in &s.checks.quotas {
@@ -197,18 +202,19 @@ impl Cluster {
         for w in &checks.windows {
             if let Some(rpm) = w.limits.rpm {
                 keys.push(request_key(&w.scope));
-                limits.push(("r", rpm, 1));
+                limits.push(("r", rpm.min(LUA_EXACT_MAX), 1));
                 labels.push((w.label, None));
             }
             if let Some(tpm) = w.limits.tpm {
                 keys.push(token_key(&w.scope));
+                let tpm = tpm.min(LUA_EXACT_MAX);
                 limits.push(("t", tpm, reserve.min(tpm)));
                 labels.push((w.label, None));
             }
         }
         for q in &checks.quotas {
             keys.push(quota_key(&q.scope, q.period.0));
-            limits.push(("q", q.tokens, 0));
+            limits.push(("q", q.tokens.min(LUA_EXACT_MAX), 0));
             labels.push((q.label, Some(q.period.1)));
         }
         let mut cmd = redis::cmd("FCALL");
@@ -373,8 +379,8 @@ impl Cluster {
             args.extend([
                 "1".to_string(),
                 kind.to_string(),
-                tokens.to_string(),
-                reserved.to_string(),
+                tokens.min(LUA_EXACT_MAX).to_string(),
+                reserved.min(LUA_EXACT_MAX).to_string(),
                 at.to_string(),
             ]);
         }
@@ -383,7 +389,7 @@ impl Cluster {
             args.extend([
                 "1".to_string(),
                 "q".to_string(),
-                tokens.to_string(),
+                (*tokens).min(LUA_EXACT_MAX).to_string(),
                 "0".into(),
                 expiry.to_string(),
             ]);

@@ -56,14 +56,31 @@ pub enum ClusterError {
 }
 
 impl ClusterError {
-    /// Whether the call may not have reached Redis or its answer was lost
-    /// (breaker open, timeout, connection): the op is in doubt.
+    /// Whether Redis could not take the call now: it may not have reached
+    /// Redis or its answer was lost (breaker open, timeout, connection), or
+    /// Redis refused it for a state that passes ([`is_passing_refusal`]).
+    /// The op is in doubt: kept and sent again once Redis answers, and the
+    /// request decided locally meanwhile.
     fn is_transport(&self) -> bool {
         match self {
-            ClusterError::Redis(r) => r.is_io_error() || r.is_connection_dropped() || r.is_timeout(),
+            ClusterError::Redis(r) => {
+                r.is_io_error() || r.is_connection_dropped() || r.is_timeout() || is_passing_refusal(r)
+            }
             _ => true,
         }
     }
+}
+
+/// A refusal Redis answers while it cannot run anything, not because of
+/// the call: loading its data after a restart (AOF or RDB), out of memory,
+/// a replica made read-only by a failover, a script running too long, a
+/// cluster without a master for the slot. The same call succeeds later;
+/// dropping it would lose a settlement or leak a slot.
+fn is_passing_refusal(e: &redis::RedisError) -> bool {
+    matches!(
+        e.code(),
+        Some("LOADING" | "OOM" | "READONLY" | "BUSY" | "MASTERDOWN" | "TRYAGAIN" | "CLUSTERDOWN" | "NOREPLICAS")
+    )
 }
 
 /// The certificate authorities in the PEM file `path` (`cluster.ca_file`).
