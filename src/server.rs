@@ -108,6 +108,9 @@ fn flush_and_close(state: &AppState) {
     });
 }
 
+/// How long a stopping node waits for Redis to confirm its last settlements.
+const SETTLE_AT_STOP: Duration = Duration::from_secs(2);
+
 /// Once Pingora has stopped accepting (its grace period begins), wait until
 /// no request is in flight or the grace period is over, flush and exit 0.
 /// Pingora's own grace period is an unconditional sleep; this ends the
@@ -134,6 +137,20 @@ fn spawn_drain_watcher(state: Arc<AppState>, mut phases: tokio::sync::broadcast:
             );
         } else {
             tracing::info!("Drained.");
+        }
+        if let Some(cluster) = &state.cluster {
+            // The last answers' settlements (lingering a few ms to batch)
+            // and quota tokens owed from an outage go to Redis first: a
+            // moment, not the whole grace period, if Redis is away.
+            let until = Instant::now() + SETTLE_AT_STOP;
+            while cluster.settling() && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if cluster.settling() {
+                tracing::warn!(
+                    "Stopping with settlements or owed quota tokens Redis has not confirmed: the shared counters miss them."
+                );
+            }
         }
         flush_and_close(&state);
         std::process::exit(0);

@@ -480,6 +480,58 @@ async fn huge_limits_and_amounts_reach_redis_as_integers() {
     assert!(!logs.contains("decided locally"), "{logs}");
 }
 
+/// A node stopped right after its last answers (SIGTERM, as a rolling
+/// deploy does) sends their settlements first: they linger a few ms to be
+/// batched, and nothing else (no audit flush here) holds the process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_stopped_right_after_its_answers_charges_them_all() {
+    let redis = Redis::start().await;
+    let mock = MockUpstream::start().await;
+    let cfg = config(&redis.url(), &mock, "node-0", "60s", "1s", "") + "audit:\n  enabled: false\n";
+    let mut gw = Gateway::start_with_admin(&cfg, &[("r.yaml", ROUTE)]).await;
+    wait_metric(&gw, "fastgate_cluster_redis_up 1").await;
+    let (id, secret) = make_key(&gw, &json!({"token_quota": 1_000_000_000u64, "quota_period": "day"})).await;
+    let client = reqwest::Client::new();
+    let mut conn = redis_conn(&redis.url()).await;
+    let charged = |conn: &mut redis::aio::MultiplexedConnection| {
+        let mut conn = conn.clone();
+        let id = id.clone();
+        async move {
+            let mut total = 0u64;
+            for k in all_keys(&mut conn)
+                .await
+                .iter()
+                .filter(|k| k.contains(":q:") && k.contains(&id))
+            {
+                let v: Option<u64> = redis::cmd("GET").arg(k).query_async(&mut conn).await.unwrap();
+                total += v.unwrap_or(0);
+            }
+            total
+        }
+    };
+    // What one answer is charged.
+    assert_eq!(post(&client, gw.url("/v1/chat/completions"), &secret, None).await, 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let one = charged(&mut conn).await;
+    assert!(one > 0);
+    let mut sent = 1;
+    for _ in 0..4 {
+        let mut set = tokio::task::JoinSet::new();
+        for _ in 0..20 {
+            let (client, url, secret) = (client.clone(), gw.url("/v1/chat/completions"), secret.clone());
+            set.spawn(async move { post(&client, url, &secret, None).await });
+        }
+        while let Some(r) = set.join_next().await {
+            assert_eq!(r.unwrap(), 200);
+            sent += 1;
+        }
+        // Stopped the moment the last answer is in.
+        gw.restart().await;
+        wait_metric(&gw, "fastgate_cluster_redis_up 1").await;
+    }
+    assert_eq!(charged(&mut conn).await, one * sent, "{} answers", sent);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_settlement_whose_answer_was_lost_is_charged_once() {
     let redis = Redis::start().await;

@@ -234,7 +234,10 @@ impl Cluster {
                 let (label, quota_end) = labels.get(i).copied().unwrap_or((Limited::Key, None));
                 let retry_after = match quota_end {
                     Some(end) => ((end - now_ms as i64).max(0) as u64).div_ceil(1000),
-                    None => (*wait_ms).max(0) as u64 / 1000 + 1,
+                    // A bucket outlives the window by up to one bucket
+                    // width; a retry is never told to wait past the window.
+                    None => ((*wait_ms).max(0) as u64 / 1000 + 1)
+                        .min(self.config.rate_window.0.as_millis().div_ceil(1000) as u64),
                 };
                 Err(Refusal {
                     label,
@@ -285,6 +288,15 @@ impl Cluster {
         let _ = self.settlements.0.send(Settlement { checks, tokens, ticket });
     }
 
+    /// Whether settlements, or quota tokens owed from an outage, have yet
+    /// to reach Redis: a stopping node gives them a moment
+    /// ([`crate::server`]'s drain), or they are lost with the process.
+    pub fn settling(&self) -> bool {
+        self.queued.load(Ordering::Relaxed) > 0
+            || self.unconfirmed.load(Ordering::Relaxed)
+            || !self.owed.lock().is_empty()
+    }
+
     /// Send queued settlements (and owed quota tokens) in numbered
     /// batches, one at a time, up to [`SETTLE_BATCH`] per call. A batch
     /// Redis did not confirm is sent again, with its number, once Redis
@@ -329,6 +341,7 @@ impl Cluster {
                         }
                         continue;
                     }
+                    self.unconfirmed.store(true, Ordering::Relaxed);
                     self.queued.fetch_sub(taken.len(), Ordering::Relaxed);
                     seq += 1;
                     Batch {
@@ -345,7 +358,7 @@ impl Cluster {
                 continue;
             }
             match self.settle_shared(&batch).await {
-                Ok(()) => {}
+                Ok(()) => self.unconfirmed.store(false, Ordering::Relaxed),
                 Err(e) if e.is_transport() => {
                     tracing::debug!(error = %e, seq = batch.seq, "Settlement batch unconfirmed; sent again once Redis answers.");
                     pending = Some(batch);
@@ -359,6 +372,7 @@ impl Cluster {
                     tick.tick().await;
                 }
                 Err(e) => {
+                    self.unconfirmed.store(false, Ordering::Relaxed);
                     tracing::error!(error = %e, settlements = batch.settlements.len(), "Redis refused a settlement batch again; dropped.");
                 }
             }

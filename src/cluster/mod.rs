@@ -111,6 +111,8 @@ pub struct Cluster {
     releases: Mutex<std::collections::VecDeque<(String, String)>>,
     /// Settlements queued and not yet taken into a batch.
     queued: AtomicUsize,
+    /// A batch is built and Redis has not confirmed it yet.
+    unconfirmed: AtomicBool,
     pub config: ClusterConfig,
     client: redis::Client,
     /// The background tasks' connection (heartbeats, library, key states).
@@ -169,6 +171,7 @@ impl Cluster {
             ops: AtomicU64::new(0),
             releases: Mutex::new(std::collections::VecDeque::new()),
             queued: AtomicUsize::new(0),
+            unconfirmed: AtomicBool::new(false),
             config: config.clone(),
             client,
             conn: ArcSwapOption::empty(),
