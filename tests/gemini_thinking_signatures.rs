@@ -114,6 +114,14 @@ async fn ask(gw: &Gateway, stream: bool, body: &Value) -> (u16, Option<String>, 
         vec![serde_json::from_str(&text).unwrap()]
     };
     assert!(chunks.iter().all(|c| c.get("error").is_none()), "no error: {text}");
+    // The google-genai chats drop a streamed turn from their history when
+    // a chunk has no parts.
+    assert!(
+        chunks.iter().all(|c| c["candidates"][0]["content"]["parts"]
+            .as_array()
+            .is_some_and(|p| !p.is_empty())),
+        "every chunk has parts: {text}"
+    );
     let parts = chunks
         .iter()
         .flat_map(|c| {
@@ -246,6 +254,50 @@ async fn streamed_answers_keep_claude_thinking_across_a_tool_call() {
     assert_thinking_kept(
         &sent,
         warning.as_deref(),
+        &[thinking_block(), json!({"type": "redacted_thinking", "data": REDACTED})],
+    );
+}
+
+/// The google-genai Python SDK's own chat, whole and streamed: it decodes
+/// the signature into bytes and encodes it again for turn 2. Needs the SDK:
+/// `GENAI_PYTHON=/path/to/python cargo nextest run --test
+/// gemini_thinking_signatures --run-ignored all` (a python3 with
+/// `pip install google-genai`).
+#[tokio::test]
+#[ignore = "needs google-genai for Python (GENAI_PYTHON)"]
+async fn the_python_sdk_keeps_claude_thinking_across_a_tool_call() {
+    let mock = MockUpstream::start().await;
+    shapes::can(
+        &mock,
+        Canned {
+            whole: Some(anthropic_whole()),
+            events: anthropic_events(),
+        },
+    );
+    let gw = gateway(&mock).await;
+    let python = std::env::var("GENAI_PYTHON").unwrap_or_else(|_| "python3".into());
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/conversion/genai_thinking_round_trip.py");
+    let out = tokio::process::Command::new(&python)
+        .arg(&script)
+        .arg(gw.url(""))
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen = mock.seen();
+    assert_eq!(seen.len(), 4, "two turns, whole then streamed");
+    assert!(seen[3].uri.ends_with("/v1/messages"));
+    assert_eq!(seen[3].json()["stream"], true);
+    assert_thinking_kept(&seen[1].json(), None, &[thinking_block()]);
+    assert_thinking_kept(
+        &seen[3].json(),
+        None,
         &[thinking_block(), json!({"type": "redacted_thinking", "data": REDACTED})],
     );
 }

@@ -302,6 +302,12 @@ impl Encoder for GeminiEncoder {
                 if let Some(sig) = self.thinking.take() {
                     attach_carried(&mut parts, sig);
                 }
+                // Never an empty `parts`: the google-genai SDKs' chats take a
+                // chunk without parts for an invalid answer and leave the
+                // whole turn out of the history they send back.
+                if parts.is_empty() {
+                    parts.push(json!({"text": ""}));
+                }
                 let mut v = json!({
                     "candidates": [{"content": {"role": "model", "parts": parts}, "index": 0,
                         "finishReason": finish_to_wire(self.finish.as_ref().unwrap_or(&Finish::Stop))}],
