@@ -52,6 +52,130 @@ pub fn synthesize_call_id(scope: &str, index: usize, name: &str) -> String {
     format!("call_{}", hex::encode(&digest[..12]))
 }
 
+/// Most bytes of thinking (text, signatures, redacted data) one
+/// `thoughtSignature` carries. Anthropic checks the blocks byte for byte, so
+/// a longer turn is not cut: it gets no signature (logged) and its next
+/// request goes as without one (thinking off for that turn, with a warning).
+pub const MAX_CARRIED_THINKING: usize = 1 << 20;
+
+/// `SEALED` (`fastgate.v1:`) in base64: how a carried signature begins
+/// (12 bytes, so the same in every alphabet and never padded).
+const CARRIED_B64_PREFIX: &str = "ZmFzdGdhdGUudjE6";
+
+/// Anthropic's signed (or redacted) thinking of one turn as a Gemini
+/// `thoughtSignature`, so a Gemini client (which keeps only that, and may
+/// drop the thought text) hands Claude its thinking back after a tool call:
+/// base64 of `fastgate.v1:` + the blocks as Anthropic writes them (compact
+/// JSON), in order. Unsigned thinking is left out (Anthropic refuses it).
+/// None when there is nothing to carry, or more than [`MAX_CARRIED_THINKING`].
+pub(crate) fn carry_thinking<'a>(parts: impl IntoIterator<Item = &'a Part>) -> Option<String> {
+    use base64::Engine;
+    let blocks: Vec<Value> = parts
+        .into_iter()
+        .filter_map(|p| match p {
+            Part::Thinking {
+                text,
+                signature: Some(sig),
+            } if !sig.is_empty() => Some(json!({"type": "thinking", "thinking": text, "signature": sig})),
+            Part::RedactedThinking(data) => Some(json!({"type": "redacted_thinking", "data": data})),
+            _ => None,
+        })
+        .collect();
+    if blocks.is_empty() {
+        return None;
+    }
+    let mut payload = super::responses::SEALED.as_bytes().to_vec();
+    // Serializing a Value into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut payload, &blocks);
+    if payload.len() > MAX_CARRIED_THINKING {
+        tracing::warn!(
+            bytes = payload.len(),
+            max = MAX_CARRIED_THINKING,
+            "Anthropic thinking too long to carry in a thoughtSignature; the Gemini client's next turn goes without it"
+        );
+        return None;
+    }
+    Some(base64::engine::general_purpose::STANDARD.encode(payload))
+}
+
+/// The thinking blocks a `thoughtSignature` carries when FastGate wrote it
+/// ([`carry_thinking`]), whatever base64 the client re-encoded it in
+/// (standard or url-safe, padded or not: the Python SDK holds it as bytes).
+/// None for Gemini's own signatures and for anything damaged.
+pub(crate) fn carried_thinking(signature: &str) -> Option<Vec<Part>> {
+    use base64::Engine;
+    if !signature.starts_with(CARRIED_B64_PREFIX) {
+        return None;
+    }
+    let standard: String = signature
+        .chars()
+        .filter(|c| *c != '=' && !c.is_ascii_whitespace())
+        .map(|c| match c {
+            '-' => '+',
+            '_' => '/',
+            c => c,
+        })
+        .collect();
+    let bytes = base64::engine::general_purpose::STANDARD_NO_PAD.decode(standard).ok()?;
+    let blocks: Vec<Value> = serde_json::from_slice(bytes.strip_prefix(super::responses::SEALED.as_bytes())?).ok()?;
+    let parts = blocks
+        .iter()
+        .map(|b| match opt_str(b, "type")? {
+            "thinking" => Some(Part::Thinking {
+                text: opt_str(b, "thinking")?.to_string(),
+                signature: Some(opt_str(b, "signature").filter(|s| !s.is_empty())?.to_string()),
+            }),
+            "redacted_thinking" => Some(Part::RedactedThinking(opt_str(b, "data")?.to_string())),
+            _ => None,
+        })
+        .collect::<Option<Vec<_>>>()?;
+    if parts.is_empty() {
+        tracing::debug!("an empty carried thoughtSignature ignored");
+        return None;
+    }
+    Some(parts)
+}
+
+/// A model turn from a Gemini client with its carried thinking restored:
+/// the blocks of the first carried signature open the turn (Anthropic wants
+/// the tool-calling turn to begin with them), later ones go before the part
+/// that carried them. The turn's thought text parts, when the client sent
+/// them back, are dropped: the carried blocks are that thinking, signed.
+fn restore_carried_thinking(parts: &mut Vec<Part>) {
+    let mut carried: Vec<(usize, Vec<Part>)> = Vec::new();
+    for (i, p) in parts.iter_mut().enumerate() {
+        let signature = match p {
+            Part::ToolCall(c) => &mut c.signature,
+            Part::Thinking { signature, .. } => signature,
+            _ => continue,
+        };
+        if let Some(blocks) = signature.as_deref().and_then(carried_thinking) {
+            // Not Gemini's: no Gemini upstream could read it.
+            *signature = None;
+            carried.push((i, blocks));
+        }
+    }
+    if carried.is_empty() {
+        return;
+    }
+    let mut out = Vec::with_capacity(parts.len() + carried.iter().map(|(_, b)| b.len()).sum::<usize>());
+    let mut carried = carried.into_iter();
+    if let Some((_, first)) = carried.next() {
+        out.extend(first);
+    }
+    let mut next = carried.next();
+    for (i, p) in std::mem::take(parts).into_iter().enumerate() {
+        if let Some((_, blocks)) = next.take_if(|(at, _)| *at == i) {
+            out.extend(blocks);
+            next = carried.next();
+        }
+        if !matches!(p, Part::Thinking { .. }) {
+            out.push(p);
+        }
+    }
+    *parts = out;
+}
+
 fn decode_parts(
     parts: &[Value],
     scope: &str,
@@ -171,6 +295,9 @@ pub fn decode_request(body: &Value, model: &str, stream: bool, loss: &mut Loss) 
             Some(last) if last.role == role => last.parts.extend(parts),
             _ => req.messages.push(Message { role, parts }),
         }
+    }
+    for m in req.messages.iter_mut().filter(|m| m.role == Role::Assistant) {
+        restore_carried_thinking(&mut m.parts);
     }
     let g = field(body, "generationConfig", "generation_config").unwrap_or(&Value::Null);
     let num = |camel, snake| field(g, camel, snake).and_then(Value::as_f64);
@@ -897,7 +1024,8 @@ pub fn decode_response(body: &Value, loss: &mut Loss) -> Result<ChatResponse, Co
 /// One candidate, as Gemini writes it.
 fn encode_candidate(index: usize, parts: &[Part], finish: Option<&Finish>) -> Value {
     let mut ignored = Loss::default();
-    let parts: Vec<Value> = parts
+    let carried = carry_thinking(parts);
+    let mut parts: Vec<Value> = parts
         .iter()
         .filter_map(|p| match p {
             Part::Text(t) if t.is_empty() => None,
@@ -915,11 +1043,29 @@ fn encode_candidate(index: usize, parts: &[Part], finish: Option<&Finish>) -> Va
             Part::ToolResult(_) | Part::RedactedThinking(_) => None,
         })
         .collect();
+    if let Some(sig) = carried {
+        attach_carried(&mut parts, sig);
+    }
     json!({
         "content": {"role": "model", "parts": parts},
         "finishReason": finish.map_or("STOP", finish_to_wire),
         "index": index,
     })
+}
+
+/// A carried thinking signature ([`carry_thinking`]) on the part a Gemini
+/// client keeps and sends back: the first function call (where Gemini puts
+/// its own), else the last thought part, else a thought part of its own.
+pub(crate) fn attach_carried(parts: &mut Vec<Value>, signature: String) {
+    let at = parts
+        .iter()
+        .position(|p| p.get("functionCall").is_some())
+        .or_else(|| parts.iter().rposition(|p| p.get("thought") == Some(&Value::Bool(true))));
+    match at.and_then(|i| parts.get_mut(i)) {
+        Some(p) if p.get("thoughtSignature").is_none() => p["thoughtSignature"] = signature.into(),
+        Some(_) => tracing::debug!("a part already signed by Gemini; carried thinking not attached"),
+        None => parts.push(json!({"text": "", "thought": true, "thoughtSignature": signature})),
+    }
 }
 
 pub fn encode_response(resp: &ChatResponse) -> Value {
@@ -940,4 +1086,220 @@ pub fn encode_response(resp: &ChatResponse) -> Value {
         out["usageMetadata"] = usage_to_wire(u);
     }
     out
+}
+
+#[cfg(test)]
+mod carried_thinking_tests {
+    use super::*;
+    use base64::Engine;
+    use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+
+    fn signed(text: &str, sig: &str) -> Part {
+        Part::Thinking {
+            text: text.into(),
+            signature: Some(sig.into()),
+        }
+    }
+
+    fn call(sig: Option<&str>) -> Part {
+        Part::ToolCall(ToolCall {
+            id: "toolu_1".into(),
+            name: "weather".into(),
+            arguments: r#"{"city":"Paris"}"#.into(),
+            signature: sig.map(str::to_string),
+        })
+    }
+
+    /// Gemini's own signatures look like this (base64 of a protobuf).
+    const FOREIGN: &str = "CiQB0e2Kb3sL8Gm2wY4mQ2rKgD9hYp1yQ9x0c1C3m8k0VnU=";
+
+    #[test]
+    fn the_prefix_is_sealed_in_base64() {
+        assert_eq!(STANDARD.encode(super::super::responses::SEALED), CARRIED_B64_PREFIX);
+    }
+
+    #[test]
+    fn blocks_round_trip_in_order() {
+        let blocks = vec![
+            signed("let me think", "EqQBsig=="),
+            Part::RedactedThinking("EmwKAhgB".into()),
+        ];
+        let sig = carry_thinking(&blocks).unwrap();
+        assert!(sig.starts_with(CARRIED_B64_PREFIX));
+        assert!(STANDARD.decode(&sig).unwrap().starts_with(b"fastgate.v1:["));
+        assert_eq!(carried_thinking(&sig), Some(blocks));
+    }
+
+    #[test]
+    fn unsigned_thinking_is_not_carried() {
+        assert_eq!(
+            carry_thinking(&[Part::Thinking {
+                text: "t".into(),
+                signature: None
+            }]),
+            None
+        );
+        assert_eq!(carry_thinking(&[Part::Text("hi".into())]), None);
+    }
+
+    #[test]
+    fn url_safe_and_unpadded_base64_is_read() {
+        // Text whose encoding needs `+`, `/` and padding in the standard alphabet.
+        let blocks = vec![signed("ÿþ?>~ünicode ✓✓", "sig/+=")];
+        let sig = carry_thinking(&blocks).unwrap();
+        let bytes = STANDARD.decode(&sig).unwrap();
+        let url = URL_SAFE_NO_PAD.encode(&bytes);
+        assert!(sig.contains('+') || sig.contains('/'), "{sig}");
+        assert_ne!(url, sig);
+        assert_eq!(carried_thinking(&url), Some(blocks.clone()));
+        // Padding stripped from the standard alphabet, and url-safe padded.
+        assert_eq!(carried_thinking(sig.trim_end_matches('=')), Some(blocks.clone()));
+        let url_padded = base64::engine::general_purpose::URL_SAFE.encode(&bytes);
+        assert_eq!(carried_thinking(&url_padded), Some(blocks));
+    }
+
+    #[test]
+    fn a_foreign_signature_is_not_read() {
+        assert_eq!(carried_thinking(FOREIGN), None);
+        assert_eq!(carried_thinking("skip_thought_signature_validator"), None);
+        assert_eq!(carried_thinking(""), None);
+    }
+
+    #[test]
+    fn a_damaged_payload_is_ignored() {
+        let sealed = |s: &str| STANDARD.encode(format!("fastgate.v1:{s}"));
+        let whole = carry_thinking(&[signed("thinking", "SIG")]).unwrap();
+        for bad in [
+            sealed("[{"),
+            sealed("{}"),
+            sealed("[]"),
+            sealed(r#"[{"type":"thinking"}]"#),
+            sealed(r#"[{"type":"thinking","thinking":"t","signature":""}]"#),
+            sealed(r#"[{"type":"text","text":"t"}]"#),
+            format!("{CARRIED_B64_PREFIX}!!!%%"),
+            whole[..whole.len() / 2].to_string(),
+            format!("{whole}AB"),
+        ] {
+            assert_eq!(carried_thinking(&bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn past_the_cap_nothing_is_carried() {
+        let long = "x".repeat(MAX_CARRIED_THINKING);
+        assert_eq!(carry_thinking(&[signed(&long, "S")]), None);
+        assert!(carry_thinking(&[signed(&long[..MAX_CARRIED_THINKING - 100], "S")]).is_some());
+    }
+
+    fn request(model_parts: Value) -> ChatRequest {
+        let body = json!({"contents": [
+            {"role": "user", "parts": [{"text": "weather in Paris?"}]},
+            {"role": "model", "parts": model_parts},
+            {"role": "user", "parts": [{"functionResponse": {"name": "weather", "response": {"temp": 21}}}]},
+        ]});
+        decode_request(&body, "m", false, &mut Loss::default()).unwrap()
+    }
+
+    #[test]
+    fn a_carried_signature_opens_the_turn_without_duplicates() {
+        let blocks = vec![signed("think A", "SIG-A"), Part::RedactedThinking("RED".into())];
+        let sig = carry_thinking(&blocks).unwrap();
+        // As Gemini CLI sends it back: thought parts gone, the call signed.
+        let call_only = json!([{"text": "Checking."}, {"functionCall": {"name": "weather", "args": {"city": "Paris"}}, "thoughtSignature": sig}]);
+        let req = request(call_only);
+        let turn = &req.messages[1].parts;
+        assert_eq!(&turn[..2], &blocks[..]);
+        assert_eq!(turn[2], Part::Text("Checking.".into()));
+        assert!(matches!(&turn[3], Part::ToolCall(c) if c.signature.is_none() && c.name == "weather"));
+        assert_eq!(turn.len(), 4);
+        // The thought text sent back too is not repeated.
+        let with_thoughts = json!([{"text": "think A", "thought": true}, {"functionCall": {"name": "weather", "args": {}}, "thoughtSignature": URL_SAFE_NO_PAD.encode(STANDARD.decode(&sig).unwrap())}]);
+        let turn = request(with_thoughts).messages[1].parts.clone();
+        assert_eq!(&turn[..2], &blocks[..]);
+        assert_eq!(turn.len(), 3);
+    }
+
+    #[test]
+    fn a_carried_signature_on_a_thought_part_replaces_it() {
+        let blocks = vec![signed("think", "SIG")];
+        let sig = carry_thinking(&blocks).unwrap();
+        let turn = request(json!([{"text": "think", "thought": true, "thoughtSignature": sig}, {"text": "Sunny."}]))
+            .messages[1]
+            .parts
+            .clone();
+        assert_eq!(turn, vec![signed("think", "SIG"), Part::Text("Sunny.".into())]);
+    }
+
+    #[test]
+    fn foreign_and_damaged_signatures_stay_on_their_part() {
+        for sig in [FOREIGN.to_string(), format!("{CARRIED_B64_PREFIX}AAAA")] {
+            let turn = request(json!([{"text": "t", "thought": true}, {"functionCall": {"name": "weather", "args": {}}, "thoughtSignature": sig}]))
+                .messages[1]
+                .parts
+                .clone();
+            assert_eq!(turn.len(), 2, "{turn:?}");
+            assert!(matches!(&turn[1], Part::ToolCall(c) if c.signature.as_deref() == Some(sig.as_str())));
+        }
+    }
+
+    #[test]
+    fn answers_carry_the_thinking_on_the_first_call_or_the_last_thought() {
+        let blocks = vec![signed("one", "S1"), signed("two", "S2")];
+        let mut parts = blocks.clone();
+        parts.extend([Part::Text("Checking.".into()), call(None), call(None)]);
+        let resp = ChatResponse {
+            parts,
+            ..ChatResponse::default()
+        };
+        let out = encode_response(&resp);
+        let wire = out["candidates"][0]["content"]["parts"].as_array().unwrap();
+        assert_eq!(wire[0], json!({"text": "one", "thought": true}));
+        assert_eq!(wire[1], json!({"text": "two", "thought": true}));
+        let sig = wire[3]["thoughtSignature"].as_str().unwrap();
+        assert_eq!(carried_thinking(sig), Some(blocks.clone()));
+        assert!(wire[4].get("thoughtSignature").is_none());
+        // No call: on the last thought part.
+        let mut parts = blocks.clone();
+        parts.push(Part::Text("Sunny.".into()));
+        let out = encode_response(&ChatResponse {
+            parts,
+            ..ChatResponse::default()
+        });
+        let wire = out["candidates"][0]["content"]["parts"].as_array().unwrap();
+        assert!(wire[0].get("thoughtSignature").is_none());
+        assert_eq!(
+            carried_thinking(wire[1]["thoughtSignature"].as_str().unwrap()),
+            Some(blocks)
+        );
+        // Redacted only: a thought part of its own.
+        let out = encode_response(&ChatResponse {
+            parts: vec![Part::RedactedThinking("R".into()), Part::Text("ok".into())],
+            ..ChatResponse::default()
+        });
+        let wire = out["candidates"][0]["content"]["parts"].as_array().unwrap();
+        assert_eq!(wire[1]["thought"], true);
+        assert_eq!(wire[1]["text"], "");
+        assert_eq!(
+            carried_thinking(wire[1]["thoughtSignature"].as_str().unwrap()),
+            Some(vec![Part::RedactedThinking("R".into())])
+        );
+        // Unsigned reasoning (another provider's) carries nothing.
+        let out = encode_response(&ChatResponse {
+            parts: vec![
+                Part::Thinking {
+                    text: "r".into(),
+                    signature: None,
+                },
+                call(None),
+            ],
+            ..ChatResponse::default()
+        });
+        assert!(out.to_string().find("thoughtSignature").is_none());
+        // A Gemini signature on the call stays as it is.
+        let out = encode_response(&ChatResponse {
+            parts: vec![call(Some(FOREIGN))],
+            ..ChatResponse::default()
+        });
+        assert_eq!(out["candidates"][0]["content"]["parts"][0]["thoughtSignature"], FOREIGN);
+    }
 }

@@ -5,10 +5,10 @@ use super::{Decoder, Delta, Encoder, sse_frame};
 use crate::convert::{
     arguments_object,
     gemini::{
-        finish_from_wire, finish_to_wire, first_candidate, prompt_blocked, synthesize_call_id, usage_from_wire,
-        usage_to_wire,
+        MAX_CARRIED_THINKING, attach_carried, carry_thinking, finish_from_wire, finish_to_wire, first_candidate,
+        prompt_blocked, synthesize_call_id, usage_from_wire, usage_to_wire,
     },
-    ir::{Finish, Usage},
+    ir::{Finish, Part, Usage},
     opt_str,
 };
 use crate::{config::routes_d::Format, convert::errors};
@@ -111,6 +111,77 @@ struct PendingCall {
     signature: Option<String>,
 }
 
+/// Anthropic's signed thinking of the answer, gathered to be carried in a
+/// `thoughtSignature` (the stream's thought parts go out as they come).
+#[derive(Debug, Default)]
+struct ThinkingToCarry {
+    /// Whole blocks (signed or redacted) not carried yet.
+    blocks: Vec<Part>,
+    /// The text of the block streaming now (it may end unsigned).
+    open: Option<String>,
+    bytes: usize,
+    /// More than [`MAX_CARRIED_THINKING`]: nothing of this turn is carried.
+    over: bool,
+    /// A signature or redacted block was seen (something to carry, or lost).
+    signed: bool,
+}
+
+impl ThinkingToCarry {
+    fn grow(&mut self, n: usize) -> bool {
+        self.bytes += n;
+        self.over |= self.bytes > MAX_CARRIED_THINKING;
+        !self.over
+    }
+
+    fn text(&mut self, t: &str) {
+        if self.grow(t.len()) {
+            self.open.get_or_insert_default().push_str(t);
+        }
+    }
+
+    /// The block streaming now is signed, and whole (Anthropic sends one
+    /// `signature_delta`, just before the block's end).
+    fn signature(&mut self, s: &str) {
+        self.signed = true;
+        let text = self.open.take().unwrap_or_default();
+        if self.grow(s.len()) {
+            self.blocks.push(Part::Thinking {
+                text,
+                signature: Some(s.to_string()),
+            });
+        }
+    }
+
+    fn redacted(&mut self, data: &str) {
+        self.signed = true;
+        self.open = None;
+        if self.grow(data.len()) {
+            self.blocks.push(Part::RedactedThinking(data.to_string()));
+        }
+    }
+
+    /// Thinking that ended without a signature (another provider's) is not carried.
+    fn end_block(&mut self) {
+        self.open = None;
+    }
+
+    /// The gathered blocks as a `thoughtSignature`; the next ones start afresh.
+    fn take(&mut self) -> Option<String> {
+        let gathered = std::mem::take(self);
+        if gathered.over {
+            if !gathered.signed {
+                return None;
+            }
+            tracing::warn!(
+                max = MAX_CARRIED_THINKING,
+                "Anthropic thinking too long to carry in a thoughtSignature; the Gemini client's next turn goes without it"
+            );
+            return None;
+        }
+        carry_thinking(&gathered.blocks)
+    }
+}
+
 /// Writes the stream a Gemini client expects, as SSE (`alt=sse`) or as a
 /// JSON array.
 #[derive(Debug)]
@@ -122,6 +193,7 @@ pub struct GeminiEncoder {
     calls: Vec<PendingCall>,
     finish: Option<Finish>,
     usage: Option<Usage>,
+    thinking: ThinkingToCarry,
 }
 
 impl GeminiEncoder {
@@ -134,6 +206,7 @@ impl GeminiEncoder {
             calls: Vec::new(),
             finish: None,
             usage: None,
+            thinking: ThinkingToCarry::default(),
         }
     }
 
@@ -160,7 +233,7 @@ impl GeminiEncoder {
         if self.calls.is_empty() {
             return;
         }
-        let parts = std::mem::take(&mut self.calls)
+        let mut parts: Vec<Value> = std::mem::take(&mut self.calls)
             .into_iter()
             .map(|c| {
                 let mut p = json!({"functionCall": {"id": c.id, "name": c.name, "args": arguments_object(&c.args)}});
@@ -170,6 +243,10 @@ impl GeminiEncoder {
                 p
             })
             .collect();
+        // The thinking before these calls rides on the first of them.
+        if let Some(sig) = self.thinking.take() {
+            attach_carried(&mut parts, sig);
+        }
         self.chunk(out, parts);
     }
 }
@@ -184,26 +261,32 @@ impl Encoder for GeminiEncoder {
                 }
             }
             Delta::Text(t) => {
+                self.thinking.end_block();
                 self.flush_calls(out);
                 self.chunk(out, vec![json!({"text": t})]);
             }
             Delta::Thinking(t) => {
                 self.flush_calls(out);
+                self.thinking.text(t);
                 self.chunk(out, vec![json!({"text": t, "thought": true})]);
             }
-            Delta::ThinkingSignature(_) | Delta::RedactedThinking(_) => {}
+            Delta::ThinkingSignature(s) => self.thinking.signature(s),
+            Delta::RedactedThinking(data) => self.thinking.redacted(data),
             Delta::ToolStart {
                 index,
                 id,
                 name,
                 signature,
-            } => self.calls.push(PendingCall {
-                index: *index,
-                id: id.clone(),
-                name: name.clone(),
-                args: String::new(),
-                signature: signature.clone(),
-            }),
+            } => {
+                self.thinking.end_block();
+                self.calls.push(PendingCall {
+                    index: *index,
+                    id: id.clone(),
+                    name: name.clone(),
+                    args: String::new(),
+                    signature: signature.clone(),
+                })
+            }
             Delta::ToolArgs { index, fragment } => {
                 if let Some(c) = self.calls.iter_mut().find(|c| c.index == *index) {
                     c.args.push_str(fragment);
@@ -213,8 +296,20 @@ impl Encoder for GeminiEncoder {
             Delta::Usage(u) => self.usage = Some(*u),
             Delta::Done => {
                 self.flush_calls(out);
+                // Thinking no call carried (a turn without calls) rides on
+                // a thought part of its own.
+                let mut parts = Vec::new();
+                if let Some(sig) = self.thinking.take() {
+                    attach_carried(&mut parts, sig);
+                }
+                // Never an empty `parts`: the google-genai SDKs' chats take a
+                // chunk without parts for an invalid answer and leave the
+                // whole turn out of the history they send back.
+                if parts.is_empty() {
+                    parts.push(json!({"text": ""}));
+                }
                 let mut v = json!({
-                    "candidates": [{"content": {"role": "model", "parts": []}, "index": 0,
+                    "candidates": [{"content": {"role": "model", "parts": parts}, "index": 0,
                         "finishReason": finish_to_wire(self.finish.as_ref().unwrap_or(&Finish::Stop))}],
                     "modelVersion": self.model,
                     "responseId": self.id,
@@ -234,5 +329,140 @@ impl Encoder for GeminiEncoder {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod carried_thinking_tests {
+    use super::*;
+    use crate::convert::{gemini::carried_thinking, sse::SseParser};
+
+    fn run(deltas: &[Delta]) -> Vec<Value> {
+        let mut enc = GeminiEncoder::new("m", false);
+        let mut out = Vec::new();
+        for d in deltas {
+            enc.encode(d, &mut out);
+        }
+        SseParser::parse_all(&out)
+            .into_iter()
+            .flat_map(|e| {
+                let v: Value = serde_json::from_str(&e.data).unwrap_or_default();
+                v["candidates"][0]["content"]["parts"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+            })
+            .collect()
+    }
+
+    fn signed(text: &str, sig: &str) -> Part {
+        Part::Thinking {
+            text: text.into(),
+            signature: Some(sig.into()),
+        }
+    }
+
+    fn thinking(text: &[&str], sig: &str) -> Vec<Delta> {
+        let mut d: Vec<Delta> = text.iter().map(|t| Delta::Thinking(t.to_string())).collect();
+        d.push(Delta::ThinkingSignature(sig.into()));
+        d
+    }
+
+    fn call(index: usize) -> [Delta; 2] {
+        [
+            Delta::ToolStart {
+                index,
+                id: format!("toolu_{index}"),
+                name: "weather".into(),
+                signature: None,
+            },
+            Delta::ToolArgs {
+                index,
+                fragment: r#"{"city":"Paris"}"#.into(),
+            },
+        ]
+    }
+
+    fn start() -> Delta {
+        Delta::Start {
+            id: "msg_1".into(),
+            model: "claude".into(),
+        }
+    }
+
+    #[test]
+    fn streamed_thinking_rides_on_the_first_call() {
+        let mut d = vec![start()];
+        d.extend(thinking(&["Let me ", "check."], "SIG-1"));
+        d.push(Delta::RedactedThinking("RED".into()));
+        d.push(Delta::Text("Checking.".into()));
+        d.extend(call(0));
+        d.extend(call(1));
+        d.extend([Delta::Finish(Finish::ToolCalls), Delta::Done]);
+        let parts = run(&d);
+        let thoughts: Vec<&Value> = parts.iter().filter(|p| p["thought"] == true).collect();
+        assert_eq!(thoughts.len(), 2, "thought parts still stream: {parts:?}");
+        let calls: Vec<&Value> = parts.iter().filter(|p| p.get("functionCall").is_some()).collect();
+        assert_eq!(calls.len(), 2);
+        assert_eq!(
+            carried_thinking(calls[0]["thoughtSignature"].as_str().unwrap()),
+            Some(vec![
+                signed("Let me check.", "SIG-1"),
+                Part::RedactedThinking("RED".into())
+            ])
+        );
+        assert!(calls[1].get("thoughtSignature").is_none());
+        assert_eq!(parts.iter().filter(|p| p.get("thoughtSignature").is_some()).count(), 1);
+    }
+
+    #[test]
+    fn without_a_call_the_thinking_rides_on_a_thought_part_at_the_end() {
+        let mut d = vec![start()];
+        d.extend(thinking(&["hmm"], "SIG"));
+        d.extend([Delta::Text("Sunny.".into()), Delta::Finish(Finish::Stop), Delta::Done]);
+        let parts = run(&d);
+        let last = parts.last().unwrap();
+        assert_eq!(last["thought"], true);
+        assert_eq!(last["text"], "");
+        assert_eq!(
+            carried_thinking(last["thoughtSignature"].as_str().unwrap()),
+            Some(vec![signed("hmm", "SIG")])
+        );
+    }
+
+    #[test]
+    fn unsigned_or_oversized_thinking_carries_nothing() {
+        // Another provider's reasoning: no signature.
+        let mut d = vec![start(), Delta::Thinking("r".into()), Delta::Text("t".into())];
+        d.extend(call(0));
+        d.push(Delta::Done);
+        assert!(run(&d).iter().all(|p| p.get("thoughtSignature").is_none()));
+        // Past the cap.
+        let long = "x".repeat(MAX_CARRIED_THINKING / 2 + 1);
+        let mut d = vec![start()];
+        d.extend(thinking(&[&long, &long], "SIG"));
+        d.extend(call(0));
+        d.push(Delta::Done);
+        assert!(run(&d).iter().all(|p| p.get("thoughtSignature").is_none()));
+    }
+
+    #[test]
+    fn thinking_after_the_first_call_rides_on_the_next() {
+        let mut d = vec![start()];
+        d.extend(thinking(&["a"], "SA"));
+        d.extend(call(0));
+        d.extend(thinking(&["b"], "SB"));
+        d.extend(call(1));
+        d.push(Delta::Done);
+        let parts = run(&d);
+        let calls: Vec<&Value> = parts.iter().filter(|p| p.get("functionCall").is_some()).collect();
+        assert_eq!(
+            carried_thinking(calls[0]["thoughtSignature"].as_str().unwrap()),
+            Some(vec![signed("a", "SA")])
+        );
+        assert_eq!(
+            carried_thinking(calls[1]["thoughtSignature"].as_str().unwrap()),
+            Some(vec![signed("b", "SB")])
+        );
     }
 }
