@@ -20,5 +20,8 @@ if command -v npm >/dev/null; then
   export CODEX_BIN="$VENV/codex/node_modules/.bin/codex"
 fi
 cargo build --locked --bin fastgate
+# The google-genai SDK's own chat carrying Claude's signed thinking across a
+# tool call (it re-encodes the thoughtSignature bytes).
+GENAI_PYTHON="$VENV/bin/python" cargo nextest run --locked --test gemini_thinking_signatures --run-ignored only
 cd tests/e2e
 exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"
