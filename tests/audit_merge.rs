@@ -50,8 +50,14 @@ fn openai_events(text: &[String]) -> Vec<String> {
         json!({"id": "chatcmpl-m1", "object": "chat.completion.chunk", "created": 1_761_000_000, "model": "gpt-4o",
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
     };
-    let mut out = vec![sse_data(&chunk(json!({"role": "assistant", "content": ""}), Value::Null))];
-    out.extend(text.iter().map(|t| sse_data(&chunk(json!({"content": t}), Value::Null))));
+    let mut out = vec![sse_data(&chunk(
+        json!({"role": "assistant", "content": ""}),
+        Value::Null,
+    ))];
+    out.extend(
+        text.iter()
+            .map(|t| sse_data(&chunk(json!({"content": t}), Value::Null))),
+    );
     out.push(sse_data(&chunk(
         json!({"tool_calls": [{"index": 0, "id": "call_w1", "type": "function", "function": {"name": "get_weather", "arguments": ""}}]}),
         Value::Null,
@@ -63,8 +69,10 @@ fn openai_events(text: &[String]) -> Vec<String> {
         )));
     }
     out.push(sse_data(&chunk(json!({}), json!("tool_calls"))));
-    out.push(sse_data(&json!({"id": "chatcmpl-m1", "object": "chat.completion.chunk", "created": 1_761_000_000,
-        "model": "gpt-4o", "choices": [], "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}})));
+    out.push(sse_data(
+        &json!({"id": "chatcmpl-m1", "object": "chat.completion.chunk", "created": 1_761_000_000,
+        "model": "gpt-4o", "choices": [], "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}}),
+    ));
     out.push("data: [DONE]\n\n".into());
     out
 }
@@ -100,8 +108,10 @@ fn gemini_events(text: &[String]) -> Vec<String> {
     let mut out: Vec<String> = text
         .iter()
         .map(|t| {
-            sse_data(&json!({"candidates": [{"content": {"parts": [{"text": t}], "role": "model"}, "index": 0}],
-                "modelVersion": "gemini-2.5-flash", "responseId": "gem-m1"}))
+            sse_data(
+                &json!({"candidates": [{"content": {"parts": [{"text": t}], "role": "model"}, "index": 0}],
+                "modelVersion": "gemini-2.5-flash", "responseId": "gem-m1"}),
+            )
         })
         .collect();
     out.push(sse_data(&json!({"candidates": [{"content": {"parts": [{"functionCall": {"name": "get_weather", "args": {"city": "Paris"}}}], "role": "model"},
@@ -243,7 +253,9 @@ async fn stream(gw: &Gateway, prefix: &str, format: &str) -> (String, String, St
 fn client_text(format: &str, raw: &str) -> String {
     let mut text = String::new();
     for data in raw.lines().filter_map(|l| l.strip_prefix("data:")).map(str::trim) {
-        let Ok(v) = serde_json::from_str::<Value>(data) else { continue };
+        let Ok(v) = serde_json::from_str::<Value>(data) else {
+            continue;
+        };
         let piece = match format {
             "openai" => v["choices"][0]["delta"]["content"].as_str().map(str::to_string),
             "anthropic" => (v["delta"]["type"] == "text_delta")
@@ -320,8 +332,16 @@ fn said(format: &str, v: &Value) -> Said {
         }
         "anthropic" => {
             let blocks = v["content"].as_array().cloned().unwrap_or_default();
-            let text = blocks.iter().filter(|b| b["type"] == "text").map(|b| s(&b["text"])).collect();
-            let call = blocks.iter().find(|b| b["type"] == "tool_use").cloned().unwrap_or_default();
+            let text = blocks
+                .iter()
+                .filter(|b| b["type"] == "text")
+                .map(|b| s(&b["text"]))
+                .collect();
+            let call = blocks
+                .iter()
+                .find(|b| b["type"] == "tool_use")
+                .cloned()
+                .unwrap_or_default();
             (
                 text,
                 s(&call["name"]),
@@ -332,9 +352,16 @@ fn said(format: &str, v: &Value) -> Said {
             )
         }
         "gemini" => {
-            let parts = v["candidates"][0]["content"]["parts"].as_array().cloned().unwrap_or_default();
+            let parts = v["candidates"][0]["content"]["parts"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
             let text = parts.iter().filter_map(|p| p["text"].as_str()).collect();
-            let call = parts.iter().find_map(|p| p.get("functionCall")).cloned().unwrap_or_default();
+            let call = parts
+                .iter()
+                .find_map(|p| p.get("functionCall"))
+                .cloned()
+                .unwrap_or_default();
             (
                 text,
                 s(&call["name"]),
@@ -352,7 +379,11 @@ fn said(format: &str, v: &Value) -> Said {
                 .flat_map(|i| i["content"].as_array().cloned().unwrap_or_default())
                 .map(|c| s(&c["text"]))
                 .collect();
-            let call = items.iter().find(|i| i["type"] == "function_call").cloned().unwrap_or_default();
+            let call = items
+                .iter()
+                .find(|i| i["type"] == "function_call")
+                .cloned()
+                .unwrap_or_default();
             (
                 text,
                 s(&call["name"]),
@@ -382,13 +413,20 @@ async fn a_streamed_answer_is_logged_merged_in_the_clients_shape_passed_through_
         let mut seen = Vec::new();
         for prefix in ["p", "c"] {
             let (id, text, raw) = stream(&gw, prefix, format).await;
-            assert_eq!(text, pieces().concat(), "{prefix} {format}: the client got the text: {raw}");
+            assert_eq!(
+                text,
+                pieces().concat(),
+                "{prefix} {format}: the client got the text: {raw}"
+            );
             let body = logged_body(&gw, &id).await;
             let v: Value = serde_json::from_str(&body)
                 .unwrap_or_else(|e| panic!("{prefix} {format}: one JSON object, not events ({e}): {body}"));
             assert!(v.get("fastgate_incomplete").is_none(), "{prefix} {format}: {body}");
             assert!(v.get("fastgate_truncated").is_none(), "{prefix} {format}: {body}");
-            assert!(!body.contains(SECRET), "{prefix} {format}: masked as bodies are: {body}");
+            assert!(
+                !body.contains(SECRET),
+                "{prefix} {format}: masked as bodies are: {body}"
+            );
             let got = said(format, &v);
             let expected: Said = (
                 text.replace(SECRET, MASKED),
@@ -444,7 +482,11 @@ async fn a_stream_cut_short_is_merged_as_far_as_it_came_and_marked_incomplete() 
         let v: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{prefix} {format}: {e}: {body}"));
         assert_eq!(v["fastgate_incomplete"], true, "{prefix} {format}: {body}");
         let (merged, _, _, finish, ..) = said(format, &v);
-        assert_eq!((merged.as_str(), finish.as_str()), ("t0t1", ""), "{prefix} {format}: {body}");
+        assert_eq!(
+            (merged.as_str(), finish.as_str()),
+            ("t0t1", ""),
+            "{prefix} {format}: {body}"
+        );
     }
 }
 

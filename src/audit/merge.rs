@@ -28,9 +28,7 @@ use crate::{
         openai::{self, ToolNames},
         responses::{self, Echo},
         sse::{JsonArrayParser, SseParser},
-        stream::{
-            Decoder, Delta, anthropic::AnthropicDecoder, gemini::GeminiDecoder, openai::OpenaiDecoder,
-        },
+        stream::{Decoder, Delta, anthropic::AnthropicDecoder, gemini::GeminiDecoder, openai::OpenaiDecoder},
     },
 };
 use serde_json::Value;
@@ -195,7 +193,7 @@ impl StreamMerge {
         decoder.end(deltas);
         self.apply();
         let client = self.spec.client.or(self.spec.upstream)?;
-        Some(self.answer.to_json(client, &self.spec, self.cap))
+        Some(self.answer.fitted_json(client, &self.spec, self.cap))
     }
 }
 
@@ -242,7 +240,7 @@ fn decoder_for(format: Format, names: &ToolNames) -> Option<Box<dyn Decoder + Sy
 }
 
 /// The answer as merged so far.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct Answer {
     id: String,
     model: String,
@@ -405,10 +403,7 @@ impl Answer {
             }
             let n = fields::floor_boundary(field, left);
             field.truncate(n);
-            if let Part::Thinking {
-                signature: Some(s), ..
-            } = p
-            {
+            if let Part::Thinking { signature: Some(s), .. } = p {
                 s.clear();
             }
             left -= n;
@@ -420,17 +415,24 @@ impl Answer {
     }
 
     /// The merged answer in `client`'s non-stream shape, within `cap` bytes.
-    fn to_json(&mut self, client: Format, spec: &Spec, cap: usize) -> String {
+    fn fitted_json(&mut self, client: Format, spec: &Spec, cap: usize) -> String {
         let mut text = self.encode(client, spec);
-        // Each content byte is at least one byte of JSON: cutting the
-        // excess (and room for the mark) fits in a step or two.
-        for _ in 0..4 {
-            if text.len() <= cap || self.kept == 0 {
-                break;
+        if text.len() > cap && self.kept > 0 {
+            // The answer's frame (ids, usage, the marks) without content,
+            // then content cut by its JSON bytes per byte (escapes grow it):
+            // it fits in a step, rarely two.
+            let mut empty = self.clone();
+            empty.trim_to(0);
+            let frame = empty.encode(client, spec).len();
+            for _ in 0..4 {
+                if text.len() <= cap || self.kept == 0 {
+                    break;
+                }
+                let per = text.len().saturating_sub(frame).div_ceil(self.kept).max(1);
+                let room = cap.saturating_sub(frame + 32);
+                self.trim_to((room / per).min(self.kept - 1));
+                text = self.encode(client, spec);
             }
-            let over = text.len() - cap + 64;
-            self.trim_to(self.kept.saturating_sub(over));
-            text = self.encode(client, spec);
         }
         if text.len() > cap {
             // Even the answer's frame does not fit: cut and marked, as any body.
