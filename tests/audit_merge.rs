@@ -530,3 +530,56 @@ async fn a_whole_answer_is_stored_as_before() {
     let sent = r.text().await.unwrap();
     assert_eq!(logged_body(&gw, &id).await, sent);
 }
+
+/// A client that hangs up mid-stream: what reached it is merged, marked
+/// incomplete, without a finish reason.
+#[tokio::test]
+async fn a_stream_the_client_leaves_is_merged_as_far_as_it_came() {
+    use futures_util::StreamExt;
+    let mocks = Mocks::start(&pieces()).await;
+    *mocks.oai.behaviour.canned.lock().unwrap() = None;
+    mocks
+        .oai
+        .behaviour
+        .sse_interval_ms
+        .store(300, std::sync::atomic::Ordering::SeqCst);
+    let gw = gateway(&mocks, "").await;
+    for (prefix, format, path, body) in [
+        (
+            "p",
+            "openai",
+            "v1/chat/completions",
+            json!({"model": "gpt-4o", "stream": true, "messages": [{"role": "user", "content": "hi"}]}),
+        ),
+        (
+            "c",
+            "gemini",
+            "v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse",
+            json!({"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}),
+        ),
+    ] {
+        let r = reqwest::Client::new()
+            .post(gw.url(&format!("/{prefix}/{format}/{path}")))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+        let mut events = r.bytes_stream();
+        let mut got = Vec::new();
+        while !String::from_utf8_lossy(&got).contains("t0") {
+            got.extend_from_slice(&events.next().await.unwrap().unwrap());
+        }
+        drop(events);
+        let body = logged_body(&gw, &id).await;
+        let v: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{prefix} {format}: {e}: {body}"));
+        assert_eq!(v["fastgate_incomplete"], true, "{prefix} {format}: {body}");
+        let (merged, _, _, finish, ..) = said(format, &v);
+        assert!(
+            merged.starts_with("t0") && "t0t1t2t3t4".starts_with(&merged) && merged.len() < 10,
+            "{prefix} {format}: {body}"
+        );
+        assert_eq!(finish, "", "{prefix} {format}: {body}");
+    }
+}

@@ -384,6 +384,24 @@ impl Answer {
         }
     }
 
+    /// The answer with every part kept and its content emptied (marked cut).
+    fn without_content(&self) -> Answer {
+        let mut empty = self.clone();
+        for p in &mut empty.parts {
+            match p {
+                Part::Text(t) | Part::RedactedThinking(t) => t.clear(),
+                Part::Thinking { text, signature } => {
+                    text.clear();
+                    *signature = None;
+                }
+                Part::ToolCall(c) => c.arguments.clear(),
+                _ => {}
+            }
+        }
+        empty.truncated = true;
+        empty
+    }
+
     /// Cut the content to `budget` bytes, from the end.
     fn trim_to(&mut self, budget: usize) {
         let mut left = budget;
@@ -421,16 +439,14 @@ impl Answer {
             // The answer's frame (ids, usage, the marks) without content,
             // then content cut by its JSON bytes per byte (escapes grow it):
             // it fits in a step, rarely two.
-            let mut empty = self.clone();
-            empty.trim_to(0);
-            let frame = empty.encode(client, spec).len();
+            let frame = self.without_content().encode(client, spec).len();
             for _ in 0..4 {
                 if text.len() <= cap || self.kept == 0 {
                     break;
                 }
-                let per = text.len().saturating_sub(frame).div_ceil(self.kept).max(1);
-                let room = cap.saturating_sub(frame + 32);
-                self.trim_to((room / per).min(self.kept - 1));
+                let per = (text.len().saturating_sub(frame) as f64 / self.kept as f64).max(1.0);
+                let room = cap.saturating_sub(frame + 32) as f64;
+                self.trim_to(((room / per) as usize).min(self.kept - 1));
                 text = self.encode(client, spec);
             }
         }

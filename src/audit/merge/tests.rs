@@ -188,3 +188,27 @@ fn a_responses_stream_keeps_custom_tool_calls_custom() {
     assert_eq!(v["usage"]["input_tokens"], 5);
     assert_eq!(v["usage"]["input_tokens_details"]["cached_tokens"], 2);
 }
+
+#[test]
+fn a_long_answer_keeps_most_of_the_cap() {
+    let words: Vec<Value> = (0..250)
+        .map(|i| json!({"choices": [{"index": 0, "delta": {"content": format!("word{i:04} ")}}]}))
+        .collect();
+    let mut stream = sse(&words);
+    stream.push_str(&openai_stream());
+    for client in [Format::Openai, Format::Gemini, Format::Anthropic, Format::Responses] {
+        let spec = Spec {
+            upstream: Some(Format::Openai),
+            client: Some(client),
+            ..Spec::default()
+        };
+        let mut m = StreamMerge::new(spec, Some("text/event-stream"), 2048).unwrap();
+        m.feed(stream.as_bytes());
+        let text = m.finish().unwrap();
+        assert!(
+            text.len() <= 2048 && text.len() > 1700,
+            "{client:?}: {} {text}",
+            text.len()
+        );
+    }
+}
