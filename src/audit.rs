@@ -21,6 +21,7 @@ use std::{
 };
 
 pub mod fields;
+pub mod merge;
 pub mod refused;
 
 /// Headers whose values never reach the audit log.

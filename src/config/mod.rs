@@ -333,6 +333,10 @@ pub struct AuditConfig {
     /// Keep request/response bodies, each cut at `body_max_bytes`.
     pub capture_body: bool,
     pub body_max_bytes: HumanSize,
+    /// A streamed answer's captured body is the answer merged into the
+    /// client's non-stream JSON (text, tool calls, finish, usage) rather
+    /// than its events, so the log shows what the model said.
+    pub merge_streams: bool,
     /// Rows older than this are deleted in the background.
     pub retention: HumanDuration,
     /// Records waiting for the writer; when full, records are dropped (and counted), never waited for.
@@ -368,6 +372,7 @@ impl Default for AuditConfig {
             capture_headers: true,
             capture_body: false,
             body_max_bytes: HumanSize(16 * 1024),
+            merge_streams: true,
             retention: Duration::from_secs(30 * 24 * 3600).into(),
             queue_size: 65_536,
             batch_size: 512,

@@ -402,6 +402,19 @@ impl Plan {
         }
     }
 
+    /// How the audit log merges this stream: read in the upstream's format,
+    /// written in the client's, as the client's stream was converted.
+    fn merge_spec(&self) -> crate::audit::merge::Spec {
+        crate::audit::merge::Spec {
+            upstream: Some(self.upstream),
+            client: Some(self.client),
+            names: self.names.clone(),
+            json_tool: self.json_tool.map(str::to_string),
+            model: Some(self.model.clone()),
+            echo: self.echo.as_deref().cloned().unwrap_or_default(),
+        }
+    }
+
     /// A whole upstream answer in the client's format.
     fn convert_answer(&self, body: &[u8]) -> Result<Vec<u8>, ConvertError> {
         let v: Value = serde_json::from_slice(body).map_err(|e| ConvertError::Invalid(e.to_string()))?;
@@ -536,6 +549,7 @@ pub async fn respond(
         }
         ctx.begin_response(&resp);
         ctx.meter_upstream(upstream_type.as_deref());
+        ctx.merge_stream(upstream_type.as_deref(), || plan.merge_spec());
         if session.write_response_header(Box::new(resp), false).await.is_err() {
             ctx.response.cut_short = true;
             return Ok(());

@@ -226,8 +226,13 @@ impl RequestCtx {
             text(http::header::CONTENT_ENCODING),
             capture,
         );
+        let merge = capture.is_some() && audit.merge_streams;
         if audit.enabled && audit.capture_headers {
             self.response.headers = Some(audit::redact_headers(&header.headers));
+        }
+        if merge {
+            // A passthrough answer: its format is told by its first event.
+            self.merge_stream(text(http::header::CONTENT_TYPE), Default::default);
         }
         let encoded = text(http::header::CONTENT_ENCODING).is_some_and(|e| !e.eq_ignore_ascii_case("identity"));
         if self.response.strip_usage_chunk && self.response.meter.is_sse() && !encoded {
@@ -276,6 +281,19 @@ impl RequestCtx {
         let capture = (audit.enabled && audit.capture_body).then_some(audit.body_max_bytes.0 as usize + 1);
         self.response.meter = UsageMeter::new(content_type, None, capture);
         self.response.upstream_answered = true;
+    }
+
+    /// Capture a streamed answer merged (`audit.merge_streams`) rather than
+    /// its first bytes; `spec` is only built when bodies are captured.
+    pub fn merge_stream(&mut self, content_type: Option<&str>, spec: impl FnOnce() -> crate::audit::merge::Spec) {
+        let audit = &self.state.config.file.audit;
+        if !(audit.enabled && audit.capture_body && audit.merge_streams) {
+            return;
+        }
+        let cap = audit.body_max_bytes.0 as usize;
+        if let Some(merge) = crate::audit::merge::StreamMerge::new(spec(), content_type, cap) {
+            self.response.meter.merge_stream(merge);
+        }
     }
 
     pub fn count_sent(&mut self, data: &[u8]) {

@@ -35,12 +35,29 @@ enum Scanner {
     Json(JsonScan),
 }
 
+/// What is kept of the decoded body for the audit log.
+enum Capture {
+    /// The first bytes, up to the cap.
+    Raw(Vec<u8>, usize),
+    /// A streamed answer merged as it passes (`audit.merge_streams`).
+    Merge(Box<crate::audit::merge::StreamMerge>),
+}
+
+impl std::fmt::Debug for Capture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Capture::Raw(b, cap) => write!(f, "Raw({} of {cap})", b.len()),
+            Capture::Merge(_) => f.write_str("Merge"),
+        }
+    }
+}
+
 /// Where decoded bytes go: the usage scanner and the optional capture.
 #[derive(Debug, Default)]
 struct Sink {
     scanner: Scanner,
     usage: Usage,
-    capture: Option<(Vec<u8>, usize)>,
+    capture: Option<Capture>,
     decoded: u64,
     /// SSE `data:` lines seen (about one token each: see `estimate`).
     data_lines: u64,
@@ -81,9 +98,22 @@ impl std::io::Write for Sink {
             Scanner::Sse(s) => self.data_lines += s.feed(buf, &mut self.usage),
             Scanner::Json(j) => j.feed(buf, &mut self.usage),
         }
-        if let Some((body, cap)) = &mut self.capture {
-            let room = cap.saturating_sub(body.len());
-            body.extend_from_slice(&buf[..buf.len().min(room)]);
+        match &mut self.capture {
+            Some(Capture::Raw(body, cap)) => {
+                let room = cap.saturating_sub(body.len());
+                body.extend_from_slice(&buf[..buf.len().min(room)]);
+            }
+            Some(Capture::Merge(m)) => {
+                m.feed(buf);
+                if m.declined() {
+                    // Not a stream after all: its bytes are kept as they are.
+                    let cap = m.cap() + 1;
+                    let mut raw = m.take_undecided();
+                    raw.truncate(cap);
+                    self.capture = Some(Capture::Raw(raw, cap));
+                }
+            }
+            None => {}
         }
         Ok(buf.len())
     }
@@ -122,7 +152,7 @@ impl UsageMeter {
         }
         let sink = Sink {
             scanner,
-            capture: capture.map(|cap| (Vec::new(), cap)),
+            capture: capture.map(|cap| Capture::Raw(Vec::new(), cap)),
             ..Sink::default()
         };
         UsageMeter {
@@ -155,9 +185,26 @@ impl UsageMeter {
         })
     }
 
-    /// The captured (decoded, capped) body, once.
+    /// Capture `merge`'s merged answer instead of the body's first bytes
+    /// (only when the body is captured at all).
+    pub fn merge_stream(&mut self, merge: crate::audit::merge::StreamMerge) {
+        if let Some(sink) = self.decoding.sink_mut()
+            && sink.capture.is_some()
+        {
+            sink.capture = Some(Capture::Merge(Box::new(merge)));
+        }
+    }
+
+    /// The captured (decoded, capped) body, once: a merged stream's answer
+    /// as JSON text, else the body's first bytes.
     pub fn take_capture(&mut self) -> Option<Vec<u8>> {
-        self.decoding.sink_mut().and_then(|s| s.capture.take()).map(|(b, _)| b)
+        match self.decoding.sink_mut().and_then(|s| s.capture.take())? {
+            Capture::Raw(b, _) => Some(b),
+            Capture::Merge(mut m) => Some(match m.finish() {
+                Some(json) => json.into_bytes(),
+                None => m.take_undecided(),
+            }),
+        }
     }
 }
 
