@@ -665,4 +665,31 @@ mod tests {
         assert!(converts(Provider::Anthropic, Format::Responses));
         assert!(converts(Provider::Gemini, Format::Responses));
     }
+
+    #[test]
+    fn fake_stream_routes_read_the_body_and_keep_their_keepalive_in_bounds() {
+        let compile = |extra: &str| {
+            compile_sources(
+                &[(
+                    PathBuf::from("f.yaml"),
+                    format!("routes:\n- {{name: f, match: {{path: /v1/chat/completions}}, upstream: a{extra}}}\n"),
+                )],
+                &config(),
+            )
+        };
+        let table = compile(", fake_stream: true").unwrap();
+        assert!(table.routes()[0].buffers_body, "a same-format route reads the body too");
+        assert_eq!(table.routes()[0].fake_stream, Some(FAKE_STREAM_KEEPALIVE));
+        let every = compile(", fake_stream: true, fake_stream_keepalive: 2s").unwrap();
+        assert_eq!(every.routes()[0].fake_stream, Some(Duration::from_secs(2)));
+        assert_eq!(compile("").unwrap().routes()[0].fake_stream, None);
+        for (extra, problem) in [
+            (", fake_stream: true, fake_stream_keepalive: 100ms", "between 1s and 60s"),
+            (", fake_stream: true, fake_stream_keepalive: 2m", "between 1s and 60s"),
+            (", fake_stream_keepalive: 2s", "fake_stream is not"),
+        ] {
+            let text = compile(extra).unwrap_err().to_string();
+            assert!(text.contains(problem), "{extra}: {text}");
+        }
+    }
 }
