@@ -718,6 +718,33 @@ async fn a_row_postgres_refuses_is_quarantined_and_nul_rows_flow_as_u2400() {
         .await
         .unwrap();
     assert!(r.status() == 401 || r.status() == 403, "{}", r.status());
+    // Once dealt with, an admin removes the entry (recorded); it is gone,
+    // and a second removal is a 404.
+    let id = items[0]["id"].as_i64().unwrap();
+    let path = format!("/api/cluster/quarantine/{id}");
+    let r = reqwest::Client::new()
+        .delete(a.admin_url(&path))
+        .bearer_auth(&first)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status() == 401 || r.status() == 403, "{}", r.status());
+    assert_eq!(admin(&a, "DELETE", &path).send().await.unwrap().status(), 204);
+    let after: Value = admin(&a, "GET", "/api/cluster/quarantine")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        !after["items"].as_array().unwrap().iter().any(|i| i["id"] == id),
+        "{after}"
+    );
+    assert_eq!(admin(&a, "DELETE", &path).send().await.unwrap().status(), 404);
+    // (The admin audit is read from Postgres: once shipped.)
+    let events = common::eventually_text(|| admin(&a, "GET", "/api/audit"), |t| t.contains("quarantine.delete")).await;
+    assert!(events.contains("quarantine.delete"), "{events}");
     // The key with a NUL reached the record, the NUL as U+2400.
     let name: String = pgc
         .query_one("SELECT row->>'name' FROM fastgate_records WHERE id = 'poison'", &[])

@@ -891,3 +891,66 @@ async fn clients_of_other_formats_get_anthropics_prompt_cache() {
     assert!(!seen.to_string().contains("cache_control"), "{seen}");
     assert_eq!(seen["system"], "You are Codex.");
 }
+
+/// A client's `max_tokens` over the model's most output (Claude Code asks
+/// 32,000 of any model; gpt-4o answers 400 above 16,384) is lowered to it,
+/// with the thinking budget kept inside it; models the capability table
+/// does not list are left alone.
+#[tokio::test]
+async fn max_tokens_over_the_models_output_is_lowered_to_it() {
+    let up = Canned::start().await;
+    let gw = gateway(&up).await;
+    for (to, model, field, want) in [
+        ("openai", "gpt-4o", "max_tokens", 16_384),
+        ("openai", "o3", "max_completion_tokens", 32_000),
+        ("anthropic", "claude-3-5-haiku-latest", "max_tokens", 8_192),
+        ("compat", "llama-3.1-70b", "max_tokens", 32_000),
+    ] {
+        let path = if to == "anthropic" {
+            "/gemini-anthropic/v1beta/models/"
+        } else {
+            ""
+        };
+        let a = if path.is_empty() {
+            let (path, mut body) = chat("anthropic", to, model, false);
+            body["max_tokens"] = json!(32_000);
+            post(&gw, &path, &body).await
+        } else {
+            let body = json!({"contents": [{"role": "user", "parts": [{"text": "hi"}]}], "generationConfig": {"maxOutputTokens": 32000}});
+            post(&gw, &format!("{path}{model}:generateContent"), &body).await
+        };
+        assert_eq!(a.status, 200, "{}", a.text);
+        let (_, seen) = up.last();
+        assert_eq!(seen[field], want, "{to} {model}: {seen}");
+        assert_eq!(
+            a.warning.contains("max_tokens 32000 lowered"),
+            want < 32_000,
+            "{}",
+            a.warning
+        );
+    }
+    // No max_tokens from the client: Anthropic's default stays within the model.
+    let body = json!({"contents": [{"role": "user", "parts": [{"text": "hi"}]}]});
+    let a = post(
+        &gw,
+        "/gemini-anthropic/v1beta/models/claude-3-haiku-20240307:generateContent",
+        &body,
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_eq!(up.last().1["max_tokens"], 4_096);
+    // Thinking: the budget and the answer both fit in the model's output.
+    let body = json!({"contents": [{"role": "user", "parts": [{"text": "hi"}]}], "generationConfig": {"maxOutputTokens": 8000, "thinkingConfig": {"thinkingBudget": 30000}}});
+    let a = post(
+        &gw,
+        "/gemini-anthropic/v1beta/models/claude-opus-4-1:generateContent",
+        &body,
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    let (_, seen) = up.last();
+    assert_eq!(seen["max_tokens"], 32_000, "{seen}");
+    let budget = seen["thinking"]["budget_tokens"].as_u64().unwrap();
+    assert!((1024..32_000).contains(&budget), "{seen}");
+    assert!(a.warning.contains("thinking budget 30000 lowered"), "{}", a.warning);
+}

@@ -11,6 +11,7 @@ use crate::store::{
 use axum::{
     Json,
     extract::{Path, Query, State},
+    http::StatusCode,
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -297,6 +298,25 @@ pub async fn cluster_quarantine(
     let limit = q.limit.unwrap_or(100).clamp(1, 1000) as usize;
     let items = s.db(move |c| store::sync::quarantined(c, limit)).await?;
     Ok(Json(serde_json::json!({ "items": items })))
+}
+
+/// Drop one row of this node's quarantine (admins; recorded in the admin
+/// audit with what it was).
+pub async fn forget_quarantined(
+    caller: Caller,
+    State(s): State<Arc<AdminState>>,
+    Path(id): Path<i64>,
+) -> Result<StatusCode, ApiError> {
+    caller.require_admin()?;
+    let actor = caller.username.clone();
+    s.db(move |c| {
+        let q = store::sync::forget_quarantined(c, id)?;
+        let target = id.to_string();
+        let before = serde_json::to_value(&q).ok();
+        store::admin_audit::record(c, &actor, "quarantine.delete", Some(&target), before.as_ref(), None)
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 #[cfg(test)]

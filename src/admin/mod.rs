@@ -200,6 +200,10 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/api/logs/{id}", get(logs::get))
         .route("/api/audit", get(logs::admin_events))
         .route("/api/cluster/quarantine", get(logs::cluster_quarantine))
+        .route(
+            "/api/cluster/quarantine/{id}",
+            axum::routing::delete(logs::forget_quarantined),
+        )
         .route("/api/routes", get(routes::list).post(routes::create))
         .route("/api/routes/test", post(routes::test))
         .route(

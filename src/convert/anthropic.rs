@@ -316,6 +316,8 @@ pub struct Target {
     pub sampling_pair: bool,
     /// Place `cache_control` breakpoints ([`place_cache_breakpoints`]).
     pub prompt_cache: bool,
+    /// The most output tokens the model gives, thinking included.
+    pub max_output: Option<u64>,
 }
 
 /// The breakpoint Anthropic caches the prompt up to (5 minutes, renewed on
@@ -434,16 +436,28 @@ pub fn encode_request_with(
         }
         true
     });
-    let thinking = reasoning.filter(|r| !r.disabled).and_then(|r| {
+    let mut thinking = reasoning.filter(|r| !r.disabled).and_then(|r| {
         r.budget_tokens
             .or_else(|| r.effort.map(Effort::budget))
             .map(|b| b.max(MIN_THINKING_BUDGET))
     });
-    if let Some(budget) = thinking {
-        if max_tokens <= budget {
+    if let Some(budget) = thinking.as_mut() {
+        if max_tokens <= *budget {
             // The budget counts inside max_tokens: leave room for the answer.
-            max_tokens = budget + req.max_tokens.unwrap_or(default_max_tokens).max(1);
+            max_tokens = *budget + req.max_tokens.unwrap_or(default_max_tokens).max(1);
         }
+        if let Some(cap) = target.max_output.filter(|cap| max_tokens > *cap) {
+            // Within the model's output, the answer keeps at least a quarter.
+            max_tokens = cap;
+            let most = (cap - cap / 4).max(MIN_THINKING_BUDGET);
+            if *budget > most {
+                loss.dropped(format!(
+                    "thinking budget {budget} lowered to {most} (the model's output is {cap})"
+                ));
+                *budget = most;
+            }
+        }
+        let budget = *budget;
         out.insert("thinking".into(), json!({"type": "enabled", "budget_tokens": budget}));
         if req.temperature.is_some_and(|t| t != 1.0) || req.top_k.is_some() {
             loss.dropped("temperature/top_k (Anthropic fixes them while thinking)");

@@ -25,6 +25,10 @@ pub struct CapabilityFields {
     /// formats (which cannot place them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt_cache: Option<bool>,
+    /// Every provider: the most output tokens the model gives; a client's
+    /// larger `max_tokens` is lowered to it (unset: not checked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_output: Option<u64>,
 }
 
 /// A rule: the models it applies to (a case-insensitive glob) and what it sets.
@@ -100,6 +104,7 @@ pub struct Capabilities {
     pub sampling_pair: bool,
     pub parameters_json_schema: bool,
     pub prompt_cache: bool,
+    pub max_output: Option<u64>,
 }
 
 /// The capabilities of `model` on an upstream of `provider` whose own rules
@@ -123,12 +128,14 @@ pub fn lookup(provider: Provider, model: &str, overrides: &[CapabilityRule]) -> 
         out.sampling_pair = out.sampling_pair.or(f.sampling_pair);
         out.parameters_json_schema = out.parameters_json_schema.or(f.parameters_json_schema);
         out.prompt_cache = out.prompt_cache.or(f.prompt_cache);
+        out.max_output = out.max_output.or(f.max_output);
     }
     Capabilities {
         reasoning: out.reasoning.unwrap_or(false),
         sampling_pair: out.sampling_pair.unwrap_or(false),
         parameters_json_schema: out.parameters_json_schema.unwrap_or(false),
         prompt_cache: out.prompt_cache.unwrap_or(false),
+        max_output: out.max_output.filter(|m| *m > 0),
     }
 }
 
@@ -150,6 +157,16 @@ mod tests {
         assert!(lookup(Provider::Anthropic, "claude-sonnet-4-5", &[]).prompt_cache);
         let off: Vec<CapabilityRule> = serde_norway::from_str("- {match: '*', prompt_cache: false}").unwrap();
         assert!(!lookup(Provider::Anthropic, "claude-sonnet-4-5", &off).prompt_cache);
+        let max = |p, m| lookup(p, m, &[]).max_output;
+        assert_eq!(max(Provider::Openai, "gpt-4o-2024-08-06"), Some(16_384));
+        assert_eq!(max(Provider::Openai, "gpt-4o-mini"), Some(16_384));
+        assert_eq!(max(Provider::Anthropic, "claude-3-5-haiku-latest"), Some(8_192));
+        assert_eq!(max(Provider::Anthropic, "claude-sonnet-4-5-20250929"), Some(64_000));
+        assert_eq!(max(Provider::Anthropic, "claude-opus-4-1"), Some(32_000));
+        assert_eq!(max(Provider::Gemini, "models/gemini-2.5-pro"), Some(65_536));
+        // A model the table does not know is not limited by it.
+        assert_eq!(max(Provider::Anthropic, "claude-opus-5"), None);
+        assert_eq!(max(Provider::OpenaiCompatible, "llama-3.1-70b"), None);
     }
 
     #[test]

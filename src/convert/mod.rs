@@ -106,6 +106,40 @@ pub(crate) fn split_data_url(url: &str) -> Option<(String, String)> {
     Some((media_type.to_string(), data.to_string()))
 }
 
+/// Media given as a `data:` URL (inline) or a plain URL (fetched by the
+/// provider), as OpenAI's `image_url`/`file_data` and the Responses API's
+/// `input_image`/`input_file` carry them.
+pub(crate) fn media_of_url(url: &str) -> ir::Media {
+    match split_data_url(url) {
+        Some((media_type, data)) => ir::Media::Base64 { media_type, data },
+        None => ir::Media::Url {
+            url: url.to_string(),
+            media_type: None,
+        },
+    }
+}
+
+/// A document part from its data (or URL) and file name; one named only by
+/// a file id is dropped with `what` in the loss (the file lives at the
+/// client's provider).
+pub(crate) fn document_part(
+    data: Option<&str>,
+    filename: Option<&str>,
+    what: &str,
+    loss: &mut Loss,
+) -> Option<ir::Part> {
+    match data {
+        Some(data) => Some(ir::Part::Document {
+            media: media_of_url(data),
+            title: filename.map(str::to_string),
+        }),
+        None => {
+            loss.dropped(format!("{what} by file_id (upload the file to the target provider)"));
+            None
+        }
+    }
+}
+
 /// Text of a content value that may be a string or a list of text parts.
 pub(crate) fn plain_text(v: &Value) -> Option<String> {
     match v {

@@ -1,6 +1,6 @@
 //! OpenAI Chat Completions (`/v1/chat/completions`) ⇄ the IR.
 
-use super::{ConvertError, Loss, arguments_object, ir::*, opt_f64, opt_str, opt_u64, plain_text, split_data_url};
+use super::{ConvertError, Loss, arguments_object, ir::*, media_of_url, opt_f64, opt_str, opt_u64, plain_text};
 use serde_json::{Map, Value, json};
 
 /// OpenAI caps function names at 64 characters.
@@ -8,16 +8,6 @@ pub const MAX_TOOL_NAME: usize = 64;
 
 fn invalid(what: impl Into<String>) -> ConvertError {
     ConvertError::Invalid(what.into())
-}
-
-fn media_of_url(url: &str) -> Media {
-    match split_data_url(url) {
-        Some((media_type, data)) => Media::Base64 { media_type, data },
-        None => Media::Url {
-            url: url.to_string(),
-            media_type: None,
-        },
-    }
 }
 
 fn url_of_media(m: &Media) -> String {
@@ -47,13 +37,8 @@ fn decode_parts(content: &Value, loss: &mut Loss) -> Result<Vec<Part>, ConvertEr
                     }
                     Some("file") => {
                         let file = item.get("file").unwrap_or(&Value::Null);
-                        match opt_str(file, "file_data") {
-                            Some(data) => parts.push(Part::Document {
-                                media: media_of_url(data),
-                                title: opt_str(file, "filename").map(str::to_string),
-                            }),
-                            None => loss.dropped("file parts by file_id (upload the file to the target provider)"),
-                        }
+                        let (data, name) = (opt_str(file, "file_data"), opt_str(file, "filename"));
+                        parts.extend(super::document_part(data, name, "file parts", loss));
                     }
                     Some(other) => loss.dropped(format!("{other} content parts")),
                     None => return Err(invalid("a content part without a type")),

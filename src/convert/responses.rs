@@ -20,7 +20,7 @@
 //! Anthropic's thinking across tool calls; encrypted content from OpenAI
 //! itself cannot be used by another provider and is dropped (reported).
 
-use super::{ConvertError, Loss, ir::*, opt_f64, opt_str, opt_u64, split_data_url};
+use super::{ConvertError, Loss, ir::*, media_of_url, opt_f64, opt_str, opt_u64};
 use serde_json::{Map, Value, json};
 
 /// The one parameter a custom tool's function stand-in takes.
@@ -49,16 +49,6 @@ impl Echo {
     }
 }
 
-fn media_of_url(url: &str) -> Media {
-    match split_data_url(url) {
-        Some((media_type, data)) => Media::Base64 { media_type, data },
-        None => Media::Url {
-            url: url.to_string(),
-            media_type: None,
-        },
-    }
-}
-
 /// Content parts of a message or a tool output (`input_text`,
 /// `output_text`, `input_image`, `input_file`, `refusal`).
 fn decode_content(content: &Value, loss: &mut Loss) -> Result<Vec<Part>, ConvertError> {
@@ -77,13 +67,15 @@ fn decode_content(content: &Value, loss: &mut Loss) -> Result<Vec<Part>, Convert
                         Some(url) => parts.push(Part::Image(media_of_url(url))),
                         None => loss.dropped("input_image by file_id (upload the file to the target provider)"),
                     },
-                    Some("input_file") => match opt_str(item, "file_data").or_else(|| opt_str(item, "file_url")) {
-                        Some(data) => parts.push(Part::Document {
-                            media: media_of_url(data),
-                            title: opt_str(item, "filename").map(str::to_string),
-                        }),
-                        None => loss.dropped("input_file by file_id (upload the file to the target provider)"),
-                    },
+                    Some("input_file") => {
+                        let data = opt_str(item, "file_data").or_else(|| opt_str(item, "file_url"));
+                        parts.extend(super::document_part(
+                            data,
+                            opt_str(item, "filename"),
+                            "input_file",
+                            loss,
+                        ));
+                    }
                     Some(other) => loss.dropped(format!("{other} content parts")),
                     None => return Err(invalid("a content part without a type")),
                 }

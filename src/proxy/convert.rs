@@ -144,6 +144,12 @@ pub fn plan(
     let mut names = ToolNames::default();
     // What the model takes: the upstream's rules, then the shipped table.
     let caps = crate::convert::capabilities::lookup(provider, &req.model, upstream_caps);
+    if let Some(max) = caps.max_output {
+        lower_max_tokens(&mut req, max, &mut loss);
+    }
+    let default_max_tokens = caps
+        .max_output
+        .map_or(default_max_tokens, |m| default_max_tokens.min(m));
     let encoded = match upstream {
         Format::Openai => {
             let target = openai::Target {
@@ -156,6 +162,7 @@ pub fn plan(
             let target = anthropic::Target {
                 sampling_pair: caps.sampling_pair,
                 prompt_cache: caps.prompt_cache,
+                max_output: caps.max_output,
             };
             anthropic::encode_request_with(&req, default_max_tokens, target, &mut loss)
         }
@@ -262,6 +269,17 @@ fn same_format_plan(
         body: Bytes::from(serde_json::to_vec(&json).unwrap_or_default()),
         path: String::new(),
     }))
+}
+
+/// A `max_tokens` over what the model gives is lowered to it (the provider
+/// would refuse the request: Claude Code asks 32,000, gpt-4o gives 16,384).
+fn lower_max_tokens(req: &mut ChatRequest, max: u64, loss: &mut Loss) {
+    if let Some(n) = req.max_tokens.filter(|n| *n > max) {
+        loss.dropped(format!(
+            "max_tokens {n} lowered to {max}, the model's most output tokens"
+        ));
+        req.max_tokens = Some(max);
+    }
 }
 
 /// The plan for an embeddings request, if this is one (OpenAI ⇄ Gemini;

@@ -450,6 +450,28 @@ pub fn quarantine(
     Ok(())
 }
 
+/// Remove one row kept aside (the operator fixed it at its source, or
+/// gave it up); the row itself leaves with it. Returns what was removed.
+pub fn forget_quarantined(conn: &Connection, id: i64) -> Result<Quarantined, StoreError> {
+    let q = conn
+        .query_row(
+            "DELETE FROM sync_quarantine WHERE id = ?1 RETURNING id, ts_ms, kind, tbl, row_id, error",
+            [id],
+            |r| {
+                Ok(Quarantined {
+                    id: r.get(0)?,
+                    ts_ms: r.get(1)?,
+                    kind: r.get(2)?,
+                    table: r.get(3)?,
+                    row_id: r.get(4)?,
+                    error: r.get(5)?,
+                })
+            },
+        )
+        .optional()?;
+    q.ok_or_else(|| StoreError::NotFound(format!("no quarantined row {id}")))
+}
+
 /// The rows kept aside, newest first.
 pub fn quarantined(conn: &Connection, limit: usize) -> Result<Vec<Quarantined>, StoreError> {
     let mut stmt = conn
