@@ -684,7 +684,10 @@ mod tests {
         assert_eq!(every.routes()[0].fake_stream, Some(Duration::from_secs(2)));
         assert_eq!(compile("").unwrap().routes()[0].fake_stream, None);
         for (extra, problem) in [
-            (", fake_stream: true, fake_stream_keepalive: 100ms", "between 1s and 60s"),
+            (
+                ", fake_stream: true, fake_stream_keepalive: 100ms",
+                "between 1s and 60s",
+            ),
             (", fake_stream: true, fake_stream_keepalive: 2m", "between 1s and 60s"),
             (", fake_stream_keepalive: 2s", "fake_stream is not"),
         ] {

@@ -108,11 +108,7 @@ impl SlowUpstream {
                             let anthropic = uri.starts_with("/v1/messages");
                             if body["stream"] == true {
                                 // Streams (the route without the option) at once.
-                                let text = if anthropic {
-                                    anthropic_stream()
-                                } else {
-                                    openai_stream()
-                                };
+                                let text = if anthropic { anthropic_stream() } else { openai_stream() };
                                 return Ok::<_, Infallible>(
                                     Response::builder()
                                         .header("content-type", "text/event-stream")
@@ -232,7 +228,11 @@ async fn gateway(up: &SlowUpstream, extra: &str) -> Gateway {
     let mut routes = String::from("routes:\n");
     for c in CLIENTS {
         for to in ["oai", "ant"] {
-            let to = if c == Client::Responses && to == "oai" { "compat" } else { to };
+            let to = if c == Client::Responses && to == "oai" {
+                "compat"
+            } else {
+                to
+            };
             let (name, path) = (c.name(), c.route_path());
             for (kind, option) in [("fs", ", fake_stream: true, fake_stream_keepalive: 1s"), ("plain", "")] {
                 routes.push_str(&format!(
@@ -361,7 +361,11 @@ fn check_grammar(c: Client, r: &Received, min_keepalives: usize) -> (String, Str
     let (mut tool, mut args) = (String::new(), String::new());
     match c {
         Client::Openai => {
-            assert!(comments >= min_keepalives, "keepalive comments at once and every second: {}", r.body);
+            assert!(
+                comments >= min_keepalives,
+                "keepalive comments at once and every second: {}",
+                r.body
+            );
             assert_eq!(events.last().unwrap().1, "[DONE]", "{}", r.body);
             let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|(_, d)| parse(d)).collect();
             assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant", "role first");
@@ -386,7 +390,11 @@ fn check_grammar(c: Client, r: &Received, min_keepalives: usize) -> (String, Str
         }
         Client::Anthropic => {
             let pings = events.iter().filter(|(n, _)| n.as_deref() == Some("ping")).count();
-            assert!(pings >= min_keepalives, "ping events at once and every second: {}", r.body);
+            assert!(
+                pings >= min_keepalives,
+                "ping events at once and every second: {}",
+                r.body
+            );
             let events: Vec<(String, Value)> = events
                 .into_iter()
                 .filter(|(n, _)| n.as_deref() != Some("ping"))
@@ -441,8 +449,10 @@ fn check_grammar(c: Client, r: &Received, min_keepalives: usize) -> (String, Str
         }
         Client::Responses => {
             assert!(comments >= min_keepalives, "keepalive comments: {}", r.body);
-            let events: Vec<(String, Value)> =
-                events.into_iter().map(|(n, d)| (n.unwrap_or_default(), parse(&d))).collect();
+            let events: Vec<(String, Value)> = events
+                .into_iter()
+                .map(|(n, d)| (n.unwrap_or_default(), parse(&d)))
+                .collect();
             for (i, (n, v)) in events.iter().enumerate() {
                 assert_eq!(v["type"], n.as_str());
                 assert_eq!(v["sequence_number"], i, "sequence numbers count from 0");
@@ -475,7 +485,11 @@ async fn every_client_format_gets_keepalives_at_once_then_the_whole_answer_as_it
     let mut cases = Vec::new();
     for c in CLIENTS {
         for to in ["oai", "ant"] {
-            let to = if c == Client::Responses && to == "oai" { "compat" } else { to };
+            let to = if c == Client::Responses && to == "oai" {
+                "compat"
+            } else {
+                to
+            };
             cases.push((c, to));
         }
     }
@@ -491,7 +505,11 @@ async fn every_client_format_gets_keepalives_at_once_then_the_whole_answer_as_it
         assert_eq!(r.status, 200, "{case}: {}", r.body);
         assert_eq!(r.content_type, "text/event-stream", "{case}");
         // (b) the first bytes long before the answer.
-        assert!(r.first < Duration::from_millis(1500), "{case}: first bytes after {:?}", r.first);
+        assert!(
+            r.first < Duration::from_millis(1500),
+            "{case}: first bytes after {:?}",
+            r.first
+        );
         assert!(r.total >= THINK, "{case}: the answer took {:?}", r.total);
         // (a) the upstream was asked once, without streaming.
         let seen = up.seen_for(&format!("case-{}-{to}", c.name()));
@@ -514,7 +532,11 @@ async fn every_client_format_gets_keepalives_at_once_then_the_whole_answer_as_it
         let row = rows.iter().find(|r| &r.request_id == id).unwrap();
         assert_eq!(row.status, 200, "{row:?}");
         assert!(row.stream, "{row:?}");
-        assert_eq!((row.prompt_tokens, row.completion_tokens), (Some(21), Some(9)), "{row:?}");
+        assert_eq!(
+            (row.prompt_tokens, row.completion_tokens),
+            (Some(21), Some(9)),
+            "{row:?}"
+        );
         assert!(!row.usage_estimated, "{row:?}");
         assert!(row.error.is_none(), "{row:?}");
     }
@@ -535,7 +557,11 @@ async fn an_upstream_error_after_the_header_ends_the_stream_with_the_clients_err
     ];
     let received = futures_util::future::join_all(cases.iter().map(|&(c, to)| {
         let req = request(&gw, "fs", c, to, &format!("err-{}-{to}", c.name()));
-        async move { tokio::time::timeout(Duration::from_secs(20), receive(req)).await.unwrap() }
+        async move {
+            tokio::time::timeout(Duration::from_secs(20), receive(req))
+                .await
+                .unwrap()
+        }
     }))
     .await;
     for (&(c, to), r) in cases.iter().zip(&received) {
@@ -565,7 +591,11 @@ async fn an_upstream_error_after_the_header_ends_the_stream_with_the_clients_err
             Client::Gemini => assert_eq!(v["error"]["code"], 500, "{v}"),
             Client::Openai => assert_eq!(v["error"]["type"], "server_error", "{v}"),
         }
-        assert!(r.body.contains("the model crashed"), "{case}: the upstream's message: {}", r.body);
+        assert!(
+            r.body.contains("the model crashed"),
+            "{case}: the upstream's message: {}",
+            r.body
+        );
     }
     let ids: Vec<String> = received.iter().map(|r| r.request_id.clone()).collect();
     let rows = gw.wait_audit_ids(&ids).await;
@@ -601,7 +631,11 @@ async fn a_rate_limited_attempt_after_the_header_is_retried_on_another_key() {
 async fn a_route_without_the_option_streams_through() {
     let up = SlowUpstream::start().await;
     let gw = gateway(&up, "").await;
-    for (c, to) in [(Client::Openai, "oai"), (Client::Anthropic, "oai"), (Client::Anthropic, "ant")] {
+    for (c, to) in [
+        (Client::Openai, "oai"),
+        (Client::Anthropic, "oai"),
+        (Client::Anthropic, "ant"),
+    ] {
         let model = format!("plain-{}-{to}", c.name());
         let r = receive(request(&gw, "plain", c, to, &model)).await;
         assert_eq!(r.status, 200, "{}", r.body);
@@ -628,17 +662,27 @@ async fn an_upstream_timeout_after_the_header_ends_the_stream_with_an_error_even
     .await
     .unwrap();
     assert_eq!(r.status, 200);
-    assert!(r.first < Duration::from_millis(900), "a ping before the timeout: {:?}", r.first);
+    assert!(
+        r.first < Duration::from_millis(900),
+        "a ping before the timeout: {:?}",
+        r.first
+    );
     assert!(r.total < THINK, "ended by the timeout, not the answer: {:?}", r.total);
     let (events, _) = sse(&r.body);
     let names: Vec<&str> = events.iter().filter_map(|(n, _)| n.as_deref()).collect();
     assert_eq!(names, ["ping", "error"], "{}", r.body);
     let error = parse(&events[1].1);
     assert_eq!(error["type"], "error");
-    assert!(error["error"]["message"].as_str().unwrap().contains("did not respond"), "{error}");
+    assert!(
+        error["error"]["message"].as_str().unwrap().contains("did not respond"),
+        "{error}"
+    );
     let rows = gw.wait_audit_ids([&r.request_id]).await;
     let row = rows.iter().find(|row| row.request_id == r.request_id).unwrap();
-    assert!(row.error.as_deref().unwrap_or_default().contains("did not respond"), "{row:?}");
+    assert!(
+        row.error.as_deref().unwrap_or_default().contains("did not respond"),
+        "{row:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -654,14 +698,27 @@ async fn a_gemini_json_array_client_gets_whitespace_then_a_whole_array() {
     assert_eq!(r.status, 200);
     assert_eq!(r.content_type, "application/json");
     assert!(r.first < Duration::from_millis(1500), "{:?}", r.first);
-    assert!(r.body.starts_with("\n\n"), "whitespace keepalives before '[': {:?}", r.body);
+    assert!(
+        r.body.starts_with("\n\n"),
+        "whitespace keepalives before '[': {:?}",
+        r.body
+    );
     let chunks: Vec<Value> = serde_json::from_str(&r.body).unwrap_or_else(|e| panic!("{e}: {}", r.body));
     let texts: String = chunks
         .iter()
-        .flat_map(|c| c["candidates"][0]["content"]["parts"].as_array().cloned().unwrap_or_default())
+        .flat_map(|c| {
+            c["candidates"][0]["content"]["parts"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
         .filter_map(|p| p["text"].as_str().map(str::to_string))
         .collect();
     assert_eq!(texts, TEXT);
-    assert!(chunks.iter().any(|c| c["candidates"][0]["content"]["parts"][0]["functionCall"]["name"] == "weather"));
+    assert!(
+        chunks
+            .iter()
+            .any(|c| c["candidates"][0]["content"]["parts"][0]["functionCall"]["name"] == "weather")
+    );
     assert_eq!(up.seen_for("array-case")[0].0, "/v1/messages");
 }

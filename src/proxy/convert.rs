@@ -802,7 +802,11 @@ pub(super) async fn send(session: &mut Session, ctx: &mut RequestCtx, out: Vec<u
 }
 
 /// Give a fully read upstream connection back to the pool.
-pub(super) async fn release(state: &crate::state::AppState, mut up: HttpSession, peer: &pingora::upstreams::peer::HttpPeer) {
+pub(super) async fn release(
+    state: &crate::state::AppState,
+    mut up: HttpSession,
+    peer: &pingora::upstreams::peer::HttpPeer,
+) {
     use pingora::upstreams::peer::Peer;
     if up.response_done() {
         state

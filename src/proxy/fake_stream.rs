@@ -100,8 +100,7 @@ impl FakeStream {
         session: &mut Session,
         ctx: &mut RequestCtx,
         (mut up, peer): (HttpSession, &HttpPeer),
-        plan: &Plan,
-        idle: Duration,
+        (plan, idle): (&Plan, Duration),
         read_already: Option<Bytes>,
     ) -> Result<(), GatewayError> {
         let Some(head) = up.response_header().cloned() else {
@@ -112,11 +111,16 @@ impl FakeStream {
         };
         let status = head.status.as_u16();
         let mut body = read_already.unwrap_or_default().to_vec();
-        let cap = if status >= 400 { convert::MAX_ERROR } else { convert::MAX_ANSWER };
+        let cap = if status >= 400 {
+            convert::MAX_ERROR
+        } else {
+            convert::MAX_ANSWER
+        };
         let rest = self.wait(session, ctx, convert::read_all(&mut up, cap, idle)).await?;
         if status >= 400 {
             body.extend(rest.unwrap_or_default());
-            self.upstream_error(session, ctx, plan, status, &head.headers, &body).await;
+            self.upstream_error(session, ctx, plan, status, &head.headers, &body)
+                .await;
             return Ok(());
         }
         let rest = match rest {

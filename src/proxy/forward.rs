@@ -253,7 +253,15 @@ async fn attempts(
                 // Boxed: connecting and sending is the largest state of this
                 // exchange (about 10 KiB, most of it Pingora's connector).
                 // Held inline, every open stream would carry it until its end.
-                let sending = Box::pin(send(state, &peer, &req, send_body.clone(), first_byte, &upstream.name, fresh));
+                let sending = Box::pin(send(
+                    state,
+                    &peer,
+                    &req,
+                    send_body.clone(),
+                    first_byte,
+                    &upstream.name,
+                    fresh,
+                ));
                 let attempt = match fake.as_mut() {
                     // Keepalives while the upstream thinks.
                     Some(f) => f.wait(session, ctx, sending).await.ok(),
@@ -340,7 +348,7 @@ async fn attempts(
                     }
                     if let (Some(p), Some(f)) = (&plan, fake.as_mut()) {
                         let idle = upstream.timeouts.idle.0;
-                        return Box::pin(f.respond(state, session, ctx, (*up, &peer), p, idle, prefix)).await;
+                        return Box::pin(f.respond(state, session, ctx, (*up, &peer), (p, idle), prefix)).await;
                     }
                     if let Some(p) = &plan {
                         let idle = upstream.timeouts.idle.0;
