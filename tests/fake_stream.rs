@@ -722,3 +722,26 @@ async fn a_gemini_json_array_client_gets_whitespace_then_a_whole_array() {
     );
     assert_eq!(up.seen_for("array-case")[0].0, "/v1/messages");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_hangs_up_during_the_keepalives_is_recorded_and_not_answered() {
+    let up = SlowUpstream::start().await;
+    let gw = gateway(&up, "").await;
+    let mut resp = request(&gw, "fs", Client::Openai, "oai", "hung-up")
+        .send()
+        .await
+        .unwrap();
+    let id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+    let first = resp.chunk().await.unwrap().unwrap();
+    assert_eq!(&first[..], b": keepalive\n\n");
+    drop(resp);
+    let rows = gw.wait_audit_ids([&id]).await;
+    let row = rows.iter().find(|r| r.request_id == id).unwrap();
+    assert_eq!(row.status, 499, "{row:?}");
+    assert!(
+        row.duration_ms < THINK.as_millis() as f64,
+        "ended when the client left, not at the answer: {row:?}"
+    );
+    // The hang-up may even come before the request reached the upstream.
+    assert!(up.seen_for("hung-up").len() <= 1, "never retried");
+}
