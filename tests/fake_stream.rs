@@ -2,8 +2,8 @@
 //! get their stream header and a keepalive at once while a slow upstream
 //! (which answers only whole, after 2.5 s) is asked without streaming, then
 //! the whole answer as a well-formed stream of their own format — OpenAI
-//! chat, Anthropic, Gemini SSE and Responses clients, toward an OpenAI(-
-//! compatible) and an Anthropic upstream. Also: an upstream error after the
+//! chat, Anthropic, Gemini SSE and Responses clients, toward OpenAI(-
+//! compatible), Anthropic and Gemini upstreams. Also: an upstream error after the
 //! header, a retry after the header, and a route without the option.
 #![allow(clippy::unwrap_used)]
 
@@ -59,6 +59,14 @@ fn anthropic_answer() -> Value {
         "usage": {"input_tokens": 21, "output_tokens": 9}})
 }
 
+fn gemini_answer() -> Value {
+    json!({"candidates": [{"content": {"role": "model", "parts": [{"text": TEXT},
+            {"functionCall": {"name": "weather", "args": {"city": "Paris"}}}]},
+        "finishReason": "STOP", "index": 0}],
+        "usageMetadata": {"promptTokenCount": 21, "candidatesTokenCount": 9, "totalTokenCount": 30},
+        "modelVersion": "up-model"})
+}
+
 fn openai_stream() -> String {
     [
         r#"{"id":"c1","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"role":"assistant","content":"streamed"},"finish_reason":null}]}"#,
@@ -106,6 +114,13 @@ impl SlowUpstream {
                             let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
                             s.lock().unwrap().push((uri.clone(), accept, body.clone()));
                             let anthropic = uri.starts_with("/v1/messages");
+                            let gemini = uri.starts_with("/v1beta/");
+                            if uri.contains(":streamGenerateContent") {
+                                return Ok::<_, Infallible>(json_response(
+                                    400,
+                                    json!({"error": {"code": 400, "message": "this mock answers Gemini whole only", "status": "INVALID_ARGUMENT"}}),
+                                ));
+                            }
                             if body["stream"] == true {
                                 // Streams (the route without the option) at once.
                                 let text = if anthropic { anthropic_stream() } else { openai_stream() };
@@ -130,7 +145,9 @@ impl SlowUpstream {
                             tokio::time::sleep(THINK).await;
                             let status = f.load(Ordering::SeqCst);
                             if status != 0 {
-                                let body = if anthropic {
+                                let body = if gemini {
+                                    json!({"error": {"code": 500, "message": "the model crashed", "status": "INTERNAL"}})
+                                } else if anthropic {
                                     json!({"type": "error", "error": {"type": "api_error", "message": "the model crashed"}})
                                 } else {
                                     json!({"error": {"message": "the model crashed", "type": "server_error"}})
@@ -139,7 +156,11 @@ impl SlowUpstream {
                             }
                             Ok(json_response(
                                 200,
-                                if anthropic { anthropic_answer() } else { openai_answer() },
+                                match (gemini, anthropic) {
+                                    (true, _) => gemini_answer(),
+                                    (_, true) => anthropic_answer(),
+                                    _ => openai_answer(),
+                                },
                             ))
                         }
                     });
@@ -217,17 +238,17 @@ impl Client {
 
 /// Upstreams: `oai` (OpenAI), `compat` (OpenAI-compatible: Responses
 /// clients are converted toward it, while OpenAI itself serves them
-/// natively) and `ant` (Anthropic), all the slow mock. Routes
+/// natively), `ant` (Anthropic) and `gem` (Gemini), all the slow mock. Routes
 /// `/fs-{client}-{up}` with the option (keepalive every second),
 /// `/plain-{client}-{up}` without.
 async fn gateway(up: &SlowUpstream, extra: &str) -> Gateway {
     let u = up.url();
     let config = format!(
-        "upstreams:\n  oai: {{provider: openai, endpoints: ['{u}']}}\n  compat: {{provider: openai_compatible, endpoints: ['{u}']}}\n  ant: {{provider: anthropic, endpoints: ['{u}']}}\n{extra}"
+        "upstreams:\n  oai: {{provider: openai, endpoints: ['{u}']}}\n  compat: {{provider: openai_compatible, endpoints: ['{u}']}}\n  ant: {{provider: anthropic, endpoints: ['{u}']}}\n  gem: {{provider: gemini, endpoints: ['{u}']}}\n{extra}"
     );
     let mut routes = String::from("routes:\n");
     for c in CLIENTS {
-        for to in ["oai", "ant"] {
+        for to in ["oai", "ant", "gem"] {
             let to = if c == Client::Responses && to == "oai" {
                 "compat"
             } else {
@@ -484,7 +505,7 @@ async fn every_client_format_gets_keepalives_at_once_then_the_whole_answer_as_it
     let gw = gateway(&up, "").await;
     let mut cases = Vec::new();
     for c in CLIENTS {
-        for to in ["oai", "ant"] {
+        for to in ["oai", "ant", "gem"] {
             let to = if c == Client::Responses && to == "oai" {
                 "compat"
             } else {
@@ -554,6 +575,8 @@ async fn an_upstream_error_after_the_header_ends_the_stream_with_the_clients_err
         (Client::Anthropic, "ant"),
         (Client::Gemini, "ant"),
         (Client::Responses, "ant"),
+        (Client::Openai, "gem"),
+        (Client::Gemini, "gem"),
     ];
     let received = futures_util::future::join_all(cases.iter().map(|&(c, to)| {
         let req = request(&gw, "fs", c, to, &format!("err-{}-{to}", c.name()));

@@ -582,7 +582,7 @@ impl Plan {
     /// An upstream error answer as the client's error: its message, and the
     /// status and code clients act on (context overflow, quota, rate limit,
     /// key, safety) in the client's vocabulary (`convert::errors`).
-    pub(super) fn convert_error(&self, status: u16, body: &[u8], retry_after: Option<u64>) -> GatewayError {
+    fn convert_error(&self, status: u16, body: &[u8], retry_after: Option<u64>) -> GatewayError {
         use crate::convert::errors;
         let upstream_error = errors::decode(self.upstream, status, body);
         // Gemini says how long to wait in the body only.
