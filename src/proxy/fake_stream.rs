@@ -77,8 +77,7 @@ impl FakeStream {
         ctx: &mut RequestCtx,
         work: F,
     ) -> Result<F::Output, GatewayError> {
-        let work = std::pin::pin!(work);
-        let mut work = work;
+        let mut work = std::pin::pin!(work);
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + self.every, self.every);
         loop {
             tokio::select! {
