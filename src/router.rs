@@ -59,6 +59,9 @@ pub struct Route {
     pub idempotent: bool,
     /// Per gateway key on this route.
     pub rate_limit: crate::ratelimit::Limits,
+    /// `fake_stream`: the keepalive interval of streams made from whole
+    /// answers (`None`: streams pass as the upstream sends them).
+    pub fake_stream: Option<Duration>,
     /// The request body is read before proxying (model routing, body rewrites,
     /// replay for retries or fallback, the in-process mock).
     pub buffers_body: bool,
@@ -125,6 +128,35 @@ pub fn provider_format(provider: Provider) -> Format {
         Provider::Gemini => Format::Gemini,
         Provider::Http | Provider::Mock => Format::Passthrough,
     }
+}
+
+/// The default interval of a fake stream's keepalives.
+pub const FAKE_STREAM_KEEPALIVE: Duration = Duration::from_secs(5);
+
+/// A route's `fake_stream` keepalive interval, when the option is on and
+/// valid: the route must speak a known format (FastGate writes that
+/// format's stream) and keep its keepalives between 1 s and 60 s.
+fn fake_stream_interval(rc: &RouteConfig, format: Format, errs: &mut Vec<String>) -> Option<Duration> {
+    let every = rc.fake_stream_keepalive.map_or(FAKE_STREAM_KEEPALIVE, |d| d.0);
+    if rc.fake_stream_keepalive.is_some() && !rc.fake_stream {
+        errs.push("fake_stream_keepalive is set but fake_stream is not".to_string());
+    }
+    if !rc.fake_stream {
+        return None;
+    }
+    if format == Format::Passthrough {
+        errs.push(
+            "fake_stream needs the route's format (openai, anthropic, gemini or responses): FastGate writes that format's stream"
+                .to_string(),
+        );
+    }
+    if !(Duration::from_secs(1)..=Duration::from_secs(60)).contains(&every) {
+        errs.push(format!(
+            "fake_stream_keepalive must be between 1s and 60s (got {}ms)",
+            every.as_millis()
+        ));
+    }
+    Some(every)
 }
 
 fn valid_name(name: &str) -> bool {
@@ -258,6 +290,7 @@ impl Route {
                 rc.retries
             ));
         }
+        let fake_stream = fake_stream_interval(rc, format, &mut errs);
         if !errs.is_empty() {
             return Err(errs);
         }
@@ -268,7 +301,8 @@ impl Route {
             || rc.retries > 0
             || upstreams.len() > 1
             || any_mock
-            || any_conversion;
+            || any_conversion
+            || fake_stream.is_some();
         let openai_usage = format == Format::Openai
             && upstreams.iter().all(|name| {
                 config.upstreams.get(name).is_some_and(|u| {
@@ -310,6 +344,7 @@ impl Route {
                 rpm: rc.rate_limit.and_then(|r| r.rpm),
                 tpm: rc.rate_limit.and_then(|r| r.tpm),
             },
+            fake_stream,
             buffers_body,
             openai_usage,
             known_models,
@@ -629,5 +664,35 @@ mod tests {
         assert!(converts(Provider::OpenaiCompatible, Format::Responses));
         assert!(converts(Provider::Anthropic, Format::Responses));
         assert!(converts(Provider::Gemini, Format::Responses));
+    }
+
+    #[test]
+    fn fake_stream_routes_read_the_body_and_keep_their_keepalive_in_bounds() {
+        let compile = |extra: &str| {
+            compile_sources(
+                &[(
+                    PathBuf::from("f.yaml"),
+                    format!("routes:\n- {{name: f, match: {{path: /v1/chat/completions}}, upstream: a{extra}}}\n"),
+                )],
+                &config(),
+            )
+        };
+        let table = compile(", fake_stream: true").unwrap();
+        assert!(table.routes()[0].buffers_body, "a same-format route reads the body too");
+        assert_eq!(table.routes()[0].fake_stream, Some(FAKE_STREAM_KEEPALIVE));
+        let every = compile(", fake_stream: true, fake_stream_keepalive: 2s").unwrap();
+        assert_eq!(every.routes()[0].fake_stream, Some(Duration::from_secs(2)));
+        assert_eq!(compile("").unwrap().routes()[0].fake_stream, None);
+        for (extra, problem) in [
+            (
+                ", fake_stream: true, fake_stream_keepalive: 100ms",
+                "between 1s and 60s",
+            ),
+            (", fake_stream: true, fake_stream_keepalive: 2m", "between 1s and 60s"),
+            (", fake_stream_keepalive: 2s", "fake_stream is not"),
+        ] {
+            let text = compile(extra).unwrap_err().to_string();
+            assert!(text.contains(problem), "{extra}: {text}");
+        }
     }
 }

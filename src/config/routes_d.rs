@@ -96,6 +96,17 @@ pub struct RouteConfig {
     /// Per gateway key, on this route.
     #[serde(default)]
     pub rate_limit: Option<RateLimitConfig>,
+    /// Clients that ask to stream get a stream made from the upstream's
+    /// whole answer: the upstream is asked without streaming, the client
+    /// gets its stream header and keepalives at once (short first-byte
+    /// timeouts survive slow reasoning models), then the whole answer as
+    /// its format's stream.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fake_stream: bool,
+    /// How often a fake stream's keepalive is sent while the upstream
+    /// thinks (default 5 s; 1 s to 60 s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fake_stream_keepalive: Option<super::HumanDuration>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, Default, PartialEq, Eq)]

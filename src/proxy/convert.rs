@@ -9,7 +9,7 @@ use crate::{
     config::routes_d::Format,
     convert::{
         ConvertError, Loss, anthropic, gemini,
-        ir::ChatRequest,
+        ir::{ChatRequest, ChatResponse},
         model_id,
         openai::{self, ToolNames},
         responses,
@@ -24,9 +24,9 @@ use serde_json::Value;
 use std::time::Duration;
 
 /// Largest non-stream answer converted (an LLM answer is far smaller).
-const MAX_ANSWER: usize = 32 * 1024 * 1024;
+pub(super) const MAX_ANSWER: usize = 32 * 1024 * 1024;
 /// How much of an upstream error answer is read to convert it.
-const MAX_ERROR: usize = 64 * 1024;
+pub(super) const MAX_ERROR: usize = 64 * 1024;
 
 /// What is being converted.
 #[derive(Debug)]
@@ -44,6 +44,12 @@ pub struct Plan {
     pub client: Format,
     pub upstream: Format,
     pub stream: bool,
+    /// `fake_stream`: the client streams, the upstream is asked for a
+    /// whole answer (`super::fake_stream` writes the stream).
+    pub fake: bool,
+    /// The client's own format on both sides (a fake stream on a
+    /// same-format route): the rewritten path is kept.
+    same_format: bool,
     include_usage: bool,
     /// The model the client asked for: answers name it.
     model: String,
@@ -69,18 +75,23 @@ fn not_convertible(e: ConvertError) -> GatewayError {
 }
 
 /// The conversion for a request in `client` format to `provider`, or `None`
-/// when the upstream speaks the client's format (raw passthrough).
+/// when the upstream speaks the client's format (raw passthrough). With
+/// `fake_stream`, a chat request that asks to stream is asked of the
+/// upstream whole (same format included) and streamed by FastGate.
 pub fn plan(
     client: Format,
     upstream: &crate::upstream::Upstream,
     model_map: &std::collections::HashMap<String, String>,
-    path: &str,
-    query: Option<&str>,
+    (path, query): (&str, Option<&str>),
     body: &[u8],
+    fake_stream: bool,
 ) -> Result<Option<Plan>, GatewayError> {
     let provider = upstream.provider;
     if !converts(provider, client) {
-        return Ok(None);
+        return match fake_stream && provider_format(provider) == client {
+            true => same_format_plan(client, path, query, body),
+            false => Ok(None),
+        };
     }
     let default_max_tokens = upstream.default_max_tokens;
     let upstream_caps = &upstream.capabilities;
@@ -124,6 +135,12 @@ pub fn plan(
     }
     .map_err(not_convertible)?;
     req.model = mapped(&req.model);
+    let client_stream = req.stream;
+    let fake = fake_stream && req.stream;
+    if fake {
+        refuse_fake_candidates(&req)?;
+        req.stream = false;
+    }
     let mut names = ToolNames::default();
     // What the model takes: the upstream's rules, then the shipped table.
     let caps = crate::convert::capabilities::lookup(provider, &req.model, upstream_caps);
@@ -166,7 +183,9 @@ pub fn plan(
         op: Op::Chat,
         client,
         upstream,
-        stream: req.stream,
+        stream: client_stream,
+        fake,
+        same_format: false,
         include_usage: req.include_usage,
         model: req.model.clone(),
         gemini_array,
@@ -177,6 +196,78 @@ pub fn plan(
         loss,
         body: Bytes::from(serde_json::to_vec(&encoded).unwrap_or_default()),
         path: upstream_path,
+    }))
+}
+
+/// A fake stream serves one choice: several (OpenAI `n`, Gemini
+/// `candidateCount`) are refused, as they are for converted streams.
+fn refuse_fake_candidates(req: &ChatRequest) -> Result<(), GatewayError> {
+    match req.only.candidates {
+        Some(n) if n > 1 => Err(GatewayError::NotConvertible(
+            "several choices (n / candidateCount > 1) are not served as a fake stream; ask without streaming".into(),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// A fake stream toward an upstream of the client's own format: the
+/// client's body with streaming off (OpenAI's `stream_options` go with
+/// it), a Gemini stream path turned into `:generateContent`. `None` for
+/// anything but a chat request that asks to stream (it passes through).
+fn same_format_plan(
+    client: Format,
+    path: &str,
+    query: Option<&str>,
+    body: &[u8],
+) -> Result<Option<Plan>, GatewayError> {
+    let chat = match client {
+        Format::Openai => path.ends_with("/chat/completions"),
+        Format::Anthropic => path.ends_with("/messages"),
+        Format::Gemini => path.contains(":streamGenerateContent"),
+        // Responses toward OpenAI itself, or a format FastGate does not read.
+        _ => false,
+    };
+    if !chat {
+        return Ok(None);
+    }
+    let mut json: Value = serde_json::from_slice(body).map_err(|e| GatewayError::BadJson(e.to_string()))?;
+    let mut loss = Loss::default();
+    let req = match client {
+        Format::Openai => openai::decode_request(&json, &mut loss),
+        Format::Anthropic => anthropic::decode_request(&json, &mut loss),
+        _ => {
+            let model = super::intake::model_from_gemini_path(path).unwrap_or_default();
+            gemini::decode_request(&json, model, true, &mut loss)
+        }
+    }
+    .map_err(not_convertible)?;
+    if !req.stream {
+        return Ok(None);
+    }
+    refuse_fake_candidates(&req)?;
+    if let Some(obj) = json.as_object_mut()
+        && client != Format::Gemini
+    {
+        obj.insert("stream".into(), Value::Bool(false));
+        obj.remove("stream_options");
+    }
+    Ok(Some(Plan {
+        op: Op::Chat,
+        client,
+        upstream: client,
+        stream: true,
+        fake: true,
+        same_format: true,
+        include_usage: req.include_usage,
+        model: req.model.clone(),
+        gemini_array: client == Format::Gemini && !query.is_some_and(|q| q.split('&').any(|p| p == "alt=sse")),
+        names: ToolNames::default(),
+        json_tool: None,
+        echo: None,
+        // Nothing was converted: nothing to warn about.
+        loss: Loss::default(),
+        body: Bytes::from(serde_json::to_vec(&json).unwrap_or_default()),
+        path: String::new(),
     }))
 }
 
@@ -327,6 +418,8 @@ impl Plan {
             client,
             upstream,
             stream: false,
+            fake: false,
+            same_format: false,
             include_usage: false,
             model,
             gemini_array: false,
@@ -347,18 +440,50 @@ impl Plan {
         }
     }
 
+    /// The client did not ask for a stream's usage (FastGate asked for
+    /// it on the client's behalf): no usage chunk is written.
+    pub fn usage_not_asked(&mut self) {
+        self.include_usage = false;
+    }
+
+    /// The content type of the client's stream: SSE, or a Gemini JSON array.
+    pub(super) fn stream_content_type(&self) -> &'static str {
+        if self.client == Format::Gemini && self.gemini_array {
+            "application/json"
+        } else {
+            "text/event-stream"
+        }
+    }
+
+    /// What keeps a fake stream's client waiting, in its own grammar: an
+    /// SSE comment for OpenAI and Responses clients (their SDKs skip
+    /// comments), Anthropic's `ping` event, and for Gemini blank lines — the
+    /// Python SDK parses any other line as JSON, and a JSON array may
+    /// start with whitespace.
+    pub(super) fn keepalive(&self) -> &'static [u8] {
+        match self.client {
+            Format::Anthropic => b"event: ping\ndata: {\"type\": \"ping\"}\n\n",
+            Format::Gemini if self.gemini_array => b"\n",
+            Format::Gemini => b"\n\n",
+            _ => b": keepalive\n\n",
+        }
+    }
+
     /// Fit the rewritten upstream request to the conversion: path, plain
     /// (uncompressed) answers, JSON body, no headers of the client's format.
     pub fn adjust(&self, req: &mut pingora::http::RequestHeader, base_path: &str) -> Result<(), GatewayError> {
-        let uri = format!("{base_path}{}", self.path)
-            .parse::<http::Uri>()
-            .map_err(|e| GatewayError::BadRequestBody(format!("converted path is invalid: {e}")))?;
+        let uri = match self.same_format {
+            true => whole_answer_uri(&req.uri),
+            false => format!("{base_path}{}", self.path),
+        }
+        .parse::<http::Uri>()
+        .map_err(|e| GatewayError::BadRequestBody(format!("converted path is invalid: {e}")))?;
         req.set_uri(uri);
         let _ = req.insert_header(header::ACCEPT_ENCODING, "identity");
         let _ = req.insert_header(header::CONTENT_TYPE, "application/json");
         let _ = req.insert_header(
             header::ACCEPT,
-            if self.stream {
+            if self.stream && !self.fake {
                 "text/event-stream"
             } else {
                 "application/json"
@@ -375,7 +500,7 @@ impl Plan {
         Ok(())
     }
 
-    fn converter(&self) -> Converter {
+    pub(super) fn converter(&self) -> Converter {
         let decoder: Box<dyn stream::Decoder> = match self.upstream {
             Format::Anthropic => Box::new(stream::anthropic::AnthropicDecoder::default()),
             Format::Gemini => Box::new(stream::gemini::GeminiDecoder::default()),
@@ -437,16 +562,7 @@ impl Plan {
             };
             return Ok(serde_json::to_vec(&out).unwrap_or_default());
         }
-        let mut loss = Loss::default();
-        let mut resp = match self.upstream {
-            Format::Anthropic => anthropic::decode_response(&v, &mut loss)?,
-            Format::Gemini => gemini::decode_response(&v, &mut loss)?,
-            _ => openai::decode_response(&v, &self.names)?,
-        };
-        resp.model = self.model.clone();
-        if let Some(tool) = self.json_tool {
-            crate::convert::ir::answer_from_json_tool(&mut resp, tool);
-        }
+        let resp = self.decode_chat(&v)?;
         let out = match self.client {
             Format::Anthropic => anthropic::encode_response(&resp),
             Format::Gemini => gemini::encode_response(&resp),
@@ -458,6 +574,22 @@ impl Plan {
             _ => openai::encode_response(&resp, crate::store::now_unix()),
         };
         Ok(serde_json::to_vec(&out).unwrap_or_default())
+    }
+
+    /// A whole chat answer of the upstream, in the IR, naming the client's
+    /// model (and a JSON answer's forced tool turned back into text).
+    pub(super) fn decode_chat(&self, v: &Value) -> Result<ChatResponse, ConvertError> {
+        let mut loss = Loss::default();
+        let mut resp = match self.upstream {
+            Format::Anthropic => anthropic::decode_response(v, &mut loss)?,
+            Format::Gemini => gemini::decode_response(v, &mut loss)?,
+            _ => openai::decode_response(v, &self.names)?,
+        };
+        resp.model = self.model.clone();
+        if let Some(tool) = self.json_tool {
+            crate::convert::ir::answer_from_json_tool(&mut resp, tool);
+        }
+        Ok(resp)
     }
 
     /// An upstream error answer as the client's error: its message, and the
@@ -482,8 +614,24 @@ impl Plan {
     }
 }
 
+/// A Gemini stream URI (`:streamGenerateContent?alt=sse`) as the whole
+/// answer's (`:generateContent`); other paths unchanged.
+fn whole_answer_uri(uri: &http::Uri) -> String {
+    let path = uri.path().replacen(":streamGenerateContent", ":generateContent", 1);
+    let query: Vec<&str> = uri
+        .query()
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .filter(|p| !p.is_empty() && *p != "alt=sse")
+        .collect();
+    match query.is_empty() {
+        true => path,
+        false => format!("{path}?{}", query.join("&")),
+    }
+}
+
 /// Read the rest of a body, at most `cap` bytes, each read within `idle`.
-async fn read_all(up: &mut HttpSession, cap: usize, idle: Duration) -> Result<Vec<u8>, String> {
+pub(super) async fn read_all(up: &mut HttpSession, cap: usize, idle: Duration) -> Result<Vec<u8>, String> {
     let mut buf = Vec::new();
     loop {
         match tokio::time::timeout(idle, up.read_response_body()).await {
@@ -537,11 +685,7 @@ pub async fn respond(
     let h2 = session.is_http2();
     let warning = plan.loss.header_value();
     if plan.stream {
-        let content_type = if plan.client == Format::Gemini && plan.gemini_array {
-            "application/json"
-        } else {
-            "text/event-stream"
-        };
+        let content_type = plan.stream_content_type();
         let mut resp = super::respond::header(200, ctx, content_type, None, h2)
             .map_err(|e| GatewayError::BadRequestBody(e.to_string()))?;
         if let Some(w) = &warning {
@@ -654,7 +798,7 @@ pub async fn respond(
 
 /// Write converted bytes to the client (nothing when empty); false when the
 /// client is gone (recorded, and the connection will close).
-async fn send(session: &mut Session, ctx: &mut RequestCtx, out: Vec<u8>) -> bool {
+pub(super) async fn send(session: &mut Session, ctx: &mut RequestCtx, out: Vec<u8>) -> bool {
     if out.is_empty() {
         return true;
     }
@@ -672,7 +816,11 @@ async fn send(session: &mut Session, ctx: &mut RequestCtx, out: Vec<u8>) -> bool
 }
 
 /// Give a fully read upstream connection back to the pool.
-async fn release(state: &crate::state::AppState, mut up: HttpSession, peer: &pingora::upstreams::peer::HttpPeer) {
+pub(super) async fn release(
+    state: &crate::state::AppState,
+    mut up: HttpSession,
+    peer: &pingora::upstreams::peer::HttpPeer,
+) {
     use pingora::upstreams::peer::Peer;
     if up.response_done() {
         state

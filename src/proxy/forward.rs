@@ -63,6 +63,26 @@ pub fn key_rejected(status: u16, upstream: &crate::upstream::Upstream) -> Gatewa
 /// the route's `timeout` overall. Whether a failure is retried at all is
 /// [`retry::decide`]'s call, the same as on Pingora's path.
 pub async fn exchange(state: &Arc<AppState>, session: &mut Session, ctx: &mut RequestCtx) -> Result<(), GatewayError> {
+    let mut fake = None;
+    let result = attempts(state, session, ctx, &mut fake).await;
+    match (result, fake) {
+        // The client has its stream header: the error is its last event.
+        (Err(e), Some(mut f)) => {
+            f.fail(session, ctx, e).await;
+            Ok(())
+        }
+        (result, _) => result,
+    }
+}
+
+/// [`exchange`]'s attempts; `fake` holds a fake stream once its header
+/// is sent (`fake_stream` routes).
+async fn attempts(
+    state: &Arc<AppState>,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    fake: &mut Option<super::fake_stream::FakeStream>,
+) -> Result<(), GatewayError> {
     let Some(route) = ctx.route.clone() else {
         return Err(GatewayError::NoRoute {
             method: String::new(),
@@ -107,6 +127,10 @@ pub async fn exchange(state: &Arc<AppState>, session: &mut Session, ctx: &mut Re
         ctx.upstream.upstream = Some(upstream.clone());
         ctx.upstream.slot = None;
         if let Some(mock_cfg) = &upstream.mock {
+            if fake.is_some() {
+                last_error = Some(no_fake_stream(upstream));
+                continue;
+            }
             ctx.upstream.attempts += 1;
             if let Err(e) = Box::pin(mock::respond(session, ctx, mock_cfg)).await {
                 // Writing failed: the client is gone.
@@ -131,13 +155,16 @@ pub async fn exchange(state: &Arc<AppState>, session: &mut Session, ctx: &mut Re
             route.format,
             upstream,
             &route.model_map,
-            session.req_header().uri.path(),
-            session.req_header().uri.query(),
+            (session.req_header().uri.path(), session.req_header().uri.query()),
             &body,
+            route.fake_stream.is_some(),
         ) {
             Ok(mut p) => {
                 if let Some(p) = p.as_mut() {
                     p.answer_as(ctx.model.as_deref());
+                    if ctx.response.strip_usage_chunk {
+                        p.usage_not_asked();
+                    }
                 }
                 p
             }
@@ -146,6 +173,18 @@ pub async fn exchange(state: &Arc<AppState>, session: &mut Session, ctx: &mut Re
                 continue;
             }
         };
+        // A fake stream's header goes out before the upstream is asked; an
+        // upstream that cannot answer whole is skipped once it has.
+        match (&plan, route.fake_stream) {
+            (Some(p), Some(every)) if p.fake && fake.is_none() => {
+                *fake = Some(super::fake_stream::FakeStream::start(session, ctx, p, every).await?);
+            }
+            (p, _) if fake.is_some() && !p.as_ref().is_some_and(|p| p.fake) => {
+                last_error = Some(no_fake_stream(upstream));
+                continue;
+            }
+            _ => {}
+        }
         let send_body = plan.as_ref().map_or_else(|| body.clone(), |p| p.body.clone());
         let next_upstream = chain.get(position + 1).map(Arc::as_ref);
         let mut retries_left = route.retries;
@@ -211,26 +250,43 @@ pub async fn exchange(state: &Arc<AppState>, session: &mut Session, ctx: &mut Re
             };
             let mut fresh = false;
             let attempt = loop {
-                // The client may give up while the upstream connects or
-                // thinks: then the exchange is dropped (closing the upstream
-                // connection, so generation and billing stop) and the key
-                // lease released. Watching starts after a moment, so quick
-                // answers never pay the extra read on the client's socket.
-                let client_gone = async {
-                    tokio::time::sleep(WATCH_CLIENT_AFTER).await;
-                    session.downstream_session.read_body_or_idle(true).await
-                };
                 // Boxed: connecting and sending is the largest state of this
                 // exchange (about 10 KiB, most of it Pingora's connector).
                 // Held inline, every open stream would carry it until its end.
-                let attempt = tokio::select! {
-                    a = Box::pin(send(state, &peer, &req, send_body.clone(), first_byte, &upstream.name, fresh)) => a,
-                    _ = client_gone => {
-                        tracing::debug!(request_id = %ctx.request_id, "Client disconnected before the answer; cancelling the upstream request.");
-                        ctx.upstream.lease = None;
-                        ctx.response.cut_short = true;
-                        return Err(GatewayError::ClientClosed);
+                let sending = Box::pin(send(
+                    state,
+                    &peer,
+                    &req,
+                    send_body.clone(),
+                    first_byte,
+                    &upstream.name,
+                    fresh,
+                ));
+                let attempt = match fake.as_mut() {
+                    // Keepalives while the upstream thinks.
+                    Some(f) => f.wait(session, ctx, sending).await.ok(),
+                    None => {
+                        // The client may give up while the upstream connects
+                        // or thinks: then the exchange is dropped (closing the
+                        // upstream connection, so generation and billing stop)
+                        // and the key lease released. Watching starts after a
+                        // moment, so quick answers never pay the extra read on
+                        // the client's socket.
+                        let client_gone = async {
+                            tokio::time::sleep(WATCH_CLIENT_AFTER).await;
+                            session.downstream_session.read_body_or_idle(true).await
+                        };
+                        tokio::select! {
+                            a = sending => Some(a),
+                            _ = client_gone => None,
+                        }
                     }
+                };
+                let Some(attempt) = attempt else {
+                    tracing::debug!(request_id = %ctx.request_id, "Client disconnected before the answer; cancelling the upstream request.");
+                    ctx.upstream.lease = None;
+                    ctx.response.cut_short = true;
+                    return Err(GatewayError::ClientClosed);
                 };
                 // A pooled connection the upstream closed while it idled:
                 // once per request, on a fresh connection, when safe.
@@ -290,6 +346,10 @@ pub async fn exchange(state: &Arc<AppState>, session: &mut Session, ctx: &mut Re
                     if matches!(status, 401 | 403) && ctx.upstream.lease.is_some() {
                         return Err(key_rejected(status, upstream));
                     }
+                    if let (Some(p), Some(f)) = (&plan, fake.as_mut()) {
+                        let idle = upstream.timeouts.idle.0;
+                        return Box::pin(f.respond(state, session, ctx, (*up, &peer), (p, idle), prefix)).await;
+                    }
                     if let Some(p) = &plan {
                         let idle = upstream.timeouts.idle.0;
                         // Boxed like `send`: only a converted answer carries it.
@@ -338,6 +398,15 @@ pub async fn exchange(state: &Arc<AppState>, session: &mut Session, ctx: &mut Re
         }
     }
     Err(last_error.unwrap_or_else(|| GatewayError::NoEndpoint(route.upstreams[0].clone())))
+}
+
+/// An upstream skipped because it cannot serve a fake stream whose header
+/// is already out (a mock, or an upstream the route's format passes through to).
+fn no_fake_stream(upstream: &Upstream) -> GatewayError {
+    GatewayError::NotConvertible(format!(
+        "upstream {:?} cannot answer a fake stream (fake_stream needs an OpenAI, Anthropic or Gemini upstream)",
+        upstream.name
+    ))
 }
 
 /// How much of an error answer is read to learn from it (Gemini's

@@ -23,6 +23,7 @@
 pub mod convert;
 pub mod ctx;
 pub mod errors;
+pub mod fake_stream;
 pub mod finish;
 pub mod forward;
 pub mod intake;

@@ -8,6 +8,7 @@ pub mod anthropic;
 pub mod gemini;
 pub mod openai;
 pub mod responses;
+pub mod whole;
 
 use super::{
     errors::{self, UpstreamError},
@@ -156,6 +157,15 @@ impl Converter {
             )));
             self.flush(&mut out);
         }
+        out
+    }
+
+    /// Deltas FastGate made itself (a whole answer told as a stream, an
+    /// error), written as the client's events.
+    pub fn emit(&mut self, deltas: impl IntoIterator<Item = Delta>) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.deltas.extend(deltas);
+        self.flush(&mut out);
         out
     }
 
