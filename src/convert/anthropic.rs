@@ -426,8 +426,9 @@ pub fn encode_request_with(
     let mut max_tokens = req.max_tokens.unwrap_or(default_max_tokens).max(1);
     let reasoning = req.reasoning.filter(|r| {
         // While thinking, Anthropic wants the last assistant turn with tool
-        // calls to begin with its signed thinking; clients of other formats
-        // never send that back, so such a turn is answered without thinking.
+        // calls to begin with its signed thinking; OpenAI Chat clients never
+        // send it back (Responses and Gemini clients do, in FastGate's
+        // sealed forms), so such a turn is answered without thinking.
         if !r.disabled && last_tool_turn_lacks_signed_thinking(req) {
             loss.dropped(
                 "reasoning for this turn (the previous tool-calling turn carries no signed Anthropic thinking)",
