@@ -151,6 +151,20 @@ async fn held_in(conn: &mut redis::aio::MultiplexedConnection, set: &str) -> u64
         .unwrap()
 }
 
+/// Every quota counter of key `id` in Redis, summed: what it was charged.
+async fn quota_charged(conn: &mut redis::aio::MultiplexedConnection, id: &str) -> u64 {
+    let mut total = 0u64;
+    for k in all_keys(conn)
+        .await
+        .iter()
+        .filter(|k| k.contains(":q:") && k.contains(id))
+    {
+        let v: Option<u64> = redis::cmd("GET").arg(k).query_async(conn).await.unwrap();
+        total += v.unwrap_or(0);
+    }
+    total
+}
+
 /// A stream of seven events `interval_ms` apart, started; returns the
 /// response once its headers are in (the request holds its lease).
 async fn start_stream(client: &reqwest::Client, url: String, secret: &str) -> reqwest::Response {
@@ -361,22 +375,6 @@ async fn settlements_and_releases_survive_a_redis_that_refuses_writes_for_a_whil
     let (id, secret) = keys[0].clone();
     let client = reqwest::Client::new();
     let mut conn = redis_conn(&redis.url()).await;
-    let charged = |conn: &mut redis::aio::MultiplexedConnection| {
-        let mut conn = conn.clone();
-        let id = id.clone();
-        async move {
-            let mut total = 0u64;
-            for k in all_keys(&mut conn)
-                .await
-                .iter()
-                .filter(|k| k.contains(":q:") && k.contains(&id))
-            {
-                let v: Option<u64> = redis::cmd("GET").arg(k).query_async(&mut conn).await.unwrap();
-                total += v.unwrap_or(0);
-            }
-            total
-        }
-    };
     let held = |conn: &mut redis::aio::MultiplexedConnection| {
         let mut conn = conn.clone();
         async move {
@@ -403,7 +401,7 @@ async fn settlements_and_releases_survive_a_redis_that_refuses_writes_for_a_whil
     let deadline = Instant::now() + Duration::from_secs(5);
     let (mut tokens, mut slots) = (0, u64::MAX);
     while Instant::now() < deadline {
-        (tokens, slots) = (charged(&mut conn).await, held(&mut conn).await);
+        (tokens, slots) = (quota_charged(&mut conn, &id).await, held(&mut conn).await);
         if tokens > 0 && slots == 0 {
             break;
         }
@@ -493,26 +491,10 @@ async fn a_node_stopped_right_after_its_answers_charges_them_all() {
     let (id, secret) = make_key(&gw, &json!({"token_quota": 1_000_000_000u64, "quota_period": "day"})).await;
     let client = reqwest::Client::new();
     let mut conn = redis_conn(&redis.url()).await;
-    let charged = |conn: &mut redis::aio::MultiplexedConnection| {
-        let mut conn = conn.clone();
-        let id = id.clone();
-        async move {
-            let mut total = 0u64;
-            for k in all_keys(&mut conn)
-                .await
-                .iter()
-                .filter(|k| k.contains(":q:") && k.contains(&id))
-            {
-                let v: Option<u64> = redis::cmd("GET").arg(k).query_async(&mut conn).await.unwrap();
-                total += v.unwrap_or(0);
-            }
-            total
-        }
-    };
     // What one answer is charged.
     assert_eq!(post(&client, gw.url("/v1/chat/completions"), &secret, None).await, 200);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let one = charged(&mut conn).await;
+    let one = quota_charged(&mut conn, &id).await;
     assert!(one > 0);
     let mut sent = 1;
     for _ in 0..4 {
@@ -529,7 +511,7 @@ async fn a_node_stopped_right_after_its_answers_charges_them_all() {
         gw.restart().await;
         wait_metric(&gw, "fastgate_cluster_redis_up 1").await;
     }
-    assert_eq!(charged(&mut conn).await, one * sent, "{} answers", sent);
+    assert_eq!(quota_charged(&mut conn, &id).await, one * sent, "{} answers", sent);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -549,19 +531,6 @@ async fn a_settlement_whose_answer_was_lost_is_charged_once() {
     let (id, secret) = keys[0].clone();
     let client = reqwest::Client::new();
     let mut conn = redis_conn(&redis.url()).await;
-    let counter = |conn: &mut redis::aio::MultiplexedConnection| {
-        let mut conn = conn.clone();
-        let id = id.clone();
-        async move {
-            let keys = all_keys(&mut conn).await;
-            let mut total = 0u64;
-            for k in keys.iter().filter(|k| k.contains(":q:") && k.contains(&id)) {
-                let v: Option<u64> = redis::cmd("GET").arg(k).query_async(&mut conn).await.unwrap();
-                total += v.unwrap_or(0);
-            }
-            total
-        }
-    };
     // One stream settled normally: what one request is charged.
     mock.behaviour.sse_interval_ms.store(150, Ordering::Relaxed);
     let _ = start_stream(&client, all[0].url("/v1/chat/completions"), &secret)
@@ -571,7 +540,7 @@ async fn a_settlement_whose_answer_was_lost_is_charged_once() {
     let deadline = Instant::now() + Duration::from_secs(5);
     let mut one = 0;
     while one == 0 && Instant::now() < deadline {
-        one = counter(&mut conn).await;
+        one = quota_charged(&mut conn, &id).await;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(one > 0, "the first request was never settled");
@@ -589,7 +558,11 @@ async fn a_settlement_whose_answer_was_lost_is_charged_once() {
     wait_metric(&all[0], "fastgate_cluster_redis_up 1").await;
     // Time for any replay (and any double charge) to land.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(counter(&mut conn).await, 2 * one, "two requests of {one} tokens each");
+    assert_eq!(
+        quota_charged(&mut conn, &id).await,
+        2 * one,
+        "two requests of {one} tokens each"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -450,6 +450,18 @@ pub fn quarantine(
     Ok(())
 }
 
+/// A `sync_quarantine` row read as `id, ts_ms, kind, tbl, row_id, error`.
+fn quarantined_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Quarantined> {
+    Ok(Quarantined {
+        id: r.get(0)?,
+        ts_ms: r.get(1)?,
+        kind: r.get(2)?,
+        table: r.get(3)?,
+        row_id: r.get(4)?,
+        error: r.get(5)?,
+    })
+}
+
 /// Remove one row kept aside (the operator fixed it at its source, or
 /// gave it up); the row itself leaves with it. Returns what was removed.
 pub fn forget_quarantined(conn: &Connection, id: i64) -> Result<Quarantined, StoreError> {
@@ -457,16 +469,7 @@ pub fn forget_quarantined(conn: &Connection, id: i64) -> Result<Quarantined, Sto
         .query_row(
             "DELETE FROM sync_quarantine WHERE id = ?1 RETURNING id, ts_ms, kind, tbl, row_id, error",
             [id],
-            |r| {
-                Ok(Quarantined {
-                    id: r.get(0)?,
-                    ts_ms: r.get(1)?,
-                    kind: r.get(2)?,
-                    table: r.get(3)?,
-                    row_id: r.get(4)?,
-                    error: r.get(5)?,
-                })
-            },
+            quarantined_row,
         )
         .optional()?;
     q.ok_or_else(|| StoreError::NotFound(format!("no quarantined row {id}")))
@@ -476,16 +479,7 @@ pub fn forget_quarantined(conn: &Connection, id: i64) -> Result<Quarantined, Sto
 pub fn quarantined(conn: &Connection, limit: usize) -> Result<Vec<Quarantined>, StoreError> {
     let mut stmt = conn
         .prepare_cached("SELECT id, ts_ms, kind, tbl, row_id, error FROM sync_quarantine ORDER BY id DESC LIMIT ?1")?;
-    let rows = stmt.query_map([limit as i64], |r| {
-        Ok(Quarantined {
-            id: r.get(0)?,
-            ts_ms: r.get(1)?,
-            kind: r.get(2)?,
-            table: r.get(3)?,
-            row_id: r.get(4)?,
-            error: r.get(5)?,
-        })
-    })?;
+    let rows = stmt.query_map([limit as i64], quarantined_row)?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
