@@ -337,10 +337,14 @@ def test_responses_create(gateway, up):
     assert r.output_text == f"Hello from {up}-mock.", r.output_text
     assert r.usage.input_tokens == 11 and r.usage.output_tokens == 7 and r.usage.total_tokens == 18, r.usage
     body = last_upstream(up)["body"]
+    # Toward Anthropic the system prompt is one text block carrying a prompt
+    # cache breakpoint (upstream capability `prompt_cache`, on by default).
     instructions = {"openai": lambda b: b["messages"][0]["content"],
-                    "anthropic": lambda b: b["system"],
+                    "anthropic": lambda b: b["system"][0]["text"],
                     "gemini": lambda b: b["systemInstruction"]["parts"][0]["text"]}[up](body)
     assert instructions == "Be brief.", body
+    if up == "anthropic":
+        assert body["system"] == [{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}], body
 
 
 @pytest.mark.parametrize("up", FORMATS)
