@@ -884,6 +884,25 @@ async fn clients_of_other_formats_get_anthropics_prompt_cache() {
     assert_eq!(usage["input_tokens"], 1010, "{usage}");
     assert_eq!(usage["input_tokens_details"]["cached_tokens"], 900, "{usage}");
 
+    // An empty system prompt is not sent: an empty block cannot carry a
+    // breakpoint (Anthropic: "cache_control cannot be set for empty text
+    // blocks"), and says nothing anyway.
+    for system in ["", "  "] {
+        let body = json!({"model": "claude-cached", "messages": [
+            {"role": "system", "content": system},
+            {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}, {"role": "user", "content": ""}]});
+        let a = post(&gw, "/o-ant/v1/chat/completions", &body).await;
+        assert_eq!(a.status, 200, "{}", a.text);
+        let (_, seen) = up.last();
+        assert!(seen.get("system").is_none(), "{seen}");
+        for m in seen["messages"].as_array().unwrap() {
+            for b in m["content"].as_array().into_iter().flatten() {
+                let empty = b["type"] == "text" && b["text"].as_str().is_some_and(|t| t.trim().is_empty());
+                assert!(!(empty && b.get("cache_control").is_some()), "{seen}");
+            }
+        }
+    }
+
     // The operator can turn it off per upstream (or model).
     let a = post(&gw, "/o-no/v1/chat/completions", &more).await;
     assert_eq!(a.status, 200, "{}", a.text);
@@ -953,4 +972,81 @@ async fn max_tokens_over_the_models_output_is_lowered_to_it() {
     let budget = seen["thinking"]["budget_tokens"].as_u64().unwrap();
     assert!((1024..32_000).contains(&budget), "{seen}");
     assert!(a.warning.contains("thinking budget 30000 lowered"), "{}", a.warning);
+}
+
+/// Numbers a client's API refuses (a string, a fraction, a negative, past
+/// the range or past u64) are refused in the client's error shape before
+/// any upstream call: read as absent they would turn a client's
+/// `"max_tokens": "100"` into the default 8,192 billed tokens.
+#[tokio::test]
+async fn sampling_numbers_out_of_the_clients_api_are_refused_not_ignored() {
+    let up = Canned::start().await;
+    let gw = gateway(&up).await;
+    let calls = || up.seen.lock().unwrap().len();
+    let bad = [json!(-1), json!("100"), json!(100.5), json!(1e20), json!(0)];
+    for (client, to) in [
+        ("openai", "anthropic"),
+        ("anthropic", "openai"),
+        ("gemini", "anthropic"),
+    ] {
+        for value in &bad {
+            let (path, mut body) = chat(client, to, "m-x", false);
+            match client {
+                "gemini" => body["generationConfig"] = json!({"maxOutputTokens": value}),
+                _ => body["max_tokens"] = value.clone(),
+            }
+            let before = calls();
+            let a = post(&gw, &path, &body).await;
+            assert_eq!(a.status, 400, "{client} max_tokens {value}: {}", a.text);
+            assert_eq!(calls(), before, "no upstream call for {client} {value}");
+            let v = a.json();
+            let message = match client {
+                "gemini" => {
+                    assert_eq!(v["error"]["status"], "INVALID_ARGUMENT", "{v}");
+                    v["error"]["message"].as_str().unwrap().to_string()
+                }
+                "anthropic" => {
+                    assert_eq!(v["type"], "error", "{v}");
+                    assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+                    v["error"]["message"].as_str().unwrap().to_string()
+                }
+                _ => {
+                    assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+                    v["error"]["message"].as_str().unwrap().to_string()
+                }
+            };
+            assert!(message.contains("max"), "{message}");
+        }
+        // Temperature and top_p outside the client's own range.
+        let (temperature, top_p) = match client {
+            "anthropic" => ("temperature", "top_p"),
+            "gemini" => ("temperature", "topP"),
+            _ => ("temperature", "top_p"),
+        };
+        for (field, value) in [
+            (temperature, json!(-3)),
+            (temperature, json!("hot")),
+            (top_p, json!(1.5)),
+        ] {
+            let (path, mut body) = chat(client, to, "m-x", false);
+            match client {
+                "gemini" => body["generationConfig"] = json!({field: value}),
+                _ => body[field] = value.clone(),
+            }
+            let a = post(&gw, &path, &body).await;
+            assert_eq!(a.status, 400, "{client} {field} {value}: {}", a.text);
+        }
+        // In range, and null (absent), still pass.
+        let (path, mut body) = chat(client, to, "m-x", false);
+        match client {
+            "gemini" => body["generationConfig"] = json!({"maxOutputTokens": 100, temperature: 0.5, top_p: null}),
+            _ => {
+                body["max_tokens"] = json!(100);
+                body[temperature] = json!(0.5);
+                body[top_p] = Value::Null;
+            }
+        }
+        let a = post(&gw, &path, &body).await;
+        assert_eq!(a.status, 200, "{client}: {}", a.text);
+    }
 }

@@ -1,6 +1,6 @@
 //! Anthropic Messages (`/v1/messages`) ⇄ the IR.
 
-use super::{ConvertError, Loss, arguments_object, ir::*, opt_f64, opt_str, opt_u64, plain_text};
+use super::{ConvertError, Loss, arguments_object, ir::*, opt_str, opt_u64, plain_text};
 use serde_json::{Map, Value, json};
 
 fn invalid(what: impl Into<String>) -> ConvertError {
@@ -243,10 +243,11 @@ pub fn decode_request(body: &Value, loss: &mut Loss) -> Result<ChatRequest, Conv
             _ => req.messages.push(Message { role, parts }),
         }
     }
-    req.max_tokens = opt_u64(body, "max_tokens");
-    req.temperature = opt_f64(body, "temperature");
-    req.top_p = opt_f64(body, "top_p");
-    req.top_k = opt_u64(body, "top_k");
+    // Ranges as Anthropic's API reference gives them.
+    req.max_tokens = super::count_field(body, "max_tokens", 1)?;
+    req.temperature = super::number_field(body, "temperature", 0.0, 1.0)?;
+    req.top_p = super::number_field(body, "top_p", 0.0, 1.0)?;
+    req.top_k = super::count_field(body, "top_k", 0)?;
     req.stop = body
         .get("stop_sequences")
         .and_then(Value::as_array)
@@ -357,12 +358,14 @@ fn place_cache_breakpoints(out: &mut Map<String, Value>) {
         .and_then(Value::as_array_mut)
         .and_then(|blocks| blocks.last_mut())
         .and_then(Value::as_object_mut);
-    // Thinking blocks cannot carry one (Anthropic refuses it there).
-    if let Some(b) = last_block.filter(|b| {
-        !matches!(
-            b.get("type").and_then(Value::as_str),
-            Some("thinking" | "redacted_thinking")
-        )
+    // Thinking blocks and empty text cannot carry one (Anthropic refuses it there).
+    if let Some(b) = last_block.filter(|b| match b.get("type").and_then(Value::as_str) {
+        Some("thinking" | "redacted_thinking") => false,
+        Some("text") => b
+            .get("text")
+            .and_then(Value::as_str)
+            .is_some_and(|t| !t.trim().is_empty()),
+        _ => true,
     }) {
         b.insert("cache_control".into(), ephemeral());
     }
@@ -401,6 +404,9 @@ pub fn encode_request_with(
         loss.dropped("response_format json_object (asked for in the system prompt instead)");
         system.push("Answer with one JSON object and nothing else.".into());
     }
+    // Empty parts say nothing (and an empty block cannot carry a cache
+    // breakpoint: Anthropic refuses it).
+    system.retain(|part| !part.trim().is_empty());
     if !system.is_empty() {
         out.insert("system".into(), system.join("\n\n").into());
     }

@@ -300,14 +300,17 @@ pub fn decode_request(body: &Value, model: &str, stream: bool, loss: &mut Loss) 
         restore_carried_thinking(&mut m.parts);
     }
     let g = field(body, "generationConfig", "generation_config").unwrap_or(&Value::Null);
-    let num = |camel, snake| field(g, camel, snake).and_then(Value::as_f64);
-    req.temperature = num("temperature", "temperature");
-    req.top_p = num("topP", "top_p");
-    req.top_k = field(g, "topK", "top_k").and_then(Value::as_u64);
-    req.max_tokens = field(g, "maxOutputTokens", "max_output_tokens").and_then(Value::as_u64);
+    // The spelling the client used (Gemini takes both); ranges as Gemini's
+    // API reference gives them.
+    let key = |camel: &'static str, snake: &'static str| if g.get(camel).is_some() { camel } else { snake };
+    let num = |camel, snake, min, max| super::number_field(g, key(camel, snake), min, max);
+    req.temperature = num("temperature", "temperature", 0.0, 2.0)?;
+    req.top_p = num("topP", "top_p", 0.0, 1.0)?;
+    req.top_k = super::count_field(g, key("topK", "top_k"), 0)?;
+    req.max_tokens = super::count_field(g, key("maxOutputTokens", "max_output_tokens"), 1)?;
     req.seed = g.get("seed").and_then(Value::as_i64);
-    req.presence_penalty = num("presencePenalty", "presence_penalty");
-    req.frequency_penalty = num("frequencyPenalty", "frequency_penalty");
+    req.presence_penalty = num("presencePenalty", "presence_penalty", -2.0, 2.0)?;
+    req.frequency_penalty = num("frequencyPenalty", "frequency_penalty", -2.0, 2.0)?;
     req.stop = field(g, "stopSequences", "stop_sequences")
         .and_then(Value::as_array)
         .map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect())

@@ -163,8 +163,34 @@ pub(crate) fn arguments_object(arguments: &str) -> Value {
     }
 }
 
-pub(crate) fn opt_f64(v: &Value, key: &str) -> Option<f64> {
-    v.get(key).and_then(Value::as_f64)
+/// A count the client's API takes as an integer of at least `min`: absent
+/// or `null` is `None`; a string, a fraction, a negative or a number past
+/// `u64` is refused (as the provider would), never read as absent — a
+/// client asking for `"100"` tokens must not be given the default 8,192.
+pub(crate) fn count_field(v: &Value, key: &str, min: u64) -> Result<Option<u64>, ConvertError> {
+    match v.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(x) => match x.as_u64() {
+            Some(n) if n >= min => Ok(Some(n)),
+            _ => Err(ConvertError::Invalid(format!(
+                "`{key}` must be an integer of at least {min}"
+            ))),
+        },
+    }
+}
+
+/// A number the client's API takes within `min..=max` (temperature, top_p,
+/// penalties): absent or `null` is `None`, anything else is refused.
+pub(crate) fn number_field(v: &Value, key: &str, min: f64, max: f64) -> Result<Option<f64>, ConvertError> {
+    match v.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(x) => match x.as_f64() {
+            Some(n) if (min..=max).contains(&n) => Ok(Some(n)),
+            _ => Err(ConvertError::Invalid(format!(
+                "`{key}` must be a number from {min} to {max}"
+            ))),
+        },
+    }
 }
 
 pub(crate) fn opt_u64(v: &Value, key: &str) -> Option<u64> {

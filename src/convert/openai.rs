@@ -1,6 +1,6 @@
 //! OpenAI Chat Completions (`/v1/chat/completions`) ⇄ the IR.
 
-use super::{ConvertError, Loss, arguments_object, ir::*, media_of_url, opt_f64, opt_str, opt_u64, plain_text};
+use super::{ConvertError, Loss, arguments_object, ir::*, media_of_url, opt_str, opt_u64, plain_text};
 use serde_json::{Map, Value, json};
 
 /// OpenAI caps function names at 64 characters.
@@ -121,12 +121,16 @@ pub fn decode_request(body: &Value, loss: &mut Loss) -> Result<ChatRequest, Conv
             other => return Err(invalid(format!("unknown role {other:?}"))),
         }
     }
-    req.max_tokens = opt_u64(body, "max_completion_tokens").or_else(|| opt_u64(body, "max_tokens"));
-    req.temperature = opt_f64(body, "temperature");
-    req.top_p = opt_f64(body, "top_p");
+    // Ranges as OpenAI's API reference gives them.
+    req.max_tokens = match super::count_field(body, "max_completion_tokens", 1)? {
+        Some(n) => Some(n),
+        None => super::count_field(body, "max_tokens", 1)?,
+    };
+    req.temperature = super::number_field(body, "temperature", 0.0, 2.0)?;
+    req.top_p = super::number_field(body, "top_p", 0.0, 1.0)?;
     req.seed = body.get("seed").and_then(Value::as_i64);
-    req.presence_penalty = opt_f64(body, "presence_penalty");
-    req.frequency_penalty = opt_f64(body, "frequency_penalty");
+    req.presence_penalty = super::number_field(body, "presence_penalty", -2.0, 2.0)?;
+    req.frequency_penalty = super::number_field(body, "frequency_penalty", -2.0, 2.0)?;
     req.stop = match body.get("stop") {
         Some(Value::String(s)) => vec![s.clone()],
         Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).map(str::to_string).collect(),

@@ -20,7 +20,7 @@
 //! Anthropic's thinking across tool calls; encrypted content from OpenAI
 //! itself cannot be used by another provider and is dropped (reported).
 
-use super::{ConvertError, Loss, ir::*, media_of_url, opt_f64, opt_str, opt_u64};
+use super::{ConvertError, Loss, ir::*, media_of_url, opt_str, opt_u64};
 use serde_json::{Map, Value, json};
 
 /// The one parameter a custom tool's function stand-in takes.
@@ -358,9 +358,10 @@ pub fn decode_request(body: &Value, loss: &mut Loss) -> Result<(ChatRequest, Ech
     }
     decode_items(body.get("input").unwrap_or(&Value::Null), &mut req, loss)?;
     decode_tools(body, &mut req, &mut echo, loss)?;
-    req.max_tokens = opt_u64(body, "max_output_tokens");
-    req.temperature = opt_f64(body, "temperature");
-    req.top_p = opt_f64(body, "top_p");
+    // Ranges as OpenAI's API reference gives them.
+    req.max_tokens = super::count_field(body, "max_output_tokens", 1)?;
+    req.temperature = super::number_field(body, "temperature", 0.0, 2.0)?;
+    req.top_p = super::number_field(body, "top_p", 0.0, 1.0)?;
     req.reasoning = body
         .get("reasoning")
         .and_then(|r| opt_str(r, "effort"))

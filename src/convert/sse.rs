@@ -14,8 +14,8 @@ pub struct SseEvent {
 }
 
 /// Longest line kept; a longer one is cut (an upstream gone wrong must not
-/// make FastGate hold megabytes).
-const MAX_LINE: usize = 4 * 1024 * 1024;
+/// make FastGate hold megabytes) and the parser says so ([`SseParser::overflowed`]).
+pub const MAX_LINE: usize = 4 * 1024 * 1024;
 
 /// A callback for [`SseParser::feed_with`] that keeps owned copies in `out`.
 fn collect_into(out: &mut Vec<SseEvent>) -> impl FnMut(Option<&str>, &str) + '_ {
@@ -38,9 +38,17 @@ pub struct SseParser {
     has_event: bool,
     data: String,
     has_data: bool,
+    /// A line longer than [`MAX_LINE`] was cut.
+    overflowed: bool,
 }
 
 impl SseParser {
+    /// Whether a line was cut at [`MAX_LINE`]: the event it was in, and
+    /// every one after it, is not handed out (the stream cannot be told whole).
+    pub fn overflowed(&self) -> bool {
+        self.overflowed
+    }
+
     /// Feed bytes; complete events are appended to `out`.
     pub fn feed(&mut self, chunk: &[u8], out: &mut Vec<SseEvent>) {
         self.feed_with(chunk, &mut collect_into(out));
@@ -108,6 +116,7 @@ impl SseParser {
 
     fn push_line_bytes(&mut self, bytes: &[u8]) {
         let room = MAX_LINE.saturating_sub(self.line.len());
+        self.overflowed |= bytes.len() > room;
         self.line.extend_from_slice(&bytes[..bytes.len().min(room)]);
     }
 
@@ -119,6 +128,7 @@ impl SseParser {
         if line[0] == b':' {
             return; // a comment
         }
+        self.overflowed |= line.len() > MAX_LINE;
         let line = &line[..line.len().min(MAX_LINE)];
         let (field, value) = match memchr::memchr(b':', line) {
             Some(i) => {
@@ -155,7 +165,11 @@ impl SseParser {
         if !std::mem::take(&mut self.has_data) {
             return;
         }
-        on_event(has_event.then_some(self.event.as_str()), &self.data);
+        // From a cut event on, the stream cannot be told whole: nothing
+        // more is handed out (not even its end).
+        if !self.overflowed {
+            on_event(has_event.then_some(self.event.as_str()), &self.data);
+        }
         self.data.clear();
     }
 }
@@ -168,9 +182,16 @@ pub struct JsonArrayParser {
     depth: usize,
     in_string: bool,
     escaped: bool,
+    /// An element longer than [`MAX_LINE`] was cut.
+    overflowed: bool,
 }
 
 impl JsonArrayParser {
+    /// Whether an element was cut at [`MAX_LINE`] (it and the rest are not handed out).
+    pub fn overflowed(&self) -> bool {
+        self.overflowed
+    }
+
     pub fn feed(&mut self, chunk: &[u8], out: &mut Vec<String>) {
         self.feed_with(chunk, &mut |item| out.push(item.to_string()));
     }
@@ -188,6 +209,8 @@ impl JsonArrayParser {
             }
             if self.buf.len() < MAX_LINE {
                 self.buf.push(b);
+            } else {
+                self.overflowed = true;
             }
             if self.in_string {
                 match (self.escaped, b) {
@@ -204,7 +227,9 @@ impl JsonArrayParser {
                 b'}' | b']' => {
                     self.depth -= 1;
                     if self.depth == 0 {
-                        on_item(&String::from_utf8_lossy(&self.buf));
+                        if !self.overflowed {
+                            on_item(&String::from_utf8_lossy(&self.buf));
+                        }
                         self.buf.clear();
                     }
                 }

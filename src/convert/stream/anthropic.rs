@@ -248,25 +248,20 @@ enum Open {
     Tool(usize),
 }
 
-/// A tool call announced while another call's block is open, kept until
-/// its block can be opened (blocks never overlap).
+/// A tool call whose block is opened.
 #[derive(Debug)]
-struct WaitingCall {
+struct ToolCallHead {
     index: usize,
     id: String,
     name: String,
-    args: String,
 }
 
 /// Writes the event grammar an Anthropic client (and Claude Code) expects:
 /// one `message_start`, blocks opened and closed one at a time with rising
 /// indices, then `message_delta` and `message_stop` — always.
 ///
-/// Upstreams may announce several calls before their arguments, or
-/// interleave the arguments by call index. The open call's arguments stream
-/// at once; a later call waits (its arguments kept) until the open call's
-/// arguments are a whole JSON value, then takes its turn — or until
-/// anything else comes, when every waiting call is written whole.
+/// The converter hands each call's deltas over together (`CallOrder`),
+/// so blocks never overlap.
 #[derive(Debug, Default)]
 pub struct AnthropicEncoder {
     model: String,
@@ -276,9 +271,6 @@ pub struct AnthropicEncoder {
     finish: Option<Finish>,
     usage: Usage,
     synthesized: usize,
-    /// The arguments streamed into the open tool block so far.
-    open_args: String,
-    waiting: Vec<WaitingCall>,
 }
 
 impl AnthropicEncoder {
@@ -351,60 +343,27 @@ impl AnthropicEncoder {
         Self::delta(out, i, delta);
     }
 
-    /// Open a tool call's block (closing the open one), with the arguments
-    /// it has already.
-    fn open_tool(&mut self, out: &mut Vec<u8>, call: WaitingCall) {
+    /// Open a tool call's block (closing the open one).
+    fn open_tool(&mut self, out: &mut Vec<u8>, call: ToolCallHead) {
         self.start(out, "");
         self.close(out);
-        let block = self.open(
+        self.open(
             out,
             Open::Tool(call.index),
             json!({"type": "tool_use", "id": call.id, "name": call.name, "input": {}}),
         );
-        if !call.args.is_empty() {
-            let d = DeltaOut {
-                partial_json: Some(&call.args),
-                ..DeltaOut::new("input_json_delta")
-            };
-            Self::delta(out, block, d);
-        }
-        self.open_args = call.args;
-    }
-
-    /// Write every waiting call, in order (before anything that is not a call's).
-    fn flush_waiting(&mut self, out: &mut Vec<u8>) {
-        for call in std::mem::take(&mut self.waiting) {
-            self.open_tool(out, call);
-        }
-    }
-
-    /// Whether the open block is a tool call whose arguments may still grow.
-    fn open_call_unfinished(&self) -> bool {
-        matches!(self.open, Some((Open::Tool(_), _)))
-            && serde_json::from_str::<serde::de::IgnoredAny>(&self.open_args).is_err()
     }
 
     fn tool_args(&mut self, out: &mut Vec<u8>, index: usize, fragment: &str) {
-        if let Some((Open::Tool(open), block)) = self.open
-            && open == index
-        {
-            self.open_args.push_str(fragment);
-            let d = DeltaOut {
-                partial_json: Some(fragment),
-                ..DeltaOut::new("input_json_delta")
-            };
-            Self::delta(out, block, d);
-            return;
-        }
-        let Some(pos) = self.waiting.iter().position(|c| c.index == index) else {
-            tracing::warn!(index, "tool-call arguments for a call already written whole: dropped");
-            return;
-        };
-        self.waiting[pos].args.push_str(fragment);
-        // The first waiting call takes its turn once the open call is whole.
-        if pos == 0 && !self.open_call_unfinished() {
-            let call = self.waiting.remove(0);
-            self.open_tool(out, call);
+        match self.open {
+            Some((Open::Tool(open), block)) if open == index => {
+                let d = DeltaOut {
+                    partial_json: Some(fragment),
+                    ..DeltaOut::new("input_json_delta")
+                };
+                Self::delta(out, block, d);
+            }
+            _ => tracing::warn!(index, "tool-call arguments for a call that is not open: dropped"),
         }
     }
 
@@ -420,15 +379,6 @@ impl AnthropicEncoder {
 
 impl Encoder for AnthropicEncoder {
     fn encode(&mut self, delta: &Delta, out: &mut Vec<u8>) {
-        // Content that is not a call's (or the end) comes after every waiting call.
-        if !self.waiting.is_empty()
-            && !matches!(
-                delta,
-                Delta::ToolStart { .. } | Delta::ToolArgs { .. } | Delta::Finish(_) | Delta::Usage(_) | Delta::Error(_)
-            )
-        {
-            self.flush_waiting(out);
-        }
         match delta {
             Delta::Start { id, model } => {
                 if self.model.is_empty() {
@@ -488,19 +438,13 @@ impl Encoder for AnthropicEncoder {
                 } else {
                     crate::convert::id_with_signature(id, signature.as_deref())
                 };
-                let call = WaitingCall {
+                // A new call is a new block, even right after another call.
+                let call = ToolCallHead {
                     index: *index,
                     id,
                     name: name.clone(),
-                    args: String::new(),
                 };
-                // A new call is a new block, even right after another call;
-                // while a call's block is open, the new one waits its turn.
-                if matches!(self.open, Some((Open::Tool(_), _))) {
-                    self.waiting.push(call);
-                } else {
-                    self.open_tool(out, call);
-                }
+                self.open_tool(out, call);
             }
             Delta::ToolArgs { index, fragment } => self.tool_args(out, *index, fragment),
             Delta::Finish(f) => self.finish = Some(f.clone()),

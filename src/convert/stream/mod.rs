@@ -81,6 +81,97 @@ pub struct Converter {
     /// Anthropic): its arguments are the client's text.
     json_tool: Option<String>,
     json_index: Option<usize>,
+    calls: CallOrder,
+}
+
+/// Keeps each tool call's deltas together for the encoders, whose formats
+/// (Anthropic blocks, Responses items, Gemini parts) tell one call at a
+/// time. Upstreams announce several calls before their arguments,
+/// alternate arguments by call index, or send text while a call is open.
+/// The open call's arguments stream at once; anything else that comes
+/// while they are not yet a whole JSON value waits, in order (a waiting
+/// call's arguments kept with it), and takes its turn once they are — or
+/// at the finish, when everything still waiting is told whole.
+#[derive(Default)]
+struct CallOrder {
+    open: Option<usize>,
+    open_args: String,
+    held: std::collections::VecDeque<Delta>,
+}
+
+impl CallOrder {
+    fn pass(&mut self, d: Delta, emit: &mut impl FnMut(Delta)) {
+        match d {
+            Delta::Start { .. } | Delta::Usage(_) => emit(d),
+            Delta::Finish(_) | Delta::Done | Delta::Error(_) => {
+                while let Some(h) = self.held.pop_front() {
+                    self.tell(h, emit);
+                }
+                self.open = None;
+                emit(d);
+            }
+            Delta::ToolArgs { index, fragment } if self.open == Some(index) => {
+                self.open_args.push_str(&fragment);
+                emit(Delta::ToolArgs { index, fragment });
+                self.release(emit);
+            }
+            Delta::ToolArgs { index, fragment } => self.hold_args(index, fragment),
+            d if !self.held.is_empty() || self.open_unfinished() => self.held.push_back(d),
+            d => self.tell(d, emit),
+        }
+    }
+
+    /// Tell `d` now, following which call is open.
+    fn tell(&mut self, d: Delta, emit: &mut impl FnMut(Delta)) {
+        match &d {
+            Delta::ToolStart { index, .. } => {
+                self.open = Some(*index);
+                self.open_args.clear();
+            }
+            Delta::ToolArgs { index, fragment } if self.open == Some(*index) => self.open_args.push_str(fragment),
+            Delta::ToolArgs { .. } => {}
+            _ => self.open = None,
+        }
+        emit(d);
+    }
+
+    /// What waits takes its turn while the open call is whole.
+    fn release(&mut self, emit: &mut impl FnMut(Delta)) {
+        loop {
+            // A call just told goes on with the arguments kept for it.
+            let its_args =
+                matches!(self.held.front(), Some(Delta::ToolArgs { index, .. }) if self.open == Some(*index));
+            if self.held.is_empty() || (!its_args && self.open_unfinished()) {
+                break;
+            }
+            if let Some(h) = self.held.pop_front() {
+                self.tell(h, emit);
+            }
+        }
+    }
+
+    fn open_unfinished(&self) -> bool {
+        self.open.is_some() && serde_json::from_str::<serde::de::IgnoredAny>(&self.open_args).is_err()
+    }
+
+    /// Arguments of a waiting call join it (right after its start).
+    fn hold_args(&mut self, index: usize, fragment: String) {
+        let start = self
+            .held
+            .iter()
+            .rposition(|h| matches!(h, Delta::ToolStart { index: i, .. } if *i == index));
+        match start {
+            Some(pos) => match self.held.get_mut(pos + 1) {
+                Some(Delta::ToolArgs {
+                    index: i,
+                    fragment: args,
+                }) if *i == index => args.push_str(&fragment),
+                _ => self.held.insert(pos + 1, Delta::ToolArgs { index, fragment }),
+            },
+            // Arguments of a call already told whole, or never announced.
+            None => tracing::warn!(index, "tool-call arguments for a call already written whole: dropped"),
+        }
+    }
 }
 
 impl Converter {
@@ -98,6 +189,7 @@ impl Converter {
             done: false,
             json_tool: None,
             json_index: None,
+            calls: CallOrder::default(),
         }
     }
 
@@ -133,9 +225,22 @@ impl Converter {
     /// relayed in one client write).
     pub fn feed_into(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
         let (decoder, deltas) = (&mut self.decoder, &mut self.deltas);
-        match &mut self.framing {
-            Framing::Sse(p) => p.feed_with(chunk, &mut |event, data| decoder.decode(event, data, deltas)),
-            Framing::JsonArray(p) => p.feed_with(chunk, &mut |item| decoder.decode(None, item, deltas)),
+        let overflowed = match &mut self.framing {
+            Framing::Sse(p) => {
+                p.feed_with(chunk, &mut |event, data| decoder.decode(event, data, deltas));
+                p.overflowed()
+            }
+            Framing::JsonArray(p) => {
+                p.feed_with(chunk, &mut |item| decoder.decode(None, item, deltas));
+                p.overflowed()
+            }
+        };
+        if overflowed && !self.done {
+            // The cut event is lost: end with an error, never a short answer
+            // that looks whole.
+            self.deltas.push(Delta::Error(errors::gateway_failure(
+                "the upstream sent a stream event larger than 4 MiB",
+            )));
         }
         self.flush(out);
     }
@@ -187,10 +292,16 @@ impl Converter {
                 break;
             }
             let Some(d) = self.rewrite(d) else { continue };
-            if matches!(d, Delta::Done | Delta::Error(_)) {
-                self.done = true;
-            }
-            self.encoder.encode(&d, out);
+            let (encoder, done) = (&mut self.encoder, &mut self.done);
+            self.calls.pass(d, &mut |d| {
+                if *done {
+                    return;
+                }
+                if matches!(d, Delta::Done | Delta::Error(_)) {
+                    *done = true;
+                }
+                encoder.encode(&d, out);
+            });
         }
         self.deltas = deltas;
     }

@@ -103,7 +103,7 @@ impl ResponsesEncoder {
 
     /// Item ids from a fixed base (tests compare whole streams).
     #[cfg(test)]
-    fn with_base(mut self, base: &str) -> Self {
+    pub(super) fn with_base(mut self, base: &str) -> Self {
         self.base = base.to_string();
         self.id = format!("resp_{base}");
         self
@@ -131,7 +131,10 @@ impl ResponsesEncoder {
         self.seq += 1;
     }
 
-    fn response(&self, status: Option<&str>) -> Value {
+    /// The response object, taking the output items along: it is sent at
+    /// the start (no items yet) and at the end, never in between, so the
+    /// whole answer is not held twice.
+    fn response(&mut self, status: Option<&str>) -> Value {
         let head = Head {
             id: &self.id,
             model: &self.model,
@@ -140,7 +143,7 @@ impl ResponsesEncoder {
         responses::response_object(
             &head,
             &self.echo,
-            self.output.clone(),
+            std::mem::take(&mut self.output),
             self.finish.as_ref(),
             self.usage.as_ref(),
             status,
@@ -191,6 +194,12 @@ impl ResponsesEncoder {
 
     /// Finish the open item with its `*.done` events.
     fn close(&mut self, out: &mut Vec<u8>) {
+        self.close_as(out, "completed");
+    }
+
+    /// [`Self::close`] with the item's status: `incomplete` when the
+    /// response failed while it was open (every item added gets its done).
+    fn close_as(&mut self, out: &mut Vec<u8>, status: &str) {
         let Some(open) = self.open.take() else { return };
         let index = self.output.len();
         match open {
@@ -206,7 +215,7 @@ impl ResponsesEncoder {
                     &json!({"type": "response.content_part.done", "item_id": id, "output_index": index, "content_index": 0,
                         "part": {"type": "output_text", "text": text, "annotations": [], "logprobs": []}}),
                 );
-                self.item_done(out, responses::message_item(&id, &text, "completed"));
+                self.item_done(out, responses::message_item(&id, &text, status));
             }
             Open::Reasoning { id, text, part, sealed } => {
                 if part {
@@ -257,7 +266,7 @@ impl ResponsesEncoder {
                         &json!({"type": "response.function_call_arguments.done", "item_id": id, "output_index": index, "arguments": responses::arguments_or_empty_object(&call.arguments)}),
                     );
                 }
-                let item = responses::call_item(&id, &call, &self.echo, "completed");
+                let item = responses::call_item(&id, &call, &self.echo, status);
                 self.item_done(out, item);
             }
         }
@@ -388,6 +397,11 @@ impl ResponsesEncoder {
 
     fn tool_args(&mut self, out: &mut Vec<u8>, index: usize, fragment: &str) {
         let output_index = self.output.len();
+        if !matches!(self.open, Some(Open::Call { index: open_index, .. }) if open_index == index) {
+            // The converter keeps each call's pieces together: not expected.
+            tracing::debug!(index, "Tool-call arguments for a call that is not open dropped.");
+            return;
+        }
         let Some(Open::Call {
             id,
             index: open_index,
@@ -395,7 +409,6 @@ impl ResponsesEncoder {
             mut custom,
         }) = self.open.take()
         else {
-            tracing::debug!(index, "Tool-call arguments for no open call dropped.");
             return;
         };
         if open_index != index {
@@ -446,6 +459,7 @@ impl ResponsesEncoder {
 
     fn failed(&mut self, out: &mut Vec<u8>, e: &UpstreamError) {
         self.start(out);
+        self.close_as(out, "incomplete");
         let code = errors::responses_code(e);
         // OpenAI's wording of the same error (a context overflow with its
         // counts): what a Responses client reads elsewhere too.

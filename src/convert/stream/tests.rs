@@ -615,3 +615,229 @@ fn the_gemini_stream_decoder_reads_the_candidate_numbered_zero_and_ends_at_the_b
     );
     assert!(out.ends_with("data: [DONE]\n\n"));
 }
+
+/// Calls and text as each client format tells them: (calls as
+/// (id, name, arguments JSON), text).
+type Told = (Vec<(String, String, Value)>, String);
+
+fn told_by_anthropic(out: &str) -> Told {
+    let (mut calls, mut text, mut args) = (Vec::new(), String::new(), Vec::<String>::new());
+    for v in assert_anthropic_grammar(out) {
+        match v["type"].as_str().unwrap() {
+            "content_block_start" if v["content_block"]["type"] == "tool_use" => {
+                calls.push((
+                    v["content_block"]["id"].as_str().unwrap().to_string(),
+                    v["content_block"]["name"].as_str().unwrap().to_string(),
+                ));
+                args.push(String::new());
+            }
+            "content_block_delta" => match v["delta"]["type"].as_str().unwrap() {
+                "input_json_delta" => args
+                    .last_mut()
+                    .unwrap()
+                    .push_str(v["delta"]["partial_json"].as_str().unwrap()),
+                "text_delta" => text.push_str(v["delta"]["text"].as_str().unwrap()),
+                _ => {}
+            },
+            _ => {}
+        }
+    }
+    let calls = calls
+        .into_iter()
+        .zip(args)
+        .map(|((id, name), a)| {
+            (
+                id,
+                name,
+                serde_json::from_str(&a).unwrap_or_else(|e| panic!("{e}: {a:?}")),
+            )
+        })
+        .collect();
+    (calls, text)
+}
+
+/// The Responses grammar: sequence numbers from 0, every item added is
+/// done, one terminal event; what the terminal response holds.
+fn told_by_responses(out: &str) -> Told {
+    let evs = events(out);
+    let (mut added, mut done) = (Vec::new(), Vec::new());
+    for (i, (e, v)) in evs.iter().enumerate() {
+        assert_eq!(e.as_deref(), v["type"].as_str());
+        assert_eq!(v["sequence_number"], i, "{out}");
+        match v["type"].as_str().unwrap() {
+            "response.output_item.added" => added.push(v["output_index"].as_u64().unwrap()),
+            "response.output_item.done" => done.push(v["output_index"].as_u64().unwrap()),
+            _ => {}
+        }
+    }
+    assert_eq!(added, done, "every item added is done: {out}");
+    let (_, last) = evs.last().unwrap();
+    assert!(matches!(
+        last["type"].as_str(),
+        Some("response.completed" | "response.incomplete" | "response.failed")
+    ));
+    let (mut calls, mut text) = (Vec::new(), String::new());
+    for item in last["response"]["output"].as_array().unwrap() {
+        match item["type"].as_str().unwrap() {
+            "function_call" => calls.push((
+                item["call_id"].as_str().unwrap().to_string(),
+                item["name"].as_str().unwrap().to_string(),
+                serde_json::from_str(item["arguments"].as_str().unwrap()).unwrap(),
+            )),
+            "message" => text.push_str(item["content"][0]["text"].as_str().unwrap()),
+            _ => {}
+        }
+    }
+    assert_eq!(
+        added.len(),
+        last["response"]["output"].as_array().unwrap().len(),
+        "{out}"
+    );
+    (calls, text)
+}
+
+fn told_by_gemini(out: &str) -> Told {
+    let (mut calls, mut text) = (Vec::new(), String::new());
+    for (_, v) in events(out) {
+        for p in v["candidates"][0]["content"]["parts"].as_array().into_iter().flatten() {
+            if let Some(c) = p.get("functionCall") {
+                calls.push((
+                    c["id"].as_str().unwrap_or_default().to_string(),
+                    c["name"].as_str().unwrap().to_string(),
+                    c["args"].clone(),
+                ));
+            } else if let Some(t) = p["text"].as_str() {
+                text.push_str(t);
+            }
+        }
+    }
+    (calls, text)
+}
+
+#[test]
+fn calls_announced_together_or_cut_by_text_reach_every_client_format_whole() {
+    let chunk = |tc: &str| format!(r#"{{"id":"c","choices":[{{"index":0,"delta":{{"tool_calls":[{tc}]}}}}]}}"#);
+    let text = |t: &str| format!(r#"{{"id":"c","choices":[{{"index":0,"delta":{{"content":"{t}"}}}}]}}"#);
+    let start_a = r#"{"index":0,"id":"call_a","function":{"name":"weather","arguments":""}}"#;
+    let start_b = r#"{"index":1,"id":"call_b","function":{"name":"time","arguments":""}}"#;
+    // Both headers first, then the arguments alternating by index.
+    let interleaved = vec![
+        chunk(&format!("{start_a},{start_b}")),
+        chunk(r#"{"index":0,"function":{"arguments":"{\"city\":"}}"#),
+        chunk(r#"{"index":1,"function":{"arguments":"{\"tz\":"}}"#),
+        chunk(r#"{"index":0,"function":{"arguments":"\"Paris\"}"}}"#),
+        chunk(r#"{"index":1,"function":{"arguments":"\"CET\"}"}}"#),
+    ];
+    // Text between a call's header and its arguments, and between two
+    // pieces of the arguments.
+    let text_inside = vec![
+        chunk(start_a),
+        text("Let me "),
+        chunk(r#"{"index":0,"function":{"arguments":"{\"city\":"}}"#),
+        text("check."),
+        chunk(r#"{"index":0,"function":{"arguments":"\"Paris\"}"}}"#),
+        chunk(start_b),
+        chunk(r#"{"index":1,"function":{"arguments":"{\"tz\":\"CET\"}"}}"#),
+    ];
+    let want_calls = vec![
+        (
+            "call_a".to_string(),
+            "weather".to_string(),
+            serde_json::json!({"city": "Paris"}),
+        ),
+        (
+            "call_b".to_string(),
+            "time".to_string(),
+            serde_json::json!({"tz": "CET"}),
+        ),
+    ];
+    for (chunks, want_text) in [(interleaved, ""), (text_inside, "Let me check.")] {
+        let mut ev: Vec<(Option<&str>, &str)> = chunks.iter().map(|c| (None, c.as_str())).collect();
+        ev.push((
+            None,
+            r#"{"id":"c","choices":[{"index":0,"delta":{},"finish_reason":"tool_calls"}]}"#,
+        ));
+        ev.push((None, "[DONE]"));
+        let input = sse(&ev);
+        let from_openai = |encoder: &dyn Fn() -> Box<dyn super::Encoder>| {
+            converted(
+                &|| Converter::new(Box::new(OpenaiDecoder::new(ToolNames::default())), encoder(), false),
+                &input,
+            )
+        };
+        let anthropic = told_by_anthropic(&from_openai(&|| Box::new(AnthropicEncoder::new("c"))));
+        let responses = told_by_responses(&from_openai(&|| {
+            Box::new(super::responses::ResponsesEncoder::new("c", 1, Default::default()).with_base("B"))
+        }));
+        let gemini = told_by_gemini(&from_openai(&|| Box::new(GeminiEncoder::new("c", false))));
+        for (client, (calls, text)) in [("anthropic", anthropic), ("responses", responses), ("gemini", gemini)] {
+            let ids_kept = client != "gemini" || calls.iter().all(|c| !c.0.is_empty());
+            let calls: Vec<_> = calls
+                .into_iter()
+                .zip(&want_calls)
+                .map(|(got, want)| if ids_kept { got } else { (want.0.clone(), got.1, got.2) })
+                .collect();
+            assert_eq!(calls, want_calls, "{client}");
+            assert_eq!(text, want_text, "{client}");
+        }
+        let openai = openai_calls(&from_openai(&|| Box::new(OpenaiEncoder::new("c", 1, false))));
+        let openai: Vec<_> = openai
+            .into_iter()
+            .map(|(id, name, a)| (id, name, serde_json::from_str::<Value>(&a).unwrap()))
+            .collect();
+        assert_eq!(openai, want_calls);
+    }
+}
+
+#[test]
+fn an_upstream_event_past_the_line_limit_ends_the_stream_with_an_error() {
+    let big = "x".repeat(crate::convert::sse::MAX_LINE + 10);
+    let events_in = [
+        r#"{"id":"c","choices":[{"index":0,"delta":{"content":"Hello"}}]}"#.to_string(),
+        format!(r#"{{"id":"c","choices":[{{"index":0,"delta":{{"content":"{big}"}}}}]}}"#),
+        r#"{"id":"c","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#.to_string(),
+    ];
+    let ev: Vec<(Option<&str>, &str)> = events_in.iter().map(|e| (None, e.as_str())).collect();
+    let input = sse(&ev) + "data: [DONE]\n\n";
+    let out = run(
+        &|| {
+            Converter::new(
+                Box::new(OpenaiDecoder::new(ToolNames::default())),
+                Box::new(AnthropicEncoder::new("c")),
+                false,
+            )
+        },
+        input.as_bytes(),
+        &[65536],
+    );
+    let evs = events(&out);
+    let (_, last) = evs.last().unwrap();
+    assert_eq!(last["type"], "error", "{}", &out[..out.len().min(2000)]);
+    assert!(!out.contains("message_stop"), "a cut answer is not told as whole");
+}
+
+#[test]
+fn a_failed_responses_stream_closes_the_item_it_had_open() {
+    let ev = [
+        (None, r#"{"id":"c","choices":[{"index":0,"delta":{"content":"Hel"}}]}"#),
+        (None, r#"{"error":{"message":"overloaded","type":"server_error"}}"#),
+    ];
+    let out = run(
+        &|| {
+            Converter::new(
+                Box::new(OpenaiDecoder::new(ToolNames::default())),
+                Box::new(super::responses::ResponsesEncoder::new("c", 1, Default::default())),
+                false,
+            )
+        },
+        sse(&ev).as_bytes(),
+        &[1 << 20],
+    );
+    let (_, text) = told_by_responses(&out);
+    assert_eq!(text, "Hel");
+    let evs = events(&out);
+    let (_, last) = evs.last().unwrap();
+    assert_eq!(last["type"], "response.failed");
+    let item = &last["response"]["output"][0];
+    assert_eq!(item["status"], "incomplete", "{out}");
+}
