@@ -583,3 +583,38 @@ async fn a_stream_the_client_leaves_is_merged_as_far_as_it_came() {
         assert_eq!(finish, "", "{prefix} {format}: {body}");
     }
 }
+
+/// A converted stream that ends in the upstream's error event, or stops
+/// before its terminal event, is an error in its row (with its message), and marked incomplete in the
+/// merged body, not a 200 without one.
+#[tokio::test]
+async fn a_converted_stream_ending_in_an_error_is_logged_as_one() {
+    let mocks = Mocks::start(&pieces()).await;
+    let gw = gateway(&mocks, "").await;
+    let overloaded =
+        sse_named(&json!({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}));
+    for (ending, want) in [(Some(overloaded), "Overloaded"), (None, "before its end")] {
+        let mut events = anthropic_events(&pieces());
+        events.truncate(4);
+        events.extend(ending);
+        can(&mocks.ant, canned(events));
+        let (id, text, raw) = stream(&gw, "c", "openai").await;
+        assert_eq!(text, "Hello, world. ", "{raw}");
+        assert!(!raw.contains("[DONE]"), "{raw}");
+        let body: Value = serde_json::from_str(&logged_body(&gw, &id).await).unwrap();
+        assert_eq!(body["fastgate_incomplete"], true, "{want}: {body}");
+        if want == "Overloaded" {
+            assert_eq!(body["fastgate_error"], "Overloaded", "{body}");
+        }
+        let row = gw
+            .audit_rows()
+            .into_iter()
+            .find(|r| r.request_id == id)
+            .expect("the row");
+        assert!(
+            row.error.as_deref().is_some_and(|m| m.contains(want)),
+            "{want}: {:?}",
+            row.error
+        );
+    }
+}

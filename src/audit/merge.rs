@@ -261,6 +261,10 @@ struct Answer {
     truncated: bool,
     /// Custom tools' names seen in a Responses stream.
     custom_tools: Vec<String>,
+    /// The request fields a Responses answer repeats are left out: they
+    /// did not fit the cap beside the answer (Codex sends ~20 KB of
+    /// instructions and tools; the answer is what the log is for).
+    echo_dropped: bool,
 }
 
 impl Answer {
@@ -435,11 +439,20 @@ impl Answer {
     /// The merged answer in `client`'s non-stream shape, within `cap` bytes.
     fn fitted_json(&mut self, client: Format, spec: &Spec, cap: usize) -> String {
         let mut text = self.encode(client, spec);
+        let mut frame = 0;
+        if text.len() > cap {
+            frame = self.without_content().encode(client, spec).len();
+            if frame + 32 > cap && client == Format::Responses && !spec.echo.fields.is_empty() {
+                self.echo_dropped = true;
+                self.truncated = true;
+                text = self.encode(client, spec);
+                frame = self.without_content().encode(client, spec).len();
+            }
+        }
         if text.len() > cap && self.kept > 0 {
             // The answer's frame (ids, usage, the marks) without content,
             // then content cut by its JSON bytes per byte (escapes grow it):
             // it fits in a step, rarely two.
-            let frame = self.without_content().encode(client, spec).len();
             for _ in 0..4 {
                 if text.len() <= cap || self.kept == 0 {
                     break;
@@ -488,6 +501,9 @@ impl Answer {
             Format::Responses => {
                 let mut echo = spec.echo.clone();
                 echo.custom_tools.extend(self.custom_tools.iter().cloned());
+                if self.echo_dropped {
+                    echo.fields.clear();
+                }
                 let mut v = responses::encode_response(&resp, &echo, now);
                 if incomplete {
                     v["status"] = if self.error.is_some() { "failed" } else { "incomplete" }.into();

@@ -630,7 +630,9 @@ fn encode_block(p: &Part, synthesized: &mut usize, loss: &mut Loss) -> Option<Va
 pub fn finish_from_wire(reason: &str, sequence: Option<&str>) -> Finish {
     match reason {
         "end_turn" => Finish::Stop,
-        "max_tokens" => Finish::Length,
+        // The answer was cut by the context window, not the model's choice
+        // (Anthropic, Claude Sonnet 4.5 on): a length stop to other clients.
+        "max_tokens" | "model_context_window_exceeded" => Finish::Length,
         "tool_use" => Finish::ToolCalls,
         "stop_sequence" => Finish::StopSequence(sequence.map(str::to_string)),
         "refusal" => Finish::Refusal,

@@ -529,3 +529,15 @@ fn thinking_toward_anthropic_is_off_for_a_turn_after_unsigned_tool_calls() {
     let out = anthropic::encode_request(&ir, 4096, &mut Loss::default()).unwrap();
     assert_eq!(out["thinking"]["budget_tokens"], 2048);
 }
+
+/// Anthropic's `model_context_window_exceeded` (the context window cut the
+/// answer) is a length stop for other clients, as `max_tokens` is.
+#[test]
+fn a_context_window_stop_is_a_length_stop() {
+    use crate::convert::{anthropic, ir::Finish};
+    assert_eq!(
+        anthropic::finish_from_wire("model_context_window_exceeded", None),
+        Finish::Length
+    );
+    assert_eq!(crate::convert::openai::finish_to_wire(&Finish::Length), "length");
+}

@@ -748,6 +748,17 @@ pub async fn respond(
                 break;
             }
         }
+        // A stream that ended in an error event (the upstream's, or one cut
+        // before its end) is an error in the log, not a 200 without one.
+        if ctx.error.is_none()
+            && let Some(e) = conv.failure()
+        {
+            ctx.error = Some(GatewayError::Upstream {
+                status: e.status,
+                message: e.message.clone(),
+                retry_after: None,
+            });
+        }
         let _ = session.write_response_body(None, true).await;
         // The terminal event may come before the body's own end: read that
         // (at once when it is there, else briefly) so the connection can be

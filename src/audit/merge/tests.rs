@@ -212,3 +212,30 @@ fn a_long_answer_keeps_most_of_the_cap() {
         );
     }
 }
+
+/// Codex sends ~20 KB of instructions and tools, which a `response` object
+/// repeats: beside a 16 KiB cap they are left out, not the answer (the row
+/// stays JSON and keeps the output and usage).
+#[test]
+fn a_responses_answer_drops_the_repeated_request_before_its_output() {
+    let mut echo = Echo::default();
+    echo.fields.insert("instructions".into(), json!("x".repeat(20_000)));
+    echo.fields
+        .insert("tools".into(), json!([{"type": "function", "name": "shell"}]));
+    let spec = Spec {
+        upstream: Some(Format::Openai),
+        client: Some(Format::Responses),
+        echo,
+        ..Spec::default()
+    };
+    for cap in [16 * 1024, 700] {
+        let v = merged(spec.clone(), "text/event-stream", cap, &[openai_stream().as_bytes()]);
+        assert!(v.get("instructions").is_none_or(Value::is_null), "{cap}: {v}");
+        assert_eq!(v["fastgate_truncated"], true);
+        assert!(v["output"].as_array().is_some_and(|o| !o.is_empty()), "{cap}: {v}");
+        assert!(v["usage"].is_object(), "{cap}: {v}");
+    }
+    // Room for both: the request is repeated as OpenAI does.
+    let v = merged(spec, "text/event-stream", 64 * 1024, &[openai_stream().as_bytes()]);
+    assert_eq!(v["instructions"].as_str().map(str::len), Some(20_000));
+}

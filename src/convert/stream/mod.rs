@@ -82,6 +82,9 @@ pub struct Converter {
     json_tool: Option<String>,
     json_index: Option<usize>,
     calls: CallOrder,
+    /// The error the stream ended with (the upstream's, or FastGate's for a
+    /// stream cut or broken), for the audit row.
+    failure: Option<UpstreamError>,
 }
 
 /// Keeps each tool call's deltas together for the encoders, whose formats
@@ -190,6 +193,7 @@ impl Converter {
             json_tool: None,
             json_index: None,
             calls: CallOrder::default(),
+            failure: None,
         }
     }
 
@@ -292,13 +296,18 @@ impl Converter {
                 break;
             }
             let Some(d) = self.rewrite(d) else { continue };
-            let (encoder, done) = (&mut self.encoder, &mut self.done);
+            let (encoder, done, failure) = (&mut self.encoder, &mut self.done, &mut self.failure);
             self.calls.pass(d, &mut |d| {
                 if *done {
                     return;
                 }
-                if matches!(d, Delta::Done | Delta::Error(_)) {
-                    *done = true;
+                match &d {
+                    Delta::Done => *done = true,
+                    Delta::Error(e) => {
+                        *done = true;
+                        *failure = Some(e.clone());
+                    }
+                    _ => {}
                 }
                 encoder.encode(&d, out);
             });
@@ -309,6 +318,11 @@ impl Converter {
     /// Whether the stream reached its end (terminal event or error).
     pub fn is_done(&self) -> bool {
         self.done
+    }
+
+    /// The error the client's stream ended with, if it did.
+    pub fn failure(&self) -> Option<&UpstreamError> {
+        self.failure.as_ref()
     }
 }
 
