@@ -63,7 +63,20 @@ pub trait Decoder: Send {
 /// Turns deltas into the client's framed events.
 pub trait Encoder: Send {
     fn encode(&mut self, delta: &Delta, out: &mut Vec<u8>);
+
+    /// Whether the format repeats the whole answer at its end (Responses:
+    /// `*.done` events and `response.completed`), so the encoder holds it.
+    fn holds_the_answer(&self) -> bool {
+        false
+    }
 }
+
+/// Most answer bytes (text, thinking, arguments) a stream whose client
+/// format repeats the whole answer at its end may carry: the encoder holds
+/// them and writes them several times over. Far above any model's output
+/// (128k tokens are about 0.5 MiB); an upstream sending more is broken or
+/// hostile, and the stream ends in an error instead of memory growing with it.
+pub const HELD_ANSWER_MAX: usize = 8 * 1024 * 1024;
 
 enum Framing {
     Sse(SseParser),
@@ -85,6 +98,8 @@ pub struct Converter {
     /// The error the stream ended with (the upstream's, or FastGate's for a
     /// stream cut or broken), for the audit row.
     failure: Option<UpstreamError>,
+    /// Answer bytes told so far, when the encoder holds them.
+    held_bytes: usize,
 }
 
 /// Keeps each tool call's deltas together for the encoders, whose formats
@@ -194,6 +209,7 @@ impl Converter {
             json_index: None,
             calls: CallOrder::default(),
             failure: None,
+            held_bytes: 0,
         }
     }
 
@@ -296,10 +312,26 @@ impl Converter {
                 break;
             }
             let Some(d) = self.rewrite(d) else { continue };
-            let (encoder, done, failure) = (&mut self.encoder, &mut self.done, &mut self.failure);
+            let holds = self.encoder.holds_the_answer();
+            let (encoder, done, failure, held) = (
+                &mut self.encoder,
+                &mut self.done,
+                &mut self.failure,
+                &mut self.held_bytes,
+            );
             self.calls.pass(d, &mut |d| {
                 if *done {
                     return;
+                }
+                if holds && let Delta::Text(t) | Delta::Thinking(t) | Delta::ToolArgs { fragment: t, .. } = &d {
+                    *held += t.len();
+                    if *held > HELD_ANSWER_MAX {
+                        let e = errors::gateway_failure("the upstream's answer exceeded 8 MiB");
+                        *done = true;
+                        encoder.encode(&Delta::Error(e.clone()), out);
+                        *failure = Some(e);
+                        return;
+                    }
                 }
                 match &d {
                     Delta::Done => *done = true,

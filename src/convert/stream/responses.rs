@@ -476,6 +476,10 @@ impl ResponsesEncoder {
 }
 
 impl Encoder for ResponsesEncoder {
+    fn holds_the_answer(&self) -> bool {
+        true
+    }
+
     fn encode(&mut self, delta: &Delta, out: &mut Vec<u8>) {
         match delta {
             Delta::Start { id, model } => {

@@ -841,3 +841,39 @@ fn a_failed_responses_stream_closes_the_item_it_had_open() {
     let item = &last["response"]["output"][0];
     assert_eq!(item["status"], "incomplete", "{out}");
 }
+
+#[test]
+fn a_responses_stream_holds_at_most_its_cap_of_answer() {
+    let piece = "y".repeat(64 * 1024);
+    let chunk = format!(r#"{{"id":"c","choices":[{{"index":0,"delta":{{"content":"{piece}"}}}}]}}"#);
+    let make = || {
+        Converter::new(
+            Box::new(OpenaiDecoder::new(ToolNames::default())),
+            Box::new(super::responses::ResponsesEncoder::new("c", 1, Default::default())),
+            false,
+        )
+    };
+    let mut c = make();
+    let mut out = Vec::new();
+    let frame = sse(&[(None, chunk.as_str())]);
+    for _ in 0..(super::HELD_ANSWER_MAX / piece.len() + 2) {
+        out.extend(c.feed(frame.as_bytes()));
+        if c.is_done() {
+            break;
+        }
+    }
+    assert!(c.is_done(), "the stream ends past the cap");
+    assert!(c.failure().is_some());
+    let text = String::from_utf8(out).unwrap();
+    assert!(text.trim_end().ends_with('}') && text.contains("response.failed"));
+    // An OpenAI client's stream holds nothing: no cap.
+    let mut c = Converter::new(
+        Box::new(OpenaiDecoder::new(ToolNames::default())),
+        Box::new(OpenaiEncoder::new("c", 1, false)),
+        false,
+    );
+    for _ in 0..(super::HELD_ANSWER_MAX / piece.len() + 2) {
+        c.feed(frame.as_bytes());
+    }
+    assert!(!c.is_done());
+}
