@@ -19,9 +19,11 @@ if command -v npm >/dev/null; then
   fi
   export CODEX_BIN="$VENV/codex/node_modules/.bin/codex"
 fi
-cargo build --locked --bin fastgate
 # The google-genai SDK's own chat carrying Claude's signed thinking across a
-# tool call (it re-encodes the thoughtSignature bytes).
+# tool call (it re-encodes the thoughtSignature bytes). Building this test
+# also builds target/debug/fastgate, which conftest.py starts: the same
+# build `cargo nextest run` makes (`cargo build --bin` alone would resolve
+# other dependency features and compile Pingora a second time).
 GENAI_PYTHON="$VENV/bin/python" cargo nextest run --locked --test gemini_thinking_signatures --run-ignored only
 cd tests/e2e
 exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"
