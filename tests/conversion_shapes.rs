@@ -447,3 +447,106 @@ async fn several_candidates_are_several_choices_or_refused() {
     assert!(v["error"]["message"].as_str().unwrap().contains("n > 1"), "{v}");
     assert_eq!(mock.seen().len(), seen, "a refused request never reaches the upstream");
 }
+
+/// An upstream that compresses although FastGate asks for `identity` (some
+/// OpenAI-compatible servers and CDNs do): a raw HTTP/1.1 server answering
+/// every request with `body` in `encoding` and `content_type`, in two
+/// writes (the compressed stream arrives in pieces).
+async fn compressing_upstream(encoding: &'static str, content_type: &'static str, body: String) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let packed = common::compress(encoding, body.as_bytes());
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let packed = packed.clone();
+            tokio::spawn(async move {
+                let mut req = Vec::new();
+                let mut buf = [0u8; 65536];
+                // Headers, then the body by its Content-Length.
+                loop {
+                    let n = s.read(&mut buf).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    req.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&req).to_string();
+                    if let Some(end) = text.find("\r\n\r\n") {
+                        let len = text[..end]
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length:")
+                                    .map(|v| v.trim().parse::<usize>().unwrap())
+                            })
+                            .unwrap_or(0);
+                        if req.len() >= end + 4 + len {
+                            break;
+                        }
+                    }
+                }
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: {content_type}\r\ncontent-encoding: {encoding}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    packed.len()
+                );
+                let _ = s.write_all(head.as_bytes()).await;
+                let half = packed.len() / 2;
+                let _ = s.write_all(&packed[..half]).await;
+                let _ = s.flush().await;
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                let _ = s.write_all(&packed[half..]).await;
+            });
+        }
+    });
+    url
+}
+
+#[tokio::test]
+async fn answers_compressed_against_the_request_are_converted_all_the_same() {
+    let whole = json!({"id": "chatcmpl-z", "object": "chat.completion", "created": 1, "model": "m-1",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello, zipped."}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}})
+    .to_string();
+    let chunk = |delta: Value, finish: Value| json!({"id": "chatcmpl-z", "object": "chat.completion.chunk", "created": 1, "model": "m-1", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
+    let stream = [
+        chunk(json!({"role": "assistant", "content": "Hello, "}), Value::Null),
+        chunk(json!({"content": "zipped."}), Value::Null),
+        chunk(json!({}), json!("stop")),
+        json!({"id": "chatcmpl-z", "object": "chat.completion.chunk", "created": 1, "model": "m-1", "choices": [],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}}),
+    ]
+    .iter()
+    .map(|v| format!("data: {v}\n\n"))
+    .collect::<String>()
+        + "data: [DONE]\n\n";
+    for encoding in ["gzip", "br", "zstd"] {
+        let json_up = compressing_upstream(encoding, "application/json", whole.clone()).await;
+        let sse_up = compressing_upstream(encoding, "text/event-stream", stream.clone()).await;
+        let config = format!(
+            "upstreams:\n  whole: {{provider: openai_compatible, endpoints: ['{json_up}']}}\n  streamed: {{provider: openai_compatible, endpoints: ['{sse_up}']}}\n"
+        );
+        let routes = "routes:\n  - { name: w, match: { path: '/w/v1/messages' }, format: anthropic, auth: none, upstream: whole, retries: 0, transform: { strip_prefix: /w } }\n  - { name: s, match: { path: '/s/v1/messages' }, format: anthropic, auth: none, upstream: streamed, retries: 0, transform: { strip_prefix: /s } }\n";
+        let gw = Gateway::start(&config, &[("r.yaml", routes)]).await;
+        let body = json!({"model": "m-1", "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}]});
+        let (status, _, text) = call(&gw, "/w/v1/messages", &body).await;
+        assert_eq!(status, 200, "{encoding}: {text}");
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["content"][0]["text"], "Hello, zipped.", "{encoding}: {v}");
+        assert_eq!(v["usage"]["output_tokens"], 3, "{encoding}: {v}");
+
+        let mut body = body.clone();
+        body["stream"] = json!(true);
+        let (status, id, text) = call(&gw, "/s/v1/messages", &body).await;
+        assert_eq!(status, 200, "{encoding}: {text}");
+        let said: String = events(&text)
+            .iter()
+            .filter_map(|(_, v)| v["delta"]["text"].as_str())
+            .collect();
+        assert_eq!(said, "Hello, zipped.", "{encoding}: {text}");
+        assert!(text.contains("message_stop"), "{encoding}: {text}");
+        // Metered from the decoded stream.
+        let rows = gw.wait_audit_ids([&id]).await;
+        let row = rows.iter().find(|r| r.request_id == id).expect("the row");
+        assert_eq!(row.completion_tokens, Some(3), "{encoding}");
+    }
+}

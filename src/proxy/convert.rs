@@ -5,6 +5,7 @@
 //! format never come here.
 
 use super::{ctx::RequestCtx, errors::GatewayError};
+use crate::usage::PlainBody;
 use crate::{
     config::routes_d::Format,
     convert::{
@@ -27,6 +28,15 @@ use std::time::Duration;
 pub(super) const MAX_ANSWER: usize = 32 * 1024 * 1024;
 /// How much of an upstream error answer is read to convert it.
 pub(super) const MAX_ERROR: usize = 64 * 1024;
+/// Most bytes a compressed upstream stream is decoded to (an LLM stream is
+/// far smaller; a decompression bomb stops here).
+const MAX_STREAM_DECODED: usize = 256 * 1024 * 1024;
+
+/// The upstream body's `Content-Encoding` (FastGate asks for `identity`;
+/// some servers compress anyway).
+pub(super) fn content_encoding(headers: &http::HeaderMap) -> Option<&str> {
+    headers.get(header::CONTENT_ENCODING).and_then(|v| v.to_str().ok())
+}
 
 /// What is being converted.
 #[derive(Debug)]
@@ -672,9 +682,11 @@ pub async fn respond(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
+    let encoding = content_encoding(&head.headers);
     if status >= 400 {
         let mut body = already.to_vec();
         body.extend(read_all(&mut up, MAX_ERROR, idle).await.unwrap_or_default());
+        let body = PlainBody::whole(encoding, &body, MAX_ERROR * 4);
         let retry_after = head
             .headers
             .get(header::RETRY_AFTER)
@@ -700,7 +712,9 @@ pub async fn respond(
         }
         up.set_read_timeout(Some(idle));
         let mut conv = plan.converter();
+        let mut plain = PlainBody::new(encoding, MAX_STREAM_DECODED);
         if !already.is_empty() {
+            let already = plain.decode(&already);
             ctx.response.meter.feed(&already);
             let out = conv.feed(&already);
             if !send(session, ctx, out).await {
@@ -719,18 +733,26 @@ pub async fn respond(
             };
             let (out, end) = match chunk {
                 Ok(Some(data)) => {
+                    let data = plain.decode(&data);
                     ctx.response.meter.feed(&data);
                     // Converted events are somewhat larger than the input.
                     let mut out = Vec::with_capacity(data.len() * 2);
                     conv.feed_into(&data, &mut out);
                     while out.len() < super::relay::BATCH_BYTES && !conv.is_done() {
                         let Some(more) = relay.ready(&mut up) else { break };
+                        let more = plain.decode(&more);
                         ctx.response.meter.feed(&more);
                         conv.feed_into(&more, &mut out);
                     }
                     (out, false)
                 }
-                Ok(None) => (conv.finish(), true),
+                Ok(None) => {
+                    let tail = plain.end();
+                    ctx.response.meter.feed(&tail);
+                    let mut out = conv.feed(&tail);
+                    out.extend(conv.finish());
+                    (out, true)
+                }
                 Err(e) => {
                     let err = GatewayError::UpstreamUnreachable {
                         upstream: ctx.upstream_name().to_string(),
@@ -782,6 +804,7 @@ pub async fn respond(
                 reason,
             })?,
     );
+    let body = PlainBody::whole(encoding, &body, MAX_ANSWER);
     let out = plan
         .convert_answer(&body)
         .map_err(|e| GatewayError::UpstreamUnreachable {

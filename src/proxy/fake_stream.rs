@@ -116,8 +116,10 @@ impl FakeStream {
             convert::MAX_ANSWER
         };
         let rest = self.wait(session, ctx, convert::read_all(&mut up, cap, idle)).await?;
+        let encoding = convert::content_encoding(&head.headers);
         if status >= 400 {
             body.extend(rest.unwrap_or_default());
+            let body = crate::usage::PlainBody::whole(encoding, &body, convert::MAX_ERROR * 4).into_owned();
             self.upstream_error(session, ctx, plan, status, &head.headers, &body)
                 .await;
             return Ok(());
@@ -132,6 +134,7 @@ impl FakeStream {
             }
         };
         body.extend(rest);
+        let body = crate::usage::PlainBody::whole(encoding, &body, convert::MAX_ANSWER);
         let upstream_type = head
             .headers
             .get(header::CONTENT_TYPE)

@@ -87,6 +87,81 @@ pub fn decode_small(encoding: Option<&str>, body: &[u8], cap: usize) -> Vec<u8> 
     d.sink_mut().map(|c| std::mem::take(&mut c.0)).unwrap_or_default()
 }
 
+/// A body decoded per its `Content-Encoding` a piece at a time, for
+/// conversion, which reads JSON and events, not gzip: FastGate asks
+/// upstreams for `identity`, and some compress anyway. Past `cap` decoded
+/// bytes in all nothing more is decoded (a stream then reads as cut short,
+/// a whole answer as not JSON).
+pub struct PlainBody(Option<Decoding<Drained>>);
+
+#[derive(Default)]
+struct Drained {
+    buf: Vec<u8>,
+    left: usize,
+}
+
+impl std::io::Write for Drained {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if buf.len() > self.left {
+            return Err(std::io::Error::other("decoded body over its bound"));
+        }
+        self.left -= buf.len();
+        self.buf.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl PlainBody {
+    /// For a body sent with `encoding` (none or `identity`: read as is).
+    pub fn new(encoding: Option<&str>, cap: usize) -> Self {
+        let encoded = encoding
+            .map(str::trim)
+            .is_some_and(|e| !e.is_empty() && !e.eq_ignore_ascii_case("identity"));
+        let sink = Drained {
+            buf: Vec::new(),
+            left: cap,
+        };
+        PlainBody(encoded.then(|| Decoding::new(encoding, sink)))
+    }
+
+    /// `chunk` as plain bytes (itself when the body is not encoded).
+    pub fn decode<'a>(&mut self, chunk: &'a [u8]) -> std::borrow::Cow<'a, [u8]> {
+        match &mut self.0 {
+            None => std::borrow::Cow::Borrowed(chunk),
+            Some(d) => {
+                d.write(chunk);
+                std::borrow::Cow::Owned(d.sink_mut().map(|s| std::mem::take(&mut s.buf)).unwrap_or_default())
+            }
+        }
+    }
+
+    /// The body ended: what the decoder still held.
+    pub fn end(&mut self) -> Vec<u8> {
+        match &mut self.0 {
+            None => Vec::new(),
+            Some(d) => {
+                d.finish();
+                d.sink_mut().map(|s| std::mem::take(&mut s.buf)).unwrap_or_default()
+            }
+        }
+    }
+
+    /// A whole body, decoded.
+    pub fn whole<'a>(encoding: Option<&str>, body: &'a [u8], cap: usize) -> std::borrow::Cow<'a, [u8]> {
+        let mut p = PlainBody::new(encoding, cap);
+        match p.decode(body) {
+            std::borrow::Cow::Borrowed(b) => std::borrow::Cow::Borrowed(b),
+            std::borrow::Cow::Owned(mut v) => {
+                v.extend(p.end());
+                std::borrow::Cow::Owned(v)
+            }
+        }
+    }
+}
+
 impl std::io::Write for Sink {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         self.decoded += buf.len() as u64;
