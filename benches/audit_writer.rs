@@ -9,7 +9,7 @@ use std::time::Instant;
 fn record(i: u64) -> AuditRecord {
     AuditRecord {
         request_id: format!("01a2014e1c3c7389b51ce8bade{i:06}"),
-        ts_ms: fastgate::audit::now_ms(),
+        ts_ms: fastgate::clock::now_ms(),
         key_id: Some("key_abcdefghijkl".into()),
         route: Some("openai-chat".into()),
         upstream: Some("openai".into()),

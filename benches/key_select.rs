@@ -7,7 +7,8 @@
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use fastgate::{
     config::{CooldownConfig, CooldownScope, KeyStrategy},
-    pool::{KeyPool, KeySource, Policy, PoolKey, now_ms},
+    clock::now_ms,
+    pool::{KeyPool, KeySource, Policy, PoolKey},
 };
 use std::{hint::black_box, sync::Arc, time::Instant};
 

@@ -4,7 +4,8 @@
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use fastgate::{
-    config::{FileConfig, routes_d::compile_sources},
+    config::FileConfig,
+    router::compile_sources,
     router::RouteTable,
 };
 use http::{HeaderMap, Method};

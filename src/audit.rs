@@ -5,6 +5,7 @@
 //! never waits.
 
 use crate::{
+    clock::now_ms,
     config::AuditConfig,
     store::{self, audit::AuditRecord},
 };
@@ -375,13 +376,6 @@ impl DropReport {
         self.reported = dropped;
         self.last = Some(Instant::now());
     }
-}
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 #[cfg(test)]

@@ -368,7 +368,7 @@ mod tests {
         .unwrap();
         assert!(cache.refresh().unwrap());
         assert!(!cache.refresh().unwrap());
-        let now = store::now_unix();
+        let now = crate::clock::now_unix();
         assert_eq!(cache.authenticate(&secret, now).unwrap().id, key.id);
         assert_eq!(cache.authenticate("fg_wrong", now).unwrap_err(), AuthError::Invalid);
         let (_, rotated) = store::keys::rotate(&writer, &key.id, 60).unwrap();

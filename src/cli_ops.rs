@@ -80,7 +80,7 @@ pub fn users(config: &Config, action: UsersAction) -> Result<(), CliError> {
 
 fn to_filter(f: &LogFilterArgs) -> LogFilter {
     LogFilter {
-        from: f.since.map(|d| crate::audit::now_ms() - d.as_millis() as i64),
+        from: f.since.map(|d| crate::clock::now_ms() - d.as_millis() as i64),
         status: f.status,
         route: f.route.clone(),
         model: f.model.clone(),
@@ -194,7 +194,7 @@ pub fn routes(config: &Config, action: RoutesAction) -> Result<i32, CliError> {
             headers,
             body,
         } => {
-            let table = config::load_routes(&config.routes_dir, &config.file)?;
+            let table = crate::router::load_routes(&config.routes_dir, &config.file)?;
             let upstreams: HashMap<String, Arc<Upstream>> = config
                 .file
                 .upstreams

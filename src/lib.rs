@@ -14,6 +14,7 @@ pub mod auth;
 pub mod cli;
 pub mod cli_ops;
 pub mod client_addr;
+pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod conn_guard;

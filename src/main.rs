@@ -98,7 +98,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
 /// `fastgate check`: every problem as `file:line: message`, exit 1; or a summary, exit 0.
 fn check(path: &std::path::Path) -> Result<ExitCode> {
     let result = config::load_config(path).and_then(|c| {
-        let table = config::load_routes(&c.routes_dir, &c.file)?;
+        let table = fastgate::router::load_routes(&c.routes_dir, &c.file)?;
         Ok((c, table))
     });
     match result {
@@ -108,7 +108,7 @@ fn check(path: &std::path::Path) -> Result<ExitCode> {
             if let Some(tls) = &c.file.server.tls {
                 match fastgate::tls::load_all(tls) {
                     Ok(certs) => {
-                        let now = store::now_unix();
+                        let now = fastgate::clock::now_unix();
                         for w in certs.iter().filter_map(|cert| cert.expiry_warning(now)) {
                             eprintln!("warning: {w}");
                         }
@@ -183,7 +183,7 @@ fn keys(conn: &rusqlite::Connection, action: KeysAction) -> Result<()> {
             tpm,
             json,
         } => {
-            let expires_at = expires_in.map(|d| store::now_unix() + d.as_secs() as i64);
+            let expires_at = expires_in.map(|d| fastgate::clock::now_unix() + d.as_secs() as i64);
             let mut new = keys::NewKey {
                 name,
                 owner,
@@ -213,7 +213,7 @@ fn keys(conn: &rusqlite::Connection, action: KeysAction) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
                 println!("{:<18} {:<20} {:<16} {:<9} PERMISSIONS", "ID", "NAME", "KEY", "STATE");
-                let now = store::now_unix();
+                let now = fastgate::clock::now_unix();
                 for k in list {
                     let state = if k.revoked_at.is_some() {
                         "revoked"

@@ -326,7 +326,7 @@ impl Metrics {
         self.in_flight.set(state.in_flight() as i64);
         self.limiter_scopes.set(state.limiter.len() as i64);
         let runtime = state.runtime.load();
-        let now = crate::pool::now_ms();
+        let now = crate::clock::now_ms();
         // Keys and addresses come and go: stale series must not linger.
         self.pool_key_in_flight.reset();
         self.pool_key_cooldown.reset();

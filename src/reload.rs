@@ -83,7 +83,7 @@ impl Upkeep {
 
     /// Forget rate-limit scopes and quota counts that count nothing any more.
     fn sweep_limits(&self) {
-        let now = crate::audit::now_ms();
+        let now = crate::clock::now_ms();
         let scopes = self.state.limiter.sweep(now as u64);
         let quotas = self.state.quotas.sweep(now - QUOTA_KEEP_MS);
         if scopes + quotas > 0 {
@@ -115,7 +115,7 @@ impl Upkeep {
         // Keys due before the middle of the next sweep go now: otherwise a
         // probe recorded a few ms after this sweep would always wait for the
         // one after next (`interval` + one sweep).
-        let horizon = crate::pool::now_ms() + (REPROBE_SWEEP / 2).as_millis() as i64;
+        let horizon = crate::clock::now_ms() + (REPROBE_SWEEP / 2).as_millis() as i64;
         for pool in runtime.pools.values() {
             let leases = crate::pool::reprobe::due(pool, runtime.reprobe_interval(&pool.name), horizon);
             if leases.is_empty() {

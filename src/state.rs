@@ -4,7 +4,8 @@
 use crate::{
     audit::AuditSink,
     auth::KeyCache,
-    config::{Config, ConfigErrors, CooldownScope, FileConfig, Provider, load_routes},
+    config::{Config, ConfigErrors, CooldownScope, FileConfig, Provider},
+    router::load_routes,
     metrics::Metrics,
     pool::{KeyPool, KeySource, PoolKey},
     router::RouteTable,
@@ -453,7 +454,7 @@ impl AppState {
     /// Count tokens already used this period by keys with a quota, from the
     /// audit log (start-up, and keys that gained a quota). Blocking.
     pub fn seed_quotas(&self) {
-        let now = crate::audit::now_ms();
+        let now = crate::clock::now_ms();
         // (quota tracker scope, audit column, id, period start) not yet counted.
         let mut pending: Vec<(String, &'static str, String, i64)> = Vec::new();
         for key in self.keys.all() {

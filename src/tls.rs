@@ -218,7 +218,7 @@ impl ResolvesServerCert for CertResolver {
 }
 
 fn warn_expiring(certs: &[Certificate]) {
-    let now = crate::store::now_unix();
+    let now = crate::clock::now_unix();
     for c in certs {
         if let Some(w) = c.expiry_warning(now) {
             tracing::warn!(warning = %w, "TLS certificate expiring.");

@@ -775,7 +775,7 @@ async fn revoked_and_expired_keys_stop_working() {
     let conn = fastgate::store::open(&gw.db_path()).unwrap();
     conn.execute(
         "UPDATE gateway_keys SET expires_at = ?2 WHERE id = ?1",
-        rusqlite::params![expiring_id, fastgate::store::now_unix() + 1],
+        rusqlite::params![expiring_id, fastgate::clock::now_unix() + 1],
     )
     .unwrap();
     let r = until_status(

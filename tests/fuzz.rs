@@ -324,6 +324,6 @@ proptest! {
             (std::path::PathBuf::from("a.yaml"), raw),
             (std::path::PathBuf::from("b.yaml"), format!("{valid}{mangle}")),
         ];
-        let _ = fastgate::config::routes_d::compile_sources(&sources, &config);
+        let _ = fastgate::router::compile_sources(&sources, &config);
     }
 }

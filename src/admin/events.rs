@@ -195,7 +195,7 @@ impl Feed {
             self.ready.push_back(event(
                 "tick",
                 &json!({
-                    "ts_ms": crate::audit::now_ms(),
+                    "ts_ms": crate::clock::now_ms(),
                     "requests_per_s": per_s(now.requests, before.requests),
                     "errors_per_s": per_s(now.errors, before.errors),
                     "rate_limited_per_s": per_s(now.rate_limited, before.rate_limited),

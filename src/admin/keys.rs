@@ -276,7 +276,7 @@ pub async fn usage(
         Some(w) => humantime::parse_duration(w).map_err(|e| ApiError::Invalid(format!("window: {e}")))?,
         None => std::time::Duration::from_secs(24 * 3600),
     };
-    let since = crate::audit::now_ms() - window.as_millis() as i64;
+    let since = crate::clock::now_ms() - window.as_millis() as i64;
     let rows = super::cluster_log::read_log(
         &s,
         |d| {

@@ -4,7 +4,8 @@
 
 use super::{AdminState, error::ApiError, session::Caller};
 use crate::{
-    pool::{KeyPool, KeySource, KeyState, PoolKey, now_ms, reprobe},
+    clock::now_ms,
+    pool::{KeyPool, KeySource, KeyState, PoolKey, reprobe},
     proxy::forward,
     store,
 };

@@ -7,9 +7,10 @@ use super::{AdminState, error::ApiError, session::Caller};
 use crate::{
     config::{
         env::{self, EnvMask},
-        routes_d::{self, RouteConfig, RouteEdit, RouteEditError},
+        routes_d::{self, RouteConfig},
     },
     proxy::{intake, rewrite},
+    router::{RouteEdit, RouteEditError},
 };
 use axum::{
     Json,
@@ -44,7 +45,7 @@ fn view(file: &std::path::Path, route: &RouteConfig) -> Value {
 
 async fn read_all(s: &AdminState) -> Result<Vec<(std::path::PathBuf, RouteConfig)>, ApiError> {
     let dir = s.app.config.routes_dir.clone();
-    tokio::task::spawn_blocking(move || routes_d::read_route_configs(&dir))
+    tokio::task::spawn_blocking(move || crate::router::read_route_configs(&dir))
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?
         .map_err(ApiError::from)
@@ -277,7 +278,7 @@ async fn apply(s: &Arc<AdminState>, caller: &Caller, edit: RouteEdit, action: &s
     let app = s.app.clone();
     let e = edit.clone();
     let file = tokio::task::spawn_blocking(move || {
-        let file = routes_d::edit_routes(&app.config.routes_dir, &app.config.file, &e)?;
+        let file = crate::router::edit_routes(&app.config.routes_dir, &app.config.file, &e)?;
         // Apply now rather than waiting for the file watcher.
         let _ = app.reload_routes();
         Ok::<_, RouteEditError>(file)
@@ -414,7 +415,7 @@ pub async fn put_yaml(
     refuse_secret_variables(&s, &uses, before.as_ref()).await?;
     let mask = env_mask(&s).await?;
     let config = s.app.runtime.load().file.clone();
-    let route = match routes_d::parse_route_yaml(&text, &config) {
+    let route = match crate::router::parse_route_yaml(&text, &config) {
         Ok(r) => r,
         Err(errors) => {
             let diagnostics: Vec<Value> = errors

@@ -81,7 +81,7 @@ impl Tokens {
     }
 
     fn issue(&self, user: &User) -> Result<(String, i64), ApiError> {
-        let now = store::now_unix();
+        let now = crate::clock::now_unix();
         let exp = now + self.ttl.as_secs() as i64;
         let claims = Claims {
             sub: user.id.clone(),

@@ -35,7 +35,7 @@ fn window(q: &StatsQuery, default: Duration, retention: Duration) -> Result<i64,
         Some(w) => humantime::parse_duration(w).map_err(|e| ApiError::Invalid(format!("window: {e}")))?,
         None => default,
     };
-    Ok(crate::audit::now_ms() - w.min(retention).as_millis() as i64)
+    Ok(crate::clock::now_ms() - w.min(retention).as_millis() as i64)
 }
 
 /// Durations in logarithmic buckets 2 % wide: percentiles over any number of

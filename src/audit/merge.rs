@@ -479,7 +479,7 @@ impl Answer {
             usage: self.usage,
             more: Vec::new(),
         };
-        let now = crate::store::now_unix();
+        let now = crate::clock::now_unix();
         let incomplete = !self.complete;
         let mut v = match client {
             Format::Anthropic => {

@@ -68,7 +68,7 @@ pub fn changed(pool: &str, key: &PoolKey) {
         let _ = tx.send((
             pool.to_string(),
             key.id.clone(),
-            relative(key.status(), crate::pool::now_ms()),
+            relative(key.status(), crate::clock::now_ms()),
         ));
     }
 }
@@ -240,7 +240,7 @@ fn apply(cluster: &Cluster, state: &AppState, payload: &[u8], age_ms: i64, refus
     let Some(pool) = runtime.pools.get(&p.pool) else {
         return;
     };
-    let status = absolute(p.status, crate::pool::now_ms(), age_ms);
+    let status = absolute(p.status, crate::clock::now_ms(), age_ms);
     let taken = pool.apply_remote(&p.key, status);
     if taken {
         tracing::debug!(pool = %p.pool, key = %p.key, from = %p.node, "Applied a key state from another node.");

@@ -161,7 +161,7 @@ async fn quarantine(
 /// the system's roots.
 fn tls(ca_file: Option<&std::path::Path>) -> Result<tokio_postgres_rustls::MakeRustlsConnect, RecordsError> {
     let roots = match ca_file {
-        Some(path) => super::tls_roots(path).map_err(RecordsError::Task)?,
+        Some(path) => crate::config::ca_roots::load(path).map_err(RecordsError::Task)?,
         None => {
             let mut roots = rustls::RootCertStore::empty();
             for cert in rustls_native_certs::load_native_certs().certs {
@@ -795,7 +795,7 @@ async fn drop_old_partitions(state: &AppState, client: &Client) -> Result<(), Re
         return Ok(());
     }
     let retention_ms = state.config.file.audit.retention.0.as_millis() as i64;
-    let oldest_kept = partition_name((crate::audit::now_ms() - retention_ms).div_euclid(DAY_MS));
+    let oldest_kept = partition_name((crate::clock::now_ms() - retention_ms).div_euclid(DAY_MS));
     let names: Vec<String> = client
         .query(
             "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid

@@ -5,6 +5,9 @@
 //! The file types here are plain data. `router` and `upstream` compile them
 //! into the runtime forms the proxy uses.
 
+pub mod ca_roots;
+pub mod capabilities;
+pub mod endpoint;
 pub mod env;
 pub mod routes_d;
 pub mod strength;
@@ -19,7 +22,7 @@ use std::{
     time::Duration,
 };
 
-pub use routes_d::{RouteConfig, load_routes};
+pub use routes_d::RouteConfig;
 pub use values::{HumanDuration, HumanSize, OneOrMany};
 
 /// One problem found in a configuration file.
@@ -555,7 +558,7 @@ pub struct UpstreamConfig {
     /// (`src/convert/capabilities.yaml`): rules of a `match` glob and the
     /// fields it sets (`reasoning`, `sampling_pair`, `parameters_json_schema`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub capabilities: Vec<crate::convert::capabilities::CapabilityRule>,
+    pub capabilities: Vec<crate::config::capabilities::CapabilityRule>,
 }
 
 /// Retries in flight toward an upstream: at most `percent` of its active
@@ -1021,12 +1024,12 @@ pub fn parse_config(path: &Path, raw: &str) -> Result<Config, ConfigErrors> {
             }
         }
         for ep in &up.endpoints {
-            if let Err(e) = crate::upstream::EndpointUrl::parse(ep) {
+            if let Err(e) = endpoint::EndpointUrl::parse(ep) {
                 errors.push(diag(at(ep), format!("upstreams.{name}.endpoints: {e}")));
             }
         }
         for rule in &up.capabilities {
-            if let Err(e) = crate::convert::capabilities::valid_pattern(&rule.pattern) {
+            if let Err(e) = capabilities::valid_pattern(&rule.pattern) {
                 errors.push(diag(
                     line,
                     format!("upstreams.{name}.capabilities: match {:?}: {e}", rule.pattern),
@@ -1106,7 +1109,7 @@ pub fn parse_config(path: &Path, raw: &str) -> Result<Config, ConfigErrors> {
         errors.push(diag(at("postgres:"), format!("cluster.postgres: {e}")));
     }
     if let Some(ca) = &file.cluster.ca_file
-        && let Err(e) = crate::cluster::tls_roots(ca)
+        && let Err(e) = ca_roots::load(ca)
     {
         errors.push(diag(at("ca_file:"), format!("cluster.ca_file: {e}")));
     }

@@ -12,6 +12,7 @@ pub mod reprobe;
 pub mod signals;
 pub mod status;
 
+use crate::clock::now_ms;
 use crate::{
     config::{CooldownScope, KeyPoolConfig, KeyStrategy},
     secret::Secret,
@@ -504,10 +505,6 @@ impl Drop for Lease {
             self.key.in_flight.fetch_sub(1, Ordering::Relaxed);
         }
     }
-}
-
-pub fn now_ms() -> i64 {
-    crate::audit::now_ms()
 }
 
 impl KeyPool {

@@ -19,7 +19,8 @@
 //! cluster mode, published with it, so a restart does not reset the clock
 //! and the nodes of a cluster see each other's probes.
 
-use super::{KeyPool, KeyState, KeyStatus, Lease, now_ms, status::Gate};
+use super::{KeyPool, KeyState, KeyStatus, Lease, status::Gate};
+use crate::clock::now_ms;
 use std::{sync::Arc, time::Duration};
 
 /// Probes started per pool and sweep at most (a pool whose keys were all

@@ -521,12 +521,12 @@ impl Plan {
             Format::Gemini => Box::new(stream::gemini::GeminiEncoder::new(&self.model, self.gemini_array)),
             Format::Responses => Box::new(stream::responses::ResponsesEncoder::new(
                 &self.model,
-                crate::store::now_unix(),
+                crate::clock::now_unix(),
                 self.echo.as_deref().cloned().unwrap_or_default(),
             )),
             _ => Box::new(stream::openai::OpenaiEncoder::new(
                 &self.model,
-                crate::store::now_unix(),
+                crate::clock::now_unix(),
                 self.include_usage,
             )),
         };
@@ -579,9 +579,9 @@ impl Plan {
             Format::Responses => responses::encode_response(
                 &resp,
                 self.echo.as_deref().unwrap_or(&responses::Echo::default()),
-                crate::store::now_unix(),
+                crate::clock::now_unix(),
             ),
-            _ => openai::encode_response(&resp, crate::store::now_unix()),
+            _ => openai::encode_response(&resp, crate::clock::now_unix()),
         };
         Ok(serde_json::to_vec(&out).unwrap_or_default())
     }

@@ -192,7 +192,7 @@ impl RequestCtx {
             body: None,
             body_seen: 0,
             body_capture: None,
-            started_ms: audit::now_ms(),
+            started_ms: crate::clock::now_ms(),
             model: None,
             admission: None,
             upstream: UpstreamCtx::default(),

@@ -53,7 +53,7 @@ pub fn finish(session: &Session, ctx: &mut RequestCtx, e: Option<&pingora::Error
         lease.key().add_tokens(tokens);
     }
     if let Some(admission) = ctx.admission.take() {
-        let now = audit::now_ms() as u64;
+        let now = crate::clock::now_ms() as u64;
         match &state.cluster {
             Some(cluster) => cluster.settle(&ctx.request_id, admission, tokens, (&state.limiter, &state.quotas), now),
             None => state.limiter.charge_all(&state.quotas, &admission.checks, tokens, now),

@@ -435,7 +435,7 @@ async fn read_error_body(up: &mut HttpSession) -> (Bytes, Option<String>) {
 
 /// The 503 for a pool with no usable key, with the soonest recovery.
 pub fn no_key_error(pool: &str, no: crate::pool::NoKey) -> GatewayError {
-    let now = crate::pool::now_ms();
+    let now = crate::clock::now_ms();
     GatewayError::NoUpstreamKey {
         pool: pool.to_string(),
         reason: no.reason,

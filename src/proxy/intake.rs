@@ -2,6 +2,7 @@
 //! authentication, body (only when needed), model, final route, body rewrite.
 //! Everything here runs before any upstream is contacted.
 
+use crate::clock::now_unix;
 use super::{ctx::RequestCtx, errors::GatewayError, rewrite};
 use crate::{
     auth::{self, AuthError},
@@ -10,7 +11,6 @@ use crate::{
     ratelimit::{Admission, Counted, Limited, QuotaCheck, RateChecks, WindowCheck},
     router::Route,
     state::AppState,
-    store::now_unix,
 };
 use bytes::{Bytes, BytesMut};
 use pingora::proxy::Session;
@@ -311,7 +311,7 @@ fn rate_checks(
     client_ip: Option<std::net::IpAddr>,
 ) -> RateChecks {
     let mut checks = RateChecks::default();
-    let now_ms = crate::audit::now_ms();
+    let now_ms = crate::clock::now_ms();
     let Some(key) = key else {
         if let Some(ip) = client_ip.filter(|_| !route.rate_limit.is_none()) {
             checks.windows.push(WindowCheck {
@@ -368,7 +368,7 @@ async fn admit_rate(
     checks: RateChecks,
     body: Option<&[u8]>,
 ) -> Result<(), GatewayError> {
-    let now = crate::audit::now_ms() as u64;
+    let now = crate::clock::now_ms() as u64;
     let counted = match &state.cluster {
         Some(cluster) => {
             let reserve = crate::cluster::limits::reserve_for(body, cluster.config.default_reserve);

@@ -8,7 +8,7 @@ use crate::{
     config::{Provider, routes_d::AuthMode},
     pool::Lease,
     router::{Route, expand_template},
-    upstream::EndpointUrl,
+    config::endpoint::EndpointUrl,
 };
 use bytes::Bytes;
 use http::{HeaderValue, header};

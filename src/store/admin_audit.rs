@@ -27,7 +27,7 @@ pub fn record(
     conn.execute(
         "INSERT INTO admin_audit (ts_ms, actor, action, target, before, after) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         params![
-            crate::audit::now_ms(),
+            crate::clock::now_ms(),
             actor,
             action,
             target,

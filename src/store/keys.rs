@@ -1,7 +1,8 @@
 //! Gateway keys: what clients present. Stored as SHA-256 of the secret; the
 //! secret itself is shown once, at creation.
 
-use super::{StoreError, now_unix};
+use super::StoreError;
+use crate::clock::now_unix;
 use rand::{Rng, distr::Alphanumeric};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;

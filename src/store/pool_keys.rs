@@ -41,7 +41,7 @@ pub fn insert(
     let n = conn.execute(
         "INSERT OR IGNORE INTO pool_keys (pool, key_id, secret, weight, added_by, created_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        params![pool, key_id, sealed, weight, added_by, super::now_unix()],
+        params![pool, key_id, sealed, weight, added_by, crate::clock::now_unix()],
     )?;
     Ok(n == 1)
 }
@@ -106,7 +106,7 @@ pub fn save_states(conn: &mut Connection, states: &[SavedState]) -> Result<(), S
                 errors = excluded.errors, tokens = excluded.tokens, last_used_ms = excluded.last_used_ms,
                 updated_ms = excluded.updated_ms",
         )?;
-        let now = crate::audit::now_ms();
+        let now = crate::clock::now_ms();
         for s in states {
             let status = serde_json::to_string(&s.status).unwrap_or_else(|_| "{}".into());
             stmt.execute(params![

@@ -3,8 +3,8 @@
 use super::{
     StoreError,
     keys::{GatewayKey, LimitsMut, QuotaPeriod, UserQuota},
-    now_unix,
 };
+use crate::clock::now_unix;
 use argon2::{
     Argon2,
     password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString, rand_core::OsRng},

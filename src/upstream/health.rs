@@ -3,7 +3,8 @@
 //! `GET` that counts any answer below 500 as alive (providers answer 401 to
 //! a request without a key, which still proves the address serves).
 
-use super::{EndpointIndex, EndpointUrl};
+use super::EndpointIndex;
+use crate::config::endpoint::EndpointUrl;
 use crate::config::{HealthCheckConfig, HealthCheckKind};
 use async_trait::async_trait;
 use pingora::{

@@ -15,7 +15,9 @@
 mod health;
 
 use crate::{
-    config::{Balance, MockConfig, Provider, RetryBudgetConfig, TimeoutsConfig, UpstreamConfig},
+    config::{
+        Balance, MockConfig, Provider, RetryBudgetConfig, TimeoutsConfig, UpstreamConfig, endpoint::EndpointUrl,
+    },
     pool::KeyPool,
 };
 use async_trait::async_trait;
@@ -40,56 +42,6 @@ use std::{
 
 /// How long an address that refused a connection is passed over.
 pub const ADDRESS_REST: Duration = Duration::from_secs(30);
-
-/// A parsed `endpoints:` entry.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EndpointUrl {
-    pub tls: bool,
-    pub host: String,
-    pub port: u16,
-    /// Prefixed to every forwarded path (`https://host/openai` -> `/openai`).
-    pub base_path: String,
-    /// The `Host` header upstream expects (`host` or `host:port`).
-    pub authority: String,
-    /// `scheme://authority/base_path`, as the audit log records it (built
-    /// once here, not per request).
-    pub display: String,
-}
-
-impl EndpointUrl {
-    pub fn parse(s: &str) -> Result<Self, String> {
-        let url = url::Url::parse(s).map_err(|e| format!("{s:?} is not a URL: {e}"))?;
-        let tls = match url.scheme() {
-            "https" => true,
-            "http" => false,
-            other => return Err(format!("{s:?}: scheme {other:?} is not http or https")),
-        };
-        let host = url
-            .host_str()
-            .ok_or_else(|| format!("{s:?} has no host"))?
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_string();
-        if url.query().is_some() || url.fragment().is_some() {
-            return Err(format!("{s:?}: an endpoint takes no query or fragment"));
-        }
-        let port = url.port_or_known_default().unwrap_or(if tls { 443 } else { 80 });
-        let authority = match url.port() {
-            Some(p) => format!("{}:{p}", url.host_str().unwrap_or_default()),
-            None => url.host_str().unwrap_or_default().to_string(),
-        };
-        let base_path = url.path().trim_end_matches('/').to_string();
-        let display = format!("{}://{authority}{base_path}", if tls { "https" } else { "http" });
-        Ok(EndpointUrl {
-            tls,
-            host,
-            port,
-            base_path,
-            authority,
-            display,
-        })
-    }
-}
 
 /// Which endpoint a resolved backend address belongs to.
 #[derive(Debug, Clone, Copy)]
@@ -185,7 +137,7 @@ pub struct Upstream {
     /// Whether `X-Forwarded-For`/`-Proto` are sent to this upstream.
     pub forwarded_headers: bool,
     /// This upstream's capability rules (before the shipped table).
-    pub capabilities: Vec<crate::convert::capabilities::CapabilityRule>,
+    pub capabilities: Vec<crate::config::capabilities::CapabilityRule>,
     in_flight: Arc<AtomicU32>,
     /// Retry attempts in flight toward this upstream (under `retry_budget`).
     active_retries: Arc<AtomicU32>,

@@ -396,7 +396,7 @@ async fn a_key_an_admin_disabled_stays_disabled_for_its_owner() {
 async fn an_expiry_an_admin_set_may_only_be_brought_closer() {
     let (_mock, gw) = gateway().await;
     let (bob, _) = user(&gw, "bob", None).await;
-    let now = fastgate::store::now_unix();
+    let now = fastgate::clock::now_unix();
     let (_, key) = bob.post("/api/keys", json!({"name": "mine"})).await;
     let path = format!("/api/keys/{}", key["id"].as_str().unwrap());
     // Bob's own expiry is his to change.

@@ -412,7 +412,7 @@ async fn the_probe_schedule_survives_a_restart() {
     assert_eq!(k["state"], "disabled", "{k}");
     // The disable is confirmed by one probe soon (`CONFIRM_AFTER`), then the
     // next waits the interval.
-    let first = k["next_probe_at"].as_i64().unwrap() - fastgate::pool::now_ms();
+    let first = k["next_probe_at"].as_i64().unwrap() - fastgate::clock::now_ms();
     assert!(first <= 2_000, "{first}");
     let deadline = Instant::now() + Duration::from_secs(8);
     let k = loop {
@@ -425,7 +425,7 @@ async fn the_probe_schedule_survives_a_restart() {
     };
     assert_eq!(k["state"], "disabled", "{k}");
     let next = k["next_probe_at"].as_i64().unwrap();
-    let hour_ahead = next - fastgate::pool::now_ms();
+    let hour_ahead = next - fastgate::clock::now_ms();
     assert!((3_590_000..=3_600_000).contains(&hour_ahead), "{hour_ahead}");
     mock.clear();
     gw.restart().await;

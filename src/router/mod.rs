@@ -6,6 +6,12 @@
 //! if any candidate matches on `model`, the proxy reads the body and calls
 //! [`pick`] with the model it found.
 
+mod edit;
+mod load;
+
+pub use edit::{RouteEdit, RouteEditError, edit_routes, read_route_configs};
+pub use load::{compile_sources, load_routes, parse_route_yaml};
+
 use crate::config::{
     FileConfig, Provider,
     routes_d::{AuthMode, Format, RouteConfig},
@@ -551,7 +557,7 @@ impl RouteTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::routes_d::compile_sources;
+    use super::compile_sources;
 
     fn config() -> FileConfig {
         serde_norway::from_str(
