@@ -6,8 +6,8 @@
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use fastgate::{
-    config::{CooldownConfig, CooldownScope, KeyStrategy},
     clock::now_ms,
+    config::{CooldownConfig, CooldownScope, KeyStrategy},
     pool::{KeyPool, KeySource, Policy, PoolKey},
 };
 use std::{hint::black_box, sync::Arc, time::Instant};

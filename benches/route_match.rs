@@ -3,11 +3,7 @@
 #![allow(clippy::unwrap_used)]
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use fastgate::{
-    config::FileConfig,
-    router::compile_sources,
-    router::RouteTable,
-};
+use fastgate::{config::FileConfig, router::RouteTable, router::compile_sources};
 use http::{HeaderMap, Method};
 use std::{fmt::Write, hint::black_box, path::PathBuf};
 

@@ -45,6 +45,16 @@ impl RouteHandles {
     }
 }
 
+/// What the gauges read at a scrape, handed in by the state that holds it
+/// (metrics sit below the pools' and upstreams' owner, not above it).
+pub struct Live<'a> {
+    pub in_flight: usize,
+    pub limiter_scopes: usize,
+    pub pools: &'a [&'a crate::pool::KeyPool],
+    pub upstreams: &'a [&'a crate::upstream::Upstream],
+    pub audit: &'a crate::audit::AuditStats,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub requests: IntCounterVec,
@@ -322,17 +332,16 @@ impl Metrics {
     }
 
     /// Prometheus text format, after refreshing the gauges read from live state.
-    pub fn render(&self, state: &crate::state::AppState) -> String {
-        self.in_flight.set(state.in_flight() as i64);
-        self.limiter_scopes.set(state.limiter.len() as i64);
-        let runtime = state.runtime.load();
+    pub fn render(&self, live: Live<'_>) -> String {
+        self.in_flight.set(live.in_flight as i64);
+        self.limiter_scopes.set(live.limiter_scopes as i64);
         let now = crate::clock::now_ms();
         // Keys and addresses come and go: stale series must not linger.
         self.pool_key_in_flight.reset();
         self.pool_key_cooldown.reset();
         self.upstream_address_healthy.reset();
         self.pool_keys.reset();
-        for pool in runtime.pools.values() {
+        for pool in live.pools {
             let keys = pool.keys();
             let counts = pool.count_by_state(now);
             for (st, n) in crate::pool::KeyState::ALL.iter().zip(counts) {
@@ -352,7 +361,7 @@ impl Metrics {
                 self.pool_key_cooldown.with_label_values(&labels).set(wait);
             }
         }
-        for up in runtime.upstreams.values() {
+        for up in live.upstreams {
             self.upstream_in_flight
                 .with_label_values(&[up.name.as_str()])
                 .set(i64::from(up.in_flight()));
@@ -362,7 +371,7 @@ impl Metrics {
                     .set(i64::from(a.healthy && !a.resting));
             }
         }
-        let stats = state.audit.stats();
+        let stats = live.audit;
         self.audit_queue_depth.set(stats.queued.load(Ordering::Relaxed) as i64);
         Self::sync_counter(
             &self.audit_dropped,

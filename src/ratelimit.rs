@@ -159,9 +159,18 @@ impl RateChecks {
 pub enum Counted {
     /// In Redis, across the cluster: the admission's op and token bucket,
     /// which its settlement adjusts.
-    Shared(crate::cluster::limits::Ticket),
+    Shared(Ticket),
     /// On this node alone (no cluster, or Redis down).
     Local,
+}
+
+/// What a shared (cluster) admission took, kept with the request for its settlement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ticket {
+    /// The token bucket the reservation went to (Redis's answer).
+    pub bucket: i64,
+    /// Tokens reserved (before each `tpm`'s clamp to its limit).
+    pub reserve: u64,
 }
 
 /// The checks a request passed and how: kept with the request until its

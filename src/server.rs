@@ -14,8 +14,8 @@
 use crate::{
     admin::{AdminService, AdminState},
     client_addr::ProxyProtocolBeforeTls,
-    conn_guard::{ConnGuard, GuardSettings},
     proxy::Gateway,
+    proxy::conn_guard::{ConnGuard, GuardSettings},
     reload::Upkeep,
     state::{AppState, Lifecycle},
     store::StoreError,
@@ -233,16 +233,20 @@ pub fn run(state: Arc<AppState>, upgrade: bool) -> Result<(), StoreError> {
 
     add_data_plane(&mut server, &state)?;
     server.add_service(background_service("upkeep", Upkeep { state: state.clone() }));
-    if state.cluster.is_some() {
+    if let Some(cluster) = state.cluster.clone() {
+        let app = state.clone();
         server.add_service(background_service(
             "cluster",
-            crate::cluster::ClusterService { state: state.clone() },
+            crate::cluster::ClusterService {
+                cluster,
+                pools: Arc::new(move |name| app.runtime.load().pools.get(name).cloned()),
+            },
         ));
     }
     if !state.config.file.cluster.postgres.is_empty() {
         server.add_service(background_service(
             "records",
-            crate::cluster::records::RecordsService { state: state.clone() },
+            crate::replication::RecordsService { state: state.clone() },
         ));
     }
     server.add_service(background_service(

@@ -5,10 +5,10 @@ use crate::{
     audit::AuditSink,
     auth::KeyCache,
     config::{Config, ConfigErrors, CooldownScope, FileConfig, Provider},
-    router::load_routes,
     metrics::Metrics,
     pool::{KeyPool, KeySource, PoolKey},
     router::RouteTable,
+    router::load_routes,
     store::{self, pool_keys::StoredKey},
     upstream::Upstream,
 };
@@ -263,7 +263,7 @@ impl AppState {
         let opts = ConnectorOptions::new(config.file.server.upstream_keepalive_pool);
         let metrics = Metrics::new()?;
         let cluster = if config.file.cluster.enabled() {
-            crate::cluster::key_sync::enable();
+            crate::pool::changes::collect();
             Some(crate::cluster::Cluster::new(&config.file.cluster, &metrics)?)
         } else {
             None
@@ -501,6 +501,20 @@ impl AppState {
 
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// `/metrics`: the registry, its gauges refreshed from this state.
+    pub fn render_metrics(&self) -> String {
+        let runtime = self.runtime.load();
+        let pools: Vec<&KeyPool> = runtime.pools.values().map(|p| &**p).collect();
+        let upstreams: Vec<&Upstream> = runtime.upstreams.values().map(|u| &**u).collect();
+        self.metrics.render(crate::metrics::Live {
+            in_flight: self.in_flight(),
+            limiter_scopes: self.limiter.len(),
+            pools: &pools,
+            upstreams: &upstreams,
+            audit: self.audit.stats(),
+        })
     }
 
     pub fn lifecycle(&self) -> Lifecycle {

@@ -282,7 +282,7 @@ async fn metrics(State(state): State<Arc<AdminState>>, headers: header::HeaderMa
     }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
-        state.app.metrics.render(&state.app),
+        state.app.render_metrics(),
     )
         .into_response()
 }

@@ -8,17 +8,10 @@
 //! while a node was cut off are made up for.
 
 use super::{Cluster, RETRY_EVERY};
-use crate::{
-    pool::{KeyStatus, PoolKey},
-    state::AppState,
-};
+use crate::pool::{KeyPool, KeyStatus};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
-use std::{
-    collections::HashMap,
-    sync::{Arc, OnceLock},
-    time::Duration,
-};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 use tokio::sync::mpsc;
 
 /// Hash of the last published state per `pool/key`, and the sorted set of
@@ -31,46 +24,19 @@ const CHANNEL: &str = "fg:{fg}:keystate";
 /// handed to nodes that start later, each keeps its own copy).
 const KEEP_STATES_MS: u64 = 7 * 86_400_000;
 
+/// This node's pool by name, as it is now (pools come and go on reload):
+/// the one handle key sync needs of the state above it.
+pub type PoolLookup = Arc<dyn Fn(&str) -> Option<Arc<KeyPool>> + Send + Sync>;
+
 /// One key's state as a node saw it change.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct Payload {
     node: String,
     pool: String,
     key: String,
-    /// Deadlines as milliseconds remaining (0 = open).
+    /// Deadlines as milliseconds remaining (0 = open) on the wire; on this
+    /// node's clock while waiting to be sent.
     status: KeyStatus,
-}
-
-type Outbox = (
-    mpsc::UnboundedSender<(String, String, KeyStatus)>,
-    parking_lot::Mutex<Option<mpsc::UnboundedReceiver<(String, String, KeyStatus)>>>,
-);
-
-/// Set once, in cluster mode only: the pools hand their changes here
-/// without knowing about Redis.
-static OUTBOX: OnceLock<Outbox> = OnceLock::new();
-
-/// Start collecting key changes (cluster mode, at start-up).
-pub fn enable() {
-    OUTBOX.get_or_init(|| {
-        let (tx, rx) = mpsc::unbounded_channel();
-        (tx, parking_lot::Mutex::new(Some(rx)))
-    });
-}
-
-pub(super) fn take_outbox() -> Option<mpsc::UnboundedReceiver<(String, String, KeyStatus)>> {
-    OUTBOX.get().and_then(|(_, rx)| rx.lock().take())
-}
-
-/// A key of `pool` changed state on this node; a no-op outside cluster mode.
-pub fn changed(pool: &str, key: &PoolKey) {
-    if let Some((tx, _)) = OUTBOX.get() {
-        let _ = tx.send((
-            pool.to_string(),
-            key.id.clone(),
-            relative(key.status(), crate::clock::now_ms()),
-        ));
-    }
 }
 
 /// Every gate's deadline moved by `-now`: absolute Unix ms to remaining ms.
@@ -96,8 +62,8 @@ fn absolute(mut st: KeyStatus, now: i64, age: i64) -> KeyStatus {
 /// nodes that reached one version apart converge on the merge.
 pub(super) async fn publish(
     cluster: Arc<Cluster>,
-    state: Arc<AppState>,
-    mut outbox: mpsc::UnboundedReceiver<(String, String, KeyStatus)>,
+    pools: PoolLookup,
+    mut outbox: mpsc::UnboundedReceiver<crate::pool::changes::Change>,
 ) {
     let mut unsent: HashMap<String, Payload> = HashMap::new();
     let mut tick = tokio::time::interval(RETRY_EVERY);
@@ -114,7 +80,13 @@ pub(super) async fn publish(
             continue;
         }
         for (field, payload) in std::mem::take(&mut unsent) {
-            let Ok(json) = serde_json::to_string(&payload) else {
+            // Remaining time as of sending, not of the change: a state kept
+            // through an outage is not sent with its old remainders.
+            let wire = Payload {
+                status: relative(payload.status.clone(), crate::clock::now_ms()),
+                ..payload.clone()
+            };
+            let Ok(json) = serde_json::to_string(&wire) else {
                 continue;
             };
             let mut cmd = redis::cmd("FCALL");
@@ -132,7 +104,7 @@ pub(super) async fn publish(
                 Ok(Stored::Kept { stored, server_now }) => {
                     tracing::debug!(key = %field, "A state at least as new is stored; merging it.");
                     if let Some((payload, age_ms)) = parse_stored(&stored, server_now) {
-                        apply(&cluster, &state, payload.as_bytes(), age_ms, Refused::Outrank);
+                        apply(&cluster, &pools, payload.as_bytes(), age_ms, Refused::Outrank);
                     }
                 }
                 Err(e) => {
@@ -185,21 +157,21 @@ enum Refused {
 
 /// Apply the other nodes' key changes as they are published; on every
 /// (re)subscription, first every stored state.
-pub(super) async fn subscribe(cluster: Arc<Cluster>, state: Arc<AppState>) {
+pub(super) async fn subscribe(cluster: Arc<Cluster>, pools: PoolLookup) {
     let mut cut_off = false;
     loop {
         if let Ok(Ok(mut pubsub)) =
             tokio::time::timeout(Duration::from_secs(2), cluster.client.get_async_pubsub()).await
             && pubsub.subscribe(CHANNEL).await.is_ok()
         {
-            match resync(&cluster, &state).await {
+            match resync(&cluster, &pools).await {
                 Ok(n) => tracing::info!(states = n, "Subscribed to key states; stored states applied."),
                 Err(e) => tracing::warn!(error = %e, "Subscribed to key states; the resync failed."),
             }
             cut_off = false;
             let mut messages = pubsub.on_message();
             while let Some(msg) = messages.next().await {
-                apply(&cluster, &state, msg.get_payload_bytes(), 0, Refused::Ignore);
+                apply(&cluster, &pools, msg.get_payload_bytes(), 0, Refused::Ignore);
             }
             tracing::warn!("Key-state subscription lost; subscribing again.");
         } else if !cut_off {
@@ -211,7 +183,7 @@ pub(super) async fn subscribe(cluster: Arc<Cluster>, state: Arc<AppState>) {
 }
 
 /// Apply every stored state; returns how many were read.
-async fn resync(cluster: &Cluster, state: &AppState) -> Result<usize, redis::RedisError> {
+async fn resync(cluster: &Cluster, pools: &PoolLookup) -> Result<usize, redis::RedisError> {
     let mut conn = cluster.client.get_multiplexed_async_connection().await?;
     let (server_now, fields): (i64, Vec<(String, String)>) = redis::cmd("FCALL")
         .arg("fastgate_key_states_v2")
@@ -221,14 +193,14 @@ async fn resync(cluster: &Cluster, state: &AppState) -> Result<usize, redis::Red
         .await?;
     for (_, stored) in &fields {
         if let Some((payload, age_ms)) = parse_stored(stored, server_now) {
-            apply(cluster, state, payload.as_bytes(), age_ms, Refused::Ignore);
+            apply(cluster, pools, payload.as_bytes(), age_ms, Refused::Ignore);
         }
     }
     Ok(fields.len())
 }
 
 /// Apply one published state, `age_ms` old, unless this node sent it.
-fn apply(cluster: &Cluster, state: &AppState, payload: &[u8], age_ms: i64, refused: Refused) {
+fn apply(cluster: &Cluster, pools: &PoolLookup, payload: &[u8], age_ms: i64, refused: Refused) {
     let Ok(p) = serde_json::from_slice::<Payload>(payload) else {
         tracing::warn!("Ignored a malformed key-state message.");
         return;
@@ -236,8 +208,7 @@ fn apply(cluster: &Cluster, state: &AppState, payload: &[u8], age_ms: i64, refus
     if p.node == cluster.node_id {
         return;
     }
-    let runtime = state.runtime.load();
-    let Some(pool) = runtime.pools.get(&p.pool) else {
+    let Some(pool) = pools(&p.pool) else {
         return;
     };
     let status = absolute(p.status, crate::clock::now_ms(), age_ms);

@@ -9,7 +9,7 @@
 use super::{Cluster, ClusterError, PREFIX, RETRY_EVERY};
 use crate::{
     config::OnRedisDown,
-    ratelimit::{Admission, Counted, Limited, QuotaTracker, RateChecks, RateLimiter, Refusal},
+    ratelimit::{Admission, Counted, Limited, QuotaTracker, RateChecks, RateLimiter, Refusal, Ticket},
 };
 use serde::Deserialize;
 use std::sync::{Arc, atomic::Ordering};
@@ -21,15 +21,6 @@ pub enum Denied {
     Limit(Refusal),
     /// `fail_closed` while Redis is down.
     Unavailable,
-}
-
-/// What a shared admission took, kept with the request for its settlement.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Ticket {
-    /// The token bucket the reservation went to (Redis's answer).
-    pub bucket: i64,
-    /// Tokens reserved (before each `tpm`'s clamp to its limit).
-    pub reserve: u64,
 }
 
 /// A finished request's tokens, waiting to be settled in Redis.
@@ -449,7 +440,8 @@ impl Cluster {
 
 #[cfg(test)]
 mod tests {
-    use super::{Settlement, Ticket, aggregate, reserve_for};
+    use super::{Settlement, aggregate, reserve_for};
+    use crate::ratelimit::Ticket;
     use crate::ratelimit::{Limited, Limits, QuotaCheck, RateChecks, WindowCheck};
 
     #[test]

@@ -11,7 +11,6 @@
 pub mod key_sync;
 pub mod leases;
 pub mod limits;
-pub mod records;
 
 use crate::config::ClusterConfig;
 use arc_swap::ArcSwapOption;
@@ -353,19 +352,18 @@ fn host_name() -> String {
 /// the breaker, beat, replay unconfirmed releases, settle (owed quota
 /// tokens included), and sync key states.
 pub struct ClusterService {
-    pub state: Arc<crate::state::AppState>,
+    pub cluster: Arc<Cluster>,
+    pub pools: key_sync::PoolLookup,
 }
 
 #[async_trait::async_trait]
 impl pingora::services::background::BackgroundService for ClusterService {
     async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
-        let Some(cluster) = self.state.cluster.clone() else {
-            return;
-        };
-        tokio::spawn(key_sync::subscribe(cluster.clone(), self.state.clone()));
+        let cluster = self.cluster.clone();
+        tokio::spawn(key_sync::subscribe(cluster.clone(), self.pools.clone()));
         tokio::spawn(cluster.clone().flush_settlements());
-        if let Some(outbox) = key_sync::take_outbox() {
-            tokio::spawn(key_sync::publish(cluster.clone(), self.state.clone(), outbox));
+        if let Some(outbox) = crate::pool::changes::take() {
+            tokio::spawn(key_sync::publish(cluster.clone(), self.pools.clone(), outbox));
         }
         loop {
             let up = cluster.check().await;

@@ -15,4 +15,3 @@ pub fn load(path: &std::path::Path) -> Result<rustls::RootCertStore, String> {
     }
     Ok(roots)
 }
-

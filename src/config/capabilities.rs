@@ -41,4 +41,3 @@ pub struct CapabilityRule {
 pub fn valid_pattern(pattern: &str) -> Result<(), String> {
     globset::Glob::new(pattern).map(|_| ()).map_err(|e| e.to_string())
 }
-

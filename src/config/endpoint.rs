@@ -50,3 +50,24 @@ impl EndpointUrl {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_urls() {
+        let e = EndpointUrl::parse("https://api.openai.com").unwrap();
+        assert_eq!(
+            (e.tls, e.port, e.base_path.as_str(), e.authority.as_str()),
+            (true, 443, "", "api.openai.com")
+        );
+        let e = EndpointUrl::parse("http://127.0.0.1:8000/openai/").unwrap();
+        assert_eq!(
+            (e.tls, e.port, e.base_path.as_str(), e.authority.as_str()),
+            (false, 8000, "/openai", "127.0.0.1:8000")
+        );
+        assert!(EndpointUrl::parse("ftp://x").is_err());
+        assert!(EndpointUrl::parse("http://x/?a=1").is_err());
+        assert!(EndpointUrl::parse("nope").is_err());
+    }
+}

@@ -187,4 +187,3 @@ pub(crate) fn nth_line_of(text: &str, needle: &str, n: usize) -> usize {
         .nth(n)
         .map_or(1, |(i, _)| i + 1)
 }
-

@@ -8,6 +8,7 @@
 //! nothing per request: a key found closed leaves the list once, and the
 //! soonest deadline brings it back (no loop over all keys).
 
+pub mod changes;
 pub mod reprobe;
 pub mod signals;
 pub mod status;
@@ -467,7 +468,7 @@ impl Lease {
             change,
             Change::Cooled { .. } | Change::Rested { .. } | Change::Disabled { .. } | Change::Recovered { .. }
         ) {
-            crate::cluster::key_sync::changed(&self.pool.name, &self.key);
+            changes::changed(&self.pool.name, &self.key);
         }
         match &change {
             Change::Cooled { until_ms, model } => {
@@ -620,7 +621,7 @@ impl KeyPool {
             st.clone()
         });
         self.relist();
-        crate::cluster::key_sync::changed(&self.name, &key);
+        changes::changed(&self.name, &key);
         Some(st)
     }
 
@@ -637,7 +638,7 @@ impl KeyPool {
             self.relist();
         }
         if merge.republish {
-            crate::cluster::key_sync::changed(&self.name, &key);
+            changes::changed(&self.name, &key);
         }
         merge.taken
     }
@@ -647,7 +648,7 @@ impl KeyPool {
     pub fn republish(&self, id: &str) {
         if let Some(key) = self.key(id) {
             key.update(KeyStatus::restamp);
-            crate::cluster::key_sync::changed(&self.name, &key);
+            changes::changed(&self.name, &key);
         }
     }
 

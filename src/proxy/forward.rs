@@ -8,18 +8,24 @@
 //! another key, endpoint or fallback upstream possible before the first byte.
 
 use super::{
+    convert::Plan,
     ctx::RequestCtx,
     errors::GatewayError,
+    fake_stream::FakeStream,
     mock,
     retry::{self, Facts, NotConnected, Outcome, Verdict},
     rewrite,
 };
-use crate::{state::AppState, upstream::Upstream};
+use crate::{
+    router::Route,
+    state::AppState,
+    upstream::{Target, Upstream},
+};
 use bytes::Bytes;
 use http::header;
 use pingora::{
     ErrorType,
-    http::ResponseHeader,
+    http::{RequestHeader, ResponseHeader},
     protocols::http::client::HttpSession,
     proxy::Session,
     upstreams::peer::{HttpPeer, Peer},
@@ -76,12 +82,14 @@ pub async fn exchange(state: &Arc<AppState>, session: &mut Session, ctx: &mut Re
 }
 
 /// [`exchange`]'s attempts; `fake` holds a fake stream once its header
-/// is sent (`fake_stream` routes).
+/// is sent (`fake_stream` routes). Each upstream of the chain in turn:
+/// [`prepare`] it, then [`try_upstream`] until it answers, fails for good
+/// or hands over to the next.
 async fn attempts(
     state: &Arc<AppState>,
     session: &mut Session,
     ctx: &mut RequestCtx,
-    fake: &mut Option<super::fake_stream::FakeStream>,
+    fake: &mut Option<FakeStream>,
 ) -> Result<(), GatewayError> {
     let Some(route) = ctx.route.clone() else {
         return Err(GatewayError::NoRoute {
@@ -90,39 +98,17 @@ async fn attempts(
         });
     };
     let body = ctx.body.clone().unwrap_or_default();
-    let hash_key = ctx.key.as_ref().map(|k| k.id.clone()).unwrap_or_default();
-    let deadline = route.timeout.map(|t| ctx.started + t);
+    let chain = upstream_chain(state, &route);
+    if let Some(answered) = answer_here(state, session, ctx, &route, &chain, &body).await {
+        return answered;
+    }
+    let request = Request {
+        hash_key: ctx.key.as_ref().map(|k| k.id.clone()).unwrap_or_default(),
+        deadline: route.timeout.map(|t| ctx.started + t),
+        idempotent: retry::idempotent(&session.req_header().method, route.idempotent),
+        route: &route,
+    };
     let mut last_error = None;
-    let runtime = state.runtime.load();
-    let chain: Vec<Arc<Upstream>> = route
-        .upstreams
-        .iter()
-        .filter_map(|name| runtime.upstreams.get(name).cloned())
-        .collect();
-    drop(runtime);
-    let converting = chain.iter().any(|u| crate::router::converts(u.provider, route.format));
-    let req = session.req_header();
-    // A count toward an upstream that cannot count is estimated here; one
-    // that can (Anthropic, Gemini) is converted and asked below.
-    if super::convert::is_token_count(route.format, req.uri.path())
-        && chain.first().is_some_and(|u| {
-            crate::router::converts(u.provider, route.format) && !super::convert::counts_tokens(u.provider)
-        })
-    {
-        let answer = super::convert::token_count(route.format, req.uri.path(), &body)?;
-        ctx.upstream.attempts += 1;
-        return super::respond::json(session, ctx, 200, answer)
-            .await
-            .map_err(|_| GatewayError::ClientClosed);
-    }
-    if converting && super::convert::is_model_list(&req.method, req.uri.path()) {
-        let list = super::convert::model_list(route.format, &req.headers, &state.routes.load());
-        ctx.upstream.attempts += 1;
-        return super::respond::json(session, ctx, 200, list)
-            .await
-            .map_err(|_| GatewayError::ClientClosed);
-    }
-    let idempotent = retry::idempotent(&session.req_header().method, route.idempotent);
     for (position, upstream) in chain.iter().enumerate() {
         ctx.upstream.upstream = Some(upstream.clone());
         ctx.upstream.slot = None;
@@ -140,264 +126,445 @@ async fn attempts(
             }
             return Ok(());
         }
-        let Some(slot) = upstream.try_slot() else {
-            state.metrics.failovers.with_label_values(&["upstream_busy"]).inc();
-            last_error = Some(GatewayError::UpstreamBusy {
-                upstream: upstream.name.clone(),
-                limit: upstream.max_in_flight,
-            });
-            continue;
-        };
-        ctx.upstream.slot = Some(slot);
-        // Another API format upstream: the body converted once, replayed on
-        // every attempt.
-        let plan = match super::convert::plan(
-            route.format,
-            upstream,
-            &route.model_map,
-            (session.req_header().uri.path(), session.req_header().uri.query()),
-            &body,
-            route.fake_stream.is_some(),
-        ) {
-            Ok(mut p) => {
-                if let Some(p) = p.as_mut() {
-                    p.answer_as(ctx.model.as_deref());
-                    if ctx.response.strip_usage_chunk {
-                        p.usage_not_asked();
-                    }
-                }
-                p
-            }
-            Err(e) => {
+        let plan = match prepare(state, session, ctx, fake, &route, upstream, &body).await {
+            Ok(plan) => plan,
+            Err(Skip::Next(e)) => {
                 last_error = Some(e);
                 continue;
             }
+            Err(Skip::Stop(e)) => return Err(e),
         };
-        // A fake stream's header goes out before the upstream is asked; an
-        // upstream that cannot answer whole is skipped once it has.
-        match (&plan, route.fake_stream) {
-            (Some(p), Some(every)) if p.fake && fake.is_none() => {
-                *fake = Some(super::fake_stream::FakeStream::start(session, ctx, p, every).await?);
-            }
-            (p, _) if fake.is_some() && !p.as_ref().is_some_and(|p| p.fake) => {
-                last_error = Some(no_fake_stream(upstream));
-                continue;
-            }
-            _ => {}
-        }
-        let send_body = plan.as_ref().map_or_else(|| body.clone(), |p| p.body.clone());
-        let next_upstream = chain.get(position + 1).map(Arc::as_ref);
-        let mut retries_left = route.retries;
-        loop {
-            let first_byte = match deadline {
-                Some(d) => match d.checked_duration_since(std::time::Instant::now()) {
-                    Some(left) if !left.is_zero() => left.min(upstream.timeouts.first_byte.0),
-                    _ => {
-                        return Err(GatewayError::UpstreamTimeout {
-                            upstream: upstream.name.clone(),
-                            after_ms: ctx.started.elapsed().as_millis(),
-                        });
-                    }
-                },
-                None => upstream.timeouts.first_byte.0,
-            };
-            // A retry starts only for a client still there, even when the
-            // last attempt failed too fast for the watcher below to run.
-            if ctx.upstream.attempts > 0 && client_hung_up(session).await {
-                tracing::debug!(request_id = %ctx.request_id, "Client disconnected between attempts; no retry.");
-                ctx.upstream.lease = None;
-                ctx.response.cut_short = true;
-                return Err(GatewayError::ClientClosed);
-            }
-            ctx.upstream.attempts += 1;
-            let Some(target) = upstream.select(hash_key.as_bytes(), &ctx.upstream.tried_addrs) else {
-                last_error = Some(GatewayError::NoEndpoint(upstream.name.clone()));
-                break;
-            };
-            ctx.upstream.target = Some(target.clone());
-            ctx.upstream.lease = match &upstream.key_pool {
-                Some(pool) => match lease_key(state, pool, ctx).await {
-                    Ok(l) => Some(l),
-                    Err(no) => {
-                        state.metrics.failovers.with_label_values(&["no_usable_key"]).inc();
-                        last_error = Some(no_key_error(&pool.name, no));
-                        ctx.upstream.target = None;
-                        break;
-                    }
-                },
-                None => None,
-            };
-            let mut req = session.req_header().clone();
-            rewrite::upstream_request(
-                &mut req,
-                ctx,
-                &route,
-                upstream,
-                upstream.endpoint(&target),
-                ctx.upstream.lease.as_ref(),
-            )?;
-            if let Some(p) = &plan {
-                p.adjust(&mut req, &upstream.endpoint(&target).base_path)?;
-            }
-            rewrite::set_body_length(&mut req, send_body.len());
-            let peer = upstream.peer(&target, first_byte);
-            let facts = |outcome, retries_left, reconnected| Facts {
-                outcome,
-                idempotent,
-                retries_left,
-                fallback_left: next_upstream.is_some(),
-                reconnected,
-            };
-            let mut fresh = false;
-            let attempt = loop {
-                // Boxed: connecting and sending is the largest state of this
-                // exchange (about 10 KiB, most of it Pingora's connector).
-                // Held inline, every open stream would carry it until its end.
-                let sending = Box::pin(send(
-                    state,
-                    &peer,
-                    &req,
-                    send_body.clone(),
-                    first_byte,
-                    &upstream.name,
-                    fresh,
-                ));
-                let attempt = match fake.as_mut() {
-                    // Keepalives while the upstream thinks.
-                    Some(f) => f.wait(session, ctx, sending).await.ok(),
-                    None => {
-                        // The client may give up while the upstream connects
-                        // or thinks: then the exchange is dropped (closing the
-                        // upstream connection, so generation and billing stop)
-                        // and the key lease released. Watching starts after a
-                        // moment, so quick answers never pay the extra read on
-                        // the client's socket.
-                        let client_gone = async {
-                            tokio::time::sleep(WATCH_CLIENT_AFTER).await;
-                            session.downstream_session.read_body_or_idle(true).await
-                        };
-                        tokio::select! {
-                            a = sending => Some(a),
-                            _ = client_gone => None,
-                        }
-                    }
-                };
-                let Some(attempt) = attempt else {
-                    tracing::debug!(request_id = %ctx.request_id, "Client disconnected before the answer; cancelling the upstream request.");
-                    ctx.upstream.lease = None;
-                    ctx.response.cut_short = true;
-                    return Err(GatewayError::ClientClosed);
-                };
-                // A pooled connection the upstream closed while it idled:
-                // once per request, on a fresh connection, when safe.
-                if let Attempt::Failed { outcome, .. } = &attempt
-                    && retry::decide(&facts(*outcome, retries_left, ctx.upstream.reconnected)) == Verdict::Reconnect
-                {
-                    tracing::debug!(request_id = %ctx.request_id, upstream = %upstream.name, "A pooled connection was found dead; once more on a fresh one.");
-                    ctx.upstream.reconnected = true;
-                    fresh = true;
-                    continue;
-                }
-                break attempt;
-            };
-            match attempt {
-                Attempt::Answered(mut up) => {
-                    let status = up.response_header().map_or(502, |h| h.status.as_u16());
-                    // Gemini names its wait in the 429's body, not a header.
-                    let (mut prefix, mut body_delay) = (None, None);
-                    if status == 429 && upstream.provider == crate::config::Provider::Gemini {
-                        let (bytes, encoding) = read_error_body(&mut up).await;
-                        let plain = crate::usage::decode_small(encoding.as_deref(), &bytes, ERROR_BODY_CAP * 4);
-                        body_delay = crate::pool::signals::gemini_retry_delay(&plain);
-                        prefix = Some(bytes);
-                    }
-                    let mut retry_after = false;
-                    if let Some(h) = up.response_header() {
-                        retry_after = h.headers.contains_key(header::RETRY_AFTER);
-                        if let Some(lease) = &ctx.upstream.lease {
-                            lease.observe_with_delay(status, &h.headers, ctx.model.as_deref(), body_delay);
-                        }
-                    }
-                    let outcome = Outcome::Answered {
-                        status,
-                        retry_after,
-                        pooled_key: ctx.upstream.lease.is_some(),
-                    };
-                    let verdict = retry::judge(
-                        state,
-                        ctx,
-                        &facts(outcome, retries_left, ctx.upstream.reconnected),
-                        upstream,
-                        next_upstream,
-                    );
-                    if let Verdict::Retry { .. } | Verdict::Fallback { .. } = verdict {
-                        tracing::info!(request_id = %ctx.request_id, upstream = %upstream.name, status, attempt = ctx.upstream.attempts, "Upstream answered with a retryable status; failing over.");
-                        last_error = Some(GatewayError::UpstreamStatus {
-                            upstream: upstream.name.clone(),
-                            status,
-                        });
-                        ctx.upstream.mark_failed(&status.to_string());
-                        if let Verdict::Fallback { .. } = verdict {
-                            break;
-                        }
-                        retries_left = retries_left.saturating_sub(1);
-                        continue;
-                    }
-                    if matches!(status, 401 | 403) && ctx.upstream.lease.is_some() {
-                        return Err(key_rejected(status, upstream));
-                    }
-                    if let (Some(p), Some(f)) = (&plan, fake.as_mut()) {
-                        let idle = upstream.timeouts.idle.0;
-                        return Box::pin(f.respond(state, session, ctx, (*up, &peer), (p, idle), prefix)).await;
-                    }
-                    if let Some(p) = &plan {
-                        let idle = upstream.timeouts.idle.0;
-                        // Boxed like `send`: only a converted answer carries it.
-                        return Box::pin(super::convert::respond(
-                            state,
-                            session,
-                            ctx,
-                            (*up, &peer),
-                            p,
-                            idle,
-                            prefix,
-                        ))
-                        .await;
-                    }
-                    stream_response(state, session, ctx, *up, &peer, prefix).await;
-                    return Ok(());
-                }
-                Attempt::Failed { error, outcome } => {
-                    tracing::warn!(request_id = %ctx.request_id, upstream = %upstream.name, error = %error, attempt = ctx.upstream.attempts, "Upstream attempt failed.");
-                    if let Some(lease) = &ctx.upstream.lease {
-                        lease.note_failure(error.kind());
-                    }
-                    if outcome == Outcome::NotConnected(NotConnected::Refused) {
-                        upstream.rest_address(target.addr);
-                    }
-                    ctx.upstream.mark_failed(error.kind());
-                    let verdict = retry::judge(
-                        state,
-                        ctx,
-                        &facts(outcome, retries_left, ctx.upstream.reconnected),
-                        upstream,
-                        next_upstream,
-                    );
-                    match verdict {
-                        Verdict::Retry { .. } => retries_left = retries_left.saturating_sub(1),
-                        Verdict::Fallback { .. } => {
-                            last_error = Some(error);
-                            break;
-                        }
-                        // The provider may be acting on it, or nothing is
-                        // left: the client gets this error.
-                        Verdict::Reconnect | Verdict::Stop(_) => return Err(error),
-                    }
-                }
-            }
+        let leg = Leg {
+            send_body: plan.as_ref().map_or_else(|| body.clone(), |p| p.body.clone()),
+            plan: plan.as_ref(),
+            upstream,
+            next_upstream: chain.get(position + 1).map(Arc::as_ref),
+        };
+        match try_upstream(state, session, ctx, fake, &request, &leg).await {
+            Err(Skip::Next(e)) => last_error = Some(e),
+            Err(Skip::Stop(e)) => return Err(e),
+            Ok(()) => return Ok(()),
         }
     }
     Err(last_error.unwrap_or_else(|| GatewayError::NoEndpoint(route.upstreams[0].clone())))
+}
+
+/// What one request brings to every attempt.
+struct Request<'a> {
+    route: &'a Route,
+    /// Consistent-hash input of the balancer (the gateway key's id).
+    hash_key: String,
+    /// The route's `timeout`, from the request's start.
+    deadline: Option<std::time::Instant>,
+    idempotent: bool,
+}
+
+/// One upstream of the chain, prepared.
+struct Leg<'a> {
+    upstream: &'a Arc<Upstream>,
+    next_upstream: Option<&'a Upstream>,
+    /// The conversion toward this upstream's format, if it differs.
+    plan: Option<&'a Plan>,
+    /// The body sent on every attempt (converted once).
+    send_body: Bytes,
+}
+
+/// Why an upstream (or the whole exchange) ends without an answer.
+enum Skip {
+    /// This upstream is done; the next in the chain may still answer.
+    Next(GatewayError),
+    /// The client gets this error now.
+    Stop(GatewayError),
+}
+
+/// The route's upstreams as this moment's runtime has them.
+fn upstream_chain(state: &AppState, route: &Route) -> Vec<Arc<Upstream>> {
+    let runtime = state.runtime.load();
+    route
+        .upstreams
+        .iter()
+        .filter_map(|name| runtime.upstreams.get(name).cloned())
+        .collect()
+}
+
+/// Requests FastGate answers itself when it converts: a token count toward
+/// an upstream that cannot count (estimated), and the model list.
+async fn answer_here(
+    state: &AppState,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    route: &Route,
+    chain: &[Arc<Upstream>],
+    body: &Bytes,
+) -> Option<Result<(), GatewayError>> {
+    let req = session.req_header();
+    // A count toward an upstream that can (Anthropic, Gemini) is converted
+    // and asked like any request.
+    let answer = if super::convert::is_token_count(route.format, req.uri.path())
+        && chain.first().is_some_and(|u| {
+            crate::router::converts(u.provider, route.format) && !super::convert::counts_tokens(u.provider)
+        }) {
+        match super::convert::token_count(route.format, req.uri.path(), body) {
+            Ok(answer) => answer,
+            Err(e) => return Some(Err(e)),
+        }
+    } else if chain.iter().any(|u| crate::router::converts(u.provider, route.format))
+        && super::convert::is_model_list(&req.method, req.uri.path())
+    {
+        super::convert::model_list(route.format, &req.headers, &state.routes.load())
+    } else {
+        return None;
+    };
+    ctx.upstream.attempts += 1;
+    Some(
+        super::respond::json(session, ctx, 200, answer)
+            .await
+            .map_err(|_| GatewayError::ClientClosed),
+    )
+}
+
+/// Take an upstream's slot and convert the body for it; a fake stream's
+/// header goes out here, before the first upstream that can serve it is
+/// asked.
+async fn prepare(
+    state: &AppState,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    fake: &mut Option<FakeStream>,
+    route: &Route,
+    upstream: &Upstream,
+    body: &Bytes,
+) -> Result<Option<Plan>, Skip> {
+    let Some(slot) = upstream.try_slot() else {
+        state.metrics.failovers.with_label_values(&["upstream_busy"]).inc();
+        return Err(Skip::Next(GatewayError::UpstreamBusy {
+            upstream: upstream.name.clone(),
+            limit: upstream.max_in_flight,
+        }));
+    };
+    ctx.upstream.slot = Some(slot);
+    // Another API format upstream: the body converted once, replayed on
+    // every attempt.
+    let uri = &session.req_header().uri;
+    let mut plan = super::convert::plan(
+        route.format,
+        upstream,
+        &route.model_map,
+        (uri.path(), uri.query()),
+        body,
+        route.fake_stream.is_some(),
+    )
+    .map_err(Skip::Next)?;
+    if let Some(p) = plan.as_mut() {
+        p.answer_as(ctx.model.as_deref());
+        if ctx.response.strip_usage_chunk {
+            p.usage_not_asked();
+        }
+    }
+    // An upstream that cannot answer whole is skipped once the fake
+    // stream's header is out.
+    match (&plan, route.fake_stream) {
+        (Some(p), Some(every)) if p.fake && fake.is_none() => {
+            *fake = Some(FakeStream::start(session, ctx, p, every).await.map_err(Skip::Stop)?);
+        }
+        (p, _) if fake.is_some() && !p.as_ref().is_some_and(|p| p.fake) => {
+            return Err(Skip::Next(no_fake_stream(upstream)));
+        }
+        _ => {}
+    }
+    Ok(plan)
+}
+
+/// Attempts on one upstream (other keys and addresses, within the route's
+/// `retries`) until it answers, fails for good, or hands over.
+async fn try_upstream(
+    state: &Arc<AppState>,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    fake: &mut Option<FakeStream>,
+    request: &Request<'_>,
+    leg: &Leg<'_>,
+) -> Result<(), Skip> {
+    let upstream = leg.upstream;
+    let mut retries_left = request.route.retries;
+    loop {
+        let first_byte = first_byte_timeout(request, upstream, ctx).map_err(Skip::Stop)?;
+        // A retry starts only for a client still there, even when the
+        // last attempt failed too fast for the watcher in `send_watched` to run.
+        if ctx.upstream.attempts > 0 && client_hung_up(session).await {
+            tracing::debug!(request_id = %ctx.request_id, "Client disconnected between attempts; no retry.");
+            return Err(Skip::Stop(client_closed(ctx)));
+        }
+        ctx.upstream.attempts += 1;
+        let target = pick_target(state, ctx, upstream, &request.hash_key)
+            .await
+            .map_err(Skip::Next)?;
+        let req = upstream_request(session, ctx, request.route, leg, &target).map_err(Skip::Stop)?;
+        let peer = upstream.peer(&target, first_byte);
+        let facts = |outcome, retries_left, reconnected| Facts {
+            outcome,
+            idempotent: request.idempotent,
+            retries_left,
+            fallback_left: leg.next_upstream.is_some(),
+            reconnected,
+        };
+        let mut fresh = false;
+        let attempt = loop {
+            let attempt = send_watched(state, session, ctx, fake, leg, (&peer, &req), first_byte, fresh).await?;
+            // A pooled connection the upstream closed while it idled:
+            // once per request, on a fresh connection, when safe.
+            if let Attempt::Failed { outcome, .. } = &attempt
+                && retry::decide(&facts(*outcome, retries_left, ctx.upstream.reconnected)) == Verdict::Reconnect
+            {
+                tracing::debug!(request_id = %ctx.request_id, upstream = %upstream.name, "A pooled connection was found dead; once more on a fresh one.");
+                ctx.upstream.reconnected = true;
+                fresh = true;
+                continue;
+            }
+            break attempt;
+        };
+        let (verdict, error) = match attempt {
+            Attempt::Answered(mut up) => {
+                let (status, prefix, outcome) = learn_from_answer(upstream, ctx, &mut up).await;
+                let verdict = retry::judge(
+                    state,
+                    ctx,
+                    &facts(outcome, retries_left, ctx.upstream.reconnected),
+                    upstream,
+                    leg.next_upstream,
+                );
+                if !matches!(verdict, Verdict::Retry { .. } | Verdict::Fallback { .. }) {
+                    return relay_answer(state, session, ctx, fake, leg, (*up, &peer), (status, prefix)).await;
+                }
+                tracing::info!(request_id = %ctx.request_id, upstream = %upstream.name, status, attempt = ctx.upstream.attempts, "Upstream answered with a retryable status; failing over.");
+                ctx.upstream.mark_failed(&status.to_string());
+                (
+                    verdict,
+                    GatewayError::UpstreamStatus {
+                        upstream: upstream.name.clone(),
+                        status,
+                    },
+                )
+            }
+            Attempt::Failed { error, outcome } => {
+                tracing::warn!(request_id = %ctx.request_id, upstream = %upstream.name, error = %error, attempt = ctx.upstream.attempts, "Upstream attempt failed.");
+                if let Some(lease) = &ctx.upstream.lease {
+                    lease.note_failure(error.kind());
+                }
+                if outcome == Outcome::NotConnected(NotConnected::Refused) {
+                    upstream.rest_address(target.addr);
+                }
+                ctx.upstream.mark_failed(error.kind());
+                let verdict = retry::judge(
+                    state,
+                    ctx,
+                    &facts(outcome, retries_left, ctx.upstream.reconnected),
+                    upstream,
+                    leg.next_upstream,
+                );
+                // The provider may be acting on it, or nothing is left:
+                // the client gets this error.
+                if let Verdict::Reconnect | Verdict::Stop(_) = verdict {
+                    return Err(Skip::Stop(error));
+                }
+                (verdict, error)
+            }
+        };
+        if let Verdict::Fallback { .. } = verdict {
+            return Err(Skip::Next(error));
+        }
+        retries_left = retries_left.saturating_sub(1);
+    }
+}
+
+/// How long this attempt may wait for the first byte: the upstream's
+/// `first_byte` timeout, within what is left of the route's `timeout`.
+fn first_byte_timeout(request: &Request<'_>, upstream: &Upstream, ctx: &RequestCtx) -> Result<Duration, GatewayError> {
+    let Some(deadline) = request.deadline else {
+        return Ok(upstream.timeouts.first_byte.0);
+    };
+    match deadline.checked_duration_since(std::time::Instant::now()) {
+        Some(left) if !left.is_zero() => Ok(left.min(upstream.timeouts.first_byte.0)),
+        _ => Err(GatewayError::UpstreamTimeout {
+            upstream: upstream.name.clone(),
+            after_ms: ctx.started.elapsed().as_millis(),
+        }),
+    }
+}
+
+/// The client left: its key lease goes back at once.
+fn client_closed(ctx: &mut RequestCtx) -> GatewayError {
+    ctx.upstream.lease = None;
+    ctx.response.cut_short = true;
+    GatewayError::ClientClosed
+}
+
+/// An address of the upstream, and a key of its pool, for this attempt.
+async fn pick_target(
+    state: &AppState,
+    ctx: &mut RequestCtx,
+    upstream: &Upstream,
+    hash_key: &str,
+) -> Result<Target, GatewayError> {
+    let Some(target) = upstream.select(hash_key.as_bytes(), &ctx.upstream.tried_addrs) else {
+        return Err(GatewayError::NoEndpoint(upstream.name.clone()));
+    };
+    ctx.upstream.target = Some(target.clone());
+    ctx.upstream.lease = match &upstream.key_pool {
+        Some(pool) => match lease_key(state, pool, ctx).await {
+            Ok(lease) => Some(lease),
+            Err(no) => {
+                state.metrics.failovers.with_label_values(&["no_usable_key"]).inc();
+                ctx.upstream.target = None;
+                return Err(no_key_error(&pool.name, no));
+            }
+        },
+        None => None,
+    };
+    Ok(target)
+}
+
+/// The request header this attempt sends: rewritten for the route, the
+/// upstream, its endpoint and key, and the converted body's format.
+fn upstream_request(
+    session: &Session,
+    ctx: &RequestCtx,
+    route: &Route,
+    leg: &Leg<'_>,
+    target: &Target,
+) -> Result<RequestHeader, GatewayError> {
+    let mut req = session.req_header().clone();
+    let endpoint = leg.upstream.endpoint(target);
+    rewrite::upstream_request(
+        &mut req,
+        ctx,
+        route,
+        leg.upstream,
+        endpoint,
+        ctx.upstream.lease.as_ref(),
+    )?;
+    if let Some(p) = leg.plan {
+        p.adjust(&mut req, &endpoint.base_path)?;
+    }
+    rewrite::set_body_length(&mut req, leg.send_body.len());
+    Ok(req)
+}
+
+/// [`send`], while watching the client: one that gives up while the
+/// upstream connects or thinks drops the exchange (closing the upstream
+/// connection, so generation and billing stop) and its key lease. A fake
+/// stream sends its keepalives meanwhile instead.
+#[allow(clippy::too_many_arguments)]
+async fn send_watched(
+    state: &AppState,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    fake: &mut Option<FakeStream>,
+    leg: &Leg<'_>,
+    (peer, req): (&HttpPeer, &RequestHeader),
+    first_byte: Duration,
+    fresh: bool,
+) -> Result<Attempt, Skip> {
+    // Boxed: connecting and sending is the largest state of this exchange
+    // (about 10 KiB, most of it Pingora's connector). Held inline, every
+    // open stream would carry it until its end.
+    let sending = Box::pin(send(
+        state,
+        peer,
+        req,
+        leg.send_body.clone(),
+        first_byte,
+        &leg.upstream.name,
+        fresh,
+    ));
+    let attempt = match fake.as_mut() {
+        Some(f) => f.wait(session, ctx, sending).await.ok(),
+        None => {
+            // Watching starts after a moment, so quick answers never pay
+            // the extra read on the client's socket.
+            let client_gone = async {
+                tokio::time::sleep(WATCH_CLIENT_AFTER).await;
+                session.downstream_session.read_body_or_idle(true).await
+            };
+            tokio::select! {
+                a = sending => Some(a),
+                _ = client_gone => None,
+            }
+        }
+    };
+    attempt.ok_or_else(|| {
+        tracing::debug!(request_id = %ctx.request_id, "Client disconnected before the answer; cancelling the upstream request.");
+        Skip::Stop(client_closed(ctx))
+    })
+}
+
+/// What an answer's head tells the key pool and the retry policy; a
+/// Gemini 429 names its wait in the body, whose start is read (and handed
+/// on as `prefix` if the answer is relayed).
+async fn learn_from_answer(
+    upstream: &Upstream,
+    ctx: &RequestCtx,
+    up: &mut HttpSession,
+) -> (u16, Option<Bytes>, Outcome) {
+    let status = up.response_header().map_or(502, |h| h.status.as_u16());
+    let (mut prefix, mut body_delay) = (None, None);
+    if status == 429 && upstream.provider == crate::config::Provider::Gemini {
+        let (bytes, encoding) = read_error_body(up).await;
+        let plain = crate::usage::decode_small(encoding.as_deref(), &bytes, ERROR_BODY_CAP * 4);
+        body_delay = crate::pool::signals::gemini_retry_delay(&plain);
+        prefix = Some(bytes);
+    }
+    let mut retry_after = false;
+    if let Some(h) = up.response_header() {
+        retry_after = h.headers.contains_key(header::RETRY_AFTER);
+        if let Some(lease) = &ctx.upstream.lease {
+            lease.observe_with_delay(status, &h.headers, ctx.model.as_deref(), body_delay);
+        }
+    }
+    let outcome = Outcome::Answered {
+        status,
+        retry_after,
+        pooled_key: ctx.upstream.lease.is_some(),
+    };
+    (status, prefix, outcome)
+}
+
+/// Hand an answer that is not retried to the client: as it came, converted
+/// to the client's format, or as a fake stream's events.
+async fn relay_answer(
+    state: &AppState,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    fake: &mut Option<FakeStream>,
+    leg: &Leg<'_>,
+    (up, peer): (HttpSession, &HttpPeer),
+    (status, prefix): (u16, Option<Bytes>),
+) -> Result<(), Skip> {
+    if matches!(status, 401 | 403) && ctx.upstream.lease.is_some() {
+        return Err(Skip::Stop(key_rejected(status, leg.upstream)));
+    }
+    let idle = leg.upstream.timeouts.idle.0;
+    let relayed = match (leg.plan, fake.as_mut()) {
+        (Some(p), Some(f)) => Box::pin(f.respond(state, session, ctx, (up, peer), (p, idle), prefix)).await,
+        // Boxed like `send`: only a converted answer carries it.
+        (Some(p), None) => {
+            Box::pin(super::convert::respond(
+                state,
+                session,
+                ctx,
+                (up, peer),
+                p,
+                idle,
+                prefix,
+            ))
+            .await
+        }
+        (None, _) => {
+            stream_response(state, session, ctx, up, peer, prefix).await;
+            Ok(())
+        }
+    };
+    relayed.map_err(Skip::Stop)
 }
 
 /// An upstream skipped because it cannot serve a fake stream whose header

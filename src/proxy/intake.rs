@@ -2,8 +2,8 @@
 //! authentication, body (only when needed), model, final route, body rewrite.
 //! Everything here runs before any upstream is contacted.
 
-use crate::clock::now_unix;
 use super::{ctx::RequestCtx, errors::GatewayError, rewrite};
+use crate::clock::now_unix;
 use crate::{
     auth::{self, AuthError},
     cluster::limits::Denied,

@@ -8,9 +8,6 @@ use bytes::Bytes;
 use pingora::proxy::Session;
 use serde_json::{Value, json};
 
-/// The model name the mock answers as when the request names none.
-pub const MODEL: &str = "mock-1";
-
 enum Api {
     OpenaiChat,
     OpenaiEmbeddings,
@@ -68,7 +65,7 @@ pub async fn respond(session: &mut Session, ctx: &mut RequestCtx, cfg: &MockConf
         .as_str()
         .map(str::to_string)
         .or_else(|| ctx.model.clone())
-        .unwrap_or_else(|| MODEL.into());
+        .unwrap_or_else(|| crate::config::MOCK_MODEL.into());
     let stream = body["stream"].as_bool().unwrap_or(false);
     let prompt_tokens = ctx.body.as_ref().map_or(1, |b| (b.len() / 4).max(1));
     let words: Vec<String> = cfg.reply.split_inclusive(' ').map(str::to_string).collect();

@@ -20,6 +20,7 @@
 //! logging                  finish: usage, metrics, audit row, one log line
 //! ```
 
+pub mod conn_guard;
 pub mod convert;
 pub mod ctx;
 pub mod errors;
@@ -102,9 +103,7 @@ impl ProxyHttp for Gateway {
         if self.state.config.file.server.limits.keepalive_timeout.0.is_zero() {
             session.set_keepalive(None);
         }
-        if let Some((why, e)) =
-            crate::conn_guard::check_header(&self.state.config.file.server.limits, session.req_header())
-        {
+        if let Some((why, e)) = conn_guard::check_header(&self.state.config.file.server.limits, session.req_header()) {
             self.state
                 .metrics
                 .transport_refusals

@@ -5,10 +5,10 @@
 use super::{ctx::RequestCtx, errors::GatewayError};
 use crate::{
     auth,
+    config::endpoint::EndpointUrl,
     config::{Provider, routes_d::AuthMode},
     pool::Lease,
     router::{Route, expand_template},
-    config::endpoint::EndpointUrl,
 };
 use bytes::Bytes;
 use http::{HeaderValue, header};

@@ -112,4 +112,3 @@ pub fn parse_route_yaml(text: &str, config: &FileConfig) -> Result<RouteConfig, 
     }
     Ok(routes.remove(0))
 }
-

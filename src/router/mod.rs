@@ -235,7 +235,7 @@ impl Route {
             any_mock |= up.provider == Provider::Mock;
             known_models.extend(up.models.iter().cloned());
             if up.provider == Provider::Mock {
-                known_models.push(crate::proxy::mock::MODEL.to_string());
+                known_models.push(crate::config::MOCK_MODEL.to_string());
             }
             if i == 0 && format == Format::Passthrough {
                 format = provider_format(up.provider);
@@ -556,8 +556,8 @@ impl RouteTable {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use super::compile_sources;
+    use super::*;
 
     fn config() -> FileConfig {
         serde_norway::from_str(

@@ -15,9 +15,7 @@
 mod health;
 
 use crate::{
-    config::{
-        Balance, MockConfig, Provider, RetryBudgetConfig, TimeoutsConfig, UpstreamConfig, endpoint::EndpointUrl,
-    },
+    config::{Balance, MockConfig, Provider, RetryBudgetConfig, TimeoutsConfig, UpstreamConfig, endpoint::EndpointUrl},
     pool::KeyPool,
 };
 use async_trait::async_trait;
@@ -422,23 +420,6 @@ mod tests {
         assert!(c.is_some());
         drop((b, c, slots));
         assert!(up.try_retry().is_some(), "min_concurrency with nothing in flight");
-    }
-
-    #[test]
-    fn endpoint_urls() {
-        let e = EndpointUrl::parse("https://api.openai.com").unwrap();
-        assert_eq!(
-            (e.tls, e.port, e.base_path.as_str(), e.authority.as_str()),
-            (true, 443, "", "api.openai.com")
-        );
-        let e = EndpointUrl::parse("http://127.0.0.1:8000/openai/").unwrap();
-        assert_eq!(
-            (e.tls, e.port, e.base_path.as_str(), e.authority.as_str()),
-            (false, 8000, "/openai", "127.0.0.1:8000")
-        );
-        assert!(EndpointUrl::parse("ftp://x").is_err());
-        assert!(EndpointUrl::parse("http://x/?a=1").is_err());
-        assert!(EndpointUrl::parse("nope").is_err());
     }
 
     #[test]
