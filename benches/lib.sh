@@ -53,6 +53,6 @@ YML
 
 # A gateway key in the database of CONFIG, exported as FG_KEY (benches/post.lua reads it).
 create_bench_key() { # config
-  FG_KEY=$(target/release/fastgate keys -c "$1" create --name bench --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["secret"])')
+  FG_KEY=$(${FASTGATE:-target/release/fastgate} keys -c "$1" create --name bench --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["secret"])')
   export FG_KEY
 }

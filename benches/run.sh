@@ -17,6 +17,14 @@
 #                   (key selection must cost nothing measurable)
 # Each proxy gets PROXY_THREADS worker threads (default 1: a 2-core machine also
 # runs wrk and the upstream). CPU per request is read from /proc for the proxy.
+#
+# A/B of two builds in one run: FASTGATE_B=path/to/other/fastgate adds
+# `b-fastgate` and `b-fg-noaudit` (the same two configurations on that binary)
+# to the alternation, and the summary gives B against A. FASTGATE=path uses a
+# given binary as A instead of building one (and BARE=path a given bare
+# Pingora), e.g.
+#   git worktree add /tmp/old <commit> && (cd /tmp/old && cargo build --release --bin fastgate)
+#   FASTGATE_B=/tmp/old/target/release/fastgate bash benches/run.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source benches/lib.sh
@@ -33,9 +41,15 @@ for tool in wrk nginx curl python3; do
   command -v $tool >/dev/null || { echo "missing $tool (apt-get install wrk nginx-light curl)"; exit 1; }
 done
 
-cargo build --release --locked --bin fastgate --example bare_pingora >&2
-FASTGATE=target/release/fastgate
-BARE=target/release/examples/bare_pingora
+if [ -z "${FASTGATE:-}" ]; then
+  cargo build --release --locked --bin fastgate --example bare_pingora >&2
+  FASTGATE=target/release/fastgate
+elif [ -z "${BARE:-}" ]; then
+  cargo build --release --locked --example bare_pingora >&2
+fi
+FASTGATE_B=${FASTGATE_B:-}
+FGB=$((BASE+7)); FGBNA=$((BASE+8))
+BARE=${BARE:-target/release/examples/bare_pingora}
 
 bench_workdir
 
@@ -100,7 +114,18 @@ FASTGATE_ADMIN_PASSWORD=bench-admin-password $FASTGATE serve -c "$WORK/fg/fastga
 FG_PID=$!
 FASTGATE_ADMIN_PASSWORD=bench-admin-password $FASTGATE serve -c "$WORK/fgna/fastgate.yaml" >/dev/null 2>"$WORK/fgna/log" & PIDS+=($!)
 FGNA_PID=$!
-for p in $UP $NGINX $PINGORA $FG $SSE $FGNA $PINGORA_SSE; do wait_port $p; done
+PORTS="$UP $NGINX $PINGORA $FG $SSE $FGNA $PINGORA_SSE"
+if [ -n "$FASTGATE_B" ]; then
+  fastgate_instance "$WORK/fgb" $FGB $((BASE+12)) true
+  fastgate_instance "$WORK/fgbna" $FGBNA $((BASE+13)) false
+  cp "$WORK/fg/fg.db" "$WORK/fgb/fg.db"; cp "$WORK/fg/fg.db" "$WORK/fgbna/fg.db"
+  FASTGATE_ADMIN_PASSWORD=bench-admin-password $FASTGATE_B serve -c "$WORK/fgb/fastgate.yaml" >/dev/null 2>"$WORK/fgb/log" & PIDS+=($!)
+  FGB_PID=$!
+  FASTGATE_ADMIN_PASSWORD=bench-admin-password $FASTGATE_B serve -c "$WORK/fgbna/fastgate.yaml" >/dev/null 2>"$WORK/fgbna/log" & PIDS+=($!)
+  FGBNA_PID=$!
+  PORTS="$PORTS $FGB $FGBNA"
+fi
+for p in $PORTS; do wait_port $p; done
 sleep 0.5
 FG_RSS_IDLE=$(rss_kb $FG_PID)
 
@@ -119,6 +144,14 @@ URL[fg-noaudit]="http://127.0.0.1:$FGNA/v1/chat/completions"
 URL[fg-1key]="http://127.0.0.1:$FG/k1/v1/chat/completions"
 URL[fg-100keys]="http://127.0.0.1:$FG/k100/v1/chat/completions"
 CONFIGS=(direct nginx pingora fastgate fg-plain fg-noaudit fg-1key fg-100keys)
+if [ -n "$FASTGATE_B" ]; then
+  URL[b-fastgate]="http://127.0.0.1:$FGB/v1/chat/completions"
+  URL[b-fg-noaudit]="http://127.0.0.1:$FGBNA/v1/chat/completions"
+  CONFIGS+=(b-fastgate b-fg-noaudit)
+fi
+
+# ONLY="fg-noaudit b-fg-noaudit": alternate just these (a focused A/B).
+if [ -n "${ONLY:-}" ]; then read -ra CONFIGS <<< "$ONLY"; fi
 
 # Sanity: every configuration answers 200 with the upstream's body.
 for c in "${CONFIGS[@]}"; do
@@ -132,7 +165,7 @@ FG_RSS_LOAD=0
 to_ms() { awk -v v="$1" 'BEGIN { if (v ~ /us$/) {sub(/us/,"",v); print v/1000} else if (v ~ /ms$/) {sub(/ms/,"",v); print v+0} else if (v ~ /s$/) {sub(/s/,"",v); print v*1000} else print v }'; }
 run_wrk() { # config conns duration -> sets R_RPS R_P50 R_P99 R_REQ R_CPU
   local c=$1 conns=$2 dur=$3 pids
-  case $c in nginx) pids=$(nginx_px_pids);; pingora) pids=$BARE_PID;; fastgate|fg-plain|fg-1key|fg-100keys) pids=$FG_PID;; fg-noaudit) pids=$FGNA_PID;; *) pids="";; esac
+  case $c in nginx) pids=$(nginx_px_pids);; pingora) pids=$BARE_PID;; fastgate|fg-plain|fg-1key|fg-100keys) pids=$FG_PID;; fg-noaudit) pids=$FGNA_PID;; b-fastgate) pids=$FGB_PID;; b-fg-noaudit) pids=$FGBNA_PID;; *) pids="";; esac
   local before=0; [ -n "$pids" ] && before=$(cpu_ticks $pids)
   local out; out=$(wrk -t1 -c"$conns" -d"${dur}s" --latency -s benches/post.lua "${URL[$c]}")
   if [[ $c == fastgate ]]; then local r; r=$(rss_kb $FG_PID); [ "$r" -gt "$FG_RSS_LOAD" ] && FG_RSS_LOAD=$r; fi
@@ -179,21 +212,29 @@ TTFB_D=$(printf '%s\n' "${D[@]}" | median); TTFB_P=$(printf '%s\n' "${P[@]}" | m
   echo
   echo "| configuration | RPS (median) | p50 ms | p99 ms | proxy CPU µs/req | RPS vs bare Pingora |"
   echo "|---|---:|---:|---:|---:|---:|"
-  PR=$(echo ${RPS[pingora]} | median)
+  PR=$(echo ${RPS[pingora]:-} | median)
   for c in "${CONFIGS[@]}"; do
-    rps=$(echo ${RPS[$c]} | median)
+    rps=$(echo ${RPS[$c]:-} | median)
     ratio=$(awk -v a="$rps" -v b="$PR" 'BEGIN {printf "%.2f", a/b}')
-    echo "| $c | $rps | $(echo ${P50[$c]} | median) | $(echo ${P99[$c]} | median) | $(echo ${CPU[$c]} | median) | $ratio |"
+    echo "| $c | $rps | $(echo ${P50[$c]:-} | median) | $(echo ${P99[$c]:-} | median) | $(echo ${CPU[$c]:-} | median) | $ratio |"
   done
   echo
-  d1=$(echo ${L1[direct]} | median); f1=$(echo ${L1[fastgate]} | median); p1=$(echo ${L1[pingora]} | median)
+  d1=$(echo ${L1[direct]:-} | median); f1=$(echo ${L1[fastgate]:-} | median); p1=$(echo ${L1[pingora]:-} | median)
   echo "- p50 at 1 connection: direct ${d1} ms, bare Pingora ${p1} ms, FastGate ${f1} ms → FastGate adds $(awk -v a=$f1 -v b=$d1 'BEGIN{printf "%.3f", a-b}') ms over direct"
   echo "- SSE time to first byte (median of 150, curl, new connection each): direct $(awk -v v=$TTFB_D 'BEGIN{printf "%.3f", v*1000}') ms, bare Pingora $(awk -v v=$TTFB_P 'BEGIN{printf "%.3f", v*1000}') ms, FastGate $(awk -v v=$TTFB_F 'BEGIN{printf "%.3f", v*1000}') ms → FastGate adds $(awk -v a=$TTFB_F -v b=$TTFB_D 'BEGIN{printf "%.3f", (a-b)*1000}') ms over direct, $(awk -v a=$TTFB_F -v b=$TTFB_P 'BEGIN{printf "%.3f", (a-b)*1000}') ms over bare Pingora"
   echo "- FastGate RSS: idle $((FG_RSS_IDLE/1024)) MiB, under load $((FG_RSS_LOAD/1024)) MiB"
-  FA=$(echo ${RPS[fastgate]} | median); FN=$(echo ${RPS[fg-noaudit]} | median)
+  FA=$(echo ${RPS[fastgate]:-} | median); FN=$(echo ${RPS[fg-noaudit]:-} | median)
   echo "- Audit log on vs off (same route, same run): $(awk -v a=$FA -v b=$FN 'BEGIN{printf "%.2f", a/b}') × RPS"
-  K1=$(echo ${RPS[fg-1key]} | median); K100=$(echo ${RPS[fg-100keys]} | median)
+  K1=$(echo ${RPS[fg-1key]:-} | median); K100=$(echo ${RPS[fg-100keys]:-} | median)
   echo "- Key pool of 100 keys vs 1 key (same route shape, same run): $(awk -v a=$K100 -v b=$K1 'BEGIN{printf "%.2f", a/b}') × RPS"
+  if [ -n "$FASTGATE_B" ]; then
+    BA=$(echo ${RPS[b-fastgate]:-} | median); BN=$(echo ${RPS[b-fg-noaudit]:-} | median)
+    CA=$(echo ${CPU[fastgate]:-} | median); CBA=$(echo ${CPU[b-fastgate]:-} | median)
+    CN=$(echo ${CPU[fg-noaudit]:-} | median); CBN=$(echo ${CPU[b-fg-noaudit]:-} | median)
+    echo "- A/B: A = $FASTGATE ($($FASTGATE version)), B = $FASTGATE_B ($($FASTGATE_B version))"
+    echo "  - audit on: B/A $(awk -v a=$BA -v b=$FA 'BEGIN{printf "%.3f", a/b}') × RPS, CPU per request A ${CA} µs, B ${CBA} µs"
+    echo "  - audit off: B/A $(awk -v a=$BN -v b=$FN 'BEGIN{printf "%.3f", a/b}') × RPS, CPU per request A ${CN} µs, B ${CBN} µs"
+  fi
   ROWS=$(python3 -c "import sqlite3; print(sqlite3.connect('$WORK/fg/fg.db').execute('select count(*) from audit_log').fetchone()[0])")
   echo "- Audit rows written during the run: $ROWS (dropped: $(curl -s http://127.0.0.1:$((BASE+10))/metrics | awk '/^fastgate_audit_dropped_total/ {print $2}'))"
 } | tee "$OUT"
