@@ -308,6 +308,11 @@ async fn try_upstream(
             fallback_left: leg.next_upstream.is_some(),
             reconnected,
         };
+        // The retry policy's verdict on this attempt (budgets counted).
+        let judge = |ctx: &mut RequestCtx, outcome| {
+            let facts = facts(outcome, retries_left, ctx.upstream.reconnected);
+            retry::judge(state, ctx, &facts, upstream, leg.next_upstream)
+        };
         let mut fresh = false;
         let attempt = loop {
             let attempt = send_watched(state, session, ctx, fake, leg, (&peer, &req), first_byte, fresh).await?;
@@ -326,13 +331,7 @@ async fn try_upstream(
         let (verdict, error) = match attempt {
             Attempt::Answered(mut up) => {
                 let (status, prefix, outcome) = learn_from_answer(upstream, ctx, &mut up).await;
-                let verdict = retry::judge(
-                    state,
-                    ctx,
-                    &facts(outcome, retries_left, ctx.upstream.reconnected),
-                    upstream,
-                    leg.next_upstream,
-                );
+                let verdict = judge(ctx, outcome);
                 if !matches!(verdict, Verdict::Retry { .. } | Verdict::Fallback { .. }) {
                     return relay_answer(state, session, ctx, fake, leg, (*up, &peer), (status, prefix)).await;
                 }
@@ -355,13 +354,7 @@ async fn try_upstream(
                     upstream.rest_address(target.addr);
                 }
                 ctx.upstream.mark_failed(error.kind());
-                let verdict = retry::judge(
-                    state,
-                    ctx,
-                    &facts(outcome, retries_left, ctx.upstream.reconnected),
-                    upstream,
-                    leg.next_upstream,
-                );
+                let verdict = judge(ctx, outcome);
                 // The provider may be acting on it, or nothing is left:
                 // the client gets this error.
                 if let Verdict::Reconnect | Verdict::Stop(_) = verdict {
