@@ -17,7 +17,7 @@ audit: { max_bytes: 0 }
 YML
 start() { FASTGATE_ADMIN_PASSWORD=bench-admin-password $BIN serve -c $D/fastgate.yaml >/dev/null 2>$D/log & PID=$!; for _ in $(seq 300); do curl -s -o /dev/null http://127.0.0.1:18402/health/live && return; sleep 0.1; done; echo never up; cat $D/log; exit 1; }
 start; kill $PID; wait $PID || true
-python3 benches/audit_fill.py $D/fg.db $N | tail -1
+python3 benches/audit_fill.py $D/fg.db $N | tail -2
 ls -la $D/fg.db
 start
 TOKEN=$(curl -s http://127.0.0.1:18402/api/auth/login -H 'content-type: application/json' -d '{"username":"admin","password":"bench-admin-password"}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])')
@@ -28,4 +28,5 @@ t "/api/logs?limit=100&route=embed&status=500"
 t "/api/stats/summary?window=24h"
 t "/api/stats/timeseries?bucket=hour&window=24h"
 t "/api/stats/top?by=model&window=24h"
+t "/api/stats/summary?window=24h&key_id=key_0042"
 kill $PID; wait $PID || true

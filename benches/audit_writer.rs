@@ -1,9 +1,15 @@
-//! Audit writer throughput: rows per second the background writer sustains
-//! (batched transactions, WAL), measured from first enqueue to the final
-//! flush. Run: cargo bench --bench audit_writer
+//! Audit store throughput and CPU: rows per second from the first enqueue
+//! until the indexer has every row in SQLite, the CPU per row of the writer
+//! (segment appends) and of the indexer (SQLite), and the request path's
+//! cost (encode + enqueue). Run: cargo bench --bench audit_writer
 #![allow(clippy::unwrap_used)]
 
-use fastgate::{audit::AuditSink, config::AuditConfig, store::audit::AuditRecord};
+use fastgate::{
+    audit::{AuditSink, entry::AuditEntry},
+    config::AuditConfig,
+    store::audit::AuditRecord,
+};
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 fn record(i: u64) -> AuditRecord {
@@ -34,12 +40,32 @@ fn record(i: u64) -> AuditRecord {
     }
 }
 
+/// CPU seconds (user + system) each thread of this process named in
+/// `names` has used, from `/proc/self/task/*/stat` (10 ms resolution).
+fn thread_cpu(names: &[&str]) -> Vec<f64> {
+    let tick = 100.0; // USER_HZ on Linux
+    let mut out = vec![0.0; names.len()];
+    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        let Some(i) = names.iter().position(|n| comm.trim() == *n) else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        // Fields after the `(comm)`: state is 3rd, utime 14th, stime 15th.
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        let f: Vec<&str> = rest.split(' ').collect();
+        let (u, s): (f64, f64) = (f[11].parse().unwrap(), f[12].parse().unwrap());
+        out[i] += (u + s) / tick;
+    }
+    out
+}
+
 fn main() {
     let n: u64 = std::env::var("ROWS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(200_000);
-    for batch in [64usize, 512, 2048] {
+    for batch in [512usize, 2048] {
         let dir = tempfile::tempdir().unwrap();
         let cfg = AuditConfig {
             batch_size: batch,
@@ -49,16 +75,29 @@ fn main() {
         let sink = AuditSink::start(&dir.path().join("bench.db"), &cfg).unwrap();
         let started = Instant::now();
         let mut enqueue_ns = 0u128;
+        let mut cpu = [0.0; 2];
         for i in 0..n {
+            let r = record(i);
             let t = Instant::now();
-            assert!(sink.record(record(i)));
+            assert!(sink.record_entry(&AuditEntry::from(&r)));
             enqueue_ns += t.elapsed().as_nanos();
+            if i + 1 == n {
+                // Threads' CPU is read before close: they end with it.
+                while sink.stats().written.load(Ordering::Relaxed) < n {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                let c = thread_cpu(&["audit-writer", "audit-indexer"]);
+                cpu = [c[0], c[1]];
+            }
         }
-        sink.close();
         let secs = started.elapsed().as_secs_f64();
+        sink.close();
+        let per_row = |s: f64| s * 1e6 / n as f64;
         println!(
-            "audit_writer batch={batch:>5}: {n} rows in {secs:.2} s = {:>8.0} rows/s sustained; enqueue {:.0} ns/row on the request path",
+            "audit batch={batch:>5}: {n} rows indexed in {secs:.2} s = {:>8.0} rows/s; CPU per row: writer {:.2} µs, indexer {:.2} µs; request path (encode + enqueue) {:.0} ns",
             n as f64 / secs,
+            per_row(cpu[0]),
+            per_row(cpu[1]),
             enqueue_ns as f64 / n as f64
         );
     }

@@ -1,29 +1,36 @@
-//! The audit-log writer: the request path hands a record to a bounded queue
-//! with a non-blocking `try_send`; one thread writes batches in
-//! transactions, retries a failed batch, enforces retention, and drains
-//! everything on shutdown. A full queue drops the record and counts it — it
-//! never waits.
+//! The audit log: the request path encodes its record once and hands it to
+//! a bounded queue with a non-blocking `try_send`; the writer thread appends
+//! the records to segment files ([`segment`]), and the indexer thread loads
+//! them into SQLite for the admin queries ([`indexer`]), enforcing retention
+//! and the size budget. A full queue drops the record and counts it — it
+//! never waits; a failing database only delays the indexer.
 
 use crate::{
     clock::now_ms,
     config::AuditConfig,
     store::{self, audit::AuditRecord},
 };
+use entry::AuditEntry;
+use indexer::{Indexer, OwnStreams};
 use parking_lot::Mutex;
+use segment::{SegmentRoot, SegmentWriter};
 use std::{
     path::Path,
     sync::{
         Arc,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
         mpsc::{Receiver, SyncSender, TryRecvError, TrySendError, sync_channel},
     },
     thread::JoinHandle,
     time::{Duration, Instant},
 };
 
+pub mod entry;
 pub mod fields;
+pub mod indexer;
 pub mod merge;
 pub mod refused;
+pub mod segment;
 
 /// Headers whose values never reach the audit log.
 pub const REDACTED_HEADERS: [&str; 7] = [
@@ -74,7 +81,8 @@ pub fn redact_path(uri: &http::Uri) -> String {
 }
 
 enum Msg {
-    Record(Box<AuditRecord>),
+    /// One record, encoded ([`entry::AuditEntry::encode`]).
+    Record(Vec<u8>),
     Stop,
 }
 
@@ -82,17 +90,23 @@ enum Msg {
 #[derive(Debug, Default)]
 pub struct AuditStats {
     pub queued: AtomicUsize,
+    /// Rows indexed into the database.
     pub written: AtomicU64,
     pub dropped: AtomicU64,
     pub write_errors: AtomicU64,
     /// Rows deleted to keep the database under `audit.max_bytes`.
     pub budget_deleted: AtomicU64,
+    /// Bytes in segment files (written, and not yet indexed or deleted).
+    pub segment_bytes: AtomicU64,
+    /// Records found damaged in a segment (after a machine crash) and skipped.
+    pub damaged: AtomicU64,
 }
 
 pub struct AuditSink {
     tx: Option<SyncSender<Msg>>,
     stats: Arc<AuditStats>,
-    writer: Mutex<Option<JoinHandle<()>>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    indexer_stop: Arc<AtomicBool>,
     refused: refused::RefusalSampler,
 }
 
@@ -102,32 +116,68 @@ impl AuditSink {
         AuditSink {
             tx: None,
             stats: Arc::new(AuditStats::default()),
-            writer: Mutex::new(None),
+            threads: Mutex::new(Vec::new()),
+            indexer_stop: Arc::new(AtomicBool::new(false)),
             refused: refused::RefusalSampler::new(crate::config::RefusedMode::default()),
         }
     }
 
-    /// Start the writer thread on its own connection to `db`.
+    /// Start the writer thread on the segment files beside `db`, and the
+    /// indexer on its own connection to `db`. Segments a crash left are
+    /// indexed first.
     pub fn start(db: &Path, cfg: &AuditConfig) -> Result<Self, store::StoreError> {
         let conn = store::open(db)?;
+        let root = SegmentRoot::for_database(db);
+        let invalid = |what: &str, e: std::io::Error| {
+            store::StoreError::Invalid(format!("{what} {}: {e}", root.path().display()))
+        };
+        let (stream, lock) = root
+            .new_stream()
+            .map_err(|e| invalid("cannot create the audit segments in", e))?;
+        let segments = SegmentWriter::create(stream.clone(), SEGMENT_BYTES, SEGMENT_AGE, cfg.fsync)
+            .map_err(|e| invalid("cannot open the audit segments in", e))?;
+        let own: OwnStreams = Arc::new(Mutex::new(vec![(stream, lock)]));
         let (tx, rx) = sync_channel(cfg.queue_size);
         let stats = Arc::new(AuditStats::default());
+        stats
+            .segment_bytes
+            .store(root.total_bytes().map_or(0, |(b, _)| b), Ordering::Relaxed);
         let writer = Writer {
-            conn,
+            segments,
+            root: root.clone(),
+            own: own.clone(),
+            fsync: cfg.fsync,
             rx,
             stats: stats.clone(),
-            batch_size: cfg.batch_size,
+        };
+        let indexer_stop = Arc::new(AtomicBool::new(false));
+        let indexer = Indexer {
+            conn,
+            root,
+            own,
+            cursors: Default::default(),
+            warned: Default::default(),
+            stats: stats.clone(),
+            batch_size: cfg.batch_size.max(1),
             retention: cfg.retention.0,
             max_bytes: cfg.max_bytes.0,
+            stop: indexer_stop.clone(),
         };
-        let handle = std::thread::Builder::new()
-            .name("audit-writer".into())
-            .spawn(move || writer.run())
-            .map_err(|e| store::StoreError::Invalid(format!("cannot start the audit writer: {e}")))?;
+        let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new()
+                .name(name.into())
+                .spawn(f)
+                .map_err(|e| store::StoreError::Invalid(format!("cannot start the {name}: {e}")))
+        };
+        let threads = vec![
+            spawn("audit-writer", Box::new(move || writer.run()))?,
+            spawn("audit-indexer", Box::new(move || indexer.run()))?,
+        ];
         Ok(AuditSink {
             tx: Some(tx),
             stats,
-            writer: Mutex::new(Some(handle)),
+            threads: Mutex::new(threads),
+            indexer_stop,
             refused: refused::RefusalSampler::new(cfg.refused),
         })
     }
@@ -148,8 +198,13 @@ impl AuditSink {
 
     /// Queue a record; never blocks. Returns false if it was dropped.
     pub fn record(&self, record: AuditRecord) -> bool {
+        self.record_entry(&AuditEntry::from(&record))
+    }
+
+    /// Queue a record the request path borrows; it is encoded here, once.
+    pub fn record_entry(&self, entry: &AuditEntry<'_>) -> bool {
         let Some(tx) = &self.tx else { return false };
-        match tx.try_send(Msg::Record(Box::new(record))) {
+        match tx.try_send(Msg::Record(entry.encode())) {
             Ok(()) => {
                 self.stats.queued.fetch_add(1, Ordering::Relaxed);
                 true
@@ -161,191 +216,145 @@ impl AuditSink {
         }
     }
 
-    /// Write everything queued so far and stop the writer. Blocking: call at shutdown.
+    /// Write everything queued so far to the segments, index them, and stop
+    /// both threads. Blocking: call at shutdown.
     pub fn close(&self) {
         if let Some(tx) = &self.tx {
             let _ = tx.send(Msg::Stop);
         }
-        if let Some(handle) = self.writer.lock().take() {
-            let _ = handle.join();
+        let mut threads = std::mem::take(&mut *self.threads.lock()).into_iter();
+        // The writer first: the indexer stops once it has what was written.
+        if let Some(writer) = threads.next() {
+            let _ = writer.join();
+        }
+        self.indexer_stop.store(true, Ordering::Release);
+        for t in threads {
+            let _ = t.join();
         }
     }
 }
 
+/// Appends queued records to the segment files.
 struct Writer {
-    conn: rusqlite::Connection,
+    segments: SegmentWriter,
+    root: SegmentRoot,
+    /// Shared with the indexer: a new stream goes here.
+    own: OwnStreams,
+    fsync: crate::config::AuditFsync,
     rx: Receiver<Msg>,
     stats: Arc<AuditStats>,
-    batch_size: usize,
-    retention: Duration,
-    /// `audit.max_bytes`; 0 = no budget.
-    max_bytes: u64,
 }
 
-/// How often the writer wakes to write what has queued up.
-const BATCH_WINDOW: Duration = Duration::from_millis(50);
-/// Most expired rows deleted in one transaction.
-const PURGE_BATCH: usize = 5_000;
-
-/// How often old rows are purged.
-const RETENTION_EVERY: Duration = Duration::from_secs(600);
-/// Most delete batches per budget check, so the writer gets back to
-/// writing; a larger excess is worked off over the next checks.
-const BUDGET_BATCHES: usize = 20;
-/// A batch that failed to write is kept (and retried) up to this many rows.
-const MAX_PENDING_FACTOR: usize = 20;
+/// How often the writer wakes to write what has queued up. A SIGKILL loses
+/// what is queued and not yet written: at most this long of records.
+const WRITE_WINDOW: Duration = Duration::from_millis(20);
+/// A segment is closed (and can be deleted once indexed) past this size or age.
+const SEGMENT_BYTES: u64 = 32 << 20;
+const SEGMENT_AGE: Duration = Duration::from_secs(600);
+/// Most bytes waiting in segments for the indexer (a database that fails
+/// for long); past it new records are dropped and counted, so the disk
+/// does not fill.
+const BACKLOG_MAX: u64 = 1 << 30;
+/// How often the writer measures the backlog.
+const BACKLOG_EVERY: Duration = Duration::from_secs(1);
 
 impl Writer {
     fn run(mut self) {
-        let mut pending: Vec<AuditRecord> = Vec::with_capacity(self.batch_size);
-        let mut last_purge = Instant::now() - RETENTION_EVERY;
         let mut drops = DropReport::default();
+        let mut backlog_checked = Instant::now();
+        let mut over_backlog = false;
         let mut stopping = false;
         while !stopping {
             drops.check(&self.stats);
             // Sleep rather than block on the channel: a blocked receiver
             // would make every request's `try_send` a futex wake-up.
-            std::thread::sleep(BATCH_WINDOW);
+            std::thread::sleep(WRITE_WINDOW);
+            if backlog_checked.elapsed() >= BACKLOG_EVERY {
+                backlog_checked = Instant::now();
+                self.check_stream();
+                let bytes = match self.root.total_bytes() {
+                    Ok((bytes, 0)) => bytes,
+                    Ok((bytes, unreadable)) => {
+                        tracing::warn!(
+                            unreadable,
+                            "Audit segment streams cannot be measured; the backlog cap counts only the others."
+                        );
+                        bytes
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "Audit segments cannot be measured.");
+                        self.stats.segment_bytes.load(Ordering::Relaxed)
+                    }
+                };
+                self.stats.segment_bytes.store(bytes, Ordering::Relaxed);
+                let over = bytes > BACKLOG_MAX;
+                if over && !over_backlog {
+                    tracing::error!(
+                        bytes,
+                        "Audit segments are not being indexed (is the database failing?); new audit records are dropped until they are."
+                    );
+                }
+                over_backlog = over;
+            }
             loop {
                 match self.rx.try_recv() {
-                    Ok(Msg::Record(r)) => {
-                        self.take(&mut pending, *r);
-                        if pending.len() >= self.batch_size {
-                            self.flush_within_budget(&mut pending, false);
-                        }
-                    }
+                    Ok(Msg::Record(r)) => self.take(&r, over_backlog),
                     Ok(Msg::Stop) | Err(TryRecvError::Disconnected) => {
+                        // Records sent before Stop are already queued ahead
+                        // of it; drain whatever else is there, then stop.
                         stopping = true;
-                        // Records sent before Stop are already queued ahead of it.
+                        while let Ok(Msg::Record(r)) = self.rx.try_recv() {
+                            self.take(&r, over_backlog);
+                        }
+                        break;
                     }
                     Err(TryRecvError::Empty) => break,
                 }
-                if stopping {
-                    // Drain whatever else is queued, then stop.
-                    while let Ok(Msg::Record(r)) = self.rx.try_recv() {
-                        self.take(&mut pending, *r);
-                    }
-                    break;
-                }
             }
-            self.flush_within_budget(&mut pending, stopping);
-            if last_purge.elapsed() >= RETENTION_EVERY {
-                // A backlog is deleted a bounded batch per writer cycle, so
-                // neither the writer nor other connections wait long on it.
-                let backlog = self.purge();
-                last_purge = if backlog {
-                    Instant::now() - RETENTION_EVERY
-                } else {
-                    Instant::now()
-                };
+            if let Err((lost, e)) = self.segments.flush() {
+                self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
+                self.stats.dropped.fetch_add(lost as u64, Ordering::Relaxed);
+                tracing::error!(records = lost, error = %e, "Audit records could not be written to their segment.");
             }
         }
     }
 
-    fn take(&self, pending: &mut Vec<AuditRecord>, r: AuditRecord) {
+    /// If the stream's directory was removed under the writer (what it
+    /// writes would go nowhere), start a new stream.
+    fn check_stream(&mut self) {
+        if !self.segments.detached() {
+            return;
+        }
+        tracing::error!(
+            dir = %self.segments.stream().path().display(),
+            "The audit segment file was removed while in use; records written to it and not yet indexed are lost. Starting a new one."
+        );
+        let made = self.root.new_stream().and_then(|(stream, lock)| {
+            let w = SegmentWriter::create(stream.clone(), SEGMENT_BYTES, SEGMENT_AGE, self.fsync)?;
+            Ok((w, stream, lock))
+        });
+        match made {
+            Ok((w, stream, lock)) => {
+                self.segments = w;
+                self.own.lock().push((stream, lock));
+            }
+            Err(e) => tracing::error!(error = %e, "A new audit segment stream cannot be made; retrying."),
+        }
+    }
+
+    fn take(&mut self, record: &[u8], over_backlog: bool) {
         self.stats.queued.fetch_sub(1, Ordering::Relaxed);
-        if pending.len() >= self.batch_size * MAX_PENDING_FACTOR {
-            // The database has been failing for a while: shed the oldest.
-            pending.remove(0);
+        if over_backlog || record.len() > segment::PAYLOAD_MAX {
             self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
         }
-        pending.push(r);
-    }
-
-    /// [`Self::flush`], then the size budget. It is checked after every
-    /// write (two PRAGMA reads of the database header: cheap), so the file
-    /// outgrows it by one batch at most.
-    fn flush_within_budget(&mut self, pending: &mut Vec<AuditRecord>, final_flush: bool) {
-        if self.flush(pending, final_flush) && self.max_bytes > 0 {
-            self.enforce_budget();
-        }
-    }
-
-    /// Write what is pending; whether any row was written.
-    fn flush(&mut self, pending: &mut Vec<AuditRecord>, final_flush: bool) -> bool {
-        let attempts = if final_flush { 20 } else { 1 };
-        for attempt in 0..attempts {
-            if pending.is_empty() {
-                return false;
-            }
-            match store::audit::insert_batch(&mut self.conn, pending) {
-                Ok(()) => {
-                    self.stats.written.fetch_add(pending.len() as u64, Ordering::Relaxed);
-                    pending.clear();
-                    return true;
-                }
-                Err(e) => {
-                    self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(rows = pending.len(), error = %e, attempt, "Audit batch not written yet; will retry.");
-                    if final_flush {
-                        std::thread::sleep(Duration::from_millis(250));
-                    }
-                }
-            }
-        }
-        if final_flush && !pending.is_empty() {
-            tracing::error!(
-                rows = pending.len(),
-                "Audit rows lost at shutdown: the database kept failing."
-            );
-            self.stats.dropped.fetch_add(pending.len() as u64, Ordering::Relaxed);
-        }
-        false
-    }
-
-    /// Keep the database under `max_bytes` of used pages: delete the oldest
-    /// audit rows, a bounded batch at a time, until it is under 90 % of the
-    /// budget (so it is not at the edge again with the next batch). Deleted
-    /// pages go to SQLite's free list and are reused by the next inserts,
-    /// so the file stops growing at about the budget.
-    fn enforce_budget(&self) {
-        let target = self.max_bytes / 10 * 9;
-        let mut deleted = 0u64;
-        for _ in 0..BUDGET_BATCHES {
-            let step = store::audit::used_bytes(&self.conn).and_then(|used| {
-                if used <= target || (deleted == 0 && used <= self.max_bytes) {
-                    return Ok(None);
-                }
-                let rows = store::audit::rows_estimate(&self.conn)?;
-                if rows == 0 {
-                    return Ok(None);
-                }
-                // As many rows as the excess holds at the average row size.
-                let per_row = (used / rows).max(1);
-                let n = ((used - target) / per_row + 1).min(PURGE_BATCH as u64);
-                store::audit::delete_oldest(&self.conn, n as usize).map(Some)
-            });
-            match step {
-                Ok(Some(n)) if n > 0 => deleted += n as u64,
-                Ok(_) => break,
-                Err(e) => {
-                    tracing::warn!(error = %e, "Audit size budget could not be enforced.");
-                    break;
-                }
-            }
-        }
-        if deleted > 0 {
-            self.stats.budget_deleted.fetch_add(deleted, Ordering::Relaxed);
-            tracing::info!(
-                rows = deleted,
-                max_bytes = self.max_bytes,
-                "Audit size budget: deleted the oldest rows."
-            );
-        }
-    }
-
-    /// Delete one batch of expired rows; whether more may be left.
-    fn purge(&self) -> bool {
-        let cutoff = now_ms() - self.retention.as_millis() as i64;
-        match store::audit::delete_before(&self.conn, cutoff, PURGE_BATCH) {
-            Ok(0) => false,
-            Ok(n) => {
-                tracing::info!(rows = n, "Audit retention: deleted old rows.");
-                n == PURGE_BATCH
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "Audit retention failed.");
-                false
+        self.segments.push(record);
+        if self.segments.pending() >= 4096 {
+            // A burst: write it out rather than buffer without bound.
+            if let Err((lost, e)) = self.segments.flush() {
+                self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
+                self.stats.dropped.fetch_add(lost as u64, Ordering::Relaxed);
+                tracing::error!(records = lost, error = %e, "Audit records could not be written to their segment.");
             }
         }
     }
@@ -465,9 +474,6 @@ mod tests {
     fn a_full_queue_drops_instead_of_blocking() {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("a.db");
-        // Hold a write lock so the writer stalls on its first batch.
-        let blocker = store::open(&db).unwrap();
-        blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
         let cfg = AuditConfig {
             queue_size: 4,
             batch_size: 1,
@@ -487,13 +493,170 @@ mod tests {
         assert!(started.elapsed() < Duration::from_millis(200), "record() waited");
         assert!(accepted < 1000);
         assert_eq!(sink.stats().dropped.load(Ordering::Relaxed) as usize, 1000 - accepted);
-        blocker.execute_batch("COMMIT").unwrap();
         sink.close();
         let rows = store::audit::all(&store::open(&db).unwrap()).unwrap();
-        assert_eq!(
-            rows.len(),
-            accepted,
-            "every accepted record is written once the lock is gone"
+        assert_eq!(rows.len(), accepted, "every accepted record is written");
+    }
+
+    fn rows_of(db: &Path) -> Vec<String> {
+        store::audit::all(&store::open(db).unwrap())
+            .unwrap()
+            .into_iter()
+            .map(|r| r.request_id)
+            .collect()
+    }
+
+    /// A locked database delays the index; nothing is dropped, and the
+    /// rows arrive once the lock is gone.
+    #[test]
+    fn a_locked_database_loses_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("a.db");
+        let blocker = store::open(&db).unwrap();
+        blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let sink = AuditSink::start(&db, &AuditConfig::default()).unwrap();
+        for i in 0..300 {
+            assert!(sink.record(AuditRecord {
+                request_id: format!("r{i}"),
+                ts_ms: now_ms(),
+                ..Default::default()
+            }));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(sink.stats().written.load(Ordering::Relaxed), 0);
+        assert!(
+            SegmentRoot::for_database(&db).total_bytes().unwrap().0 > 0,
+            "the rows wait in a segment"
+        );
+        blocker.execute_batch("COMMIT").unwrap();
+        sink.close();
+        let ids = rows_of(&db);
+        assert_eq!(ids, (0..300).map(|i| format!("r{i}")).collect::<Vec<_>>());
+        assert_eq!(sink.stats().dropped.load(Ordering::Relaxed), 0);
+    }
+
+    /// Records a crash left in segments are indexed at the next start, once:
+    /// the cursor moves in the same transaction as the rows.
+    #[test]
+    fn segments_left_by_a_crash_are_indexed_once_at_the_next_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("a.db");
+        let rec = |id: String| AuditRecord {
+            request_id: id,
+            ts_ms: now_ms(),
+            ..Default::default()
+        };
+        let sink = AuditSink::start(&db, &AuditConfig::default()).unwrap();
+        for i in 0..5 {
+            assert!(sink.record(rec(format!("a{i}"))));
+        }
+        sink.close();
+        // What a killed process leaves: a stream whose lock nobody holds,
+        // frames written and never indexed, half a frame at the end.
+        let root = SegmentRoot::for_database(&db);
+        let (stream, lock) = root.new_stream().unwrap();
+        let mut w = SegmentWriter::create(stream.clone(), 1 << 20, SEGMENT_AGE, Default::default()).unwrap();
+        for i in 0..7 {
+            w.push(&AuditEntry::from(&rec(format!("b{i}"))).encode());
+        }
+        w.flush().unwrap();
+        let newest = stream.list().unwrap().last().unwrap().0;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(stream.file(newest))
+            .unwrap();
+        std::io::Write::write_all(&mut f, &[9, 0, 0]).unwrap();
+        drop((w, lock));
+        for torn in [1, 0] {
+            let sink = AuditSink::start(&db, &AuditConfig::default()).unwrap();
+            sink.close();
+            assert_eq!(
+                sink.stats().damaged.load(Ordering::Relaxed),
+                torn,
+                "the torn tail, counted once"
+            );
+        }
+        let ids = rows_of(&db);
+        let want: Vec<String> = (0..5)
+            .map(|i| format!("a{i}"))
+            .chain((0..7).map(|i| format!("b{i}")))
+            .collect();
+        assert_eq!(ids, want);
+        // Every stream is indexed and gone, and so are their places.
+        assert!(root.streams().unwrap().is_empty(), "{:?}", root.streams());
+        let places: i64 = store::open(&db)
+            .unwrap()
+            .query_row(
+                "SELECT count(*) FROM settings WHERE name LIKE 'audit_segment_cursor%'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(places, 0);
+    }
+
+    /// Two processes on one database (an upgrade's old and new): each
+    /// appends to its own stream, neither indexes the other's live one, and
+    /// every record arrives once.
+    #[test]
+    fn two_sinks_on_one_database_keep_every_record_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("a.db");
+        let (a, b) = (
+            AuditSink::start(&db, &AuditConfig::default()).unwrap(),
+            AuditSink::start(&db, &AuditConfig::default()).unwrap(),
+        );
+        for i in 0..2000 {
+            let sink = if i % 2 == 0 { &a } else { &b };
+            assert!(sink.record(AuditRecord {
+                request_id: format!("r{i:04}"),
+                ts_ms: now_ms(),
+                ..Default::default()
+            }));
+            if i % 100 == 0 {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        a.close();
+        for i in 2000..2100 {
+            assert!(b.record(AuditRecord {
+                request_id: format!("r{i:04}"),
+                ts_ms: now_ms(),
+                ..Default::default()
+            }));
+        }
+        b.close();
+        let mut ids = rows_of(&db);
+        ids.sort();
+        assert_eq!(ids, (0..2100).map(|i| format!("r{i:04}")).collect::<Vec<_>>());
+    }
+
+    /// The segment directory removed under a running writer: it notices
+    /// within a second, starts a new stream, and what comes after is kept.
+    #[test]
+    fn a_removed_segment_directory_is_made_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("a.db");
+        let sink = AuditSink::start(&db, &AuditConfig::default()).unwrap();
+        let rec = |id: String| AuditRecord {
+            request_id: id,
+            ts_ms: now_ms(),
+            ..Default::default()
+        };
+        assert!(sink.record(rec("before".into())));
+        std::thread::sleep(Duration::from_millis(300));
+        std::fs::remove_dir_all(SegmentRoot::for_database(&db).path()).unwrap();
+        std::thread::sleep(BACKLOG_EVERY + Duration::from_millis(500));
+        for i in 0..20 {
+            assert!(sink.record(rec(format!("after{i}"))));
+        }
+        sink.close();
+        let ids = rows_of(&db);
+        assert_eq!(ids[0], "before");
+        assert_eq!(ids[1..], (0..20).map(|i| format!("after{i}")).collect::<Vec<_>>()[..]);
+        assert!(
+            SegmentRoot::for_database(&db).streams().unwrap().is_empty(),
+            "all read and gone"
         );
     }
 }

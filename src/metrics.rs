@@ -103,6 +103,11 @@ pub struct Metrics {
     pub refused: IntCounterVec,
     pub audit_budget_deleted: IntCounter,
     audit_budget_deleted_seen: AtomicU64,
+    /// Bytes in audit segment files not yet indexed and deleted.
+    pub audit_segment_bytes: IntGauge,
+    /// Audit records found damaged in a segment file and skipped.
+    pub audit_damaged: IntCounter,
+    audit_damaged_seen: AtomicU64,
     /// Connections and requests the data port's transport limits refused,
     /// by reason (`per_client_cap`, `header_timeout`, `header_too_large`,
     /// `uri_too_long`).
@@ -319,6 +324,17 @@ impl Metrics {
                 "Audit rows deleted (oldest first) to keep the database under audit.max_bytes.",
             )?,
             audit_budget_deleted_seen: AtomicU64::new(0),
+            audit_segment_bytes: gauge(
+                &r,
+                "audit_segment_bytes",
+                "Bytes in the audit segment files (written, not yet indexed into the database and deleted).",
+            )?,
+            audit_damaged: counter(
+                &r,
+                "audit_damaged_total",
+                "Audit records found damaged in a segment file (after a machine crash) and skipped.",
+            )?,
+            audit_damaged_seen: AtomicU64::new(0),
             registry: r,
         })
     }
@@ -388,6 +404,13 @@ impl Metrics {
             &self.audit_budget_deleted_seen,
             stats.budget_deleted.load(Ordering::Relaxed),
         );
+        Self::sync_counter(
+            &self.audit_damaged,
+            &self.audit_damaged_seen,
+            stats.damaged.load(Ordering::Relaxed),
+        );
+        self.audit_segment_bytes
+            .set(stats.segment_bytes.load(Ordering::Relaxed).min(i64::MAX as u64) as i64);
         let mut out = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
             tracing::warn!(error = %e, "Encoding metrics failed.");

@@ -251,6 +251,8 @@ async fn ready(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
         "written_total": audit.written.load(std::sync::atomic::Ordering::Relaxed),
         "dropped_total": audit.dropped.load(std::sync::atomic::Ordering::Relaxed),
         "write_errors_total": audit.write_errors.load(std::sync::atomic::Ordering::Relaxed),
+        "segment_bytes": audit.segment_bytes.load(std::sync::atomic::Ordering::Relaxed),
+        "damaged_total": audit.damaged.load(std::sync::atomic::Ordering::Relaxed),
     });
     // Draining: not ready from the signal on, so a balancer stops sending
     // while in-flight requests finish.

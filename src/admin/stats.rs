@@ -8,7 +8,10 @@ use super::{
     error::ApiError,
     session::Caller,
 };
-use crate::store::audit::Arg;
+use crate::store::{
+    audit::Arg,
+    rollup::{self, Histogram},
+};
 use axum::{
     Json,
     extract::{Query, State},
@@ -38,51 +41,11 @@ fn window(q: &StatsQuery, default: Duration, retention: Duration) -> Result<i64,
     Ok(crate::clock::now_ms() - w.min(retention).as_millis() as i64)
 }
 
-/// Durations in logarithmic buckets 2 % wide: percentiles over any number of
-/// rows in one pass and fixed memory (no sort of the whole window).
-struct LatencyHistogram {
-    counts: Vec<u64>,
-    n: u64,
-}
-
-impl LatencyHistogram {
-    const GROWTH: f64 = 1.02;
-    /// 0.01 ms .. about 24 h.
-    const MIN_MS: f64 = 0.01;
-    const BUCKETS: usize = 1200;
-
-    fn new() -> Self {
-        LatencyHistogram {
-            counts: vec![0; Self::BUCKETS],
-            n: 0,
-        }
-    }
-
-    fn add(&mut self, ms: f64) {
-        let i = if ms <= Self::MIN_MS {
-            0
-        } else {
-            ((ms / Self::MIN_MS).ln() / Self::GROWTH.ln()).ceil() as usize
-        };
-        self.counts[i.min(Self::BUCKETS - 1)] += 1;
-        self.n += 1;
-    }
-
-    /// The upper bound of the bucket holding the `p` quantile (within 2 %).
-    fn quantile(&self, p: f64) -> Option<f64> {
-        if self.n == 0 {
-            return None;
-        }
-        let rank = ((self.n as f64 - 1.0) * p).round() as u64 + 1;
-        let mut seen = 0;
-        for (i, c) in self.counts.iter().enumerate() {
-            seen += c;
-            if seen >= rank {
-                return Some(Self::MIN_MS * Self::GROWTH.powi(i as i32));
-            }
-        }
-        None
-    }
+/// Whether the node's rollup can answer: the admin's whole-gateway view
+/// on the node's own SQLite (a user's or one key's numbers, and the
+/// cluster's Postgres, are read from the rows).
+fn rolled_up(s: &AdminState, caller: &Caller, q: &StatsQuery) -> Result<bool, ApiError> {
+    Ok(caller.is_admin() && q.key_id.is_none() && cluster_log::source(s)?.is_none())
 }
 
 /// `WHERE` clause and arguments: the time window, the owner for users, and
@@ -110,6 +73,15 @@ pub async fn summary(
     Query(q): Query<StatsQuery>,
 ) -> Result<Json<Value>, ApiError> {
     let since = window(&q, Duration::from_secs(3600), s.app.config.file.audit.retention.0)?;
+    if rolled_up(&s, &caller, &q)? {
+        let r = s.read(move |c| rollup::summary(c, since)).await?;
+        return Ok(Json(summary_json(
+            (r.requests, r.errors, r.prompt_tokens, r.completion_tokens),
+            (r.sum_ms, r.sum_ttfb, r.n_ttfb),
+            &r.latency,
+            &r.ttfb,
+        )));
+    }
     type Sample = (i64, f64, Option<f64>, Option<i64>, Option<i64>);
     // One pass over the window; nothing but the histogram is kept.
     let rows: Vec<Sample> = cluster_log::read_log(
@@ -128,7 +100,7 @@ pub async fn summary(
     .await?;
     let (mut n, mut errors, mut pt, mut ct) = (0i64, 0i64, 0i64, 0i64);
     let (mut sum_ms, mut sum_ttfb, mut n_ttfb) = (0f64, 0f64, 0i64);
-    let (mut latency, mut ttfb) = (LatencyHistogram::new(), LatencyHistogram::new());
+    let (mut latency, mut ttfb) = (Histogram::default(), Histogram::default());
     for (status, ms, t, p, c) in rows {
         n += 1;
         errors += i64::from(status >= 400);
@@ -142,9 +114,24 @@ pub async fn summary(
         pt += p.unwrap_or(0);
         ct += c.unwrap_or(0);
     }
+    Ok(Json(summary_json(
+        (n, errors, pt, ct),
+        (sum_ms, sum_ttfb, n_ttfb),
+        &latency,
+        &ttfb,
+    )))
+}
+
+/// The summary's JSON, from either source.
+fn summary_json(
+    (n, errors, pt, ct): (i64, i64, i64, i64),
+    (sum_ms, sum_ttfb, n_ttfb): (f64, f64, i64),
+    latency: &Histogram,
+    ttfb: &Histogram,
+) -> Value {
     let avg_ms = (n > 0).then(|| sum_ms / n as f64);
     let avg_ttfb = (n_ttfb > 0).then(|| sum_ttfb / n_ttfb as f64);
-    Ok(Json(json!({
+    json!({
         "requests": n,
         "errors": errors,
         "error_rate": if n > 0 { errors as f64 / n as f64 } else { 0.0 },
@@ -156,7 +143,7 @@ pub async fn summary(
         "p95_ttfb_ms": ttfb.quantile(0.95),
         "prompt_tokens": pt,
         "completion_tokens": ct,
-    })))
+    })
 }
 
 pub async fn timeseries(
@@ -172,6 +159,17 @@ pub async fn timeseries(
     };
     let since = window(&q, Duration::from_secs(24 * 3600), s.app.config.file.audit.retention.0)?;
     let point = |t: i64, requests: i64, errors: i64, avg_ms: Option<f64>, pt: i64, ct: i64| json!({"t": t, "requests": requests, "errors": errors, "avg_ms": avg_ms, "prompt_tokens": pt, "completion_tokens": ct});
+    if rolled_up(&s, &caller, &q)? {
+        let series = s.read(move |c| rollup::timeseries(c, since, bucket_ms)).await?;
+        let points: Vec<Value> = series
+            .into_iter()
+            .map(|(t, p)| {
+                let avg = (p.requests > 0).then(|| p.sum_ms / p.requests as f64);
+                point(t, p.requests, p.errors, avg, p.prompt_tokens, p.completion_tokens)
+            })
+            .collect();
+        return Ok(Json(json!({"bucket_ms": bucket_ms, "points": points})));
+    }
     let points = cluster_log::read_log(
         &s,
         |d| {
@@ -211,6 +209,25 @@ pub async fn top(
     let limit = q.limit.unwrap_or(10).clamp(1, 100);
     let since = window(&q, Duration::from_secs(3600), s.app.config.file.audit.retention.0)?;
     let item = |value: Option<String>, requests: i64, errors: i64, tokens: i64, avg_ms: Option<f64>| json!({"value": value, "requests": requests, "errors": errors, "tokens": tokens, "avg_ms": avg_ms});
+    let by = match column {
+        "route" => Some(rollup::By::Route),
+        "model" => Some(rollup::By::Model),
+        "upstream" => Some(rollup::By::Upstream),
+        _ => None,
+    };
+    if let Some(by) = by
+        && rolled_up(&s, &caller, &q)?
+    {
+        let items = s.read(move |c| rollup::top(c, since, by, limit as usize)).await?;
+        let items: Vec<Value> = items
+            .into_iter()
+            .map(|t| {
+                let avg = (t.requests > 0).then(|| t.sum_ms / t.requests as f64);
+                item(t.value, t.requests, t.errors, t.tokens, avg)
+            })
+            .collect();
+        return Ok(Json(json!({"by": q.by.as_deref().unwrap_or("route"), "items": items})));
+    }
     let rows = cluster_log::read_log(
         &s,
         |d| {
@@ -266,25 +283,5 @@ pub async fn reload(caller: Caller, State(s): State<Arc<AdminState>>) -> Result<
             "needs_restart": restart,
         }))),
         Err(e) => Err(ApiError::Invalid(e.to_string())),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::LatencyHistogram;
-
-    #[test]
-    fn histogram_percentiles_are_within_two_percent() {
-        let mut h = LatencyHistogram::new();
-        assert_eq!(h.quantile(0.5), None);
-        for i in 1..=10_000 {
-            h.add(f64::from(i) / 10.0); // 0.1 .. 1000 ms
-        }
-        for (p, want) in [(0.5, 500.0), (0.95, 950.0), (0.0, 0.1), (1.0, 1000.0)] {
-            let got = h.quantile(p).unwrap();
-            assert!((got - want).abs() / want <= 0.021, "p{p}: {got} vs {want}");
-        }
-        h.add(1e12);
-        assert!(h.quantile(1.0).unwrap() > 1e6, "huge values land in the last bucket");
     }
 }

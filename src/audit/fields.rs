@@ -80,10 +80,10 @@ pub fn cap_owned(s: String, max: usize) -> String {
 }
 
 /// `bytes` as text: lossy UTF-8, capped at `max` and marked like [`cap`].
-pub fn cap_bytes(bytes: &[u8], max: usize) -> String {
+pub fn cap_bytes(bytes: &[u8], max: usize) -> Cow<'_, str> {
     match std::str::from_utf8(bytes) {
-        Ok(s) => cap(s, max).into_owned(),
-        Err(_) => body_text(bytes, max, Some(bytes.len() as u64)),
+        Ok(s) => cap(s, max),
+        Err(_) => Cow::Owned(body_text(bytes, max, Some(bytes.len() as u64))),
     }
 }
 

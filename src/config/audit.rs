@@ -30,6 +30,19 @@ pub struct AuditConfig {
     /// Requests refused before a route or a valid key (no route, no key,
     /// bad or inactive key): one row per client per second, all, or none.
     pub refused: RefusedMode,
+    /// When the segment files are made durable: `never` (the kernel writes
+    /// them back; a crash of FastGate loses nothing written, a crash of the
+    /// machine the last seconds) or `always` (`fdatasync` every write).
+    pub fsync: AuditFsync,
+}
+
+/// `audit.fsync`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuditFsync {
+    #[default]
+    Never,
+    Always,
 }
 
 /// `audit.refused`: which refused requests get an audit row. All of them
@@ -59,6 +72,7 @@ impl Default for AuditConfig {
             batch_size: 512,
             max_bytes: HumanSize(10 * 1024 * 1024 * 1024),
             refused: RefusedMode::Sampled,
+            fsync: AuditFsync::Never,
         }
     }
 }

@@ -8,8 +8,8 @@
 use super::ctx::RequestCtx;
 use crate::usage::estimate;
 use crate::{
+    audit::entry::AuditEntry,
     audit::{self, fields},
-    store::audit::AuditRecord,
 };
 use pingora::proxy::Session;
 
@@ -154,30 +154,58 @@ pub fn finish(session: &Session, ctx: &mut RequestCtx, e: Option<&pingora::Error
         })
         .flatten();
     let endpoint = match (&ctx.upstream.upstream, &ctx.upstream.target) {
-        (Some(u), Some(t)) if !u.endpoints.is_empty() => Some(u.endpoint(t).display.clone()),
-        (Some(u), _) if u.is_mock() => Some("mock".to_string()),
+        (Some(u), Some(t)) if !u.endpoints.is_empty() => Some(u.endpoint(t).display.as_str()),
+        (Some(u), _) if u.is_mock() => Some("mock"),
         _ => None,
     };
     let path_is_stream = req.uri.path().ends_with(":streamGenerateContent");
-    let record = AuditRecord {
-        // The last use of the id: the log line above has been written.
-        request_id: std::mem::take(&mut ctx.request_id),
+    // Texts made here live on this stack until the entry is encoded; the
+    // names (key, route, upstream...) are borrowed, never cloned.
+    let owner = ctx
+        .key
+        .as_ref()
+        .filter(|k| !k.owner.is_empty())
+        .map(|k| fields::cap(&k.owner, fields::OWNER_MAX));
+    let method = fields::cap(req.method.as_str(), fields::METHOD_MAX);
+    let path = audit::redact_path(&req.uri);
+    let model = model.as_deref().map(|m| fields::cap(m, fields::MODEL_MAX));
+    let attempts = ctx.upstream.attempts_summary(status);
+    let error_text = ctx
+        .error
+        .as_ref()
+        .map(|e| fields::cap_owned(e.to_string(), fields::ERROR_MAX));
+    let client_ip = ctx.client.ip.map(|ip| ip.to_string());
+    let user_agent = req
+        .headers
+        .get(http::header::USER_AGENT)
+        .map(|v| fields::cap_bytes(v.as_bytes(), fields::USER_AGENT_MAX));
+    let request_headers = cfg.capture_headers.then(|| {
+        let max = match refusal {
+            Some(_) => fields::REFUSED_HEADERS_BYTES_MAX,
+            None => fields::HEADERS_BYTES_MAX,
+        };
+        audit::redact_headers_within(&req.headers, max)
+    });
+    // The meter keeps one byte more than the cap: a longer body is marked.
+    let response_body = ctx
+        .response
+        .meter
+        .take_capture()
+        .map(|b| fields::body_text(&b, cap, None));
+    let entry = AuditEntry {
+        request_id: &ctx.request_id,
         ts_ms: ctx.started_ms,
-        key_id: ctx.key.as_ref().map(|k| k.id.clone()),
-        owner: ctx
-            .key
-            .as_ref()
-            .filter(|k| !k.owner.is_empty())
-            .map(|k| fields::cap(&k.owner, fields::OWNER_MAX).into_owned()),
-        user_id: ctx.key.as_ref().and_then(|k| k.owner_id.clone()),
-        route: ctx.route.as_ref().map(|r| r.name.clone()),
-        upstream: ctx.upstream.upstream.as_ref().map(|u| u.name.clone()),
+        key_id: ctx.key.as_ref().map(|k| k.id.as_str()),
+        owner: owner.as_deref(),
+        user_id: ctx.key.as_ref().and_then(|k| k.owner_id.as_deref()),
+        route: ctx.route.as_ref().map(|r| r.name.as_str()),
+        upstream: ctx.upstream.upstream.as_ref().map(|u| u.name.as_str()),
         endpoint,
-        upstream_key_id: ctx.upstream.lease.as_ref().map(|l| l.key().id.clone()),
-        method: fields::cap(req.method.as_str(), fields::METHOD_MAX).into_owned(),
-        path: audit::redact_path(&req.uri),
+        upstream_key_id: ctx.upstream.lease.as_ref().map(|l| l.key().id.as_str()),
+        method: &method,
+        path: &path,
         status,
-        model: model.map(|m| fields::cap_owned(m, fields::MODEL_MAX)),
+        model: model.as_deref(),
         stream: ctx.response.stream || path_is_stream,
         ttfb_ms,
         duration_ms: ms,
@@ -188,34 +216,16 @@ pub fn finish(session: &Session, ctx: &mut RequestCtx, e: Option<&pingora::Error
         completion_tokens: usage.completion_tokens,
         usage_estimated,
         retries,
-        attempts: ctx.upstream.attempts_summary(status),
-        error: ctx
-            .error
-            .as_ref()
-            .map(|e| fields::cap_owned(e.to_string(), fields::ERROR_MAX))
-            .or(e.map(|e| e.etype().as_str().to_string())),
-        client_ip: ctx.client.ip.map(|ip| ip.to_string()),
-        user_agent: req
-            .headers
-            .get(http::header::USER_AGENT)
-            .map(|v| fields::cap_bytes(v.as_bytes(), fields::USER_AGENT_MAX)),
-        request_headers: cfg.capture_headers.then(|| {
-            let max = match refusal {
-                Some(_) => fields::REFUSED_HEADERS_BYTES_MAX,
-                None => fields::HEADERS_BYTES_MAX,
-            };
-            audit::redact_headers_within(&req.headers, max)
-        }),
-        response_headers: ctx.response.headers.take(),
-        request_body,
-        // The meter keeps one byte more than the cap: a longer body is marked.
-        response_body: ctx
-            .response
-            .meter
-            .take_capture()
-            .map(|b| fields::body_text(&b, cap, None)),
+        attempts: attempts.as_deref(),
+        error: error_text.as_deref().or(e.map(|e| e.etype().as_str())),
+        client_ip: client_ip.as_deref(),
+        user_agent: user_agent.as_deref(),
+        request_headers: request_headers.as_deref(),
+        response_headers: ctx.response.headers.as_deref(),
+        request_body: request_body.as_deref(),
+        response_body: response_body.as_deref(),
     };
-    state.audit.record(record);
+    state.audit.record_entry(&entry);
 }
 
 /// Whether the request reached the provider and ended without finishing:

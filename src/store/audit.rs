@@ -52,6 +52,15 @@ pub struct AuditRecord {
 
 /// Insert `records` in one transaction.
 pub fn insert_batch(conn: &mut Connection, records: &[AuditRecord]) -> Result<(), StoreError> {
+    insert_batch_with(conn, records, |_| Ok(()))
+}
+
+/// Insert `records` and run `also` in one transaction: both or neither.
+pub fn insert_batch_with(
+    conn: &mut Connection,
+    records: &[AuditRecord],
+    also: impl FnOnce(&Connection) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
     let tx = conn.transaction()?;
     {
         let mut stmt = tx.prepare_cached(
@@ -99,6 +108,8 @@ pub fn insert_batch(conn: &mut Connection, records: &[AuditRecord]) -> Result<()
             ])?;
         }
     }
+    super::rollup::add(&tx, records)?;
+    also(&tx)?;
     tx.commit()?;
     Ok(())
 }

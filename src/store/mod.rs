@@ -7,6 +7,7 @@ pub mod audit;
 pub mod fields;
 pub mod keys;
 pub mod pool_keys;
+pub mod rollup;
 pub mod settings;
 pub mod sync;
 pub mod users;
@@ -296,6 +297,29 @@ static MIGRATIONS: LazyLock<Migrations<'static>> = LazyLock::new(|| {
         INSERT INTO sqlite_sequence (name, seq) VALUES ('audit_log', max(
             coalesce((SELECT max(id) FROM audit_log), 0),
             coalesce((SELECT CAST(value AS INTEGER) FROM settings WHERE name = 'audit_shipped_id'), 0)));",
+        ),
+        // Per-minute totals for the admin's whole-gateway stats
+        // (`store::rollup`). Rows already there are not rolled up; the
+        // stats read them one by one, from before `audit_rollup_from_ms`.
+        M::up(
+            "CREATE TABLE audit_rollup (
+            minute            INTEGER NOT NULL,
+            route             TEXT NOT NULL,
+            upstream          TEXT NOT NULL,
+            model             TEXT NOT NULL,
+            requests          INTEGER NOT NULL,
+            errors            INTEGER NOT NULL,
+            sum_ms            REAL NOT NULL,
+            n_ttfb            INTEGER NOT NULL,
+            sum_ttfb          REAL NOT NULL,
+            prompt_tokens     INTEGER NOT NULL,
+            completion_tokens INTEGER NOT NULL,
+            latency           BLOB NOT NULL,
+            ttfb              BLOB NOT NULL,
+            PRIMARY KEY (minute, route, upstream, model)
+        ) WITHOUT ROWID;
+        INSERT INTO settings (name, value)
+            SELECT 'audit_rollup_from_ms', CAST(coalesce(max(ts_ms) + 1, 0) AS TEXT) FROM audit_log;",
         ),
     ])
 });

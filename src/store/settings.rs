@@ -28,3 +28,9 @@ pub fn set(conn: &Connection, name: &str, value: &str) -> Result<(), StoreError>
     )?;
     Ok(())
 }
+
+/// Remove `name`.
+pub fn delete(conn: &Connection, name: &str) -> Result<(), StoreError> {
+    conn.execute("DELETE FROM settings WHERE name = ?1", [name])?;
+    Ok(())
+}

@@ -948,10 +948,12 @@ impl Gateway {
             .to_string()
     }
 
-    /// Stop the server gracefully (SIGTERM) and start it again on the same
-    /// config, database and ports.
+    /// Stop the server gracefully (SIGTERM; unless it has died) and start it
+    /// again on the same config, database and ports.
     pub async fn restart(&mut self) {
-        self.signal("TERM");
+        if self.child.try_wait().unwrap().is_none() {
+            self.signal("TERM");
+        }
         let deadline = Instant::now() + Duration::from_secs(15);
         while self.child.try_wait().unwrap().is_none() {
             assert!(Instant::now() < deadline, "gateway did not stop");

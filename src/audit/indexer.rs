@@ -1,0 +1,493 @@
+//! The indexer: a low-priority thread that follows the segment files into
+//! the SQLite `audit_log` table, in large transactions, each of which also
+//! records how far it has read (so a crash neither loses nor repeats a row).
+//! It deletes a segment once it has read all of it and a newer one exists,
+//! and it keeps retention and the size budget. A database that is locked or
+//! failing only delays it: the records wait in their segments.
+
+use super::{
+    AuditStats, entry,
+    segment::{self, SegmentDir, SegmentRoot, Tail},
+};
+use crate::{clock::now_ms, store};
+use parking_lot::Mutex;
+use std::{
+    collections::{HashMap, HashSet},
+    fs::File,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+/// The `settings` rows holding the indexer's place in each stream:
+/// `audit_segment_cursor:<stream>` = `segment:offset`.
+const CURSOR: &str = "audit_segment_cursor";
+/// How often the indexer looks for streams dead processes left.
+const ADOPT_EVERY: Duration = Duration::from_secs(1);
+/// How long the indexer waits when it has read everything.
+pub const POLL: Duration = Duration::from_millis(50);
+/// Bytes read from a segment per transaction, about (less under a small
+/// `max_bytes`, which is checked after each transaction).
+const READ_BYTES: usize = 4 << 20;
+/// Most bytes scanned for the next intact record after damage.
+const RESYNC_SCAN: usize = 64 << 20;
+/// Most expired rows deleted in one transaction.
+const PURGE_BATCH: usize = 5_000;
+/// How often old rows are purged.
+const RETENTION_EVERY: Duration = Duration::from_secs(600);
+/// Most delete batches per budget check, so the indexer gets back to
+/// indexing; a larger excess is worked off over the next checks.
+const BUDGET_BATCHES: usize = 20;
+/// At shutdown, how long the indexer keeps at a backlog or a failing
+/// database before it leaves the rest in the segments for the next start.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// The indexer's nice value: below the proxy threads, above idle, so it
+/// keeps up with full load while giving way when the cores are short.
+const NICE: i32 = 10;
+
+/// Where the indexer is: the segment it reads and the offset in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cursor {
+    pub segment: u64,
+    pub offset: u64,
+}
+
+fn cursor_name(stream: &SegmentDir) -> String {
+    format!("{CURSOR}:{}", stream.name())
+}
+
+pub fn load_cursor(conn: &rusqlite::Connection, stream: &SegmentDir) -> Result<Option<Cursor>, store::StoreError> {
+    let name = cursor_name(stream);
+    let Some(v) = store::settings::get(conn, &name)? else {
+        return Ok(None);
+    };
+    let parsed = v
+        .split_once(':')
+        .and_then(|(s, o)| Some((s.parse().ok()?, o.parse().ok()?)));
+    match parsed {
+        Some((segment, offset)) => Ok(Some(Cursor { segment, offset })),
+        None => Err(store::StoreError::Invalid(format!("setting {name}: {v:?}"))),
+    }
+}
+
+/// This process's streams with their locks: the one its writer appends to
+/// (the last) and any it left behind (when its directory was removed), held
+/// until the indexer has read them, so no other process adopts them sooner.
+pub type OwnStreams = Arc<Mutex<Vec<(SegmentDir, File)>>>;
+
+fn save_cursor(conn: &rusqlite::Connection, stream: &SegmentDir, c: Cursor) -> Result<(), store::StoreError> {
+    store::settings::set(conn, &cursor_name(stream), &format!("{}:{}", c.segment, c.offset))
+}
+
+pub struct Indexer {
+    pub conn: rusqlite::Connection,
+    pub root: SegmentRoot,
+    pub own: OwnStreams,
+    pub stats: Arc<AuditStats>,
+    /// Rows per transaction.
+    pub batch_size: usize,
+    pub retention: Duration,
+    /// `audit.max_bytes`; 0 = no budget.
+    pub max_bytes: u64,
+    /// Set once the writer has stopped: index what is left, then end.
+    pub stop: Arc<AtomicBool>,
+    /// Each stream's place, as last committed (read from the database once).
+    pub cursors: HashMap<String, Cursor>,
+    /// Streams already warned about, so a stuck one logs once.
+    pub warned: HashSet<String>,
+}
+
+/// What one step of the indexer did.
+enum Step {
+    /// Rows were indexed, or a finished segment was passed: go on.
+    Progress,
+    /// Everything written so far is indexed.
+    CaughtUp,
+    /// The database or the file system failed; try again later.
+    Failed,
+}
+
+impl Indexer {
+    pub fn run(mut self) {
+        lower_priority();
+        let mut last_purge = Instant::now() - RETENTION_EVERY;
+        let mut last_adopt = Instant::now() - ADOPT_EVERY;
+        let mut stop_seen: Option<Instant> = None;
+        loop {
+            if last_adopt.elapsed() >= ADOPT_EVERY {
+                last_adopt = Instant::now();
+                self.adopt_orphans();
+            }
+            // Read before the steps: caught up after the writer stopped
+            // means everything it wrote is indexed.
+            let stopping = self.stop.load(Ordering::Acquire);
+            if stopping && stop_seen.is_none() {
+                stop_seen = Some(Instant::now());
+            }
+            let owned: Vec<SegmentDir> = self.own.lock().iter().map(|(d, _)| d.clone()).collect();
+            let (mut progress, mut failed) = (false, false);
+            for (i, stream) in owned.iter().enumerate() {
+                let live = i + 1 == owned.len() && !stopping;
+                match self.step(stream, live) {
+                    Step::Progress => progress = true,
+                    Step::Failed => failed = true,
+                    Step::CaughtUp if live => {}
+                    Step::CaughtUp => {
+                        // All of a stream its writer has left is indexed.
+                        self.forget(stream);
+                        self.own.lock().retain(|(d, _)| d != stream);
+                    }
+                }
+            }
+            if stopping && self.own.lock().is_empty() {
+                break;
+            }
+            if let Some(t) = stop_seen
+                && t.elapsed() >= SHUTDOWN_GRACE
+            {
+                tracing::warn!(
+                    "Audit indexer stopped before it caught up; the rest stays in the segment files and is indexed at the next start."
+                );
+                break;
+            }
+            if !progress {
+                std::thread::sleep(if failed { Duration::from_millis(250) } else { POLL });
+            }
+            if last_purge.elapsed() >= RETENTION_EVERY && !stopping {
+                let backlog = self.purge();
+                last_purge = if backlog {
+                    Instant::now() - RETENTION_EVERY
+                } else {
+                    Instant::now()
+                };
+            }
+        }
+    }
+
+    /// Warn about `stream` once (a stuck stream would otherwise log every
+    /// second).
+    fn warn_once(&mut self, stream: &SegmentDir, what: &str, error: &dyn std::fmt::Display) {
+        if self.warned.insert(format!("{}/{what}", stream.name())) {
+            tracing::warn!(stream = %stream.name(), error = %error, "{what}");
+        }
+    }
+
+    /// Index the streams of processes that died (their lock is free), then
+    /// delete them. Another live process may take one first; the lock
+    /// decides.
+    fn adopt_orphans(&mut self) {
+        self.root.clean_unfinished();
+        let streams = match self.root.streams() {
+            Ok(s) => s,
+            Err(e) => {
+                let root = SegmentDir::named(self.root.path());
+                self.warn_once(&root, "Audit segment streams cannot be listed.", &e);
+                return;
+            }
+        };
+        let own: Vec<SegmentDir> = self.own.lock().iter().map(|(d, _)| d.clone()).collect();
+        for stream in streams.into_iter().filter(|s| !own.contains(s)) {
+            let lock = match stream.lock_file() {
+                Ok(l) => l,
+                Err(e) => {
+                    self.warn_once(
+                        &stream,
+                        "Audit segment stream cannot be opened; its records are not indexed.",
+                        &e,
+                    );
+                    continue;
+                }
+            };
+            if lock.try_lock().is_err() {
+                continue; // a live process's, or being adopted
+            }
+            let started = Instant::now();
+            loop {
+                match self.step(&stream, false) {
+                    Step::Progress if started.elapsed() < Duration::from_secs(5) => {}
+                    // A long backlog is worked off over several rounds,
+                    // between steps of this process's own stream.
+                    Step::Progress | Step::Failed => break,
+                    Step::CaughtUp => {
+                        tracing::info!(stream = %stream.name(), "Audit records a stopped process left were indexed.");
+                        self.forget(&stream);
+                        break;
+                    }
+                }
+            }
+            drop(lock);
+        }
+    }
+
+    /// Delete a stream wholly indexed, and its cursor.
+    fn forget(&mut self, stream: &SegmentDir) {
+        if let Err(e) = std::fs::remove_dir_all(stream.path())
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            self.warn_once(stream, "Indexed audit segments cannot be deleted.", &e);
+            return;
+        }
+        self.cursors.remove(&stream.name());
+        if let Err(e) = store::settings::delete(&self.conn, &cursor_name(stream)) {
+            tracing::warn!(error = %e, "Audit indexer cannot drop a stream's place.");
+        }
+    }
+
+    fn cursor(&mut self, stream: &SegmentDir) -> Result<Option<Cursor>, store::StoreError> {
+        if let Some(c) = self.cursors.get(&stream.name()) {
+            return Ok(Some(*c));
+        }
+        let c = load_cursor(&self.conn, stream)?;
+        if let Some(c) = c {
+            self.cursors.insert(stream.name(), c);
+        }
+        Ok(c)
+    }
+
+    /// Index the next batch of `stream`'s frames, or move past a finished
+    /// segment. `live`: its writer may still append to its newest segment.
+    fn step(&mut self, stream: &SegmentDir, live: bool) -> Step {
+        let segments = match stream.list() {
+            Ok(s) => s,
+            Err(e) => {
+                self.warn_once(stream, "Audit segments cannot be listed.", &e);
+                return Step::Failed;
+            }
+        };
+        let Some(&(newest, _)) = segments.last() else {
+            return Step::CaughtUp;
+        };
+        let cursor = match self.cursor(stream) {
+            Ok(c) => c,
+            Err(e) => {
+                self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
+                self.warn_once(stream, "Audit indexer cannot read its place in a stream.", &e);
+                return Step::Failed;
+            }
+        };
+        let mut cursor = cursor.unwrap_or(Cursor {
+            segment: segments[0].0,
+            offset: 0,
+        });
+        // Segments wholly indexed before a crash: delete them.
+        for &(seq, _) in segments.iter().filter(|(s, _)| *s < cursor.segment) {
+            remove(stream, seq);
+        }
+        if !segments.iter().any(|(s, _)| *s == cursor.segment) {
+            match segments.iter().find(|(s, _)| *s > cursor.segment) {
+                Some(&(seq, _)) => {
+                    if cursor.offset > 0 || self.cursors.contains_key(&stream.name()) {
+                        self.stats.damaged.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(
+                            stream = %stream.name(),
+                            segment = cursor.segment,
+                            "Audit segment missing (deleted by hand?); the records in it that were not indexed are lost."
+                        );
+                    }
+                    cursor = Cursor {
+                        segment: seq,
+                        offset: 0,
+                    };
+                }
+                None => return Step::CaughtUp,
+            }
+        }
+        let file = match File::open(stream.file(cursor.segment)) {
+            Ok(f) => f,
+            Err(e) => {
+                self.warn_once(stream, "Audit segment cannot be opened.", &e);
+                return Step::Failed;
+            }
+        };
+        let want = match self.max_bytes {
+            0 => READ_BYTES,
+            budget => READ_BYTES.min((budget / 8).max(64 << 10) as usize),
+        };
+        let frames = match segment::read_frames(&file, cursor.offset, want, self.batch_size) {
+            Ok(f) => f,
+            Err(e) => {
+                self.warn_once(stream, "Audit segment cannot be read.", &e);
+                return Step::Failed;
+            }
+        };
+        let finished = cursor.segment < newest || !live;
+        if !frames.is_empty() {
+            let mut records = Vec::with_capacity(frames.len());
+            let mut unreadable = (0u64, None);
+            for payload in frames.payloads() {
+                match entry::decode(payload) {
+                    Ok(r) => records.push(r),
+                    Err(e) => unreadable = (unreadable.0 + 1, Some(e)),
+                }
+            }
+            if let (n, Some(e)) = unreadable {
+                self.stats.damaged.fetch_add(n, Ordering::Relaxed);
+                tracing::warn!(records = n, error = %e, stream = %stream.name(), segment = cursor.segment, "Audit records cannot be decoded; skipped.");
+            }
+            let next = Cursor {
+                segment: cursor.segment,
+                offset: frames.end,
+            };
+            return self.index(stream, &records, next);
+        }
+        if let Tail::Damaged(at) = frames.tail {
+            // Only a crash of the machine (or a hand) leaves this; the
+            // writer never appends to a file it did not write whole.
+            let found = segment::resync(&file, at + 1, RESYNC_SCAN, entry::is_current);
+            let resume = match found {
+                Ok(Some(next)) => next,
+                // Nothing intact after it: the rest of the file.
+                Ok(None) => file.metadata().map(|m| m.len()).unwrap_or(at).max(at),
+                Err(e) => {
+                    self.warn_once(stream, "Audit segment cannot be read.", &e);
+                    return Step::Failed;
+                }
+            };
+            self.stats.damaged.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(
+                stream = %stream.name(),
+                segment = cursor.segment,
+                offset = at,
+                skipped_bytes = resume - at,
+                "Audit segment damaged (a machine crash?); the damaged bytes are skipped, the records after them kept."
+            );
+            return self.index(
+                stream,
+                &[],
+                Cursor {
+                    segment: cursor.segment,
+                    offset: resume,
+                },
+            );
+        }
+        if !finished {
+            return Step::CaughtUp;
+        }
+        if file.metadata().is_ok_and(|m| m.len() > frames.end) {
+            // A finished segment ending in half a frame: the writer died
+            // while writing it (a machine crash with `fsync: never`).
+            self.stats.damaged.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(stream = %stream.name(), segment = cursor.segment, offset = frames.end, "Audit segment ends in a torn record; skipped.");
+        }
+        let Some(&(next, _)) = segments.iter().find(|(s, _)| *s > cursor.segment) else {
+            // The last segment of a stream whose writer is gone: all read.
+            return Step::CaughtUp;
+        };
+        match self.index(
+            stream,
+            &[],
+            Cursor {
+                segment: next,
+                offset: 0,
+            },
+        ) {
+            Step::Progress => {
+                remove(stream, cursor.segment);
+                Step::Progress
+            }
+            other => other,
+        }
+    }
+
+    /// Insert `records` and move the cursor, in one transaction.
+    fn index(&mut self, stream: &SegmentDir, records: &[store::audit::AuditRecord], next: Cursor) -> Step {
+        let written = store::audit::insert_batch_with(&mut self.conn, records, |tx| save_cursor(tx, stream, next));
+        match written {
+            Ok(()) => {
+                self.cursors.insert(stream.name(), next);
+                if !records.is_empty() {
+                    self.stats.written.fetch_add(records.len() as u64, Ordering::Relaxed);
+                    if self.max_bytes > 0 {
+                        self.enforce_budget();
+                    }
+                }
+                Step::Progress
+            }
+            Err(e) => {
+                self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(rows = records.len(), error = %e, "Audit rows not indexed yet; they wait in their segment.");
+                Step::Failed
+            }
+        }
+    }
+
+    /// Keep the database under `max_bytes` of used pages: delete the oldest
+    /// audit rows, a bounded batch at a time, until it is under 90 % of the
+    /// budget (so it is not at the edge again with the next batch). Deleted
+    /// pages go to SQLite's free list and are reused by the next inserts,
+    /// so the file stops growing at about the budget.
+    fn enforce_budget(&self) {
+        let target = self.max_bytes / 10 * 9;
+        let mut deleted = 0u64;
+        for _ in 0..BUDGET_BATCHES {
+            let step = store::audit::used_bytes(&self.conn).and_then(|used| {
+                if used <= target || (deleted == 0 && used <= self.max_bytes) {
+                    return Ok(None);
+                }
+                let rows = store::audit::rows_estimate(&self.conn)?;
+                if rows == 0 {
+                    return Ok(None);
+                }
+                // As many rows as the excess holds at the average row size.
+                let per_row = (used / rows).max(1);
+                let n = ((used - target) / per_row + 1).min(PURGE_BATCH as u64);
+                store::audit::delete_oldest(&self.conn, n as usize).map(Some)
+            });
+            match step {
+                Ok(Some(n)) if n > 0 => deleted += n as u64,
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "Audit size budget could not be enforced.");
+                    break;
+                }
+            }
+        }
+        if deleted > 0 {
+            self.stats.budget_deleted.fetch_add(deleted, Ordering::Relaxed);
+            tracing::info!(
+                rows = deleted,
+                max_bytes = self.max_bytes,
+                "Audit size budget: deleted the oldest rows."
+            );
+        }
+    }
+
+    /// Delete one batch of expired rows; whether more may be left.
+    fn purge(&self) -> bool {
+        let cutoff = now_ms() - self.retention.as_millis() as i64;
+        if let Err(e) = store::rollup::delete_before(&self.conn, cutoff) {
+            tracing::warn!(error = %e, "Audit retention of the per-minute totals failed.");
+        }
+        match store::audit::delete_before(&self.conn, cutoff, PURGE_BATCH) {
+            Ok(0) => false,
+            Ok(n) => {
+                tracing::info!(rows = n, "Audit retention: deleted old rows.");
+                n == PURGE_BATCH
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "Audit retention failed.");
+                false
+            }
+        }
+    }
+}
+
+fn remove(stream: &SegmentDir, seq: u64) {
+    match std::fs::remove_file(stream.file(seq)) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(error = %e, segment = seq, "Indexed audit segment cannot be deleted."),
+    }
+}
+
+/// Lower this thread's priority ([`NICE`]); Linux sets it per thread.
+fn lower_priority() {
+    // SAFETY: setpriority only reads its integer arguments; `who` 0 is the
+    // calling thread on Linux.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, NICE) };
+    if rc != 0 {
+        tracing::debug!("Audit indexer priority unchanged: {}", std::io::Error::last_os_error());
+    }
+}
