@@ -16,7 +16,8 @@
 #   fg-1key / fg-100keys  the `fastgate` route through a pool of 1 key / of 100 keys
 #                   (key selection must cost nothing measurable)
 # Each proxy gets PROXY_THREADS worker threads (default 1: a 2-core machine also
-# runs wrk and the upstream). CPU per request is read from /proc for the proxy.
+# runs wrk and the upstream). CPU per request is read from /proc for the proxy
+# (all its threads), until its audit rows are all written after the run.
 #
 # A/B of two builds in one run: FASTGATE_B=path/to/other/fastgate adds
 # `b-fastgate` and `b-fg-noaudit` (the same two configurations on that binary)
@@ -163,12 +164,23 @@ done
 declare -A RPS P50 P99 CPU N
 FG_RSS_LOAD=0
 to_ms() { awk -v v="$1" 'BEGIN { if (v ~ /us$/) {sub(/us/,"",v); print v/1000} else if (v ~ /ms$/) {sub(/ms/,"",v); print v+0} else if (v ~ /s$/) {sub(/s/,"",v); print v*1000} else print v }'; }
+settle_audit() { # admin port: until fastgate_audit_written_total holds still for 0.3 s (at most 60 s)
+  local prev=-1 cur
+  for _ in $(seq 200); do
+    cur=$(curl -s "http://127.0.0.1:$1/metrics" | awk '/^fastgate_audit_written_total/ {print $2}')
+    [ "$cur" = "$prev" ] && return 0
+    prev=$cur; sleep 0.3
+  done
+}
 run_wrk() { # config conns duration -> sets R_RPS R_P50 R_P99 R_REQ R_CPU
   local c=$1 conns=$2 dur=$3 pids
   case $c in nginx) pids=$(nginx_px_pids);; pingora) pids=$BARE_PID;; fastgate|fg-plain|fg-1key|fg-100keys) pids=$FG_PID;; fg-noaudit) pids=$FGNA_PID;; b-fastgate) pids=$FGB_PID;; b-fg-noaudit) pids=$FGBNA_PID;; *) pids="";; esac
   local before=0; [ -n "$pids" ] && before=$(cpu_ticks $pids)
   local out; out=$(wrk -t1 -c"$conns" -d"${dur}s" --latency -s benches/post.lua "${URL[$c]}")
   if [[ $c == fastgate ]]; then local r; r=$(rss_kb $FG_PID); [ "$r" -gt "$FG_RSS_LOAD" ] && FG_RSS_LOAD=$r; fi
+  # The audit store's background work for this run counts too: wait until
+  # every row is written (the indexer runs at a lower priority and may lag).
+  case $c in fastgate|fg-plain|fg-1key|fg-100keys) settle_audit $((BASE+10));; b-fastgate) settle_audit $((BASE+12));; esac
   local after=0; [ -n "$pids" ] && after=$(cpu_ticks $pids)
   R_RPS=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
   R_REQ=$(echo "$out" | awk '/requests in/ {print $1}')

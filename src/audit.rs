@@ -263,6 +263,7 @@ impl Writer {
         let mut drops = DropReport::default();
         let mut backlog_checked = Instant::now();
         let mut over_backlog = false;
+        let mut unmeasured = 0;
         let mut stopping = false;
         while !stopping {
             drops.check(&self.stats);
@@ -273,12 +274,14 @@ impl Writer {
                 backlog_checked = Instant::now();
                 self.check_stream();
                 let bytes = match self.root.total_bytes() {
-                    Ok((bytes, 0)) => bytes,
                     Ok((bytes, unreadable)) => {
-                        tracing::warn!(
-                            unreadable,
-                            "Audit segment streams cannot be measured; the backlog cap counts only the others."
-                        );
+                        if unreadable > unmeasured {
+                            tracing::warn!(
+                                unreadable,
+                                "Audit segment streams cannot be measured; the backlog cap counts only the others."
+                            );
+                        }
+                        unmeasured = unreadable;
                         bytes
                     }
                     Err(e) => {
@@ -657,6 +660,51 @@ mod tests {
         assert!(
             SegmentRoot::for_database(&db).streams().unwrap().is_empty(),
             "all read and gone"
+        );
+    }
+
+    /// Damage in a finished segment (a length running past its end, as a
+    /// power loss can leave) and a segment deleted by hand: the records
+    /// around them are kept, the damage counted.
+    #[test]
+    fn damage_in_a_dead_stream_costs_only_the_damaged_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("a.db");
+        store::open(&db).unwrap();
+        let root = SegmentRoot::for_database(&db);
+        let (stream, lock) = root.new_stream().unwrap();
+        // Segments of 3 records each: 1, 2, 3, 4.
+        let mut w = SegmentWriter::create(stream.clone(), 1, SEGMENT_AGE, Default::default()).unwrap();
+        for i in 0..12 {
+            w.push(
+                &AuditEntry::from(&AuditRecord {
+                    request_id: format!("r{i:02}"),
+                    ts_ms: now_ms(),
+                    ..Default::default()
+                })
+                .encode(),
+            );
+            if i % 3 == 2 {
+                w.flush().unwrap();
+            }
+        }
+        drop((w, lock));
+        // Segment 1: the second record's length made 60 MiB.
+        let one = stream.file(1);
+        let mut bytes = std::fs::read(&one).unwrap();
+        let first = u32::from_le_bytes(bytes[0..4].try_into().unwrap()) as usize;
+        bytes[8 + first..8 + first + 4].copy_from_slice(&(60u32 << 20).to_le_bytes());
+        std::fs::write(&one, &bytes).unwrap();
+        // Segment 3: gone.
+        std::fs::remove_file(stream.file(3)).unwrap();
+        let sink = AuditSink::start(&db, &AuditConfig::default()).unwrap();
+        sink.close();
+        let ids = rows_of(&db);
+        assert_eq!(ids, ["r00", "r02", "r03", "r04", "r05", "r09", "r10", "r11"]);
+        assert_eq!(
+            sink.stats().damaged.load(Ordering::Relaxed),
+            2,
+            "one damaged stretch, one missing segment"
         );
     }
 }

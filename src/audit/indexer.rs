@@ -262,30 +262,26 @@ impl Indexer {
         let cursor = match self.cursor(stream) {
             Ok(c) => c,
             Err(e) => {
-                self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
-                self.warn_once(stream, "Audit indexer cannot read its place in a stream.", &e);
-                return Step::Failed;
+                // A place nobody can read (edited by hand): start the
+                // stream over. Rows may repeat; none is lost.
+                self.warn_once(
+                    stream,
+                    "Audit indexer cannot read its place in a stream; reading it from its start.",
+                    &e,
+                );
+                None
             }
         };
-        let mut cursor = cursor.unwrap_or(Cursor {
-            segment: segments[0].0,
-            offset: 0,
-        });
+        // A stream's segments are numbered from 1 up, one by one.
+        let mut cursor = cursor.unwrap_or(Cursor { segment: 1, offset: 0 });
         // Segments wholly indexed before a crash: delete them.
         for &(seq, _) in segments.iter().filter(|(s, _)| *s < cursor.segment) {
-            remove(stream, seq);
+            self.remove(stream, seq);
         }
         if !segments.iter().any(|(s, _)| *s == cursor.segment) {
             match segments.iter().find(|(s, _)| *s > cursor.segment) {
                 Some(&(seq, _)) => {
-                    if cursor.offset > 0 || self.cursors.contains_key(&stream.name()) {
-                        self.stats.damaged.fetch_add(1, Ordering::Relaxed);
-                        tracing::error!(
-                            stream = %stream.name(),
-                            segment = cursor.segment,
-                            "Audit segment missing (deleted by hand?); the records in it that were not indexed are lost."
-                        );
-                    }
+                    self.missing(stream, cursor.segment, seq);
                     cursor = Cursor {
                         segment: seq,
                         offset: 0,
@@ -365,16 +361,39 @@ impl Indexer {
         if !finished {
             return Step::CaughtUp;
         }
-        if file.metadata().is_ok_and(|m| m.len() > frames.end) {
-            // A finished segment ending in half a frame: the writer died
-            // while writing it (a machine crash with `fsync: never`).
+        let len = file.metadata().map_or(frames.end, |m| m.len());
+        if len > frames.end {
+            // A finished segment with bytes after its last whole frame: a
+            // length running past the end (damage: look for intact records
+            // after it), or half a frame the writer died writing (a machine
+            // crash with `fsync: never`).
+            let found = segment::resync(&file, frames.end + 1, RESYNC_SCAN, entry::is_current);
             self.stats.damaged.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(stream = %stream.name(), segment = cursor.segment, offset = frames.end, "Audit segment ends in a torn record; skipped.");
+            let resume = match found {
+                Ok(Some(next)) => next,
+                _ => len,
+            };
+            tracing::warn!(
+                stream = %stream.name(),
+                segment = cursor.segment,
+                offset = frames.end,
+                skipped_bytes = resume - frames.end,
+                "Audit segment damaged or torn at this point; the damaged bytes are skipped."
+            );
+            return self.index(
+                stream,
+                &[],
+                Cursor {
+                    segment: cursor.segment,
+                    offset: resume,
+                },
+            );
         }
         let Some(&(next, _)) = segments.iter().find(|(s, _)| *s > cursor.segment) else {
             // The last segment of a stream whose writer is gone: all read.
             return Step::CaughtUp;
         };
+        self.missing(stream, cursor.segment + 1, next);
         match self.index(
             stream,
             &[],
@@ -384,10 +403,32 @@ impl Indexer {
             },
         ) {
             Step::Progress => {
-                remove(stream, cursor.segment);
+                self.remove(stream, cursor.segment);
                 Step::Progress
             }
             other => other,
+        }
+    }
+
+    /// Report segments `from..until` of `stream` as missing (deleted by
+    /// hand: the writer numbers them one by one), if there are any.
+    fn missing(&self, stream: &SegmentDir, from: u64, until: u64) {
+        if from < until {
+            self.stats.damaged.fetch_add(until - from, Ordering::Relaxed);
+            tracing::error!(
+                stream = %stream.name(),
+                first = from,
+                last = until - 1,
+                "Audit segments missing (deleted by hand?); the records in them that were not indexed are lost."
+            );
+        }
+    }
+
+    fn remove(&mut self, stream: &SegmentDir, seq: u64) {
+        match std::fs::remove_file(stream.file(seq)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => self.warn_once(stream, "Indexed audit segments cannot be deleted.", &e),
         }
     }
 
@@ -471,14 +512,6 @@ impl Indexer {
                 false
             }
         }
-    }
-}
-
-fn remove(stream: &SegmentDir, seq: u64) {
-    match std::fs::remove_file(stream.file(seq)) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => tracing::warn!(error = %e, segment = seq, "Indexed audit segment cannot be deleted."),
     }
 }
 

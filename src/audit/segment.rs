@@ -387,7 +387,8 @@ pub fn read_frames(file: &File, offset: u64, want: usize, max_frames: usize) -> 
 /// matching CRC-32 and `accept` taking the payload), or `None`. Reads at
 /// most `max_scan` bytes of the file.
 pub fn resync(file: &File, from: u64, max_scan: usize, accept: impl Fn(&[u8]) -> bool) -> io::Result<Option<u64>> {
-    let mut buf = vec![0u8; max_scan];
+    let left = file.metadata()?.len().saturating_sub(from);
+    let mut buf = vec![0u8; max_scan.min(usize::try_from(left).unwrap_or(usize::MAX))];
     let n = read_full_at(file, &mut buf, from)?;
     buf.truncate(n);
     for at in 0..n.saturating_sub(HEADER) {
