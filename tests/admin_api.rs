@@ -336,6 +336,23 @@ async fn user_keys_stay_within_ceilings_and_admin_set_limits() {
     assert_eq!(chat_status(&gw, k1_secret).await, 200);
     assert_eq!(chat_status(&gw, k2_secret).await, 200);
     assert_eq!(chat_status(&gw, k1_secret).await, 200);
+    // A call is charged as its answer ends, just after the client has it;
+    // its audit row is written after the charge. Wait for the third.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let hers = [Some(k1_id), k2["id"].as_str()];
+    while gw
+        .audit_rows()
+        .iter()
+        .filter(|r| r.status == 200 && hers.contains(&r.key_id.as_deref()))
+        .count()
+        < 3
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the three calls were never recorded"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     assert_eq!(
         chat_status(&gw, k2_secret).await,
         429,
