@@ -146,6 +146,8 @@ impl BackgroundService for Upkeep {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let (tx, mut rx) = mpsc::channel::<()>(1);
         let dir = self.state.config.routes_dir.clone();
+        let mut routes_seen = routes_fingerprint(&dir).await;
+        let watch_dir = dir.clone();
         let watcher = new_debouncer(DEBOUNCE, move |res: DebounceEventResult| {
             let relevant = res.is_ok_and(|events| {
                 events
@@ -157,7 +159,7 @@ impl BackgroundService for Upkeep {
             }
         });
         let _watcher = match watcher {
-            Ok(mut w) => match w.watcher().watch(&dir, RecursiveMode::NonRecursive) {
+            Ok(mut w) => match w.watcher().watch(&watch_dir, RecursiveMode::NonRecursive) {
                 Ok(()) => Some(w),
                 Err(e) => {
                     tracing::warn!(dir = %dir.display(), error = %e, "Cannot watch routes.d; reload with SIGHUP.");
@@ -206,10 +208,19 @@ impl BackgroundService for Upkeep {
         loop {
             tokio::select! {
                 _ = shutdown.changed() => break,
-                Some(()) = rx.recv() => self.reload("file change").await,
+                Some(()) = rx.recv() => {
+                    // An event is not a change: opening a file to read it
+                    // (a `cat`, an editor, this very reload) is one too.
+                    let now = routes_fingerprint(&dir).await;
+                    if now.is_none() || now != routes_seen {
+                        routes_seen = now;
+                        self.reload("file change").await;
+                    }
+                }
                 Some(()) = cert_rx.recv() => self.reload_certificates().await,
                 Some(_) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
                     self.reload_config().await;
+                    routes_seen = routes_fingerprint(&dir).await;
                 }
                 _ = save_tick.tick() => self.save_states().await,
                 _ = health_tick.tick() => self.check_health(&mut health_runs),
@@ -277,4 +288,30 @@ fn watch_files(
         }
     }
     Some(debouncer)
+}
+
+/// What the route files look like from their metadata alone (name, size,
+/// modification time, inode), read without opening them, so that taking
+/// it causes no file event of its own. `None` if the directory cannot be
+/// read (the reload then reports why).
+async fn routes_fingerprint(dir: &std::path::Path) -> Option<Vec<(std::ffi::OsString, u64, i64, i64, u64)>> {
+    use std::os::unix::fs::MetadataExt;
+    let dir = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&dir).ok()? {
+            let entry = entry.ok()?;
+            let path = entry.path();
+            if !matches!(path.extension().and_then(|x| x.to_str()), Some("yaml" | "yml")) {
+                continue;
+            }
+            let m = std::fs::metadata(&path).ok()?;
+            out.push((entry.file_name(), m.len(), m.mtime(), m.mtime_nsec(), m.ino()));
+        }
+        out.sort();
+        Some(out)
+    })
+    .await
+    .ok()
+    .flatten()
 }

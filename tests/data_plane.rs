@@ -966,3 +966,26 @@ routes:
         assert!(row.error.is_some(), "the break is audited: {row:?}");
     }
 }
+
+/// Reading the route files (a `cat`, a backup, an editor opening one) is
+/// not a change: it must not reload them, let alone start a loop in which
+/// each reload's own reads trigger the next.
+#[tokio::test]
+async fn reading_the_route_files_does_not_reload_them() {
+    let (_mock, gw, _secret) = setup().await;
+    let reloads = async || -> usize { gw.logs().matches("Reloading routes.d.").count() };
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let before = reloads().await;
+    for entry in std::fs::read_dir(gw.routes_dir()).unwrap() {
+        let _ = std::fs::read(entry.unwrap().path()).unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(reloads().await, before, "reloaded on a read:\n{}", gw.logs());
+    // A real change still reloads, once.
+    write(
+        &gw.routes_dir().join("40-more.yaml"),
+        "routes:\n  - { name: more, match: { path: '/more/{*rest}' }, auth: none, upstream: plain }\n",
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(reloads().await, before + 1, "{}", gw.logs());
+}
