@@ -67,7 +67,11 @@ pub fn redact_path(uri: &http::Uri) -> String {
     let cut = fields::floor_boundary(q, fields::QUERY_MAX);
     let query: String = form_urlencoded::Serializer::new(String::new())
         .extend_pairs(form_urlencoded::parse(&q.as_bytes()[..cut]).map(|(k, v)| {
-            let v = if k == "key" { REDACTED.into() } else { v };
+            let v = if k.eq_ignore_ascii_case("key") {
+                REDACTED.into()
+            } else {
+                v
+            };
             (k, v)
         }))
         .finish();
@@ -417,6 +421,8 @@ mod tests {
             redact_path(&uri),
             "/v1beta/models/m:generateContent?alt=sse&key=%5Bredacted%5D"
         );
+        let uri: http::Uri = "/v1/x?Key=fg_secret&KEY=fg_secret2".parse().unwrap();
+        assert!(!redact_path(&uri).contains("secret"), "{}", redact_path(&uri));
     }
 
     #[test]

@@ -83,7 +83,9 @@ pub fn cap_owned(s: String, max: usize) -> String {
 pub fn cap_bytes(bytes: &[u8], max: usize) -> Cow<'_, str> {
     match std::str::from_utf8(bytes) {
         Ok(s) => cap(s, max),
-        Err(_) => Cow::Owned(body_text(bytes, max, Some(bytes.len() as u64))),
+        // Capped after the lossy conversion, which can triple the length
+        // (one invalid byte becomes a 3-byte U+FFFD).
+        Err(_) => Cow::Owned(cap(&String::from_utf8_lossy(bytes), max).into_owned()),
     }
 }
 
@@ -224,6 +226,9 @@ mod tests {
         assert_eq!(cap("a\0b", 10), "a\u{2400}b");
         assert_eq!(body_text(b"x\0y", 10, Some(3)), "x\u{2400}y");
         assert_eq!(cap_bytes(b"\0\xff", 10), "\u{2400}\u{fffd}");
+        let invalid = cap_bytes(&[0xff; 600], 512);
+        assert!(invalid.len() <= 512 + 40, "{} bytes", invalid.len());
+        assert!(invalid.ends_with("bytes]"), "marked as cut: {invalid}");
     }
 
     #[test]
