@@ -318,11 +318,16 @@ impl Writer {
                     Err(TryRecvError::Empty) => break,
                 }
             }
-            if let Err((lost, e)) = self.segments.flush() {
-                self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
-                self.stats.dropped.fetch_add(lost as u64, Ordering::Relaxed);
-                tracing::error!(records = lost, error = %e, "Audit records could not be written to their segment.");
-            }
+            self.flush();
+        }
+    }
+
+    /// Write what was pushed; the records a failed write loses are counted.
+    fn flush(&mut self) {
+        if let Err((lost, e)) = self.segments.flush() {
+            self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
+            self.stats.dropped.fetch_add(lost as u64, Ordering::Relaxed);
+            tracing::error!(records = lost, error = %e, "Audit records could not be written to their segment.");
         }
     }
 
@@ -358,11 +363,7 @@ impl Writer {
         self.segments.push(record);
         if self.segments.pending() >= 4096 {
             // A burst: write it out rather than buffer without bound.
-            if let Err((lost, e)) = self.segments.flush() {
-                self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
-                self.stats.dropped.fetch_add(lost as u64, Ordering::Relaxed);
-                tracing::error!(records = lost, error = %e, "Audit records could not be written to their segment.");
-            }
+            self.flush();
         }
     }
 }

@@ -8,10 +8,7 @@ use super::{
     error::ApiError,
     session::Caller,
 };
-use crate::store::{
-    audit::Arg,
-    rollup::{self, Histogram},
-};
+use crate::store::{audit::Arg, rollup};
 use axum::{
     Json,
     extract::{Query, State},
@@ -75,12 +72,7 @@ pub async fn summary(
     let since = window(&q, Duration::from_secs(3600), s.app.config.file.audit.retention.0)?;
     if rolled_up(&s, &caller, &q)? {
         let r = s.read(move |c| rollup::summary(c, since)).await?;
-        return Ok(Json(summary_json(
-            (r.requests, r.errors, r.prompt_tokens, r.completion_tokens),
-            (r.sum_ms, r.sum_ttfb, r.n_ttfb),
-            &r.latency,
-            &r.ttfb,
-        )));
+        return Ok(Json(summary_json(&r)));
     }
     type Sample = (i64, f64, Option<f64>, Option<i64>, Option<i64>);
     // One pass over the window; nothing but the histogram is kept.
@@ -98,51 +90,30 @@ pub async fn summary(
         |r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)),
     )
     .await?;
-    let (mut n, mut errors, mut pt, mut ct) = (0i64, 0i64, 0i64, 0i64);
-    let (mut sum_ms, mut sum_ttfb, mut n_ttfb) = (0f64, 0f64, 0i64);
-    let (mut latency, mut ttfb) = (Histogram::default(), Histogram::default());
+    let mut summary = rollup::Summary::default();
     for (status, ms, t, p, c) in rows {
-        n += 1;
-        errors += i64::from(status >= 400);
-        sum_ms += ms;
-        latency.add(ms);
-        if let Some(t) = t {
-            sum_ttfb += t;
-            n_ttfb += 1;
-            ttfb.add(t);
-        }
-        pt += p.unwrap_or(0);
-        ct += c.unwrap_or(0);
+        summary.add_row(status, ms, t, p, c);
     }
-    Ok(Json(summary_json(
-        (n, errors, pt, ct),
-        (sum_ms, sum_ttfb, n_ttfb),
-        &latency,
-        &ttfb,
-    )))
+    Ok(Json(summary_json(&summary)))
 }
 
 /// The summary's JSON, from either source.
-fn summary_json(
-    (n, errors, pt, ct): (i64, i64, i64, i64),
-    (sum_ms, sum_ttfb, n_ttfb): (f64, f64, i64),
-    latency: &Histogram,
-    ttfb: &Histogram,
-) -> Value {
-    let avg_ms = (n > 0).then(|| sum_ms / n as f64);
-    let avg_ttfb = (n_ttfb > 0).then(|| sum_ttfb / n_ttfb as f64);
+fn summary_json(s: &rollup::Summary) -> Value {
+    let n = s.requests;
+    let avg_ms = (n > 0).then(|| s.sum_ms / n as f64);
+    let avg_ttfb = (s.n_ttfb > 0).then(|| s.sum_ttfb / s.n_ttfb as f64);
     json!({
         "requests": n,
-        "errors": errors,
-        "error_rate": if n > 0 { errors as f64 / n as f64 } else { 0.0 },
+        "errors": s.errors,
+        "error_rate": if n > 0 { s.errors as f64 / n as f64 } else { 0.0 },
         "avg_ms": avg_ms,
-        "p50_ms": latency.quantile(0.5),
-        "p95_ms": latency.quantile(0.95),
+        "p50_ms": s.latency.quantile(0.5),
+        "p95_ms": s.latency.quantile(0.95),
         "avg_ttfb_ms": avg_ttfb,
-        "p50_ttfb_ms": ttfb.quantile(0.5),
-        "p95_ttfb_ms": ttfb.quantile(0.95),
-        "prompt_tokens": pt,
-        "completion_tokens": ct,
+        "p50_ttfb_ms": s.ttfb.quantile(0.5),
+        "p95_ttfb_ms": s.ttfb.quantile(0.95),
+        "prompt_tokens": s.prompt_tokens,
+        "completion_tokens": s.completion_tokens,
     })
 }
 

@@ -166,11 +166,11 @@ impl Indexer {
         }
     }
 
-    /// Warn about `stream` once (a stuck stream would otherwise log every
+    /// Warn about `stream` (a stream's name, or the segment root) once (a stuck stream would otherwise log every
     /// second).
-    fn warn_once(&mut self, stream: &SegmentDir, what: &str, error: &dyn std::fmt::Display) {
-        if self.warned.insert(format!("{}/{what}", stream.name())) {
-            tracing::warn!(stream = %stream.name(), error = %error, "{what}");
+    fn warn_once(&mut self, stream: &str, what: &str, error: &dyn std::fmt::Display) {
+        if self.warned.insert(format!("{stream}/{what}")) {
+            tracing::warn!(stream, error = %error, "{what}");
         }
     }
 
@@ -182,7 +182,7 @@ impl Indexer {
         let streams = match self.root.streams() {
             Ok(s) => s,
             Err(e) => {
-                let root = SegmentDir::named(self.root.path());
+                let root = self.root.path().display().to_string();
                 self.warn_once(&root, "Audit segment streams cannot be listed.", &e);
                 return;
             }
@@ -193,7 +193,7 @@ impl Indexer {
                 Ok(l) => l,
                 Err(e) => {
                     self.warn_once(
-                        &stream,
+                        &stream.name(),
                         "Audit segment stream cannot be opened; its records are not indexed.",
                         &e,
                     );
@@ -226,7 +226,7 @@ impl Indexer {
         if let Err(e) = std::fs::remove_dir_all(stream.path())
             && e.kind() != std::io::ErrorKind::NotFound
         {
-            self.warn_once(stream, "Indexed audit segments cannot be deleted.", &e);
+            self.warn_once(&stream.name(), "Indexed audit segments cannot be deleted.", &e);
             return;
         }
         self.cursors.remove(&stream.name());
@@ -252,7 +252,7 @@ impl Indexer {
         let segments = match stream.list() {
             Ok(s) => s,
             Err(e) => {
-                self.warn_once(stream, "Audit segments cannot be listed.", &e);
+                self.warn_once(&stream.name(), "Audit segments cannot be listed.", &e);
                 return Step::Failed;
             }
         };
@@ -265,7 +265,7 @@ impl Indexer {
                 // A place nobody can read (edited by hand): start the
                 // stream over. Rows may repeat; none is lost.
                 self.warn_once(
-                    stream,
+                    &stream.name(),
                     "Audit indexer cannot read its place in a stream; reading it from its start.",
                     &e,
                 );
@@ -293,7 +293,7 @@ impl Indexer {
         let file = match File::open(stream.file(cursor.segment)) {
             Ok(f) => f,
             Err(e) => {
-                self.warn_once(stream, "Audit segment cannot be opened.", &e);
+                self.warn_once(&stream.name(), "Audit segment cannot be opened.", &e);
                 return Step::Failed;
             }
         };
@@ -304,7 +304,7 @@ impl Indexer {
         let frames = match segment::read_frames(&file, cursor.offset, want, self.batch_size) {
             Ok(f) => f,
             Err(e) => {
-                self.warn_once(stream, "Audit segment cannot be read.", &e);
+                self.warn_once(&stream.name(), "Audit segment cannot be read.", &e);
                 return Step::Failed;
             }
         };
@@ -331,63 +331,16 @@ impl Indexer {
         if let Tail::Damaged(at) = frames.tail {
             // Only a crash of the machine (or a hand) leaves this; the
             // writer never appends to a file it did not write whole.
-            let found = segment::resync(&file, at + 1, RESYNC_SCAN, entry::is_current);
-            let resume = match found {
-                Ok(Some(next)) => next,
-                // Nothing intact after it: the rest of the file.
-                Ok(None) => file.metadata().map(|m| m.len()).unwrap_or(at).max(at),
-                Err(e) => {
-                    self.warn_once(stream, "Audit segment cannot be read.", &e);
-                    return Step::Failed;
-                }
-            };
-            self.stats.damaged.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(
-                stream = %stream.name(),
-                segment = cursor.segment,
-                offset = at,
-                skipped_bytes = resume - at,
-                "Audit segment damaged (a machine crash?); the damaged bytes are skipped, the records after them kept."
-            );
-            return self.index(
-                stream,
-                &[],
-                Cursor {
-                    segment: cursor.segment,
-                    offset: resume,
-                },
-            );
+            return self.skip_damage(stream, &file, cursor.segment, at);
         }
         if !finished {
             return Step::CaughtUp;
         }
-        let len = file.metadata().map_or(frames.end, |m| m.len());
-        if len > frames.end {
+        if file.metadata().is_ok_and(|m| m.len() > frames.end) {
             // A finished segment with bytes after its last whole frame: a
-            // length running past the end (damage: look for intact records
-            // after it), or half a frame the writer died writing (a machine
-            // crash with `fsync: never`).
-            let found = segment::resync(&file, frames.end + 1, RESYNC_SCAN, entry::is_current);
-            self.stats.damaged.fetch_add(1, Ordering::Relaxed);
-            let resume = match found {
-                Ok(Some(next)) => next,
-                _ => len,
-            };
-            tracing::warn!(
-                stream = %stream.name(),
-                segment = cursor.segment,
-                offset = frames.end,
-                skipped_bytes = resume - frames.end,
-                "Audit segment damaged or torn at this point; the damaged bytes are skipped."
-            );
-            return self.index(
-                stream,
-                &[],
-                Cursor {
-                    segment: cursor.segment,
-                    offset: resume,
-                },
-            );
+            // length running past the end, or half a frame the writer died
+            // writing (a machine crash with `fsync: never`).
+            return self.skip_damage(stream, &file, cursor.segment, frames.end);
         }
         let Some(&(next, _)) = segments.iter().find(|(s, _)| *s > cursor.segment) else {
             // The last segment of a stream whose writer is gone: all read.
@@ -410,6 +363,36 @@ impl Indexer {
         }
     }
 
+    /// Move past damage at `at` in a segment: to the next intact record
+    /// after it, or to the end of the file if there is none. Counted and
+    /// logged once per damaged stretch.
+    fn skip_damage(&mut self, stream: &SegmentDir, file: &File, segment: u64, at: u64) -> Step {
+        let resume = match segment::resync(file, at + 1, RESYNC_SCAN, entry::is_current) {
+            Ok(Some(next)) => next,
+            Ok(None) => file.metadata().map_or(at, |m| m.len()).max(at),
+            Err(e) => {
+                self.warn_once(&stream.name(), "Audit segment cannot be read.", &e);
+                return Step::Failed;
+            }
+        };
+        self.stats.damaged.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(
+            stream = %stream.name(),
+            segment,
+            offset = at,
+            skipped_bytes = resume - at,
+            "Audit segment damaged or torn (a machine crash?); the damaged bytes are skipped, the records after them kept."
+        );
+        self.index(
+            stream,
+            &[],
+            Cursor {
+                segment,
+                offset: resume,
+            },
+        )
+    }
+
     /// Report segments `from..until` of `stream` as missing (deleted by
     /// hand: the writer numbers them one by one), if there are any.
     fn missing(&self, stream: &SegmentDir, from: u64, until: u64) {
@@ -428,7 +411,7 @@ impl Indexer {
         match std::fs::remove_file(stream.file(seq)) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => self.warn_once(stream, "Indexed audit segments cannot be deleted.", &e),
+            Err(e) => self.warn_once(&stream.name(), "Indexed audit segments cannot be deleted.", &e),
         }
     }
 

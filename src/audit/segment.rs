@@ -130,13 +130,6 @@ pub struct SegmentDir {
 }
 
 impl SegmentDir {
-    /// A stream at `path` (for messages about a path that is not one).
-    pub fn named(path: &Path) -> SegmentDir {
-        SegmentDir {
-            path: path.to_path_buf(),
-        }
-    }
-
     /// The stream's name (its directory's), unique per writer process.
     pub fn name(&self) -> String {
         self.path.file_name().unwrap_or_default().to_string_lossy().into_owned()

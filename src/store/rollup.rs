@@ -256,6 +256,23 @@ pub struct Summary {
     pub ttfb: Histogram,
 }
 
+impl Summary {
+    /// Count one row (its status, duration, time to first byte, tokens).
+    pub fn add_row(&mut self, status: i64, ms: f64, ttfb: Option<f64>, prompt: Option<i64>, completion: Option<i64>) {
+        self.requests += 1;
+        self.errors += i64::from(status >= 400);
+        self.sum_ms += ms;
+        self.latency.add(ms);
+        if let Some(t) = ttfb {
+            self.n_ttfb += 1;
+            self.sum_ttfb += t;
+            self.ttfb.add(t);
+        }
+        self.prompt_tokens += prompt.unwrap_or(0);
+        self.completion_tokens += completion.unwrap_or(0);
+    }
+}
+
 pub fn summary(conn: &Connection, since: i64) -> Result<Summary, StoreError> {
     let edge = boundary(conn, since)?;
     let mut s = Summary::default();
@@ -265,19 +282,7 @@ pub fn summary(conn: &Connection, since: i64) -> Result<Summary, StoreError> {
     )?;
     let mut rows = raw.query(params![since, edge])?;
     while let Some(r) = rows.next()? {
-        let (status, ms, t, p, c): (i64, f64, Option<f64>, Option<i64>, Option<i64>) =
-            (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?);
-        s.requests += 1;
-        s.errors += i64::from(status >= 400);
-        s.sum_ms += ms;
-        s.latency.add(ms);
-        if let Some(t) = t {
-            s.n_ttfb += 1;
-            s.sum_ttfb += t;
-            s.ttfb.add(t);
-        }
-        s.prompt_tokens += p.unwrap_or(0);
-        s.completion_tokens += c.unwrap_or(0);
+        s.add_row(r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?);
     }
     let mut rolled = conn.prepare_cached(
         "SELECT requests, errors, sum_ms, n_ttfb, sum_ttfb, prompt_tokens, completion_tokens, latency, ttfb
