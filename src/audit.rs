@@ -25,6 +25,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod captured;
 pub mod entry;
 pub mod fields;
 pub mod indexer;
@@ -104,6 +105,8 @@ pub struct AuditStats {
     pub segment_bytes: AtomicU64,
     /// Records found damaged in a segment (after a machine crash) and skipped.
     pub damaged: AtomicU64,
+    /// Bytes of indexed segments kept for their captured headers and bodies.
+    pub captured_bytes: AtomicU64,
 }
 
 pub struct AuditSink {
@@ -138,7 +141,7 @@ impl AuditSink {
         let (stream, lock) = root
             .new_stream()
             .map_err(|e| invalid("cannot create the audit segments in", e))?;
-        let segments = SegmentWriter::create(stream.clone(), SEGMENT_BYTES, SEGMENT_AGE, cfg.fsync)
+        let segments = SegmentWriter::create(stream.clone(), segment_bytes(cfg), SEGMENT_AGE, cfg.fsync)
             .map_err(|e| invalid("cannot open the audit segments in", e))?;
         let own: OwnStreams = Arc::new(Mutex::new(vec![(stream, lock)]));
         let (tx, rx) = sync_channel(cfg.queue_size);
@@ -147,6 +150,7 @@ impl AuditSink {
             .segment_bytes
             .store(root.total_bytes().map_or(0, |(b, _)| b), Ordering::Relaxed);
         let writer = Writer {
+            segment_bytes: segment_bytes(cfg),
             segments,
             root: root.clone(),
             own: own.clone(),
@@ -155,9 +159,12 @@ impl AuditSink {
             stats: stats.clone(),
         };
         let indexer_stop = Arc::new(AtomicBool::new(false));
-        let indexer = Indexer {
+        let mut indexer = Indexer {
             conn,
             root,
+            captured: captured::CapturedStore::for_database(db),
+            keep_captured: cfg.capture_headers || cfg.capture_body,
+            captured_bytes: 0,
             own,
             cursors: Default::default(),
             warned: Default::default(),
@@ -167,6 +174,7 @@ impl AuditSink {
             max_bytes: cfg.max_bytes.0,
             stop: indexer_stop.clone(),
         };
+        indexer.measure_captured();
         let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
             std::thread::Builder::new()
                 .name(name.into())
@@ -240,6 +248,7 @@ impl AuditSink {
 
 /// Appends queued records to the segment files.
 struct Writer {
+    segment_bytes: u64,
     segments: SegmentWriter,
     root: SegmentRoot,
     /// Shared with the indexer: a new stream goes here.
@@ -254,6 +263,17 @@ struct Writer {
 const WRITE_WINDOW: Duration = Duration::from_millis(20);
 /// A segment is closed (and can be deleted once indexed) past this size or age.
 const SEGMENT_BYTES: u64 = 32 << 20;
+
+/// The size at which segments are closed: [`SEGMENT_BYTES`], or a 16th of
+/// `audit.max_bytes` (at least 1 MiB) when that is less, so the segment
+/// being written (outside the budget until it is read) stays small beside
+/// a small budget.
+fn segment_bytes(cfg: &AuditConfig) -> u64 {
+    match cfg.max_bytes.0 {
+        0 => SEGMENT_BYTES,
+        budget => (budget / 16).clamp(1 << 20, SEGMENT_BYTES),
+    }
+}
 const SEGMENT_AGE: Duration = Duration::from_secs(600);
 /// Most bytes waiting in segments for the indexer (a database that fails
 /// for long); past it new records are dropped and counted, so the disk
@@ -342,7 +362,7 @@ impl Writer {
             "The audit segment file was removed while in use; records written to it and not yet indexed are lost. Starting a new one."
         );
         let made = self.root.new_stream().and_then(|(stream, lock)| {
-            let w = SegmentWriter::create(stream.clone(), SEGMENT_BYTES, SEGMENT_AGE, self.fsync)?;
+            let w = SegmentWriter::create(stream.clone(), self.segment_bytes, SEGMENT_AGE, self.fsync)?;
             Ok((w, stream, lock))
         });
         match made {
@@ -443,7 +463,9 @@ mod tests {
             }));
         }
         sink.close();
-        let rows = store::audit::all(&store::open(&db).unwrap()).unwrap();
+        let rows = captured::CapturedStore::for_database(&db)
+            .all(&store::open(&db).unwrap())
+            .unwrap();
         assert_eq!(rows.len(), 100);
         assert_eq!(sink.stats().written.load(Ordering::Relaxed), 100);
         assert_eq!(sink.stats().queued.load(Ordering::Relaxed), 0);
@@ -455,29 +477,194 @@ mod tests {
         let db = dir.path().join("a.db");
         let cfg = AuditConfig {
             batch_size: 100,
-            max_bytes: crate::config::HumanSize(512 * 1024),
+            max_bytes: crate::config::HumanSize(256 * 1024),
             ..AuditConfig::default()
         };
         let sink = AuditSink::start(&db, &cfg).unwrap();
-        for i in 0..2000 {
+        for i in 0..4000 {
             assert!(sink.record(AuditRecord {
                 request_id: format!("r{i}"),
                 ts_ms: now_ms(),
-                request_body: Some("b".repeat(1000)),
+                path: "/v1/chat/completions".repeat(10),
                 ..Default::default()
             }));
         }
         sink.close();
         let conn = store::open(&db).unwrap();
         let used = store::audit::used_bytes(&conn).unwrap();
-        assert!(used <= 512 * 1024, "{used} bytes used");
-        let rows = store::audit::all(&conn).unwrap();
-        assert!(!rows.is_empty() && rows.len() < 500, "{} rows kept", rows.len());
-        assert_eq!(rows.last().unwrap().request_id, "r1999", "the newest are kept");
+        assert!(used <= 256 * 1024, "{used} bytes used");
+        let rows = captured::CapturedStore::for_database(&db).all(&conn).unwrap();
+        assert!(!rows.is_empty() && rows.len() < 2000, "{} rows kept", rows.len());
+        assert_eq!(rows.last().unwrap().request_id, "r3999", "the newest are kept");
         assert_eq!(
             sink.stats().budget_deleted.load(Ordering::Relaxed) as usize,
-            2000 - rows.len()
+            4000 - rows.len()
         );
+    }
+
+    /// Captured texts count against the budget too, in their segments:
+    /// the oldest go first, whole files at a time, and their rows stay.
+    #[test]
+    fn the_size_budget_deletes_the_oldest_captured_texts_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("a.db");
+        let budget = 3 << 20;
+        let cfg = AuditConfig {
+            batch_size: 100,
+            max_bytes: crate::config::HumanSize(budget),
+            ..AuditConfig::default()
+        };
+        let sink = AuditSink::start(&db, &cfg).unwrap();
+        for i in 0..8000 {
+            assert!(sink.record(AuditRecord {
+                request_id: format!("r{i}"),
+                ts_ms: now_ms(),
+                request_body: Some(format!("{i:>1000}")),
+                ..Default::default()
+            }));
+        }
+        sink.close();
+        let store = captured::CapturedStore::for_database(&db);
+        let conn = store::open(&db).unwrap();
+        let kept: u64 = store.files().unwrap().iter().map(|f| f.len).sum();
+        let used = store::audit::used_bytes(&conn).unwrap();
+        assert!(used + kept <= budget, "{used} + {kept} bytes used");
+        assert!(kept > 0, "the newest texts are kept");
+        assert_eq!(sink.stats().captured_bytes.load(Ordering::Relaxed), kept);
+        let rows = store.all(&conn).unwrap();
+        assert_eq!(rows.len(), 8000, "rows stay when texts are enough");
+        assert_eq!(rows[0].request_body, None, "the oldest texts went");
+        let newest = rows.last().unwrap();
+        assert_eq!(newest.request_body.as_deref(), Some(format!("{:>1000}", 7999).as_str()));
+        // Texts are kept or gone per file, in order: never a hole.
+        let with: Vec<bool> = rows.iter().map(|r| r.request_body.is_some()).collect();
+        let first = with.iter().position(|w| *w).unwrap();
+        assert!(with[first..].iter().all(|w| *w), "texts kept from row {first} on");
+    }
+
+    /// Captured texts stay in the segment files, read back by offset: the
+    /// row holds only where they are, and rows of other kinds none.
+    #[test]
+    fn captured_texts_stay_in_the_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("a.db");
+        let sink = AuditSink::start(&db, &AuditConfig::default()).unwrap();
+        for i in 0..300 {
+            let texts = i % 3 != 0;
+            assert!(sink.record(AuditRecord {
+                request_id: format!("r{i}"),
+                ts_ms: now_ms(),
+                request_headers: texts.then(|| format!("{{\"x-n\":\"{i}\"}}")),
+                response_body: (texts && i % 2 == 0).then(|| "é".repeat(i)),
+                ..Default::default()
+            }));
+        }
+        sink.close();
+        let conn = store::open(&db).unwrap();
+        let in_rows: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM audit_log WHERE request_headers IS NOT NULL OR response_body IS NOT NULL",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(in_rows, 0, "no captured text in a row");
+        let refs: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM audit_log WHERE captured_in IS NOT NULL",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(refs, 200, "only rows with texts point to a segment");
+        let store = captured::CapturedStore::for_database(&db);
+        assert!(!store.files().unwrap().is_empty(), "the read segment was kept");
+        for (i, r) in store.all(&conn).unwrap().iter().enumerate() {
+            let texts = i % 3 != 0;
+            assert_eq!(r.request_id, format!("r{i}"));
+            assert_eq!(r.request_headers, texts.then(|| format!("{{\"x-n\":\"{i}\"}}")));
+            assert_eq!(r.response_body, (texts && i % 2 == 0).then(|| "é".repeat(i)));
+        }
+        // One row, and a page, read the same texts.
+        let id: i64 = conn
+            .query_row("SELECT id FROM audit_log WHERE request_id = 'r298'", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(
+            store.get(&conn, id).unwrap().record.response_body,
+            Some("é".repeat(298))
+        );
+        let (page, _) = store.query(&conn, &store::audit::LogFilter::default()).unwrap();
+        assert_eq!(page[1].record.response_body, Some("é".repeat(298)));
+        // A reference edited to point elsewhere, or at another record,
+        // reads nothing.
+        for bad in ["../../etc/1", "nostream/1"] {
+            conn.execute(
+                "UPDATE audit_log SET captured_in = ?1 WHERE id = ?2",
+                rusqlite::params![bad, id],
+            )
+            .unwrap();
+            assert_eq!(store.get(&conn, id).unwrap().record.response_body, None, "{bad}");
+        }
+        conn.execute(
+            "UPDATE audit_log SET captured_in = (SELECT captured_in FROM audit_log WHERE request_id = 'r1'),
+                captured_at = (SELECT captured_at FROM audit_log WHERE request_id = 'r1') WHERE id = ?1",
+            [id],
+        )
+        .unwrap();
+        assert_eq!(
+            store.get(&conn, id).unwrap().record.request_headers,
+            None,
+            "r1's texts are not r298's"
+        );
+    }
+
+    /// Retention deletes kept segments wholly past it; with nothing
+    /// captured, read segments are deleted at once.
+    #[test]
+    fn retention_deletes_kept_segments_and_uncaptured_ones_are_not_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("a.db");
+        let store = captured::CapturedStore::for_database(&db);
+        let record = |i: usize| AuditRecord {
+            request_id: format!("r{i}"),
+            ts_ms: now_ms(),
+            request_headers: Some("{}".into()),
+            ..Default::default()
+        };
+        let sink = AuditSink::start(&db, &AuditConfig::default()).unwrap();
+        (0..10).for_each(|i| assert!(sink.record(record(i))));
+        sink.close();
+        let files = store.files().unwrap();
+        assert_eq!(files.len(), 1);
+        // Last written two days ago: past a day's retention.
+        let old = std::time::SystemTime::now() - Duration::from_secs(2 * 86_400);
+        std::fs::File::options()
+            .write(true)
+            .open(&files[0].path)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        let cfg = AuditConfig {
+            retention: Duration::from_secs(86_400).into(),
+            capture_headers: false,
+            ..AuditConfig::default()
+        };
+        let sink = AuditSink::start(&db, &cfg).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while store.files().unwrap().len() == 1 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        (10..20).for_each(|i| assert!(sink.record(record(i))));
+        sink.close();
+        assert!(
+            store.files().unwrap().is_empty(),
+            "expired and uncaptured segments are gone"
+        );
+        let rows = store.all(&store::open(&db).unwrap()).unwrap();
+        assert_eq!(rows.len(), 20);
+        assert!(rows[..10].iter().all(|r| r.request_headers.is_none()), "expired texts");
+        // Texts reaching an indexer that keeps no segments stay in the row.
+        assert!(rows[10..].iter().all(|r| r.request_headers.as_deref() == Some("{}")));
     }
 
     #[test]
@@ -504,12 +691,15 @@ mod tests {
         assert!(accepted < 1000);
         assert_eq!(sink.stats().dropped.load(Ordering::Relaxed) as usize, 1000 - accepted);
         sink.close();
-        let rows = store::audit::all(&store::open(&db).unwrap()).unwrap();
+        let rows = captured::CapturedStore::for_database(&db)
+            .all(&store::open(&db).unwrap())
+            .unwrap();
         assert_eq!(rows.len(), accepted, "every accepted record is written");
     }
 
     fn rows_of(db: &Path) -> Vec<String> {
-        store::audit::all(&store::open(db).unwrap())
+        captured::CapturedStore::for_database(db)
+            .all(&store::open(db).unwrap())
             .unwrap()
             .into_iter()
             .map(|r| r.request_id)

@@ -127,11 +127,12 @@ fn print_row(row: &LogRow, json: bool) {
 
 pub fn logs(config: &Config, action: LogsAction) -> Result<(), CliError> {
     let conn = store::open(&config.database_path)?;
+    let captured = crate::audit::captured::CapturedStore::for_database(&config.database_path);
     match action {
         LogsAction::Query { filter, limit, json } => {
             let mut f = to_filter(&filter);
             f.limit = Some(limit);
-            let (rows, _) = store::audit::query(&conn, &f)?;
+            let (rows, _) = captured.query(&conn, &f)?;
             for row in rows.iter().rev() {
                 print_row(row, json);
             }
@@ -150,7 +151,7 @@ pub fn logs(config: &Config, action: LogsAction) -> Result<(), CliError> {
             .first()
             .map_or(0, |r| r.id);
             loop {
-                let (rows, _) = store::audit::query(
+                let (rows, _) = captured.query(
                     &conn,
                     &LogFilter {
                         limit: Some(1000),
@@ -174,7 +175,7 @@ pub fn logs(config: &Config, action: LogsAction) -> Result<(), CliError> {
                 let _ = out.write_all(&admin::logs::csv_header());
             }
             loop {
-                let (rows, next) = store::audit::query(&conn, &f)?;
+                let (rows, next) = captured.query(&conn, &f)?;
                 let _ = out.write_all(&admin::logs::encode(&rows, csv));
                 match next {
                     Some(c) => f.cursor = Some(c),

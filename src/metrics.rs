@@ -105,6 +105,7 @@ pub struct Metrics {
     audit_budget_deleted_seen: AtomicU64,
     /// Bytes in audit segment files not yet indexed and deleted.
     pub audit_segment_bytes: IntGauge,
+    pub audit_captured_bytes: IntGauge,
     /// Audit records found damaged in a segment file and skipped.
     pub audit_damaged: IntCounter,
     audit_damaged_seen: AtomicU64,
@@ -329,6 +330,11 @@ impl Metrics {
                 "audit_segment_bytes",
                 "Bytes in the audit segment files (written, not yet indexed into the database and deleted).",
             )?,
+            audit_captured_bytes: gauge(
+                &r,
+                "audit_captured_bytes",
+                "Bytes of indexed audit segments kept for their captured headers and bodies.",
+            )?,
             audit_damaged: counter(
                 &r,
                 "audit_damaged_total",
@@ -411,6 +417,8 @@ impl Metrics {
         );
         self.audit_segment_bytes
             .set(stats.segment_bytes.load(Ordering::Relaxed).min(i64::MAX as u64) as i64);
+        self.audit_captured_bytes
+            .set(stats.captured_bytes.load(Ordering::Relaxed).min(i64::MAX as u64) as i64);
         let mut out = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
             tracing::warn!(error = %e, "Encoding metrics failed.");

@@ -614,8 +614,11 @@ impl Shipper {
     async fn ship(&mut self, state: &AppState, client: &mut Client) -> Result<(), RecordsError> {
         for _ in 0..SHIP_BATCHES {
             let after = self.shipped;
+            let captured = crate::audit::captured::CapturedStore::for_database(&state.config.database_path);
             let batch = with_db(state, move |c| {
-                store::sync::log_after(c, "audit_log", after, SHIP_BATCH)
+                let mut rows = store::sync::log_after(c, "audit_log", after, SHIP_BATCH)?;
+                captured.fill_shipped(&mut rows);
+                Ok(rows)
             })
             .await?;
             let Some(last) = batch.last().map(|b| b.id) else {

@@ -309,6 +309,18 @@ async fn keys_made_or_revoked_on_one_node_work_or_stop_everywhere_and_postgres_c
         }
         let one = get(n, &format!("/api/logs/{}", items[0]["id"])).await;
         assert_eq!(one["request_id"], items[0]["request_id"]);
+        // Captured headers are read from the node's segments when shipped,
+        // and where they were is not.
+        assert!(
+            one["request_headers"]
+                .as_str()
+                .is_some_and(|h| h.contains("content-type")),
+            "{one}"
+        );
+        assert!(
+            one.get("captured_in").is_none() && one.get("captured_at").is_none(),
+            "{one}"
+        );
         let summary = get(n, "/api/stats/summary?window=1h").await;
         assert_eq!(summary["requests"], local as i64, "{summary}");
         let top = get(n, "/api/stats/top?by=route").await;

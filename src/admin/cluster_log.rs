@@ -77,7 +77,13 @@ pub async fn query(c: &Client, f: &LogFilter) -> Result<(Vec<LogRow>, Option<i64
     let mut rows: Vec<LogRow> = pg_query(c, &sql, &args)
         .await?
         .iter()
-        .filter_map(|r| from_shipped(r.get(1)).map(|record| LogRow { id: r.get(0), record }))
+        .filter_map(|r| {
+            from_shipped(r.get(1)).map(|record| LogRow {
+                id: r.get(0),
+                record,
+                captured: None,
+            })
+        })
         .collect();
     let next = paginate(&mut rows, limit);
     Ok((rows, next))
@@ -87,7 +93,13 @@ pub async fn query(c: &Client, f: &LogFilter) -> Result<(Vec<LogRow>, Option<i64
 pub async fn get(c: &Client, id: i64) -> Result<LogRow, ApiError> {
     let rows = pg_query(c, "SELECT seq, row FROM fastgate_audit WHERE seq = $1", &[Arg::Int(id)]).await?;
     rows.first()
-        .and_then(|r| from_shipped(r.get(1)).map(|record| LogRow { id: r.get(0), record }))
+        .and_then(|r| {
+            from_shipped(r.get(1)).map(|record| LogRow {
+                id: r.get(0),
+                record,
+                captured: None,
+            })
+        })
         .ok_or_else(|| ApiError::NotFound(format!("no log entry with id {id}")))
 }
 

@@ -27,7 +27,10 @@ pub async fn list(
     }
     let (mut items, next) = match cluster_log::source(&s)? {
         Some(pg) => cluster_log::query(&pg, &filter).await?,
-        None => s.read(move |c| store::audit::query(c, &filter)).await?,
+        None => {
+            let captured = s.captured();
+            s.read(move |c| captured.query(c, &filter)).await?
+        }
     };
     let mask = super::routes::env_mask(&s).await?;
     items.iter_mut().for_each(|r| mask_row(&mask, r));
@@ -41,7 +44,10 @@ pub async fn get(
 ) -> Result<Json<LogRow>, ApiError> {
     let row = match cluster_log::source(&s)? {
         Some(pg) => cluster_log::get(&pg, id).await?,
-        None => s.read(move |c| store::audit::get(c, id)).await?,
+        None => {
+            let captured = s.captured();
+            s.read(move |c| captured.get(c, id)).await?
+        }
     };
     if !caller.is_admin() && row.record.user_id.as_deref() != Some(caller.user_id.as_str()) {
         return Err(ApiError::NotFound(format!("no log entry with id {id}")));
@@ -201,8 +207,8 @@ pub async fn export(
             let page = match &pg {
                 Some(pg) => cluster_log::query(pg, &filter).await,
                 None => {
-                    let f = filter.clone();
-                    s.read(move |c| store::audit::query(c, &f)).await
+                    let (f, captured) = (filter.clone(), s.captured());
+                    s.read(move |c| captured.query(c, &f)).await
                 }
             };
             match page {

@@ -146,6 +146,11 @@ impl AdminState {
             .map_err(ApiError::from)
     }
 
+    /// Where the audit log's captured headers and bodies are kept.
+    pub fn captured(&self) -> crate::audit::captured::CapturedStore {
+        crate::audit::captured::CapturedStore::for_database(&self.app.config.database_path)
+    }
+
     /// Run a read of the audit log on a reader connection (a free one if
     /// any), off the async workers.
     pub async fn read<T: Send + 'static>(
@@ -252,6 +257,7 @@ async fn ready(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
         "dropped_total": audit.dropped.load(std::sync::atomic::Ordering::Relaxed),
         "write_errors_total": audit.write_errors.load(std::sync::atomic::Ordering::Relaxed),
         "segment_bytes": audit.segment_bytes.load(std::sync::atomic::Ordering::Relaxed),
+        "captured_bytes": audit.captured_bytes.load(std::sync::atomic::Ordering::Relaxed),
         "damaged_total": audit.damaged.load(std::sync::atomic::Ordering::Relaxed),
     });
     // Draining: not ready from the signal on, so a balancer stops sending

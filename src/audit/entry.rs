@@ -1,48 +1,13 @@
 //! The audit record as the request path writes it: borrowed fields, encoded
 //! once into one buffer. The encoding is postcard's for
-//! [`AuditRecord`], field by field in the same order, so the indexer
-//! decodes it into the owned record; the request path clones no name and
-//! leaves no string for another thread to free.
+//! [`AuditRecord`](crate::store::audit::AuditRecord), field by field in the
+//! same order; the indexer decodes it borrowing the bytes. The request path
+//! clones no name and leaves no string for another thread to free; the
+//! indexer allocates none.
 
+pub use crate::store::audit::AuditEntry;
+#[cfg(test)]
 use crate::store::audit::AuditRecord;
-use serde::Serialize;
-
-/// [`AuditRecord`] by reference. The field order is the wire format: keep
-/// it the same as [`AuditRecord`]'s (a test holds them together).
-#[derive(Debug, Default, Serialize)]
-pub struct AuditEntry<'a> {
-    pub request_id: &'a str,
-    pub ts_ms: i64,
-    pub key_id: Option<&'a str>,
-    pub owner: Option<&'a str>,
-    pub user_id: Option<&'a str>,
-    pub route: Option<&'a str>,
-    pub upstream: Option<&'a str>,
-    pub endpoint: Option<&'a str>,
-    pub upstream_key_id: Option<&'a str>,
-    pub method: &'a str,
-    pub path: &'a str,
-    pub status: u16,
-    pub model: Option<&'a str>,
-    pub stream: bool,
-    pub ttfb_ms: Option<f64>,
-    pub duration_ms: f64,
-    pub request_bytes: u64,
-    pub response_bytes: u64,
-    pub chunks: u64,
-    pub prompt_tokens: Option<u64>,
-    pub completion_tokens: Option<u64>,
-    pub usage_estimated: bool,
-    pub retries: u32,
-    pub attempts: Option<&'a str>,
-    pub error: Option<&'a str>,
-    pub client_ip: Option<&'a str>,
-    pub user_agent: Option<&'a str>,
-    pub request_headers: Option<&'a str>,
-    pub response_headers: Option<&'a str>,
-    pub request_body: Option<&'a str>,
-    pub response_body: Option<&'a str>,
-}
 
 /// The encoding's version, the first byte of every record: a binary that
 /// adopts another's segments (after a crash) skips what it cannot read
@@ -67,44 +32,6 @@ impl AuditEntry<'_> {
     }
 }
 
-impl<'a> From<&'a AuditRecord> for AuditEntry<'a> {
-    fn from(r: &'a AuditRecord) -> Self {
-        AuditEntry {
-            request_id: &r.request_id,
-            ts_ms: r.ts_ms,
-            key_id: r.key_id.as_deref(),
-            owner: r.owner.as_deref(),
-            user_id: r.user_id.as_deref(),
-            route: r.route.as_deref(),
-            upstream: r.upstream.as_deref(),
-            endpoint: r.endpoint.as_deref(),
-            upstream_key_id: r.upstream_key_id.as_deref(),
-            method: &r.method,
-            path: &r.path,
-            status: r.status,
-            model: r.model.as_deref(),
-            stream: r.stream,
-            ttfb_ms: r.ttfb_ms,
-            duration_ms: r.duration_ms,
-            request_bytes: r.request_bytes,
-            response_bytes: r.response_bytes,
-            chunks: r.chunks,
-            prompt_tokens: r.prompt_tokens,
-            completion_tokens: r.completion_tokens,
-            usage_estimated: r.usage_estimated,
-            retries: r.retries,
-            attempts: r.attempts.as_deref(),
-            error: r.error.as_deref(),
-            client_ip: r.client_ip.as_deref(),
-            user_agent: r.user_agent.as_deref(),
-            request_headers: r.request_headers.as_deref(),
-            response_headers: r.response_headers.as_deref(),
-            request_body: r.request_body.as_deref(),
-            response_body: r.response_body.as_deref(),
-        }
-    }
-}
-
 /// Why a record's bytes could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
@@ -116,8 +43,8 @@ pub enum DecodeError {
     Fields(#[from] postcard::Error),
 }
 
-/// The owned record back from [`AuditEntry::encode`]'s bytes.
-pub fn decode(bytes: &[u8]) -> Result<AuditRecord, DecodeError> {
+/// The entry back from [`AuditEntry::encode`]'s bytes, borrowing them.
+pub fn decode(bytes: &[u8]) -> Result<AuditEntry<'_>, DecodeError> {
     match bytes.split_first() {
         None => Err(DecodeError::Empty),
         Some((&FORMAT, fields)) => Ok(postcard::from_bytes(fields)?),
@@ -178,9 +105,13 @@ mod tests {
         let bytes = AuditEntry::from(&r).encode();
         assert_eq!(bytes[0], FORMAT);
         assert_eq!(bytes[1..], postcard::to_stdvec(&r).unwrap());
-        assert_eq!(decode(&bytes).unwrap(), r);
+        assert_eq!(decode(&bytes).unwrap(), AuditEntry::from(&r));
+        assert_eq!(postcard::from_bytes::<AuditRecord>(&bytes[1..]).unwrap(), r);
         let empty = AuditRecord::default();
-        assert_eq!(decode(&AuditEntry::from(&empty).encode()).unwrap(), empty);
+        assert_eq!(
+            decode(&AuditEntry::from(&empty).encode()).unwrap(),
+            AuditEntry::from(&empty)
+        );
     }
 
     #[test]

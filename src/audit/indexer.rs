@@ -6,7 +6,9 @@
 //! failing only delays it: the records wait in their segments.
 
 use super::{
-    AuditStats, entry,
+    AuditStats,
+    captured::{self, CapturedStore},
+    entry,
     segment::{self, SegmentDir, SegmentRoot, Tail},
 };
 use crate::{clock::now_ms, store};
@@ -84,6 +86,13 @@ fn save_cursor(conn: &rusqlite::Connection, stream: &SegmentDir, c: Cursor) -> R
 pub struct Indexer {
     pub conn: rusqlite::Connection,
     pub root: SegmentRoot,
+    /// Where read segments go while their captured texts are kept.
+    pub captured: CapturedStore,
+    /// Whether read segments are kept (headers or bodies are captured) or
+    /// deleted.
+    pub keep_captured: bool,
+    /// Bytes kept in `captured` (measured at retention, counted between).
+    pub captured_bytes: u64,
     pub own: OwnStreams,
     pub stats: Arc<AuditStats>,
     /// Rows per transaction.
@@ -138,6 +147,9 @@ impl Indexer {
                         // All of a stream its writer has left is indexed.
                         self.forget(stream);
                         self.own.lock().retain(|(d, _)| d != stream);
+                        if self.max_bytes > 0 {
+                            self.enforce_budget();
+                        }
                     }
                 }
             }
@@ -213,6 +225,9 @@ impl Indexer {
                     Step::CaughtUp => {
                         tracing::info!(stream = %stream.name(), "Audit records a stopped process left were indexed.");
                         self.forget(&stream);
+                        if self.max_bytes > 0 {
+                            self.enforce_budget();
+                        }
                         break;
                     }
                 }
@@ -221,8 +236,12 @@ impl Indexer {
         }
     }
 
-    /// Delete a stream wholly indexed, and its cursor.
+    /// Delete a stream wholly indexed (keeping its segments' captured
+    /// texts), and its cursor.
     fn forget(&mut self, stream: &SegmentDir) {
+        for (seq, _) in stream.list().unwrap_or_default() {
+            self.retire(stream, seq);
+        }
         if let Err(e) = std::fs::remove_dir_all(stream.path())
             && e.kind() != std::io::ErrorKind::NotFound
         {
@@ -274,9 +293,9 @@ impl Indexer {
         };
         // A stream's segments are numbered from 1 up, one by one.
         let mut cursor = cursor.unwrap_or(Cursor { segment: 1, offset: 0 });
-        // Segments wholly indexed before a crash: delete them.
+        // Segments wholly indexed before a crash: retire them.
         for &(seq, _) in segments.iter().filter(|(s, _)| *s < cursor.segment) {
-            self.remove(stream, seq);
+            self.retire(stream, seq);
         }
         if !segments.iter().any(|(s, _)| *s == cursor.segment) {
             match segments.iter().find(|(s, _)| *s > cursor.segment) {
@@ -311,10 +330,14 @@ impl Indexer {
         let finished = cursor.segment < newest || !live;
         if !frames.is_empty() {
             let mut records = Vec::with_capacity(frames.len());
+            let mut offsets = Vec::with_capacity(frames.len());
             let mut unreadable = (0u64, None);
-            for payload in frames.payloads() {
+            for (at, payload) in frames.with_offsets() {
                 match entry::decode(payload) {
-                    Ok(r) => records.push(r),
+                    Ok(r) => {
+                        records.push(r);
+                        offsets.push(at);
+                    }
                     Err(e) => unreadable = (unreadable.0 + 1, Some(e)),
                 }
             }
@@ -326,7 +349,12 @@ impl Indexer {
                 segment: cursor.segment,
                 offset: frames.end,
             };
-            return self.index(stream, &records, next);
+            let file = captured::file_ref(stream, cursor.segment);
+            let kept = self.keep_captured.then_some(store::audit::CapturedIn {
+                file: &file,
+                offsets: &offsets,
+            });
+            return self.index(stream, &records, kept, next);
         }
         if let Tail::Damaged(at) = frames.tail {
             // Only a crash of the machine (or a hand) leaves this; the
@@ -350,13 +378,14 @@ impl Indexer {
         match self.index(
             stream,
             &[],
+            None,
             Cursor {
                 segment: next,
                 offset: 0,
             },
         ) {
             Step::Progress => {
-                self.remove(stream, cursor.segment);
+                self.retire(stream, cursor.segment);
                 Step::Progress
             }
             other => other,
@@ -386,6 +415,7 @@ impl Indexer {
         self.index(
             stream,
             &[],
+            None,
             Cursor {
                 segment,
                 offset: resume,
@@ -407,7 +437,23 @@ impl Indexer {
         }
     }
 
-    fn remove(&mut self, stream: &SegmentDir, seq: u64) {
+    /// A segment wholly indexed: kept for its captured texts, or deleted.
+    fn retire(&mut self, stream: &SegmentDir, seq: u64) {
+        if self.keep_captured {
+            match self.captured.keep(stream, seq) {
+                Ok(len) => {
+                    self.captured_bytes += len;
+                    self.stats.captured_bytes.store(self.captured_bytes, Ordering::Relaxed);
+                    return;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+                Err(e) => self.warn_once(
+                    &stream.name(),
+                    "Indexed audit segments cannot be kept; their captured headers and bodies are deleted.",
+                    &e,
+                ),
+            }
+        }
         match std::fs::remove_file(stream.file(seq)) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -416,8 +462,15 @@ impl Indexer {
     }
 
     /// Insert `records` and move the cursor, in one transaction.
-    fn index(&mut self, stream: &SegmentDir, records: &[store::audit::AuditRecord], next: Cursor) -> Step {
-        let written = store::audit::insert_batch_with(&mut self.conn, records, |tx| save_cursor(tx, stream, next));
+    fn index(
+        &mut self,
+        stream: &SegmentDir,
+        records: &[store::audit::AuditEntry<'_>],
+        captured: Option<store::audit::CapturedIn<'_>>,
+        next: Cursor,
+    ) -> Step {
+        let written =
+            store::audit::insert_batch_with(&mut self.conn, records, captured, |tx| save_cursor(tx, stream, next));
         match written {
             Ok(()) => {
                 self.cursors.insert(stream.name(), next);
@@ -437,16 +490,60 @@ impl Indexer {
         }
     }
 
-    /// Keep the database under `max_bytes` of used pages: delete the oldest
-    /// audit rows, a bounded batch at a time, until it is under 90 % of the
-    /// budget (so it is not at the edge again with the next batch). Deleted
-    /// pages go to SQLite's free list and are reused by the next inserts,
-    /// so the file stops growing at about the budget.
-    fn enforce_budget(&self) {
+    /// Keep the database's used pages and the kept segments under
+    /// `max_bytes`: delete the oldest kept segments first (their rows stay,
+    /// without captured texts), then the oldest rows, a bounded batch at a
+    /// time, until under 90 % of the budget (so it is not at the edge
+    /// again with the next batch). Deleted pages go to SQLite's free list
+    /// and are reused by the next inserts, so the file stops growing at
+    /// about the budget.
+    fn enforce_budget(&mut self) {
         let target = self.max_bytes / 10 * 9;
+        let db = match store::audit::used_bytes(&self.conn) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(error = %e, "Audit size budget could not be enforced.");
+                return;
+            }
+        };
+        if db + self.captured_bytes <= self.max_bytes {
+            return;
+        }
+        self.measure_captured();
+        if db + self.captured_bytes > self.max_bytes
+            && let Ok(files) = self.captured.files()
+        {
+            let (mut n, mut freed) = (0, 0);
+            for f in &files {
+                if db + self.captured_bytes <= target {
+                    break;
+                }
+                match self.captured.delete(f) {
+                    Ok(len) => {
+                        self.captured_bytes = self.captured_bytes.saturating_sub(len);
+                        freed += len;
+                        n += 1;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "Audit size budget: a kept segment cannot be deleted.");
+                        break;
+                    }
+                }
+            }
+            self.stats.captured_bytes.store(self.captured_bytes, Ordering::Relaxed);
+            if n > 0 {
+                tracing::info!(
+                    files = n,
+                    bytes = freed,
+                    max_bytes = self.max_bytes,
+                    "Audit size budget: deleted the oldest captured headers and bodies."
+                );
+            }
+        }
         let mut deleted = 0u64;
         for _ in 0..BUDGET_BATCHES {
             let step = store::audit::used_bytes(&self.conn).and_then(|used| {
+                let used = used + self.captured_bytes;
                 if used <= target || (deleted == 0 && used <= self.max_bytes) {
                     return Ok(None);
                 }
@@ -478,12 +575,44 @@ impl Indexer {
         }
     }
 
-    /// Delete one batch of expired rows; whether more may be left.
-    fn purge(&self) -> bool {
+    /// Measure the kept segments anew (other processes keep and delete
+    /// them too).
+    pub fn measure_captured(&mut self) {
+        match self.captured.files() {
+            Ok(files) => {
+                self.captured_bytes = files.iter().map(|f| f.len).sum();
+                self.stats.captured_bytes.store(self.captured_bytes, Ordering::Relaxed);
+            }
+            Err(e) => self.warn_once(
+                &self.captured.path().display().to_string(),
+                "Kept audit segments cannot be listed.",
+                &e,
+            ),
+        }
+    }
+
+    /// Delete one batch of expired rows, and the kept segments wholly
+    /// expired; whether more rows may be left.
+    fn purge(&mut self) -> bool {
         let cutoff = now_ms() - self.retention.as_millis() as i64;
         if let Err(e) = store::rollup::delete_before(&self.conn, cutoff) {
             tracing::warn!(error = %e, "Audit retention of the per-minute totals failed.");
         }
+        let oldest = std::time::SystemTime::now()
+            .checked_sub(self.retention)
+            .unwrap_or(std::time::UNIX_EPOCH);
+        match self.captured.delete_before(oldest) {
+            Ok((0, _)) => {}
+            Ok((files, bytes)) => {
+                tracing::info!(
+                    files,
+                    bytes,
+                    "Audit retention: deleted old captured headers and bodies."
+                )
+            }
+            Err(e) => tracing::warn!(error = %e, "Audit retention of the kept segments failed."),
+        }
+        self.measure_captured();
         match store::audit::delete_before(&self.conn, cutoff, PURGE_BATCH) {
             Ok(0) => false,
             Ok(n) => {

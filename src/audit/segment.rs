@@ -10,7 +10,7 @@ pub use crate::config::AuditFsync as Fsync;
 use std::{
     fs::{File, OpenOptions},
     io::{self, Write},
-    os::unix::fs::FileExt,
+    os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -59,9 +59,9 @@ impl SegmentRoot {
         // Made and locked under a name other processes skip, then renamed
         // into place: a stream they can see is locked by its owner (or its
         // owner is dead), never between the two.
-        std::fs::create_dir_all(&self.path)?;
+        private_dir_all(&self.path)?;
         let hidden = self.path.join(format!("{HIDDEN}{name}"));
-        std::fs::create_dir(&hidden)?;
+        std::fs::DirBuilder::new().mode(0o700).create(&hidden)?;
         let lock = OpenOptions::new()
             .create_new(true)
             .write(true)
@@ -123,6 +123,17 @@ impl SegmentRoot {
     }
 }
 
+/// Make `dir` and its missing parents readable by this user only:
+/// segments hold captured prompts and answers.
+pub fn private_dir_all(dir: &Path) -> io::Result<()> {
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
+}
+
+/// The file name of segment `seq`.
+pub fn file_name(seq: u64) -> String {
+    format!("{seq:020}.{SUFFIX}")
+}
+
 /// One stream: the segments one writer process appended, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SegmentDir {
@@ -149,7 +160,7 @@ impl SegmentDir {
     }
 
     pub fn file(&self, seq: u64) -> PathBuf {
-        self.path.join(format!("{seq:020}.{SUFFIX}"))
+        self.path.join(file_name(seq))
     }
 
     /// Sequence numbers of the segments present, oldest first, with sizes.
@@ -291,7 +302,7 @@ impl SegmentWriter {
 }
 
 fn open_new(path: &Path) -> io::Result<File> {
-    OpenOptions::new().create_new(true).append(true).open(path)
+    OpenOptions::new().create_new(true).append(true).mode(0o600).open(path)
 }
 
 /// What a read of a segment found after its whole frames.
@@ -308,6 +319,8 @@ pub struct Frames {
     buf: Vec<u8>,
     /// (start, end) of each payload in `buf`.
     spans: Vec<(usize, usize)>,
+    /// File offset of `buf`'s first byte.
+    start: u64,
     /// File offset just past the last whole frame.
     pub end: u64,
     pub tail: Tail,
@@ -316,6 +329,13 @@ pub struct Frames {
 impl Frames {
     pub fn payloads(&self) -> impl Iterator<Item = &[u8]> {
         self.spans.iter().map(|&(a, b)| &self.buf[a..b])
+    }
+
+    /// Each frame's offset in the file, with its payload.
+    pub fn with_offsets(&self) -> impl Iterator<Item = (u64, &[u8])> {
+        self.spans
+            .iter()
+            .map(|&(a, b)| (self.start + (a - HEADER) as u64, &self.buf[a..b]))
     }
 
     pub fn is_empty(&self) -> bool {
@@ -370,6 +390,7 @@ pub fn read_frames(file: &File, offset: u64, want: usize, max_frames: usize) -> 
     Ok(Frames {
         buf,
         spans,
+        start: offset,
         end: offset + at as u64,
         tail,
     })

@@ -50,15 +50,131 @@ pub struct AuditRecord {
     pub response_body: Option<String>,
 }
 
-/// Insert `records` in one transaction.
+/// [`AuditRecord`] by reference: what the request path encodes (no name
+/// cloned) and the indexer decodes (no string allocated). The field order
+/// is the segment files' wire format (`audit::entry`): keep it the same as
+/// [`AuditRecord`]'s (a test holds them together).
+#[derive(Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct AuditEntry<'a> {
+    pub request_id: &'a str,
+    pub ts_ms: i64,
+    #[serde(borrow)]
+    pub key_id: Option<&'a str>,
+    #[serde(borrow)]
+    pub owner: Option<&'a str>,
+    #[serde(borrow)]
+    pub user_id: Option<&'a str>,
+    #[serde(borrow)]
+    pub route: Option<&'a str>,
+    #[serde(borrow)]
+    pub upstream: Option<&'a str>,
+    #[serde(borrow)]
+    pub endpoint: Option<&'a str>,
+    #[serde(borrow)]
+    pub upstream_key_id: Option<&'a str>,
+    pub method: &'a str,
+    pub path: &'a str,
+    pub status: u16,
+    #[serde(borrow)]
+    pub model: Option<&'a str>,
+    pub stream: bool,
+    pub ttfb_ms: Option<f64>,
+    pub duration_ms: f64,
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+    pub chunks: u64,
+    pub prompt_tokens: Option<u64>,
+    pub completion_tokens: Option<u64>,
+    pub usage_estimated: bool,
+    pub retries: u32,
+    #[serde(borrow)]
+    pub attempts: Option<&'a str>,
+    #[serde(borrow)]
+    pub error: Option<&'a str>,
+    #[serde(borrow)]
+    pub client_ip: Option<&'a str>,
+    #[serde(borrow)]
+    pub user_agent: Option<&'a str>,
+    #[serde(borrow)]
+    pub request_headers: Option<&'a str>,
+    #[serde(borrow)]
+    pub response_headers: Option<&'a str>,
+    #[serde(borrow)]
+    pub request_body: Option<&'a str>,
+    #[serde(borrow)]
+    pub response_body: Option<&'a str>,
+}
+
+impl AuditEntry<'_> {
+    /// Whether the row captured any header or body text.
+    pub fn has_captured(&self) -> bool {
+        self.request_headers.is_some()
+            || self.response_headers.is_some()
+            || self.request_body.is_some()
+            || self.response_body.is_some()
+    }
+}
+
+impl<'a> From<&'a AuditRecord> for AuditEntry<'a> {
+    fn from(r: &'a AuditRecord) -> Self {
+        AuditEntry {
+            request_id: &r.request_id,
+            ts_ms: r.ts_ms,
+            key_id: r.key_id.as_deref(),
+            owner: r.owner.as_deref(),
+            user_id: r.user_id.as_deref(),
+            route: r.route.as_deref(),
+            upstream: r.upstream.as_deref(),
+            endpoint: r.endpoint.as_deref(),
+            upstream_key_id: r.upstream_key_id.as_deref(),
+            method: &r.method,
+            path: &r.path,
+            status: r.status,
+            model: r.model.as_deref(),
+            stream: r.stream,
+            ttfb_ms: r.ttfb_ms,
+            duration_ms: r.duration_ms,
+            request_bytes: r.request_bytes,
+            response_bytes: r.response_bytes,
+            chunks: r.chunks,
+            prompt_tokens: r.prompt_tokens,
+            completion_tokens: r.completion_tokens,
+            usage_estimated: r.usage_estimated,
+            retries: r.retries,
+            attempts: r.attempts.as_deref(),
+            error: r.error.as_deref(),
+            client_ip: r.client_ip.as_deref(),
+            user_agent: r.user_agent.as_deref(),
+            request_headers: r.request_headers.as_deref(),
+            response_headers: r.response_headers.as_deref(),
+            request_body: r.request_body.as_deref(),
+            response_body: r.response_body.as_deref(),
+        }
+    }
+}
+
+/// Where a batch's captured headers and bodies stay instead of in the
+/// rows: one segment file (`<stream>/<segment>`, `audit::captured`) and
+/// each row's record offset in it.
+#[derive(Debug, Clone, Copy)]
+pub struct CapturedIn<'a> {
+    pub file: &'a str,
+    pub offsets: &'a [u64],
+}
+
+/// Insert `records` in one transaction, captured texts in the rows.
 pub fn insert_batch(conn: &mut Connection, records: &[AuditRecord]) -> Result<(), StoreError> {
-    insert_batch_with(conn, records, |_| Ok(()))
+    let entries: Vec<AuditEntry<'_>> = records.iter().map(AuditEntry::from).collect();
+    insert_batch_with(conn, &entries, None, |_| Ok(()))
 }
 
 /// Insert `records` and run `also` in one transaction: both or neither.
+/// With `captured`, a row's headers and bodies are left where it says and
+/// the row points there.
 pub fn insert_batch_with(
     conn: &mut Connection,
-    records: &[AuditRecord],
+    records: &[AuditEntry<'_>],
+    captured: Option<CapturedIn<'_>>,
     also: impl FnOnce(&Connection) -> Result<(), StoreError>,
 ) -> Result<(), StoreError> {
     let tx = conn.transaction()?;
@@ -68,11 +184,14 @@ pub fn insert_batch_with(
                 upstream_key_id, method, path, status, model, stream, ttfb_ms, duration_ms,
                 request_bytes, response_bytes, chunks, prompt_tokens, completion_tokens, retries,
                 error, client_ip, user_agent, request_headers, response_headers, request_body,
-                response_body, user_id, attempts, usage_estimated)
+                response_body, user_id, attempts, usage_estimated, captured_in, captured_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
-                ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31)",
+                ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31, ?32, ?33)",
         )?;
-        for r in records {
+        for (i, r) in records.iter().enumerate() {
+            let at = captured
+                .filter(|_| r.has_captured())
+                .and_then(|c| Some((c.file, *c.offsets.get(i)?)));
             stmt.execute(params![
                 r.request_id,
                 r.ts_ms,
@@ -98,13 +217,15 @@ pub fn insert_batch_with(
                 r.error,
                 r.client_ip,
                 r.user_agent,
-                r.request_headers,
-                r.response_headers,
-                r.request_body,
-                r.response_body,
+                r.request_headers.filter(|_| at.is_none()),
+                r.response_headers.filter(|_| at.is_none()),
+                r.request_body.filter(|_| at.is_none()),
+                r.response_body.filter(|_| at.is_none()),
                 r.user_id,
                 r.attempts,
                 r.usage_estimated,
+                at.map(|(f, _)| f),
+                at.map(|(_, o)| o as i64),
             ])?;
         }
     }
@@ -156,7 +277,8 @@ pub fn delete_oldest(conn: &Connection, n: usize) -> Result<usize, StoreError> {
 const SELECT: &str = "SELECT id, request_id, ts_ms, key_id, owner, route, upstream, endpoint,
     upstream_key_id, method, path, status, model, stream, ttfb_ms, duration_ms, request_bytes,
     response_bytes, chunks, prompt_tokens, completion_tokens, retries, error, client_ip, user_agent,
-    request_headers, response_headers, request_body, response_body, user_id, attempts, usage_estimated
+    request_headers, response_headers, request_body, response_body, user_id, attempts, usage_estimated,
+    captured_in, captured_at
     FROM audit_log";
 
 /// A stored row: its id (the pagination cursor) and the record.
@@ -165,6 +287,11 @@ pub struct LogRow {
     pub id: i64,
     #[serde(flatten)]
     pub record: AuditRecord,
+    /// Where the row's captured headers and bodies are kept (a segment
+    /// file and the record's offset), when not in the row itself; read
+    /// by `audit::captured::fill`.
+    #[serde(skip)]
+    pub captured: Option<(String, u64)>,
 }
 
 fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<LogRow> {
@@ -203,14 +330,19 @@ fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<LogRow> {
             attempts: r.get(30)?,
             usage_estimated: r.get(31)?,
         },
+        captured: match (r.get::<_, Option<String>>(32)?, r.get::<_, Option<i64>>(33)?) {
+            (Some(file), Some(at)) => Some((file, at as u64)),
+            _ => None,
+        },
     })
 }
 
-/// Every row, oldest first (tests and small exports).
-pub fn all(conn: &Connection) -> Result<Vec<AuditRecord>, StoreError> {
+/// Every row, oldest first (tests and small exports); the captured texts a
+/// segment keeps are read by `audit::captured::CapturedStore::all`.
+pub fn all_rows(conn: &Connection) -> Result<Vec<LogRow>, StoreError> {
     let mut stmt = conn.prepare(&format!("{SELECT} ORDER BY id"))?;
     let rows = stmt.query_map([], from_row)?;
-    Ok(rows.map(|r| r.map(|r| r.record)).collect::<Result<_, _>>()?)
+    Ok(rows.collect::<Result<_, _>>()?)
 }
 
 /// Filters of `GET /api/logs`; every one optional.
@@ -385,6 +517,10 @@ pub fn get(conn: &Connection, id: i64) -> Result<LogRow, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn all(conn: &Connection) -> Result<Vec<AuditRecord>, StoreError> {
+        Ok(all_rows(conn)?.into_iter().map(|r| r.record).collect())
+    }
 
     #[test]
     fn batch_roundtrip_and_retention() {

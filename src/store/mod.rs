@@ -321,6 +321,13 @@ static MIGRATIONS: LazyLock<Migrations<'static>> = LazyLock::new(|| {
         INSERT INTO settings (name, value)
             SELECT 'audit_rollup_from_ms', CAST(coalesce(max(ts_ms) + 1, 0) AS TEXT) FROM audit_log;",
         ),
+        // A row's captured headers and bodies stay in its segment file
+        // (`audit::captured`): the file (`<stream>/<segment>`) and the
+        // record's offset. Rows from before keep theirs in the row.
+        M::up(
+            "ALTER TABLE audit_log ADD COLUMN captured_in TEXT;
+            ALTER TABLE audit_log ADD COLUMN captured_at INTEGER;",
+        ),
     ])
 });
 

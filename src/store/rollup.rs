@@ -6,7 +6,7 @@
 //! rows. Minutes from before the table existed (an upgraded database) and
 //! the partial minute at a window's start are read from the rows.
 
-use super::{StoreError, audit::AuditRecord};
+use super::{StoreError, audit::AuditEntry};
 use rusqlite::{Connection, OptionalExtension, params};
 use std::collections::{BTreeMap, HashMap};
 
@@ -130,7 +130,7 @@ struct Totals {
 }
 
 impl Totals {
-    fn add(&mut self, r: &AuditRecord) {
+    fn add(&mut self, r: &AuditEntry<'_>) {
         self.requests += 1;
         self.errors += i64::from(r.status >= 400);
         self.sum_ms += r.duration_ms;
@@ -145,12 +145,12 @@ impl Totals {
     }
 }
 
-type Group = (i64, String, String, String);
+type Group<'a> = (i64, &'a str, &'a str, &'a str);
 
 /// Fold `records` into the rollup: one read and one write per group and
 /// minute the batch touches (a few, at any rate), inside the caller's
 /// transaction.
-pub fn add(conn: &Connection, records: &[AuditRecord]) -> Result<(), StoreError> {
+pub fn add(conn: &Connection, records: &[AuditEntry<'_>]) -> Result<(), StoreError> {
     if records.is_empty() {
         return Ok(());
     }
@@ -158,9 +158,9 @@ pub fn add(conn: &Connection, records: &[AuditRecord]) -> Result<(), StoreError>
     for r in records {
         let g = (
             r.ts_ms.div_euclid(MINUTE_MS),
-            r.route.clone().unwrap_or_default(),
-            r.upstream.clone().unwrap_or_default(),
-            r.model.clone().unwrap_or_default(),
+            r.route.unwrap_or_default(),
+            r.upstream.unwrap_or_default(),
+            r.model.unwrap_or_default(),
         );
         groups.entry(g).or_default().add(r);
     }

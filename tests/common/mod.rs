@@ -859,7 +859,9 @@ impl Gateway {
     /// The audit rows written so far.
     pub fn audit_rows(&self) -> Vec<fastgate::store::audit::AuditRecord> {
         let conn = fastgate::store::open(&self.db_path()).unwrap();
-        fastgate::store::audit::all(&conn).unwrap()
+        fastgate::audit::captured::CapturedStore::for_database(&self.db_path())
+            .all(&conn)
+            .unwrap()
     }
 
     /// Wait until every request id in `ids` has a row; returns all rows.
