@@ -168,6 +168,7 @@ impl AuditSink {
             own,
             cursors: Default::default(),
             warned: Default::default(),
+            frame_bytes: 1024,
             stats: stats.clone(),
             batch_size: cfg.batch_size.max(1),
             retention: cfg.retention.0,

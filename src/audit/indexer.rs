@@ -106,6 +106,8 @@ pub struct Indexer {
     pub cursors: HashMap<String, Cursor>,
     /// Streams already warned about, so a stuck one logs once.
     pub warned: HashSet<String>,
+    /// The recent mean size of a frame, for how much to read at once.
+    pub frame_bytes: usize,
 }
 
 /// What one step of the indexer did.
@@ -316,10 +318,14 @@ impl Indexer {
                 return Step::Failed;
             }
         };
-        let want = match self.max_bytes {
+        // About one batch of frames, at their recent average size: reading
+        // (and zeroing) much more than a batch uses was a tenth of the
+        // indexer's CPU.
+        let cap = match self.max_bytes {
             0 => READ_BYTES,
             budget => READ_BYTES.min((budget / 8).max(64 << 10) as usize),
         };
+        let want = (self.batch_size.saturating_mul(self.frame_bytes / 4 * 5) + (4 << 10)).min(cap);
         let frames = match segment::read_frames(&file, cursor.offset, want, self.batch_size) {
             Ok(f) => f,
             Err(e) => {
@@ -327,6 +333,10 @@ impl Indexer {
                 return Step::Failed;
             }
         };
+        if !frames.is_empty() {
+            let mean = ((frames.end - cursor.offset) / frames.len() as u64) as usize;
+            self.frame_bytes = (self.frame_bytes * 3 + mean) / 4;
+        }
         let finished = cursor.segment < newest || !live;
         if !frames.is_empty() {
             let mut records = Vec::with_capacity(frames.len());
