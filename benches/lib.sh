@@ -7,7 +7,15 @@ bench_workdir() {
   PIDS=()
   trap bench_cleanup EXIT
 }
-bench_cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; sleep 0.3; rm -rf "$WORK"; }
+# BENCH_LOGS=dir keeps each FastGate instance's log there (as <instance>.log).
+bench_cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; sleep 0.3
+  if [ -n "${BENCH_LOGS:-}" ]; then
+    mkdir -p "$BENCH_LOGS"
+    for l in "$WORK"/*/log; do [ -f "$l" ] && cp "$l" "$BENCH_LOGS/$(basename "$(dirname "$l")").log"; done
+  fi
+  rm -rf "$WORK"
+}
 
 wait_port() { for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
 

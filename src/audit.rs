@@ -509,18 +509,18 @@ mod tests {
     fn the_size_budget_deletes_the_oldest_captured_texts_first() {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("a.db");
-        let budget = 3 << 20;
+        let budget = 4 << 20;
         let cfg = AuditConfig {
             batch_size: 100,
             max_bytes: crate::config::HumanSize(budget),
             ..AuditConfig::default()
         };
         let sink = AuditSink::start(&db, &cfg).unwrap();
-        for i in 0..8000 {
+        for i in 0..4000 {
             assert!(sink.record(AuditRecord {
                 request_id: format!("r{i}"),
                 ts_ms: now_ms(),
-                request_body: Some(format!("{i:>1000}")),
+                request_body: Some(format!("{i:>2000}")),
                 ..Default::default()
             }));
         }
@@ -533,10 +533,10 @@ mod tests {
         assert!(kept > 0, "the newest texts are kept");
         assert_eq!(sink.stats().captured_bytes.load(Ordering::Relaxed), kept);
         let rows = store.all(&conn).unwrap();
-        assert_eq!(rows.len(), 8000, "rows stay when texts are enough");
+        assert_eq!(rows.len(), 4000, "rows stay when texts are enough");
         assert_eq!(rows[0].request_body, None, "the oldest texts went");
         let newest = rows.last().unwrap();
-        assert_eq!(newest.request_body.as_deref(), Some(format!("{:>1000}", 7999).as_str()));
+        assert_eq!(newest.request_body.as_deref(), Some(format!("{:>2000}", 3999).as_str()));
         // Texts are kept or gone per file, in order: never a hole.
         let with: Vec<bool> = rows.iter().map(|r| r.request_body.is_some()).collect();
         let first = with.iter().position(|w| *w).unwrap();
