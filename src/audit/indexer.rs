@@ -667,10 +667,9 @@ impl Scheduling {
         if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, NICE) } != 0 {
             tracing::debug!("Audit indexer priority unchanged: {}", std::io::Error::last_os_error());
         }
-        let adaptive = set_policy(libc::SCHED_IDLE) && set_policy(libc::SCHED_OTHER) && set_policy(libc::SCHED_IDLE);
-        if !adaptive {
-            set_policy(libc::SCHED_OTHER);
-        }
+        // Not tried and undone: a thread that may not leave SCHED_IDLE
+        // could not undo it either.
+        let adaptive = may_leave_idle() && set_policy(libc::SCHED_IDLE);
         Scheduling {
             idle: adaptive,
             adaptive,
@@ -691,15 +690,49 @@ impl Scheduling {
             Instant::now()
         };
         let want_idle = !stopping && since.elapsed() < BEHIND_FOR;
-        if want_idle != self.idle && set_policy(if want_idle { libc::SCHED_IDLE } else { libc::SCHED_OTHER }) {
+        if want_idle == self.idle {
+            return;
+        }
+        if set_policy(if want_idle { libc::SCHED_IDLE } else { libc::SCHED_OTHER }) {
             self.idle = want_idle;
             if !want_idle && !stopping {
                 tracing::info!(
                     "Audit indexer behind for {BEHIND_FOR:?}: scheduled at nice {NICE} until it catches up."
                 );
             }
+        } else {
+            // Permission taken away meanwhile: stop trying.
+            self.adaptive = false;
+            tracing::warn!(
+                "Audit indexer cannot change its scheduling: {}",
+                std::io::Error::last_os_error()
+            );
         }
     }
+}
+
+/// Whether this thread may go from `SCHED_IDLE` back to nice [`NICE`]:
+/// `RLIMIT_NICE` allows that nice value (20 − limit ≤ NICE), or it has
+/// `CAP_SYS_NICE`.
+fn may_leave_idle() -> bool {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `limit` is a valid rlimit to write for the call's duration.
+    let read = unsafe { libc::getrlimit(libc::RLIMIT_NICE, &mut limit) } == 0;
+    if read && limit.rlim_cur >= (20 - NICE) as libc::rlim_t {
+        return true;
+    }
+    const CAP_SYS_NICE: u32 = 23;
+    std::fs::read_to_string("/proc/thread-self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .is_some_and(|caps| caps & (1 << CAP_SYS_NICE) != 0)
 }
 
 /// Set this thread's scheduling policy; whether it was allowed.
@@ -708,4 +741,43 @@ fn set_policy(policy: libc::c_int) -> bool {
     // SAFETY: `param` is a valid sched_param for the call's duration; pid 0
     // is the calling thread on Linux.
     unsafe { libc::sched_setscheduler(0, policy, &param) == 0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// (policy, nice) of the calling thread, from `/proc`.
+    fn scheduling_now() -> (i64, i64) {
+        let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+        let rest: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+        (rest[38].parse().unwrap(), rest[16].parse().unwrap()) // fields 41 and 19
+    }
+
+    /// Idle while it keeps up, nice 10 once behind for long or stopping,
+    /// and idle again once caught up; nice 10 throughout where leaving
+    /// `SCHED_IDLE` is not allowed.
+    #[test]
+    fn the_indexer_runs_idle_until_it_falls_behind() {
+        std::thread::spawn(|| {
+            let mut s = Scheduling::start();
+            let (idle, other) = (libc::SCHED_IDLE as i64, libc::SCHED_OTHER as i64);
+            if !may_leave_idle() {
+                assert_eq!(scheduling_now(), (other, 10));
+                return;
+            }
+            assert_eq!(scheduling_now(), (idle, 10));
+            s.note(true, false);
+            assert_eq!(scheduling_now().0, idle, "behind only briefly");
+            std::thread::sleep(BEHIND_FOR);
+            s.note(true, false);
+            assert_eq!(scheduling_now(), (other, 10), "behind for long");
+            s.note(false, false);
+            assert_eq!(scheduling_now().0, idle, "caught up");
+            s.note(false, true);
+            assert_eq!(scheduling_now(), (other, 10), "stopping");
+        })
+        .join()
+        .unwrap();
+    }
 }
