@@ -169,6 +169,7 @@ impl AuditSink {
             cursors: Default::default(),
             warned: Default::default(),
             frame_bytes: 1024,
+            with_texts: Default::default(),
             stats: stats.clone(),
             batch_size: cfg.batch_size.max(1),
             retention: cfg.retention.0,
@@ -282,6 +283,9 @@ const SEGMENT_AGE: Duration = Duration::from_secs(600);
 const BACKLOG_MAX: u64 = 1 << 30;
 /// How often the writer measures the backlog.
 const BACKLOG_EVERY: Duration = Duration::from_secs(1);
+/// Most records the writer takes from the queue between two looks at the
+/// clock (and the backlog).
+const DRAIN_MAX: usize = 16_384;
 
 impl Writer {
     fn run(mut self) {
@@ -290,11 +294,15 @@ impl Writer {
         let mut over_backlog = false;
         let mut unmeasured = 0;
         let mut stopping = false;
+        // The last drain stopped at DRAIN_MAX with records left: no sleep.
+        let mut busy = false;
         while !stopping {
             drops.check(&self.stats);
             // Sleep rather than block on the channel: a blocked receiver
             // would make every request's `try_send` a futex wake-up.
-            std::thread::sleep(WRITE_WINDOW);
+            if !busy {
+                std::thread::sleep(WRITE_WINDOW);
+            }
             if backlog_checked.elapsed() >= BACKLOG_EVERY {
                 backlog_checked = Instant::now();
                 self.check_stream();
@@ -324,7 +332,10 @@ impl Writer {
                 }
                 over_backlog = over;
             }
-            loop {
+            // Bounded, so a queue that never empties (full load) still
+            // lets the backlog be measured and capped every second.
+            busy = true;
+            for _ in 0..DRAIN_MAX {
                 match self.rx.try_recv() {
                     Ok(Msg::Record(r)) => self.take(&r, over_backlog),
                     Ok(Msg::Stop) | Err(TryRecvError::Disconnected) => {
@@ -336,7 +347,10 @@ impl Writer {
                         }
                         break;
                     }
-                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Empty) => {
+                        busy = false;
+                        break;
+                    }
                 }
             }
             self.flush();
@@ -503,10 +517,11 @@ mod tests {
         );
     }
 
-    /// Captured texts count against the budget too, in their segments:
-    /// the oldest go first, whole files at a time, and their rows stay.
+    /// Captured texts count against the budget too, in their segments; the
+    /// oldest go first, rows and their texts together, so every row left
+    /// keeps its texts (deleting texts first left the newest rows bare).
     #[test]
-    fn the_size_budget_deletes_the_oldest_captured_texts_first() {
+    fn the_size_budget_deletes_rows_with_their_captured_texts() {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("a.db");
         let budget = 4 << 20;
@@ -516,13 +531,18 @@ mod tests {
             ..AuditConfig::default()
         };
         let sink = AuditSink::start(&db, &cfg).unwrap();
-        for i in 0..4000 {
+        for i in 0..12_000 {
             assert!(sink.record(AuditRecord {
                 request_id: format!("r{i}"),
                 ts_ms: now_ms(),
-                request_body: Some(format!("{i:>2000}")),
+                path: "/v1/chat/completions".repeat(8),
+                request_body: Some(format!("{i:>600}")),
                 ..Default::default()
             }));
+            if i % 1000 == 999 {
+                // Spread over a few writer windows, as requests are.
+                std::thread::sleep(Duration::from_millis(30));
+            }
         }
         sink.close();
         let store = captured::CapturedStore::for_database(&db);
@@ -530,17 +550,27 @@ mod tests {
         let kept: u64 = store.files().unwrap().iter().map(|f| f.len).sum();
         let used = store::audit::used_bytes(&conn).unwrap();
         assert!(used + kept <= budget, "{used} + {kept} bytes used");
-        assert!(kept > 0, "the newest texts are kept");
         assert_eq!(sink.stats().captured_bytes.load(Ordering::Relaxed), kept);
         let rows = store.all(&conn).unwrap();
-        assert_eq!(rows.len(), 4000, "rows stay when texts are enough");
-        assert_eq!(rows[0].request_body, None, "the oldest texts went");
-        let newest = rows.last().unwrap();
-        assert_eq!(newest.request_body.as_deref(), Some(format!("{:>2000}", 3999).as_str()));
-        // Texts are kept or gone per file, in order: never a hole.
-        let with: Vec<bool> = rows.iter().map(|r| r.request_body.is_some()).collect();
-        let first = with.iter().position(|w| *w).unwrap();
-        assert!(with[first..].iter().all(|w| *w), "texts kept from row {first} on");
+        assert!(rows.len() > 1000 && rows.len() < 12_000, "{} rows kept", rows.len());
+        assert_eq!(rows.last().unwrap().request_id, "r11999", "the newest are kept");
+        let bare: Vec<&str> = rows
+            .iter()
+            .filter(|r| r.request_body.is_none())
+            .map(|r| r.request_id.as_str())
+            .collect();
+        assert!(
+            bare.is_empty(),
+            "{} rows lost their texts: {:?}…",
+            bare.len(),
+            &bare[..bare.len().min(5)]
+        );
+        let i: usize = rows.last().unwrap().request_id[1..].parse().unwrap();
+        assert_eq!(rows.last().unwrap().request_body, Some(format!("{i:>600}")));
+        assert_eq!(
+            sink.stats().budget_deleted.load(Ordering::Relaxed) as usize,
+            12_000 - rows.len()
+        );
     }
 
     /// Captured texts stay in the segment files, read back by offset: the

@@ -109,6 +109,9 @@ pub struct Indexer {
     pub warned: HashSet<String>,
     /// The recent mean size of a frame, for how much to read at once.
     pub frame_bytes: usize,
+    /// Segments being read, by reference: whether a row points into them
+    /// (a segment no row needs is deleted, not kept).
+    pub with_texts: HashMap<String, bool>,
 }
 
 /// What one step of the indexer did.
@@ -366,7 +369,13 @@ impl Indexer {
                 file: &file,
                 offsets: &offsets,
             });
-            return self.index(stream, &records, kept, next);
+            let any_texts = records.iter().any(|r| r.has_captured());
+            let step = self.index(stream, &records, kept, next);
+            if matches!(step, Step::Progress) {
+                // Read from its start by this process, or not known.
+                *self.with_texts.entry(file).or_insert(cursor.offset != 0) |= any_texts;
+            }
+            return step;
         }
         if let Tail::Damaged(at) = frames.tail {
             // Only a crash of the machine (or a hand) leaves this; the
@@ -449,9 +458,11 @@ impl Indexer {
         }
     }
 
-    /// A segment wholly indexed: kept for its captured texts, or deleted.
+    /// A segment wholly indexed: kept for its captured texts, or deleted
+    /// (none captured, or no row with any).
     fn retire(&mut self, stream: &SegmentDir, seq: u64) {
-        if self.keep_captured {
+        let texts = self.with_texts.remove(&captured::file_ref(stream, seq));
+        if self.keep_captured && texts != Some(false) {
             match self.captured.keep(stream, seq) {
                 Ok(len) => {
                     self.captured_bytes += len;
@@ -503,87 +514,94 @@ impl Indexer {
     }
 
     /// Keep the database's used pages and the kept segments under
-    /// `max_bytes`: delete the oldest kept segments first (their rows stay,
-    /// without captured texts), then the oldest rows, a bounded batch at a
-    /// time, until under 90 % of the budget (so it is not at the edge
-    /// again with the next batch). Deleted pages go to SQLite's free list
-    /// and are reused by the next inserts, so the file stops growing at
-    /// about the budget.
+    /// `max_bytes`, oldest first, rows and their captured texts together:
+    /// the kept segments whose rows are all gone (last written before the
+    /// oldest row left), else a bounded batch of the oldest rows, until
+    /// under 90 % of the budget (so it is not at the edge again with the
+    /// next batch). Deleted pages go to SQLite's free list and are reused
+    /// by the next inserts, so the file stops growing at about the budget.
     fn enforce_budget(&mut self) {
         let target = self.max_bytes / 10 * 9;
-        let db = match store::audit::used_bytes(&self.conn) {
-            Ok(b) => b,
+        let over = |this: &Self| store::audit::used_bytes(&this.conn).map(|db| db + this.captured_bytes);
+        match over(self) {
+            Ok(used) if used > self.max_bytes => self.measure_captured(),
+            Ok(_) => return,
             Err(e) => {
                 tracing::warn!(error = %e, "Audit size budget could not be enforced.");
                 return;
             }
-        };
-        if db + self.captured_bytes <= self.max_bytes {
-            return;
         }
-        self.measure_captured();
-        if db + self.captured_bytes > self.max_bytes
-            && let Ok(files) = self.captured.files()
-        {
-            let (mut n, mut freed) = (0, 0);
-            for f in &files {
-                if db + self.captured_bytes <= target {
-                    break;
-                }
-                match self.captured.delete(f) {
-                    Ok(len) => {
-                        self.captured_bytes = self.captured_bytes.saturating_sub(len);
-                        freed += len;
-                        n += 1;
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "Audit size budget: a kept segment cannot be deleted.");
-                        break;
-                    }
-                }
-            }
-            self.stats.captured_bytes.store(self.captured_bytes, Ordering::Relaxed);
-            if n > 0 {
-                tracing::info!(
-                    files = n,
-                    bytes = freed,
-                    max_bytes = self.max_bytes,
-                    "Audit size budget: deleted the oldest captured headers and bodies."
-                );
-            }
-        }
-        let mut deleted = 0u64;
+        let (mut rows_deleted, mut files, mut freed) = (0u64, 0usize, 0u64);
         for _ in 0..BUDGET_BATCHES {
-            let step = store::audit::used_bytes(&self.conn).and_then(|used| {
-                let used = used + self.captured_bytes;
-                if used <= target || (deleted == 0 && used <= self.max_bytes) {
+            let step = over(self).and_then(|used| {
+                let started = rows_deleted > 0 || files > 0;
+                if used <= target || (!started && used <= self.max_bytes) {
                     return Ok(None);
+                }
+                let oldest = store::audit::oldest_ts(&self.conn)?;
+                let (n, bytes) = self.delete_captured_before(oldest);
+                if n > 0 {
+                    files += n;
+                    freed += bytes;
+                    return Ok(Some(()));
                 }
                 let rows = store::audit::rows_estimate(&self.conn)?;
                 if rows == 0 {
                     return Ok(None);
                 }
-                // As many rows as the excess holds at the average row size.
+                // As many rows as the excess holds at the average size of
+                // a row and its texts.
                 let per_row = (used / rows).max(1);
                 let n = ((used - target) / per_row + 1).min(PURGE_BATCH as u64);
-                store::audit::delete_oldest(&self.conn, n as usize).map(Some)
+                let n = store::audit::delete_oldest(&self.conn, n as usize)?;
+                rows_deleted += n as u64;
+                Ok((n > 0).then_some(()))
             });
             match step {
-                Ok(Some(n)) if n > 0 => deleted += n as u64,
-                Ok(_) => break,
+                Ok(Some(())) => {}
+                Ok(None) => break,
                 Err(e) => {
                     tracing::warn!(error = %e, "Audit size budget could not be enforced.");
                     break;
                 }
             }
         }
-        if deleted > 0 {
-            self.stats.budget_deleted.fetch_add(deleted, Ordering::Relaxed);
+        if files > 0 {
             tracing::info!(
-                rows = deleted,
+                files,
+                bytes = freed,
+                max_bytes = self.max_bytes,
+                "Audit size budget: deleted the captured headers and bodies of deleted rows."
+            );
+        }
+        if rows_deleted > 0 {
+            self.stats.budget_deleted.fetch_add(rows_deleted, Ordering::Relaxed);
+            tracing::info!(
+                rows = rows_deleted,
                 max_bytes = self.max_bytes,
                 "Audit size budget: deleted the oldest rows."
             );
+        }
+    }
+
+    /// Delete the kept segments last written before `oldest_row` (Unix ms;
+    /// `None`: no row left, so all of them): their rows are gone. Returns
+    /// how many and the bytes freed.
+    fn delete_captured_before(&mut self, oldest_row: Option<i64>) -> (usize, u64) {
+        let cutoff = match oldest_row {
+            Some(ms) => std::time::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64),
+            None => std::time::SystemTime::now() + Duration::from_secs(3600),
+        };
+        match self.captured.delete_before(cutoff) {
+            Ok((n, bytes)) => {
+                self.captured_bytes = self.captured_bytes.saturating_sub(bytes);
+                self.stats.captured_bytes.store(self.captured_bytes, Ordering::Relaxed);
+                (n, bytes)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "Audit size budget: kept segments cannot be deleted.");
+                (0, 0)
+            }
         }
     }
 

@@ -10,7 +10,7 @@ pub use crate::config::AuditFsync as Fsync;
 use std::{
     fs::{File, OpenOptions},
     io::{self, Write},
-    os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt},
+    os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -60,6 +60,9 @@ impl SegmentRoot {
         // into place: a stream they can see is locked by its owner (or its
         // owner is dead), never between the two.
         private_dir_all(&self.path)?;
+        // Made 0755 by a build before segments were private: tighten it
+        // (best effort: it may belong to another user).
+        let _ = std::fs::set_permissions(&self.path, std::fs::Permissions::from_mode(0o700));
         let hidden = self.path.join(format!("{HIDDEN}{name}"));
         std::fs::DirBuilder::new().mode(0o700).create(&hidden)?;
         let lock = OpenOptions::new()

@@ -1,7 +1,7 @@
 //! The audit log table: one row per proxied request.
 
 use super::StoreError;
-use rusqlite::{Connection, params};
+use rusqlite::{Connection, params, types::ValueRef};
 use serde::{Deserialize, Serialize};
 
 /// One request as recorded. Never holds a secret: keys appear by id,
@@ -265,6 +265,11 @@ pub fn rows_estimate(conn: &Connection) -> Result<u64, StoreError> {
     })
 }
 
+/// The request time of the oldest row, if any.
+pub fn oldest_ts(conn: &Connection) -> Result<Option<i64>, StoreError> {
+    Ok(conn.query_row("SELECT min(ts_ms) FROM audit_log", [], |r| r.get(0))?)
+}
+
 /// Delete the `n` oldest rows (by id, the order they were written);
 /// returns how many.
 pub fn delete_oldest(conn: &Connection, n: usize) -> Result<usize, StoreError> {
@@ -330,8 +335,11 @@ fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<LogRow> {
             attempts: r.get(30)?,
             usage_estimated: r.get(31)?,
         },
-        captured: match (r.get::<_, Option<String>>(32)?, r.get::<_, Option<i64>>(33)?) {
-            (Some(file), Some(at)) => Some((file, at as u64)),
+        // Anything but what the indexer writes (a hand edit) points nowhere.
+        captured: match (r.get_ref(32)?, r.get_ref(33)?) {
+            (ValueRef::Text(file), ValueRef::Integer(at)) if at >= 0 => {
+                std::str::from_utf8(file).ok().map(|f| (f.to_owned(), at as u64))
+            }
             _ => None,
         },
     })
