@@ -327,7 +327,7 @@ impl Writer {
                 if over && !over_backlog {
                     tracing::error!(
                         bytes,
-                        "Audit segments are not being indexed (is the database failing?); new audit records are dropped until they are."
+                        "Audit segments waiting to be indexed passed 1 GiB (the database failing, or a load the indexer cannot keep up with); new audit records are dropped until they are fewer."
                     );
                 }
                 over_backlog = over;
