@@ -407,6 +407,10 @@ impl Indexer {
         ) {
             Step::Progress => {
                 self.retire(stream, cursor.segment);
+                if self.max_bytes > 0 {
+                    // A kept segment counts at once, not from the next batch.
+                    self.enforce_budget();
+                }
                 Step::Progress
             }
             other => other,
