@@ -176,6 +176,9 @@ fn settings_of<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_string(v).unwrap_or_default()
 }
 
+/// How long readiness waits for the database's write lock.
+const READY_WAIT: std::time::Duration = std::time::Duration::from_millis(750);
+
 pub struct AppState {
     pub config: Config,
     /// Swapped whole on reload; a request keeps the table it started with.
@@ -491,12 +494,18 @@ impl AppState {
         }
     }
 
-    /// Whether the database takes a write lock now (readiness).
+    /// Whether the database takes a write lock within [`READY_WAIT`]
+    /// (readiness): a balancer's health check must not wait out the
+    /// connection's 5 s busy timeout behind a lock.
     pub fn database_writable(&self) -> bool {
-        self.health_db
-            .lock()
-            .execute_batch("BEGIN IMMEDIATE; ROLLBACK;")
-            .is_ok()
+        // Held by a pool-state save that is waiting on the lock itself.
+        let Some(conn) = self.health_db.try_lock_for(READY_WAIT) else {
+            return false;
+        };
+        let _ = conn.busy_timeout(READY_WAIT);
+        let writable = conn.execute_batch("BEGIN IMMEDIATE; ROLLBACK;").is_ok();
+        let _ = conn.busy_timeout(store::BUSY_TIMEOUT);
+        writable
     }
 
     pub fn in_flight(&self) -> usize {
