@@ -610,6 +610,14 @@ mod tests {
         assert_eq!(refs, 200, "only rows with texts point to a segment");
         let store = captured::CapturedStore::for_database(&db);
         assert!(!store.files().unwrap().is_empty(), "the read segment was kept");
+        // Captured prompts are this user's only.
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(SegmentRoot::for_database(&db).path()), 0o700);
+        for f in store.files().unwrap() {
+            assert_eq!(mode(&f.path), 0o600, "{}", f.path.display());
+            assert_eq!(mode(f.path.parent().unwrap()), 0o700);
+        }
         for (i, r) in store.all(&conn).unwrap().iter().enumerate() {
             let texts = i % 3 != 0;
             assert_eq!(r.request_id, format!("r{i}"));

@@ -409,7 +409,11 @@ async fn a_locked_database_does_not_slow_requests() {
         .json()
         .await
         .unwrap();
-    assert!(t.elapsed() < Duration::from_millis(1800), "readiness took {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_millis(1800),
+        "readiness took {:?}",
+        t.elapsed()
+    );
     assert_eq!(ready["database_writable"], false, "{ready}");
     blocker.execute_batch("COMMIT").unwrap();
     drop(blocker);

@@ -36,6 +36,11 @@ pub struct Kept {
     pub modified: SystemTime,
 }
 
+/// A file's time comes from the kernel's coarse clock, a few ms behind
+/// the one request times are read from: a file counts as older than a time
+/// only by this much more, so none is deleted under a row it still holds.
+const CLOCK_SLACK: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The columns a segment keeps instead of the row.
 const TEXTS: [&str; 4] = ["request_headers", "response_headers", "request_body", "response_body"];
 
@@ -135,13 +140,45 @@ impl CapturedStore {
         Ok(file.len)
     }
 
-    /// Delete the files last written before `cutoff` (every record in
-    /// them is older); returns how many and the bytes freed.
+    /// Delete the files last written more than [`CLOCK_SLACK`] before
+    /// `cutoff` (every record in them is older); returns how many and the
+    /// bytes freed.
     pub fn delete_before(&self, cutoff: SystemTime) -> io::Result<(usize, u64)> {
+        let cutoff = cutoff.checked_sub(CLOCK_SLACK).unwrap_or(SystemTime::UNIX_EPOCH);
         let (mut n, mut freed) = (0, 0);
         for f in self.files()?.iter().take_while(|f| f.modified < cutoff) {
             freed += self.delete(f)?;
             n += 1;
+        }
+        Ok((n, freed))
+    }
+
+    /// Delete the kept files no row points into any more, given the oldest
+    /// row's time (Unix ms) and the segment (`<stream>/<seq>`) of the
+    /// oldest row that points into one: that stream's earlier segments,
+    /// and other streams' files last written before the oldest row's time
+    /// (by more than [`CLOCK_SLACK`]). Returns how many and the bytes freed.
+    pub fn delete_unreferenced(&self, oldest_ts: i64, oldest_file: Option<&str>) -> io::Result<(usize, u64)> {
+        let before = (SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(oldest_ts.max(0) as u64))
+            .checked_sub(CLOCK_SLACK)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let oldest = oldest_file.and_then(parse_ref);
+        let (mut n, mut freed) = (0, 0);
+        for f in self.files()? {
+            let stream = f.path.parent().and_then(|d| d.file_name()).and_then(|s| s.to_str());
+            let seq = f
+                .path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .and_then(|s| s.parse::<u64>().ok());
+            let gone = match (oldest, stream, seq) {
+                (Some((s, q)), Some(stream), Some(seq)) if s == stream => seq < q,
+                _ => f.modified < before,
+            };
+            if gone {
+                freed += self.delete(&f)?;
+                n += 1;
+            }
         }
         Ok((n, freed))
     }

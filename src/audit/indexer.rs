@@ -542,8 +542,7 @@ impl Indexer {
                 if used <= target || (!started && used <= self.max_bytes) {
                     return Ok(None);
                 }
-                let oldest = store::audit::oldest_ts(&self.conn)?;
-                let (n, bytes) = self.delete_captured_before(oldest);
+                let (n, bytes) = self.delete_unreferenced();
                 if n > 0 {
                     files += n;
                     freed += bytes;
@@ -588,15 +587,27 @@ impl Indexer {
         }
     }
 
-    /// Delete the kept segments last written before `oldest_row` (Unix ms;
-    /// `None`: no row left, so all of them): their rows are gone. Returns
-    /// how many and the bytes freed.
-    fn delete_captured_before(&mut self, oldest_row: Option<i64>) -> (usize, u64) {
-        let cutoff = match oldest_row {
-            Some(ms) => std::time::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64),
-            None => std::time::SystemTime::now() + Duration::from_secs(3600),
+    /// Delete the kept segments whose rows are all gone: in the stream of
+    /// the oldest row that points into a segment, those before its segment
+    /// (a stream's rows get rising ids); in other streams, those last
+    /// written before the oldest row's time. With no row left, all.
+    /// Returns how many and the bytes freed.
+    fn delete_unreferenced(&mut self) -> (usize, u64) {
+        let oldest = store::audit::oldest_ts(&self.conn).and_then(|ts| {
+            let file = store::audit::oldest_captured_in(&self.conn)?;
+            Ok((ts, file))
+        });
+        let deleted = match oldest {
+            Ok((None, _)) => self
+                .captured
+                .delete_before(std::time::SystemTime::now() + Duration::from_secs(3600)),
+            Ok((Some(ts), file)) => self.captured.delete_unreferenced(ts, file.as_deref()),
+            Err(e) => {
+                tracing::warn!(error = %e, "Audit size budget could not be enforced.");
+                return (0, 0);
+            }
         };
-        match self.captured.delete_before(cutoff) {
+        match deleted {
             Ok((n, bytes)) => {
                 self.captured_bytes = self.captured_bytes.saturating_sub(bytes);
                 self.stats.captured_bytes.store(self.captured_bytes, Ordering::Relaxed);

@@ -270,6 +270,18 @@ pub fn oldest_ts(conn: &Connection) -> Result<Option<i64>, StoreError> {
     Ok(conn.query_row("SELECT min(ts_ms) FROM audit_log", [], |r| r.get(0))?)
 }
 
+/// The segment (`captured_in`) of the oldest row that points into one.
+pub fn oldest_captured_in(conn: &Connection) -> Result<Option<String>, StoreError> {
+    use rusqlite::OptionalExtension;
+    Ok(conn
+        .query_row(
+            "SELECT captured_in FROM audit_log WHERE typeof(captured_in) = 'text' ORDER BY id LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?)
+}
+
 /// Delete the `n` oldest rows (by id, the order they were written);
 /// returns how many.
 pub fn delete_oldest(conn: &Connection, n: usize) -> Result<usize, StoreError> {

@@ -22,6 +22,8 @@ pub enum StoreError {
     Open { path: String, source: rusqlite::Error },
     #[error("cannot create the database directory {path}: {source}")]
     Dir { path: String, source: std::io::Error },
+    #[error("cannot create the database {path}: {source}")]
+    Create { path: String, source: std::io::Error },
     #[error("database migration failed: {0}")]
     Migrate(#[from] rusqlite_migration::Error),
     #[error("database: {0}")]
@@ -334,6 +336,24 @@ static MIGRATIONS: LazyLock<Migrations<'static>> = LazyLock::new(|| {
 /// How long a connection waits for another's lock before failing.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Create the database file readable by this user only, if it is not
+/// there: it holds password hashes, sealed keys and captured prompts, and
+/// SQLite gives its `-wal` and `-shm` files the database's mode. An
+/// existing file keeps the mode its operator gave it.
+fn create_private(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// Open (creating if needed) the database at `path` and bring its schema up to date.
 pub fn open(path: &Path) -> Result<Connection, StoreError> {
     if let Some(dir) = path.parent()
@@ -344,6 +364,10 @@ pub fn open(path: &Path) -> Result<Connection, StoreError> {
             source,
         })?;
     }
+    create_private(path).map_err(|source| StoreError::Create {
+        path: path.display().to_string(),
+        source,
+    })?;
     let mut conn = Connection::open(path).map_err(|source| StoreError::Open {
         path: path.display().to_string(),
         source,
@@ -361,6 +385,29 @@ mod tests {
     #[test]
     fn migrations_are_valid() {
         assert!(super::MIGRATIONS.validate().is_ok());
+    }
+
+    /// A new database and its write-ahead log are this user's only; an
+    /// existing one keeps its mode.
+    #[test]
+    fn a_new_database_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("sub").join("a.db");
+        let conn = super::open(&db).unwrap();
+        conn.execute_batch("CREATE TABLE t (x); INSERT INTO t VALUES (1);")
+            .unwrap();
+        for f in ["a.db", "a.db-wal", "a.db-shm"] {
+            let mode = std::fs::metadata(dir.path().join("sub").join(f))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{f}: {mode:o}");
+        }
+        drop(conn);
+        std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o640)).unwrap();
+        drop(super::open(&db).unwrap());
+        assert_eq!(std::fs::metadata(&db).unwrap().permissions().mode() & 0o777, 0o640);
     }
 
     /// A database whose audit log retention emptied before the upgrade:
