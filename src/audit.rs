@@ -68,7 +68,7 @@ pub fn redact_path(uri: &http::Uri) -> String {
     let cut = fields::floor_boundary(q, fields::QUERY_MAX);
     let query: String = form_urlencoded::Serializer::new(String::new())
         .extend_pairs(form_urlencoded::parse(&q.as_bytes()[..cut]).map(|(k, v)| {
-            let v = if k.eq_ignore_ascii_case("key") {
+            let v = if names_a_key(&k) || contains_ignore_case(&v, "key=") {
                 REDACTED.into()
             } else {
                 v
@@ -83,6 +83,21 @@ pub fn redact_path(uri: &http::Uri) -> String {
         fields::mark(&mut out, Some((q.len() - cut) as u64));
     }
     out
+}
+
+/// A query parameter named `key`, also as the last `;`-separated part
+/// (`a;key=…`): some servers split on `;` too.
+fn names_a_key(name: &str) -> bool {
+    let last = name.rsplit(';').next().unwrap_or(name);
+    last.eq_ignore_ascii_case("key")
+}
+
+/// A value holding `key=` (`a=1;key=…`), whatever its case, is redacted
+/// whole: erring towards hiding.
+fn contains_ignore_case(hay: &str, needle: &str) -> bool {
+    hay.as_bytes()
+        .windows(needle.len())
+        .any(|w| w.eq_ignore_ascii_case(needle.as_bytes()))
 }
 
 enum Msg {
@@ -459,6 +474,18 @@ mod tests {
         );
         let uri: http::Uri = "/v1/x?Key=fg_secret&KEY=fg_secret2".parse().unwrap();
         assert!(!redact_path(&uri).contains("secret"), "{}", redact_path(&uri));
+        // `;` as a separator, as some servers read it.
+        for q in [
+            "a=1;key=fg_secret",
+            "a=1;KEY=fg_secret&b=2",
+            "x;key=fg_secret",
+            "a=1%3Bkey%3Dfg_secret",
+        ] {
+            let uri: http::Uri = format!("/v1/x?{q}").parse().unwrap();
+            assert!(!redact_path(&uri).contains("secret"), "{q}: {}", redact_path(&uri));
+        }
+        let uri: http::Uri = "/v1/x?alt=sse&monkey=1".parse().unwrap();
+        assert_eq!(redact_path(&uri), "/v1/x?alt=sse&monkey=1", "other names are kept");
     }
 
     #[test]
