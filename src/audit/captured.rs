@@ -140,47 +140,67 @@ impl CapturedStore {
         Ok(file.len)
     }
 
+    /// Delete the files of `files` that `gone` picks, and drop them from
+    /// the list; returns how many and the bytes freed.
+    fn delete_where(&self, files: &mut Vec<Kept>, gone: impl Fn(&Kept) -> bool) -> io::Result<(usize, u64)> {
+        let (mut n, mut freed, mut failed) = (0, 0, None);
+        files.retain(|f| {
+            if failed.is_some() || !gone(f) {
+                return true;
+            }
+            match self.delete(f) {
+                Ok(len) => {
+                    (n, freed) = (n + 1, freed + len);
+                    false
+                }
+                Err(e) => {
+                    failed = Some(e);
+                    true
+                }
+            }
+        });
+        failed.map_or(Ok((n, freed)), Err)
+    }
+
     /// Delete the files last written more than [`CLOCK_SLACK`] before
     /// `cutoff` (every record in them is older); returns how many and the
     /// bytes freed.
     pub fn delete_before(&self, cutoff: SystemTime) -> io::Result<(usize, u64)> {
         let cutoff = cutoff.checked_sub(CLOCK_SLACK).unwrap_or(SystemTime::UNIX_EPOCH);
-        let (mut n, mut freed) = (0, 0);
-        for f in self.files()?.iter().take_while(|f| f.modified < cutoff) {
-            freed += self.delete(f)?;
-            n += 1;
-        }
-        Ok((n, freed))
+        self.delete_where(&mut self.files()?, |f| f.modified < cutoff)
     }
 
-    /// Delete the kept files no row points into any more, given the oldest
-    /// row's time (Unix ms) and the segment (`<stream>/<seq>`) of the
-    /// oldest row that points into one: that stream's earlier segments,
-    /// and other streams' files last written before the oldest row's time
-    /// (by more than [`CLOCK_SLACK`]). Returns how many and the bytes freed.
-    pub fn delete_unreferenced(&self, oldest_ts: i64, oldest_file: Option<&str>) -> io::Result<(usize, u64)> {
+    /// Delete the files of `files` (as [`Self::files`] listed them) no row
+    /// points into any more, given `oldest`: the oldest row's time (Unix
+    /// ms) and the segment (`<stream>/<seq>`) of the oldest row that points
+    /// into one. Gone are that stream's earlier segments, and other
+    /// streams' files last written before the oldest row's time (by more
+    /// than [`CLOCK_SLACK`]); with no row left (`None`), all. Returns how
+    /// many and the bytes freed.
+    pub fn delete_unreferenced(
+        &self,
+        files: &mut Vec<Kept>,
+        oldest: Option<(i64, Option<&str>)>,
+    ) -> io::Result<(usize, u64)> {
+        let Some((oldest_ts, oldest_file)) = oldest else {
+            return self.delete_where(files, |_| true);
+        };
         let before = (SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(oldest_ts.max(0) as u64))
             .checked_sub(CLOCK_SLACK)
             .unwrap_or(SystemTime::UNIX_EPOCH);
         let oldest = oldest_file.and_then(parse_ref);
-        let (mut n, mut freed) = (0, 0);
-        for f in self.files()? {
+        self.delete_where(files, |f| {
             let stream = f.path.parent().and_then(|d| d.file_name()).and_then(|s| s.to_str());
             let seq = f
                 .path
                 .file_stem()
                 .and_then(|s| s.to_str())
                 .and_then(|s| s.parse::<u64>().ok());
-            let gone = match (oldest, stream, seq) {
+            match (oldest, stream, seq) {
                 (Some((s, q)), Some(stream), Some(seq)) if s == stream => seq < q,
                 _ => f.modified < before,
-            };
-            if gone {
-                freed += self.delete(&f)?;
-                n += 1;
             }
-        }
-        Ok((n, freed))
+        })
     }
 
     /// One page of the audit log (`store::audit::query`), captured texts

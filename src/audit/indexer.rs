@@ -528,13 +528,18 @@ impl Indexer {
         let target = self.max_bytes / 10 * 9;
         let over = |this: &Self| store::audit::used_bytes(&this.conn).map(|db| db + this.captured_bytes);
         match over(self) {
-            Ok(used) if used > self.max_bytes => self.measure_captured(),
+            Ok(used) if used > self.max_bytes => {}
             Ok(_) => return,
             Err(e) => {
                 tracing::warn!(error = %e, "Audit size budget could not be enforced.");
                 return;
             }
         }
+        // Listed once per pass (other processes keep and delete files too);
+        // what this pass deletes leaves the list.
+        let Some(mut kept) = self.measure_captured() else {
+            return;
+        };
         let (mut rows_deleted, mut files, mut freed) = (0u64, 0usize, 0u64);
         for _ in 0..BUDGET_BATCHES {
             let step = over(self).and_then(|used| {
@@ -542,7 +547,7 @@ impl Indexer {
                 if used <= target || (!started && used <= self.max_bytes) {
                     return Ok(None);
                 }
-                let (n, bytes) = self.delete_unreferenced();
+                let (n, bytes) = self.delete_unreferenced(&mut kept);
                 if n > 0 {
                     files += n;
                     freed += bytes;
@@ -587,21 +592,18 @@ impl Indexer {
         }
     }
 
-    /// Delete the kept segments whose rows are all gone: in the stream of
-    /// the oldest row that points into a segment, those before its segment
-    /// (a stream's rows get rising ids); in other streams, those last
-    /// written before the oldest row's time. With no row left, all.
-    /// Returns how many and the bytes freed.
-    fn delete_unreferenced(&mut self) -> (usize, u64) {
-        let oldest = store::audit::oldest_ts(&self.conn).and_then(|ts| {
-            let file = store::audit::oldest_captured_in(&self.conn)?;
-            Ok((ts, file))
+    /// Delete the kept segments of `kept` whose rows are all gone
+    /// ([`CapturedStore::delete_unreferenced`]). Returns how many and the
+    /// bytes freed.
+    fn delete_unreferenced(&mut self, kept: &mut Vec<captured::Kept>) -> (usize, u64) {
+        let oldest = store::audit::oldest_ts(&self.conn).and_then(|ts| match ts {
+            Some(ts) => Ok(Some((ts, store::audit::oldest_captured_in(&self.conn)?))),
+            None => Ok(None),
         });
         let deleted = match oldest {
-            Ok((None, _)) => self
+            Ok(oldest) => self
                 .captured
-                .delete_before(std::time::SystemTime::now() + Duration::from_secs(3600)),
-            Ok((Some(ts), file)) => self.captured.delete_unreferenced(ts, file.as_deref()),
+                .delete_unreferenced(kept, oldest.as_ref().map(|(ts, f)| (*ts, f.as_deref()))),
             Err(e) => {
                 tracing::warn!(error = %e, "Audit size budget could not be enforced.");
                 return (0, 0);
@@ -621,18 +623,22 @@ impl Indexer {
     }
 
     /// Measure the kept segments anew (other processes keep and delete
-    /// them too).
-    pub fn measure_captured(&mut self) {
+    /// them too); returns them as listed.
+    pub fn measure_captured(&mut self) -> Option<Vec<captured::Kept>> {
         match self.captured.files() {
             Ok(files) => {
                 self.captured_bytes = files.iter().map(|f| f.len).sum();
                 self.stats.captured_bytes.store(self.captured_bytes, Ordering::Relaxed);
+                Some(files)
             }
-            Err(e) => self.warn_once(
-                &self.captured.path().display().to_string(),
-                "Kept audit segments cannot be listed.",
-                &e,
-            ),
+            Err(e) => {
+                self.warn_once(
+                    &self.captured.path().display().to_string(),
+                    "Kept audit segments cannot be listed.",
+                    &e,
+                );
+                None
+            }
         }
     }
 
