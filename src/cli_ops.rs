@@ -113,8 +113,11 @@ fn print_row(row: &LogRow, json: bool) {
             c.unwrap_or(0)
         ),
     };
+    // `-`: unpriced or no usage; costs to the micro-unit (a cheap request
+    // costs fractions of a cent).
+    let cost = r.cost.map_or_else(|| "-".to_string(), |c| format!("{c:.6}"));
     println!(
-        "{ts} {} {:<6} {} route={} model={} {:.1}ms tokens={tokens} id={}",
+        "{ts} {} {:<6} {} route={} model={} {:.1}ms tokens={tokens} cost={cost} id={}",
         r.status,
         r.method,
         r.path,

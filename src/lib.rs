@@ -20,6 +20,7 @@ pub mod config;
 pub mod convert;
 pub mod metrics;
 pub mod pool;
+pub mod pricing;
 pub mod proxy;
 pub mod ratelimit;
 pub mod reload;

@@ -4,8 +4,8 @@
 //! a hash; bounded by the pool sizes) — never paths or secrets.
 
 use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    CounterVec, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -68,6 +68,11 @@ pub struct Metrics {
     /// Requests that ended without the provider's usage and were charged
     /// an estimate (docs/resilience.md), by route.
     pub usage_estimated: IntCounterVec,
+    /// What requests cost (`pricing`), in the price table's currency, by
+    /// route, upstream and model (the model label bounded like `tokens`).
+    pub cost: CounterVec,
+    /// Requests with usage whose model no price matched (they cost nothing).
+    pub unpriced: IntCounterVec,
     /// Scopes the in-memory rate limiter holds (idle ones are swept).
     pub limiter_scopes: IntGauge,
     pub pool_keys: IntGaugeVec,
@@ -246,6 +251,23 @@ impl Metrics {
                 "usage_estimated_total",
                 "Requests that ended without the provider's usage (client hang-up, cut stream) and were charged an estimate, by route.",
                 &["route"],
+            )?,
+            cost: {
+                let m = CounterVec::new(
+                    Opts::new(
+                        "cost_total",
+                        "What requests cost by the price table (in its currency), by route, upstream and model.",
+                    ),
+                    &["route", "upstream", "model"],
+                )?;
+                r.register(Box::new(m.clone()))?;
+                m
+            },
+            unpriced: counter_vec(
+                &r,
+                "unpriced_requests_total",
+                "Requests with token usage whose model has no price (counted as costing nothing), by route and upstream.",
+                &["route", "upstream"],
             )?,
             limiter_scopes: gauge(
                 &r,

@@ -57,6 +57,8 @@ pub struct Runtime {
     pub file: FileConfig,
     pub upstreams: HashMap<String, Arc<Upstream>>,
     pub pools: HashMap<String, Arc<KeyPool>>,
+    /// `pricing:` compiled (the shipped table included).
+    pub prices: Arc<crate::pricing::PriceTable>,
 }
 
 impl Runtime {
@@ -166,7 +168,16 @@ impl Runtime {
                 (name.clone(), up)
             })
             .collect();
-        Runtime { file, upstreams, pools }
+        let prices = match previous {
+            Some(p) if p.file.pricing == file.pricing => p.prices.clone(),
+            _ => Arc::new(price_table(&file.pricing)),
+        };
+        Runtime {
+            file,
+            upstreams,
+            pools,
+            prices,
+        }
     }
 }
 
@@ -541,6 +552,16 @@ pub fn stored_pool_keys(
         tracing::error!(problem = %p, "A stored upstream key cannot be used.");
     }
     Ok(keys)
+}
+
+/// `pricing` compiled. The config loader has checked it, so the fallback
+/// (the shipped table alone) is only for a file that skipped the loader.
+fn price_table(pricing: &crate::pricing::PricingConfig) -> crate::pricing::PriceTable {
+    use crate::pricing::{PriceTable, PricingConfig};
+    PriceTable::build(pricing).unwrap_or_else(|errors| {
+        tracing::error!(errors = ?errors, "The price table is invalid; using the shipped one.");
+        PriceTable::build(&PricingConfig::default()).unwrap_or_else(|_| PriceTable::empty())
+    })
 }
 
 /// Put saved key states back on the keys of `runtime`.

@@ -170,7 +170,7 @@ proptest! {
         for part in split(&body, &cuts) {
             m.feed(&part);
         }
-        prop_assert_eq!(m.finish(), Usage { prompt_tokens: Some(prompt), completion_tokens: Some(completion) });
+        prop_assert_eq!(m.finish(), Usage { prompt_tokens: Some(prompt), completion_tokens: Some(completion), ..Default::default() });
     }
 
     #[test]

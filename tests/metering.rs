@@ -242,7 +242,8 @@ fn compressed_answers_are_decoded_for_metering_and_capture() {
                 m.finish(),
                 fastgate::usage::Usage {
                     prompt_tokens: Some(11),
-                    completion_tokens: Some(22)
+                    completion_tokens: Some(22),
+                    ..Default::default()
                 },
                 "{encoding} in chunks of {chunk_size}"
             );

@@ -282,7 +282,7 @@ pub async fn usage(
         |d| {
             let sql = format!(
                 "SELECT COUNT(*), CAST(COALESCE({}, 0) AS BIGINT), CAST(COALESCE(SUM(prompt_tokens), 0) AS BIGINT),
-                    CAST(COALESCE(SUM(completion_tokens), 0) AS BIGINT)
+                    CAST(COALESCE(SUM(completion_tokens), 0) AS BIGINT), COALESCE(SUM(cost), 0.0)
                  FROM {} WHERE key_id = {} AND ts_ms >= {}",
                 super::stats::ERRORS,
                 d.table(),
@@ -300,6 +300,7 @@ pub async fn usage(
                 r.get::<_, i64>(1)?,
                 r.get::<_, i64>(2)?,
                 r.get::<_, i64>(3)?,
+                r.get::<_, f64>(4)?,
             ))
         },
         |r| {
@@ -308,6 +309,7 @@ pub async fn usage(
                 r.get::<_, i64>(1),
                 r.get::<_, i64>(2),
                 r.get::<_, i64>(3),
+                r.get::<_, f64>(4),
             )
         },
     )
@@ -319,5 +321,6 @@ pub async fn usage(
         "errors": row.1,
         "prompt_tokens": row.2,
         "completion_tokens": row.3,
+        "cost": row.4,
     })))
 }

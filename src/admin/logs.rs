@@ -78,7 +78,9 @@ fn mask_row(mask: &crate::config::env::EnvMask, row: &mut store::audit::LogRow) 
 }
 
 /// Columns of a CSV export, in order (every field of a row).
-const CSV_COLUMNS: [&str; 30] = [
+/// Columns added later come last: a spreadsheet or script that reads
+/// columns by position keeps working.
+const CSV_COLUMNS: [&str; 35] = [
     "id",
     "request_id",
     "ts_ms",
@@ -109,6 +111,11 @@ const CSV_COLUMNS: [&str; 30] = [
     "response_headers",
     "request_body",
     "response_body",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+    "cost",
+    "price_version",
 ];
 
 fn csv_line(fields: impl IntoIterator<Item = String>) -> Vec<u8> {

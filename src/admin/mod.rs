@@ -231,6 +231,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/api/pools/{pool}/keys/{id}/test", post(pools::test))
         .route("/api/events", get(events::stream))
         .route("/api/config", get(stats::config))
+        .route("/api/pricing", get(stats::pricing))
         .route("/api/config/reload", post(stats::reload))
         .route("/api/logs/export", get(logs::export))
         .fallback(ui::serve)

@@ -74,25 +74,25 @@ pub async fn summary(
         let r = s.read(move |c| rollup::summary(c, since)).await?;
         return Ok(Json(summary_json(&r)));
     }
-    type Sample = (i64, f64, Option<f64>, Option<i64>, Option<i64>);
+    type Sample = (i64, f64, Option<f64>, Option<i64>, Option<i64>, Option<f64>);
     // One pass over the window; nothing but the histogram is kept.
     let rows: Vec<Sample> = cluster_log::read_log(
         &s,
         |d| {
             let (clause, args) = scope(&caller, since, q.key_id.as_deref(), d);
             let sql = format!(
-                "SELECT status, duration_ms, ttfb_ms, prompt_tokens, completion_tokens FROM {} WHERE {clause}",
+                "SELECT status, duration_ms, ttfb_ms, prompt_tokens, completion_tokens, cost FROM {} WHERE {clause}",
                 d.table()
             );
             (sql, args)
         },
-        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
-        |r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)),
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
+        |r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5)),
     )
     .await?;
     let mut summary = rollup::Summary::default();
-    for (status, ms, t, p, c) in rows {
-        summary.add_row(status, ms, t, p, c);
+    for (status, ms, t, p, c, cost) in rows {
+        summary.add_row(status, ms, t, (p, c), cost);
     }
     Ok(Json(summary_json(&summary)))
 }
@@ -114,6 +114,7 @@ fn summary_json(s: &rollup::Summary) -> Value {
         "p95_ttfb_ms": s.ttfb.quantile(0.95),
         "prompt_tokens": s.prompt_tokens,
         "completion_tokens": s.completion_tokens,
+        "cost": s.cost,
     })
 }
 
@@ -129,14 +130,22 @@ pub async fn timeseries(
         other => return Err(ApiError::Invalid(format!("bucket {other:?}: use minute, hour or day"))),
     };
     let since = window(&q, Duration::from_secs(24 * 3600), s.app.config.file.audit.retention.0)?;
-    let point = |t: i64, requests: i64, errors: i64, avg_ms: Option<f64>, pt: i64, ct: i64| json!({"t": t, "requests": requests, "errors": errors, "avg_ms": avg_ms, "prompt_tokens": pt, "completion_tokens": ct});
+    let point = |t: i64, requests: i64, errors: i64, avg_ms: Option<f64>, pt: i64, ct: i64, cost: f64| json!({"t": t, "requests": requests, "errors": errors, "avg_ms": avg_ms, "prompt_tokens": pt, "completion_tokens": ct, "cost": cost});
     if rolled_up(&s, &caller, &q)? {
         let series = s.read(move |c| rollup::timeseries(c, since, bucket_ms)).await?;
         let points: Vec<Value> = series
             .into_iter()
             .map(|(t, p)| {
                 let avg = (p.requests > 0).then(|| p.sum_ms / p.requests as f64);
-                point(t, p.requests, p.errors, avg, p.prompt_tokens, p.completion_tokens)
+                point(
+                    t,
+                    p.requests,
+                    p.errors,
+                    avg,
+                    p.prompt_tokens,
+                    p.completion_tokens,
+                    p.cost,
+                )
             })
             .collect();
         return Ok(Json(json!({"bucket_ms": bucket_ms, "points": points})));
@@ -148,14 +157,24 @@ pub async fn timeseries(
             let sql = format!(
                 "SELECT (ts_ms / {bucket_ms}) * {bucket_ms} AS t, COUNT(*), CAST(COALESCE({ERRORS}, 0) AS BIGINT),
                     AVG(duration_ms), CAST(COALESCE(SUM(prompt_tokens), 0) AS BIGINT),
-                    CAST(COALESCE(SUM(completion_tokens), 0) AS BIGINT)
+                    CAST(COALESCE(SUM(completion_tokens), 0) AS BIGINT), COALESCE(SUM(cost), 0.0)
                  FROM {} WHERE {clause} GROUP BY t ORDER BY t",
                 d.table()
             );
             (sql, args)
         },
-        move |r| Ok(point(r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
-        move |r| point(r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5)),
+        move |r| {
+            Ok(point(
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+                r.get(6)?,
+            ))
+        },
+        move |r| point(r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5), r.get(6)),
     )
     .await?;
     Ok(Json(json!({"bucket_ms": bucket_ms, "points": points})))
@@ -179,7 +198,7 @@ pub async fn top(
     };
     let limit = q.limit.unwrap_or(10).clamp(1, 100);
     let since = window(&q, Duration::from_secs(3600), s.app.config.file.audit.retention.0)?;
-    let item = |value: Option<String>, requests: i64, errors: i64, tokens: i64, avg_ms: Option<f64>| json!({"value": value, "requests": requests, "errors": errors, "tokens": tokens, "avg_ms": avg_ms});
+    let item = |value: Option<String>, requests: i64, errors: i64, tokens: i64, avg_ms: Option<f64>, cost: f64| json!({"value": value, "requests": requests, "errors": errors, "tokens": tokens, "avg_ms": avg_ms, "cost": cost});
     let by = match column {
         "route" => Some(rollup::By::Route),
         "model" => Some(rollup::By::Model),
@@ -194,7 +213,7 @@ pub async fn top(
             .into_iter()
             .map(|t| {
                 let avg = (t.requests > 0).then(|| t.sum_ms / t.requests as f64);
-                item(t.value, t.requests, t.errors, t.tokens, avg)
+                item(t.value, t.requests, t.errors, t.tokens, avg, t.cost)
             })
             .collect();
         return Ok(Json(json!({"by": q.by.as_deref().unwrap_or("route"), "items": items})));
@@ -206,14 +225,14 @@ pub async fn top(
             let sql = format!(
                 "SELECT {column}, COUNT(*) AS n, CAST(COALESCE({ERRORS}, 0) AS BIGINT),
                     CAST(COALESCE(SUM(prompt_tokens), 0) + COALESCE(SUM(completion_tokens), 0) AS BIGINT),
-                    AVG(duration_ms)
+                    AVG(duration_ms), COALESCE(SUM(cost), 0.0)
                  FROM {} WHERE {clause} GROUP BY {column} ORDER BY n DESC LIMIT {limit}",
                 d.table()
             );
             (sql, args)
         },
-        move |r| Ok(item(r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
-        move |r| item(r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)),
+        move |r| Ok(item(r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
+        move |r| item(r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5)),
     )
     .await?;
     Ok(Json(json!({"by": q.by.as_deref().unwrap_or("route"), "items": rows})))
@@ -232,6 +251,22 @@ pub async fn config(caller: Caller, State(s): State<Arc<AdminState>>) -> Result<
     // Values interpolated from the environment are shown as `${NAME}`.
     super::routes::env_mask(&s).await?.mask_json(&mut v);
     Ok(Json(v))
+}
+
+/// The price table serving now, every rule in the order tried (any
+/// signed-in caller: rates are no secret, and users see what they spend).
+pub async fn pricing(_caller: Caller, State(s): State<Arc<AdminState>>) -> Json<Value> {
+    let runtime = s.app.runtime.load();
+    let table = &runtime.prices;
+    let rules: Vec<Value> = table
+        .rules()
+        .map(|(rule, version)| {
+            let mut v = json!(rule);
+            v["version"] = json!(version);
+            v
+        })
+        .collect();
+    Json(json!({"currency": table.currency, "rules": rules}))
 }
 
 pub async fn reload(caller: Caller, State(s): State<Arc<AdminState>>) -> Result<Json<Value>, ApiError> {

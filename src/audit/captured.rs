@@ -277,7 +277,9 @@ impl CapturedStore {
             .or_insert_with(|| self.open(file_ref))
             .as_ref()?;
         let frames = segment::read_frames(file, at, 4096, 1).ok()?;
-        let e = entry::decode(frames.payloads().next()?).ok()?;
+        let payload = frames.payloads().next()?;
+        let upgraded = entry::upgrade(payload);
+        let e = entry::decode(upgraded.as_deref().unwrap_or(payload)).ok()?;
         if e.request_id != request_id || e.ts_ms != ts_ms {
             return None;
         }

@@ -12,7 +12,12 @@ use crate::store::audit::AuditRecord;
 /// The encoding's version, the first byte of every record: a binary that
 /// adopts another's segments (after a crash) skips what it cannot read
 /// rather than misread it. Bump it with any change to the fields.
-pub const FORMAT: u8 = 1;
+pub const FORMAT: u8 = 2;
+
+/// Format 1 lacked the last fields of format 2 (the token parts, cost and
+/// price version): all `Option`s, which postcard writes as one 0 byte
+/// when absent.
+const ADDED_IN_2: usize = 5;
 
 impl AuditEntry<'_> {
     /// The record's bytes ([`FORMAT`], then the fields), in one allocation
@@ -43,7 +48,8 @@ pub enum DecodeError {
     Fields(#[from] postcard::Error),
 }
 
-/// The entry back from [`AuditEntry::encode`]'s bytes, borrowing them.
+/// The entry back from [`AuditEntry::encode`]'s bytes, borrowing them
+/// (an older format's record first goes through [`upgrade`]).
 pub fn decode(bytes: &[u8]) -> Result<AuditEntry<'_>, DecodeError> {
     match bytes.split_first() {
         None => Err(DecodeError::Empty),
@@ -52,9 +58,24 @@ pub fn decode(bytes: &[u8]) -> Result<AuditEntry<'_>, DecodeError> {
     }
 }
 
-/// Whether `bytes` look like a record this build reads (its version).
+/// A format-1 record's bytes as format 2 (the added fields absent), for
+/// segments an older build wrote (kept texts, a crash before an upgrade);
+/// `None` for any other record. Only old records pay for the copy.
+pub fn upgrade(bytes: &[u8]) -> Option<Vec<u8>> {
+    let (&1, fields) = bytes.split_first()? else {
+        return None;
+    };
+    let mut out = Vec::with_capacity(bytes.len() + ADDED_IN_2);
+    out.push(FORMAT);
+    out.extend_from_slice(fields);
+    out.extend_from_slice(&[0; ADDED_IN_2]);
+    Some(out)
+}
+
+/// Whether `bytes` look like a record this build reads (its version or
+/// one it upgrades).
 pub fn is_current(bytes: &[u8]) -> bool {
-    bytes.first() == Some(&FORMAT)
+    matches!(bytes.first(), Some(&1 | &FORMAT))
 }
 
 #[cfg(test)]
@@ -94,7 +115,39 @@ mod tests {
             response_headers: None,
             request_body: Some("{\"a\":1}".into()),
             response_body: Some(String::new()),
+            cache_read_tokens: Some(6),
+            cache_write_tokens: Some(0),
+            reasoning_tokens: None,
+            cost: Some(0.012_5),
+            price_version: Some("builtin/2026-11-20".into()),
         }
+    }
+
+    /// A record a format-1 build wrote (the same fields but the five
+    /// format 2 appended) reads with those absent: kept texts and
+    /// adopted segments survive the upgrade.
+    #[test]
+    fn a_format_1_record_reads_with_the_new_fields_absent() {
+        let old = AuditRecord {
+            cache_read_tokens: None,
+            cache_write_tokens: None,
+            reasoning_tokens: None,
+            cost: None,
+            price_version: None,
+            ..full()
+        };
+        let mut v1 = AuditEntry::from(&old).encode();
+        assert_eq!(v1[v1.len() - ADDED_IN_2..], [0; ADDED_IN_2]);
+        v1.truncate(v1.len() - ADDED_IN_2);
+        v1[0] = 1;
+        assert!(decode(&v1).is_err(), "not read as format 2 unchanged");
+        assert!(is_current(&v1));
+        let up = upgrade(&v1).expect("format 1 upgrades");
+        assert_eq!(decode(&up).unwrap(), AuditEntry::from(&old));
+        assert!(
+            upgrade(&AuditEntry::from(&full()).encode()).is_none(),
+            "a current record is left alone"
+        );
     }
 
     /// The borrowed entry and the owned record encode to the same bytes,

@@ -347,8 +347,11 @@ impl Indexer {
             let mut records = Vec::with_capacity(frames.len());
             let mut offsets = Vec::with_capacity(frames.len());
             let mut unreadable = (0u64, None);
-            for (at, payload) in frames.with_offsets() {
-                match entry::decode(payload) {
+            // Records of an older format (segments an older build wrote),
+            // brought to this one; borrowed from here like the rest.
+            let upgraded: Vec<Option<Vec<u8>>> = frames.payloads().map(entry::upgrade).collect();
+            for ((at, payload), up) in frames.with_offsets().zip(&upgraded) {
+                match entry::decode(up.as_deref().unwrap_or(payload)) {
                     Ok(r) => {
                         records.push(r);
                         offsets.push(at);

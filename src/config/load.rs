@@ -102,6 +102,9 @@ pub fn parse_config(path: &Path, raw: &str) -> Result<Config, ConfigErrors> {
             "audit.queue_size and audit.batch_size must be greater than zero".into(),
         ));
     }
+    if let Err(bad) = crate::pricing::PriceTable::build(&file.pricing) {
+        errors.extend(bad.into_iter().map(|e| diag(at("pricing:"), e.to_string())));
+    }
     for (name, up) in &file.upstreams {
         let line = at(&format!("{name}:"));
         if up.provider == Provider::Mock {

@@ -77,6 +77,8 @@ pub struct FileConfig {
     pub upstreams: BTreeMap<String, UpstreamConfig>,
     pub key_pools: BTreeMap<String, KeyPoolConfig>,
     pub cluster: ClusterConfig,
+    /// Prices per model: the cost of each request and money budgets.
+    pub pricing: crate::pricing::PricingConfig,
 }
 
 impl Default for FileConfig {
@@ -92,6 +94,7 @@ impl Default for FileConfig {
             upstreams: BTreeMap::new(),
             key_pools: BTreeMap::new(),
             cluster: ClusterConfig::default(),
+            pricing: crate::pricing::PricingConfig::default(),
         }
     }
 }

@@ -45,7 +45,12 @@ pub fn finish(session: &Session, ctx: &mut RequestCtx, e: Option<&pingora::Error
     let (route_arc, upstream_arc) = (ctx.route.clone(), ctx.upstream.upstream.clone());
     let route = route_arc.as_ref().map_or("-", |r| r.name.as_str());
     let upstream = upstream_arc.as_ref().map_or("-", |u| u.name.as_str());
-    let model = ctx.model.take();
+    // The request's model, or (a body FastGate did not read) the one the
+    // answer named.
+    let model = ctx
+        .model
+        .take()
+        .or_else(|| ctx.response.meter.response_model().map(str::to_owned));
     let retries = ctx.upstream.attempts.saturating_sub(1);
 
     let tokens = usage.prompt_tokens.unwrap_or(0) + usage.completion_tokens.unwrap_or(0);
@@ -84,6 +89,22 @@ pub fn finish(session: &Session, ctx: &mut RequestCtx, e: Option<&pingora::Error
     }
     let table = state.routes.load();
     let model_label = table.model_label(model.as_deref());
+    // Priced by the table this node serves now; only a request with usage
+    // has a cost (or is unpriced).
+    let runtime = state.runtime.load();
+    // The answer's model first: what the provider billed (a route's
+    // `model_map` may have renamed the client's).
+    let billed = ctx.response.meter.response_model().or(model.as_deref());
+    let price = match (&upstream_arc, billed) {
+        (Some(u), Some(m)) if tokens > 0 => runtime.prices.price(&u.name, u.provider.name(), m, ctx.started_ms),
+        _ => None,
+    };
+    let cost = price.map(|p| p.cost(&crate::usage::priced(&usage)));
+    match cost {
+        Some(c) if c > 0.0 => m.cost.with_label_values(&[route, upstream, model_label]).inc_by(c),
+        None if tokens > 0 => m.unpriced.with_label_values(&[route, upstream]).inc(),
+        _ => {}
+    }
     if let Some(p) = usage.prompt_tokens {
         m.tokens.with_label_values(&[route, model_label, "prompt"]).inc_by(p);
     }
@@ -132,6 +153,7 @@ pub fn finish(session: &Session, ctx: &mut RequestCtx, e: Option<&pingora::Error
         prompt_tokens = usage.prompt_tokens,
         completion_tokens = usage.completion_tokens,
         usage_estimated,
+        cost,
         ttfb_ms = ttfb_ms.map(round_ms),
         duration_ms = round_ms(ms),
         error = error.unwrap_or(""),
@@ -224,6 +246,11 @@ pub fn finish(session: &Session, ctx: &mut RequestCtx, e: Option<&pingora::Error
         response_headers: ctx.response.headers.as_deref(),
         request_body: request_body.as_deref(),
         response_body: response_body.as_deref(),
+        cache_read_tokens: usage.cache_read_tokens,
+        cache_write_tokens: usage.cache_write_tokens,
+        reasoning_tokens: usage.reasoning_tokens,
+        cost,
+        price_version: price.map(|p| p.version),
     };
     state.audit.record_entry(&entry);
 }

@@ -48,6 +48,21 @@ pub struct AuditRecord {
     pub response_headers: Option<String>,
     pub request_body: Option<String>,
     pub response_body: Option<String>,
+    /// The shares of `prompt_tokens` read from and written to the
+    /// provider's prompt cache, and of `completion_tokens` spent reasoning.
+    #[serde(default)]
+    pub cache_read_tokens: Option<u64>,
+    #[serde(default)]
+    pub cache_write_tokens: Option<u64>,
+    #[serde(default)]
+    pub reasoning_tokens: Option<u64>,
+    /// What the request cost in the price table's currency (`pricing`);
+    /// `None` when no price matched its model (unpriced).
+    #[serde(default)]
+    pub cost: Option<f64>,
+    /// The price table the cost is from (`builtin/<date>`, `config/<version>`).
+    #[serde(default)]
+    pub price_version: Option<String>,
 }
 
 /// [`AuditRecord`] by reference: what the request path encodes (no name
@@ -103,6 +118,14 @@ pub struct AuditEntry<'a> {
     pub request_body: Option<&'a str>,
     #[serde(borrow)]
     pub response_body: Option<&'a str>,
+    // Format 2: the fields below are appended, each an `Option` (so a
+    // format-1 record reads as format 2 with them absent: `audit::entry`).
+    pub cache_read_tokens: Option<u64>,
+    pub cache_write_tokens: Option<u64>,
+    pub reasoning_tokens: Option<u64>,
+    pub cost: Option<f64>,
+    #[serde(borrow)]
+    pub price_version: Option<&'a str>,
 }
 
 impl AuditEntry<'_> {
@@ -149,6 +172,11 @@ impl<'a> From<&'a AuditRecord> for AuditEntry<'a> {
             response_headers: r.response_headers.as_deref(),
             request_body: r.request_body.as_deref(),
             response_body: r.response_body.as_deref(),
+            cache_read_tokens: r.cache_read_tokens,
+            cache_write_tokens: r.cache_write_tokens,
+            reasoning_tokens: r.reasoning_tokens,
+            cost: r.cost,
+            price_version: r.price_version.as_deref(),
         }
     }
 }
@@ -184,9 +212,11 @@ pub fn insert_batch_with(
                 upstream_key_id, method, path, status, model, stream, ttfb_ms, duration_ms,
                 request_bytes, response_bytes, chunks, prompt_tokens, completion_tokens, retries,
                 error, client_ip, user_agent, request_headers, response_headers, request_body,
-                response_body, user_id, attempts, usage_estimated, captured_in, captured_at)
+                response_body, user_id, attempts, usage_estimated, captured_in, captured_at,
+                cache_read_tokens, cache_write_tokens, reasoning_tokens, cost, price_version)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
-                ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31, ?32, ?33)",
+                ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31, ?32, ?33,
+                ?34, ?35, ?36, ?37, ?38)",
         )?;
         for (i, r) in records.iter().enumerate() {
             let at = captured
@@ -226,6 +256,11 @@ pub fn insert_batch_with(
                 r.usage_estimated,
                 at.map(|(f, _)| f),
                 at.map(|(_, o)| o as i64),
+                r.cache_read_tokens.map(|t| t.min(i64::MAX as u64) as i64),
+                r.cache_write_tokens.map(|t| t.min(i64::MAX as u64) as i64),
+                r.reasoning_tokens.map(|t| t.min(i64::MAX as u64) as i64),
+                r.cost.filter(|c| c.is_finite()),
+                r.price_version,
             ])?;
         }
     }
@@ -295,7 +330,7 @@ const SELECT: &str = "SELECT id, request_id, ts_ms, key_id, owner, route, upstre
     upstream_key_id, method, path, status, model, stream, ttfb_ms, duration_ms, request_bytes,
     response_bytes, chunks, prompt_tokens, completion_tokens, retries, error, client_ip, user_agent,
     request_headers, response_headers, request_body, response_body, user_id, attempts, usage_estimated,
-    captured_in, captured_at
+    captured_in, captured_at, cache_read_tokens, cache_write_tokens, reasoning_tokens, cost, price_version
     FROM audit_log";
 
 /// A stored row: its id (the pagination cursor) and the record.
@@ -346,6 +381,11 @@ fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<LogRow> {
             user_id: r.get(29)?,
             attempts: r.get(30)?,
             usage_estimated: r.get(31)?,
+            cache_read_tokens: r.get::<_, Option<i64>>(34)?.map(|t| t.max(0) as u64),
+            cache_write_tokens: r.get::<_, Option<i64>>(35)?.map(|t| t.max(0) as u64),
+            reasoning_tokens: r.get::<_, Option<i64>>(36)?.map(|t| t.max(0) as u64),
+            cost: r.get(37)?,
+            price_version: r.get(38)?,
         },
         // Anything but what the indexer writes (a hand edit) points nowhere.
         captured: match (r.get_ref(32)?, r.get_ref(33)?) {

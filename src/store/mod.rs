@@ -330,6 +330,16 @@ static MIGRATIONS: LazyLock<Migrations<'static>> = LazyLock::new(|| {
             "ALTER TABLE audit_log ADD COLUMN captured_in TEXT;
             ALTER TABLE audit_log ADD COLUMN captured_at INTEGER;",
         ),
+        // What each request cost (`pricing`), with the token parts it was
+        // priced from; the per-minute totals carry the cost too.
+        M::up(
+            "ALTER TABLE audit_log ADD COLUMN cache_read_tokens INTEGER;
+            ALTER TABLE audit_log ADD COLUMN cache_write_tokens INTEGER;
+            ALTER TABLE audit_log ADD COLUMN reasoning_tokens INTEGER;
+            ALTER TABLE audit_log ADD COLUMN cost REAL;
+            ALTER TABLE audit_log ADD COLUMN price_version TEXT;
+            ALTER TABLE audit_rollup ADD COLUMN cost REAL NOT NULL DEFAULT 0;",
+        ),
     ])
 });
 

@@ -125,6 +125,7 @@ struct Totals {
     sum_ttfb: f64,
     prompt_tokens: i64,
     completion_tokens: i64,
+    cost: f64,
     latency: Sparse,
     ttfb: Sparse,
 }
@@ -142,6 +143,7 @@ impl Totals {
         }
         self.prompt_tokens += r.prompt_tokens.map_or(0, |t| t.min(i64::MAX as u64) as i64);
         self.completion_tokens += r.completion_tokens.map_or(0, |t| t.min(i64::MAX as u64) as i64);
+        self.cost += r.cost.filter(|c| c.is_finite()).unwrap_or(0.0);
     }
 }
 
@@ -165,13 +167,13 @@ pub fn add(conn: &Connection, records: &[AuditEntry<'_>]) -> Result<(), StoreErr
         groups.entry(g).or_default().add(r);
     }
     let mut get = conn.prepare_cached(
-        "SELECT requests, errors, sum_ms, n_ttfb, sum_ttfb, prompt_tokens, completion_tokens, latency, ttfb
+        "SELECT requests, errors, sum_ms, n_ttfb, sum_ttfb, prompt_tokens, completion_tokens, latency, ttfb, cost
          FROM audit_rollup WHERE minute = ?1 AND route = ?2 AND upstream = ?3 AND model = ?4",
     )?;
     let mut put = conn.prepare_cached(
         "INSERT OR REPLACE INTO audit_rollup (minute, route, upstream, model, requests, errors, sum_ms,
-            n_ttfb, sum_ttfb, prompt_tokens, completion_tokens, latency, ttfb)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+            n_ttfb, sum_ttfb, prompt_tokens, completion_tokens, latency, ttfb, cost)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
     )?;
     for ((minute, route, upstream, model), mut t) in groups {
         let old = get
@@ -186,10 +188,12 @@ pub fn add(conn: &Connection, records: &[AuditEntry<'_>]) -> Result<(), StoreErr
                     r.get::<_, i64>(6)?,
                     r.get::<_, Vec<u8>>(7)?,
                     r.get::<_, Vec<u8>>(8)?,
+                    r.get::<_, f64>(9)?,
                 ))
             })
             .optional()?;
-        if let Some((n, e, ms, nt, st, pt, ct, lat, tt)) = old {
+        if let Some((n, e, ms, nt, st, pt, ct, lat, tt, cost)) = old {
+            t.cost += cost;
             t.requests += n;
             t.errors += e;
             t.sum_ms += ms;
@@ -214,6 +218,7 @@ pub fn add(conn: &Connection, records: &[AuditEntry<'_>]) -> Result<(), StoreErr
             t.completion_tokens,
             t.latency.to_blob(),
             t.ttfb.to_blob(),
+            t.cost,
         ])?;
     }
     Ok(())
@@ -252,13 +257,22 @@ pub struct Summary {
     pub sum_ttfb: f64,
     pub prompt_tokens: i64,
     pub completion_tokens: i64,
+    pub cost: f64,
     pub latency: Histogram,
     pub ttfb: Histogram,
 }
 
 impl Summary {
-    /// Count one row (its status, duration, time to first byte, tokens).
-    pub fn add_row(&mut self, status: i64, ms: f64, ttfb: Option<f64>, prompt: Option<i64>, completion: Option<i64>) {
+    /// Count one row (its status, duration, time to first byte, tokens, cost).
+    pub fn add_row(
+        &mut self,
+        status: i64,
+        ms: f64,
+        ttfb: Option<f64>,
+        (prompt, completion): (Option<i64>, Option<i64>),
+        cost: Option<f64>,
+    ) {
+        self.cost += cost.unwrap_or(0.0);
         self.requests += 1;
         self.errors += i64::from(status >= 400);
         self.sum_ms += ms;
@@ -277,15 +291,15 @@ pub fn summary(conn: &Connection, since: i64) -> Result<Summary, StoreError> {
     let edge = boundary(conn, since)?;
     let mut s = Summary::default();
     let mut raw = conn.prepare_cached(
-        "SELECT status, duration_ms, ttfb_ms, prompt_tokens, completion_tokens FROM audit_log
+        "SELECT status, duration_ms, ttfb_ms, prompt_tokens, completion_tokens, cost FROM audit_log
          WHERE ts_ms >= ?1 AND ts_ms < ?2",
     )?;
     let mut rows = raw.query(params![since, edge])?;
     while let Some(r) = rows.next()? {
-        s.add_row(r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?);
+        s.add_row(r.get(0)?, r.get(1)?, r.get(2)?, (r.get(3)?, r.get(4)?), r.get(5)?);
     }
     let mut rolled = conn.prepare_cached(
-        "SELECT requests, errors, sum_ms, n_ttfb, sum_ttfb, prompt_tokens, completion_tokens, latency, ttfb
+        "SELECT requests, errors, sum_ms, n_ttfb, sum_ttfb, prompt_tokens, completion_tokens, latency, ttfb, cost
          FROM audit_rollup WHERE minute >= ?1",
     )?;
     let mut rows = rolled.query([edge.div_euclid(MINUTE_MS)])?;
@@ -299,6 +313,7 @@ pub fn summary(conn: &Connection, since: i64) -> Result<Summary, StoreError> {
         s.completion_tokens += r.get::<_, i64>(6)?;
         s.latency.add_blob(r.get_ref(7)?.as_blob().unwrap_or_default());
         s.ttfb.add_blob(r.get_ref(8)?.as_blob().unwrap_or_default());
+        s.cost += r.get::<_, f64>(9)?;
     }
     Ok(s)
 }
@@ -311,6 +326,7 @@ pub struct Point {
     pub sum_ms: f64,
     pub prompt_tokens: i64,
     pub completion_tokens: i64,
+    pub cost: f64,
 }
 
 /// Totals per bucket of `bucket_ms` (a whole number of minutes) from `since`.
@@ -319,12 +335,13 @@ pub fn timeseries(conn: &Connection, since: i64, bucket_ms: i64) -> Result<BTree
     let mut out: BTreeMap<i64, Point> = BTreeMap::new();
     let mut raw = conn.prepare_cached(
         "SELECT (ts_ms / ?3) * ?3 AS t, COUNT(*), COALESCE(SUM(CASE WHEN status >= 400 THEN 1 ELSE 0 END), 0),
-            SUM(duration_ms), COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0)
+            SUM(duration_ms), COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0),
+            COALESCE(SUM(cost), 0.0)
          FROM audit_log WHERE ts_ms >= ?1 AND ts_ms < ?2 GROUP BY t",
     )?;
     let mut rolled = conn.prepare_cached(
         "SELECT (minute * 60000 / ?2) * ?2 AS t, SUM(requests), SUM(errors), SUM(sum_ms),
-            SUM(prompt_tokens), SUM(completion_tokens)
+            SUM(prompt_tokens), SUM(completion_tokens), SUM(cost)
          FROM audit_rollup WHERE minute >= ?1 GROUP BY t",
     )?;
     let mut fold = |r: &rusqlite::Row<'_>| -> rusqlite::Result<()> {
@@ -334,6 +351,7 @@ pub fn timeseries(conn: &Connection, since: i64, bucket_ms: i64) -> Result<BTree
         p.sum_ms += r.get::<_, f64>(3)?;
         p.prompt_tokens += r.get::<_, i64>(4)?;
         p.completion_tokens += r.get::<_, i64>(5)?;
+        p.cost += r.get::<_, f64>(6)?;
         Ok(())
     };
     let mut rows = raw.query(params![since, edge, bucket_ms])?;
@@ -373,6 +391,7 @@ pub struct TopItem {
     pub errors: i64,
     pub tokens: i64,
     pub sum_ms: f64,
+    pub cost: f64,
 }
 
 /// The `limit` values of `by` with the most requests since `since`; ties
@@ -383,12 +402,13 @@ pub fn top(conn: &Connection, since: i64, by: By, limit: usize) -> Result<Vec<To
     let mut all: HashMap<Option<String>, TopItem> = HashMap::new();
     let raw = format!(
         "SELECT {col}, COUNT(*), COALESCE(SUM(CASE WHEN status >= 400 THEN 1 ELSE 0 END), 0),
-            COALESCE(SUM(prompt_tokens), 0) + COALESCE(SUM(completion_tokens), 0), SUM(duration_ms)
+            COALESCE(SUM(prompt_tokens), 0) + COALESCE(SUM(completion_tokens), 0), SUM(duration_ms),
+            COALESCE(SUM(cost), 0.0)
          FROM audit_log WHERE ts_ms >= ?1 AND ts_ms < ?2 GROUP BY {col}"
     );
     let rolled = format!(
         "SELECT NULLIF({col}, ''), SUM(requests), SUM(errors), SUM(prompt_tokens) + SUM(completion_tokens),
-            SUM(sum_ms)
+            SUM(sum_ms), SUM(cost)
          FROM audit_rollup WHERE minute >= ?1 GROUP BY {col}"
     );
     let mut fold = |r: &rusqlite::Row<'_>| -> rusqlite::Result<()> {
@@ -402,6 +422,7 @@ pub fn top(conn: &Connection, since: i64, by: By, limit: usize) -> Result<Vec<To
         item.errors += r.get::<_, i64>(2)?;
         item.tokens += r.get::<_, i64>(3)?;
         item.sum_ms += r.get::<_, f64>(4)?;
+        item.cost += r.get::<_, f64>(5)?;
         Ok(())
     };
     let mut stmt = conn.prepare_cached(&raw)?;

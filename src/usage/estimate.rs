@@ -48,6 +48,9 @@ pub fn charge(reported: Usage, unfinished: bool, prompt_estimate: u64, seen: u64
         Usage {
             prompt_tokens: Some(prompt),
             completion_tokens: Some(completion),
+            // The cache parts the provider reported still hold: they
+            // price the prompt that was read.
+            ..reported
         },
         estimated,
     )
@@ -60,6 +63,9 @@ mod tests {
     const NONE: Usage = Usage {
         prompt_tokens: None,
         completion_tokens: None,
+        cache_read_tokens: None,
+        cache_write_tokens: None,
+        reasoning_tokens: None,
     };
 
     #[test]
@@ -67,6 +73,7 @@ mod tests {
         let real = Usage {
             prompt_tokens: Some(9),
             completion_tokens: Some(3),
+            ..Default::default()
         };
         assert_eq!(charge(real, false, 100, 50), (real, false));
         assert_eq!(
@@ -92,6 +99,7 @@ mod tests {
         let start = Usage {
             prompt_tokens: Some(12),
             completion_tokens: Some(1),
+            ..Default::default()
         };
         let (u, est) = charge(start, true, 100, 5);
         assert!(est);
@@ -100,6 +108,7 @@ mod tests {
         let done = Usage {
             prompt_tokens: Some(12),
             completion_tokens: Some(30),
+            ..Default::default()
         };
         assert_eq!(charge(done, true, 100, 5), (done, false));
     }

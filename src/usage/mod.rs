@@ -19,11 +19,32 @@ use decode::Decoding;
 use memchr::memchr;
 use scan::JsonScan;
 
-/// Prompt and completion tokens as the provider reported them.
+/// Tokens as the provider reported them. `prompt_tokens` counts every
+/// input token, cached ones included (Anthropic's three input counts are
+/// summed); `completion_tokens` every output token, reasoning included.
+/// The parts are what pricing needs apart: cache reads and writes bill at
+/// their own rates, reasoning (where a table prices it apart) at its own.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Usage {
     pub prompt_tokens: Option<u64>,
     pub completion_tokens: Option<u64>,
+    /// The share of `prompt_tokens` read from the provider's prompt cache.
+    pub cache_read_tokens: Option<u64>,
+    /// The share of `prompt_tokens` written to it (Anthropic).
+    pub cache_write_tokens: Option<u64>,
+    /// The share of `completion_tokens` spent reasoning.
+    pub reasoning_tokens: Option<u64>,
+}
+
+/// `usage` as pricing counts it (absent counts are none).
+pub fn priced(usage: &Usage) -> crate::pricing::Tokens {
+    crate::pricing::Tokens {
+        prompt: usage.prompt_tokens.unwrap_or(0),
+        completion: usage.completion_tokens.unwrap_or(0),
+        cache_read: usage.cache_read_tokens.unwrap_or(0),
+        cache_write: usage.cache_write_tokens.unwrap_or(0),
+        reasoning: usage.reasoning_tokens.unwrap_or(0),
+    }
 }
 
 /// How the (decoded) body is read for usage.
@@ -260,6 +281,15 @@ impl UsageMeter {
         })
     }
 
+    /// The model the answer named (its first `model` / `modelVersion`).
+    pub fn response_model(&self) -> Option<&str> {
+        self.decoding.sink().and_then(|s| match &s.scanner {
+            Scanner::Sse(sse) => sse.json.model(),
+            Scanner::Json(j) => j.model(),
+            Scanner::Off => None,
+        })
+    }
+
     /// Capture `merge`'s merged answer instead of the body's first bytes
     /// (only when the body is captured at all).
     pub fn merge_stream(&mut self, merge: crate::audit::merge::StreamMerge) {
@@ -376,7 +406,8 @@ mod tests {
             u,
             Usage {
                 prompt_tokens: Some(9),
-                completion_tokens: Some(3)
+                completion_tokens: Some(3),
+                ..Default::default()
             }
         );
         let u = meter(
@@ -390,7 +421,8 @@ mod tests {
             u,
             Usage {
                 prompt_tokens: Some(5),
-                completion_tokens: Some(7)
+                completion_tokens: Some(7),
+                ..Default::default()
             }
         );
     }
@@ -410,7 +442,9 @@ mod tests {
             u,
             Usage {
                 prompt_tokens: Some(100),
-                completion_tokens: Some(42)
+                completion_tokens: Some(42),
+                cache_read_tokens: Some(90),
+                ..Default::default()
             }
         );
     }
@@ -425,7 +459,8 @@ mod tests {
             meter("text/event-stream", &[&sse]),
             Usage {
                 prompt_tokens: Some(4),
-                completion_tokens: Some(6)
+                completion_tokens: Some(6),
+                ..Default::default()
             }
         );
         let arr = format!("[{},\r\n{}]", chunk(3, 1), chunk(3, 8));
@@ -433,7 +468,8 @@ mod tests {
             meter("application/json", &[&arr]),
             Usage {
                 prompt_tokens: Some(3),
-                completion_tokens: Some(8)
+                completion_tokens: Some(8),
+                ..Default::default()
             }
         );
     }

@@ -17,12 +17,21 @@ use serde::Deserialize;
 
 /// Largest usage object kept for parsing; real ones are a few hundred bytes.
 const OBJECT_CAP: usize = 4096;
+/// Longest model name kept from an answer (real ones are under 64 bytes).
+const MODEL_CAP: usize = 128;
 /// Longest key remembered; longer strings can never be one we look for.
 const KEY_CAP: usize = 16;
 
 /// The keys whose object values are usage objects.
 fn is_usage_key(s: &[u8]) -> bool {
     matches!(s, b"usage" | b"usageMetadata")
+}
+
+/// The keys whose string values name the model that answered: OpenAI's and
+/// Anthropic's `model` (top level, or in Anthropic's `message_start` and
+/// the Responses API's `response`), Gemini's `modelVersion`.
+fn is_model_key(s: &[u8]) -> bool {
+    matches!(s, b"model" | b"modelVersion")
 }
 
 /// Scanner state for one JSON text (or a sequence of them).
@@ -41,6 +50,13 @@ pub struct JsonScan {
     pending: bool,
     /// The usage object being copied, with the depth it closes at.
     capture: Option<(Vec<u8>, u32)>,
+    /// A string just closed was `model`/`modelVersion`; `"model":` seen.
+    model_key: bool,
+    model_pending: bool,
+    /// The model name being read (a string value).
+    model_text: Option<Vec<u8>>,
+    /// The first model an answer named (kept across events).
+    model: Option<String>,
 }
 
 impl JsonScan {
@@ -52,6 +68,14 @@ impl JsonScan {
         self.last_string = false;
         self.pending = false;
         self.capture = None;
+        self.model_key = false;
+        self.model_pending = false;
+        self.model_text = None;
+    }
+
+    /// The model the answer named, if it did.
+    pub fn model(&self) -> Option<&str> {
+        self.model.as_deref()
     }
 
     /// Scan `data`, updating `usage` from every usage object that completes.
@@ -72,23 +96,41 @@ impl JsonScan {
         if self.escape {
             self.escape = false;
             self.key_long = true; // keys we look for have no escapes
+            self.model_text = None; // nor do model names
             self.copy(&data[..1]);
             return &data[1..];
         }
         let Some(i) = memchr2(b'"', b'\\', data) else {
             self.key_text(data);
+            self.model_text_add(data);
             self.copy(data);
             return &[];
         };
         self.key_text(&data[..i]);
+        self.model_text_add(&data[..i]);
         self.copy(&data[..=i]);
         if data[i] == b'\\' {
             self.escape = true;
         } else {
             self.in_string = false;
-            self.last_string = !self.key_long && is_usage_key(&self.key[..self.key_len]);
+            let key = &self.key[..self.key_len];
+            self.last_string = !self.key_long && is_usage_key(key);
+            self.model_key = !self.key_long && is_model_key(key);
+            if let Some(name) = self.model_text.take().filter(|n| !n.is_empty()) {
+                self.model = String::from_utf8(name).ok();
+            }
         }
         &data[i + 1..]
+    }
+
+    fn model_text_add(&mut self, s: &[u8]) {
+        if let Some(name) = &mut self.model_text {
+            if name.len() + s.len() > MODEL_CAP {
+                self.model_text = None;
+            } else {
+                name.extend_from_slice(s);
+            }
+        }
     }
 
     fn key_text(&mut self, s: &[u8]) {
@@ -111,10 +153,16 @@ impl JsonScan {
                 self.key_len = 0;
                 self.key_long = false;
                 self.last_string = false;
+                self.model_key = false;
+                if std::mem::take(&mut self.model_pending) {
+                    self.model_text = Some(Vec::new());
+                }
             }
             b':' => {
                 self.copy(&[b]);
                 self.pending = std::mem::take(&mut self.last_string) && matches!(self.depth, 1 | 2);
+                self.model_pending =
+                    std::mem::take(&mut self.model_key) && matches!(self.depth, 1 | 2) && self.model.is_none();
             }
             b'{' | b'[' => {
                 // Both keys parse into the same fields; the names differ.
@@ -128,6 +176,8 @@ impl JsonScan {
                 }
                 self.pending = false;
                 self.last_string = false;
+                self.model_key = false;
+                self.model_pending = false;
                 self.depth = self.depth.saturating_add(1);
             }
             b'}' | b']' => {
@@ -135,6 +185,8 @@ impl JsonScan {
                 self.depth = self.depth.saturating_sub(1);
                 self.pending = false;
                 self.last_string = false;
+                self.model_key = false;
+                self.model_pending = false;
                 if let Some((_, at)) = &self.capture
                     && *at == self.depth
                     && let Some((buf, _)) = self.capture.take()
@@ -148,6 +200,8 @@ impl JsonScan {
                 self.copy(&[b]);
                 self.pending = false;
                 self.last_string = false;
+                self.model_key = false;
+                self.model_pending = false;
             }
         }
     }
@@ -173,6 +227,10 @@ struct Counts {
     prompt_tokens: Option<u64>,
     #[serde(rename = "completion_tokens")]
     completion_tokens: Option<u64>,
+    #[serde(rename = "prompt_tokens_details")]
+    prompt_tokens_details: Option<Details>,
+    #[serde(rename = "completion_tokens_details")]
+    completion_tokens_details: Option<Details>,
     // Anthropic; the OpenAI Responses API uses the same two names
     #[serde(rename = "input_tokens")]
     input_tokens: Option<u64>,
@@ -182,14 +240,29 @@ struct Counts {
     cache_creation_input_tokens: Option<u64>,
     #[serde(rename = "cache_read_input_tokens")]
     cache_read_input_tokens: Option<u64>,
+    // The Responses API's parts
+    #[serde(rename = "input_tokens_details")]
+    input_tokens_details: Option<Details>,
+    #[serde(rename = "output_tokens_details")]
+    output_tokens_details: Option<Details>,
     // Gemini usageMetadata
     prompt_token_count: Option<u64>,
     candidates_token_count: Option<u64>,
     thoughts_token_count: Option<u64>,
+    cached_content_token_count: Option<u64>,
+}
+
+/// OpenAI's `*_tokens_details` (chat and Responses alike).
+#[derive(Deserialize, Default)]
+struct Details {
+    cached_tokens: Option<u64>,
+    reasoning_tokens: Option<u64>,
 }
 
 /// Parse one usage object and merge what it says into `usage`. Later
-/// objects win: providers report cumulative counts.
+/// objects win: providers report cumulative counts (a count a later object
+/// leaves out keeps its earlier value: Anthropic's `message_delta` may
+/// carry only `output_tokens`).
 fn read_counts(object: &[u8], usage: &mut Usage) {
     let Ok(c) = serde_json::from_slice::<Counts>(object) else {
         return;
@@ -203,12 +276,26 @@ fn read_counts(object: &[u8], usage: &mut Usage) {
         (c.candidates_token_count.is_some() || c.thoughts_token_count.is_some())
             .then(|| c.candidates_token_count.unwrap_or(0) + c.thoughts_token_count.unwrap_or(0))
     });
-    if prompt.is_some() {
-        usage.prompt_tokens = prompt;
-    }
-    if completion.is_some() {
-        usage.completion_tokens = completion;
-    }
+    let detail = |d: &Option<Details>, f: fn(&Details) -> Option<u64>| d.as_ref().and_then(f);
+    let cache_read = c
+        .cache_read_input_tokens
+        .or(c.cached_content_token_count)
+        .or(detail(&c.prompt_tokens_details, |d| d.cached_tokens))
+        .or(detail(&c.input_tokens_details, |d| d.cached_tokens));
+    let reasoning = c
+        .thoughts_token_count
+        .or(detail(&c.completion_tokens_details, |d| d.reasoning_tokens))
+        .or(detail(&c.output_tokens_details, |d| d.reasoning_tokens));
+    let merge = |into: &mut Option<u64>, v: Option<u64>| {
+        if v.is_some() {
+            *into = v;
+        }
+    };
+    merge(&mut usage.prompt_tokens, prompt);
+    merge(&mut usage.completion_tokens, completion);
+    merge(&mut usage.cache_read_tokens, cache_read);
+    merge(&mut usage.cache_write_tokens, c.cache_creation_input_tokens);
+    merge(&mut usage.reasoning_tokens, reasoning);
 }
 
 #[cfg(test)]
@@ -235,6 +322,8 @@ mod tests {
         let want = Usage {
             prompt_tokens: Some(9),
             completion_tokens: Some(3),
+            cache_read_tokens: Some(0),
+            ..Default::default()
         };
         assert_eq!(scan_all(&[body]), want);
         assert_eq!(scan_bytewise(body), want);
@@ -256,7 +345,9 @@ mod tests {
             scan_all(&[done]),
             Usage {
                 prompt_tokens: Some(20),
-                completion_tokens: Some(7)
+                completion_tokens: Some(7),
+                cache_read_tokens: Some(4),
+                ..Default::default()
             }
         );
         let start = r#"{"type":"message_start","message":{"usage":{"input_tokens":10,"cache_creation_input_tokens":5,"cache_read_input_tokens":90,"output_tokens":1}}}"#;
@@ -264,7 +355,10 @@ mod tests {
             scan_all(&[start]),
             Usage {
                 prompt_tokens: Some(105),
-                completion_tokens: Some(1)
+                completion_tokens: Some(1),
+                cache_read_tokens: Some(90),
+                cache_write_tokens: Some(5),
+                ..Default::default()
             }
         );
     }
@@ -277,7 +371,9 @@ mod tests {
             scan_all(&[arr]),
             Usage {
                 prompt_tokens: Some(3),
-                completion_tokens: Some(10)
+                completion_tokens: Some(10),
+                reasoning_tokens: Some(2),
+                ..Default::default()
             }
         );
     }
@@ -289,5 +385,88 @@ mod tests {
             "x".repeat(OBJECT_CAP)
         );
         assert_eq!(scan_all(&[&big]), Usage::default());
+    }
+
+    /// Each provider's documented usage shape with its cache and reasoning
+    /// parts: OpenAI chat (`prompt_tokens_details.cached_tokens`,
+    /// `completion_tokens_details.reasoning_tokens`, both shares of the
+    /// totals), the Responses API (`input_tokens_details`,
+    /// `output_tokens_details`), Anthropic (`cache_creation_input_tokens`
+    /// and `cache_read_input_tokens` apart from `input_tokens`), Gemini
+    /// (`cachedContentTokenCount` a share of `promptTokenCount`,
+    /// `thoughtsTokenCount` apart from `candidatesTokenCount`).
+    #[test]
+    fn cache_and_reasoning_parts_of_every_provider() {
+        let part = |p, c, r: Option<u64>, w: Option<u64>, th: Option<u64>| Usage {
+            prompt_tokens: Some(p),
+            completion_tokens: Some(c),
+            cache_read_tokens: r,
+            cache_write_tokens: w,
+            reasoning_tokens: th,
+        };
+        let chat = r#"{"usage": {"prompt_tokens": 2006, "completion_tokens": 300, "total_tokens": 2306,
+            "prompt_tokens_details": {"cached_tokens": 1920, "audio_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": 256, "audio_tokens": 0}}}"#;
+        assert_eq!(scan_all(&[chat]), part(2006, 300, Some(1920), None, Some(256)));
+        let responses = r#"{"type":"response.completed","response":{"usage":{"input_tokens":1500,
+            "input_tokens_details":{"cached_tokens":1024},"output_tokens":700,
+            "output_tokens_details":{"reasoning_tokens":512},"total_tokens":2200}}}"#;
+        assert_eq!(scan_all(&[responses]), part(1500, 700, Some(1024), None, Some(512)));
+        let anthropic = r#"{"usage":{"input_tokens":50,"cache_creation_input_tokens":2000,
+            "cache_read_input_tokens":8000,"output_tokens":120}}"#;
+        assert_eq!(scan_all(&[anthropic]), part(10_050, 120, Some(8000), Some(2000), None));
+        let gemini = r#"{"usageMetadata":{"promptTokenCount":5000,"cachedContentTokenCount":4096,
+            "candidatesTokenCount":200,"thoughtsTokenCount":800,"totalTokenCount":6000}}"#;
+        assert_eq!(scan_all(&[gemini]), part(5000, 1000, Some(4096), None, Some(800)));
+    }
+
+    #[test]
+    fn a_later_object_keeps_the_parts_it_leaves_out() {
+        let start = r#"{"type":"message_start","message":{"usage":{"input_tokens":4,"cache_read_input_tokens":60,"output_tokens":1}}}"#;
+        let delta = r#"{"type":"message_delta","usage":{"output_tokens":33}}"#;
+        let mut s = JsonScan::default();
+        let mut u = Usage::default();
+        s.feed(start.as_bytes(), &mut u);
+        s.reset();
+        s.feed(delta.as_bytes(), &mut u);
+        assert_eq!(
+            (u.prompt_tokens, u.completion_tokens, u.cache_read_tokens),
+            (Some(64), Some(33), Some(60))
+        );
+    }
+
+    #[test]
+    fn the_model_an_answer_names_is_kept() {
+        let model = |parts: &[&str]| {
+            let mut s = JsonScan::default();
+            let mut u = Usage::default();
+            parts.iter().for_each(|p| s.feed(p.as_bytes(), &mut u));
+            s.model().map(str::to_string)
+        };
+        let chat =
+            r#"{"id":"x","model":"gpt-4o-2024-08-06","choices":[{"message":{"content":"the \"model\": \"evil\""}}]}"#;
+        assert_eq!(model(&[chat]).as_deref(), Some("gpt-4o-2024-08-06"));
+        for cut in 0..chat.len() {
+            assert_eq!(
+                model(&[&chat[..cut], &chat[cut..]]).as_deref(),
+                Some("gpt-4o-2024-08-06"),
+                "cut at {cut}"
+            );
+        }
+        let start = r#"{"type":"message_start","message":{"id":"m","model":"claude-sonnet-4-5-20250929","usage":{}}}"#;
+        assert_eq!(model(&[start]).as_deref(), Some("claude-sonnet-4-5-20250929"));
+        let gemini = r#"{"candidates":[],"modelVersion": "gemini-2.5-flash"}"#;
+        assert_eq!(model(&[gemini]).as_deref(), Some("gemini-2.5-flash"));
+        // Deeper keys, non-strings, escapes and huge names are not a model.
+        assert_eq!(model(&[r#"{"a":{"b":{"model":"deep"}}}"#]), None);
+        assert_eq!(model(&[r#"{"model":{"name":"x"},"model2":"y"}"#]), None);
+        assert_eq!(model(&[r#"{"model":"a\"b"}"#]), None);
+        let long = format!(r#"{{"model":"{}"}}"#, "m".repeat(MODEL_CAP + 1));
+        assert_eq!(model(&[&long]), None);
+        // The first named wins (later chunks repeat it).
+        assert_eq!(
+            model(&[r#"{"model":"one"}"#, r#"{"model":"two"}"#]).as_deref(),
+            Some("one")
+        );
     }
 }

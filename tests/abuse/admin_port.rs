@@ -337,7 +337,9 @@ fn insert_rows(gw: &Gateway, n: usize, make: impl Fn(usize) -> fastgate::store::
 fn record(i: usize) -> fastgate::store::audit::AuditRecord {
     fastgate::store::audit::AuditRecord {
         request_id: format!("req-{i}"),
-        ts_ms: 1_700_000_000_000 + i as i64,
+        // Within the retention (30 days by default): an older row may be
+        // deleted by the retention pass while the test reads.
+        ts_ms: fastgate::clock::now_ms() - 3_600_000 + i as i64,
         method: "POST".into(),
         path: "/v1/chat/completions".into(),
         status: 200,

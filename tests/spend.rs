@@ -1,0 +1,311 @@
+//! What requests cost, seen from the outside: the real server against a
+//! mock provider that answers with each provider's documented usage shape
+//! (cache and reasoning parts included), costs checked against values
+//! computed by hand from `conf/prices.yaml`, the audit row, `/metrics`,
+//! the stats, and a live change of the price table.
+//!
+//! Where each usage shape comes from:
+//! - OpenAI chat: the `usage` object of the Chat Completions API reference
+//!   (`prompt_tokens_details.cached_tokens`,
+//!   `completion_tokens_details.reasoning_tokens`, both shares of the totals).
+//! - Anthropic: the Messages streaming reference (`message_start` carries
+//!   `input_tokens`, `cache_creation_input_tokens`, `cache_read_input_tokens`
+//!   apart from each other; `message_delta` the cumulative `output_tokens`).
+//! - Gemini: `UsageMetadata` in the API reference (`cachedContentTokenCount`
+//!   a share of `promptTokenCount`; `thoughtsTokenCount` apart from
+//!   `candidatesTokenCount`), sent with every `alt=sse` chunk.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::{
+    Gateway, MockUpstream,
+    shapes::{Canned, can},
+};
+use serde_json::{Value, json};
+
+const TOKEN: &str = "spend-admin-token-0123456789abcdef0123";
+
+fn config(mock: &MockUpstream, pricing: &str) -> String {
+    format!(
+        "admin:\n  token: {TOKEN}\nupstreams:\n  oai:\n    provider: openai\n    endpoints: ['{u}']\n    key_pool: oai\n  ant:\n    provider: anthropic\n    endpoints: ['{u}']\n    key_pool: ant\n  gem:\n    provider: gemini\n    endpoints: ['{u}']\n    key_pool: gem\n  lab:\n    provider: openai_compatible\n    endpoints: ['{u}']\n    key_pool: oai\nkey_pools:\n  oai:\n    keys: [sk-one]\n  ant:\n    keys: [sk-ant]\n  gem:\n    keys: [gem-key]\n{pricing}",
+        u = mock.url()
+    )
+}
+
+const ROUTES: &str = r#"
+routes:
+  - { name: chat, match: { path: /v1/chat/completions }, format: openai, upstream: oai }
+  - { name: lab, match: { path: /lab/v1/chat/completions }, format: openai, upstream: lab, transform: { strip_prefix: /lab } }
+  - { name: messages, match: { path: /v1/messages }, format: anthropic, upstream: ant }
+  - { name: gemini, match: { path: "/v1beta/{*rest}" }, format: gemini, upstream: gem }
+"#;
+
+async fn admin(gw: &Gateway, path: &str) -> Value {
+    let r = reqwest::Client::new()
+        .get(gw.admin_url(path))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{path}");
+    r.json().await.unwrap()
+}
+
+fn close(a: f64, b: f64) -> bool {
+    (a - b).abs() < 1e-12
+}
+
+/// An OpenAI chat completion (whole) with cached and reasoning tokens.
+fn openai_whole(model: &str) -> Canned {
+    Canned {
+        whole: Some(json!({
+            "id": "chatcmpl-1", "object": "chat.completion", "created": 1_761_000_000, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hi"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 2006, "completion_tokens": 300, "total_tokens": 2306,
+                "prompt_tokens_details": {"cached_tokens": 1920, "audio_tokens": 0},
+                "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0}}
+        })),
+        events: Vec::new(),
+    }
+}
+
+/// An Anthropic stream that wrote 2000 tokens to the cache and read 8000.
+fn anthropic_stream() -> Canned {
+    let events = [
+        json!({"type": "message_start", "message": {"id": "msg_1", "type": "message", "role": "assistant",
+            "model": "claude-sonnet-4-5-20250929", "content": [], "stop_reason": null,
+            "usage": {"input_tokens": 50, "cache_creation_input_tokens": 2000, "cache_read_input_tokens": 8000, "output_tokens": 1}}}),
+        json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+        json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hi"}}),
+        json!({"type": "content_block_stop", "index": 0}),
+        json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null}, "usage": {"output_tokens": 120}}),
+        json!({"type": "message_stop"}),
+    ];
+    Canned {
+        whole: None,
+        events: events
+            .iter()
+            .map(|e| format!("event: {}\ndata: {e}\n\n", e["type"].as_str().unwrap()))
+            .collect(),
+    }
+}
+
+/// A Gemini `alt=sse` stream with a cached context and thinking.
+fn gemini_stream() -> Canned {
+    let chunk = |text: &str, finish: Option<&str>, candidates: u64| {
+        let mut c = json!({"candidates": [{"content": {"role": "model", "parts": [{"text": text}]}, "index": 0}],
+            "usageMetadata": {"promptTokenCount": 5000, "cachedContentTokenCount": 4096,
+                "candidatesTokenCount": candidates, "thoughtsTokenCount": 800, "totalTokenCount": 5800 + candidates},
+            "modelVersion": "gemini-2.5-flash", "responseId": "r1"});
+        if let Some(f) = finish {
+            c["candidates"][0]["finishReason"] = json!(f);
+        }
+        format!("data: {c}\n\n")
+    };
+    Canned {
+        whole: None,
+        events: vec![chunk("H", None, 1), chunk("i", Some("STOP"), 200)],
+    }
+}
+
+async fn send(gw: &Gateway, secret: &str, path: &str, body: Value) -> String {
+    let r = reqwest::Client::new()
+        .post(gw.url(path))
+        .bearer_auth(secret)
+        .header("x-goog-api-key", secret)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{path}");
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    r.bytes().await.unwrap();
+    id
+}
+
+#[tokio::test]
+async fn each_providers_usage_is_priced_by_the_table() {
+    let mock = MockUpstream::start().await;
+    let gw = Gateway::start_with_admin(&config(&mock, ""), &[("r.yaml", ROUTES)]).await;
+    let (_, secret) = gw.create_key(&[]);
+    gw.wait_key(&secret, "/v1/messages").await;
+
+    can(&mock, openai_whole("gpt-4o-2024-08-06"));
+    let chat = send(
+        &gw,
+        &secret,
+        "/v1/chat/completions",
+        json!({"model": "gpt-4o", "messages": []}),
+    )
+    .await;
+    can(&mock, anthropic_stream());
+    let messages = send(
+        &gw,
+        &secret,
+        "/v1/messages",
+        json!({"model": "claude-sonnet-4-5-20250929", "max_tokens": 200, "stream": true, "messages": []}),
+    )
+    .await;
+    can(&mock, gemini_stream());
+    let gemini = send(
+        &gw,
+        &secret,
+        "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse",
+        json!({"contents": []}),
+    )
+    .await;
+    // A self-hosted model no rule prices: costs nothing, counted as unpriced.
+    can(&mock, openai_whole("my-llama"));
+    let lab = send(
+        &gw,
+        &secret,
+        "/lab/v1/chat/completions",
+        json!({"model": "my-llama", "messages": []}),
+    )
+    .await;
+
+    let rows = gw.wait_audit_ids([&chat, &messages, &gemini, &lab]).await;
+    let row = |id: &str| rows.iter().find(|r| r.request_id == id).unwrap().clone();
+    // (86 × 2.50 + 1920 × 1.25 + 300 × 10.00) / 1e6
+    let r = row(&chat);
+    assert!(close(r.cost.unwrap(), 0.005615), "{r:?}");
+    assert_eq!(r.cache_read_tokens, Some(1920));
+    assert!(
+        r.price_version.as_deref().unwrap().starts_with("builtin/2026-"),
+        "{r:?}"
+    );
+    // (50 × 3 + 2000 × 3.75 + 8000 × 0.30 + 120 × 15) / 1e6
+    let r = row(&messages);
+    assert_eq!((r.prompt_tokens, r.completion_tokens), (Some(10_050), Some(120)));
+    assert_eq!((r.cache_read_tokens, r.cache_write_tokens), (Some(8000), Some(2000)));
+    assert!(close(r.cost.unwrap_or(-1.0), 0.01185), "{r:?}");
+    // (904 × 0.30 + 4096 × 0.075 + (200 + 800) × 2.50) / 1e6
+    let r = row(&gemini);
+    assert_eq!(
+        (r.completion_tokens, r.reasoning_tokens),
+        (Some(1000), Some(800)),
+        "{r:?}"
+    );
+    assert!(close(r.cost.unwrap(), 0.0030784), "{r:?}");
+    let r = row(&lab);
+    assert_eq!((r.cost, r.price_version.as_deref()), (None, None), "{r:?}");
+    assert_eq!(r.prompt_tokens, Some(2006));
+
+    let metrics = gw.metrics().await;
+    assert!(
+        metrics.contains(r#"fastgate_unpriced_requests_total{route="lab",upstream="lab"} 1"#),
+        "{metrics}"
+    );
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("fastgate_cost_total{") && l.contains(r#"route="messages""#))
+        .unwrap_or_else(|| panic!("no cost series: {metrics}"));
+    let value: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(close(value, 0.01185), "{line}");
+
+    let summary = admin(&gw, "/api/stats/summary").await;
+    let total = 0.005615 + 0.01185 + 0.0030784;
+    assert!((summary["cost"].as_f64().unwrap() - total).abs() < 1e-9, "{summary}");
+    let top = admin(&gw, "/api/stats/top?by=model").await;
+    let flash = top["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["value"] == "gemini-2.5-flash")
+        .unwrap();
+    assert!(close(flash["cost"].as_f64().unwrap(), 0.0030784), "{top}");
+    let logs = admin(&gw, &format!("/api/logs?request_id={messages}")).await;
+    assert!(close(logs["items"][0]["cost"].as_f64().unwrap(), 0.01185), "{logs}");
+    let pricing = admin(&gw, "/api/pricing").await;
+    assert_eq!(pricing["currency"], "USD");
+    assert!(
+        pricing["rules"].as_array().unwrap().len() > 30,
+        "the shipped table: {pricing}"
+    );
+}
+
+#[tokio::test]
+async fn the_operators_rates_come_first_and_reload_live() {
+    let mock = MockUpstream::start().await;
+    let pricing = "pricing:\n  version: v1\n  models:\n    - { upstream: lab, input: 0.5, output: 1.0 }\n    - { model: 'gpt-4o*', input: 1.0, cached_input: 0.5, output: 2.0 }\n";
+    let gw = Gateway::start_with_admin(&config(&mock, pricing), &[("r.yaml", ROUTES)]).await;
+    let (_, secret) = gw.create_key(&[]);
+    gw.wait_key(&secret, "/v1/messages").await;
+    can(&mock, openai_whole("gpt-4o"));
+    let own = send(
+        &gw,
+        &secret,
+        "/v1/chat/completions",
+        json!({"model": "gpt-4o", "messages": []}),
+    )
+    .await;
+    let lab = send(
+        &gw,
+        &secret,
+        "/lab/v1/chat/completions",
+        json!({"model": "my-llama", "messages": []}),
+    )
+    .await;
+
+    // A new rate, reloaded from the file: later requests use it.
+    let path = gw.config_path();
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("version: v1", "version: v2")
+        .replace(
+            "{ upstream: lab, input: 0.5, output: 1.0 }",
+            "{ upstream: lab, input: 0, output: 0 }",
+        );
+    common::write(&path, &text);
+    let r = reqwest::Client::new()
+        .post(gw.admin_url("/api/config/reload"))
+        .bearer_auth(TOKEN)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let after = send(
+        &gw,
+        &secret,
+        "/lab/v1/chat/completions",
+        json!({"model": "my-llama", "messages": []}),
+    )
+    .await;
+
+    let rows = gw.wait_audit_ids([&own, &lab, &after]).await;
+    let row = |id: &str| rows.iter().find(|r| r.request_id == id).unwrap().clone();
+    // (86 × 1.0 + 1920 × 0.5 + 300 × 2.0) / 1e6
+    let r = row(&own);
+    assert!(close(r.cost.unwrap(), 0.001646), "{r:?}");
+    assert_eq!(r.price_version.as_deref(), Some("config/v1"));
+    // (2006 × 0.5 + 300 × 1.0) / 1e6: per upstream, whatever the model
+    let r = row(&lab);
+    assert!(close(r.cost.unwrap(), 0.001303), "{r:?}");
+    let r = row(&after);
+    assert_eq!(
+        (r.cost, r.price_version.as_deref()),
+        (Some(0.0), Some("config/v2")),
+        "{r:?}"
+    );
+
+    // A table that does not load is refused, the old one keeps serving.
+    let bad = text.replace("input: 0, output: 0", "input: -1, output: 0");
+    common::write(&path, &bad);
+    let r = reqwest::Client::new()
+        .post(gw.admin_url("/api/config/reload"))
+        .bearer_auth(TOKEN)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert!(
+        body.to_string().contains("rates must be finite and not negative"),
+        "{body}"
+    );
+    let pricing = admin(&gw, "/api/pricing").await;
+    assert_eq!(pricing["rules"][0]["version"], "config/v2", "{pricing}");
+}
