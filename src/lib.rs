@@ -11,6 +11,7 @@ pub const BUILD: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("FASTGATE_
 pub mod admin;
 pub mod audit;
 pub mod auth;
+pub mod budget;
 pub mod cli;
 pub mod cli_ops;
 pub mod client_addr;

@@ -73,6 +73,10 @@ pub struct Metrics {
     pub cost: CounterVec,
     /// Requests with usage whose model no price matched (they cost nothing).
     pub unpriced: IntCounterVec,
+    /// Budget thresholds crossed, by whose budget and threshold (percent).
+    pub budget_alerts: IntCounterVec,
+    /// Alerts the webhook's queue had no room for, or the receiver refused.
+    pub budget_webhook_failed: IntCounter,
     /// Scopes the in-memory rate limiter holds (idle ones are swept).
     pub limiter_scopes: IntGauge,
     pub pool_keys: IntGaugeVec,
@@ -268,6 +272,17 @@ impl Metrics {
                 "unpriced_requests_total",
                 "Requests with token usage whose model has no price (counted as costing nothing), by route and upstream.",
                 &["route", "upstream"],
+            )?,
+            budget_alerts: counter_vec(
+                &r,
+                "budget_alerts_total",
+                "Budget alert thresholds crossed, by whose budget (key, user, route) and threshold in percent.",
+                &["of", "threshold"],
+            )?,
+            budget_webhook_failed: counter(
+                &r,
+                "budget_webhook_failed_total",
+                "Budget alerts not delivered to the webhook (queue full, receiver down or refusing).",
             )?,
             limiter_scopes: gauge(
                 &r,

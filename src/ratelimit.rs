@@ -11,6 +11,7 @@
 //! buckets are over counts nothing, so [`RateLimiter::sweep`] forgets it
 //! (run by the upkeep task, a shard at a time; never on the request path).
 
+pub use crate::budget::{BudgetCheck, BudgetOf};
 use parking_lot::Mutex;
 use std::{
     collections::HashMap,
@@ -94,6 +95,10 @@ impl Limits {
 pub struct RateChecks {
     pub windows: Vec<WindowCheck>,
     pub quotas: Vec<QuotaCheck>,
+    pub budgets: Vec<BudgetCheck>,
+    /// What the request may cost, in micro-units: reserved against each
+    /// budget (cut to it) until its cost is known.
+    pub cost_reserve: u64,
 }
 
 /// Which limit a check is: how a 429 names it, worded only when one is
@@ -110,9 +115,16 @@ pub enum Limited {
     Quota(crate::store::keys::QuotaPeriod),
     /// The key owner's token quota.
     OwnerQuota(crate::store::keys::QuotaPeriod),
+    /// A budget in money, on whose it is.
+    Budget(BudgetOf, crate::budget::BudgetPeriod),
 }
 
 impl Limited {
+    /// How a 429 names `budget`.
+    pub fn of_budget(budget: &BudgetCheck) -> Limited {
+        Limited::Budget(budget.of, budget.kind)
+    }
+
     /// The scope named in the 429, on `route`.
     pub fn describe(self, route: &str) -> String {
         match self {
@@ -121,6 +133,9 @@ impl Limited {
             Limited::RoutePerClient => format!("route {route} per client address"),
             Limited::Quota(p) => format!("token quota per {}", p.as_str()),
             Limited::OwnerQuota(p) => format!("the owner's token quota per {}", p.as_str()),
+            Limited::Budget(BudgetOf::Key, p) => format!("key budget per {}", p.as_str()),
+            Limited::Budget(BudgetOf::Owner, p) => format!("the owner's budget per {}", p.as_str()),
+            Limited::Budget(BudgetOf::Route, p) => format!("route {route} budget per {}", p.as_str()),
         }
     }
 }
@@ -145,7 +160,7 @@ pub struct QuotaCheck {
 
 impl RateChecks {
     pub fn is_empty(&self) -> bool {
-        self.windows.is_empty() && self.quotas.is_empty()
+        self.windows.is_empty() && self.quotas.is_empty() && self.budgets.is_empty()
     }
 
     /// Whether any window counts tokens (a reservation is worth estimating).
@@ -220,7 +235,7 @@ impl RateLimiter {
     /// wins; earlier windows keep their count, as two separate checks would).
     pub fn admit_all(
         &self,
-        quotas: &QuotaTracker,
+        (quotas, budgets): (&QuotaTracker, &crate::budget::BudgetTracker),
         checks: &RateChecks,
         nodes: u32,
         now_ms: u64,
@@ -241,7 +256,14 @@ impl RateLimiter {
                     retry_after,
                 })?;
         }
-        Ok(())
+        // Budgets last, all or none: a reservation is only taken by a
+        // request that goes ahead.
+        budgets
+            .admit_all(&checks.budgets, checks.cost_reserve, nodes, now_ms as i64)
+            .map_err(|(i, retry_after)| Refusal {
+                label: Limited::of_budget(&checks.budgets[i]),
+                retry_after,
+            })
     }
 
     /// Charge a finished request's tokens to every check it was admitted by.

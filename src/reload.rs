@@ -85,7 +85,7 @@ impl Upkeep {
     fn sweep_limits(&self) {
         let now = crate::clock::now_ms();
         let scopes = self.state.limiter.sweep(now as u64);
-        let quotas = self.state.quotas.sweep(now - QUOTA_KEEP_MS);
+        let quotas = self.state.quotas.sweep(now - QUOTA_KEEP_MS) + self.state.budgets.sweep(now - QUOTA_KEEP_MS);
         if scopes + quotas > 0 {
             tracing::debug!(scopes, quotas, "Idle rate-limit state forgotten.");
         }

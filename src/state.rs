@@ -220,6 +220,12 @@ pub struct AppState {
     /// the cluster's audit log, while Postgres is reachable.
     pub cluster_log: arc_swap::ArcSwapOption<tokio_postgres::Client>,
     pub quotas: crate::ratelimit::QuotaTracker,
+    /// Budgets in money counted on this node (all of them without a
+    /// cluster; this node's share and own spend with one).
+    pub budgets: crate::budget::BudgetTracker,
+    pub alerts: Arc<crate::budget::Alerts>,
+    /// The budget webhook's queue, until its sender task takes it.
+    pub alert_queue: Mutex<Option<tokio::sync::mpsc::Receiver<crate::budget::AlertEvent>>>,
     pub audit: AuditSink,
     /// A connection for readiness checks only.
     health_db: Mutex<rusqlite::Connection>,
@@ -276,9 +282,27 @@ impl AppState {
         let health_db = Mutex::new(store::open(&config.database_path)?);
         let opts = ConnectorOptions::new(config.file.server.upstream_keepalive_pool);
         let metrics = Metrics::new()?;
+        let budgets_cfg = &config.file.budgets;
+        let (alert_tx, alert_rx) = match &budgets_cfg.webhook {
+            Some(_) => {
+                let (tx, rx) = tokio::sync::mpsc::channel(ALERT_QUEUE);
+                (Some(tx), Some(rx))
+            }
+            None => (None, None),
+        };
+        let alerts = Arc::new(crate::budget::Alerts::new(
+            budgets_cfg.alert_thresholds.clone(),
+            metrics.budget_alerts.clone(),
+            metrics.budget_webhook_failed.clone(),
+            alert_tx,
+        ));
         let cluster = if config.file.cluster.enabled() {
             crate::pool::changes::collect();
-            Some(crate::cluster::Cluster::new(&config.file.cluster, &metrics)?)
+            Some(crate::cluster::Cluster::new(
+                &config.file.cluster,
+                &metrics,
+                alerts.clone(),
+            )?)
         } else {
             None
         };
@@ -304,6 +328,9 @@ impl AppState {
             cluster,
             cluster_log: arc_swap::ArcSwapOption::empty(),
             quotas: crate::ratelimit::QuotaTracker::default(),
+            budgets: crate::budget::BudgetTracker::default(),
+            alerts,
+            alert_queue: Mutex::new(alert_rx),
             audit,
             health_db,
             config,
@@ -486,6 +513,7 @@ impl AppState {
                 }
             }
         }
+        self.seed_budgets(now);
         if pending.is_empty() {
             return;
         }
@@ -502,6 +530,47 @@ impl AppState {
                 )
                 .unwrap_or(0);
             self.quotas.seed(&scope, start, used.max(0) as u64);
+        }
+    }
+
+    /// Count money already spent this period against keys', users' and
+    /// routes' budgets, from the audit log (start-up, and budgets that
+    /// appeared). Blocking.
+    fn seed_budgets(&self, now: i64) {
+        // (tracker scope, audit column, value, period start) not yet counted.
+        let mut pending: Vec<(String, &'static str, String, i64)> = Vec::new();
+        let mut add = |scope: &str, column, value: &str, b: &crate::budget::Budget| {
+            let start = b.period.bounds(now).0;
+            if !self.budgets.is_seeded(scope, start) && !pending.iter().any(|p| p.0 == scope) {
+                pending.push((scope.to_string(), column, value.to_string(), start));
+            }
+        };
+        for key in self.keys.all() {
+            if let Some(b) = &key.budget {
+                add(&key.id, "key_id", &key.id, b);
+            }
+            if let (Some((scope, b)), Some(user_id)) = (&key.user_budget, &key.owner_id) {
+                add(scope, "user_id", user_id, b);
+            }
+        }
+        for route in self.routes.load().routes() {
+            if let Some(b) = &route.budget {
+                add(&format!("route:{}", route.name), "route", &route.name, b);
+            }
+        }
+        if pending.is_empty() {
+            return;
+        }
+        let conn = self.health_db.lock();
+        for (scope, column, value, start) in pending {
+            let spent: f64 = conn
+                .query_row(
+                    &format!("SELECT COALESCE(SUM(cost), 0.0) FROM audit_log WHERE {column} = ?1 AND ts_ms >= ?2"),
+                    rusqlite::params![value, start],
+                    |r| r.get(0),
+                )
+                .unwrap_or(0.0);
+            self.budgets.seed(&scope, start, crate::budget::to_micros(spent));
         }
     }
 
@@ -553,6 +622,10 @@ pub fn stored_pool_keys(
     }
     Ok(keys)
 }
+
+/// Budget alerts waiting for the webhook; past it they are dropped
+/// (counted in `fastgate_budget_webhook_failed_total`).
+const ALERT_QUEUE: usize = 256;
 
 /// `pricing` compiled. The config loader has checked it, so the fallback
 /// (the shipped table alone) is only for a file that skipped the loader.

@@ -551,3 +551,82 @@ async fn get(port: u16, key: &str) -> String {
     conn.read_line(&mut value).await.unwrap();
     value.trim_end().to_string()
 }
+
+/// A key's budget in money across three nodes: every answer costs 0.01
+/// (10 tokens at 1,000 per million) and reserves about 0.06 before it is
+/// settled, and the budget is 0.10 a day. Bursts on all three nodes at
+/// once admit about ten in all, never past the budget by more than the
+/// reservations in flight when it ran out (the three nodes' two each:
+/// 0.06 each), and Redis's counter agrees with the audit logs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_budget_in_money_holds_across_three_nodes() {
+    let redis = Redis::start().await;
+    let mock = MockUpstream::start().await;
+    let routes = [("r.yaml", ROUTE)];
+    let config = |node: &str| {
+        pooled_node_config(&redis.url(), &mock, node, &["sk-1"], "", "")
+            + "pricing:\n  builtin: false\n  models: [{ input: 1000, output: 1000 }]\n"
+    };
+    let a = Gateway::start_with_admin(&config("node-a"), &routes).await;
+    let r = reqwest::Client::new()
+        .post(a.admin_url("/api/keys"))
+        .bearer_auth(TOKEN)
+        .json(&json!({"name": "b", "budget": {"amount": 0.1, "period": "day"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let secret = r.json::<Value>().await.unwrap()["secret"].as_str().unwrap().to_string();
+    let b = Gateway::start_seeded(&config("node-b"), &routes, &a).await;
+    let c = Gateway::start_seeded(&config("node-c"), &routes, &a).await;
+    let nodes = vec![a, b, c];
+    for n in &nodes {
+        wait_metric(n, "fastgate_cluster_redis_up 1").await;
+        wait_metric(n, "fastgate_cluster_nodes 3").await;
+        n.wait_key(&secret, "/v1/chat/completions").await;
+    }
+    // The key checks reached the provider and cost their share too.
+    let mut admitted = mock.seen().len();
+    for _ in 0..8 {
+        let round = burst(&nodes, &secret, 2).await;
+        for (s, retry) in round.iter().flatten() {
+            assert!(*s == 200 || *s == 429, "status {s}");
+            if *s == 429 {
+                assert!((1..=86_400).contains(&retry.unwrap()), "{retry:?}");
+            }
+        }
+        admitted += ok(&round);
+        // Settlements reach Redis within a few ms (batched).
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(mock.seen().len(), admitted, "only admitted requests reach the provider");
+    let spent = admitted as f64 * 0.01;
+    assert!(
+        spent <= 0.1 + 6.0 * 0.063 + 1e-9,
+        "{admitted} admitted: {spent} of 0.10"
+    );
+    // Redis's counter: the spend in micro-units, no reservation left.
+    let start = fastgate::budget::BudgetPeriod::Day.bounds(fastgate::clock::now_ms()).0;
+    let key_id = {
+        let rows = nodes[0].audit_rows();
+        rows.iter().find_map(|r| r.key_id.clone()).unwrap()
+    };
+    // (The harness reads one reply line: `INCRBY 0` answers `:<value>`.)
+    let counter = redis
+        .cmd(&["INCRBY", &format!("fg:{{fg}}:b:{key_id}:{start}"), "0"])
+        .await
+        .unwrap();
+    assert_eq!(counter, format!(":{}", admitted * 10_000), "{counter}");
+    let ttl: i64 = redis
+        .cmd(&["PTTL", &format!("fg:{{fg}}:b:{key_id}:{start}")])
+        .await
+        .unwrap()
+        .trim_start_matches(':')
+        .parse()
+        .unwrap();
+    assert!(ttl > 0, "the counter goes after its period: {ttl}");
+    assert!(
+        admitted >= 10,
+        "only {admitted} admitted: reservations were not settled"
+    );
+}

@@ -622,7 +622,7 @@ async fn a_tpm_refusal_does_bounded_work() {
     }
 }
 
-/// One `fastgate_admit_v2` call on `keys` for op `op`: (kind, limit, cost)
+/// One `fastgate_admit_v3` call on `keys` for op `op`: (kind, limit, cost)
 /// per limit, a 60 s window. Returns Redis's answer.
 async fn admit(
     conn: &mut redis::aio::MultiplexedConnection,
@@ -631,7 +631,7 @@ async fn admit(
     limits: &[(&str, u64, u64)],
 ) -> Vec<i64> {
     let mut cmd = redis::cmd("FCALL");
-    cmd.arg("fastgate_admit_v2")
+    cmd.arg("fastgate_admit_v3")
         .arg(keys.len() + 1)
         .arg(format!("fg:{{fg}}:op:{op}"))
         .arg(keys)
@@ -708,9 +708,9 @@ async fn a_take_that_arrives_after_its_release_takes_nothing() {
         cmd.arg(f).arg(1).arg(set).arg(args);
         cmd
     };
-    let take = |op: &str| call("fastgate_lease_v2", vec![op.into(), "1".into(), "600000".into()]);
+    let take = |op: &str| call("fastgate_lease_v3", vec![op.into(), "1".into(), "600000".into()]);
     // The release comes first (the node's replay after the outage).
-    let given: i64 = call("fastgate_release_v2", vec!["n:1:9".into()])
+    let given: i64 = call("fastgate_release_v3", vec!["n:1:9".into()])
         .query_async(&mut conn)
         .await
         .unwrap();
@@ -731,7 +731,7 @@ async fn a_take_that_arrives_after_its_release_takes_nothing() {
     );
     assert_eq!(held_in(&mut conn, set).await, 1);
     // Releases give back what is held, once.
-    let given: i64 = call("fastgate_release_v2", vec!["n:1:10".into(), "n:1:10".into()])
+    let given: i64 = call("fastgate_release_v3", vec!["n:1:10".into(), "n:1:10".into()])
         .query_async(&mut conn)
         .await
         .unwrap();

@@ -309,3 +309,145 @@ async fn the_operators_rates_come_first_and_reload_live() {
     let pricing = admin(&gw, "/api/pricing").await;
     assert_eq!(pricing["rules"][0]["version"], "config/v2", "{pricing}");
 }
+
+/// A key with a budget, over the admin API; its secret.
+async fn key_with_budget(gw: &Gateway, budget: Value) -> (String, String) {
+    let r = reqwest::Client::new()
+        .post(gw.admin_url("/api/keys"))
+        .bearer_auth(TOKEN)
+        .json(&json!({"name": "budgeted", "budget": budget}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "{:?}", r.text().await);
+    let v: Value = r.json().await.unwrap();
+    (v["id"].as_str().unwrap().into(), v["secret"].as_str().unwrap().into())
+}
+
+async fn chat(gw: &Gateway, secret: &str, max_tokens: u64) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(secret)
+        .json(&json!({"model": "gpt-4o", "max_tokens": max_tokens, "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Thirty requests at once against a budget of about eight: each reserves
+/// its prompt estimate at 2.50 and its 600 `max_tokens` at 10.00 per
+/// million (0.006 and a little, above the 0.005615 it costs), so the budget
+/// is never exceeded by more than one reservation; the upstream sees only
+/// the admitted ones, and the rest get the client's 429 with the time to
+/// the end of the day.
+#[tokio::test]
+async fn a_budget_reached_by_concurrent_requests_is_exceeded_by_at_most_one_reservation() {
+    let mock = MockUpstream::start().await;
+    let gw = Gateway::start_with_admin(&config(&mock, ""), &[("r.yaml", ROUTES)]).await;
+    let amount = 0.05;
+    let (id, secret) = key_with_budget(&gw, json!({"amount": amount, "period": "day"})).await;
+    gw.wait_key(&secret, "/v1/messages").await;
+    can(&mock, openai_whole("gpt-4o"));
+    mock.clear();
+    let answers = futures_util::future::join_all((0..30).map(|_| chat(&gw, &secret, 600))).await;
+    let mut ok = Vec::new();
+    let mut refused = 0;
+    for r in answers {
+        match r.status().as_u16() {
+            200 => ok.push(r.headers()["x-request-id"].to_str().unwrap().to_string()),
+            429 => {
+                let retry: u64 = r.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+                assert!((1..=86_400).contains(&retry), "{retry}");
+                let body: Value = r.json().await.unwrap();
+                assert_eq!(body["error"]["type"], "rate_limit_error", "{body}");
+                assert!(body["error"]["message"].as_str().unwrap().contains("budget"), "{body}");
+                refused += 1;
+            }
+            other => panic!("{other}"),
+        }
+    }
+    assert_eq!(mock.seen().len(), ok.len(), "only admitted requests reach the provider");
+    assert!(refused > 0 && ok.len() >= 8, "{} admitted, {refused} refused", ok.len());
+    let rows = gw.wait_audit_ids(ok.iter()).await;
+    let spent: f64 = rows.iter().filter_map(|r| r.cost).sum();
+    let reservation = ((27 + 600) as f64 * 10.0) / 1e6;
+    assert!(spent < amount + reservation, "spent {spent} of {amount}");
+    // Spent: every later request is refused until the period ends.
+    assert_eq!(chat(&gw, &secret, 1).await.status(), 429);
+    let usage = admin(&gw, &format!("/api/keys/{id}/usage")).await;
+    assert!((usage["cost"].as_f64().unwrap() - spent).abs() < 1e-9, "{usage}");
+    assert!(
+        (usage["budget"]["spent"].as_f64().unwrap() - spent).abs() < 1e-6,
+        "{usage}"
+    );
+    assert_eq!(usage["budget"]["period"], "day");
+    assert!(usage["budget"]["resets_at"].as_i64().unwrap() > common_now(), "{usage}");
+    let metrics = gw.metrics().await;
+    assert!(
+        metrics.contains(r#"fastgate_budget_alerts_total{of="key",threshold="100"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"fastgate_budget_alerts_total{of="key",threshold="80"} 1"#),
+        "{metrics}"
+    );
+}
+
+fn common_now() -> i64 {
+    fastgate::clock::now_ms()
+}
+
+/// A budget set after the fact counts what the key spent this period (the
+/// audit log), a user's budget is shared by their keys, a route's by all
+/// its clients, and hostile amounts are refused.
+#[tokio::test]
+async fn budgets_of_keys_users_and_routes() {
+    let mock = MockUpstream::start().await;
+    let routes = ROUTES.replace(
+        "upstream: lab, transform: { strip_prefix: /lab } }",
+        "upstream: lab, transform: { strip_prefix: /lab }, budget: { amount: 0.001, period: total } }",
+    );
+    let pricing = "pricing:\n  models:\n    - { upstream: lab, input: 0.5, output: 1.0 }\n";
+    let gw = Gateway::start_with_admin(&config(&mock, pricing), &[("r.yaml", &routes)]).await;
+    let c = reqwest::Client::new();
+    for bad in [
+        json!({"amount": -1}),
+        json!({"amount": 1e300}),
+        json!({"amount": "1"}),
+        json!({"amount": 1, "period": "year"}),
+    ] {
+        let r = c
+            .post(gw.admin_url("/api/keys"))
+            .bearer_auth(TOKEN)
+            .json(&json!({"name": "bad", "budget": bad}))
+            .send()
+            .await
+            .unwrap();
+        assert!(matches!(r.status().as_u16(), 400 | 422), "{bad}: {}", r.status());
+    }
+    // The route's budget: 0.001 in total; each call costs (2006 × 0.5 + 300) / 1e6 = 0.001303.
+    let (_, secret) = gw.create_key(&[]);
+    gw.wait_key(&secret, "/v1/messages").await;
+    can(&mock, openai_whole("my-llama"));
+    let lab = |s: &str| {
+        c.post(gw.url("/lab/v1/chat/completions"))
+            .bearer_auth(s.to_string())
+            .json(&json!({"model": "my-llama", "max_tokens": 1, "messages": []}))
+            .send()
+    };
+    assert_eq!(lab(&secret).await.unwrap().status(), 200);
+    let r = lab(&secret).await.unwrap();
+    assert_eq!(r.status(), 429);
+    let body: Value = r.json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("route lab budget per total"),
+        "{body}"
+    );
+    // Another key on the same route: the route's budget is everyone's.
+    let (_, other) = gw.create_key(&[]);
+    gw.wait_key(&other, "/v1/messages").await;
+    assert_eq!(lab(&other).await.unwrap().status(), 429);
+}

@@ -70,6 +70,7 @@ pub struct CreateKey {
     token_quota: Option<u64>,
     #[serde(default)]
     quota_period: store::keys::QuotaPeriod,
+    budget: Option<crate::budget::Budget>,
 }
 
 pub async fn create(
@@ -94,6 +95,7 @@ pub async fn create(
         tpm: body.tpm,
         token_quota: body.token_quota,
         quota_period: body.quota_period,
+        budget: body.budget,
         owner_id: None,
         admin_locked: Vec::new(),
     };
@@ -271,7 +273,7 @@ pub async fn usage(
     Path(id): Path<String>,
     Query(q): Query<UsageQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    load(&s, &caller, id.clone()).await?;
+    let key = load(&s, &caller, id.clone()).await?;
     let window = match q.window.as_deref() {
         Some(w) => humantime::parse_duration(w).map_err(|e| ApiError::Invalid(format!("window: {e}")))?,
         None => std::time::Duration::from_secs(24 * 3600),
@@ -315,6 +317,23 @@ pub async fn usage(
     )
     .await?;
     let row = rows.first().copied().unwrap_or_default();
+    let budget = match key.budget {
+        Some(b) => budget_use(&s, "key_id", &key.id, &b).await?,
+        None => Value::Null,
+    };
+    let owner_budget = match key.owner_id.clone() {
+        Some(user_id) => {
+            let user = s.db({
+                let user_id = user_id.clone();
+                move |c| store::users::get(c, &user_id)
+            });
+            match user.await.ok().and_then(|u| u.ceilings).and_then(|c| c.budget) {
+                Some(b) => budget_use(&s, "user_id", &user_id, &b).await?,
+                None => Value::Null,
+            }
+        }
+        None => Value::Null,
+    };
     Ok(Json(json!({
         "window_s": window.as_secs(),
         "requests": row.0,
@@ -322,5 +341,43 @@ pub async fn usage(
         "prompt_tokens": row.2,
         "completion_tokens": row.3,
         "cost": row.4,
+        "budget": budget,
+        "owner_budget": owner_budget,
     })))
+}
+
+/// A budget's use in its current period, from the audit log (the whole
+/// cluster's, in cluster mode): `{amount, period, spent, resets_at}`.
+pub async fn budget_use(
+    s: &Arc<AdminState>,
+    column: &'static str,
+    value: &str,
+    budget: &crate::budget::Budget,
+) -> Result<Value, ApiError> {
+    let (start, end) = budget.period.bounds(crate::clock::now_ms());
+    let value = value.to_string();
+    let rows = super::cluster_log::read_log(
+        s,
+        |d| {
+            let sql = format!(
+                "SELECT COALESCE(SUM(cost), 0.0) FROM {} WHERE {column} = {} AND ts_ms >= {}",
+                d.table(),
+                d.mark(1),
+                d.mark(2)
+            );
+            (
+                sql,
+                vec![store::audit::Arg::Text(value.clone()), store::audit::Arg::Int(start)],
+            )
+        },
+        |r| r.get::<_, f64>(0),
+        |r| r.get::<_, f64>(0),
+    )
+    .await?;
+    Ok(json!({
+        "amount": budget.amount,
+        "period": budget.period.as_str(),
+        "spent": rows.first().copied().unwrap_or(0.0),
+        "resets_at": (end != i64::MAX).then_some(end),
+    }))
 }

@@ -1,4 +1,4 @@
-#!lua name=fastgate_v2
+#!lua name=fastgate_v3
 -- FastGate's shared state, one atomic call per decision, on Redis's clock.
 --
 -- Versions. Function names carry their library's version: a node of a later
@@ -13,6 +13,11 @@
 --                nodes mint (`node:boot:counter`), token windows are fixed
 --                buckets, settlements are sequenced per node (exactly once),
 --                key states are versioned and trimmed, every key has a TTL.
+--   fastgate_v3  v2's keys and functions, plus budgets in money (kind `b`:
+--                admission reserves, settlement swaps the reservation for
+--                the cost) and a settlement that answers each budget
+--                counter's value (threshold alerts). v2 and v3 nodes share
+--                every v2 counter; budgets are v3's alone.
 -- Nodes of v1 and v2 do not share counters (different keys): upgrade every
 -- node of a cluster together, or accept one window of per-release limits.
 
@@ -87,9 +92,12 @@ end
 --   r  requests in the rolling window: a sorted set of op ids (only
 --      admitted ops are added: at most `limit` live members);
 --   t  tokens in the window: a hash of bucket -> tokens (cost = tokens
---      reserved, settled by fastgate_settle_v2 in the same bucket);
+--      reserved, settled by fastgate_settle_v3 in the same bucket);
 --   q  tokens per quota period: one counter (cost ignored: the quota is
 --      exhausted once used >= limit; usage is added when settled).
+--   b  money per budget period, in micro-units: one counter of spend plus
+--      reservations; refused once it reaches the limit, else the cost (the
+--      reservation) is added, and swapped for the real cost when settled.
 -- Returns {0, bucket} when admitted, else {1, index of the refusing limit,
 -- wait ms}.
 local function admit(keys, args)
@@ -165,12 +173,22 @@ local function admit(keys, args)
       if used >= limit then
         return {1, i, 0}
       end
+      if kind == 'b' and cost > 0 then
+        take[#take + 1] = {'b', counter, cost}
+      end
     end
   end
   for _, t in ipairs(take) do
     if t[1] == 'r' then
       redis.call('ZADD', t[2], now, id)
       redis.call('PEXPIRE', t[2], window)
+    elseif t[1] == 'b' then
+      redis.call('INCRBY', t[2], t[3])
+      -- The settlement sets the real expiry; a node that dies first
+      -- leaves a counter that still goes (after a month and a bit).
+      if redis.call('PTTL', t[2]) < 0 then
+        redis.call('PEXPIRE', t[2], 2851200000)
+      end
     else
       redis.call('HINCRBY', t[2], bucket, t[3])
       redis.call('HINCRBY', t[2], SUM, t[3])
@@ -193,15 +211,19 @@ end
 --      adjustment to a bucket already out of the window is left out);
 --   q  its counter; where = Unix ms at which the counter may go (past the
 --      quota period's end). Reserved is unused.
--- Returns 1 when applied, 0 when it had been.
+--   b  its counter; tokens = the cost, reserved = what admission added;
+--      where as for q.
+-- Returns {1, each b counter's value after it, in order} when applied,
+-- {0} when it had been.
 local function settle(keys, args)
   local seq = tonumber(args[1])
   local last = tonumber(redis.call('GET', keys[1]) or '0')
   -- Kept a day: a node's batches are replayed in order within an outage.
   redis.call('SET', keys[1], math.max(seq, last), 'PX', 86400000)
   if seq <= last then
-    return 0
+    return {0}
   end
+  local values = {}
   local now, window = now_ms(), tonumber(args[2])
   local width = bucket_width(window)
   local k, a = 2, 4
@@ -225,6 +247,14 @@ local function settle(keys, args)
           end
           redis.call('HINCRBY', key, SUM, change)
         end
+      elseif kind == 'b' then
+        local v = redis.call('INCRBY', key, tokens - reserved)
+        if v < 0 then
+          redis.call('SET', key, 0)
+          v = 0
+        end
+        redis.call('PEXPIREAT', key, where)
+        values[#values + 1] = v
       else
         if tokens > 0 then
           redis.call('INCRBY', key, tokens)
@@ -233,7 +263,7 @@ local function settle(keys, args)
       end
     end
   end
-  return 1
+  return {1, unpack(values)}
 end
 
 -- A pool key's state as one node saw it change, stored only when its
@@ -342,10 +372,10 @@ local function release(keys, args)
   return given
 end
 
-redis.register_function('fastgate_admit_v2', admit)
-redis.register_function('fastgate_lease_v2', lease)
-redis.register_function('fastgate_release_v2', release)
-redis.register_function('fastgate_settle_v2', settle)
-redis.register_function('fastgate_key_state_v2', key_state)
-redis.register_function('fastgate_key_states_v2', key_states)
-redis.register_function('fastgate_heartbeat_v2', heartbeat)
+redis.register_function('fastgate_admit_v3', admit)
+redis.register_function('fastgate_lease_v3', lease)
+redis.register_function('fastgate_release_v3', release)
+redis.register_function('fastgate_settle_v3', settle)
+redis.register_function('fastgate_key_state_v3', key_state)
+redis.register_function('fastgate_key_states_v3', key_states)
+redis.register_function('fastgate_heartbeat_v3', heartbeat)

@@ -1,5 +1,5 @@
 //! Pool key states across nodes. A cooldown, rest or disable seen by one
-//! node (or an admin's change on it) goes through `fastgate_key_state_v2`,
+//! node (or an admin's change on it) goes through `fastgate_key_state_v3`,
 //! which stores it (only if its version is not older than the stored one)
 //! and publishes it; every other node merges it at once
 //! ([`crate::pool::KeyStatus::merge_remote`]).
@@ -90,7 +90,7 @@ pub(super) async fn publish(
                 continue;
             };
             let mut cmd = redis::cmd("FCALL");
-            cmd.arg("fastgate_key_state_v2")
+            cmd.arg("fastgate_key_state_v3")
                 .arg(2)
                 .arg(STATES_KEY)
                 .arg(STATES_AT_KEY)
@@ -116,7 +116,7 @@ pub(super) async fn publish(
     }
 }
 
-/// `fastgate_key_state_v2`'s answer.
+/// `fastgate_key_state_v3`'s answer.
 enum Stored {
     Taken,
     /// Not newer than the stored state, returned with Redis's time.
@@ -186,7 +186,7 @@ pub(super) async fn subscribe(cluster: Arc<Cluster>, pools: PoolLookup) {
 async fn resync(cluster: &Cluster, pools: &PoolLookup) -> Result<usize, redis::RedisError> {
     let mut conn = cluster.client.get_multiplexed_async_connection().await?;
     let (server_now, fields): (i64, Vec<(String, String)>) = redis::cmd("FCALL")
-        .arg("fastgate_key_states_v2")
+        .arg("fastgate_key_states_v3")
         .arg(1)
         .arg(STATES_KEY)
         .query_async(&mut conn)

@@ -1,5 +1,5 @@
 //! Cross-node in-flight caps (`max_in_flight_per_key`): a slot per request
-//! on a pool key, taken in Redis (`fastgate_lease_v2`) under an op id this
+//! on a pool key, taken in Redis (`fastgate_lease_v3`) under an op id this
 //! node mints, with a TTL of the pool's `stuck_after`, so a node that dies
 //! mid-request frees its slots by itself; given back when the request lets
 //! go of the key. A release Redis did not confirm (breaker open, timeout)
@@ -59,7 +59,7 @@ impl Cluster {
             let set = lease_set(&pool.name, &lease.key().id);
             let op = self.next_op();
             let mut cmd = redis::cmd("FCALL");
-            cmd.arg("fastgate_lease_v2")
+            cmd.arg("fastgate_lease_v3")
                 .arg(1)
                 .arg(&set)
                 .arg(&op)
@@ -92,7 +92,7 @@ impl Cluster {
     /// Give a slot back; kept for a replay when Redis does not confirm.
     async fn release(&self, set: String, op: String) {
         let mut cmd = redis::cmd("FCALL");
-        cmd.arg("fastgate_release_v2").arg(1).arg(&set).arg(&op);
+        cmd.arg("fastgate_release_v3").arg(1).arg(&set).arg(&op);
         if let Err(e) = self.call::<i64>(&cmd).await
             && e.is_transport()
         {
@@ -123,7 +123,7 @@ impl Cluster {
         for (set, ops) in by_set {
             for chunk in ops.chunks(RELEASE_BATCH) {
                 let mut cmd = redis::cmd("FCALL");
-                cmd.arg("fastgate_release_v2").arg(1).arg(&set).arg(chunk);
+                cmd.arg("fastgate_release_v3").arg(1).arg(&set).arg(chunk);
                 match self.call::<i64>(&cmd).await {
                     Ok(n) => released += n,
                     Err(e) if e.is_transport() => {

@@ -1,13 +1,14 @@
-//! Shared rate limits: every check of a request in one `fastgate_admit_v2`
+//! Shared rate limits: every check of a request in one `fastgate_admit_v3`
 //! call (one round trip, all or nothing) under an op id this node mints,
-//! its token reservation settled by `fastgate_settle_v2` once the real
-//! usage is known. Settlements go in numbered batches, one at a time: a
+//! its token and budget reservations settled by `fastgate_settle_v3` once
+//! the real usage and cost are known. Settlements go in numbered batches, one at a time: a
 //! batch whose answer was lost is sent again with its number, and Redis
 //! applies each number once, so nothing is charged twice and nothing is
 //! dropped while Redis is briefly unreachable.
 
 use super::{Cluster, ClusterError, PREFIX, RETRY_EVERY};
 use crate::{
+    budget::BudgetTracker,
     config::OnRedisDown,
     ratelimit::{Admission, Counted, Limited, QuotaTracker, RateChecks, RateLimiter, Refusal, Ticket},
 };
@@ -23,11 +24,13 @@ pub enum Denied {
     Unavailable,
 }
 
-/// A finished request's tokens, waiting to be settled in Redis.
+/// A finished request's tokens and cost, waiting to be settled in Redis.
 #[derive(Debug)]
 pub struct Settlement {
     checks: RateChecks,
     tokens: u64,
+    /// Micro-units.
+    cost: u64,
     ticket: Ticket,
 }
 
@@ -65,6 +68,19 @@ fn quota_key(scope: &str, period_start: i64) -> String {
     format!("{PREFIX}q:{scope}:{period_start}")
 }
 
+fn budget_key(scope: &str, period_start: i64) -> String {
+    format!("{PREFIX}b:{scope}:{period_start}")
+}
+
+/// When a budget counter may go: a day after its period, or a `total`
+/// budget's a year after its last settlement (renewed by each).
+fn budget_expiry(period: (i64, i64), now_ms: i64) -> i64 {
+    match period.1 {
+        i64::MAX => now_ms + 366 * 86_400_000,
+        end => end + QUOTA_COUNTER_SLACK_MS,
+    }
+}
+
 /// A numbered batch in flight (replayed with its number until confirmed).
 struct Batch {
     seq: u64,
@@ -79,6 +95,25 @@ struct Batch {
 /// without usage is charged for its prompt), plus the output it allows (`max_tokens`
 /// and its OpenAI, Responses and Gemini spellings) or `default`.
 pub fn reserve_for(body: Option<&[u8]>, default: u64) -> u64 {
+    let asked = asked(body);
+    // A client's `max_tokens` may be anything up to u64::MAX (`tpm` and the
+    // quotas cut the reservation to their size).
+    asked.prompt.saturating_add(asked.output.unwrap_or(default))
+}
+
+/// What a request body asks for, as reservations read it.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Asked {
+    /// The prompt's tokens, estimated from the body's size.
+    pub prompt: u64,
+    /// The output it allows, if it says.
+    pub output: Option<u64>,
+    /// The model it names in the body (Gemini's is in the path).
+    pub model: Option<String>,
+}
+
+/// Read `body` for [`Asked`]; a body that is not JSON asks for no output.
+pub fn asked(body: Option<&[u8]>) -> Asked {
     #[derive(Deserialize)]
     struct Generation {
         #[serde(rename = "maxOutputTokens")]
@@ -86,6 +121,7 @@ pub fn reserve_for(body: Option<&[u8]>, default: u64) -> u64 {
     }
     #[derive(Deserialize)]
     struct Ask {
+        model: Option<String>,
         max_tokens: Option<u64>,
         max_completion_tokens: Option<u64>,
         max_output_tokens: Option<u64>,
@@ -93,24 +129,28 @@ pub fn reserve_for(body: Option<&[u8]>, default: u64) -> u64 {
         generation: Option<Generation>,
     }
     let Some(body) = body else {
-        return default;
+        return Asked::default();
     };
-    let output = serde_json::from_slice::<Ask>(body)
-        .ok()
-        .and_then(|a| {
+    let ask = serde_json::from_slice::<Ask>(body).ok();
+    let (output, model) = match ask {
+        Some(a) => (
             a.max_tokens
                 .or(a.max_completion_tokens)
                 .or(a.max_output_tokens)
-                .or(a.generation.and_then(|g| g.max_output_tokens))
-        })
-        .unwrap_or(default);
-    // A client's `max_tokens` may be anything up to u64::MAX (`tpm` and the
-    // quotas cut the reservation to their size).
-    crate::usage::estimate::prompt_tokens(body.len() as u64).saturating_add(output)
+                .or(a.generation.and_then(|g| g.max_output_tokens)),
+            a.model,
+        ),
+        None => (None, None),
+    };
+    Asked {
+        prompt: crate::usage::estimate::prompt_tokens(body.len() as u64),
+        output,
+        model,
+    }
 }
 
 /// One adjustment of the settlement call: kind, counter key, where (the
-/// token bucket, or the quota counter's expiry), tokens used, reserved.
+/// token bucket, or the counter's expiry), tokens (or cost) used, reserved.
 type Adjustment = (&'static str, String, i64, u64, u64);
 
 /// A batch's settlements summed per counter: per token bucket (its key and
@@ -122,7 +162,18 @@ fn aggregate(settlements: &[Settlement]) -> Vec<Adjustment> {
     use std::collections::BTreeMap;
     let mut buckets: BTreeMap<(String, i64), (u64, u64)> = BTreeMap::new();
     let mut quotas: BTreeMap<String, (u64, i64)> = BTreeMap::new();
+    let mut budgets: BTreeMap<String, (u64, u64, i64)> = BTreeMap::new();
+    let now = crate::clock::now_ms();
     for s in settlements {
+        for b in &s.checks.budgets {
+            let sum = budgets
+                .entry(budget_key(&b.scope, b.period.0))
+                .or_insert((0, 0, budget_expiry(b.period, now)));
+            sum.0 = sum.0.saturating_add(s.cost);
+            sum.1 = sum
+                .1
+                .saturating_add(b.reserve(s.checks.cost_reserve).min(LUA_EXACT_MAX));
+        }
         for w in &s.checks.windows {
             if let Some(tpm) = w.limits.tpm {
                 let sum = buckets.entry((token_key(&w.scope), s.ticket.bucket)).or_default();
@@ -143,7 +194,10 @@ fn aggregate(settlements: &[Settlement]) -> Vec<Adjustment> {
     let quotas = quotas
         .into_iter()
         .map(|(key, (tokens, expiry))| ("q", key, expiry, tokens, 0));
-    buckets.chain(quotas).collect()
+    let budgets = budgets
+        .into_iter()
+        .map(|(key, (cost, reserved, expiry))| ("b", key, expiry, cost, reserved));
+    buckets.chain(quotas).chain(budgets).collect()
 }
 
 impl Cluster {
@@ -156,7 +210,7 @@ impl Cluster {
         checks: &RateChecks,
         reserve: u64,
         limiter: &RateLimiter,
-        quotas: &QuotaTracker,
+        trackers: (&QuotaTracker, &BudgetTracker),
         now_ms: u64,
     ) -> Result<Counted, Denied> {
         match self.admit_shared(checks, reserve, now_ms).await {
@@ -167,7 +221,7 @@ impl Cluster {
                 self.decided_locally();
                 match self.config.on_redis_down {
                     OnRedisDown::LocalShare => limiter
-                        .admit_all(quotas, checks, self.share_nodes(), now_ms)
+                        .admit_all(trackers, checks, self.share_nodes(), now_ms)
                         .map(|()| Counted::Local)
                         .map_err(Denied::Limit),
                     OnRedisDown::FailOpen => Ok(Counted::Local),
@@ -184,7 +238,8 @@ impl Cluster {
         now_ms: u64,
     ) -> Result<Result<Ticket, Refusal>, ClusterError> {
         let op = self.next_op();
-        let mut keys: Vec<String> = Vec::with_capacity(1 + checks.windows.len() * 2 + checks.quotas.len());
+        let mut keys: Vec<String> =
+            Vec::with_capacity(1 + checks.windows.len() * 2 + checks.quotas.len() + checks.budgets.len());
         keys.push(format!("{PREFIX}op:{op}"));
         // One (kind, limit, cost) triple per limit; `labels[i]` names limit
         // i+1 (with its quota period's end, for a quota).
@@ -208,8 +263,14 @@ impl Cluster {
             limits.push(("q", q.tokens.min(LUA_EXACT_MAX), 0));
             labels.push((q.label, Some(q.period.1)));
         }
+        for b in &checks.budgets {
+            keys.push(budget_key(&b.scope, b.period.0));
+            let limit = b.limit.min(LUA_EXACT_MAX);
+            limits.push(("b", limit, b.reserve(checks.cost_reserve).min(limit)));
+            labels.push((Limited::of_budget(b), Some(b.period.1)));
+        }
         let mut cmd = redis::cmd("FCALL");
-        cmd.arg("fastgate_admit_v2")
+        cmd.arg("fastgate_admit_v3")
             .arg(keys.len())
             .arg(&keys)
             .arg(&op)
@@ -224,7 +285,9 @@ impl Cluster {
                 let i = (*index as usize).saturating_sub(1);
                 let (label, quota_end) = labels.get(i).copied().unwrap_or((Limited::Key, None));
                 let retry_after = match quota_end {
-                    Some(end) => ((end - now_ms as i64).max(0) as u64).div_ceil(1000),
+                    Some(end) => (end.saturating_sub(now_ms as i64).max(0) as u64)
+                        .div_ceil(1000)
+                        .min(crate::budget::MAX_RETRY_AFTER),
                     // A bucket outlives the window by up to one bucket
                     // width; a retry is never told to wait past the window.
                     None => ((*wait_ms).max(0) as u64 / 1000 + 1)
@@ -243,22 +306,24 @@ impl Cluster {
         })
     }
 
-    /// Charge a finished request's `tokens` the way it was counted
-    /// (settling its reservation in Redis, in the background: the response
-    /// is already on its way). `request_id` is for logs only.
+    /// Charge a finished request's `tokens` and `cost` (micro-units) the
+    /// way it was counted (settling its reservations in Redis, in the
+    /// background: the response is already on its way). `request_id` is
+    /// for logs only.
     pub fn settle(
         self: &Arc<Self>,
         request_id: &str,
         admission: Admission,
-        tokens: u64,
-        (limiter, quotas): (&RateLimiter, &QuotaTracker),
+        (tokens, cost): (u64, u64),
+        (limiter, quotas, budgets): (&RateLimiter, &QuotaTracker, &BudgetTracker),
         now_ms: u64,
     ) {
         let checks = admission.checks;
         let ticket = match admission.counted {
             Counted::Local => {
                 limiter.charge_all(quotas, &checks, tokens, now_ms);
-                self.owe(&checks, tokens);
+                budgets.settle_all(&checks.budgets, checks.cost_reserve, cost, Some(&self.alerts));
+                self.owe(&checks, tokens, cost);
                 return;
             }
             Counted::Shared(ticket) => ticket,
@@ -267,16 +332,22 @@ impl Cluster {
         for q in &checks.quotas {
             quotas.add(&q.scope, q.period.0, tokens);
         }
-        if !checks.counts_tokens() && (checks.quotas.is_empty() || tokens == 0) {
+        budgets.settle_all(&checks.budgets, 0, cost, None);
+        if !checks.counts_tokens() && checks.budgets.is_empty() && (checks.quotas.is_empty() || tokens == 0) {
             return;
         }
         if self.queued.fetch_add(1, Ordering::Relaxed) >= MAX_QUEUED {
             self.queued.fetch_sub(1, Ordering::Relaxed);
-            tracing::debug!(request_id, "Settlement queue full; quota tokens owed.");
-            self.owe(&checks, tokens);
+            tracing::debug!(request_id, "Settlement queue full; quota tokens and costs owed.");
+            self.owe(&checks, tokens, cost);
             return;
         }
-        let _ = self.settlements.0.send(Settlement { checks, tokens, ticket });
+        let _ = self.settlements.0.send(Settlement {
+            checks,
+            tokens,
+            cost,
+            ticket,
+        });
     }
 
     /// Whether settlements, or quota tokens owed from an outage, have yet
@@ -379,7 +450,12 @@ impl Cluster {
             self.config.rate_window.0.as_millis().to_string(),
             requests.to_string(),
         ];
+        // Each budget counter's change, in the order Redis answers its value.
+        let mut budget_changes: Vec<(String, i128)> = Vec::new();
         for (kind, key, at, tokens, reserved) in settled {
+            if kind == "b" {
+                budget_changes.push((key.clone(), i128::from(tokens) - i128::from(reserved)));
+            }
             keys.push(key);
             args.extend([
                 "1".to_string(),
@@ -400,29 +476,62 @@ impl Cluster {
             ]);
         }
         let mut cmd = redis::cmd("FCALL");
-        cmd.arg("fastgate_settle_v2").arg(keys.len()).arg(&keys).arg(&args);
-        let applied = self.call::<i64>(&cmd).await?;
+        cmd.arg("fastgate_settle_v3").arg(keys.len()).arg(&keys).arg(&args);
+        let answer = self.call::<Vec<i64>>(&cmd).await?;
+        let applied = answer.first() == Some(&1);
         if !batch.owed.is_empty() {
             tracing::info!(
                 counters = batch.owed.len(),
-                replayed = applied == 0,
-                "Quota tokens used while Redis was down added to the shared counters."
+                replayed = !applied,
+                "Quota tokens and costs used while Redis was down added to the shared counters."
             );
+        }
+        if applied {
+            self.alert_crossings(batch, &budget_changes, &answer[1..]);
         }
         Ok(())
     }
 
-    /// Remember quota tokens Redis has not seen.
-    fn owe(&self, checks: &RateChecks, tokens: u64) {
-        if tokens == 0 || checks.quotas.is_empty() {
-            return;
+    /// Budget thresholds a settled batch crossed, told once across the
+    /// cluster: by the node whose batch moved the shared counter across.
+    /// The counter holds the spend plus the reservations in flight.
+    fn alert_crossings(&self, batch: &Batch, changes: &[(String, i128)], values: &[i64]) {
+        for ((key, change), &after) in changes.iter().zip(values) {
+            if *change <= 0 {
+                continue;
+            }
+            let check = batch
+                .settlements
+                .iter()
+                .flat_map(|s| &s.checks.budgets)
+                .find(|b| budget_key(&b.scope, b.period.0) == *key);
+            if let Some(check) = check {
+                let after = after.max(0) as u64;
+                let before = after.saturating_sub((*change).min(i128::from(u64::MAX)) as u64);
+                self.alerts.check(check, before, after);
+            }
         }
+    }
+
+    /// Remember quota tokens and costs Redis has not seen.
+    fn owe(&self, checks: &RateChecks, tokens: u64, cost: u64) {
+        let now = crate::clock::now_ms();
         let mut owed = self.owed.lock();
-        for q in &checks.quotas {
-            let e = owed
-                .entry(quota_key(&q.scope, q.period.0))
-                .or_insert((0, q.period.1 + QUOTA_COUNTER_SLACK_MS));
-            e.0 += tokens;
+        if tokens > 0 {
+            for q in &checks.quotas {
+                let e = owed
+                    .entry(quota_key(&q.scope, q.period.0))
+                    .or_insert((0, q.period.1 + QUOTA_COUNTER_SLACK_MS));
+                e.0 += tokens;
+            }
+        }
+        if cost > 0 {
+            for b in &checks.budgets {
+                let e = owed
+                    .entry(budget_key(&b.scope, b.period.0))
+                    .or_insert((0, budget_expiry(b.period, now)));
+                e.0 += cost;
+            }
         }
     }
 
@@ -441,6 +550,7 @@ impl Cluster {
 #[cfg(test)]
 mod tests {
     use super::{Settlement, aggregate, reserve_for};
+    use crate::budget::{BudgetCheck, BudgetOf, BudgetPeriod};
     use crate::ratelimit::Ticket;
     use crate::ratelimit::{Limited, Limits, QuotaCheck, RateChecks, WindowCheck};
 
@@ -462,8 +572,18 @@ mod tests {
                     period: (0, period_end),
                     label: Limited::Key,
                 }],
+                budgets: vec![BudgetCheck {
+                    scope: "k1".into(),
+                    of: BudgetOf::Key,
+                    kind: BudgetPeriod::Day,
+                    limit: 1_000,
+                    period: (0, 86_400_000),
+                }],
+                // Cut to the budget's 1,000 in each settlement.
+                cost_reserve: 4_000,
             },
             tokens,
+            cost: tokens * 3,
             ticket: Ticket { bucket, reserve },
         };
         // Three requests in bucket 7 (one reserved more than tpm: cut to
@@ -483,6 +603,14 @@ mod tests {
         assert_eq!(q.len(), 1, "{adj:?}");
         assert_eq!((q[0].3, q[0].4), (36, 0));
         assert_eq!(q[0].2, 9 + super::QUOTA_COUNTER_SLACK_MS, "the latest expiry");
+        let b: Vec<_> = adj.iter().filter(|a| a.0 == "b").collect();
+        assert_eq!(b.len(), 1, "one budget counter: {adj:?}");
+        assert_eq!(
+            (b[0].3, b[0].4),
+            (36 * 3, 4 * 1_000),
+            "costs summed, reservations cut to the budget"
+        );
+        assert_eq!(b[0].2, 86_400_000 + super::QUOTA_COUNTER_SLACK_MS);
     }
 
     #[test]

@@ -123,10 +123,16 @@ pub struct Cluster {
     up_gauge: prometheus::IntGauge,
     nodes_gauge: prometheus::IntGauge,
     local_decisions: prometheus::IntCounter,
+    /// Where budget thresholds the shared counters cross are told.
+    alerts: Arc<crate::budget::Alerts>,
 }
 
 impl Cluster {
-    pub fn new(config: &ClusterConfig, metrics: &crate::metrics::Metrics) -> Result<Arc<Cluster>, ClusterError> {
+    pub fn new(
+        config: &ClusterConfig,
+        metrics: &crate::metrics::Metrics,
+        alerts: Arc<crate::budget::Alerts>,
+    ) -> Result<Arc<Cluster>, ClusterError> {
         let client = match &config.ca_file {
             Some(ca) if config.redis.starts_with("rediss:") => {
                 let root_cert = std::fs::read(ca).map_err(|e| ClusterError::Ca(format!("{}: {e}", ca.display())))?;
@@ -149,6 +155,7 @@ impl Cluster {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
         Ok(Arc::new(Cluster {
+            alerts,
             settlements: (tx, Mutex::new(Some(rx))),
             node_id,
             boot: format!("{boot:x}"),
@@ -318,7 +325,7 @@ impl Cluster {
 
 fn heartbeat_cmd(node: &str) -> redis::Cmd {
     let mut cmd = redis::cmd("FCALL");
-    cmd.arg("fastgate_heartbeat_v2")
+    cmd.arg("fastgate_heartbeat_v3")
         .arg(1)
         .arg(NODES_KEY)
         .arg(node)

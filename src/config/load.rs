@@ -105,6 +105,7 @@ pub fn parse_config(path: &Path, raw: &str) -> Result<Config, ConfigErrors> {
     if let Err(bad) = crate::pricing::PriceTable::build(&file.pricing) {
         errors.extend(bad.into_iter().map(|e| diag(at("pricing:"), e.to_string())));
     }
+    errors.extend(file.budgets.check().into_iter().map(|e| diag(at("budgets:"), e)));
     for (name, up) in &file.upstreams {
         let line = at(&format!("{name}:"));
         if up.provider == Provider::Mock {

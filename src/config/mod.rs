@@ -79,6 +79,8 @@ pub struct FileConfig {
     pub cluster: ClusterConfig,
     /// Prices per model: the cost of each request and money budgets.
     pub pricing: crate::pricing::PricingConfig,
+    /// Budget alerts and reservations.
+    pub budgets: crate::budget::BudgetsConfig,
 }
 
 impl Default for FileConfig {
@@ -95,6 +97,7 @@ impl Default for FileConfig {
             key_pools: BTreeMap::new(),
             cluster: ClusterConfig::default(),
             pricing: crate::pricing::PricingConfig::default(),
+            budgets: crate::budget::BudgetsConfig::default(),
         }
     }
 }

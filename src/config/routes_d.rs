@@ -95,6 +95,9 @@ pub struct RouteConfig {
     /// Per gateway key, on this route.
     #[serde(default)]
     pub rate_limit: Option<RateLimitConfig>,
+    /// Money per period spent through this route, all clients together.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<crate::budget::Budget>,
     /// Clients that ask to stream get a stream made from the upstream's
     /// whole answer: the upstream is asked without streaming, the client
     /// gets its stream header and keepalives at once (short first-byte

@@ -57,11 +57,35 @@ pub fn finish(session: &Session, ctx: &mut RequestCtx, e: Option<&pingora::Error
     if let Some(lease) = &ctx.upstream.lease {
         lease.key().add_tokens(tokens);
     }
+    // Priced by the table this node serves now; only a request with usage
+    // has a cost (or is unpriced).
+    let runtime = state.runtime.load();
+    // The answer's model first: what the provider billed (a route's
+    // `model_map` may have renamed the client's).
+    let billed = ctx.response.meter.response_model().or(model.as_deref());
+    let price = match (&upstream_arc, billed) {
+        (Some(u), Some(m)) if tokens > 0 => runtime.prices.price(&u.name, u.provider.name(), m, ctx.started_ms),
+        _ => None,
+    };
+    let cost = price.map(|p| p.cost(&crate::usage::priced(&usage)));
     if let Some(admission) = ctx.admission.take() {
         let now = crate::clock::now_ms() as u64;
+        let micros = cost.map_or(0, crate::budget::to_micros);
         match &state.cluster {
-            Some(cluster) => cluster.settle(&ctx.request_id, admission, tokens, (&state.limiter, &state.quotas), now),
-            None => state.limiter.charge_all(&state.quotas, &admission.checks, tokens, now),
+            Some(cluster) => cluster.settle(
+                &ctx.request_id,
+                admission,
+                (tokens, micros),
+                (&state.limiter, &state.quotas, &state.budgets),
+                now,
+            ),
+            None => {
+                let checks = &admission.checks;
+                state.limiter.charge_all(&state.quotas, checks, tokens, now);
+                state
+                    .budgets
+                    .settle_all(&checks.budgets, checks.cost_reserve, micros, Some(&state.alerts));
+            }
         }
     }
     let m = &state.metrics;
@@ -89,17 +113,6 @@ pub fn finish(session: &Session, ctx: &mut RequestCtx, e: Option<&pingora::Error
     }
     let table = state.routes.load();
     let model_label = table.model_label(model.as_deref());
-    // Priced by the table this node serves now; only a request with usage
-    // has a cost (or is unpriced).
-    let runtime = state.runtime.load();
-    // The answer's model first: what the provider billed (a route's
-    // `model_map` may have renamed the client's).
-    let billed = ctx.response.meter.response_model().or(model.as_deref());
-    let price = match (&upstream_arc, billed) {
-        (Some(u), Some(m)) if tokens > 0 => runtime.prices.price(&u.name, u.provider.name(), m, ctx.started_ms),
-        _ => None,
-    };
-    let cost = price.map(|p| p.cost(&crate::usage::priced(&usage)));
     match cost {
         Some(c) if c > 0.0 => m.cost.with_label_values(&[route, upstream, model_label]).inc_by(c),
         None if tokens > 0 => m.unpriced.with_label_values(&[route, upstream]).inc(),

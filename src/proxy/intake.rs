@@ -8,7 +8,7 @@ use crate::{
     auth::{self, AuthError},
     cluster::limits::Denied,
     config::routes_d::{AuthMode, Format},
-    ratelimit::{Admission, Counted, Limited, QuotaCheck, RateChecks, WindowCheck},
+    ratelimit::{Admission, BudgetCheck, BudgetOf, Counted, Limited, QuotaCheck, RateChecks, WindowCheck},
     router::Route,
     state::AppState,
 };
@@ -252,10 +252,13 @@ pub async fn admit(state: &Arc<AppState>, session: &mut Session, ctx: &mut Reque
         }
         ctx.key = Some(key);
     }
-    let checks = rate_checks(ctx.key.as_deref(), &route, ctx.client.ip);
-    // A shared token reservation is sized from the body.
-    if state.cluster.is_some() && checks.counts_tokens() && body.is_none() {
+    let mut checks = rate_checks(ctx.key.as_deref(), &route, ctx.client.ip);
+    // A shared token reservation is sized from the body, and so is a budget's.
+    if (state.cluster.is_some() && checks.counts_tokens() || !checks.budgets.is_empty()) && body.is_none() {
         body = Some(read_body(session, limit, body_idle).await?);
+    }
+    if !checks.budgets.is_empty() {
+        checks.cost_reserve = cost_reserve(state, &route, &path, model.as_deref(), body.as_deref());
     }
     if !checks.is_empty() {
         admit_rate(state, ctx, &route, checks, body.as_deref()).await?;
@@ -302,6 +305,29 @@ pub async fn admit(state: &Arc<AppState>, session: &mut Session, ctx: &mut Reque
     Ok(())
 }
 
+/// What a request may cost, in micro-units, as its budgets reserve it:
+/// its prompt estimate at the input rate plus the output it allows (or
+/// `budgets.default_output_tokens`) at the output rate, priced for the
+/// route's first upstream. A model no rule prices reserves nothing (it
+/// costs nothing).
+fn cost_reserve(state: &AppState, route: &Route, path: &str, model: Option<&str>, body: Option<&[u8]>) -> u64 {
+    let asked = crate::cluster::limits::asked(body);
+    let model = model
+        .or(asked.model.as_deref())
+        .or_else(|| model_from_gemini_path(path));
+    let runtime = state.runtime.load();
+    let (Some(model), Some(upstream)) = (model, route.upstreams.first().and_then(|u| runtime.upstreams.get(u))) else {
+        return 0;
+    };
+    // A `model_map` renames the model before the upstream sees it.
+    let model = route.model_map.get(model).map_or(model, String::as_str);
+    let output = asked.output.unwrap_or(state.config.file.budgets.default_output_tokens);
+    runtime
+        .prices
+        .price(&upstream.name, upstream.provider.name(), model, crate::clock::now_ms())
+        .map_or(0, |p| crate::budget::to_micros(p.estimate(asked.prompt, output)))
+}
+
 /// The limits a request counts against: with a gateway key, its quotas,
 /// its own limits and the route's per-key limits; without one, the route's
 /// limits per client address.
@@ -312,6 +338,14 @@ fn rate_checks(
 ) -> RateChecks {
     let mut checks = RateChecks::default();
     let now_ms = crate::clock::now_ms();
+    if let Some(b) = &route.budget {
+        checks.budgets.push(BudgetCheck::new(
+            format!("route:{}", route.name),
+            BudgetOf::Route,
+            b,
+            now_ms,
+        ));
+    }
     let Some(key) = key else {
         if let Some(ip) = client_ip.filter(|_| !route.rate_limit.is_none()) {
             checks.windows.push(WindowCheck {
@@ -337,6 +371,16 @@ fn rate_checks(
             period: q.period.bounds(now_ms),
             label: Limited::OwnerQuota(q.period),
         });
+    }
+    if let Some(b) = &key.budget {
+        checks
+            .budgets
+            .push(BudgetCheck::new(key.id.clone(), BudgetOf::Key, b, now_ms));
+    }
+    if let Some((scope, b)) = &key.user_budget {
+        checks
+            .budgets
+            .push(BudgetCheck::new(scope.clone(), BudgetOf::Owner, b, now_ms));
     }
     let own = crate::ratelimit::Limits {
         rpm: key.rpm,
@@ -373,12 +417,19 @@ async fn admit_rate(
         Some(cluster) => {
             let reserve = crate::cluster::limits::reserve_for(body, cluster.config.default_reserve);
             cluster
-                .admit(&ctx.request_id, &checks, reserve, &state.limiter, &state.quotas, now)
+                .admit(
+                    &ctx.request_id,
+                    &checks,
+                    reserve,
+                    &state.limiter,
+                    (&state.quotas, &state.budgets),
+                    now,
+                )
                 .await
         }
         None => state
             .limiter
-            .admit_all(&state.quotas, &checks, 1, now)
+            .admit_all((&state.quotas, &state.budgets), &checks, 1, now)
             .map(|()| Counted::Local)
             .map_err(Denied::Limit),
     };

@@ -65,6 +65,8 @@ pub struct Route {
     pub idempotent: bool,
     /// Per gateway key on this route.
     pub rate_limit: crate::ratelimit::Limits,
+    /// Money per period through this route (`budget`).
+    pub budget: Option<crate::budget::Budget>,
     /// `fake_stream`: the keepalive interval of streams made from whole
     /// answers (`None`: streams pass as the upstream sends them).
     pub fake_stream: Option<Duration>,
@@ -296,6 +298,9 @@ impl Route {
                 rc.retries
             ));
         }
+        if let Some(Err(e)) = rc.budget.map(|b| b.check()) {
+            errs.push(e);
+        }
         let fake_stream = fake_stream_interval(rc, format, &mut errs);
         if !errs.is_empty() {
             return Err(errs);
@@ -350,6 +355,7 @@ impl Route {
                 rpm: rc.rate_limit.and_then(|r| r.rpm),
                 tpm: rc.rate_limit.and_then(|r| r.tpm),
             },
+            budget: rc.budget,
             fake_stream,
             buffers_body,
             openai_usage,

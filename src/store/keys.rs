@@ -32,6 +32,8 @@ pub struct GatewayKey {
     /// Tokens allowed per `quota_period`; `None` = unlimited.
     pub token_quota: Option<u64>,
     pub quota_period: QuotaPeriod,
+    /// Money per period (`budget`); `None` = unlimited.
+    pub budget: Option<crate::budget::Budget>,
     /// The user who owns the key, by id; `None` for keys only an admin manages.
     pub owner_id: Option<String>,
     /// Fields an admin set on this key; its owner may not change them.
@@ -39,6 +41,10 @@ pub struct GatewayKey {
     /// The owner's token quota, shared by all their keys (data plane only).
     #[serde(skip)]
     pub user_quota: Option<UserQuota>,
+    /// The owner's budget, shared by all their keys (data plane only):
+    /// its scope and amount.
+    #[serde(skip)]
+    pub user_budget: Option<(String, crate::budget::Budget)>,
     /// `allowed_models` compiled once when the data plane loads the key.
     #[serde(skip)]
     pub model_matcher: ModelMatcher,
@@ -88,7 +94,7 @@ pub struct UserQuota {
 
 /// The fields of a key that limit what it can do (what ceilings and admin
 /// locks are about).
-pub const LIMIT_FIELDS: [&str; 7] = [
+pub const LIMIT_FIELDS: [&str; 8] = [
     "permissions",
     "allowed_routes",
     "allowed_models",
@@ -96,6 +102,7 @@ pub const LIMIT_FIELDS: [&str; 7] = [
     "tpm",
     "token_quota",
     "quota_period",
+    "budget",
 ];
 
 /// The calendar period (UTC) a token quota covers.
@@ -166,6 +173,7 @@ pub struct NewKey {
     pub tpm: Option<u64>,
     pub token_quota: Option<u64>,
     pub quota_period: QuotaPeriod,
+    pub budget: Option<crate::budget::Budget>,
     pub owner_id: Option<String>,
     pub admin_locked: Vec<String>,
 }
@@ -199,7 +207,7 @@ macro_rules! limits_mut {
 limits_mut!(GatewayKey, NewKey);
 
 /// The [`LIMIT_FIELDS`] whose flag is set, in order.
-fn fields_where(set: [bool; 7]) -> Vec<&'static str> {
+fn fields_where(set: [bool; 8]) -> Vec<&'static str> {
     LIMIT_FIELDS
         .iter()
         .zip(set)
@@ -220,6 +228,7 @@ impl NewKey {
             self.tpm.is_some(),
             self.token_quota.is_some(),
             self.token_quota.is_some(), // the period goes with the quota
+            self.budget.is_some(),
         ])
         .into_iter()
         .map(str::to_string)
@@ -296,6 +305,9 @@ fn validate_new(new: &NewKey) -> Result<(), StoreError> {
     if !new.owner.is_empty() {
         super::fields::name("owner", &new.owner, super::fields::MAX_OWNER)?;
     }
+    if let Some(b) = &new.budget {
+        b.check().map_err(StoreError::Invalid)?;
+    }
     super::fields::limit_lists(&new.permissions, &new.allowed_routes, &new.allowed_models)
 }
 
@@ -348,16 +360,18 @@ pub fn create(conn: &Connection, new: &NewKey) -> Result<(GatewayKey, String), S
         tpm: new.tpm,
         token_quota: new.token_quota,
         quota_period: new.quota_period,
+        budget: new.budget,
         owner_id,
         admin_locked: new.admin_locked.clone(),
         user_quota: None,
+        user_budget: None,
         model_matcher: ModelMatcher::default(),
     };
     conn.execute(
         "INSERT INTO gateway_keys (id, name, owner, secret_sha256, masked, permissions,
             allowed_routes, allowed_models, expires_at, enabled, created_at, rpm, tpm, token_quota,
-            quota_period, owner_id, admin_locked)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 1, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+            quota_period, owner_id, admin_locked, budget)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 1, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
         params![
             key.id,
             key.name,
@@ -375,6 +389,7 @@ pub fn create(conn: &Connection, new: &NewKey) -> Result<(GatewayKey, String), S
             key.quota_period.as_str(),
             key.owner_id,
             json_list(&key.admin_locked),
+            budget_json(key.budget.as_ref()),
         ],
     )?;
     Ok((key, secret))
@@ -389,9 +404,21 @@ fn parse_list(s: String) -> Vec<String> {
     serde_json::from_str(&s).unwrap_or_default()
 }
 
+/// A budget as stored: JSON `{"amount", "period"}`, or NULL.
+fn budget_json(b: Option<&crate::budget::Budget>) -> Option<String> {
+    b.and_then(|b| serde_json::to_string(b).ok())
+}
+
+/// A stored budget; one that does not read (a hand edit) is none, and so
+/// is one out of bounds.
+fn parse_budget(s: Option<String>) -> Option<crate::budget::Budget> {
+    s.and_then(|t| serde_json::from_str::<crate::budget::Budget>(&t).ok())
+        .filter(|b| b.check().is_ok())
+}
+
 const COLUMNS: &str = "id, name, owner, masked, permissions, allowed_routes, allowed_models,
     expires_at, enabled, created_at, revoked_at, secret_sha256, prev_secret_sha256, prev_valid_until, rpm, tpm, token_quota, quota_period,
-    owner_id, admin_locked";
+    owner_id, admin_locked, budget";
 
 /// A secret hash the key answers to; the previous one only until a time.
 pub struct KeyHashes {
@@ -424,7 +451,9 @@ fn from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<KeyRow> {
             quota_period: QuotaPeriod::parse(row.get(17)?),
             owner_id: row.get(18)?,
             admin_locked: parse_list(row.get(19)?),
+            budget: parse_budget(row.get(20)?),
             user_quota: None,
+            user_budget: None,
             model_matcher: ModelMatcher::default(),
         },
         row.get(11)?,
@@ -499,6 +528,13 @@ pub struct KeyPatch {
     #[serde(default, deserialize_with = "present_u64")]
     pub token_quota: Option<Option<u64>>,
     pub quota_period: Option<QuotaPeriod>,
+    /// `{amount, period}`; `null` removes it.
+    #[serde(default, deserialize_with = "present_budget")]
+    pub budget: Option<Option<crate::budget::Budget>>,
+}
+
+fn present_budget<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<crate::budget::Budget>>, D::Error> {
+    <Option<crate::budget::Budget> as serde::Deserialize>::deserialize(d).map(Some)
 }
 
 fn present_u64<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<u64>>, D::Error> {
@@ -558,6 +594,12 @@ pub fn apply(key: &mut GatewayKey, patch: &KeyPatch) -> Result<(), StoreError> {
     if let Some(v) = patch.quota_period {
         key.quota_period = v;
     }
+    if let Some(b) = patch.budget {
+        if let Some(b) = &b {
+            b.check().map_err(StoreError::Invalid)?;
+        }
+        key.budget = b;
+    }
     Ok(())
 }
 
@@ -571,6 +613,7 @@ pub fn limit_fields(patch: &KeyPatch) -> Vec<&'static str> {
         patch.tpm.is_some(),
         patch.token_quota.is_some(),
         patch.quota_period.is_some(),
+        patch.budget.is_some(),
     ])
 }
 
@@ -580,7 +623,7 @@ pub fn save(conn: &Connection, key: &GatewayKey) -> Result<(), StoreError> {
     conn.execute(
         "UPDATE gateway_keys SET name = ?2, permissions = ?3, allowed_routes = ?4, allowed_models = ?5,
             expires_at = ?6, enabled = ?7, rpm = ?8, tpm = ?9, token_quota = ?10, quota_period = ?11,
-            admin_locked = ?12
+            admin_locked = ?12, budget = ?13
          WHERE id = ?1",
         params![
             id,
@@ -595,6 +638,7 @@ pub fn save(conn: &Connection, key: &GatewayKey) -> Result<(), StoreError> {
             key.token_quota.map(|v| v as i64),
             key.quota_period.as_str(),
             json_list(&key.admin_locked),
+            budget_json(key.budget.as_ref()),
         ],
     )?;
     Ok(())

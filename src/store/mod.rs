@@ -340,6 +340,8 @@ static MIGRATIONS: LazyLock<Migrations<'static>> = LazyLock::new(|| {
             ALTER TABLE audit_log ADD COLUMN price_version TEXT;
             ALTER TABLE audit_rollup ADD COLUMN cost REAL NOT NULL DEFAULT 0;",
         ),
+        // A gateway key's budget in money (`budget`: JSON amount and period).
+        M::up("ALTER TABLE gateway_keys ADD COLUMN budget TEXT;"),
     ])
 });
 

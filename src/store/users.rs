@@ -71,6 +71,9 @@ pub struct Ceilings {
     pub token_quota: Option<u64>,
     #[serde(default)]
     pub quota_period: QuotaPeriod,
+    /// Money per period shared by all of the user's keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<crate::budget::Budget>,
 }
 
 /// A list limit: `[]` on a key means "no restriction", so a key with no list
@@ -135,6 +138,9 @@ impl Ceilings {
 
     /// Check the lists a ceiling holds against the bounds every key has.
     pub fn validate(&self) -> Result<(), StoreError> {
+        if let Some(b) = &self.budget {
+            b.check().map_err(StoreError::Invalid)?;
+        }
         let none = Vec::new();
         super::fields::limit_lists(
             self.permissions.as_ref().unwrap_or(&none),
@@ -180,6 +186,7 @@ impl Ceilings {
             tokens,
             period: self.quota_period,
         });
+        key.user_budget = self.budget.map(|b| (format!("user:{user_id}"), b));
     }
 }
 

@@ -1,0 +1,563 @@
+//! Budgets in money: an amount per period (day, week, month, or in total)
+//! on a gateway key, a user (shared by their keys) or a route, counted in
+//! micro-units of the price table's currency.
+//!
+//! Enforced like `tpm`: admission reserves the request's estimated cost
+//! (its prompt estimate at the input rate plus the output it allows at the
+//! output rate, cut to the budget) and is refused once spent plus reserved
+//! reaches the amount; the settlement swaps the reservation for the real
+//! cost. A budget is therefore exceeded by at most what the requests in
+//! flight when it ran out cost beyond it (docs/spend.md states the bound).
+//! In cluster mode the same counters live in Redis (`cluster::limits`).
+
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+
+/// Micro-units per unit of currency: the counters' integer unit (a cheap
+/// request costs a fraction of a cent; a counter of micro-dollars holds
+/// ten million dollars within Redis Lua's exact range).
+pub const MICROS: f64 = 1_000_000.0;
+
+/// The largest budget amount (10 million): past it, a counter in
+/// micro-units loses exactness in Redis's Lua.
+pub const MAX_AMOUNT: f64 = 10_000_000.0;
+
+/// `budgets:` in `fastgate.yaml`: how budgets tell that they are running out.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BudgetsConfig {
+    /// Fractions of a budget's amount that raise an alert once crossed.
+    pub alert_thresholds: Vec<f64>,
+    /// An HTTP(S) URL each alert is POSTed to as JSON (optional).
+    pub webhook: Option<String>,
+    /// Output tokens a reservation assumes for a request that names no
+    /// `max_tokens` (or its spellings).
+    pub default_output_tokens: u64,
+}
+
+impl Default for BudgetsConfig {
+    fn default() -> Self {
+        BudgetsConfig {
+            alert_thresholds: vec![0.8, 1.0],
+            webhook: None,
+            default_output_tokens: 4096,
+        }
+    }
+}
+
+impl BudgetsConfig {
+    /// Every problem with the section.
+    pub fn check(&self) -> Vec<String> {
+        let mut errors = Vec::new();
+        if self
+            .alert_thresholds
+            .iter()
+            .any(|t| !t.is_finite() || *t <= 0.0 || *t > 10.0)
+        {
+            errors.push("budgets.alert_thresholds: each is a fraction of the amount, above 0 and at most 10".into());
+        }
+        if self.alert_thresholds.len() > 16 {
+            errors.push("budgets.alert_thresholds: at most 16".into());
+        }
+        if let Some(url) = &self.webhook {
+            match url::Url::parse(url) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+                _ => errors.push("budgets.webhook: must be an http:// or https:// URL".into()),
+            }
+        }
+        errors
+    }
+}
+
+/// `budget: {amount, period}` on a key, a user or a route.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Budget {
+    /// In the price table's currency.
+    pub amount: f64,
+    #[serde(default)]
+    pub period: BudgetPeriod,
+}
+
+/// Amounts are checked finite ([`Budget::check`]) before they are kept.
+impl Eq for Budget {}
+
+impl Budget {
+    /// Why `self` cannot be a budget, if it cannot.
+    pub fn check(&self) -> Result<(), String> {
+        if !self.amount.is_finite() || self.amount < 0.0 || self.amount > MAX_AMOUNT {
+            return Err(format!(
+                "budget.amount: {} must be a number from 0 to {MAX_AMOUNT}",
+                self.amount
+            ));
+        }
+        Ok(())
+    }
+
+    /// The amount in micro-units.
+    pub fn limit_micros(&self) -> u64 {
+        to_micros(self.amount)
+    }
+}
+
+/// The calendar period (UTC) a budget covers; `total` never resets.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BudgetPeriod {
+    Day,
+    /// Monday to Monday (ISO weeks).
+    Week,
+    #[default]
+    Month,
+    Total,
+}
+
+impl BudgetPeriod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BudgetPeriod::Day => "day",
+            BudgetPeriod::Week => "week",
+            BudgetPeriod::Month => "month",
+            BudgetPeriod::Total => "total",
+        }
+    }
+
+    /// [start, end) of the period holding `now_ms`, in Unix ms (`total`:
+    /// from 0, without end).
+    pub fn bounds(self, now_ms: i64) -> (i64, i64) {
+        let Ok(now) = time::OffsetDateTime::from_unix_timestamp(now_ms.div_euclid(1000)) else {
+            return (0, i64::MAX);
+        };
+        let day = now.date();
+        let ms = |d: time::Date| d.midnight().assume_utc().unix_timestamp() * 1000;
+        let (start, end) = match self {
+            BudgetPeriod::Total => return (0, i64::MAX),
+            BudgetPeriod::Day => (day, day.next_day()),
+            BudgetPeriod::Week => {
+                let monday = day - time::Duration::days(i64::from(day.weekday().number_days_from_monday()));
+                (monday, monday.checked_add(time::Duration::days(7)))
+            }
+            BudgetPeriod::Month => {
+                let first = day.replace_day(1).unwrap_or(day);
+                let next = if first.month() == time::Month::December {
+                    time::Date::from_calendar_date(first.year() + 1, time::Month::January, 1).ok()
+                } else {
+                    time::Date::from_calendar_date(first.year(), first.month().next(), 1).ok()
+                };
+                (first, next)
+            }
+        };
+        (ms(start), end.map_or(i64::MAX, ms))
+    }
+}
+
+/// `amount` in micro-units, rounded up (a cost is never under-counted);
+/// anything not a positive finite number is 0.
+pub fn to_micros(amount: f64) -> u64 {
+    if amount.is_finite() && amount > 0.0 {
+        (amount * MICROS).ceil().min(u64::MAX as f64) as u64
+    } else {
+        0
+    }
+}
+
+/// Micro-units back to the currency.
+pub fn from_micros(micros: u64) -> f64 {
+    micros as f64 / MICROS
+}
+
+/// Whose budget a [`BudgetCheck`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BudgetOf {
+    Key,
+    Owner,
+    Route,
+}
+
+impl BudgetOf {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BudgetOf::Key => "key",
+            BudgetOf::Owner => "user",
+            BudgetOf::Route => "route",
+        }
+    }
+}
+
+/// One budget a request counts against.
+#[derive(Debug, Clone)]
+pub struct BudgetCheck {
+    /// `key_…`, `user:<id>`, `route:<name>`: ids and config names, never
+    /// client text.
+    pub scope: String,
+    pub of: BudgetOf,
+    pub kind: BudgetPeriod,
+    /// The amount, in micro-units.
+    pub limit: u64,
+    /// Unix ms: [start, end) of the current period.
+    pub period: (i64, i64),
+}
+
+impl BudgetCheck {
+    pub fn new(scope: String, of: BudgetOf, budget: &Budget, now_ms: i64) -> Self {
+        BudgetCheck {
+            scope,
+            of,
+            kind: budget.period,
+            limit: budget.limit_micros(),
+            period: budget.period.bounds(now_ms),
+        }
+    }
+
+    /// The reservation this budget holds for a request: cut to its amount.
+    pub fn reserve(&self, cost_reserve: u64) -> u64 {
+        cost_reserve.min(self.limit)
+    }
+}
+
+/// One scope's period: spent and reserved, in micro-units.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Spend {
+    pub start: i64,
+    pub spent: u64,
+    pub reserved: u64,
+}
+
+/// Budgets counted on this node (no cluster, or Redis down: then each
+/// node takes its share of the amount).
+#[derive(Debug, Default)]
+pub struct BudgetTracker {
+    spend: Mutex<HashMap<String, Spend>>,
+}
+
+impl BudgetTracker {
+    /// Reserve `reserve` against `limit` for `scope` in the period
+    /// `(start, end)` if spent plus reserved is below it; else the seconds
+    /// until the period ends.
+    pub fn admit(
+        &self,
+        scope: &str,
+        limit: u64,
+        (start, end): (i64, i64),
+        reserve: u64,
+        now_ms: i64,
+    ) -> Result<(), u64> {
+        let mut map = self.spend.lock();
+        let s = map.entry(scope.to_string()).or_default();
+        if s.start != start {
+            *s = Spend {
+                start,
+                ..Spend::default()
+            };
+        }
+        if s.spent.saturating_add(s.reserved) >= limit {
+            return Err(retry_after(end, now_ms));
+        }
+        s.reserved = s.reserved.saturating_add(reserve.min(limit));
+        Ok(())
+    }
+
+    /// Reserve against every budget of a request, or none: each in its
+    /// share of the amount (`nodes` sharing it without a common counter);
+    /// the first that has run out refuses, with its index and the seconds
+    /// until its period ends.
+    pub fn admit_all(&self, checks: &[BudgetCheck], reserve: u64, nodes: u64, now_ms: i64) -> Result<(), (usize, u64)> {
+        if checks.is_empty() {
+            return Ok(());
+        }
+        let mut map = self.spend.lock();
+        for (i, c) in checks.iter().enumerate() {
+            let limit = c.limit.div_ceil(nodes.max(1));
+            let s = map
+                .get(&c.scope)
+                .filter(|s| s.start == c.period.0)
+                .copied()
+                .unwrap_or_default();
+            if s.spent.saturating_add(s.reserved) >= limit {
+                return Err((i, retry_after(c.period.1, now_ms)));
+            }
+        }
+        for c in checks {
+            let s = map.entry(c.scope.clone()).or_default();
+            if s.start != c.period.0 {
+                *s = Spend {
+                    start: c.period.0,
+                    ..Spend::default()
+                };
+            }
+            s.reserved = s.reserved.saturating_add(c.reserve(reserve));
+        }
+        Ok(())
+    }
+
+    /// Swap a request's reservation for its cost; returns the spend before
+    /// and after (for threshold alerts). A period that ended meanwhile is
+    /// charged nothing new (the request began in it, its reservation went
+    /// with it).
+    pub fn settle(&self, scope: &str, start: i64, reserved: u64, cost: u64) -> Option<(u64, u64)> {
+        let mut map = self.spend.lock();
+        let s = map.entry(scope.to_string()).or_insert(Spend {
+            start,
+            ..Spend::default()
+        });
+        if s.start != start {
+            return None;
+        }
+        s.reserved = s.reserved.saturating_sub(reserved);
+        let before = s.spent;
+        s.spent = s.spent.saturating_add(cost);
+        Some((before, s.spent))
+    }
+
+    /// Settle a request against each of its budgets (`reserve` is what
+    /// admission reserved on this tracker: 0 when it was counted in Redis),
+    /// telling `alerts` of thresholds crossed.
+    pub fn settle_all(&self, checks: &[BudgetCheck], reserve: u64, cost: u64, alerts: Option<&Alerts>) {
+        for c in checks {
+            if let Some((before, after)) = self.settle(&c.scope, c.period.0, c.reserve(reserve), cost)
+                && let Some(alerts) = alerts
+            {
+                alerts.check(c, before, after);
+            }
+        }
+    }
+
+    /// What `scope` has spent and reserved in the period starting at `start`.
+    pub fn spend(&self, scope: &str, start: i64) -> Spend {
+        self.spend
+            .lock()
+            .get(scope)
+            .filter(|s| s.start == start)
+            .copied()
+            .unwrap_or(Spend {
+                start,
+                ..Spend::default()
+            })
+    }
+
+    pub fn is_seeded(&self, scope: &str, start: i64) -> bool {
+        self.spend.lock().get(scope).is_some_and(|s| s.start == start)
+    }
+
+    /// Set the spend from the audit log (keeps whatever is larger).
+    pub fn seed(&self, scope: &str, start: i64, spent: u64) {
+        let mut map = self.spend.lock();
+        let s = map.entry(scope.to_string()).or_insert(Spend {
+            start,
+            ..Spend::default()
+        });
+        if s.start != start {
+            *s = Spend {
+                start,
+                spent,
+                reserved: 0,
+            };
+        } else {
+            s.spent = s.spent.max(spent);
+        }
+    }
+
+    /// Forget periods that began before `oldest_start` (a `total` budget,
+    /// which begins at 0, is kept); returns how many.
+    pub fn sweep(&self, oldest_start: i64) -> usize {
+        let mut map = self.spend.lock();
+        let before = map.len();
+        map.retain(|_, s| s.start == 0 || s.start >= oldest_start || s.reserved > 0);
+        before - map.len()
+    }
+}
+
+/// A budget crossed one of its alert thresholds.
+#[derive(Debug, Clone, Serialize)]
+pub struct AlertEvent {
+    /// `key`, `user` or `route`.
+    pub of: &'static str,
+    pub scope: String,
+    /// The fraction of the amount crossed (0.8 = 80 %).
+    pub threshold: f64,
+    pub amount: f64,
+    pub spent: f64,
+    pub period: &'static str,
+    /// Unix ms at which the period ends (`null` for a `total` budget).
+    pub resets_at: Option<i64>,
+}
+
+/// Where threshold crossings go: a `warn` log line, the
+/// `fastgate_budget_alerts_total{of,threshold}` counter, and the optional
+/// webhook's queue (bounded: a slow or dead receiver costs a dropped alert,
+/// counted, never a request's time).
+pub struct Alerts {
+    thresholds: Vec<f64>,
+    counter: prometheus::IntCounterVec,
+    webhook: Option<tokio::sync::mpsc::Sender<AlertEvent>>,
+    dropped: prometheus::IntCounter,
+}
+
+impl Alerts {
+    pub fn new(
+        thresholds: Vec<f64>,
+        counter: prometheus::IntCounterVec,
+        dropped: prometheus::IntCounter,
+        webhook: Option<tokio::sync::mpsc::Sender<AlertEvent>>,
+    ) -> Self {
+        Alerts {
+            thresholds,
+            counter,
+            webhook,
+            dropped,
+        }
+    }
+
+    /// Report the thresholds `check`'s spend crossed going from `before`
+    /// to `after` micro-units.
+    pub fn check(&self, check: &BudgetCheck, before: u64, after: u64) {
+        for threshold in crossed(&self.thresholds, check.limit, before, after) {
+            let percent = format!("{}", (threshold * 100.0).round());
+            self.counter.with_label_values(&[check.of.as_str(), &percent]).inc();
+            let event = AlertEvent {
+                of: check.of.as_str(),
+                scope: check.scope.clone(),
+                threshold,
+                amount: from_micros(check.limit),
+                spent: from_micros(after),
+                period: check.kind.as_str(),
+                resets_at: (check.period.1 != i64::MAX).then_some(check.period.1),
+            };
+            tracing::warn!(
+                budget = %event.scope,
+                of = event.of,
+                threshold_percent = %percent,
+                amount = event.amount,
+                spent = event.spent,
+                period = event.period,
+                "Budget threshold reached."
+            );
+            if let Some(tx) = &self.webhook
+                && tx.try_send(event).is_err()
+            {
+                self.dropped.inc();
+            }
+        }
+    }
+}
+
+/// The longest `Retry-After` a budget tells: a `total` budget never resets,
+/// and no client should be told to wait for centuries.
+pub const MAX_RETRY_AFTER: u64 = 31 * 86_400;
+
+fn retry_after(end: i64, now_ms: i64) -> u64 {
+    ((end.saturating_sub(now_ms) / 1000).max(1) as u64).min(MAX_RETRY_AFTER)
+}
+
+/// The thresholds (fractions of the amount) a spend crossed going from
+/// `before` to `after` micro-units of `limit`.
+pub fn crossed(thresholds: &[f64], limit: u64, before: u64, after: u64) -> impl Iterator<Item = f64> + '_ {
+    thresholds.iter().copied().filter(move |t| {
+        let mark = (limit as f64 * t).ceil() as u64;
+        before < mark && after >= mark
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn periods_are_calendar_periods_in_utc() {
+        // Wednesday 2026-12-02 13:00 UTC
+        let now = 1_796_216_400_000;
+        let day = |d: &str| {
+            let f = time::macros::format_description!("[year]-[month]-[day]");
+            time::Date::parse(d, &f)
+                .unwrap()
+                .midnight()
+                .assume_utc()
+                .unix_timestamp()
+                * 1000
+        };
+        assert_eq!(BudgetPeriod::Day.bounds(now), (day("2026-12-02"), day("2026-12-03")));
+        assert_eq!(BudgetPeriod::Week.bounds(now), (day("2026-11-30"), day("2026-12-07")));
+        assert_eq!(BudgetPeriod::Month.bounds(now), (day("2026-12-01"), day("2027-01-01")));
+        assert_eq!(BudgetPeriod::Total.bounds(now), (0, i64::MAX));
+    }
+
+    #[test]
+    fn reservations_hold_the_budget_until_settled() {
+        let t = BudgetTracker::default();
+        let p = (1000, 61_000);
+        // 1.00 budget: three requests reserving 0.40 each, the third gets in
+        // (0.80 < 1.00) and the fourth does not.
+        for _ in 0..3 {
+            assert!(t.admit("k", 1_000_000, p, 400_000, 2000).is_ok());
+        }
+        assert_eq!(t.admit("k", 1_000_000, p, 400_000, 2000), Err(59));
+        // They cost 0.10 each: the reservations go, the spend stays.
+        for _ in 0..3 {
+            t.settle("k", p.0, 400_000, 100_000);
+        }
+        assert_eq!(
+            t.spend("k", p.0),
+            Spend {
+                start: 1000,
+                spent: 300_000,
+                reserved: 0
+            }
+        );
+        assert!(t.admit("k", 1_000_000, p, 400_000, 2000).is_ok());
+        // A reservation larger than the budget is cut to it.
+        t.settle("k", p.0, 400_000, 0);
+        assert!(t.admit("k", 1_000_000, p, u64::MAX, 2000).is_ok());
+        assert_eq!(t.spend("k", p.0).reserved, 1_000_000);
+        // A new period starts from nothing.
+        assert!(t.admit("k", 1_000_000, (61_000, 121_000), 1, 62_000).is_ok());
+        assert_eq!(
+            t.settle("k", p.0, 1_000_000, 5),
+            None,
+            "the old period's settlement is dropped"
+        );
+    }
+
+    #[test]
+    fn amounts_and_micros() {
+        assert_eq!(to_micros(0.000_000_1), 1, "a cost is rounded up");
+        assert_eq!(to_micros(f64::NAN), 0);
+        assert_eq!(to_micros(-1.0), 0);
+        assert_eq!(to_micros(1e30), u64::MAX);
+        assert!(
+            Budget {
+                amount: -1.0,
+                period: BudgetPeriod::Day
+            }
+            .check()
+            .is_err()
+        );
+        assert!(
+            Budget {
+                amount: f64::INFINITY,
+                period: BudgetPeriod::Day
+            }
+            .check()
+            .is_err()
+        );
+        assert!(
+            Budget {
+                amount: 1e20,
+                period: BudgetPeriod::Day
+            }
+            .check()
+            .is_err()
+        );
+        assert!(
+            Budget {
+                amount: 25.0,
+                period: BudgetPeriod::Week
+            }
+            .check()
+            .is_ok()
+        );
+        let crossed: Vec<f64> = crossed(&[0.8, 1.0], 1_000_000, 790_000, 1_000_000).collect();
+        assert_eq!(crossed, vec![0.8, 1.0]);
+        assert_eq!(super::crossed(&[0.8, 1.0], 1_000_000, 800_000, 900_000).count(), 0);
+    }
+}
