@@ -13,6 +13,7 @@ pub mod endpoint;
 pub mod env;
 mod key_pools;
 mod load;
+mod otel;
 pub mod routes_d;
 mod server;
 pub mod strength;
@@ -28,7 +29,7 @@ use std::{
     time::Duration,
 };
 
-pub use self::{audit::*, cluster::*, key_pools::*, load::*, server::*, upstreams::*};
+pub use self::{audit::*, cluster::*, key_pools::*, load::*, otel::*, server::*, upstreams::*};
 pub use routes_d::RouteConfig;
 pub use values::{HumanDuration, HumanSize, OneOrMany};
 
@@ -77,6 +78,8 @@ pub struct FileConfig {
     pub upstreams: BTreeMap<String, UpstreamConfig>,
     pub key_pools: BTreeMap<String, KeyPoolConfig>,
     pub cluster: ClusterConfig,
+    /// OpenTelemetry trace export; absent = off (docs/tracing.md).
+    pub otel: Option<OtelConfig>,
 }
 
 impl Default for FileConfig {
@@ -92,6 +95,7 @@ impl Default for FileConfig {
             upstreams: BTreeMap::new(),
             key_pools: BTreeMap::new(),
             cluster: ClusterConfig::default(),
+            otel: None,
         }
     }
 }
