@@ -414,6 +414,50 @@ async fn pingoras_path_traces_its_attempt_and_a_refused_connection() {
 }
 
 #[tokio::test]
+async fn tracing_is_turned_on_and_off_by_a_reload() {
+    let mock = MockUpstream::start().await;
+    let (endpoint, rx) = grpc_receiver().await;
+    let (gw, key) = gateway(&mock, "").await;
+    let (_, before, _) = send(&gw, &key, "/v1/chat/completions", chat(false), &[]).await;
+    assert!(mock.last().header("traceparent").is_none(), "untraced: nothing added");
+    let path = gw.config_path();
+    let plain = std::fs::read_to_string(&path).unwrap();
+    common::write(&path, &format!("{plain}{}", otel_config(&endpoint, "grpc", "")));
+    gw.signal("HUP");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let id = loop {
+        let (_, id, _) = send(&gw, &key, "/v1/chat/completions", chat(false), &[]).await;
+        if mock.last().header("traceparent").is_some() {
+            break id;
+        }
+        assert!(Instant::now() < deadline, "the reload never turned tracing on");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    rx.request(&id, 1).await;
+    assert!(
+        rx.spans()
+            .iter()
+            .all(|s| attr(s, "fastgate.request_id").as_deref() != Some(before.as_str()))
+    );
+    common::write(&path, &plain);
+    gw.signal("HUP");
+    common::eventually_text(
+        || {
+            reqwest::Client::new()
+                .post(gw.url("/v1/chat/completions"))
+                .bearer_auth(&key)
+                .json(&chat(false))
+        },
+        |_| mock.last().header("traceparent").is_none(),
+    )
+    .await;
+    assert!(
+        mock.last().header("traceparent").is_none(),
+        "the reload never turned tracing off"
+    );
+}
+
+#[tokio::test]
 async fn a_retried_attempt_is_its_own_child_span() {
     let mock = MockUpstream::start().await;
     let (endpoint, rx) = http_receiver().await;

@@ -146,6 +146,27 @@ mod tests {
     }
 
     #[test]
+    fn the_section_is_optional_checked_and_located() {
+        let parse = |yaml: &str| crate::config::parse_config(std::path::Path::new("f.yaml"), yaml);
+        assert!(parse("{}\n").unwrap().file.otel.is_none());
+        let on = parse("otel:\n  endpoint: http://c:4317\n  protocol: grpc\n").unwrap();
+        let otel = on.file.otel.unwrap();
+        assert_eq!(
+            (otel.protocol, otel.sample_ratio, otel.queue_size),
+            (OtelProtocol::Grpc, 1.0, 8192)
+        );
+        let err = parse("server:\n  threads: 1\notel:\n  endpoint: nope\n  sample_ratio: 2\n").unwrap_err();
+        assert_eq!(err.0.len(), 2, "{err}");
+        assert!(err.0.iter().all(|d| d.line == 3), "{err}");
+        let err = parse("otel:\n  endpoint: http://c:4318\n  protocol: zipkin\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("f.yaml:3: "), "{err}");
+        let err = parse("otel:\n  endpoint: http://c:4317\n  protocol: grpc\n  headers: {X-Key: v}\n").unwrap_err();
+        assert!(err.to_string().contains("not a valid header name"), "{err}");
+    }
+
+    #[test]
     fn header_values_are_masked_when_shown_and_never_quoted_in_errors() {
         let c = OtelConfig {
             endpoint: "ftp://x".into(),
