@@ -73,7 +73,9 @@ impl RequestTrace {
             parent: parent.map(|p| p.span_id),
             head_sampled,
             tracestate,
-            start: SystemTime::now() - started.elapsed(),
+            start: SystemTime::now()
+                .checked_sub(started.elapsed())
+                .unwrap_or_else(SystemTime::now),
             attempts: Vec::new(),
         })
     }
