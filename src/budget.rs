@@ -446,6 +446,52 @@ impl Alerts {
 /// and no client should be told to wait for centuries.
 pub const MAX_RETRY_AFTER: u64 = 31 * 86_400;
 
+/// How long one alert's POST may take.
+const WEBHOOK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// POST each alert from `queue` to `url` as JSON, one at a time, until the
+/// queue closes; a refused, failed or slow delivery is logged and counted
+/// in `failed`, never retried (the next threshold will tell again).
+pub async fn deliver(url: String, mut queue: tokio::sync::mpsc::Receiver<AlertEvent>, failed: prometheus::IntCounter) {
+    let https = match hyper_rustls::HttpsConnectorBuilder::new()
+        .with_provider_and_native_roots(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+    {
+        Ok(b) => b.https_or_http().enable_http1().build(),
+        Err(e) => {
+            tracing::error!(error = %e, "Budget webhook: no system root certificates; alerts are not delivered.");
+            return;
+        }
+    };
+    let client: hyper_util::client::legacy::Client<_, String> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(https);
+    while let Some(event) = queue.recv().await {
+        let body = serde_json::to_string(&event).unwrap_or_default();
+        let request = http::Request::post(url.as_str())
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .header(http::header::USER_AGENT, "fastgate-budget-alert")
+            .body(body);
+        let Ok(request) = request else {
+            failed.inc();
+            continue;
+        };
+        match tokio::time::timeout(WEBHOOK_TIMEOUT, client.request(request)).await {
+            Ok(Ok(r)) if r.status().is_success() => {}
+            Ok(Ok(r)) => {
+                failed.inc();
+                tracing::warn!(status = r.status().as_u16(), budget = %event.scope, "Budget webhook refused an alert.");
+            }
+            Ok(Err(e)) => {
+                failed.inc();
+                tracing::warn!(error = %e, budget = %event.scope, "Budget webhook unreachable; alert not delivered.");
+            }
+            Err(_) => {
+                failed.inc();
+                tracing::warn!(budget = %event.scope, "Budget webhook did not answer within 5 s; alert not delivered.");
+            }
+        }
+    }
+}
+
 fn retry_after(end: i64, now_ms: i64) -> u64 {
     ((end.saturating_sub(now_ms) / 1000).max(1) as u64).min(MAX_RETRY_AFTER)
 }

@@ -20,6 +20,7 @@ pub mod cluster;
 pub mod config;
 pub mod convert;
 pub mod metrics;
+pub mod otel;
 pub mod pool;
 pub mod pricing;
 pub mod proxy;

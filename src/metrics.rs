@@ -122,6 +122,10 @@ pub struct Metrics {
     /// by reason (`per_client_cap`, `header_timeout`, `header_too_large`,
     /// `uri_too_long`).
     pub transport_refusals: IntCounterVec,
+    /// OpenTelemetry spans exported (`otel:`).
+    pub otel_spans_exported: IntCounter,
+    /// OpenTelemetry spans dropped, by reason (`queue_full`, `export_failed`).
+    pub otel_spans_dropped: IntCounterVec,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> Result<IntCounterVec, prometheus::Error> {
@@ -378,6 +382,23 @@ impl Metrics {
                 "Audit records found damaged in a segment file (after a machine crash) and skipped.",
             )?,
             audit_damaged_seen: AtomicU64::new(0),
+            otel_spans_exported: counter(
+                &r,
+                "otel_spans_exported_total",
+                "OpenTelemetry spans the collector accepted (otel:).",
+            )?,
+            otel_spans_dropped: {
+                let m = counter_vec(
+                    &r,
+                    "otel_spans_dropped_total",
+                    "OpenTelemetry spans dropped, by reason: queue_full (the export queue was full; never waited for) or export_failed (the collector refused or did not answer in time).",
+                    &["reason"],
+                )?;
+                for reason in ["queue_full", "export_failed"] {
+                    m.with_label_values(&[reason]);
+                }
+                m
+            },
             registry: r,
         })
     }
@@ -387,6 +408,15 @@ impl Metrics {
         let before = seen.swap(now, Ordering::Relaxed);
         if now > before {
             counter.inc_by(now - before);
+        }
+    }
+
+    /// The handles the trace exporter counts with.
+    pub fn otel_counters(&self) -> crate::otel::Counters {
+        crate::otel::Counters {
+            exported: self.otel_spans_exported.clone(),
+            dropped_queue_full: self.otel_spans_dropped.with_label_values(&["queue_full"]),
+            dropped_export_failed: self.otel_spans_dropped.with_label_values(&["export_failed"]),
         }
     }
 

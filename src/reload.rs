@@ -144,6 +144,14 @@ impl Upkeep {
 #[async_trait]
 impl BackgroundService for Upkeep {
     async fn start(&self, mut shutdown: ShutdownWatch) {
+        // Budget alerts to the webhook (`budgets.webhook`, read at start).
+        if let (Some(url), Some(queue)) = (
+            self.state.config.file.budgets.webhook.clone(),
+            self.state.alert_queue.lock().take(),
+        ) {
+            let failed = self.state.metrics.budget_webhook_failed.clone();
+            tokio::spawn(crate::budget::deliver(url, queue, failed));
+        }
         let (tx, mut rx) = mpsc::channel::<()>(1);
         let dir = self.state.config.routes_dir.clone();
         let mut routes_seen = routes_fingerprint(&dir).await;

@@ -6,7 +6,8 @@
 //!    close (new connections are refused), idle keep-alive connections are
 //!    closed, a kept-alive connection closes after its current request;
 //! 2. in-flight requests and streams finish, up to `server.grace_period`;
-//! 3. the audit log is flushed and key states saved, then exit 0.
+//! 3. the audit log is flushed, queued trace spans exported (at most 3 s)
+//!    and key states saved, then exit 0.
 //!
 //! SIGQUIT hands the listening sockets to a process started with
 //! `serve --upgrade` (Pingora's graceful upgrade), then drains the same way.
@@ -97,6 +98,14 @@ fn flush_and_close(state: &AppState) {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         state.audit.close();
+        if let Some(tracer) = state.otel.load_full()
+            && !tracer.flush(OTEL_FLUSH_AT_STOP)
+        {
+            tracing::warn!(
+                queued = tracer.queued(),
+                "OpenTelemetry spans not all exported at shutdown."
+            );
+        }
         if let Err(e) = state.save_pool_states() {
             tracing::warn!(error = %e, "Could not save the pool key states at shutdown.");
         }
@@ -107,6 +116,9 @@ fn flush_and_close(state: &AppState) {
         );
     });
 }
+
+/// How long a stopping node waits for its last spans to be exported.
+const OTEL_FLUSH_AT_STOP: Duration = Duration::from_secs(3);
 
 /// How long a stopping node waits for Redis to confirm its last settlements.
 const SETTLE_AT_STOP: Duration = Duration::from_secs(2);

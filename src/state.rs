@@ -227,6 +227,9 @@ pub struct AppState {
     /// The budget webhook's queue, until its sender task takes it.
     pub alert_queue: Mutex<Option<tokio::sync::mpsc::Receiver<crate::budget::AlertEvent>>>,
     pub audit: AuditSink,
+    /// The OpenTelemetry trace exporter (`otel:`); empty when off. Swapped
+    /// on a config reload; a request reads it at its start and its end.
+    pub otel: arc_swap::ArcSwapOption<crate::otel::Tracer>,
     /// A connection for readiness checks only.
     health_db: Mutex<rusqlite::Connection>,
 }
@@ -245,6 +248,8 @@ pub enum StartupError {
     AdminTls(Vec<crate::tls::TlsError>),
     #[error("cluster: {0}")]
     Cluster(#[from] crate::cluster::ClusterError),
+    #[error("{0}")]
+    Otel(String),
 }
 
 impl AppState {
@@ -306,6 +311,12 @@ impl AppState {
         } else {
             None
         };
+        let otel = match &config.file.otel {
+            Some(c) => Some(Arc::new(
+                crate::otel::Tracer::start(c, metrics.otel_counters()).map_err(StartupError::Otel)?,
+            )),
+            None => None,
+        };
         // The fallback counts the shared limits' window.
         let window_ms = match &cluster {
             Some(c) => c.config.rate_window.0.as_millis() as u64,
@@ -332,6 +343,7 @@ impl AppState {
             alerts,
             alert_queue: Mutex::new(alert_rx),
             audit,
+            otel: arc_swap::ArcSwapOption::new(otel),
             health_db,
             config,
         }))
@@ -424,13 +436,27 @@ impl AppState {
         let stored = store::open(&self.config.database_path)
             .and_then(|c| stored_pool_keys(&c, &self.sealer))
             .map_err(fail)?;
+        // A new trace exporter is started before anything is swapped: one
+        // that cannot start rejects the reload.
+        let otel = self.reload_otel(&fresh.file).map_err(|message| {
+            ConfigErrors(vec![crate::config::Diagnostic {
+                file: self.config.path.clone(),
+                line: 1,
+                message,
+            }])
+        })?;
         let previous = self.runtime.load_full();
         let runtime = Runtime::build(fresh.file.clone(), &stored, Some(&previous));
         self.runtime.store(Arc::new(runtime));
         self.routes.store(Arc::new(table));
+        if let Some(tracer) = otel {
+            // The old exporter's worker exports what it holds and stops
+            // once the requests that hold it are done.
+            self.otel.store(tracer);
+        }
         let (old, new) = (&self.config.file, &fresh.file);
         let mut restart = Vec::new();
-        let sections: [(&str, String, String); 8] = [
+        let sections: [(&str, String, String); 9] = [
             ("server", settings_of(&old.server), settings_of(&new.server)),
             ("admin", settings_of(&old.admin), settings_of(&new.admin)),
             ("database", settings_of(&old.database), settings_of(&new.database)),
@@ -438,6 +464,7 @@ impl AppState {
             ("logging", settings_of(&old.logging), settings_of(&new.logging)),
             ("routes_dir", settings_of(&old.routes_dir), settings_of(&new.routes_dir)),
             ("cluster", settings_of(&old.cluster), settings_of(&new.cluster)),
+            ("budgets", settings_of(&old.budgets), settings_of(&new.budgets)),
             (
                 "secrets",
                 settings_of(&old.secrets.master_key.len()),
@@ -459,6 +486,23 @@ impl AppState {
             tracing::warn!(sections = ?restart, "These fastgate.yaml sections changed but take effect only after a restart.");
         }
         Ok(restart)
+    }
+
+    /// The trace exporter `file` asks for, when it differs from the one
+    /// running: `Some(None)` turns tracing off. Blocking (starts a thread).
+    fn reload_otel(&self, file: &FileConfig) -> Result<Option<Option<Arc<crate::otel::Tracer>>>, String> {
+        let running = self.otel.load();
+        if running.as_ref().map(|t| &t.config) == file.otel.as_ref() {
+            return Ok(None);
+        }
+        let tracer = match &file.otel {
+            Some(c) => Some(Arc::new(crate::otel::Tracer::start(c, self.metrics.otel_counters())?)),
+            None => {
+                tracing::info!("OpenTelemetry trace export off.");
+                None
+            }
+        };
+        Ok(Some(tracer))
     }
 
     /// Write the states of pool keys that changed since the last save (the

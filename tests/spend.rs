@@ -343,7 +343,12 @@ async fn chat(gw: &Gateway, secret: &str, max_tokens: u64) -> reqwest::Response 
 #[tokio::test]
 async fn a_budget_reached_by_concurrent_requests_is_exceeded_by_at_most_one_reservation() {
     let mock = MockUpstream::start().await;
-    let gw = Gateway::start_with_admin(&config(&mock, ""), &[("r.yaml", ROUTES)]).await;
+    let (hook, alerts) = webhook().await;
+    let gw = Gateway::start_with_admin(
+        &config(&mock, &format!("budgets:\n  webhook: http://{hook}/alerts\n")),
+        &[("r.yaml", ROUTES)],
+    )
+    .await;
     let amount = 0.05;
     let (id, secret) = key_with_budget(&gw, json!({"amount": amount, "period": "day"})).await;
     gw.wait_key(&secret, "/v1/messages").await;
@@ -391,6 +396,75 @@ async fn a_budget_reached_by_concurrent_requests_is_exceeded_by_at_most_one_rese
         metrics.contains(r#"fastgate_budget_alerts_total{of="key",threshold="80"} 1"#),
         "{metrics}"
     );
+    // The webhook got both, as JSON, off the request path.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while alerts.lock().unwrap().len() < 2 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let mut got = alerts.lock().unwrap().clone();
+    assert_eq!(got.len(), 2, "{got:?}");
+    // Concurrent settlements may tell them in either order.
+    got.sort_by(|a, b| a["threshold"].as_f64().partial_cmp(&b["threshold"].as_f64()).unwrap());
+    let thresholds: Vec<f64> = got.iter().map(|a| a["threshold"].as_f64().unwrap()).collect();
+    assert_eq!(thresholds, vec![0.8, 1.0]);
+    assert_eq!(got[1]["of"], "key");
+    assert_eq!(got[1]["scope"], id.as_str());
+    assert_eq!(got[1]["period"], "day");
+    assert!(got[1]["spent"].as_f64().unwrap() >= amount, "{got:?}");
+    assert!(
+        !got.iter().any(|a| a.to_string().contains(&secret)),
+        "no secret in an alert"
+    );
+}
+
+/// A webhook receiver on a loopback port: every POSTed body, parsed.
+async fn webhook() -> (std::net::SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<Value>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keep = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            let seen = keep.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let Ok(n) = s.read(&mut chunk).await else { return };
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    let text = String::from_utf8_lossy(&buf).to_string();
+                    let Some(head_end) = text.find("\r\n\r\n") else {
+                        continue;
+                    };
+                    let length: usize = text[..head_end]
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().parse().unwrap())
+                        })
+                        .unwrap_or(0);
+                    if buf.len() < head_end + 4 + length {
+                        continue;
+                    }
+                    let body = &buf[head_end + 4..head_end + 4 + length];
+                    seen.lock().unwrap().push(serde_json::from_slice(body).unwrap());
+                    let _ = s
+                        .write_all(b"HTTP/1.1 204 No Content\r\nconnection: close\r\n\r\n")
+                        .await;
+                    return;
+                }
+            });
+        }
+    });
+    (addr, seen)
 }
 
 fn common_now() -> i64 {

@@ -242,10 +242,11 @@ pub async fn config(caller: Caller, State(s): State<Arc<AdminState>>) -> Result<
     caller.require_admin()?;
     // Secrets are `skip_serializing` on the file types: pool keys, admin token, JWT secret.
     let mut file = s.app.config.file.clone();
-    // Upstreams and pools reload live; show what is serving.
+    // Upstreams, pools and `otel` reload live; show what is serving.
     let runtime = s.app.runtime.load();
     file.upstreams = runtime.file.upstreams.clone();
     file.key_pools = runtime.file.key_pools.clone();
+    file.otel = runtime.file.otel.clone();
     let mut v = json!(file);
     v["path"] = Value::String(s.app.config.path.display().to_string());
     // Values interpolated from the environment are shown as `${NAME}`.

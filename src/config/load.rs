@@ -263,6 +263,9 @@ pub fn parse_config(path: &Path, raw: &str) -> Result<Config, ConfigErrors> {
             "admin.tls: needs `cert` and `key`, or `certificates: [{cert, key}, ...]`".into(),
         ));
     }
+    if let Some(otel) = &file.otel {
+        errors.extend(otel.problems().into_iter().map(|m| diag(key_line(&text, "otel:"), m)));
+    }
     if file.server.max_request_body.0 == 0 {
         errors.push(diag(
             at("max_request_body"),

@@ -13,6 +13,7 @@ pub mod endpoint;
 pub mod env;
 mod key_pools;
 mod load;
+mod otel;
 pub mod routes_d;
 mod server;
 pub mod strength;
@@ -28,7 +29,7 @@ use std::{
     time::Duration,
 };
 
-pub use self::{audit::*, cluster::*, key_pools::*, load::*, server::*, upstreams::*};
+pub use self::{audit::*, cluster::*, key_pools::*, load::*, otel::*, server::*, upstreams::*};
 pub use routes_d::RouteConfig;
 pub use values::{HumanDuration, HumanSize, OneOrMany};
 
@@ -81,6 +82,8 @@ pub struct FileConfig {
     pub pricing: crate::pricing::PricingConfig,
     /// Budget alerts and reservations.
     pub budgets: crate::budget::BudgetsConfig,
+    /// OpenTelemetry trace export; absent = off (docs/tracing.md).
+    pub otel: Option<OtelConfig>,
 }
 
 impl Default for FileConfig {
@@ -98,6 +101,7 @@ impl Default for FileConfig {
             cluster: ClusterConfig::default(),
             pricing: crate::pricing::PricingConfig::default(),
             budgets: crate::budget::BudgetsConfig::default(),
+            otel: None,
         }
     }
 }

@@ -70,12 +70,18 @@ pub struct UpstreamCtx {
     /// Failed attempts, `upstream address key outcome` each; empty on the
     /// happy path (nothing is built then).
     pub trail: Vec<String>,
+    /// The request's trace and its attempts' spans; `None` unless `otel:`
+    /// is set (nothing is recorded or allocated then).
+    pub trace: Option<Box<crate::otel::RequestTrace>>,
 }
 
 impl UpstreamCtx {
     /// Remember the current attempt as failed with `outcome` (for the next
     /// attempt's choice, the audit row and metrics).
     pub fn mark_failed(&mut self, outcome: &str) {
+        if let Some(trace) = &mut self.trace {
+            trace.end_attempt(outcome);
+        }
         self.trail.push(self.describe(outcome));
         if let Some(t) = self.target.take() {
             self.tried_addrs.push(t.addr);
@@ -83,6 +89,22 @@ impl UpstreamCtx {
         if let Some(l) = self.lease.take() {
             self.tried_keys.push(l.key().id.clone());
         }
+    }
+
+    /// A traced request's attempt starts, toward the target and with the
+    /// key now chosen (only the key's id is kept, never the key).
+    pub fn trace_attempt(&mut self) {
+        let Some(trace) = &mut self.trace else { return };
+        let (Some(upstream), Some(target)) = (&self.upstream, &self.target) else {
+            return;
+        };
+        let endpoint = (!upstream.endpoints.is_empty()).then(|| upstream.endpoint(target));
+        trace.begin_attempt(
+            &upstream.name,
+            endpoint.map_or("-", |e| e.host.as_str()),
+            endpoint.map_or(target.addr.port(), |e| e.port),
+            self.lease.as_ref().map(|l| l.key().id.as_str()),
+        );
     }
 
     fn describe(&self, outcome: &str) -> String {

@@ -130,6 +130,31 @@ pub fn finish(session: &Session, ctx: &mut RequestCtx, e: Option<&pingora::Error
         m.usage_estimated.with_label_values(&[route]).inc();
     }
 
+    if let Some(trace) = ctx.upstream.trace.take() {
+        let path = req.uri.path();
+        let span = crate::otel::Finished {
+            request_id: &ctx.request_id,
+            method: req.method.as_str(),
+            path,
+            route: ctx.route.as_ref().map(|r| r.name.as_str()),
+            upstream: ctx.upstream.upstream.as_ref().map(|u| u.name.as_str()),
+            provider: ctx.upstream.upstream.as_ref().map(|u| u.provider),
+            request_model: model.as_deref(),
+            response_model: ctx.response.meter.response_model(),
+            finish_reasons: &[],
+            status,
+            error,
+            input_tokens: usage.prompt_tokens,
+            output_tokens: usage.completion_tokens,
+            usage_estimated,
+            stream: ctx.response.stream || path.ends_with(":streamGenerateContent"),
+            ttfb: ctx.response.ttfb,
+            cost,
+        };
+        if let Some(tracer) = &*state.otel.load() {
+            tracer.finish(*trace, &span);
+        }
+    }
     let ttfb_ms = ctx.response.ttfb.map(|d| d.as_secs_f64() * 1000.0);
     let ms = duration.as_secs_f64() * 1000.0;
     // A refusal before any route or key is counted; only a sample of them

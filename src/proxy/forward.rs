@@ -299,6 +299,7 @@ async fn try_upstream(
         let target = pick_target(state, ctx, upstream, &request.hash_key)
             .await
             .map_err(Skip::Next)?;
+        ctx.upstream.trace_attempt();
         let req = upstream_request(session, ctx, request.route, leg, &target).map_err(Skip::Stop)?;
         let peer = upstream.peer(&target, first_byte);
         let facts = |outcome, retries_left, reconnected| Facts {

@@ -34,7 +34,7 @@ pub mod respond;
 pub mod retry;
 pub mod rewrite;
 
-use crate::state::AppState;
+use crate::{otel, state::AppState};
 use async_trait::async_trait;
 use bytes::Bytes;
 use ctx::RequestCtx;
@@ -97,6 +97,10 @@ impl ProxyHttp for Gateway {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> pingora::Result<bool> {
         ctx.request_id = intake::request_id(session);
+        if let Some(tracer) = &*self.state.otel.load() {
+            let headers = &session.req_header().headers;
+            ctx.upstream.trace = Some(otel::RequestTrace::start(headers, &tracer.sampler, ctx.started));
+        }
         ctx.client = intake::client(&self.state, session);
         ctx.format = errors::guess_format(session.req_header().uri.path(), &session.req_header().headers);
         // Transport bounds first: before routing, auth or any body read.
@@ -190,6 +194,7 @@ impl ProxyHttp for Gateway {
         let first_byte = route.timeout.unwrap_or(upstream.timeouts.first_byte.0);
         let peer = upstream.peer(&target, first_byte.min(upstream.timeouts.idle.0));
         ctx.upstream.target = Some(target);
+        ctx.upstream.trace_attempt();
         Ok(Box::new(peer))
     }
 

@@ -302,6 +302,19 @@ pub fn upstream_request(
     forwarded_headers(req, ctx, upstream.forwarded_headers);
     let _ = req.insert_header(header::HOST, endpoint.authority.as_str());
     let _ = req.insert_header("x-request-id", ctx.request_id.as_str());
+    // Traced: the upstream continues this trace under the attempt's span
+    // (whatever the client sent); untraced, the client's headers pass.
+    if let Some(trace) = &ctx.upstream.trace {
+        let _ = req.insert_header("traceparent", trace.traceparent());
+        match &trace.tracestate {
+            Some(state) => {
+                let _ = req.insert_header("tracestate", state.as_str());
+            }
+            None => {
+                req.remove_header("tracestate");
+            }
+        }
+    }
     if ctx.response.strip_usage_chunk {
         // The usage chunk is removed from a plain stream only.
         let _ = req.insert_header(header::ACCEPT_ENCODING, "identity");
