@@ -298,6 +298,10 @@ async fn http_protobuf_openai_spans_carry_the_genai_attributes_and_no_key() {
         assert_eq!(a["gen_ai.request.model"], "gpt-4o");
         assert_eq!(a["gen_ai.usage.input_tokens"], "9");
         assert_eq!(a["gen_ai.usage.output_tokens"], if stream { "5" } else { "1" });
+        // The shipped table's gpt-4o: (9 × 2.50 + output × 10.00) / 1e6.
+        let cost: f64 = a["fastgate.cost"].parse().unwrap();
+        let want = if stream { 0.000_072_5 } else { 0.000_032_5 };
+        assert!((cost - want).abs() < 1e-12, "{cost}");
         assert_eq!(a["http.response.status_code"], "200");
         assert_eq!(a["fastgate.route"], "chat");
         assert_eq!(a["fastgate.upstream"], "oai");
