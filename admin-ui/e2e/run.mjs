@@ -215,6 +215,10 @@ await step("log in and see the live dashboard", async () => {
   await page.getByRole("button", { name: "1 h", exact: true }).click();
   await page.getByRole("region", { name: "Last 1 h" }).waitFor({ timeout: 10_000 });
   await page.locator(".chart canvas").first().waitFor({ timeout: 10_000 });
+  // The shipped price table prices gpt-4o: the window's cost is in dollars, and above nothing.
+  const cost = (await page.getByTestId("cost-total").textContent()).trim();
+  assert(/^\$0\.\d+$/.test(cost), `the cost tile: ${cost}`);
+  await page.getByRole("region", { name: "Top routes" }).getByText(/^\$0\.\d+$/).first().waitFor();
   await page.waitForTimeout(4000);
   traffic = false;
   await load;
@@ -291,9 +295,16 @@ await step("create a gateway key, use it, and find the request in the logs with 
   await page.getByRole("button", { name: "Apply" }).click();
   const row = page.locator(`tr[data-request-id="${requestId}"]`);
   await row.waitFor({ timeout: 10_000 });
+  // Priced by the shipped table: a cost in dollars, no "unpriced" flag.
+  const cell = (await row.getByTestId("cost").textContent()).trim();
+  assert(/^\$0\.\d+$/.test(cell), `the cost cell: ${cell}`);
+  assert((await page.getByTestId("unpriced").count()) === 0, "a priced request flagged unpriced");
   await row.getByRole("button").click();
   const drawer = page.getByRole("dialog");
   await drawer.waitFor();
+  assert((await drawer.getByTestId("detail-cost").textContent()).trim() === cell, "the drawer's cost");
+  const version = (await drawer.getByTestId("price-version").textContent()).trim();
+  assert(/^builtin\//.test(version), `the price version: ${version}`);
   const ttfb = (await drawer.getByTestId("ttfb").textContent()).trim();
   assert(/ms$|s$/.test(ttfb) && ttfb !== "–", `TTFB shown: ${ttfb}`);
   assert((await drawer.textContent()).includes(requestId), "the drawer names the request");
@@ -308,6 +319,68 @@ await step("create a gateway key, use it, and find the request in the logs with 
   await shoot("logs");
 });
 
+await step("a key with a budget: its bar shows what it spent; over budget it is refused", async () => {
+  const token = await page.evaluate(() => JSON.parse(sessionStorage.getItem("fastgate.session")).token);
+  const made = await fetch(`${admin}/api/keys`, {
+    method: "POST",
+    headers: { "content-type": "application/json", authorization: `Bearer ${token}` },
+    body: JSON.stringify({ name: "e2e-budget", budget: { amount: 2, period: "month" } }),
+  });
+  assert(made.status === 201, `creating a key with a budget: ${made.status}`);
+  const key = await made.json();
+  assert(key.budget?.amount === 2 && key.budget?.period === "month", `the key's budget: ${JSON.stringify(key.budget)}`);
+  const send = () =>
+    fetch(`http://127.0.0.1:${port}/keyed/v1/chat/completions`, {
+      method: "POST",
+      headers: { "content-type": "application/json", authorization: `Bearer ${key.secret}` },
+      body: JSON.stringify({ model: "gpt-4o", max_tokens: 16, messages: [{ role: "user", content: "hi" }] }),
+    });
+  const r = await send();
+  assert(r.status === 200, `a request within the budget: ${r.status}`);
+  // The audit writer batches rows: wait until the spend is counted.
+  for (const until = Date.now() + 10_000; ; ) {
+    const usage = await (await fetch(`${admin}/api/keys/${key.id}/usage?window=24h`, { headers: { authorization: `Bearer ${token}` } })).json();
+    if (usage.budget?.spent > 0) break;
+    assert(Date.now() < until, `the API does not count the spend: ${JSON.stringify(usage.budget)}`);
+    await new Promise((ok) => setTimeout(ok, 200));
+  }
+
+  await page.getByRole("link", { name: "Dashboard" }).click();
+  await page.getByRole("link", { name: "Gateway keys" }).click();
+  const row = page.locator(`tr[data-key="${key.id}"]`);
+  const bar = row.getByTestId("budget");
+  await bar.waitFor({ timeout: 10_000 });
+  const spent = (await bar.getByTestId("budget-spent").textContent()).trim();
+  assert(/^\$0\.\d+$/.test(spent) && spent !== "$0", `spent: ${spent}`);
+  const text = await bar.textContent();
+  assert(text.includes("of $2.00 per month"), `the bar: ${text}`);
+  assert((await bar.getByTestId("budget-percent").textContent()).trim() === "<1 %", "the percent");
+  assert(/^resets in \d+ (d|h|min)/.test((await bar.getByTestId("budget-reset").textContent()).trim()), "when it resets");
+  assert((await bar.getAttribute("data-level")) === "ok", "well below the limit");
+  assert((await row.getByRole("meter").getAttribute("aria-valuetext")).startsWith(spent), "the meter says it in words");
+  await shoot("keys-budget");
+
+  // Edited down below what it spent, on the keys page: over budget, in words; the data plane refuses it.
+  await row.getByRole("button", { name: "Budget" }).click();
+  const form = page.getByRole("form", { name: "Budget of e2e-budget" });
+  await form.getByLabel("Amount (USD)").fill("0.00001");
+  await form.getByLabel("Period").selectOption("total");
+  await form.getByRole("button", { name: "Save budget" }).click();
+  await page.getByText("Budget saved.").waitFor();
+  await row.locator('[data-testid="budget"][data-level="over"]').waitFor({ timeout: 10_000 });
+  const over = await row.getByTestId("budget").textContent();
+  assert(over.includes("over budget") && over.includes("never resets"), `over budget: ${over}`);
+  assert((await send()).status === 429, "a key over its budget still serves");
+  await page.screenshot({ path: join(artifacts, "keys-over-budget-desktop.png"), fullPage: true });
+
+  // Removed: no bar.
+  await row.getByRole("button", { name: "Budget" }).click();
+  await page.getByRole("button", { name: "Remove budget" }).click();
+  await page.getByText("Budget removed.").waitFor();
+  await row.getByTestId("budget").waitFor({ state: "detached" });
+  assert((await send()).status === 200, "a key without a budget is refused");
+});
+
 await step("a user account sees neither another user's keys nor their requests", async () => {
   // Created on the users page.
   await page.getByRole("link", { name: "Users" }).click();
@@ -318,6 +391,13 @@ await step("a user account sees neither another user's keys nor their requests",
   await page.getByRole("button", { name: "Create user" }).click();
   await page.getByText("User created.").waitFor();
   await page.locator("tr", { hasText: "bob" }).first().waitFor();
+  // A budget in bob's ceilings, shared by all his keys.
+  await page.locator("tr", { hasText: "bob" }).getByRole("button", { name: "Ceilings" }).click();
+  await page.getByLabel("Budget (USD)").fill("5");
+  await page.getByLabel("Budget period").selectOption("week");
+  await page.getByRole("button", { name: "Save ceilings" }).click();
+  await page.getByText("Ceilings saved.").waitFor();
+  await page.locator("tr", { hasText: "bob" }).getByTestId("ceilings").getByText("$5.00 per week").waitFor();
   await shoot("users");
   const ctx = await browser.newContext({ viewport: { width: 1280, height: 800 } });
   const bob = await ctx.newPage();
@@ -391,6 +471,11 @@ await step("settings show the effective config without secrets and reload it", a
   const text = await config.textContent();
   assert(text.includes("key_pools") && text.includes(upstreamUrl), "the effective config is shown");
   assert(!text.includes(LIMITED) && !text.includes(GOOD), "a pool key in the config view");
+  const prices = page.getByTestId("prices");
+  await prices.waitFor();
+  assert((await page.getByTestId("currency").textContent()).includes("USD"), "the price table's currency");
+  await prices.locator("tr", { hasText: "gpt-4o" }).first().waitFor();
+  assert((await prices.getByText(/^builtin\//).count()) > 0, "the shipped rules with their version");
   await page.getByRole("button", { name: "Reload fastgate.yaml and routes.d" }).click();
   await page.getByText(/Reloaded: 2 routes, 1 upstreams, 1 key pools/).waitFor();
   await shoot("settings");
