@@ -298,6 +298,11 @@ async fn http_protobuf_openai_spans_carry_the_genai_attributes_and_no_key() {
         assert_eq!(a["gen_ai.request.model"], "gpt-4o");
         assert_eq!(a["gen_ai.usage.input_tokens"], "9");
         assert_eq!(a["gen_ai.usage.output_tokens"], if stream { "5" } else { "1" });
+        assert_eq!(a["gen_ai.response.model"], "gpt-4o");
+        if !stream {
+            // The mock's stream never says why it ended (the chunks carry null).
+            assert_eq!(a["gen_ai.response.finish_reasons"], "stop");
+        }
         // The shipped table's gpt-4o: (9 × 2.50 + output × 10.00) / 1e6.
         let cost: f64 = a["fastgate.cost"].parse().unwrap();
         let want = if stream { 0.000_072_5 } else { 0.000_032_5 };
@@ -368,6 +373,8 @@ async fn grpc_anthropic_continues_the_clients_trace_and_propagates_it() {
         assert_eq!(a["gen_ai.request.model"], "claude-sonnet-4");
         assert_eq!(a["gen_ai.usage.input_tokens"], "12");
         assert_eq!(a["gen_ai.usage.output_tokens"], "3");
+        assert_eq!(a["gen_ai.response.model"], "claude-sonnet-4");
+        assert_eq!(a["gen_ai.response.finish_reasons"], "end_turn");
         assert_eq!(a["fastgate.route"], "messages");
         let seen = mock.last();
         let (up_trace, up_parent) = upstream_traceparent(&seen);

@@ -132,6 +132,7 @@ pub fn finish(session: &Session, ctx: &mut RequestCtx, e: Option<&pingora::Error
 
     if let Some(trace) = ctx.upstream.trace.take() {
         let path = req.uri.path();
+        let finish: Vec<&str> = ctx.response.meter.finish_reason().into_iter().collect();
         let span = crate::otel::Finished {
             request_id: &ctx.request_id,
             method: req.method.as_str(),
@@ -141,7 +142,7 @@ pub fn finish(session: &Session, ctx: &mut RequestCtx, e: Option<&pingora::Error
             provider: ctx.upstream.upstream.as_ref().map(|u| u.provider),
             request_model: model.as_deref(),
             response_model: ctx.response.meter.response_model(),
-            finish_reasons: &[],
+            finish_reasons: finish.as_slice(),
             status,
             error,
             input_tokens: usage.prompt_tokens,

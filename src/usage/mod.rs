@@ -290,6 +290,15 @@ impl UsageMeter {
         })
     }
 
+    /// Why the answer ended, as its provider said last.
+    pub fn finish_reason(&self) -> Option<&str> {
+        self.decoding.sink().and_then(|s| match &s.scanner {
+            Scanner::Sse(sse) => sse.json.finish_reason(),
+            Scanner::Json(j) => j.finish_reason(),
+            Scanner::Off => None,
+        })
+    }
+
     /// Capture `merge`'s merged answer instead of the body's first bytes
     /// (only when the body is captured at all).
     pub fn merge_stream(&mut self, merge: crate::audit::merge::StreamMerge) {

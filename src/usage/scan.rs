@@ -34,6 +34,21 @@ fn is_model_key(s: &[u8]) -> bool {
     matches!(s, b"model" | b"modelVersion")
 }
 
+/// The keys whose string values say why the answer ended: OpenAI's
+/// `finish_reason` (in `choices[i]`), Anthropic's `stop_reason` (top level,
+/// or in `message_delta`'s `delta`), Gemini's `finishReason` (in
+/// `candidates[i]`).
+fn is_finish_key(s: &[u8]) -> bool {
+    matches!(s, b"finish_reason" | b"stop_reason" | b"finishReason")
+}
+
+/// A text field read from an answer besides its usage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Field {
+    Model,
+    Finish,
+}
+
 /// Scanner state for one JSON text (or a sequence of them).
 #[derive(Debug, Default)]
 pub struct JsonScan {
@@ -50,13 +65,15 @@ pub struct JsonScan {
     pending: bool,
     /// The usage object being copied, with the depth it closes at.
     capture: Option<(Vec<u8>, u32)>,
-    /// A string just closed was `model`/`modelVersion`; `"model":` seen.
-    model_key: bool,
-    model_pending: bool,
-    /// The model name being read (a string value).
-    model_text: Option<Vec<u8>>,
+    /// A string just closed was a [`Field`]'s key; then its `:` was seen.
+    field_key: Option<Field>,
+    field_pending: Option<Field>,
+    /// The field's string value being read.
+    field_text: Option<(Field, Vec<u8>)>,
     /// The first model an answer named (kept across events).
     model: Option<String>,
+    /// The last reason an answer gave for ending (kept across events).
+    finish: Option<String>,
 }
 
 impl JsonScan {
@@ -68,14 +85,20 @@ impl JsonScan {
         self.last_string = false;
         self.pending = false;
         self.capture = None;
-        self.model_key = false;
-        self.model_pending = false;
-        self.model_text = None;
+        self.field_key = None;
+        self.field_pending = None;
+        self.field_text = None;
     }
 
     /// The model the answer named, if it did.
     pub fn model(&self) -> Option<&str> {
         self.model.as_deref()
+    }
+
+    /// Why the answer ended, as its provider said last (`stop`,
+    /// `end_turn`, `STOP`, `length`, `tool_calls`...).
+    pub fn finish_reason(&self) -> Option<&str> {
+        self.finish.as_deref()
     }
 
     /// Scan `data`, updating `usage` from every usage object that completes.
@@ -96,18 +119,18 @@ impl JsonScan {
         if self.escape {
             self.escape = false;
             self.key_long = true; // keys we look for have no escapes
-            self.model_text = None; // nor do model names
+            self.field_text = None; // nor do model names and reasons
             self.copy(&data[..1]);
             return &data[1..];
         }
         let Some(i) = memchr2(b'"', b'\\', data) else {
             self.key_text(data);
-            self.model_text_add(data);
+            self.field_text_add(data);
             self.copy(data);
             return &[];
         };
         self.key_text(&data[..i]);
-        self.model_text_add(&data[..i]);
+        self.field_text_add(&data[..i]);
         self.copy(&data[..=i]);
         if data[i] == b'\\' {
             self.escape = true;
@@ -115,20 +138,29 @@ impl JsonScan {
             self.in_string = false;
             let key = &self.key[..self.key_len];
             self.last_string = !self.key_long && is_usage_key(key);
-            self.model_key = !self.key_long && is_model_key(key);
-            if let Some(name) = self.model_text.take().filter(|n| !n.is_empty()) {
-                self.model = String::from_utf8(name).ok();
+            self.field_key = match () {
+                _ if self.key_long => None,
+                _ if is_model_key(key) => Some(Field::Model),
+                _ if is_finish_key(key) => Some(Field::Finish),
+                _ => None,
+            };
+            if let Some((field, text)) = self.field_text.take().filter(|(_, t)| !t.is_empty()) {
+                let text = String::from_utf8(text).ok();
+                match field {
+                    Field::Model => self.model = text,
+                    Field::Finish => self.finish = text.or(self.finish.take()),
+                }
             }
         }
         &data[i + 1..]
     }
 
-    fn model_text_add(&mut self, s: &[u8]) {
-        if let Some(name) = &mut self.model_text {
-            if name.len() + s.len() > MODEL_CAP {
-                self.model_text = None;
+    fn field_text_add(&mut self, s: &[u8]) {
+        if let Some((_, text)) = &mut self.field_text {
+            if text.len() + s.len() > MODEL_CAP {
+                self.field_text = None;
             } else {
-                name.extend_from_slice(s);
+                text.extend_from_slice(s);
             }
         }
     }
@@ -153,16 +185,19 @@ impl JsonScan {
                 self.key_len = 0;
                 self.key_long = false;
                 self.last_string = false;
-                self.model_key = false;
-                if std::mem::take(&mut self.model_pending) {
-                    self.model_text = Some(Vec::new());
+                self.field_key = None;
+                if let Some(field) = self.field_pending.take() {
+                    self.field_text = Some((field, Vec::new()));
                 }
             }
             b':' => {
                 self.copy(&[b]);
                 self.pending = std::mem::take(&mut self.last_string) && matches!(self.depth, 1 | 2);
-                self.model_pending =
-                    std::mem::take(&mut self.model_key) && matches!(self.depth, 1 | 2) && self.model.is_none();
+                self.field_pending = match self.field_key.take() {
+                    Some(Field::Model) if matches!(self.depth, 1 | 2) && self.model.is_none() => Some(Field::Model),
+                    Some(Field::Finish) if matches!(self.depth, 1..=3) => Some(Field::Finish),
+                    _ => None,
+                };
             }
             b'{' | b'[' => {
                 // Both keys parse into the same fields; the names differ.
@@ -176,8 +211,8 @@ impl JsonScan {
                 }
                 self.pending = false;
                 self.last_string = false;
-                self.model_key = false;
-                self.model_pending = false;
+                self.field_key = None;
+                self.field_pending = None;
                 self.depth = self.depth.saturating_add(1);
             }
             b'}' | b']' => {
@@ -185,8 +220,8 @@ impl JsonScan {
                 self.depth = self.depth.saturating_sub(1);
                 self.pending = false;
                 self.last_string = false;
-                self.model_key = false;
-                self.model_pending = false;
+                self.field_key = None;
+                self.field_pending = None;
                 if let Some((_, at)) = &self.capture
                     && *at == self.depth
                     && let Some((buf, _)) = self.capture.take()
@@ -200,8 +235,8 @@ impl JsonScan {
                 self.copy(&[b]);
                 self.pending = false;
                 self.last_string = false;
-                self.model_key = false;
-                self.model_pending = false;
+                self.field_key = None;
+                self.field_pending = None;
             }
         }
     }
@@ -468,5 +503,37 @@ mod tests {
             model(&[r#"{"model":"one"}"#, r#"{"model":"two"}"#]).as_deref(),
             Some("one")
         );
+    }
+
+    /// Each provider's documented place for why an answer ended; `null`
+    /// (a stream's earlier chunks) keeps what was said; the last wins.
+    #[test]
+    fn the_finish_reason_an_answer_gives_is_kept() {
+        let finish = |parts: &[&str]| {
+            let mut s = JsonScan::default();
+            let mut u = Usage::default();
+            for p in parts {
+                s.feed(p.as_bytes(), &mut u);
+                s.reset();
+            }
+            s.finish_reason().map(str::to_string)
+        };
+        let chat =
+            r#"{"choices":[{"index":0,"message":{"content":"the finish_reason: x"},"finish_reason":"tool_calls"}]}"#;
+        assert_eq!(finish(&[chat]).as_deref(), Some("tool_calls"));
+        let chunks = [
+            r#"{"choices":[{"delta":{"content":"a"},"finish_reason":null}]}"#,
+            r#"{"choices":[{"delta":{},"finish_reason":"length"}]}"#,
+            r#"{"choices":[],"usage":{"prompt_tokens":1}}"#,
+        ];
+        assert_eq!(finish(&chunks).as_deref(), Some("length"));
+        let anthropic = [
+            r#"{"type":"message_start","message":{"stop_reason":null}}"#,
+            r#"{"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":null},"usage":{"output_tokens":3}}"#,
+        ];
+        assert_eq!(finish(&anthropic).as_deref(), Some("end_turn"));
+        let gemini = r#"{"candidates":[{"content":{"parts":[{"text":"x"}]},"finishReason":"MAX_TOKENS","index":0}]}"#;
+        assert_eq!(finish(&[gemini]).as_deref(), Some("MAX_TOKENS"));
+        assert_eq!(finish(&[r#"{"a":{"b":{"c":{"finish_reason":"deep"}}}}"#]), None);
     }
 }
