@@ -113,6 +113,20 @@ pub enum BudgetPeriod {
     Total,
 }
 
+impl std::str::FromStr for BudgetPeriod {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "day" => Ok(BudgetPeriod::Day),
+            "week" => Ok(BudgetPeriod::Week),
+            "month" => Ok(BudgetPeriod::Month),
+            "total" => Ok(BudgetPeriod::Total),
+            _ => Err("a budget's period is day, week, month or total".into()),
+        }
+    }
+}
+
 impl BudgetPeriod {
     pub fn as_str(self) -> &'static str {
         match self {

@@ -89,6 +89,12 @@ pub enum KeysAction {
         /// Tokens per minute (prompt + completion).
         #[arg(long)]
         tpm: Option<u64>,
+        /// A budget in money, in the price table's currency (`25.50`).
+        #[arg(long)]
+        budget: Option<f64>,
+        /// The budget's calendar period (UTC): day, week, month or total.
+        #[arg(long, default_value = "month", requires = "budget")]
+        budget_period: crate::budget::BudgetPeriod,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,

@@ -181,8 +181,17 @@ fn keys(conn: &rusqlite::Connection, action: KeysAction) -> Result<()> {
             expires_in,
             rpm,
             tpm,
+            budget,
+            budget_period,
             json,
         } => {
+            let budget = budget.map(|amount| fastgate::budget::Budget {
+                amount,
+                period: budget_period,
+            });
+            if let Some(Err(e)) = budget.as_ref().map(fastgate::budget::Budget::check) {
+                anyhow::bail!(e);
+            }
             let expires_at = expires_in.map(|d| fastgate::clock::now_unix() + d.as_secs() as i64);
             let mut new = keys::NewKey {
                 name,
@@ -193,6 +202,7 @@ fn keys(conn: &rusqlite::Connection, action: KeysAction) -> Result<()> {
                 expires_at,
                 rpm,
                 tpm,
+                budget,
                 ..Default::default()
             };
             new.lock_limits(); // the operator's limits, like an admin's

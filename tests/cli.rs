@@ -321,6 +321,49 @@ async fn operator_commands_users_keys_logs_routes() {
     let mut reader = csv::Reader::from_reader(out.as_bytes());
     assert_eq!(reader.records().count(), 1);
 
+    // keys create --budget: an admin-locked budget in money that the key
+    // runs into (the first answer spends past a millionth of a dollar).
+    let (ok, out, err) = fastgate(
+        &gw,
+        &[
+            "keys",
+            "create",
+            "--name",
+            "capped",
+            "--budget",
+            "0.000001",
+            "--budget-period",
+            "day",
+            "--json",
+        ],
+        None,
+    );
+    assert!(ok, "{err}");
+    let capped: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(capped["budget"], json!({"amount": 0.000001, "period": "day"}));
+    assert!(
+        capped["admin_locked"].as_array().unwrap().contains(&json!("budget")),
+        "{capped}"
+    );
+    let capped = capped["secret"].as_str().unwrap().to_string();
+    let r = common::until_status(|| chat(&capped), |s| s == 429).await;
+    let retry: u64 = r.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=86_400).contains(&retry), "{retry}");
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "rate_limit_error", "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("budget"), "{body}");
+    for bad in [
+        &["--budget=-1"][..],
+        &["--budget", "NaN"],
+        &["--budget", "1e300"],
+        &["--budget", "5", "--budget-period", "year"],
+        &["--budget-period", "day"],
+    ] {
+        let args: Vec<&str> = ["keys", "create", "--name", "bad"].iter().chain(bad).copied().collect();
+        let (ok, _, err) = fastgate(&gw, &args, None);
+        assert!(!ok && err.contains("budget"), "{bad:?}: {err}");
+    }
+
     // routes test: explains and exits 0 on a match, 1 without.
     let (ok, out, _) = fastgate(
         &gw,
