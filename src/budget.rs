@@ -29,11 +29,51 @@ pub const MAX_AMOUNT: f64 = 10_000_000.0;
 pub struct BudgetsConfig {
     /// Fractions of a budget's amount that raise an alert once crossed.
     pub alert_thresholds: Vec<f64>,
-    /// An HTTP(S) URL each alert is POSTed to as JSON (optional).
+    /// An HTTP(S) URL each alert is POSTed to as JSON (optional); a
+    /// `user:password@` in it is sent as Basic authorization.
+    #[serde(serialize_with = "masked_webhook")]
     pub webhook: Option<String>,
     /// Output tokens a reservation assumes for a request that names no
     /// `max_tokens` (or its spellings).
     pub default_output_tokens: u64,
+}
+
+/// The webhook as the admin API shows it: its password and its query
+/// (where receivers put their tokens) as `***`.
+fn masked_webhook<S: serde::Serializer>(url: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    let Some(url) = url else {
+        return s.serialize_none();
+    };
+    match url::Url::parse(url) {
+        Ok(mut u) => {
+            if u.password().is_some() {
+                let _ = u.set_password(Some("***"));
+            }
+            if u.query().is_some() {
+                u.set_query(Some("***"));
+            }
+            s.serialize_some(u.as_str())
+        }
+        Err(_) => s.serialize_some("***"),
+    }
+}
+
+/// A webhook URL without its userinfo, and the `Authorization` header the
+/// userinfo stands for.
+fn webhook_target(url: &str) -> (String, Option<String>) {
+    use base64::Engine;
+    let Ok(mut u) = url::Url::parse(url) else {
+        return (url.to_string(), None);
+    };
+    if u.username().is_empty() && u.password().is_none() {
+        return (url.to_string(), None);
+    }
+    let decode = |s: &str| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned();
+    let pair = format!("{}:{}", decode(u.username()), decode(u.password().unwrap_or("")));
+    let _ = u.set_username("");
+    let _ = u.set_password(None);
+    let auth = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(pair));
+    (u.to_string(), Some(auth))
 }
 
 impl Default for BudgetsConfig {
@@ -74,10 +114,16 @@ impl BudgetsConfig {
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Budget {
-    /// In the price table's currency.
+    /// In the price table's currency (`-0` read as 0).
+    #[serde(deserialize_with = "amount")]
     pub amount: f64,
     #[serde(default)]
     pub period: BudgetPeriod,
+}
+
+fn amount<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    // Adding 0 turns -0 into 0; other values are unchanged.
+    f64::deserialize(d).map(|a| a + 0.0)
 }
 
 /// Amounts are checked finite ([`Budget::check`]) before they are kept.
@@ -87,8 +133,9 @@ impl Budget {
     /// Why `self` cannot be a budget, if it cannot.
     pub fn check(&self) -> Result<(), String> {
         if !self.amount.is_finite() || self.amount < 0.0 || self.amount > MAX_AMOUNT {
+            // 1e300 shown as such, not as its 301 digits.
             return Err(format!(
-                "budget.amount: {} must be a number from 0 to {MAX_AMOUNT}",
+                "budget.amount: {:e} must be a number from 0 to {MAX_AMOUNT}",
                 self.amount
             ));
         }
@@ -169,8 +216,10 @@ impl BudgetPeriod {
 /// `amount` in micro-units, rounded up (a cost is never under-counted);
 /// anything not a positive finite number is 0.
 pub fn to_micros(amount: f64) -> u64 {
-    if amount.is_finite() && amount > 0.0 {
-        (amount * MICROS).ceil().min(u64::MAX as f64) as u64
+    // `as` saturates: an amount too large (or infinite) counts as the most,
+    // never as nothing; NaN and negatives are nothing.
+    if amount > 0.0 {
+        (amount * MICROS).ceil() as u64
     } else {
         0
     }
@@ -478,12 +527,16 @@ pub async fn deliver(url: String, mut queue: tokio::sync::mpsc::Receiver<AlertEv
     };
     let client: hyper_util::client::legacy::Client<_, String> =
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(https);
+    let (url, authorization) = webhook_target(&url);
     while let Some(event) = queue.recv().await {
         let body = serde_json::to_string(&event).unwrap_or_default();
-        let request = http::Request::post(url.as_str())
+        let mut request = http::Request::post(url.as_str())
             .header(http::header::CONTENT_TYPE, "application/json")
-            .header(http::header::USER_AGENT, "fastgate-budget-alert")
-            .body(body);
+            .header(http::header::USER_AGENT, "fastgate-budget-alert");
+        if let Some(auth) = &authorization {
+            request = request.header(http::header::AUTHORIZATION, auth.as_str());
+        }
+        let request = request.body(body);
         let Ok(request) = request else {
             failed.inc();
             continue;
@@ -619,5 +672,31 @@ mod tests {
         let crossed: Vec<f64> = crossed(&[0.8, 1.0], 1_000_000, 790_000, 1_000_000).collect();
         assert_eq!(crossed, vec![0.8, 1.0]);
         assert_eq!(super::crossed(&[0.8, 1.0], 1_000_000, 800_000, 900_000).count(), 0);
+    }
+
+    #[test]
+    fn a_webhooks_userinfo_is_sent_as_basic_and_shown_as_stars() {
+        let (url, auth) = super::webhook_target("https://alert:s%40cret@hooks.example/a?token=t");
+        assert_eq!(url, "https://hooks.example/a?token=t");
+        assert_eq!(auth.as_deref(), Some("Basic YWxlcnQ6c0BjcmV0"));
+        assert_eq!(super::webhook_target("http://h/a"), ("http://h/a".into(), None));
+        let config = BudgetsConfig {
+            webhook: Some("https://alert:s%40cret@hooks.example/a?token=t".into()),
+            ..BudgetsConfig::default()
+        };
+        let shown = serde_json::to_string(&config).unwrap();
+        assert!(
+            shown.contains(r#""webhook":"https://alert:***@hooks.example/a?***""#),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn minus_zero_is_zero_and_huge_amounts_are_told_briefly() {
+        let b: Budget = serde_json::from_str(r#"{"amount": -0.0, "period": "day"}"#).unwrap();
+        assert!(b.amount.is_sign_positive() && b.check().is_ok());
+        let b: Budget = serde_json::from_str(r#"{"amount": 1e300}"#).unwrap();
+        let e = b.check().unwrap_err();
+        assert!(e.len() < 80 && e.contains("1e300"), "{e}");
     }
 }

@@ -191,7 +191,7 @@ pub enum PricingError {
     Glob { index: usize, glob: String, reason: String },
     #[error("pricing.models[{index}].effective: {value:?} is not a date like 2026-12-01")]
     Date { index: usize, value: String },
-    #[error("pricing.models[{index}]: rates must be finite and not negative")]
+    #[error("pricing.models[{index}]: rates are per million tokens, from 0 to {MAX_RATE}")]
     Rate { index: usize },
     #[error(
         "pricing.currency: {0:?} with the shipped table (in USD); set `builtin: false` to price in another currency"
@@ -203,6 +203,11 @@ pub enum PricingError {
     Builtin(String),
 }
 
+/// The dearest rate a rule may set, per million tokens: far above any
+/// model's, and low enough that a request's cost stays a sane number (with
+/// counts at most `usage::scan::MAX_COUNT`).
+pub const MAX_RATE: f64 = 1_000_000.0;
+
 fn finite(r: &Rates) -> bool {
     [
         Some(r.input),
@@ -213,7 +218,7 @@ fn finite(r: &Rates) -> bool {
     ]
     .into_iter()
     .flatten()
-    .all(|v| v.is_finite() && v >= 0.0)
+    .all(|v| (0.0..=MAX_RATE).contains(&v))
 }
 
 fn day_ms(value: &str) -> Option<i64> {

@@ -311,7 +311,7 @@ impl RateLimiter {
             None => map.entry(scope.to_string()).or_default(),
         };
         w.roll(now_ms / self.window_ms);
-        w.tokens += tokens;
+        w.tokens = w.tokens.saturating_add(tokens);
     }
 
     /// Forget every scope that counts nothing any more (both its buckets

@@ -476,6 +476,8 @@ impl AppState {
                 "secrets" => old.secrets.master_key != new.secrets.master_key,
                 // The password is masked in `settings_of`.
                 "cluster" => old.cluster.redis != new.cluster.redis || old.cluster.postgres != new.cluster.postgres,
+                // So are the webhook's password and query.
+                "budgets" => old.budgets.webhook != new.budgets.webhook,
                 _ => false,
             };
             if a != b || hidden_change {

@@ -290,22 +290,24 @@ async fn the_operators_rates_come_first_and_reload_live() {
         "{r:?}"
     );
 
-    // A table that does not load is refused, the old one keeps serving.
-    let bad = text.replace("input: 0, output: 0", "input: -1, output: 0");
-    common::write(&path, &bad);
-    let r = reqwest::Client::new()
-        .post(gw.admin_url("/api/config/reload"))
-        .bearer_auth(TOKEN)
-        .json(&json!({}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 400);
-    let body: Value = r.json().await.unwrap();
-    assert!(
-        body.to_string().contains("rates must be finite and not negative"),
-        "{body}"
-    );
+    // A table that does not load is refused, the old one keeps serving: a
+    // negative rate, or one so dear a cost would be no number.
+    for rates in ["input: -1, output: 0", "input: 0, output: 1e308"] {
+        common::write(&path, &text.replace("input: 0, output: 0", rates));
+        let r = reqwest::Client::new()
+            .post(gw.admin_url("/api/config/reload"))
+            .bearer_auth(TOKEN)
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{rates}");
+        let body: Value = r.json().await.unwrap();
+        assert!(
+            body.to_string().contains("rates are per million tokens, from 0 to"),
+            "{body}"
+        );
+    }
     let pricing = admin(&gw, "/api/pricing").await;
     assert_eq!(pricing["rules"][0]["version"], "config/v2", "{pricing}");
 }
@@ -345,7 +347,10 @@ async fn a_budget_reached_by_concurrent_requests_is_exceeded_by_at_most_one_rese
     let mock = MockUpstream::start().await;
     let (hook, alerts) = webhook().await;
     let gw = Gateway::start_with_admin(
-        &config(&mock, &format!("budgets:\n  webhook: http://{hook}/alerts\n")),
+        &config(
+            &mock,
+            &format!("budgets:\n  webhook: http://alert:s%40cret@{hook}/alerts?token=t0k3n\n"),
+        ),
         &[("r.yaml", ROUTES)],
     )
     .await;
@@ -415,6 +420,116 @@ async fn a_budget_reached_by_concurrent_requests_is_exceeded_by_at_most_one_rese
         !got.iter().any(|a| a.to_string().contains(&secret)),
         "no secret in an alert"
     );
+    // The URL's userinfo went as Basic authorization, its query as given.
+    let head = got[0]["_head"].as_str().unwrap();
+    assert!(head.starts_with("post /alerts?token=t0k3n http/1.1"), "{head}");
+    // base64("alert:s@cret")
+    assert!(head.contains("authorization: basic ywxlcnq6c0bjcmv0"), "{head}");
+    // The admin API shows neither the password nor the query.
+    let shown = admin(&gw, "/api/config").await.to_string();
+    assert!(shown.contains("alert:***@"), "{shown}");
+    assert!(!shown.contains("s%40cret") && !shown.contains("t0k3n"), "{shown}");
+}
+
+/// Bodies an upstream reads but a strict parser would not (a repeated
+/// `max_tokens`, `600.0`, `1e20`) reserve what they may cost, and a body
+/// that only looks like JSON reserves the whole budget: thirty at once
+/// never get more than the budget's share through.
+#[tokio::test]
+async fn hostile_bodies_reserve_what_they_may_cost() {
+    let mock = MockUpstream::start().await;
+    let gw = Gateway::start_with_admin(&config(&mock, ""), &[("r.yaml", ROUTES)]).await;
+    can(&mock, openai_whole("gpt-4o"));
+    let msgs = r#""messages":[{"role":"user","content":"hi"}]"#;
+    for body in [
+        format!(r#"{{"model":"gpt-4o","max_tokens":600,"max_tokens":600,{msgs}}}"#),
+        format!(r#"{{"model":"gpt-4o","max_tokens":600.0,{msgs}}}"#),
+        format!(r#"{{"model":"gpt-4o","max_tokens":1e20,{msgs}}}"#),
+        format!(r#"{{"model":"gpt-4o","max_tokens":600,{msgs}"#),
+    ] {
+        let amount = 0.05;
+        let (_, secret) = key_with_budget(&gw, json!({"amount": amount, "period": "day"})).await;
+        gw.wait_key(&secret, "/v1/messages").await;
+        mock.clear();
+        let send = || {
+            reqwest::Client::new()
+                .post(gw.url("/v1/chat/completions"))
+                .bearer_auth(&secret)
+                .header("content-type", "application/json")
+                .body(body.clone())
+                .send()
+        };
+        let answers = futures_util::future::join_all((0..30).map(|_| send())).await;
+        let ok: Vec<String> = answers
+            .iter()
+            .map(|r| r.as_ref().unwrap())
+            .filter(|r| r.status() == 200)
+            .map(|r| r.headers()["x-request-id"].to_str().unwrap().to_string())
+            .collect();
+        assert!(
+            answers
+                .iter()
+                .all(|r| matches!(r.as_ref().unwrap().status().as_u16(), 200 | 429)),
+            "{body}"
+        );
+        // Each answer costs 0.005615: nine would be past the budget.
+        assert!((1..=9).contains(&ok.len()), "{body}: {} admitted", ok.len());
+        assert_eq!(mock.seen().len(), ok.len(), "{body}");
+        let rows = gw.wait_audit_ids(ok.iter()).await;
+        let spent: f64 = rows
+            .iter()
+            .filter(|r| ok.contains(&r.request_id))
+            .filter_map(|r| r.cost)
+            .sum();
+        assert!(spent < amount + 0.006_5, "{body}: spent {spent} of {amount}");
+    }
+}
+
+/// Counts no provider could mean (u64::MAX, -5, 1e20, "10", a billion)
+/// are not believed: the request is charged its estimate, flagged, and
+/// neither its key's budget nor the stats are poisoned.
+#[tokio::test]
+async fn usage_no_provider_could_mean_is_charged_its_estimate() {
+    let mock = MockUpstream::start().await;
+    let gw = Gateway::start_with_admin(&config(&mock, ""), &[("r.yaml", ROUTES)]).await;
+    let (id, secret) = key_with_budget(&gw, json!({"amount": 1.0, "period": "total"})).await;
+    gw.wait_key(&secret, "/v1/messages").await;
+    let mut ids = Vec::new();
+    for usage in [
+        json!({"prompt_tokens": u64::MAX, "completion_tokens": 1}),
+        json!({"prompt_tokens": -5, "completion_tokens": 3}),
+        json!({"prompt_tokens": 1e20, "completion_tokens": 3}),
+        json!({"prompt_tokens": "10", "completion_tokens": 3}),
+        json!({"prompt_tokens": 2_000_000_000u64, "completion_tokens": 3}),
+    ] {
+        let mut answer = openai_whole("gpt-4o");
+        answer.whole.as_mut().unwrap()["usage"] = usage.clone();
+        can(&mock, answer);
+        let r = chat(&gw, &secret, 30_000).await;
+        assert_eq!(r.status(), 200, "{usage}");
+        ids.push(r.headers()["x-request-id"].to_str().unwrap().to_string());
+    }
+    let rows = gw.wait_audit_ids(ids.iter()).await;
+    assert_eq!(rows.iter().filter(|r| ids.contains(&r.request_id)).count(), 5);
+    for r in rows.iter().filter(|r| ids.contains(&r.request_id)) {
+        assert!(r.usage_estimated, "{r:?}");
+        let (p, c) = (r.prompt_tokens.unwrap(), r.completion_tokens.unwrap());
+        assert!(p > 0 && p < 1_000 && c < 1_000, "{r:?}");
+        let cost = r.cost.unwrap();
+        assert!(cost > 0.0 && cost < 0.01, "{r:?}");
+    }
+    // The budget counts the estimates (nothing leaked or locked) ...
+    let usage = admin(&gw, &format!("/api/keys/{id}/usage")).await;
+    let spent = usage["budget"]["spent"].as_f64().unwrap();
+    assert!(spent > 0.0 && spent < 0.05, "{usage}");
+    can(&mock, openai_whole("gpt-4o"));
+    assert_eq!(chat(&gw, &secret, 600).await.status(), 200);
+    // ... and the stats still add up.
+    for path in ["/api/stats/summary", "/api/stats/top?by=model"] {
+        admin(&gw, path).await;
+    }
+    let metrics = gw.metrics().await;
+    assert!(metrics.contains("fastgate_usage_estimated_total"), "{metrics}");
 }
 
 /// A webhook receiver on a loopback port: every POSTed body, parsed.
@@ -455,7 +570,9 @@ async fn webhook() -> (std::net::SocketAddr, std::sync::Arc<std::sync::Mutex<Vec
                         continue;
                     }
                     let body = &buf[head_end + 4..head_end + 4 + length];
-                    seen.lock().unwrap().push(serde_json::from_slice(body).unwrap());
+                    let mut alert: Value = serde_json::from_slice(body).unwrap();
+                    alert["_head"] = Value::String(text[..head_end].to_ascii_lowercase());
+                    seen.lock().unwrap().push(alert);
                     let _ = s
                         .write_all(b"HTTP/1.1 204 No Content\r\nconnection: close\r\n\r\n")
                         .await;

@@ -12,7 +12,6 @@ use crate::{
     config::OnRedisDown,
     ratelimit::{Admission, Counted, Limited, QuotaTracker, RateChecks, RateLimiter, Refusal, Ticket},
 };
-use serde::Deserialize;
 use std::sync::{Arc, atomic::Ordering};
 use std::time::Duration;
 use tokio::sync::mpsc::error::TryRecvError;
@@ -110,42 +109,223 @@ pub struct Asked {
     pub output: Option<u64>,
     /// The model it names in the body (Gemini's is in the path).
     pub model: Option<String>,
+    /// A body that looks like a JSON object (after whitespace or a BOM) but
+    /// that FastGate could not read (too deep, malformed): an upstream may
+    /// still read it, so budgets reserve their most. Other bodies
+    /// (multipart, binary) name no priced model and reserve nothing.
+    pub unreadable: bool,
 }
 
-/// Read `body` for [`Asked`]; a body that is not JSON asks for no output.
+/// Read `body` for [`Asked`] as an upstream would: a repeated key's last
+/// value wins, a number in any spelling counts (`10.0`, `1e20`, saturated
+/// to `u64`; negative is 0), a value of another type says nothing. Other
+/// fields are skipped without being built.
 pub fn asked(body: Option<&[u8]>) -> Asked {
-    #[derive(Deserialize)]
-    struct Generation {
-        #[serde(rename = "maxOutputTokens")]
-        max_output_tokens: Option<u64>,
-    }
-    #[derive(Deserialize)]
-    struct Ask {
-        model: Option<String>,
-        max_tokens: Option<u64>,
-        max_completion_tokens: Option<u64>,
-        max_output_tokens: Option<u64>,
-        #[serde(rename = "generationConfig")]
-        generation: Option<Generation>,
-    }
     let Some(body) = body else {
         return Asked::default();
     };
-    let ask = serde_json::from_slice::<Ask>(body).ok();
-    let (output, model) = match ask {
-        Some(a) => (
-            a.max_tokens
+    let prompt = crate::usage::estimate::prompt_tokens(body.len() as u64);
+    match serde_json::from_slice::<ask::Ask>(body) {
+        Ok(a) => Asked {
+            prompt,
+            output: a
+                .max_tokens
                 .or(a.max_completion_tokens)
                 .or(a.max_output_tokens)
-                .or(a.generation.and_then(|g| g.max_output_tokens)),
-            a.model,
-        ),
-        None => (None, None),
-    };
-    Asked {
-        prompt: crate::usage::estimate::prompt_tokens(body.len() as u64),
-        output,
-        model,
+                .or(a.max_output_tokens_gemini),
+            model: a.model,
+            unreadable: false,
+        },
+        Err(_) => {
+            let text = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
+            Asked {
+                prompt,
+                unreadable: text.trim_ascii_start().starts_with(b"{"),
+                ..Asked::default()
+            }
+        }
+    }
+}
+
+/// The lenient reader behind [`asked`].
+mod ask {
+    use serde::Deserialize;
+    use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
+    use std::fmt;
+
+    #[derive(Default)]
+    pub struct Ask {
+        pub model: Option<String>,
+        pub max_tokens: Option<u64>,
+        pub max_completion_tokens: Option<u64>,
+        pub max_output_tokens: Option<u64>,
+        /// `generationConfig.maxOutputTokens`.
+        pub max_output_tokens_gemini: Option<u64>,
+    }
+
+    enum Field {
+        Model,
+        MaxTokens,
+        MaxCompletionTokens,
+        MaxOutputTokens,
+        GenerationConfig,
+        MaxOutputTokensGemini,
+        Other,
+    }
+
+    impl<'de> Deserialize<'de> for Field {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl Visitor<'_> for V {
+                type Value = Field;
+                fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                    f.write_str("a key")
+                }
+                fn visit_str<E: de::Error>(self, s: &str) -> Result<Field, E> {
+                    Ok(match s {
+                        "model" => Field::Model,
+                        "max_tokens" => Field::MaxTokens,
+                        "max_completion_tokens" => Field::MaxCompletionTokens,
+                        "max_output_tokens" => Field::MaxOutputTokens,
+                        "generationConfig" => Field::GenerationConfig,
+                        "maxOutputTokens" => Field::MaxOutputTokensGemini,
+                        _ => Field::Other,
+                    })
+                }
+            }
+            d.deserialize_str(V)
+        }
+    }
+
+    /// A value read for a count or a name; anything else is skipped.
+    enum Scalar {
+        Count(u64),
+        Text(String),
+        Other,
+    }
+
+    impl Scalar {
+        fn count(self) -> Option<u64> {
+            match self {
+                Scalar::Count(n) => Some(n),
+                _ => None,
+            }
+        }
+        fn text(self) -> Option<String> {
+            match self {
+                Scalar::Text(t) => Some(t),
+                _ => None,
+            }
+        }
+    }
+
+    impl<'de> Deserialize<'de> for Scalar {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = Scalar;
+                fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                    f.write_str("any JSON value")
+                }
+                fn visit_u64<E>(self, n: u64) -> Result<Scalar, E> {
+                    Ok(Scalar::Count(n))
+                }
+                fn visit_i64<E>(self, n: i64) -> Result<Scalar, E> {
+                    Ok(Scalar::Count(n.max(0) as u64))
+                }
+                fn visit_f64<E>(self, n: f64) -> Result<Scalar, E> {
+                    // `as` saturates, and NaN (not JSON anyway) is 0.
+                    Ok(Scalar::Count(n as u64))
+                }
+                fn visit_str<E>(self, s: &str) -> Result<Scalar, E> {
+                    Ok(Scalar::Text(s.to_owned()))
+                }
+                fn visit_bool<E>(self, _: bool) -> Result<Scalar, E> {
+                    Ok(Scalar::Other)
+                }
+                fn visit_unit<E>(self) -> Result<Scalar, E> {
+                    Ok(Scalar::Other)
+                }
+                fn visit_seq<A: de::SeqAccess<'de>>(self, mut a: A) -> Result<Scalar, A::Error> {
+                    while a.next_element::<IgnoredAny>()?.is_some() {}
+                    Ok(Scalar::Other)
+                }
+                fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Scalar, A::Error> {
+                    while a.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                    Ok(Scalar::Other)
+                }
+            }
+            d.deserialize_any(V)
+        }
+    }
+
+    /// The object's fields (`generationConfig` nests: it is read with the
+    /// same visitor, and only its `maxOutputTokens` kept).
+    struct Object;
+
+    impl<'de> Visitor<'de> for Object {
+        type Value = Option<Ask>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Option<Ask>, A::Error> {
+            let mut ask = Ask::default();
+            while let Some(field) = map.next_key::<Field>()? {
+                match field {
+                    Field::Model => ask.model = map.next_value::<Scalar>()?.text(),
+                    Field::MaxTokens => ask.max_tokens = map.next_value::<Scalar>()?.count(),
+                    Field::MaxCompletionTokens => ask.max_completion_tokens = map.next_value::<Scalar>()?.count(),
+                    Field::MaxOutputTokens => ask.max_output_tokens = map.next_value::<Scalar>()?.count(),
+                    Field::MaxOutputTokensGemini => ask.max_output_tokens_gemini = map.next_value::<Scalar>()?.count(),
+                    Field::GenerationConfig => {
+                        ask.max_output_tokens_gemini =
+                            map.next_value::<Nested>()?.0.and_then(|g| g.max_output_tokens_gemini)
+                    }
+                    Field::Other => {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+            }
+            Ok(Some(ask))
+        }
+        // `generationConfig` of another type says nothing.
+        fn visit_u64<E>(self, _: u64) -> Result<Option<Ask>, E> {
+            Ok(None)
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<Option<Ask>, E> {
+            Ok(None)
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<Option<Ask>, E> {
+            Ok(None)
+        }
+        fn visit_str<E>(self, _: &str) -> Result<Option<Ask>, E> {
+            Ok(None)
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<Option<Ask>, E> {
+            Ok(None)
+        }
+        fn visit_unit<E>(self) -> Result<Option<Ask>, E> {
+            Ok(None)
+        }
+        fn visit_seq<A: de::SeqAccess<'de>>(self, mut a: A) -> Result<Option<Ask>, A::Error> {
+            while a.next_element::<IgnoredAny>()?.is_some() {}
+            Ok(None)
+        }
+    }
+
+    struct Nested(Option<Ask>);
+
+    impl<'de> Deserialize<'de> for Nested {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            d.deserialize_any(Object).map(Nested)
+        }
+    }
+
+    impl<'de> Deserialize<'de> for Ask {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            d.deserialize_map(Object)?
+                .ok_or_else(|| de::Error::custom("not an object"))
+        }
     }
 }
 
@@ -549,7 +729,50 @@ impl Cluster {
 
 #[cfg(test)]
 mod tests {
-    use super::{Settlement, aggregate, reserve_for};
+    use super::{Settlement, aggregate, asked, reserve_for};
+
+    /// Read as an upstream reads it: the last of repeated keys, numbers in
+    /// any spelling; what only looks like a JSON object is unreadable.
+    #[test]
+    fn a_body_is_read_for_its_model_and_output_as_an_upstream_would() {
+        let read = |b: &str| {
+            let a = asked(Some(b.as_bytes()));
+            (a.model, a.output, a.unreadable)
+        };
+        let m = || Some("gpt-4o".to_string());
+        assert_eq!(read(r#"{"model":"gpt-4o","max_tokens":10}"#), (m(), Some(10), false));
+        assert_eq!(
+            read(r#"{"max_tokens":1,"model":"x","max_tokens":10,"model":"gpt-4o"}"#),
+            (m(), Some(10), false)
+        );
+        assert_eq!(read(r#"{"model":"gpt-4o","max_tokens":10.0}"#), (m(), Some(10), false));
+        assert_eq!(
+            read(r#"{"model":"gpt-4o","max_tokens":1e20}"#),
+            (m(), Some(u64::MAX), false)
+        );
+        assert_eq!(read(r#"{"model":"gpt-4o","max_tokens":-5}"#), (m(), Some(0), false));
+        assert_eq!(read(r#"{"model":"gpt-4o","max_tokens":"10"}"#), (m(), None, false));
+        assert_eq!(
+            read(r#"{"m\u006fdel":"gpt-4o","max_completion_tokens":7}"#),
+            (m(), Some(7), false)
+        );
+        assert_eq!(
+            read(r#"{"model":["gpt-4o"],"messages":[{"a":[1,{"b":null}]}]}"#),
+            (None, None, false)
+        );
+        assert_eq!(
+            read(r#"{"generationConfig":{"temperature":1,"maxOutputTokens":64},"contents":[]}"#),
+            (None, Some(64), false)
+        );
+        assert_eq!(read(r#"{"generationConfig":5}"#), (None, None, false));
+        // Skipped fields are skipped at any depth.
+        let deep = format!(r#"{{"model":"gpt-4o","x":{}{}}}"#, "[".repeat(5000), "]".repeat(5000));
+        assert_eq!(read(&deep), (m(), None, false));
+        // Cut off, or not JSON at all.
+        assert!(read("\u{feff} {\"model\":\"gpt-4o\",").2);
+        assert!(!read("--boundary\r\nContent-Disposition: form-data").2);
+        assert!(!read("").2);
+    }
     use crate::budget::{BudgetCheck, BudgetOf, BudgetPeriod};
     use crate::ratelimit::Ticket;
     use crate::ratelimit::{Limited, Limits, QuotaCheck, RateChecks, WindowCheck};

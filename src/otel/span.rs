@@ -56,15 +56,21 @@ impl RequestTrace {
             (Some(v), None) => context::parse_traceparent(v.as_bytes()),
             _ => None,
         };
-        let tracestate = parent
-            .and_then(|_| {
-                let mut states = headers.get_all("tracestate").iter();
-                match (states.next(), states.next()) {
-                    (Some(v), None) if context::valid_tracestate(v.as_bytes()) => v.to_str().ok(),
-                    _ => None,
+        // Several `tracestate` lines are one list (W3C: combined as by RFC
+        // 9110), carried on whole or not at all.
+        let tracestate = parent.and_then(|_| {
+            let mut joined = String::new();
+            for v in headers.get_all("tracestate") {
+                if !joined.is_empty() {
+                    joined.push(',');
                 }
-            })
-            .map(str::to_string);
+                joined.push_str(v.to_str().ok()?);
+                if joined.len() > context::TRACESTATE_MAX {
+                    return None;
+                }
+            }
+            context::valid_tracestate(joined.as_bytes()).then_some(joined)
+        });
         let trace_id = parent.map_or_else(context::new_trace_id, |p: Parent| p.trace_id);
         let head_sampled = parent.is_some_and(|p| p.sampled) || sampler.by_ratio(trace_id);
         Box::new(RequestTrace {

@@ -201,6 +201,21 @@ pub struct RequestCtx {
     _in_flight: Option<InFlight>,
 }
 
+/// A request that ends without reaching `finish` (a panic unwinding its
+/// task) still gives its reservations back: held, they would refuse the
+/// key's next requests until the period ends.
+impl Drop for RequestCtx {
+    fn drop(&mut self) {
+        if let Some(admission) = self.admission.take() {
+            tracing::error!(
+                request_id = %self.request_id,
+                "request ended without settling its limits; its reservations were released"
+            );
+            super::finish::settle(&self.state, &self.request_id, admission, 0, 0);
+        }
+    }
+}
+
 impl RequestCtx {
     pub fn new(state: &Arc<AppState>) -> Self {
         RequestCtx {

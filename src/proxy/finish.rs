@@ -29,10 +29,13 @@ pub fn finish(session: &Session, ctx: &mut RequestCtx, e: Option<&pingora::Error
     // A stream that ended cleanly without the provider's usage (a proxy
     // that strips it, a provider that omits it, a client field that turned
     // it off) is charged its estimate too: a clean end is not a free one.
-    let usage_missing = ctx.response.meter.is_sse()
-        && ctx.response.upstream_answered
+    // So is an answer whose usage could not be read or believed (`-5`,
+    // `1e20`, a billion tokens): a broken count is not a free request.
+    let usage_missing = ctx.response.upstream_answered
         && (200..300).contains(&status)
-        && (reported.prompt_tokens.is_none() || reported.completion_tokens.is_none());
+        && (ctx.response.meter.usage_unreadable()
+            || ctx.response.meter.is_sse()
+                && (reported.prompt_tokens.is_none() || reported.completion_tokens.is_none()));
     let (usage, usage_estimated) = estimate::charge(
         reported,
         unfinished(ctx, e) || usage_missing,
@@ -53,7 +56,10 @@ pub fn finish(session: &Session, ctx: &mut RequestCtx, e: Option<&pingora::Error
         .or_else(|| ctx.response.meter.response_model().map(str::to_owned));
     let retries = ctx.upstream.attempts.saturating_sub(1);
 
-    let tokens = usage.prompt_tokens.unwrap_or(0) + usage.completion_tokens.unwrap_or(0);
+    let tokens = usage
+        .prompt_tokens
+        .unwrap_or(0)
+        .saturating_add(usage.completion_tokens.unwrap_or(0));
     if let Some(lease) = &ctx.upstream.lease {
         lease.key().add_tokens(tokens);
     }
@@ -69,24 +75,13 @@ pub fn finish(session: &Session, ctx: &mut RequestCtx, e: Option<&pingora::Error
     };
     let cost = price.map(|p| p.cost(&crate::usage::priced(&usage)));
     if let Some(admission) = ctx.admission.take() {
-        let now = crate::clock::now_ms() as u64;
-        let micros = cost.map_or(0, crate::budget::to_micros);
-        match &state.cluster {
-            Some(cluster) => cluster.settle(
-                &ctx.request_id,
-                admission,
-                (tokens, micros),
-                (&state.limiter, &state.quotas, &state.budgets),
-                now,
-            ),
-            None => {
-                let checks = &admission.checks;
-                state.limiter.charge_all(&state.quotas, checks, tokens, now);
-                state
-                    .budgets
-                    .settle_all(&checks.budgets, checks.cost_reserve, micros, Some(&state.alerts));
-            }
-        }
+        settle(
+            &state,
+            &ctx.request_id,
+            admission,
+            tokens,
+            cost.map_or(0, crate::budget::to_micros),
+        );
     }
     let m = &state.metrics;
     let mut status_buf = itoa::Buffer::new();
@@ -311,4 +306,32 @@ fn unfinished(ctx: &RequestCtx, e: Option<&pingora::Error>) -> bool {
 /// Milliseconds to two decimals, for log fields (numbers in JSON lines).
 fn round_ms(ms: f64) -> f64 {
     (ms * 100.0).round() / 100.0
+}
+
+/// Swap a request's reservations for what it used: `tokens` for its token
+/// limits and quotas, `micros` for its budgets.
+pub fn settle(
+    state: &crate::state::AppState,
+    request_id: &str,
+    admission: crate::ratelimit::Admission,
+    tokens: u64,
+    micros: u64,
+) {
+    let now = crate::clock::now_ms() as u64;
+    match &state.cluster {
+        Some(cluster) => cluster.settle(
+            request_id,
+            admission,
+            (tokens, micros),
+            (&state.limiter, &state.quotas, &state.budgets),
+            now,
+        ),
+        None => {
+            let checks = &admission.checks;
+            state.limiter.charge_all(&state.quotas, checks, tokens, now);
+            state
+                .budgets
+                .settle_all(&checks.budgets, checks.cost_reserve, micros, Some(&state.alerts));
+        }
+    }
 }

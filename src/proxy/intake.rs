@@ -309,9 +309,13 @@ pub async fn admit(state: &Arc<AppState>, session: &mut Session, ctx: &mut Reque
 /// its prompt estimate at the input rate plus the output it allows (or
 /// `budgets.default_output_tokens`) at the output rate, priced for the
 /// route's first upstream. A model no rule prices reserves nothing (it
-/// costs nothing).
+/// costs nothing); a body FastGate cannot read reserves each budget's
+/// whole amount (an upstream may read it, and bill it).
 fn cost_reserve(state: &AppState, route: &Route, path: &str, model: Option<&str>, body: Option<&[u8]>) -> u64 {
     let asked = crate::cluster::limits::asked(body);
+    if asked.unreadable {
+        return u64::MAX;
+    }
     let model = model
         .or(asked.model.as_deref())
         .or_else(|| model_from_gemini_path(path));

@@ -141,8 +141,12 @@ impl Totals {
             self.sum_ttfb += t;
             self.ttfb.add(t);
         }
-        self.prompt_tokens += r.prompt_tokens.map_or(0, |t| t.min(i64::MAX as u64) as i64);
-        self.completion_tokens += r.completion_tokens.map_or(0, |t| t.min(i64::MAX as u64) as i64);
+        self.prompt_tokens = self
+            .prompt_tokens
+            .saturating_add(r.prompt_tokens.map_or(0, |t| t.min(i64::MAX as u64) as i64));
+        self.completion_tokens = self
+            .completion_tokens
+            .saturating_add(r.completion_tokens.map_or(0, |t| t.min(i64::MAX as u64) as i64));
         self.cost += r.cost.filter(|c| c.is_finite()).unwrap_or(0.0);
     }
 }
@@ -282,8 +286,8 @@ impl Summary {
             self.sum_ttfb += t;
             self.ttfb.add(t);
         }
-        self.prompt_tokens += prompt.unwrap_or(0);
-        self.completion_tokens += completion.unwrap_or(0);
+        self.prompt_tokens = self.prompt_tokens.saturating_add(prompt.unwrap_or(0));
+        self.completion_tokens = self.completion_tokens.saturating_add(completion.unwrap_or(0));
     }
 }
 
@@ -304,13 +308,13 @@ pub fn summary(conn: &Connection, since: i64) -> Result<Summary, StoreError> {
     )?;
     let mut rows = rolled.query([edge.div_euclid(MINUTE_MS)])?;
     while let Some(r) = rows.next()? {
-        s.requests += r.get::<_, i64>(0)?;
-        s.errors += r.get::<_, i64>(1)?;
+        s.requests = s.requests.saturating_add(r.get::<_, i64>(0)?);
+        s.errors = s.errors.saturating_add(r.get::<_, i64>(1)?);
         s.sum_ms += r.get::<_, f64>(2)?;
-        s.n_ttfb += r.get::<_, i64>(3)?;
+        s.n_ttfb = s.n_ttfb.saturating_add(r.get::<_, i64>(3)?);
         s.sum_ttfb += r.get::<_, f64>(4)?;
-        s.prompt_tokens += r.get::<_, i64>(5)?;
-        s.completion_tokens += r.get::<_, i64>(6)?;
+        s.prompt_tokens = s.prompt_tokens.saturating_add(r.get::<_, i64>(5)?);
+        s.completion_tokens = s.completion_tokens.saturating_add(r.get::<_, i64>(6)?);
         s.latency.add_blob(r.get_ref(7)?.as_blob().unwrap_or_default());
         s.ttfb.add_blob(r.get_ref(8)?.as_blob().unwrap_or_default());
         s.cost += r.get::<_, f64>(9)?;
@@ -346,11 +350,11 @@ pub fn timeseries(conn: &Connection, since: i64, bucket_ms: i64) -> Result<BTree
     )?;
     let mut fold = |r: &rusqlite::Row<'_>| -> rusqlite::Result<()> {
         let p = out.entry(r.get(0)?).or_default();
-        p.requests += r.get::<_, i64>(1)?;
-        p.errors += r.get::<_, i64>(2)?;
+        p.requests = p.requests.saturating_add(r.get::<_, i64>(1)?);
+        p.errors = p.errors.saturating_add(r.get::<_, i64>(2)?);
         p.sum_ms += r.get::<_, f64>(3)?;
-        p.prompt_tokens += r.get::<_, i64>(4)?;
-        p.completion_tokens += r.get::<_, i64>(5)?;
+        p.prompt_tokens = p.prompt_tokens.saturating_add(r.get::<_, i64>(4)?);
+        p.completion_tokens = p.completion_tokens.saturating_add(r.get::<_, i64>(5)?);
         p.cost += r.get::<_, f64>(6)?;
         Ok(())
     };
@@ -418,9 +422,9 @@ pub fn top(conn: &Connection, since: i64, by: By, limit: usize) -> Result<Vec<To
             value,
             ..TopItem::default()
         });
-        item.requests += r.get::<_, i64>(1)?;
-        item.errors += r.get::<_, i64>(2)?;
-        item.tokens += r.get::<_, i64>(3)?;
+        item.requests = item.requests.saturating_add(r.get::<_, i64>(1)?);
+        item.errors = item.errors.saturating_add(r.get::<_, i64>(2)?);
+        item.tokens = item.tokens.saturating_add(r.get::<_, i64>(3)?);
         item.sum_ms += r.get::<_, f64>(4)?;
         item.cost += r.get::<_, f64>(5)?;
         Ok(())

@@ -290,6 +290,16 @@ impl UsageMeter {
         })
     }
 
+    /// Whether the answer sent a usage object that could not be read or
+    /// believed (then the request is charged its estimate).
+    pub fn usage_unreadable(&self) -> bool {
+        self.decoding.sink().is_some_and(|s| match &s.scanner {
+            Scanner::Sse(sse) => sse.json.usage_unreadable(),
+            Scanner::Json(j) => j.usage_unreadable(),
+            Scanner::Off => false,
+        })
+    }
+
     /// Why the answer ended, as its provider said last.
     pub fn finish_reason(&self) -> Option<&str> {
         self.decoding.sink().and_then(|s| match &s.scanner {

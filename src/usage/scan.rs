@@ -74,6 +74,8 @@ pub struct JsonScan {
     model: Option<String>,
     /// The last reason an answer gave for ending (kept across events).
     finish: Option<String>,
+    /// A usage object could not be read or believed (kept across events).
+    unreadable: bool,
 }
 
 impl JsonScan {
@@ -93,6 +95,12 @@ impl JsonScan {
     /// The model the answer named, if it did.
     pub fn model(&self) -> Option<&str> {
         self.model.as_deref()
+    }
+
+    /// Whether a usage object the answer sent could not be read or
+    /// believed ([`MAX_COUNT`]).
+    pub fn usage_unreadable(&self) -> bool {
+        self.unreadable
     }
 
     /// Why the answer ended, as its provider said last (`stop`,
@@ -226,7 +234,7 @@ impl JsonScan {
                     && *at == self.depth
                     && let Some((buf, _)) = self.capture.take()
                 {
-                    read_counts(&buf, usage);
+                    self.unreadable |= !read_counts(&buf, usage);
                 }
             }
             b' ' | b'\t' | b'\r' | b'\n' => self.copy(&[b]),
@@ -294,22 +302,59 @@ struct Details {
     reasoning_tokens: Option<u64>,
 }
 
+/// A count above this is no count: no answer reads or writes a billion
+/// tokens, and a provider that says so (or says `-5`, `1e20`, `"10"`) has
+/// its usage object ignored and the request charged its estimate.
+pub const MAX_COUNT: u64 = 1_000_000_000;
+
+impl Counts {
+    fn believable(&self) -> bool {
+        let details = |d: &Option<Details>| {
+            d.as_ref()
+                .map_or([None, None], |d| [d.cached_tokens, d.reasoning_tokens])
+        };
+        [
+            self.prompt_tokens,
+            self.completion_tokens,
+            self.input_tokens,
+            self.output_tokens,
+            self.cache_creation_input_tokens,
+            self.cache_read_input_tokens,
+            self.prompt_token_count,
+            self.candidates_token_count,
+            self.thoughts_token_count,
+            self.cached_content_token_count,
+        ]
+        .into_iter()
+        .chain(details(&self.prompt_tokens_details))
+        .chain(details(&self.completion_tokens_details))
+        .chain(details(&self.input_tokens_details))
+        .chain(details(&self.output_tokens_details))
+        .all(|n| n.is_none_or(|n| n <= MAX_COUNT))
+    }
+}
+
 /// Parse one usage object and merge what it says into `usage`. Later
 /// objects win: providers report cumulative counts (a count a later object
 /// leaves out keeps its earlier value: Anthropic's `message_delta` may
-/// carry only `output_tokens`).
-fn read_counts(object: &[u8], usage: &mut Usage) {
-    let Ok(c) = serde_json::from_slice::<Counts>(object) else {
-        return;
+/// carry only `output_tokens`). False if the object could not be believed.
+fn read_counts(object: &[u8], usage: &mut Usage) -> bool {
+    let Some(c) = serde_json::from_slice::<Counts>(object).ok().filter(Counts::believable) else {
+        return false;
     };
     let prompt = c.prompt_tokens.or(c.prompt_token_count).or_else(|| {
         // Anthropic counts cache reads and writes apart from input_tokens.
-        c.input_tokens
-            .map(|i| i + c.cache_creation_input_tokens.unwrap_or(0) + c.cache_read_input_tokens.unwrap_or(0))
+        c.input_tokens.map(|i| {
+            i.saturating_add(c.cache_creation_input_tokens.unwrap_or(0))
+                .saturating_add(c.cache_read_input_tokens.unwrap_or(0))
+        })
     });
     let completion = c.completion_tokens.or(c.output_tokens).or_else(|| {
-        (c.candidates_token_count.is_some() || c.thoughts_token_count.is_some())
-            .then(|| c.candidates_token_count.unwrap_or(0) + c.thoughts_token_count.unwrap_or(0))
+        (c.candidates_token_count.is_some() || c.thoughts_token_count.is_some()).then(|| {
+            c.candidates_token_count
+                .unwrap_or(0)
+                .saturating_add(c.thoughts_token_count.unwrap_or(0))
+        })
     });
     let detail = |d: &Option<Details>, f: fn(&Details) -> Option<u64>| d.as_ref().and_then(f);
     let cache_read = c
@@ -331,6 +376,7 @@ fn read_counts(object: &[u8], usage: &mut Usage) {
     merge(&mut usage.cache_read_tokens, cache_read);
     merge(&mut usage.cache_write_tokens, c.cache_creation_input_tokens);
     merge(&mut usage.reasoning_tokens, reasoning);
+    true
 }
 
 #[cfg(test)]
@@ -371,6 +417,40 @@ mod tests {
     fn ignores_deep_keys_and_keys_in_strings() {
         let body = r#"{"tools":[{"parameters":{"properties":{"usage":{"prompt_tokens":1000}}}}],"text":"\"usage\":{\"prompt_tokens\":5}"}"#;
         assert_eq!(scan_all(&[body]), Usage::default());
+    }
+
+    #[test]
+    fn counts_no_provider_could_mean_are_not_believed() {
+        let read = |o: &str| {
+            let mut u = Usage::default();
+            (read_counts(o.as_bytes(), &mut u), u.prompt_tokens, u.completion_tokens)
+        };
+        assert_eq!(
+            read(r#"{"prompt_tokens":10,"completion_tokens":5}"#),
+            (true, Some(10), Some(5))
+        );
+        for bad in [
+            r#"{"prompt_tokens":-5,"completion_tokens":5}"#,
+            r#"{"prompt_tokens":1e20,"completion_tokens":5}"#,
+            r#"{"prompt_tokens":"10","completion_tokens":5}"#,
+            r#"{"prompt_tokens":10.5,"completion_tokens":5}"#,
+            r#"{"prompt_tokens":18446744073709551615,"completion_tokens":1}"#,
+            r#"{"input_tokens":1000000001,"output_tokens":1}"#,
+            r#"{"prompt_tokens":1,"prompt_tokens_details":{"cached_tokens":9000000000}}"#,
+        ] {
+            assert_eq!(read(bad), (false, None, None), "{bad}");
+        }
+        // At the bound, sums do not overflow.
+        let max = format!(
+            r#"{{"input_tokens":{m},"cache_read_input_tokens":{m},"cache_creation_input_tokens":{m}}}"#,
+            m = MAX_COUNT
+        );
+        assert_eq!(read(&max), (true, Some(3 * MAX_COUNT), None));
+        // The scanner remembers that an answer's usage was not believed.
+        let mut s = JsonScan::default();
+        let mut u = Usage::default();
+        s.feed(br#"{"id":"x","usage":{"prompt_tokens":-1}}"#, &mut u);
+        assert!(s.usage_unreadable());
     }
 
     #[test]
