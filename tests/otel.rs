@@ -299,6 +299,7 @@ async fn http_protobuf_openai_spans_carry_the_genai_attributes_and_no_key() {
         assert_eq!(a["gen_ai.usage.input_tokens"], "9");
         assert_eq!(a["gen_ai.usage.output_tokens"], if stream { "5" } else { "1" });
         assert_eq!(a["gen_ai.response.model"], "gpt-4o");
+        assert_eq!(a["gen_ai.response.id"], "c1");
         if !stream {
             // The mock's stream never says why it ended (the chunks carry null).
             assert_eq!(a["gen_ai.response.finish_reasons"], "stop");
@@ -383,6 +384,7 @@ async fn grpc_anthropic_continues_the_clients_trace_and_propagates_it() {
         assert_eq!(a["gen_ai.usage.input_tokens"], "12");
         assert_eq!(a["gen_ai.usage.output_tokens"], "3");
         assert_eq!(a["gen_ai.response.model"], "claude-sonnet-4");
+        assert_eq!(a["gen_ai.response.id"], "msg_1");
         assert_eq!(a["gen_ai.response.finish_reasons"], "end_turn");
         assert_eq!(a["fastgate.route"], "messages");
         let seen = mock.last();

@@ -154,6 +154,9 @@ impl RequestTrace {
         let last = self.attempts.last();
         let mut attrs = Vec::with_capacity(20);
         genai(&mut attrs);
+        if let Some(id) = f.response_id {
+            attrs.push(KeyValue::new("gen_ai.response.id", id.to_string()));
+        }
         if let Some(m) = f.response_model {
             attrs.push(KeyValue::new("gen_ai.response.model", m.to_string()));
         }
@@ -281,6 +284,7 @@ pub struct Finished<'a> {
     pub provider: Option<Provider>,
     pub request_model: Option<&'a str>,
     pub response_model: Option<&'a str>,
+    pub response_id: Option<&'a str>,
     pub finish_reasons: &'a [&'a str],
     /// The status the client got (499: it hung up).
     pub status: u16,

@@ -137,6 +137,7 @@ pub fn finish(session: &Session, ctx: &mut RequestCtx, e: Option<&pingora::Error
             provider: ctx.upstream.upstream.as_ref().map(|u| u.provider),
             request_model: model.as_deref(),
             response_model: ctx.response.meter.response_model(),
+            response_id: ctx.response.meter.response_id(),
             finish_reasons: finish.as_slice(),
             status,
             error,

@@ -300,6 +300,15 @@ impl UsageMeter {
         })
     }
 
+    /// The answer's own id, the first it gave.
+    pub fn response_id(&self) -> Option<&str> {
+        self.decoding.sink().and_then(|s| match &s.scanner {
+            Scanner::Sse(sse) => sse.json.response_id(),
+            Scanner::Json(j) => j.response_id(),
+            Scanner::Off => None,
+        })
+    }
+
     /// Why the answer ended, as its provider said last.
     pub fn finish_reason(&self) -> Option<&str> {
         self.decoding.sink().and_then(|s| match &s.scanner {

@@ -42,11 +42,19 @@ fn is_finish_key(s: &[u8]) -> bool {
     matches!(s, b"finish_reason" | b"stop_reason" | b"finishReason")
 }
 
+/// The keys naming the answer: `id` (OpenAI's top level, Anthropic's
+/// `message_start.message`, the Responses API's `response`), Gemini's
+/// `responseId`.
+fn is_id_key(s: &[u8]) -> bool {
+    matches!(s, b"id" | b"responseId")
+}
+
 /// A text field read from an answer besides its usage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Field {
     Model,
     Finish,
+    Id,
 }
 
 /// Scanner state for one JSON text (or a sequence of them).
@@ -74,6 +82,8 @@ pub struct JsonScan {
     model: Option<String>,
     /// The last reason an answer gave for ending (kept across events).
     finish: Option<String>,
+    /// The first id the answer gave itself (kept across events).
+    id: Option<String>,
     /// A usage object could not be read or believed (kept across events).
     unreadable: bool,
 }
@@ -101,6 +111,12 @@ impl JsonScan {
     /// believed ([`MAX_COUNT`]).
     pub fn usage_unreadable(&self) -> bool {
         self.unreadable
+    }
+
+    /// The answer's id (`chatcmpl-…`, `msg_…`, `resp_…`, Gemini's
+    /// `responseId`), the first one it gave.
+    pub fn response_id(&self) -> Option<&str> {
+        self.id.as_deref()
     }
 
     /// Why the answer ended, as its provider said last (`stop`,
@@ -150,6 +166,7 @@ impl JsonScan {
                 _ if self.key_long => None,
                 _ if is_model_key(key) => Some(Field::Model),
                 _ if is_finish_key(key) => Some(Field::Finish),
+                _ if is_id_key(key) => Some(Field::Id),
                 _ => None,
             };
             if let Some((field, text)) = self.field_text.take().filter(|(_, t)| !t.is_empty()) {
@@ -157,6 +174,7 @@ impl JsonScan {
                 match field {
                     Field::Model => self.model = text,
                     Field::Finish => self.finish = text.or(self.finish.take()),
+                    Field::Id => self.id = text,
                 }
             }
         }
@@ -204,6 +222,7 @@ impl JsonScan {
                 self.field_pending = match self.field_key.take() {
                     Some(Field::Model) if matches!(self.depth, 1 | 2) && self.model.is_none() => Some(Field::Model),
                     Some(Field::Finish) if matches!(self.depth, 1..=3) => Some(Field::Finish),
+                    Some(Field::Id) if matches!(self.depth, 1 | 2) && self.id.is_none() => Some(Field::Id),
                     _ => None,
                 };
             }
@@ -613,6 +632,30 @@ mod tests {
         ];
         assert_eq!(finish(&anthropic).as_deref(), Some("end_turn"));
         let gemini = r#"{"candidates":[{"content":{"parts":[{"text":"x"}]},"finishReason":"MAX_TOKENS","index":0}]}"#;
+        let id = |parts: &[&str]| {
+            let mut s = JsonScan::default();
+            let mut u = Usage::default();
+            for p in parts {
+                s.feed(p.as_bytes(), &mut u);
+                s.reset();
+            }
+            s.response_id().map(str::to_string)
+        };
+        assert_eq!(id(&[chat]), None, "no id at all");
+        assert_eq!(
+            id(&[r#"{"id":"chatcmpl-1","choices":[]}"#]).as_deref(),
+            Some("chatcmpl-1")
+        );
+        // Anthropic: the message's id, not a later tool block's.
+        let blocks = [
+            r#"{"type":"message_start","message":{"id":"msg_1","content":[]}}"#,
+            r#"{"type":"content_block_start","index":0,"content_block":{"type":"tool_use","id":"toolu_1"}}"#,
+        ];
+        assert_eq!(id(&blocks).as_deref(), Some("msg_1"));
+        // Gemini: a function call's id is deep; the response's is not.
+        let g =
+            r#"{"candidates":[{"content":{"parts":[{"functionCall":{"id":"f1","name":"n"}}]}}],"responseId":"r-9"}"#;
+        assert_eq!(id(&[g]).as_deref(), Some("r-9"));
         assert_eq!(finish(&[gemini]).as_deref(), Some("MAX_TOKENS"));
         assert_eq!(finish(&[r#"{"a":{"b":{"c":{"finish_reason":"deep"}}}}"#]), None);
     }
