@@ -130,26 +130,13 @@ impl QuotaPeriod {
         }
     }
 
-    /// (start, end) of the period holding `now_ms`, in Unix milliseconds.
+    /// (start, end) of the period holding `now_ms`, in Unix milliseconds:
+    /// the same calendar periods (UTC) as budgets'.
     pub fn bounds(self, now_ms: i64) -> (i64, i64) {
-        let Ok(now) = time::OffsetDateTime::from_unix_timestamp(now_ms / 1000) else {
-            return (0, i64::MAX);
-        };
-        let day = now.date();
-        let (start, end) = match self {
-            QuotaPeriod::Day => (day, day.next_day()),
-            QuotaPeriod::Month => {
-                let first = day.replace_day(1).unwrap_or(day);
-                let next = if first.month() == time::Month::December {
-                    time::Date::from_calendar_date(first.year() + 1, time::Month::January, 1).ok()
-                } else {
-                    time::Date::from_calendar_date(first.year(), first.month().next(), 1).ok()
-                };
-                (first, next)
-            }
-        };
-        let ms = |d: time::Date| d.midnight().assume_utc().unix_timestamp() * 1000;
-        (ms(start), end.map_or(i64::MAX, ms))
+        match self {
+            QuotaPeriod::Day => crate::budget::BudgetPeriod::Day.bounds(now_ms),
+            QuotaPeriod::Month => crate::budget::BudgetPeriod::Month.bounds(now_ms),
+        }
     }
 }
 
