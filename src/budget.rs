@@ -38,21 +38,28 @@ pub struct BudgetsConfig {
     pub default_output_tokens: u64,
 }
 
-/// The webhook as the admin API shows it: its password and its query
-/// (where receivers put their tokens) as `***`.
+/// The webhook as the admin API shows it: scheme, host and port; its
+/// userinfo, path and query (where receivers put their tokens: Slack's
+/// and Discord's are in the path) as `***`.
 fn masked_webhook<S: serde::Serializer>(url: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
     let Some(url) = url else {
         return s.serialize_none();
     };
     match url::Url::parse(url) {
-        Ok(mut u) => {
-            if u.password().is_some() {
-                let _ = u.set_password(Some("***"));
-            }
-            if u.query().is_some() {
-                u.set_query(Some("***"));
-            }
-            s.serialize_some(u.as_str())
+        Ok(u) => {
+            let userinfo = if u.username().is_empty() && u.password().is_none() {
+                ""
+            } else {
+                "***@"
+            };
+            let port = u.port().map(|p| format!(":{p}")).unwrap_or_default();
+            let host = u.host_str().unwrap_or_default();
+            let rest = if u.path() == "/" && u.query().is_none() {
+                "/"
+            } else {
+                "/***"
+            };
+            s.serialize_some(&format!("{}://{userinfo}{host}{port}{rest}", u.scheme()))
         }
         Err(_) => s.serialize_some("***"),
     }
@@ -686,7 +693,7 @@ mod tests {
         };
         let shown = serde_json::to_string(&config).unwrap();
         assert!(
-            shown.contains(r#""webhook":"https://alert:***@hooks.example/a?***""#),
+            shown.contains(r#""webhook":"https://***@hooks.example/***""#),
             "{shown}"
         );
     }

@@ -186,7 +186,7 @@ fn keys(conn: &rusqlite::Connection, action: KeysAction) -> Result<()> {
             json,
         } => {
             let budget = budget.map(|amount| fastgate::budget::Budget {
-                amount,
+                amount: amount + 0.0, // -0 is 0
                 period: budget_period,
             });
             if let Some(Err(e)) = budget.as_ref().map(fastgate::budget::Budget::check) {

@@ -348,6 +348,41 @@ impl PriceTable {
             })
     }
 
+    /// What `prompt` and `output` tokens may cost on `upstream` whatever
+    /// the model: the dearest estimate among the rules that apply to the
+    /// upstream and its provider. A budget's reservation for a request
+    /// whose model no rule prices (an alias, none at all): the provider
+    /// may still bill a model the table knows. `None` when no rule applies
+    /// (a self-hosted upstream without rules).
+    pub fn dearest_estimate(
+        &self,
+        upstream: &str,
+        provider: &str,
+        at_ms: i64,
+        prompt: u64,
+        output: u64,
+    ) -> Option<f64> {
+        self.rules
+            .iter()
+            .filter(|c| {
+                at_ms >= c.from_ms
+                    && c.rule.upstream.as_deref().is_none_or(|u| u == upstream)
+                    && c.rule
+                        .provider
+                        .as_deref()
+                        .is_none_or(|p| provider == ANY_PROVIDER || p == provider)
+            })
+            .map(|c| {
+                Price {
+                    rates: &c.rule.rates,
+                    long_context: c.rule.long_context.as_ref(),
+                    version: &self.versions[c.version],
+                }
+                .estimate(prompt, output)
+            })
+            .reduce(f64::max)
+    }
+
     /// Every rule in the order tried, with its version (the admin API's
     /// view of the table).
     pub fn rules(&self) -> impl Iterator<Item = (&PriceRule, &str)> {

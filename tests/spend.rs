@@ -425,9 +425,9 @@ async fn a_budget_reached_by_concurrent_requests_is_exceeded_by_at_most_one_rese
     assert!(head.starts_with("post /alerts?token=t0k3n http/1.1"), "{head}");
     // base64("alert:s@cret")
     assert!(head.contains("authorization: basic ywxlcnq6c0bjcmv0"), "{head}");
-    // The admin API shows neither the password nor the query.
+    // The admin API shows neither the userinfo nor the path and query.
     let shown = admin(&gw, "/api/config").await.to_string();
-    assert!(shown.contains("alert:***@"), "{shown}");
+    assert!(shown.contains(&format!("http://***@{hook}/***")), "{shown}");
     assert!(!shown.contains("s%40cret") && !shown.contains("t0k3n"), "{shown}");
 }
 
@@ -483,6 +483,65 @@ async fn hostile_bodies_reserve_what_they_may_cost() {
             .sum();
         assert!(spent < amount + 0.006_5, "{body}: spent {spent} of {amount}");
     }
+}
+
+/// A Gemini URL's model is the one served: a `model` in the body neither
+/// passes a key's `allowed_models` for another model nor prices the
+/// request. A model no rule prices (an alias) reserves what the
+/// upstream's dearest model would cost: a second request waits for the
+/// first, in flight, to settle.
+#[tokio::test]
+async fn the_model_served_is_the_one_checked_and_reserved() {
+    let mock = MockUpstream::start().await;
+    let gw = Gateway::start_with_admin(&config(&mock, ""), &[("r.yaml", ROUTES)]).await;
+    let r = reqwest::Client::new()
+        .post(gw.admin_url("/api/keys"))
+        .bearer_auth(TOKEN)
+        .json(&json!({"name": "lite", "allowed_models": ["gemini-2.0-flash-lite"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let lite = r.json::<Value>().await.unwrap()["secret"].as_str().unwrap().to_string();
+    gw.wait_key(&lite, "/v1/messages").await;
+    let gemini = |model: &str, body: Value| {
+        reqwest::Client::new()
+            .post(gw.url(&format!("/v1beta/models/{model}:generateContent")))
+            .header("x-goog-api-key", &lite)
+            .json(&body)
+            .send()
+    };
+    let contents = json!([{"role": "user", "parts": [{"text": "hi"}]}]);
+    let ok = gemini("gemini-2.0-flash-lite", json!({"contents": contents}))
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    mock.clear();
+    let sneaky = json!({"model": "gemini-2.0-flash-lite", "contents": contents});
+    let r = gemini("gemini-2.5-pro", sneaky).await.unwrap();
+    assert_eq!(r.status(), 403, "{:?}", r.text().await);
+    assert!(mock.seen().is_empty(), "the refused request reached the provider");
+
+    // An alias no rule prices, streamed slowly: the first holds the budget.
+    let (_, secret) = key_with_budget(&gw, json!({"amount": 0.01, "period": "day"})).await;
+    gw.wait_key(&secret, "/v1/messages").await;
+    mock.behaviour
+        .sse_interval_ms
+        .store(400, std::sync::atomic::Ordering::SeqCst);
+    let alias = || {
+        reqwest::Client::new()
+            .post(gw.url("/v1/messages"))
+            .header("x-api-key", &secret)
+            .header("anthropic-version", "2023-06-01")
+            .json(&json!({"model": "claude-alias-0", "max_tokens": 600, "stream": true,
+                "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+    };
+    let first = alias().await.unwrap();
+    assert_eq!(first.status(), 200);
+    let second = alias().await.unwrap();
+    assert_eq!(second.status(), 429, "the first's reservation was nothing");
+    first.text().await.unwrap();
 }
 
 /// Counts no provider could mean (u64::MAX, -5, 1e20, "10", a billion)

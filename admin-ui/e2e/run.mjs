@@ -286,7 +286,7 @@ await step("create a gateway key, use it, and find the request in the logs with 
   await page.locator("tr", { hasText: "e2e-app" }).waitFor();
   // Its usage: the request just made, in numbers and a chart.
   await page.locator("tr", { hasText: "e2e-app" }).getByRole("button", { name: "Usage" }).click();
-  await page.getByRole("region", { name: "Usage of e2e-app" }).locator("canvas").first().waitFor({ timeout: 10_000 });
+  await page.getByRole("region", { name: "Usage of e2e-app" }).locator("canvas").first().waitFor({ timeout: 30_000 });
   assert((await page.locator("tr", { hasText: "e2e-app" }).textContent()).includes("1 req"), "usage counts the request");
   await shoot("keys");
 

@@ -97,7 +97,7 @@ pub fn reserve_for(body: Option<&[u8]>, default: u64) -> u64 {
     let asked = asked(body);
     // A client's `max_tokens` may be anything up to u64::MAX (`tpm` and the
     // quotas cut the reservation to their size).
-    asked.prompt.saturating_add(asked.output.unwrap_or(default))
+    asked.prompt.saturating_add(asked.output_or(default))
 }
 
 /// What a request body asks for, as reservations read it.
@@ -105,8 +105,13 @@ pub fn reserve_for(body: Option<&[u8]>, default: u64) -> u64 {
 pub struct Asked {
     /// The prompt's tokens, estimated from the body's size.
     pub prompt: u64,
-    /// The output it allows, if it says.
+    /// The output it allows for all its answers (`max_tokens` or a
+    /// spelling of it, the largest it names, times `n` or
+    /// `candidateCount`), if it says.
     pub output: Option<u64>,
+    /// How many answers it asks for (`n`, `candidateCount`; at least 1):
+    /// what a default output is multiplied by.
+    pub choices: u64,
     /// The model it names in the body (Gemini's is in the path).
     pub model: Option<String>,
     /// A body that looks like a JSON object (after whitespace or a BOM) but
@@ -116,30 +121,45 @@ pub struct Asked {
     pub unreadable: bool,
 }
 
+impl Asked {
+    /// The output to reserve for: what the body allows, or `default` for
+    /// each answer it asks for.
+    pub fn output_or(&self, default: u64) -> u64 {
+        self.output.unwrap_or_else(|| default.saturating_mul(self.choices))
+    }
+}
+
 /// Read `body` for [`Asked`] as an upstream would: a repeated key's last
 /// value wins, a number in any spelling counts (`10.0`, `1e20`, saturated
-/// to `u64`; negative is 0), a value of another type says nothing. Other
-/// fields are skipped without being built.
+/// to `u64`; negative is 0), a value of another type says nothing; where
+/// several spellings of the output bound are given (`max_tokens` and
+/// `max_completion_tokens`, Gemini's camel and snake case), the largest
+/// counts, since providers differ on which wins. Other fields are skipped
+/// without being built.
 pub fn asked(body: Option<&[u8]>) -> Asked {
     let Some(body) = body else {
-        return Asked::default();
+        return Asked {
+            choices: 1,
+            ..Asked::default()
+        };
     };
     let prompt = crate::usage::estimate::prompt_tokens(body.len() as u64);
     match serde_json::from_slice::<ask::Ask>(body) {
-        Ok(a) => Asked {
-            prompt,
-            output: a
-                .max_tokens
-                .or(a.max_completion_tokens)
-                .or(a.max_output_tokens)
-                .or(a.max_output_tokens_gemini),
-            model: a.model,
-            unreadable: false,
-        },
+        Ok(a) => {
+            let choices = a.choices().max(1);
+            Asked {
+                prompt,
+                output: a.output().map(|o| o.saturating_mul(choices)),
+                choices,
+                model: a.model,
+                unreadable: false,
+            }
+        }
         Err(_) => {
             let text = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
             Asked {
                 prompt,
+                choices: 1,
                 unreadable: text.trim_ascii_start().starts_with(b"{"),
                 ..Asked::default()
             }
@@ -156,20 +176,32 @@ mod ask {
     #[derive(Default)]
     pub struct Ask {
         pub model: Option<String>,
-        pub max_tokens: Option<u64>,
-        pub max_completion_tokens: Option<u64>,
-        pub max_output_tokens: Option<u64>,
-        /// `generationConfig.maxOutputTokens`.
-        pub max_output_tokens_gemini: Option<u64>,
+        /// `max_tokens`, `max_completion_tokens`, `max_output_tokens`,
+        /// `maxOutputTokens`: each the last given.
+        outputs: [Option<u64>; 4],
+        /// `n`, `candidateCount`, `candidate_count`.
+        choices: [Option<u64>; 3],
+        /// `generationConfig`, `generation_config`.
+        nested: [Option<Box<Ask>>; 2],
+    }
+
+    impl Ask {
+        pub fn output(&self) -> Option<u64> {
+            let nested = self.nested.iter().flatten().filter_map(|n| n.output());
+            self.outputs.iter().flatten().copied().chain(nested).max()
+        }
+
+        pub fn choices(&self) -> u64 {
+            let nested = self.nested.iter().flatten().map(|n| n.choices());
+            self.choices.iter().flatten().copied().chain(nested).max().unwrap_or(1)
+        }
     }
 
     enum Field {
         Model,
-        MaxTokens,
-        MaxCompletionTokens,
-        MaxOutputTokens,
-        GenerationConfig,
-        MaxOutputTokensGemini,
+        Output(usize),
+        Choices(usize),
+        Nested(usize),
         Other,
     }
 
@@ -184,11 +216,15 @@ mod ask {
                 fn visit_str<E: de::Error>(self, s: &str) -> Result<Field, E> {
                     Ok(match s {
                         "model" => Field::Model,
-                        "max_tokens" => Field::MaxTokens,
-                        "max_completion_tokens" => Field::MaxCompletionTokens,
-                        "max_output_tokens" => Field::MaxOutputTokens,
-                        "generationConfig" => Field::GenerationConfig,
-                        "maxOutputTokens" => Field::MaxOutputTokensGemini,
+                        "max_tokens" => Field::Output(0),
+                        "max_completion_tokens" => Field::Output(1),
+                        "max_output_tokens" => Field::Output(2),
+                        "maxOutputTokens" => Field::Output(3),
+                        "n" => Field::Choices(0),
+                        "candidateCount" => Field::Choices(1),
+                        "candidate_count" => Field::Choices(2),
+                        "generationConfig" => Field::Nested(0),
+                        "generation_config" => Field::Nested(1),
                         _ => Field::Other,
                     })
                 }
@@ -259,8 +295,8 @@ mod ask {
         }
     }
 
-    /// The object's fields (`generationConfig` nests: it is read with the
-    /// same visitor, and only its `maxOutputTokens` kept).
+    /// An object's fields; the generation config nests and is read with
+    /// the same visitor (a value of another type says nothing).
     struct Object;
 
     impl<'de> Visitor<'de> for Object {
@@ -273,14 +309,9 @@ mod ask {
             while let Some(field) = map.next_key::<Field>()? {
                 match field {
                     Field::Model => ask.model = map.next_value::<Scalar>()?.text(),
-                    Field::MaxTokens => ask.max_tokens = map.next_value::<Scalar>()?.count(),
-                    Field::MaxCompletionTokens => ask.max_completion_tokens = map.next_value::<Scalar>()?.count(),
-                    Field::MaxOutputTokens => ask.max_output_tokens = map.next_value::<Scalar>()?.count(),
-                    Field::MaxOutputTokensGemini => ask.max_output_tokens_gemini = map.next_value::<Scalar>()?.count(),
-                    Field::GenerationConfig => {
-                        ask.max_output_tokens_gemini =
-                            map.next_value::<Nested>()?.0.and_then(|g| g.max_output_tokens_gemini)
-                    }
+                    Field::Output(i) => ask.outputs[i] = map.next_value::<Scalar>()?.count(),
+                    Field::Choices(i) => ask.choices[i] = map.next_value::<Scalar>()?.count(),
+                    Field::Nested(i) => ask.nested[i] = map.next_value::<Nested>()?.0.map(Box::new),
                     Field::Other => {
                         map.next_value::<IgnoredAny>()?;
                     }
@@ -288,7 +319,6 @@ mod ask {
             }
             Ok(Some(ask))
         }
-        // `generationConfig` of another type says nothing.
         fn visit_u64<E>(self, _: u64) -> Result<Option<Ask>, E> {
             Ok(None)
         }
@@ -765,6 +795,24 @@ mod tests {
             (None, Some(64), false)
         );
         assert_eq!(read(r#"{"generationConfig":5}"#), (None, None, false));
+        // Every answer asked for, and the largest of several spellings.
+        assert_eq!(
+            read(r#"{"model":"gpt-4o","max_tokens":10,"n":128}"#),
+            (m(), Some(1280), false)
+        );
+        assert_eq!(
+            read(r#"{"max_tokens":1,"max_completion_tokens":1000}"#),
+            (None, Some(1000), false)
+        );
+        assert_eq!(
+            read(
+                r#"{"generationConfig":{"maxOutputTokens":1,"candidateCount":8},"generation_config":{"max_output_tokens":600}}"#
+            ),
+            (None, Some(4800), false)
+        );
+        let many = asked(Some(br#"{"model":"gpt-4o","n":3}"#));
+        assert_eq!((many.output, many.output_or(100)), (None, 300));
+        assert_eq!(asked(None).output_or(100), 100);
         // Skipped fields are skipped at any depth.
         let deep = format!(r#"{{"model":"gpt-4o","x":{}{}}}"#, "[".repeat(5000), "]".repeat(5000));
         assert_eq!(read(&deep), (m(), None, false));

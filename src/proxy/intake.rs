@@ -258,7 +258,7 @@ pub async fn admit(state: &Arc<AppState>, session: &mut Session, ctx: &mut Reque
         body = Some(read_body(session, limit, body_idle).await?);
     }
     if !checks.budgets.is_empty() {
-        checks.cost_reserve = cost_reserve(state, &route, &path, model.as_deref(), body.as_deref());
+        checks.cost_reserve = cost_reserve(state, &route, (session, &path), model.as_deref(), body.as_deref());
     }
     if !checks.is_empty() {
         admit_rate(state, ctx, &route, checks, body.as_deref()).await?;
@@ -311,25 +311,48 @@ pub async fn admit(state: &Arc<AppState>, session: &mut Session, ctx: &mut Reque
 /// route's first upstream. A model no rule prices reserves nothing (it
 /// costs nothing); a body FastGate cannot read reserves each budget's
 /// whole amount (an upstream may read it, and bill it).
-fn cost_reserve(state: &AppState, route: &Route, path: &str, model: Option<&str>, body: Option<&[u8]>) -> u64 {
+fn cost_reserve(
+    state: &AppState,
+    route: &Route,
+    (session, path): (&Session, &str),
+    model: Option<&str>,
+    body: Option<&[u8]>,
+) -> u64 {
+    let req = session.req_header();
+    // A compressed body is not read here, but an upstream may inflate it.
+    let encoded = req
+        .headers
+        .get(http::header::CONTENT_ENCODING)
+        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
     let asked = crate::cluster::limits::asked(body);
-    if asked.unreadable {
+    if asked.unreadable || encoded {
         return u64::MAX;
     }
+    // A Gemini URL's model is the one served, whatever the body says.
     let model = model
-        .or(asked.model.as_deref())
-        .or_else(|| model_from_gemini_path(path));
+        .or_else(|| model_from_gemini_path(path))
+        .or(asked.model.as_deref());
     let runtime = state.runtime.load();
-    let (Some(model), Some(upstream)) = (model, route.upstreams.first().and_then(|u| runtime.upstreams.get(u))) else {
+    let Some(upstream) = route.upstreams.first().and_then(|u| runtime.upstreams.get(u)) else {
         return 0;
     };
+    let output = asked.output_or(state.config.file.budgets.default_output_tokens);
+    let now = crate::clock::now_ms();
+    let (name, provider) = (&upstream.name, upstream.provider.name());
     // A `model_map` renames the model before the upstream sees it.
-    let model = route.model_map.get(model).map_or(model, String::as_str);
-    let output = asked.output.unwrap_or(state.config.file.budgets.default_output_tokens);
-    runtime
-        .prices
-        .price(&upstream.name, upstream.provider.name(), model, crate::clock::now_ms())
-        .map_or(0, |p| crate::budget::to_micros(p.estimate(asked.prompt, output)))
+    let priced = model
+        .map(|m| route.model_map.get(m).map_or(m, String::as_str))
+        .and_then(|m| runtime.prices.price(name, provider, m, now));
+    let estimate = match priced {
+        Some(p) => p.estimate(asked.prompt, output),
+        // No model, or one no rule prices: what the upstream's dearest
+        // model would cost (it may bill one the table knows).
+        None => runtime
+            .prices
+            .dearest_estimate(name, provider, now, asked.prompt, output)
+            .unwrap_or(0.0),
+    };
+    crate::budget::to_micros(estimate)
 }
 
 /// The limits a request counts against: with a gateway key, its quotas,
@@ -486,11 +509,12 @@ fn peek(body: &[u8], path: &str, format: Format) -> Result<Peeked, String> {
         let usage = rewrite::UsageAsk::of(p.stream.as_ref(), p.stream_options.as_ref());
         (p.model.map(Cow::into_owned), usage)
     };
-    let model = model.or_else(|| {
-        (format == Format::Gemini || path.contains("/models/"))
-            .then(|| model_from_gemini_path(path).map(str::to_string))
-            .flatten()
-    });
+    // A Gemini URL's model is the one served: a `model` in the body must
+    // not choose the route or pass `allowed_models` for another.
+    let from_path = (format == Format::Gemini || path.contains("/models/"))
+        .then(|| model_from_gemini_path(path).map(str::to_string))
+        .flatten();
+    let model = from_path.or(model);
     Ok(Peeked { model, usage })
 }
 

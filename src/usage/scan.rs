@@ -375,6 +375,10 @@ fn read_counts(object: &[u8], usage: &mut Usage) -> bool {
                 .saturating_add(c.thoughts_token_count.unwrap_or(0))
         })
     });
+    if prompt.is_none() && completion.is_none() {
+        // `"usage": {}`: an answer that says it counted, and counted nothing.
+        return false;
+    }
     let detail = |d: &Option<Details>, f: fn(&Details) -> Option<u64>| d.as_ref().and_then(f);
     let cache_read = c
         .cache_read_input_tokens
@@ -456,6 +460,8 @@ mod tests {
             r#"{"prompt_tokens":18446744073709551615,"completion_tokens":1}"#,
             r#"{"input_tokens":1000000001,"output_tokens":1}"#,
             r#"{"prompt_tokens":1,"prompt_tokens_details":{"cached_tokens":9000000000}}"#,
+            r#"{}"#,
+            r#"{"total_tokens":12}"#,
         ] {
             assert_eq!(read(bad), (false, None, None), "{bad}");
         }
