@@ -318,6 +318,10 @@ fn cost_reserve(
     model: Option<&str>,
     body: Option<&[u8]>,
 ) -> u64 {
+    // No body, no answer to pay for (a model list, a GET).
+    if body.is_none_or(<[u8]>::is_empty) {
+        return 0;
+    }
     let req = session.req_header();
     // A compressed body is not read here, but an upstream may inflate it.
     let encoded = req
