@@ -174,6 +174,20 @@ struct Compiled {
     version: usize,
 }
 
+impl Compiled {
+    /// Whether the rule is in effect at `at_ms` for `upstream` (of
+    /// `provider`), whatever the model.
+    fn applies(&self, upstream: &str, provider: &str, at_ms: i64) -> bool {
+        at_ms >= self.from_ms
+            && self.rule.upstream.as_deref().is_none_or(|u| u == upstream)
+            && self
+                .rule
+                .provider
+                .as_deref()
+                .is_none_or(|p| provider == ANY_PROVIDER || p == provider)
+    }
+}
+
 /// The compiled table: swapped whole on a config reload.
 #[derive(Debug)]
 pub struct PriceTable {
@@ -332,14 +346,9 @@ impl PriceTable {
             .with_borrow_mut(|hits| {
                 self.models.matches_into(model, hits);
                 // `matches_into` lists indices in ascending order: rule order.
-                hits.iter().map(|&i| &self.rules[i]).find(|c| {
-                    at_ms >= c.from_ms
-                        && c.rule.upstream.as_deref().is_none_or(|u| u == upstream)
-                        && c.rule
-                            .provider
-                            .as_deref()
-                            .is_none_or(|p| provider == ANY_PROVIDER || p == provider)
-                })
+                hits.iter()
+                    .map(|&i| &self.rules[i])
+                    .find(|c| c.applies(upstream, provider, at_ms))
             })
             .map(|c| Price {
                 rates: &c.rule.rates,
@@ -364,14 +373,7 @@ impl PriceTable {
     ) -> Option<f64> {
         self.rules
             .iter()
-            .filter(|c| {
-                at_ms >= c.from_ms
-                    && c.rule.upstream.as_deref().is_none_or(|u| u == upstream)
-                    && c.rule
-                        .provider
-                        .as_deref()
-                        .is_none_or(|p| provider == ANY_PROVIDER || p == provider)
-            })
+            .filter(|c| c.applies(upstream, provider, at_ms))
             .map(|c| {
                 Price {
                     rates: &c.rule.rates,

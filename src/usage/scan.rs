@@ -614,15 +614,21 @@ mod tests {
     /// (a stream's earlier chunks) keeps what was said; the last wins.
     #[test]
     fn the_finish_reason_an_answer_gives_is_kept() {
-        let finish = |parts: &[&str]| {
+        // Each part a stream event: (finish reason, response id).
+        let scan = |parts: &[&str]| {
             let mut s = JsonScan::default();
             let mut u = Usage::default();
             for p in parts {
                 s.feed(p.as_bytes(), &mut u);
                 s.reset();
             }
-            s.finish_reason().map(str::to_string)
+            (
+                s.finish_reason().map(str::to_string),
+                s.response_id().map(str::to_string),
+            )
         };
+        let finish = |parts: &[&str]| scan(parts).0;
+        let id = |parts: &[&str]| scan(parts).1;
         let chat =
             r#"{"choices":[{"index":0,"message":{"content":"the finish_reason: x"},"finish_reason":"tool_calls"}]}"#;
         assert_eq!(finish(&[chat]).as_deref(), Some("tool_calls"));
@@ -638,15 +644,6 @@ mod tests {
         ];
         assert_eq!(finish(&anthropic).as_deref(), Some("end_turn"));
         let gemini = r#"{"candidates":[{"content":{"parts":[{"text":"x"}]},"finishReason":"MAX_TOKENS","index":0}]}"#;
-        let id = |parts: &[&str]| {
-            let mut s = JsonScan::default();
-            let mut u = Usage::default();
-            for p in parts {
-                s.feed(p.as_bytes(), &mut u);
-                s.reset();
-            }
-            s.response_id().map(str::to_string)
-        };
         assert_eq!(id(&[chat]), None, "no id at all");
         assert_eq!(
             id(&[r#"{"id":"chatcmpl-1","choices":[]}"#]).as_deref(),
