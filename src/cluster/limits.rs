@@ -93,8 +93,7 @@ struct Batch {
 /// size (`usage::estimate::prompt_tokens`, also what a request that ends
 /// without usage is charged for its prompt), plus the output it allows (`max_tokens`
 /// and its OpenAI, Responses and Gemini spellings) or `default`.
-pub fn reserve_for(body: Option<&[u8]>, default: u64) -> u64 {
-    let asked = asked(body);
+pub fn reserve_for(asked: &Asked, default: u64) -> u64 {
     // A client's `max_tokens` may be anything up to u64::MAX (`tpm` and the
     // quotas cut the reservation to their size).
     asked.prompt.saturating_add(asked.output_or(default))
@@ -887,19 +886,19 @@ mod tests {
     #[test]
     fn reservations_read_every_providers_output_limit() {
         let openai = br#"{"model":"m","max_tokens":100,"messages":[]}"#;
-        assert_eq!(reserve_for(Some(openai), 7), openai.len() as u64 / 4 + 100);
+        assert_eq!(reserve_for(&asked(Some(openai)), 7), openai.len() as u64 / 4 + 100);
         let newer = br#"{"max_completion_tokens":50}"#;
-        assert_eq!(reserve_for(Some(newer), 7), newer.len() as u64 / 4 + 50);
+        assert_eq!(reserve_for(&asked(Some(newer)), 7), newer.len() as u64 / 4 + 50);
         let responses = br#"{"max_output_tokens":60}"#;
-        assert_eq!(reserve_for(Some(responses), 7), responses.len() as u64 / 4 + 60);
+        assert_eq!(reserve_for(&asked(Some(responses)), 7), responses.len() as u64 / 4 + 60);
         let gemini = br#"{"generationConfig":{"maxOutputTokens":70}}"#;
-        assert_eq!(reserve_for(Some(gemini), 7), gemini.len() as u64 / 4 + 70);
-        assert_eq!(reserve_for(Some(b"{}"), 7), 7);
-        assert_eq!(reserve_for(None, 7), 7);
+        assert_eq!(reserve_for(&asked(Some(gemini)), 7), gemini.len() as u64 / 4 + 70);
+        assert_eq!(reserve_for(&asked(Some(b"{}")), 7), 7);
+        assert_eq!(reserve_for(&asked(None), 7), 7);
         // A hostile max_tokens saturates (it used to overflow: a panic in
         // debug builds, a wrapped tiny reservation in release).
         let huge = br#"{"max_tokens":18446744073709551615,"messages":[]}"#;
-        assert_eq!(reserve_for(Some(huge), 7), u64::MAX);
-        assert_eq!(reserve_for(Some(b"not json"), 7), 2 + 7);
+        assert_eq!(reserve_for(&asked(Some(huge)), 7), u64::MAX);
+        assert_eq!(reserve_for(&asked(Some(b"not json")), 7), 2 + 7);
     }
 }

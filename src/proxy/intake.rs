@@ -257,11 +257,24 @@ pub async fn admit(state: &Arc<AppState>, session: &mut Session, ctx: &mut Reque
     if (state.cluster.is_some() && checks.counts_tokens() || !checks.budgets.is_empty()) && body.is_none() {
         body = Some(read_body(session, limit, body_idle).await?);
     }
+    // Read once for both (and only for them): the tokens a shared limit
+    // reserves, the cost a budget does.
+    let asked = if !checks.is_empty() && (state.cluster.is_some() || !checks.budgets.is_empty()) {
+        crate::cluster::limits::asked(body.as_deref())
+    } else {
+        crate::cluster::limits::Asked::default()
+    };
     if !checks.budgets.is_empty() {
-        checks.cost_reserve = cost_reserve(state, &route, (session, &path), model.as_deref(), body.as_deref());
+        checks.cost_reserve = cost_reserve(
+            state,
+            &route,
+            (session, &path),
+            model.as_deref(),
+            (body.as_deref(), &asked),
+        );
     }
     if !checks.is_empty() {
-        admit_rate(state, ctx, &route, checks, body.as_deref()).await?;
+        admit_rate(state, ctx, &route, checks, &asked).await?;
     }
 
     let wants_usage = rewrite::wants_openai_usage(&route, &session.req_header().method, &path);
@@ -316,7 +329,7 @@ fn cost_reserve(
     route: &Route,
     (session, path): (&Session, &str),
     model: Option<&str>,
-    body: Option<&[u8]>,
+    (body, asked): (Option<&[u8]>, &crate::cluster::limits::Asked),
 ) -> u64 {
     // No body, no answer to pay for (a model list, a GET).
     if body.is_none_or(<[u8]>::is_empty) {
@@ -328,7 +341,6 @@ fn cost_reserve(
         .headers
         .get(http::header::CONTENT_ENCODING)
         .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
-    let asked = crate::cluster::limits::asked(body);
     if asked.unreadable || encoded {
         return u64::MAX;
     }
@@ -441,12 +453,12 @@ async fn admit_rate(
     ctx: &mut RequestCtx,
     route: &Route,
     checks: RateChecks,
-    body: Option<&[u8]>,
+    asked: &crate::cluster::limits::Asked,
 ) -> Result<(), GatewayError> {
     let now = crate::clock::now_ms() as u64;
     let counted = match &state.cluster {
         Some(cluster) => {
-            let reserve = crate::cluster::limits::reserve_for(body, cluster.config.default_reserve);
+            let reserve = crate::cluster::limits::reserve_for(asked, cluster.config.default_reserve);
             cluster
                 .admit(
                     &ctx.request_id,
